@@ -1,2 +1,122 @@
-def main() -> int:  # placeholder until the CLI lands
-    raise SystemExit("not yet")
+"""The ``secfwt`` command. Thin: parse, call one runtime function, print, map errors to exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from secfwt.errors import SecfwtError, exit_code_for
+
+log = logging.getLogger("secfwt")
+
+
+def _write_report(report: dict[str, Any], path: str | None) -> None:
+    if path:
+        Path(path).write_text(json.dumps(report, indent=2))
+
+
+def cmd_verify_model(args: argparse.Namespace) -> int:
+    from secfwt.crypten_compat import Provider
+    from secfwt.models.spec import Attention, EmbeddingMode
+    from secfwt.mpc.attention import RFASettings
+    from secfwt.runtime.verify import VerifyRequest, check, run_verify
+
+    provider = Provider.TFP if args.insecure_dev else Provider.TTP
+    req = VerifyRequest(
+        model_path=args.model_dir,
+        attention=Attention(args.attention),
+        seq_len=args.seq_len,
+        embedding=EmbeddingMode(args.embedding),
+        rfa=RFASettings(num_features=args.rfa_features, sigma=args.rfa_sigma, seed=args.seed),
+        seed=args.seed,
+        provider=provider,
+        max_abs_tol=args.max_abs_tol,
+        mean_abs_tol=args.mean_abs_tol,
+    )
+    print(f"verify-model: secure {req.attention.value} forward of {args.model_dir} at seq-len {req.seq_len} (3 processes: model owner, data owner, dealer) ...", flush=True)
+    report = run_verify(req)
+    _write_report(report, args.report)
+    print(
+        f"max_abs_err {report['max_abs_err']:.3e}  mean_abs_err {report['mean_abs_err']:.3e}  "
+        f"argmax_agreement {report['argmax_agreement']:.4f}  ({report['reference']})\n"
+        f"wall {report['wall_s']:.1f} s, secure compute {report['secure_compute_s']:.1f} s; "
+        + ", ".join(f"{r}: {p['bytes_sent'] / 1e6:.1f} MB sent, {p['rounds']} rounds" for r, p in report["parties"].items())
+    )
+    check(report)
+    print("PASS: within tolerance " + json.dumps(report["tolerance"]))
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from secfwt.config import load_job
+    from secfwt.runtime.progress import ProgressView
+    from secfwt.runtime.simulate import run_simulation
+
+    cfg = load_job(args.job, overrides=args.set or ())
+    if args.insecure_dev:
+        print("WARNING: --insecure-dev: development shortcuts are allowed for this run; never use it with real data.", file=sys.stderr)
+    print(f"simulate: job {cfg.job.name!r} ({cfg.source}), mode {cfg.job.mode.value}, model {cfg.model.path}")
+    print("disclosure terms accepted by both owners:")
+    for line in cfg.terms.describe():
+        print(f"  - {line}")
+    with ProgressView() as view:
+        report = run_simulation(cfg, insecure_dev=args.insecure_dev, on_progress=view.update)
+    _write_report(report, args.report)
+    b, a = report["accuracy_before"], report["accuracy_after"]
+    print(f"held-out accuracy: {b:.4f} -> {a:.4f} ({report['accuracy_gain_points']:+.1f} points) after {report['steps']} steps in {report['wall_s']:.0f} s")
+    for role, p in report["parties"].items():
+        print(f"  {role}: {p['bytes_sent'] / 1e6:.1f} MB sent, {p['rounds']} rounds, {p['reveals']} reveals, artifacts: {', '.join(p['artifacts'].values()) or '-'}")
+    print(f"report: {args.report or report['output_dir'] + '/report.json'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="secfwt", description="Privacy-preserving multi-party forward-only fine-tuning (CrypTen MPC).")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    v = sub.add_parser("verify-model", help="secure forward of a checkpoint vs its plaintext forward")
+    v.add_argument("model_dir", help="Hugging Face checkpoint folder, or packaged:all-minilm-l6-v2")
+    v.add_argument("--attention", choices=["softmax", "rfa"], default="softmax")
+    v.add_argument("--seq-len", type=int, default=128)
+    v.add_argument("--embedding", choices=["private", "table_to_data_owner"], default="private", help="private: one-hot ids x secret table (default)")
+    v.add_argument("--report", help="write the JSON report here")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--rfa-features", type=int, default=64)
+    v.add_argument("--rfa-sigma", type=float, default=1.5)
+    v.add_argument("--max-abs-tol", type=float, default=0.1)
+    v.add_argument("--mean-abs-tol", type=float, default=0.01)
+    v.add_argument("--insecure-dev", action="store_true", help="use the TFP provider (model owner learns inputs); development only")
+    v.set_defaults(func=cmd_verify_model)
+
+    s = sub.add_parser("simulate", help="run a job with every party as a local process")
+    s.add_argument("job", nargs="?", help="job TOML (default: the packaged default job)")
+    s.add_argument("--report", help="also write the JSON report here")
+    s.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a job setting, e.g. --set zo.steps=10")
+    s.add_argument("--insecure-dev", action="store_true", help="allow job.provider = 'tfp'; development only")
+    s.set_defaults(func=cmd_simulate)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing downloads at run time
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        return int(args.func(args) or 0)
+    except SecfwtError as exc:
+        print(f"secfwt: error: {exc}", file=sys.stderr)
+        return exit_code_for(exc)
+    except KeyboardInterrupt:
+        print("secfwt: interrupted; all party processes were stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

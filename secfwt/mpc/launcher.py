@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import multiprocessing as mp
 import os
+import pickle
 import queue as queue_mod
 import tempfile
 import threading
@@ -86,13 +87,15 @@ def _child_main(
         )
         if role is Role.DEALER:
             crypten_compat.run_dealer()
-            results.put(("ok", role, None, 0, 0, time.perf_counter() - t0))
+            results.put(("ok", role, pickle.dumps(None), 0, 0, time.perf_counter() - t0))
             return
         assert target is not None
         value = target(PartyContext(role=role, world_size=world_size), payload)
         stats = crypten_compat.communication_stats()
         crypten_compat.shutdown_party()
-        results.put(("ok", role, value, stats["rounds"], stats["bytes"], time.perf_counter() - t0))
+        # Plain pickle bytes: torch would otherwise pass tensors as file descriptors that die
+        # with this process before the parent reads them.
+        results.put(("ok", role, pickle.dumps(value), stats["rounds"], stats["bytes"], time.perf_counter() - t0))
     except BaseException as exc:  # noqa: BLE001  (reported to the parent, then exit non-zero)
         tb = traceback.format_exc()
         log.debug("party %s failed:\n%s", role.value, tb)
@@ -194,7 +197,7 @@ def _collect(
                     raise exc
                 raise PartyFailedError(role.value, text)
             _, role, value, rounds, nbytes, wall = item
-            done[role] = PartyResult(role=role, value=value, rounds=int(rounds), bytes_sent=int(nbytes), wall_s=wall)
+            done[role] = PartyResult(role=role, value=pickle.loads(value), rounds=int(rounds), bytes_sent=int(nbytes), wall_s=wall)
             continue
         for role, p in procs.items():
             if role not in done and p.exitcode is not None and p.exitcode != 0:

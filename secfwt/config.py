@@ -1,0 +1,308 @@
+"""Typed job configuration from TOML. Unknown keys and wrong types are errors that name the field.
+
+A job file has the sections [job], [model], [data], [zo] or [cma], [run] and a list of
+[[disclosure]] terms. ``load_job`` reads a file (or the packaged default job), applies
+``--set section.key=value`` overrides, and validates everything that can be checked before any
+party process starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import importlib.resources
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Iterable
+
+from secfwt.data.datasets import DataSource
+from secfwt.errors import ConfigError
+from secfwt.models.spec import Attention, EmbeddingMode, Head, Pooling
+from secfwt.mpc.disclosure import DisclosureTerms, Revealable
+from secfwt.roles import COMPUTING_ROLES, Role
+
+
+class Mode(enum.Enum):
+    """Forward-only tuning method."""
+
+    ZO = "zo"  # zeroth-order SGD (SPSA / MeZO) on secret-shared parameters
+    CMA = "cma"  # SecFwT black-box prompt tuning: CMA-ES on the data owner's low-dimensional z
+
+
+class ProviderName(enum.Enum):
+    TTP = "ttp"  # dealer process supplies triples (secure default)
+    TFP = "tfp"  # model owner generates triples and learns the data owner's inputs (needs --insecure-dev)
+
+
+@dataclasses.dataclass(frozen=True)
+class JobSection:
+    name: str = "job"
+    seed: int = 0
+    mode: Mode = Mode.ZO
+    provider: ProviderName = ProviderName.TTP
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    path: str = "packaged:all-minilm-l6-v2"
+    head: Head = Head.SEQUENCE_CLASSIFICATION
+    pooling: Pooling = Pooling.MEAN
+    attention: Attention = Attention.SOFTMAX
+    embedding: EmbeddingMode = EmbeddingMode.TABLE_TO_DATA_OWNER
+    max_length: int = 32
+    rfa_features: int = 64
+    rfa_sigma: float = 1.5
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    source: DataSource = DataSource.ROTTEN_TOMATOES
+    path: str = ""
+    text_column: str = "text"
+    label_column: str = "label"
+    labels: tuple[str, ...] = ()
+    shots_per_class: int = 16
+    eval_per_class: int = 50
+    truncate: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class ZOSection:
+    """Zeroth-order SGD (SPSA, Spall 1992; MeZO, Malladi et al. 2023)."""
+
+    trainable: tuple[str, ...] = ("classifier.*",)
+    lora_modules: tuple[str, ...] = ()
+    lora_rank: int = 4
+    soft_prompt_length: int = 0
+    prompt_layer: int = 0
+    steps: int = 200
+    lr: float = 0.5
+    eps: float = 0.05
+    batch_size: int = 32
+    directions: int = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class CMASection:
+    """SecFwT / Black-Box Tuning (Sun et al. 2022): CMA-ES over z, prompt = A z."""
+
+    intrinsic_dim: int = 32
+    prompt_length: int = 4
+    prompt_layer: int = 0
+    population: int = 8
+    sigma0: float = 1.0
+    iterations: int = 10
+    batch_size: int = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSection:
+    timeout_s: float = 1800.0
+    output_dir: str = "secfwt-runs"
+    eval_batch: int = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class DisclosureEntry:
+    value: Revealable
+    to: tuple[Role, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class JobConfig:
+    job: JobSection = JobSection()
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    zo: ZOSection = ZOSection()
+    cma: CMASection = CMASection()
+    run: RunSection = RunSection()
+    disclosure: tuple[DisclosureEntry, ...] = ()
+    source: str = "<built-in>"
+
+    @property
+    def terms(self) -> DisclosureTerms:
+        return DisclosureTerms.of((d.value, d.to) for d in self.disclosure)
+
+
+_SECTIONS = {
+    "job": JobSection,
+    "model": ModelSection,
+    "data": DataSection,
+    "zo": ZOSection,
+    "cma": CMASection,
+    "run": RunSection,
+}
+
+
+def default_job_text() -> str:
+    return importlib.resources.files("secfwt.jobs").joinpath("default.toml").read_text(encoding="utf-8")
+
+
+def load_job(path: str | Path | None, *, overrides: Iterable[str] = ()) -> JobConfig:
+    """Read and validate a job file (None: the packaged default job)."""
+    if path is None:
+        text, where = default_job_text(), "<built-in default job>"
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"job file {p} does not exist")
+        text, where = p.read_text(encoding="utf-8"), str(p)
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{where}: not valid TOML: {exc}") from exc
+    for ov in overrides:
+        _apply_override(raw, ov)
+    cfg = parse_job(raw, where=where)
+    validate(cfg)
+    return cfg
+
+
+def _apply_override(raw: dict[str, Any], text: str) -> None:
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"--set {text!r}: expected SECTION.KEY=VALUE, e.g. --set zo.steps=10")
+    key, value = text.split("=", 1)
+    section, field = key.strip().split(".", 1)
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value  # bare strings need no quotes on the command line
+    raw.setdefault(section, {})[field] = parsed
+
+
+def parse_job(raw: dict[str, Any], *, where: str) -> JobConfig:
+    known = set(_SECTIONS) | {"disclosure"}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"{where}: unknown section [{key}]; valid sections: {', '.join(sorted(known))}")
+    kwargs: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        table = raw.get(name, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: [{name}] must be a table")
+        kwargs[name] = _build(cls, table, f"{where}: [{name}]")
+    entries = raw.get("disclosure", [])
+    if not isinstance(entries, list):
+        raise ConfigError(f"{where}: disclosure must be a list of [[disclosure]] tables")
+    kwargs["disclosure"] = tuple(_build(DisclosureEntry, e, f"{where}: [[disclosure]] #{i + 1}") for i, e in enumerate(entries))
+    return JobConfig(**kwargs, source=where)
+
+
+def _build(cls: type, table: dict[str, Any], where: str) -> Any:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: must be a table")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in table:
+        if key not in fields:
+            raise ConfigError(f"{where}: unknown key {key!r}; valid keys: {', '.join(fields)}")
+    values = {}
+    for key, value in table.items():
+        values[key] = _convert(value, hints[key], f"{where} {key}")
+    missing = [n for n, f in fields.items() if f.default is dataclasses.MISSING and n not in values]
+    if missing:
+        raise ConfigError(f"{where}: missing required key(s) {', '.join(missing)}")
+    return cls(**values)
+
+
+def _convert(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        choices = [m.value for m in hint]
+        if isinstance(value, str):
+            norm = value.strip().lower().replace("-", "_")
+            for m in hint:
+                if m.value == norm:
+                    return m
+        raise ConfigError(f"{where}: {value!r} is not one of {choices}")
+    if origin is tuple:
+        (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
+        if isinstance(value, str) and item is Role:
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        return tuple(_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+    if hint is Role:
+        try:
+            return Role.parse(str(value))
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from exc
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if isinstance(hint, types.UnionType):  # pragma: no cover - no optional fields yet
+        raise ConfigError(f"{where}: unsupported type")
+    raise ConfigError(f"{where}: unsupported type {hint}")
+
+
+def _positive(where: str, value: float, *, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{where} = {value}: must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def validate(cfg: JobConfig) -> None:
+    """Cross-field checks that need no model or data."""
+    s = cfg.source
+    _positive(f"{s}: model.max_length", cfg.model.max_length)
+    if cfg.model.max_length < 2:
+        raise ConfigError(f"{s}: model.max_length = {cfg.model.max_length}: needs room for at least one token besides [CLS]")
+    _positive(f"{s}: model.rfa_features", cfg.model.rfa_features)
+    _positive(f"{s}: model.rfa_sigma", cfg.model.rfa_sigma)
+    _positive(f"{s}: data.shots_per_class", cfg.data.shots_per_class)
+    _positive(f"{s}: data.eval_per_class", cfg.data.eval_per_class)
+    _positive(f"{s}: run.timeout_s", cfg.run.timeout_s)
+    _positive(f"{s}: run.eval_batch", cfg.run.eval_batch)
+    if cfg.data.source is not DataSource.ROTTEN_TOMATOES and not cfg.data.path:
+        raise ConfigError(f"{s}: data.path is required when data.source = {cfg.data.source.value!r}")
+    if cfg.model.head is not Head.SEQUENCE_CLASSIFICATION:
+        raise ConfigError(f"{s}: model.head = {cfg.model.head.value!r}: tuning jobs need 'sequence_classification' (verify-model checks the other heads)")
+    if cfg.job.mode is Mode.ZO:
+        z = cfg.zo
+        for name in ("steps", "batch_size", "directions", "lr", "eps", "lora_rank"):
+            _positive(f"{s}: zo.{name}", getattr(z, name))
+        _positive(f"{s}: zo.soft_prompt_length", z.soft_prompt_length, allow_zero=True)
+        _positive(f"{s}: zo.prompt_layer", z.prompt_layer, allow_zero=True)
+        if not (z.trainable or z.lora_modules or z.soft_prompt_length):
+            raise ConfigError(f"{s}: [zo] trains nothing: set zo.trainable, zo.lora_modules or zo.soft_prompt_length")
+    else:
+        c = cfg.cma
+        for name in ("intrinsic_dim", "prompt_length", "population", "sigma0", "iterations", "batch_size"):
+            _positive(f"{s}: cma.{name}", getattr(c, name))
+        _positive(f"{s}: cma.prompt_layer", c.prompt_layer, allow_zero=True)
+        if c.population < 2:
+            raise ConfigError(f"{s}: cma.population = {c.population}: CMA-ES needs at least 2 candidates per iteration")
+    for entry in cfg.disclosure:
+        for r in entry.to:
+            if r not in COMPUTING_ROLES:
+                raise ConfigError(f"{s}: [[disclosure]] {entry.value.value}: the dealer never receives values; use model_owner or data_owner")
+    for value, to in required_disclosures(cfg):
+        if not cfg.terms.allows(value, to):
+            raise ConfigError(
+                f"{s}: this job reveals {value.value} to {to.value} but the [[disclosure]] list does not allow it; "
+                f'add [[disclosure]] value = "{value.value}" to = ["{to.value}"] if both owners agree'
+            )
+
+
+def required_disclosures(cfg: JobConfig) -> list[tuple[Revealable, Role]]:
+    """Reveals the job cannot run without (others, e.g. train_loss, are optional)."""
+    out: list[tuple[Revealable, Role]] = [(Revealable.EVAL_ACCURACY, Role.DATA_OWNER)]
+    if cfg.model.embedding is EmbeddingMode.TABLE_TO_DATA_OWNER:
+        out.append((Revealable.EMBEDDING_TABLE, Role.DATA_OWNER))
+    if cfg.job.mode is Mode.CMA:
+        out.append((Revealable.TRAIN_OUTPUTS, Role.DATA_OWNER))
+    return out

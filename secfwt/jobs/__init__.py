@@ -1,0 +1,1 @@
+"""Packaged job files."""

@@ -1,0 +1,165 @@
+"""BERT/RoBERTa encoder and heads, written once over :class:`~secfwt.models.ops.Ops`.
+
+Parameter names are the Hugging Face state-dict names, so jobs select trainable parameters by
+those names. Layout follows ``transformers.models.bert.modeling_bert`` (post-LayerNorm blocks);
+RoBERTa differs only in position numbering (``padding_idx + 1`` offset) and head names.
+
+Shapes: N sequences, T tokens, H hidden, nh heads, dh = H / nh.
+Decoder families (Llama: RMSNorm, gated SiLU MLP, rotary positions, causal masks) plug in at
+:meth:`EncoderModel.block` (norm placement and MLP) and the ``attention`` callable (mask shape).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+import torch
+
+from secfwt.models.ops import Ops, Tensor
+from secfwt.models.spec import Attention, Family, Head, ModelSpec, Pooling
+from secfwt.mpc.attention import RFASettings, rfa_attention, rfa_projection, softmax_attention
+
+#: LoRA parameters live next to the module they adapt: "<module>.lora_A" (r, in), "<module>.lora_B" (out, r).
+LORA_A, LORA_B = "lora_A", "lora_B"
+#: Name of the soft prompt (P, H) inserted after the first token at layer ``prompt_layer``.
+SOFT_PROMPT = "soft_prompt"
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardSettings:
+    attention: Attention = Attention.SOFTMAX
+    rfa: RFASettings = RFASettings()
+    pooling: Pooling = Pooling.CLS
+    lora_scale: float = 1.0
+
+
+class EncoderModel:
+    """One forward computation over a parameter mapping (plain tensors or MPC shares)."""
+
+    def __init__(self, spec: ModelSpec, params: Mapping[str, Tensor], ops: Ops, settings: ForwardSettings) -> None:
+        self.spec = spec
+        self.p = params
+        self.ops = ops
+        self.settings = settings
+        self._rfa_w = {
+            i: rfa_projection(layer=i, head_dim=spec.head_dim, settings=settings.rfa) for i in range(spec.num_layers)
+        }
+
+    # -- building blocks -------------------------------------------------------------------
+    def linear(self, x: Tensor, module: str) -> Tensor:
+        """x @ W^T + b for the Hugging Face module ``module``, plus its LoRA update if present."""
+        y = x.matmul(self.p[f"{module}.weight"].t())
+        b = self.p.get(f"{module}.bias")
+        if b is not None:
+            y = y + b
+        a_name, b_name = f"{module}.{LORA_A}", f"{module}.{LORA_B}"
+        if a_name in self.p:
+            y = y + x.matmul(self.p[a_name].t()).matmul(self.p[b_name].t()) * self.settings.lora_scale
+        return y
+
+    def layer_norm(self, x: Tensor, module: str) -> Tensor:
+        return self.ops.layer_norm(x, weight=self.p[f"{module}.weight"], bias=self.p[f"{module}.bias"], eps=self.spec.layer_norm_eps)
+
+    # -- encoder ---------------------------------------------------------------------------
+    def embed(self, word_emb: Tensor) -> Tensor:
+        """Input embeddings (N, T, H) from word embeddings; positions are public (0..T-1)."""
+        pre = self.spec.prefix + "embeddings."
+        t = word_emb.shape[1]
+        off = self.spec.position_offset
+        pos = self.p[pre + "position_embeddings.weight"][off : off + t]  # (T, H)
+        typ = self.p[pre + "token_type_embeddings.weight"][0]  # (H,): single-segment inputs
+        return self.layer_norm(word_emb + pos + typ, pre + "LayerNorm")
+
+    def insert_prompt(self, h: Tensor, key_mask: Tensor, prompt: Tensor, ones: Tensor) -> tuple[Tensor, Tensor]:
+        """Insert a soft prompt (P, H) or (N, P, H) after the first token; extend the mask with ``ones`` (N, P)."""
+        n = h.shape[0]
+        if prompt.dim() == 2:
+            prompt = prompt.unsqueeze(0).expand(n, *prompt.shape) if not self.ops.secure else _expand_secure(prompt, n)
+        h = self.ops.cat([h[:, :1], prompt, h[:, 1:]], dim=1)
+        key_mask = self.ops.cat([key_mask[:, :1], ones, key_mask[:, 1:]], dim=1)
+        return h, key_mask
+
+    def attention(self, h: Tensor, key_mask: Tensor, layer: int) -> Tensor:
+        spec = self.spec
+        pre = f"{spec.prefix}encoder.layer.{layer}.attention."
+        n, t, _ = h.shape
+        nh, dh = spec.num_heads, spec.head_dim
+
+        def heads(x: Tensor) -> Tensor:  # (N, T, H) -> (N, nh, T, dh)
+            return x.reshape(n, t, nh, dh).transpose(1, 2)
+
+        q = heads(self.linear(h, pre + "self.query"))
+        k = heads(self.linear(h, pre + "self.key"))
+        v = heads(self.linear(h, pre + "self.value"))
+        if self.settings.attention is Attention.RFA:
+            ctx = rfa_attention(self.ops, q, k, v, key_mask, w=self._rfa_w[layer], settings=self.settings.rfa)
+        else:
+            ctx = softmax_attention(self.ops, q, k, v, key_mask)
+        ctx = ctx.transpose(1, 2).reshape(n, t, nh * dh)  # (N, T, H)
+        return self.layer_norm(self.linear(ctx, pre + "output.dense") + h, pre + "output.LayerNorm")
+
+    def block(self, h: Tensor, key_mask: Tensor, layer: int) -> Tensor:
+        pre = f"{self.spec.prefix}encoder.layer.{layer}."
+        h = self.attention(h, key_mask, layer)
+        inter = self.ops.act(self.spec.hidden_act, self.linear(h, pre + "intermediate.dense"))  # (N, T, I)
+        return self.layer_norm(self.linear(inter, pre + "output.dense") + h, pre + "output.LayerNorm")
+
+    def layers(self, h: Tensor, key_mask: Tensor, *, start: int = 0, stop: int | None = None) -> Tensor:
+        for i in range(start, self.spec.num_layers if stop is None else stop):
+            h = self.block(h, key_mask, i)
+        return h
+
+    # -- heads -----------------------------------------------------------------------------
+    def pool(self, h: Tensor, pool_weights: Tensor | None) -> Tensor:
+        """(N, T, H) -> (N, H). Mean pooling takes per-token weights mask/len from the data owner."""
+        if self.settings.pooling is Pooling.MEAN:
+            if pool_weights is None:
+                raise ValueError("mean pooling needs pool_weights (N, T)")
+            return (h * pool_weights.unsqueeze(-1)).sum(1)
+        return h[:, 0]
+
+    def classify(self, pooled: Tensor) -> Tensor:
+        """Sequence-classification logits (N, C) from pooled features (N, H)."""
+        spec = self.spec
+        if spec.family is Family.ROBERTA:
+            x = self.ops.tanh(self.linear(pooled, "classifier.dense"))
+            return self.linear(x, "classifier.out_proj")
+        if self.settings.pooling is Pooling.CLS:
+            pooled = self.ops.tanh(self.linear(pooled, spec.prefix + "pooler.dense"))
+        return self.linear(pooled, "classifier")
+
+    def mlm_logits(self, h: Tensor) -> Tensor:
+        """Masked-LM logits (N, T, V); the decoder is tied to the word embeddings."""
+        spec = self.spec
+        table = self.p[spec.prefix + "embeddings.word_embeddings.weight"]  # (V, H)
+        if spec.family is Family.ROBERTA:
+            x = self.ops.act(spec.hidden_act, self.linear(h, "lm_head.dense"))
+            x = self.layer_norm(x, "lm_head.layer_norm")
+            return x.matmul(table.t()) + self.p["lm_head.bias"]
+        x = self.ops.act(spec.hidden_act, self.linear(h, "cls.predictions.transform.dense"))
+        x = self.layer_norm(x, "cls.predictions.transform.LayerNorm")
+        return x.matmul(table.t()) + self.p["cls.predictions.bias"]
+
+    def output(self, h: Tensor, pool_weights: Tensor | None = None) -> Tensor:
+        """The head's output for last hidden states h."""
+        if self.spec.head is Head.BASE:
+            return h
+        if self.spec.head is Head.MASKED_LM:
+            return self.mlm_logits(h)
+        return self.classify(self.pool(h, pool_weights))
+
+    def forward(self, word_emb: Tensor, key_mask: Tensor, pool_weights: Tensor | None = None) -> Tensor:
+        h = self.layers(self.embed(word_emb), key_mask)
+        return self.output(h, pool_weights)
+
+
+def _expand_secure(prompt: Tensor, n: int) -> Tensor:
+    from secfwt.crypten_compat import crypten
+
+    return crypten.stack([prompt] * n, dim=0)
+
+
+def plain_params(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """float64 copies for the plaintext reference."""
+    return {k: v.detach().to(torch.float64) for k, v in state.items()}

@@ -1,0 +1,157 @@
+"""The numeric backends the transformer code runs on: plaintext torch and CrypTen MPC.
+
+The model code in :mod:`secfwt.models.encoder` is written once against :class:`Ops`; the
+plaintext backend is the reference the secure backend is tested against ("one protocol code,
+several runtimes"). The plaintext backend computes in float64 so that differences in tests
+measure the MPC error, not float32 rounding.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+Tensor = Any  # torch.Tensor or crypten MPCTensor
+
+
+class Ops(abc.ABC):
+    """Operations whose implementation differs between plaintext and MPC."""
+
+    secure: bool = False
+
+    @abc.abstractmethod
+    def softmax(self, x: Tensor, *, mask: Tensor | None) -> Tensor:
+        """Softmax over the last dim; ``mask`` (1 = keep, broadcastable) zeroes padded keys."""
+
+    @abc.abstractmethod
+    def gelu(self, x: Tensor) -> Tensor: ...
+
+    @abc.abstractmethod
+    def gelu_tanh(self, x: Tensor) -> Tensor: ...
+
+    @abc.abstractmethod
+    def tanh(self, x: Tensor) -> Tensor: ...
+
+    @abc.abstractmethod
+    def layer_norm(self, x: Tensor, *, weight: Tensor, bias: Tensor, eps: float) -> Tensor: ...
+
+    @abc.abstractmethod
+    def inv_sqrt(self, x: Tensor, *, lo: float, hi: float) -> Tensor: ...
+
+    @abc.abstractmethod
+    def reciprocal(self, x: Tensor, *, lo: float, hi: float) -> Tensor: ...
+
+    @abc.abstractmethod
+    def exp_bounded(self, x: Tensor, *, bound: float) -> Tensor:
+        """exp(x) for inputs known (by construction, not by checking) to satisfy |x| <= bound."""
+
+    @abc.abstractmethod
+    def cat(self, xs: Sequence[Tensor], *, dim: int) -> Tensor: ...
+
+    @abc.abstractmethod
+    def log_softmax_nll(self, logits: Tensor, onehot: Tensor) -> Tensor:
+        """Per-example cross-entropy ``-sum(onehot * log_softmax(logits))``, shape (B,)."""
+
+    def act(self, name: str, x: Tensor) -> Tensor:
+        if name == "gelu":
+            return self.gelu(x)
+        if name in ("gelu_new", "gelu_pytorch_tanh"):
+            return self.gelu_tanh(x)
+        if name == "relu":
+            return x.relu() if self.secure else torch.relu(x)
+        raise ValueError(f"unsupported activation {name!r}")
+
+
+class PlainOps(Ops):
+    """Plaintext float64 reference."""
+
+    secure = False
+
+    def softmax(self, x, *, mask):
+        if mask is not None:
+            x = x.masked_fill(mask.to(torch.bool).logical_not(), float("-inf"))
+        return torch.softmax(x, dim=-1)
+
+    def gelu(self, x):
+        return F.gelu(x)
+
+    def gelu_tanh(self, x):
+        return F.gelu(x, approximate="tanh")
+
+    def tanh(self, x):
+        return torch.tanh(x)
+
+    def layer_norm(self, x, *, weight, bias, eps):
+        return F.layer_norm(x, (x.shape[-1],), weight.to(x.dtype), bias.to(x.dtype), eps)
+
+    def inv_sqrt(self, x, *, lo, hi):
+        return torch.rsqrt(x)
+
+    def reciprocal(self, x, *, lo, hi):
+        return 1.0 / x
+
+    def exp_bounded(self, x, *, bound):
+        return torch.exp(x)
+
+    def cat(self, xs, *, dim):
+        return torch.cat(list(xs), dim=dim)
+
+    def log_softmax_nll(self, logits, onehot):
+        return -(torch.log_softmax(logits, dim=-1) * onehot).sum(-1)
+
+
+class SecureOps(Ops):
+    """CrypTen MPC, with secfwt's range-safe approximations (:mod:`secfwt.mpc.nonlinear`)."""
+
+    secure = True
+
+    def __init__(self) -> None:
+        from secfwt.mpc import nonlinear
+
+        self._nl = nonlinear
+
+    def softmax(self, x, *, mask):
+        return self._nl.softmax(x, dim=-1, mask=mask)
+
+    def gelu(self, x):
+        return self._nl.gelu(x)
+
+    def gelu_tanh(self, x):
+        return self._nl.gelu_tanh(x)
+
+    def tanh(self, x):
+        from secfwt.mpc.classification import tanh
+
+        return tanh(x)
+
+    def layer_norm(self, x, *, weight, bias, eps):
+        return self._nl.layer_norm(x, weight=weight, bias=bias, eps=eps)
+
+    def inv_sqrt(self, x, *, lo, hi):
+        return self._nl.inv_sqrt(x, lo=lo, hi=hi)
+
+    def reciprocal(self, x, *, lo, hi):
+        return self._nl.reciprocal(x, lo=lo, hi=hi)
+
+    def exp_bounded(self, x, *, bound):
+        from secfwt.mpc.approx import exp_bounded
+
+        return exp_bounded(x, bound=bound)
+
+    def cat(self, xs, *, dim):
+        from secfwt.crypten_compat import crypten
+
+        return crypten.cat(list(xs), dim=dim)
+
+    def log_softmax_nll(self, logits, onehot):
+        from secfwt.mpc.classification import cross_entropy
+
+        return cross_entropy(logits, onehot)
+
+
+def inv_sqrt_dim(d: int) -> float:
+    return 1.0 / math.sqrt(d)

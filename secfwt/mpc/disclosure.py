@@ -1,0 +1,170 @@
+"""Disclosure terms, and the one function through which secret values are ever revealed.
+
+A job lists every value that will be revealed and to whom (DESIGN.md, trust model). Both owners
+accept the same terms (same :meth:`DisclosureTerms.digest`) before a job starts. In the code,
+:meth:`Discloser.reveal` (a secret-shared value) and :meth:`Discloser.disclose_plain` (a value one
+owner holds in the clear, e.g. the embedding table) are the only paths to plaintext: each checks
+the accepted terms, raises :class:`DisclosureError` for anything not listed, and appends a line
+to the party's audit log before any byte moves. Nothing else in secfwt calls CrypTen's
+``get_plain_text``/``reveal`` (a test greps for it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from secfwt.errors import DisclosureError
+from secfwt.roles import COMPUTING_ROLES, Role
+
+log = logging.getLogger(__name__)
+
+
+class Revealable(enum.Enum):
+    """Every kind of value secfwt can reveal. A job's terms pick from these."""
+
+    EMBEDDING_TABLE = "embedding_table"  # word-embedding table (model owner's weights)
+    TRAIN_OUTPUTS = "train_outputs"  # model outputs (logits) for the data owner's own training batch
+    TRAIN_LOSS = "train_loss"  # mean training loss of a step
+    EVAL_ACCURACY = "eval_accuracy"  # held-out accuracy (one number)
+    EVAL_OUTPUTS = "eval_outputs"  # model outputs for the data owner's held-out examples
+    FINAL_PARAMETERS = "final_parameters"  # tuned trainable parameters (prompt, head, LoRA, ...)
+    VERIFY_OUTPUTS = "verify_outputs"  # secure forward outputs on sample input (verify-model)
+
+    @property
+    def description(self) -> str:
+        return _DESCRIPTIONS[self]
+
+
+_DESCRIPTIONS = {
+    Revealable.EMBEDDING_TABLE: "the model owner's word-embedding table",
+    Revealable.TRAIN_OUTPUTS: "model outputs for the data owner's own training batch",
+    Revealable.TRAIN_LOSS: "the mean training loss of each step",
+    Revealable.EVAL_ACCURACY: "held-out accuracy (a single number per evaluation)",
+    Revealable.EVAL_OUTPUTS: "model outputs for the data owner's held-out examples",
+    Revealable.FINAL_PARAMETERS: "the tuned trainable parameters",
+    Revealable.VERIFY_OUTPUTS: "secure forward outputs on verification input",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DisclosureTerm:
+    value: Revealable
+    to: frozenset[Role]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"value": self.value.value, "to": sorted(r.value for r in self.to)}
+
+
+@dataclasses.dataclass(frozen=True)
+class DisclosureTerms:
+    terms: tuple[DisclosureTerm, ...]
+
+    @classmethod
+    def of(cls, pairs: Iterable[tuple[Revealable, Iterable[Role]]]) -> "DisclosureTerms":
+        merged: dict[Revealable, set[Role]] = {}
+        for value, to in pairs:
+            merged.setdefault(value, set()).update(to)
+        return cls(tuple(DisclosureTerm(v, frozenset(r)) for v, r in sorted(merged.items(), key=lambda kv: kv[0].value)))
+
+    @classmethod
+    def from_dict_list(cls, items: Iterable[dict[str, Any]]) -> "DisclosureTerms":
+        return cls.of((Revealable(d["value"]), [Role.parse(r) for r in d["to"]]) for d in items)
+
+    def allows(self, value: Revealable, to: Role) -> bool:
+        return any(t.value is value and to in t.to for t in self.terms)
+
+    def recipients(self, value: Revealable) -> frozenset[Role]:
+        out: set[Role] = set()
+        for t in self.terms:
+            if t.value is value:
+                out |= t.to
+        return frozenset(out)
+
+    def to_list(self) -> list[dict[str, Any]]:
+        return [t.to_dict() for t in self.terms]
+
+    def digest(self) -> str:
+        """SHA-256 of the canonical JSON form: what both owners accept."""
+        blob = json.dumps(self.to_list(), sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+    def describe(self) -> list[str]:
+        return [f"{t.value.description} -> {', '.join(sorted(r.value for r in t.to))}" for t in self.terms]
+
+
+class Discloser:
+    """One party's gate to plaintext. Holds the accepted terms and the audit log."""
+
+    def __init__(self, *, role: Role, terms: DisclosureTerms, audit_path: Path | None) -> None:
+        self.role = role
+        self.terms = terms
+        self.audit_path = audit_path
+        self._lock = threading.Lock()
+        self.count = 0
+
+    def _check(self, value: Revealable, to: Iterable[Role], *, what: str) -> frozenset[Role]:
+        recipients = frozenset(to)
+        for r in recipients:
+            if r not in COMPUTING_ROLES:
+                raise DisclosureError(f"{what}: {value.value} cannot be revealed to {r.value}; only the owners receive values")
+            if not self.terms.allows(value, r):
+                raise DisclosureError(
+                    f"{what}: revealing {value.value} to {r.value} is not in the accepted disclosure terms "
+                    f"(terms digest {self.terms.digest()[:12]}); add it to the job's [[disclosure]] list if both owners agree"
+                )
+        return recipients
+
+    def _audit(self, value: Revealable, to: frozenset[Role], shape: tuple[int, ...], note: str) -> None:
+        entry = {
+            "time": time.time(),
+            "party": self.role.value,
+            "value": value.value,
+            "to": sorted(r.value for r in to),
+            "shape": list(shape),
+            "note": note,
+            "terms": self.terms.digest(),
+        }
+        self.count += 1
+        if self.audit_path is None:
+            return
+        with self._lock, open(self.audit_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(entry) + "\n")
+
+    def reveal(self, x: Any, *, value: Revealable, to: Iterable[Role], note: str = "") -> torch.Tensor | None:
+        """Reveal a secret-shared tensor to ``to``. Every computing party calls this together.
+
+        Returns the plaintext on recipients and None elsewhere.
+        """
+        recipients = self._check(value, to, what="reveal")
+        self._audit(value, recipients, tuple(x.shape), note)
+        if recipients == frozenset(COMPUTING_ROLES):
+            return x.get_plain_text()
+        (only,) = tuple(recipients)
+        out = x.get_plain_text(dst=only.rank)
+        return out if self.role is only else None
+
+    def disclose_plain(self, x: torch.Tensor | None, *, owner: Role, value: Revealable, to: Role, shape: tuple[int, ...], note: str = "") -> torch.Tensor | None:
+        """Send a value ``owner`` holds in the clear to ``to``. Both parties call this together."""
+        from secfwt.crypten_compat import crypten
+
+        recipients = self._check(value, [to], what="disclose")
+        self._audit(value, recipients, shape, note)
+        comm = crypten.communicator.get()
+        if self.role is owner:
+            if x is None or tuple(x.shape) != tuple(shape):
+                raise DisclosureError(f"disclose {value.value}: owner has no value of shape {shape}")
+            comm.send(x.contiguous(), to.rank)
+            return x
+        if self.role is to:
+            return comm.recv(torch.empty(shape, dtype=x.dtype if x is not None else torch.float32), owner.rank)
+        return None

@@ -1,0 +1,71 @@
+"""Turning the data owner's token ids into secret-shared input embeddings (both embedding modes)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from secfwt.models.spec import EmbeddingMode, ModelSpec
+from secfwt.mpc.disclosure import Revealable
+from secfwt.roles import Role
+from secfwt.runtime.session import PartySession
+
+#: One-hot rows shared per chunk in private mode (bounds memory: chunk * T * V int64 per party).
+_ONEHOT_CHUNK_TOKENS = 4096
+
+
+def table_name(spec: ModelSpec) -> str:
+    return spec.prefix + "embeddings.word_embeddings.weight"
+
+
+def needs_secret_table(spec: ModelSpec, mode: EmbeddingMode, *, mlm: bool) -> bool:
+    return mode is EmbeddingMode.PRIVATE or mlm
+
+
+def disclose_table(sess: PartySession, spec: ModelSpec, state: dict[str, torch.Tensor] | None) -> torch.Tensor | None:
+    """TABLE_TO_DATA_OWNER: the model owner sends its word-embedding table to the data owner."""
+    shape = spec.shape_of(table_name(spec))
+    table = None if state is None else state[table_name(spec)]
+    return sess.discloser.disclose_plain(table, owner=Role.MODEL_OWNER, value=Revealable.EMBEDDING_TABLE, to=Role.DATA_OWNER, shape=shape, note="embedding mode table_to_data_owner")
+
+
+def share_word_embeddings(
+    sess: PartySession,
+    spec: ModelSpec,
+    *,
+    mode: EmbeddingMode,
+    input_ids: torch.Tensor | None,
+    shape: tuple[int, int],
+    secret_table: Any | None,
+    plain_table: torch.Tensor | None,
+) -> Any:
+    """Secret-shared word embeddings (N, T, H) of the data owner's ``input_ids``.
+
+    PRIVATE: the data owner shares one-hot rows and the product with the secret table is
+    computed in MPC, so neither ids nor table leave their owner. TABLE_TO_DATA_OWNER: the data
+    owner, holding the disclosed table, looks its ids up locally and shares the result.
+    """
+    n, t = shape
+    h = spec.hidden_size
+    if mode is EmbeddingMode.TABLE_TO_DATA_OWNER:
+        emb = None
+        if sess.role is Role.DATA_OWNER:
+            assert plain_table is not None and input_ids is not None
+            emb = plain_table[input_ids]  # (N, T, H)
+        return sess.share(emb, owner=Role.DATA_OWNER, shape=(n, t, h), name="input embeddings")
+    from secfwt.crypten_compat import crypten
+
+    v = spec.vocab_size
+    rows_per_chunk = max(1, _ONEHOT_CHUNK_TOKENS // max(t, 1))
+    parts = []
+    for s in range(0, n, rows_per_chunk):
+        e = min(n, s + rows_per_chunk)
+        onehot = None
+        if sess.role is Role.DATA_OWNER:
+            assert input_ids is not None
+            onehot = F.one_hot(input_ids[s:e], v).to(torch.float32)
+        x = sess.share(onehot, owner=Role.DATA_OWNER, shape=(e - s, t, v), name="one-hot token ids")
+        parts.append(x.matmul(secret_table))  # (n_chunk, T, H)
+    return parts[0] if len(parts) == 1 else crypten.cat(parts, dim=0)

@@ -1,0 +1,97 @@
+"""``secfwt simulate``: every party of a job as its own OS process on this machine."""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from secfwt.config import JobConfig, Mode, ProviderName
+from secfwt.crypten_compat import Provider
+from secfwt.errors import ConfigError
+from secfwt.models.checkpoint import resolve_model_path
+from secfwt.mpc.launcher import new_queue, run_parties
+from secfwt.roles import Role
+from secfwt.runtime.job import run_job_party
+
+log = logging.getLogger(__name__)
+
+
+def provider_for(cfg: JobConfig, *, insecure_dev: bool) -> Provider:
+    if cfg.job.provider is ProviderName.TFP:
+        if not insecure_dev:
+            raise ConfigError(
+                "job.provider = 'tfp' lets the model owner generate every Beaver triple and so learn the data owner's "
+                "inputs; it needs --insecure-dev (development only). Use provider = 'ttp' (a dealer process) otherwise"
+            )
+        return Provider.TFP
+    return Provider.TTP
+
+
+def run_simulation(cfg: JobConfig, *, insecure_dev: bool = False, on_progress: Callable[[Role, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run the job with one process per role; return the report (also written to the run folder)."""
+    provider = provider_for(cfg, insecure_dev=insecure_dev)
+    model_dir = resolve_model_path(cfg.model.path)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out_dir = Path(cfg.run.output_dir) / f"{cfg.job.name}-{stamp}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    progress = new_queue()
+    common = {"config": cfg, "out_dir": str(out_dir), "progress": progress, "model_dir": str(model_dir)}
+    t0 = time.perf_counter()
+    results = run_parties(
+        run_job_party,
+        payloads={Role.MODEL_OWNER: dict(common), Role.DATA_OWNER: dict(common)},
+        provider=provider,
+        timeout_s=cfg.run.timeout_s,
+        messages=progress,
+        on_message=on_progress or (lambda role, msg: None),
+    )
+    wall = time.perf_counter() - t0
+    do = results[Role.DATA_OWNER].value
+    mo = results[Role.MODEL_OWNER].value
+    report = {
+        "job": cfg.job.name,
+        "job_file": cfg.source,
+        "mode": cfg.job.mode.value,
+        "model": cfg.model.path,
+        "attention": cfg.model.attention.value,
+        "embedding": cfg.model.embedding.value,
+        "provider": provider.value,
+        "accuracy_before": do["accuracy_before"],
+        "accuracy_after": do["accuracy_after"],
+        "accuracy_gain_points": None if do["accuracy_before"] is None else 100.0 * (do["accuracy_after"] - do["accuracy_before"]),
+        "steps": do["steps"],
+        "wall_s": wall,
+        "frozen_prefix_s": do["prefix_s"],
+        "cut_layer": do["cut_layer"],
+        "trainable": do["trainable"],
+        "loss_history": [h["loss"] for h in do["history"]],
+        "disclosure_terms": cfg.terms.to_list(),
+        "terms_digest": cfg.terms.digest(),
+        "parties": {
+            r.value: {"bytes_sent": res.bytes_sent, "rounds": res.rounds, "wall_s": res.wall_s, "reveals": res.value["reveals"] if res.value else 0, "artifacts": res.value["artifacts"] if res.value else {}}
+            for r, res in results.items()
+            if r is not Role.DEALER
+        },
+        "output_dir": str(out_dir),
+        "machine": machine_info(),
+    }
+    report["parties"]["model_owner"]["accuracy_seen"] = {"before": mo["accuracy_before"], "after": mo["accuracy_after"]}
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def machine_info() -> dict[str, Any]:
+    import os
+
+    import torch
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5, check=False).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(), "platform": platform.platform(), "commit": commit}

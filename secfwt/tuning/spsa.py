@@ -1,0 +1,64 @@
+"""Zeroth-order SGD with simultaneous perturbations (SPSA, Spall 1992; MeZO, Malladi et al. 2023).
+
+One step, for q directions u_1..u_q drawn from a seed both parties generated jointly:
+
+    g_i = (L(theta + eps u_i) - L(theta - eps u_i)) / (2 eps)        (secret scalar)
+    theta <- theta - lr / q * sum_i g_i u_i                            (public direction x secret scalar)
+
+Written against plain tensors and CrypTen tensors alike: in MPC theta and g_i are secret
+shares, u_i is public, so the update is local (no communication) and no backward pass or
+optimizer state exists. :func:`spsa_step` with plain tensors is the plaintext reference the
+MPC run is tested against step for step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import torch
+
+Params = Mapping[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class SPSASettings:
+    lr: float
+    eps: float
+    directions: int
+
+
+def directions(*, seed: int, step: int, shapes: tuple[tuple[str, tuple[int, ...]], ...], count: int) -> list[dict[str, torch.Tensor]]:
+    """The public Gaussian directions of one step, regenerated from (seed, step) as in MeZO."""
+    g = torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63))
+    return [{name: torch.randn(shape, generator=g) for name, shape in shapes} for _ in range(count)]
+
+
+def spsa_step(
+    loss: Callable[[Params], Any],
+    params: Params,
+    *,
+    us: list[dict[str, torch.Tensor]],
+    settings: SPSASettings,
+    cast: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+) -> tuple[dict[str, Any], list[Any], Any]:
+    """One SPSA step. Returns (new params, projected gradients g_i, mean of L(theta + eps u))."""
+    eps, lr, q = settings.eps, settings.lr, len(us)
+    gs, plus_losses = [], []
+    for u in us:
+        plus = {n: params[n] + cast(u[n]) * eps for n in params}
+        minus = {n: params[n] - cast(u[n]) * eps for n in params}
+        l_plus, l_minus = loss(plus), loss(minus)
+        gs.append((l_plus - l_minus) * (1.0 / (2 * eps)))
+        plus_losses.append(l_plus)
+    new = {}
+    for n in params:
+        upd = None
+        for g, u in zip(gs, us):
+            term = g * cast(u[n])  # secret scalar x public direction: local in MPC
+            upd = term if upd is None else upd + term
+        new[n] = params[n] - upd * (lr / q)
+    mean_plus = plus_losses[0]
+    for x in plus_losses[1:]:
+        mean_plus = mean_plus + x
+    return new, gs, mean_plus * (1.0 / q)

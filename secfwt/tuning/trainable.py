@@ -1,0 +1,114 @@
+"""Which parameters a job trains, chosen by Hugging Face names, and their initial values.
+
+Trainable sets are public (both parties know the names and shapes); the values are the model
+owner's (checkpoint weights, new LoRA factors, a soft prompt initialised from its own
+embedding rows) and are secret-shared like every other weight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import math
+import re
+
+import torch
+
+from secfwt.errors import ConfigError
+from secfwt.models.encoder import LORA_A, LORA_B, SOFT_PROMPT
+from secfwt.models.spec import ModelSpec
+
+_LAYER_RE = re.compile(r"encoder\.layer\.(\d+)\.")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainableSet:
+    """Names and shapes of trainable parameters (existing and new), in a fixed order."""
+
+    shapes: tuple[tuple[str, tuple[int, ...]], ...]
+    new: tuple[str, ...]  # names that are not in the checkpoint (LoRA factors, soft prompt)
+    prompt_layer: int
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(n for n, _ in self.shapes)
+
+    @property
+    def numel(self) -> int:
+        return sum(math.prod(s) for _, s in self.shapes)
+
+    def first_layer(self, spec: ModelSpec) -> int:
+        """Index of the first encoder layer whose output depends on a trainable value.
+
+        Everything below it is frozen and computed once (the cached prefix); ``num_layers``
+        means only the head trains.
+        """
+        first = spec.num_layers
+        for name in self.names:
+            if name == SOFT_PROMPT:
+                first = min(first, self.prompt_layer)
+            elif "embeddings." in name:
+                first = 0
+            else:
+                m = _LAYER_RE.search(name)
+                if m:
+                    first = min(first, int(m.group(1)))
+        return first
+
+    def pooler_trainable(self, spec: ModelSpec) -> bool:
+        return any(n.startswith(spec.prefix + "pooler.") for n in self.names)
+
+
+def select_trainable(spec: ModelSpec, *, patterns: tuple[str, ...], lora_modules: tuple[str, ...], lora_rank: int, soft_prompt_length: int, prompt_layer: int, max_tokens: int) -> TrainableSet:
+    """Resolve name patterns (fnmatch, e.g. ``classifier.*``, ``*.bias``) against the checkpoint."""
+    names = [n for n, _ in spec.param_shapes]
+    shapes: dict[str, tuple[int, ...]] = {}
+    for pat in patterns:
+        hits = [n for n in names if fnmatch.fnmatchcase(n, pat)]
+        if not hits:
+            examples = ", ".join(names[-4:])
+            raise ConfigError(f"zo.trainable: pattern {pat!r} matches no parameter of this model; names look like: {examples}")
+        for n in hits:
+            shapes[n] = spec.shape_of(n)
+    new: list[str] = []
+    for pat in lora_modules:
+        modules = sorted({n[: -len(".weight")] for n in names if n.endswith(".weight") and fnmatch.fnmatchcase(n[: -len(".weight")], pat)})
+        modules = [m for m in modules if len(spec.shape_of(m + ".weight")) == 2 and "embeddings" not in m]
+        if not modules:
+            raise ConfigError(f"zo.lora_modules: pattern {pat!r} matches no linear module; e.g. '*.attention.self.query'")
+        for m in modules:
+            out_f, in_f = spec.shape_of(m + ".weight")
+            shapes[f"{m}.{LORA_A}"] = (lora_rank, in_f)
+            shapes[f"{m}.{LORA_B}"] = (out_f, lora_rank)
+            new += [f"{m}.{LORA_A}", f"{m}.{LORA_B}"]
+    if soft_prompt_length:
+        if prompt_layer > spec.num_layers - 1:
+            raise ConfigError(f"zo.prompt_layer = {prompt_layer}: the model has layers 0..{spec.num_layers - 1}")
+        if soft_prompt_length >= max_tokens:
+            raise ConfigError(f"zo.soft_prompt_length = {soft_prompt_length} leaves no room for text within {max_tokens} tokens")
+        shapes[SOFT_PROMPT] = (soft_prompt_length, spec.hidden_size)
+        new.append(SOFT_PROMPT)
+    ordered = tuple((n, shapes[n]) for n in sorted(shapes))
+    return TrainableSet(shapes=ordered, new=tuple(sorted(new)), prompt_layer=prompt_layer)
+
+
+def init_new_parameters(spec: ModelSpec, state: dict[str, torch.Tensor], trainable: TrainableSet, *, seed: int) -> dict[str, torch.Tensor]:
+    """Initial values of new trainable parameters (model owner only).
+
+    LoRA (Hu et al. 2022): A ~ N(0, 1/r), B = 0, so training starts at the checkpoint's function.
+    Soft prompt: embedding rows of random vocabulary tokens (Lester et al. 2021, "sampled vocab").
+    """
+    g = torch.Generator().manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    for name, shape in trainable.shapes:
+        if name not in trainable.new:
+            continue
+        if name == SOFT_PROMPT:
+            table = state[spec.prefix + "embeddings.word_embeddings.weight"]
+            rows = torch.randint(1000 if spec.vocab_size > 2000 else 0, spec.vocab_size, (shape[0],), generator=g)
+            out[name] = table[rows].clone()
+        elif name.endswith(LORA_A):
+            out[name] = torch.randn(shape, generator=g) / math.sqrt(shape[0])
+        else:
+            out[name] = torch.zeros(shape)
+    return out
