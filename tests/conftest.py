@@ -38,3 +38,59 @@ def save_random_checkpoint(path: Path, *, family: str, head: str, seed: int = 0,
 @pytest.fixture
 def tiny_bert_cls(tmp_path: Path) -> Path:
     return save_random_checkpoint(tmp_path / "tiny-bert", family="bert", head="sequence_classification")
+
+
+def save_tiny_with_tokenizer(path: Path, *, family: str = "bert", head: str = "sequence_classification", **overrides) -> Path:
+    """A tiny random checkpoint that carries the packaged MiniLM tokenizer (vocab 30522)."""
+    import shutil
+
+    from secfwt.models.checkpoint import resolve_model_path
+
+    save_random_checkpoint(path, family=family, head=head, vocab_size=30522, **overrides)
+    src = resolve_model_path("packaged:all-minilm-l6-v2")
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(src / name, path / name)
+    return path
+
+
+TINY_JOB = """
+[job]
+name = "tiny"
+seed = 3
+[model]
+path = "{path}"
+max_length = 16
+[data]
+shots_per_class = 4
+eval_per_class = 5
+[zo]
+steps = 3
+batch_size = 8
+directions = 2
+[run]
+timeout_s = 600
+output_dir = "{out}"
+[[disclosure]]
+value = "embedding_table"
+to = ["data_owner"]
+[[disclosure]]
+value = "eval_accuracy"
+to = ["data_owner", "model_owner"]
+[[disclosure]]
+value = "train_loss"
+to = ["data_owner"]
+[[disclosure]]
+value = "final_parameters"
+to = ["data_owner"]
+"""
+
+
+@pytest.fixture(scope="session")
+def tiny_tok_dir(tmp_path_factory) -> Path:
+    return save_tiny_with_tokenizer(tmp_path_factory.mktemp("tiny") / "tiny-bert-tok")
+
+
+def write_tiny_job(tmp_path: Path, model_dir: Path, extra: str = "") -> Path:
+    p = tmp_path / "job.toml"
+    p.write_text(TINY_JOB.format(path=model_dir, out=tmp_path / "runs") + extra)
+    return p

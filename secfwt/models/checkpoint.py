@@ -37,8 +37,18 @@ def resolve_model_path(path: str) -> Path:
     return p
 
 
+def _quiet_transformers() -> None:
+    """No per-file progress bars from transformers in party logs or CLI output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def _model_class(family: Family, head: Head):
     import transformers as tf
+
+    _quiet_transformers()
 
     table = {
         (Family.BERT, Head.BASE): tf.BertModel,

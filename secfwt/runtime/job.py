@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -20,12 +19,13 @@ import torch
 
 from secfwt.config import JobConfig, Mode
 from secfwt.errors import ConfigError
-from secfwt.models.encoder import SOFT_PROMPT, EncoderModel, ForwardSettings
+from secfwt.models.encoder import EncoderModel, ForwardSettings
 from secfwt.models.spec import EmbeddingMode, ModelSpec, Pooling
 from secfwt.mpc.attention import RFASettings
 from secfwt.mpc.disclosure import Revealable
 from secfwt.mpc.launcher import PartyContext
-from secfwt.roles import COMPUTING_ROLES, Role
+from secfwt.roles import Role
+from secfwt.runtime.forward import CachedForward, batch_indices, prefix
 from secfwt.runtime.inputs import disclose_table, share_word_embeddings, table_name
 from secfwt.runtime.session import PartySession
 from secfwt.tuning.spsa import SPSASettings, directions, spsa_step
@@ -126,28 +126,36 @@ def run_job_party(ctx: PartyContext, payload: dict[str, Any]) -> dict[str, Any]:
         e = min(n, s + bs)
         ids = None if data is None else data.input_ids[s:e]
         word = share_word_embeddings(sess, spec, mode=cfg.model.embedding, input_ids=ids, shape=(e - s, t), secret_table=secret_table, plain_table=plain_table)
-        chunks.append(_prefix(frozen_model, word, mask[s:e], None if pool_w is None else pool_w[s:e], cut=cut, spec=spec, trainable=trainable))
+        chunks.append(prefix(frozen_model, word, mask[s:e], None if pool_w is None else pool_w[s:e], cut=cut))
         progress(kind="prefix", done=e, total=n, elapsed=time.perf_counter() - t_prefix)
     from secfwt.crypten_compat import crypten
 
     cache = chunks[0] if len(chunks) == 1 else crypten.cat(chunks, dim=0)
     prefix_s = time.perf_counter() - t_prefix
 
-    runner = _Runner(sess=sess, spec=spec, frozen=frozen, settings=settings, cache=cache, mask=mask, pool_w=pool_w, onehot=onehot, cut=cut, prompt_layer=(cfg.cma.prompt_layer if cfg.job.mode is Mode.CMA else cfg.zo.prompt_layer))
+    runner = CachedForward(ops=sess.ops, public=sess.public, spec=spec, frozen=frozen, settings=settings, cache=cache, mask=mask, pool_w=pool_w, onehot=onehot, cut=cut, prompt_layer=(cfg.cma.prompt_layer if cfg.job.mode is Mode.CMA else cfg.zo.prompt_layer))
     n_train = facts["n_train"]
     eval_idx = list(range(n_train, n))
-    acc_before = runner.accuracy(theta, eval_idx, batch=bs, prompt=None, note="before tuning")
+    local: dict[str, torch.Tensor] = {}
+
+    def accuracy(theta: dict[str, Any], prompt: Any, note: str) -> float | None:
+        count = runner.correct_count(theta, eval_idx, batch=bs, prompt=prompt)
+        to = sess.discloser.terms.recipients(Revealable.EVAL_ACCURACY)
+        revealed = sess.discloser.reveal(count, value=Revealable.EVAL_ACCURACY, to=to, note=note)
+        return None if revealed is None else float(revealed) / len(eval_idx)
+
+    acc_before = accuracy(theta, None, "before tuning")
     progress(kind="eval", when="before", accuracy=acc_before)
 
     if cfg.job.mode is Mode.ZO:
-        theta, history = _tune_zo(cfg, runner, theta, trainable, seed=seed, n_train=n_train, progress=progress)
+        theta, history = _tune_zo(cfg, runner, sess, theta, trainable, seed=seed, n_train=n_train, progress=progress)
         prompt = None
     else:
-        theta, prompt, history = _tune_cma(cfg, runner, spec, seed=seed, n_train=n_train, progress=progress, plain_table=plain_table, labels=None if data is None else data.labels)
-    acc_after = runner.accuracy(theta, eval_idx, batch=bs, prompt=prompt, note="after tuning")
+        theta, prompt, history = _tune_cma(cfg, runner, sess, spec, seed=seed, n_train=n_train, progress=progress, plain_table=plain_table, labels=None if data is None else data.labels, local=local)
+    acc_after = accuracy(theta, prompt, "after tuning")
     progress(kind="eval", when="after", accuracy=acc_after)
 
-    artifacts = _deliver(sess, cfg, theta, runner.local_artifacts, out_dir)
+    artifacts = _deliver(sess, cfg, theta, local, out_dir)
     return {
         "accuracy_before": acc_before,
         "accuracy_after": acc_after,
@@ -155,6 +163,7 @@ def run_job_party(ctx: PartyContext, payload: dict[str, Any]) -> dict[str, Any]:
         "history": history,
         "trainable": {"names": list(trainable.names), "numel": trainable.numel},
         "cut_layer": cut,
+        "joint_seed": seed,
         "prefix_s": prefix_s,
         "party_wall_s": time.perf_counter() - t_start,
         "artifacts": artifacts,
@@ -178,109 +187,26 @@ def _trainable(cfg: JobConfig, spec: ModelSpec) -> TrainableSet:
     return select_trainable(spec, patterns=z.trainable, lora_modules=z.lora_modules, lora_rank=z.lora_rank, soft_prompt_length=z.soft_prompt_length, prompt_layer=z.prompt_layer, max_tokens=spec.max_tokens)
 
 
-def _prefix(model: EncoderModel, word: Any, mask: Any, pool_w: Any, *, cut: int, spec: ModelSpec, trainable: TrainableSet) -> Any:
-    """The frozen computation below layer ``cut`` for one chunk of sequences."""
-    if cut == 0:
-        return word  # embeddings are recomputed per step (the prompt enters before them)
-    h = model.layers(model.embed(word), mask, stop=cut)
-    if cut < spec.num_layers:
-        return h
-    return model.pool(h, pool_w)  # only the head trains: cache pooled features (N, H)
-
-
-class _Runner:
-    """Forward from the cached prefix with given trainable values (plain dict of shares)."""
-
-    def __init__(self, *, sess: PartySession, spec: ModelSpec, frozen: dict[str, Any], settings: ForwardSettings, cache: Any, mask: Any, pool_w: Any, onehot: Any, cut: int, prompt_layer: int) -> None:
-        self.sess, self.spec, self.frozen, self.settings = sess, spec, frozen, settings
-        self.cache, self.mask, self.pool_w, self.onehot = cache, mask, pool_w, onehot
-        self.cut, self.prompt_layer = cut, prompt_layer
-        self.local_artifacts: dict[str, torch.Tensor] = {}
-
-    def logits(self, theta: dict[str, Any], idx: list[int], *, prompt: Any = None) -> Any:
-        params = {**self.frozen, **theta}
-        model = EncoderModel(self.spec, params, self.sess.ops, self.settings)
-        ix = torch.tensor(idx)
-        x = self.cache[ix]
-        if self.cut == self.spec.num_layers:
-            return model.classify(x)
-        mask = self.mask[ix]
-        pool_w = None if self.pool_w is None else self.pool_w[ix]
-        prompt = theta.get(SOFT_PROMPT, prompt)
-        if prompt is None:
-            h = model.embed(x) if self.cut == 0 else x
-            h = model.layers(h, mask, start=self.cut)
-            return model.output(h, pool_w)
-        ones = self.sess.public(torch.ones(len(idx), prompt.shape[-2]))
-        zeros = self.sess.public(torch.zeros(len(idx), prompt.shape[-2]))
-        if self.cut == 0 and self.prompt_layer == 0:
-            h, mask2 = model.insert_prompt(x, mask, prompt, ones)
-            h = model.embed(h)
-            start = 0
-        else:
-            h = model.embed(x) if self.cut == 0 else x
-            h = model.layers(h, mask, start=self.cut, stop=self.prompt_layer)
-            h, mask2 = model.insert_prompt(h, mask, prompt, ones)
-            start = self.prompt_layer
-        if pool_w is not None:
-            pool_w = self.sess.ops.cat([pool_w[:, :1], zeros, pool_w[:, 1:]], dim=1)
-        h = model.layers(h, mask2, start=start)
-        return model.output(h, pool_w)
-
-    def loss(self, theta: dict[str, Any], idx: list[int], *, prompt: Any = None) -> Any:
-        logits = self.logits(theta, idx, prompt=prompt)
-        return self.sess.ops.log_softmax_nll(logits, self.onehot[torch.tensor(idx)]).mean()
-
-    def correct(self, logits: Any, idx: list[int]) -> Any:
-        """Secret count of correct argmax predictions (ties -> lowest class, like torch.argmax)."""
-        y = self.onehot[torch.tensor(idx)]
-        if logits.shape[-1] == 2:
-            pred1 = (logits[:, 1] - logits[:, 0]).gt(0)  # (B,)
-            return (y[:, 1] * pred1 + y[:, 0] * (1 - pred1)).sum()
-        return (logits.argmax(dim=-1, one_hot=True) * y).sum()
-
-    def accuracy(self, theta: dict[str, Any], idx: list[int], *, batch: int, prompt: Any, note: str) -> float | None:
-        total = None
-        for s in range(0, len(idx), batch):
-            part = idx[s : s + batch]
-            c = self.correct(self.logits(theta, part, prompt=prompt), part)
-            total = c if total is None else total + c
-        to = self.sess.discloser.terms.recipients(Revealable.EVAL_ACCURACY)
-        count = self.sess.discloser.reveal(total, value=Revealable.EVAL_ACCURACY, to=to, note=note)
-        return None if count is None else float(count) / len(idx)
-
-
-def _batches(*, seed: int, n_train: int, batch: int, step: int) -> list[int]:
-    """Public minibatch schedule (indices only, no content): a fresh permutation per epoch."""
-    per_epoch = max(1, n_train // batch) if batch < n_train else 1
-    epoch, k = divmod(step, per_epoch)
-    g = torch.Generator().manual_seed((seed + 7919 * epoch) % (2**63))
-    perm = torch.randperm(n_train, generator=g).tolist()
-    if batch >= n_train:
-        return perm
-    return perm[k * batch : (k + 1) * batch]
-
-
-def _tune_zo(cfg: JobConfig, runner: _Runner, theta: dict[str, Any], trainable: TrainableSet, *, seed: int, n_train: int, progress: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _tune_zo(cfg: JobConfig, runner: CachedForward, sess: PartySession, theta: dict[str, Any], trainable: TrainableSet, *, seed: int, n_train: int, progress: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     z = cfg.zo
     settings = SPSASettings(lr=z.lr, eps=z.eps, directions=z.directions)
-    loss_to = runner.sess.discloser.terms.recipients(Revealable.TRAIN_LOSS)
+    loss_to = sess.discloser.terms.recipients(Revealable.TRAIN_LOSS)
     history = []
     t0 = time.perf_counter()
     for step in range(z.steps):
-        idx = _batches(seed=seed, n_train=n_train, batch=z.batch_size, step=step)
+        idx = batch_indices(seed=seed, n_train=n_train, batch=z.batch_size, step=step)
         us = directions(seed=seed, step=step, shapes=trainable.shapes, count=z.directions)
-        theta, _gs, mean_loss = spsa_step(lambda p: runner.loss(p, idx), theta, us=us, settings=settings)
+        theta, _gs, mean_loss = spsa_step(lambda ps: runner.losses(ps, idx), theta, us=us, settings=settings)
         loss = None
         if loss_to:
-            v = runner.sess.discloser.reveal(mean_loss, value=Revealable.TRAIN_LOSS, to=loss_to, note=f"step {step}")
+            v = sess.discloser.reveal(mean_loss, value=Revealable.TRAIN_LOSS, to=loss_to, note=f"step {step}")
             loss = None if v is None else float(v)
         history.append({"step": step + 1, "loss": loss})
         progress(kind="step", step=step + 1, total=z.steps, loss=loss, elapsed=time.perf_counter() - t0)
     return theta, history
 
 
-def _tune_cma(cfg: JobConfig, runner: _Runner, spec: ModelSpec, *, seed: int, n_train: int, progress: Any, plain_table: torch.Tensor | None, labels: torch.Tensor | None) -> tuple[dict[str, Any], Any, list[dict[str, Any]]]:
+def _tune_cma(cfg: JobConfig, runner: CachedForward, sess: PartySession, spec: ModelSpec, *, seed: int, n_train: int, progress: Any, plain_table: torch.Tensor | None, labels: torch.Tensor | None, local: dict[str, torch.Tensor]) -> tuple[dict[str, Any], Any, list[dict[str, Any]]]:
     """SecFwT: the data owner proposes prompts, the MPC forward scores them, the data owner learns.
 
     Per iteration, every candidate prompt runs on the same public minibatch in one batched
@@ -290,7 +216,6 @@ def _tune_cma(cfg: JobConfig, runner: _Runner, spec: ModelSpec, *, seed: int, n_
     from secfwt.tuning.cma import CMASettings, PromptSearch
 
     c = cfg.cma
-    sess = runner.sess
     search = None
     if sess.role is Role.DATA_OWNER:
         emb_std = float(plain_table.std()) if plain_table is not None else 0.05
@@ -302,7 +227,7 @@ def _tune_cma(cfg: JobConfig, runner: _Runner, spec: ModelSpec, *, seed: int, n_
     history = []
     t0 = time.perf_counter()
     for it in range(c.iterations):
-        idx = _batches(seed=seed, n_train=n_train, batch=c.batch_size, step=it)
+        idx = batch_indices(seed=seed, n_train=n_train, batch=c.batch_size, step=it)
         b = len(idx)
         cands = search.ask() if search is not None else None  # (pop, P, H), data owner only
         per_row = None if cands is None else cands.repeat_interleave(b, dim=0)  # (pop * b, P, H)
@@ -322,14 +247,8 @@ def _tune_cma(cfg: JobConfig, runner: _Runner, spec: ModelSpec, *, seed: int, n_
     final = search.mean_prompt if search is not None else None
     prompt = sess.share(final, owner=Role.DATA_OWNER, shape=shape[1:], name="final prompt")
     if search is not None:
-        runner.local_artifacts["prompt"] = final
+        local["prompt"] = final
     return {}, prompt, history
-
-
-def _repeat(x: Any, times: int) -> Any:
-    from secfwt.crypten_compat import crypten
-
-    return crypten.stack([x] * times, dim=0)
 
 
 def _deliver(sess: PartySession, cfg: JobConfig, theta: dict[str, Any], local: dict[str, torch.Tensor], out_dir: Path) -> dict[str, str]:

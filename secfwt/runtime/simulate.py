@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from secfwt.config import JobConfig, Mode, ProviderName
+from secfwt.config import JobConfig, ProviderName
 from secfwt.crypten_compat import Provider
 from secfwt.errors import ConfigError
 from secfwt.models.checkpoint import resolve_model_path
@@ -68,6 +68,7 @@ def run_simulation(cfg: JobConfig, *, insecure_dev: bool = False, on_progress: C
         "wall_s": wall,
         "frozen_prefix_s": do["prefix_s"],
         "cut_layer": do["cut_layer"],
+        "joint_seed": do["joint_seed"],
         "trainable": do["trainable"],
         "loss_history": [h["loss"] for h in do["history"]],
         "disclosure_terms": cfg.terms.to_list(),

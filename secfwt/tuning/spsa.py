@@ -35,22 +35,25 @@ def directions(*, seed: int, step: int, shapes: tuple[tuple[str, tuple[int, ...]
 
 
 def spsa_step(
-    loss: Callable[[Params], Any],
+    losses: Callable[[list[Params]], list[Any]],
     params: Params,
     *,
     us: list[dict[str, torch.Tensor]],
     settings: SPSASettings,
     cast: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
 ) -> tuple[dict[str, Any], list[Any], Any]:
-    """One SPSA step. Returns (new params, projected gradients g_i, mean of L(theta + eps u))."""
+    """One SPSA step. Returns (new params, projected gradients g_i, mean of L(theta + eps u_i)).
+
+    ``losses`` evaluates a list of parameter sets at once (in MPC all 2q evaluations then share
+    their communication rounds).
+    """
     eps, lr, q = settings.eps, settings.lr, len(us)
-    gs, plus_losses = [], []
+    variants: list[Params] = []
     for u in us:
-        plus = {n: params[n] + cast(u[n]) * eps for n in params}
-        minus = {n: params[n] - cast(u[n]) * eps for n in params}
-        l_plus, l_minus = loss(plus), loss(minus)
-        gs.append((l_plus - l_minus) * (1.0 / (2 * eps)))
-        plus_losses.append(l_plus)
+        variants.append({n: params[n] + cast(u[n]) * eps for n in params})
+        variants.append({n: params[n] - cast(u[n]) * eps for n in params})
+    values = losses(variants)
+    gs = [(values[2 * i] - values[2 * i + 1]) * (1.0 / (2 * eps)) for i in range(q)]
     new = {}
     for n in params:
         upd = None
@@ -58,7 +61,7 @@ def spsa_step(
             term = g * cast(u[n])  # secret scalar x public direction: local in MPC
             upd = term if upd is None else upd + term
         new[n] = params[n] - upd * (lr / q)
-    mean_plus = plus_losses[0]
-    for x in plus_losses[1:]:
-        mean_plus = mean_plus + x
+    mean_plus = values[0]
+    for i in range(1, q):
+        mean_plus = mean_plus + values[2 * i]
     return new, gs, mean_plus * (1.0 / q)

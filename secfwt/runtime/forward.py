@@ -1,0 +1,129 @@
+"""Forward passes from a cached frozen prefix, on either backend (plaintext or MPC).
+
+When only upper layers (and the head) train, everything below the first trainable value is
+computed once per example and kept (as shares in MPC); each tuning step then costs only the
+upper part (DESIGN.md). The same class runs the plaintext reference of a job.
+"""
+
+from __future__ import annotations
+
+
+from typing import Any, Callable
+
+import torch
+
+from secfwt.models.encoder import SOFT_PROMPT, EncoderModel, ForwardSettings
+from secfwt.models.ops import Ops
+from secfwt.models.spec import ModelSpec
+from secfwt.tuning.trainable import TrainableSet
+
+
+def prefix(model: EncoderModel, word: Any, mask: Any, pool_w: Any, *, cut: int) -> Any:
+    """The frozen computation below layer ``cut`` for one chunk of sequences."""
+    if cut == 0:
+        return word  # embeddings are recomputed per step (a prompt may enter before them)
+    h = model.layers(model.embed(word), mask, stop=cut)
+    if cut < model.spec.num_layers:
+        return h
+    return model.pool(h, pool_w)  # only the head trains: cache pooled features (N, H)
+
+
+def cut_layer(spec: ModelSpec, trainable: TrainableSet) -> int:
+    return trainable.first_layer(spec)
+
+
+class CachedForward:
+    """Logits, loss and accuracy for rows of the cache, with given trainable values."""
+
+    def __init__(
+        self,
+        *,
+        ops: Ops,
+        public: Callable[[torch.Tensor], Any],
+        spec: ModelSpec,
+        frozen: dict[str, Any],
+        settings: ForwardSettings,
+        cache: Any,
+        mask: Any,
+        pool_w: Any,
+        onehot: Any,
+        cut: int,
+        prompt_layer: int,
+    ) -> None:
+        self.ops, self.public, self.spec, self.frozen, self.settings = ops, public, spec, frozen, settings
+        self.cache, self.mask, self.pool_w, self.onehot = cache, mask, pool_w, onehot
+        self.cut, self.prompt_layer = cut, prompt_layer
+
+    def logits(self, theta: dict[str, Any], idx: list[int], *, prompt: Any = None) -> Any:
+        model = EncoderModel(self.spec, {**self.frozen, **theta}, self.ops, self.settings)
+        ix = torch.tensor(idx)
+        x = self.cache[ix]
+        if self.cut == self.spec.num_layers:
+            return model.classify(x)
+        mask = self.mask[ix]
+        pool_w = None if self.pool_w is None else self.pool_w[ix]
+        prompt = theta.get(SOFT_PROMPT, prompt)
+        if prompt is None:
+            h = model.embed(x) if self.cut == 0 else x
+            return model.output(model.layers(h, mask, start=self.cut), pool_w)
+        p = prompt.shape[-2]
+        ones, zeros = self.public(torch.ones(len(idx), p)), self.public(torch.zeros(len(idx), p))
+        if self.cut == 0 and self.prompt_layer == 0:
+            h, mask2 = model.insert_prompt(x, mask, prompt, ones)  # in word-embedding space
+            h, start = model.embed(h), 0
+        else:
+            h = model.embed(x) if self.cut == 0 else x
+            h = model.layers(h, mask, start=self.cut, stop=self.prompt_layer)
+            h, mask2 = model.insert_prompt(h, mask, prompt, ones)
+            start = self.prompt_layer
+        if pool_w is not None:
+            pool_w = self.ops.cat([pool_w[:, :1], zeros, pool_w[:, 1:]], dim=1)  # prompts are not pooled
+        return model.output(model.layers(h, mask2, start=start), pool_w)
+
+    def loss(self, theta: dict[str, Any], idx: list[int], *, prompt: Any = None) -> Any:
+        """Mean cross-entropy over the rows ``idx`` (secret in MPC)."""
+        logits = self.logits(theta, idx, prompt=prompt)
+        return self.ops.log_softmax_nll(logits, self.onehot[torch.tensor(idx)]).mean()
+
+    def losses(self, thetas: list[dict[str, Any]], idx: list[int]) -> list[Any]:
+        """Mean cross-entropy for several parameter sets on the same rows, in one batched loss."""
+        logits = [self.logits(theta, idx) for theta in thetas]  # k x (B, C)
+        b = len(idx)
+        y = self.onehot[torch.tensor(idx * len(thetas))]
+        nll = self.ops.log_softmax_nll(self.ops.cat(logits, dim=0), y)  # (k * B,)
+        per = nll.reshape(len(thetas), b).mean(1)  # (k,)
+        return [per[i] for i in range(len(thetas))]
+
+    def correct(self, logits: Any, idx: list[int]) -> Any:
+        """Count of correct argmax predictions (ties -> lowest class, as torch.argmax)."""
+        y = self.onehot[torch.tensor(idx)]
+        if logits.shape[-1] == 2:
+            pred1 = (logits[:, 1] - logits[:, 0]).gt(0) * 1.0  # (B,)
+            return (y[:, 1] * pred1 + y[:, 0] * (1.0 - pred1)).sum()
+        if self.ops.secure:
+            return (logits.argmax(dim=-1, one_hot=True) * y).sum()
+        return (torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]) * y).sum()
+
+    def correct_count(self, theta: dict[str, Any], idx: list[int], *, batch: int, prompt: Any) -> Any:
+        total = None
+        for s in range(0, len(idx), batch):
+            part = idx[s : s + batch]
+            c = self.correct(self.logits(theta, part, prompt=prompt), part)
+            total = c if total is None else total + c
+        return total
+
+
+def batch_indices(*, seed: int, n_train: int, batch: int, step: int) -> list[int]:
+    """Public minibatch schedule (row indices only, never content): a fresh permutation per epoch."""
+    if batch >= n_train:
+        g = torch.Generator().manual_seed(seed % (2**63))
+        return torch.randperm(n_train, generator=g).tolist()
+    per_epoch = n_train // batch
+    epoch, k = divmod(step, per_epoch)
+    g = torch.Generator().manual_seed((seed + 7919 * epoch) % (2**63))
+    return torch.randperm(n_train, generator=g).tolist()[k * batch : (k + 1) * batch]
+
+
+
+
+

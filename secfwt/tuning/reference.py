@@ -1,0 +1,52 @@
+"""Plaintext reference of a ZO job: the same tuner, schedule and directions, in float64 torch.
+
+Given the joint seed of an MPC run, :func:`plain_zo_run` replays the job as if one party held
+both model and data; the MPC run must track it step for step within fixed-point error
+(tests/runtime/test_zo_tracking.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from secfwt.config import JobConfig
+from secfwt.models.encoder import EncoderModel, plain_params
+from secfwt.models.ops import PlainOps
+from secfwt.models.spec import ModelSpec, Pooling
+from secfwt.runtime.forward import CachedForward, batch_indices, prefix
+from secfwt.runtime.job import DataOwnerInputs, _trainable, forward_settings
+from secfwt.tuning.spsa import SPSASettings, directions, spsa_step
+from secfwt.tuning.trainable import init_new_parameters
+
+
+def plain_zo_run(cfg: JobConfig, *, spec: ModelSpec, state: dict[str, torch.Tensor], data: DataOwnerInputs, seed: int) -> dict[str, Any]:
+    ops = PlainOps()
+    settings = forward_settings(cfg, seed=cfg.job.seed)
+    trainable = _trainable(cfg, spec)
+    init = {**{n: state[n] for n in trainable.names if n in state}, **init_new_parameters(spec, state, trainable, seed=cfg.job.seed)}
+    theta = {n: init[n].to(torch.float64) for n in trainable.names}
+    frozen = {k: v for k, v in plain_params(state).items() if k not in trainable.names}
+    params = plain_params(state)
+    mask = data.attention_mask.to(torch.float64)
+    pool_w = mask / mask.sum(1, keepdim=True).clamp(min=1) if cfg.model.pooling is Pooling.MEAN else None
+    onehot = torch.nn.functional.one_hot(data.labels, data.num_labels).to(torch.float64)
+    word = params[spec.prefix + "embeddings.word_embeddings.weight"][data.input_ids]
+    cut = trainable.first_layer(spec)
+    cache = prefix(EncoderModel(spec, frozen, ops, settings), word, mask, pool_w, cut=cut)
+    runner = CachedForward(ops=ops, public=lambda t: t.to(torch.float64), spec=spec, frozen=frozen, settings=settings, cache=cache, mask=mask, pool_w=pool_w, onehot=onehot, cut=cut, prompt_layer=cfg.zo.prompt_layer)
+    z = cfg.zo
+    n, n_train = data.input_ids.shape[0], data.n_train
+    eval_idx = list(range(n_train, n))
+    acc_before = float(runner.correct_count(theta, eval_idx, batch=n, prompt=None)) / len(eval_idx)
+    losses, gs_all = [], []
+    s = SPSASettings(lr=z.lr, eps=z.eps, directions=z.directions)
+    for step in range(z.steps):
+        idx = batch_indices(seed=seed, n_train=n_train, batch=z.batch_size, step=step)
+        us = directions(seed=seed, step=step, shapes=trainable.shapes, count=z.directions)
+        theta, gs, mean_loss = spsa_step(lambda ps: runner.losses(ps, idx), theta, us=us, settings=s, cast=lambda t: t.to(torch.float64))
+        losses.append(float(mean_loss))
+        gs_all.append([float(g) for g in gs])
+    acc_after = float(runner.correct_count(theta, eval_idx, batch=n, prompt=None)) / len(eval_idx)
+    return {"theta": theta, "losses": losses, "gs": gs_all, "accuracy_before": acc_before, "accuracy_after": acc_after}
