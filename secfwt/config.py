@@ -64,7 +64,7 @@ class DataSection:
     label_column: str = "label"
     labels: tuple[str, ...] = ()
     shots_per_class: int = 16
-    eval_per_class: int = 50
+    eval_per_class: int = 30
     truncate: bool = True
 
 
@@ -77,11 +77,11 @@ class ZOSection:
     lora_rank: int = 4
     soft_prompt_length: int = 0
     prompt_layer: int = 0
-    steps: int = 200
-    lr: float = 0.5
+    steps: int = 100
+    lr: float = 0.3
     eps: float = 0.05
     batch_size: int = 32
-    directions: int = 4
+    directions: int = 64
 
 
 @dataclasses.dataclass(frozen=True)

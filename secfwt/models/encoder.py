@@ -49,10 +49,11 @@ class EncoderModel:
     # -- building blocks -------------------------------------------------------------------
     def linear(self, x: Tensor, module: str) -> Tensor:
         """x @ W^T + b for the Hugging Face module ``module``, plus its LoRA update if present."""
-        y = x.matmul(self.p[f"{module}.weight"].t())
+        w = self.p[f"{module}.weight"]  # (out, in), or (k, out, in) for k stacked variants
+        y = x.matmul(w.transpose(-1, -2))
         b = self.p.get(f"{module}.bias")
         if b is not None:
-            y = y + b
+            y = y + (b.unsqueeze(-2) if b.dim() > 1 else b)  # stacked biases (k, out) -> (k, 1, out)
         a_name, b_name = f"{module}.{LORA_A}", f"{module}.{LORA_B}"
         if a_name in self.p:
             y = y + x.matmul(self.p[a_name].t()).matmul(self.p[b_name].t()) * self.settings.lora_scale

@@ -53,6 +53,9 @@ class Ops(abc.ABC):
     def cat(self, xs: Sequence[Tensor], *, dim: int) -> Tensor: ...
 
     @abc.abstractmethod
+    def stack(self, xs: Sequence[Tensor], *, dim: int) -> Tensor: ...
+
+    @abc.abstractmethod
     def log_softmax_nll(self, logits: Tensor, onehot: Tensor) -> Tensor:
         """Per-example cross-entropy ``-sum(onehot * log_softmax(logits))``, shape (B,)."""
 
@@ -100,6 +103,9 @@ class PlainOps(Ops):
     def cat(self, xs, *, dim):
         return torch.cat(list(xs), dim=dim)
 
+    def stack(self, xs, *, dim):
+        return torch.stack(list(xs), dim=dim)
+
     def log_softmax_nll(self, logits, onehot):
         return -(torch.log_softmax(logits, dim=-1) * onehot).sum(-1)
 
@@ -146,6 +152,11 @@ class SecureOps(Ops):
         from secfwt.crypten_compat import crypten
 
         return crypten.cat(list(xs), dim=dim)
+
+    def stack(self, xs, *, dim):
+        from secfwt.crypten_compat import crypten
+
+        return crypten.stack(list(xs), dim=dim)
 
     def log_softmax_nll(self, logits, onehot):
         from secfwt.mpc.classification import cross_entropy

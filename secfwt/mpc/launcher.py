@@ -76,6 +76,11 @@ def _child_main(
     logging.basicConfig(level=log_level, format=f"%(asctime)s {role.value:<11} %(levelname)s %(name)s: %(message)s")
     t0 = time.perf_counter()
     try:
+        import torch
+
+        # Three party processes share the machine's cores; one intra-op thread each avoids
+        # threads waiting on each other (measured 5-7x faster whole functions on 2 cores).
+        torch.set_num_threads(1)
         from secfwt import crypten_compat
 
         crypten_compat.init_party(

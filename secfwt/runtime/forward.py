@@ -87,12 +87,20 @@ class CachedForward:
 
     def losses(self, thetas: list[dict[str, Any]], idx: list[int]) -> list[Any]:
         """Mean cross-entropy for several parameter sets on the same rows, in one batched loss."""
-        logits = [self.logits(theta, idx) for theta in thetas]  # k x (B, C)
-        b = len(idx)
-        y = self.onehot[torch.tensor(idx * len(thetas))]
-        nll = self.ops.log_softmax_nll(self.ops.cat(logits, dim=0), y)  # (k * B,)
-        per = nll.reshape(len(thetas), b).mean(1)  # (k,)
-        return [per[i] for i in range(len(thetas))]
+        k, b = len(thetas), len(idx)
+        if self.cut == self.spec.num_layers:
+            # Only the head trains: evaluate all k variants in one batched forward by stacking
+            # their parameters, (k, out, in) weights against the cached (B, H) features.
+            stacked = {n: self.ops.stack([t[n] for t in thetas], dim=0) for n in thetas[0]}
+            model = EncoderModel(self.spec, {**self.frozen, **stacked}, self.ops, self.settings)
+            logits = model.classify(self.cache[torch.tensor(idx)])  # (k, B, C)
+            flat = logits.reshape(k * b, logits.shape[-1])
+        else:
+            flat = self.ops.cat([self.logits(theta, idx) for theta in thetas], dim=0)  # (k * B, C)
+        y = self.onehot[torch.tensor(idx * k)]
+        nll = self.ops.log_softmax_nll(flat, y)  # (k * B,)
+        per = nll.reshape(k, b).mean(1)  # (k,)
+        return [per[i] for i in range(k)]
 
     def correct(self, logits: Any, idx: list[int]) -> Any:
         """Count of correct argmax predictions (ties -> lowest class, as torch.argmax)."""
