@@ -1,8 +1,14 @@
-"""Progress display for long jobs (rich), fed by the parties' progress messages."""
+"""Progress display for long jobs, fed by the parties' progress messages.
+
+On a terminal: rich progress bars (frozen-encoder pass, tuning steps with loss where the terms
+reveal it, elapsed time and ETA). Elsewhere (CI logs, pipes): one plain line per phase and
+roughly every 10% of a pass, so a log shows that a long job is alive.
+"""
 
 from __future__ import annotations
 
 import sys
+import time
 from typing import Any
 
 from rich.console import Console
@@ -12,9 +18,9 @@ from secfwt.roles import Role
 
 
 class ProgressView:
-    """Shows the frozen-prefix pass and tuning steps with loss (when the terms reveal it) and ETA."""
-
     def __init__(self) -> None:
+        self._console = Console(file=sys.stderr)
+        self._live = self._console.is_terminal
         self._progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -23,10 +29,12 @@ class ProgressView:
             TimeElapsedColumn(),
             TextColumn("ETA"),
             TimeRemainingColumn(),
-            console=Console(file=sys.stderr),
-            transient=False,
+            console=self._console,
+            disable=not self._live,
         )
         self._tasks: dict[str, Any] = {}
+        self._last_line: dict[str, int] = {}
+        self._t0 = time.monotonic()
 
     def __enter__(self) -> "ProgressView":
         self._progress.__enter__()
@@ -35,10 +43,19 @@ class ProgressView:
     def __exit__(self, *exc: Any) -> None:
         self._progress.__exit__(*exc)
 
-    def _task(self, key: str, description: str, total: int) -> Any:
-        if key not in self._tasks:
-            self._tasks[key] = self._progress.add_task(description, total=total, info="")
-        return self._tasks[key]
+    def _print(self, text: str) -> None:
+        self._console.print(f"[{time.monotonic() - self._t0:6.0f} s] {text}", highlight=False)
+
+    def _advance(self, key: str, description: str, done: int, total: int, info: str) -> None:
+        if self._live:
+            if key not in self._tasks:
+                self._tasks[key] = self._progress.add_task(description, total=total, info="")
+            self._progress.update(self._tasks[key], completed=done, info=info)
+            return
+        tenth = (10 * done) // max(total, 1)
+        if tenth != self._last_line.get(key, -1) or done == total:
+            self._last_line[key] = tenth
+            self._print(f"{description.strip()}: {done}/{total} {info}".rstrip())
 
     def update(self, role: Role, msg: dict[str, Any]) -> None:
         # The data owner sees everything the model owner sees and more (loss), so show its view.
@@ -46,14 +63,12 @@ class ProgressView:
             return
         kind = msg.get("kind")
         if kind == "phase":
-            self._progress.console.print(f"[dim]{msg['phase']}[/dim]")
+            self._print(msg["phase"])
         elif kind == "prefix":
-            t = self._task("prefix", "frozen encoder (MPC)", msg["total"])
-            self._progress.update(t, completed=msg["done"])
+            self._advance("prefix", "frozen encoder (MPC), sequences", msg["done"], msg["total"], "")
         elif kind == "step":
-            t = self._task("steps", "tuning steps       ", msg["total"])
             loss = msg.get("loss")
-            self._progress.update(t, completed=msg["step"], info="" if loss is None else f"loss {loss:.4f}")
+            self._advance("steps", "tuning steps                  ", msg["step"], msg["total"], "" if loss is None else f"loss {loss:.4f}")
         elif kind == "eval":
             acc = msg.get("accuracy")
-            self._progress.console.print(f"held-out accuracy {msg['when']} tuning: {'hidden by terms' if acc is None else f'{acc:.4f}'}")
+            self._print(f"held-out accuracy {msg['when']} tuning: {'hidden by the terms' if acc is None else f'{acc:.4f}'}")

@@ -53,7 +53,6 @@ def test_cli_exits_nonzero_when_tolerance_is_exceeded(tmp_path):
     assert report["passed"] is False and report["max_abs_err"] > 1e-9
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("attention", ["softmax", "rfa"])
 def test_packaged_minilm_at_128_tokens(tmp_path, attention):
     out = tmp_path / "r.json"
@@ -63,4 +62,8 @@ def test_packaged_minilm_at_128_tokens(tmp_path, attention):
     )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
+    # The bar for real checkpoints; measured about 2e-3 / 1.2e-4 (softmax) and
+    # 1.3e-3 / 1e-4 (rfa) on this machine.
     assert report["max_abs_err"] < 0.1 and report["mean_abs_err"] < 0.01
+    assert report["argmax_agreement"] > 0.99
+    assert report["input"] == "sample text" and report["seq_len"] == 128
