@@ -98,6 +98,13 @@ def load_checkpoint(model_dir: Path, *, head: Head, num_labels: int, seed: int) 
         raise ModelError(f"model.path: {model_dir} has config.json but no weights (*.safetensors or *.bin)")
     cls = _model_class(family, head)
     kwargs = {"num_labels": num_labels} if head is Head.SEQUENCE_CLASSIFICATION else {}
+    saved_labels = len(getattr(config, "id2label", None) or {}) or None
+    archs = getattr(config, "architectures", None) or []
+    if head is Head.SEQUENCE_CLASSIFICATION and any(a.endswith("ForSequenceClassification") for a in archs) and saved_labels not in (None, num_labels):
+        raise ModelError(
+            f"model.path: the checkpoint's classification head has {saved_labels} labels but the data has {num_labels}; "
+            "use data with the same label set (data.labels), or a checkpoint without a classification head"
+        )
     torch.manual_seed(seed)
     try:
         model = cls.from_pretrained(model_dir, local_files_only=True, attn_implementation="eager", **kwargs)

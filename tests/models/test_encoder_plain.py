@@ -78,3 +78,6 @@ def test_missing_or_unsupported_checkpoints_are_clear_errors(tmp_path):
         f.unlink()
     with pytest.raises(ModelError, match="no weights"):
         load_checkpoint(tmp_path / "noweights", head=Head.BASE, num_labels=2, seed=0)
+    cls_dir = save_random_checkpoint(tmp_path / "cls", family="bert", head="sequence_classification")
+    with pytest.raises(ModelError, match="head has 2 labels but the data has 3"):
+        load_checkpoint(cls_dir, head=Head.SEQUENCE_CLASSIFICATION, num_labels=3, seed=0)
