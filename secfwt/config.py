@@ -14,8 +14,9 @@ import importlib.resources
 import tomllib
 import types
 import typing
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from secfwt.data.datasets import DataSource
 from secfwt.errors import ConfigError
@@ -63,7 +64,7 @@ class DataSection:
     text_column: str = "text"
     label_column: str = "label"
     labels: tuple[str, ...] = ()
-    shots_per_class: int = 16
+    shots_per_class: int = 24
     eval_per_class: int = 30
     truncate: bool = True
 
@@ -78,9 +79,9 @@ class ZOSection:
     soft_prompt_length: int = 0
     prompt_layer: int = 0
     steps: int = 100
-    lr: float = 0.3
+    lr: float = 0.15
     eps: float = 0.05
-    batch_size: int = 32
+    batch_size: int = 48
     directions: int = 64
 
 
@@ -101,7 +102,7 @@ class CMASection:
 class RunSection:
     timeout_s: float = 1800.0
     output_dir: str = "secfwt-runs"
-    eval_batch: int = 64
+    eval_batch: int = 32
 
 
 @dataclasses.dataclass(frozen=True)

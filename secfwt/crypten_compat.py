@@ -61,9 +61,9 @@ def _install_onnx_stub() -> None:
 
 _install_onnx_stub()
 
-import crypten  # noqa: E402  (must follow the stub)
-import crypten.communicator as crypten_comm  # noqa: E402,F401
-import crypten.mpc  # noqa: E402,F401
+import crypten
+import crypten.communicator as crypten_comm  # noqa: F401
+import crypten.mpc
 
 # ----------------------------------------------------------------------------------------------
 # Adaptation 4: int64 ring matmul through float64 GEMMs (see module docstring).

@@ -17,14 +17,14 @@ class Role(enum.Enum):
         return _RANKS[self]
 
     @classmethod
-    def from_rank(cls, rank: int) -> "Role":
+    def from_rank(cls, rank: int) -> Role:
         for role, r in _RANKS.items():
             if r == rank:
                 return role
         raise ValueError(f"no role has rank {rank}")
 
     @classmethod
-    def parse(cls, text: str) -> "Role":
+    def parse(cls, text: str) -> Role:
         norm = text.strip().lower().replace("-", "_")
         for role in cls:
             if role.value == norm:

@@ -24,7 +24,7 @@ def save_random_checkpoint(path: Path, *, family: str, head: str, seed: int = 0,
     import transformers as tf
 
     torch.manual_seed(seed)
-    base = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=400, max_position_embeddings=80)
+    base = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128, "vocab_size": 400, "max_position_embeddings": 80}
     base.update(overrides)
     cfg_cls = tf.BertConfig if family == "bert" else tf.RobertaConfig
     config = cfg_cls(**base)

@@ -12,7 +12,7 @@ Decoder families (Llama: RMSNorm, gated SiLU MLP, rotary positions, causal masks
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -29,7 +29,7 @@ SOFT_PROMPT = "soft_prompt"
 @dataclasses.dataclass(frozen=True)
 class ForwardSettings:
     attention: Attention = Attention.SOFTMAX
-    rfa: RFASettings = RFASettings()
+    rfa: RFASettings = dataclasses.field(default_factory=RFASettings)
     pooling: Pooling = Pooling.CLS
     lora_scale: float = 1.0
 

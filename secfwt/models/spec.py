@@ -97,7 +97,7 @@ class ModelSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
+    def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
         d = dict(d)
         d["family"] = Family(d["family"])
         d["head"] = Head(d["head"])

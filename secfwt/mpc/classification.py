@@ -30,7 +30,7 @@ def tanh(x: Any) -> Any:
     return clip(x, -TANH_CLIP, TANH_CLIP).tanh()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _log_chebyshev(num_classes: int) -> tuple[float, ...]:
     """Chebyshev coefficients of log(s) for s in [1, C], in t = (2s - C - 1) / (C - 1) in [-1, 1].
 

@@ -18,8 +18,9 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
@@ -70,14 +71,14 @@ class DisclosureTerms:
     terms: tuple[DisclosureTerm, ...]
 
     @classmethod
-    def of(cls, pairs: Iterable[tuple[Revealable, Iterable[Role]]]) -> "DisclosureTerms":
+    def of(cls, pairs: Iterable[tuple[Revealable, Iterable[Role]]]) -> DisclosureTerms:
         merged: dict[Revealable, set[Role]] = {}
         for value, to in pairs:
             merged.setdefault(value, set()).update(to)
         return cls(tuple(DisclosureTerm(v, frozenset(r)) for v, r in sorted(merged.items(), key=lambda kv: kv[0].value)))
 
     @classmethod
-    def from_dict_list(cls, items: Iterable[dict[str, Any]]) -> "DisclosureTerms":
+    def from_dict_list(cls, items: Iterable[dict[str, Any]]) -> DisclosureTerms:
         return cls.of((Revealable(d["value"]), [Role.parse(r) for r in d["to"]]) for d in items)
 
     def allows(self, value: Revealable, to: Role) -> bool:

@@ -26,7 +26,8 @@ import tempfile
 import threading
 import time
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from secfwt.errors import PartyFailedError, ProtocolError, SecfwtError
 from secfwt.roles import COMPUTING_ROLES, Role
@@ -68,7 +69,7 @@ def _child_main(
     comm_stats: bool,
     target: Callable[[PartyContext, Any], Any] | None,
     payload: Any,
-    results: "mp.Queue[Any]",
+    results: mp.Queue[Any],
     parent_pid: int,
     log_level: int,
 ) -> None:
@@ -106,7 +107,7 @@ def _child_main(
         log.debug("party %s failed:\n%s", role.value, tb)
         try:
             results.put(("error", role, exc if isinstance(exc, SecfwtError) else None, str(exc) or type(exc).__name__, tb))
-        except Exception:  # unpicklable exception: send only the text
+        except Exception:  # noqa: BLE001  (any pickling failure: send only the text)
             results.put(("error", role, None, f"{type(exc).__name__}: {exc}", tb))
         results.close()
         results.join_thread()
@@ -117,11 +118,11 @@ def run_parties(
     target: Callable[[PartyContext, Any], Any],
     *,
     payloads: dict[Role, Any],
-    provider: "Any",
+    provider: Any,
     timeout_s: float,
     comm_stats: bool = True,
     on_message: Callable[[Role, Any], None] | None = None,
-    messages: "mp.Queue[Any] | None" = None,
+    messages: mp.Queue[Any] | None = None,
 ) -> dict[Role, PartyResult]:
     """Run ``target`` once per computing party in its own process, plus the dealer if needed.
 
@@ -135,7 +136,7 @@ def run_parties(
     from secfwt.crypten_compat import Provider
 
     ctx = mp.get_context("spawn")
-    results: "mp.Queue[Any]" = ctx.Queue()
+    results: mp.Queue[Any] = ctx.Queue()
     world_size = len(COMPUTING_ROLES)
     roles = list(COMPUTING_ROLES) + ([Role.DEALER] if provider is Provider.TTP else [])
     with tempfile.TemporaryDirectory(prefix="secfwt-rdv-") as tmp:
@@ -173,16 +174,16 @@ def run_parties(
                     p.join(timeout=5)
 
 
-def new_queue() -> "mp.Queue[Any]":
+def new_queue() -> mp.Queue[Any]:
     """A queue party processes can put progress messages on (spawn-compatible)."""
     return mp.get_context("spawn").Queue()
 
 
 def _collect(
     procs: dict[Role, mp.process.BaseProcess],
-    results: "mp.Queue[Any]",
+    results: mp.Queue[Any],
     timeout_s: float,
-    messages: "mp.Queue[Any] | None",
+    messages: mp.Queue[Any] | None,
     on_message: Callable[[Role, Any], None] | None,
 ) -> dict[Role, PartyResult]:
     deadline = time.monotonic() + timeout_s
@@ -225,7 +226,7 @@ def _collect(
     return done
 
 
-def _drain(messages: "mp.Queue[Any]", on_message: Callable[[Role, Any], None]) -> None:
+def _drain(messages: mp.Queue[Any], on_message: Callable[[Role, Any], None]) -> None:
     while True:
         try:
             role, msg = messages.get_nowait()

@@ -7,8 +7,8 @@ upper part (DESIGN.md). The same class runs the plaintext reference of a job.
 
 from __future__ import annotations
 
-
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

@@ -196,7 +196,7 @@ def _tune_zo(cfg: JobConfig, runner: CachedForward, sess: PartySession, theta: d
     for step in range(z.steps):
         idx = batch_indices(seed=seed, n_train=n_train, batch=z.batch_size, step=step)
         us = directions(seed=seed, step=step, shapes=trainable.shapes, count=z.directions)
-        theta, _gs, mean_loss = spsa_step(lambda ps: runner.losses(ps, idx), theta, us=us, settings=settings)
+        theta, _gs, mean_loss = spsa_step(lambda ps, idx=idx: runner.losses(ps, idx), theta, us=us, settings=settings)
         loss = None
         if loss_to:
             v = sess.discloser.reveal(mean_loss, value=Revealable.TRAIN_LOSS, to=loss_to, note=f"step {step}")

@@ -9,10 +9,17 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any
+from typing import Any, Self
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from secfwt.roles import Role
 
@@ -34,13 +41,14 @@ class ProgressView:
         )
         self._tasks: dict[str, Any] = {}
         self._last_line: dict[str, int] = {}
+        self._started: dict[str, tuple[float, int]] = {}
         self._t0 = time.monotonic()
 
-    def __enter__(self) -> "ProgressView":
+    def __enter__(self) -> Self:
         self._progress.__enter__()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._progress.__exit__(*exc)
 
     def _print(self, text: str) -> None:
@@ -55,7 +63,10 @@ class ProgressView:
         tenth = (10 * done) // max(total, 1)
         if tenth != self._last_line.get(key, -1) or done == total:
             self._last_line[key] = tenth
-            self._print(f"{description.strip()}: {done}/{total} {info}".rstrip())
+            started = self._started.setdefault(key, (time.monotonic(), done))
+            rate = (done - started[1]) / max(time.monotonic() - started[0], 1e-9)
+            eta = f"ETA {(total - done) / rate:.0f} s" if 0 < done < total and rate > 0 else ""
+            self._print(f"{description.strip()}: {done}/{total} {info} {eta}".rstrip())
 
     def update(self, role: Role, msg: dict[str, Any]) -> None:
         # The data owner sees everything the model owner sees and more (loss), so show its view.

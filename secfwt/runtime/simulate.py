@@ -7,8 +7,9 @@ import logging
 import platform
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from secfwt.config import JobConfig, ProviderName
 from secfwt.crypten_compat import Provider

@@ -17,7 +17,15 @@ import torch
 
 from secfwt.crypten_compat import Provider
 from secfwt.errors import ConfigError, ToleranceExceededError
-from secfwt.models.checkpoint import build_hf_model, family_of, load_checkpoint, load_config, resolve_model_path, state_dict_of, spec_from_model
+from secfwt.models.checkpoint import (
+    build_hf_model,
+    family_of,
+    load_checkpoint,
+    load_config,
+    resolve_model_path,
+    spec_from_model,
+    state_dict_of,
+)
 from secfwt.models.encoder import EncoderModel, ForwardSettings, plain_params
 from secfwt.models.ops import PlainOps
 from secfwt.models.spec import Attention, EmbeddingMode, Head, Pooling
@@ -47,7 +55,7 @@ class VerifyRequest:
     seq_len: int = 128
     embedding: EmbeddingMode = EmbeddingMode.PRIVATE
     head: Head | None = None  # None: from the checkpoint's architectures
-    rfa: RFASettings = RFASettings()
+    rfa: RFASettings = dataclasses.field(default_factory=RFASettings)
     seed: int = 0
     provider: Provider = Provider.TTP
     max_abs_tol: float = 0.1

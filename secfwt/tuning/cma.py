@@ -33,7 +33,12 @@ class PromptSearch:
     """The data owner's local optimiser state: z, A and CMA-ES."""
 
     def __init__(self, settings: CMASettings, *, embedding_std: float) -> None:
-        import cma
+        import warnings
+
+        with warnings.catch_warnings():
+            # cma offers plotting when matplotlib is installed; secfwt never plots from here.
+            warnings.filterwarnings("ignore", message="Could not import matplotlib", category=UserWarning)
+            import cma
 
         self.s = settings
         g = torch.Generator().manual_seed(settings.seed)

@@ -45,7 +45,7 @@ def plain_zo_run(cfg: JobConfig, *, spec: ModelSpec, state: dict[str, torch.Tens
     for step in range(z.steps):
         idx = batch_indices(seed=seed, n_train=n_train, batch=z.batch_size, step=step)
         us = directions(seed=seed, step=step, shapes=trainable.shapes, count=z.directions)
-        theta, gs, mean_loss = spsa_step(lambda ps: runner.losses(ps, idx), theta, us=us, settings=s, cast=lambda t: t.to(torch.float64))
+        theta, gs, mean_loss = spsa_step(lambda ps, idx=idx: runner.losses(ps, idx), theta, us=us, settings=s, cast=lambda t: t.to(torch.float64))
         losses.append(float(mean_loss))
         gs_all.append([float(g) for g in gs])
     acc_after = float(runner.correct_count(theta, eval_idx, batch=n, prompt=None)) / len(eval_idx)

@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from secfwt.errors import ModelError
-from secfwt.models.checkpoint import build_hf_model, load_checkpoint, resolve_model_path, spec_from_model, state_dict_of
+from secfwt.models.checkpoint import (
+    build_hf_model,
+    load_checkpoint,
+    resolve_model_path,
+    spec_from_model,
+    state_dict_of,
+)
 from secfwt.models.encoder import EncoderModel, ForwardSettings, plain_params
 from secfwt.models.ops import PlainOps
 from secfwt.models.spec import Family, Head
