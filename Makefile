@@ -34,7 +34,7 @@ test-all: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra -m ''
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check secfwt tests parties
+	$(VENV)/bin/ruff check secfwt tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info

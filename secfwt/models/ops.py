@@ -9,7 +9,6 @@ measure the MPC error, not float32 rounding.
 from __future__ import annotations
 
 import abc
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -163,7 +162,3 @@ class SecureOps(Ops):
         from secfwt.mpc.classification import cross_entropy
 
         return cross_entropy(logits, onehot)
-
-
-def inv_sqrt_dim(d: int) -> float:
-    return 1.0 / math.sqrt(d)

@@ -15,7 +15,6 @@ import torch
 from secfwt.models.encoder import SOFT_PROMPT, EncoderModel, ForwardSettings
 from secfwt.models.ops import Ops
 from secfwt.models.spec import ModelSpec
-from secfwt.tuning.trainable import TrainableSet
 
 
 def prefix(model: EncoderModel, word: Any, mask: Any, pool_w: Any, *, cut: int) -> Any:
@@ -26,10 +25,6 @@ def prefix(model: EncoderModel, word: Any, mask: Any, pool_w: Any, *, cut: int) 
     if cut < model.spec.num_layers:
         return h
     return model.pool(h, pool_w)  # only the head trains: cache pooled features (N, H)
-
-
-def cut_layer(spec: ModelSpec, trainable: TrainableSet) -> int:
-    return trainable.first_layer(spec)
 
 
 class CachedForward:

@@ -20,10 +20,6 @@ def table_name(spec: ModelSpec) -> str:
     return spec.prefix + "embeddings.word_embeddings.weight"
 
 
-def needs_secret_table(spec: ModelSpec, mode: EmbeddingMode, *, mlm: bool) -> bool:
-    return mode is EmbeddingMode.PRIVATE or mlm
-
-
 def disclose_table(sess: PartySession, spec: ModelSpec, state: dict[str, torch.Tensor] | None) -> torch.Tensor | None:
     """TABLE_TO_DATA_OWNER: the model owner sends its word-embedding table to the data owner."""
     shape = spec.shape_of(table_name(spec))
