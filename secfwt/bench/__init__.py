@@ -1,0 +1,1 @@
+"""Benchmark suite (`secfwt bench`): arrives with issue #4."""

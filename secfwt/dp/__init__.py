@@ -1,0 +1,1 @@
+"""Opacus DP-SGD baseline and DP accounting: arrive with issue #5."""

@@ -1,0 +1,1 @@
+"""Checkpoint loading and the encoder written once over plaintext and MPC backends."""

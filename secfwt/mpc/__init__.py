@@ -1,0 +1,1 @@
+"""What CrypTen lacks: launcher, disclosure, range-safe nonlinearities, attention, ring matmul."""

@@ -1,0 +1,1 @@
+"""Safe Delta, SWAT-style warm-up and safety evaluation: not started."""

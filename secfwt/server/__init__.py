@@ -1,0 +1,1 @@
+"""gRPC services behind the party daemons: arrive with issue #3."""

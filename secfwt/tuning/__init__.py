@@ -1,0 +1,1 @@
+"""Forward-only tuners: SPSA/MeZO, CMA-ES prompt search, trainable-parameter selection."""
