@@ -83,6 +83,13 @@ def family_of(config) -> Family:
     )
 
 
+def max_input_tokens(config) -> int:
+    """Longest input the position table allows (RoBERTa reserves padding_idx + 1 positions);
+    the config-side twin of :attr:`ModelSpec.max_tokens`."""
+    offset = config.pad_token_id + 1 if family_of(config) is Family.ROBERTA else 0
+    return config.max_position_embeddings - offset
+
+
 def load_checkpoint(model_dir: Path, *, head: Head, num_labels: int, seed: int) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
     """Load weights with ``from_pretrained`` and describe them. Runs on the model owner only.
 

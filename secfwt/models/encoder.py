@@ -133,7 +133,7 @@ class EncoderModel:
     def mlm_logits(self, h: Tensor) -> Tensor:
         """Masked-LM logits (N, T, V); the decoder is tied to the word embeddings."""
         spec = self.spec
-        table = self.p[spec.prefix + "embeddings.word_embeddings.weight"]  # (V, H)
+        table = self.p[spec.word_embeddings]  # (V, H)
         if spec.family is Family.ROBERTA:
             x = self.ops.act(spec.hidden_act, self.linear(h, "lm_head.dense"))
             x = self.layer_norm(x, "lm_head.layer_norm")

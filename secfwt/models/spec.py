@@ -73,6 +73,11 @@ class ModelSpec:
         return "" if self.head is Head.BASE else f"{self.family.value}."
 
     @property
+    def word_embeddings(self) -> str:
+        """State-dict name of the word-embedding table (V, H)."""
+        return self.prefix + "embeddings.word_embeddings.weight"
+
+    @property
     def position_offset(self) -> int:
         """RoBERTa numbers positions from padding_idx + 1 (Hugging Face
         ``create_position_ids_from_input_ids``); BERT from 0."""

@@ -197,11 +197,7 @@ def _collect(
             item = None
         if item is not None:
             if item[0] == "error":
-                _, role, exc, text, tb = item
-                log.debug("traceback of %s:\n%s", role.value, tb)
-                if isinstance(exc, SecfwtError):
-                    raise exc
-                raise PartyFailedError(role.value, text)
+                _raise_reported(item)
             _, role, value, rounds, nbytes, wall = item
             done[role] = PartyResult(role=role, value=pickle.loads(value), rounds=int(rounds), bytes_sent=int(nbytes), wall_s=wall)
             continue
@@ -213,10 +209,7 @@ def _collect(
                 except queue_mod.Empty:
                     late = None
                 if late is not None and late[0] == "error":
-                    _, r, exc, text, _tb = late
-                    if isinstance(exc, SecfwtError):
-                        raise exc
-                    raise PartyFailedError(r.value, text)
+                    _raise_reported(late)
                 raise PartyFailedError(role.value, f"process exited with code {p.exitcode}")
         if time.monotonic() > deadline:
             missing = ", ".join(r.value for r in procs if r not in done)
@@ -224,6 +217,15 @@ def _collect(
     if messages is not None and on_message is not None:
         _drain(messages, on_message)
     return done
+
+
+def _raise_reported(item: tuple[Any, ...]) -> None:
+    """Re-raise a party's reported error: its own secfwt error, else PartyFailedError."""
+    _, role, exc, text, tb = item
+    log.debug("traceback of %s:\n%s", role.value, tb)
+    if isinstance(exc, SecfwtError):
+        raise exc
+    raise PartyFailedError(role.value, text)
 
 
 def _drain(messages: mp.Queue[Any], on_message: Callable[[Role, Any], None]) -> None:

@@ -12,7 +12,7 @@ from secfwt.data.datasets import load_dataset
 from secfwt.data.sampling import few_shot_split
 from secfwt.data.tokenize import load_tokenizer, tokenize
 from secfwt.errors import DataError
-from secfwt.models.checkpoint import family_of, load_config
+from secfwt.models.checkpoint import load_config, max_input_tokens
 from secfwt.runtime.job import DataOwnerInputs
 
 log = logging.getLogger(__name__)
@@ -31,9 +31,8 @@ def prepare_inputs(cfg: JobConfig, *, tokenizer_dir: Path) -> DataOwnerInputs:
     if tok is None:
         raise DataError(f"model.path: {tokenizer_dir} has no tokenizer files; a tuning job needs the checkpoint's tokenizer to encode data.path")
     config = load_config(tokenizer_dir)
-    offset = config.pad_token_id + 1 if family_of(config).value == "roberta" else 0
     texts = list(train.texts) + list(held_out.texts)
-    batch = tokenize(texts, tokenizer=tok, max_length=cfg.model.max_length, truncate=d.truncate, model_max_positions=config.max_position_embeddings - offset)
+    batch = tokenize(texts, tokenizer=tok, max_length=cfg.model.max_length, truncate=d.truncate, model_max_positions=max_input_tokens(config))
     labels = torch.tensor(list(train.labels) + list(held_out.labels), dtype=torch.long)
     log.info("data owner: %d train + %d eval rows, %d labels, length %d", len(train), len(held_out), len(data.label_names), cfg.model.max_length)
     return DataOwnerInputs(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels, n_train=len(train), num_labels=len(data.label_names))

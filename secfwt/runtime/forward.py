@@ -27,6 +27,12 @@ def prefix(model: EncoderModel, word: Any, mask: Any, pool_w: Any, *, cut: int) 
     return model.pool(h, pool_w)  # only the head trains: cache pooled features (N, H)
 
 
+def mean_pool_weights(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per-token weights mask / length (N, T) that turn a weighted sum into a masked mean."""
+    mask = attention_mask.to(torch.float64)
+    return mask / mask.sum(1, keepdim=True).clamp(min=1)
+
+
 class CachedForward:
     """Logits, loss and accuracy for rows of the cache, with given trainable values."""
 

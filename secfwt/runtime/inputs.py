@@ -16,14 +16,10 @@ from secfwt.runtime.session import PartySession
 _ONEHOT_CHUNK_TOKENS = 4096
 
 
-def table_name(spec: ModelSpec) -> str:
-    return spec.prefix + "embeddings.word_embeddings.weight"
-
-
 def disclose_table(sess: PartySession, spec: ModelSpec, state: dict[str, torch.Tensor] | None) -> torch.Tensor | None:
     """TABLE_TO_DATA_OWNER: the model owner sends its word-embedding table to the data owner."""
-    shape = spec.shape_of(table_name(spec))
-    table = None if state is None else state[table_name(spec)]
+    shape = spec.shape_of(spec.word_embeddings)
+    table = None if state is None else state[spec.word_embeddings]
     return sess.discloser.disclose_plain(table, owner=Role.MODEL_OWNER, value=Revealable.EMBEDDING_TABLE, to=Role.DATA_OWNER, shape=shape, note="embedding mode table_to_data_owner")
 
 

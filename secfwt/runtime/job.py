@@ -25,11 +25,11 @@ from secfwt.mpc.attention import RFASettings
 from secfwt.mpc.disclosure import Revealable
 from secfwt.mpc.launcher import PartyContext
 from secfwt.roles import Role
-from secfwt.runtime.forward import CachedForward, batch_indices, prefix
-from secfwt.runtime.inputs import disclose_table, share_word_embeddings, table_name
+from secfwt.runtime.forward import CachedForward, batch_indices, mean_pool_weights, prefix
+from secfwt.runtime.inputs import disclose_table, share_word_embeddings
 from secfwt.runtime.session import PartySession
 from secfwt.tuning.spsa import SPSASettings, directions, spsa_step
-from secfwt.tuning.trainable import TrainableSet, init_new_parameters, select_trainable
+from secfwt.tuning.trainable import TrainableSet, initial_values, select_trainable
 
 log = logging.getLogger(__name__)
 
@@ -98,22 +98,22 @@ def run_job_party(ctx: PartyContext, payload: dict[str, Any]) -> dict[str, Any]:
     # -- share weights and inputs -------------------------------------------------------------
     progress(kind="phase", phase="sharing weights")
     private_table = cfg.model.embedding is EmbeddingMode.PRIVATE
-    frozen_names = [n for n, _ in spec.param_shapes if (private_table or n != table_name(spec)) and n not in trainable.names]
+    frozen_names = [n for n, _ in spec.param_shapes if (private_table or n != spec.word_embeddings) and n not in trainable.names]
     frozen = sess.share_params(spec, state, names=frozen_names)
     init = None
     if role is Role.MODEL_OWNER:
         assert state is not None
-        init = {**{n: state[n] for n in trainable.names if n in state}, **init_new_parameters(spec, state, trainable, seed=cfg.job.seed)}
+        init = initial_values(spec, state, trainable, seed=cfg.job.seed)
     theta = {n: sess.share(None if init is None else init[n], owner=Role.MODEL_OWNER, shape=s, name=n) for n, s in trainable.shapes}
     plain_table = disclose_table(sess, spec, state) if not private_table else None
-    secret_table = frozen.get(table_name(spec))
+    secret_table = frozen.get(spec.word_embeddings)
     n, t = facts["n"], facts["t"]
     c = facts["num_labels"]
     onehot = sess.share(None if data is None else torch.nn.functional.one_hot(data.labels, c).float(), owner=Role.DATA_OWNER, shape=(n, c), name="labels")
     mask = sess.share(None if data is None else data.attention_mask.float(), owner=Role.DATA_OWNER, shape=(n, t), name="attention mask")
     pool_w = None
     if cfg.model.pooling is Pooling.MEAN:
-        pw = None if data is None else data.attention_mask.float() / data.attention_mask.sum(1, keepdim=True).clamp(min=1).float()
+        pw = None if data is None else mean_pool_weights(data.attention_mask).float()
         pool_w = sess.share(pw, owner=Role.DATA_OWNER, shape=(n, t), name="pooling weights")
 
     # -- frozen prefix, computed once ---------------------------------------------------------

@@ -22,6 +22,7 @@ from secfwt.models.checkpoint import (
     family_of,
     load_checkpoint,
     load_config,
+    max_input_tokens,
     resolve_model_path,
     spec_from_model,
     state_dict_of,
@@ -85,7 +86,7 @@ def sample_inputs(model_dir: Path, *, seq_len: int, vocab_size: int, seed: int) 
 
 
 def _party(ctx: PartyContext, payload: dict[str, Any]) -> Any:
-    from secfwt.runtime.inputs import disclose_table, share_word_embeddings, table_name
+    from secfwt.runtime.inputs import disclose_table, share_word_embeddings
     from secfwt.runtime.session import PartySession
 
     terms = DisclosureTerms.from_dict_list(payload["terms"])
@@ -99,11 +100,11 @@ def _party(ctx: PartyContext, payload: dict[str, Any]) -> Any:
     shape = sess.broadcast(None if ids is None else tuple(ids.shape), src=Role.DATA_OWNER)
     mlm = spec.head is Head.MASKED_LM
     secret_table = req.embedding is EmbeddingMode.PRIVATE or mlm
-    names = [n for n, _ in spec.param_shapes if secret_table or n != table_name(spec)]
+    names = [n for n, _ in spec.param_shapes if secret_table or n != spec.word_embeddings]
     t0 = time.perf_counter()
     params = sess.share_params(spec, state, names=names)
     plain_table = disclose_table(sess, spec, state) if req.embedding is EmbeddingMode.TABLE_TO_DATA_OWNER else None
-    word = share_word_embeddings(sess, spec, mode=req.embedding, input_ids=ids, shape=shape, secret_table=params.get(table_name(spec)), plain_table=plain_table)
+    word = share_word_embeddings(sess, spec, mode=req.embedding, input_ids=ids, shape=shape, secret_table=params.get(spec.word_embeddings), plain_table=plain_table)
     mask = sess.public(torch.ones(shape))  # the sample has no padding
     model = EncoderModel(spec, params, sess.ops, ForwardSettings(attention=req.attention, rfa=req.rfa, pooling=Pooling.CLS))
     h = model.layers(model.embed(word), mask)
@@ -120,9 +121,9 @@ def run_verify(req: VerifyRequest) -> dict[str, Any]:
     config = load_config(model_dir)
     family = family_of(config)
     head = req.head or head_from_config(config)
-    offset = config.pad_token_id + 1 if family.value == "roberta" else 0
-    if not 1 <= req.seq_len <= config.max_position_embeddings - offset:
-        raise ConfigError(f"--seq-len {req.seq_len}: must be between 1 and {config.max_position_embeddings - offset}, the longest input this checkpoint's position table allows")
+    longest = max_input_tokens(config)
+    if not 1 <= req.seq_len <= longest:
+        raise ConfigError(f"--seq-len {req.seq_len}: must be between 1 and {longest}, the longest input this checkpoint's position table allows")
     num_labels = int(getattr(config, "num_labels", 2) or 2)
     ids, source = sample_inputs(model_dir, seq_len=req.seq_len, vocab_size=config.vocab_size, seed=req.seed)
     terms = [(Revealable.VERIFY_OUTPUTS, [Role.DATA_OWNER])]
@@ -181,7 +182,7 @@ def _reference(model_dir: Path, *, req: VerifyRequest, head: Head, num_labels: i
     # so these are the same weights the parties used.
     plain = EncoderModel(spec, params, PlainOps(), ForwardSettings(attention=req.attention, rfa=req.rfa, pooling=Pooling.CLS))
     mask = torch.ones(ids.shape, dtype=torch.float64)
-    word = params[spec.prefix + "embeddings.word_embeddings.weight"][ids]
+    word = params[spec.word_embeddings][ids]
     h_plain = plain.layers(plain.embed(word), mask)
     out_plain = plain.output(h_plain)
     with torch.no_grad():

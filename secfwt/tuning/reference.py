@@ -15,24 +15,24 @@ from secfwt.config import JobConfig
 from secfwt.models.encoder import EncoderModel, plain_params
 from secfwt.models.ops import PlainOps
 from secfwt.models.spec import ModelSpec, Pooling
-from secfwt.runtime.forward import CachedForward, batch_indices, prefix
+from secfwt.runtime.forward import CachedForward, batch_indices, mean_pool_weights, prefix
 from secfwt.runtime.job import DataOwnerInputs, _trainable, forward_settings
 from secfwt.tuning.spsa import SPSASettings, directions, spsa_step
-from secfwt.tuning.trainable import init_new_parameters
+from secfwt.tuning.trainable import initial_values
 
 
 def plain_zo_run(cfg: JobConfig, *, spec: ModelSpec, state: dict[str, torch.Tensor], data: DataOwnerInputs, seed: int) -> dict[str, Any]:
     ops = PlainOps()
     settings = forward_settings(cfg, seed=cfg.job.seed)
     trainable = _trainable(cfg, spec)
-    init = {**{n: state[n] for n in trainable.names if n in state}, **init_new_parameters(spec, state, trainable, seed=cfg.job.seed)}
+    init = initial_values(spec, state, trainable, seed=cfg.job.seed)
     theta = {n: init[n].to(torch.float64) for n in trainable.names}
     frozen = {k: v for k, v in plain_params(state).items() if k not in trainable.names}
     params = plain_params(state)
     mask = data.attention_mask.to(torch.float64)
-    pool_w = mask / mask.sum(1, keepdim=True).clamp(min=1) if cfg.model.pooling is Pooling.MEAN else None
+    pool_w = mean_pool_weights(data.attention_mask) if cfg.model.pooling is Pooling.MEAN else None
     onehot = torch.nn.functional.one_hot(data.labels, data.num_labels).to(torch.float64)
-    word = params[spec.prefix + "embeddings.word_embeddings.weight"][data.input_ids]
+    word = params[spec.word_embeddings][data.input_ids]
     cut = trainable.first_layer(spec)
     cache = prefix(EncoderModel(spec, frozen, ops, settings), word, mask, pool_w, cut=cut)
     runner = CachedForward(ops=ops, public=lambda t: t.to(torch.float64), spec=spec, frozen=frozen, settings=settings, cache=cache, mask=mask, pool_w=pool_w, onehot=onehot, cut=cut, prompt_layer=cfg.zo.prompt_layer)

@@ -92,6 +92,11 @@ def select_trainable(spec: ModelSpec, *, patterns: tuple[str, ...], lora_modules
     return TrainableSet(shapes=ordered, new=tuple(sorted(new)), prompt_layer=prompt_layer)
 
 
+def initial_values(spec: ModelSpec, state: dict[str, torch.Tensor], trainable: TrainableSet, *, seed: int) -> dict[str, torch.Tensor]:
+    """Starting values of every trainable parameter: checkpoint weights plus new ones."""
+    return {**{n: state[n] for n in trainable.names if n in state}, **init_new_parameters(spec, state, trainable, seed=seed)}
+
+
 def init_new_parameters(spec: ModelSpec, state: dict[str, torch.Tensor], trainable: TrainableSet, *, seed: int) -> dict[str, torch.Tensor]:
     """Initial values of new trainable parameters (model owner only).
 
@@ -104,7 +109,7 @@ def init_new_parameters(spec: ModelSpec, state: dict[str, torch.Tensor], trainab
         if name not in trainable.new:
             continue
         if name == SOFT_PROMPT:
-            table = state[spec.prefix + "embeddings.word_embeddings.weight"]
+            table = state[spec.word_embeddings]
             rows = torch.randint(1000 if spec.vocab_size > 2000 else 0, spec.vocab_size, (shape[0],), generator=g)
             out[name] = table[rows].clone()
         elif name.endswith(LORA_A):

@@ -37,7 +37,7 @@ def test_plain_encoder_matches_transformers(tmp_path, family, head):
     mask = torch.ones(3, 17, dtype=torch.float64)
     mask[1, 9:] = 0
     mask[2, 3:] = 0
-    word = params[spec.prefix + "embeddings.word_embeddings.weight"][ids]
+    word = params[spec.word_embeddings][ids]
     h = model.layers(model.embed(word), mask)
     out = model.output(h)
     with torch.no_grad():
