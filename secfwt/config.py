@@ -1,6 +1,6 @@
 """Typed job configuration from TOML. Unknown keys and wrong types are errors that name the field.
 
-A job file has the sections [job], [model], [data], [zo] or [cma], [run] and a list of
+A job file has the sections [job], [model], [data], [zo] or [cma], [run], [dp] and a list of
 [[disclosure]] terms. ``load_job`` reads a file (or the packaged default job), applies
 ``--set section.key=value`` overrides, and validates everything that can be checked before any
 party process starts.
@@ -98,6 +98,33 @@ class CMASection:
     batch_size: int = 16
 
 
+class AccountantName(enum.Enum):
+    RDP = "rdp"  # Renyi DP of the subsampled Gaussian (Mironov et al. 2019), as Opacus computes it
+    PRV = "prv"  # privacy random variables (Gopi et al. 2021): tighter, numerically composed
+
+
+@dataclasses.dataclass(frozen=True)
+class DPSection:
+    """Differential privacy of what a job releases (final parameters) about its training rows.
+
+    ``enabled`` turns a zeroth-order MPC job into DP-ZO (per-example clipping in MPC, Gaussian
+    noise contributed by both computing parties). ``secfwt dp-baseline`` always uses these
+    settings for its Opacus DP-SGD run. Give ``target_epsilon`` (the noise is calibrated to it),
+    ``noise_multiplier`` (epsilon is reported), or both (a budget check).
+    """
+
+    enabled: bool = False
+    target_epsilon: float | None = None
+    noise_multiplier: float | None = None
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    accountant: AccountantName = AccountantName.RDP
+    sample_rate: float | None = None  # Poisson sampling rate; default zo.batch_size / training rows
+    baseline_lr: float = 0.5
+    baseline_steps: int | None = None  # Opacus baseline steps; default zo.steps
+    checkpoint_every: int = 0  # Opacus baseline: steps between checkpoints (0: none)
+
+
 @dataclasses.dataclass(frozen=True)
 class RunSection:
     timeout_s: float = 1800.0
@@ -119,6 +146,7 @@ class JobConfig:
     zo: ZOSection = ZOSection()
     cma: CMASection = CMASection()
     run: RunSection = RunSection()
+    dp: DPSection = DPSection()
     disclosure: tuple[DisclosureEntry, ...] = ()
     source: str = "<built-in>"
 
@@ -134,6 +162,7 @@ _SECTIONS = {
     "zo": ZOSection,
     "cma": CMASection,
     "run": RunSection,
+    "dp": DPSection,
 }
 
 
@@ -246,8 +275,9 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value
-    if isinstance(hint, types.UnionType):  # pragma: no cover - no optional fields yet
-        raise ConfigError(f"{where}: unsupported type")
+    if isinstance(hint, types.UnionType):  # optional keys: TOML has no null, so a value is given
+        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _convert(value, inner, where)
     raise ConfigError(f"{where}: unsupported type {hint}")
 
 
@@ -287,6 +317,7 @@ def validate(cfg: JobConfig) -> None:
         _positive(f"{s}: cma.prompt_layer", c.prompt_layer, allow_zero=True)
         if c.population < 2:
             raise ConfigError(f"{s}: cma.population = {c.population}: CMA-ES needs at least 2 candidates per iteration")
+    _validate_dp(cfg)
     for entry in cfg.disclosure:
         for r in entry.to:
             if r not in COMPUTING_ROLES:
@@ -296,6 +327,37 @@ def validate(cfg: JobConfig) -> None:
             raise ConfigError(
                 f"{s}: this job reveals {value.value} to {to.value} but the [[disclosure]] list does not allow it; "
                 f'add [[disclosure]] value = "{value.value}" to = ["{to.value}"] if both owners agree'
+            )
+
+
+def _validate_dp(cfg: JobConfig) -> None:
+    """DP settings that are wrong whatever the data; checks that need the row count live in
+    :func:`secfwt.dp.accounting.plan` and run before any party starts."""
+    s, d = cfg.source, cfg.dp
+    if d.target_epsilon is not None and d.target_epsilon <= 0:
+        raise ConfigError(f"{s}: dp.target_epsilon = {d.target_epsilon}: must be > 0 (smaller is more private; typical values 1 to 10)")
+    if d.noise_multiplier is not None and d.noise_multiplier <= 0:
+        raise ConfigError(f"{s}: dp.noise_multiplier = {d.noise_multiplier}: must be > 0")
+    if not 0 < d.delta < 1:
+        raise ConfigError(f"{s}: dp.delta = {d.delta}: must be in (0, 1) and below 1 / (training rows)")
+    _positive(f"{s}: dp.max_grad_norm", d.max_grad_norm)
+    _positive(f"{s}: dp.baseline_lr", d.baseline_lr)
+    _positive(f"{s}: dp.checkpoint_every", d.checkpoint_every, allow_zero=True)
+    if d.baseline_steps is not None:
+        _positive(f"{s}: dp.baseline_steps", d.baseline_steps)
+    if d.sample_rate is not None and not 0 < d.sample_rate <= 1:
+        raise ConfigError(f"{s}: dp.sample_rate = {d.sample_rate}: a Poisson sampling rate must be in (0, 1]")
+    if not d.enabled:
+        return
+    if d.target_epsilon is None and d.noise_multiplier is None:
+        raise ConfigError(f"{s}: [dp] enabled needs dp.target_epsilon (noise calibrated to it) or dp.noise_multiplier")
+    if cfg.job.mode is not Mode.ZO:
+        raise ConfigError(f"{s}: dp.enabled = true needs job.mode = 'zo' (DP zeroth-order updates); CMA prompt search reveals per-candidate outputs to the data owner")
+    for entry in cfg.disclosure:
+        if entry.value in (Revealable.TRAIN_LOSS, Revealable.TRAIN_OUTPUTS) and Role.MODEL_OWNER in entry.to:
+            raise ConfigError(
+                f"{s}: [[disclosure]] {entry.value.value} to model_owner: with dp.enabled the model owner may only receive the "
+                "noised result; training losses or outputs are not covered by the DP guarantee. Reveal them to data_owner only"
             )
 
 
