@@ -97,7 +97,7 @@ def plan(dp: DPSection, *, n_train: int, batch_size: int, steps: int, where: str
         eps = epsilon(noise_multiplier=sigma, sample_rate=rate, steps=steps, delta=dp.delta, accountant=dp.accountant)
         if dp.target_epsilon is not None and eps > dp.target_epsilon:
             affordable = _affordable_steps(dp, sigma=sigma, rate=rate, steps=steps)
-            fewer = f"lower {steps_key} to at most {affordable}" if affordable else "even one step is over budget, so"
+            fewer = f"lower {steps_key} to at most {affordable}," if affordable else "even one step is over budget, so"
             raise ConfigError(
                 f"{where}: {steps} steps at dp.noise_multiplier = {sigma:g} and sample rate {rate:.4g} spend epsilon = {eps:.3f}, "
                 f"over the budget dp.target_epsilon = {dp.target_epsilon:g}; {fewer} raise dp.noise_multiplier, "

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from secfwt.config import JobConfig
-from secfwt.data.datasets import load_dataset
+from secfwt.data.datasets import LabelledTexts, load_dataset
 from secfwt.data.sampling import few_shot_split
 from secfwt.data.tokenize import load_tokenizer, tokenize
 from secfwt.errors import DataError
@@ -18,6 +18,19 @@ from secfwt.runtime.job import DataOwnerInputs
 log = logging.getLogger(__name__)
 
 
+def _split(cfg: JobConfig) -> tuple[LabelledTexts, LabelledTexts, LabelledTexts]:
+    """(whole dataset, few-shot training rows, held-out rows)."""
+    d = cfg.data
+    data = load_dataset(source=d.source, path=d.path or None, text_column=d.text_column, label_column=d.label_column, labels=list(d.labels) or None)
+    train, held_out = few_shot_split(data, shots_per_class=d.shots_per_class, eval_per_class=d.eval_per_class, seed=cfg.job.seed)
+    return data, train, held_out
+
+
+def count_train_rows(cfg: JobConfig) -> int:
+    """How many training rows the job's data split has (a public fact of the job)."""
+    return len(_split(cfg)[1])
+
+
 def prepare_inputs(cfg: JobConfig, *, tokenizer_dir: Path) -> DataOwnerInputs:
     """Few-shot train rows followed by held-out eval rows, tokenized to ``model.max_length``.
 
@@ -25,8 +38,7 @@ def prepare_inputs(cfg: JobConfig, *, tokenizer_dir: Path) -> DataOwnerInputs:
     process except as secret shares.
     """
     d = cfg.data
-    data = load_dataset(source=d.source, path=d.path or None, text_column=d.text_column, label_column=d.label_column, labels=list(d.labels) or None)
-    train, held_out = few_shot_split(data, shots_per_class=d.shots_per_class, eval_per_class=d.eval_per_class, seed=cfg.job.seed)
+    data, train, held_out = _split(cfg)
     tok = load_tokenizer(tokenizer_dir)
     if tok is None:
         raise DataError(f"model.path: {tokenizer_dir} has no tokenizer files; a tuning job needs the checkpoint's tokenizer to encode data.path")

@@ -88,6 +88,11 @@ class CachedForward:
 
     def losses(self, thetas: list[dict[str, Any]], idx: list[int]) -> list[Any]:
         """Mean cross-entropy for several parameter sets on the same rows, in one batched loss."""
+        per = self.example_losses(thetas, idx).mean(1)  # (k,)
+        return [per[i] for i in range(len(thetas))]
+
+    def example_losses(self, thetas: list[dict[str, Any]], idx: list[int]) -> Any:
+        """Per-example cross-entropy (k, B) for k parameter sets on the rows ``idx``."""
         k, b = len(thetas), len(idx)
         if self.cut == self.spec.num_layers:
             # Only the head trains: evaluate all k variants in one batched forward by stacking
@@ -99,9 +104,7 @@ class CachedForward:
         else:
             flat = self.ops.cat([self.logits(theta, idx) for theta in thetas], dim=0)  # (k * B, C)
         y = self.onehot[torch.tensor(idx * k)]
-        nll = self.ops.log_softmax_nll(flat, y)  # (k * B,)
-        per = nll.reshape(k, b).mean(1)  # (k,)
-        return [per[i] for i in range(k)]
+        return self.ops.log_softmax_nll(flat, y).reshape(k, b)
 
     def correct(self, logits: Any, idx: list[int]) -> Any:
         """Count of correct argmax predictions (ties -> lowest class, as torch.argmax)."""

@@ -147,7 +147,16 @@ def run_job_party(ctx: PartyContext, payload: dict[str, Any]) -> dict[str, Any]:
     acc_before = accuracy(theta, None, "before tuning")
     progress(kind="eval", when="before", accuracy=acc_before)
 
-    if cfg.job.mode is Mode.ZO:
+    dp_report = None
+    if cfg.job.mode is Mode.ZO and cfg.dp.enabled:
+        from secfwt.dp.accounting import plan as dp_plan
+        from secfwt.dp.zo import guarantee
+
+        plan = dp_plan(cfg.dp, n_train=n_train, batch_size=cfg.zo.batch_size, steps=cfg.zo.steps, where=cfg.source)
+        theta, history = _tune_dp_zo(cfg, runner, sess, theta, trainable, plan, seed=seed, n_train=n_train, progress=progress)
+        prompt = None
+        dp_report = guarantee(plan, cfg.terms)
+    elif cfg.job.mode is Mode.ZO:
         theta, history = _tune_zo(cfg, runner, sess, theta, trainable, seed=seed, n_train=n_train, progress=progress)
         prompt = None
     else:
@@ -168,6 +177,7 @@ def run_job_party(ctx: PartyContext, payload: dict[str, Any]) -> dict[str, Any]:
         "party_wall_s": time.perf_counter() - t_start,
         "artifacts": artifacts,
         "reveals": sess.discloser.count,
+        "dp": dp_report,
         "spec": {"family": spec.family.value, "layers": spec.num_layers, "hidden": spec.hidden_size},
     }
 
@@ -197,6 +207,37 @@ def _tune_zo(cfg: JobConfig, runner: CachedForward, sess: PartySession, theta: d
         idx = batch_indices(seed=seed, n_train=n_train, batch=z.batch_size, step=step)
         us = directions(seed=seed, step=step, shapes=trainable.shapes, count=z.directions)
         theta, _gs, mean_loss = spsa_step(lambda ps, idx=idx: runner.losses(ps, idx), theta, us=us, settings=settings)
+        loss = None
+        if loss_to:
+            v = sess.discloser.reveal(mean_loss, value=Revealable.TRAIN_LOSS, to=loss_to, note=f"step {step}")
+            loss = None if v is None else float(v)
+        history.append({"step": step + 1, "loss": loss})
+        progress(kind="step", step=step + 1, total=z.steps, loss=loss, elapsed=time.perf_counter() - t0)
+    return theta, history
+
+
+def _tune_dp_zo(cfg: JobConfig, runner: CachedForward, sess: PartySession, theta: dict[str, Any], trainable: TrainableSet, plan: Any, *, seed: int, n_train: int, progress: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """DP-ZO (see :mod:`secfwt.dp.zo`): every step runs on all training rows; the data owner's
+    secret Poisson mask selects the sample; both parties add secret Gaussian noise."""
+    from secfwt.dp.zo import PrivateRandomness
+    from secfwt.mpc.classification import clip
+    from secfwt.tuning.spsa import DPZOSettings, dp_spsa_step
+
+    z = cfg.zo
+    settings = SPSASettings(lr=z.lr, eps=z.eps, directions=z.directions)
+    dp = DPZOSettings(clip=plan.max_grad_norm, expected_batch=plan.expected_batch)
+    coins = PrivateRandomness()
+    rows = list(range(n_train))
+    loss_to = sess.discloser.terms.recipients(Revealable.TRAIN_LOSS)
+    noise_std = plan.noise_multiplier * plan.max_grad_norm
+    history = []
+    t0 = time.perf_counter()
+    for step in range(z.steps):
+        us = directions(seed=seed, step=step, shapes=trainable.shapes, count=z.directions)
+        mine = sess.role is Role.DATA_OWNER
+        mask = sess.share(coins.poisson_mask(n_train, plan.sample_rate) if mine else None, owner=Role.DATA_OWNER, shape=(n_train,), name="Poisson sample")
+        noises = [sess.share(coins.gaussian(z.directions, noise_std) if sess.role is r else None, owner=r, shape=(z.directions,), name=f"DP noise of the {r.value}") for r in (Role.MODEL_OWNER, Role.DATA_OWNER)]
+        theta, _g, mean_loss = dp_spsa_step(lambda ps: runner.example_losses(ps, rows), theta, us=us, settings=settings, dp=dp, mask=mask, noises=noises, clip=clip)
         loss = None
         if loss_to:
             v = sess.discloser.reveal(mean_loss, value=Revealable.TRAIN_LOSS, to=loss_to, note=f"step {step}")

@@ -37,6 +37,8 @@ def run_simulation(cfg: JobConfig, *, insecure_dev: bool = False, on_progress: C
     """Run the job with one process per role; return the report (also written to the run folder)."""
     provider = provider_for(cfg, insecure_dev=insecure_dev)
     model_dir = resolve_model_path(cfg.model.path)
+    if cfg.dp.enabled:
+        preflight_dp(cfg)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out_dir = Path(cfg.run.output_dir) / f"{cfg.job.name}-{stamp}"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -72,6 +74,7 @@ def run_simulation(cfg: JobConfig, *, insecure_dev: bool = False, on_progress: C
         "joint_seed": do["joint_seed"],
         "trainable": do["trainable"],
         "loss_history": [h["loss"] for h in do["history"]],
+        "dp": do["dp"],
         "disclosure_terms": cfg.terms.to_list(),
         "terms_digest": cfg.terms.digest(),
         "parties": {
@@ -85,6 +88,15 @@ def run_simulation(cfg: JobConfig, *, insecure_dev: bool = False, on_progress: C
     report["parties"]["model_owner"]["accuracy_seen"] = {"before": mo["accuracy_before"], "after": mo["accuracy_after"]}
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def preflight_dp(cfg: JobConfig) -> None:
+    """Refuse an impossible privacy budget before any party process starts (the parties check
+    again with the row count they agree on)."""
+    from secfwt.dp.accounting import plan
+    from secfwt.runtime.data_owner import count_train_rows
+
+    plan(cfg.dp, n_train=count_train_rows(cfg), batch_size=cfg.zo.batch_size, steps=cfg.zo.steps, where=cfg.source)
 
 
 def machine_info() -> dict[str, Any]:

@@ -17,11 +17,15 @@ from secfwt.models.ops import PlainOps
 from secfwt.models.spec import ModelSpec, Pooling
 from secfwt.runtime.forward import CachedForward, batch_indices, mean_pool_weights, prefix
 from secfwt.runtime.job import DataOwnerInputs, _trainable, forward_settings
-from secfwt.tuning.spsa import SPSASettings, directions, spsa_step
+from secfwt.dp.accounting import DPPlan
+from secfwt.dp.zo import NOISE_CONTRIBUTORS
+from secfwt.tuning.spsa import DPZOSettings, SPSASettings, directions, dp_spsa_step, spsa_step
 from secfwt.tuning.trainable import initial_values
 
 
-def plain_zo_run(cfg: JobConfig, *, spec: ModelSpec, state: dict[str, torch.Tensor], data: DataOwnerInputs, seed: int) -> dict[str, Any]:
+def plain_zo_run(cfg: JobConfig, *, spec: ModelSpec, state: dict[str, torch.Tensor], data: DataOwnerInputs, seed: int, dp_plan: DPPlan | None = None, dp_seed: int = 0) -> dict[str, Any]:
+    """Replay a ZO job in plaintext; with ``dp_plan``, replay DP-ZO with the Poisson masks and
+    both parties' noise drawn from ``dp_seed`` (a plaintext study, not a private run)."""
     ops = PlainOps()
     settings = forward_settings(cfg, seed=cfg.job.seed)
     trainable = _trainable(cfg, spec)
@@ -42,10 +46,18 @@ def plain_zo_run(cfg: JobConfig, *, spec: ModelSpec, state: dict[str, torch.Tens
     acc_before = float(runner.correct_count(theta, eval_idx, batch=n, prompt=None)) / len(eval_idx)
     losses, gs_all = [], []
     s = SPSASettings(lr=z.lr, eps=z.eps, directions=z.directions)
+    coins = torch.Generator().manual_seed(dp_seed)
     for step in range(z.steps):
-        idx = batch_indices(seed=seed, n_train=n_train, batch=z.batch_size, step=step)
         us = directions(seed=seed, step=step, shapes=trainable.shapes, count=z.directions)
-        theta, gs, mean_loss = spsa_step(lambda ps, idx=idx: runner.losses(ps, idx), theta, us=us, settings=s, cast=lambda t: t.to(torch.float64))
+        if dp_plan is not None:
+            rows = list(range(n_train))
+            mask = torch.bernoulli(torch.full((n_train,), dp_plan.sample_rate, dtype=torch.float64), generator=coins)
+            noises = [torch.randn(z.directions, generator=coins, dtype=torch.float64) * (dp_plan.noise_multiplier * dp_plan.max_grad_norm) for _ in range(NOISE_CONTRIBUTORS)]
+            dp = DPZOSettings(clip=dp_plan.max_grad_norm, expected_batch=dp_plan.expected_batch)
+            theta, gs, mean_loss = dp_spsa_step(lambda ps: runner.example_losses(ps, rows), theta, us=us, settings=s, dp=dp, mask=mask, noises=noises, clip=torch.clamp, cast=lambda t: t.to(torch.float64))
+        else:
+            idx = batch_indices(seed=seed, n_train=n_train, batch=z.batch_size, step=step)
+            theta, gs, mean_loss = spsa_step(lambda ps, idx=idx: runner.losses(ps, idx), theta, us=us, settings=s, cast=lambda t: t.to(torch.float64))
         losses.append(float(mean_loss))
         gs_all.append([float(g) for g in gs])
     acc_after = float(runner.correct_count(theta, eval_idx, batch=n, prompt=None)) / len(eval_idx)

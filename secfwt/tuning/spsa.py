@@ -66,3 +66,58 @@ def spsa_step(
     for i in range(1, q):
         mean_plus = mean_plus + values[2 * i]
     return new, gs, mean_plus * (1.0 / q)
+
+
+@dataclasses.dataclass(frozen=True)
+class DPZOSettings:
+    """DP-ZO (DPZero, Zhang et al. 2023; DP-ZO, Tang et al. 2024), the q-direction form.
+
+    Each example's q projected differences d_j = (d_1j..d_qj) are clipped coordinate-wise to
+    +-clip/sqrt(q), so ||d_j||_2 <= clip: adding or removing one example moves the summed
+    vector by at most ``clip`` in L2, the sensitivity the Gaussian accountant assumes.
+    ``expected_batch`` (sample rate x training rows, public) normalises the noisy sum, as
+    Opacus does for Poisson batches.
+    """
+
+    clip: float
+    expected_batch: float
+
+
+def dp_spsa_step(
+    example_losses: Callable[[list[Params]], Any],
+    params: Params,
+    *,
+    us: list[dict[str, torch.Tensor]],
+    settings: SPSASettings,
+    dp: DPZOSettings,
+    mask: Any,
+    noises: list[Any],
+    clip: Callable[[Any, float, float], Any],
+    cast: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+) -> tuple[dict[str, Any], Any, Any]:
+    """One DP-ZO step; returns (new params, noisy projected gradients (q,), masked mean loss).
+
+    ``example_losses`` maps 2q parameter sets to per-example losses (2q, B) on the candidate
+    rows; ``mask`` (B,) is the Poisson sample (0/1, secret in MPC); ``noises`` are the
+    parties' Gaussian contributions (each (q,), secret-shared by its owner). Only the noisy,
+    normalised sum g~ enters the parameters, so they are a post-processing of g~.
+    """
+    eps, lr, q = settings.eps, settings.lr, len(us)
+    variants: list[Params] = [{n: params[n] + cast(u[n]) * eps for n in params} for u in us]
+    variants += [{n: params[n] - cast(u[n]) * eps for n in params} for u in us]
+    losses = example_losses(variants)  # (2q, B)
+    d = (losses[:q] - losses[q:]) * (1.0 / (2 * eps))  # (q, B) per-example projected differences
+    bound = dp.clip / q**0.5
+    g = (clip(d, -bound, bound) * mask).sum(1)  # (q,) masked sum over the Poisson sample
+    for z in noises:
+        g = g + z
+    g = g * (1.0 / dp.expected_batch)
+    new = {}
+    for n in params:
+        upd = None
+        for i, u in enumerate(us):
+            term = g[i] * cast(u[n])  # secret scalar x public direction: local in MPC
+            upd = term if upd is None else upd + term
+        new[n] = params[n] - upd * (lr / q)
+    mean_plus = (losses[:q].mean(0) * mask).sum() * (1.0 / dp.expected_batch)
+    return new, g, mean_plus
