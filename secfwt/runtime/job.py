@@ -147,20 +147,24 @@ def run_job_party(ctx: PartyContext, payload: dict[str, Any]) -> dict[str, Any]:
     acc_before = accuracy(theta, None, "before tuning")
     progress(kind="eval", when="before", accuracy=acc_before)
 
-    dp_report = None
-    if cfg.job.mode is Mode.ZO and cfg.dp.enabled:
+    def tune(run: JobConfig, theta: dict[str, Any]) -> tuple[dict[str, Any], Any, list[dict[str, Any]], dict[str, Any] | None]:
+        if run.job.mode is Mode.CMA:
+            th, prompt, hist = _tune_cma(run, runner, sess, spec, seed=seed, n_train=n_train, progress=progress, plain_table=plain_table, labels=None if data is None else data.labels, local=local)
+            return th, prompt, hist, None
+        if not run.dp.enabled:
+            th, hist = _tune_zo(run, runner, sess, theta, trainable, seed=seed, n_train=n_train, progress=progress)
+            return th, None, hist, None
         from secfwt.dp.accounting import plan as dp_plan
         from secfwt.dp.zo import guarantee
 
-        plan = dp_plan(cfg.dp, n_train=n_train, batch_size=cfg.zo.batch_size, steps=cfg.zo.steps, where=cfg.source)
-        theta, history = _tune_dp_zo(cfg, runner, sess, theta, trainable, plan, seed=seed, n_train=n_train, progress=progress)
-        prompt = None
-        dp_report = guarantee(plan, cfg.terms)
-    elif cfg.job.mode is Mode.ZO:
-        theta, history = _tune_zo(cfg, runner, sess, theta, trainable, seed=seed, n_train=n_train, progress=progress)
-        prompt = None
-    else:
-        theta, prompt, history = _tune_cma(cfg, runner, sess, spec, seed=seed, n_train=n_train, progress=progress, plain_table=plain_table, labels=None if data is None else data.labels, local=local)
+        plan = dp_plan(run.dp, n_train=n_train, batch_size=run.zo.batch_size, steps=run.zo.steps, where=run.source)
+        th, hist = _tune_dp_zo(run, runner, sess, theta, trainable, plan, seed=seed, n_train=n_train, progress=progress)
+        return th, None, hist, guarantee(plan, run.terms)
+
+    variants: list[tuple[str, JobConfig]] | None = payload.get("variants")
+    if variants:
+        return {"accuracy_before": acc_before, "n_eval": len(eval_idx), "prefix_s": prefix_s, "joint_seed": seed, "variants": _run_variants(sess, variants, tune, accuracy, theta, progress), "party_wall_s": time.perf_counter() - t_start}
+    theta, prompt, history, dp_report = tune(cfg, theta)
     acc_after = accuracy(theta, prompt, "after tuning")
     progress(kind="eval", when="after", accuracy=acc_after)
 
@@ -180,6 +184,24 @@ def run_job_party(ctx: PartyContext, payload: dict[str, Any]) -> dict[str, Any]:
         "dp": dp_report,
         "spec": {"family": spec.family.value, "layers": spec.num_layers, "hidden": spec.hidden_size},
     }
+
+
+def _run_variants(sess: PartySession, variants: list[tuple[str, JobConfig]], tune: Any, accuracy: Any, theta0: dict[str, Any], progress: Any) -> list[dict[str, Any]]:
+    """Several tuning runs from the same start on the same cached prefix (comparisons such as
+    ``secfwt dp-compare``); each is evaluated, none delivers parameters."""
+    from secfwt.crypten_compat import communication_stats
+
+    out = []
+    for label, run in variants:
+        sess.agree(_public_job_digest(run), what=f"the settings of variant {label!r}")
+        progress(kind="phase", phase=f"variant {label}")
+        c0, t0 = communication_stats(), time.perf_counter()
+        theta, prompt, history, dp_report = tune(run, theta0)
+        acc = accuracy(theta, prompt, f"after tuning ({label})")
+        c1 = communication_stats()
+        progress(kind="eval", when=f"after ({label})", accuracy=acc)
+        out.append({"label": label, "accuracy_after": acc, "tune_s": time.perf_counter() - t0, "steps": len(history), "loss_history": [h["loss"] for h in history], "bytes_sent": c1["bytes"] - c0["bytes"], "rounds": c1["rounds"] - c0["rounds"], "dp": dp_report})
+    return out
 
 
 def _public_job_digest(cfg: JobConfig) -> str:
