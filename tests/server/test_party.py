@@ -1,0 +1,300 @@
+"""The job protocol without gRPC: admission, acceptance, start rules, queue, restart."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import pytest
+
+from secfwt.roles import Role
+from secfwt.server.errors import (
+    BusyError,
+    CommitmentMismatchError,
+    InvalidRequestError,
+    JobExistsError,
+    JobNotFoundError,
+    JobStateError,
+    NotAuthorizedError,
+    TermsMismatchError,
+    VersionMismatchError,
+)
+from secfwt.server.identity import Identity, IdentityRole
+from secfwt.server.party import Party, RemoteStatus, parse_job_text
+from secfwt.server.protocol import PROTOCOL_VERSION, Commitments, JobState, ModelCommitment, Proposal
+from tests.server.conftest import IDS, OPERATOR, Deployment
+from tests.server.runners import BlockingRunner, EchoRunner
+
+ALICE = Identity(IdentityRole.OPERATOR, OPERATOR)
+VENDOR = Identity(IdentityRole.MODEL_OWNER, IDS["model_owner"])
+HOSPITAL = Identity(IdentityRole.DATA_OWNER, IDS["data_owner"])
+DEALER = Identity(IdentityRole.DEALER, IDS["dealer"])
+
+
+class FakePeers:
+    """Answers for the other parties' Status, as the daemon's peer client would."""
+
+    def __init__(self) -> None:
+        self.answers: dict[tuple[str, str], RemoteStatus] = {}  # (peer id, job id) -> its status
+
+    def __call__(self, peer, job_id: str) -> RemoteStatus:  # noqa: ANN001
+        if (peer.id, job_id) not in self.answers:
+            raise JobNotFoundError(f"no job {job_id}")
+        return self.answers[peer.id, job_id]
+
+
+def _party(dep: Deployment, role: str, tmp: Path, runner=None, **kw) -> tuple[Party, FakePeers]:  # noqa: ANN001
+    peers = {r: "127.0.0.1:1" for r in IDS if r != role}
+    cfg = dep.party_config(role, peers=peers, state=str(tmp / IDS[role]), **kw)
+    fake = FakePeers()
+    return Party(config=cfg, runner=runner or EchoRunner(), peer_status=fake), fake
+
+
+def _proposal(dep: Deployment, job_id: str = "job-1", **overrides) -> Proposal:  # noqa: ANN003
+    text = dep.job_file.read_text()
+    cfg = parse_job_text(text, where="test")
+    from secfwt.server.config import HeldData, HeldModel
+    from secfwt.server.holdings import DataHoldings, ModelHoldings
+
+    mo = ModelHoldings(HeldModel(str(dep.model_dir))).commitment()
+    do = DataHoldings(HeldData(source="jsonl", path=str(dep.data_file))).commitment(cfg)  # type: ignore[arg-type]
+    p = Proposal(
+        job_id=job_id, protocol_version=PROTOCOL_VERSION, job_toml=text, terms=cfg.terms, terms_digest=cfg.terms.digest(),
+        commitments=Commitments(model=mo, data=do), participants=(VENDOR, HOSPITAL, DEALER),
+    )
+    return dataclasses.replace(p, **overrides)
+
+
+def _wait(party: Party, job_id: str, state: JobState, timeout: float = 10.0) -> None:
+    t0 = time.monotonic()
+    while party.status(ALICE, job_id).state is not state:
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"{job_id} is {party.status(ALICE, job_id).state}, expected {state}")
+        time.sleep(0.02)
+
+
+def test_only_pinned_identities_and_operators_for_accept(deployment: Deployment, tmp_path: Path) -> None:
+    party, _ = _party(deployment, "data_owner", tmp_path)
+    try:
+        with pytest.raises(NotAuthorizedError, match="operator/mallory is not pinned"):
+            party.authorize(Identity(IdentityRole.OPERATOR, "mallory"), "Status")
+        with pytest.raises(NotAuthorizedError, match="no secfwt identity"):
+            party.authorize(None, "Status")
+        party.authorize(VENDOR, "Propose")
+        with pytest.raises(NotAuthorizedError, match="only operators"):
+            party.authorize(VENDOR, "Accept")
+        with pytest.raises(NotAuthorizedError, match="only operators"):
+            party.authorize(VENDOR, "FetchArtifacts")
+        party.authorize(ALICE, "Accept")
+    finally:
+        party.close(timeout=1)
+    raw_ops = [{"id": OPERATOR}, {"id": "bob", "accept": False}]
+    party, _ = _party(deployment, "data_owner", tmp_path / "b", operators=raw_ops)
+    try:
+        bob = Identity(IdentityRole.OPERATOR, "bob")
+        party.authorize(bob, "Propose")
+        with pytest.raises(NotAuthorizedError, match="operator/bob is an operator with accept = false here"):
+            party.authorize(bob, "Accept")
+    finally:
+        party.close(timeout=1)
+
+
+def test_proposal_checks(deployment: Deployment, tmp_path: Path) -> None:
+    party, _ = _party(deployment, "model_owner", tmp_path)
+    try:
+        with pytest.raises(VersionMismatchError, match="version 2, this daemon speaks version 1"):
+            party.propose(ALICE, _proposal(deployment, protocol_version=2))
+        with pytest.raises(InvalidRequestError, match="job id"):
+            party.propose(ALICE, _proposal(deployment, job_id="../etc"))
+        bad = _proposal(deployment, "bad-weights")
+        wrong = ModelCommitment(bad.commitments.model.model_type, bad.commitments.model.dimensions, "0" * 64)
+        with pytest.raises(CommitmentMismatchError, match="weights_sha256: proposal says 0000"):
+            party.propose(ALICE, dataclasses.replace(bad, commitments=Commitments(model=wrong, data=bad.commitments.data)))
+        assert party.status(ALICE, "bad-weights").state is JobState.REFUSED
+        with pytest.raises(TermsMismatchError, match="terms digest mismatch"):
+            party.propose(ALICE, _proposal(deployment, "bad-digest", terms_digest="f" * 64))
+        p = _proposal(deployment, "bad-participant")
+        with pytest.raises(NotAuthorizedError, match="names model_owner/other as model_owner but this daemon is model_owner/vendor"):
+            party.propose(ALICE, dataclasses.replace(p, participants=(Identity(IdentityRole.MODEL_OWNER, "other"), HOSPITAL, DEALER)))
+        with pytest.raises(NotAuthorizedError, match="data_owner/other is not a pinned peer"):
+            party.propose(ALICE, dataclasses.replace(p, job_id="bad-2", participants=(VENDOR, Identity(IdentityRole.DATA_OWNER, "other"), DEALER)))
+        party.propose(ALICE, _proposal(deployment, "ok"))
+        with pytest.raises(JobExistsError, match="replay refused"):
+            party.propose(ALICE, _proposal(deployment, "ok"))
+        with pytest.raises(JobExistsError):  # a refused id is burnt too
+            party.propose(ALICE, _proposal(deployment, "bad-weights"))
+        tfp = deployment.job_file.read_text().replace('seed = 0', 'seed = 0\nprovider = "tfp"')
+        with pytest.raises(InvalidRequestError, match="provider = 'tfp'"):
+            party.propose(ALICE, _proposal(deployment, "tfp", job_toml=tfp))
+    finally:
+        party.close(timeout=1)
+
+
+def test_data_owner_checks_dataset_commitment(deployment: Deployment, tmp_path: Path) -> None:
+    party, _ = _party(deployment, "data_owner", tmp_path)
+    try:
+        p = _proposal(deployment)
+        wrong = dataclasses.replace(p.commitments.data, rows=21)
+        with pytest.raises(CommitmentMismatchError, match="rows: proposal says 21, this data owner holds 20"):
+            party.propose(VENDOR, dataclasses.replace(p, commitments=Commitments(model=p.commitments.model, data=wrong)))
+    finally:
+        party.close(timeout=1)
+
+
+def test_start_needs_own_and_other_owner_acceptance_of_same_digests(deployment: Deployment, tmp_path: Path) -> None:
+    runner = EchoRunner()
+    party, peers = _party(deployment, "model_owner", tmp_path, runner=runner)
+    try:
+        p = _proposal(deployment)
+        party.propose(ALICE, p)
+        with pytest.raises(JobStateError, match="cannot start job job-1: it is proposed"):
+            party.start(ALICE, "job-1")
+        with pytest.raises(TermsMismatchError, match="you accepted terms digest"):
+            party.accept(ALICE, "job-1", "e" * 64)
+        party.accept(ALICE, "job-1", p.terms_digest, p.digest())
+        with pytest.raises(JobStateError, match="has not received this job"):
+            party.start(VENDOR, "job-1")
+        peers.answers["hospital", "job-1"] = RemoteStatus(JobState.PROPOSED, "", "")
+        with pytest.raises(JobStateError, match="has not accepted the terms yet"):
+            party.start(ALICE, "job-1")
+        assert party.status(ALICE, "job-1").state is JobState.ACCEPTED
+        peers.answers["hospital", "job-1"] = RemoteStatus(JobState.ACCEPTED, p.terms_digest, p.digest())
+        party.start(ALICE, "job-1")
+        _wait(party, "job-1", JobState.FINISHED)
+        assert runner.calls == ["job-1"]
+        assert [f.name for f in party.artifact_files(ALICE, "job-1")] == ["echo.json", "summary.json"]
+    finally:
+        party.close(timeout=1)
+
+
+def test_digest_mismatch_between_owners_never_starts(deployment: Deployment, tmp_path: Path) -> None:
+    runner = EchoRunner()
+    party, peers = _party(deployment, "dealer", tmp_path, runner=runner)
+    try:
+        p = _proposal(deployment)
+        party.propose(VENDOR, p)
+        party.accept(ALICE, "job-1", p.terms_digest)
+        peers.answers["vendor", "job-1"] = RemoteStatus(JobState.ACCEPTED, p.terms_digest, p.digest())
+        peers.answers["hospital", "job-1"] = RemoteStatus(JobState.ACCEPTED, "a" * 64, p.digest())
+        with pytest.raises(TermsMismatchError, match=f"dealer/dealer accepted {p.terms_digest}, data_owner/hospital accepted a{{64}}"):
+            party.start(ALICE, "job-1")
+        st = party.status(ALICE, "job-1")
+        assert st.state is JobState.FAILED and "never starts" in st.reason
+        with pytest.raises(JobStateError):
+            party.start(ALICE, "job-1")
+        time.sleep(0.3)
+        assert runner.calls == []
+    finally:
+        party.close(timeout=1)
+
+
+def test_queue_is_bounded_fifo_and_cancel(deployment: Deployment, tmp_path: Path) -> None:
+    runner = BlockingRunner()
+    party, peers = _party(deployment, "model_owner", tmp_path, runner=runner, limits={"queue_size": 1})
+    try:
+        for i in range(3):
+            p = _proposal(deployment, f"q{i}")
+            party.propose(ALICE, p)
+            party.accept(ALICE, f"q{i}", p.terms_digest)
+            peers.answers["hospital", f"q{i}"] = RemoteStatus(JobState.ACCEPTED, p.terms_digest, p.digest())
+        party.start(ALICE, "q0")
+        assert runner.started.wait(5)
+        party.start(ALICE, "q1")  # waits in the queue
+        with pytest.raises(BusyError, match="queue of model_owner/vendor is full"):
+            party.start(ALICE, "q2")
+        assert party.status(ALICE, "q2").state is JobState.ACCEPTED
+        party.cancel(ALICE, "q1", "not needed")
+        assert party.status(ALICE, "q1").state is JobState.CANCELLED
+        party.cancel(ALICE, "q0", "")
+        _wait(party, "q0", JobState.CANCELLED)
+        assert "cancelled by operator/alice" in party.status(ALICE, "q0").reason
+        with pytest.raises(JobStateError, match="already cancelled"):
+            party.cancel(ALICE, "q0", "")
+    finally:
+        party.close(timeout=1)
+
+
+def test_restart_keeps_results_and_marks_interrupted_jobs(deployment: Deployment, tmp_path: Path) -> None:
+    runner = EchoRunner()
+    party, peers = _party(deployment, "model_owner", tmp_path, runner=runner)
+    p = _proposal(deployment, "done")
+    party.propose(ALICE, p)
+    party.accept(ALICE, "done", p.terms_digest)
+    peers.answers["hospital", "done"] = RemoteStatus(JobState.ACCEPTED, p.terms_digest, p.digest())
+    party.start(ALICE, "done")
+    _wait(party, "done", JobState.FINISHED)
+    party.close(timeout=1)
+    again, peers2 = _party(deployment, "model_owner", tmp_path, runner=runner)
+    try:
+        st = again.status(ALICE, "done")
+        assert st.state is JobState.FINISHED and st.artifacts == ("echo.json", "summary.json")
+        assert [f.name for f in again.artifact_files(ALICE, "done")] == ["echo.json", "summary.json"]
+        events = list(again.watch(ALICE, "done", 0, active=lambda: True))
+        assert [e.state for e in events][-1] is JobState.FINISHED and any(e.step == 3 for e in events)
+        with pytest.raises(JobExistsError):
+            again.propose(ALICE, p)
+        peers2.answers["hospital", "done"] = RemoteStatus(JobState.FAILED, p.terms_digest, p.digest())
+        with pytest.raises(JobStateError, match="resume needs it cancelled or failed"):
+            again.resume(ALICE, "done")
+    finally:
+        again.close(timeout=1)
+
+
+def test_resume_after_interrupted_run(deployment: Deployment, tmp_path: Path) -> None:
+    runner = BlockingRunner()
+    party, peers = _party(deployment, "model_owner", tmp_path, runner=runner)
+    p = _proposal(deployment, "long")
+    party.propose(ALICE, p)
+    party.accept(ALICE, "long", p.terms_digest)
+    peers.answers["hospital", "long"] = RemoteStatus(JobState.ACCEPTED, p.terms_digest, p.digest())
+    party.start(ALICE, "long")
+    assert runner.started.wait(5)
+    party.close(timeout=2)  # shutdown cancels the running job: resumable
+    assert party.status(ALICE, "long").state is JobState.CANCELLED
+    echo = EchoRunner()
+    again, peers2 = _party(deployment, "model_owner", tmp_path, runner=echo)
+    try:
+        peers2.answers["hospital", "long"] = RemoteStatus(JobState.CANCELLED, p.terms_digest, p.digest())
+        again.resume(ALICE, "long")
+        _wait(again, "long", JobState.FINISHED)
+        st = again.status(ALICE, "long")
+        assert st.attempts == 2 and st.resume_requested
+        assert '"resume": true' in (again.store.artifacts_dir("long") / "echo.json").read_text()
+    finally:
+        again.close(timeout=1)
+
+
+def test_runner_hook_fails_jobs_honestly(deployment: Deployment, tmp_path: Path) -> None:
+    from secfwt.server.runner import MpcJobRunner
+
+    party, peers = _party(deployment, "model_owner", tmp_path, runner=MpcJobRunner())
+    try:
+        p = _proposal(deployment)
+        party.propose(ALICE, p)
+        party.accept(ALICE, "job-1", p.terms_digest)
+        peers.answers["hospital", "job-1"] = RemoteStatus(JobState.ACCEPTED, p.terms_digest, p.digest())
+        party.start(ALICE, "job-1")
+        _wait(party, "job-1", JobState.FAILED)
+        assert "not implemented yet" in party.status(ALICE, "job-1").reason
+    finally:
+        party.close(timeout=1)
+
+
+def test_role_of_participants(deployment: Deployment) -> None:
+    p = _proposal(deployment)
+    assert p.participant(Role.DATA_OWNER) == HOSPITAL
+
+
+def test_progress_streams_are_bounded(deployment: Deployment, tmp_path: Path) -> None:
+    party, _ = _party(deployment, "model_owner", tmp_path, limits={"max_streams": 1})
+    try:
+        party.propose(ALICE, _proposal(deployment, "w"))
+        first = party.watch(ALICE, "w", 0, active=lambda: True, poll_s=0.05)
+        assert next(first).state is JobState.PROPOSED  # holds the only stream slot
+        with pytest.raises(BusyError, match="limits.max_streams"):
+            next(party.watch(ALICE, "w", 0, active=lambda: True))
+        first.close()
+        assert next(party.watch(ALICE, "w", 0, active=lambda: True)).seq == 1
+    finally:
+        party.close(timeout=1)
