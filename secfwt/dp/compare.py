@@ -87,7 +87,7 @@ def run_comparison(cfg: JobConfig, *, epsilons: Sequence[float] = EPSILONS, out_
     rows = _mpc_rows(mpc, runs)
     if not skip_baseline:
         for e in epsilons:
-            run = dataclasses.replace(cfg, dp=dataclasses.replace(cfg.dp, target_epsilon=float(e), noise_multiplier=None))
+            run = dataclasses.replace(cfg, dp=dataclasses.replace(cfg.dp, target_epsilon=float(e), noise_multiplier=None, checkpoint_every=0))
             progress(Role.DATA_OWNER, {"kind": "phase", "phase": f"Opacus DP-SGD baseline at epsilon {e:g} (plaintext)"})
             r = run_dp_baseline(run, on_progress=lambda msg: progress(Role.DATA_OWNER, msg))
             rows.append(

@@ -91,7 +91,7 @@ def run_job_party(ctx: PartyContext, payload: dict[str, Any]) -> dict[str, Any]:
     prompt_len = cfg.zo.soft_prompt_length if cfg.job.mode is Mode.ZO else cfg.cma.prompt_length
     if facts["t"] + prompt_len > spec.max_tokens:
         raise ConfigError(f"model.max_length = {facts['t']} plus a prompt of {prompt_len} exceeds this model's {spec.max_tokens} positions; lower model.max_length")
-    trainable = _trainable(cfg, spec)
+    trainable = trainable_set(cfg, spec)
     seed = sess.joint_seed()
     settings = forward_settings(cfg, seed=cfg.job.seed)
 
@@ -212,7 +212,7 @@ def _public_job_digest(cfg: JobConfig) -> str:
     return hashlib.sha256(json.dumps(public, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _trainable(cfg: JobConfig, spec: ModelSpec) -> TrainableSet:
+def trainable_set(cfg: JobConfig, spec: ModelSpec) -> TrainableSet:
     if cfg.job.mode is Mode.CMA:
         return TrainableSet(shapes=(), new=(), prompt_layer=cfg.cma.prompt_layer)
     z = cfg.zo

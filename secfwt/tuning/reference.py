@@ -16,7 +16,7 @@ from secfwt.models.encoder import EncoderModel, plain_params
 from secfwt.models.ops import PlainOps
 from secfwt.models.spec import ModelSpec, Pooling
 from secfwt.runtime.forward import CachedForward, batch_indices, mean_pool_weights, prefix
-from secfwt.runtime.job import DataOwnerInputs, _trainable, forward_settings
+from secfwt.runtime.job import DataOwnerInputs, forward_settings, trainable_set
 from secfwt.dp.accounting import DPPlan
 from secfwt.dp.zo import NOISE_CONTRIBUTORS
 from secfwt.tuning.spsa import DPZOSettings, SPSASettings, directions, dp_spsa_step, spsa_step
@@ -28,7 +28,7 @@ def plain_zo_run(cfg: JobConfig, *, spec: ModelSpec, state: dict[str, torch.Tens
     both parties' noise drawn from ``dp_seed`` (a plaintext study, not a private run)."""
     ops = PlainOps()
     settings = forward_settings(cfg, seed=cfg.job.seed)
-    trainable = _trainable(cfg, spec)
+    trainable = trainable_set(cfg, spec)
     init = initial_values(spec, state, trainable, seed=cfg.job.seed)
     theta = {n: init[n].to(torch.float64) for n in trainable.names}
     frozen = {k: v for k, v in plain_params(state).items() if k not in trainable.names}
