@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.secfwt-installed
 
-.PHONY: setup run test test-all verify lint clean
+.PHONY: setup run test test-all verify lint clean protos check-protos
 
 # 1. The CPU build of torch first: any open range would pull a multi-GB CUDA build (NOTES.md).
 # 2. secfwt with its real dependencies (pyproject.toml), editable.
@@ -34,7 +34,15 @@ test-all: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra -m ''
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check secfwt tests
+	$(VENV)/bin/ruff check secfwt tests parties
+
+# gRPC stubs of protos/secfwt/v1/*.proto, checked in under secfwt/v1/ (generated with the pinned
+# grpcio-tools of the dev extras). Run after editing a .proto; CI fails if they are stale.
+protos: $(STAMP)
+	$(PY) protos/generate.py
+
+check-protos: $(STAMP)
+	$(PY) protos/generate.py --check
 
 clean:
 	rm -rf $(VENV) build *.egg-info

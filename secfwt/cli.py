@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from secfwt.errors import SecfwtError, exit_code_for
+from secfwt.errors import ConfigError, SecfwtError, exit_code_for
 
 log = logging.getLogger("secfwt")
 
@@ -76,6 +76,56 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dp_baseline(args: argparse.Namespace) -> int:
+    from secfwt.config import load_job
+    from secfwt.dp.baseline import run_dp_baseline
+    from secfwt.roles import Role
+    from secfwt.runtime.progress import ProgressView
+
+    cfg = load_job(args.job, overrides=args.set or ())
+    print(f"dp-baseline: Opacus DP-SGD in plaintext on job {cfg.job.name!r} ({cfg.source}), model {cfg.model.path}")
+    with ProgressView() as view:
+        report = run_dp_baseline(
+            cfg,
+            checkpoint_dir=Path(args.checkpoint_dir) if args.checkpoint_dir else None,
+            resume=args.resume,
+            stop_at_step=args.stop_at_step,
+            on_progress=lambda msg: view.update(Role.DATA_OWNER, msg),
+        )
+    _write_report(report, args.report)
+    r = report
+    print(
+        f"epsilon {r['epsilon']:.4f} (delta {r['delta']:g}, {r['accountant']}) after {r['steps']}/{r['planned_steps']} steps: "
+        f"noise multiplier {r['noise_multiplier']:.4f}, sample rate {r['sample_rate']:.4g}, max grad norm {r['max_grad_norm']:g}"
+    )
+    if r["completed"]:
+        print(f"held-out accuracy: {r['accuracy_before']:.4f} -> {r['accuracy_after']:.4f} ({r['accuracy_gain_points']:+.1f} points) in {r['wall_s']:.0f} s")
+    else:
+        print(f"stopped at step {r['steps']}; continue with --resume --checkpoint-dir {r['checkpoint_dir']}")
+    if args.report:
+        print(f"report: {args.report}")
+    return 0
+
+
+def cmd_dp_compare(args: argparse.Namespace) -> int:
+    from secfwt.dp.compare import load_comparison_job, run_comparison
+    from secfwt.runtime.progress import ProgressView
+
+    cfg = load_comparison_job(args.job, quick=args.quick, overrides=args.set or ())
+    try:
+        epsilons = [float(e) for e in args.epsilons.split(",") if e.strip()]
+    except ValueError as exc:
+        raise ConfigError(f"--epsilons {args.epsilons!r}: expected numbers separated by commas, e.g. 1,3,8") from exc
+    out = Path(args.out)
+    print(f"dp-compare: job {cfg.job.name!r} ({cfg.source}{', --quick' if args.quick else ''}) at epsilon {', '.join(f'{e:g}' for e in epsilons)}; writing {out}/")
+    with ProgressView() as view:
+        report = run_comparison(cfg, epsilons=epsilons, out_dir=out, on_progress=view.update, skip_baseline=args.skip_baseline)
+    _write_report(report, args.report)
+    print((out / "dp-compare.md").read_text())
+    print(f"report: {out}/dp-compare.json, {out}/dp-compare.md, {out}/dp-compare.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="secfwt", description="Privacy-preserving multi-party forward-only fine-tuning (CrypTen MPC).")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -101,6 +151,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a job setting, e.g. --set zo.steps=10")
     s.add_argument("--insecure-dev", action="store_true", help="allow job.provider = 'tfp'; development only")
     s.set_defaults(func=cmd_simulate)
+    d = sub.add_parser("dp-baseline", help="non-MPC baseline: Opacus DP-SGD in plaintext on the job's model, data and trainable set")
+    d.add_argument("job", help="job TOML (its [dp] section sets the privacy budget)")
+    d.add_argument("--report", help="write the JSON report here")
+    d.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a job setting, e.g. --set dp.target_epsilon=3")
+    d.add_argument("--checkpoint-dir", help="write checkpoints here (every dp.checkpoint_every steps, on stop and at the end)")
+    d.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --checkpoint-dir")
+    d.add_argument("--stop-at-step", type=int, metavar="N", help="stop after step N (checkpoint written); continue later with --resume")
+    d.set_defaults(func=cmd_dp_baseline)
+
+    c = sub.add_parser("dp-compare", help="accuracy vs epsilon: ZO and DP-ZO in MPC against the Opacus DP-SGD baseline")
+    c.add_argument("job", nargs="?", help="job TOML (default: the packaged comparison job secfwt/jobs/dp_compare.toml)")
+    c.add_argument("--epsilons", default="1,3,8", help="comma-separated target epsilons (default 1,3,8)")
+    c.add_argument("--quick", action="store_true", help="fewer rows, shorter reviews, fewer steps: a few minutes")
+    c.add_argument("--out", default="dp-compare", help="folder for dp-compare.json, .md and .png (default ./dp-compare)")
+    c.add_argument("--report", help="also write the JSON report here")
+    c.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a job setting")
+    c.add_argument("--skip-baseline", action="store_true", help="MPC runs only (no Opacus)")
+    c.set_defaults(func=cmd_dp_compare)
+
+    from secfwt.server.cli import register as register_server_commands  # party, job, certs
+
+    register_server_commands(sub)
     return p
 
 

@@ -31,17 +31,30 @@ touches its global config. Every adaptation says what breaks without it.
    every encrypted tensor (0.17 ms each under load; about 40% of LayerNorm's time).
    secfwt never enables validation mode, so :func:`_install_fast_getattribute` restores the
    unwrapped method.
+7. CrypTen's communicator is torch.distributed/gloo, plaintext on the wire in this torch build
+   (no gloo TLS; seeds and triple shares cross it in the clear, NOTES.md). The class is
+   hard-wired: ``crypten.communicator``'s ``get``/``_init``/``uninit``/``is_initialized``
+   look up the module-level name ``DistributedCommunicator``, and the TTP provider calls
+   ``torch.distributed`` directly (``isend``/``irecv``/``barrier`` when it hands out the
+   dealer's PRG seeds). :func:`init_party` with ``transport=Transport.TLS`` binds that name to
+   :class:`secfwt.mpc.transport.communicator.MeshCommunicator` (mutually authenticated TLS
+   gRPC streams) and :func:`_install_ttp_transport` replaces ``ttp_provider.dist`` with a
+   stand-in that sends those three calls over the mesh when their group is a mesh group and
+   to ``torch.distributed`` otherwise, so gloo runs execute exactly CrypTen's code.
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
 import logging
 import sys
 import types
 from typing import Any
 
 import torch
+
+from secfwt.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +242,138 @@ _install_fast_getattribute()
 # End of adaptation 6.
 
 
+# ---------------------------------------------------------------------------------------------
+# Adaptation 7: selectable MPC transport; the TTP's direct torch.distributed calls follow it.
+# ---------------------------------------------------------------------------------------------
+from secfwt.mpc.transport import TlsSettings, Transport  # noqa: E402
+
+_GLOO_COMMUNICATOR = crypten_comm.DistributedCommunicator
+_active_transport = Transport.GLOO
+
+
+class _TransportDist(types.ModuleType):
+    """Stands in for ``torch.distributed`` inside ``crypten.mpc.provider.ttp_provider``.
+
+    ``isend``/``irecv``/``barrier`` on a mesh group (TLS transport) go through the active
+    :class:`MeshCommunicator` without CrypTen's accounting (gloo's direct calls are not
+    counted either); every other call and every gloo group reach ``torch.distributed``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("secfwt_ttp_dist", "torch.distributed, or the TLS mesh for mesh groups")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch.distributed, name)
+
+    @staticmethod
+    def _mesh(group: Any) -> Any:
+        if _active_transport is Transport.TLS:
+            from secfwt.mpc.transport.communicator import MeshGroup
+
+            if isinstance(group, MeshGroup):
+                return crypten.communicator.get()
+        return None
+
+    def isend(self, tensor: Any, dst: int, group: Any = None, tag: int = 0) -> Any:
+        mesh = self._mesh(group)
+        if mesh is None:
+            return torch.distributed.isend(tensor, dst, group=group, tag=tag)
+        return mesh.p2p_isend(tensor, dst, group)
+
+    def irecv(self, tensor: Any, src: int | None = None, group: Any = None, tag: int = 0) -> Any:
+        mesh = self._mesh(group)
+        if mesh is None:
+            return torch.distributed.irecv(tensor, src=src, group=group, tag=tag)
+        return mesh.p2p_irecv(tensor, src, group)
+
+    def barrier(self, group: Any = None, **kwargs: Any) -> Any:
+        mesh = self._mesh(group)
+        if mesh is None:
+            return torch.distributed.barrier(group=group, **kwargs)
+        return mesh.group_barrier(group)
+
+
+def _install_ttp_transport() -> None:
+    if not isinstance(_ttp_provider.dist, _TransportDist):
+        _ttp_provider.dist = _TransportDist()  # type: ignore[attr-defined]
+
+
+def _select_transport(transport: Transport, *, rank: int, world_size: int, tls: TlsSettings | None) -> None:
+    """Make the next ``crypten.init()`` build the communicator of ``transport`` (adaptation 7)."""
+    global _active_transport
+    if transport is Transport.TLS:
+        if tls is None:
+            raise ConfigError("transport 'tls' needs TLS settings (certificates, peers); see secfwt.mpc.transport.tls_settings")
+        from secfwt.mpc.transport.communicator import MeshCommunicator
+
+        MeshCommunicator.prepare(rank=rank, world_size=world_size, settings=tls)
+        crypten_comm.DistributedCommunicator = MeshCommunicator  # type: ignore[misc]
+    else:
+        crypten_comm.DistributedCommunicator = _GLOO_COMMUNICATOR  # type: ignore[misc]
+    _active_transport = transport
+
+
+def active_transport() -> Transport:
+    """The transport this process's CrypTen session uses (or will use at ``crypten.init``)."""
+    return _active_transport
+
+
+_install_ttp_transport()
+# ---------------------------------------------------------------------------------------------
+# End of adaptation 7.
+# ---------------------------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixed seeds for reproducibility tests only (not an adaptation: CrypTen's own manual_seed needs
+# its debug mode). Production never sets them: seeds then come from os.urandom (CrypTen), secrets
+# (joint seed) and torch's default generator, which torch seeds from the OS (the dealer's seeds).
+# ---------------------------------------------------------------------------------------------
+_insecure_fixed_seed: int | None = None
+_fixed_draws: dict[str, int] = {}
+
+
+def _derived_seed(label: str) -> int:
+    digest = hashlib.sha256(f"secfwt-test-seed/{_insecure_fixed_seed}/{label}".encode()).digest()
+    return int.from_bytes(digest[:8], "little", signed=True)
+
+
+def insecure_fixed_bytes(label: str, n: int = 32) -> bytes | None:
+    """Test-only deterministic stand-in for ``secrets.token_bytes(n)``; None in production.
+
+    Returns None unless this party was started with ``insecure_fixed_seed``; each call with the
+    same label gives the next value of a deterministic stream, so repeated draws still differ.
+    """
+    if _insecure_fixed_seed is None:
+        return None
+    k = _fixed_draws.get(label, 0)
+    _fixed_draws[label] = k + 1
+    out = b""
+    i = 0
+    while len(out) < n:
+        out += hashlib.sha256(f"secfwt-test-bytes/{_insecure_fixed_seed}/{label}/{k}/{i}".encode()).digest()
+        i += 1
+    return out[:n]
+
+
+def _fix_seeds(rank: int, world_size: int) -> None:
+    """Replace the random PRG seeds of this party by ones derived from the test seed.
+
+    Computing parties: CrypTen's pairwise prev/next, local and global generators (consistent
+    across parties exactly as ``crypten._setup_prng`` makes them). Dealer: torch's default
+    generator, from which ``TTPServer`` draws the per-party seeds it then sends.
+    """
+    if rank >= world_size:
+        torch.manual_seed(_derived_seed("dealer") & (2**63 - 1))
+        return
+    nxt, prv = (rank + 1) % world_size, (rank - 1) % world_size
+    for device in crypten.generators["prev"]:
+        crypten.generators["prev"][device].manual_seed(_derived_seed(f"pair/{prv}/{rank}"))
+        crypten.generators["next"][device].manual_seed(_derived_seed(f"pair/{rank}/{nxt}"))
+        crypten.generators["local"][device].manual_seed(_derived_seed(f"local/{rank}"))
+        crypten.generators["global"][device].manual_seed(_derived_seed("global"))
+
+
 def configure(*, provider: Provider, comm_stats: bool = True) -> None:
     """Set CrypTen's global options. The only writer of ``crypten.cfg`` in secfwt."""
     crypten.cfg.mpc.provider = provider.value
@@ -241,32 +386,68 @@ def load_closure(f: Any) -> Any:
     return torch.load(f, weights_only=False)
 
 
-__all__ = ["Provider", "configure", "crypten", "load_closure", "ring_matmul_enabled", "set_ring_matmul"]
+__all__ = [
+    "Provider",
+    "Transport",
+    "active_transport",
+    "configure",
+    "crypten",
+    "insecure_fixed_bytes",
+    "load_closure",
+    "ring_matmul_enabled",
+    "set_ring_matmul",
+]
 
 
-def init_party(*, rank: int, world_size: int, rendezvous: str, provider: Provider, comm_stats: bool = True) -> None:
-    """Join the MPC session of this process: set CrypTen's config, then ``crypten.init``.
+def init_party(
+    *,
+    rank: int,
+    world_size: int,
+    provider: Provider,
+    rendezvous: str = "",
+    comm_stats: bool = True,
+    transport: Transport = Transport.GLOO,
+    tls: TlsSettings | None = None,
+    insecure_fixed_seed: int | None = None,
+) -> None:
+    """Join the MPC session of this process: set CrypTen's config, the transport, then ``crypten.init``.
 
-    CrypTen reads its rendezvous from environment variables; they are set here, in the party's
-    own process, and nowhere else.
+    ``transport``: :attr:`Transport.GLOO` (``rendezvous`` is its torch.distributed init URL,
+    e.g. ``file:///tmp/x``; plaintext, trusted networks only) or :attr:`Transport.TLS`
+    (``tls`` from :func:`secfwt.mpc.transport.tls_settings`, or the launcher's local bundle).
+    CrypTen reads gloo's rendezvous from environment variables; they are set here, in the
+    party's own process, and nowhere else.
+
+    ``insecure_fixed_seed`` is for reproducibility tests only: it replaces every random seed
+    of the MPC session (CrypTen's PRGs, the dealer's, secfwt's joint seed) by values derived
+    from it, so anyone who knows it can unmask the shares. Never set it on real data.
     """
     import os
 
-    os.environ.update(
-        {
-            "WORLD_SIZE": str(world_size),
-            "RANK": str(rank),
-            "RENDEZVOUS": rendezvous,
-            "DISTRIBUTED_BACKEND": "gloo",
-        }
-    )
+    global _insecure_fixed_seed
+    if transport is Transport.GLOO:
+        if not rendezvous:
+            raise ConfigError("transport 'gloo' needs a rendezvous URL (e.g. file:///tmp/secfwt-rdv)")
+        os.environ.update({"WORLD_SIZE": str(world_size), "RANK": str(rank), "RENDEZVOUS": rendezvous, "DISTRIBUTED_BACKEND": "gloo"})
+        if rank == 0 and not rendezvous.startswith("file://"):
+            # A file rendezvous means one machine; anything else may cross a network.
+            log.warning("MPC transport gloo: shares and seeds cross the network in plaintext; use transport 'tls' between hosts")
+    _select_transport(transport, rank=rank, world_size=world_size, tls=tls)
     configure(provider=provider, comm_stats=comm_stats)
     if provider is Provider.TFP:
         log.warning(
             "INSECURE: the TFP provider lets the model owner (rank 0) generate every Beaver triple "
             "and so learn the data owner's inputs. Development only."
         )
+    _insecure_fixed_seed = insecure_fixed_seed
+    _fixed_draws.clear()
+    if insecure_fixed_seed is not None and rank >= world_size:
+        _fix_seeds(rank, world_size)  # before TTPServer draws the seeds it hands out
     crypten.init()
+    if insecure_fixed_seed is not None:
+        log.warning("INSECURE: fixed test seeds (insecure_fixed_seed); every share is predictable. Tests only.")
+        if rank < world_size:
+            _fix_seeds(rank, world_size)
 
 
 def run_dealer() -> None:
@@ -277,6 +458,10 @@ def run_dealer() -> None:
         # TTPServer calls crypten.init() again on an initialised dealer; harmless, and noisy.
         warnings.filterwarnings("ignore", message="CrypTen is already initialized", category=RuntimeWarning)
         crypten.mpc.provider.TTPServer()
+    if _active_transport is Transport.TLS:
+        # Close the dealer's streams in order, so the computing parties' shutdown need not wait
+        # for them to time out (gloo needs nothing: the process just exits).
+        crypten.uninit()
 
 
 def communication_stats() -> dict[str, int]:

@@ -1,1 +1,1 @@
-"""What CrypTen lacks: launcher, disclosure, range-safe nonlinearities, attention, ring matmul."""
+"""What CrypTen lacks: launcher, transports (gloo, TLS gRPC), disclosure, range-safe nonlinearities, attention, ring matmul."""

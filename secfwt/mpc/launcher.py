@@ -12,6 +12,11 @@ provider is selected. The parent:
 
 This mirrors CrypTen's ``run_multiprocess`` (one protocol code, several runtimes) without its
 unbounded joins and with spawn instead of fork, so no CrypTen state leaks from the parent.
+
+Transport: gloo on loopback by default; ``transport=Transport.TLS`` runs the same parties over
+the mutually authenticated TLS mesh with a throwaway CA and per-role certificates created in
+the run's temporary folder (:func:`secfwt.mpc.transport.ephemeral_tls_bundle`), each party
+listening on 127.0.0.1 port 0 and finding its peers through files in that folder.
 """
 
 from __future__ import annotations
@@ -26,10 +31,11 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from secfwt.errors import PartyFailedError, ProtocolError, SecfwtError
+from secfwt.mpc.transport import TlsSettings, Transport, ephemeral_tls_bundle
 from secfwt.roles import COMPUTING_ROLES, Role
 
 log = logging.getLogger(__name__)
@@ -72,6 +78,9 @@ def _child_main(
     results: mp.Queue[Any],
     parent_pid: int,
     log_level: int,
+    transport: Transport = Transport.GLOO,
+    tls: TlsSettings | None = None,
+    insecure_fixed_seed: int | None = None,
 ) -> None:
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
     logging.basicConfig(level=log_level, format=f"%(asctime)s {role.value:<11} %(levelname)s %(name)s: %(message)s")
@@ -90,6 +99,9 @@ def _child_main(
             rendezvous=rendezvous,
             provider=crypten_compat.Provider(provider_value),
             comm_stats=comm_stats,
+            transport=transport,
+            tls=tls,
+            insecure_fixed_seed=insecure_fixed_seed,
         )
         if role is Role.DEALER:
             crypten_compat.run_dealer()
@@ -123,6 +135,9 @@ def run_parties(
     comm_stats: bool = True,
     on_message: Callable[[Role, Any], None] | None = None,
     messages: mp.Queue[Any] | None = None,
+    transport: Transport = Transport.GLOO,
+    tls: Mapping[Role, TlsSettings] | None = None,
+    insecure_fixed_seed: int | None = None,
 ) -> dict[Role, PartyResult]:
     """Run ``target`` once per computing party in its own process, plus the dealer if needed.
 
@@ -132,6 +147,10 @@ def run_parties(
     (or the failing party's own :class:`SecfwtError`) on failure, :class:`ProtocolError` on
     timeout. ``messages``/``on_message``: an optional queue the parties write progress to
     (created with :func:`new_queue`) and a callback the parent runs for each message.
+    ``transport``: gloo on loopback (default) or the TLS mesh (see the module docstring);
+    ``tls`` gives each role's TLS settings instead of the throwaway local bundle.
+    ``insecure_fixed_seed``: tests only, makes every MPC seed predictable
+    (:func:`secfwt.crypten_compat.init_party`).
     """
     from secfwt.crypten_compat import Provider
 
@@ -141,6 +160,9 @@ def run_parties(
     roles = list(COMPUTING_ROLES) + ([Role.DEALER] if provider is Provider.TTP else [])
     with tempfile.TemporaryDirectory(prefix="secfwt-rdv-") as tmp:
         rendezvous = "file://" + os.path.join(tmp, "rendezvous")
+        if transport is Transport.TLS and tls is None:
+            tls = _local_tls(tmp, roles)
+        tls = tls or {}
         procs: dict[Role, mp.process.BaseProcess] = {}
         for role in roles:
             procs[role] = ctx.Process(
@@ -157,6 +179,9 @@ def run_parties(
                     results,
                     os.getpid(),
                     logging.getLogger().getEffectiveLevel(),
+                    transport,
+                    tls.get(role),
+                    insecure_fixed_seed,
                 ),
             )
         try:
@@ -172,6 +197,28 @@ def run_parties(
                 if p.is_alive():
                     p.kill()
                     p.join(timeout=5)
+
+
+def _local_tls(tmp: str, roles: list[Role]) -> dict[Role, TlsSettings]:
+    """TLS settings for parties on this machine: throwaway certificates, ports found by files."""
+    import secrets
+    from pathlib import Path
+
+    bundle = ephemeral_tls_bundle(Path(tmp) / "tls", roles=roles)
+    mesh_dir = Path(tmp) / "mesh"
+    mesh_dir.mkdir()
+    session = secrets.token_hex(16)
+    return {
+        role: TlsSettings(
+            ca_cert=bundle.ca_cert,
+            cert=bundle.certs[role],
+            key=bundle.keys[role],
+            session_id=session,
+            listen="127.0.0.1:0",
+            rendezvous_dir=mesh_dir,
+        )
+        for role in roles
+    }
 
 
 def new_queue() -> mp.Queue[Any]:

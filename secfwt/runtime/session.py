@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from secfwt.crypten_compat import crypten
+from secfwt.crypten_compat import crypten, insecure_fixed_bytes
 from secfwt.errors import FixedPointRangeError, ProtocolError
 from secfwt.models.ops import SecureOps
 from secfwt.models.spec import ModelSpec
@@ -62,7 +62,8 @@ class PartySession:
         Each party commits SHA-256(r_i) before seeing the other's r_j, so neither can bias the
         result (Blum's coin flipping by telephone, 1983). The seed is public to both parties.
         """
-        mine = secrets.token_bytes(32)
+        # Tests of bit-identical reruns start the parties with insecure_fixed_seed; otherwise None.
+        mine = insecure_fixed_bytes(f"joint_seed/{self.role.value}") or secrets.token_bytes(32)
         commit = hashlib.sha256(mine).hexdigest()
         c0 = self.broadcast(commit, src=Role.MODEL_OWNER)
         c1 = self.broadcast(commit, src=Role.DATA_OWNER)

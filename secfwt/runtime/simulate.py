@@ -33,8 +33,18 @@ def provider_for(cfg: JobConfig, *, insecure_dev: bool) -> Provider:
     return Provider.TTP
 
 
-def run_simulation(cfg: JobConfig, *, insecure_dev: bool = False, on_progress: Callable[[Role, dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Run the job with one process per role; return the report (also written to the run folder)."""
+def run_simulation(
+    cfg: JobConfig,
+    *,
+    insecure_dev: bool = False,
+    on_progress: Callable[[Role, dict[str, Any]], None] | None = None,
+    insecure_fixed_seed: int | None = None,
+) -> dict[str, Any]:
+    """Run the job with one process per role; return the report (also written to the run folder).
+
+    ``insecure_fixed_seed`` is for reproducibility tests only (every MPC seed predictable; see
+    :func:`secfwt.crypten_compat.init_party`); the CLI never sets it.
+    """
     provider = provider_for(cfg, insecure_dev=insecure_dev)
     model_dir = resolve_model_path(cfg.model.path)
     if cfg.dp.enabled:
@@ -52,6 +62,8 @@ def run_simulation(cfg: JobConfig, *, insecure_dev: bool = False, on_progress: C
         timeout_s=cfg.run.timeout_s,
         messages=progress,
         on_message=on_progress or (lambda role, msg: None),
+        transport=cfg.run.transport,
+        insecure_fixed_seed=insecure_fixed_seed,
     )
     wall = time.perf_counter() - t0
     do = results[Role.DATA_OWNER].value
@@ -64,6 +76,7 @@ def run_simulation(cfg: JobConfig, *, insecure_dev: bool = False, on_progress: C
         "attention": cfg.model.attention.value,
         "embedding": cfg.model.embedding.value,
         "provider": provider.value,
+        "transport": cfg.run.transport.value,
         "accuracy_before": do["accuracy_before"],
         "accuracy_after": do["accuracy_after"],
         "accuracy_gain_points": None if do["accuracy_before"] is None else 100.0 * (do["accuracy_after"] - do["accuracy_before"]),
