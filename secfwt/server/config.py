@@ -273,17 +273,9 @@ class ClientSection:
     timeout_s: float = 30.0
 
 
-@dataclasses.dataclass(frozen=True)
-class ClientParty:
-    """A daemon the client knows: dialled with its identity as the TLS target name (pinned)."""
-
-    id: str
-    role: Role
-    address: str
-
-    @property
-    def identity(self) -> Identity:
-        return Identity(IdentityRole.of(self.role), self.id)
+#: A daemon the client knows: dialled with its identity as the TLS target name (pinned); the
+#: same fields as a daemon's pinned peer.
+ClientParty = PeerEntry
 
 
 @dataclasses.dataclass(frozen=True)
