@@ -48,7 +48,7 @@ def test_one_example_moves_the_noiseless_sum_by_at_most_the_clip_norm():
     """The sensitivity the accountant assumes: add one (adversarial) row, the summed q-vector
     changes by <= C in L2, however large that row's loss differences are."""
     x, y = _problem()
-    x_big = torch.cat([x, 1e3 * torch.randn(1, 4, dtype=torch.float64)])
+    x_big = torch.cat([x, 1e3 * torch.randn(1, 4, generator=torch.Generator().manual_seed(9), dtype=torch.float64)])
     y_big = torch.cat([y, torch.tensor([2])])
     q, clip_norm = 8, 0.7
     us = directions(seed=2, step=0, shapes=SHAPES, count=q)
@@ -94,9 +94,10 @@ def test_mpc_dp_zo_step_matches_plaintext():
     us = directions(seed=4, step=0, shapes=SHAPES, count=q)
     s = SPSASettings(lr=0.5, eps=0.05, directions=q)
     dp = DPZOSettings(clip=1.0, expected_batch=6.0)
-    theta = {"w": 0.3 * torch.randn(3, 4, dtype=torch.float64), "b": 0.1 * torch.randn(3, dtype=torch.float64)}
+    g = torch.Generator().manual_seed(5)  # fixed inputs: the test is deterministic
+    theta = {"w": 0.3 * torch.randn(3, 4, generator=g, dtype=torch.float64), "b": 0.1 * torch.randn(3, generator=g, dtype=torch.float64)}
     mask = torch.tensor([1, 0, 1, 1, 0, 1, 1, 0, 1, 1], dtype=torch.float64)
-    n_mo, n_do = 0.8 * torch.randn(q, dtype=torch.float64), 0.8 * torch.randn(q, dtype=torch.float64)
+    n_mo, n_do = 0.8 * torch.randn(q, generator=g, dtype=torch.float64), 0.8 * torch.randn(q, generator=g, dtype=torch.float64)
     ref, g_ref, loss_ref = dp_spsa_step(_example_losses(x, y), theta, us=us, settings=s, dp=dp, mask=mask, noises=[n_mo, n_do], clip=torch.clamp, cast=lambda t: t.double())
     common = {"us": us, "settings": s, "dp": dp, "q": q}
     payloads = {
@@ -110,4 +111,4 @@ def test_mpc_dp_zo_step_matches_plaintext():
     assert abs(float(out["loss"]) - float(loss_ref)) < 1e-3
     for n in ref:
         assert (out[n].double() - ref[n]).abs().max() < 5e-3
-        assert (ref[n] - theta[n]).abs().max() > 0.05  # the step really moved them
+        assert (ref[n] - theta[n]).abs().max() > 4 * 5e-3  # the step moved them well beyond the tolerance
