@@ -222,20 +222,13 @@ def trainable_set(cfg: JobConfig, spec: ModelSpec) -> TrainableSet:
 def _tune_zo(cfg: JobConfig, runner: CachedForward, sess: PartySession, theta: dict[str, Any], trainable: TrainableSet, *, seed: int, n_train: int, progress: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     z = cfg.zo
     settings = SPSASettings(lr=z.lr, eps=z.eps, directions=z.directions)
-    loss_to = sess.discloser.terms.recipients(Revealable.TRAIN_LOSS)
-    history = []
-    t0 = time.perf_counter()
-    for step in range(z.steps):
+
+    def step_fn(step: int, theta: dict[str, Any], us: list[dict[str, torch.Tensor]]) -> tuple[dict[str, Any], Any]:
         idx = batch_indices(seed=seed, n_train=n_train, batch=z.batch_size, step=step)
-        us = directions(seed=seed, step=step, shapes=trainable.shapes, count=z.directions)
-        theta, _gs, mean_loss = spsa_step(lambda ps, idx=idx: runner.losses(ps, idx), theta, us=us, settings=settings)
-        loss = None
-        if loss_to:
-            v = sess.discloser.reveal(mean_loss, value=Revealable.TRAIN_LOSS, to=loss_to, note=f"step {step}")
-            loss = None if v is None else float(v)
-        history.append({"step": step + 1, "loss": loss})
-        progress(kind="step", step=step + 1, total=z.steps, loss=loss, elapsed=time.perf_counter() - t0)
-    return theta, history
+        new, _gs, mean_loss = spsa_step(lambda ps: runner.losses(ps, idx), theta, us=us, settings=settings)
+        return new, mean_loss
+
+    return _zo_loop(cfg, sess, theta, trainable, seed=seed, progress=progress, step_fn=step_fn)
 
 
 def _tune_dp_zo(cfg: JobConfig, runner: CachedForward, sess: PartySession, theta: dict[str, Any], trainable: TrainableSet, plan: Any, *, seed: int, n_train: int, progress: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -250,16 +243,27 @@ def _tune_dp_zo(cfg: JobConfig, runner: CachedForward, sess: PartySession, theta
     dp = DPZOSettings(clip=plan.max_grad_norm, expected_batch=plan.expected_batch)
     coins = PrivateRandomness()
     rows = list(range(n_train))
-    loss_to = sess.discloser.terms.recipients(Revealable.TRAIN_LOSS)
     noise_std = plan.noise_multiplier * plan.max_grad_norm
+
+    def step_fn(step: int, theta: dict[str, Any], us: list[dict[str, torch.Tensor]]) -> tuple[dict[str, Any], Any]:
+        mine = sess.role is Role.DATA_OWNER
+        mask = sess.share(coins.poisson_mask(n_train, plan.sample_rate) if mine else None, owner=Role.DATA_OWNER, shape=(n_train,), name="Poisson sample")
+        noises = [sess.share(coins.gaussian(z.directions, noise_std) if sess.role is r else None, owner=r, shape=(z.directions,), name=f"DP noise of the {r.value}") for r in (Role.MODEL_OWNER, Role.DATA_OWNER)]
+        new, _g, mean_loss = dp_spsa_step(lambda ps: runner.example_losses(ps, rows), theta, us=us, settings=settings, dp=dp, mask=mask, noises=noises, clip=clip)
+        return new, mean_loss
+
+    return _zo_loop(cfg, sess, theta, trainable, seed=seed, progress=progress, step_fn=step_fn)
+
+
+def _zo_loop(cfg: JobConfig, sess: PartySession, theta: dict[str, Any], trainable: TrainableSet, *, seed: int, progress: Any, step_fn: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The steps of either ZO tuner: public directions, one update, the loss revealed per terms."""
+    z = cfg.zo
+    loss_to = sess.discloser.terms.recipients(Revealable.TRAIN_LOSS)
     history = []
     t0 = time.perf_counter()
     for step in range(z.steps):
         us = directions(seed=seed, step=step, shapes=trainable.shapes, count=z.directions)
-        mine = sess.role is Role.DATA_OWNER
-        mask = sess.share(coins.poisson_mask(n_train, plan.sample_rate) if mine else None, owner=Role.DATA_OWNER, shape=(n_train,), name="Poisson sample")
-        noises = [sess.share(coins.gaussian(z.directions, noise_std) if sess.role is r else None, owner=r, shape=(z.directions,), name=f"DP noise of the {r.value}") for r in (Role.MODEL_OWNER, Role.DATA_OWNER)]
-        theta, _g, mean_loss = dp_spsa_step(lambda ps: runner.example_losses(ps, rows), theta, us=us, settings=settings, dp=dp, mask=mask, noises=noises, clip=clip)
+        theta, mean_loss = step_fn(step, theta, us)
         loss = None
         if loss_to:
             v = sess.discloser.reveal(mean_loss, value=Revealable.TRAIN_LOSS, to=loss_to, note=f"step {step}")
