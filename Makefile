@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.secfwt-installed
 
-.PHONY: setup run test test-all verify lint clean protos check-protos
+.PHONY: setup run test test-all verify lint clean protos check-protos system-deps
 
 # 1. The CPU build of torch first: any open range would pull a multi-GB CUDA build (NOTES.md).
 # 2. secfwt with its real dependencies (pyproject.toml), editable.
@@ -27,10 +27,21 @@ setup: $(STAMP)
 run: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/secfwt simulate --report simulate-report.json
 
-test: $(STAMP)
+# Packet capture for the multi-host tests (tests/server/test_multihost.py): Debian's tcpdump and
+# tshark, installed when missing and apt-get can run (root); otherwise those tests skip and say why.
+system-deps:
+	@if ! command -v tshark >/dev/null || ! command -v tcpdump >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "secfwt: installing tcpdump and tshark (packet capture for the multi-host tests)"; \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -q tcpdump tshark >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q tcpdump tshark >/dev/null; }; \
+	  else echo "secfwt: tcpdump/tshark missing and not installable here (needs root and apt-get); capture tests will skip"; fi; \
+	fi
+
+test: $(STAMP) system-deps
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra
 
-test-all: $(STAMP)
+test-all: $(STAMP) system-deps
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra -m ''
 
 lint: $(STAMP)

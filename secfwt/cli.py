@@ -61,12 +61,21 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     cfg = load_job(args.job, overrides=args.set or ())
     if args.insecure_dev:
         print("WARNING: --insecure-dev: development shortcuts are allowed for this run; never use it with real data.", file=sys.stderr)
+    if args.resume and not args.checkpoint_dir:
+        raise ConfigError("--resume needs --checkpoint-dir (the folder the interrupted run checkpointed into)")
+    if args.checkpoint_every < 1:
+        raise ConfigError(f"--checkpoint-every = {args.checkpoint_every}: must be >= 1")
+    if args.insecure_fixed_seed is not None:
+        print("WARNING: --insecure-fixed-seed: every MPC seed is derived from a known number, so every share is predictable; reproducibility tests only.", file=sys.stderr)
     print(f"simulate: job {cfg.job.name!r} ({cfg.source}), mode {cfg.job.mode.value}, model {cfg.model.path}")
     print("disclosure terms accepted by both owners:")
     for line in cfg.terms.describe():
         print(f"  - {line}")
     with ProgressView() as view:
-        report = run_simulation(cfg, insecure_dev=args.insecure_dev, on_progress=view.update)
+        report = run_simulation(
+            cfg, insecure_dev=args.insecure_dev, on_progress=view.update, insecure_fixed_seed=args.insecure_fixed_seed,
+            checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
+        )
     _write_report(report, args.report)
     b, a = report["accuracy_before"], report["accuracy_after"]
     print(f"held-out accuracy: {b:.4f} -> {a:.4f} ({report['accuracy_gain_points']:+.1f} points) after {report['steps']} steps in {report['wall_s']:.0f} s")
@@ -126,6 +135,30 @@ def cmd_dp_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from secfwt.bench.progress import BenchProgress
+    from secfwt.bench.report import write_outputs
+    from secfwt.bench.suite import BenchPlan, parse_names, run_suite
+
+    names = parse_names(args.names)
+    plan = BenchPlan.quick_plan() if args.quick else BenchPlan.full()
+    print(f"bench: {', '.join(n.value for n in names)}{' (--quick)' if args.quick else ''}; writing {args.out}/", flush=True)
+    with BenchProgress() as view:
+        report = run_suite(names, plan, on_case=view.case)
+    files = write_outputs(report, Path(args.out))
+    _write_report(report, args.report)
+    for t in report["targets"]:
+        status = {True: "met", False: "MISSED", None: "not run"}[t["passed"]]
+        value = "-" if t["value"] is None else f"{t['value']:.3g}"
+        print(f"  {t['key']:<28} {value:>8}   target {'>=' if t['at_least'] else '<='} {t['threshold']:g}: {status}")
+    print(f"done in {report['duration_s']:.0f} s; " + ", ".join(files.values()))
+    missed = [t["key"] for t in report["targets"] if t["passed"] is False]
+    if args.check and missed:
+        print(f"secfwt: bench --check: targets missed: {', '.join(missed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="secfwt", description="Privacy-preserving multi-party forward-only fine-tuning (CrypTen MPC).")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -150,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--report", help="also write the JSON report here")
     s.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a job setting, e.g. --set zo.steps=10")
     s.add_argument("--insecure-dev", action="store_true", help="allow job.provider = 'tfp'; development only")
+    s.add_argument("--insecure-fixed-seed", type=int, metavar="N", help="TESTS ONLY: every MPC seed derived from N (bit-for-bit reproducible, e.g. to compare with party daemons run with the same flag); every share is predictable")
+    s.add_argument("--checkpoint-dir", help="each party checkpoints its own state into DIR/ROLE (shares only, never plaintext secrets)")
+    s.add_argument("--checkpoint-every", type=int, default=10, metavar="N", help="checkpoint after every N tuning steps (default 10)")
+    s.add_argument("--resume", action="store_true", help="continue from the latest step both parties checkpointed in --checkpoint-dir")
     s.set_defaults(func=cmd_simulate)
     d = sub.add_parser("dp-baseline", help="non-MPC baseline: Opacus DP-SGD in plaintext on the job's model, data and trainable set")
     d.add_argument("job", help="job TOML (its [dp] section sets the privacy budget)")
@@ -169,6 +206,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a job setting")
     c.add_argument("--skip-baseline", action="store_true", help="MPC runs only (no Opacus)")
     c.set_defaults(func=cmd_dp_compare)
+
+    b = sub.add_parser("bench", help="MPC cost benchmarks: time, bytes, rounds, memory per party; LAN/WAN projections")
+    b.add_argument("names", nargs="*", metavar="NAME", help="sub-benchmarks: forward, attention, fot-vs-backprop, vanilla, transport (default: all)")
+    b.add_argument("--quick", action="store_true", help="shorter sequences and smaller batches: a few minutes")
+    b.add_argument("--out", default="bench-results", help="folder for bench.json, bench.md and the plots (default ./bench-results)")
+    b.add_argument("--report", help="also write the JSON report here")
+    b.add_argument("--check", action="store_true", help="exit 1 when a performance target of issue 4 is missed")
+    b.set_defaults(func=cmd_bench)
 
     from secfwt.server.cli import register as register_server_commands  # party, job, certs
 

@@ -19,9 +19,9 @@ touches its global config. Every adaptation says what breaks without it.
    integers: a private x private ``[7424x384] @ [384x384]`` took about 12 s under TTP.
    :func:`_install_ring_matmul` routes the int64 matmuls of the Beaver protocol and of the
    TTP dealer through :func:`secfwt.mpc.ring.ring_matmul` (exact, bit-identical, float64
-   GEMMs), and lets the TTP client compute the triple's output size from shapes instead of
-   a full matmul. :func:`set_ring_matmul` (or ``SECFWT_RING_MATMUL=0`` in the environment of
-   every party, the dealer included) switches back to CrypTen's own code for benchmarks.
+   GEMMs). :func:`set_ring_matmul` (or ``SECFWT_RING_MATMUL=0`` in the environment of
+   every party, the dealer included) switches back to CrypTen's own code for benchmarks;
+   the same switch turns adaptation 8 on and off.
 5. ``FixedPointEncoder.decode`` floors negative values by ``scale - 1`` instead of ``scale``,
    so a revealed negative x comes back as x - 1 with probability about |x| / 2^16 (found in
    the ring-matmul benchmark: 80 of 2.85 M outputs off by exactly 1.0). :func:`_fixed_decode`
@@ -41,6 +41,21 @@ touches its global config. Every adaptation says what breaks without it.
    gRPC streams) and :func:`_install_ttp_transport` replaces ``ttp_provider.dist`` with a
    stand-in that sends those three calls over the mesh when their group is a mesh group and
    to ``torch.distributed`` otherwise, so gloo runs execute exactly CrypTen's code.
+8. CrypTen's Beaver protocol computes three local products on rank 0 (two elsewhere) and, under
+   TTP, both parties idle while the dealer computes ``c = a b``: for a BERT-base layer's
+   matmuls that is a third more ring-matmul work on rank 0 and the dealer's matmuls in series
+   with the parties'; every AND gate of a comparison's adder waits for a dealer round trip
+   before its own opening. ``beaver.mul`` and ``beaver.matmul`` are replaced by
+   :func:`secfwt.mpc.beaver.product` (two local products per party, same openings; rank 0
+   reads the dealer's reply only after its own products, so the dealer works alongside; ranks
+   other than 0 size ``c`` from shapes, CrypTen's TODO), ``beaver.AND`` by
+   :func:`secfwt.mpc.beaver.binary_and` (the same for XOR shares). Same messages, random draws
+   and openings as CrypTen's; under the switch of adaptation 4.
+9. The TTP dealer (``TTPServer``) only knows CrypTen's correlations. :func:`_install_dealer_functions`
+   adds ``TTPServer.secfwt_one_sided_matmul`` (:func:`secfwt.mpc.owned.dealer_one_sided_matmul`),
+   the triple of the product with a matrix one party holds in the clear
+   (:mod:`secfwt.mpc.owned`); rank 0 requests it with CrypTen's own message format. Nothing
+   CrypTen calls changes.
 """
 
 from __future__ import annotations
@@ -79,7 +94,8 @@ import crypten.communicator as crypten_comm  # noqa: F401
 import crypten.mpc
 
 # ----------------------------------------------------------------------------------------------
-# Adaptation 4: int64 ring matmul through float64 GEMMs (see module docstring).
+# Adaptations 4, 8 and 9: int64 ring matmul through float64 GEMMs, secfwt's Beaver protocols,
+# the dealer's extra correlations (see module docstring).
 # ----------------------------------------------------------------------------------------------
 #: ``SECFWT_RING_MATMUL=0`` starts every process with the patch off. The dealer runs no secfwt
 #: code after start-up, so the environment is the only switch that reaches it.
@@ -89,10 +105,10 @@ import functools
 import os
 from collections.abc import Callable
 
-from crypten.common.rng import generate_random_ring_element
 from crypten.mpc.primitives import beaver as _beaver
 from crypten.mpc.provider import ttp_provider as _ttp_provider
 
+from secfwt.mpc import beaver as _secfwt_beaver
 from secfwt.mpc.ring import ring_matmul
 
 _ring_matmul_enabled = os.environ.get(_RING_MATMUL_ENV, "1").strip() != "0"
@@ -134,37 +150,34 @@ class _RingMatmulTorch(types.ModuleType):
         return torch.matmul(a, b, *args, **kwargs)
 
 
-def _matmul_size(size0: torch.Size, size1: torch.Size) -> torch.Size:
-    """Output size of ``matmul`` for operands of these sizes, computed on meta tensors (no data)."""
-    return torch.matmul(torch.empty(size0, device="meta"), torch.empty(size1, device="meta")).size()
-
-
-def _shape_only_triple(original: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap ``TrustedThirdParty.generate_additive_triple``: on ranks other than 0, a matmul
-    triple sizes its share of ``c`` from the shapes instead of computing ``a @ b``.
-
-    CrypTen's own code (kept for every other case) multiplies the party's random shares only to
-    read ``.size()`` of the result. The random draws and their order are unchanged.
-    """
+def _beaver_product(op: str, local: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    """CrypTen's ``beaver.<op>`` replaced by :func:`secfwt.mpc.beaver.product` (adaptation 8)
+    while the switch of :func:`set_ring_matmul` is on; CrypTen's own protocol otherwise, and
+    always for active security (which secfwt never enables) or non-CPU tensors."""
+    original = getattr(_beaver, op)
 
     @functools.wraps(original)
-    def generate_additive_triple(
-        self: Any, size0: Any, size1: Any, op: str, device: Any = None, *args: Any, **kwargs: Any
-    ) -> Any:
-        plain_matmul = op == "matmul" and not args and not kwargs
-        rank = crypten.communicator.get().get_rank()
-        if not (_ring_matmul_enabled and plain_matmul) or rank == 0:
-            return original(self, size0, size1, op, device, *args, **kwargs)
-        generator = _ttp_provider.TTPClient.get().get_generator(device=device)
-        a = generate_random_ring_element(size0, generator=generator, device=device)
-        b = generate_random_ring_element(size1, generator=generator, device=device)
-        size2 = _matmul_size(size0, size1)
-        c = generate_random_ring_element(size2, generator=generator, device=device)
-        from_shares = _ttp_provider.ArithmeticSharedTensor.from_shares
-        return from_shares(a, precision=0), from_shares(b, precision=0), from_shares(c, precision=0)
+    def protocol(x: Any, y: Any) -> Any:
+        if not _ring_matmul_enabled or crypten.cfg.mpc.active_security or x.device.type != "cpu":
+            return original(x, y)
+        return _secfwt_beaver.product(x, y, op=op, local=local)
 
-    generate_additive_triple._secfwt_ring_matmul = True  # type: ignore[attr-defined]
-    return generate_additive_triple
+    protocol._secfwt_beaver = True  # type: ignore[attr-defined]
+    return protocol
+
+
+def _beaver_and(original: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    """CrypTen's ``beaver.AND`` replaced by :func:`secfwt.mpc.beaver.binary_and` (adaptation
+    8), under the same conditions as :func:`_beaver_product`."""
+
+    @functools.wraps(original)
+    def protocol(x: Any, y: Any) -> Any:
+        if not _ring_matmul_enabled or crypten.cfg.mpc.active_security or x.device.type != "cpu":
+            return original(x, y)
+        return _secfwt_beaver.binary_and(x, y)
+
+    protocol._secfwt_beaver = True  # type: ignore[attr-defined]
+    return protocol
 
 
 def _install_ring_matmul() -> None:
@@ -178,23 +191,38 @@ def _install_ring_matmul() -> None:
       "matmul"`` exact float64 GEMMs.
     * ``crypten.mpc.provider.ttp_provider.torch``: the same stand-in, so the dealer's
       ``TTPServer.additive`` computes ``c = a @ b`` with :func:`ring_matmul`.
-    * ``TrustedThirdParty.generate_additive_triple``: on ranks other than 0 a matmul triple
-      is sized by :func:`_matmul_size` instead of a full int64 product (CrypTen's own TODO).
+    * ``crypten.mpc.primitives.beaver.mul``, ``.matmul`` and ``.AND``: :func:`_beaver_product`
+      and :func:`_beaver_and` (adaptation 8), whose matmuls are :func:`ring_matmul` too.
 
-    The disabled state (:func:`set_ring_matmul`) runs CrypTen's original code in all three.
+    The disabled state (:func:`set_ring_matmul`) runs CrypTen's original code in all of them.
     """
     for module in (_beaver, _ttp_provider):
         if not isinstance(module.torch, _RingMatmulTorch):
             module.torch = _RingMatmulTorch()  # type: ignore[attr-defined]
-    cls = _ttp_provider.TrustedThirdParty
-    if not getattr(cls.generate_additive_triple, "_secfwt_ring_matmul", False):
-        wrapped = _shape_only_triple(cls.generate_additive_triple)
-        cls.generate_additive_triple = wrapped  # type: ignore[method-assign]
+    for op, local in (("mul", torch.mul), ("matmul", _RingMatmulTorch.matmul)):
+        if not getattr(getattr(_beaver, op), "_secfwt_beaver", False):
+            setattr(_beaver, op, _beaver_product(op, local))
+    if not getattr(_beaver.AND, "_secfwt_beaver", False):
+        _beaver.AND = _beaver_and(_beaver.AND)
 
 
 _install_ring_matmul()
+
+
+def _install_dealer_functions() -> None:
+    """Adaptation 9: secfwt's own correlations, served by CrypTen's dealer loop. Idempotent."""
+
+    def secfwt_one_sided_matmul(self: Any, size_x: Any, size_w: Any, owner: int) -> Any:
+        from secfwt.mpc.owned import dealer_one_sided_matmul
+
+        return dealer_one_sided_matmul(self._get_generators(device=self.device), size_x, size_w, owner)
+
+    _ttp_provider.TTPServer.secfwt_one_sided_matmul = secfwt_one_sided_matmul  # type: ignore[attr-defined]
+
+
+_install_dealer_functions()
 # ---------------------------------------------------------------------------------------------
-# End of adaptation 4.
+# End of adaptations 4, 8 and 9.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -356,7 +384,7 @@ def insecure_fixed_bytes(label: str, n: int = 32) -> bytes | None:
     return out[:n]
 
 
-def _fix_seeds(rank: int, world_size: int) -> None:
+def _fix_seeds(rank: int, world_size: int, *, label: str = "") -> None:
     """Replace the random PRG seeds of this party by ones derived from the test seed.
 
     Computing parties: CrypTen's pairwise prev/next, local and global generators (consistent
@@ -367,11 +395,48 @@ def _fix_seeds(rank: int, world_size: int) -> None:
         torch.manual_seed(_derived_seed("dealer") & (2**63 - 1))
         return
     nxt, prv = (rank + 1) % world_size, (rank - 1) % world_size
+    at = f"{label}/" if label else ""  # "" keeps the seeds of runs without reseeds unchanged
     for device in crypten.generators["prev"]:
-        crypten.generators["prev"][device].manual_seed(_derived_seed(f"pair/{prv}/{rank}"))
-        crypten.generators["next"][device].manual_seed(_derived_seed(f"pair/{rank}/{nxt}"))
-        crypten.generators["local"][device].manual_seed(_derived_seed(f"local/{rank}"))
-        crypten.generators["global"][device].manual_seed(_derived_seed("global"))
+        crypten.generators["prev"][device].manual_seed(_derived_seed(f"{at}pair/{prv}/{rank}"))
+        crypten.generators["next"][device].manual_seed(_derived_seed(f"{at}pair/{rank}/{nxt}"))
+        crypten.generators["local"][device].manual_seed(_derived_seed(f"{at}local/{rank}"))
+        crypten.generators["global"][device].manual_seed(_derived_seed(f"{at}global"))
+
+
+def insecure_reseed(label: str) -> bool:
+    """Tests only: reseed every PRG of the session, the dealer's included, from (test seed, label).
+
+    Called by the computing parties at the same protocol point (a checkpoint at step k), it
+    makes the randomness after that point independent of what ran before, so a run resumed
+    from that checkpoint draws exactly what the uninterrupted run drew (bit-identical shares).
+    Does nothing and returns False unless the party was started with ``insecure_fixed_seed``;
+    the dealer refuses the request in that case too (:func:`_dealer_reseed`).
+    """
+    if _insecure_fixed_seed is None:
+        return False
+    comm = crypten.communicator.get()
+    rank, world_size = comm.get_rank(), comm.get_world_size()
+    _fix_seeds(rank, world_size, label=label)
+    if crypten.cfg.mpc.provider == Provider.TTP.value:
+        client = _ttp_provider.TTPClient.get()
+        client.generator.manual_seed(_derived_seed(f"ttp/{rank}/{label}"))
+        if rank == 0:
+            client.ttp_request("secfwt_insecure_reseed", None, label)
+    return True
+
+
+def _dealer_reseed(self: Any, label: str) -> torch.Tensor:
+    """The dealer's half of :func:`insecure_reseed` (a ``TTPServer`` request from rank 0)."""
+    if _insecure_fixed_seed is None:
+        # RuntimeError is what TTPServer's loop catches: the dealer stops instead of serving
+        # predictable randomness to a party that asks for it outside a fixed-seed test.
+        raise RuntimeError("refused secfwt_insecure_reseed: the dealer was not started with insecure_fixed_seed")
+    for i, g in enumerate(self.generators):
+        g.manual_seed(_derived_seed(f"ttp/{i}/{label}"))
+    return torch.zeros(1, dtype=torch.long)
+
+
+_ttp_provider.TTPServer.secfwt_insecure_reseed = _dealer_reseed  # type: ignore[attr-defined]
 
 
 def configure(*, provider: Provider, comm_stats: bool = True) -> None:
@@ -393,6 +458,7 @@ __all__ = [
     "configure",
     "crypten",
     "insecure_fixed_bytes",
+    "insecure_reseed",
     "load_closure",
     "ring_matmul_enabled",
     "set_ring_matmul",
@@ -457,11 +523,27 @@ def run_dealer() -> None:
     with warnings.catch_warnings():
         # TTPServer calls crypten.init() again on an initialised dealer; harmless, and noisy.
         warnings.filterwarnings("ignore", message="CrypTen is already initialized", category=RuntimeWarning)
-        crypten.mpc.provider.TTPServer()
+        try:
+            crypten.mpc.provider.TTPServer()
+        except BaseException:
+            close_after_failure()
+            raise
     if _active_transport is Transport.TLS:
         # Close the dealer's streams in order, so the computing parties' shutdown need not wait
         # for them to time out (gloo needs nothing: the process just exits).
         crypten.uninit()
+
+
+def close_after_failure() -> None:
+    """Best effort, once this party failed: close its TLS streams in order instead of dying with
+    them open, so a peer blocked on us learns which party was lost first (the mesh's CLOSE
+    carries it) rather than blaming us. gloo has nothing to say: the process just exits."""
+    if _active_transport is not Transport.TLS or not crypten.communicator.is_initialized():
+        return
+    try:
+        crypten.uninit()
+    except Exception as exc:  # noqa: BLE001  (the session is already broken)
+        log.debug("closing the MPC session after a failure: %s", exc)
 
 
 def communication_stats() -> dict[str, int]:

@@ -50,7 +50,7 @@ class EncoderModel:
     def linear(self, x: Tensor, module: str) -> Tensor:
         """x @ W^T + b for the Hugging Face module ``module``, plus its LoRA update if present."""
         w = self.p[f"{module}.weight"]  # (out, in), or (k, out, in) for k stacked variants
-        y = x.matmul(w.transpose(-1, -2))
+        y = self.ops.weight_matmul(x, w.transpose(-1, -2))
         b = self.p.get(f"{module}.bias")
         if b is not None:
             y = y + (b.unsqueeze(-2) if b.dim() > 1 else b)  # stacked biases (k, out) -> (k, 1, out)

@@ -23,6 +23,10 @@ class Ops(abc.ABC):
 
     secure: bool = False
 
+    def weight_matmul(self, x: Tensor, w: Tensor) -> Tensor:
+        """``x @ w`` for a parameter ``w`` (a linear layer's transposed weight)."""
+        return x.matmul(w)
+
     @abc.abstractmethod
     def softmax(self, x: Tensor, *, mask: Tensor | None) -> Tensor:
         """Softmax over the last dim; ``mask`` (1 = keep, broadcastable) zeroes padded keys."""
@@ -119,6 +123,13 @@ class SecureOps(Ops):
         from secfwt.mpc import nonlinear
 
         self._nl = nonlinear
+
+    def weight_matmul(self, x, w):
+        """Weights the model owner holds in the clear (:class:`secfwt.mpc.owned.OwnedMatrix`)
+        take the one-sided product; secret-shared ones Beaver's."""
+        from secfwt.mpc import owned
+
+        return owned.matmul(x, w) if isinstance(w, owned.OwnedMatrix) else x.matmul(w)
 
     def softmax(self, x, *, mask):
         return self._nl.softmax(x, dim=-1, mask=mask)

@@ -121,6 +121,9 @@ def _child_main(
             results.put(("error", role, exc if isinstance(exc, SecfwtError) else None, str(exc) or type(exc).__name__, tb))
         except Exception:  # noqa: BLE001  (any pickling failure: send only the text)
             results.put(("error", role, None, f"{type(exc).__name__}: {exc}", tb))
+        from secfwt import crypten_compat
+
+        crypten_compat.close_after_failure()  # peers learn which party was lost first
         results.close()
         results.join_thread()
         os._exit(1)
@@ -199,6 +202,38 @@ def run_parties(
                     p.join(timeout=5)
 
 
+def spawn_party(
+    role: Role,
+    *,
+    target: Callable[[PartyContext, Any], Any] | None,
+    payload: Any,
+    results: mp.Queue[Any],
+    provider: Any,
+    tls: TlsSettings,
+    insecure_fixed_seed: int | None = None,
+) -> mp.process.BaseProcess:
+    """Start ONE party of a multi-host job in its own process (a daemon's job runner): the
+    same child as :func:`run_parties` (watchdog, error reporting, one intra-op thread) over the
+    TLS mesh with ``tls`` from :func:`secfwt.mpc.transport.tls_settings`. The caller reads
+    ``results`` (the item :func:`collect_one` decodes) and owns the process's end."""
+    ctx = mp.get_context("spawn")
+    p = ctx.Process(
+        target=_child_main,
+        name=f"secfwt-{role.value}",
+        args=(role, len(COMPUTING_ROLES), "", provider.value, True, target, payload, results, os.getpid(), logging.getLogger().getEffectiveLevel(), Transport.TLS, tls, insecure_fixed_seed),
+    )
+    p.start()
+    return p
+
+
+def collect_one(item: tuple[Any, ...]) -> PartyResult:
+    """Decode one item a party process put on its results queue (re-raising a reported error)."""
+    if item[0] == "error":
+        _raise_reported(item)
+    _, role, value, rounds, nbytes, wall = item
+    return PartyResult(role=role, value=pickle.loads(value), rounds=int(rounds), bytes_sent=int(nbytes), wall_s=wall)
+
+
 def _local_tls(tmp: str, roles: list[Role]) -> dict[Role, TlsSettings]:
     """TLS settings for parties on this machine: throwaway certificates, ports found by files."""
     import secrets
@@ -243,10 +278,8 @@ def _collect(
         except queue_mod.Empty:
             item = None
         if item is not None:
-            if item[0] == "error":
-                _raise_reported(item)
-            _, role, value, rounds, nbytes, wall = item
-            done[role] = PartyResult(role=role, value=pickle.loads(value), rounds=int(rounds), bytes_sent=int(nbytes), wall_s=wall)
+            res = collect_one(item)
+            done[res.role] = res
             continue
         for role, p in procs.items():
             if role not in done and p.exitcode is not None and p.exitcode != 0:

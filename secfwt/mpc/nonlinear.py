@@ -7,16 +7,21 @@ functions here replace them. Every function takes and returns MPCTensors in Cryp
 point (int64 ring, 16 fractional bits), states the input range on which it is accurate, and is
 meant for the 2 computing parties of secfwt (CrypTen's 2-party local truncation).
 
-How the cost is kept down (a comparison costs ~10x a multiplication here):
+How the cost is kept down (a comparison takes 7 rounds here, a product 1):
 
-* **Packed comparisons.** A sign test needs only the bits of ``x`` between its resolution and its
-  range. :func:`_negative_bits` drops the low 11 bits of each party's share, keeps the next 21 and
-  packs three such lanes into one 64-bit word, so CrypTen's 64-bit adder circuit (the A2B
-  conversion, most of a comparison's cost) decides three signs at once. This is SIMD within a
-  register (Fisher and Dietz, "Compiling for SIMD within a register", LCPC 1998) applied to the
-  A2B-based comparison of CrypTen (Knott et al., NeurIPS 2021); comparing on a reduced bit width
-  after local truncation follows CrypTFlow2 (Rathee et al., CCS 2020). The sign is exact for
-  ``CMP_RESOLUTION <= |x| < CMP_RANGE`` (2^-5 and 2^15). Every element-wise function uses these.
+* **Bit-sliced comparisons.** A sign test needs only the bits of ``x`` between its resolution and
+  its range. :func:`_negative_bits` drops the low 11 bits of each party's share and keeps the next
+  21 (comparing on a reduced bit width after local truncation follows CrypTFlow2, Rathee et al.,
+  CCS 2020). The sign of ``x`` is then bit 20 of the sum of the two parties' 21-bit values, i.e.
+  their own top bits XOR the carry out of the low 20 bits, which is a carry-lookahead *reduction*
+  tree (generate/propagate, Brent and Kung, IEEE TC 1982) over 20 bit planes. The planes are
+  bit-sliced: plane ``j`` packs bit ``j`` of 64 elements into one word, so each tree level is one
+  AND call on only its live nodes (53 plane ANDs per 64 elements in all) instead of CrypTen's
+  64-bit parallel-prefix adder on whole words (the A2B conversion: 7 AND levels on 2 words each);
+  the sign bits are opened packed too in the B2A. About 14 bytes per element and party where
+  CrypTen's A2B on three 21-bit lanes per word took about 80, in 7 rounds instead of 8. The sign is
+  exact for ``CMP_RESOLUTION <= |x| < CMP_RANGE`` (2^-5 and 2^15). Every element-wise function
+  uses these.
 * **Comparisons batched**: all thresholds of one function are stacked into one call (shared rounds).
 * **Bits are integers.** A comparison result has scale 1, so multiplying by it needs no truncation:
   selecting ``bit * garbage`` gives an exact ring 0, which is why the polynomial branches below may
@@ -25,7 +30,7 @@ How the cost is kept down (a comparison costs ~10x a multiplication here):
   config on every attribute access (0.1-0.7 ms per local op on the dev VM), so the internals work
   on this party's int64 share tensors: additions, public integer products and truncations are
   local torch ops, and CrypTen is called only for Beaver products (:func:`_mul`, :func:`_square`)
-  and the A2B/B2A conversions of comparisons. Every truncation is written out, so public constants
+  and the AND gates and B2A of comparisons. Every truncation is written out, so public constants
   keep 2^-32 precision and products stay small: CrypTen's 2-party truncation is local and fails
   with probability |v| / 2^64 for the value ``v`` it truncates (SecureML, Mohassel and Zhang,
   S&P 2017), and no result used here truncates a value above ~2^40 on the supported ranges.
@@ -47,6 +52,7 @@ import torch
 
 from secfwt.crypten_compat import crypten
 from secfwt.errors import FixedPointRangeError, ProtocolError
+from secfwt.mpc import beaver
 
 #: ``crypten.mpc.MPCTensor`` in annotations (CrypTen ships no type information: Any for mypy).
 MPCTensor: TypeAlias = Any
@@ -57,14 +63,14 @@ _PTYPE = crypten.mpc.ptype
 FRAC_BITS = 16
 _ONE = 1 << FRAC_BITS
 
-# --- packed comparisons -------------------------------------------------------------------------
-_LANES = 3
-_LANE_BITS = 21  # 3 x 21 = 63 bits; the carry out of the top lane falls into the unused bit 63
+# --- bit-sliced comparisons ---------------------------------------------------------------------
+_CMP_BITS = 21  # bits 11..31 of each share: a 21-bit two's complement value per party
 _CMP_DROP_BITS = 11
+_WORD_BITS = 64  # elements per bit-plane word
 #: Signs of values closer to 0 than this may come out wrong (they are ties for every use here).
 CMP_RESOLUTION = 2.0 ** (_CMP_DROP_BITS - FRAC_BITS)
 #: Signs of values at least this large in magnitude are wrong: the supported activation range.
-CMP_RANGE = 2.0 ** (_LANE_BITS - 1 + _CMP_DROP_BITS - FRAC_BITS)
+CMP_RANGE = 2.0 ** (_CMP_BITS - 1 + _CMP_DROP_BITS - FRAC_BITS)
 
 # --- polynomial evaluation ----------------------------------------------------------------------
 _COEF_BITS = 16  # fractional bits of public polynomial coefficients (on top of the data's 16)
@@ -106,7 +112,7 @@ SOFTMAX_MASK_OFFSET = 4096
 def exp(x: MPCTensor) -> MPCTensor:
     """``e^x`` for ``x <= 0`` (softmax inputs after max subtraction); exactly 0 below -15.5.
 
-    Method: one packed comparison ``x < -15.5`` zeroes the output there (e^-15.5 = 1.9e-7, so the
+    Method: one comparison ``x < -15.5`` zeroes the output there (e^-15.5 = 1.9e-7, so the
     absolute error stays below 2e-7 for any ``x`` down to -CMP_RANGE, where CrypTen's limit
     approximation returns garbage). On [-15.5, 0.5], ``e^(x/4)`` is a degree-8 Chebyshev series
     in ``u = x/8 + 15/16`` (least squares at Chebyshev nodes, i.e. near-minimax: Trefethen,
@@ -117,7 +123,7 @@ def exp(x: MPCTensor) -> MPCTensor:
     Accuracy: on [-15.5, 0.5] absolute error std ~3e-5, max ~2.5e-4 over 4e4 samples (fit error
     6e-6; the 3 bits lost in ``x/8``, amplified 4x by the squarings, dominate); 0 below -15.5 (true
     value < 2e-7). Inputs above 0.5 are outside the fitted range.
-    Cost per element: 1/3 comparison (packed), 4 products, 1 bit product, 2 squares.
+    Cost per element: 1 comparison, 4 products, 1 bit product, 2 squares.
     """
     s = _share_of(x, "x")
     return _fixed(_exp_ring(s))
@@ -177,7 +183,7 @@ def softmax(
     """Softmax along ``dim`` with an optional 0/1 key mask (1 = keep), broadcastable to ``x``.
 
     Steps: masked scores get ``-SOFTMAX_MASK_OFFSET`` (linear, also for a secret mask); the row
-    max is a halving tree of packed comparisons (``n - 1`` per row, one call per level; CrypTen's
+    max is a halving tree of comparisons (``n - 1`` per row, one call per level; CrypTen's
     log-reduction max without its one-hot argmax and tie-breaking); ``e = exp(x - max)`` with
     :func:`exp` (exactly 0 below -15.5); ``e`` times the mask (masked keys are exactly 0); the row
     sum ``S in [0.75, 1.35 n]`` is inverted by :func:`reciprocal`'s normalise-then-Newton method,
@@ -189,7 +195,7 @@ def softmax(
     ``max - min + SOFTMAX_MASK_OFFSET < CMP_RANGE`` (e.g. scores in [-14000, 14000]) and any
     length; rows sum to 1 within the same error. A fully masked row returns all zeros. Scores
     may also carry a Hugging Face style additive -1e4 mask instead of ``mask``.
-    Cost per element: ~2/3 comparison (max tree and exp clamp, packed), ~8 products (6 of them
+    Cost per element: ~2 comparisons (max tree and exp clamp), ~8 products (6 of them
     in exp); per row ``ceil(log4(2n))`` exact comparisons and 6 products for the reciprocal.
     """
     s = _share_of(x, "x")
@@ -221,11 +227,11 @@ def gelu(x: MPCTensor) -> MPCTensor:
     where the even part ``h(x) = x erf(x / sqrt 2) / 2`` is a degree-8 Chebyshev series in
     ``s = x^2/8 - 1`` (least squares at 4000 Chebyshev nodes, computed deterministically on first
     use by :func:`_gelu_coefficients`). Writing ``GELU = x/2 + even`` halves the degree. Both
-    thresholds are decided in ONE packed comparison call.
+    thresholds are decided in ONE comparison call.
 
     Accuracy: max absolute error <= 3e-4 for any ``|x| < CMP_RANGE`` (2^15); measured 1.6e-4 on
     randn*5 with outliers +-50, +-1000 (fit error 4e-5, tail ``4 (1 - Phi(4)) = 1.3e-4`` at the
-    cut, fixed-point noise). Cost per element: 2/3 comparison (packed), 1 square, 4 products,
+    cut, fixed-point noise). Cost per element: 2 comparisons (one call), 1 square, 4 products,
     2 bit products.
     """
     s = _share_of(x, "x")
@@ -247,12 +253,12 @@ def silu(x: MPCTensor) -> MPCTensor:
 
     Method: as :func:`gelu` with the cut at ``sqrt(96) = 9.80`` and the even part
     ``h(x) = (x/2) tanh(x/2)`` as a degree-14 Chebyshev series in ``s = x^2/48 - 1`` (the
-    sigmoid's poles at ``x = +-i pi`` make it converge slower than GELU's). One packed comparison
+    sigmoid's poles at ``x = +-i pi`` make it converge slower than GELU's). One comparison
     call.
 
     Accuracy: max absolute error <= 1e-3 for any ``|x| < CMP_RANGE``: fit 2e-4, tail
-    ``9.8 e^-9.8 = 5.4e-4`` at the cut, noise (measured 5.7e-4). Cost per element: 2/3 comparison
-    (packed), 1 square, 7 products, 2 bit products.
+    ``9.8 e^-9.8 = 5.4e-4`` at the cut, noise (measured 5.7e-4). Cost per element: 2 comparisons
+    (one call), 1 square, 7 products, 2 bit products.
     """
     s = _share_of(x, "x")
     return _fixed(_gated_identity(s, half_square=48, coefficients=_silu_coefficients()))
@@ -364,7 +370,7 @@ def _mask_parts(
     if not (torch.is_tensor(mask) or isinstance(mask, _MPC)):
         raise TypeError(f"mask must be a torch tensor or an MPCTensor, got {type(mask).__name__}")
     try:
-        target = torch.broadcast_shapes(tuple(mask.size()), shape)
+        target = beaver.broadcast_shapes(tuple(mask.size()), shape)
     except RuntimeError as exc:
         raise ValueError(
             f"mask of shape {tuple(mask.size())} does not broadcast to {shape}"
@@ -431,59 +437,150 @@ def _square(a: torch.Tensor) -> torch.Tensor:
 
 
 def _negative_bits(s: torch.Tensor) -> torch.Tensor:
-    """Shares of bits ``[x < 0]`` (integers) of ring values with 16 fractional bits, 3 per word.
+    """Shares of bits ``[x < 0]`` (integers) of ring values with 16 fractional bits.
 
-    Each party packs bits 11..31 of its own share into lanes (:func:`_pack_lanes`); CrypTen's A2B
-    adder adds the two parties' words; each lane's top bit is then the sign of ``x`` whenever
-    ``2^-5 <= |x| < 2^15 - 2^-5`` (:func:`_lane_signs`). The sign bits are taken locally from the
-    XOR shares and converted with one B2A of single bits. Security is that of CrypTen's A2B: each
-    party only inputs bits of its own share, and only XOR-shared bits leave the adder.
+    Each party keeps bits 11..31 of its own share (``u_i``, 21 bits); the two add up, mod 2^21,
+    to ``floor(x / 2^11) + {-1, 0}`` (the shares' high bits cancel mod 2^64, so unlike a
+    truncation no wrap-around failure is possible), whose top bit is the sign of ``x`` whenever
+    ``2^-5 <= |x| < 2^15``. :func:`_top_bit_of_sum` computes that bit.
     """
-    if s.numel() == 0:
-        return torch.zeros_like(s)
-    words = _MPC.from_shares(_pack_lanes(s), precision=0).to(_PTYPE.binary)  # the adder
-    signs = _lane_signs(words.share, s.shape)
-    bits = _MPC.from_shares(signs, precision=0, ptype=_PTYPE.binary)
-    return bits.to(_PTYPE.arithmetic, precision=0, bits=1).share
+    return _top_bit_of_sum(s >> _CMP_DROP_BITS, bits=_CMP_BITS)
 
 
-def _pack_lanes(share: torch.Tensor) -> torch.Tensor:
-    """One party's share -> words of three 21-bit lanes ``(share >> 11) mod 2^21`` (plain torch).
+def _top_bit_of_sum(u: torch.Tensor, *, bits: int) -> torch.Tensor:
+    """Arithmetic shares (integers) of bit ``bits - 1`` of ``u_0 + u_1``, where ``u_i`` is the
+    low ``bits`` bits of party i's own ``u`` (ring values of any scale).
 
-    The two parties' lanes add up, mod 2^21, to ``floor(x / 2^11) + {-1, 0}``: the shares' high
-    bits cancel mod 2^64, so unlike a truncation no wrap-around failure is possible.
+    The bit is ``top(u_0) ^ top(u_1) ^ carry``, where ``carry`` is the carry out of the low
+    ``bits - 1`` bits of the sum: with party 0's bits ``a`` and party 1's bits ``b`` as XOR shares
+    ``(a, 0)`` and ``(0, b)``, generate ``a & b`` takes one AND call and propagate ``a ^ b`` is each
+    party's own bits; :func:`_carry_out` reduces them. Security is that of the Beaver AND gates:
+    each party only inputs bits of its own value, and only XOR-shared bits leave the circuit, as
+    in CrypTen's A2B.
     """
-    flat = share.reshape(-1)
-    pad = (-flat.numel()) % _LANES
+    if u.numel() == 0:
+        return torch.zeros_like(u)
+    mine = _bit_planes(u, bits=bits)
+    low, top = mine[:-1], mine[-1]  # (bits - 1, words), (words,)
+    none = torch.zeros_like(low)
+    rank = crypten.communicator.get().get_rank()
+    and_ = _AndGates(planes=low.shape[0] + _carry_and_planes(low.shape[0]), words=low.shape[1])
+    generate = and_(low if rank == 0 else none, none if rank == 0 else low)
+    sign = top ^ _carry_out(generate, low, and_)  # XOR shares of the sign bits, packed
+    return _b2a_packed(sign, u.shape)
+
+
+class _AndGates:
+    """AND of XOR-shared words (one Beaver opening per call) with the binary triples of ALL
+    calls of one comparison fetched by a single dealer request, sliced along dim 0 in order
+    (instead of one dealer round trip per call, as CrypTen's ``beaver.AND``)."""
+
+    def __init__(self, *, planes: int, words: int) -> None:
+        size = torch.Size([planes, words])
+        self._a, self._b, self._c_of = beaver.triple(size, size, "binary")
+        self._c: torch.Tensor | None = None
+        self._used = 0
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self._c is None:
+            self._c = self._c_of()
+        part = slice(self._used, self._used + x.shape[0])
+        self._used = part.stop
+        c = self._c[part]
+        return beaver.and_with_triple(x, y, self._a[part], self._b[part], lambda: c)
+
+
+def _carry_and_planes(planes: int) -> int:
+    """Plane ANDs :func:`_carry_out` makes for ``planes`` planes (2 per pair but the lowest's 1)."""
+    total = 0
+    while planes > 1:
+        pairs = planes // 2
+        total += 2 * pairs - 1
+        planes -= pairs
+    return total
+
+
+def _carry_out(
+    generate: torch.Tensor, propagate: torch.Tensor, and_: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """Carry out of the top of a sum from its bit planes' generate and propagate (dim 0, LSB first).
+
+    A reduction tree (not a parallel prefix: only the final carry is needed): adjacent nodes
+    combine as ``G = G_hi ^ (P_hi & G_lo)``, ``P = P_hi & P_lo``, all pairs of a level in one
+    ``and_`` call, an odd node passing through. The lowest node's ``P`` is never needed (no carry
+    enters bit 0), so it is not formed: 53 ANDs in 5 levels for 20 planes. ``and_`` is the AND of
+    XOR-shared words (the MPC gate; plain ``&`` in the plaintext tests); XOR is local.
+    """
+    gs = list(generate)
+    ps: list[torch.Tensor | None] = [None, *list(propagate)[1:]]
+    while len(gs) > 1:
+        pairs = len(gs) // 2
+        lefts = [ps[2 * k + 1] for k in range(pairs)] + [ps[2 * k + 1] for k in range(1, pairs)]
+        rights = [gs[2 * k] for k in range(pairs)] + [ps[2 * k] for k in range(1, pairs)]
+        products = and_(torch.stack(lefts), torch.stack(rights))  # type: ignore[arg-type]
+        next_g = [gs[2 * k + 1] ^ products[k] for k in range(pairs)]
+        next_p = [None] + [products[pairs + k - 1] for k in range(1, pairs)]
+        if len(gs) % 2:
+            next_g.append(gs[-1])
+            next_p.append(ps[-1])
+        gs, ps = next_g, next_p
+    return gs[0]
+
+
+def _bit_planes(u: torch.Tensor, *, bits: int) -> torch.Tensor:
+    """``(bits, ceil(n / 64))`` int64 words: bit ``k`` of word ``w`` of plane ``j`` is bit ``j``
+    of element ``64 w + k`` of ``u`` (flattened, zero-padded), for the low ``bits`` bits.
+
+    Local and cheap: numpy unpacks the low bytes of each element and packs each bit position
+    across elements (little-endian bit and byte order on every host).
+    """
+    flat = u.reshape(-1)
+    pad = (-flat.numel()) % _WORD_BITS
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    lanes = torch.bitwise_and(flat >> _CMP_DROP_BITS, (1 << _LANE_BITS) - 1).view(-1, _LANES)
-    packed = lanes[:, 0]
-    for i in range(1, _LANES):
-        packed = packed | (lanes[:, i] << (_LANE_BITS * i))
-    return packed
+    low_bytes = flat.numpy().astype("<i8", copy=False).view(np.uint8).reshape(-1, 8)[:, : math.ceil(bits / 8)]
+    unpacked = np.unpackbits(low_bytes, axis=1, bitorder="little")[:, :bits]  # (n, bits)
+    planes = np.packbits(unpacked.T, axis=1, bitorder="little")  # (bits, n / 8) bytes
+    return torch.from_numpy(np.ascontiguousarray(planes).view("<i8").astype(np.int64, copy=False))
 
 
-def _lane_signs(words: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Top bit of every lane of (XOR shares of) summed words, back in the original ``shape``.
+def _unpack_bits(words: torch.Tensor, n: int) -> torch.Tensor:
+    """The first ``n`` bits of packed words as an int64 tensor of 0/1 (inverse of the packing)."""
+    raw = words.contiguous().numpy().astype("<i8", copy=False).view(np.uint8)
+    return torch.from_numpy(np.unpackbits(raw, bitorder="little")[:n].astype(np.int64))
 
-    A carry out of lane i adds at most 1 to lane i + 1, which moves no sign bit while the lane
-    value stays inside ``(-2^20, 2^20 - 1)``. Bitwise, so it applies to XOR shares share-wise.
+
+def _pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """0/1 int64 tensor (any shape, flattened) -> packed words, 64 bits each (zero-padded)."""
+    flat = bits.reshape(-1).numpy().astype(np.uint8)
+    pad = (-flat.size) % _WORD_BITS
+    packed = np.packbits(np.concatenate([flat, np.zeros(pad, np.uint8)]), bitorder="little")
+    return torch.from_numpy(packed.view("<i8").astype(np.int64, copy=False))
+
+
+def _b2a_packed(words: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Arithmetic shares of single bits given as packed XOR shares (CrypTen's B2A of one bit with
+    the opening packed: 1/64 of a word per element instead of a word).
+
+    The dealer's pair ``(r_A, r_B)`` shares one random bit ``r`` both ways; ``z = x ^ r`` is
+    opened and ``x = z + r - 2 z r`` is linear in ``r_A`` (as ``beaver.B2A_single_bit``).
     """
-    signs = torch.stack([(words >> (_LANE_BITS * (i + 1) - 1)) & 1 for i in range(_LANES)], dim=1)
     n = math.prod(shape)
-    return signs.reshape(-1)[:n].reshape(shape)
+    r_bits, r_arith_of = beaver.bit_masks(torch.Size([n]))
+    masked = words ^ _pack_bits(r_bits)
+    z = _unpack_bits(crypten.communicator.get().all_reduce(masked, op=torch.distributed.ReduceOp.BXOR), n)
+    return _plus(r_arith_of() * (1 - 2 * z), z).reshape(shape)
 
 
 def _greater_than_exact(s: torch.Tensor, thresholds: Sequence[int]) -> torch.Tensor:
     """Shares of bits ``[x > t]`` for public ring thresholds, stacked on a new dim 0: one exact
-    64-bit comparison call (CrypTen's ``_ltz``) for values of any magnitude."""
-    stacked = torch.stack([_plus(-s, t) for t in thresholds])
-    return _MPC.from_shares(stacked, precision=0)._ltz().share
+    64-bit comparison call (the sign bit of ``t - x`` in the whole ring, as CrypTen's ``_ltz``)
+    for values of any magnitude."""
+    return _top_bit_of_sum(torch.stack([_plus(-s, t) for t in thresholds]), bits=64)
 
 
 def _max_last_dim(s: torch.Tensor) -> torch.Tensor:
-    """Row max over the last dim (keepdim): a halving tree, one packed comparison call per level.
+    """Row max over the last dim (keepdim): a halving tree, one comparison call per level.
 
     ``n - 1`` comparisons per row, ``ceil(log2 n)`` levels. A comparison may pick the smaller of
     two values closer than ``CMP_RESOLUTION``, so the result is within ``log2(n) * 2^-5`` of the

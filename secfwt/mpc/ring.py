@@ -6,44 +6,56 @@ has no BLAS kernel for integers, so an int64 matmul runs a plain loop: on this m
 0.09 s for one float64 GEMM of the same shape (the int64 kernel also uses a single thread).
 :func:`ring_matmul` computes the int64 product exactly through float64 GEMMs and is
 bit-identical to ``torch.matmul`` (two's-complement wraparound modulo 2^64). Measured here
-on an otherwise idle machine, best of several runs: ``[7424x384] @ [384x384]`` 2.5 s ->
-0.35 s (7x; 0.68 s, 3.9x, with one thread), ``[128x768] @ [768x768]`` 0.17 s -> 0.024 s (7x).
+on an otherwise idle machine, best of several runs, with the first layout (four unsigned 16-bit
+limbs, ten limb products): ``[7424x384] @ [384x384]`` 2.5 s -> 0.35 s (7x; 0.68 s, 3.9x, with
+one thread), ``[128x768] @ [768x768]`` 0.17 s -> 0.024 s (7x). The three-limb layout below
+(six limb products) against that one, same run, one thread, best of 5 on a loaded machine:
+``[128x768] @ [768x768]`` 59 -> 36 ms, ``[128x768] @ [768x3072]`` 220 -> 155 ms,
+``[128x3072] @ [3072x768]`` 218 -> 118 ms, ``[7424x384] @ [384x384]`` 710 -> 496 ms.
 
-How: every int64 value ``x`` is split into four unsigned 16-bit limbs,
-``x = sum_i x_i * 2^(16 i) (mod 2^64)`` with ``0 <= x_i < 2^16``. Then
+How: every int64 value ``x`` is split into three *signed* limbs of 22, 22 and 20 bits,
+``x = s_0 + s_1 2^22 + s_2 2^44 (mod 2^64)`` with ``-2^21 <= s_0, s_1 < 2^21`` and
+``-2^19 <= s_2 < 2^19``. Then
 
-    a @ b = sum_{i,j} (a_i @ b_j) * 2^(16 (i + j))   (mod 2^64),
+    a @ b = sum_{i,j} (a_i @ b_j) * 2^(22 (i + j))   (mod 2^64),
 
-and only the ten pairs with ``i + j < 4`` survive the reduction modulo 2^64. Pairs with the
-same shift ``t = i + j`` are fused into one GEMM by concatenating the limbs along K:
-``[a_0 | a_1 | ... | a_t] @ [b_t; b_(t-1); ...; b_0]``. Laid out once as
-``A = [a_0 | a_1 | a_2 | a_3]`` (along K) and ``B = [b_3; b_2; b_1; b_0]``, the operands
-of shift ``t`` are the views ``A[..., :(t+1)K]`` and ``B[(3-t)K:, :]``, so the ten limb
-products cost four GEMM calls and no copies. The four float64 results are exact integers;
-they are converted to int64 and recombined with wrapping shifts and adds (Horner).
+and only the six pairs with ``i + j < 3`` survive the reduction modulo 2^64 (``22 * 3 >= 64``).
+Pairs with the same shift ``t = i + j`` are fused into one GEMM by concatenating the limbs along
+K: ``[a_0 | ... | a_t] @ [b_t; ...; b_0]``. Laid out once as ``A = [a_0 | a_1 | a_2]`` (along
+K) and ``B = [b_2; b_1; b_0]``, the operands of shift ``t`` are the views ``A[..., :(t+1)K]``
+and ``B[(2-t)K:, :]``, so the six limb products cost three GEMM calls (6K multiply-adds per
+output, against 10K for four unsigned 16-bit limbs) and no copies. The three float64 results
+are exact integers; they are converted to int64 and recombined with wrapping shifts and adds
+(Horner). The split itself is a handful of whole-tensor passes: with
+``y = x + 2^21 + 2^43`` (wrapping), ``s_0 = (y mod 2^22) - 2^21``,
+``s_1 = ((y >> 22) mod 2^22) - 2^21`` and ``s_2 = y >> 44`` (arithmetic shift), because
+``y = (y mod 2^22) + ((y >> 22) mod 2^22) 2^22 + (y >> 44) 2^44`` exactly.
 
-Exactness bound: a limb product is at most (2^16 - 1)^2 < 2^32, the widest group sums
-``(t + 1) <= 4`` of them per k, so every partial sum of a GEMM over K terms is an integer
-below ``4 * K * 2^32``. float64 represents every integer up to 2^53 exactly, whatever the
-summation order or FMA use of the BLAS, so ``K <= 2^53 / (4 * 2^32) = 2^19`` is exact.
-Longer K is cut into chunks of at most 2^19 whose int64 results are added with wraparound.
+Exactness bound: a limb product is at most ``2^21 * 2^21 = 2^42`` in magnitude, the widest
+group (``t = 1``: two such pairs; ``t = 2`` sums ``2^40 + 2^42 + 2^40``) at most ``2^43`` per
+k, so every partial sum of a GEMM over K terms is an integer of magnitude at most
+``K * 2^43``. float64 represents every integer up to 2^53 exactly, whatever the summation
+order or FMA use of the BLAS, so ``K <= 2^10`` is exact. Longer K is cut into equal chunks of
+at most 2^10 whose int64 results are added with wraparound.
 """
 
 from __future__ import annotations
 
 import math
-import sys
 
 import torch
 
-#: Number of 16-bit limbs of an int64 and their width in bits.
-_LIMBS = 4
-_LIMB_BITS = 16
+#: Number of signed limbs of an int64 and the width of the two low ones (the top one has 20).
+_LIMBS = 3
+_LIMB_BITS = 22
 _LIMB_MASK = (1 << _LIMB_BITS) - 1
+#: Offset that makes the unsigned fields of ``x + _OFFSET`` the signed limbs of ``x`` plus 2^21.
+_HALF = 1 << (_LIMB_BITS - 1)
+_OFFSET = _HALF + (_HALF << _LIMB_BITS)
 
-#: Largest K per GEMM that keeps every partial sum exact in float64: the sum of up to 4 limb
-#: pairs over K is at most 4 * K * (2^16 - 1)^2 < 4 * K * 2^32, below 2^53 for K <= 2^19.
-MAX_EXACT_K = 2**19
+#: Largest K per GEMM that keeps every partial sum exact in float64: a group of limb pairs sums
+#: to at most 2^43 in magnitude per k (module docstring), so K * 2^43 <= 2^53 for K <= 2^10.
+MAX_EXACT_K = 2**10
 
 #: Below this many multiply-adds the int64 loop beats splitting into limbs (fixed overhead of
 #: about 0.2 ms here): [32x64]@[64x64] (131k) int64 0.28 ms vs limbs 0.39 ms, [64x128]@[128x128]
@@ -86,8 +98,9 @@ def _ring_matmul(a: torch.Tensor, b: torch.Tensor, *, max_k: int) -> torch.Tenso
         # Let torch raise its own shape error (or return the zeros of an empty product).
         return torch.matmul(a, b)
     result: torch.Tensor | None = None
-    for start in range(0, k, max_k):
-        length = min(max_k, k - start)
+    chunk = math.ceil(k / math.ceil(k / max_k))  # equal chunks: no short, inefficient GEMM
+    for start in range(0, k, chunk):
+        length = min(chunk, k - start)
         part = _limb_matmul(a.narrow(-1, start, length), b.narrow(kdim_b, start, length), kdim_b)
         result = part if result is None else result.add_(part)  # int64 add wraps mod 2^64
     assert result is not None
@@ -100,15 +113,15 @@ def _k_dim_of_b(b: torch.Tensor) -> int:
 
 
 def _limb_matmul(a: torch.Tensor, b: torch.Tensor, kdim_b: int) -> torch.Tensor:
-    """One K chunk (K <= MAX_EXACT_K): four fused float64 GEMMs, recombined in int64."""
+    """One K chunk (K <= MAX_EXACT_K): three fused float64 GEMMs, recombined in int64."""
     k = a.shape[-1]
-    a_limbs = _split_limbs(a, dim=-1, reverse=False)  # [..., 4K]: a_0 | a_1 | a_2 | a_3
-    b_limbs = _split_limbs(b, dim=kdim_b, reverse=True)  # [..., 4K, N]: b_3; b_2; b_1; b_0
+    a_limbs = _split_limbs(a, dim=-1, reverse=False)  # [..., 3K]: a_0 | a_1 | a_2
+    b_limbs = _split_limbs(b, dim=kdim_b, reverse=True)  # [..., 3K, N]: b_2; b_1; b_0
     acc: torch.Tensor | None = None
-    for shift in reversed(range(_LIMBS)):  # Horner: ((c3 * 2^16 + c2) * 2^16 + c1) * 2^16 + c0
+    for shift in reversed(range(_LIMBS)):  # Horner: (c2 * 2^22 + c1) * 2^22 + c0
         a_t = a_limbs.narrow(-1, 0, (shift + 1) * k)
         b_t = b_limbs.narrow(kdim_b, (_LIMBS - 1 - shift) * k, (shift + 1) * k)
-        c_t = torch.matmul(a_t, b_t).to(torch.int64)  # exact integers below 2^53
+        c_t = torch.matmul(a_t, b_t).to(torch.int64)  # exact integers, |c_t| <= 2^53
         if acc is None:
             acc = c_t
         else:
@@ -118,40 +131,71 @@ def _limb_matmul(a: torch.Tensor, b: torch.Tensor, kdim_b: int) -> torch.Tensor:
 
 
 def _split_limbs(x: torch.Tensor, *, dim: int, reverse: bool) -> torch.Tensor:
-    """float64 tensor with ``dim`` four times longer holding the unsigned 16-bit limbs of ``x``.
+    """float64 tensor with ``dim`` three times longer holding the signed limbs of ``x``.
 
-    Block ``i`` along ``dim`` holds limb ``i`` (limb ``3 - i`` when ``reverse``), so that the
+    Block ``i`` along ``dim`` holds limb ``i`` (limb ``2 - i`` when ``reverse``), so that the
     operands of every fused GEMM are contiguous slices along K.
     """
     dim = dim % x.dim()
     shape = list(x.shape)
-    limbs = _limbs_last(x)
     out = torch.empty(shape[:dim] + [_LIMBS] + shape[dim:], dtype=torch.float64, device=x.device)
-    for limb in range(_LIMBS):
-        block = _LIMBS - 1 - limb if reverse else limb
-        out.select(dim, block).copy_(limbs[..., limb])  # exact: every limb is < 2^16
+    for limb, field in enumerate(_limb_fields(x)):
+        out.select(dim, _LIMBS - 1 - limb if reverse else limb).copy_(field)  # exact: < 2^22
+    low = out.narrow(dim, 1 if reverse else 0, _LIMBS - 1)  # the two 22-bit limbs
+    low.sub_(_HALF)
     return out.flatten(dim, dim + 1)
 
 
-def _limbs_last(x: torch.Tensor) -> torch.Tensor:
-    """``x.shape + (4,)`` integer tensor whose ``[..., i]`` is the unsigned limb ``i`` of ``x``.
+def _limb_fields(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y mod 2^22, (y >> 22) mod 2^22, y >> 44)`` for ``y = x + 2^21 + 2^43`` (wrapping).
 
-    On little-endian hosts a free reinterpretation of the int64 bytes as uint16 (one memory
-    pass fewer per limb than shifting and masking: about 40 % off the split), else shifts.
+    The signed limbs of ``x`` are the first two minus 2^21 and the third as it is (module
+    docstring); the subtraction is left to the caller, on the float64 copy.
     """
-    if sys.byteorder == "little":
-        if x.stride(-1) != 1:  # also for a last dim of size 1, which contiguous() keeps as is
-            x = x.clone(memory_format=torch.contiguous_format)
-        return x.view(torch.uint16).unflatten(-1, (x.shape[-1], _LIMBS))
-    return _limbs_by_shifts(x)
+    y = x + _OFFSET  # int64 addition wraps modulo 2^64
+    low = torch.bitwise_and(y, _LIMB_MASK)
+    y.bitwise_right_shift_(_LIMB_BITS)
+    mid = torch.bitwise_and(y, _LIMB_MASK)
+    return low, mid, y.bitwise_right_shift_(_LIMB_BITS)
 
 
-def _limbs_by_shifts(x: torch.Tensor) -> torch.Tensor:
-    """Endianness-free :func:`_limbs_last`: arithmetic shift, then mask to the limb's bits."""
-    limbs = [
-        torch.bitwise_right_shift(x, i * _LIMB_BITS).bitwise_and_(_LIMB_MASK) for i in range(_LIMBS)
-    ]
-    return torch.stack(limbs, dim=-1)
+#: Magnitude bound of a "narrow" operand of :func:`ring_matmul_narrow` (fixed-point weights:
+#: |w| < 32 at 16 fractional bits), and the K per GEMM that keeps its products exact: a limb
+#: product is below 2^21 * 2^21 = 2^42 and only one pair has each shift, so K * 2^42 <= 2^53.
+NARROW_BOUND = 2**21
+MAX_EXACT_K_NARROW = 2**11
 
 
-__all__ = ["MAX_EXACT_K", "ring_matmul"]
+def ring_matmul_narrow(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` modulo 2^64 for int64 ``a`` and a float64 ``b`` holding integers with
+    ``|b| < NARROW_BOUND``, bit-identical to ``torch.matmul(a, b.long())``.
+
+    ``b`` needs no split, so the three limbs of ``a`` meet it in ONE GEMM (the limbs stacked
+    along a new leading dim: 3K multiply-adds per output against 6K for :func:`ring_matmul`).
+    The caller guarantees the bound (an owner's fixed-point weights, checked once when shared);
+    ``b`` is float64 so that it can be converted once and reused.
+    """
+    if a.dtype != torch.int64 or b.dtype != torch.float64 or a.dim() < 2 or b.dim() < 2:
+        raise TypeError("ring_matmul_narrow needs an int64 matrix (or batch) and a float64 one")
+    k = a.shape[-1]
+    chunk = math.ceil(k / max(1, math.ceil(k / MAX_EXACT_K_NARROW)))
+    result: torch.Tensor | None = None
+    for start in range(0, k, chunk):
+        length = min(chunk, k - start)
+        limbs = torch.stack(_limb_fields(a.narrow(-1, start, length))).to(torch.float64)
+        limbs[:2].sub_(_HALF)  # (3, ..., M, length): the signed limbs of a
+        parts = torch.matmul(limbs, b.narrow(-2, start, length)).to(torch.int64)  # exact
+        part = parts[2].bitwise_left_shift_(_LIMB_BITS).add_(parts[1])
+        part.bitwise_left_shift_(_LIMB_BITS).add_(parts[0])  # wraps mod 2^64
+        result = part if result is None else result.add_(part)
+    assert result is not None
+    return result
+
+
+def _signed_limbs(x: torch.Tensor) -> torch.Tensor:
+    """``x.shape + (3,)`` int64 tensor of the signed limbs ``s_i`` of ``x`` (for tests and docs)."""
+    low, mid, top = _limb_fields(x)
+    return torch.stack([low - _HALF, mid - _HALF, top], dim=-1)
+
+
+__all__ = ["MAX_EXACT_K", "MAX_EXACT_K_NARROW", "NARROW_BOUND", "ring_matmul", "ring_matmul_narrow"]

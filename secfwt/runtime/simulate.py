@@ -39,11 +39,17 @@ def run_simulation(
     insecure_dev: bool = False,
     on_progress: Callable[[Role, dict[str, Any]], None] | None = None,
     insecure_fixed_seed: int | None = None,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 10,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run the job with one process per role; return the report (also written to the run folder).
 
     ``insecure_fixed_seed`` is for reproducibility tests only (every MPC seed predictable; see
-    :func:`secfwt.crypten_compat.init_party`); the CLI never sets it.
+    :func:`secfwt.crypten_compat.init_party`); `secfwt simulate --insecure-fixed-seed` sets it, with a warning.
+    ``checkpoint_dir``: each party checkpoints into ``checkpoint_dir/ROLE`` every
+    ``checkpoint_every`` steps; ``resume`` continues from the latest step both hold (see
+    :func:`secfwt.runtime.job.run_job_party`).
     """
     provider = provider_for(cfg, insecure_dev=insecure_dev)
     model_dir = resolve_model_path(cfg.model.path)
@@ -53,11 +59,12 @@ def run_simulation(
     out_dir = Path(cfg.run.output_dir) / f"{cfg.job.name}-{stamp}"
     out_dir.mkdir(parents=True, exist_ok=True)
     progress = new_queue()
-    common = {"config": cfg, "out_dir": str(out_dir), "progress": progress, "model_dir": str(model_dir)}
+    common = {"config": cfg, "out_dir": str(out_dir), "progress": progress, "model_dir": str(model_dir), "checkpoint_every": checkpoint_every, "resume": resume}
+    payloads = {role: {**common, "checkpoint_dir": None if checkpoint_dir is None else str(Path(checkpoint_dir) / role.value)} for role in (Role.MODEL_OWNER, Role.DATA_OWNER)}
     t0 = time.perf_counter()
     results = run_parties(
         run_job_party,
-        payloads={Role.MODEL_OWNER: dict(common), Role.DATA_OWNER: dict(common)},
+        payloads=payloads,
         provider=provider,
         timeout_s=cfg.run.timeout_s,
         messages=progress,
@@ -87,6 +94,7 @@ def run_simulation(
         "joint_seed": do["joint_seed"],
         "trainable": do["trainable"],
         "loss_history": [h["loss"] for h in do["history"]],
+        "resumed_from_step": do.get("resumed_from_step"),
         "dp": do["dp"],
         "disclosure_terms": cfg.terms.to_list(),
         "terms_digest": cfg.terms.digest(),

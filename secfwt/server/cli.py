@@ -59,7 +59,7 @@ def cmd_party(args: argparse.Namespace) -> int:
 
     if args.party_role == "health":
         return cmd_party_health(args)
-    return run_party(PARTY_COMMANDS[args.party_role], args.config, insecure=args.insecure, verbose=getattr(args, "verbose", False))
+    return run_party(PARTY_COMMANDS[args.party_role], args.config, insecure=args.insecure, verbose=getattr(args, "verbose", False), insecure_fixed_seed=args.insecure_fixed_seed)
 
 
 def cmd_party_health(args: argparse.Namespace) -> int:
@@ -302,6 +302,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     party.add_argument("party_role", choices=[*sorted(PARTY_COMMANDS), "health"], help="which daemon to run, or `health`: probe this host's daemon")
     party.add_argument("--config", required=True, metavar="party.toml")
     party.add_argument("--insecure", action="store_true", help="plaintext, no certificates: local development only (needs party.insecure = true too)")
+    party.add_argument("--insecure-fixed-seed", type=int, metavar="N", help="TESTS ONLY: every MPC seed derived from N, so runs are reproducible bit for bit; anyone knowing N can unmask every share")
     party.set_defaults(func=cmd_party)
 
     job = sub.add_parser("job", help="submit and manage jobs on party daemons")
@@ -366,10 +367,11 @@ def party_main(role: Role, argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog=f"secfwt-{role.value.replace('_', '-')}", description=f"secfwt {role.value} party daemon (gRPC, mutual TLS)")
     p.add_argument("--config", required=True, metavar="party.toml")
     p.add_argument("--insecure", action="store_true", help="plaintext, no certificates: local development only (needs party.insecure = true too)")
+    p.add_argument("--insecure-fixed-seed", type=int, metavar="N", help="TESTS ONLY: every MPC seed derived from N, so runs are reproducible bit for bit; anyone knowing N can unmask every share")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = p.parse_args(argv)
     try:
-        return run_party(role, args.config, insecure=args.insecure, verbose=args.verbose)
+        return run_party(role, args.config, insecure=args.insecure, verbose=args.verbose, insecure_fixed_seed=args.insecure_fixed_seed)
     except SecfwtError as exc:
         print(f"secfwt: error: {exc}", file=sys.stderr)
         return exit_code_for(exc)

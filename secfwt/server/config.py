@@ -8,6 +8,7 @@ the file's folder. A ``party.toml``::
     id = "hospital-a"              # a DNS label; must equal the identity in tls.cert
     role = "data_owner"            # model_owner | data_owner | dealer
     listen = "0.0.0.0:7401"
+    mpc_listen = "0.0.0.0:7402"    # MPC traffic of running jobs (TLS gRPC mesh); default: listen's port + 1
     state_dir = "state"            # jobs, progress and finished results survive restarts here
     insecure = false               # true: plaintext, no certificates; local development only
 
@@ -20,6 +21,7 @@ the file's folder. A ``party.toml``::
     id = "vendor"
     role = "model_owner"
     address = "vendor.example.org:7401"
+    mpc_address = "vendor.example.org:7402"   # its mpc_listen as seen from here; default: address's port + 1
 
     [[operators]]                  # people's clients; they may accept, refuse and fetch here
     id = "alice"                   # unless accept = false (then: propose, start, watch, cancel only)
@@ -49,8 +51,13 @@ class PartySection:
     id: str
     role: Role
     listen: str = "127.0.0.1:7401"
+    mpc_listen: str = ""  # where this party's MPC process listens for its peers; "" = listen's port + 1
     state_dir: str = "state"
     insecure: bool = False
+
+    @property
+    def mpc_listen_address(self) -> str:
+        return self.mpc_listen or _next_port(self.listen, where="party.mpc_listen")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,10 +72,22 @@ class PeerEntry:
     id: str
     role: Role
     address: str
+    mpc_address: str = ""  # the peer's MPC listener (its party.mpc_listen as reachable from here); "" = address's port + 1
 
     @property
     def identity(self) -> Identity:
         return Identity(IdentityRole.of(self.role), self.id)
+
+    @property
+    def mpc_peer_address(self) -> str:
+        return self.mpc_address or _next_port(self.address, where=f"[[peers]] {self.id} mpc_address")
+
+
+def _next_port(address: str, *, where: str) -> str:
+    host, _, port = address.rpartition(":")
+    if not port.isdigit() or int(port) in (0, 65535):
+        raise ConfigError(f"{where}: cannot derive it from {address!r} (port 0 or 65535); set it explicitly")
+    return f"{host}:{int(port) + 1}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +130,9 @@ class HeldData:
     text_column: str = "text"
     label_column: str = "label"
     labels: tuple[str, ...] = ()
+    #: The model's tokenizer (public: a vocabulary), a folder or packaged:NAME; "" = the job's
+    #: model.path when this host has it (e.g. a packaged model). The data owner tokenizes with it.
+    tokenizer: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,6 +222,8 @@ def parse_party_config(raw: dict[str, Any], *, where: str, base: Path) -> PartyC
     party: PartySection = t["party"]
     check_party_id(party.id, where=f"{where}: party.id")
     check_address(party.listen, where=f"{where}: party.listen")
+    if party.mpc_listen:
+        check_address(party.mpc_listen, where=f"{where}: party.mpc_listen")
     party = dataclasses.replace(party, state_dir=_resolve(base, party.state_dir))
     tls: TLSSection = t.get("tls", TLSSection())
     tls = TLSSection(cert=_resolve(base, tls.cert), key=_resolve(base, tls.key), ca=_resolve(base, tls.ca))
@@ -215,6 +239,8 @@ def parse_party_config(raw: dict[str, Any], *, where: str, base: Path) -> PartyC
         model = HeldModel(path=model.path if model.path.startswith("packaged:") else _resolve(base, model.path))
     if data is not None and data.path:
         data = dataclasses.replace(data, path=_resolve(base, data.path))
+    if data is not None and data.tokenizer and not data.tokenizer.startswith("packaged:"):
+        data = dataclasses.replace(data, tokenizer=_resolve(base, data.tokenizer))
     _check_holdings(party.role, model, data, where=where)
     peers: tuple[PeerEntry, ...] = t.get("peers", ())
     operators: tuple[OperatorEntry, ...] = t.get("operators", ())
@@ -222,6 +248,8 @@ def parse_party_config(raw: dict[str, Any], *, where: str, base: Path) -> PartyC
     for i, p in enumerate(peers):
         check_party_id(p.id, where=f"{where}: [[peers]] #{i + 1} id")
         check_address(p.address, where=f"{where}: [[peers]] #{i + 1} address")
+        if p.mpc_address:
+            check_address(p.mpc_address, where=f"{where}: [[peers]] #{i + 1} mpc_address")
         if p.identity in seen or (p.id == party.id and p.role is party.role):
             raise ConfigError(f"{where}: [[peers]] #{i + 1} {p.identity} is listed twice or is this party itself")
         seen.add(p.identity)

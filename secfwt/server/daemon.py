@@ -79,7 +79,7 @@ class PartyDaemon:
         self.creds = Credentials.of_party(config)
         self._peers: dict[PeerEntry, PartyClient] = {}
         self._peers_lock = threading.Lock()
-        self.party = Party(config=config, runner=runner or MpcJobRunner(), peer_status=self._peer_status)
+        self.party = Party(config=config, runner=runner or MpcJobRunner(), peer_status=self._peer_status, peer_cancel=self._peer_cancel)
         lim = config.limits
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=lim.worker_threads, thread_name_prefix=f"secfwt-rpc-{config.party.id}"),
@@ -112,7 +112,7 @@ class PartyDaemon:
         self.address = f"{listen.rpartition(':')[0]}:{port}"
         self._stopped = False
 
-    def _peer_status(self, peer: PeerEntry, job_id: str) -> RemoteStatus:
+    def _peer_client(self, peer: PeerEntry) -> PartyClient:
         with self._peers_lock:
             client = self._peers.get(peer)
             if client is None:
@@ -120,8 +120,14 @@ class PartyDaemon:
                     peer.address, self.creds, expect=peer.identity, timeout_s=self.config.jobs.peer_timeout_s,
                     max_message_bytes=self.config.limits.max_message_bytes,
                 )
-        st = client.status(job_id)
+            return client
+
+    def _peer_status(self, peer: PeerEntry, job_id: str) -> RemoteStatus:
+        st = self._peer_client(peer).status(job_id)
         return RemoteStatus(state_from_pb(st.state), st.accepted_terms_digest, st.accepted_proposal_digest, st.reason)
+
+    def _peer_cancel(self, peer: PeerEntry, job_id: str, reason: str) -> None:
+        self._peer_client(peer).cancel(job_id, reason)
 
     def start(self) -> None:
         self.server.start()
@@ -168,7 +174,14 @@ def serve(config: PartyConfig, *, runner: JobRunner | None = None, insecure_conf
     return 0
 
 
-def run_party(role: Role, config_path: str | Path, *, insecure: bool = False, verbose: bool = False) -> int:
+INSECURE_SEED_BANNER = (
+    "\n"
+    "!!! WARNING: --insecure-fixed-seed: every MPC seed of every job is derived from a known number !!!\n"
+    "!!! Anyone who knows it can unmask every secret share. Reproducibility tests only; never with real data.\n"
+)
+
+
+def run_party(role: Role, config_path: str | Path, *, insecure: bool = False, verbose: bool = False, insecure_fixed_seed: int | None = None) -> int:
     """``secfwt party ROLE --config party.toml`` and ``parties/ROLE.py``: load, check, serve."""
     cfg = load_party_config(config_path)
     if cfg.party.role is not role:
@@ -177,4 +190,9 @@ def run_party(role: Role, config_path: str | Path, *, insecure: bool = False, ve
         raise ConfigError(f"{config_path}: --insecure was given but party.insecure is not true; plaintext needs both (local development only)")
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
     logs.configure(level=logging.DEBUG if verbose else logging.INFO, file=cfg.state_dir / "daemon.log")
-    return serve(cfg, insecure_confirmed=insecure)
+    runner = None
+    if insecure_fixed_seed is not None:
+        print(INSECURE_SEED_BANNER, file=sys.stderr, flush=True)
+        log.warning("INSECURE: fixed MPC seeds (--insecure-fixed-seed); every share is predictable. Tests only.", extra=fields(seed=insecure_fixed_seed))
+        runner = MpcJobRunner(insecure_fixed_seed=insecure_fixed_seed)
+    return serve(cfg, runner=runner, insecure_confirmed=insecure)

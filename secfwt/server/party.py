@@ -88,6 +88,8 @@ class RemoteStatus:
 
 #: Asks a pinned peer daemon for its status of a job (mutual TLS, this party's own certificate).
 PeerStatusFn = Callable[[PeerEntry, str], RemoteStatus]
+#: Tells a pinned peer daemon that a job was cancelled here: (peer, job id, reason).
+PeerCancelFn = Callable[[PeerEntry, str, str], None]
 
 
 def parse_job_text(text: str, *, where: str) -> JobConfig:
@@ -109,8 +111,9 @@ def parse_job_text(text: str, *, where: str) -> JobConfig:
 
 
 class Party:
-    def __init__(self, *, config: PartyConfig, runner: JobRunner, peer_status: PeerStatusFn, store: JobStore | None = None) -> None:
+    def __init__(self, *, config: PartyConfig, runner: JobRunner, peer_status: PeerStatusFn, store: JobStore | None = None, peer_cancel: PeerCancelFn | None = None) -> None:
         self.config = config
+        self.peer_cancel = peer_cancel
         self.identity = config.identity
         self.role = config.party.role
         self.runner = runner
@@ -358,7 +361,21 @@ class Party:
             else:
                 self._transition(rec, JobState.CANCELLED, reason=why)  # a queued id is skipped by the worker
         log.info("job cancel", extra=fields(job=job_id, by=str(caller), reason=reason))
+        if caller.role is IdentityRole.OPERATOR and self.peer_cancel is not None:
+            # An operator's cancel reaches every participant, so the peers stop the job as
+            # cancelled (not as a lost peer). A peer's cancel is not passed on: no echo.
+            threading.Thread(target=self._cancel_peers, args=(rec, why), name=f"secfwt-cancel-{job_id}", daemon=True).start()
         return rec
+
+    def _cancel_peers(self, rec: JobRecord, why: str) -> None:
+        for ident in rec.proposal.participants:
+            peer = self.config.peer(ident) if ident != self.identity else None
+            if peer is None or self.peer_cancel is None:
+                continue
+            try:
+                self.peer_cancel(peer, rec.job_id, f"at {self.identity}: {why}"[:MAX_REASON_CHARS])
+            except SecfwtError as exc:  # already ended there, unreachable: its own state stands
+                log.info("peer not cancelled", extra=fields(job=rec.job_id, peer=str(ident), why=str(exc)))
 
     # -- status, progress, artifacts ----------------------------------------------------------
 
@@ -446,28 +463,29 @@ class Party:
         self.store.save(rec)
 
     def _load(self) -> None:
-        requeue = []
-        for rec in self.store.load_all():
-            self._records[rec.job_id] = rec
-            if rec.state is JobState.RUNNING:
-                rec.state = JobState.FAILED
-                rec.reason = "interrupted: the daemon stopped while the job was running; `secfwt job resume` continues from its last checkpoint"
-                rec.updated = time.time()
-                self._emit(rec, message=f"failed: {rec.reason}")
-                self.store.save(rec)
-            elif rec.state is JobState.STARTED:
-                requeue.append(rec)
-        for rec in sorted(requeue, key=lambda r: r.updated):
-            try:
-                self._queue.put_nowait(rec.job_id)
-            except queue.Full:
-                self._transition(rec, JobState.ACCEPTED, reason="")
-                log.warning("queue full after restart; job back to accepted", extra=fields(job=rec.job_id))
-        if self._records:
-            counts: dict[str, int] = {}
-            for r in self._records.values():
-                counts[r.state.value] = counts.get(r.state.value, 0) + 1
-            log.info("state loaded", extra=fields(jobs=len(self._records), states=counts, requeued=len(requeue)))
+        with self._cond:  # _emit and _transition notify watchers: they need the lock held
+            requeue = []
+            for rec in self.store.load_all():
+                self._records[rec.job_id] = rec
+                if rec.state is JobState.RUNNING:
+                    rec.state = JobState.FAILED
+                    rec.reason = "interrupted: the daemon stopped while the job was running; `secfwt job resume` continues from its last checkpoint"
+                    rec.updated = time.time()
+                    self._emit(rec, message=f"failed: {rec.reason}")
+                    self.store.save(rec)
+                elif rec.state is JobState.STARTED:
+                    requeue.append(rec)
+            for rec in sorted(requeue, key=lambda r: r.updated):
+                try:
+                    self._queue.put_nowait(rec.job_id)
+                except queue.Full:
+                    self._transition(rec, JobState.ACCEPTED, reason="")
+                    log.warning("queue full after restart; job back to accepted", extra=fields(job=rec.job_id))
+            if self._records:
+                counts: dict[str, int] = {}
+                for r in self._records.values():
+                    counts[r.state.value] = counts.get(r.state.value, 0) + 1
+                log.info("state loaded", extra=fields(jobs=len(self._records), states=counts, requeued=len(requeue)))
 
     def _context(self, rec: JobRecord) -> JobContext:
         cfg = parse_job_text(rec.proposal.job_toml, where=f"job {rec.job_id}")

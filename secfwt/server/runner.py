@@ -5,25 +5,42 @@ a runner owns one party's computation. It gets a :class:`JobContext`, reports pr
 the callback, polls ``cancel`` between steps, writes its results into ``ctx.artifacts_dir`` and
 returns a small JSON-able summary. An exception fails the job with its message as the reason.
 
-:class:`MpcJobRunner` is the hook for the real thing: one party's MPC session over the TLS gRPC
-transport with the peers named in the context. It is NOT implemented yet (issue #3: the
-transport and the multi-host execution land separately); it fails every job with a clear
-reason, so no daemon ever claims a result it did not compute.
+:class:`MpcJobRunner` runs this party's side of the job's MPC session in a spawned process
+(:func:`secfwt.mpc.launcher.spawn_party`): the model owner and the data owner run
+:func:`secfwt.runtime.job.run_job_party` with what they hold (``[model]`` / ``[data]`` of
+``party.toml``, never the job file's paths), the dealer serves Beaver triples. All MPC traffic
+goes over the mutually authenticated TLS mesh (:mod:`secfwt.mpc.transport`) between the
+parties' ``mpc_listen`` addresses, each peer pinned to the certificate name of the identity the
+proposal names. A separate process per job keeps CrypTen's global state and memory out of the
+daemon: a cancel or a failure kills it, and the daemon keeps serving.
+
+Faults: the transport's keepalive is ``jobs.heartbeat_timeout_s / 2``, so a peer that dies or
+vanishes is noticed within about ``heartbeat_timeout_s`` and the job fails with the peer named.
+Checkpoints: every ``jobs.checkpoint_every_steps`` steps into the job's work folder;
+``secfwt job resume`` restarts the process with ``resume`` and the parties continue from the
+last step both of them checkpointed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import queue as queue_mod
+import shutil
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
 from secfwt.config import JobConfig
+from secfwt.errors import ConfigError, PartyFailedError
 from secfwt.roles import Role
 from secfwt.server.config import PartyConfig, PeerEntry
 from secfwt.server.identity import Identity
+from secfwt.server.logs import fields
 from secfwt.server.protocol import Proposal
+
+log = logging.getLogger("secfwt.server")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,18 +77,179 @@ class JobRunner(Protocol):
     def run(self, ctx: JobContext, progress: ProgressCallback, cancel: threading.Event) -> dict[str, Any]: ...
 
 
-class NotImplementedRunnerError(NotImplementedError):
-    pass
+class JobCancelled(Exception):
+    """The runner stopped because ``cancel`` was set (the daemon records CANCELLED)."""
 
 
+@dataclasses.dataclass(frozen=True)
 class MpcJobRunner:
-    """Runs the job's MPC session with the peers: to be filled in with the TLS gRPC transport."""
+    """This party's MPC process of a job, over the TLS mesh with the job's pinned peers.
 
-    capabilities: tuple[str, ...] = ()  # advertises nothing it cannot do yet
+    ``insecure_fixed_seed`` (``secfwt party --insecure-fixed-seed``): every MPC seed derived
+    from it, so a daemon run can be compared bit for bit with ``secfwt simulate`` of the same
+    seed. Anyone who knows it can unmask every share: reproducibility tests only.
+    """
+
+    insecure_fixed_seed: int | None = None
+    poll_s: float = 0.2
+    capabilities: tuple[str, ...] = ("mpc-tls", "checkpoint-resume")
 
     def run(self, ctx: JobContext, progress: ProgressCallback, cancel: threading.Event) -> dict[str, Any]:
-        raise NotImplementedRunnerError(
-            "running jobs through the party daemons is not implemented yet: the MPC session over the "
-            "TLS gRPC transport is wired in by a later change (issue #3); the job was accepted and "
-            "started, nothing was computed. Use `secfwt simulate` on one machine meanwhile"
+        import multiprocessing as mp
+
+        from secfwt.crypten_compat import Provider
+        from secfwt.mpc.launcher import collect_one, spawn_party
+
+        if ctx.party.party.insecure:
+            raise ConfigError(
+                "this daemon runs with --insecure (no certificates): the MPC traffic of a job is only ever sent over mutually "
+                "authenticated TLS between daemons; run the daemons with certificates (`secfwt certs`), or use `secfwt simulate` locally"
+            )
+        tls = mpc_tls_settings(ctx)
+        payload = None if ctx.role is Role.DEALER else party_payload(ctx)
+        mpctx = mp.get_context("spawn")
+        results = mpctx.Queue()
+        messages = mpctx.Queue() if payload is not None else None
+        if payload is not None:
+            payload["progress"] = messages
+        from secfwt.runtime.job import run_job_party
+
+        progress(phase="mpc", message=f"MPC session on {tls.listen} with {', '.join(f'{r.value} at {e.mpc_peer_address}' for r, e in sorted(ctx.peers.items(), key=lambda kv: kv[0].rank))}")
+        proc = spawn_party(
+            ctx.role, target=None if ctx.role is Role.DEALER else run_job_party, payload=payload, results=results,
+            provider=Provider.TTP, tls=tls, insecure_fixed_seed=self.insecure_fixed_seed,
         )
+        log.info("mpc process started", extra=fields(job=ctx.job_id, pid=proc.pid, resume=ctx.resume))
+        try:
+            item = self._wait(proc, results, messages, progress, cancel)
+            res = collect_one(item)
+        finally:
+            _end(proc)
+            for q in (results, messages):
+                if q is not None:
+                    q.close()
+                    q.cancel_join_thread()
+        value = res.value or {}
+        if payload is not None:
+            _collect_artifacts(Path(payload["out_dir"]) / ctx.role.value, ctx.artifacts_dir)
+        summary = {k: v for k, v in value.items() if k != "artifacts"}
+        summary.update(role=ctx.role.value, bytes_sent=res.bytes_sent, rounds=res.rounds, party_wall_s=res.wall_s)
+        return summary
+
+    def _wait(self, proc: Any, results: Any, messages: Any, progress: ProgressCallback, cancel: threading.Event) -> tuple[Any, ...]:
+        while True:
+            if messages is not None:
+                _forward_progress(messages, progress)
+            try:
+                item = results.get(timeout=self.poll_s)
+            except queue_mod.Empty:
+                item = None
+            if item is not None:
+                if messages is not None:
+                    _forward_progress(messages, progress)
+                return item
+            if cancel.is_set():
+                raise JobCancelled("cancelled; the MPC process was stopped")
+            if proc.exitcode is not None:
+                try:  # it may have reported just before exiting
+                    return results.get(timeout=1.0)
+                except queue_mod.Empty:
+                    raise PartyFailedError("this party", f"its MPC process exited with code {proc.exitcode} without a result") from None
+
+
+def mpc_tls_settings(ctx: JobContext) -> Any:
+    """TLS mesh settings of this party for one job: own files, every peer's MPC address pinned to
+    the certificate name of the identity the proposal names for that role."""
+    from secfwt.mpc.transport import tls_settings
+
+    missing = [r.value for r in Role if r is not ctx.role and r not in ctx.peers]
+    if missing:
+        raise ConfigError(f"job {ctx.job_id}: no pinned peer for {', '.join(missing)} in {ctx.party.source}; every participant needs a [[peers]] entry")
+    hb = ctx.heartbeat_timeout_s
+    return tls_settings(
+        role=ctx.role,
+        ca_cert=ctx.party.tls.ca,
+        cert=ctx.party.tls.cert,
+        key=ctx.party.tls.key,
+        listen=ctx.party.party.mpc_listen_address,
+        peers={r: e.mpc_peer_address for r, e in ctx.peers.items()},
+        session_id=ctx.job_id,
+        peer_names={r: e.identity.dns_name for r, e in ctx.peers.items()},
+        own_name=ctx.identity.dns_name,
+        connect_timeout_s=max(60.0, 2 * hb),
+        keepalive_s=hb / 2,
+    )
+
+
+def party_payload(ctx: JobContext) -> dict[str, Any]:
+    """What :func:`secfwt.runtime.job.run_job_party` gets on this host: the job with this party's
+    own holdings in place of the job file's model and data locations."""
+    from secfwt.models.checkpoint import resolve_model_path
+
+    cfg = ctx.job
+    if ctx.role is Role.MODEL_OWNER:
+        assert ctx.party.model is not None  # checked when party.toml was read
+        model_dir = resolve_model_path(ctx.party.model.path)
+    else:
+        held = ctx.party.data
+        assert held is not None
+        cfg = dataclasses.replace(
+            cfg,
+            data=dataclasses.replace(cfg.data, source=held.source, path=held.path, text_column=held.text_column, label_column=held.label_column, labels=held.labels),
+        )
+        try:
+            model_dir = resolve_model_path(held.tokenizer or cfg.model.path)
+        except Exception as exc:
+            raise ConfigError(
+                f"{ctx.party.source}: the data owner needs the model's tokenizer (public) to encode its data: {exc}; "
+                "set [data] tokenizer = a folder with the tokenizer files, or packaged:NAME"
+            ) from None
+    return {
+        "config": cfg,
+        "out_dir": str(ctx.work_dir / "run"),
+        "model_dir": str(model_dir),
+        "checkpoint_dir": str(ctx.work_dir / "checkpoints"),
+        "checkpoint_every": ctx.checkpoint_every_steps,
+        "resume": ctx.resume,
+    }
+
+
+def _forward_progress(messages: Any, progress: ProgressCallback) -> None:
+    """Party-process progress messages (see run_job_party) as daemon progress events."""
+    while True:
+        try:
+            _role, msg = messages.get_nowait()
+        except queue_mod.Empty:
+            return
+        kind = msg.get("kind")
+        metrics = {k: v for k, v in msg.items() if k in ("loss", "accuracy", "elapsed") and isinstance(v, (int, float))}
+        if kind == "step":
+            progress(phase="tuning", step=int(msg["step"]), total_steps=int(msg["total"]), metrics=metrics)
+        elif kind == "prefix":
+            progress(phase="frozen prefix", step=int(msg["done"]), total_steps=int(msg["total"]))
+        elif kind == "eval":
+            progress(phase="evaluation", message=f"accuracy {msg.get('when')}: {msg.get('accuracy')}", metrics=metrics)
+        elif kind == "checkpoint":
+            progress(phase="checkpoint", step=int(msg.get("step", 0)), message=f"checkpoint at step {msg.get('step')}")
+        else:
+            progress(phase=str(msg.get("phase", kind)), message=str(msg.get("message", "")) or None)
+
+
+def _collect_artifacts(src: Path, dst: Path) -> None:
+    """Copy the party's result files (final parameters, audit log, ...) where FetchArtifacts serves them."""
+    if not src.is_dir():
+        return
+    for f in sorted(src.iterdir()):
+        if f.is_file():
+            shutil.copy2(f, dst / f.name)
+
+
+def _end(proc: Any) -> None:
+    """Stop the party process and reap it: TERM, then KILL; never leaves it behind."""
+    if proc.is_alive():
+        proc.terminate()
+        proc.join(timeout=5)
+    if proc.is_alive():
+        proc.kill()
+    proc.join(timeout=5)
+    log.debug("mpc process ended", extra=fields(pid=proc.pid, exitcode=proc.exitcode))

@@ -61,6 +61,21 @@ class PromptSearch:
     def tell(self, losses: list[float]) -> None:
         self.es.tell(self._asked, list(losses))
 
+    def state(self) -> dict[str, object]:
+        """What a checkpoint needs to continue the search: the CMA-ES object and numpy's global
+        generator (``cma`` samples with ``np.random.randn``). A and the settings are rebuilt
+        from the seed. Only between iterations (nothing asked and not yet told)."""
+        return {"es": self.es, "numpy_rng": np.random.get_state()}
+
+    def restore(self, state: dict[str, object]) -> None:
+        """Continue from :meth:`state` (of a search with the same settings)."""
+        es = state["es"]
+        if int(es.N) != self.s.intrinsic_dim or int(es.popsize) != self.s.population:
+            raise ValueError(f"CMA-ES state of dimension {es.N} / population {es.popsize}; this search has {self.s.intrinsic_dim} / {self.s.population}")
+        self.es = es
+        np.random.set_state(state["numpy_rng"])
+        self._asked = []
+
     def prompt_of(self, z: np.ndarray) -> torch.Tensor:
         p = self.a @ torch.as_tensor(np.asarray(z), dtype=torch.float64)
         return p.view(self.s.prompt_length, self.s.hidden_size).to(torch.float32)

@@ -8,23 +8,26 @@ computed on the fixed-point encoding CrypTen actually shares (it truncates towar
 errors below are those of the protocols, not of the input encoding.
 
 Measured cost (``test_timings``, marked slow): 2 parties + TTP dealer on the 2 cores of the dev VM,
-one torch thread per party, two runs on 2026-11-23 while other developers' jobs kept the load
-average at 3-5, so absolute times are inflated; the ratio to CrypTen in the same run and the bytes
-are the stable numbers. Bytes are CrypTen's count (elements x 8) sent by the data owner.
+one torch thread per party, one run while other developers' jobs kept the load average at 2-5, so
+absolute times are inflated; the ratio to CrypTen in the same run and the bytes are the stable
+numbers. Bytes are CrypTen's count (elements x 8, sent plus received) on the data owner. The
+CrypTen column runs CrypTen's functions on secfwt's Beaver products (crypten_compat adaptation 8).
+With bit-sliced comparisons (this version) against CrypTen's A2B adder on packed lanes (before),
+bytes per element went from 331 / 563 / 501 / 565 / 84 / 2416 to the values below.
 
-    function, size               secfwt us/elem  B/elem | CrypTen (its function)     us/elem  B/elem
-    exp [12,128,128]                  3.8 - 4.8     331 | x.exp()                  1.7 - 2.0     128
-    softmax [12,128,128]              8.2 - 11.3    563 | x.softmax(-1)           20.8 - 20.9   1488
-    gelu (erf) [128,1536]             4.6 - 6.7     501 | tanh GELU via x.tanh()   8.6 - 12.2    848
-    silu [128,1536]                   5.5 - 6.2     565 | x * x.sigmoid()          9.2 - 9.7     784
-    layer_norm [128,768]              4.1 - 4.4      84 | (x-mu)*(var+eps).inv_sqrt() 3.4 - 3.9 32
-    reciprocal [1536] on [1, 512]     166 - 185    2416 | x.reciprocal()            373 - 416   1104
+    function, size               secfwt us/elem  B/elem  rounds | CrypTen (its function)  us/elem  B/elem  rounds
+    exp [12,128,128]                       1.75     203      13 | x.exp()                     0.97     128       8
+    softmax [12,128,128]                   4.76     298      86 | x.softmax(-1)              12.50    1488     116
+    gelu (erf) [128,1536]                  1.72     246      12 | tanh GELU via x.tanh()      4.08     848      26
+    silu [128,1536]                        2.67     310      13 | x * x.sigmoid()             5.54     784      24
+    layer_norm [128,768]                   2.12      69      19 | (x-mu)*(var+eps).inv_sqrt() 2.06    32      19
+    reciprocal [1536] on [1, 512]         82.18     710      16 | x.reciprocal()            289.56    1104      38
 
 CrypTen's functions are not accurate on these ranges (NOTES.md): its exp is garbage below -256,
 its softmax from length ~256 or with a -1e4 mask, its reciprocal above ~300, its inv_sqrt (so its
 LayerNorm) for variances above ~500, and it has no usable erf. secfwt's exp pays ~2x CrypTen's
-for range safety (one packed comparison); everything else is cheaper or on par. The reciprocal row
-is latency-bound (16 vs 38 dealer round trips for 1536 elements).
+for range safety (one comparison); everything else is cheaper or on par. The reciprocal row
+is latency-bound (16 vs 38 rounds for 1536 elements).
 """
 
 from __future__ import annotations
@@ -98,6 +101,15 @@ def _elementwise_inputs() -> dict[str, torch.Tensor]:
         "act": torch.cat([torch.randn(30000, generator=g) * 5, outliers]),
         # log-uniform over the full stated range [2^-10, 2^20]
         "pos": torch.exp2(torch.rand(20000, generator=g) * 30 - 10),
+        # signs: the whole comparison range, its edges and the ambiguous band around 0
+        "signs": torch.cat(
+            [
+                (torch.rand(3000, generator=g) * 2 - 1) * (nl.CMP_RANGE - 1),
+                torch.tensor([nl.CMP_RANGE - 2**-5, -nl.CMP_RANGE + 2**-5, nl.CMP_RESOLUTION]),
+                torch.tensor([-nl.CMP_RESOLUTION, -(2.0**-16), 0.0, 2.0**-16, -1.0, 1.0]),
+                torch.randn(3000, generator=g) * 0.1,
+            ]
+        ).reshape(3, 2003),
     }
 
 
@@ -172,6 +184,15 @@ def _elementwise_party(ctx: PartyContext, payload: dict[str, Any]) -> dict[str, 
     act = _share(data, "act", shapes, src=1)
     pos = _share(data, "pos", shapes, src=1)
     out["exp"] = nl.exp(_share(data, "exp", shapes, src=1)).get_plain_text()
+    # the comparison itself, on an odd-sized 2-D tensor (bit planes are padded to 64 elements)
+    signs = _share(data, "signs", shapes, src=1)
+    out["negative_bits"] = crypten.mpc.MPCTensor.from_shares(
+        nl._negative_bits(signs.share), precision=0
+    ).get_plain_text()
+    out["greater_exact"] = crypten.mpc.MPCTensor.from_shares(
+        nl._greater_than_exact(signs.share, [0, round(1000.5 * 2**nl.FRAC_BITS), -(2**62)]),
+        precision=0,
+    ).get_plain_text()
     out["gelu"] = nl.gelu(act).get_plain_text()
     out["gelu_tanh"] = nl.gelu_tanh(act).get_plain_text()
     out["silu"] = nl.silu(act).get_plain_text()
@@ -284,6 +305,18 @@ def test_exp_matches_torch_down_to_minus_infinity(elementwise: dict[str, Any]) -
     got = elementwise["outputs"]["exp"]
     assert _max_err(got, torch.exp(x), "exp") <= EXP_ATOL
     assert float(got[x < -16].abs().max()) == 0.0  # exactly zero far below, never garbage
+
+
+@pytest.mark.multiprocess
+def test_negative_bits_are_exact_in_range(elementwise: dict[str, Any]) -> None:
+    x = _encoded(elementwise["inputs"]["signs"])
+    got = elementwise["outputs"]["negative_bits"]
+    decided = x.abs() >= nl.CMP_RESOLUTION
+    assert bool(((got == 0) | (got == 1)).all())  # bits, also in the undecided band
+    assert torch.equal(got[decided], (x[decided] < 0).float())
+    exact = elementwise["outputs"]["greater_exact"]  # every value, no resolution or range limit
+    for i, t in enumerate([0.0, 1000.5, -(2.0**46)]):
+        assert torch.equal(exact[i], (x > t).float()), t
 
 
 @pytest.mark.multiprocess
@@ -444,16 +477,52 @@ def test_rms_norm(layers: dict[str, Any]) -> None:
 # ================================================================================================
 
 
-def test_packed_lanes_give_exact_signs_in_range() -> None:
-    """Simulate the two parties' shares and the adder in plain int64 arithmetic."""
+def test_bit_sliced_carry_gives_exact_signs_in_range() -> None:
+    """Simulate the two parties' shares and the carry tree of _negative_bits in plaintext."""
     g = torch.Generator().manual_seed(3)
     limit = int(nl.CMP_RANGE * 2**nl.FRAC_BITS) - 2**12
     x = torch.cat([torch.randint(-limit, limit, (100000,), generator=g), torch.arange(-5000, 5001)])
     mask = torch.randint(-(2**63), 2**63 - 1, x.shape, generator=g, dtype=torch.long)
-    words = nl._pack_lanes(x + mask) + nl._pack_lanes(-mask)  # int64 addition wraps like the adder
-    signs = nl._lane_signs(words, x.shape)
+    planes = [nl._bit_planes(share >> 11, bits=21) for share in (x + mask, -mask)]
+    a, b = planes
+    anded: list[int] = []
+
+    def and_(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        anded.append(x.shape[0])
+        return x & y
+
+    carry = nl._carry_out(a[:-1] & b[:-1], a[:-1] ^ b[:-1], and_)
+    assert sum(anded) == nl._carry_and_planes(20) == 33  # the triples _negative_bits fetches
+    assert len(anded) == 5  # levels (rounds)
+    signs = nl._unpack_bits(a[-1] ^ b[-1] ^ carry, x.numel())
     decided = x.abs() >= nl.CMP_RESOLUTION * 2**nl.FRAC_BITS
     assert torch.equal(signs[decided], (x[decided] < 0).long())
+    # the full 64-bit width: the exact sign of the ring sum, for values of any magnitude
+    wide = torch.cat([x << 20, torch.tensor([2**63 - 1, -(2**63), 0, -1, 1])])
+    wide_mask = torch.randint(-(2**63), 2**63 - 1, wide.shape, generator=g, dtype=torch.long)
+    a, b = (nl._bit_planes(share, bits=64) for share in (wide + wide_mask, -wide_mask))
+    carry64 = nl._carry_out(a[:-1] & b[:-1], a[:-1] ^ b[:-1], torch.bitwise_and)
+    assert torch.equal(nl._unpack_bits(a[-1] ^ b[-1] ^ carry64, wide.numel()), (wide < 0).long())
+    assert nl._carry_and_planes(63) == 118
+    # the tree is the carry of the 20-bit sum for any inputs, not only in range
+    low = [(share >> 11) & (2**20 - 1) for share in (x + mask, -mask)]
+    expected = ((low[0] + low[1]) >> 20) & 1
+    assert torch.equal(nl._unpack_bits(carry, x.numel()), expected)
+
+
+def test_bit_planes_round_trip() -> None:
+    g = torch.Generator().manual_seed(4)
+    u = torch.randint(0, 2**21, (3, 67), generator=g)  # not a multiple of 64 elements
+    planes = nl._bit_planes(u, bits=21)
+    assert planes.shape == (21, 4)
+    for j in (0, 7, 20):
+        assert torch.equal(nl._unpack_bits(planes[j], u.numel()), (u.reshape(-1) >> j) & 1)
+    full = torch.cat([u.reshape(-1), torch.tensor([-1, -(2**63), 2**63 - 1])])  # all 64 bits
+    planes = nl._bit_planes(full, bits=64)
+    for j in (0, 33, 62, 63):
+        assert torch.equal(nl._unpack_bits(planes[j], full.numel()), (full >> j) & 1)
+    bits = u.reshape(-1) & 1
+    assert torch.equal(nl._unpack_bits(nl._pack_bits(bits), bits.numel()), bits)
 
 
 @pytest.mark.parametrize(

@@ -83,10 +83,19 @@ def test_non_contiguous_inputs() -> None:
 
 
 def test_exact_at_the_float64_bound() -> None:
-    """All limbs 0xFFFF with K = 2^19 makes the widest GEMM sum reach 4 K (2^16-1)^2 < 2^53."""
-    a = torch.full((2, MAX_EXACT_K), -1, dtype=torch.int64)
-    b = torch.full((MAX_EXACT_K, 2), -1, dtype=torch.int64)
+    """Limbs all -2^21 with K = 2^10 make the widest GEMM sum (shift 1: two limb products per k)
+    reach K * 2 * 2^42 = 2^53, the last integer float64 still holds exactly at every step."""
+    from secfwt.mpc.ring import _signed_limbs
+
+    x = -(2**21) - 2**43  # both 22-bit limbs are -2^21, the top limb is 0
+    assert _signed_limbs(torch.tensor([x])).tolist() == [[-(2**21), -(2**21), 0]]
+    a = torch.full((2, MAX_EXACT_K), x, dtype=torch.int64)
+    b = torch.full((MAX_EXACT_K, 2), x, dtype=torch.int64)
     assert torch.equal(_ring_matmul(a, b, max_k=MAX_EXACT_K), torch.matmul(a, b))
+    lowest = -(2**21) - 2**43 + 2**63  # y = x + 2^21 + 2^43 wraps to -2^63: top limb -2^19
+    assert _signed_limbs(torch.tensor([lowest])).tolist() == [[-(2**21), -(2**21), -(2**19)]]
+    a = torch.full((2, MAX_EXACT_K), lowest, dtype=torch.int64)
+    assert torch.equal(_ring_matmul(a, a.t(), max_k=MAX_EXACT_K), torch.matmul(a, a.t()))
 
 
 def test_k_beyond_the_bound_is_chunked() -> None:
@@ -143,16 +152,31 @@ def test_random_shapes(shapes, seed: int, max_k: int, edges: bool) -> None:
     assert_bit_identical(a, b, max_k=max_k)
 
 
-def test_limb_split_matches_shifts() -> None:
-    """The uint16 reinterpretation used on little-endian hosts equals the shift-and-mask split."""
-    from secfwt.mpc.ring import _limbs_by_shifts, _limbs_last
+def test_signed_limbs_recombine_within_their_bounds() -> None:
+    """The split the GEMMs use: x = s_0 + s_1 2^22 + s_2 2^44 modulo 2^64, with the limb
+    bounds the exactness argument (MAX_EXACT_K) relies on."""
+    from secfwt.mpc.ring import _signed_limbs
 
     gen = torch.Generator().manual_seed(5)
     x = torch.cat([full_range((3, 7), gen), edge_values((3, 7), gen)])
-    by_shifts = _limbs_by_shifts(x)
-    assert by_shifts.shape == (6, 7, 4)
-    assert bool(((by_shifts >= 0) & (by_shifts < 2**16)).all())
-    assert torch.equal(_limbs_last(x).to(torch.int64), by_shifts)
-    assert torch.equal(_limbs_last(x.t()).to(torch.int64), _limbs_by_shifts(x.t()))
-    weights = torch.tensor([1, 2**16, 2**32, 2**48], dtype=torch.int64)
-    assert torch.equal((by_shifts * weights).sum(-1), x)  # wraps back to x modulo 2^64
+    limbs = _signed_limbs(x)
+    assert limbs.shape == (6, 7, 3)
+    assert bool(((limbs[..., :2] >= -(2**21)) & (limbs[..., :2] < 2**21)).all())
+    assert bool(((limbs[..., 2] >= -(2**19)) & (limbs[..., 2] < 2**19)).all())
+    weights = torch.tensor([1, 2**22, 2**44], dtype=torch.int64)
+    assert torch.equal((limbs * weights).sum(-1), x)  # wraps back to x modulo 2^64
+
+
+@pytest.mark.parametrize(("shape_a", "shape_b"), [((5, 7), (7, 3)), ((2, 6, 9), (9, 4)), ((2, 6, 9), (2, 9, 4)), ((3, 4500), (4500, 2))])
+def test_narrow_matches_torch_int64(shape_a: tuple[int, ...], shape_b: tuple[int, ...]) -> None:
+    """A full-range left operand times a right one below NARROW_BOUND (K = 4500: 3 chunks)."""
+    from secfwt.mpc.ring import NARROW_BOUND, ring_matmul_narrow
+
+    gen = torch.Generator().manual_seed(8)
+    a = torch.cat([full_range(shape_a, gen).reshape(-1)[:-4], EDGE_VALUES]).reshape(shape_a)
+    b = torch.randint(-NARROW_BOUND + 1, NARROW_BOUND, shape_b, generator=gen)
+    b.view(-1)[:2] = torch.tensor([NARROW_BOUND - 1, -NARROW_BOUND + 1])
+    assert torch.equal(ring_matmul_narrow(a, b.double()), torch.matmul(a, b))
+    extreme = torch.full(shape_a, -(2**21) - 2**43, dtype=torch.int64)  # limbs -2^21, -2^21, 0
+    full = torch.full(shape_b, -NARROW_BOUND + 1, dtype=torch.int64)
+    assert torch.equal(ring_matmul_narrow(extreme, full.double()), torch.matmul(extreme, full))

@@ -7,8 +7,9 @@ One TTP session (model owner, data owner, dealer) checks that
   inputs, so every int64 product in the protocol (the three Beaver terms and the dealer's
   ``c = a @ b``) was exact;
 * every matmul the protocol ran on real share tensors went through ``ring_matmul``, which
-  agreed bit for bit with torch's int64 matmul (and with the forced limb path) on them, and
-  the TTP client on rank 1 no longer multiplies to learn the triple size;
+  agreed bit for bit with torch's int64 matmul (and with the forced limb path) on them, each
+  party ran exactly two of them per product (secfwt's Beaver, adaptation 8: no third product
+  on rank 0, and the TTP client on rank 1 no longer multiplies to learn the triple size);
 * with the patch switched off the same checks hold and no matmul goes through the patch.
 """
 
@@ -25,8 +26,9 @@ from secfwt.roles import Role
 
 #: (data owner's x, model owner's w) shapes.
 SHAPES = [((2, 16, 24), (24, 8)), ((64, 384), (384, 96))]
-#: Beaver's matmuls per private x private product: epsilon @ b, a @ delta, epsilon @ delta.
-BEAVER_MATMULS = 3
+#: Local matmuls per private x private product and party in secfwt's Beaver protocol
+#: (``secfwt.mpc.beaver``): epsilon @ b_i and x_i @ delta. CrypTen's own runs three on rank 0.
+BEAVER_MATMULS = 2
 
 
 def _install_spy(checks: list[bool]) -> None:
@@ -107,7 +109,24 @@ def test_private_matmul_is_exact_with_ring_matmul() -> None:
             for (x, w), got in zip(zip(xs, ws), value[mode]):
                 expected = torch.matmul(x, w)
                 assert got["exact"], (role, mode, x.shape)
-                # rank 1 would show 4 here if its TTP client still multiplied to learn a size
+                # 3 on rank 0 with CrypTen's protocol; 3 on rank 1 if its TTP client multiplied to learn a size
                 assert got["spied"] == spied, (role, mode, x.shape)
                 product = torch.tensor(got["product"], dtype=torch.float64)
                 torch.testing.assert_close(product, expected.double(), atol=1e-2, rtol=0)
+
+
+def test_broadcast_shapes_matches_torch() -> None:
+    """secfwt.mpc.beaver sizes triples with a plain-Python broadcast (see its docstring)."""
+    import itertools
+
+    from secfwt.mpc.beaver import broadcast_shapes
+
+    dims = [(), (1,), (3,), (2, 1), (2, 3), (1, 3), (4, 2, 3), (4, 1, 1), (5, 3)]
+    for a, b in itertools.product(dims, repeat=2):
+        try:
+            expected = torch.broadcast_shapes(a, b)
+        except RuntimeError:
+            with pytest.raises(RuntimeError):
+                broadcast_shapes(a, b)
+            continue
+        assert broadcast_shapes(a, b) == expected, (a, b)

@@ -265,7 +265,8 @@ def test_resume_after_interrupted_run(deployment: Deployment, tmp_path: Path) ->
         again.close(timeout=1)
 
 
-def test_runner_hook_fails_jobs_honestly(deployment: Deployment, tmp_path: Path) -> None:
+def test_mpc_runner_setup_error_fails_the_job_with_the_fix(deployment: Deployment, tmp_path: Path) -> None:
+    """listen port 0 leaves no MPC port to derive: the job fails naming the setting, the party serves on."""
     from secfwt.server.runner import MpcJobRunner
 
     party, peers = _party(deployment, "model_owner", tmp_path, runner=MpcJobRunner())
@@ -276,7 +277,8 @@ def test_runner_hook_fails_jobs_honestly(deployment: Deployment, tmp_path: Path)
         peers.answers["hospital", "job-1"] = RemoteStatus(JobState.ACCEPTED, p.terms_digest, p.digest())
         party.start(ALICE, "job-1")
         _wait(party, "job-1", JobState.FAILED)
-        assert "not implemented yet" in party.status(ALICE, "job-1").reason
+        assert "party.mpc_listen" in party.status(ALICE, "job-1").reason and "set it explicitly" in party.status(ALICE, "job-1").reason
+        party.propose(ALICE, _proposal(deployment, "job-2"))  # still serving
     finally:
         party.close(timeout=1)
 
@@ -297,4 +299,28 @@ def test_progress_streams_are_bounded(deployment: Deployment, tmp_path: Path) ->
         first.close()
         assert next(party.watch(ALICE, "w", 0, active=lambda: True)).seq == 1
     finally:
+        party.close(timeout=1)
+
+
+def test_restart_after_a_crash_fails_the_running_job_resumably(deployment: Deployment, tmp_path: Path) -> None:
+    """A daemon killed while a job runs (no shutdown): the next start marks it failed, resumable."""
+    runner = BlockingRunner()
+    party, peers = _party(deployment, "model_owner", tmp_path, runner=runner)
+    p = _proposal(deployment, "crash")
+    party.propose(ALICE, p)
+    party.accept(ALICE, "crash", p.terms_digest)
+    peers.answers["hospital", "crash"] = RemoteStatus(JobState.ACCEPTED, p.terms_digest, p.digest())
+    party.start(ALICE, "crash")
+    assert runner.started.wait(5)
+    # No close(): the record on disk says running, as after a SIGKILL.
+    again, peers2 = _party(deployment, "model_owner", tmp_path, runner=EchoRunner())
+    try:
+        st = again.status(ALICE, "crash")
+        assert st.state is JobState.FAILED and "interrupted" in st.reason
+        peers2.answers["hospital", "crash"] = RemoteStatus(JobState.FAILED, p.terms_digest, p.digest())
+        again.resume(ALICE, "crash")
+        _wait(again, "crash", JobState.FINISHED)
+    finally:
+        again.close(timeout=1)
+        runner.release.set()
         party.close(timeout=1)

@@ -23,6 +23,7 @@ from secfwt.mpc.transport.identity import (
     TlsBundle,
     TlsSettings,
     ephemeral_tls_bundle,
+    keepalive_for_heartbeat,
     peer_name,
     tls_settings,
 )
@@ -37,4 +38,4 @@ class Transport(enum.Enum):
     TLS = "tls"
 
 
-__all__ = ["TlsBundle", "TlsSettings", "Transport", "ephemeral_tls_bundle", "peer_name", "tls_settings"]
+__all__ = ["TlsBundle", "TlsSettings", "Transport", "ephemeral_tls_bundle", "keepalive_for_heartbeat", "peer_name", "tls_settings"]

@@ -147,8 +147,10 @@ class MeshCommunicator(Communicator):
         if inst is None:
             return
         try:
-            if inst.rank == 0 and inst.ttp_initialized:
+            if inst.rank == 0 and inst.ttp_initialized and inst.mesh.lost is None:
                 inst.send_obj("terminate", inst.get_ttp_rank(), inst.ttp_group)
+        except ProtocolError as exc:  # the dealer is gone too: nothing to stop
+            log.debug("TLS transport: could not tell the dealer to stop: %s", exc)
         finally:
             inst.mesh.close()
             cls.instance = None

@@ -69,12 +69,18 @@ class TlsSettings:
     connect_timeout_s: float = 60.0
     #: A receive waits this long for its message (torch.distributed's gloo default is 30 min).
     recv_timeout_s: float = 1800.0
-    #: HTTP/2 keepalive pings: a silent peer host is declared lost after about twice this.
+    #: HTTP/2 keepalive pings: a silent peer host is declared lost after about twice this
+    #: (:func:`keepalive_for_heartbeat` maps a daemon's ``jobs.heartbeat_timeout_s`` onto it).
     keepalive_s: float = 10.0
     #: Payload bytes per gRPC message; larger tensors are split (mesh.py says how it was chosen).
     chunk_bytes: int = 1 << 20
     #: Largest single message accepted from a peer (a header announcing more is refused).
     max_message_bytes: int = 64 << 30
+
+    @property
+    def heartbeat_timeout_s(self) -> float:
+        """Longest a lost peer goes unnoticed: one ping interval plus one ping-ack timeout."""
+        return 2 * self.keepalive_s
 
     def read_pem(self) -> tuple[bytes, bytes, bytes]:
         """(CA certificate, own certificate chain, own private key) as PEM bytes."""
@@ -85,6 +91,23 @@ class TlsSettings:
             except OSError as exc:
                 raise ConfigError(f"TLS {what} {path}: cannot read it: {exc}") from exc
         return out[0], out[1], out[2]
+
+
+#: gRPC refuses to ping more often than this; shorter heartbeats are raised to it.
+MIN_KEEPALIVE_S = 1.0
+
+
+def keepalive_for_heartbeat(heartbeat_timeout_s: float) -> float:
+    """The keepalive interval that declares a silent peer lost within ``heartbeat_timeout_s``.
+
+    A peer that stops answering is noticed after at most one ping interval (the last ping
+    before it vanished was just answered) plus the ping-ack timeout, both ``keepalive_s``
+    (mesh.py sets them equal): ``2 * keepalive_s = heartbeat_timeout_s``. A killed process
+    is noticed sooner (its kernel resets the connection at once).
+    """
+    if not heartbeat_timeout_s > 0:
+        raise ConfigError(f"heartbeat_timeout_s = {heartbeat_timeout_s!r}: must be a positive number of seconds")
+    return max(MIN_KEEPALIVE_S, heartbeat_timeout_s / 2)
 
 
 def tls_settings(

@@ -27,9 +27,17 @@ noise of the shared 2-core test machine (0.47-0.65 s); 1 MiB keeps each copy sma
 
 Receives are matched by ticket: ``post(src, channel)`` reserves the next message of that flow
 (what gloo does when an ``irecv`` is posted), ``take`` waits for it, so out-of-order waits on
-posted receives get the right message. A lost peer (stream ended without CLOSE, connection
-reset, keepalive timeout) fails every pending and future receive from it with a
-:class:`ProtocolError` naming the role, instead of hanging.
+posted receives get the right message.
+
+A lost peer (stream ended without CLOSE, connection reset, keepalive timeout) fails every
+pending and future receive and send of this party, from and to **every** peer, with a
+:class:`ProtocolError` naming the lost role: an MPC session cannot go on without any of its
+parties, and a party blocked on a live peer (the dealer waiting for the model owner's next
+request when the data owner dies) would otherwise wait for a message that never comes.
+Detection time: a killed process's sockets are closed by its kernel, so the peers see the
+reset at once; a host that vanishes (power, network) sends nothing, and is declared lost by
+HTTP/2 keepalive after at most ``keepalive_s`` (ping interval) + ``keepalive_s`` (ping ack
+timeout), i.e. ``2 * keepalive_s`` plus scheduling delay (:func:`keepalive_for_heartbeat`).
 """
 
 from __future__ import annotations
@@ -119,6 +127,7 @@ class _Inbox:
         self.flows: dict[int, _Flow] = {}
         self.failed: str | None = None
         self.closed = False  # the peer ended its stream in order
+        self.close_reason = ""  # why, when it closed because it lost another party
 
     def flow(self, channel: int) -> _Flow:
         f = self.flows.get(channel)
@@ -164,6 +173,7 @@ class PeerMesh:
         self._refusals: list[str] = []
         self._lock = threading.Lock()
         self._closing = False
+        self._lost: str | None = None  # "ROLE: why" of the first peer lost without an orderly close
         self._server: grpc.Server | None = None
         self._channels: dict[int, grpc.Channel] = {}
         self.address = ""
@@ -180,6 +190,7 @@ class PeerMesh:
             ("grpc.max_send_message_length", -1),
             ("grpc.keepalive_time_ms", keepalive_ms),
             ("grpc.keepalive_timeout_ms", keepalive_ms),
+            ("grpc.http2.ping_timeout_ms", keepalive_ms),  # gRPC core times pings out after 60 s unless told (see keepalive_for_heartbeat)
             ("grpc.http2.min_recv_ping_interval_without_data_ms", max(1000, keepalive_ms // 2)),
             ("grpc.http2.max_ping_strikes", 0),
             ("grpc.keepalive_permit_without_calls", 1),
@@ -213,6 +224,7 @@ class PeerMesh:
             ("grpc.max_send_message_length", -1),
             ("grpc.keepalive_time_ms", keepalive_ms),
             ("grpc.keepalive_timeout_ms", keepalive_ms),
+            ("grpc.http2.ping_timeout_ms", keepalive_ms),  # gRPC core times pings out after 60 s unless told (see keepalive_for_heartbeat)
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0),
             ("grpc.initial_reconnect_backoff_ms", 100),
@@ -368,9 +380,14 @@ class PeerMesh:
                     if magic != _FRAME_MAGIC or kind not in _KINDS:
                         raise ProtocolError(f"malformed frame from {_role_name(src)}")
                     if kind == Kind.CLOSE:
+                        # A CLOSE may carry why: the peer lost another party (see close()).
+                        reason = bytes(frame[_HEADER.size : _HEADER.size + min(nbytes, 4096)]).decode(errors="replace")
                         with inbox.cond:
                             inbox.closed = True
+                            inbox.close_reason = reason
                             inbox.cond.notify_all()
+                        if reason:
+                            self._session_lost(f"{reason} (reported by {_role_name(src)})", skip=None)
                         continue
                     if nbytes > limit:
                         raise ProtocolError(f"{_role_name(src)} announced a {nbytes}-byte message; the limit is {limit}")
@@ -414,6 +431,24 @@ class PeerMesh:
             if inbox.failed is None:
                 inbox.failed = why
             inbox.cond.notify_all()
+            lost = not inbox.closed and not self._closing  # an orderly closed peer is not lost
+        if lost:
+            self._session_lost(f"{_role_name(src)}: {why}", skip=src)
+
+    def _session_lost(self, what: str, *, skip: int | None) -> None:
+        if self._lost is not None or self._closing:
+            return
+        self._lost = what
+        log.warning("MPC TLS transport: %s lost %s", _role_name(self.rank), what)
+        for other, box in self._inboxes.items():
+            if other != skip:
+                with box.cond:
+                    box.cond.notify_all()  # wake receives waiting on live peers
+
+    @property
+    def lost(self) -> str | None:
+        """``"ROLE: why"`` once a peer was lost without an orderly close, else None."""
+        return self._lost
 
     # -- messaging -------------------------------------------------------------------------------
     def send(self, dst: int, *, kind: Kind, channel: int, code: int, payload: memoryview) -> None:
@@ -430,10 +465,12 @@ class PeerMesh:
             for start in range(first, n, chunk):
                 self._put(box, dst, payload[start : start + chunk].tobytes())
 
-    def _put(self, box: _Outbox, dst: int, frame: bytes | None) -> None:
+    def _put(self, box: _Outbox, dst: int, frame: bytes | None, *, closing: bool = False) -> None:
         while True:
             if box.failed is not None:
                 raise ProtocolError(f"TLS transport: cannot send to {_role_name(dst)}: {box.failed}")
+            if self._lost is not None and not closing:
+                raise ProtocolError(f"TLS transport: lost {self._lost}; the MPC session cannot continue")
             try:
                 box.frames.put(frame, timeout=0.5)
                 return
@@ -456,6 +493,8 @@ class PeerMesh:
         with inbox.cond:
             flow = inbox.flow(channel)
             while ticket not in flow.arrived:
+                if self._lost is not None:  # first: it names the party lost first
+                    raise ProtocolError(f"TLS transport: lost {self._lost}; the MPC session cannot continue")
                 if inbox.failed is not None:
                     raise ProtocolError(f"TLS transport: lost {_role_name(src)}: {inbox.failed}")
                 if inbox.closed:
@@ -479,14 +518,22 @@ class PeerMesh:
     def close(self, timeout_s: float = 10.0) -> None:
         """Flush and close our streams, give the peers a moment to close theirs, stop the server."""
         deadline = time.monotonic() + timeout_s
-        close = _HEADER.pack(_FRAME_MAGIC, int(Kind.CLOSE), 0, 0, 0, 0)
+        # After a loss the CLOSE says which party was lost, so a peer blocked on us (the dealer
+        # waiting for the model owner's next request) names the lost party, not us.
+        reason = b"" if self._lost is None else self._lost.encode()[:4096]
+        close = _HEADER.pack(_FRAME_MAGIC, int(Kind.CLOSE), 0, 0, 0, len(reason)) + reason
         for peer, box in self._outboxes.items():
             try:
                 with box.lock:
-                    self._put(box, peer, close)
-                    self._put(box, peer, None)
+                    self._put(box, peer, close, closing=True)
             except ProtocolError as exc:
                 log.debug("MPC TLS transport: close: %s", exc)
+            # Always end the request iterator, or gRPC's thread feeding this stream waits forever.
+            try:
+                box.frames.put(None, timeout=max(0.0, min(2.0, deadline - time.monotonic())))
+            except queue.Full:
+                if box.call is not None:
+                    box.call.cancel()  # the peer stopped reading: drop the stream
         for peer, box in self._outboxes.items():
             if not box.done.wait(max(0.0, deadline - time.monotonic())):
                 log.warning("MPC TLS transport: %s did not confirm the end of our stream in time", _role_name(peer))

@@ -1,0 +1,233 @@
+"""What each computing party runs in a benchmark case (inside its own spawned process).
+
+One entry point, :func:`bench_party`, dispatches on ``payload["case"]``. The model owner's
+payload carries the weights, the data owner's the inputs; both secret-share them exactly as a
+job does (:class:`~secfwt.runtime.session.PartySession`), then time one section between
+barriers (:func:`secfwt.bench.probe.measure`). Setup (process start, CrypTen init, sharing) is
+never inside a measured section. Outputs are revealed to the data owner only, under the
+``verify_outputs`` term, so the parent can check them against a plaintext reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, cast
+
+import torch
+
+from secfwt.bench.probe import Profile, TrafficMeter, measure_reps, peak_rss_mb
+from secfwt.mpc.disclosure import DisclosureTerms, Revealable
+from secfwt.mpc.launcher import PartyContext
+from secfwt.roles import Role
+
+#: The only reveal a benchmark makes: outputs of the measured section, to the data owner.
+TERMS = DisclosureTerms.of([(Revealable.VERIFY_OUTPUTS, [Role.DATA_OWNER])])
+
+#: Op classes of the cost breakdown, by :class:`~secfwt.models.ops.Ops` method name.
+OP_CLASSES = {
+    "softmax": "softmax",
+    "act": "GELU",
+    "gelu": "GELU",
+    "gelu_tanh": "GELU",
+    "layer_norm": "LayerNorm",
+    "inv_sqrt": "RFA nonlinear",
+    "reciprocal": "RFA nonlinear",
+    "exp_bounded": "RFA nonlinear",
+}
+LINEAR = "linear (weights)"
+REMAINDER = "attention matmuls & other"
+
+
+class ProfiledOps:
+    """Forwards to a real :class:`~secfwt.models.ops.Ops`, timing the methods of OP_CLASSES."""
+
+    def __init__(self, inner: Any, profile: Profile) -> None:
+        self._inner = inner
+        self._profile = profile
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._inner, name)
+        cls = OP_CLASSES.get(name)
+        return self._profile.wrap(cls, attr) if cls is not None and callable(attr) else attr
+
+
+def _profiled_encoder(spec: Any, params: Any, ops: Any, settings: Any, profile: Profile) -> Any:
+    from secfwt.models.encoder import EncoderModel
+    from secfwt.models.ops import Ops
+
+    class ProfiledEncoder(EncoderModel):
+        def linear(self, x: Any, module: str) -> Any:
+            with profile.section(LINEAR):
+                return super().linear(x, module)
+
+    return ProfiledEncoder(spec, params, cast(Ops, ProfiledOps(ops, profile)), settings)
+
+
+def bench_party(ctx: PartyContext, payload: dict[str, Any]) -> dict[str, Any]:
+    from secfwt.crypten_compat import crypten
+    from secfwt.runtime.session import PartySession
+
+    comm = crypten.communicator.get()
+    meter = TrafficMeter(comm)
+    if payload.get("vanilla"):
+        from secfwt.bench.vanilla import restore_validation_getattr
+
+        restore_validation_getattr()
+    sess = PartySession(role=ctx.role, terms=TERMS, audit_path=None)
+    _warm_up(sess)
+    case: Callable[..., dict[str, Any]] = _CASES[payload["case"]]
+    out = case(ctx=ctx, sess=sess, comm=comm, meter=meter, payload=payload)
+    out["peak_rss_mb"] = peak_rss_mb()
+    return out
+
+
+def _warm_up(sess: Any) -> None:
+    """One product and one comparison, so no measured section pays first-use costs."""
+    x = sess.share(torch.ones(4) if sess.role is Role.DATA_OWNER else None, owner=Role.DATA_OWNER, shape=(4,), name="warm-up")
+    (x * x).gt(0.5)
+
+
+def _share_inputs(sess: Any, payload: dict[str, Any], names: list[str] | None = None) -> tuple[Any, dict[str, Any], Any]:
+    """The model owner's spec and weights (all, or ``names``) and the data owner's input x."""
+    spec = sess.agree_spec(payload.get("spec"))
+    wanted = names if names is not None else [n for n, _ in spec.param_shapes]
+    params = sess.share_params(spec, payload.get("state"), names=[n for n in wanted if n in dict(spec.param_shapes)])
+    shape = tuple(payload["input_shape"])
+    x = sess.share(payload.get("input"), owner=Role.DATA_OWNER, shape=shape, name="input")
+    return spec, params, x
+
+
+def _reveal(sess: Any, y: Any, note: str) -> torch.Tensor | None:
+    return sess.discloser.reveal(y, value=Revealable.VERIFY_OUTPUTS, to=[Role.DATA_OWNER], note=note)
+
+
+# -- cases ------------------------------------------------------------------------------------
+
+
+def _secure_forward(*, ctx: PartyContext, sess: Any, comm: Any, meter: TrafficMeter, payload: dict[str, Any]) -> dict[str, Any]:
+    """secfwt's engine: one encoder layer ("block") or embeddings + all layers ("encoder")."""
+    from secfwt.models.encoder import ForwardSettings
+
+    spec, params, x = _share_inputs(sess, payload, payload.get("param_names"))
+    n, t = x.shape[0], x.shape[1]
+    mask = sess.public(torch.ones(n, t))
+    profile = Profile(meter)
+    model = _profiled_encoder(spec, params, sess.ops, ForwardSettings(attention=payload["attention"]), profile)
+    if payload["what"] == "block":
+        fn = lambda: model.block(x, mask, 0)  # noqa: E731
+    else:
+        fn = lambda: model.layers(model.embed(x), mask)  # noqa: E731
+    y, costs = measure_reps(comm, meter, fn, reps=payload["reps"], profile=profile, remainder=REMAINDER)
+    return {"costs": costs, "output": _reveal(sess, y, payload["what"])}
+
+
+def _vanilla_forward(*, ctx: PartyContext, sess: Any, comm: Any, meter: TrafficMeter, payload: dict[str, Any]) -> dict[str, Any]:
+    """CrypTen's own ops (:mod:`secfwt.bench.vanilla`): one encoder layer."""
+    from secfwt.bench import vanilla
+
+    spec, params, x = _share_inputs(sess, payload, payload.get("param_names"))
+    profile = Profile(meter)
+    prefix = spec.prefix + "encoder.layer.0."
+    fn = lambda: vanilla.block(x, params, prefix=prefix, num_heads=spec.num_heads, eps=spec.layer_norm_eps, section=profile.section)  # noqa: E731
+    y, costs = measure_reps(comm, meter, fn, reps=payload["reps"], profile=profile, remainder=REMAINDER)
+    return {"costs": costs, "output": _reveal(sess, y, "vanilla block")}
+
+
+def _attention(*, ctx: PartyContext, sess: Any, comm: Any, meter: TrafficMeter, payload: dict[str, Any]) -> dict[str, Any]:
+    """The attention core alone (softmax or RFA) for each sequence length, q/k/v private."""
+    from secfwt.models.spec import Attention
+    from secfwt.mpc.attention import RFASettings, rfa_attention, rfa_projection, softmax_attention
+
+    heads, dh, batch = payload["heads"], payload["head_dim"], payload["batch"]
+    settings = RFASettings()
+    w = rfa_projection(layer=0, head_dim=dh, settings=settings)
+    rows = []
+    for t in payload["seq_lens"]:
+        shape = (batch, heads, t, dh)
+        qkv = payload.get("qkv", {}).get(t)
+        q, k, v = (sess.share(None if qkv is None else qkv[i], owner=Role.DATA_OWNER, shape=shape, name=f"qkv[{i}]") for i in range(3))
+        mask = sess.public(torch.ones(batch, t))
+        if payload["attention"] is Attention.RFA:
+            fn = lambda: rfa_attention(sess.ops, q, k, v, mask, w=w, settings=settings)  # noqa: E731
+        else:
+            fn = lambda: softmax_attention(sess.ops, q, k, v, mask)  # noqa: E731
+        y, costs = measure_reps(comm, meter, fn, reps=payload["reps"])
+        out = _reveal(sess, y, f"attention T={t}")
+        rows.append({"seq_len": t, "costs": costs, "output": out})
+    return {"rows": rows}
+
+
+def _fot_step(*, ctx: PartyContext, sess: Any, comm: Any, meter: TrafficMeter, payload: dict[str, Any]) -> dict[str, Any]:
+    """One secfwt SPSA step (MeZO): 2 forwards per direction of the trainable upper layers
+    and head from the cached frozen prefix, secret loss, local update."""
+    from secfwt.models.encoder import ForwardSettings
+    from secfwt.runtime.forward import CachedForward
+    from secfwt.tuning.spsa import SPSASettings, directions, spsa_step
+    from secfwt.tuning.trainable import select_trainable
+
+    spec = sess.agree_spec(payload.get("spec"))
+    trainable = select_trainable(spec, patterns=tuple(payload["trainable"]), lora_modules=(), lora_rank=0, soft_prompt_length=0, prompt_layer=0, max_tokens=spec.max_tokens)
+    cut = trainable.first_layer(spec)
+    state = payload.get("state")
+    theta = {n: sess.share(None if state is None else state[n], owner=Role.MODEL_OWNER, shape=s, name=n) for n, s in trainable.shapes}
+    b, t = payload["batch"], payload["seq_len"]
+    cache = sess.share(payload.get("input"), owner=Role.DATA_OWNER, shape=(b, t, spec.hidden_size), name="cached prefix")
+    labels = payload.get("labels")
+    onehot = sess.share(None if labels is None else torch.nn.functional.one_hot(labels, spec.num_labels).float(), owner=Role.DATA_OWNER, shape=(b, spec.num_labels), name="labels")
+    mask = sess.share(torch.ones(b, t) if sess.role is Role.DATA_OWNER else None, owner=Role.DATA_OWNER, shape=(b, t), name="attention mask")
+    runner = CachedForward(ops=sess.ops, public=sess.public, spec=spec, frozen={}, settings=ForwardSettings(attention=payload["attention"]), cache=cache, mask=mask, pool_w=None, onehot=onehot, cut=cut, prompt_layer=0)
+    spsa = SPSASettings(lr=1e-4, eps=1e-3, directions=payload["directions"])
+    idx = list(range(b))
+
+    def step() -> Any:
+        us = directions(seed=payload["seed"], step=0, shapes=trainable.shapes, count=spsa.directions)
+        new, _gs, mean_loss = spsa_step(lambda ps: runner.losses([dict(p) for p in ps], idx), theta, us=us, settings=spsa)
+        return mean_loss
+
+    loss, costs = measure_reps(comm, meter, step, reps=payload["reps"])
+    return {"costs": costs, "cut": cut, "trainable_numel": trainable.numel, "output": _reveal(sess, loss, "loss")}
+
+
+def _backprop_step(*, ctx: PartyContext, sess: Any, comm: Any, meter: TrafficMeter, payload: dict[str, Any]) -> dict[str, Any]:
+    """One MPC backpropagation step: CrypTen autograd forward + backward, crypten.optim.SGD."""
+    from secfwt.bench import vanilla
+    from secfwt.crypten_compat import crypten
+    from secfwt.tuning.trainable import select_trainable
+
+    spec = sess.agree_spec(payload.get("spec"))
+    trainable = select_trainable(spec, patterns=tuple(payload["trainable"]), lora_modules=(), lora_rank=0, soft_prompt_length=0, prompt_layer=0, max_tokens=spec.max_tokens)
+    cut = trainable.first_layer(spec)
+    state = payload.get("state")
+    params = {}
+    for n, s in trainable.shapes:
+        p = sess.share(None if state is None else state[n], owner=Role.MODEL_OWNER, shape=s, name=n)
+        p.requires_grad = True
+        params[n] = p
+    b, t = payload["batch"], payload["seq_len"]
+    x = sess.share(payload.get("input"), owner=Role.DATA_OWNER, shape=(b, t, spec.hidden_size), name="cached prefix")
+    labels = payload.get("labels")
+    onehot = sess.share(None if labels is None else torch.nn.functional.one_hot(labels, spec.num_labels).float(), owner=Role.DATA_OWNER, shape=(b, spec.num_labels), name="labels")
+    # grad_threshold=None: no per-element comparison on the gradients (NOTES.md)
+    opt = crypten.optim.SGD(list(params.values()), lr=1e-4)
+
+    def step() -> Any:
+        opt.zero_grad()
+        h = x
+        for layer in range(cut, spec.num_layers):
+            h = vanilla.block(h, params, prefix=f"{spec.prefix}encoder.layer.{layer}.", num_heads=spec.num_heads, eps=spec.layer_norm_eps, differentiable=True)
+        loss = vanilla.classify(h, params, prefix=spec.prefix).cross_entropy(onehot)
+        loss.backward()
+        opt.step()
+        return loss.detach() if hasattr(loss, "detach") else loss
+
+    loss, costs = measure_reps(comm, meter, step, reps=payload["reps"])
+    return {"costs": costs, "cut": cut, "trainable_numel": trainable.numel, "output": _reveal(sess, loss, "loss")}
+
+
+_CASES: dict[str, Callable[..., dict[str, Any]]] = {
+    "secure_forward": _secure_forward,
+    "vanilla_forward": _vanilla_forward,
+    "attention": _attention,
+    "fot_step": _fot_step,
+    "backprop_step": _backprop_step,
+}

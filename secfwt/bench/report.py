@@ -1,0 +1,305 @@
+"""The suite's outputs: ``bench.json``, ``bench.md`` (tables, targets) and PNG plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from secfwt.bench.metrics import LINKS
+
+_MB = 1e6
+
+
+def write_outputs(report: dict[str, Any], out_dir: Path) -> dict[str, str]:
+    """Write bench.json, bench.md and the plots into ``out_dir``; return the file paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {"json": out_dir / "bench.json", "md": out_dir / "bench.md"}
+    plots = write_plots(report, out_dir)
+    report = {**report, "files": {**{k: str(v) for k, v in files.items()}, **plots}}
+    files["json"].write_text(json.dumps(report, indent=2, default=_jsonable))
+    files["md"].write_text(markdown(report, plots=plots))
+    return {**{k: str(v) for k, v in files.items()}, **plots}
+
+
+def _jsonable(x: Any) -> Any:
+    if hasattr(x, "value"):
+        return x.value
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    return str(x)
+
+
+def _f(x: float | None, digits: int = 3) -> str:
+    if x is None:
+        return "-"
+    if abs(x) >= 100:
+        return f"{x:,.0f}"
+    return f"{x:.{digits}g}"
+
+
+def _case_row(c: dict[str, Any]) -> str:
+    rss = max((p.get("peak_rss_mb") or 0) for p in c["parties"].values())
+    proj = c["projected_s"]
+    err = c.get("max_abs_err")
+    return (
+        f"| {c['label']} | {_f(c['time_s'])} | {_f(c['bytes_sent_total'] / _MB)} | {c['rounds']} | {_f(c['dealer_bytes'] / _MB)} "
+        f"| {rss:.0f} | {_f(proj['LAN'])} | {_f(proj['WAN'])} | {'-' if err is None else f'{err:.2g}'} |"
+    )
+
+
+_CASE_HEADER = (
+    "| case | time (s) | MB sent (both parties) | rounds | MB from dealer | peak RSS (MB) | LAN (s) | WAN (s) | max abs err |\n"
+    "|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def markdown(report: dict[str, Any], *, plots: dict[str, str] | None = None) -> str:
+    m = report["machine"]
+    b = report["benchmarks"]
+    lines = [
+        f"# secfwt benchmarks{' (--quick)' if report['quick'] else ''}",
+        "",
+        f"Command: `secfwt bench {' '.join(report['selected'])}{' --quick' if report['quick'] else ''}`, "
+        f"{report['started']}, {report['duration_s'] / 60:.1f} min, commit {report.get('commit') or '?'}{_code_note(report)}.",
+        f"Machine: {m.get('cpu_model')}, {m.get('cores')} cores, {m.get('memory_gib')} GiB, torch {m.get('torch')}, "
+        f"Python {m.get('python')}; load average at the end {_load(m)} (other work shares the cores: times are upper bounds).",
+        "Parties: model owner, data owner and a dealer (TTP provider), each its own process with one torch thread; gloo on loopback.",
+        "",
+        "## Headline ratios",
+        "",
+        "| ratio | value | target | met |",
+        "|---|---|---|---|",
+    ]
+    for t in report["targets"]:
+        met = {True: "yes", False: "**no**", None: "not run"}[t["passed"]]
+        op = ">=" if t["at_least"] else "<="
+        lines.append(f"| `{t['key']}` | {_f(t['value'])} | {op} {t['threshold']:g} ({t['text']}) | {met} |")
+    lines += ["", "Ratios: `fot_vs_backprop_*` = backprop / forward-only; `vs_vanilla_crypten_ratio` = vanilla / secfwt time; "
+              "`vs_plaintext_ratio` = secfwt secure / plaintext torch time; exponents = least-squares slope of log cost vs log T.", ""]
+    lines += _section_forward(b.get("forward"))
+    lines += _section_vanilla(b.get("vanilla"))
+    lines += _section_attention(b.get("attention"))
+    lines += _section_fot(b.get("fot-vs-backprop"))
+    lines += _section_transport(b.get("transport"))
+    lines += _section_breakdown(b)
+    lines += [
+        "## How times are projected",
+        "",
+        "Modelled, not measured under an emulated link: "
+        f"`{report['projection']}`, per measured section, for "
+        + ", ".join(link.describe() for link in LINKS)
+        + ". wall = the party's measured time on this machine (loopback transfers included); sent = payload bytes to the other "
+        "computing party (the busier direction of a full-duplex link); dealer = bytes received from the dealer; every CrypTen "
+        "communication call is one round, charged a full RTT.",
+        "",
+    ]
+    if plots:
+        lines += ["## Plots", ""] + [f"![{k}]({Path(v).name})" for k, v in plots.items()] + [""]
+    return "\n".join(lines)
+
+
+def _code_note(report: dict[str, Any]) -> str:
+    code = report.get("code") or {}
+    note = " with uncommitted changes" if code.get("uncommitted_changes") else ""
+    note += f" (code sha256 {code['sha256'][:12]})" if code.get("sha256") else ""
+    if code.get("changed_during_run"):
+        note += "; **the code changed during the run: later cases measured different code**"
+    return note
+
+
+def _load(m: dict[str, Any]) -> str:
+    la = m.get("load_average_at_end")
+    return "?" if not la else ", ".join(f"{x:.1f}" for x in la)
+
+
+def _section_forward(r: dict[str, Any] | None) -> list[str]:
+    if not r:
+        return []
+    p = r["plaintext_layer"]
+    out = [
+        "## Secure forward vs plaintext (`forward`)",
+        "",
+        f"Plaintext {p['shape']} layer, T={p['seq_len']}: {p['best_s'] * 1e3:.1f} ms best of {p['reps']} ({p['what']}). "
+        f"secfwt secure softmax layer / plaintext = **{_f(r['vs_plaintext_ratio'])}x** (RFA: {_f(r.get('vs_plaintext_ratio_rfa'))}x).",
+        "",
+        _CASE_HEADER,
+    ]
+    out += [_case_row(c) for c in r["cases"]]
+    minilm = r["cases"][-1]
+    if "plaintext" in minilm:
+        out += ["", f"MiniLM plaintext (transformers, float32): {minilm['plaintext']['best_s'] * 1e3:.1f} ms; secure / plaintext = {_f(minilm['vs_plaintext_ratio'])}x. "
+                "Input: word embeddings shared by the data owner (SecFwT's table-to-data-owner setting); measured: embeddings LayerNorm + 6 layers."]
+    return out + [""]
+
+
+def _section_vanilla(r: dict[str, Any] | None) -> list[str]:
+    if not r:
+        return []
+    return [
+        "## secfwt vs vanilla CrypTen 0.4.1 (`vanilla`)",
+        "",
+        f"vanilla / secfwt time = **{_f(r['vs_vanilla_crypten_ratio'])}x**, bytes = {_f(r['vs_vanilla_bytes_ratio'])}x (T={r['seq_len']}). {r['definition']}",
+        "",
+        _CASE_HEADER,
+        *[_case_row(c) for c in r["cases"]],
+        "",
+    ]
+
+
+def _section_attention(r: dict[str, Any] | None) -> list[str]:
+    if not r:
+        return []
+    out = [
+        "## Attention: softmax vs Random Feature Attention (`attention`)",
+        "",
+        f"Attention core only (q, k, v private, shape (1, {r['heads']}, T, {r['head_dim']}); QK^T, softmax or RFA, x V).",
+        "",
+        "| T | softmax time (s) | softmax MB | softmax rounds | RFA time (s) | RFA MB | RFA rounds | RFA max abs err |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    by = {(row["attention"], row["seq_len"]): row for row in r["rows"]}
+    for t in r["seq_lens"]:
+        s, f = by.get(("softmax", t)), by.get(("rfa", t))
+        if s is None or f is None:
+            continue
+        out.append(f"| {t} | {_f(s['time_s'])} | {_f(s['bytes_sent_total'] / _MB)} | {s['rounds']} | {_f(f['time_s'])} | {_f(f['bytes_sent_total'] / _MB)} | {f['rounds']} | {_f(f['max_abs_err'], 2)} |")
+    ex = r["exponents"]
+    out += ["", "Growth exponents (slope of log cost vs log T): " + "; ".join(f"{k}: time {v['time']:.2f}, bytes {v['bytes']:.2f}" for k, v in ex.items()), ""]
+    return out
+
+
+def _section_fot(r: dict[str, Any] | None) -> list[str]:
+    if not r:
+        return []
+    out = [
+        "## Forward-only step vs MPC backpropagation step (`fot-vs-backprop`)",
+        "",
+        f"{r['shape']}; trainable: `{'`, `'.join(r['trainable_patterns'])}` ({r['cases'][0]['trainable_numel']:,} values) on both sides; "
+        f"batch {r['batch']}, T={r['seq_len']}, {r['directions']} SPSA direction(s).",
+        f"backprop / forward-only (RFA): time **{_f(r['fot_vs_backprop_time_ratio'])}x**, bytes **{_f(r['fot_vs_backprop_bytes_ratio'])}x**; "
+        f"backprop / forward-only (softmax): time {_f(r['fot_softmax_vs_backprop_time_ratio'])}x, bytes {_f(r['fot_softmax_vs_backprop_bytes_ratio'])}x; "
+        f"vanilla-CrypTen backprop / forward-only (RFA): time {_f(r.get('fot_vs_vanilla_backprop_time_ratio'))}x, bytes {_f(r.get('fot_vs_vanilla_backprop_bytes_ratio'))}x.",
+        "",
+        _CASE_HEADER,
+        *[_case_row(c) for c in r["cases"]],
+        "",
+        "Setup: " + " ".join(line.strip() for line in (r["setup"] or "").splitlines() if line.strip()),
+        "",
+    ]
+    return out
+
+
+def _section_transport(r: dict[str, Any] | None) -> list[str]:
+    if not r:
+        return []
+    return [
+        "## Transport: gloo vs TLS (`transport`)",
+        "",
+        f"TLS / gloo time = {_f(r['tls_vs_gloo_time_ratio'])}x for the same secure layer (bytes are payload bytes, the same on both).",
+        "",
+        _CASE_HEADER,
+        *[_case_row(c) for c in r["cases"]],
+        "",
+    ]
+
+
+def breakdown_cases(benchmarks: dict[str, Any]) -> list[dict[str, Any]]:
+    """The single-layer cases (secfwt and vanilla, one shape) that carry a per-op-class breakdown."""
+    seen: set[str] = set()
+    out: list[dict[str, Any]] = []
+    for name in ("forward", "vanilla"):
+        for c in (benchmarks.get(name) or {}).get("cases", []):
+            if c.get("kind") != "layer" or "breakdown" not in c or c["label"] in seen:
+                continue
+            if out and c["shape"] != out[0]["shape"]:
+                continue
+            seen.add(c["label"])
+            out.append(c)
+    return out
+
+
+def _section_breakdown(b: dict[str, Any]) -> list[str]:
+    cases = breakdown_cases(b)
+    if not cases:
+        return []
+    classes = sorted({k for c in cases for k in c["breakdown"]})
+    out = ["## Cost by layer part (model owner's view)", "", "Time (s) / MB sent by the model owner / rounds per op class, timed around each op inside the party.", ""]
+    out.append("| op class | " + " | ".join(c["label"] for c in cases) + " |")
+    out.append("|---|" + "---|" * len(cases))
+    for k in classes:
+        cells = []
+        for c in cases:
+            v = c["breakdown"].get(k)
+            cells.append("-" if v is None else f"{v['time_s']:.2f} s / {v['bytes_sent'] / _MB:.0f} MB / {v['rounds']}")
+        out.append(f"| {k} | " + " | ".join(cells) + " |")
+    return out + [""]
+
+
+# -- plots ---------------------------------------------------------------------------------------
+
+
+def write_plots(report: dict[str, Any], out_dir: Path) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    b = report["benchmarks"]
+    files: dict[str, str] = {}
+    att = b.get("attention")
+    if att:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for kind, marker in (("softmax", "o"), ("rfa", "s")):
+            rows = sorted((r for r in att["rows"] if r["attention"] == kind), key=lambda r: r["seq_len"])
+            ts = [r["seq_len"] for r in rows]
+            ex = att["exponents"][kind]
+            axes[0].loglog(ts, [r["time_s"] for r in rows], marker=marker, label=f"{kind} (slope {ex['time']:.2f})")
+            axes[1].loglog(ts, [r["bytes_sent_total"] / _MB for r in rows], marker=marker, label=f"{kind} (slope {ex['bytes']:.2f})")
+        for ax, what in zip(axes, ("time (s)", "MB sent, both parties")):
+            ax.set_xlabel("sequence length T")
+            ax.set_ylabel(what)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend()
+        fig.suptitle(f"MPC attention core, {att['heads']} heads x {att['head_dim']}: softmax vs RFA")
+        fig.tight_layout()
+        path = out_dir / "bench-attention.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files["attention_plot"] = str(path)
+    cases = breakdown_cases(b)
+    if cases:
+        classes = sorted({k for c in cases for k in c["breakdown"]})
+        fig, axes = plt.subplots(1, 2, figsize=(12, 0.9 * len(cases) + 2.5))
+        labels = [c["label"].split(": ", 1)[-1] for c in cases]
+        for ax, key, scale, what in ((axes[0], "time_s", 1.0, "time (s)"), (axes[1], "bytes_sent", _MB, "MB sent by the model owner")):
+            left = [0.0] * len(cases)
+            for k in classes:
+                vals = [c["breakdown"].get(k, {}).get(key, 0) / scale for c in cases]
+                ax.barh(labels, vals, left=left, label=k)
+                left = [a + v for a, v in zip(left, vals)]
+            ax.set_xlabel(what)
+        axes[1].legend(fontsize=8, loc="lower right")
+        fig.suptitle(f"Cost by layer part: {cases[0]['shape']}, T={cases[0]['seq_len']}")
+        fig.tight_layout()
+        path = out_dir / "bench-breakdown.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files["breakdown_plot"] = str(path)
+    fot = b.get("fot-vs-backprop")
+    if fot:
+        fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
+        names = ["forward-only\n(RFA)", "forward-only\n(softmax)", "backprop\n(ring matmul)", "backprop\n(vanilla CrypTen)"]
+        cs = fot["cases"]
+        colors = ["tab:green", "tab:blue", "tab:red", "tab:brown"][: len(cs)]
+        axes[0].bar(names[: len(cs)], [c["time_s"] for c in cs], color=colors)
+        axes[0].set_ylabel("time per step (s)")
+        axes[1].bar(names[: len(cs)], [c["bytes_sent_total"] / _MB for c in cs], color=colors)
+        axes[1].set_ylabel("MB sent per step, both parties")
+        fig.suptitle(f"One tuning step in MPC ({fot['shape'].split(' (')[0]}, B={fot['batch']}, T={fot['seq_len']})")
+        fig.tight_layout()
+        path = out_dir / "bench-fot-vs-backprop.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files["fot_plot"] = str(path)
+    return files

@@ -1,0 +1,125 @@
+"""A BERT layer written with CrypTen 0.4.1's own operations: the "vanilla CrypTen" baseline.
+
+The same code runs the vanilla forward (``secfwt bench vanilla``) and, with parameters that
+have ``requires_grad``, the MPC backpropagation baseline (CrypTen autograd + ``crypten.optim.SGD``,
+``secfwt bench fot-vs-backprop``): secfwt's range-safe nonlinearities work on raw shares and have
+no backward pass, so a backpropagation baseline in CrypTen has to use CrypTen's functions.
+
+CrypTen functions used (its default approximations, NOTES.md): ``matmul`` (Beaver triples),
+``softmax`` (max by a comparison tree, ``exp`` by limit approximation, ``reciprocal`` by Newton),
+LayerNorm as ``mean``/``var``/``inv_sqrt`` (``sqrt().reciprocal()`` when gradients are needed:
+``inv_sqrt`` has no registered gradient), GELU in its tanh form (CrypTen's ``erf`` diverges,
+NOTES.md) with CrypTen's ``tanh``, ``cross_entropy`` for the loss. Shapes follow Hugging Face
+``BertLayer`` (post-LayerNorm); parameter names are its state-dict names.
+
+"Vanilla" also means CrypTen's own engine: :func:`vanilla_engine_env` switches secfwt's int64
+ring matmul off in every process (the dealer included, hence the environment variable), and
+:func:`restore_validation_getattr` puts back CrypTen's ``__getattribute__`` wrapper that secfwt
+removes for speed (``crypten_compat`` adaptation 6). Both are benchmark-only and apply only to
+the party processes of a vanilla run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+#: Adds a timed section around a block of code: ``section(name)`` is a context manager.
+Section = Callable[[str], Any]
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+#: Read by :mod:`secfwt.crypten_compat` at import in every process (see its adaptation 4).
+_RING_MATMUL_ENV = "SECFWT_RING_MATMUL"
+
+
+def _no_section(name: str) -> contextlib.AbstractContextManager[None]:
+    return contextlib.nullcontext()
+
+
+def _linear(x: Any, p: Mapping[str, Any], module: str) -> Any:
+    return x.matmul(p[module + ".weight"].t()) + p[module + ".bias"]
+
+
+def layer_norm(x: Any, weight: Any, bias: Any, *, eps: float, differentiable: bool) -> Any:
+    mean = x.mean(-1, keepdim=True)
+    xc = x - mean
+    var = (xc * xc).mean(-1, keepdim=True) + eps
+    inv = var.sqrt().reciprocal() if differentiable else var.inv_sqrt()
+    return xc * inv * weight + bias
+
+
+def gelu_tanh(x: Any) -> Any:
+    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) with CrypTen's tanh."""
+    inner = (x + x * x * x * 0.044715) * _SQRT_2_OVER_PI
+    return x * (inner.tanh() + 1.0) * 0.5
+
+
+def block(x: Any, p: Mapping[str, Any], *, prefix: str, num_heads: int, eps: float, differentiable: bool = False, section: Section = _no_section) -> Any:
+    """One BERT encoder layer on CrypTen tensors; x (N, T, H) -> (N, T, H). No padding mask."""
+    n, t, h = x.shape
+    dh = h // num_heads
+
+    def heads(y: Any) -> Any:  # (N, T, H) -> (N, nh, T, dh)
+        return y.reshape(n, t, num_heads, dh).transpose(1, 2)
+
+    att = prefix + "attention."
+    with section("linear (weights)"):
+        q = heads(_linear(x, p, att + "self.query"))
+        k = heads(_linear(x, p, att + "self.key"))
+        v = heads(_linear(x, p, att + "self.value"))
+    with section("attention matmuls & other"):
+        scores = q.matmul(k.transpose(-1, -2)) * (1.0 / math.sqrt(dh))  # (N, nh, T, T)
+    with section("softmax"):
+        probs = scores.softmax(-1)
+    with section("attention matmuls & other"):
+        ctx = probs.matmul(v).transpose(1, 2).reshape(n, t, h)
+    with section("linear (weights)"):
+        a = _linear(ctx, p, att + "output.dense") + x
+    with section("LayerNorm"):
+        a = layer_norm(a, p[att + "output.LayerNorm.weight"], p[att + "output.LayerNorm.bias"], eps=eps, differentiable=differentiable)
+    with section("linear (weights)"):
+        inter = _linear(a, p, prefix + "intermediate.dense")
+    with section("GELU"):
+        inter = gelu_tanh(inter)
+    with section("linear (weights)"):
+        out = _linear(inter, p, prefix + "output.dense") + a
+    with section("LayerNorm"):
+        return layer_norm(out, p[prefix + "output.LayerNorm.weight"], p[prefix + "output.LayerNorm.bias"], eps=eps, differentiable=differentiable)
+
+
+def classify(h: Any, p: Mapping[str, Any], *, prefix: str) -> Any:
+    """BERT's sequence-classification head: tanh pooler on the first token, then a linear layer."""
+    pooled = _linear(h[:, 0], p, prefix + "pooler.dense").tanh()
+    return _linear(pooled, p, "classifier")
+
+
+@contextlib.contextmanager
+def vanilla_engine_env() -> Iterator[None]:
+    """Start party processes (and the dealer) with secfwt's ring matmul off (adaptation 4)."""
+    old = os.environ.get(_RING_MATMUL_ENV)
+    os.environ[_RING_MATMUL_ENV] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(_RING_MATMUL_ENV, None)
+        else:
+            os.environ[_RING_MATMUL_ENV] = old
+
+
+def restore_validation_getattr() -> None:
+    """Re-wrap ``CrypTensor.__getattribute__`` as CrypTen ships it (undoes adaptation 6).
+
+    CrypTen wraps attribute access with ``crypten.debug.register_validation``, which reads
+    ``cfg.debug.validation_mode`` on every access; secfwt unwraps it. Called in vanilla party
+    processes only, so the baseline pays CrypTen's own overhead.
+    """
+    from crypten.cryptensor import CrypTensor
+    from crypten.debug import register_validation
+
+    current = CrypTensor.__dict__["__getattribute__"]
+    if getattr(current, "__wrapped__", None) is None:
+        CrypTensor.__getattribute__ = register_validation(current)  # type: ignore[method-assign]

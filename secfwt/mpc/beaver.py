@@ -1,0 +1,184 @@
+"""Beaver products for 2 parties: two local products per party, the dealer working alongside.
+
+CrypTen's Beaver protocol (``crypten.mpc.primitives.beaver``) returns
+``[z] = [c] + eps [b] + [a] delta + eps delta`` with ``eps = x - a`` and ``delta = y - b``
+opened: three local products on rank 0 and two elsewhere. Since ``sum_i x_i = eps + a``,
+
+    sum_i (eps [b]_i + [x]_i delta) = eps b + eps delta + a delta,
+
+so every party computes ``[z]_i = [c]_i + eps [b]_i + [x]_i delta``: two local products
+everywhere, the same openings (so the same security: Beaver, CRYPTO 1991) and the same ring
+result (every term is exact in Z/2^64, so the output shares differ from CrypTen's only in how the
+two parties split ``z``). For a matmul each local product is a full ring matmul (three float64
+GEMMs, :mod:`secfwt.mpc.ring`), so this removes a third of rank 0's matmul work.
+
+With the trusted dealer (CrypTen's TTP provider) rank 0 also sends its request for ``[c]``
+*before* the openings and collects the answer only when it needs ``[c]``, at the very end. The
+dealer then computes ``c = a b`` (a ring matmul as large as a party's) while the parties open
+``eps``/``delta`` and compute their own products, instead of while both parties wait. The
+messages, their order and the random draws are exactly those of CrypTen's
+``TrustedThirdParty.generate_additive_triple`` and ``TTPClient.ttp_request``; only the time at
+which rank 0 reads the reply moves. Ranks other than 0 size their share of ``c`` from the shapes
+instead of multiplying their shares of ``a`` and ``b`` (CrypTen's own TODO there).
+
+:func:`binary_and` does the same for CrypTen's ``beaver.AND`` on XOR shares (the AND gates of
+the adder circuit inside CrypTen's own comparisons, seven rounds each; secfwt's comparisons use
+:func:`and_with_triple` with their triples fetched at once): ``[z]_i = [c]_i ^ (eps & [b]_i) ^
+([x]_i & delta)``, with rank 0's request for its share of ``c`` sent before the opening, so the
+dealer's answer no longer adds a round trip to every AND round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from secfwt.crypten_compat import crypten
+
+#: Local product of two int64 tensors (``torch.mul``, or an exact ring matmul).
+LocalProduct = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def product(x: Any, y: Any, *, op: str, local: LocalProduct) -> Any:
+    """``[x op y]`` for ArithmeticSharedTensors ``x``, ``y``, at ring scale (not truncated).
+
+    ``op`` is ``"mul"`` or ``"matmul"`` (the name the dealer is asked for); ``local`` computes
+    that product on int64 tensors exactly modulo 2^64.
+    """
+    from crypten.mpc.primitives import ArithmeticSharedTensor
+
+    a, b, c_of = triple(x.size(), y.size(), op)
+    eps, delta = crypten.communicator.get().all_reduce([x.share - a, y.share - b], batched=True)
+    z = local(eps, b)
+    z += local(x.share, delta)  # rank 0's eps delta term is inside x_0 delta (see module doc)
+    z += c_of()
+    return ArithmeticSharedTensor.from_shares(z, precision=0)
+
+
+def binary_and(x: Any, y: Any) -> Any:
+    """``[x & y]`` for BinarySharedTensors (XOR shares), as CrypTen's ``beaver.AND``."""
+    from crypten.mpc.primitives import BinarySharedTensor
+
+    a, b, c_of = triple(x.size(), y.size(), "binary")
+    return BinarySharedTensor.from_shares(and_with_triple(x.share, y.share, a, b, c_of))
+
+
+def and_with_triple(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c_of: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """XOR share of ``x & y`` from XOR shares of words and a binary triple (one opening)."""
+    xor = torch.distributed.ReduceOp.BXOR
+    eps, delta = crypten.communicator.get().all_reduce([x ^ a, y ^ b], op=xor, batched=True)
+    z = eps & b
+    z ^= x & delta  # holds rank 0's eps & delta term, as in product()
+    z ^= c_of()
+    return z
+
+
+def bit_masks(size: torch.Size) -> tuple[torch.Tensor, Callable[[], torch.Tensor]]:
+    """The dealer's random bits ``r`` for a B2A of ``size`` single bits: this party's XOR share
+    of ``r`` and a function returning its additive share of ``r`` (CrypTen's ``B2A_rng``, with
+    rank 0's request sent now, as in :func:`triple`)."""
+    from crypten.common.rng import generate_kbit_random_tensor, generate_random_ring_element
+    from crypten.mpc.provider.ttp_provider import TrustedThirdParty, TTPClient
+
+    provider = crypten.mpc.get_default_provider()
+    if not isinstance(provider, TrustedThirdParty):
+        r_arith, r_bits = provider.B2A_rng(size)
+        return r_bits.share, lambda: r_arith.share
+    generator = TTPClient.get().get_generator()
+    r_bits = generate_kbit_random_tensor(size, bitlength=1, generator=generator)
+    if crypten.communicator.get().get_rank() == 0:
+        return r_bits, dealer_request("B2A", size)
+    r_arith = generate_random_ring_element(size, generator=generator)
+    return r_bits, lambda: r_arith
+
+
+def triple(size0: torch.Size, size1: torch.Size, op: str) -> tuple[torch.Tensor, torch.Tensor, Callable[[], torch.Tensor]]:
+    """This party's shares of ``a`` and ``b`` and a function returning its share of ``c``.
+
+    ``op``: ``"mul"`` or ``"matmul"`` (an additive triple, ``c = a op b``) or ``"binary"``
+    (XOR shares, ``c = a & b``). TTP provider: the draws of CrypTen's
+    ``TrustedThirdParty.generate_additive_triple`` / ``generate_binary_triple``, with rank 0's
+    request sent now and its reply read when the returned function is called. Other providers:
+    their own triple.
+    """
+    from crypten.common.rng import generate_random_ring_element
+    from crypten.mpc.provider.ttp_provider import TrustedThirdParty, TTPClient
+
+    provider = crypten.mpc.get_default_provider()
+    if not isinstance(provider, TrustedThirdParty):
+        if op == "binary":
+            a, b, c = provider.generate_binary_triple(size0, size1)
+        else:
+            a, b, c = provider.generate_additive_triple(size0, size1, op)
+        return a.share, b.share, lambda: c.share
+    comm = crypten.communicator.get()
+    generator = TTPClient.get().get_generator()
+    if comm.get_rank() == 0:
+        args = (size0, size1) if op == "binary" else (size0, size1, op)
+        c_of = dealer_request("binary" if op == "binary" else "additive", *args)
+    # Binary triples draw full 64-bit words (generate_kbit_random_tensor's default bit length
+    # calls generate_random_ring_element), so both kinds draw the same way.
+    a = generate_random_ring_element(size0, generator=generator)
+    b = generate_random_ring_element(size1, generator=generator)
+    if comm.get_rank() != 0:
+        c = generate_random_ring_element(_output_size(size0, size1, op), generator=generator)
+
+        def c_of() -> torch.Tensor:
+            return c
+
+    return a, b, c_of
+
+
+def dealer_request(function: str, *args: Any) -> Callable[[], torch.Tensor]:
+    """Rank 0 only: send the TTP dealer a request now; the returned function reads its reply.
+
+    The message is that of CrypTen's ``TTPClient.ttp_request`` (``function`` is a method of
+    ``TTPServer``, called with ``args``), so the dealer starts on it at once; rank 0 collects the
+    reply (its share) only when it needs it. Requests are answered in order, so each reply
+    must be read before the next request's.
+    """
+    from crypten.mpc.provider.ttp_provider import TTPClient
+
+    comm = crypten.communicator.get()
+    client = TTPClient.get()
+    dealer = comm.get_ttp_rank()
+    comm.send_obj({"function": function, "device": None, "args": args, "kwargs": {}}, dealer, client.ttp_group)
+
+    def reply() -> torch.Tensor:
+        size = comm.recv_obj(dealer, client.ttp_group)
+        share = torch.empty(size, dtype=torch.long)
+        comm.broadcast(share, dealer, client.comm_group)
+        return share
+
+    return reply
+
+
+def broadcast_shapes(*shapes: tuple[int, ...]) -> torch.Size:
+    """``torch.broadcast_shapes`` in plain Python: torch's first call imports its reference
+    implementations (0.4 s here), which would land inside the first measured MPC product."""
+    ndim = max((len(s) for s in shapes), default=0)
+    out = [1] * ndim
+    for shape in shapes:
+        for i, d in enumerate(shape, start=ndim - len(shape)):
+            if d != 1 and out[i] not in (1, d):
+                raise RuntimeError(f"shapes {[tuple(s) for s in shapes]} are not broadcastable")
+            out[i] = d if d != 1 else out[i]
+    return torch.Size(out)
+
+
+def _output_size(size0: torch.Size, size1: torch.Size, op: str) -> torch.Size:
+    """Size of ``a op b`` from the sizes alone (``torch.matmul``'s rules for 1-D operands)."""
+    if op != "matmul":
+        return broadcast_shapes(size0, size1)
+    if len(size0) == 1 and len(size1) == 1:
+        return torch.Size([])
+    if len(size1) == 1:
+        return torch.Size(size0[:-1])
+    if len(size0) == 1:
+        return torch.Size((*size1[:-2], size1[-1]))
+    return torch.Size((*broadcast_shapes(size0[:-2], size1[:-2]), size0[-2], size1[-1]))
+
+
+__all__ = ["LocalProduct", "and_with_triple", "binary_and", "bit_masks", "broadcast_shapes", "dealer_request", "product", "triple"]

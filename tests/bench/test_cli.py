@@ -1,0 +1,141 @@
+"""``secfwt bench`` end to end on tiny shapes: real party processes, files written, no timing checks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from secfwt.bench.shapes import TINY
+from secfwt.bench.suite import BenchPlan, parse_names
+from secfwt.cli import main
+from secfwt.errors import ConfigError
+
+HEADLINE = (
+    "fot_vs_backprop_time_ratio",
+    "fot_vs_backprop_bytes_ratio",
+    "vs_vanilla_crypten_ratio",
+    "vs_plaintext_ratio",
+    "rfa_time_growth_exponent",
+    "rfa_bytes_growth_exponent",
+)
+
+
+def _tiny_plan() -> BenchPlan:
+    return BenchPlan(
+        quick=True,
+        layer=TINY,
+        layer_seq_len=8,
+        minilm_seq_len=8,
+        attention_seq_lens=(8, 16),
+        attention_heads=2,
+        attention_head_dim=8,
+        fot_shape=TINY,
+        fot_layers=1,
+        fot_batch=2,
+        fot_seq_len=8,
+        transport_shape=TINY,
+        transport_seq_len=8,
+        plaintext_reps=2,
+        reps=1,
+        timeout_s=300.0,
+    )
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    monkeypatch.setattr(BenchPlan, "quick_plan", classmethod(lambda cls: _tiny_plan()))
+
+
+def test_unknown_name_is_a_config_error(capsys):
+    with pytest.raises(ConfigError, match="choose from: forward, attention, fot-vs-backprop, vanilla, transport"):
+        parse_names(["attention", "nope"])
+    assert main(["bench", "nope", "--quick"]) == 2
+    assert "unknown sub-benchmark 'nope'" in capsys.readouterr().err
+
+
+def test_names_keep_suite_order():
+    assert [n.value for n in parse_names(["vanilla", "attention"])] == ["attention", "vanilla"]
+    assert len(parse_names([])) == 5
+
+
+def _check_outputs(out, report_path, selected):
+    report = json.loads((out / "bench.json").read_text())
+    assert json.loads(report_path.read_text())["selected"] == selected
+    for key in HEADLINE:
+        assert key in report
+    assert report["machine"]["cores"] and report["machine"]["torch"] and "commit" in report
+    assert report["selected"] == selected
+    md = (out / "bench.md").read_text()
+    assert "| ratio | value | target | met |" in md
+    for png in out.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # per party: what one computing party sends, the other receives
+    for bench in report["benchmarks"].values():
+        for case in bench.get("cases", []) + bench.get("rows", []):
+            mo, do = case["parties"]["model_owner"], case["parties"]["data_owner"]
+            assert mo["bytes_sent"] == do["bytes_received"] and do["bytes_sent"] == mo["bytes_received"]
+            assert case["time_s"] > 0 and case["rounds"] > 0
+            assert set(case["projected_s"]) == {"LAN", "WAN"}
+    return report, md
+
+
+@pytest.mark.multiprocess
+def test_tiny_selection_writes_json_md_png(tmp_path, tiny, capsys):
+    out = tmp_path / "res"
+    rc = main(["bench", "vanilla", "--quick", "--out", str(out), "--report", str(tmp_path / "r.json")])
+    assert rc == 0
+    report, md = _check_outputs(out, tmp_path / "r.json", ["vanilla"])
+    assert report["vs_vanilla_crypten_ratio"] is not None
+    assert report["fot_vs_backprop_time_ratio"] is None  # not selected
+    assert (out / "bench-breakdown.png").exists()
+    assert "not run" in md
+    case = report["benchmarks"]["vanilla"]["cases"][0]
+    assert {"linear (weights)", "softmax", "GELU", "LayerNorm"} <= set(case["breakdown"])
+    assert case["max_abs_err"] < 0.1  # the secure layer computed the right function
+    assert "vs_vanilla_crypten_ratio" in capsys.readouterr().out
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_tiny_full_suite(tmp_path, tiny):
+    out = tmp_path / "res"
+    assert main(["bench", "--quick", "--out", str(out), "--report", str(tmp_path / "r.json")]) == 0
+    report, _ = _check_outputs(out, tmp_path / "r.json", ["forward", "attention", "fot-vs-backprop", "vanilla", "transport"])
+    for key in HEADLINE:
+        assert report[key] is not None, key
+    assert (out / "bench-fot-vs-backprop.png").exists() and (out / "bench-attention.png").exists()
+    assert {c["transport"] for c in report["benchmarks"]["transport"]["cases"]} == {"gloo", "tls"}
+
+
+def _canned_report(value: float) -> dict:
+    from secfwt.bench import metrics
+
+    headline = {key: value for key in HEADLINE}
+    return {
+        **headline,
+        "targets": [{"key": t.key, "text": t.text, "threshold": t.threshold, "at_least": t.at_least, "value": value, "passed": t.passed(value)} for t in metrics.TARGETS],
+        "benchmarks": {},
+        "selected": ["vanilla"],
+        "quick": True,
+        "plan": {},
+        "projection": "modelled",
+        "machine": {"cores": 2, "torch": "x"},
+        "commit": None,
+        "code": {},
+        "started": "now",
+        "duration_s": 1.0,
+    }
+
+
+@pytest.mark.parametrize(("check", "expected"), [(False, 0), (True, 1)])
+def test_missed_targets_fail_only_with_check(tmp_path, monkeypatch, capsys, check, expected):
+    import secfwt.bench.suite as suite
+
+    monkeypatch.setattr(suite, "run_suite", lambda names, plan, on_case=None: _canned_report(50.0))  # misses the ratio targets
+    argv = ["bench", "vanilla", "--quick", "--out", str(tmp_path)] + (["--check"] if check else [])
+    assert main(argv) == expected
+    captured = capsys.readouterr()
+    assert "MISSED" in captured.out
+    assert ("targets missed" in captured.err) is check
+    assert json.loads((tmp_path / "bench.json").read_text())["vs_vanilla_crypten_ratio"] == 50.0

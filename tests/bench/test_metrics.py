@@ -1,0 +1,64 @@
+"""The benchmark suite's pure arithmetic: link projections, growth exponents, targets."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from secfwt.bench import metrics
+from secfwt.bench.metrics import LAN, WAN, Link, PartyCost, growth_exponent, project
+
+
+def test_projection_formula():
+    a = PartyCost(wall_s=2.0, bytes_sent=3_000_000_000 // 8, bytes_received=0, rounds=100, dealer_bytes=0, dealer_requests=10)
+    b = PartyCost(wall_s=2.5, bytes_sent=1000, bytes_received=0, rounds=120)
+    link = Link("test", bandwidth_bps=3e9, rtt_s=0.01)
+    # 2.5 s compute (slower party) + 1 s of bytes (busier direction) + (120 + 10) rounds x 10 ms
+    assert project([a, b], link) == pytest.approx(2.5 + 1.0 + 1.3)
+
+
+def test_dealer_bytes_add_to_the_link():
+    p = PartyCost(wall_s=0.0, bytes_sent=0, bytes_received=0, rounds=0, dealer_bytes=12_500_000, dealer_requests=1)
+    assert project([p], WAN) == pytest.approx(1.0 + 0.08)  # 100 Mbit at 100 Mbps, one RTT
+
+
+def test_links_are_the_issue_settings():
+    assert (LAN.bandwidth_bps, LAN.rtt_s) == (3e9, 0.8e-3)
+    assert (WAN.bandwidth_bps, WAN.rtt_s) == (100e6, 80e-3)
+    assert metrics.projections([PartyCost(1.0, 0, 0, 0)]) == {"LAN": 1.0, "WAN": 1.0}
+
+
+@pytest.mark.parametrize("k", [0.5, 1.0, 2.0])
+def test_growth_exponent_recovers_power_law(k):
+    xs = [64, 128, 256, 512]
+    assert growth_exponent(xs, [3.0 * x**k for x in xs]) == pytest.approx(k)
+
+
+def test_growth_exponent_is_least_squares_on_noisy_data():
+    xs = [64, 128, 256, 512]
+    noise = [1.1, 0.9, 1.05, 0.95]
+    ys = [0.01 * x * n for x, n in zip(xs, noise)]
+    lx = [math.log(x) for x in xs]
+    ly = [math.log(y) for y in ys]
+    mx, my = sum(lx) / 4, sum(ly) / 4
+    expected = sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
+    assert growth_exponent(xs, ys) == pytest.approx(expected)
+    assert 0.8 < expected < 1.2
+
+
+def test_growth_exponent_needs_two_points():
+    with pytest.raises(ValueError):
+        growth_exponent([128], [1.0])
+    with pytest.raises(ValueError):
+        growth_exponent([128, 128], [1.0, 2.0])
+
+
+def test_ratio_and_targets():
+    assert metrics.ratio(10.0, 2.0) == 5.0
+    assert metrics.ratio(None, 2.0) is None and metrics.ratio(1.0, 0) is None
+    targets = {t.key: t for t in metrics.TARGETS}
+    assert targets["fot_vs_backprop_time_ratio"].passed(25.0) is True
+    assert targets["fot_vs_backprop_time_ratio"].passed(2.0) is False
+    assert targets["vs_plaintext_ratio"].passed(90.0) is True
+    assert targets["vs_plaintext_ratio"].passed(None) is None
