@@ -373,7 +373,7 @@ class Party:
             if peer is None or self.peer_cancel is None:
                 continue
             try:
-                self.peer_cancel(peer, rec.job_id, f"at {self.identity}: {why}"[:MAX_REASON_CHARS])
+                self.peer_cancel(peer, rec.job_id, why[:MAX_REASON_CHARS])  # recorded there as "cancelled by <us>: <why>"
             except SecfwtError as exc:  # already ended there, unreachable: its own state stands
                 log.info("peer not cancelled", extra=fields(job=rec.job_id, peer=str(ident), why=str(exc)))
 

@@ -158,3 +158,23 @@ def test_restart_keeps_finished_results_and_cancel(deployment: Deployment, tmp_p
     assert main(["job", "cancel", "block-1", "--to", again.address, "--reason", "test", *_tls_flags(deployment)]) == 0
     st = _wait_state(deployment, again.address, "block-1", pb.JOB_STATE_CANCELLED)
     assert "cancelled by operator/alice: test" in st.reason
+
+
+def test_an_operators_cancel_reaches_every_participant(deployment: Deployment, tmp_path: Path, daemons: list, capsys: pytest.CaptureFixture[str]) -> None:
+    """Cancel at the model owner only: the data owner and the dealer stop the job as cancelled
+    (not as a lost peer), with the origin in the reason; a peer's cancel is not echoed back."""
+    addr = {r: f"127.0.0.1:{free_port()}" for r in IDS}
+    runners = {r: BlockingRunner() for r in IDS}
+    for role in IDS:
+        _daemon(deployment, role, tmp_path, daemons, runner=runners[role], listen=addr[role], peers={r: a for r, a in addr.items() if r != role})
+    to = [x for a in addr.values() for x in ("--to", a)]
+    assert main(["job", "submit", str(deployment.job_file), "--id", "cx-1", "--json", *to, *_tls_flags(deployment)]) == 0
+    capsys.readouterr()
+    for r in IDS:
+        assert runners[r].started.wait(15), r
+    assert main(["job", "cancel", "cx-1", "--to", addr["model_owner"], "--reason", "wrong data", *_tls_flags(deployment)]) == 0
+    st = _wait_state(deployment, addr["model_owner"], "cx-1", pb.JOB_STATE_CANCELLED)
+    assert st.reason == "cancelled by operator/alice: wrong data"
+    for r in ("data_owner", "dealer"):
+        st = _wait_state(deployment, addr[r], "cx-1", pb.JOB_STATE_CANCELLED)
+        assert st.reason == "cancelled by model_owner/vendor: cancelled by operator/alice: wrong data", st.reason
