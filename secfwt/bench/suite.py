@@ -422,6 +422,7 @@ def run_suite(names: Sequence[BenchName], plan: BenchPlan, *, on_case: Callable[
         r["duration_s"] = time.perf_counter() - t_bench
         results[name.value] = r
     headline = _headline(results)
+    machine = {**machine_info(), **cpu_info()}
     report: dict[str, Any] = {
         **headline,
         "targets": [{"key": t.key, "text": t.text, "threshold": t.threshold, "at_least": t.at_least, "value": headline[t.key], "passed": t.passed(headline[t.key])} for t in metrics.TARGETS],
@@ -432,8 +433,8 @@ def run_suite(names: Sequence[BenchName], plan: BenchPlan, *, on_case: Callable[
         "links": {link.name: {"bandwidth_bps": link.bandwidth_bps, "rtt_s": link.rtt_s} for link in metrics.LINKS},
         "projection": "modelled: max_p wall_p + (max_p sent_p + max_p dealer_p) * 8 / bandwidth + (max_p rounds_p + max_p dealer_requests_p) * RTT",
         "provider": "TTP (dealer process)",
-        "machine": {**machine_info(), **cpu_info()},
-        "commit": machine_info().get("commit"),
+        "machine": machine,
+        "commit": machine.get("commit"),
         "code": {**code_before, "changed_during_run": code_fingerprint()["sha256"] != code_before["sha256"]},
         "started": started,
         "duration_s": time.perf_counter() - t0,

@@ -31,7 +31,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from secfwt.errors import PartyFailedError, ProtocolError, SecfwtError
@@ -166,40 +166,57 @@ def run_parties(
         if transport is Transport.TLS and tls is None:
             tls = _local_tls(tmp, roles)
         tls = tls or {}
-        procs: dict[Role, mp.process.BaseProcess] = {}
-        for role in roles:
-            procs[role] = ctx.Process(
-                target=_child_main,
-                name=f"secfwt-{role.value}",
-                args=(
-                    role,
-                    world_size,
-                    rendezvous,
-                    provider.value,
-                    comm_stats,
-                    None if role is Role.DEALER else target,
-                    payloads.get(role),
-                    results,
-                    os.getpid(),
-                    logging.getLogger().getEffectiveLevel(),
-                    transport,
-                    tls.get(role),
-                    insecure_fixed_seed,
-                ),
+        procs = {
+            role: _party_process(
+                ctx, role, world_size=world_size, rendezvous=rendezvous, provider=provider, comm_stats=comm_stats,
+                target=None if role is Role.DEALER else target, payload=payloads.get(role), results=results,
+                transport=transport, tls=tls.get(role), insecure_fixed_seed=insecure_fixed_seed,
             )
+            for role in roles
+        }
         try:
             for p in procs.values():
                 p.start()
             return _collect(procs, results, timeout_s, messages, on_message)
         finally:
-            for p in procs.values():
-                if p.is_alive():
-                    p.terminate()
-            for p in procs.values():
-                p.join(timeout=5)
-                if p.is_alive():
-                    p.kill()
-                    p.join(timeout=5)
+            stop_processes(procs.values())
+
+
+def _party_process(
+    ctx: Any,
+    role: Role,
+    *,
+    world_size: int,
+    rendezvous: str,
+    provider: Any,
+    comm_stats: bool,
+    target: Callable[[PartyContext, Any], Any] | None,
+    payload: Any,
+    results: mp.Queue[Any],
+    transport: Transport,
+    tls: TlsSettings | None,
+    insecure_fixed_seed: int | None,
+) -> mp.process.BaseProcess:
+    """The (unstarted) process of one party: :func:`_child_main` with this process as parent."""
+    return ctx.Process(
+        target=_child_main,
+        name=f"secfwt-{role.value}",
+        args=(role, world_size, rendezvous, provider.value, comm_stats, target, payload, results, os.getpid(), logging.getLogger().getEffectiveLevel(), transport, tls, insecure_fixed_seed),
+    )
+
+
+def stop_processes(procs: Iterable[mp.process.BaseProcess]) -> None:
+    """Stop and reap party processes: SIGTERM to all first (they stop in parallel), then wait,
+    SIGKILL whatever is still alive. Never leaves one behind."""
+    procs = list(procs)
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    for p in procs:
+        p.join(timeout=5)
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=5)
 
 
 def spawn_party(
@@ -216,11 +233,9 @@ def spawn_party(
     same child as :func:`run_parties` (watchdog, error reporting, one intra-op thread) over the
     TLS mesh with ``tls`` from :func:`secfwt.mpc.transport.tls_settings`. The caller reads
     ``results`` (the item :func:`collect_one` decodes) and owns the process's end."""
-    ctx = mp.get_context("spawn")
-    p = ctx.Process(
-        target=_child_main,
-        name=f"secfwt-{role.value}",
-        args=(role, len(COMPUTING_ROLES), "", provider.value, True, target, payload, results, os.getpid(), logging.getLogger().getEffectiveLevel(), Transport.TLS, tls, insecure_fixed_seed),
+    p = _party_process(
+        mp.get_context("spawn"), role, world_size=len(COMPUTING_ROLES), rendezvous="", provider=provider, comm_stats=True,
+        target=target, payload=payload, results=results, transport=Transport.TLS, tls=tls, insecure_fixed_seed=insecure_fixed_seed,
     )
     p.start()
     return p

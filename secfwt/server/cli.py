@@ -296,13 +296,18 @@ def _client_flags(p: argparse.ArgumentParser, *, to_help: str = "daemon address 
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
+def _daemon_flags(p: argparse.ArgumentParser) -> None:
+    """The development-only switches of a daemon (`secfwt party ROLE` and `parties/ROLE.py`)."""
+    p.add_argument("--insecure", action="store_true", help="plaintext, no certificates: local development only (needs party.insecure = true too)")
+    p.add_argument("--insecure-fixed-seed", type=int, metavar="N", help="TESTS ONLY: every MPC seed derived from N, so runs are reproducible bit for bit; anyone knowing N can unmask every share")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``party``, ``job`` and ``certs`` to the ``secfwt`` command."""
     party = sub.add_parser("party", help="run a party daemon (gRPC, mutual TLS)")
     party.add_argument("party_role", choices=[*sorted(PARTY_COMMANDS), "health"], help="which daemon to run, or `health`: probe this host's daemon")
     party.add_argument("--config", required=True, metavar="party.toml")
-    party.add_argument("--insecure", action="store_true", help="plaintext, no certificates: local development only (needs party.insecure = true too)")
-    party.add_argument("--insecure-fixed-seed", type=int, metavar="N", help="TESTS ONLY: every MPC seed derived from N, so runs are reproducible bit for bit; anyone knowing N can unmask every share")
+    _daemon_flags(party)
     party.set_defaults(func=cmd_party)
 
     job = sub.add_parser("job", help="submit and manage jobs on party daemons")
@@ -366,8 +371,7 @@ def party_main(role: Role, argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog=f"secfwt-{role.value.replace('_', '-')}", description=f"secfwt {role.value} party daemon (gRPC, mutual TLS)")
     p.add_argument("--config", required=True, metavar="party.toml")
-    p.add_argument("--insecure", action="store_true", help="plaintext, no certificates: local development only (needs party.insecure = true too)")
-    p.add_argument("--insecure-fixed-seed", type=int, metavar="N", help="TESTS ONLY: every MPC seed derived from N, so runs are reproducible bit for bit; anyone knowing N can unmask every share")
+    _daemon_flags(p)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = p.parse_args(argv)
     try:

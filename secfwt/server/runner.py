@@ -98,7 +98,7 @@ class MpcJobRunner:
         import multiprocessing as mp
 
         from secfwt.crypten_compat import Provider
-        from secfwt.mpc.launcher import collect_one, spawn_party
+        from secfwt.mpc.launcher import collect_one, spawn_party, stop_processes
 
         if ctx.party.party.insecure:
             raise ConfigError(
@@ -124,7 +124,8 @@ class MpcJobRunner:
             item = self._wait(proc, results, messages, progress, cancel)
             res = collect_one(item)
         finally:
-            _end(proc)
+            stop_processes([proc])
+            log.debug("mpc process ended", extra=fields(pid=proc.pid, exitcode=proc.exitcode))
             for q in (results, messages):
                 if q is not None:
                     q.close()
@@ -242,14 +243,3 @@ def _collect_artifacts(src: Path, dst: Path) -> None:
     for f in sorted(src.iterdir()):
         if f.is_file():
             shutil.copy2(f, dst / f.name)
-
-
-def _end(proc: Any) -> None:
-    """Stop the party process and reap it: TERM, then KILL; never leaves it behind."""
-    if proc.is_alive():
-        proc.terminate()
-        proc.join(timeout=5)
-    if proc.is_alive():
-        proc.kill()
-    proc.join(timeout=5)
-    log.debug("mpc process ended", extra=fields(pid=proc.pid, exitcode=proc.exitcode))
