@@ -87,11 +87,15 @@ def _warm_up(sess: Any) -> None:
     (x * x).gt(0.5)
 
 
-def _share_inputs(sess: Any, payload: dict[str, Any], names: list[str] | None = None) -> tuple[Any, dict[str, Any], Any]:
-    """The model owner's spec and weights (all, or ``names``) and the data owner's input x."""
+def _share_inputs(sess: Any, payload: dict[str, Any], names: list[str] | None, *, frozen: bool) -> tuple[Any, dict[str, Any], Any]:
+    """The model owner's spec and weights (all, or ``names``) and the data owner's input x.
+
+    ``frozen``: linear weights stay with the model owner (as a job's frozen weights do);
+    otherwise every weight is secret-shared (vanilla CrypTen's only way).
+    """
     spec = sess.agree_spec(payload.get("spec"))
     wanted = names if names is not None else [n for n, _ in spec.param_shapes]
-    params = sess.share_params(spec, payload.get("state"), names=[n for n in wanted if n in dict(spec.param_shapes)])
+    params = sess.share_params(spec, payload.get("state"), names=[n for n in wanted if n in dict(spec.param_shapes)], frozen=frozen)
     shape = tuple(payload["input_shape"])
     x = sess.share(payload.get("input"), owner=Role.DATA_OWNER, shape=shape, name="input")
     return spec, params, x
@@ -108,7 +112,7 @@ def _secure_forward(*, ctx: PartyContext, sess: Any, comm: Any, meter: TrafficMe
     """secfwt's engine: one encoder layer ("block") or embeddings + all layers ("encoder")."""
     from secfwt.models.encoder import ForwardSettings
 
-    spec, params, x = _share_inputs(sess, payload, payload.get("param_names"))
+    spec, params, x = _share_inputs(sess, payload, payload.get("param_names"), frozen=payload.get("owned_weights", True))
     n, t = x.shape[0], x.shape[1]
     mask = sess.public(torch.ones(n, t))
     profile = Profile(meter)
@@ -125,7 +129,7 @@ def _vanilla_forward(*, ctx: PartyContext, sess: Any, comm: Any, meter: TrafficM
     """CrypTen's own ops (:mod:`secfwt.bench.vanilla`): one encoder layer."""
     from secfwt.bench import vanilla
 
-    spec, params, x = _share_inputs(sess, payload, payload.get("param_names"))
+    spec, params, x = _share_inputs(sess, payload, payload.get("param_names"), frozen=False)
     profile = Profile(meter)
     prefix = spec.prefix + "encoder.layer.0."
     fn = lambda: vanilla.block(x, params, prefix=prefix, num_heads=spec.num_heads, eps=spec.layer_norm_eps, section=profile.section)  # noqa: E731

@@ -61,32 +61,38 @@ class TrafficMeter:
         self.rank = comm.get_rank()
         self.dealer = comm.get_ttp_rank() if hasattr(comm, "get_ttp_rank") else None
         self.t = Traffic()
+        self._open_send = False
         self._install()
 
     def snapshot(self) -> Traffic:
         return dataclasses.replace(self.t)
 
     # -- accounting ----------------------------------------------------------------------------
-    def _peer(self, *, sent: int = 0, received: int = 0) -> None:
+    def _peer(self, *, sent: int = 0, received: int = 0, exchange: bool = False) -> None:
+        """One message flight with the other computing party. ``exchange``: a point-to-point
+        send not yet answered; the receive that follows it is the same round (both parties
+        send at once, as in :func:`secfwt.mpc.owned.product`), not a second one."""
         self.t.sent += sent
         self.t.received += received
-        self.t.rounds += 1
+        if not (self._open_send and received and not sent):
+            self.t.rounds += 1
+        self._open_send = exchange
 
-    def _with(self, other: int | None, *, sent: int = 0, received: int = 0) -> None:
+    def _with(self, other: int | None, *, sent: int = 0, received: int = 0, exchange: bool = False) -> None:
         if other is not None and other == self.dealer:
             self.t.dealer_bytes += received
             self.t.dealer_sent += sent
             if sent:
                 self.t.dealer_requests += 1
         else:
-            self._peer(sent=sent, received=received)
+            self._peer(sent=sent, received=received, exchange=exchange)
 
     def _install(self) -> None:
         comm = self.comm
         wrap = self._wrap
 
         wrap("send", lambda a, k, r: self._with(_arg(a, k, 1, "dst"), sent=_nel(a[0])))
-        wrap("isend", lambda a, k, r: self._with(_arg(a, k, 1, "dst"), sent=_nel(a[0])))
+        wrap("isend", lambda a, k, r: self._with(_arg(a, k, 1, "dst"), sent=_nel(a[0]), exchange=True))
         wrap("recv", lambda a, k, r: self._with(_arg(a, k, 1, "src"), received=_nel(a[0])))
         wrap("irecv", lambda a, k, r: self._with(_arg(a, k, 1, "src"), received=_nel(a[0])))
         wrap("all_reduce", lambda a, k, r: self._peer(sent=_nel(a[0]), received=_nel(a[0])))

@@ -128,7 +128,7 @@ def run_job_party(ctx: PartyContext, payload: dict[str, Any]) -> dict[str, Any]:
     progress(kind="phase", phase="sharing weights")
     private_table = cfg.model.embedding is EmbeddingMode.PRIVATE
     frozen_names = [n for n, _ in spec.param_shapes if (private_table or n != spec.word_embeddings) and n not in trainable.names]
-    frozen = sess.share_params(spec, state, names=frozen_names)
+    frozen = sess.share_params(spec, state, names=frozen_names, frozen=True)
     init = None
     if role is Role.MODEL_OWNER:
         assert state is not None

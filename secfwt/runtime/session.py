@@ -84,13 +84,28 @@ class PartySession:
             return crypten.cryptensor(value.to(torch.float32), src=owner.rank)
         return crypten.cryptensor(torch.zeros(shape), src=owner.rank)
 
-    def share_params(self, spec: ModelSpec, state: Mapping[str, torch.Tensor] | None, *, names: Iterable[str]) -> dict[str, Any]:
-        """Secret-share the model owner's parameters ``names`` (in the spec's order)."""
+    def share_params(self, spec: ModelSpec, state: Mapping[str, torch.Tensor] | None, *, names: Iterable[str], frozen: bool = False) -> dict[str, Any]:
+        """Secret-share the model owner's parameters ``names`` (in the spec's order).
+
+        ``frozen``: the values never change during the job, so the linear weights among them stay
+        with the model owner in the clear (:class:`~secfwt.mpc.owned.OwnedMatrix`; nothing is
+        sent, and each product with them costs one masked exchange, half of Beaver's). Everything
+        else, and every trainable value, is an ordinary secret sharing.
+        """
+        from secfwt.mpc.owned import OwnedMatrix
+
         wanted = set(names)
-        out = {}
+        out: dict[str, Any] = {}
         for name, shape in spec.param_shapes:
-            if name in wanted:
-                out[name] = self.share(None if state is None else state[name], owner=Role.MODEL_OWNER, shape=shape, name=name)
+            if name not in wanted:
+                continue
+            value = None if state is None else state[name]
+            if frozen and spec.is_linear_weight(name):
+                if value is not None:
+                    check_fixed_point_range(value, name=name)
+                out[name] = OwnedMatrix.share(value, owner=Role.MODEL_OWNER.rank, shape=shape)
+            else:
+                out[name] = self.share(value, owner=Role.MODEL_OWNER, shape=shape, name=name)
         return out
 
     def public(self, value: torch.Tensor) -> Any:

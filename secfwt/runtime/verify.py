@@ -102,7 +102,7 @@ def _party(ctx: PartyContext, payload: dict[str, Any]) -> Any:
     secret_table = req.embedding is EmbeddingMode.PRIVATE or mlm
     names = [n for n, _ in spec.param_shapes if secret_table or n != spec.word_embeddings]
     t0 = time.perf_counter()
-    params = sess.share_params(spec, state, names=names)
+    params = sess.share_params(spec, state, names=names, frozen=True)
     plain_table = disclose_table(sess, spec, state) if req.embedding is EmbeddingMode.TABLE_TO_DATA_OWNER else None
     word = share_word_embeddings(sess, spec, mode=req.embedding, input_ids=ids, shape=shape, secret_table=params.get(spec.word_embeddings), plain_table=plain_table)
     mask = sess.public(torch.ones(shape))  # the sample has no padding
