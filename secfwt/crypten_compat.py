@@ -52,8 +52,9 @@ touches its global config. Every adaptation says what breaks without it.
    :func:`secfwt.mpc.beaver.binary_and` (the same for XOR shares). Same messages, random draws
    and openings as CrypTen's; under the switch of adaptation 4.
 9. The TTP dealer (``TTPServer``) only knows CrypTen's correlations. :func:`_install_dealer_functions`
-   adds ``TTPServer.secfwt_one_sided_matmul`` (:func:`secfwt.mpc.owned.dealer_one_sided_matmul`),
-   the triple of the product with a matrix one party holds in the clear
+   adds ``TTPServer.secfwt_one_sided_matmul`` (:func:`secfwt.mpc.owned.dealer_one_sided_matmul`)
+   and ``secfwt_fixed_one_sided_matmul`` (the same with a mask kept for the session), the
+   triples of the product with a matrix one party holds in the clear
    (:mod:`secfwt.mpc.owned`); rank 0 requests it with CrypTen's own message format. Nothing
    CrypTen calls changes.
 10. gloo runs CrypTen's collectives as its general algorithms: on this machine a two-party
@@ -227,7 +228,19 @@ def _install_dealer_functions() -> None:
 
         return dealer_one_sided_matmul(self._get_generators(device=self.device), size_x, size_w, owner)
 
+    def secfwt_fixed_one_sided_matmul(self: Any, key: Any, first: bool, size_x: Any, size_w: Any, owner: int) -> Any:
+        from secfwt.mpc.owned import dealer_fixed_one_sided_matmul
+
+        return dealer_fixed_one_sided_matmul(self._get_generators(device=self.device), tuple(key), first, size_x, size_w, owner)
+
+    def secfwt_owned_drain(self: Any) -> Any:
+        from secfwt.mpc.owned import dealer_drain
+
+        return dealer_drain()
+
     _ttp_provider.TTPServer.secfwt_one_sided_matmul = secfwt_one_sided_matmul  # type: ignore[attr-defined]
+    _ttp_provider.TTPServer.secfwt_owned_drain = secfwt_owned_drain  # type: ignore[attr-defined]
+    _ttp_provider.TTPServer.secfwt_fixed_one_sided_matmul = secfwt_fixed_one_sided_matmul  # type: ignore[attr-defined]
 
 
 _install_dealer_functions()

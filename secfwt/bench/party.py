@@ -111,6 +111,7 @@ def _reveal(sess: Any, y: Any, note: str) -> torch.Tensor | None:
 def _secure_forward(*, ctx: PartyContext, sess: Any, comm: Any, meter: TrafficMeter, payload: dict[str, Any]) -> dict[str, Any]:
     """secfwt's engine: one encoder layer ("block") or embeddings + all layers ("encoder")."""
     from secfwt.models.encoder import ForwardSettings
+    from secfwt.mpc import owned
 
     spec, params, x = _share_inputs(sess, payload, payload.get("param_names"), frozen=payload.get("owned_weights", True))
     n, t = x.shape[0], x.shape[1]
@@ -118,9 +119,15 @@ def _secure_forward(*, ctx: PartyContext, sess: Any, comm: Any, meter: TrafficMe
     profile = Profile(meter)
     model = _profiled_encoder(spec, params, sess.ops, ForwardSettings(attention=payload["attention"]), profile)
     if payload["what"] == "block":
-        fn = lambda: model.block(x, mask, 0)  # noqa: E731
+        forward = lambda: model.block(x, mask, 0)  # noqa: E731
     else:
-        fn = lambda: model.layers(model.embed(x), mask)  # noqa: E731
+        forward = lambda: model.layers(model.embed(x), mask)  # noqa: E731
+
+    def fn() -> Any:
+        y = forward()
+        owned.drain()  # the work ahead this forward started (for the next) is paid by it
+        return y
+
     y, costs = measure_reps(comm, meter, fn, reps=payload["reps"], profile=profile, remainder=REMAINDER)
     return {"costs": costs, "output": _reveal(sess, y, payload["what"])}
 

@@ -18,6 +18,29 @@ party computes ONE ring matmul instead of two, the owner's with ``W`` itself, wh
 values are narrow (:func:`secfwt.mpc.ring.ring_matmul_narrow`: half a full ring matmul), and
 only the owner sends a weight-sized message (Beaver: both parties).
 
+**Frozen weights: the mask opened once.** A weight that stays the same for the whole session
+(every frozen weight of a job) gets a session key (``OwnedMatrix.share(..., fixed_mask=True)``).
+Its first product draws ``B`` as above, the owner sends ``d = W - B`` once, the other party
+keeps ``d`` and the dealer keeps ``B``; every later product with it reuses ``B`` with fresh
+``A`` and fresh shares of ``C = A B``, so a product costs one message (``e``, x-sized, other
+party to owner) and the owner sends nothing. ``d`` is a one-time pad of ``W`` that is sent once,
+and each ``e`` is masked by its own fresh ``A``: the views are those of one product per call,
+with the weight mask shared among them (as SecureML's preprocessing reuses the mask of a
+matrix that appears in several products).
+
+**Work ahead.** With the mask fixed, the other party's product ``A d`` and the dealer's
+``A B`` depend on nothing the next product brings but ``A``'s shape. Each fixed mask therefore
+has its own random stream for ``A`` and rank 1's share of ``C``, seeded by the other party and
+the dealer in common (one draw from their shared generator at the first product), and both
+compute the next product's ``A d + C_1`` and ``A B - C_1`` in a background thread at lowered
+CPU priority as soon as the current one is served (same shape assumed; on another shape both
+discard it alike and compute in line). The other party then only sends ``e`` and the dealer
+answers at once; the ring matmuls run in the parties' idle time (waiting on the network or
+on the other party). :func:`drain` waits for that work (benchmarks call it inside the measured
+time, so the work ahead is paid by the forward that starts it). Under ``insecure_fixed_seed``
+(bit-identical test reruns) nothing is computed ahead: ``A`` comes from the shared generators
+in protocol order.
+
 Only values the owner put in unchanged may be :class:`OwnedMatrix`: anything computed in MPC
 (updated or perturbed trainable weights) is unknown to the owner and must stay an MPCTensor.
 """
@@ -25,6 +48,11 @@ Only values the owner put in unchanged may be :class:`OwnedMatrix`: anything com
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -36,6 +64,78 @@ from secfwt.mpc.ring import NARROW_BOUND, ring_matmul, ring_matmul_narrow
 
 #: Fractional bits of CrypTen's fixed point, which the owner's values are encoded with.
 _FRAC_BITS = 16
+
+#: Session keys of fixed-mask matrices, drawn in the same order by both parties (every party
+#: shares the same weights in the same order; a party process lives for one MPC session).
+_keys = itertools.count()
+#: This party's state of each fixed mask, by (key, transposed): the other party's ``d``; True on
+#: the owner once it has sent ``d``.
+_masks: dict[tuple[int, bool], Any] = {}
+#: The dealer's ``B`` of each fixed mask and its work ahead (None under a fixed seed), by (key, transposed).
+_dealer_masks: dict[tuple[int, bool], tuple[torch.Tensor, _Ahead | None]] = {}
+_pool: ThreadPoolExecutor | None = None
+
+
+def _lower_priority() -> None:
+    try:  # a nice value for this thread only (Linux threads are tasks): online work runs first
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (OSError, AttributeError):
+        pass
+
+
+def _background() -> ThreadPoolExecutor:
+    """One worker thread per process for the work ahead (ordered: one product after another)."""
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="secfwt-owned-ahead", initializer=_lower_priority)
+    return _pool
+
+
+@dataclasses.dataclass
+class _Ahead:
+    """A fixed mask's stream of ``(A, C_1)`` draws and ``compute(A, C_1)`` done one product ahead."""
+
+    generator: torch.Generator
+    compute: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    size_w: torch.Size
+    pending: Future[tuple[torch.Tensor, torch.Tensor]] | None = None
+    pending_size: torch.Size | None = None
+
+    def _next(self, size_x: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+        from crypten.common.rng import generate_random_ring_element
+
+        a = generate_random_ring_element(size_x, generator=self.generator)
+        c1 = generate_random_ring_element(_product_size(size_x, self.size_w), generator=self.generator)
+        return a, self.compute(a, c1)
+
+    def take(self, size_x: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A`` and ``compute(A, C_1)`` for this product; the next one's starts in the background."""
+        got = self.pending.result() if self.pending is not None else None
+        if got is None or self.pending_size != size_x:
+            got = self._next(size_x)  # another shape: the spent draws are spent on both sides
+        self.pending, self.pending_size = _background().submit(self._next, size_x), size_x
+        return got
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            self.pending.result()
+
+
+def _work_ahead() -> bool:
+    """False under ``insecure_fixed_seed``: then every draw follows the protocol's order."""
+    from secfwt.crypten_compat import insecure_fixed_bytes
+
+    return insecure_fixed_bytes("owned-work-ahead", 1) is None
+
+
+def _product_size(size_x: torch.Size, size_w: torch.Size) -> torch.Size:
+    return torch.Size((*beaver.broadcast_shapes(size_x[:-2], size_w[:-2]), size_x[-2], size_w[-1]))
+
+
+def _stream_seed(shared: torch.Generator) -> int:
+    from crypten.common.rng import generate_random_ring_element
+
+    return int(generate_random_ring_element((), generator=shared)) % 2**63
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,17 +151,24 @@ class OwnedMatrix:
     shape: torch.Size
     encoded: torch.Tensor | None
     narrow: bool = False
+    #: session key of the fixed mask (None: a fresh mask per product); ``transposed`` says which
+    #: orientation of the shared matrix this is (each has its own mask).
+    key: int | None = None
+    transposed: bool = False
 
     @classmethod
-    def share(cls, value: torch.Tensor | None, *, owner: int, shape: tuple[int, ...]) -> OwnedMatrix:
+    def share(cls, value: torch.Tensor | None, *, owner: int, shape: tuple[int, ...], fixed_mask: bool = False) -> OwnedMatrix:
         """Both parties call this; the owner passes its float matrix, the other None.
 
-        Nothing is communicated: the other party only learns the (public) shape.
+        Nothing is communicated: the other party only learns the (public) shape. ``fixed_mask``:
+        the value is the same for the whole session, so its mask is opened once (module doc);
+        both parties must share their fixed-mask matrices in the same order.
         """
         if len(shape) < 2:
             raise ValueError(f"an owned matrix needs at least 2 dims, got shape {tuple(shape)}")
+        key = next(_keys) if fixed_mask else None
         if crypten.communicator.get().get_rank() != owner:
-            return cls(owner=owner, shape=torch.Size(shape), encoded=None)
+            return cls(owner=owner, shape=torch.Size(shape), encoded=None, key=key)
         if value is None or tuple(value.shape) != tuple(shape):
             got = None if value is None else tuple(value.shape)
             raise ProtocolError(f"owned matrix: owner's value has shape {got}, agreed shape is {tuple(shape)}")
@@ -70,7 +177,7 @@ class OwnedMatrix:
         # float32 first, as PartySession.share does: the same fixed-point values as a sharing
         encoded = FixedPointEncoder(precision_bits=_FRAC_BITS).encode(value.to(torch.float32))
         narrow = bool(encoded.abs().max() < NARROW_BOUND) if encoded.numel() else True
-        return cls(owner=owner, shape=torch.Size(shape), encoded=encoded, narrow=narrow)
+        return cls(owner=owner, shape=torch.Size(shape), encoded=encoded, narrow=narrow, key=key)
 
     def dim(self) -> int:
         return len(self.shape)
@@ -79,10 +186,14 @@ class OwnedMatrix:
         return self.shape
 
     def transpose(self, dim0: int, dim1: int) -> OwnedMatrix:
+        n = len(self.shape)
         shape = list(self.shape)
         shape[dim0], shape[dim1] = shape[dim1], shape[dim0]
         encoded = None if self.encoded is None else self.encoded.transpose(dim0, dim1)
-        return dataclasses.replace(self, shape=torch.Size(shape), encoded=encoded)
+        last_two = {dim0 % n, dim1 % n} == {n - 2, n - 1}
+        # a fixed mask belongs to one orientation; other transpositions get fresh masks
+        key = self.key if last_two else None
+        return dataclasses.replace(self, shape=torch.Size(shape), encoded=encoded, key=key, transposed=self.transposed != last_two)
 
     def t(self) -> OwnedMatrix:
         return self.transpose(-2, -1)
@@ -121,30 +232,111 @@ def product(x_share: torch.Tensor, w: OwnedMatrix) -> torch.Tensor:
     if comm.get_world_size() != 2:
         raise ProtocolError("owned matmul needs exactly 2 computing parties")
     size_x, size_w = x_share.size(), w.shape
-    # Draw order matches TTPServer.secfwt_one_sided_matmul: A from the other party's generator,
-    # B from the owner's, then rank 1's share of C.
-    reply = beaver.dealer_request("secfwt_one_sided_matmul", size_x, size_w, w.owner) if rank == 0 else None
     generator = TTPClient.get().get_generator()
     other = 1 - rank
+    fixed = None if w.key is None else (w.key, w.transposed)
+    first = fixed is None or fixed not in _masks  # the same on both parties
+    if fixed is not None and w.owner == 0 and _work_ahead():
+        return _product_ahead(x_share, w, fixed, first, generator)
+    # Draw order matches the dealer's (dealer_one_sided_matmul): A from the other party's
+    # generator, B (fresh, or a fixed mask's first use) from the owner's, then rank 1's C share.
+    if rank == 0:
+        if fixed is None:
+            reply = beaver.dealer_request("secfwt_one_sided_matmul", size_x, size_w, w.owner)
+        else:
+            reply = beaver.dealer_request("secfwt_fixed_one_sided_matmul", fixed, first, size_x, size_w, w.owner)
     if rank == w.owner:
         assert w.encoded is not None
-        b = generate_random_ring_element(size_w, generator=generator)
-        sending = comm.isend((w.encoded - b).contiguous(), other)  # d = W - B
+        sending = None
+        if first:
+            b = generate_random_ring_element(size_w, generator=generator if fixed is None else _mask_generator(fixed, generator))
+            sending = comm.isend((w.encoded - b).contiguous(), other)  # d = W - B
+            if fixed is not None:
+                _masks[fixed] = True
         e = comm.recv(torch.empty(size_x, dtype=torch.long), other)  # e = x_p - A
-        sending.wait()
+        if sending is not None:
+            sending.wait()
         mine = x_share + e
         z = ring_matmul_narrow(mine, w.encoded.double()) if w.narrow else ring_matmul(mine, w.encoded)
     else:
         a = generate_random_ring_element(size_x, generator=generator)
         sending = comm.isend((x_share - a).contiguous(), other)
-        d = comm.recv(torch.empty(size_w, dtype=torch.long), other)
+        if first:
+            d = comm.recv(torch.empty(size_w, dtype=torch.long), other)
+            if fixed is not None:
+                _masks[fixed] = d
+        else:
+            d = _masks[fixed]
         sending.wait()
         z = ring_matmul(a, d)
     if rank == 0:
         assert reply is not None
         return z.add_(reply())
-    c_size = torch.Size((*beaver.broadcast_shapes(size_x[:-2], size_w[:-2]), size_x[-2], size_w[-1]))
-    return z.add_(generate_random_ring_element(c_size, generator=generator))
+    return z.add_(generate_random_ring_element(_product_size(size_x, size_w), generator=generator))
+
+
+def _product_ahead(x_share: torch.Tensor, w: OwnedMatrix, fixed: tuple[int, bool], first: bool, generator: torch.Generator) -> torch.Tensor:
+    """:func:`product` for a fixed mask owned by rank 0, with the other party's work done ahead."""
+    from crypten.common.rng import generate_random_ring_element
+
+    comm = crypten.communicator.get()
+    size_x, size_w = x_share.size(), w.shape
+    if comm.get_rank() == 0:  # the owner
+        assert w.encoded is not None
+        reply = beaver.dealer_request("secfwt_fixed_one_sided_matmul", fixed, first, size_x, size_w, w.owner)
+        sending = None
+        if first:
+            b = generate_random_ring_element(size_w, generator=_mask_generator(fixed, generator))
+            sending = comm.isend((w.encoded - b).contiguous(), 1)  # d = W - B, once
+            _masks[fixed] = True
+        e = comm.recv(torch.empty(size_x, dtype=torch.long), 1)  # e = x_p - A
+        if sending is not None:
+            sending.wait()
+        mine = x_share + e
+        z = ring_matmul_narrow(mine, w.encoded.double()) if w.narrow else ring_matmul(mine, w.encoded)
+        return z.add_(reply())
+    if first:
+        d = comm.recv(torch.empty(size_w, dtype=torch.long), 0)
+        _masks[fixed] = _Ahead(torch.Generator().manual_seed(_stream_seed(generator)), lambda a, c1: ring_matmul(a, d).add_(c1), size_w)
+    a, z = _masks[fixed].take(size_x)  # z = A d + C_1
+    comm.send((x_share - a).contiguous(), 0)
+    return z
+
+
+def drain() -> None:
+    """Wait until this party's work ahead, and (rank 0 asks) the dealer's, is done. Both
+    computing parties call it at the same point; a no-op where nothing is computed ahead."""
+    from crypten.mpc.provider.ttp_provider import TrustedThirdParty
+
+    if not isinstance(crypten.mpc.get_default_provider(), TrustedThirdParty) or not _masks or not _work_ahead():
+        return
+    if crypten.communicator.get().get_rank() == 0:
+        beaver.dealer_request("secfwt_owned_drain")()
+    for state in _masks.values():
+        if isinstance(state, _Ahead):
+            state.wait()
+
+
+def dealer_drain() -> torch.Tensor:
+    """The dealer's side of :func:`drain` (``TTPServer.secfwt_owned_drain``)."""
+    for _b, ahead in _dealer_masks.values():
+        if ahead is not None:
+            ahead.wait()
+    return torch.zeros(0, dtype=torch.long)
+
+
+def _mask_generator(key: tuple[int, bool], shared: torch.Generator) -> torch.Generator:
+    """The generator of a fixed mask ``B``, seeded by one draw from the owner's generator shared
+    with the dealer; under ``insecure_fixed_seed`` (tests) by a value derived from the key
+    instead, so that a resumed session (whose masks are set up again at other points of the
+    streams) draws the same ``B`` without moving the shared streams."""
+    from crypten.common.rng import generate_random_ring_element
+
+    from secfwt.crypten_compat import insecure_fixed_bytes
+
+    fixed = insecure_fixed_bytes(f"owned-fixed-mask/{key[0]}/{int(key[1])}", 8)
+    seed = int.from_bytes(fixed, "little") if fixed is not None else int(generate_random_ring_element((), generator=shared))
+    return torch.Generator().manual_seed(seed % 2**63)
 
 
 def dealer_one_sided_matmul(generators: list[torch.Generator], size_x: torch.Size, size_w: torch.Size, owner: int) -> torch.Tensor:
@@ -162,4 +354,30 @@ def dealer_one_sided_matmul(generators: list[torch.Generator], size_x: torch.Siz
     return c.sub_(generate_random_ring_element(c.size(), generator=generators[1]))
 
 
-__all__ = ["OwnedMatrix", "dealer_one_sided_matmul", "matmul", "product"]
+def dealer_fixed_one_sided_matmul(
+    generators: list[torch.Generator], key: tuple[int, bool], first: bool, size_x: torch.Size, size_w: torch.Size, owner: int
+) -> torch.Tensor:
+    """As :func:`dealer_one_sided_matmul` for a fixed-mask matrix: ``B`` is drawn at the key's
+    first product and kept for the session (installed as ``TTPServer.secfwt_fixed_one_sided_matmul``)."""
+    from crypten.common.rng import generate_random_ring_element
+
+    ahead = owner == 0 and _work_ahead()  # as the parties decide in product()
+    a = None if ahead else generate_random_ring_element(size_x, generator=generators[1 - owner])
+    if first:
+        if key in _dealer_masks:
+            raise ProtocolError(f"owned matmul: fixed mask {key} set up twice")
+        b = generate_random_ring_element(size_w, generator=_mask_generator(key, generators[owner]))
+        stream = None
+        if ahead:
+            stream = _Ahead(torch.Generator().manual_seed(_stream_seed(generators[1])), lambda a, c1, b=b: ring_matmul(a, b).sub_(c1), torch.Size(size_w))
+        _dealer_masks[key] = (b, stream)
+    if key not in _dealer_masks or _dealer_masks[key][0].size() != torch.Size(size_w):
+        raise ProtocolError(f"owned matmul: no fixed mask {key} of shape {tuple(size_w)} at the dealer")
+    b, stream = _dealer_masks[key]
+    if stream is not None:
+        return stream.take(torch.Size(size_x))[1]  # A B - C_1, computed ahead
+    c = ring_matmul(a, b)
+    return c.sub_(generate_random_ring_element(c.size(), generator=generators[1]))
+
+
+__all__ = ["OwnedMatrix", "dealer_drain", "dealer_fixed_one_sided_matmul", "dealer_one_sided_matmul", "drain", "matmul", "product"]

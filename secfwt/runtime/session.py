@@ -88,9 +88,10 @@ class PartySession:
         """Secret-share the model owner's parameters ``names`` (in the spec's order).
 
         ``frozen``: the values never change during the job, so the linear weights among them stay
-        with the model owner in the clear (:class:`~secfwt.mpc.owned.OwnedMatrix`; nothing is
-        sent, and each product with them costs one masked exchange, half of Beaver's). Everything
-        else, and every trainable value, is an ordinary secret sharing.
+        with the model owner in the clear (:class:`~secfwt.mpc.owned.OwnedMatrix`: nothing is
+        sent now; each weight's mask is opened once, at its first product, and every product
+        then costs one x-sized message, where Beaver's opens x and W). Everything else, and
+        every trainable value, is an ordinary secret sharing.
         """
         from secfwt.mpc.owned import OwnedMatrix
 
@@ -103,7 +104,7 @@ class PartySession:
             if frozen and spec.is_linear_weight(name):
                 if value is not None:
                     check_fixed_point_range(value, name=name)
-                out[name] = OwnedMatrix.share(value, owner=Role.MODEL_OWNER.rank, shape=shape)
+                out[name] = OwnedMatrix.share(value, owner=Role.MODEL_OWNER.rank, shape=shape, fixed_mask=True)
             else:
                 out[name] = self.share(value, owner=Role.MODEL_OWNER, shape=shape, name=name)
         return out

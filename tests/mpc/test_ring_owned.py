@@ -9,7 +9,10 @@ One session per provider (model owner, data owner, and the dealer under TTP) che
   error (2 units of 2^-16);
 * the data owner's traffic is one x-sized and one w-sized message (CrypTen counts what a party
   sends and receives), half of what Beaver's protocol opens;
-* under TFP (no dealer) the same call falls back to an ordinary sharing and Beaver's protocol.
+* under TFP (no dealer) the same call falls back to an ordinary sharing and Beaver's protocol;
+* a frozen weight (fixed mask) sends its mask once per orientation and then only the data
+  owner's x-sized message per product, exact throughout, with the work done ahead by the data
+  owner and the dealer (also when the input's shape changes between products).
 """
 
 from __future__ import annotations
@@ -85,3 +88,53 @@ def test_owned_matmul_is_exact_and_one_sided(provider: Provider) -> None:
             elems = torch.Size(shape_x).numel() + torch.Size(shape_w).numel()
             # the model owner's count also holds its dealer traffic (the request and C's share)
             assert data["sent"][i] == 8 * elems, (shape_x, shape_w)
+
+
+def fixed_mask_party(ctx: PartyContext, payload: dict[str, Any]) -> dict[str, Any]:
+    """Products with frozen (fixed-mask) weights: several inputs per weight, both orientations."""
+    from secfwt.crypten_compat import communication_stats, crypten
+    from secfwt.mpc import owned
+
+    mine = ctx.role is Role.DATA_OWNER
+    out: dict[str, Any] = {"exact": [], "sent": []}
+    ws = [owned.OwnedMatrix.share(w, owner=Role.MODEL_OWNER.rank, shape=shape, fixed_mask=True) for w, shape in zip(payload["w"], payload["shapes"])]
+    for i, w in enumerate(ws):
+        for oriented in (w, w.t(), w):  # the transpose has a mask of its own
+            for rows in ROWS:
+                x_in = payload["x"][i][:rows] if mine else torch.zeros(rows, w.shape[0])
+                x = crypten.cryptensor(x_in, src=Role.DATA_OWNER.rank)
+                before = communication_stats()["bytes"]
+                raw = crypten.mpc.MPCTensor.from_shares(owned.product(x.share, oriented), precision=0)
+                out["sent"].append(communication_stats()["bytes"] - before)
+                w_plain = oriented.to_mpc()._tensor.reveal()
+                out["exact"].append(torch.equal(raw._tensor.reveal(), torch.matmul(x._tensor.reveal(), w_plain)))
+    owned.drain()  # both parties; rank 0 also asks the dealer
+    return out
+
+
+#: Rows of x per product: a change of shape discards the work done ahead on both sides alike.
+ROWS = (6, 6, 3, 6)
+
+
+@pytest.mark.multiprocess
+def test_fixed_mask_products_are_exact_and_send_the_mask_once() -> None:
+    """The weight's mask is opened once per orientation; every product stays exact, also when
+    the input's shape changes between products (the work done ahead is then thrown away)."""
+    gen = torch.Generator().manual_seed(5)
+    ws = [torch.rand(24, 24, generator=gen) * 2 - 1, torch.rand(40, 40, generator=gen) * 100]  # narrow, wide
+    xs = [torch.rand(max(ROWS), w.shape[0], generator=gen) * 8 - 4 for w in ws]
+    shapes = [tuple(w.shape) for w in ws]
+    payloads = {Role.DATA_OWNER: {"x": xs, "w": [None] * 2, "shapes": shapes}, Role.MODEL_OWNER: {"x": [None] * 2, "w": ws, "shapes": shapes}}
+    results = run_parties(fixed_mask_party, payloads=payloads, provider=Provider.TTP, timeout_s=120)
+    data = results[Role.DATA_OWNER].value
+    assert all(results[Role.MODEL_OWNER].value["exact"]) and all(data["exact"])
+    sent, k = data["sent"], 0
+    for w in ws:
+        n = w.shape[0]
+        for first_use in (True, True, False):  # w (first), w.t() (first), w again
+            for j, rows in enumerate(ROWS):
+                # CrypTen counts what a party sends plus what it receives: e (rows x n) out,
+                # d (n x n) in at the first product of each orientation only
+                expected = 8 * (rows * n + (n * n if first_use and j == 0 else 0))
+                assert sent[k] == expected, (tuple(w.shape), first_use, j, sent[k], expected)
+                k += 1
