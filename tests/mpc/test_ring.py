@@ -180,3 +180,24 @@ def test_narrow_matches_torch_int64(shape_a: tuple[int, ...], shape_b: tuple[int
     extreme = torch.full(shape_a, -(2**21) - 2**43, dtype=torch.int64)  # limbs -2^21, -2^21, 0
     full = torch.full(shape_b, -NARROW_BOUND + 1, dtype=torch.int64)
     assert torch.equal(ring_matmul_narrow(extreme, full.double()), torch.matmul(extreme, full))
+
+
+@pytest.mark.parametrize(
+    ("shape_a", "shape_b"),
+    [((6, 9), (9, 4)), ((3, 6, 9), (9, 4)), ((2, 6, 9), (2, 9, 4)), ((5, 2 * MAX_EXACT_K + 3), (2 * MAX_EXACT_K + 3, 3))],
+)
+def test_prepared_right_operand_is_bit_identical(shape_a: tuple[int, ...], shape_b: tuple[int, ...]) -> None:
+    """A right operand split once (fixed masks of frozen weights) gives torch's bits, also
+    across K chunks and with edge values, product after product."""
+    from secfwt.mpc.ring import PreparedRight, ring_matmul_prepared
+
+    gen = torch.Generator().manual_seed(11)
+    b = full_range(shape_b, gen)
+    b.view(-1)[: len(EDGE_VALUES)] = EDGE_VALUES
+    prepared = PreparedRight(b)
+    assert prepared.nbytes == 3 * b.numel() * 8
+    for make in (full_range, edge_values, full_range):
+        a = make(shape_a, gen)
+        assert torch.equal(ring_matmul_prepared(a, prepared), torch.matmul(a, b))
+    with pytest.raises(TypeError):
+        ring_matmul_prepared(full_range((2, shape_b[-2] + 1), gen), prepared)
