@@ -10,7 +10,8 @@ communicator, as patched, gives bit for bit what gloo's own collectives give:
   equals gloo's;
 * a Beaver product (whose dealer reply is a two-member ``broadcast``) still opens to exactly
   ``torch.matmul`` of the encoded inputs;
-* with ``SECFWT_RING_MATMUL=0`` CrypTen's own collectives run (the vanilla baseline).
+* with ``SECFWT_RING_MATMUL=0`` CrypTen's own collectives and random draws run (the vanilla
+  baseline; adaptation 11's keystream is off too).
 """
 
 from __future__ import annotations
@@ -38,7 +39,11 @@ def party(ctx: PartyContext, payload: None) -> dict[str, Any]:
     comm = crypten.communicator.get()
     rank = comm.get_rank()
     g = torch.Generator().manual_seed(100 + rank)  # each party its own values
-    out: dict[str, Any] = {"patched": bool(getattr(type(comm).all_reduce, "_secfwt_two_party", False)), "checks": {}}
+    from crypten.common import rng
+
+    two_party = bool(getattr(type(comm).all_reduce, "_secfwt_two_party", False))
+    keystream = bool(getattr(rng.generate_random_ring_element, "_secfwt_keystream", False))
+    out: dict[str, Any] = {"patched": two_party and keystream, "unpatched": not (two_party or keystream), "checks": {}}
 
     def gloo(t: torch.Tensor, op: Any) -> torch.Tensor:
         ref = t.clone().contiguous()
@@ -84,6 +89,6 @@ def test_two_party_collectives_match_gloo_bit_for_bit(engine: str, monkeypatch: 
     results = run_parties(party, payloads={Role.MODEL_OWNER: None, Role.DATA_OWNER: None}, provider=Provider.TTP, timeout_s=180)
     for role in (Role.MODEL_OWNER, Role.DATA_OWNER):
         value = results[role].value
-        assert value["patched"] is (engine == "secfwt"), role
+        assert value["patched"] if engine == "secfwt" else value["unpatched"], role
         failed = [name for name, ok in value["checks"].items() if not ok]
         assert not failed, f"{role.value}: {failed}"
