@@ -126,11 +126,17 @@ def _section_forward(r: dict[str, Any] | None) -> list[str]:
         _CASE_HEADER,
     ]
     out += [_case_row(c) for c in r["cases"]]
-    first = r["cases"][0].get("first_rep")
+    soft = r["cases"][0]
+    first = soft.get("first_rep")
     if first:
+        shown = (
+            "the table shows the fastest of "
+            f"{soft['reps']} forwards, whose time includes the work the data owner and the dealer do ahead for the next forward"
+            if soft.get("reps", 1) > 1
+            else "the table shows that one forward (a single repetition)"
+        )
         out += ["", "secfwt's frozen weights stay with the model owner (`secfwt.mpc.owned`): each weight's mask is sent once per "
-                f"session, in the first forward ({_f(first['time_s'])} s, {_f(first['bytes_sent_total'] / 1e6)} MB for the softmax layer); "
-                "the table shows the fastest repetition, whose time includes the work the data owner and the dealer do ahead for the next forward."]
+                f"session, in the first forward ({_f(first['time_s'])} s, {_f(first['bytes_sent_total'] / 1e6)} MB for the softmax layer); {shown}."]
     minilm = r["cases"][-1]
     if "plaintext" in minilm:
         out += ["", f"MiniLM plaintext (transformers, float32): {minilm['plaintext']['best_s'] * 1e3:.1f} ms; secure / plaintext = {_f(minilm['vs_plaintext_ratio'])}x. "
