@@ -554,6 +554,7 @@ def insecure_reseed(label: str) -> bool:
     comm = crypten.communicator.get()
     rank, world_size = comm.get_rank(), comm.get_world_size()
     _fix_seeds(rank, world_size, label=label)
+    _secfwt_beaver.reset_pools()  # pooled triples were drawn before this point
     if crypten.cfg.mpc.provider == Provider.TTP.value:
         client = _ttp_provider.TTPClient.get()
         client.generator.manual_seed(_derived_seed(f"ttp/{rank}/{label}"))

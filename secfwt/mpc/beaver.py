@@ -30,12 +30,19 @@ dealer's answer no longer adds a round trip to every AND round.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from secfwt.crypten_compat import crypten
+
+#: Element-wise products of at most this many elements take their triples from a pool that one
+#: dealer request fills with :data:`POOL_SIZE` triples (LayerNorm's and the softmax's per-row
+#: Newton steps: a dealer round trip each otherwise). Each triple is still used once.
+POOL_MAX_ELEMENTS = 4096
+POOL_SIZE = 2**15
 
 #: Local product of two int64 tensors (``torch.mul``, or an exact ring matmul).
 LocalProduct = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -113,6 +120,8 @@ def triple(size0: torch.Size, size1: torch.Size, op: str) -> tuple[torch.Tensor,
         else:
             a, b, c = provider.generate_additive_triple(size0, size1, op)
         return a.share, b.share, lambda: c.share
+    if op == "mul" and size0 == size1 and math.prod(size0) <= POOL_MAX_ELEMENTS:
+        return _pool.take(torch.Size(size0))
     comm = crypten.communicator.get()
     generator = TTPClient.get().get_generator()
     if comm.get_rank() == 0:
@@ -129,6 +138,47 @@ def triple(size0: torch.Size, size1: torch.Size, op: str) -> tuple[torch.Tensor,
             return c
 
     return a, b, c_of
+
+
+class _TriplePool:
+    """Element-wise ("mul") triples fetched :data:`POOL_SIZE` at a time, handed out in order.
+
+    Both parties take the same sizes in the same order (the protocol is the same program on
+    both), so they refill at the same points and slice the same triples. A refill is one
+    ordinary TTP triple request; rank 0 reads the dealer's reply at the first use.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self._a = self._b = self._c = torch.empty(0, dtype=torch.long)
+        self._c_of: Callable[[], torch.Tensor] | None = None
+        self._used = 0
+
+    def take(self, size: torch.Size) -> tuple[torch.Tensor, torch.Tensor, Callable[[], torch.Tensor]]:
+        n = math.prod(size)
+        if self._used + n > self._a.numel():
+            n_pool = torch.Size([max(POOL_SIZE, n)])
+            self._a, self._b, self._c_of = triple(n_pool, n_pool, "mul")  # larger than POOL_MAX_ELEMENTS
+            self._c, self._used = torch.empty(0, dtype=torch.long), 0
+        part = slice(self._used, self._used + n)
+        self._used = part.stop
+
+        def c_of() -> torch.Tensor:
+            if self._c_of is not None:
+                self._c, self._c_of = self._c_of(), None
+            return self._c[part].reshape(size)
+
+        return self._a[part].reshape(size), self._b[part].reshape(size), c_of
+
+
+_pool = _TriplePool()
+
+
+def reset_pools() -> None:
+    """Drop the unused pooled triples (both parties at the same point: a reseed for tests)."""
+    _pool.reset()
 
 
 def dealer_request(function: str, *args: Any) -> Callable[[], torch.Tensor]:
