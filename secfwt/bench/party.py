@@ -113,7 +113,7 @@ def _secure_forward(*, ctx: PartyContext, sess: Any, comm: Any, meter: TrafficMe
     from secfwt.models.encoder import ForwardSettings
     from secfwt.mpc import owned
 
-    spec, params, x = _share_inputs(sess, payload, payload.get("param_names"), frozen=payload.get("owned_weights", True))
+    spec, params, x = _share_inputs(sess, payload, payload.get("param_names"), frozen=True)
     n, t = x.shape[0], x.shape[1]
     mask = sess.public(torch.ones(n, t))
     profile = Profile(meter)

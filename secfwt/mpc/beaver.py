@@ -140,37 +140,42 @@ def triple(size0: torch.Size, size1: torch.Size, op: str) -> tuple[torch.Tensor,
     return a, b, c_of
 
 
+class _PooledTriples:
+    """One dealer request's worth of element-wise triples; rank 0 reads the reply at first use."""
+
+    def __init__(self, n: int) -> None:
+        size = torch.Size([n])
+        self.a, self.b, self._c_of = triple(size, size, "mul")  # n > POOL_MAX_ELEMENTS: not pooled itself
+        self._c: torch.Tensor | None = None
+
+    def c(self) -> torch.Tensor:
+        if self._c is None:
+            self._c = self._c_of()
+        return self._c
+
+
 class _TriplePool:
     """Element-wise ("mul") triples fetched :data:`POOL_SIZE` at a time, handed out in order.
 
     Both parties take the same sizes in the same order (the protocol is the same program on
     both), so they refill at the same points and slice the same triples. A refill is one
-    ordinary TTP triple request; rank 0 reads the dealer's reply at the first use.
+    ordinary TTP triple request.
     """
 
     def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
-        self._a = self._b = self._c = torch.empty(0, dtype=torch.long)
-        self._c_of: Callable[[], torch.Tensor] | None = None
+        self._batch: _PooledTriples | None = None
         self._used = 0
 
     def take(self, size: torch.Size) -> tuple[torch.Tensor, torch.Tensor, Callable[[], torch.Tensor]]:
         n = math.prod(size)
-        if self._used + n > self._a.numel():
-            n_pool = torch.Size([max(POOL_SIZE, n)])
-            self._a, self._b, self._c_of = triple(n_pool, n_pool, "mul")  # larger than POOL_MAX_ELEMENTS
-            self._c, self._used = torch.empty(0, dtype=torch.long), 0
-        part = slice(self._used, self._used + n)
+        if self._batch is None or self._used + n > self._batch.a.numel():
+            self._batch, self._used = _PooledTriples(max(POOL_SIZE, n)), 0
+        batch, part = self._batch, slice(self._used, self._used + n)
         self._used = part.stop
-
-        def c_of() -> torch.Tensor:
-            if self._c_of is not None:
-                self._c, self._c_of = self._c_of(), None
-            return self._c[part].reshape(size)
-
-        return self._a[part].reshape(size), self._b[part].reshape(size), c_of
+        return batch.a[part].reshape(size), batch.b[part].reshape(size), lambda: batch.c()[part].reshape(size)
 
 
 _pool = _TriplePool()

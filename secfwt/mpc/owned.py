@@ -36,8 +36,8 @@ compute the next product's ``A d + C_1`` and ``A B - C_1`` in a background threa
 CPU priority as soon as the current one is served (same shape assumed; on another shape both
 discard it alike and compute in line); both keep their fixed operand (``d``, ``B``) split into
 limbs (:class:`~secfwt.mpc.ring.PreparedRight`, within :data:`PREPARED_BUDGET_BYTES`). The
-other party then only sends ``e`` and the dealer answers at once; the ring matmuls run in the parties' idle time (waiting on the network or
-on the other party). :func:`drain` waits for that work (benchmarks call it inside the measured
+other party then only sends ``e`` and the dealer answers at once; the ring matmuls run while
+the processes would otherwise wait (on the network or on each other). :func:`drain` waits for that work (benchmarks call it inside the measured
 time, so the work ahead is paid by the forward that starts it). Under ``insecure_fixed_seed``
 (bit-identical test reruns) nothing is computed ahead: ``A`` comes from the shared generators
 in protocol order.
@@ -69,8 +69,8 @@ _FRAC_BITS = 16
 #: Session keys of fixed-mask matrices, drawn in the same order by both parties (every party
 #: shares the same weights in the same order; a party process lives for one MPC session).
 _keys = itertools.count()
-#: This party's state of each fixed mask, by (key, transposed): the other party's ``d``; True on
-#: the owner once it has sent ``d``.
+#: This party's state of each fixed mask, by (key, transposed): on the owner True once it has
+#: sent ``d``; on the other party ``d``, or its :class:`_Ahead` when working ahead.
 _masks: dict[tuple[int, bool], Any] = {}
 #: The dealer's ``B`` of each fixed mask and its work ahead (None under a fixed seed), by (key, transposed).
 _dealer_masks: dict[tuple[int, bool], tuple[torch.Tensor, _Ahead | None]] = {}
@@ -130,7 +130,7 @@ _prepared_bytes = 0
 
 def _right_product(b: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """``a -> a @ b`` in the ring for a mask ``b`` fixed for the session, split once if the
-    budget allows (the split is about 40% of a weight-sized ring matmul)."""
+    budget allows (:class:`~secfwt.mpc.ring.PreparedRight`: close to half the work)."""
     global _prepared_bytes
     need = 3 * b.numel() * 8
     if _prepared_bytes + need > PREPARED_BUDGET_BYTES:
@@ -255,8 +255,7 @@ def product(x_share: torch.Tensor, w: OwnedMatrix) -> torch.Tensor:
     other = 1 - rank
     fixed = None if w.key is None else (w.key, w.transposed)
     first = fixed is None or fixed not in _masks  # the same on both parties
-    if fixed is not None and w.owner == 0 and _work_ahead():
-        return _product_ahead(x_share, w, fixed, first, generator)
+    ahead = fixed is not None and w.owner == 0 and _work_ahead()  # the dealer decides alike
     # Draw order matches the dealer's (dealer_one_sided_matmul): A from the other party's
     # generator, B (fresh, or a fixed mask's first use) from the owner's, then rank 1's C share.
     if rank == 0:
@@ -277,6 +276,9 @@ def product(x_share: torch.Tensor, w: OwnedMatrix) -> torch.Tensor:
             sending.wait()
         mine = x_share + e
         z = ring_matmul_narrow(mine, w.encoded.double()) if w.narrow else ring_matmul(mine, w.encoded)
+    elif ahead:
+        assert fixed is not None
+        return _other_ahead(x_share, fixed, first, size_w, generator, comm)  # holds C_1 already
     else:
         a = generate_random_ring_element(size_x, generator=generator)
         sending = comm.isend((x_share - a).contiguous(), other)
@@ -294,32 +296,14 @@ def product(x_share: torch.Tensor, w: OwnedMatrix) -> torch.Tensor:
     return z.add_(generate_random_ring_element(_product_size(size_x, size_w), generator=generator))
 
 
-def _product_ahead(x_share: torch.Tensor, w: OwnedMatrix, fixed: tuple[int, bool], first: bool, generator: torch.Generator) -> torch.Tensor:
-    """:func:`product` for a fixed mask owned by rank 0, with the other party's work done ahead."""
-    from crypten.common.rng import generate_random_ring_element
-
-    comm = crypten.communicator.get()
-    size_x, size_w = x_share.size(), w.shape
-    if comm.get_rank() == 0:  # the owner
-        assert w.encoded is not None
-        reply = beaver.dealer_request("secfwt_fixed_one_sided_matmul", fixed, first, size_x, size_w, w.owner)
-        sending = None
-        if first:
-            b = generate_random_ring_element(size_w, generator=_mask_generator(fixed, generator))
-            sending = comm.isend((w.encoded - b).contiguous(), 1)  # d = W - B, once
-            _masks[fixed] = True
-        e = comm.recv(torch.empty(size_x, dtype=torch.long), 1)  # e = x_p - A
-        if sending is not None:
-            sending.wait()
-        mine = x_share + e
-        z = ring_matmul_narrow(mine, w.encoded.double()) if w.narrow else ring_matmul(mine, w.encoded)
-        return z.add_(reply())
+def _other_ahead(x_share: torch.Tensor, fixed: tuple[int, bool], first: bool, size_w: torch.Size, generator: torch.Generator, comm: Any) -> torch.Tensor:
+    """The other party's (rank 1's) side of a fixed-mask product with its work done ahead."""
     if first:
         d = comm.recv(torch.empty(size_w, dtype=torch.long), 0)
         times_d = _right_product(d)
         _masks[fixed] = _Ahead(torch.Generator().manual_seed(_stream_seed(generator)), lambda a, c1: times_d(a).add_(c1), size_w)
-    a, z = _masks[fixed].take(size_x)  # z = A d + C_1
-    comm.send((x_share - a).contiguous(), 0)
+    a, z = _masks[fixed].take(x_share.size())  # z = A d + C_1
+    comm.send((x_share - a).contiguous(), 0)  # e = x_p - A
     return z
 
 

@@ -135,8 +135,9 @@ def _limb_matmul(a: torch.Tensor, b: torch.Tensor | None, kdim_b: int, b_limbs: 
 
 class PreparedRight:
     """A fixed right operand (a matrix, ``(..., K, N)``) split into limbs once, for many
-    :func:`ring_matmul_prepared` products with it: the split of a weight-sized matrix is about a
-    fifth of a ring matmul's time. Holds three float64 copies (24 bytes per element)."""
+    :func:`ring_matmul_prepared` products with it. Against a short input the split of the
+    weight-sized operand is close to half the work (here ``[128x768] @ [768x3072]``: 194 ms
+    split each time, 108 ms prepared). Holds three float64 copies (24 bytes per element)."""
 
     def __init__(self, b: torch.Tensor) -> None:
         if b.dtype != torch.int64 or b.dim() < 2:
