@@ -30,7 +30,8 @@ touches its global config. Every adaptation says what breaks without it.
    reads ``cfg.debug.validation_mode`` from the omegaconf config on every attribute access of
    every encrypted tensor (0.17 ms each under load; about 40% of LayerNorm's time).
    secfwt never enables validation mode, so :func:`_install_fast_getattribute` restores the
-   unwrapped method.
+   unwrapped method; not with ``SECFWT_RING_MATMUL=0`` (adaptation 4's switch, read at
+   start-up), under which the vanilla baseline runs CrypTen as it ships.
 7. CrypTen's communicator is torch.distributed/gloo, plaintext on the wire in this torch build
    (no gloo TLS; seeds and triple shares cross it in the clear, NOTES.md). The class is
    hard-wired: ``crypten.communicator``'s ``get``/``_init``/``uninit``/``is_initialized``
@@ -403,7 +404,8 @@ def _install_fast_getattribute() -> None:
         CrypTensor.__getattribute__ = inner  # type: ignore[method-assign]
 
 
-_install_fast_getattribute()
+if _ring_matmul_enabled:
+    _install_fast_getattribute()
 # End of adaptation 6.
 
 

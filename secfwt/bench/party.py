@@ -69,10 +69,6 @@ def bench_party(ctx: PartyContext, payload: dict[str, Any]) -> dict[str, Any]:
 
     comm = crypten.communicator.get()
     meter = TrafficMeter(comm)
-    if payload.get("vanilla"):
-        from secfwt.bench.vanilla import restore_validation_getattr
-
-        restore_validation_getattr()
     sess = PartySession(role=ctx.role, terms=TERMS, audit_path=None)
     _warm_up(sess)
     case: Callable[..., dict[str, Any]] = _CASES[payload["case"]]

@@ -284,9 +284,10 @@ def _vanilla(plan: BenchPlan, runner: Runner, layers: dict[str, _Layer]) -> dict
     return {
         "definition": (
             "vanilla = CrypTen 0.4.1's own ops (cryptensor matmul, softmax, LayerNorm from mean/var/inv_sqrt, "
-            "GELU in tanh form with CrypTen's tanh) with secfwt's ring matmul off in every process, dealer included "
-            "(SECFWT_RING_MATMUL=0) and CrypTen's validating __getattribute__ restored; same TTP dealer, gloo, "
-            "1 thread per party. Not undone (no effect on speed): exact fixed-point decode, onnx stub, transport shim."
+            "GELU in tanh form with CrypTen's tanh), every weight secret-shared, and SECFWT_RING_MATMUL=0 in every process, "
+            "dealer included: CrypTen's int64 matmul, Beaver protocol, gloo collectives, torch random draws and validating "
+            "__getattribute__; same TTP dealer, gloo, 1 thread per party. Not undone (no effect on speed): exact fixed-point "
+            "decode, onnx stub, transport shim."
         ),
         "cases": [secfwt, vanilla],
         "vs_vanilla_crypten_ratio": metrics.ratio(vanilla["time_s"], secfwt["time_s"]),

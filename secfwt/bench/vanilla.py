@@ -12,11 +12,10 @@ LayerNorm as ``mean``/``var``/``inv_sqrt`` (``sqrt().reciprocal()`` when gradien
 NOTES.md) with CrypTen's ``tanh``, ``cross_entropy`` for the loss. Shapes follow Hugging Face
 ``BertLayer`` (post-LayerNorm); parameter names are its state-dict names.
 
-"Vanilla" also means CrypTen's own engine: :func:`vanilla_engine_env` switches secfwt's int64
-ring matmul off in every process (the dealer included, hence the environment variable), and
-:func:`restore_validation_getattr` puts back CrypTen's ``__getattribute__`` wrapper that secfwt
-removes for speed (``crypten_compat`` adaptation 6). Both are benchmark-only and apply only to
-the party processes of a vanilla run.
+"Vanilla" also means CrypTen's own engine: :func:`vanilla_engine_env` starts every process of a
+vanilla run (the dealer included, hence the environment variable) with ``SECFWT_RING_MATMUL=0``,
+which keeps out secfwt's speed-ups (``crypten_compat`` adaptations 4, 6, 8, 10 and 11: ring
+matmul, unwrapped attribute access, Beaver protocols, two-party collectives, keystream draws).
 """
 
 from __future__ import annotations
@@ -98,7 +97,7 @@ def classify(h: Any, p: Mapping[str, Any], *, prefix: str) -> Any:
 
 @contextlib.contextmanager
 def vanilla_engine_env() -> Iterator[None]:
-    """Start party processes (and the dealer) with secfwt's ring matmul off (adaptation 4)."""
+    """Start party processes (and the dealer) with secfwt's engine adaptations off (module doc)."""
     old = os.environ.get(_RING_MATMUL_ENV)
     os.environ[_RING_MATMUL_ENV] = "0"
     try:
@@ -108,18 +107,3 @@ def vanilla_engine_env() -> Iterator[None]:
             os.environ.pop(_RING_MATMUL_ENV, None)
         else:
             os.environ[_RING_MATMUL_ENV] = old
-
-
-def restore_validation_getattr() -> None:
-    """Re-wrap ``CrypTensor.__getattribute__`` as CrypTen ships it (undoes adaptation 6).
-
-    CrypTen wraps attribute access with ``crypten.debug.register_validation``, which reads
-    ``cfg.debug.validation_mode`` on every access; secfwt unwraps it. Called in vanilla party
-    processes only, so the baseline pays CrypTen's own overhead.
-    """
-    from crypten.cryptensor import CrypTensor
-    from crypten.debug import register_validation
-
-    current = CrypTensor.__dict__["__getattribute__"]
-    if getattr(current, "__wrapped__", None) is None:
-        CrypTensor.__getattribute__ = register_validation(current)  # type: ignore[method-assign]
