@@ -164,23 +164,31 @@ def _attention(*, ctx: PartyContext, sess: Any, comm: Any, meter: TrafficMeter, 
     return {"rows": rows}
 
 
-def _fot_step(*, ctx: PartyContext, sess: Any, comm: Any, meter: TrafficMeter, payload: dict[str, Any]) -> dict[str, Any]:
-    """One secfwt SPSA step (MeZO): 2 forwards per direction of the trainable upper layers
-    and head from the cached frozen prefix, secret loss, local update."""
-    from secfwt.models.encoder import ForwardSettings
-    from secfwt.runtime.forward import CachedForward
-    from secfwt.tuning.spsa import SPSASettings, directions, spsa_step
+def _step_inputs(sess: Any, payload: dict[str, Any]) -> tuple[Any, Any, int, dict[str, Any], Any, Any]:
+    """What both tuning steps start from: spec, trainable set, first trainable layer, the
+    trainable values (model owner), the cached prefix and one-hot labels (data owner)."""
     from secfwt.tuning.trainable import select_trainable
 
     spec = sess.agree_spec(payload.get("spec"))
     trainable = select_trainable(spec, patterns=tuple(payload["trainable"]), lora_modules=(), lora_rank=0, soft_prompt_length=0, prompt_layer=0, max_tokens=spec.max_tokens)
-    cut = trainable.first_layer(spec)
     state = payload.get("state")
     theta = {n: sess.share(None if state is None else state[n], owner=Role.MODEL_OWNER, shape=s, name=n) for n, s in trainable.shapes}
     b, t = payload["batch"], payload["seq_len"]
     cache = sess.share(payload.get("input"), owner=Role.DATA_OWNER, shape=(b, t, spec.hidden_size), name="cached prefix")
     labels = payload.get("labels")
     onehot = sess.share(None if labels is None else torch.nn.functional.one_hot(labels, spec.num_labels).float(), owner=Role.DATA_OWNER, shape=(b, spec.num_labels), name="labels")
+    return spec, trainable, trainable.first_layer(spec), theta, cache, onehot
+
+
+def _fot_step(*, ctx: PartyContext, sess: Any, comm: Any, meter: TrafficMeter, payload: dict[str, Any]) -> dict[str, Any]:
+    """One secfwt SPSA step (MeZO): 2 forwards per direction of the trainable upper layers
+    and head from the cached frozen prefix, secret loss, local update."""
+    from secfwt.models.encoder import ForwardSettings
+    from secfwt.runtime.forward import CachedForward
+    from secfwt.tuning.spsa import SPSASettings, directions, spsa_step
+
+    spec, trainable, cut, theta, cache, onehot = _step_inputs(sess, payload)
+    b, t = payload["batch"], payload["seq_len"]
     mask = sess.share(torch.ones(b, t) if sess.role is Role.DATA_OWNER else None, owner=Role.DATA_OWNER, shape=(b, t), name="attention mask")
     runner = CachedForward(ops=sess.ops, public=sess.public, spec=spec, frozen={}, settings=ForwardSettings(attention=payload["attention"]), cache=cache, mask=mask, pool_w=None, onehot=onehot, cut=cut, prompt_layer=0)
     spsa = SPSASettings(lr=1e-4, eps=1e-3, directions=payload["directions"])
@@ -199,21 +207,10 @@ def _backprop_step(*, ctx: PartyContext, sess: Any, comm: Any, meter: TrafficMet
     """One MPC backpropagation step: CrypTen autograd forward + backward, crypten.optim.SGD."""
     from secfwt.bench import vanilla
     from secfwt.crypten_compat import crypten
-    from secfwt.tuning.trainable import select_trainable
 
-    spec = sess.agree_spec(payload.get("spec"))
-    trainable = select_trainable(spec, patterns=tuple(payload["trainable"]), lora_modules=(), lora_rank=0, soft_prompt_length=0, prompt_layer=0, max_tokens=spec.max_tokens)
-    cut = trainable.first_layer(spec)
-    state = payload.get("state")
-    params = {}
-    for n, s in trainable.shapes:
-        p = sess.share(None if state is None else state[n], owner=Role.MODEL_OWNER, shape=s, name=n)
+    spec, trainable, cut, params, x, onehot = _step_inputs(sess, payload)
+    for p in params.values():
         p.requires_grad = True
-        params[n] = p
-    b, t = payload["batch"], payload["seq_len"]
-    x = sess.share(payload.get("input"), owner=Role.DATA_OWNER, shape=(b, t, spec.hidden_size), name="cached prefix")
-    labels = payload.get("labels")
-    onehot = sess.share(None if labels is None else torch.nn.functional.one_hot(labels, spec.num_labels).float(), owner=Role.DATA_OWNER, shape=(b, spec.num_labels), name="labels")
     # grad_threshold=None: no per-element comparison on the gradients (NOTES.md)
     opt = crypten.optim.SGD(list(params.values()), lr=1e-4)
 

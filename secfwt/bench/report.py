@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -117,15 +118,11 @@ def _section_forward(r: dict[str, Any] | None) -> list[str]:
     if not r:
         return []
     p = r["plaintext_layer"]
-    out = [
-        "## Secure forward vs plaintext (`forward`)",
-        "",
+    intro = (
         f"Plaintext {p['shape']} layer, T={p['seq_len']}: {p['best_s'] * 1e3:.1f} ms best of {p['reps']} ({p['what']}). "
-        f"secfwt secure softmax layer / plaintext = **{_f(r['vs_plaintext_ratio'])}x** (RFA: {_f(r.get('vs_plaintext_ratio_rfa'))}x).",
-        "",
-        _CASE_HEADER,
-    ]
-    out += [_case_row(c) for c in r["cases"]]
+        f"secfwt secure softmax layer / plaintext = **{_f(r['vs_plaintext_ratio'])}x** (RFA: {_f(r.get('vs_plaintext_ratio_rfa'))}x)."
+    )
+    after: list[str] = []
     soft = r["cases"][0]
     first = soft.get("first_rep")
     if first:
@@ -135,27 +132,25 @@ def _section_forward(r: dict[str, Any] | None) -> list[str]:
             if soft.get("reps", 1) > 1
             else "the table shows that one forward (a single repetition)"
         )
-        out += ["", "secfwt's frozen weights stay with the model owner (`secfwt.mpc.owned`): each weight's mask is sent once per "
-                f"session, in the first forward ({_f(first['time_s'])} s, {_f(first['bytes_sent_total'] / 1e6)} MB for the softmax layer); {shown}."]
+        after += ["secfwt's frozen weights stay with the model owner (`secfwt.mpc.owned`): each weight's mask is sent once per "
+                  f"session, in the first forward ({_f(first['time_s'])} s, {_f(first['bytes_sent_total'] / 1e6)} MB for the softmax layer); {shown}.", ""]
     minilm = r["cases"][-1]
     if "plaintext" in minilm:
-        out += ["", f"MiniLM plaintext (transformers, float32): {minilm['plaintext']['best_s'] * 1e3:.1f} ms; secure / plaintext = {_f(minilm['vs_plaintext_ratio'])}x. "
-                "Input: word embeddings shared by the data owner (SecFwT's table-to-data-owner setting); measured: embeddings LayerNorm + 6 layers."]
-    return out + [""]
+        after += [f"MiniLM plaintext (transformers, float32): {minilm['plaintext']['best_s'] * 1e3:.1f} ms; secure / plaintext = {_f(minilm['vs_plaintext_ratio'])}x. "
+                  "Input: word embeddings shared by the data owner (SecFwT's table-to-data-owner setting); measured: embeddings LayerNorm + 6 layers.", ""]
+    return _cases_section("## Secure forward vs plaintext (`forward`)", [intro], r["cases"], after)
+
+
+def _cases_section(title: str, intro: Sequence[str], cases: Sequence[dict[str, Any]], after: Sequence[str] = ()) -> list[str]:
+    """A section: heading, introduction, the table of its cases, then any closing lines."""
+    return [title, "", *intro, "", _CASE_HEADER, *[_case_row(c) for c in cases], "", *after]
 
 
 def _section_vanilla(r: dict[str, Any] | None) -> list[str]:
     if not r:
         return []
-    return [
-        "## secfwt vs vanilla CrypTen 0.4.1 (`vanilla`)",
-        "",
-        f"vanilla / secfwt time = **{_f(r['vs_vanilla_crypten_ratio'])}x**, bytes = {_f(r['vs_vanilla_bytes_ratio'])}x (T={r['seq_len']}). {r['definition']}",
-        "",
-        _CASE_HEADER,
-        *[_case_row(c) for c in r["cases"]],
-        "",
-    ]
+    intro = f"vanilla / secfwt time = **{_f(r['vs_vanilla_crypten_ratio'])}x**, bytes = {_f(r['vs_vanilla_bytes_ratio'])}x (T={r['seq_len']}). {r['definition']}"
+    return _cases_section("## secfwt vs vanilla CrypTen 0.4.1 (`vanilla`)", [intro], r["cases"])
 
 
 def _section_attention(r: dict[str, Any] | None) -> list[str]:
@@ -183,36 +178,22 @@ def _section_attention(r: dict[str, Any] | None) -> list[str]:
 def _section_fot(r: dict[str, Any] | None) -> list[str]:
     if not r:
         return []
-    out = [
-        "## Forward-only step vs MPC backpropagation step (`fot-vs-backprop`)",
-        "",
+    intro = [
         f"{r['shape']}; trainable: `{'`, `'.join(r['trainable_patterns'])}` ({r['cases'][0]['trainable_numel']:,} values) on both sides; "
         f"batch {r['batch']}, T={r['seq_len']}, {r['directions']} SPSA direction(s).",
         f"backprop / forward-only (RFA): time **{_f(r['fot_vs_backprop_time_ratio'])}x**, bytes **{_f(r['fot_vs_backprop_bytes_ratio'])}x**; "
         f"backprop / forward-only (softmax): time {_f(r['fot_softmax_vs_backprop_time_ratio'])}x, bytes {_f(r['fot_softmax_vs_backprop_bytes_ratio'])}x; "
         f"vanilla-CrypTen backprop / forward-only (RFA): time {_f(r.get('fot_vs_vanilla_backprop_time_ratio'))}x, bytes {_f(r.get('fot_vs_vanilla_backprop_bytes_ratio'))}x.",
-        "",
-        _CASE_HEADER,
-        *[_case_row(c) for c in r["cases"]],
-        "",
-        "Setup: " + " ".join(line.strip() for line in (r["setup"] or "").splitlines() if line.strip()),
-        "",
     ]
-    return out
+    setup = "Setup: " + " ".join(line.strip() for line in (r["setup"] or "").splitlines() if line.strip())
+    return _cases_section("## Forward-only step vs MPC backpropagation step (`fot-vs-backprop`)", intro, r["cases"], [setup, ""])
 
 
 def _section_transport(r: dict[str, Any] | None) -> list[str]:
     if not r:
         return []
-    return [
-        "## Transport: gloo vs TLS (`transport`)",
-        "",
-        f"TLS / gloo time = {_f(r['tls_vs_gloo_time_ratio'])}x for the same secure layer (bytes are payload bytes, the same on both).",
-        "",
-        _CASE_HEADER,
-        *[_case_row(c) for c in r["cases"]],
-        "",
-    ]
+    intro = f"TLS / gloo time = {_f(r['tls_vs_gloo_time_ratio'])}x for the same secure layer (bytes are payload bytes, the same on both)."
+    return _cases_section("## Transport: gloo vs TLS (`transport`)", [intro], r["cases"])
 
 
 def breakdown_cases(benchmarks: dict[str, Any]) -> list[dict[str, Any]]:

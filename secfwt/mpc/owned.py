@@ -334,13 +334,11 @@ def _mask_generator(key: tuple[int, bool], shared: torch.Generator) -> torch.Gen
     with the dealer; under ``insecure_fixed_seed`` (tests) by a value derived from the key
     instead, so that a resumed session (whose masks are set up again at other points of the
     streams) draws the same ``B`` without moving the shared streams."""
-    from crypten.common.rng import generate_random_ring_element
-
     from secfwt.crypten_compat import insecure_fixed_bytes
 
     fixed = insecure_fixed_bytes(f"owned-fixed-mask/{key[0]}/{int(key[1])}", 8)
-    seed = int.from_bytes(fixed, "little") if fixed is not None else int(generate_random_ring_element((), generator=shared))
-    return torch.Generator().manual_seed(seed % 2**63)
+    seed = int.from_bytes(fixed, "little") % 2**63 if fixed is not None else _stream_seed(shared)
+    return torch.Generator().manual_seed(seed)
 
 
 def dealer_one_sided_matmul(generators: list[torch.Generator], size_x: torch.Size, size_w: torch.Size, owner: int) -> torch.Tensor:

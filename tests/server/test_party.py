@@ -66,6 +66,15 @@ def _proposal(dep: Deployment, job_id: str = "job-1", **overrides) -> Proposal: 
     return dataclasses.replace(p, **overrides)
 
 
+def _accepted(party: Party, peers: FakePeers, dep: Deployment, job_id: str) -> Proposal:
+    """Propose ``job_id`` here and accept it, with the data owner answering that it accepted too."""
+    p = _proposal(dep, job_id)
+    party.propose(ALICE, p)
+    party.accept(ALICE, job_id, p.terms_digest)
+    peers.answers["hospital", job_id] = RemoteStatus(JobState.ACCEPTED, p.terms_digest, p.digest())
+    return p
+
+
 def _wait(party: Party, job_id: str, state: JobState, timeout: float = 10.0) -> None:
     t0 = time.monotonic()
     while party.status(ALICE, job_id).state is not state:
@@ -194,10 +203,7 @@ def test_queue_is_bounded_fifo_and_cancel(deployment: Deployment, tmp_path: Path
     party, peers = _party(deployment, "model_owner", tmp_path, runner=runner, limits={"queue_size": 1})
     try:
         for i in range(3):
-            p = _proposal(deployment, f"q{i}")
-            party.propose(ALICE, p)
-            party.accept(ALICE, f"q{i}", p.terms_digest)
-            peers.answers["hospital", f"q{i}"] = RemoteStatus(JobState.ACCEPTED, p.terms_digest, p.digest())
+            _accepted(party, peers, deployment, f"q{i}")
         party.start(ALICE, "q0")
         assert runner.started.wait(5)
         party.start(ALICE, "q1")  # waits in the queue
@@ -218,10 +224,7 @@ def test_queue_is_bounded_fifo_and_cancel(deployment: Deployment, tmp_path: Path
 def test_restart_keeps_results_and_marks_interrupted_jobs(deployment: Deployment, tmp_path: Path) -> None:
     runner = EchoRunner()
     party, peers = _party(deployment, "model_owner", tmp_path, runner=runner)
-    p = _proposal(deployment, "done")
-    party.propose(ALICE, p)
-    party.accept(ALICE, "done", p.terms_digest)
-    peers.answers["hospital", "done"] = RemoteStatus(JobState.ACCEPTED, p.terms_digest, p.digest())
+    p = _accepted(party, peers, deployment, "done")
     party.start(ALICE, "done")
     _wait(party, "done", JobState.FINISHED)
     party.close(timeout=1)
@@ -244,10 +247,7 @@ def test_restart_keeps_results_and_marks_interrupted_jobs(deployment: Deployment
 def test_resume_after_interrupted_run(deployment: Deployment, tmp_path: Path) -> None:
     runner = BlockingRunner()
     party, peers = _party(deployment, "model_owner", tmp_path, runner=runner)
-    p = _proposal(deployment, "long")
-    party.propose(ALICE, p)
-    party.accept(ALICE, "long", p.terms_digest)
-    peers.answers["hospital", "long"] = RemoteStatus(JobState.ACCEPTED, p.terms_digest, p.digest())
+    p = _accepted(party, peers, deployment, "long")
     party.start(ALICE, "long")
     assert runner.started.wait(5)
     party.close(timeout=2)  # shutdown cancels the running job: resumable
@@ -271,10 +271,7 @@ def test_mpc_runner_setup_error_fails_the_job_with_the_fix(deployment: Deploymen
 
     party, peers = _party(deployment, "model_owner", tmp_path, runner=MpcJobRunner())
     try:
-        p = _proposal(deployment)
-        party.propose(ALICE, p)
-        party.accept(ALICE, "job-1", p.terms_digest)
-        peers.answers["hospital", "job-1"] = RemoteStatus(JobState.ACCEPTED, p.terms_digest, p.digest())
+        _accepted(party, peers, deployment, "job-1")
         party.start(ALICE, "job-1")
         _wait(party, "job-1", JobState.FAILED)
         assert "party.mpc_listen" in party.status(ALICE, "job-1").reason and "set it explicitly" in party.status(ALICE, "job-1").reason
@@ -306,10 +303,7 @@ def test_restart_after_a_crash_fails_the_running_job_resumably(deployment: Deplo
     """A daemon killed while a job runs (no shutdown): the next start marks it failed, resumable."""
     runner = BlockingRunner()
     party, peers = _party(deployment, "model_owner", tmp_path, runner=runner)
-    p = _proposal(deployment, "crash")
-    party.propose(ALICE, p)
-    party.accept(ALICE, "crash", p.terms_digest)
-    peers.answers["hospital", "crash"] = RemoteStatus(JobState.ACCEPTED, p.terms_digest, p.digest())
+    p = _accepted(party, peers, deployment, "crash")
     party.start(ALICE, "crash")
     assert runner.started.wait(5)
     # No close(): the record on disk says running, as after a SIGKILL.
