@@ -239,6 +239,14 @@ def write_plots(report: dict[str, Any], out_dir: Path) -> dict[str, str]:
 
     b = report["benchmarks"]
     files: dict[str, str] = {}
+
+    def save(fig: Any, key: str, name: str) -> None:
+        fig.tight_layout()
+        path = out_dir / name
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files[key] = str(path)
+
     att = b.get("attention")
     if att:
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -254,11 +262,7 @@ def write_plots(report: dict[str, Any], out_dir: Path) -> dict[str, str]:
             ax.grid(True, which="both", alpha=0.3)
             ax.legend()
         fig.suptitle(f"MPC attention core, {att['heads']} heads x {att['head_dim']}: softmax vs RFA")
-        fig.tight_layout()
-        path = out_dir / "bench-attention.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        files["attention_plot"] = str(path)
+        save(fig, "attention_plot", "bench-attention.png")
     cases = breakdown_cases(b)
     if cases:
         classes = sorted({k for c in cases for k in c["breakdown"]})
@@ -273,11 +277,7 @@ def write_plots(report: dict[str, Any], out_dir: Path) -> dict[str, str]:
             ax.set_xlabel(what)
         axes[1].legend(fontsize=8, loc="lower right")
         fig.suptitle(f"Cost by layer part: {cases[0]['shape']}, T={cases[0]['seq_len']}")
-        fig.tight_layout()
-        path = out_dir / "bench-breakdown.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        files["breakdown_plot"] = str(path)
+        save(fig, "breakdown_plot", "bench-breakdown.png")
     fot = b.get("fot-vs-backprop")
     if fot:
         fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
@@ -289,9 +289,5 @@ def write_plots(report: dict[str, Any], out_dir: Path) -> dict[str, str]:
         axes[1].bar(names[: len(cs)], [c["bytes_sent_total"] / _MB for c in cs], color=colors)
         axes[1].set_ylabel("MB sent per step, both parties")
         fig.suptitle(f"One tuning step in MPC ({fot['shape'].split(' (')[0]}, B={fot['batch']}, T={fot['seq_len']})")
-        fig.tight_layout()
-        path = out_dir / "bench-fot-vs-backprop.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        files["fot_plot"] = str(path)
+        save(fig, "fot_plot", "bench-fot-vs-backprop.png")
     return files
