@@ -56,8 +56,11 @@ touches its global config. Every adaptation says what breaks without it.
    adds ``TTPServer.secfwt_one_sided_matmul`` (:func:`secfwt.mpc.owned.dealer_one_sided_matmul`)
    and ``secfwt_fixed_one_sided_matmul`` (the same with a mask kept for the session), the
    triples of the product with a matrix one party holds in the clear
-   (:mod:`secfwt.mpc.owned`); rank 0 requests it with CrypTen's own message format. Nothing
-   CrypTen calls changes.
+   (:mod:`secfwt.mpc.owned`), and ``secfwt_bit_triple`` (:func:`secfwt.mpc.beaver.dealer_bit_triple`),
+   a random bit with a product ``r a`` for the one-opening bit select of the comparisons, and
+   ``secfwt_mask_products`` (:func:`secfwt.mpc.beaver.dealer_mask_products`), products of masks
+   so that each factor of a polynomial's products is opened once; rank 0
+   requests them with CrypTen's own message format. Nothing CrypTen calls changes.
 10. gloo runs CrypTen's collectives as its general algorithms: on this machine a two-party
    ``all_reduce`` of 128 int64 took 1.7 ms where a send/recv ping-pong took 0.36 ms, and every
    opening of a Beaver product, comparison round and reveal is one; the dealer's replies are a
@@ -244,6 +247,16 @@ def _install_dealer_functions() -> None:
 
         return dealer_fixed_one_sided_matmul(self._get_generators(device=self.device), tuple(key), first, size_x, size_w, owner)
 
+    def secfwt_bit_triple(self: Any, size: Any) -> Any:
+        from secfwt.mpc.beaver import dealer_bit_triple
+
+        return dealer_bit_triple(self._get_generators(device=self.device), size)
+
+    def secfwt_mask_products(self: Any, size: Any, masks: int, pairs: Any) -> Any:
+        from secfwt.mpc.beaver import dealer_mask_products
+
+        return dealer_mask_products(self._get_generators(device=self.device), size, masks, tuple(pairs))
+
     def secfwt_owned_drain(self: Any) -> Any:
         from secfwt.mpc.owned import dealer_drain
 
@@ -251,6 +264,8 @@ def _install_dealer_functions() -> None:
 
     _ttp_provider.TTPServer.secfwt_one_sided_matmul = secfwt_one_sided_matmul  # type: ignore[attr-defined]
     _ttp_provider.TTPServer.secfwt_owned_drain = secfwt_owned_drain  # type: ignore[attr-defined]
+    _ttp_provider.TTPServer.secfwt_bit_triple = secfwt_bit_triple  # type: ignore[attr-defined]
+    _ttp_provider.TTPServer.secfwt_mask_products = secfwt_mask_products  # type: ignore[attr-defined]
     _ttp_provider.TTPServer.secfwt_fixed_one_sided_matmul = secfwt_fixed_one_sided_matmul  # type: ignore[attr-defined]
 
 

@@ -92,13 +92,92 @@ def bit_masks(size: torch.Size) -> tuple[torch.Tensor, Callable[[], torch.Tensor
     provider = crypten.mpc.get_default_provider()
     if not isinstance(provider, TrustedThirdParty):
         r_arith, r_bits = provider.B2A_rng(size)
-        return r_bits.share, lambda: r_arith.share
+        # XOR shares of a bit may carry random high bits that cancel (TFP shares 64-bit words)
+        return r_bits.share & 1, lambda: r_arith.share
     generator = TTPClient.get().get_generator()
     r_bits = generate_kbit_random_tensor(size, bitlength=1, generator=generator)
     if crypten.communicator.get().get_rank() == 0:
         return r_bits, dealer_request("B2A", size)
     r_arith = generate_random_ring_element(size, generator=generator)
     return r_bits, lambda: r_arith
+
+
+def bit_triple(size: torch.Size) -> tuple[torch.Tensor, torch.Tensor, Callable[[], tuple[torch.Tensor, torch.Tensor]]] | None:
+    """The dealer's correlation for a bit select (``secfwt.mpc.nonlinear._select``): this party's
+    XOR share of random bits ``r`` (0/1), its share of a random ring element ``a``, and a function
+    returning its additive shares of ``r`` and of ``r a``, each of ``size``. TTP dealer only
+    (``None`` otherwise). Rank 0 sends its request now and reads the reply when the function is
+    called; everything else is drawn from the generator each party shares with the dealer, as in
+    CrypTen's own correlations (:func:`dealer_bit_triple` is the dealer's side)."""
+    from crypten.common.rng import generate_kbit_random_tensor, generate_random_ring_element
+    from crypten.mpc.provider.ttp_provider import TrustedThirdParty, TTPClient
+
+    if not isinstance(crypten.mpc.get_default_provider(), TrustedThirdParty):
+        return None
+    generator = TTPClient.get().get_generator()
+    if crypten.communicator.get().get_rank() == 0:
+        reply = dealer_request("secfwt_bit_triple", size)
+    r_bits = generate_kbit_random_tensor(size, bitlength=1, generator=generator)
+    a = generate_random_ring_element(size, generator=generator)
+    if crypten.communicator.get().get_rank() == 0:
+
+        def rest() -> tuple[torch.Tensor, torch.Tensor]:
+            r_and_ra = reply()
+            return r_and_ra[0], r_and_ra[1]
+
+        return r_bits, a, rest
+    r, ra = (generate_random_ring_element(size, generator=generator) for _ in range(2))
+    return r_bits, a, lambda: (r, ra)
+
+
+def dealer_bit_triple(generators: list[torch.Generator], size: torch.Size) -> torch.Tensor:
+    """The dealer's side of :func:`bit_triple` (``TTPServer.secfwt_bit_triple``): it draws what
+    each party draws from the generator it shares with that party, in the same order, and
+    returns rank 0's shares of ``r`` and ``r a``, stacked."""
+    from crypten.common.rng import generate_kbit_random_tensor, generate_random_ring_element
+
+    if len(generators) != 2:
+        raise ValueError(f"bit triples are for 2 computing parties, not {len(generators)}")
+    r = torch.zeros(size, dtype=torch.long)
+    a = torch.zeros(size, dtype=torch.long)
+    for g in generators:
+        r ^= generate_kbit_random_tensor(size, bitlength=1, generator=g)
+        a += generate_random_ring_element(size, generator=g)
+    r1, ra1 = (generate_random_ring_element(size, generator=generators[1]) for _ in range(2))
+    return torch.stack([r - r1, r * a - ra1])
+
+
+def mask_products(size: torch.Size, masks: int, pairs: tuple[tuple[int, int], ...]) -> tuple[torch.Tensor, Callable[[], torch.Tensor]] | None:
+    """The dealer's correlation for products among values that are each opened once
+    (``secfwt.mpc.nonlinear._OpenedOnce``): this party's shares of ``masks`` random ring elements
+    ``a_k`` of ``size`` (stacked on a new dim 0) and a function returning its shares of
+    ``a_i a_j`` for each ``(i, j)`` of ``pairs`` (stacked). TTP dealer only (``None`` otherwise);
+    rank 0's request is sent now, its reply read when the function is called
+    (:func:`dealer_mask_products` is the dealer's side)."""
+    from crypten.common.rng import generate_random_ring_element
+    from crypten.mpc.provider.ttp_provider import TrustedThirdParty, TTPClient
+
+    if not isinstance(crypten.mpc.get_default_provider(), TrustedThirdParty):
+        return None
+    generator = TTPClient.get().get_generator()
+    if crypten.communicator.get().get_rank() == 0:
+        reply = dealer_request("secfwt_mask_products", size, masks, pairs)
+        return generate_random_ring_element(torch.Size([masks, *size]), generator=generator), reply
+    a = generate_random_ring_element(torch.Size([masks, *size]), generator=generator)
+    c = generate_random_ring_element(torch.Size([len(pairs), *size]), generator=generator)
+    return a, lambda: c
+
+
+def dealer_mask_products(generators: list[torch.Generator], size: torch.Size, masks: int, pairs: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    """The dealer's side of :func:`mask_products` (``TTPServer.secfwt_mask_products``): rank 0's
+    shares of the ``a_i a_j``."""
+    from crypten.common.rng import generate_random_ring_element
+
+    if len(generators) != 2:
+        raise ValueError(f"mask products are for 2 computing parties, not {len(generators)}")
+    a = sum(generate_random_ring_element(torch.Size([masks, *size]), generator=g) for g in generators)
+    c1 = generate_random_ring_element(torch.Size([len(pairs), *size]), generator=generators[1])
+    return torch.stack([a[i] * a[j] for i, j in pairs]) - c1
 
 
 def triple(size0: torch.Size, size1: torch.Size, op: str) -> tuple[torch.Tensor, torch.Tensor, Callable[[], torch.Tensor]]:
@@ -236,4 +315,4 @@ def _output_size(size0: torch.Size, size1: torch.Size, op: str) -> torch.Size:
     return torch.Size((*broadcast_shapes(size0[:-2], size1[:-2]), size0[-2], size1[-1]))
 
 
-__all__ = ["LocalProduct", "and_with_triple", "binary_and", "bit_masks", "broadcast_shapes", "dealer_request", "product", "triple"]
+__all__ = ["LocalProduct", "and_with_triple", "binary_and", "bit_masks", "bit_triple", "dealer_bit_triple", "dealer_mask_products", "mask_products", "broadcast_shapes", "dealer_request", "product", "triple"]

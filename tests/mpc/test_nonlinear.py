@@ -472,9 +472,60 @@ def test_rms_norm(layers: dict[str, Any]) -> None:
     _assert_norm_close(layers["outputs"]["rms_norm"], want, NORM_ATOL * w.abs().max(), "rms_norm")
 
 
+def _protocol_party(ctx: PartyContext, payload: dict[str, Any]) -> dict[str, Any] | None:
+    """The one-opening select and the opened-once products against their unfused forms."""
+    _one_thread()
+    from secfwt.crypten_compat import crypten
+
+    data, shapes = payload["data"], payload["shapes"]
+    signs, values = (_share(data, k, shapes, src=1).share for k in ("signs", "values"))
+    words = nl._negative_words(signs, rows=3)  # rows of 2003: each padded to whole words
+    picked = torch.cat([nl._select(words, values), nl._select(nl._not(words[:1] ^ words[2:]), values[:1])])
+    reference = nl._mul(nl._negative_bits(signs), values)  # B2A, then a Beaver product
+    ring = [values[0], values[1], values[2]]
+    once = nl._OpenedOnce(values[0].size(), [0, 1, 2], [(0, 0), (0, 1), (2, 1)])
+    once.open({0: ring[0], 1: ring[1]})
+    once.open({1: ring[1], 2: ring[2]})  # 1 is not opened again
+    products = torch.stack([once.product(i, j) for i, j in ((0, 0), (0, 1), (2, 1))])
+    expected = torch.stack([nl._mul(ring[i], ring[j]) for i, j in ((0, 0), (0, 1), (2, 1))])
+    reveal = crypten.mpc.MPCTensor.from_shares
+    out = {
+        "picked": reveal(picked, precision=nl.FRAC_BITS).get_plain_text(),
+        "picked_minus_unfused": reveal(picked[:3] - reference, precision=0).get_plain_text(),
+        "products_minus_beaver": reveal(products - expected, precision=0).get_plain_text(),
+    }
+    return out if ctx.role is Role.DATA_OWNER else None
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("provider", [Provider.TTP, Provider.TFP])
+def test_fused_select_and_opened_once_products_equal_their_unfused_forms(provider: Provider) -> None:
+    """With the dealer, ``_select`` and ``_OpenedOnce`` use secfwt's own correlations
+    (``secfwt_bit_triple``, ``secfwt_mask_products``); without it (TFP) they fall back to B2A and
+    Beaver products. Both give exactly the ring values of the unfused protocols."""
+    data = _elementwise_inputs()
+    data = {"signs": data["signs"], "values": data["act"][: data["signs"].numel()].reshape(3, 2003)}
+    shapes = {k: tuple(v.shape) for k, v in data.items()}
+    payloads = {Role.DATA_OWNER: {"data": data, "shapes": shapes}, Role.MODEL_OWNER: {"data": {}, "shapes": shapes}}
+    out = run_parties(_protocol_party, payloads=payloads, provider=provider, timeout_s=TIMEOUT_S)[Role.DATA_OWNER].value
+    x, v = _encoded(data["signs"]), _encoded(data["values"])
+    assert float(out["picked_minus_unfused"].abs().max()) == 0.0  # bit-for-bit the same ring values
+    assert float(out["products_minus_beaver"].abs().max()) == 0.0
+    decided = x.abs() >= nl.CMP_RESOLUTION
+    assert torch.equal(out["picked"][:3][decided], torch.where(x < 0, v, 0.0)[decided])
+    both = decided[0] & decided[2]
+    between = (x[0] >= 0) == (x[2] >= 0)  # NOT (neg0 XOR neg2)
+    assert torch.equal(out["picked"][3][both], torch.where(between, v[0], 0.0)[both])
+
+
 # ================================================================================================
 # Plaintext tests of the building blocks (no processes)
 # ================================================================================================
+
+
+def _unpack(words: torch.Tensor, n: int) -> torch.Tensor:
+    """The first ``n`` bits of one row of packed words."""
+    return nl._unpack_rows(words.reshape(1, -1), torch.Size([n]))
 
 
 def test_bit_sliced_carry_gives_exact_signs_in_range() -> None:
@@ -494,7 +545,7 @@ def test_bit_sliced_carry_gives_exact_signs_in_range() -> None:
     carry = nl._carry_out(a[:-1] & b[:-1], a[:-1] ^ b[:-1], and_)
     assert sum(anded) == nl._carry_and_planes(20) == 33  # the triples _negative_bits fetches
     assert len(anded) == 5  # levels (rounds)
-    signs = nl._unpack_bits(a[-1] ^ b[-1] ^ carry, x.numel())
+    signs = _unpack(a[-1] ^ b[-1] ^ carry, x.numel())
     decided = x.abs() >= nl.CMP_RESOLUTION * 2**nl.FRAC_BITS
     assert torch.equal(signs[decided], (x[decided] < 0).long())
     # the full 64-bit width: the exact sign of the ring sum, for values of any magnitude
@@ -502,12 +553,12 @@ def test_bit_sliced_carry_gives_exact_signs_in_range() -> None:
     wide_mask = torch.randint(-(2**63), 2**63 - 1, wide.shape, generator=g, dtype=torch.long)
     a, b = (nl._bit_planes(share, bits=64) for share in (wide + wide_mask, -wide_mask))
     carry64 = nl._carry_out(a[:-1] & b[:-1], a[:-1] ^ b[:-1], torch.bitwise_and)
-    assert torch.equal(nl._unpack_bits(a[-1] ^ b[-1] ^ carry64, wide.numel()), (wide < 0).long())
+    assert torch.equal(_unpack(a[-1] ^ b[-1] ^ carry64, wide.numel()), (wide < 0).long())
     assert nl._carry_and_planes(63) == 118
     # the tree is the carry of the 20-bit sum for any inputs, not only in range
     low = [(share >> 11) & (2**20 - 1) for share in (x + mask, -mask)]
     expected = ((low[0] + low[1]) >> 20) & 1
-    assert torch.equal(nl._unpack_bits(carry, x.numel()), expected)
+    assert torch.equal(_unpack(carry, x.numel()), expected)
 
 
 def test_bit_planes_round_trip() -> None:
@@ -516,13 +567,19 @@ def test_bit_planes_round_trip() -> None:
     planes = nl._bit_planes(u, bits=21)
     assert planes.shape == (21, 4)
     for j in (0, 7, 20):
-        assert torch.equal(nl._unpack_bits(planes[j], u.numel()), (u.reshape(-1) >> j) & 1)
+        assert torch.equal(_unpack(planes[j], u.numel()), (u.reshape(-1) >> j) & 1)
     full = torch.cat([u.reshape(-1), torch.tensor([-1, -(2**63), 2**63 - 1])])  # all 64 bits
     planes = nl._bit_planes(full, bits=64)
     for j in (0, 33, 62, 63):
-        assert torch.equal(nl._unpack_bits(planes[j], full.numel()), (full >> j) & 1)
+        assert torch.equal(_unpack(planes[j], full.numel()), (full >> j) & 1)
     bits = u.reshape(-1) & 1
-    assert torch.equal(nl._unpack_bits(nl._pack_bits(bits), bits.numel()), bits)
+    assert torch.equal(_unpack(nl._pack_rows(bits, 1), bits.numel()), bits)
+    # rows padded apart: row r of plane j is bit j of u[r], and packing rows matches
+    rows = nl._bit_planes(u, bits=21, rows=3)
+    assert rows.shape == (21, 3 * 2)
+    for j in (0, 20):
+        assert torch.equal(nl._unpack_rows(rows[j].reshape(3, 2), u.shape), (u >> j) & 1)
+        assert torch.equal(nl._pack_rows((u >> j) & 1, 3), rows[j].reshape(3, 2))
 
 
 @pytest.mark.parametrize(
