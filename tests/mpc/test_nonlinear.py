@@ -8,25 +8,26 @@ computed on the fixed-point encoding CrypTen actually shares (it truncates towar
 errors below are those of the protocols, not of the input encoding.
 
 Measured cost (``test_timings``, marked slow): 2 parties + TTP dealer on the 2 cores of the dev VM,
-one torch thread per party, one run while other developers' jobs kept the load average at 2-5, so
-absolute times are inflated; the ratio to CrypTen in the same run and the bytes are the stable
-numbers. Bytes are CrypTen's count (elements x 8, sent plus received) on the data owner. The
-CrypTen column runs CrypTen's functions on secfwt's Beaver products (crypten_compat adaptation 8).
-With bit-sliced comparisons (this version) against CrypTen's A2B adder on packed lanes (before),
-bytes per element went from 331 / 563 / 501 / 565 / 84 / 2416 to the values below.
+one torch thread per party, one run on an otherwise idle machine; the ratio to CrypTen in the same
+run and the bytes are the stable numbers. Bytes are CrypTen's count (elements x 8, sent plus
+received) on the data owner. The CrypTen column runs CrypTen's functions on secfwt's Beaver
+products (crypten_compat adaptation 8). Bit-sliced comparisons (against CrypTen's A2B adder on
+packed lanes) took the bytes per element from 331 / 563 / 501 / 565 / 84 / 2416 to
+203 / 298 / 246 / 310 / 69 / 710; the one-opening bit select and the opened-once polynomial
+factors took them to the values below.
 
     function, size               secfwt us/elem  B/elem  rounds | CrypTen (its function)  us/elem  B/elem  rounds
-    exp [12,128,128]                       1.75     203      13 | x.exp()                     0.97     128       8
-    softmax [12,128,128]                   4.76     298      86 | x.softmax(-1)              12.50    1488     116
-    gelu (erf) [128,1536]                  1.72     246      12 | tanh GELU via x.tanh()      4.08     848      26
-    silu [128,1536]                        2.67     310      13 | x * x.sigmoid()             5.54     784      24
-    layer_norm [128,768]                   2.12      69      19 | (x-mu)*(var+eps).inv_sqrt() 2.06    32      19
-    reciprocal [1536] on [1, 512]         82.18     710      16 | x.reciprocal()            289.56    1104      38
+    exp [12,128,128]                       0.82     139      12 | x.exp()                     0.53     128       8
+    softmax [12,128,128]                   2.09     218      78 | x.softmax(-1)               7.63    1488     116
+    gelu (erf) [128,1536]                  0.95     166      11 | tanh GELU via x.tanh()      2.75     848      26
+    silu [128,1536]                        1.05     198      12 | x * x.sigmoid()             2.54     784      24
+    layer_norm [128,768]                   1.10      69      19 | (x-mu)*(var+eps).inv_sqrt() 1.06      32      19
+    reciprocal [1536] on [1, 512]         37.07     710      16 | x.reciprocal()            132.91    1104      38
 
 CrypTen's functions are not accurate on these ranges (NOTES.md): its exp is garbage below -256,
 its softmax from length ~256 or with a -1e4 mask, its reciprocal above ~300, its inv_sqrt (so its
-LayerNorm) for variances above ~500, and it has no usable erf. secfwt's exp pays ~2x CrypTen's
-for range safety (one comparison); everything else is cheaper or on par. The reciprocal row
+LayerNorm) for variances above ~500, and it has no usable erf. secfwt's exp pays ~1.5x CrypTen's
+time and 1.1x its bytes for range safety (one comparison); everything else is cheaper or on par. The reciprocal row
 is latency-bound (16 vs 38 rounds for 1536 elements).
 """
 
