@@ -434,8 +434,11 @@ def _mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _square(a: torch.Tensor) -> torch.Tensor:
-    """Share of the exact ring square (CrypTen's square protocol: one opening)."""
-    return _MPC.from_shares(a, precision=0).square().share
+    """Share of the exact ring square: one opening, as CrypTen's square protocol, with the
+    dealer's ``r^2`` requested before the opening instead of awaited before it."""
+    once = _OpenedOnce(a.size(), [0], [(0, 0)])
+    once.open({0: a})
+    return once.product(0, 0)
 
 
 # ================================================================================================
