@@ -56,12 +56,17 @@ def product(x: Any, y: Any, *, op: str, local: LocalProduct) -> Any:
     """
     from crypten.mpc.primitives import ArithmeticSharedTensor
 
+    return ArithmeticSharedTensor.from_shares(product_shares(x.share, y.share, op=op, local=local), precision=0)
+
+
+def product_shares(x: torch.Tensor, y: torch.Tensor, *, op: str, local: LocalProduct) -> torch.Tensor:
+    """:func:`product` on this party's int64 shares (no CrypTen tensor objects around them)."""
     a, b, c_of = triple(x.size(), y.size(), op)
-    eps, delta = crypten.communicator.get().all_reduce([x.share - a, y.share - b], batched=True)
+    eps, delta = crypten.communicator.get().all_reduce([x - a, y - b], batched=True)
     z = local(eps, b)
-    z += local(x.share, delta)  # rank 0's eps delta term is inside x_0 delta (see module doc)
+    z += local(x, delta)  # rank 0's eps delta term is inside x_0 delta (see module doc)
     z += c_of()
-    return ArithmeticSharedTensor.from_shares(z, precision=0)
+    return z
 
 
 def binary_and(x: Any, y: Any) -> Any:
@@ -315,4 +320,4 @@ def _output_size(size0: torch.Size, size1: torch.Size, op: str) -> torch.Size:
     return torch.Size((*broadcast_shapes(size0[:-2], size1[:-2]), size0[-2], size1[-1]))
 
 
-__all__ = ["LocalProduct", "and_with_triple", "binary_and", "bit_masks", "bit_triple", "dealer_bit_triple", "dealer_mask_products", "mask_products", "broadcast_shapes", "dealer_request", "product", "triple"]
+__all__ = ["LocalProduct", "and_with_triple", "binary_and", "bit_masks", "bit_triple", "dealer_bit_triple", "dealer_mask_products", "mask_products", "broadcast_shapes", "dealer_request", "product", "product_shares", "triple"]

@@ -430,7 +430,7 @@ def _divide(s: torch.Tensor, divisor: int) -> torch.Tensor:
 def _mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Share of the exact ring product (broadcasting; Beaver triple from the dealer, 1 round).
     A broadcast operand is opened only once."""
-    return (_MPC.from_shares(a, precision=0) * _MPC.from_shares(b, precision=0)).share
+    return beaver.product_shares(a, b, op="mul", local=torch.mul)
 
 
 def _square(a: torch.Tensor) -> torch.Tensor:
