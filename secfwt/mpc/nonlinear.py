@@ -615,12 +615,12 @@ def _select(words: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     words travels in the same SUM exchange as ``e``: with two parties each recovers the
     other's words as ``sum - mine``. Without the TTP dealer: B2A, then a Beaver product.
     """
-    triple = beaver.bit_triple(values.size())
-    if triple is None:
-        return _mul(_b2a_packed(words, values.size()), values)
     comm = crypten.communicator.get()
     if comm.get_world_size() != 2:
         raise ProtocolError(f"the fused bit select is for 2 computing parties, not {comm.get_world_size()}")
+    triple = beaver.bit_triple(values.size())
+    if triple is None:
+        return _mul(_b2a_packed(words, values.size()), values)
     r_bits, a, r_and_ra_of = triple
     mine = words ^ _pack_rows(r_bits, words.shape[0])
     total, e = comm.all_reduce([mine, values - a], batched=True)
