@@ -87,19 +87,27 @@ def and_with_triple(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.
     return z
 
 
+def dealer_generator() -> torch.Generator | None:
+    """The generator this party shares with the TTP dealer (CrypTen's ``TTPClient``), or None
+    under another provider."""
+    from crypten.mpc.provider.ttp_provider import TrustedThirdParty, TTPClient
+
+    if not isinstance(crypten.mpc.get_default_provider(), TrustedThirdParty):
+        return None
+    return TTPClient.get().get_generator()
+
+
 def bit_masks(size: torch.Size) -> tuple[torch.Tensor, Callable[[], torch.Tensor]]:
     """The dealer's random bits ``r`` for a B2A of ``size`` single bits: this party's XOR share
     of ``r`` and a function returning its additive share of ``r`` (CrypTen's ``B2A_rng``, with
     rank 0's request sent now, as in :func:`triple`)."""
     from crypten.common.rng import generate_kbit_random_tensor, generate_random_ring_element
-    from crypten.mpc.provider.ttp_provider import TrustedThirdParty, TTPClient
 
-    provider = crypten.mpc.get_default_provider()
-    if not isinstance(provider, TrustedThirdParty):
-        r_arith, r_bits = provider.B2A_rng(size)
+    generator = dealer_generator()
+    if generator is None:
+        r_arith, r_bits = crypten.mpc.get_default_provider().B2A_rng(size)
         # XOR shares of a bit may carry random high bits that cancel (TFP shares 64-bit words)
         return r_bits.share & 1, lambda: r_arith.share
-    generator = TTPClient.get().get_generator()
     r_bits = generate_kbit_random_tensor(size, bitlength=1, generator=generator)
     if crypten.communicator.get().get_rank() == 0:
         return r_bits, dealer_request("B2A", size)
@@ -115,16 +123,16 @@ def bit_triple(size: torch.Size) -> tuple[torch.Tensor, torch.Tensor, Callable[[
     called; everything else is drawn from the generator each party shares with the dealer, as in
     CrypTen's own correlations (:func:`dealer_bit_triple` is the dealer's side)."""
     from crypten.common.rng import generate_kbit_random_tensor, generate_random_ring_element
-    from crypten.mpc.provider.ttp_provider import TrustedThirdParty, TTPClient
 
-    if not isinstance(crypten.mpc.get_default_provider(), TrustedThirdParty):
+    generator = dealer_generator()
+    if generator is None:
         return None
-    generator = TTPClient.get().get_generator()
-    if crypten.communicator.get().get_rank() == 0:
+    rank0 = crypten.communicator.get().get_rank() == 0
+    if rank0:
         reply = dealer_request("secfwt_bit_triple", size)
     r_bits = generate_kbit_random_tensor(size, bitlength=1, generator=generator)
     a = generate_random_ring_element(size, generator=generator)
-    if crypten.communicator.get().get_rank() == 0:
+    if rank0:
 
         def rest() -> tuple[torch.Tensor, torch.Tensor]:
             r_and_ra = reply()
@@ -160,11 +168,10 @@ def mask_products(size: torch.Size, masks: int, pairs: tuple[tuple[int, int], ..
     rank 0's request is sent now, its reply read when the function is called
     (:func:`dealer_mask_products` is the dealer's side)."""
     from crypten.common.rng import generate_random_ring_element
-    from crypten.mpc.provider.ttp_provider import TrustedThirdParty, TTPClient
 
-    if not isinstance(crypten.mpc.get_default_provider(), TrustedThirdParty):
+    generator = dealer_generator()
+    if generator is None:
         return None
-    generator = TTPClient.get().get_generator()
     if crypten.communicator.get().get_rank() == 0:
         reply = dealer_request("secfwt_mask_products", size, masks, pairs)
         return generate_random_ring_element(torch.Size([masks, *size]), generator=generator), reply
@@ -195,10 +202,10 @@ def triple(size0: torch.Size, size1: torch.Size, op: str) -> tuple[torch.Tensor,
     their own triple.
     """
     from crypten.common.rng import generate_random_ring_element
-    from crypten.mpc.provider.ttp_provider import TrustedThirdParty, TTPClient
 
-    provider = crypten.mpc.get_default_provider()
-    if not isinstance(provider, TrustedThirdParty):
+    generator = dealer_generator()
+    if generator is None:
+        provider = crypten.mpc.get_default_provider()
         if op == "binary":
             a, b, c = provider.generate_binary_triple(size0, size1)
         else:
@@ -207,7 +214,6 @@ def triple(size0: torch.Size, size1: torch.Size, op: str) -> tuple[torch.Tensor,
     if op == "mul" and size0 == size1 and math.prod(size0) <= POOL_MAX_ELEMENTS:
         return _pool.take(torch.Size(size0))
     comm = crypten.communicator.get()
-    generator = TTPClient.get().get_generator()
     if comm.get_rank() == 0:
         args = (size0, size1) if op == "binary" else (size0, size1, op)
         c_of = dealer_request("binary" if op == "binary" else "additive", *args)
@@ -320,4 +326,4 @@ def _output_size(size0: torch.Size, size1: torch.Size, op: str) -> torch.Size:
     return torch.Size((*broadcast_shapes(size0[:-2], size1[:-2]), size0[-2], size1[-1]))
 
 
-__all__ = ["LocalProduct", "and_with_triple", "binary_and", "bit_masks", "bit_triple", "dealer_bit_triple", "dealer_mask_products", "mask_products", "broadcast_shapes", "dealer_request", "product", "product_shares", "triple"]
+__all__ = ["LocalProduct", "and_with_triple", "binary_and", "bit_masks", "bit_triple", "dealer_bit_triple", "dealer_generator", "dealer_mask_products", "mask_products", "broadcast_shapes", "dealer_request", "product", "product_shares", "triple"]

@@ -230,9 +230,7 @@ def matmul(x: Any, w: OwnedMatrix) -> Any:
     TTP provider only; with any other provider ``w`` is shared the ordinary way and multiplied
     with Beaver's protocol (same result up to the truncation's last bit).
     """
-    from crypten.mpc.provider.ttp_provider import TrustedThirdParty
-
-    if not isinstance(crypten.mpc.get_default_provider(), TrustedThirdParty):
+    if beaver.dealer_generator() is None:
         return x.matmul(w.to_mpc())
     if x.encoder.scale != 2**_FRAC_BITS:
         raise ProtocolError(f"owned matmul expects {_FRAC_BITS} fractional bits, x has scale {x.encoder.scale}")
@@ -310,9 +308,7 @@ def _other_ahead(x_share: torch.Tensor, fixed: tuple[int, bool], first: bool, si
 def drain() -> None:
     """Wait until this party's work ahead, and (rank 0 asks) the dealer's, is done. Both
     computing parties call it at the same point; a no-op where nothing is computed ahead."""
-    from crypten.mpc.provider.ttp_provider import TrustedThirdParty
-
-    if not isinstance(crypten.mpc.get_default_provider(), TrustedThirdParty) or not _masks or not _work_ahead():
+    if beaver.dealer_generator() is None or not _masks or not _work_ahead():
         return
     if crypten.communicator.get().get_rank() == 0:
         beaver.dealer_request("secfwt_owned_drain")()
