@@ -688,28 +688,25 @@ class _OpenedOnce:
         dealt = beaver.mask_products(size, len(keys), tuple((self._index[i], self._index[j]) for i, j in pairs))
         self._a, self._c_of = dealt if dealt is not None else (None, None)
         self._c: torch.Tensor | None = None
-        self._opened: dict[int, torch.Tensor] = {}
-        self._values: dict[int, torch.Tensor] = {}
+        self._known: dict[int, torch.Tensor] = {}  # d_k (opened), or x_k itself without the dealer
         self._rank0 = crypten.communicator.get().get_rank() == 0
 
     def open(self, values: dict[int, torch.Tensor]) -> None:
         """Open those of ``values`` not opened yet, in one exchange."""
-        fresh = [k for k in values if k not in self._opened and k not in self._values]
+        fresh = [k for k in values if k not in self._known]
         if self._a is None:
-            self._values.update({k: values[k] for k in fresh})
-            return
-        if fresh:
+            self._known.update({k: values[k] for k in fresh})
+        elif fresh:
             masked = torch.stack([values[k] - self._a[self._index[k]] for k in fresh])
-            for k, d in zip(fresh, crypten.communicator.get().all_reduce(masked)):
-                self._opened[k] = d
+            self._known.update(zip(fresh, crypten.communicator.get().all_reduce(masked)))
 
     def product(self, i: int, j: int) -> torch.Tensor:
         """Share of ``x_i x_j`` (exact ring product) for opened ``i``, ``j``."""
         if self._a is None:
-            return _mul(self._values[i], self._values[j])
+            return _mul(self._known[i], self._known[j])
         if self._c is None:
             self._c = self._c_of()
-        d_i, d_j = self._opened[i], self._opened[j]
+        d_i, d_j = self._known[i], self._known[j]
         z = d_i * self._a[self._index[j]] + d_j * self._a[self._index[i]] + self._c[self._pair[(i, j)]]
         return z + d_i * d_j if self._rank0 else z
 
@@ -736,6 +733,9 @@ def _chebyshev_basis(u: torch.Tensor, degree: int, products: _OpenedOnce) -> dic
             twice = _divide(products.product(p, j), _ONE // 2)
             basis[p + j] = twice - basis[p - j] if p > j else _plus(twice, -_ONE)
     return basis
+
+
+_B = -1  # key of the series' inner combination among _OpenedOnce's values
 
 
 def _chebyshev_series(u: torch.Tensor, coefficients: Sequence[float]) -> torch.Tensor:
@@ -765,9 +765,6 @@ def _chebyshev_series(u: torch.Tensor, coefficients: Sequence[float]) -> torch.T
         products.open({m: basis[m], _B: _chebyshev_combination(basis, inner)})
         total = total + _divide(products.product(m, _B), _ONE // 2)
     return total
-
-
-_B = -1  # key of the series' inner combination among _OpenedOnce's values
 
 
 def _chebyshev_combination(
