@@ -39,7 +39,7 @@ system-deps:
 	fi
 
 test: $(STAMP) system-deps
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra --durations=15
 
 test-all: $(STAMP) system-deps
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra -m ''

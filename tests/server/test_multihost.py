@@ -158,6 +158,8 @@ def _embedding_table(model_dir: Path) -> torch.Tensor:
 
 def test_killed_party_is_detected_and_the_resumed_job_matches_an_uninterrupted_run(deployment: MpcDeployment, model_dir: Path, tmp_path: Path) -> None:
     d = deployment
+    # 40 steps of ~0.5 s leave the kill (after step 3) well inside the job; with 16 the job
+    # finished before the kill landed in 2 of 5 runs on this 2-core machine.
     job = _job_file(tmp_path, model_dir, steps=40, name="mh-kill")
     finished_before = {}  # jobs the earlier test finished on this deployment, if it ran
     for jid in ("mh-equal-1",):
