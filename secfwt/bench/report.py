@@ -185,8 +185,15 @@ def _section_fot(r: dict[str, Any] | None) -> list[str]:
         f"backprop / forward-only (softmax): time {_f(r['fot_softmax_vs_backprop_time_ratio'])}x, bytes {_f(r['fot_softmax_vs_backprop_bytes_ratio'])}x; "
         f"vanilla-CrypTen backprop / forward-only (RFA): time {_f(r.get('fot_vs_vanilla_backprop_time_ratio'))}x, bytes {_f(r.get('fot_vs_vanilla_backprop_bytes_ratio'))}x.",
     ]
+    after: list[str] = []
+    by_att = {("RFA" if "RFA" in c["label"] else "softmax"): c["loss_reference"] for c in r["cases"] if c.get("loss_reference") is not None}
+    if by_att:
+        after += [f"max abs err: |loss of the secure step - float64 plaintext loss at the starting parameters| "
+                  f"(plaintext: softmax {_f(by_att.get('softmax'), 4)}, RFA {_f(by_att.get('RFA'), 4)}); tolerance {_f(r.get('loss_tolerance'))}.", ""]
+    for label in r.get("wrong_results") or ():
+        after += [f"**{label} computed a wrong loss: its time and bytes measure a broken computation, and ratios against it mean little.**", ""]
     setup = "Setup: " + " ".join(line.strip() for line in (r["setup"] or "").splitlines() if line.strip())
-    return _cases_section("## Forward-only step vs MPC backpropagation step (`fot-vs-backprop`)", intro, r["cases"], [setup, ""])
+    return _cases_section("## Forward-only step vs MPC backpropagation step (`fot-vs-backprop`)", intro, r["cases"], [*after, setup, ""])
 
 
 def _section_transport(r: dict[str, Any] | None) -> list[str]:

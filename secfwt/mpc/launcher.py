@@ -208,7 +208,9 @@ def _party_process(
 def stop_processes(procs: Iterable[mp.process.BaseProcess]) -> None:
     """Stop and reap party processes: SIGTERM to all first (they stop in parallel), then wait,
     SIGKILL whatever is still alive. Never leaves one behind."""
-    procs = list(procs)
+    # A process whose start() failed (e.g. spawn refused an unguarded __main__) has no pid and
+    # cannot be joined; skipping it keeps the start error, not an AssertionError, in the report.
+    procs = [p for p in procs if p.pid is not None]
     for p in procs:
         if p.is_alive():
             p.terminate()

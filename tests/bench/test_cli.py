@@ -97,6 +97,28 @@ def test_tiny_selection_writes_json_md_png(tmp_path, tiny, capsys):
 
 
 @pytest.mark.multiprocess
+def test_tiny_tuning_steps_compute_the_plaintext_loss(tmp_path, tiny):
+    from secfwt.bench.report import markdown
+    from secfwt.bench.suite import LOSS_TOLERANCE
+
+    out = tmp_path / "res"
+    assert main(["bench", "fot-vs-backprop", "--quick", "--out", str(out), "--report", str(tmp_path / "r.json")]) == 0
+    report, md = _check_outputs(out, tmp_path / "r.json", ["fot-vs-backprop"])
+    fot = report["benchmarks"]["fot-vs-backprop"]
+    assert len(fot["cases"]) == 4
+    for case in fot["cases"]:
+        # each step's loss (secret until revealed for the bench) against secfwt's float64 plaintext
+        # encoder on the same prefix and parameters: the steps computed what they claim to
+        assert case["max_abs_err"] == pytest.approx(abs(case["loss"] - case["loss_reference"]))
+        assert case["max_abs_err"] < LOSS_TOLERANCE, case["label"]
+    assert fot["wrong_results"] == [] and "computed a wrong loss" not in md
+    assert "max abs err: |loss of the secure step" in md
+    # a case off by more than the tolerance is called out in the Markdown
+    fot["wrong_results"] = [fot["cases"][2]["label"]]
+    assert f"**{fot['cases'][2]['label']} computed a wrong loss" in markdown(report)
+
+
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_tiny_full_suite(tmp_path, tiny):
     out = tmp_path / "res"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import time
 
 import pytest
@@ -80,4 +81,13 @@ def test_a_killed_party_is_reported_with_its_role():
 def test_timeout_stops_all_parties():
     with pytest.raises(ProtocolError, match="did not finish within 3 s"):
         run_parties(_hang, payloads={}, provider=Provider.TTP, timeout_s=3)
+    assert _no_children_left()
+
+
+def test_a_party_that_cannot_start_is_reported_and_the_started_ones_are_stopped():
+    # the model owner starts (and would hang); the data owner's payload, a local function, cannot
+    # be pickled for spawn, so its start() fails: that error must reach the caller (not one about
+    # joining a process that never started) and the model owner must not be left running
+    with pytest.raises((AttributeError, pickle.PicklingError), match="pickle"):
+        run_parties(_hang, payloads={Role.DATA_OWNER: lambda: None}, provider=Provider.TTP, timeout_s=60)
     assert _no_children_left()
