@@ -64,7 +64,7 @@ def markdown(report: dict[str, Any], *, plots: dict[str, str] | None = None) -> 
         f"Command: `secfwt bench {' '.join(report['selected'])}{' --quick' if report['quick'] else ''}`, "
         f"{report['started']}, {report['duration_s'] / 60:.1f} min, commit {report.get('commit') or '?'}{_code_note(report)}.",
         f"Machine: {m.get('cpu_model')}, {m.get('cores')} cores, {m.get('memory_gib')} GiB, torch {m.get('torch')}, "
-        f"Python {m.get('python')}; load average at the end {_load(m)} (other work shares the cores: times are upper bounds).",
+        f"Python {m.get('python')}; {_load_note(m)}",
         "Parties: model owner, data owner and a dealer (TTP provider), each its own process with one torch thread; gloo on loopback.",
         "",
         "## Headline ratios",
@@ -109,9 +109,24 @@ def _code_note(report: dict[str, Any]) -> str:
     return note
 
 
-def _load(m: dict[str, Any]) -> str:
-    la = m.get("load_average_at_end")
+#: 1-minute load average before the run above which other work is taken to have shared the cores
+BUSY_LOAD = 0.5
+
+
+def _load(la: Sequence[float] | None) -> str:
     return "?" if not la else ", ".join(f"{x:.1f}" for x in la)
+
+
+def _load_note(m: dict[str, Any]) -> str:
+    """Load averages (1, 5, 15 min) before and after the run, and what they say about the times.
+    The bench's own parties keep about 2 cores busy, so only the load before it shows other work."""
+    before, after = m.get("load_average_at_start"), m.get("load_average_at_end")
+    text = f"load average before the run {_load(before)}, at the end {_load(after)} (the bench's own parties add about 2)"
+    if before is None:
+        return text + "."
+    if before[0] > BUSY_LOAD:
+        return text + "; **the machine was busy before the run: other work may have shared the cores, times are upper bounds**."
+    return text + f"; the machine was quiet before the run (1-minute load <= {BUSY_LOAD})."
 
 
 def _section_forward(r: dict[str, Any] | None) -> list[str]:

@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import enum
 import logging
+import os
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -441,6 +442,7 @@ def run_suite(names: Sequence[BenchName], plan: BenchPlan, *, on_case: Callable[
     runner = Runner(plan, on_case=on_case)
     layers: dict[str, _Layer] = {}
     code_before = code_fingerprint()
+    load_before = load_average()  # before any party runs: other work on the machine
     t0 = time.perf_counter()
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     results: dict[str, Any] = {}
@@ -459,7 +461,7 @@ def run_suite(names: Sequence[BenchName], plan: BenchPlan, *, on_case: Callable[
         r["duration_s"] = time.perf_counter() - t_bench
         results[name.value] = r
     headline = _headline(results)
-    machine = {**machine_info(), **cpu_info()}
+    machine = {**machine_info(), **cpu_info(), "load_average_at_start": load_before}
     report: dict[str, Any] = {
         **headline,
         "targets": [{"key": t.key, "text": t.text, "threshold": t.threshold, "at_least": t.at_least, "value": headline[t.key], "passed": t.passed(headline[t.key])} for t in metrics.TARGETS],
@@ -515,8 +517,15 @@ def code_fingerprint() -> dict[str, Any]:
     return {"path": str(root), "sha256": h.hexdigest(), "uncommitted_changes": dirty}
 
 
+def load_average() -> tuple[float, float, float] | None:
+    """The 1, 5 and 15 minute load averages, or None where the platform has none."""
+    try:
+        return os.getloadavg()
+    except OSError:
+        return None
+
+
 def cpu_info() -> dict[str, Any]:
-    import os
     import platform
 
     model = None
@@ -528,15 +537,11 @@ def cpu_info() -> dict[str, Any]:
                     break
     except OSError:
         pass
-    try:
-        load = os.getloadavg()
-    except OSError:
-        load = None
     mem = None
     with contextlib.suppress(OSError, ValueError, IndexError):
         with open("/proc/meminfo", encoding="utf-8") as fh:
             mem = round(int(fh.readline().split()[1]) / 2**20, 1)
-    return {"cpu_model": model or platform.processor() or None, "cores": os.cpu_count(), "memory_gib": mem, "load_average_at_end": load, "torch_threads": torch.get_num_threads()}
+    return {"cpu_model": model or platform.processor() or None, "cores": os.cpu_count(), "memory_gib": mem, "load_average_at_end": load_average(), "torch_threads": torch.get_num_threads()}
 
 
 __all__ = ["BenchName", "BenchPlan", "HEADLINE_KEYS", "parse_names", "run_suite", "summarise"]

@@ -62,3 +62,15 @@ def test_ratio_and_targets():
     assert targets["fot_vs_backprop_time_ratio"].passed(2.0) is False
     assert targets["vs_plaintext_ratio"].passed(90.0) is True
     assert targets["vs_plaintext_ratio"].passed(None) is None
+
+
+@pytest.mark.parametrize(
+    ("before", "expected"),
+    [((0.1, 0.3, 0.4), "quiet before the run"), ((1.7, 1.2, 0.9), "busy before the run"), (None, "before the run ?, at the end 2.3, 2.0, 1.5")],
+)
+def test_the_report_judges_other_work_by_the_load_before_the_run(before, expected):
+    from secfwt.bench.report import _load_note
+
+    # the bench's own parties make the load at the end about 2 on any machine: only the load
+    # before the run says whether something else was running
+    assert expected in _load_note({"load_average_at_start": before, "load_average_at_end": (2.3, 2.0, 1.5)})
