@@ -64,7 +64,7 @@ def markdown(report: dict[str, Any], *, plots: dict[str, str] | None = None) -> 
         f"Command: `secfwt bench {' '.join(report['selected'])}{' --quick' if report['quick'] else ''}`, "
         f"{report['started']}, {report['duration_s'] / 60:.1f} min, commit {report.get('commit') or '?'}{_code_note(report)}.",
         f"Machine: {m.get('cpu_model')}, {m.get('cores')} cores, {m.get('memory_gib')} GiB, torch {m.get('torch')}, "
-        f"Python {m.get('python')}; {_load_note(m)}",
+        f"Python {m.get('python')}; {_load_note(m, report['duration_s'])}",
         "Parties: model owner, data owner and a dealer (TTP provider), each its own process with one torch thread; gloo on loopback.",
         "",
         "## Headline ratios",
@@ -109,24 +109,27 @@ def _code_note(report: dict[str, Any]) -> str:
     return note
 
 
-#: 1-minute load average before the run above which other work is taken to have shared the cores
-BUSY_LOAD = 0.5
+#: Share of one core that other processes may take during a run before its times are flagged
+#: (an idle machine's daemons and kernel threads take about 1%).
+BUSY_SHARE = 0.05
 
 
 def _load(la: Sequence[float] | None) -> str:
     return "?" if not la else ", ".join(f"{x:.1f}" for x in la)
 
 
-def _load_note(m: dict[str, Any]) -> str:
-    """Load averages (1, 5, 15 min) before and after the run, and what they say about the times.
-    The bench's own parties keep about 2 cores busy, so only the load before it shows other work."""
-    before, after = m.get("load_average_at_start"), m.get("load_average_at_end")
-    text = f"load average before the run {_load(before)}, at the end {_load(after)} (the bench's own parties add about 2)"
-    if before is None:
-        return text + "."
-    if before[0] > BUSY_LOAD:
-        return text + "; **the machine was busy before the run: other work may have shared the cores, times are upper bounds**."
-    return text + f"; the machine was quiet before the run (1-minute load <= {BUSY_LOAD})."
+def _load_note(m: dict[str, Any], duration_s: float) -> str:
+    """What other work did to the run: the CPU time other processes took during it (busy CPU time of
+    the machine minus the bench's and its parties'), with the load averages for context."""
+    text = f"load average before the run {_load(m.get('load_average_at_start'))}, at the end {_load(m.get('load_average_at_end'))} (the bench's own parties add about 2)"
+    other = m.get("other_cpu_s")
+    if other is None:
+        return text + "; CPU time of other work not measured on this platform."
+    share = other / max(duration_s, 1e-9)
+    text += f"; other processes used {other:.1f} CPU-s during the run ({share:.0%} of one core)"
+    if share > BUSY_SHARE:
+        return text + ": **other work shared the cores, times are upper bounds**."
+    return text + ": the machine was otherwise idle."
 
 
 def _section_forward(r: dict[str, Any] | None) -> list[str]:

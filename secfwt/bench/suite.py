@@ -442,7 +442,8 @@ def run_suite(names: Sequence[BenchName], plan: BenchPlan, *, on_case: Callable[
     runner = Runner(plan, on_case=on_case)
     layers: dict[str, _Layer] = {}
     code_before = code_fingerprint()
-    load_before = load_average()  # before any party runs: other work on the machine
+    load_before = load_average()
+    cpu_before = cpu_seconds()
     t0 = time.perf_counter()
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     results: dict[str, Any] = {}
@@ -461,7 +462,9 @@ def run_suite(names: Sequence[BenchName], plan: BenchPlan, *, on_case: Callable[
         r["duration_s"] = time.perf_counter() - t_bench
         results[name.value] = r
     headline = _headline(results)
-    machine = {**machine_info(), **cpu_info(), "load_average_at_start": load_before}
+    (busy0, own0), (busy1, own1) = cpu_before, cpu_seconds()
+    other = None if busy0 is None or busy1 is None else max(0.0, (busy1 - busy0) - (own1 - own0))
+    machine = {**machine_info(), **cpu_info(), "load_average_at_start": load_before, "other_cpu_s": other}
     report: dict[str, Any] = {
         **headline,
         "targets": [{"key": t.key, "text": t.text, "threshold": t.threshold, "at_least": t.at_least, "value": headline[t.key], "passed": t.passed(headline[t.key])} for t in metrics.TARGETS],
@@ -515,6 +518,25 @@ def code_fingerprint() -> dict[str, Any]:
         r = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=root, capture_output=True, text=True, timeout=10, check=False)
         dirty = bool(r.stdout.strip()) if r.returncode == 0 else None
     return {"path": str(root), "sha256": h.hexdigest(), "uncommitted_changes": dirty}
+
+
+def cpu_seconds() -> tuple[float | None, float]:
+    """(busy CPU seconds of the whole machine since boot, or None off Linux; CPU seconds of this
+    process and its finished children, i.e. the bench and the party processes it has reaped).
+
+    Their difference over a run is the CPU other work took from it. /proc/stat is read by hand
+    rather than adding psutil for one counter.
+    """
+    t = os.times()
+    own = t.user + t.system + t.children_user + t.children_system
+    try:
+        with open("/proc/stat", encoding="ascii") as fh:
+            fields = [int(v) for v in fh.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None, own
+    user, nice, system, _idle, _iowait, irq, softirq = fields[:7]  # clock ticks; guest time is in user
+    busy = user + nice + system + irq + softirq
+    return busy / os.sysconf("SC_CLK_TCK"), own
 
 
 def load_average() -> tuple[float, float, float] | None:

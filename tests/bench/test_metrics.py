@@ -65,12 +65,28 @@ def test_ratio_and_targets():
 
 
 @pytest.mark.parametrize(
-    ("before", "expected"),
-    [((0.1, 0.3, 0.4), "quiet before the run"), ((1.7, 1.2, 0.9), "busy before the run"), (None, "before the run ?, at the end 2.3, 2.0, 1.5")],
+    ("other_cpu_s", "expected"),
+    [(1.0, "(1% of one core): the machine was otherwise idle"), (30.0, "(30% of one core): **other work shared the cores"), (None, "not measured")],
 )
-def test_the_report_judges_other_work_by_the_load_before_the_run(before, expected):
+def test_the_report_judges_other_work_by_the_cpu_it_took(other_cpu_s, expected):
     from secfwt.bench.report import _load_note
 
-    # the bench's own parties make the load at the end about 2 on any machine: only the load
-    # before the run says whether something else was running
-    assert expected in _load_note({"load_average_at_start": before, "load_average_at_end": (2.3, 2.0, 1.5)})
+    # the bench's own parties make the load average about 2 on any machine: only the CPU time
+    # of other processes during the run says whether something else was running
+    m = {"load_average_at_start": (0.1, 0.3, 0.4), "load_average_at_end": (2.3, 2.0, 1.5), "other_cpu_s": other_cpu_s}
+    assert expected in _load_note(m, duration_s=100.0)
+
+
+def test_cpu_seconds_count_a_reaped_child_as_the_bench_s_own():
+    import subprocess
+    import sys
+
+    from secfwt.bench.suite import cpu_seconds
+
+    busy0, own0 = cpu_seconds()
+    # a reaped child's CPU is the bench's own (as the parties' are), not other work
+    subprocess.run([sys.executable, "-c", "import time\nt = time.process_time()\nwhile time.process_time() - t < 1.0: pass"], check=True)
+    busy1, own1 = cpu_seconds()
+    assert own1 - own0 >= 1.0
+    if busy0 is not None:
+        assert busy1 - busy0 >= 1.0  # the machine-wide counter saw the same work
