@@ -141,10 +141,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from secfwt.bench.suite import BenchPlan, parse_names, run_suite
 
     names = parse_names(args.names)
-    plan = BenchPlan.quick_plan() if args.quick else BenchPlan.full()
-    print(f"bench: {', '.join(n.value for n in names)}{' (--quick)' if args.quick else ''}; writing {args.out}/", flush=True)
+    plan = (BenchPlan.quick_plan() if args.quick else BenchPlan.full()).with_overrides(args.set)
+    sets = "".join(f" --set {item}" for item in args.set)
+    print(f"bench: {', '.join(n.value for n in names)}{' (--quick)' if args.quick else ''}{sets}; writing {args.out}/", flush=True)
     with BenchProgress() as view:
         report = run_suite(names, plan, on_case=view.case)
+    report["overrides"] = list(args.set)
     files = write_outputs(report, Path(args.out))
     _write_report(report, args.report)
     for t in report["targets"]:
@@ -213,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="bench-results", help="folder for bench.json, bench.md and the plots (default ./bench-results)")
     b.add_argument("--report", help="also write the JSON report here")
     b.add_argument("--check", action="store_true", help="exit 1 when a performance target of issue 4 is missed")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field of the plan, e.g. --set fot_seq_len=512 (repeatable; the fields are in bench.json's plan)")
     b.set_defaults(func=cmd_bench)
 
     from secfwt.server.cli import register as register_server_commands  # party, job, certs

@@ -61,7 +61,7 @@ def markdown(report: dict[str, Any], *, plots: dict[str, str] | None = None) -> 
     lines = [
         f"# secfwt benchmarks{' (--quick)' if report['quick'] else ''}",
         "",
-        f"Command: `secfwt bench {' '.join(report['selected'])}{' --quick' if report['quick'] else ''}`, "
+        f"Command: `secfwt bench {' '.join(report['selected'])}{' --quick' if report['quick'] else ''}{''.join(' --set ' + o for o in report.get('overrides') or ())}`, "
         f"{report['started']}, {report['duration_s'] / 60:.1f} min, commit {report.get('commit') or '?'}{_code_note(report)}.",
         f"Machine: {m.get('cpu_model')}, {m.get('cores')} cores, {m.get('memory_gib')} GiB, torch {m.get('torch')}, "
         f"Python {m.get('python')}; {_load_note(m, report['duration_s'])}",

@@ -105,6 +105,30 @@ class BenchPlan:
             timeout_s=900.0,
         )
 
+    def with_overrides(self, items: Sequence[str]) -> BenchPlan:
+        """This plan with ``KEY=VALUE`` overrides of its numeric fields (``secfwt bench --set
+        fot_seq_len=512``; tuples as comma-separated integers). Raises :class:`ConfigError`
+        naming the field and the fix for an unknown key or a bad value."""
+        settable = {f.name for f in dataclasses.fields(self) if f.name != "quick" and not isinstance(getattr(self, f.name), LayerShape)}
+        changes: dict[str, Any] = {}
+        for item in items:
+            key, sep, raw = (part.strip() for part in item.partition("="))
+            if not sep or not raw:
+                raise ConfigError(f"bench --set {item!r}: expected KEY=VALUE, e.g. --set fot_seq_len=512")
+            if key not in settable:
+                raise ConfigError(f"bench --set {key}: not a field of the plan; choose from: {', '.join(sorted(settable))}")
+            current = getattr(self, key)
+            kind = "comma-separated integers" if isinstance(current, tuple) else type(current).__name__
+            try:
+                value = tuple(int(v) for v in raw.split(",")) if isinstance(current, tuple) else type(current)(raw)
+            except ValueError:
+                raise ConfigError(f"bench --set {key}={raw}: expected {kind}, e.g. {key}={','.join(map(str, current)) if isinstance(current, tuple) else current}") from None
+            lowest = 0 if key == "seed" else 1
+            if any(v < lowest for v in (value if isinstance(value, tuple) else (value,))):
+                raise ConfigError(f"bench --set {key}={raw}: must be {'>= 0' if lowest == 0 else 'positive'}")
+            changes[key] = value
+        return dataclasses.replace(self, **changes)
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         for k in ("layer", "fot_shape", "transport_shape"):

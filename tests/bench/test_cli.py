@@ -54,6 +54,24 @@ def test_unknown_name_is_a_config_error(capsys):
     assert "unknown sub-benchmark 'nope'" in capsys.readouterr().err
 
 
+def test_plan_overrides_are_typed_and_checked(capsys):
+    plan = _tiny_plan().with_overrides(["fot_seq_len=512", "attention_seq_lens=64,128", "timeout_s=60", "seed=0"])
+    assert (plan.fot_seq_len, plan.attention_seq_lens, plan.timeout_s, plan.seed) == (512, (64, 128), 60.0, 0)
+    assert plan.fot_batch == _tiny_plan().fot_batch  # the rest unchanged
+    for item, message in (
+        ("fot_len=5", "bench --set fot_len: not a field of the plan; choose from: .*fot_seq_len"),
+        ("fot_seq_len", "expected KEY=VALUE, e.g. --set fot_seq_len=512"),
+        ("fot_seq_len=long", "bench --set fot_seq_len=long: expected int"),
+        ("attention_seq_lens=64;128", "expected comma-separated integers"),
+        ("fot_batch=0", "bench --set fot_batch=0: must be positive"),
+        ("layer=x", "not a field of the plan"),  # shapes are not settable
+    ):
+        with pytest.raises(ConfigError, match=message):
+            _tiny_plan().with_overrides([item])
+    assert main(["bench", "vanilla", "--quick", "--set", "fot_len=5"]) == 2
+    assert "not a field of the plan" in capsys.readouterr().err
+
+
 def test_names_keep_suite_order():
     assert [n.value for n in parse_names(["vanilla", "attention"])] == ["attention", "vanilla"]
     assert len(parse_names([])) == 5
@@ -102,9 +120,12 @@ def test_tiny_tuning_steps_compute_the_plaintext_loss(tmp_path, tiny):
     from secfwt.bench.suite import LOSS_TOLERANCE
 
     out = tmp_path / "res"
-    assert main(["bench", "fot-vs-backprop", "--quick", "--out", str(out), "--report", str(tmp_path / "r.json")]) == 0
+    argv = ["bench", "fot-vs-backprop", "--quick", "--set", "fot_seq_len=12", "--out", str(out), "--report", str(tmp_path / "r.json")]
+    assert main(argv) == 0
     report, md = _check_outputs(out, tmp_path / "r.json", ["fot-vs-backprop"])
     fot = report["benchmarks"]["fot-vs-backprop"]
+    assert fot["seq_len"] == 12 and report["plan"]["fot_seq_len"] == 12  # the override reached the run
+    assert "`secfwt bench fot-vs-backprop --quick --set fot_seq_len=12`" in md
     assert len(fot["cases"]) == 4
     for case in fot["cases"]:
         # each step's loss (secret until revealed for the bench) against secfwt's float64 plaintext
