@@ -204,10 +204,10 @@ def _section_fot(r: dict[str, Any] | None) -> list[str]:
         f"vanilla-CrypTen backprop / forward-only (RFA): time {_f(r.get('fot_vs_vanilla_backprop_time_ratio'))}x, bytes {_f(r.get('fot_vs_vanilla_backprop_bytes_ratio'))}x.",
     ]
     after: list[str] = []
-    by_att = {("RFA" if "RFA" in c["label"] else "softmax"): c["loss_reference"] for c in r["cases"] if c.get("loss_reference") is not None}
-    if by_att:
+    refs = r.get("loss_references")
+    if refs:
         after += [f"max abs err: |loss of the secure step - float64 plaintext loss at the starting parameters| "
-                  f"(plaintext: softmax {_f(by_att.get('softmax'), 4)}, RFA {_f(by_att.get('RFA'), 4)}); tolerance {_f(r.get('loss_tolerance'))}.", ""]
+                  f"(plaintext: softmax {_f(refs.get('softmax'), 4)}, RFA {_f(refs.get('rfa'), 4)}); tolerance {_f(r.get('loss_tolerance'))}.", ""]
     for label in r.get("wrong_results") or ():
         after += [f"**{label} computed a wrong loss: its time and bytes measure a broken computation, and ratios against it mean little.**", ""]
     setup = "Setup: " + " ".join(line.strip() for line in (r["setup"] or "").splitlines() if line.strip())

@@ -404,7 +404,7 @@ def _fot_vs_backprop(plan: BenchPlan, runner: Runner) -> dict[str, Any]:
     do = {"input": x, "labels": labels}
     desc = f"{plan.fot_shape.name}-shaped, {plan.fot_layers} trainable layer(s) + head, B={b}, T={t}"
     reference = {att: _plain_step_loss(spec, state, x, labels, cut=1, attention=att) for att in (Attention.SOFTMAX, Attention.RFA)}
-    cases = {}
+    cases, wrong = {}, []
     for key, label, extra, vanilla in (
         ("fot_rfa", f"forward-only SPSA step, secfwt RFA ({desc})", {"case": "fot_step", "attention": Attention.RFA}, False),
         ("fot_softmax", f"forward-only SPSA step, secfwt softmax ({desc})", {"case": "fot_step", "attention": Attention.SOFTMAX}, False),
@@ -423,6 +423,7 @@ def _fot_vs_backprop(plan: BenchPlan, runner: Runner) -> dict[str, Any]:
         )
         if s["max_abs_err"] is not None and s["max_abs_err"] > LOSS_TOLERANCE:
             log.warning("%s: loss %.4g, plaintext %.4g: this case computed a wrong result", label, s["loss"], ref)
+            wrong.append(label)
         cases[key] = s
     fot, bp = cases["fot_rfa"], cases["backprop"]
     return {
@@ -433,8 +434,9 @@ def _fot_vs_backprop(plan: BenchPlan, runner: Runner) -> dict[str, Any]:
         "seq_len": t,
         "directions": plan.fot_directions,
         "cases": list(cases.values()),
+        "loss_references": {att.value: loss for att, loss in reference.items()},
         "loss_tolerance": LOSS_TOLERANCE,
-        "wrong_results": [c["label"] for c in cases.values() if c["max_abs_err"] is not None and c["max_abs_err"] > LOSS_TOLERANCE],
+        "wrong_results": wrong,
         "fot_vs_backprop_time_ratio": metrics.ratio(bp["time_s"], fot["time_s"]),
         "fot_vs_backprop_bytes_ratio": metrics.ratio(bp["bytes_sent_total"], fot["bytes_sent_total"]),
         "fot_softmax_vs_backprop_time_ratio": metrics.ratio(bp["time_s"], cases["fot_softmax"]["time_s"]),
