@@ -5,9 +5,9 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.secfwt-installed
 
-.PHONY: setup run test test-all verify lint clean protos check-protos system-deps
+.PHONY: setup run test test-all verify lint format clean protos check-protos system-deps
 
-# 1. The CPU build of torch first: any open range would pull a multi-GB CUDA build (NOTES.md).
+# 1. The CPU build of torch first: any open range of torch pulls a multi-GB CUDA build from PyPI.
 # 2. secfwt with its real dependencies (pyproject.toml), editable.
 # 3. Packages whose declared dependencies are broken or heavy, without them:
 #    crypten declares 'sklearn' (a deliberately broken name), torchvision, tensorboard;
@@ -44,8 +44,16 @@ test: $(STAMP) system-deps
 test-all: $(STAMP) system-deps
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra -m ''
 
+# Lint, format, architecture and types (all checked in CI; configured in pyproject.toml).
 lint: $(STAMP)
-	$(VENV)/bin/ruff check secfwt tests parties
+	$(VENV)/bin/ruff check secfwt tests parties protos
+	$(VENV)/bin/ruff format --check secfwt tests parties protos
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix secfwt tests parties protos
+	$(VENV)/bin/ruff format secfwt tests parties protos
 
 # gRPC stubs of protos/secfwt/v1/*.proto, checked in under secfwt/v1/ (generated with the pinned
 # grpcio-tools of the dev extras). Run after editing a .proto; CI fails if they are stale.
