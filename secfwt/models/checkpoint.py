@@ -6,6 +6,7 @@ import importlib.util
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -127,7 +128,7 @@ def state_dict_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def spec_from_model(model: torch.nn.Module, *, family: Family, head: Head) -> ModelSpec:
-    c = model.config
+    c: Any = model.config  # a PretrainedConfig; nn.Module's __getattr__ would type it Tensor | Module
     return ModelSpec(
         family=family,
         head=head,
