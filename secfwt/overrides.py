@@ -40,11 +40,11 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
     """``value`` (as TOML parsed it) as type ``hint``; ConfigError naming ``where`` otherwise."""
     origin = typing.get_origin(hint)
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
-        choices = [m.value for m in hint]
+        choices = _choices(hint)
         if isinstance(value, str):
             norm = value.strip().lower().replace("-", "_")
-            for m in hint:
-                if m.value == norm:
+            for m, name in zip(hint, choices, strict=True):
+                if name == norm:
                     return m
         raise ConfigError(f"{where}: {value!r} is not one of {choices}")
     if origin is tuple:
@@ -79,6 +79,11 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
         (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
         return coerce(value, inner, where)
     raise ConfigError(f"{where}: unsupported type {hint}")
+
+
+def _choices(hint: type[enum.Enum]) -> list[str]:
+    """An enum's values as files spell them: lower case (a provider's value is CrypTen's "TTP")."""
+    return [str(m.value).lower() for m in hint]
 
 
 def apply_overrides(
@@ -164,7 +169,7 @@ def _kind(hint: Any) -> str:
         named = {int: "integers", float: "numbers", str: "strings"}
         return f"comma-separated {named.get(item, _kind(item) + ' values')}"
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
-        return f"one of {', '.join(str(m.value) for m in hint)}"
+        return f"one of {', '.join(_choices(hint))}"
     if hint is bool:
         return "true or false"
     return getattr(hint, "__name__", str(hint))
@@ -174,7 +179,7 @@ def _shown(value: Any) -> str:
     if isinstance(value, tuple):
         return ",".join(_shown(v) for v in value)
     if isinstance(value, enum.Enum):
-        return str(value.value)
+        return str(value.value).lower()
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
@@ -186,7 +191,7 @@ def _reason(value: Any, hint: Any, key: str, current: Any) -> str:
     if isinstance(hint, types.UnionType):
         (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
     if isinstance(inner, type) and issubclass(inner, enum.Enum):
-        return f"{value!r} is not one of {[m.value for m in inner]}"
+        return f"{value!r} is not one of {_choices(inner)}"
     example = f", e.g. {key}={_shown(current)}" if current not in (None, "", ()) else ""
     return f"expected {_kind(hint)}{example}"
 
