@@ -133,3 +133,14 @@ def test_overrides_of_a_file_are_range_checked_after_binding(tmp_path):
     assert load_job(job, overrides=["zo.steps=7"]).zo.steps == 7
     with pytest.raises(ConfigError, match=r"zo.steps = 0: must be > 0"):
         load_job(job, overrides=["zo.steps=0"])
+
+
+def test_a_bad_set_exits_2_naming_the_field_before_any_work(capsys):
+    from secfwt.cli import main
+
+    assert main(["simulate", "--set", "zo.stpes=3"]) == 2
+    assert "--set zo.stpes: unknown key 'stpes' in [zo]; valid keys: " in capsys.readouterr().err
+    assert main(["dp-baseline", "secfwt/jobs/default.toml", "--set", "dp.delta=often"]) == 2
+    assert "--set dp.delta=often: [dp] delta: expected float" in capsys.readouterr().err
+    assert main(["bench", "--set", "plan.reps=2"]) == 2
+    assert "expected KEY=VALUE" in capsys.readouterr().err
