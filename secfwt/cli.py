@@ -161,6 +161,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+#: One --set syntax for every command (secfwt.overrides): PATH is the field's dotted path in the
+#: contract (SECTION.KEY in a job, KEY in the flat bench plan); VALUE is TOML, bare words need no
+#: quotes and a list may be given comma-separated.
+_SET_RULES = "VALUE is TOML; bare words need no quotes; lists may be comma-separated"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="secfwt", description="Privacy-preserving multi-party forward-only fine-tuning (CrypTen MPC).")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -183,7 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("simulate", help="run a job with every party as a local process")
     s.add_argument("job", nargs="?", help="job TOML (default: the packaged default job)")
     s.add_argument("--report", help="also write the JSON report here")
-    s.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a job setting, e.g. --set zo.steps=10")
+    s.add_argument(
+        "--set", action="append", metavar="SECTION.KEY=VALUE",
+        help=f"override a job setting (repeatable; {_SET_RULES}), e.g. --set zo.steps=10",
+    )
     s.add_argument("--insecure-dev", action="store_true", help="allow job.provider = 'tfp'; development only")
     s.add_argument("--insecure-fixed-seed", type=int, metavar="N", help="TESTS ONLY: every MPC seed derived from N (bit-for-bit reproducible, e.g. to compare with party daemons run with the same flag); every share is predictable")
     s.add_argument("--checkpoint-dir", help="each party checkpoints its own state into DIR/ROLE (shares only, never plaintext secrets)")
@@ -193,7 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("dp-baseline", help="non-MPC baseline: Opacus DP-SGD in plaintext on the job's model, data and trainable set")
     d.add_argument("job", help="job TOML (its [dp] section sets the privacy budget)")
     d.add_argument("--report", help="write the JSON report here")
-    d.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a job setting, e.g. --set dp.target_epsilon=3")
+    d.add_argument(
+        "--set", action="append", metavar="SECTION.KEY=VALUE",
+        help=f"override a job setting (repeatable; {_SET_RULES}), e.g. --set dp.target_epsilon=3",
+    )
     d.add_argument("--checkpoint-dir", help="write checkpoints here (every dp.checkpoint_every steps, on stop and at the end)")
     d.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --checkpoint-dir")
     d.add_argument("--stop-at-step", type=int, metavar="N", help="stop after step N (checkpoint written); continue later with --resume")
@@ -205,7 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quick", action="store_true", help="fewer rows, shorter reviews, fewer steps: a few minutes")
     c.add_argument("--out", default="dp-compare", help="folder for dp-compare.json, .md and .png (default ./dp-compare)")
     c.add_argument("--report", help="also write the JSON report here")
-    c.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a job setting")
+    c.add_argument(
+        "--set", action="append", metavar="SECTION.KEY=VALUE",
+        help=f"override a job setting, after --quick's (repeatable; {_SET_RULES}), "
+        "e.g. --set zo.lr=0.2",
+    )
     c.add_argument("--skip-baseline", action="store_true", help="MPC runs only (no Opacus)")
     c.set_defaults(func=cmd_dp_compare)
 
@@ -214,8 +230,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="shorter sequences and smaller batches: a few minutes")
     b.add_argument("--out", default="bench-results", help="folder for bench.json, bench.md and the plots (default ./bench-results)")
     b.add_argument("--report", help="also write the JSON report here")
-    b.add_argument("--check", action="store_true", help="exit 1 when a performance target of issue 4 is missed")
-    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field of the plan, e.g. --set fot_seq_len=512 (repeatable; the fields are in bench.json's plan)")
+    b.add_argument(
+        "--check", action="store_true",
+        help="exit 1 when a performance target (listed in bench.md, e.g. "
+        "vs_plaintext_ratio <= 100) is missed",
+    )
+    b.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help=(
+            "override a field of the plan by its bare name (the plan is flat: KEY, not plan.KEY), "
+            f"e.g. --set fot_seq_len=512 (repeatable; {_SET_RULES}; "
+            "the fields are in bench.json's plan)"
+        ),
+    )
     b.set_defaults(func=cmd_bench)
 
     from secfwt.server.cli import register as register_server_commands  # party, job, certs

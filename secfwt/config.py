@@ -12,7 +12,6 @@ import dataclasses
 import enum
 import importlib.resources
 import tomllib
-import types
 import typing
 from collections.abc import Iterable
 from pathlib import Path
@@ -23,6 +22,7 @@ from secfwt.errors import ConfigError
 from secfwt.models.spec import Attention, EmbeddingMode, Head, Pooling
 from secfwt.mpc.disclosure import DisclosureTerms, Revealable
 from secfwt.mpc.transport import Transport
+from secfwt.overrides import apply_overrides, coerce
 from secfwt.roles import COMPUTING_ROLES, Role
 
 
@@ -173,12 +173,21 @@ _SECTIONS = {
 }
 
 
+#: Fields of a job that ``--set`` cannot change: the terms are agreed in the file, whose name
+#: ``source`` records.
+_FIXED = ("disclosure", "source")
+
+
 def default_job_text() -> str:
     return importlib.resources.files("secfwt.jobs").joinpath("default.toml").read_text(encoding="utf-8")
 
 
 def load_job(path: str | Path | None, *, overrides: Iterable[str] = ()) -> JobConfig:
-    """Read and validate a job file (None: the packaged default job)."""
+    """Read and validate a job file (None: the packaged default job).
+
+    ``overrides`` are ``SECTION.KEY=VALUE`` items (``--set``), applied to the parsed file before
+    the cross-field checks, with the syntax and errors of :func:`secfwt.overrides.apply_overrides`.
+    """
     if path is None:
         text, where = default_job_text(), "<built-in default job>"
     else:
@@ -190,23 +199,10 @@ def load_job(path: str | Path | None, *, overrides: Iterable[str] = ()) -> JobCo
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{where}: not valid TOML: {exc}") from exc
-    for ov in overrides:
-        _apply_override(raw, ov)
     cfg = parse_job(raw, where=where)
+    cfg = apply_overrides(cfg, overrides, noun="job", example="zo.steps=10", fixed=_FIXED)
     validate(cfg)
     return cfg
-
-
-def _apply_override(raw: dict[str, Any], text: str) -> None:
-    if "=" not in text or "." not in text.split("=", 1)[0]:
-        raise ConfigError(f"--set {text!r}: expected SECTION.KEY=VALUE, e.g. --set zo.steps=10")
-    key, value = text.split("=", 1)
-    section, field = key.strip().split(".", 1)
-    try:
-        parsed = tomllib.loads(f"v = {value}")["v"]
-    except tomllib.TOMLDecodeError:
-        parsed = value  # bare strings need no quotes on the command line
-    raw.setdefault(section, {})[field] = parsed
 
 
 def parse_job(raw: dict[str, Any], *, where: str) -> JobConfig:
@@ -237,55 +233,11 @@ def _build(cls: type, table: dict[str, Any], where: str) -> Any:
             raise ConfigError(f"{where}: unknown key {key!r}; valid keys: {', '.join(fields)}")
     values = {}
     for key, value in table.items():
-        values[key] = _convert(value, hints[key], f"{where} {key}")
+        values[key] = coerce(value, hints[key], f"{where} {key}")
     missing = [n for n, f in fields.items() if f.default is dataclasses.MISSING and n not in values]
     if missing:
         raise ConfigError(f"{where}: missing required key(s) {', '.join(missing)}")
     return cls(**values)
-
-
-def _convert(value: Any, hint: Any, where: str) -> Any:
-    origin = typing.get_origin(hint)
-    if isinstance(hint, type) and issubclass(hint, enum.Enum):
-        choices = [m.value for m in hint]
-        if isinstance(value, str):
-            norm = value.strip().lower().replace("-", "_")
-            for m in hint:
-                if m.value == norm:
-                    return m
-        raise ConfigError(f"{where}: {value!r} is not one of {choices}")
-    if origin is tuple:
-        (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
-        if isinstance(value, str) and item is Role:
-            value = [value]
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
-        return tuple(_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value))
-    if hint is Role:
-        try:
-            return Role.parse(str(value))
-        except ValueError as exc:
-            raise ConfigError(f"{where}: {exc}") from exc
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    if isinstance(hint, types.UnionType):  # optional keys: TOML has no null, so a value is given
-        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
-        return _convert(value, inner, where)
-    raise ConfigError(f"{where}: unsupported type {hint}")
 
 
 def _positive(where: str, value: float, *, allow_zero: bool = False) -> None:

@@ -77,3 +77,70 @@ def test_insecure_provider_needs_the_explicit_flag():
         provider_for(cfg, insecure_dev=False)
     assert provider_for(cfg, insecure_dev=True).value == "TFP"
     assert provider_for(load_job(None), insecure_dev=False).value == "TTP"
+
+
+# -- the --set binder shared by jobs and the bench plan (secfwt.overrides) ---------------------
+
+
+def test_one_binder_serves_jobs_and_the_bench_plan():
+    from secfwt.bench.suite import BenchPlan
+
+    cfg = load_job(None, overrides=["zo.trainable=classifier.*,pooler.*", "dp.target_epsilon=3"])
+    assert cfg.zo.trainable == ("classifier.*", "pooler.*")  # a list as comma-separated text
+    assert cfg.dp.target_epsilon == 3.0 and isinstance(cfg.dp.target_epsilon, float)
+    assert load_job(None, overrides=['zo.trainable=["a.*", "b.*"]']).zo.trainable == ("a.*", "b.*")
+    assert load_job(None, overrides=["zo.steps=3", "zo.steps=4"]).zo.steps == 4  # last wins
+    plan = BenchPlan.quick_plan().with_overrides(["attention_seq_lens=64", "timeout_s=60"])
+    assert plan.attention_seq_lens == (64,) and plan.timeout_s == 60.0
+
+
+@pytest.mark.parametrize(
+    "item, pattern",
+    [
+        ("zo.steps=ten", r"^--set zo.steps=ten: \[zo\] steps: expected int, e.g. zo.steps=100$"),
+        ("zo.steps=2.5", r"expected int"),
+        ("data.truncate=1", r"\[data\] truncate: expected true or false"),
+        ("nope.x=1", r"unknown section \[nope\]; choose from: cma, data, dp, job, model, run, zo"),
+        ("disclosure.value=x", r"unknown section \[disclosure\]"),  # terms only from the file
+        ("zo.steps.x=1", r"expected SECTION.KEY=VALUE, e.g. --set zo.steps=10"),
+        ("zo.steps=", r"expected SECTION.KEY=VALUE"),
+        ("=3", r"expected SECTION.KEY=VALUE"),
+        ("model.attention=flash", r"'flash' is not one of \['softmax', 'rfa'\]"),
+    ],
+)
+def test_bad_job_overrides_name_the_field_and_the_choices(item, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_job(None, overrides=[item])
+
+
+def test_the_plan_takes_flat_keys_only():
+    from secfwt.bench.suite import BenchPlan
+
+    for item, pattern in (
+        ("plan.fot_seq_len=64", r"bench --set 'plan.fot_seq_len=64': expected KEY=VALUE"),
+        ("quick=true", r"not a field of the plan"),
+        ("seed=-1", r"bench --set seed=-1: must be >= 0"),
+        ("timeout_s=soon", r"bench --set timeout_s=soon: expected float"),
+    ):
+        with pytest.raises(ConfigError, match=pattern):
+            BenchPlan.full().with_overrides([item])
+
+
+def test_overrides_of_a_file_are_range_checked_after_binding(tmp_path):
+    from secfwt.config import default_job_text
+
+    job = write(tmp_path, default_job_text())
+    assert load_job(job, overrides=["zo.steps=7"]).zo.steps == 7
+    with pytest.raises(ConfigError, match=r"zo.steps = 0: must be > 0"):
+        load_job(job, overrides=["zo.steps=0"])
+
+
+def test_a_bad_set_exits_2_naming_the_field_before_any_work(capsys):
+    from secfwt.cli import main
+
+    assert main(["simulate", "--set", "zo.stpes=3"]) == 2
+    assert "--set zo.stpes: unknown key 'stpes' in [zo]; valid keys: " in capsys.readouterr().err
+    assert main(["dp-baseline", "secfwt/jobs/default.toml", "--set", "dp.delta=often"]) == 2
+    assert "--set dp.delta=often: [dp] delta: expected float" in capsys.readouterr().err
+    assert main(["bench", "--set", "plan.reps=2"]) == 2
+    assert "expected KEY=VALUE" in capsys.readouterr().err

@@ -106,7 +106,7 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """A performance target of issue 4: ``key`` compared with ``threshold`` by ``at_least``."""
+    """A performance target: ``key`` of the report compared with ``threshold`` by ``at_least``."""
 
     key: str
     threshold: float
@@ -119,7 +119,9 @@ class Target:
         return value >= self.threshold if self.at_least else value <= self.threshold
 
 
-#: The targets of issue 4. The exponent targets allow 0.1 of fitting noise ("about linear").
+#: What secfwt set out to reach against MPC backprop, vanilla CrypTen and plaintext torch; the
+#: report marks each met or missed. The exponent targets allow 0.1 of fitting noise ("about
+#: linear").
 TARGETS = (
     Target("fot_vs_backprop_time_ratio", 20.0, True, "forward-only step >= 20x faster than MPC backprop step"),
     Target("fot_vs_backprop_bytes_ratio", 25.0, True, "forward-only step >= 25x fewer bytes than MPC backprop step"),

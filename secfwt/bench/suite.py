@@ -36,6 +36,7 @@ from secfwt.bench import metrics
 from secfwt.bench.shapes import BERT_BASE, MINILM, LayerShape, hidden_states, layer_names, synthetic_model, time_plaintext
 from secfwt.errors import ConfigError
 from secfwt.models.spec import Attention, Head
+from secfwt.overrides import apply_overrides
 from secfwt.roles import Role
 
 log = logging.getLogger(__name__)
@@ -107,33 +108,31 @@ class BenchPlan:
 
     def with_overrides(self, items: Sequence[str]) -> BenchPlan:
         """This plan with ``KEY=VALUE`` overrides of its numeric fields (``secfwt bench --set
-        fot_seq_len=512``; tuples as comma-separated integers). Raises :class:`ConfigError`
-        naming the field and the fix for an unknown key or a bad value."""
-        settable = {f.name for f in dataclasses.fields(self) if f.name != "quick" and not isinstance(getattr(self, f.name), LayerShape)}
-        changes: dict[str, Any] = {}
-        for item in items:
-            key, sep, raw = (part.strip() for part in item.partition("="))
-            if not sep or not raw:
-                raise ConfigError(f"bench --set {item!r}: expected KEY=VALUE, e.g. --set fot_seq_len=512")
-            if key not in settable:
-                raise ConfigError(f"bench --set {key}: not a field of the plan; choose from: {', '.join(sorted(settable))}")
-            current = getattr(self, key)
-            kind = "comma-separated integers" if isinstance(current, tuple) else type(current).__name__
-            try:
-                value = tuple(int(v) for v in raw.split(",")) if isinstance(current, tuple) else type(current)(raw)
-            except ValueError:
-                raise ConfigError(f"bench --set {key}={raw}: expected {kind}, e.g. {key}={','.join(map(str, current)) if isinstance(current, tuple) else current}") from None
-            lowest = 0 if key == "seed" else 1
-            if any(v < lowest for v in (value if isinstance(value, tuple) else (value,))):
-                raise ConfigError(f"bench --set {key}={raw}: must be {'>= 0' if lowest == 0 else 'positive'}")
-            changes[key] = value
-        return dataclasses.replace(self, **changes)
+        fot_seq_len=512``; lists as comma-separated integers), through the binder jobs use
+        (:func:`secfwt.overrides.apply_overrides`). Raises :class:`ConfigError` naming the
+        field and the fix for an unknown key or a bad value."""
+        return apply_overrides(
+            self, items, noun="plan", example="fot_seq_len=512", command="bench",
+            fixed=_PLAN_FIXED, check=_plan_range,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         for k in ("layer", "fot_shape", "transport_shape"):
             d[k] = getattr(self, k).describe()
         return d
+
+
+#: Fields of the plan that ``--set`` cannot change: the layer shapes and the quick/full choice.
+_PLAN_FIXED = ("quick", "layer", "fot_shape", "transport_shape")
+
+
+def _plan_range(key: str, value: Any) -> str | None:
+    """Every count and length is positive; the seed may be 0."""
+    lowest = 0 if key == "seed" else 1
+    if any(v < lowest for v in (value if isinstance(value, tuple) else (value,))):
+        return "must be >= 0" if lowest == 0 else "must be positive"
+    return None
 
 
 # -- running cases ------------------------------------------------------------------------------
@@ -354,7 +353,7 @@ def _attention(plan: BenchPlan, runner: Runner) -> dict[str, Any]:
 
 #: |secure loss - float64 plaintext loss| above which a tuning-step case is reported as wrong
 #: (the losses are about 0.7; secfwt's steps agree to about 3e-3, CrypTen's autograd to about 0.03
-#: where its softmax works, T <= 128, and not at all from T ~ 256: NOTES.md).
+#: where its softmax works, T <= 128, and not at all from T ~ 256, where its softmax breaks).
 LOSS_TOLERANCE = 0.1
 
 

@@ -5,12 +5,13 @@ have ``requires_grad``, the MPC backpropagation baseline (CrypTen autograd + ``c
 ``secfwt bench fot-vs-backprop``): secfwt's range-safe nonlinearities work on raw shares and have
 no backward pass, so a backpropagation baseline in CrypTen has to use CrypTen's functions.
 
-CrypTen functions used (its default approximations, NOTES.md): ``matmul`` (Beaver triples),
+CrypTen functions used (its default approximations, which fail on wide ranges: ``exp`` below
+-256, ``reciprocal`` above ~300, ``softmax`` from T ~ 256): ``matmul`` (Beaver triples),
 ``softmax`` (max by a comparison tree, ``exp`` by limit approximation, ``reciprocal`` by Newton),
 LayerNorm as ``mean``/``var``/``inv_sqrt`` (``sqrt().reciprocal()`` when gradients are needed:
-``inv_sqrt`` has no registered gradient), GELU in its tanh form (CrypTen's ``erf`` diverges,
-NOTES.md) with CrypTen's ``tanh``, ``cross_entropy`` for the loss. Shapes follow Hugging Face
-``BertLayer`` (post-LayerNorm); parameter names are its state-dict names.
+``inv_sqrt`` has no registered gradient), GELU in its tanh form (CrypTen's ``erf`` diverges
+outside a narrow range) with CrypTen's ``tanh``, ``cross_entropy`` for the loss. Shapes follow
+Hugging Face ``BertLayer`` (post-LayerNorm); parameter names are its state-dict names.
 
 "Vanilla" also means CrypTen's own engine: :func:`vanilla_engine_env` starts every process of a
 vanilla run (the dealer included, hence the environment variable) with ``SECFWT_RING_MATMUL=0``,
