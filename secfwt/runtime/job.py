@@ -286,7 +286,7 @@ def _tune_dp_zo(cfg: JobConfig, runner: CachedForward, sess: PartySession, theta
     """DP-ZO (see :mod:`secfwt.dp.zo`): every step runs on all training rows; the data owner's
     secret Poisson mask selects the sample; both parties add secret Gaussian noise."""
     from secfwt.dp.zo import PrivateRandomness
-    from secfwt.mpc.classification import clip
+    from secfwt.mpc.nonlinear import clip
     from secfwt.tuning.spsa import DPZOSettings, dp_spsa_step
 
     z = cfg.zo
