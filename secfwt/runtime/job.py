@@ -22,7 +22,7 @@ from secfwt.config import JobConfig, Mode
 from secfwt.errors import ConfigError
 from secfwt.models.encoder import EncoderModel, ForwardSettings
 from secfwt.models.spec import EmbeddingMode, ModelSpec, Pooling
-from secfwt.mpc.attention import RFASettings
+from secfwt.models.attention import RFASettings
 from secfwt.mpc.disclosure import Revealable
 from secfwt.mpc.launcher import PartyContext
 from secfwt.roles import Role
