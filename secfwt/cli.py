@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="shorter sequences and smaller batches: a few minutes")
     b.add_argument("--out", default="bench-results", help="folder for bench.json, bench.md and the plots (default ./bench-results)")
     b.add_argument("--report", help="also write the JSON report here")
-    b.add_argument("--check", action="store_true", help="exit 1 when a performance target of issue 4 is missed")
+    b.add_argument("--check", action="store_true", help="exit 1 when a performance target is missed")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field of the plan, e.g. --set fot_seq_len=512 (repeatable; the fields are in bench.json's plan)")
     b.set_defaults(func=cmd_bench)
 

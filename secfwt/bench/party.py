@@ -211,7 +211,7 @@ def _backprop_step(*, ctx: PartyContext, sess: Any, comm: Any, meter: TrafficMet
     spec, trainable, cut, params, x, onehot = _step_inputs(sess, payload)
     for p in params.values():
         p.requires_grad = True
-    # grad_threshold=None: no per-element comparison on the gradients (NOTES.md)
+    # grad_threshold=None: no per-element comparison on the gradients
     opt = crypten.optim.SGD(list(params.values()), lr=1e-4)
 
     def step() -> Any:

@@ -354,7 +354,7 @@ def _attention(plan: BenchPlan, runner: Runner) -> dict[str, Any]:
 
 #: |secure loss - float64 plaintext loss| above which a tuning-step case is reported as wrong
 #: (the losses are about 0.7; secfwt's steps agree to about 3e-3, CrypTen's autograd to about 0.03
-#: where its softmax works, T <= 128, and not at all from T ~ 256: NOTES.md).
+#: where its softmax works, T <= 128, and not at all from T ~ 256).
 LOSS_TOLERANCE = 0.1
 
 
