@@ -48,7 +48,10 @@ class _OpenedOnce:
         self._pair = {p: i for i, p in enumerate(pairs)}
         indices = tuple((self._index[i], self._index[j]) for i, j in pairs)
         dealt = beaver.mask_products(size, len(keys), indices)
-        self._a, self._c_of = dealt if dealt is not None else (None, None)
+        self._a: torch.Tensor | None = None  # masks a_k, stacked on dim 0; None without the dealer
+        self._c_of: Callable[[], torch.Tensor] | None = None
+        if dealt is not None:
+            self._a, self._c_of = dealt
         self._c: torch.Tensor | None = None
         self._known: dict[int, torch.Tensor] = {}  # d_k (opened), or x_k itself without the dealer
         self._rank0 = crypten.communicator.get().get_rank() == 0
@@ -64,7 +67,7 @@ class _OpenedOnce:
 
     def product(self, i: int, j: int) -> torch.Tensor:
         """Share of ``x_i x_j`` (exact ring product) for opened ``i``, ``j``."""
-        if self._a is None:
+        if self._a is None or self._c_of is None:  # no dealer: both None
             return _mul(self._known[i], self._known[j])
         if self._c is None:
             self._c = self._c_of()
@@ -182,9 +185,10 @@ def _even_part_fit(
 def _clenshaw(t: Any, coef: tuple[float, ...]) -> Any:
     """sum_k coef[k] T_k(t) by Clenshaw's recurrence: one secret product per degree, all
     intermediate values bounded by sum |coef| (no growth of monomial coefficients)."""
-    b1 = b2 = None
+    b1: Any = None
+    b2: Any = None
     for a in reversed(coef[1:]):
-        acc = (t * b1) * 2.0 if b1 is not None else None
+        acc: Any = (t * b1) * 2.0 if b1 is not None else None
         b0 = a if acc is None else acc + a
         if b2 is not None:
             b0 = b0 - b2
