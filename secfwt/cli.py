@@ -24,7 +24,7 @@ def _write_report(report: dict[str, Any], path: str | None) -> None:
 def cmd_verify_model(args: argparse.Namespace) -> int:
     from secfwt.crypten_compat import Provider
     from secfwt.models.spec import Attention, EmbeddingMode
-    from secfwt.mpc.attention import RFASettings
+    from secfwt.models.attention import RFASettings
     from secfwt.runtime.verify import VerifyRequest, check, run_verify
 
     provider = Provider.TFP if args.insecure_dev else Provider.TTP

@@ -143,7 +143,7 @@ def _vanilla_forward(*, ctx: PartyContext, sess: Any, comm: Any, meter: TrafficM
 def _attention(*, ctx: PartyContext, sess: Any, comm: Any, meter: TrafficMeter, payload: dict[str, Any]) -> dict[str, Any]:
     """The attention core alone (softmax or RFA) for each sequence length, q/k/v private."""
     from secfwt.models.spec import Attention
-    from secfwt.mpc.attention import RFASettings, rfa_attention, rfa_projection, softmax_attention
+    from secfwt.models.attention import RFASettings, rfa_attention, rfa_projection, softmax_attention
 
     heads, dh, batch = payload["heads"], payload["head_dim"], payload["batch"]
     settings = RFASettings()

@@ -322,7 +322,7 @@ def _vanilla(plan: BenchPlan, runner: Runner, layers: dict[str, _Layer]) -> dict
 
 def _attention(plan: BenchPlan, runner: Runner) -> dict[str, Any]:
     from secfwt.models.ops import PlainOps
-    from secfwt.mpc.attention import RFASettings, rfa_attention, rfa_projection, softmax_attention
+    from secfwt.models.attention import RFASettings, rfa_attention, rfa_projection, softmax_attention
 
     heads, dh, b = plan.attention_heads, plan.attention_head_dim, 1
     g = torch.Generator().manual_seed(plan.seed + 2)

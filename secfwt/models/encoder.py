@@ -18,7 +18,7 @@ import torch
 
 from secfwt.models.ops import Ops, Tensor
 from secfwt.models.spec import Attention, Family, Head, ModelSpec, Pooling
-from secfwt.mpc.attention import RFASettings, rfa_attention, rfa_projection, softmax_attention
+from secfwt.models.attention import RFASettings, rfa_attention, rfa_projection, softmax_attention
 
 #: LoRA parameters live next to the module they adapt: "<module>.lora_A" (r, in), "<module>.lora_B" (out, r).
 LORA_A, LORA_B = "lora_A", "lora_B"

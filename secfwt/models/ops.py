@@ -141,9 +141,7 @@ class SecureOps(Ops):
         return self._nl.gelu_tanh(x)
 
     def tanh(self, x):
-        from secfwt.mpc.classification import tanh
-
-        return tanh(x)
+        return self._nl.tanh(x)
 
     def layer_norm(self, x, *, weight, bias, eps):
         return self._nl.layer_norm(x, weight=weight, bias=bias, eps=eps)
@@ -155,9 +153,7 @@ class SecureOps(Ops):
         return self._nl.reciprocal(x, lo=lo, hi=hi)
 
     def exp_bounded(self, x, *, bound):
-        from secfwt.mpc.approx import exp_bounded
-
-        return exp_bounded(x, bound=bound)
+        return self._nl.exp_bounded(x, bound=bound)
 
     def cat(self, xs, *, dim):
         from secfwt.crypten_compat import crypten
@@ -170,6 +166,4 @@ class SecureOps(Ops):
         return crypten.stack(list(xs), dim=dim)
 
     def log_softmax_nll(self, logits, onehot):
-        from secfwt.mpc.classification import cross_entropy
-
-        return cross_entropy(logits, onehot)
+        return self._nl.cross_entropy(logits, onehot)

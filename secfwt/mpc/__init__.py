@@ -1,1 +1,2 @@
-"""What CrypTen lacks: launcher, transports (gloo, TLS gRPC), disclosure, range-safe nonlinearities, attention, ring matmul."""
+"""What CrypTen lacks: launcher, transports (gloo, TLS gRPC), disclosure, range-safe
+nonlinearities, ring matmul."""

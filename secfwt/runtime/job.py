@@ -22,7 +22,7 @@ from secfwt.config import JobConfig, Mode
 from secfwt.errors import ConfigError
 from secfwt.models.encoder import EncoderModel, ForwardSettings
 from secfwt.models.spec import EmbeddingMode, ModelSpec, Pooling
-from secfwt.mpc.attention import RFASettings
+from secfwt.models.attention import RFASettings
 from secfwt.mpc.disclosure import Revealable
 from secfwt.mpc.launcher import PartyContext
 from secfwt.roles import Role
@@ -286,7 +286,7 @@ def _tune_dp_zo(cfg: JobConfig, runner: CachedForward, sess: PartySession, theta
     """DP-ZO (see :mod:`secfwt.dp.zo`): every step runs on all training rows; the data owner's
     secret Poisson mask selects the sample; both parties add secret Gaussian noise."""
     from secfwt.dp.zo import PrivateRandomness
-    from secfwt.mpc.classification import clip
+    from secfwt.mpc.nonlinear import clip
     from secfwt.tuning.spsa import DPZOSettings, dp_spsa_step
 
     z = cfg.zo

@@ -30,7 +30,7 @@ from secfwt.models.checkpoint import (
 from secfwt.models.encoder import EncoderModel, ForwardSettings, plain_params
 from secfwt.models.ops import PlainOps
 from secfwt.models.spec import Attention, EmbeddingMode, Head, Pooling
-from secfwt.mpc.attention import RFASettings
+from secfwt.models.attention import RFASettings
 from secfwt.mpc.disclosure import DisclosureTerms, Revealable
 from secfwt.mpc.launcher import PartyContext, run_parties
 from secfwt.roles import Role

@@ -50,7 +50,7 @@ def test_plain_encoder_matches_transformers(tmp_path, family, head):
 
 def test_rfa_estimates_cosine_softmax_attention():
     """With many features, FAVOR+ features on unit vectors estimate softmax(sigma^2 q^.k^) attention."""
-    from secfwt.mpc.attention import RFASettings, rfa_attention, rfa_projection
+    from secfwt.models.attention import RFASettings, rfa_attention, rfa_projection
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 10, 16, generator=g, dtype=torch.float64) for _ in range(3))

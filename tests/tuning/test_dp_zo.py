@@ -66,7 +66,7 @@ def _dp_party(ctx: PartyContext, payload: dict[str, Any]) -> dict[str, Any] | No
     from the data owner, the other noise vector from the model owner; returns the revealed result."""
     torch.set_num_threads(1)
     from secfwt.crypten_compat import crypten
-    from secfwt.mpc.classification import clip
+    from secfwt.mpc.nonlinear import clip
 
     p = payload
 
@@ -78,7 +78,7 @@ def _dp_party(ctx: PartyContext, payload: dict[str, Any]) -> dict[str, Any] | No
     x, y = share("x", (10, 4), Role.DATA_OWNER), share("y", (10, 3), Role.DATA_OWNER)
     mask = share("mask", (10,), Role.DATA_OWNER)
     noises = [share("noise", (p["q"],), Role.MODEL_OWNER), share("noise", (p["q"],), Role.DATA_OWNER)]
-    from secfwt.mpc.classification import cross_entropy
+    from secfwt.mpc.nonlinear import cross_entropy
 
     def losses(ps: list[dict[str, Any]]) -> Any:
         return crypten.stack([cross_entropy(x.matmul(q["w"].t()) + q["b"], y) for q in ps])
