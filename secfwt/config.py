@@ -22,6 +22,7 @@ from secfwt.data.datasets import DataSource
 from secfwt.errors import ConfigError
 from secfwt.models.spec import Attention, EmbeddingMode, Head, Pooling
 from secfwt.mpc.disclosure import DisclosureTerms, Revealable
+from secfwt.mpc.provider import Provider
 from secfwt.mpc.transport import Transport
 from secfwt.roles import COMPUTING_ROLES, Role
 
@@ -33,17 +34,14 @@ class Mode(enum.Enum):
     CMA = "cma"  # SecFwT black-box prompt tuning: CMA-ES on the data owner's low-dimensional z
 
 
-class ProviderName(enum.Enum):
-    TTP = "ttp"  # dealer process supplies triples (secure default)
-    TFP = "tfp"  # model owner generates triples and learns the data owner's inputs (needs --insecure-dev)
-
-
 @dataclasses.dataclass(frozen=True)
 class JobSection:
     name: str = "job"
     seed: int = 0
     mode: Mode = Mode.ZO
-    provider: ProviderName = ProviderName.TTP
+    # ttp: a dealer process supplies triples (secure default); tfp: the model owner generates
+    # them and learns the data owner's inputs (needs --insecure-dev).
+    provider: Provider = Provider.TTP
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,11 +245,12 @@ def _build(cls: type, table: dict[str, Any], where: str) -> Any:
 def _convert(value: Any, hint: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
-        choices = [m.value for m in hint]
+        # Job files spell every enum value in lower case (Provider's values are CrypTen's "TTP").
+        choices = [m.value.lower() for m in hint]
         if isinstance(value, str):
             norm = value.strip().lower().replace("-", "_")
             for m in hint:
-                if m.value == norm:
+                if m.value.lower() == norm:
                     return m
         raise ConfigError(f"{where}: {value!r} is not one of {choices}")
     if origin is tuple:
