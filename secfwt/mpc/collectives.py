@@ -11,6 +11,7 @@ other group or op runs CrypTen's code. Installed by :func:`secfwt.mpc.engine.ins
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -33,10 +34,13 @@ def install() -> None:
     cls = DistributedCommunicator  # gloo's class, also while the TLS mesh is selected
     if getattr(cls.all_reduce, "_secfwt_two_party", False):
         return
-    dist = torch.distributed
+    dist: Any = torch.distributed  # isend/irecv return a Work (typed Optional by torch)
     crypten_all_reduce = cls.all_reduce.__wrapped__  # CrypTen's, without its accounting wrapper
     crypten_broadcast = cls.broadcast.__wrapped__
-    combine = {ReduceOp.SUM: torch.add, ReduceOp.BXOR: torch.bitwise_xor}
+    combine: dict[Any, Callable[..., torch.Tensor]] = {
+        ReduceOp.SUM: torch.add,
+        ReduceOp.BXOR: torch.bitwise_xor,
+    }
 
     def peer_in(comm: Any, group: Any) -> int | None:
         ranks = dist.get_process_group_ranks(group)
