@@ -22,7 +22,7 @@ def _write_report(report: dict[str, Any], path: str | None) -> None:
 
 
 def cmd_verify_model(args: argparse.Namespace) -> int:
-    from secfwt.crypten_compat import Provider
+    from secfwt.mpc.provider import Provider
     from secfwt.models.spec import Attention, EmbeddingMode
     from secfwt.models.attention import RFASettings
     from secfwt.runtime.verify import VerifyRequest, check, run_verify

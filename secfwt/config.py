@@ -21,6 +21,7 @@ from secfwt.data.datasets import DataSource
 from secfwt.errors import ConfigError
 from secfwt.models.spec import Attention, EmbeddingMode, Head, Pooling
 from secfwt.mpc.disclosure import DisclosureTerms, Revealable
+from secfwt.mpc.provider import Provider
 from secfwt.mpc.transport import Transport
 from secfwt.overrides import apply_overrides, coerce
 from secfwt.roles import COMPUTING_ROLES, Role
@@ -33,17 +34,14 @@ class Mode(enum.Enum):
     CMA = "cma"  # SecFwT black-box prompt tuning: CMA-ES on the data owner's low-dimensional z
 
 
-class ProviderName(enum.Enum):
-    TTP = "ttp"  # dealer process supplies triples (secure default)
-    TFP = "tfp"  # model owner generates triples and learns the data owner's inputs (needs --insecure-dev)
-
-
 @dataclasses.dataclass(frozen=True)
 class JobSection:
     name: str = "job"
     seed: int = 0
     mode: Mode = Mode.ZO
-    provider: ProviderName = ProviderName.TTP
+    # ttp: a dealer process supplies triples (secure default); tfp: the model owner generates
+    # them and learns the data owner's inputs (needs --insecure-dev).
+    provider: Provider = Provider.TTP
 
 
 @dataclasses.dataclass(frozen=True)

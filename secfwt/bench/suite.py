@@ -153,7 +153,7 @@ class Runner:
             return self._memo[key]
         from secfwt.bench.party import bench_party
         from secfwt.bench.vanilla import vanilla_engine_env
-        from secfwt.crypten_compat import Provider
+        from secfwt.mpc.provider import Provider
         from secfwt.mpc.launcher import run_parties
         from secfwt.mpc.transport import Transport
 

@@ -15,7 +15,7 @@ Hugging Face ``BertLayer`` (post-LayerNorm); parameter names are its state-dict 
 
 "Vanilla" also means CrypTen's own engine: :func:`vanilla_engine_env` starts every process of a
 vanilla run (the dealer included, hence the environment variable) with ``SECFWT_RING_MATMUL=0``,
-which keeps out secfwt's speed-ups (``crypten_compat`` adaptations 4, 6, 8, 10 and 11: ring
+which keeps out secfwt's speed-ups (those :func:`secfwt.mpc.engine.install` switches: ring
 matmul, unwrapped attribute access, Beaver protocols, two-party collectives, keystream draws).
 """
 
@@ -31,7 +31,7 @@ from typing import Any
 Section = Callable[[str], Any]
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-#: Read by :mod:`secfwt.crypten_compat` at import in every process (see its adaptation 4).
+#: Read by :mod:`secfwt.mpc.engine` in every process (its ``SECFWT_RING_MATMUL`` switch).
 _RING_MATMUL_ENV = "SECFWT_RING_MATMUL"
 
 

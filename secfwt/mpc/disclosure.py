@@ -1,6 +1,7 @@
 """Disclosure terms, and the one function through which secret values are ever revealed.
 
-A job lists every value that will be revealed and to whom (DESIGN.md, trust model). Both owners
+A job lists every value that will be revealed and to whom: the MPC protocols hide everything
+else, so this list is all a party learns beyond its own inputs and outputs. Both owners
 accept the same terms (same :meth:`DisclosureTerms.digest`) before a job starts. In the code,
 :meth:`Discloser.reveal` (a secret-shared value) and :meth:`Discloser.disclose_plain` (a value one
 owner holds in the clear, e.g. the embedding table) are the only paths to plaintext: each checks

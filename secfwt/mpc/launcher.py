@@ -91,26 +91,27 @@ def _child_main(
         # Three party processes share the machine's cores; one intra-op thread each avoids
         # threads waiting on each other (measured 5-7x faster whole functions on 2 cores).
         torch.set_num_threads(1)
-        from secfwt import crypten_compat
+        from secfwt.mpc import session
+        from secfwt.mpc.provider import Provider
 
-        crypten_compat.init_party(
+        session.init_party(
             rank=role.rank,
             world_size=world_size,
             rendezvous=rendezvous,
-            provider=crypten_compat.Provider(provider_value),
+            provider=Provider(provider_value),
             comm_stats=comm_stats,
             transport=transport,
             tls=tls,
             insecure_fixed_seed=insecure_fixed_seed,
         )
         if role is Role.DEALER:
-            crypten_compat.run_dealer()
+            session.run_dealer()
             results.put(("ok", role, pickle.dumps(None), 0, 0, time.perf_counter() - t0))
             return
         assert target is not None
         value = target(PartyContext(role=role, world_size=world_size), payload)
-        stats = crypten_compat.communication_stats()
-        crypten_compat.shutdown_party()
+        stats = session.communication_stats()
+        session.shutdown_party()
         # Plain pickle bytes: torch would otherwise pass tensors as file descriptors that die
         # with this process before the parent reads them.
         results.put(("ok", role, pickle.dumps(value), stats["rounds"], stats["bytes"], time.perf_counter() - t0))
@@ -121,9 +122,9 @@ def _child_main(
             results.put(("error", role, exc if isinstance(exc, SecfwtError) else None, str(exc) or type(exc).__name__, tb))
         except Exception:  # noqa: BLE001  (any pickling failure: send only the text)
             results.put(("error", role, None, f"{type(exc).__name__}: {exc}", tb))
-        from secfwt import crypten_compat
+        from secfwt.mpc.session import close_after_failure
 
-        crypten_compat.close_after_failure()  # peers learn which party was lost first
+        close_after_failure()  # peers learn which party was lost first
         results.close()
         results.join_thread()
         os._exit(1)
@@ -146,16 +147,16 @@ def run_parties(
 
     ``payloads`` maps each computing role to the (picklable) argument its process receives:
     this is where a party's private inputs enter, and they enter only that party's process.
-    ``provider`` is a :class:`secfwt.crypten_compat.Provider`. Raises :class:`PartyFailedError`
+    ``provider`` is a :class:`secfwt.mpc.provider.Provider`. Raises :class:`PartyFailedError`
     (or the failing party's own :class:`SecfwtError`) on failure, :class:`ProtocolError` on
     timeout. ``messages``/``on_message``: an optional queue the parties write progress to
     (created with :func:`new_queue`) and a callback the parent runs for each message.
     ``transport``: gloo on loopback (default) or the TLS mesh (see the module docstring);
     ``tls`` gives each role's TLS settings instead of the throwaway local bundle.
     ``insecure_fixed_seed``: tests only, makes every MPC seed predictable
-    (:func:`secfwt.crypten_compat.init_party`).
+    (:func:`secfwt.mpc.session.init_party`).
     """
-    from secfwt.crypten_compat import Provider
+    from secfwt.mpc.provider import Provider
 
     ctx = mp.get_context("spawn")
     results: mp.Queue[Any] = ctx.Queue()

@@ -142,7 +142,7 @@ def _right_product(b: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def _work_ahead() -> bool:
     """False under ``insecure_fixed_seed``: then every draw follows the protocol's order."""
-    from secfwt.crypten_compat import insecure_fixed_bytes
+    from secfwt.mpc.seeding import insecure_fixed_bytes
 
     return insecure_fixed_bytes("owned-work-ahead", 1) is None
 
@@ -330,7 +330,7 @@ def _mask_generator(key: tuple[int, bool], shared: torch.Generator) -> torch.Gen
     with the dealer; under ``insecure_fixed_seed`` (tests) by a value derived from the key
     instead, so that a resumed session (whose masks are set up again at other points of the
     streams) draws the same ``B`` without moving the shared streams."""
-    from secfwt.crypten_compat import insecure_fixed_bytes
+    from secfwt.mpc.seeding import insecure_fixed_bytes
 
     fixed = insecure_fixed_bytes(f"owned-fixed-mask/{key[0]}/{int(key[1])}", 8)
     seed = int.from_bytes(fixed, "little") % 2**63 if fixed is not None else _stream_seed(shared)
@@ -342,7 +342,7 @@ def dealer_one_sided_matmul(generators: list[torch.Generator], size_x: torch.Siz
 
     ``generators`` are the dealer's per-party generators (``TTPServer``'s, seeded in common with
     each party's ``TTPClient``); installed as ``TTPServer.secfwt_one_sided_matmul`` by
-    :mod:`secfwt.crypten_compat`.
+    :func:`secfwt.mpc.engine.install`.
     """
     from crypten.common.rng import generate_random_ring_element
 

@@ -240,7 +240,7 @@ def run_job_party(ctx: PartyContext, payload: dict[str, Any]) -> dict[str, Any]:
 def _run_variants(sess: PartySession, variants: list[tuple[str, JobConfig]], tune: Any, accuracy: Any, theta0: dict[str, Any], progress: Any) -> list[dict[str, Any]]:
     """Several tuning runs from the same start on the same cached prefix (comparisons such as
     ``secfwt dp-compare``); each is evaluated, none delivers parameters."""
-    from secfwt.crypten_compat import communication_stats
+    from secfwt.mpc.session import communication_stats
 
     out = []
     for label, run in variants:
@@ -442,7 +442,7 @@ class _Checkpointer:
 
     def start(self, *, joint_seed: int, accuracy_before: float | None, cache: Any, resumed: Checkpoint | None) -> None:
         """Called once the job is where the tuning loop starts (restored or from scratch)."""
-        from secfwt.crypten_compat import insecure_reseed
+        from secfwt.mpc.seeding import insecure_reseed
 
         self._seed, self._acc_before, self._cache = joint_seed, accuracy_before, cache
         if resumed is not None:
@@ -461,7 +461,7 @@ class _Checkpointer:
         """Write this party's checkpoint if ``step`` is a checkpoint step (between steps only)."""
         if step % self.every:
             return
-        from secfwt.crypten_compat import insecure_reseed
+        from secfwt.mpc.seeding import insecure_reseed
 
         checkpoint_id = self._agreed_id()
         if not self._prefix_id and is_shared(self._cache):

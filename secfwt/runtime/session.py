@@ -1,6 +1,6 @@
 """One party's handle on a running MPC job: sharing inputs, agreeing on public facts, seeds.
 
-Only this module and :mod:`secfwt.crypten_compat` create CrypTen tensors from party inputs;
+Only this module and the engine under :mod:`secfwt.mpc` create CrypTen tensors from party inputs;
 reveals go through :class:`secfwt.mpc.disclosure.Discloser` only.
 """
 
@@ -15,17 +15,18 @@ from typing import Any
 
 import torch
 
-from secfwt.crypten_compat import crypten, insecure_fixed_bytes
+from secfwt.crypten_compat import crypten
 from secfwt.errors import FixedPointRangeError, ProtocolError
 from secfwt.models.ops import SecureOps
 from secfwt.models.spec import ModelSpec
 from secfwt.mpc.disclosure import Discloser, DisclosureTerms
+from secfwt.mpc.seeding import insecure_fixed_bytes
 from secfwt.roles import Role
 
 log = logging.getLogger(__name__)
 
 #: Largest magnitude an input may have. CrypTen encodes with 16 fractional bits in an int64
-#: ring and a product must stay below ~2^31 before truncation (NOTES.md), so inputs are kept
+#: ring and a product (scale 2^32) must stay below ~2^31 before truncation, so inputs are kept
 #: well below sqrt(2^31) ~ 46341 times the largest partner they meet.
 MAX_ABS_INPUT = 2.0**12
 

@@ -11,11 +11,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from secfwt.config import JobConfig, ProviderName
-from secfwt.crypten_compat import Provider
+from secfwt.config import JobConfig
 from secfwt.errors import ConfigError
 from secfwt.models.checkpoint import resolve_model_path
 from secfwt.mpc.launcher import new_queue, run_parties
+from secfwt.mpc.provider import Provider
 from secfwt.roles import Role
 from secfwt.runtime.job import run_job_party
 
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 def provider_for(cfg: JobConfig, *, insecure_dev: bool) -> Provider:
-    if cfg.job.provider is ProviderName.TFP:
+    if cfg.job.provider is Provider.TFP:
         if not insecure_dev:
             raise ConfigError(
                 "job.provider = 'tfp' lets the model owner generate every Beaver triple and so learn the data owner's "
@@ -46,7 +46,8 @@ def run_simulation(
     """Run the job with one process per role; return the report (also written to the run folder).
 
     ``insecure_fixed_seed`` is for reproducibility tests only (every MPC seed predictable; see
-    :func:`secfwt.crypten_compat.init_party`); `secfwt simulate --insecure-fixed-seed` sets it, with a warning.
+    :func:`secfwt.mpc.session.init_party`); `secfwt simulate --insecure-fixed-seed` sets it,
+    with a warning.
     ``checkpoint_dir``: each party checkpoints into ``checkpoint_dir/ROLE`` every
     ``checkpoint_every`` steps; ``resume`` continues from the latest step both hold (see
     :func:`secfwt.runtime.job.run_job_party`).

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from secfwt.crypten_compat import Provider
+from secfwt.mpc.provider import Provider
 from secfwt.errors import ConfigError, ToleranceExceededError
 from secfwt.models.checkpoint import (
     build_hf_model,

@@ -32,8 +32,9 @@ from pathlib import Path
 from typing import Any
 
 import secfwt
-from secfwt.config import JobConfig, ProviderName, parse_job, validate
+from secfwt.config import JobConfig, parse_job, validate
 from secfwt.errors import ConfigError, SecfwtError
+from secfwt.mpc.provider import Provider
 from secfwt.roles import COMPUTING_ROLES, Role
 from secfwt.server.config import PartyConfig, PeerEntry
 from secfwt.server.errors import (
@@ -102,9 +103,10 @@ def parse_job_text(text: str, *, where: str) -> JobConfig:
         validate(cfg)
     except ConfigError as exc:
         raise InvalidRequestError(str(exc)) from None
-    if cfg.job.provider is not ProviderName.TTP:
+    if cfg.job.provider is not Provider.TTP:
         raise InvalidRequestError(
-            f"{where}: job.provider = {cfg.job.provider.value!r} lets the model owner learn the data owner's inputs; "
+            f"{where}: job.provider = {cfg.job.provider.value.lower()!r} lets the model owner "
+            "learn the data owner's inputs; "
             "party daemons only run jobs with provider = 'ttp' (the dealer supplies randomness)"
         )
     return cfg

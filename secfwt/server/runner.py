@@ -97,7 +97,7 @@ class MpcJobRunner:
     def run(self, ctx: JobContext, progress: ProgressCallback, cancel: threading.Event) -> dict[str, Any]:
         import multiprocessing as mp
 
-        from secfwt.crypten_compat import Provider
+        from secfwt.mpc.provider import Provider
         from secfwt.mpc.launcher import collect_one, spawn_party, stop_processes
 
         if ctx.party.party.insecure:

@@ -8,10 +8,11 @@ import sys
 
 
 def test_the_engine_switch_keeps_crypten_attribute_access_as_shipped():
-    """Adaptation 6 (unwrapped ``__getattribute__``) follows SECFWT_RING_MATMUL, like the rest."""
+    """The engine's unwrapped ``__getattribute__`` follows SECFWT_RING_MATMUL, like the rest."""
     code = (
         "import sys\n"
-        "from secfwt.crypten_compat import crypten, ring_matmul_enabled\n"
+        "from secfwt.mpc.engine import install, ring_matmul_enabled\n"
+        "install()\n"
         "from crypten.cryptensor import CrypTensor\n"
         "wrapped = getattr(CrypTensor.__dict__['__getattribute__'], '__wrapped__', None) is not None\n"
         "sys.exit(0 if wrapped != ring_matmul_enabled() else 1)\n"
@@ -26,6 +27,9 @@ def test_vanilla_engine_env_switches_ring_matmul_off_and_back():
     before = os.environ.get("SECFWT_RING_MATMUL")
     with vanilla_engine_env():
         assert os.environ["SECFWT_RING_MATMUL"] == "0"
-        out = subprocess.run([sys.executable, "-c", "from secfwt import crypten_compat as c; print(c.ring_matmul_enabled())"], capture_output=True, text=True, check=True, timeout=120)
+        code = "from secfwt.mpc import engine as c; print(c.ring_matmul_enabled())"
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+        )
         assert out.stdout.strip() == "False"
     assert os.environ.get("SECFWT_RING_MATMUL") == before

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from secfwt.crypten_compat import Provider
+from secfwt.mpc.provider import Provider
 from secfwt.models.checkpoint import load_checkpoint
 from secfwt.models.encoder import EncoderModel, ForwardSettings, plain_params
 from secfwt.models.ops import PlainOps

@@ -1,4 +1,4 @@
-"""Two-party collectives as direct exchanges over gloo (crypten_compat adaptation 10).
+"""Two-party collectives as direct exchanges over gloo (:mod:`secfwt.mpc.collectives`).
 
 One TTP session (model owner, data owner, dealer) per setting checks that CrypTen's
 communicator, as patched, gives bit for bit what gloo's own collectives give:
@@ -11,7 +11,7 @@ communicator, as patched, gives bit for bit what gloo's own collectives give:
 * a Beaver product (whose dealer reply is a two-member ``broadcast``) still opens to exactly
   ``torch.matmul`` of the encoded inputs;
 * with ``SECFWT_RING_MATMUL=0`` CrypTen's own collectives and random draws run (the vanilla
-  baseline; adaptation 11's keystream is off too).
+  baseline; :mod:`secfwt.mpc.keystream` is off too).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import torch
 
-from secfwt.crypten_compat import Provider
+from secfwt.mpc.provider import Provider
 from secfwt.mpc.launcher import PartyContext, run_parties
 from secfwt.roles import Role
 

@@ -1,16 +1,23 @@
-"""Full-ring random elements from AES-128-CTR keystreams (crypten_compat adaptation 11)."""
+"""Full-ring random elements from AES-128-CTR keystreams (:mod:`secfwt.mpc.keystream`)."""
 
 from __future__ import annotations
 
 import hashlib
 
+import pytest
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-import secfwt.crypten_compat  # noqa: F401  (installs the adaptation in this process)
+import secfwt.crypten_compat  # noqa: F401  (CrypTen importable on this torch)
 from crypten.common import rng
 from crypten.mpc.primitives import arithmetic
 from crypten.mpc.provider import ttp_provider
+from secfwt.mpc import keystream
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _installed() -> None:
+    keystream.install()  # what secfwt.mpc.engine.install does when a party starts
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from secfwt.crypten_compat import Provider
+from secfwt.mpc.provider import Provider
 from secfwt.errors import ConfigError, PartyFailedError, ProtocolError
 from secfwt.mpc.launcher import PartyContext, run_parties
 from secfwt.roles import Role

@@ -1,4 +1,4 @@
-"""CrypTen's private x private matmul with the ring-matmul patch (crypten_compat adaptation 4).
+"""CrypTen's private x private matmul with the ring-matmul patch (:mod:`secfwt.mpc.engine`).
 
 One TTP session (model owner, data owner, dealer) checks that
 
@@ -8,8 +8,9 @@ One TTP session (model owner, data owner, dealer) checks that
   ``c = a @ b``) was exact;
 * every matmul the protocol ran on real share tensors went through ``ring_matmul``, which
   agreed bit for bit with torch's int64 matmul (and with the forced limb path) on them, each
-  party ran exactly two of them per product (secfwt's Beaver, adaptation 8: no third product
-  on rank 0, and the TTP client on rank 1 no longer multiplies to learn the triple size);
+  party ran exactly two of them per product (secfwt's Beaver, :mod:`secfwt.mpc.beaver`: no
+  third product on rank 0, and the TTP client on rank 1 no longer multiplies to learn the
+  triple size);
 * with the patch switched off the same checks hold and no matmul goes through the patch.
 """
 
@@ -20,7 +21,7 @@ from typing import Any
 import pytest
 import torch
 
-from secfwt.crypten_compat import Provider
+from secfwt.mpc.provider import Provider
 from secfwt.mpc.launcher import PartyContext, run_parties
 from secfwt.roles import Role
 
@@ -32,12 +33,12 @@ BEAVER_MATMULS = 2
 
 
 def _install_spy(checks: list[bool]) -> None:
-    """Wrap the ring_matmul that crypten_compat calls: record whether each call on real share
+    """Wrap the ring_matmul that the engine calls: record whether each call on real share
     tensors matched torch's int64 matmul and the forced limb path bit for bit."""
-    from secfwt import crypten_compat
+    from secfwt.mpc import engine
     from secfwt.mpc.ring import MAX_EXACT_K, _ring_matmul
 
-    real = crypten_compat.ring_matmul
+    real = engine.ring_matmul
 
     def spy(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         out = real(a, b)
@@ -47,7 +48,7 @@ def _install_spy(checks: list[bool]) -> None:
         checks.append(a.dtype == torch.int64 and same)
         return out
 
-    crypten_compat.ring_matmul = spy  # type: ignore[assignment]
+    engine.ring_matmul = spy  # type: ignore[assignment]
 
 
 def _one_product(x_in: torch.Tensor, w_in: torch.Tensor, checks: list[bool]) -> dict[str, Any]:
@@ -73,7 +74,7 @@ def _one_product(x_in: torch.Tensor, w_in: torch.Tensor, checks: list[bool]) -> 
 
 def party(ctx: PartyContext, payload: list[torch.Tensor]) -> dict[str, Any]:
     """Each party feeds only its own tensors; the other side's argument is a same-shape stub."""
-    from secfwt.crypten_compat import ring_matmul_enabled, set_ring_matmul
+    from secfwt.mpc.engine import ring_matmul_enabled, set_ring_matmul
 
     checks: list[bool] = []
     _install_spy(checks)

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import torch
 
-from secfwt.crypten_compat import Provider
+from secfwt.mpc.provider import Provider
 from secfwt.mpc.launcher import PartyContext, run_parties
 from secfwt.roles import Role
 
@@ -35,7 +35,8 @@ ATOL = 2 * 2.0**-16
 
 
 def party(ctx: PartyContext, payload: list[torch.Tensor]) -> dict[str, Any]:
-    from secfwt.crypten_compat import communication_stats, crypten
+    from secfwt.crypten_compat import crypten
+    from secfwt.mpc.session import communication_stats
     from secfwt.mpc import owned
 
     mine = ctx.role is Role.DATA_OWNER
@@ -47,7 +48,7 @@ def party(ctx: PartyContext, payload: list[torch.Tensor]) -> dict[str, Any]:
         z = owned.matmul(x, w)
         out["sent"].append(communication_stats()["bytes"] - before)
         # Decrypt by opening the ring value (CrypTen 0.4.1's decode is off by one for some
-        # negatives, see crypten_compat adaptation 5) and dividing by the scale.
+        # negatives, see secfwt.crypten_compat) and dividing by the scale.
         out["products"].append((z._tensor.reveal().double() / 2**16).tolist())
         w_plain = w.to_mpc()._tensor.reveal()  # the encoded weights, through an ordinary sharing
         if isinstance(crypten.mpc.get_default_provider(), crypten.mpc.provider.TrustedThirdParty):
@@ -92,7 +93,8 @@ def test_owned_matmul_is_exact_and_one_sided(provider: Provider) -> None:
 
 def fixed_mask_party(ctx: PartyContext, payload: dict[str, Any]) -> dict[str, Any]:
     """Products with frozen (fixed-mask) weights: several inputs per weight, both orientations."""
-    from secfwt.crypten_compat import communication_stats, crypten
+    from secfwt.crypten_compat import crypten
+    from secfwt.mpc.session import communication_stats
     from secfwt.mpc import owned
 
     mine = ctx.role is Role.DATA_OWNER

@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from secfwt.crypten_compat import Provider
+from secfwt.mpc.provider import Provider
 from secfwt.mpc import launcher
 from secfwt.mpc.launcher import PartyContext
 from secfwt.mpc.transport import Transport, keepalive_for_heartbeat

@@ -23,7 +23,7 @@ import grpc
 import pytest
 import torch
 
-from secfwt.crypten_compat import Provider
+from secfwt.mpc.provider import Provider
 from secfwt.errors import ConfigError, ProtocolError
 from secfwt.mpc.launcher import PartyContext, run_parties
 from secfwt.mpc.transport import TlsSettings, Transport, ephemeral_tls_bundle, peer_name

@@ -11,7 +11,7 @@ End to end (real party processes, the tiny ZO job, TTP dealer, fixed test seeds)
 "Same result" is **bit-identical** here, not "within tolerance": the parties restore their
 own raw shares (theta and the cached prefix), share everything else exactly as the first
 run did, and under ``insecure_fixed_seed`` every PRG of the session, the dealer's included,
-is reseeded from (test seed, step) at each checkpoint (:func:`secfwt.crypten_compat.insecure_reseed`),
+is reseeded from (test seed, step) at each checkpoint (:func:`secfwt.mpc.seeding.insecure_reseed`),
 so the steps after the checkpoint draw the same randomness in both runs. In production
 (OS-seeded PRGs) a resumed run draws fresh randomness: CrypTen's local truncation then
 differs by +-1 unit of 2^-16 per truncated value and step, the same size as between any two

@@ -50,7 +50,7 @@ def _disagreeing_terms(ctx, payload):
 
 
 def test_parties_with_different_terms_refuse_to_start():
-    from secfwt.crypten_compat import Provider
+    from secfwt.mpc.provider import Provider
     from secfwt.errors import ProtocolError
     from secfwt.mpc.launcher import run_parties
 
@@ -67,7 +67,7 @@ def _joint_seed(ctx, payload):
 
 
 def test_joint_seed_is_common_and_fresh():
-    from secfwt.crypten_compat import Provider
+    from secfwt.mpc.provider import Provider
     from secfwt.mpc.launcher import run_parties
     from secfwt.roles import Role
 

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import torch
 
-from secfwt.crypten_compat import Provider
+from secfwt.mpc.provider import Provider
 from secfwt.mpc.launcher import PartyContext, run_parties
 from secfwt.roles import Role
 from secfwt.tuning.spsa import DPZOSettings, SPSASettings, directions, dp_spsa_step, spsa_step

@@ -12,7 +12,7 @@ Both give bit-identical results on the same seeds and count bytes and rounds the
 (CrypTen's own accounting decorator wraps both).
 
 This package module imports neither torch nor grpc, so configs can name a transport cheaply;
-:mod:`secfwt.crypten_compat` loads the communicator when a party selects TLS.
+:mod:`secfwt.mpc.transport.selection` loads the communicator when a party selects TLS.
 """
 
 from __future__ import annotations

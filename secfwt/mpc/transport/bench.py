@@ -59,7 +59,7 @@ def _party(ctx: PartyContext, payload: dict[str, Any]) -> dict[str, Any]:
 
 def measure(transport: Transport, *, mb: float = 100.0, reps: int = 3, round_trips: int = 200) -> dict[str, Any]:
     """One benchmark run with ``transport``; returns its figures (model owner's view)."""
-    from secfwt.crypten_compat import Provider
+    from secfwt.mpc.provider import Provider
     from secfwt.runtime.simulate import machine_info
 
     payload = {"mb": mb, "reps": reps, "round_trips": round_trips}

@@ -133,7 +133,10 @@ class MeshCommunicator(Communicator):
         # crypten.communicator._init passes rank 0 and world size 1 (DistributedCommunicator reads
         # the real values from the environment); ours come from prepare().
         if cls._pending is None:
-            raise ProtocolError("TLS transport: call secfwt.crypten_compat.init_party(transport=TLS) before crypten.init()")
+            raise ProtocolError(
+                "TLS transport: call secfwt.mpc.session.init_party(transport=TLS) "
+                "before crypten.init()"
+            )
         my_rank, my_world, settings = cls._pending
         cls.instance = cls(rank=my_rank, world_size=my_world, settings=settings, init_ttp=init_ttp)
 

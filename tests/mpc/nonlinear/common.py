@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from secfwt.crypten_compat import Provider
+from secfwt.mpc.provider import Provider
 from secfwt.mpc import nonlinear as nl
 from secfwt.mpc.launcher import run_parties
 from secfwt.roles import Role

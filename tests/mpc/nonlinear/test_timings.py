@@ -4,7 +4,7 @@ Measured cost (``test_timings``, marked slow): 2 parties + TTP dealer on the 2 c
 one torch thread per party, one run on an otherwise idle machine; the ratio to CrypTen in the same
 run and the bytes are the stable numbers. Bytes are CrypTen's count (elements x 8, sent plus
 received) on the data owner. The CrypTen column runs CrypTen's functions on secfwt's Beaver
-products (crypten_compat adaptation 8). Bit-sliced comparisons (against CrypTen's A2B adder on
+products (:mod:`secfwt.mpc.beaver`). Bit-sliced comparisons (against CrypTen's A2B adder on
 packed lanes) took the bytes per element from 331 / 563 / 501 / 565 / 84 / 2416 to
 203 / 298 / 246 / 310 / 69 / 710; the one-opening bit select and the opened-once polynomial
 factors took them to the values below.
@@ -34,7 +34,7 @@ from typing import Any
 import pytest
 import torch
 
-from secfwt.crypten_compat import Provider
+from secfwt.mpc.provider import Provider
 from secfwt.mpc import nonlinear as nl
 from secfwt.mpc.launcher import PartyContext, run_parties
 from secfwt.roles import Role
@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 def _timing_party(ctx: PartyContext, payload: dict[str, Any]) -> dict[str, Any] | None:
     _one_thread()
-    from secfwt import crypten_compat
+    from secfwt.mpc import session
     from secfwt.crypten_compat import crypten
 
     torch.manual_seed(0)
@@ -86,11 +86,11 @@ def _timing_party(ctx: PartyContext, payload: dict[str, Any]) -> dict[str, Any] 
         sent, rounds = [0, 0], [0, 0]
         for _ in range(payload["repeats"]):
             for k, fn in enumerate((ours, theirs)):
-                crypten_compat.reset_communication_stats()
+                session.reset_communication_stats()
                 t0 = time.perf_counter()
                 fn(x)
                 best[k] = min(best[k], time.perf_counter() - t0)
-                stats = crypten_compat.communication_stats()
+                stats = session.communication_stats()
                 sent[k], rounds[k] = stats["bytes"], stats["rounds"]
         n = x.nelement()
         out[name] = (*(round(t / n * 1e6, 2) for t in best), *(round(b / n) for b in sent), *rounds)
