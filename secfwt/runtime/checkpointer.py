@@ -39,9 +39,9 @@ def agree_checkpointing(
 ) -> JobCheckpointer | None:
     """Agree with the peer on checkpointing (both parties must write at the same steps: each
     write agrees an id over the channel); this party's checkpointer, or None."""
-    on = settings is not None
+    s = settings
     sess.agree(
-        (on, settings.every if on else None, settings.resume if on else False),
+        (s is not None, None if s is None else s.every, False if s is None else s.resume),
         what="checkpointing (checkpoint_dir set, checkpoint_every, resume)",
     )
     if settings is None:

@@ -24,7 +24,7 @@ from secfwt.config import JobConfig, Mode
 from secfwt.data.inputs import DataOwnerInputs
 from secfwt.errors import ConfigError
 from secfwt.models.encoder import EncoderModel
-from secfwt.models.spec import EmbeddingMode, ModelSpec, Pooling
+from secfwt.models.spec import EmbeddingMode, ModelSpec
 from secfwt.mpc.disclosure import Revealable
 from secfwt.mpc.launcher import PartyContext
 from secfwt.roles import Role
@@ -41,10 +41,10 @@ from secfwt.runtime.contract import (
     VariantOutcome,
     public_job_digest,
 )
-from secfwt.runtime.inputs import disclose_table, share_word_embeddings
+from secfwt.runtime.inputs import disclose_table, share_rows, share_word_embeddings
 from secfwt.runtime.session import PartySession
 from secfwt.tuning.cma import CMASettings, PromptSearch
-from secfwt.tuning.forward import CachedForward, forward_settings, mean_pool_weights, prefix
+from secfwt.tuning.forward import CachedForward, forward_settings, prefix
 from secfwt.tuning.loops import ZOSchedule, ZOStepHook, cma_loop, dp_zo_loop, zo_loop
 from secfwt.tuning.spsa import SPSASettings
 from secfwt.tuning.trainable import TrainableSet, initial_values, trainable_set
@@ -228,16 +228,10 @@ def _prepare(ctx: PartyContext, job: PartyJob) -> _Prepared:
         theta = restore_theta(resumed[0], trainable)
     plain_table = disclose_table(sess, spec, state) if not private_table else None
     secret_table = frozen.get(spec.word_embeddings)
-    n, t, c = facts["n"], facts["t"], facts["num_labels"]
-    do = Role.DATA_OWNER
-    labels = None if data is None else torch.nn.functional.one_hot(data.labels, c).float()
-    onehot = sess.share(labels, owner=do, shape=(n, c), name="labels")
-    am = None if data is None else data.attention_mask.float()
-    mask = sess.share(am, owner=do, shape=(n, t), name="attention mask")
-    pool_w = None
-    if cfg.model.pooling is Pooling.MEAN:
-        pw = None if data is None else mean_pool_weights(data.attention_mask).float()
-        pool_w = sess.share(pw, owner=do, shape=(n, t), name="pooling weights")
+    n, t = facts["n"], facts["t"]
+    onehot, mask, pool_w = share_rows(
+        sess, data, n=n, t=t, num_labels=facts["num_labels"], pooling=cfg.model.pooling
+    )
 
     # -- frozen prefix, computed once ---------------------------------------------------------
     cut = cfg.cma.prompt_layer if cfg.job.mode is Mode.CMA else trainable.first_layer(spec)
