@@ -155,6 +155,7 @@ def run_comparison_party(ctx: PartyContext, job: ComparisonJob) -> ComparisonOut
 
 
 def _prepare(ctx: PartyContext, job: PartyJob) -> _Prepared:
+    """Everything before tuning: agreements, sharing, the frozen prefix, the first evaluation."""
     cfg = job.config
     role = ctx.role
     out_dir = Path(job.out_dir) / role.value
