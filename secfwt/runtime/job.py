@@ -28,6 +28,7 @@ from secfwt.models.spec import EmbeddingMode, ModelSpec
 from secfwt.mpc.disclosure import Revealable
 from secfwt.mpc.launcher import PartyContext
 from secfwt.roles import Role
+from secfwt.runtime.artifacts import deliver
 from secfwt.runtime.backend import SharedBackend, SharedPromptScorer
 from secfwt.runtime.checkpoint import Checkpoint, from_share, precision_bits
 from secfwt.runtime.checkpointer import JobCheckpointer, agree_checkpointing, restore_theta
@@ -105,7 +106,7 @@ def run_job_party(ctx: PartyContext, job: PartyJob) -> PartyOutcome:
     theta, prompt, history, dp_report = _tune(s, s.cfg, s.theta, ckpt=s.ckpt)
     acc_after = s.accuracy(theta, prompt, "after tuning")
     s.progress(kind="eval", when="after", accuracy=acc_after)
-    artifacts = _deliver(s.sess, theta, s.local, s.out_dir)
+    artifacts = deliver(s.sess, theta, s.local, s.out_dir)
     spec = s.spec
     return PartyOutcome(
         accuracy_before=s.acc_before,
@@ -382,31 +383,3 @@ def _tune_cma(s: _Prepared, run: JobConfig, *, ckpt: JobCheckpointer | None) -> 
     if search is not None and final is not None:
         s.local["prompt"] = final
     return {}, prompt, history, None
-
-
-def _deliver(
-    sess: PartySession, theta: dict[str, Any], local: dict[str, torch.Tensor], out_dir: Path
-) -> dict[str, str]:
-    """Reveal the tuned parameters to the owners the terms name and save them there.
-
-    ``local`` holds values this party already owns in the clear (the data owner's prompt in
-    SecFwT mode); they are saved without any reveal.
-    """
-    to = sess.discloser.terms.recipients(Revealable.FINAL_PARAMETERS)
-    saved: dict[str, str] = {}
-    if local:
-        path = out_dir / "prompt.pt"
-        torch.save(local, path)
-        saved["prompt"] = str(path)
-    if not to:
-        return saved
-    values = {}
-    for name, x in theta.items():
-        v = sess.discloser.reveal(x, value=Revealable.FINAL_PARAMETERS, to=to, note=name)
-        if v is not None:
-            values[name] = v
-    if values:
-        path = out_dir / "final_parameters.pt"
-        torch.save(values, path)
-        saved["final_parameters"] = str(path)
-    return saved
