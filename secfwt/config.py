@@ -289,7 +289,7 @@ def validate(cfg: JobConfig) -> None:
 
 def _validate_dp(cfg: JobConfig) -> None:
     """DP settings that are wrong whatever the data; checks that need the row count live in
-    :func:`secfwt.dp.accounting.plan` and run before any party starts."""
+    :func:`secfwt.tuning.accounting.plan` and run before any party starts."""
     s, d = cfg.source, cfg.dp
     if d.target_epsilon is not None and d.target_epsilon <= 0:
         raise ConfigError(f"{s}: dp.target_epsilon = {d.target_epsilon}: must be > 0 (smaller is more private; typical values 1 to 10)")

@@ -184,7 +184,7 @@ def _fot_step(*, ctx: PartyContext, sess: Any, comm: Any, meter: TrafficMeter, p
     """One secfwt SPSA step (MeZO): 2 forwards per direction of the trainable upper layers
     and head from the cached frozen prefix, secret loss, local update."""
     from secfwt.models.encoder import ForwardSettings
-    from secfwt.runtime.forward import CachedForward
+    from secfwt.tuning.forward import CachedForward
     from secfwt.tuning.spsa import SPSASettings, directions, spsa_step
 
     spec, trainable, cut, theta, cache, onehot = _step_inputs(sess, payload)

@@ -363,7 +363,7 @@ def _plain_step_loss(spec: Any, state: dict[str, torch.Tensor], x: torch.Tensor,
     perturbed losses, which differs from this by O(eps^2))."""
     from secfwt.models.encoder import ForwardSettings, plain_params
     from secfwt.models.ops import PlainOps
-    from secfwt.runtime.forward import CachedForward
+    from secfwt.tuning.forward import CachedForward
 
     b, t = labels.shape[0], x.shape[1]
     onehot = torch.nn.functional.one_hot(labels, spec.num_labels).double()
@@ -382,7 +382,7 @@ def _fot_vs_backprop(plan: BenchPlan, runner: Runner) -> dict[str, Any]:
     the classifier. Layer 0 is frozen; its output for the batch is the cached frozen prefix
     (shares the data owner provides here), as secfwt caches it when only upper layers train,
     so neither step runs it: both start from the same shared hidden states.
-    Forward-only: :func:`secfwt.tuning.spsa.spsa_step` over :class:`~secfwt.runtime.forward.CachedForward`
+    Forward-only: :func:`secfwt.tuning.spsa.spsa_step` over :class:`~secfwt.tuning.forward.CachedForward`
     (secfwt's engine, secret mask and labels, ``fot_directions`` public directions, two forwards
     each, secret cross-entropy, local update), with RFA (SecFwT) and, for reference, softmax.
     Backprop: CrypTen autograd over :mod:`secfwt.bench.vanilla` (CrypTen's softmax, no mask),

@@ -1,1 +1,2 @@
-"""Opacus DP-SGD baseline and DP accounting: arrive with issue #5."""
+"""Plaintext DP-SGD baseline (Opacus) and ``secfwt dp-compare``; the DP-ZO maths and the
+accountant they share with the MPC job live in :mod:`secfwt.tuning`."""

@@ -4,7 +4,7 @@ The non-MPC reference for a DP job: one party holding both model and data. Same 
 (:func:`secfwt.runtime.data_owner.prepare_inputs`), same starting parameters (the job's
 checkpoint state and :func:`secfwt.tuning.trainable.initial_values` under ``job.seed``), same
 forward (:class:`secfwt.dp.classifier.DPClassifier`), same privacy plan
-(:func:`secfwt.dp.accounting.plan`, checked before any work).
+(:func:`secfwt.tuning.accounting.plan`, checked before any work).
 
 Mechanism (Abadi et al. 2016, as Opacus implements it): each step includes every training row
 with probability ``plan.sample_rate`` (Opacus's ``UniformWithReplacementSampler``, the sampler
@@ -40,10 +40,10 @@ from typing import Any
 import torch
 
 from secfwt.config import AccountantName, JobConfig, Mode
-from secfwt.dp.accounting import DPPlan, make_accountant, plan
 from secfwt.dp.classifier import DPClassifier, HeadView, load_classifier, mark_trainable, pooled_features
 from secfwt.dp.training_state import TrainingState, load_state, refuse_existing, save_state, settings_digest
 from secfwt.errors import ConfigError
+from secfwt.tuning.accounting import DPPlan, make_accountant, plan
 
 log = logging.getLogger(__name__)
 
@@ -180,8 +180,7 @@ def _job_model(cfg: JobConfig, model_dir: Path, *, num_labels: int, max_length: 
     """The job's starting model: the model owner's checkpoint state and initial trainable
     values under ``job.seed``, exactly as the MPC job shares them; the job's trainable set."""
     from secfwt.models.checkpoint import load_checkpoint
-    from secfwt.runtime.job import trainable_set
-    from secfwt.tuning.trainable import initial_values
+    from secfwt.tuning.trainable import initial_values, trainable_set
 
     spec, weights = load_checkpoint(model_dir, head=cfg.model.head, num_labels=num_labels, seed=cfg.job.seed)
     if max_length > spec.max_tokens:
@@ -241,7 +240,7 @@ class _EpsilonMeter:
         every = max(1, p.steps // _PRV_PROGRESS_POINTS)
         if step % every and step != p.steps:
             return None
-        from secfwt.dp.accounting import epsilon
+        from secfwt.tuning.accounting import epsilon
 
         return epsilon(noise_multiplier=p.noise_multiplier, sample_rate=p.sample_rate, steps=step, delta=p.delta, accountant=p.accountant)
 

@@ -17,7 +17,7 @@ Differences from ``*ForSequenceClassification.forward`` that make it equal the M
   are then the same function);
 - ``position_ids`` are passed per example (B, L), numbered like the MPC job
   (``spec.position_offset + 0..L-1``); Opacus needs the batch dimension (a (1, L) buffer gives
-  one per-sample gradient for the whole batch, see NOTES.md), and RoBERTa's padding-aware
+  one per-sample gradient for the whole batch), and RoBERTa's padding-aware
   numbering only differs at padded positions, which nothing reads;
 - ``token_type_ids`` are zeros (B, L): single-segment inputs, as in the MPC job.
 """
@@ -33,7 +33,7 @@ from torch import nn
 from secfwt.errors import ConfigError
 from secfwt.models.checkpoint import family_of, load_config
 from secfwt.models.spec import Family, Head, ModelSpec, Pooling
-from secfwt.runtime.forward import mean_pool_weights
+from secfwt.tuning.forward import mean_pool_weights
 
 
 class _PoolerSlot(nn.Module):

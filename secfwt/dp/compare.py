@@ -23,6 +23,7 @@ from typing import Any
 from secfwt.config import JobConfig, Mode, load_job
 from secfwt.errors import ConfigError
 from secfwt.roles import Role
+from secfwt.runtime.contract import ComparisonOutcome, Variant
 
 log = logging.getLogger(__name__)
 
@@ -54,27 +55,28 @@ def load_comparison_job(path: str | None, *, quick: bool, overrides: Sequence[st
     return cfg
 
 
-def variants(cfg: JobConfig, epsilons: Sequence[float]) -> list[tuple[str, JobConfig]]:
+def variants(cfg: JobConfig, epsilons: Sequence[float]) -> list[Variant]:
     """The MPC runs: no DP, then DP-ZO calibrated to each epsilon (other [dp] keys as given)."""
-    out = [("zo (no DP)", dataclasses.replace(cfg, dp=dataclasses.replace(cfg.dp, enabled=False)))]
+    no_dp = dataclasses.replace(cfg.dp, enabled=False)
+    out = [Variant(label="zo (no DP)", config=dataclasses.replace(cfg, dp=no_dp))]
     for e in epsilons:
         dp = dataclasses.replace(cfg.dp, enabled=True, target_epsilon=float(e), noise_multiplier=None)
-        out.append((f"dp-zo eps={e:g}", dataclasses.replace(cfg, dp=dp)))
+        out.append(Variant(label=f"dp-zo eps={e:g}", config=dataclasses.replace(cfg, dp=dp)))
     return out
 
 
 def run_comparison(cfg: JobConfig, *, epsilons: Sequence[float] = EPSILONS, out_dir: Path, on_progress: Progress | None = None, skip_baseline: bool = False) -> dict[str, Any]:
     from secfwt.config import validate
-    from secfwt.dp.accounting import plan
     from secfwt.dp.baseline import baseline_plan, run_dp_baseline
     from secfwt.runtime.data_owner import count_train_rows
     from secfwt.runtime.simulate import machine_info
+    from secfwt.tuning.accounting import plan
 
     if not epsilons or any(e <= 0 for e in epsilons):
         raise ConfigError(f"--epsilons {list(epsilons)}: give one or more values > 0, e.g. 1,3,8")
     runs = variants(cfg, epsilons)
     n_train = count_train_rows(cfg)
-    for _, run in runs:  # every budget is checked before any process starts
+    for run in (v.config for v in runs):  # every budget is checked before any process starts
         validate(run)
         if run.dp.enabled:
             plan(run.dp, n_train=n_train, batch_size=run.zo.batch_size, steps=run.zo.steps, where=run.source)
@@ -127,39 +129,44 @@ def run_comparison(cfg: JobConfig, *, epsilons: Sequence[float] = EPSILONS, out_
     return report
 
 
-def _run_mpc(cfg: JobConfig, runs: list[tuple[str, JobConfig]], out_dir: Path, progress: Progress) -> dict[str, Any]:
+def _run_mpc(cfg: JobConfig, runs: list[Variant], out_dir: Path, progress: Progress) -> dict[str, Any]:
     from secfwt.models.checkpoint import resolve_model_path
     from secfwt.mpc.launcher import new_queue, run_parties
-    from secfwt.runtime.job import run_job_party
+    from secfwt.runtime.contract import ComparisonJob, PartyJob
+    from secfwt.runtime.job import run_comparison_party
     from secfwt.runtime.simulate import provider_for
 
     queue = new_queue()
-    common = {"config": cfg, "out_dir": str(out_dir / "mpc"), "progress": queue, "model_dir": str(resolve_model_path(cfg.model.path)), "variants": runs}
+    job = PartyJob(
+        config=cfg, out_dir=str(out_dir / "mpc"), progress=queue,
+        model_dir=str(resolve_model_path(cfg.model.path)),
+    )
+    both = ComparisonJob(job=job, variants=tuple(runs))
     t0 = time.perf_counter()
     results = run_parties(
-        run_job_party,
-        payloads={Role.MODEL_OWNER: dict(common), Role.DATA_OWNER: dict(common)},
+        run_comparison_party,
+        payloads={Role.MODEL_OWNER: both, Role.DATA_OWNER: both},
         provider=provider_for(cfg, insecure_dev=False),
         timeout_s=cfg.run.timeout_s,
         messages=queue,
         on_message=progress,
     )
     wall = time.perf_counter() - t0
-    do = results[Role.DATA_OWNER].value
-    tuned = sum(v["tune_s"] for v in do["variants"])
+    do: ComparisonOutcome = results[Role.DATA_OWNER].value
+    tuned = sum(v.tune_s for v in do.variants)
     return {
         "data_owner": do,
         "shared_s": wall - tuned,
-        "n_eval": do["n_eval"],
+        "n_eval": do.n_eval,
         "traffic": {r.value: {"bytes_sent": res.bytes_sent, "rounds": res.rounds} for r, res in results.items()},
     }
 
 
-def _mpc_rows(mpc: dict[str, Any], runs: list[tuple[str, JobConfig]]) -> list[dict[str, Any]]:
-    do = mpc["data_owner"]
+def _mpc_rows(mpc: dict[str, Any], runs: list[Variant]) -> list[dict[str, Any]]:
+    do: ComparisonOutcome = mpc["data_owner"]
     rows = []
-    for (label, run), v in zip(runs, do["variants"], strict=True):
-        dp = v["dp"]
+    for variant, v in zip(runs, do.variants, strict=True):
+        label, run, dp = variant.label, variant.config, v.dp
         rows.append(
             {
                 "method": "mpc-dp-zo" if run.dp.enabled else "mpc-zo",
@@ -169,13 +176,13 @@ def _mpc_rows(mpc: dict[str, Any], runs: list[tuple[str, JobConfig]]) -> list[di
                 "epsilon": dp["epsilon_against_each_party"] if dp else None,
                 "epsilon_released_output": dp["epsilon_released_output"] if dp else None,
                 "noise_multiplier": dp["noise_multiplier_per_party"] if dp else None,
-                "accuracy_before": do["accuracy_before"],
-                "accuracy_after": v["accuracy_after"],
-                "steps": v["steps"],
-                "tune_s": v["tune_s"],
-                "wall_s": mpc["shared_s"] + v["tune_s"],
-                "data_owner_bytes_sent": v["bytes_sent"],
-                "dp": dp,
+                "accuracy_before": do.accuracy_before,
+                "accuracy_after": v.accuracy_after,
+                "steps": v.steps,
+                "tune_s": v.tune_s,
+                "wall_s": mpc["shared_s"] + v.tune_s,
+                "data_owner_bytes_sent": v.bytes_sent,
+                "dp": None if dp is None else dict(dp),
             }
         )
     return rows

@@ -54,7 +54,7 @@ class CheckpointStop(SecfwtError):
     exit_code = 75
 
     def __init__(self, step: int) -> None:
-        super().__init__(f"stopped after writing the checkpoint of step {step} (payload stop_after_step; tests only)")
+        super().__init__(f"stopped after writing the checkpoint of step {step} (Checkpointing.stop_after_step; tests only)")
         self.step = step
 
     def __reduce__(self):  # picklable across processes with its one-argument constructor

@@ -9,11 +9,11 @@ import torch
 
 from secfwt.config import JobConfig
 from secfwt.data.datasets import LabelledTexts, load_dataset
+from secfwt.data.inputs import DataOwnerInputs
 from secfwt.data.sampling import few_shot_split
 from secfwt.data.tokenize import load_tokenizer, tokenize
 from secfwt.errors import DataError
 from secfwt.models.checkpoint import load_config, max_input_tokens
-from secfwt.runtime.job import DataOwnerInputs
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Turning the data owner's token ids into secret-shared input embeddings (both embedding modes)."""
+"""The data owner's inputs as secret shares: labels, masks, and input embeddings (both modes)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from secfwt.models.spec import EmbeddingMode, ModelSpec
+from secfwt.data.inputs import DataOwnerInputs
+from secfwt.models.spec import EmbeddingMode, ModelSpec, Pooling
 from secfwt.mpc.disclosure import Revealable
 from secfwt.roles import Role
 from secfwt.runtime.session import PartySession
+from secfwt.tuning.forward import mean_pool_weights
 
 #: One-hot rows shared per chunk in private mode (bounds memory: chunk * T * V int64 per party).
 _ONEHOT_CHUNK_TOKENS = 4096
@@ -61,3 +63,21 @@ def share_word_embeddings(
         x = sess.share(onehot, owner=Role.DATA_OWNER, shape=(e - s, t, v), name="one-hot token ids")
         parts.append(x.matmul(secret_table))  # (n_chunk, T, H)
     return parts[0] if len(parts) == 1 else crypten.cat(parts, dim=0)
+
+
+def share_rows(
+    sess: PartySession, data: DataOwnerInputs | None, *, n: int, t: int, num_labels: int,
+    pooling: Pooling,
+) -> tuple[Any, Any, Any]:
+    """Shares of the one-hot labels (n, C), the attention mask (n, t) and, for mean pooling,
+    the pooling weights (n, t) (else None). ``data`` is the data owner's, None elsewhere."""
+    do = Role.DATA_OWNER
+    labels = None if data is None else F.one_hot(data.labels, num_labels).float()
+    onehot = sess.share(labels, owner=do, shape=(n, num_labels), name="labels")
+    am = None if data is None else data.attention_mask.float()
+    mask = sess.share(am, owner=do, shape=(n, t), name="attention mask")
+    pool_w = None
+    if pooling is Pooling.MEAN:
+        pw = None if data is None else mean_pool_weights(data.attention_mask).float()
+        pool_w = sess.share(pw, owner=do, shape=(n, t), name="pooling weights")
+    return onehot, mask, pool_w

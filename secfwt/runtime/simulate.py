@@ -17,6 +17,7 @@ from secfwt.models.checkpoint import resolve_model_path
 from secfwt.mpc.launcher import new_queue, run_parties
 from secfwt.mpc.provider import Provider
 from secfwt.roles import Role
+from secfwt.runtime.contract import Checkpointing, PartyJob, PartyOutcome
 from secfwt.runtime.job import run_job_party
 
 log = logging.getLogger(__name__)
@@ -50,8 +51,12 @@ def run_simulation(
     with a warning.
     ``checkpoint_dir``: each party checkpoints into ``checkpoint_dir/ROLE`` every
     ``checkpoint_every`` steps; ``resume`` continues from the latest step both hold (see
-    :func:`secfwt.runtime.job.run_job_party`).
+    :class:`secfwt.runtime.contract.Checkpointing`).
     """
+    if resume and checkpoint_dir is None:
+        raise ConfigError(
+            "resume needs checkpoint_dir: the folder the parties' checkpoints were written to"
+        )
     provider = provider_for(cfg, insecure_dev=insecure_dev)
     model_dir = resolve_model_path(cfg.model.path)
     if cfg.dp.enabled:
@@ -60,8 +65,15 @@ def run_simulation(
     out_dir = Path(cfg.run.output_dir) / f"{cfg.job.name}-{stamp}"
     out_dir.mkdir(parents=True, exist_ok=True)
     progress = new_queue()
-    common = {"config": cfg, "out_dir": str(out_dir), "progress": progress, "model_dir": str(model_dir), "checkpoint_every": checkpoint_every, "resume": resume}
-    payloads = {role: {**common, "checkpoint_dir": None if checkpoint_dir is None else str(Path(checkpoint_dir) / role.value)} for role in (Role.MODEL_OWNER, Role.DATA_OWNER)}
+    payloads = {
+        role: PartyJob(
+            config=cfg, out_dir=str(out_dir), model_dir=str(model_dir), progress=progress,
+            checkpoints=None if checkpoint_dir is None else Checkpointing(
+                folder=str(Path(checkpoint_dir) / role.value), every=checkpoint_every, resume=resume
+            ),
+        )
+        for role in (Role.MODEL_OWNER, Role.DATA_OWNER)
+    }
     t0 = time.perf_counter()
     results = run_parties(
         run_job_party,
@@ -74,8 +86,10 @@ def run_simulation(
         insecure_fixed_seed=insecure_fixed_seed,
     )
     wall = time.perf_counter() - t0
-    do = results[Role.DATA_OWNER].value
-    mo = results[Role.MODEL_OWNER].value
+    do: PartyOutcome = results[Role.DATA_OWNER].value
+    mo: PartyOutcome = results[Role.MODEL_OWNER].value
+    before, after = do.accuracy_before, do.accuracy_after
+    gain = None if before is None or after is None else 100.0 * (after - before)
     report = {
         "job": cfg.job.name,
         "job_file": cfg.source,
@@ -85,29 +99,34 @@ def run_simulation(
         "embedding": cfg.model.embedding.value,
         "provider": provider.value,
         "transport": cfg.run.transport.value,
-        "accuracy_before": do["accuracy_before"],
-        "accuracy_after": do["accuracy_after"],
-        "accuracy_gain_points": None if do["accuracy_before"] is None else 100.0 * (do["accuracy_after"] - do["accuracy_before"]),
-        "steps": do["steps"],
+        "accuracy_before": do.accuracy_before,
+        "accuracy_after": do.accuracy_after,
+        "accuracy_gain_points": gain,
+        "steps": do.steps,
         "wall_s": wall,
-        "frozen_prefix_s": do["prefix_s"],
-        "cut_layer": do["cut_layer"],
-        "joint_seed": do["joint_seed"],
-        "trainable": do["trainable"],
-        "loss_history": [h["loss"] for h in do["history"]],
-        "resumed_from_step": do.get("resumed_from_step"),
-        "dp": do["dp"],
+        "frozen_prefix_s": do.prefix_s,
+        "cut_layer": do.cut_layer,
+        "joint_seed": do.joint_seed,
+        "trainable": {"names": list(do.trainable_names), "numel": do.trainable_numel},
+        "loss_history": do.loss_history,
+        "resumed_from_step": do.resumed_from_step,
+        "dp": None if do.dp is None else dict(do.dp),
         "disclosure_terms": cfg.terms.to_list(),
         "terms_digest": cfg.terms.digest(),
         "parties": {
-            r.value: {"bytes_sent": res.bytes_sent, "rounds": res.rounds, "wall_s": res.wall_s, "reveals": res.value["reveals"] if res.value else 0, "artifacts": res.value["artifacts"] if res.value else {}}
+            r.value: {
+                "bytes_sent": res.bytes_sent, "rounds": res.rounds, "wall_s": res.wall_s,
+                "reveals": res.value.reveals if res.value else 0,
+                "artifacts": dict(res.value.artifacts) if res.value else {},
+            }
             for r, res in results.items()
             if r is not Role.DEALER
         },
         "output_dir": str(out_dir),
         "machine": machine_info(),
     }
-    report["parties"]["model_owner"]["accuracy_seen"] = {"before": mo["accuracy_before"], "after": mo["accuracy_after"]}
+    seen = {"before": mo.accuracy_before, "after": mo.accuracy_after}
+    report["parties"]["model_owner"]["accuracy_seen"] = seen
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     return report
 
@@ -115,7 +134,7 @@ def run_simulation(
 def preflight_dp(cfg: JobConfig) -> None:
     """Refuse an impossible privacy budget before any party process starts (the parties check
     again with the row count they agree on)."""
-    from secfwt.dp.accounting import plan
+    from secfwt.tuning.accounting import plan
     from secfwt.runtime.data_owner import count_train_rows
 
     plan(cfg.dp, n_train=count_train_rows(cfg), batch_size=cfg.zo.batch_size, steps=cfg.zo.steps, where=cfg.source)

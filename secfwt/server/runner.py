@@ -30,7 +30,7 @@ import shutil
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from secfwt.config import JobConfig
 from secfwt.errors import ConfigError, PartyFailedError
@@ -39,6 +39,9 @@ from secfwt.server.config import PartyConfig, PeerEntry
 from secfwt.server.identity import Identity
 from secfwt.server.logs import fields
 from secfwt.server.protocol import Proposal
+
+if TYPE_CHECKING:
+    from secfwt.runtime.contract import PartyJob
 
 log = logging.getLogger("secfwt.server")
 
@@ -106,13 +109,15 @@ class MpcJobRunner:
                 "authenticated TLS between daemons; run the daemons with certificates (`secfwt certs`), or use `secfwt simulate` locally"
             )
         tls = mpc_tls_settings(ctx)
+        from secfwt.runtime.contract import PartyOutcome
+        from secfwt.runtime.job import run_job_party
+
         payload = None if ctx.role is Role.DEALER else party_payload(ctx)
         mpctx = mp.get_context("spawn")
         results = mpctx.Queue()
         messages = mpctx.Queue() if payload is not None else None
         if payload is not None:
-            payload["progress"] = messages
-        from secfwt.runtime.job import run_job_party
+            payload = dataclasses.replace(payload, progress=messages)
 
         progress(phase="mpc", message=f"MPC session on {tls.listen} with {', '.join(f'{r.value} at {e.mpc_peer_address}' for r, e in sorted(ctx.peers.items(), key=lambda kv: kv[0].rank))}")
         proc = spawn_party(
@@ -130,10 +135,9 @@ class MpcJobRunner:
                 if q is not None:
                     q.close()
                     q.cancel_join_thread()
-        value = res.value or {}
         if payload is not None:
-            _collect_artifacts(Path(payload["out_dir"]) / ctx.role.value, ctx.artifacts_dir)
-        summary = {k: v for k, v in value.items() if k != "artifacts"}
+            _collect_artifacts(Path(payload.out_dir) / ctx.role.value, ctx.artifacts_dir)
+        summary = res.value.summary() if isinstance(res.value, PartyOutcome) else {}
         summary.update(role=ctx.role.value, bytes_sent=res.bytes_sent, rounds=res.rounds, party_wall_s=res.wall_s)
         return summary
 
@@ -182,10 +186,11 @@ def mpc_tls_settings(ctx: JobContext) -> Any:
     )
 
 
-def party_payload(ctx: JobContext) -> dict[str, Any]:
+def party_payload(ctx: JobContext) -> PartyJob:
     """What :func:`secfwt.runtime.job.run_job_party` gets on this host: the job with this party's
     own holdings in place of the job file's model and data locations."""
     from secfwt.models.checkpoint import resolve_model_path
+    from secfwt.runtime.contract import Checkpointing, PartyJob
 
     cfg = ctx.job
     if ctx.role is Role.MODEL_OWNER:
@@ -205,18 +210,21 @@ def party_payload(ctx: JobContext) -> dict[str, Any]:
                 f"{ctx.party.source}: the data owner needs the model's tokenizer (public) to encode its data: {exc}; "
                 "set [data] tokenizer = a folder with the tokenizer files, or packaged:NAME"
             ) from None
-    return {
-        "config": cfg,
-        "out_dir": str(ctx.work_dir / "run"),
-        "model_dir": str(model_dir),
-        "checkpoint_dir": str(ctx.work_dir / "checkpoints"),
-        "checkpoint_every": ctx.checkpoint_every_steps,
-        "resume": ctx.resume,
-    }
+    return PartyJob(
+        config=cfg,
+        out_dir=str(ctx.work_dir / "run"),
+        model_dir=str(model_dir),
+        checkpoints=Checkpointing(
+            folder=str(ctx.work_dir / "checkpoints"),
+            every=ctx.checkpoint_every_steps,
+            resume=ctx.resume,
+        ),
+    )
 
 
 def _forward_progress(messages: Any, progress: ProgressCallback) -> None:
-    """Party-process progress messages (see run_job_party) as daemon progress events."""
+    """Party-process progress messages (see :class:`secfwt.runtime.contract.PartyJob`) as
+    daemon progress events."""
     while True:
         try:
             _role, msg = messages.get_nowait()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -69,11 +70,12 @@ class PromptSearch:
 
     def restore(self, state: dict[str, object]) -> None:
         """Continue from :meth:`state` (of a search with the same settings)."""
-        es = state["es"]
+        es: Any = state["es"]  # a cma.CMAEvolutionStrategy
         if int(es.N) != self.s.intrinsic_dim or int(es.popsize) != self.s.population:
             raise ValueError(f"CMA-ES state of dimension {es.N} / population {es.popsize}; this search has {self.s.intrinsic_dim} / {self.s.population}")
         self.es = es
-        np.random.set_state(state["numpy_rng"])
+        rng: Any = state["numpy_rng"]
+        np.random.set_state(rng)
         self._asked = []
 
     def prompt_of(self, z: np.ndarray) -> torch.Tensor:

@@ -57,7 +57,7 @@ def spsa_step(
     gs = [(values[2 * i] - values[2 * i + 1]) * (1.0 / (2 * eps)) for i in range(q)]
     new = {}
     for n in params:
-        upd = None
+        upd: Any = None  # the sum over directions (a share in MPC)
         for g, u in zip(gs, us):
             term = g * cast(u[n])  # secret scalar x public direction: local in MPC
             upd = term if upd is None else upd + term
@@ -114,7 +114,7 @@ def dp_spsa_step(
     g = g * (1.0 / dp.expected_batch)
     new = {}
     for n in params:
-        upd = None
+        upd: Any = None  # the sum over directions (a share in MPC)
         for i, u in enumerate(us):
             term = g[i] * cast(u[n])  # secret scalar x public direction: local in MPC
             upd = term if upd is None else upd + term

@@ -14,6 +14,7 @@ import re
 
 import torch
 
+from secfwt.config import JobConfig, Mode
 from secfwt.errors import ConfigError
 from secfwt.models.encoder import LORA_A, LORA_B, SOFT_PROMPT
 from secfwt.models.spec import ModelSpec
@@ -117,3 +118,20 @@ def init_new_parameters(spec: ModelSpec, state: dict[str, torch.Tensor], trainab
         else:
             out[name] = torch.zeros(shape)
     return out
+
+
+def trainable_set(cfg: JobConfig, spec: ModelSpec) -> TrainableSet:
+    """The job's trainable set: ``[zo]`` selection for ZO jobs; none for CMA (the prompt is the
+    data owner's, inserted at ``cma.prompt_layer``)."""
+    if cfg.job.mode is Mode.CMA:
+        return TrainableSet(shapes=(), new=(), prompt_layer=cfg.cma.prompt_layer)
+    z = cfg.zo
+    return select_trainable(
+        spec,
+        patterns=z.trainable,
+        lora_modules=z.lora_modules,
+        lora_rank=z.lora_rank,
+        soft_prompt_length=z.soft_prompt_length,
+        prompt_layer=z.prompt_layer,
+        max_tokens=spec.max_tokens,
+    )

@@ -9,8 +9,8 @@ from dp_accounting import dp_event, pld, rdp
 from dp_accounting.privacy_accountant import NeighboringRelation
 
 from secfwt.config import AccountantName, DPSection
-from secfwt.dp.accounting import epsilon, plan
-from secfwt.dp.zo import guarantee
+from secfwt.tuning.accounting import epsilon, plan
+from secfwt.tuning.dp_zo import guarantee
 from secfwt.errors import ConfigError
 from secfwt.mpc.disclosure import DisclosureTerms, Revealable
 from secfwt.roles import Role

@@ -11,7 +11,7 @@ import torch
 
 from secfwt.cli import main
 from secfwt.config import AccountantName, load_job
-from secfwt.dp.accounting import epsilon as accounting_epsilon
+from secfwt.tuning.accounting import epsilon as accounting_epsilon
 from secfwt.dp.baseline import run_dp_baseline
 from secfwt.dp.training_state import CHECKPOINT_NAME, checkpoint_path
 from tests.conftest import write_tiny_job

@@ -14,7 +14,7 @@ from secfwt.models.checkpoint import load_checkpoint
 from secfwt.models.encoder import EncoderModel, ForwardSettings, plain_params
 from secfwt.models.ops import PlainOps
 from secfwt.models.spec import Head, Pooling
-from secfwt.runtime.forward import mean_pool_weights
+from secfwt.tuning.forward import mean_pool_weights
 from tests.conftest import save_random_checkpoint
 
 #: float32 per-sample vs per-example gradients differ by summation order only (measured <= 2e-7).

@@ -134,12 +134,12 @@ def test_a_checkpoint_of_another_job_is_refused(tmp_path, tiny_tok_dir) -> None:
 
 @pytest.mark.multiprocess
 def test_a_fresh_start_into_a_folder_with_checkpoints_is_refused(tmp_path, tiny_tok_dir) -> None:
-    from secfwt.runtime.job import _public_job_digest
+    from secfwt.runtime.contract import public_job_digest
     from secfwt.runtime.simulate import run_simulation
 
     cfg = _cfg(tmp_path, tiny_tok_dir, "job")
     # one party's folder holds a checkpoint of this very job (same job and terms digests)
-    PartyCheckpoints(tmp_path / "ckpt" / "data_owner", role=Role.DATA_OWNER, job_digest=_public_job_digest(cfg), terms_digest=cfg.terms.digest()).write(
+    PartyCheckpoints(tmp_path / "ckpt" / "data_owner", role=Role.DATA_OWNER, job_digest=public_job_digest(cfg), terms_digest=cfg.terms.digest()).write(
         step=1, checkpoint_id="abc", joint_seed=1, history=[], accuracy_before=None, theta_shares={}, precision_bits=16, prefix_id=""
     )
     with pytest.raises(ConfigError, match="already holds checkpoints of this job"):

@@ -9,7 +9,7 @@ import pytest
 
 from secfwt.cli import main
 from secfwt.config import load_job
-from secfwt.dp.accounting import epsilon, plan
+from secfwt.tuning.accounting import epsilon, plan
 from secfwt.errors import ConfigError
 from secfwt.runtime.simulate import run_simulation
 from tests.conftest import write_tiny_job

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from secfwt.dp.accounting import DPPlan, epsilon
+from secfwt.tuning.accounting import DPPlan, epsilon
 from secfwt.mpc.disclosure import DisclosureTerms, Revealable
 from secfwt.roles import Role
 

@@ -2,19 +2,29 @@
 
 When only upper layers (and the head) train, everything below the first trainable value is
 computed once per example and kept (as shares in MPC); each tuning step then costs only the
-upper part (DESIGN.md). The same class runs the plaintext reference of a job.
+upper part (in MPC the frozen layers are the bulk of the cost of a step). The same class runs
+the plaintext reference of a job.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
+from secfwt.config import JobConfig
 from secfwt.models.encoder import SOFT_PROMPT, EncoderModel, ForwardSettings
 from secfwt.models.ops import Ops
 from secfwt.models.spec import ModelSpec
+from secfwt.models.attention import RFASettings
+
+
+def forward_settings(cfg: JobConfig, *, seed: int) -> ForwardSettings:
+    """The job's forward (attention, RFA features, pooling); ``seed`` fixes the public RFA draws."""
+    m = cfg.model
+    rfa = RFASettings(num_features=m.rfa_features, sigma=m.rfa_sigma, seed=seed)
+    return ForwardSettings(attention=m.attention, rfa=rfa, pooling=m.pooling)
 
 
 def prefix(model: EncoderModel, word: Any, mask: Any, pool_w: Any, *, cut: int) -> Any:
@@ -55,7 +65,7 @@ class CachedForward:
         self.cache, self.mask, self.pool_w, self.onehot = cache, mask, pool_w, onehot
         self.cut, self.prompt_layer = cut, prompt_layer
 
-    def logits(self, theta: dict[str, Any], idx: list[int], *, prompt: Any = None) -> Any:
+    def logits(self, theta: Mapping[str, Any], idx: list[int], *, prompt: Any = None) -> Any:
         model = EncoderModel(self.spec, {**self.frozen, **theta}, self.ops, self.settings)
         ix = torch.tensor(idx)
         x = self.cache[ix]
@@ -81,17 +91,17 @@ class CachedForward:
             pool_w = self.ops.cat([pool_w[:, :1], zeros, pool_w[:, 1:]], dim=1)  # prompts are not pooled
         return model.output(model.layers(h, mask2, start=start), pool_w)
 
-    def loss(self, theta: dict[str, Any], idx: list[int], *, prompt: Any = None) -> Any:
+    def loss(self, theta: Mapping[str, Any], idx: list[int], *, prompt: Any = None) -> Any:
         """Mean cross-entropy over the rows ``idx`` (secret in MPC)."""
         logits = self.logits(theta, idx, prompt=prompt)
         return self.ops.log_softmax_nll(logits, self.onehot[torch.tensor(idx)]).mean()
 
-    def losses(self, thetas: list[dict[str, Any]], idx: list[int]) -> list[Any]:
+    def losses(self, thetas: Sequence[Mapping[str, Any]], idx: list[int]) -> list[Any]:
         """Mean cross-entropy for several parameter sets on the same rows, in one batched loss."""
         per = self.example_losses(thetas, idx).mean(1)  # (k,)
         return [per[i] for i in range(len(thetas))]
 
-    def example_losses(self, thetas: list[dict[str, Any]], idx: list[int]) -> Any:
+    def example_losses(self, thetas: Sequence[Mapping[str, Any]], idx: list[int]) -> Any:
         """Per-example cross-entropy (k, B) for k parameter sets on the rows ``idx``."""
         k, b = len(thetas), len(idx)
         if self.cut == self.spec.num_layers:
@@ -116,7 +126,9 @@ class CachedForward:
             return (logits.argmax(dim=-1, one_hot=True) * y).sum()
         return (torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]) * y).sum()
 
-    def correct_count(self, theta: dict[str, Any], idx: list[int], *, batch: int, prompt: Any) -> Any:
+    def correct_count(
+        self, theta: Mapping[str, Any], idx: list[int], *, batch: int, prompt: Any
+    ) -> Any:
         total = None
         for s in range(0, len(idx), batch):
             part = idx[s : s + batch]
@@ -134,8 +146,3 @@ def batch_indices(*, seed: int, n_train: int, batch: int, step: int) -> list[int
     epoch, k = divmod(step, per_epoch)
     g = torch.Generator().manual_seed((seed + 7919 * epoch) % (2**63))
     return torch.randperm(n_train, generator=g).tolist()[k * batch : (k + 1) * batch]
-
-
-
-
-
