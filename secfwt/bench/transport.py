@@ -79,7 +79,9 @@ def measure(transport: Transport, *, mb: float = 100.0, reps: int = 3, round_tri
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m secfwt.bench.transport", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m secfwt.bench.transport", description=__doc__.splitlines()[0]
+    )
     p.add_argument("--mb", type=float, default=100.0)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--round-trips", type=int, default=200)

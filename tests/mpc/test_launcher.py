@@ -66,6 +66,14 @@ def transport(request) -> Transport:
     return request.param
 
 
+def _run_ttp(target, *, transport: Transport, timeout_s: float, payloads=None):
+    """``run_parties`` with the dealer process (TTP) over ``transport``."""
+    payloads = payloads or {}
+    return run_parties(
+        target, payloads=payloads, provider=Provider.TTP, timeout_s=timeout_s, transport=transport
+    )
+
+
 def _no_children_left():
     deadline = time.monotonic() + 10
     while mp.active_children() and time.monotonic() < deadline:
@@ -90,7 +98,7 @@ def test_parties_run_in_separate_processes_and_shares_reconstruct(provider):
 def test_a_party_error_is_reraised_and_every_process_stops(transport):
     t0 = time.monotonic()
     with pytest.raises(ConfigError, match="data.path: bad file"):
-        run_parties(_fail_on_data_owner, payloads={}, provider=Provider.TTP, timeout_s=120, transport=transport)
+        _run_ttp(_fail_on_data_owner, transport=transport, timeout_s=120)
     assert time.monotonic() - t0 < 300  # liveness, not speed: it did not wait out the peer's 600 s
     assert _no_children_left()
 
@@ -105,7 +113,7 @@ def _assert_names_the_killed_model_owner(err: ProtocolError, transport: Transpor
 
 def test_a_killed_party_is_reported_with_its_role(transport):
     with pytest.raises(ProtocolError) as err:
-        run_parties(_die_on_model_owner, payloads={}, provider=Provider.TTP, timeout_s=120, transport=transport)
+        _run_ttp(_die_on_model_owner, transport=transport, timeout_s=120)
     assert _no_children_left()
     _assert_names_the_killed_model_owner(err.value, transport)
 
@@ -115,16 +123,17 @@ def test_a_party_killed_mid_protocol_is_the_one_named(transport, request):
     if transport is Transport.GLOO:
         # gloo's survivor reports "Connection reset by peer" before the launcher sees the dead
         # process's exit code, and the launcher re-raises the first report it reads.
-        request.applymarker(pytest.mark.xfail(reason="gloo: the launcher blames the survivor", strict=False))
+        why = "gloo: the launcher blames the survivor"
+        request.applymarker(pytest.mark.xfail(reason=why, strict=False))
     with pytest.raises(ProtocolError) as err:
-        run_parties(_die_mid_protocol, payloads={}, provider=Provider.TTP, timeout_s=120, transport=transport)
+        _run_ttp(_die_mid_protocol, transport=transport, timeout_s=120)
     assert _no_children_left()
     _assert_names_the_killed_model_owner(err.value, transport)
 
 
 def test_timeout_stops_all_parties(transport):
     with pytest.raises(ProtocolError, match="did not finish within 3 s"):
-        run_parties(_hang, payloads={}, provider=Provider.TTP, timeout_s=3, transport=transport)
+        _run_ttp(_hang, transport=transport, timeout_s=3)
     assert _no_children_left()
 
 
@@ -133,5 +142,5 @@ def test_a_party_that_cannot_start_is_reported_and_the_started_ones_are_stopped(
     # be pickled for spawn, so its start() fails: that error must reach the caller (not one about
     # joining a process that never started) and the model owner must not be left running
     with pytest.raises((AttributeError, pickle.PicklingError), match="pickle"):
-        run_parties(_hang, payloads={Role.DATA_OWNER: lambda: None}, provider=Provider.TTP, timeout_s=60, transport=transport)
+        _run_ttp(_hang, transport=transport, timeout_s=60, payloads={Role.DATA_OWNER: lambda: None})
     assert _no_children_left()
