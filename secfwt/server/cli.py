@@ -31,7 +31,7 @@ def _out(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
 
 
 def cmd_certs_init(args: argparse.Namespace) -> int:
-    from secfwt.server.certs import init_ca
+    from secfwt.pki.certs import init_ca
 
     f = init_ca(Path(args.out), common_name=args.name, days=args.days, force=args.force)
     _out(args, {"ca_cert": str(f.cert), "ca_key": str(f.key), "not_after": f.not_after.isoformat()},
@@ -40,8 +40,8 @@ def cmd_certs_init(args: argparse.Namespace) -> int:
 
 
 def cmd_certs_issue(args: argparse.Namespace) -> int:
-    from secfwt.server.certs import issue
-    from secfwt.server.identity import Identity, IdentityRole
+    from secfwt.pki.certs import issue
+    from secfwt.pki.identity import Identity, IdentityRole
 
     role = IdentityRole.parse(args.role)
     f = issue(ca_dir=Path(args.ca), role=role, party_id=args.name, hosts=args.host or [], out=Path(args.out), days=args.days, force=args.force)
@@ -84,8 +84,8 @@ def cmd_party_health(args: argparse.Namespace) -> int:
 def _client_config(args: argparse.Namespace):  # noqa: ANN202
     import dataclasses
 
+    from secfwt.pki.identity import Identity
     from secfwt.server.config import ClientConfig, TLSSection, load_client_config
-    from secfwt.server.identity import Identity
 
     cfg = load_client_config(args.client_config) if args.client_config else ClientConfig()
     tls = TLSSection(cert=args.cert or cfg.tls.cert, key=args.key or cfg.tls.key, ca=args.ca or cfg.tls.ca)

@@ -22,7 +22,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import secfwt
 from secfwt.errors import ConfigError
-from secfwt.server.certs import certificate_identity, read_tls_files
+from secfwt.pki.certs import certificate_identity, read_tls_files
+from secfwt.pki.identity import Identity
 from secfwt.server.config import ClientConfig, PartyConfig
 from secfwt.server.convert import (
     commitments_from_pb,
@@ -32,7 +33,6 @@ from secfwt.server.convert import (
     proposal_to_pb,
 )
 from secfwt.server.errors import InvalidRequestError, error_for_status
-from secfwt.server.identity import Identity
 from secfwt.server.protocol import PROTOCOL_VERSION, Commitments, PeerInfo, ProgressEvent, Proposal
 from secfwt.server.service import IDENTITY_METADATA
 from secfwt.v1 import party_pb2 as pb

@@ -42,8 +42,8 @@ from typing import Any
 from secfwt.config import _build
 from secfwt.data.datasets import DataSource
 from secfwt.errors import ConfigError
+from secfwt.pki.identity import Identity, IdentityRole, check_party_id
 from secfwt.roles import Role
-from secfwt.server.identity import Identity, IdentityRole, check_party_id
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,9 +8,9 @@ from typing import Any
 
 from secfwt.errors import ConfigError
 from secfwt.mpc.disclosure import DisclosureTerms, Revealable
+from secfwt.pki.identity import Identity, IdentityRole
 from secfwt.roles import Role
 from secfwt.server.errors import InvalidRequestError, MessageTooLargeError
-from secfwt.server.identity import Identity, IdentityRole
 from secfwt.server.protocol import (
     MAX_DIMENSIONS,
     MAX_SHORT_CHARS,

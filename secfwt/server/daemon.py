@@ -28,13 +28,12 @@ from cryptography import x509
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from secfwt.errors import ConfigError
+from secfwt.pki.certs import CertificateError, certificate_identity
 from secfwt.roles import Role
 from secfwt.server import logs
-from secfwt.server.certs import certificate_identity
 from secfwt.server.client import Credentials, PartyClient
 from secfwt.server.config import PartyConfig, PeerEntry, load_party_config
 from secfwt.server.convert import state_from_pb
-from secfwt.server.errors import CertificateError
 from secfwt.server.logs import fields
 from secfwt.server.party import Party, RemoteStatus
 from secfwt.server.runner import JobRunner, MpcJobRunner

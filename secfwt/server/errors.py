@@ -20,10 +20,6 @@ from secfwt.errors import (
 )
 
 
-class CertificateError(ConfigError):
-    """A CA, certificate or key file is missing, unreadable or not what it should be."""
-
-
 class InvalidRequestError(ProtocolError):
     """A request is malformed: a bad job id, an unparsable job file, a field out of range."""
 

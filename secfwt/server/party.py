@@ -1,7 +1,8 @@
 """One party's side of the job protocol, without gRPC: who may call what, the job state machine,
 the queue and the worker. :mod:`secfwt.server.service` only translates messages to these calls.
 
-Rules this module enforces (DESIGN.md trust model; issue #3):
+Rules this module enforces, so that no party runs a job, or reveals a result, that its own
+operator did not accept:
 
 - Only pinned identities are answered; Accept, Refuse and FetchArtifacts are for this party's
   own operators only (``[[operators]]`` without ``accept = false``): a peer, or another party's
@@ -35,6 +36,7 @@ import secfwt
 from secfwt.config import JobConfig, parse_job, validate
 from secfwt.errors import ConfigError, SecfwtError
 from secfwt.mpc.provider import Provider
+from secfwt.pki.identity import Identity, IdentityRole
 from secfwt.roles import COMPUTING_ROLES, Role
 from secfwt.server.config import PartyConfig, PeerEntry
 from secfwt.server.errors import (
@@ -50,7 +52,6 @@ from secfwt.server.errors import (
     VersionMismatchError,
 )
 from secfwt.server.holdings import DataHoldings, ModelHoldings
-from secfwt.server.identity import Identity, IdentityRole
 from secfwt.server.logs import fields
 from secfwt.server.protocol import (
     MAX_CAPABILITIES,

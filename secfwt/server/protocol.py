@@ -17,9 +17,9 @@ from typing import Any
 
 from secfwt.errors import ConfigError
 from secfwt.mpc.disclosure import DisclosureTerms
+from secfwt.pki.identity import Identity
 from secfwt.roles import Role
 from secfwt.server.errors import InvalidRequestError, MessageTooLargeError
-from secfwt.server.identity import Identity
 
 #: Bumped on any incompatible change of the proto or of the rules below; a daemon refuses other versions.
 PROTOCOL_VERSION = 1

@@ -34,9 +34,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from secfwt.config import JobConfig
 from secfwt.errors import ConfigError, PartyFailedError
+from secfwt.pki.identity import Identity
 from secfwt.roles import Role
 from secfwt.server.config import PartyConfig, PeerEntry
-from secfwt.server.identity import Identity
 from secfwt.server.logs import fields
 from secfwt.server.protocol import Proposal
 

@@ -25,6 +25,7 @@ from typing import Any
 import grpc
 
 from secfwt.errors import ConfigError
+from secfwt.pki.identity import Identity, identity_from_pem
 from secfwt.server.convert import (
     commitments_to_pb,
     info_from_pb,
@@ -34,7 +35,6 @@ from secfwt.server.convert import (
     status_to_pb,
 )
 from secfwt.server.errors import InvalidRequestError, NotAuthorizedError, status_code_for
-from secfwt.server.identity import Identity, identity_from_pem
 from secfwt.server.logs import fields
 from secfwt.server.party import Party
 from secfwt.server.protocol import ARTIFACT_CHUNK_BYTES

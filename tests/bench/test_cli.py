@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+from pathlib import Path
 
 import pytest
 
@@ -77,17 +79,60 @@ def test_names_keep_suite_order():
     assert len(parse_names([])) == 5
 
 
+#: The headline keys each sub-benchmark fills (None when it was not selected).
+HEADLINE_OF = {
+    "forward": ("vs_plaintext_ratio",),
+    "attention": ("rfa_time_growth_exponent", "rfa_bytes_growth_exponent"),
+    "fot-vs-backprop": ("fot_vs_backprop_time_ratio", "fot_vs_backprop_bytes_ratio"),
+    "vanilla": ("vs_vanilla_crypten_ratio",),
+    "transport": (),
+}
+#: The plots each sub-benchmark draws (the op-class breakdown from forward's or vanilla's layer).
+PLOTS_OF = {
+    "forward": ("bench-breakdown.png",),
+    "attention": ("bench-attention.png",),
+    "fot-vs-backprop": ("bench-fot-vs-backprop.png",),
+    "vanilla": ("bench-breakdown.png",),
+    "transport": (),
+}
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _check_headline(report, selected):
+    """Every selected sub-benchmark's headline keys hold a real number; the others are None."""
+    assert {k for keys in HEADLINE_OF.values() for k in keys} == set(HEADLINE)
+    filled = {k for name in selected for k in HEADLINE_OF[name]}
+    for key in HEADLINE:
+        value = report[key]
+        if key not in filled:
+            assert value is None, (key, value)
+            continue
+        assert isinstance(value, float) and math.isfinite(value), (key, value)
+        if key.endswith("_ratio") or key == "rfa_bytes_growth_exponent":
+            assert value > 0, (key, value)  # time and bytes ratios; bytes grow with T
+
+
+def _check_plots(out, report, selected):
+    """Each expected plot was written, is listed in the report, and is a non-empty PNG."""
+    expected = {png for name in selected for png in PLOTS_OF[name]}
+    assert {p.name for p in out.glob("*.png")} == expected
+    assert {Path(f).name for f in report["files"].values()} >= expected
+    for name in expected:
+        data = (out / name).read_bytes()
+        assert data[:8] == PNG_SIGNATURE and len(data) > 1000, (name, len(data))
+
+
 def _check_outputs(out, report_path, selected):
     report = json.loads((out / "bench.json").read_text())
     assert json.loads(report_path.read_text())["selected"] == selected
     for key in HEADLINE:
         assert key in report
+    _check_headline(report, selected)
     assert report["machine"]["cores"] and report["machine"]["torch"] and "commit" in report
     assert report["selected"] == selected
     md = (out / "bench.md").read_text()
     assert "| ratio | value | target | met |" in md
-    for png in out.glob("*.png"):
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    _check_plots(out, report, selected)
     # per party: what one computing party sends, the other receives
     for bench in report["benchmarks"].values():
         for case in bench.get("cases", []) + bench.get("rows", []):

@@ -1,4 +1,10 @@
-"""The local runtime: real spawned party processes, failures propagated, nothing left behind."""
+"""The local runtime: real spawned party processes, failures propagated, nothing left behind.
+
+The failure tests are one contract run over both transports (the ``transport`` fixture): gloo
+and the TLS mesh must each re-raise a party's own error, name a killed party, and end every
+process on a timeout. How fast a survivor notices a lost peer by itself is the TLS mesh's
+heartbeat (``test_transport_faults.py``); gloo has none.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ import torch
 from secfwt.mpc.provider import Provider
 from secfwt.errors import ConfigError, PartyFailedError, ProtocolError
 from secfwt.mpc.launcher import PartyContext, run_parties
+from secfwt.mpc.transport import Transport
 from secfwt.roles import Role
 
 pytestmark = pytest.mark.multiprocess
@@ -39,8 +46,32 @@ def _die_on_model_owner(ctx: PartyContext, payload):
     time.sleep(600)
 
 
+def _die_mid_protocol(ctx: PartyContext, payload):
+    """Both parties multiply in a loop; the model owner dies between two rounds."""
+    from secfwt.crypten_compat import crypten
+
+    x = crypten.cryptensor(torch.ones(4, 4), src=Role.MODEL_OWNER.rank)
+    for i in range(1000):
+        if i == 2 and ctx.role is Role.MODEL_OWNER:
+            os._exit(9)
+        x.matmul(x).get_plain_text()
+
+
 def _hang(ctx: PartyContext, payload):
     time.sleep(600)
+
+
+@pytest.fixture(params=list(Transport), ids=lambda t: t.value)
+def transport(request) -> Transport:
+    return request.param
+
+
+def _run_ttp(target, *, transport: Transport, timeout_s: float, payloads=None):
+    """``run_parties`` with the dealer process (TTP) over ``transport``."""
+    payloads = payloads or {}
+    return run_parties(
+        target, payloads=payloads, provider=Provider.TTP, timeout_s=timeout_s, transport=transport
+    )
 
 
 def _no_children_left():
@@ -64,30 +95,52 @@ def test_parties_run_in_separate_processes_and_shares_reconstruct(provider):
     assert _no_children_left()
 
 
-def test_a_party_error_is_reraised_and_every_process_stops():
+def test_a_party_error_is_reraised_and_every_process_stops(transport):
     t0 = time.monotonic()
     with pytest.raises(ConfigError, match="data.path: bad file"):
-        run_parties(_fail_on_data_owner, payloads={}, provider=Provider.TTP, timeout_s=120)
+        _run_ttp(_fail_on_data_owner, transport=transport, timeout_s=120)
     assert time.monotonic() - t0 < 300  # liveness, not speed: it did not wait out the peer's 600 s
     assert _no_children_left()
 
 
-def test_a_killed_party_is_reported_with_its_role():
-    with pytest.raises(PartyFailedError, match="model_owner.*exited with code 9"):
-        run_parties(_die_on_model_owner, payloads={}, provider=Provider.TTP, timeout_s=120)
+def _assert_names_the_killed_model_owner(err: ProtocolError, transport: Transport) -> None:
+    """The launcher saw the exit code first, or (TLS) a survivor's mesh reported the lost peer."""
+    if isinstance(err, PartyFailedError):
+        assert (err.role, err.reason) == ("model_owner", "process exited with code 9"), err
+    else:
+        assert transport is Transport.TLS and "lost model_owner" in str(err), err
+
+
+def test_a_killed_party_is_reported_with_its_role(transport):
+    with pytest.raises(ProtocolError) as err:
+        _run_ttp(_die_on_model_owner, transport=transport, timeout_s=120)
     assert _no_children_left()
+    _assert_names_the_killed_model_owner(err.value, transport)
 
 
-def test_timeout_stops_all_parties():
+def test_a_party_killed_mid_protocol_is_the_one_named(transport, request):
+    """The survivor blocked on the dead party fails too; the error must still name the dead one."""
+    if transport is Transport.GLOO:
+        # gloo's survivor reports "Connection reset by peer" before the launcher sees the dead
+        # process's exit code, and the launcher re-raises the first report it reads.
+        why = "gloo: the launcher blames the survivor"
+        request.applymarker(pytest.mark.xfail(reason=why, strict=False))
+    with pytest.raises(ProtocolError) as err:
+        _run_ttp(_die_mid_protocol, transport=transport, timeout_s=120)
+    assert _no_children_left()
+    _assert_names_the_killed_model_owner(err.value, transport)
+
+
+def test_timeout_stops_all_parties(transport):
     with pytest.raises(ProtocolError, match="did not finish within 3 s"):
-        run_parties(_hang, payloads={}, provider=Provider.TTP, timeout_s=3)
+        _run_ttp(_hang, transport=transport, timeout_s=3)
     assert _no_children_left()
 
 
-def test_a_party_that_cannot_start_is_reported_and_the_started_ones_are_stopped():
+def test_a_party_that_cannot_start_is_reported_and_the_started_ones_are_stopped(transport):
     # the model owner starts (and would hang); the data owner's payload, a local function, cannot
     # be pickled for spawn, so its start() fails: that error must reach the caller (not one about
     # joining a process that never started) and the model owner must not be left running
     with pytest.raises((AttributeError, pickle.PicklingError), match="pickle"):
-        run_parties(_hang, payloads={Role.DATA_OWNER: lambda: None}, provider=Provider.TTP, timeout_s=60)
+        _run_ttp(_hang, transport=transport, timeout_s=60, payloads={Role.DATA_OWNER: lambda: None})
     assert _no_children_left()

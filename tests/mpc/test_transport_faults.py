@@ -14,6 +14,11 @@ within the bound (measured from the kill; asserted against the configured heartb
 stated allowance for a loaded 2-core machine, never against a speed), and its process must
 exit by itself afterwards (a thread left running, e.g. a gRPC stream nobody ends, would keep
 a normally exiting process alive).
+
+TLS only: gloo has no heartbeat (a frozen gloo peer blocks the others until gloo's 30-minute
+timeout) and its errors do not name the lost party. What both transports must do when a party
+fails (its error re-raised, a killed party named, every process ended) is one contract in
+``test_launcher.py``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """A three-party deployment in a temp folder: CA, certificates, a model, a dataset, a job file.
 
-Certificates come from :mod:`secfwt.server.certs` (the code under test); daemons are real gRPC
+Certificates come from :mod:`secfwt.pki.certs` (the code under test); daemons are real gRPC
 servers on 127.0.0.1 with port 0 unless a test needs two daemons to know each other's address
 in advance (then :func:`free_port`).
 """
@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from secfwt.server import certs
-from secfwt.server.identity import Identity, IdentityRole
+from secfwt.pki import certs
+from secfwt.pki.identity import Identity, IdentityRole
 
 IDS = {"model_owner": "vendor", "data_owner": "hospital", "dealer": "dealer"}
 OPERATOR = "alice"

@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from secfwt.server import certs
-from secfwt.server.identity import IdentityRole
+from secfwt.pki import certs
+from secfwt.pki.identity import IdentityRole
 
 from .conftest import IDS, OPERATOR, to_toml
 

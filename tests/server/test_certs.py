@@ -12,9 +12,9 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from secfwt.cli import main
-from secfwt.server import certs
-from secfwt.server.errors import CertificateError
-from secfwt.server.identity import Identity, IdentityRole, identity_of_certificate
+from secfwt.pki import certs
+from secfwt.pki.certs import CertificateError
+from secfwt.pki.identity import Identity, IdentityRole, identity_of_certificate
 
 
 def _mode(p: Path) -> int:

@@ -11,9 +11,9 @@ import pytest
 
 from secfwt.cli import main
 from secfwt.errors import ProtocolError
+from secfwt.pki.identity import Identity, IdentityRole
 from secfwt.server.daemon import PartyDaemon
 from secfwt.server.errors import JobExistsError
-from secfwt.server.identity import Identity, IdentityRole
 from secfwt.server.party import parse_job_text
 from secfwt.server.protocol import PROTOCOL_VERSION, Commitments, Proposal
 from secfwt.v1 import party_pb2 as pb

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from secfwt.pki.identity import Identity, IdentityRole
 from secfwt.roles import Role
 from secfwt.server.errors import (
     BusyError,
@@ -20,7 +21,6 @@ from secfwt.server.errors import (
     TermsMismatchError,
     VersionMismatchError,
 )
-from secfwt.server.identity import Identity, IdentityRole
 from secfwt.server.party import Party, RemoteStatus, parse_job_text
 from secfwt.server.protocol import PROTOCOL_VERSION, Commitments, JobState, ModelCommitment, Proposal
 from tests.server.conftest import IDS, OPERATOR, Deployment

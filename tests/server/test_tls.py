@@ -12,11 +12,11 @@ import grpc
 import pytest
 
 from secfwt.errors import ConfigError
-from secfwt.server import certs
+from secfwt.pki import certs
+from secfwt.pki.identity import Identity, IdentityRole
 from secfwt.server.client import Credentials, PartyClient
 from secfwt.server.daemon import PartyDaemon
 from secfwt.server.errors import BusyError, InvalidRequestError, NotAuthorizedError, PeerUnavailableError
-from secfwt.server.identity import Identity, IdentityRole
 from tests.server.conftest import IDS, Deployment
 from tests.server.runners import EchoRunner
 

@@ -1,7 +1,7 @@
 """Transports that carry CrypTen's MPC traffic between the parties.
 
 * :attr:`Transport.GLOO`: CrypTen's own ``torch.distributed`` gloo communicator. Plaintext on
-  the wire (this torch build has no gloo TLS, NOTES.md): for local simulation and trusted
+  the wire (torch's gloo backend in this build has no TLS): for local simulation and trusted
   networks only.
 * :attr:`Transport.TLS`: :class:`secfwt.mpc.transport.communicator.MeshCommunicator`, every
   message over mutually authenticated TLS 1.3 gRPC streams, one per ordered pair of parties

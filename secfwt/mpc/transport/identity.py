@@ -1,6 +1,6 @@
 """Who a party is on the TLS mesh: certificate names, settings, throwaway test certificates.
 
-The naming contract is the deployment's (:mod:`secfwt.server.identity`, issued by
+The naming contract is the deployment's (:mod:`secfwt.pki.identity`, issued by
 ``secfwt certs issue``): a party certificate carries the DNS SAN ``PARTY_ID.ROLE.secfwt``
 (role with dashes, e.g. ``hospital-a.data-owner.secfwt``), the URI SAN
 ``secfwt://ROLE/PARTY_ID``, and both serverAuth and clientAuth usages, signed by the
@@ -30,7 +30,7 @@ LOCAL_PARTY_ID = "local"
 
 def peer_name(role: Role, party_id: str = LOCAL_PARTY_ID) -> str:
     """The DNS SAN a certificate must carry to act as ``role``/``party_id`` on the MPC mesh."""
-    from secfwt.server.identity import Identity, IdentityRole
+    from secfwt.pki.identity import Identity, IdentityRole
 
     return Identity(IdentityRole.of(role), party_id).dns_name
 
@@ -168,11 +168,11 @@ def ephemeral_tls_bundle(directory: str | Path, *, roles: Iterable[Role] = tuple
     """A throwaway CA and per-role certificates (party id :data:`LOCAL_PARTY_ID`) under ``directory``.
 
     For local simulation and tests. Issued with the deployment's own code
-    (:mod:`secfwt.server.certs`), so they follow the same naming contract; the CA key is
+    (:mod:`secfwt.pki.certs`), so they follow the same naming contract; the CA key is
     deleted once the certificates are signed, so nothing else can ever be issued under it.
     """
-    from secfwt.server import certs
-    from secfwt.server.identity import IdentityRole
+    from secfwt.pki import certs
+    from secfwt.pki.identity import IdentityRole
 
     out = Path(directory)
     ca = certs.init_ca(out / "ca", common_name="secfwt ephemeral CA", days=days)

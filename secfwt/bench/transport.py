@@ -1,6 +1,6 @@
 """Throughput and latency of the MPC transports, measured with real party processes.
 
-``python -m secfwt.mpc.transport.bench [--mb 100] [--round-trips 200]`` runs, for gloo and TLS:
+``python -m secfwt.bench.transport [--mb 100] [--round-trips 200]`` runs, for gloo and TLS:
 
 * ``all_reduce`` (SUM, int64) of an ``--mb`` MB tensor between the two computing parties,
   after one warm-up, best and median of ``--reps``; MB/s counts the tensor size once;
@@ -60,7 +60,7 @@ def _party(ctx: PartyContext, payload: dict[str, Any]) -> dict[str, Any]:
 def measure(transport: Transport, *, mb: float = 100.0, reps: int = 3, round_trips: int = 200) -> dict[str, Any]:
     """One benchmark run with ``transport``; returns its figures (model owner's view)."""
     from secfwt.mpc.provider import Provider
-    from secfwt.runtime.simulate import machine_info
+    from secfwt.runtime.simulate import machine_info  # lazily: party processes import this module
 
     payload = {"mb": mb, "reps": reps, "round_trips": round_trips}
     res = run_parties(_party, payloads={r: payload for r in (Role.MODEL_OWNER, Role.DATA_OWNER)}, provider=Provider.TTP, timeout_s=900, transport=transport, comm_stats=False)
@@ -79,7 +79,9 @@ def measure(transport: Transport, *, mb: float = 100.0, reps: int = 3, round_tri
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m secfwt.mpc.transport.bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m secfwt.bench.transport", description=__doc__.splitlines()[0]
+    )
     p.add_argument("--mb", type=float, default=100.0)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--round-trips", type=int, default=200)

@@ -3,7 +3,7 @@
 Keys are ECDSA on P-256 (what every TLS stack, gRPC's BoringSSL included, accepts), signatures
 SHA-256. The CA certificate has ``pathLenConstraint = 0``: it signs leaves only. A leaf carries
 its identity as a URI SAN ``secfwt://ROLE/PARTY_ID`` and a DNS SAN ``PARTY_ID.ROLE.secfwt``
-(see :mod:`secfwt.server.identity`), plus the DNS names and IP addresses it serves on, and both
+(see :mod:`secfwt.pki.identity`), plus the DNS names and IP addresses it serves on, and both
 the serverAuth and clientAuth extended key usages: daemons are servers to their callers and
 clients of their peers. Private keys are written with mode 0600 and never overwritten silently.
 """
@@ -23,12 +23,16 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from secfwt.server.errors import CertificateError
-from secfwt.server.identity import Identity, IdentityRole
+from secfwt.errors import ConfigError
+from secfwt.pki.identity import Identity, IdentityRole, identity_of_certificate
 
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
 _CLOCK_SKEW = dt.timedelta(minutes=5)  # leaves are valid from a little before "now"
+
+
+class CertificateError(ConfigError):
+    """A CA, certificate or key file is missing, unreadable or not what it should be."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,8 +239,6 @@ def read_tls_files(*, cert: Path, key: Path, ca: Path) -> tuple[bytes, bytes, by
 
 def certificate_identity(cert: Path) -> Identity:
     """The secfwt identity a certificate file carries."""
-    from secfwt.server.identity import identity_of_certificate
-
     try:
         return identity_of_certificate(x509.load_pem_x509_certificate(cert.read_bytes()))
     except (OSError, ValueError) as exc:
