@@ -296,6 +296,8 @@ def _collect(
         except queue_mod.Empty:
             item = None
         if item is not None:
+            if item[0] == "error":
+                _blame_the_dead(procs, results, reporter=item[1], reported=set(done))
             res = collect_one(item)
             done[res.role] = res
             continue
@@ -315,6 +317,46 @@ def _collect(
     if messages is not None and on_message is not None:
         _drain(messages, on_message)
     return done
+
+
+#: How long a party's error report waits for the other processes' exit codes (seconds).
+_DEATH_GRACE_S = 2.0
+
+
+def _blame_the_dead(
+    procs: dict[Role, mp.process.BaseProcess],
+    results: mp.Queue[Any],
+    *,
+    reporter: Role,
+    reported: set[Role],
+) -> None:
+    """Name a party that died without reporting, not the survivor whose error it caused.
+
+    A party killed mid-protocol reports nothing; its peer, blocked on it, fails with a transport
+    error ("Connection reset by peer" on gloo) that often reaches the queue before the dead
+    process is reaped. Within a short grace, a process that exits non-zero and never reports is
+    the cause: raise PartyFailedError for it, chained to the survivor's report.
+    """
+    reported = reported | {reporter}
+    later: list[tuple[Any, ...]] = []
+    deadline = time.monotonic() + _DEATH_GRACE_S
+    while time.monotonic() < deadline:
+        for role, p in procs.items():
+            if role not in reported and p.exitcode not in (None, 0):
+                try:
+                    late = results.get(timeout=0.2)  # its report may still be in the pipe
+                except queue_mod.Empty:
+                    late = None
+                if late is not None:
+                    later.append(late)
+                    reported.add(late[1])
+                    continue
+                raise PartyFailedError(role.value, f"process exited with code {p.exitcode}")
+        if all(p.exitcode is not None for r, p in procs.items() if r not in reported):
+            break
+        time.sleep(0.05)
+    for late in later:  # put back what was read ahead, for the caller's usual handling
+        results.put(late)
 
 
 def _raise_reported(item: tuple[Any, ...]) -> None:
