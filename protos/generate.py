@@ -35,22 +35,38 @@ def _generate(out: Path) -> list[Path]:
     try:
         have = importlib.metadata.version("grpcio-tools")
     except importlib.metadata.PackageNotFoundError:
-        sys.exit(f"generate.py: grpcio-tools is not installed; `pip install grpcio-tools=={GRPCIO_TOOLS_VERSION}` (or `make setup`)")
+        sys.exit(
+            f"generate.py: grpcio-tools is not installed; `pip install grpcio-tools=={GRPCIO_TOOLS_VERSION}` (or `make setup`)"
+        )
     if have != GRPCIO_TOOLS_VERSION:
-        sys.exit(f"generate.py: grpcio-tools {have} is installed but the stubs are pinned to {GRPCIO_TOOLS_VERSION}; install that version")
+        sys.exit(
+            f"generate.py: grpcio-tools {have} is installed but the stubs are pinned to {GRPCIO_TOOLS_VERSION}; install that version"
+        )
     import grpc_tools
     from grpc_tools import protoc
 
     well_known = Path(grpc_tools.__file__).parent / "_proto"
     protos = [str(p.relative_to(PROTO_ROOT)) for p in _protos()]
-    args = ["protoc", f"-I{PROTO_ROOT}", f"-I{well_known}", f"--python_out={out}", f"--pyi_out={out}", f"--grpc_python_out={out}", *protos]
+    args = [
+        "protoc",
+        f"-I{PROTO_ROOT}",
+        f"-I{well_known}",
+        f"--python_out={out}",
+        f"--pyi_out={out}",
+        f"--grpc_python_out={out}",
+        *protos,
+    ]
     if protoc.main(args) != 0:
         sys.exit("generate.py: protoc failed (see above)")
-    return sorted(p.relative_to(out) for p in (out / PACKAGE_DIR).iterdir() if p.name.endswith(SUFFIXES))
+    return sorted(
+        p.relative_to(out) for p in (out / PACKAGE_DIR).iterdir() if p.name.endswith(SUFFIXES)
+    )
 
 
 def _checked_in() -> list[Path]:
-    return sorted(p.relative_to(ROOT) for p in (ROOT / PACKAGE_DIR).iterdir() if p.name.endswith(SUFFIXES))
+    return sorted(
+        p.relative_to(ROOT) for p in (ROOT / PACKAGE_DIR).iterdir() if p.name.endswith(SUFFIXES)
+    )
 
 
 def check() -> int:
@@ -63,17 +79,28 @@ def check() -> int:
             b = new.read_text(encoding="utf-8").splitlines(keepends=True) if new.exists() else []
             if a != b:
                 stale += 1
-                sys.stdout.writelines(difflib.unified_diff(a, b, f"checked-in/{rel}", f"regenerated/{rel}"))
+                sys.stdout.writelines(
+                    difflib.unified_diff(a, b, f"checked-in/{rel}", f"regenerated/{rel}")
+                )
     if stale:
-        print(f"check-protos: {stale} generated file(s) differ from protos/; run `make protos` and commit the result", file=sys.stderr)
+        print(
+            f"check-protos: {stale} generated file(s) differ from protos/; run `make protos` and commit the result",
+            file=sys.stderr,
+        )
         return 1
-    print(f"check-protos: {len(fresh)} generated files match protos/ (grpcio-tools {GRPCIO_TOOLS_VERSION})")
+    print(
+        f"check-protos: {len(fresh)} generated files match protos/ (grpcio-tools {GRPCIO_TOOLS_VERSION})"
+    )
     return 0
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--check", action="store_true", help="regenerate into a temp dir and fail if the checked-in stubs differ")
+    ap.add_argument(
+        "--check",
+        action="store_true",
+        help="regenerate into a temp dir and fail if the checked-in stubs differ",
+    )
     if ap.parse_args().check:
         return check()
     files = _generate(ROOT)

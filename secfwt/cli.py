@@ -22,9 +22,9 @@ def _write_report(report: dict[str, Any], path: str | None) -> None:
 
 
 def cmd_verify_model(args: argparse.Namespace) -> int:
-    from secfwt.mpc.provider import Provider
-    from secfwt.models.spec import Attention, EmbeddingMode
     from secfwt.models.attention import RFASettings
+    from secfwt.models.spec import Attention, EmbeddingMode
+    from secfwt.mpc.provider import Provider
     from secfwt.runtime.verify import VerifyRequest, check, run_verify
 
     provider = Provider.TFP if args.insecure_dev else Provider.TTP
@@ -39,14 +39,20 @@ def cmd_verify_model(args: argparse.Namespace) -> int:
         max_abs_tol=args.max_abs_tol,
         mean_abs_tol=args.mean_abs_tol,
     )
-    print(f"verify-model: secure {req.attention.value} forward of {args.model_dir} at seq-len {req.seq_len} (3 processes: model owner, data owner, dealer) ...", flush=True)
+    print(
+        f"verify-model: secure {req.attention.value} forward of {args.model_dir} at seq-len {req.seq_len} (3 processes: model owner, data owner, dealer) ...",
+        flush=True,
+    )
     report = run_verify(req)
     _write_report(report, args.report)
     print(
         f"max_abs_err {report['max_abs_err']:.3e}  mean_abs_err {report['mean_abs_err']:.3e}  "
         f"argmax_agreement {report['argmax_agreement']:.4f}  ({report['reference']})\n"
         f"wall {report['wall_s']:.1f} s, secure compute {report['secure_compute_s']:.1f} s; "
-        + ", ".join(f"{r}: {p['bytes_sent'] / 1e6:.1f} MB sent, {p['rounds']} rounds" for r, p in report["parties"].items())
+        + ", ".join(
+            f"{r}: {p['bytes_sent'] / 1e6:.1f} MB sent, {p['rounds']} rounds"
+            for r, p in report["parties"].items()
+        )
     )
     check(report)
     print("PASS: within tolerance " + json.dumps(report["tolerance"]))
@@ -60,27 +66,46 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     cfg = load_job(args.job, overrides=args.set or ())
     if args.insecure_dev:
-        print("WARNING: --insecure-dev: development shortcuts are allowed for this run; never use it with real data.", file=sys.stderr)
+        print(
+            "WARNING: --insecure-dev: development shortcuts are allowed for this run; never use it with real data.",
+            file=sys.stderr,
+        )
     if args.resume and not args.checkpoint_dir:
-        raise ConfigError("--resume needs --checkpoint-dir (the folder the interrupted run checkpointed into)")
+        raise ConfigError(
+            "--resume needs --checkpoint-dir (the folder the interrupted run checkpointed into)"
+        )
     if args.checkpoint_every < 1:
         raise ConfigError(f"--checkpoint-every = {args.checkpoint_every}: must be >= 1")
     if args.insecure_fixed_seed is not None:
-        print("WARNING: --insecure-fixed-seed: every MPC seed is derived from a known number, so every share is predictable; reproducibility tests only.", file=sys.stderr)
-    print(f"simulate: job {cfg.job.name!r} ({cfg.source}), mode {cfg.job.mode.value}, model {cfg.model.path}")
+        print(
+            "WARNING: --insecure-fixed-seed: every MPC seed is derived from a known number, so every share is predictable; reproducibility tests only.",
+            file=sys.stderr,
+        )
+    print(
+        f"simulate: job {cfg.job.name!r} ({cfg.source}), mode {cfg.job.mode.value}, model {cfg.model.path}"
+    )
     print("disclosure terms accepted by both owners:")
     for line in cfg.terms.describe():
         print(f"  - {line}")
     with ProgressView() as view:
         report = run_simulation(
-            cfg, insecure_dev=args.insecure_dev, on_progress=view.update, insecure_fixed_seed=args.insecure_fixed_seed,
-            checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
+            cfg,
+            insecure_dev=args.insecure_dev,
+            on_progress=view.update,
+            insecure_fixed_seed=args.insecure_fixed_seed,
+            checkpoint_dir=args.checkpoint_dir,
+            checkpoint_every=args.checkpoint_every,
+            resume=args.resume,
         )
     _write_report(report, args.report)
     b, a = report["accuracy_before"], report["accuracy_after"]
-    print(f"held-out accuracy: {b:.4f} -> {a:.4f} ({report['accuracy_gain_points']:+.1f} points) after {report['steps']} steps in {report['wall_s']:.0f} s")
+    print(
+        f"held-out accuracy: {b:.4f} -> {a:.4f} ({report['accuracy_gain_points']:+.1f} points) after {report['steps']} steps in {report['wall_s']:.0f} s"
+    )
     for role, p in report["parties"].items():
-        print(f"  {role}: {p['bytes_sent'] / 1e6:.1f} MB sent, {p['rounds']} rounds, {p['reveals']} reveals, artifacts: {', '.join(p['artifacts'].values()) or '-'}")
+        print(
+            f"  {role}: {p['bytes_sent'] / 1e6:.1f} MB sent, {p['rounds']} rounds, {p['reveals']} reveals, artifacts: {', '.join(p['artifacts'].values()) or '-'}"
+        )
     print(f"report: {args.report or report['output_dir'] + '/report.json'}")
     return 0
 
@@ -92,7 +117,9 @@ def cmd_dp_baseline(args: argparse.Namespace) -> int:
     from secfwt.runtime.progress import ProgressView
 
     cfg = load_job(args.job, overrides=args.set or ())
-    print(f"dp-baseline: Opacus DP-SGD in plaintext on job {cfg.job.name!r} ({cfg.source}), model {cfg.model.path}")
+    print(
+        f"dp-baseline: Opacus DP-SGD in plaintext on job {cfg.job.name!r} ({cfg.source}), model {cfg.model.path}"
+    )
     with ProgressView() as view:
         report = run_dp_baseline(
             cfg,
@@ -108,9 +135,13 @@ def cmd_dp_baseline(args: argparse.Namespace) -> int:
         f"noise multiplier {r['noise_multiplier']:.4f}, sample rate {r['sample_rate']:.4g}, max grad norm {r['max_grad_norm']:g}"
     )
     if r["completed"]:
-        print(f"held-out accuracy: {r['accuracy_before']:.4f} -> {r['accuracy_after']:.4f} ({r['accuracy_gain_points']:+.1f} points) in {r['wall_s']:.0f} s")
+        print(
+            f"held-out accuracy: {r['accuracy_before']:.4f} -> {r['accuracy_after']:.4f} ({r['accuracy_gain_points']:+.1f} points) in {r['wall_s']:.0f} s"
+        )
     else:
-        print(f"stopped at step {r['steps']}; continue with --resume --checkpoint-dir {r['checkpoint_dir']}")
+        print(
+            f"stopped at step {r['steps']}; continue with --resume --checkpoint-dir {r['checkpoint_dir']}"
+        )
     if args.report:
         print(f"report: {args.report}")
     return 0
@@ -124,11 +155,21 @@ def cmd_dp_compare(args: argparse.Namespace) -> int:
     try:
         epsilons = [float(e) for e in args.epsilons.split(",") if e.strip()]
     except ValueError as exc:
-        raise ConfigError(f"--epsilons {args.epsilons!r}: expected numbers separated by commas, e.g. 1,3,8") from exc
+        raise ConfigError(
+            f"--epsilons {args.epsilons!r}: expected numbers separated by commas, e.g. 1,3,8"
+        ) from exc
     out = Path(args.out)
-    print(f"dp-compare: job {cfg.job.name!r} ({cfg.source}{', --quick' if args.quick else ''}) at epsilon {', '.join(f'{e:g}' for e in epsilons)}; writing {out}/")
+    print(
+        f"dp-compare: job {cfg.job.name!r} ({cfg.source}{', --quick' if args.quick else ''}) at epsilon {', '.join(f'{e:g}' for e in epsilons)}; writing {out}/"
+    )
     with ProgressView() as view:
-        report = run_comparison(cfg, epsilons=epsilons, out_dir=out, on_progress=view.update, skip_baseline=args.skip_baseline)
+        report = run_comparison(
+            cfg,
+            epsilons=epsilons,
+            out_dir=out,
+            on_progress=view.update,
+            skip_baseline=args.skip_baseline,
+        )
     _write_report(report, args.report)
     print((out / "dp-compare.md").read_text())
     print(f"report: {out}/dp-compare.json, {out}/dp-compare.md, {out}/dp-compare.png")
@@ -143,7 +184,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     names = parse_names(args.names)
     plan = (BenchPlan.quick_plan() if args.quick else BenchPlan.full()).with_overrides(args.set)
     sets = "".join(f" --set {item}" for item in args.set)
-    print(f"bench: {', '.join(n.value for n in names)}{' (--quick)' if args.quick else ''}{sets}; writing {args.out}/", flush=True)
+    print(
+        f"bench: {', '.join(n.value for n in names)}{' (--quick)' if args.quick else ''}{sets}; writing {args.out}/",
+        flush=True,
+    )
     with BenchProgress() as view:
         report = run_suite(names, plan, on_case=view.case)
     report["overrides"] = list(args.set)
@@ -152,7 +196,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for t in report["targets"]:
         status = {True: "met", False: "MISSED", None: "not run"}[t["passed"]]
         value = "-" if t["value"] is None else f"{t['value']:.3g}"
-        print(f"  {t['key']:<28} {value:>8}   target {'>=' if t['at_least'] else '<='} {t['threshold']:g}: {status}")
+        print(
+            f"  {t['key']:<28} {value:>8}   target {'>=' if t['at_least'] else '<='} {t['threshold']:g}: {status}"
+        )
     print(f"done in {report['duration_s']:.0f} s; " + ", ".join(files.values()))
     missed = [t["key"] for t in report["targets"] if t["passed"] is False]
     if args.check and missed:
@@ -168,75 +214,165 @@ _SET_RULES = "VALUE is TOML; bare words need no quotes; lists may be comma-separ
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="secfwt", description="Privacy-preserving multi-party forward-only fine-tuning (CrypTen MPC).")
+    p = argparse.ArgumentParser(
+        prog="secfwt",
+        description="Privacy-preserving multi-party forward-only fine-tuning (CrypTen MPC).",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
-    v = sub.add_parser("verify-model", help="secure forward of a checkpoint vs its plaintext forward")
+    v = sub.add_parser(
+        "verify-model", help="secure forward of a checkpoint vs its plaintext forward"
+    )
     v.add_argument("model_dir", help="Hugging Face checkpoint folder, or packaged:all-minilm-l6-v2")
     v.add_argument("--attention", choices=["softmax", "rfa"], default="softmax")
     v.add_argument("--seq-len", type=int, default=128)
-    v.add_argument("--embedding", choices=["private", "table_to_data_owner"], default="private", help="private: one-hot ids x secret table (default)")
+    v.add_argument(
+        "--embedding",
+        choices=["private", "table_to_data_owner"],
+        default="private",
+        help="private: one-hot ids x secret table (default)",
+    )
     v.add_argument("--report", help="write the JSON report here")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--rfa-features", type=int, default=64)
     v.add_argument("--rfa-sigma", type=float, default=1.5)
     v.add_argument("--max-abs-tol", type=float, default=0.1)
     v.add_argument("--mean-abs-tol", type=float, default=0.01)
-    v.add_argument("--insecure-dev", action="store_true", help="use the TFP provider (model owner learns inputs); development only")
+    v.add_argument(
+        "--insecure-dev",
+        action="store_true",
+        help="use the TFP provider (model owner learns inputs); development only",
+    )
     v.set_defaults(func=cmd_verify_model)
 
     s = sub.add_parser("simulate", help="run a job with every party as a local process")
     s.add_argument("job", nargs="?", help="job TOML (default: the packaged default job)")
     s.add_argument("--report", help="also write the JSON report here")
     s.add_argument(
-        "--set", action="append", metavar="SECTION.KEY=VALUE",
+        "--set",
+        action="append",
+        metavar="SECTION.KEY=VALUE",
         help=f"override a job setting (repeatable; {_SET_RULES}), e.g. --set zo.steps=10",
     )
-    s.add_argument("--insecure-dev", action="store_true", help="allow job.provider = 'tfp'; development only")
-    s.add_argument("--insecure-fixed-seed", type=int, metavar="N", help="TESTS ONLY: every MPC seed derived from N (bit-for-bit reproducible, e.g. to compare with party daemons run with the same flag); every share is predictable")
-    s.add_argument("--checkpoint-dir", help="each party checkpoints its own state into DIR/ROLE (shares only, never plaintext secrets)")
-    s.add_argument("--checkpoint-every", type=int, default=10, metavar="N", help="checkpoint after every N tuning steps (default 10)")
-    s.add_argument("--resume", action="store_true", help="continue from the latest step both parties checkpointed in --checkpoint-dir")
+    s.add_argument(
+        "--insecure-dev", action="store_true", help="allow job.provider = 'tfp'; development only"
+    )
+    s.add_argument(
+        "--insecure-fixed-seed",
+        type=int,
+        metavar="N",
+        help="TESTS ONLY: every MPC seed derived from N (bit-for-bit reproducible, e.g. to compare with party daemons run with the same flag); every share is predictable",
+    )
+    s.add_argument(
+        "--checkpoint-dir",
+        help="each party checkpoints its own state into DIR/ROLE (shares only, never plaintext secrets)",
+    )
+    s.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=10,
+        metavar="N",
+        help="checkpoint after every N tuning steps (default 10)",
+    )
+    s.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the latest step both parties checkpointed in --checkpoint-dir",
+    )
     s.set_defaults(func=cmd_simulate)
-    d = sub.add_parser("dp-baseline", help="non-MPC baseline: Opacus DP-SGD in plaintext on the job's model, data and trainable set")
+    d = sub.add_parser(
+        "dp-baseline",
+        help="non-MPC baseline: Opacus DP-SGD in plaintext on the job's model, data and trainable set",
+    )
     d.add_argument("job", help="job TOML (its [dp] section sets the privacy budget)")
     d.add_argument("--report", help="write the JSON report here")
     d.add_argument(
-        "--set", action="append", metavar="SECTION.KEY=VALUE",
+        "--set",
+        action="append",
+        metavar="SECTION.KEY=VALUE",
         help=f"override a job setting (repeatable; {_SET_RULES}), e.g. --set dp.target_epsilon=3",
     )
-    d.add_argument("--checkpoint-dir", help="write checkpoints here (every dp.checkpoint_every steps, on stop and at the end)")
-    d.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --checkpoint-dir")
-    d.add_argument("--stop-at-step", type=int, metavar="N", help="stop after step N (checkpoint written); continue later with --resume")
+    d.add_argument(
+        "--checkpoint-dir",
+        help="write checkpoints here (every dp.checkpoint_every steps, on stop and at the end)",
+    )
+    d.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run whose checkpoint is in --checkpoint-dir",
+    )
+    d.add_argument(
+        "--stop-at-step",
+        type=int,
+        metavar="N",
+        help="stop after step N (checkpoint written); continue later with --resume",
+    )
     d.set_defaults(func=cmd_dp_baseline)
 
-    c = sub.add_parser("dp-compare", help="accuracy vs epsilon: ZO and DP-ZO in MPC against the Opacus DP-SGD baseline")
-    c.add_argument("job", nargs="?", help="job TOML (default: the packaged comparison job secfwt/jobs/dp_compare.toml)")
-    c.add_argument("--epsilons", default="1,3,8", help="comma-separated target epsilons (default 1,3,8)")
-    c.add_argument("--quick", action="store_true", help="fewer rows, shorter reviews, fewer steps: a few minutes")
-    c.add_argument("--out", default="dp-compare", help="folder for dp-compare.json, .md and .png (default ./dp-compare)")
+    c = sub.add_parser(
+        "dp-compare",
+        help="accuracy vs epsilon: ZO and DP-ZO in MPC against the Opacus DP-SGD baseline",
+    )
+    c.add_argument(
+        "job",
+        nargs="?",
+        help="job TOML (default: the packaged comparison job secfwt/jobs/dp_compare.toml)",
+    )
+    c.add_argument(
+        "--epsilons", default="1,3,8", help="comma-separated target epsilons (default 1,3,8)"
+    )
+    c.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer rows, shorter reviews, fewer steps: a few minutes",
+    )
+    c.add_argument(
+        "--out",
+        default="dp-compare",
+        help="folder for dp-compare.json, .md and .png (default ./dp-compare)",
+    )
     c.add_argument("--report", help="also write the JSON report here")
     c.add_argument(
-        "--set", action="append", metavar="SECTION.KEY=VALUE",
+        "--set",
+        action="append",
+        metavar="SECTION.KEY=VALUE",
         help=f"override a job setting, after --quick's (repeatable; {_SET_RULES}), "
         "e.g. --set zo.lr=0.2",
     )
     c.add_argument("--skip-baseline", action="store_true", help="MPC runs only (no Opacus)")
     c.set_defaults(func=cmd_dp_compare)
 
-    b = sub.add_parser("bench", help="MPC cost benchmarks: time, bytes, rounds, memory per party; LAN/WAN projections")
-    b.add_argument("names", nargs="*", metavar="NAME", help="sub-benchmarks: forward, attention, fot-vs-backprop, vanilla, transport (default: all)")
-    b.add_argument("--quick", action="store_true", help="shorter sequences and smaller batches: a few minutes")
-    b.add_argument("--out", default="bench-results", help="folder for bench.json, bench.md and the plots (default ./bench-results)")
+    b = sub.add_parser(
+        "bench",
+        help="MPC cost benchmarks: time, bytes, rounds, memory per party; LAN/WAN projections",
+    )
+    b.add_argument(
+        "names",
+        nargs="*",
+        metavar="NAME",
+        help="sub-benchmarks: forward, attention, fot-vs-backprop, vanilla, transport (default: all)",
+    )
+    b.add_argument(
+        "--quick", action="store_true", help="shorter sequences and smaller batches: a few minutes"
+    )
+    b.add_argument(
+        "--out",
+        default="bench-results",
+        help="folder for bench.json, bench.md and the plots (default ./bench-results)",
+    )
     b.add_argument("--report", help="also write the JSON report here")
     b.add_argument(
-        "--check", action="store_true",
+        "--check",
+        action="store_true",
         help="exit 1 when a performance target (listed in bench.md, e.g. "
         "vs_plaintext_ratio <= 100) is missed",
     )
     b.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help=(
             "override a field of the plan by its bare name (the plan is flat: KEY, not plan.KEY), "
             f"e.g. --set fot_seq_len=512 (repeatable; {_SET_RULES}; "
@@ -253,7 +389,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing downloads at run time
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:

@@ -177,7 +177,11 @@ _FIXED = ("disclosure", "source")
 
 
 def default_job_text() -> str:
-    return importlib.resources.files("secfwt.jobs").joinpath("default.toml").read_text(encoding="utf-8")
+    return (
+        importlib.resources.files("secfwt.jobs")
+        .joinpath("default.toml")
+        .read_text(encoding="utf-8")
+    )
 
 
 def load_job(path: str | Path | None, *, overrides: Iterable[str] = ()) -> JobConfig:
@@ -207,7 +211,9 @@ def parse_job(raw: dict[str, Any], *, where: str) -> JobConfig:
     known = set(_SECTIONS) | {"disclosure"}
     for key in raw:
         if key not in known:
-            raise ConfigError(f"{where}: unknown section [{key}]; valid sections: {', '.join(sorted(known))}")
+            raise ConfigError(
+                f"{where}: unknown section [{key}]; valid sections: {', '.join(sorted(known))}"
+            )
     kwargs: dict[str, Any] = {}
     for name, cls in _SECTIONS.items():
         table = raw.get(name, {})
@@ -217,7 +223,10 @@ def parse_job(raw: dict[str, Any], *, where: str) -> JobConfig:
     entries = raw.get("disclosure", [])
     if not isinstance(entries, list):
         raise ConfigError(f"{where}: disclosure must be a list of [[disclosure]] tables")
-    kwargs["disclosure"] = tuple(_build(DisclosureEntry, e, f"{where}: [[disclosure]] #{i + 1}") for i, e in enumerate(entries))
+    kwargs["disclosure"] = tuple(
+        _build(DisclosureEntry, e, f"{where}: [[disclosure]] #{i + 1}")
+        for i, e in enumerate(entries)
+    )
     return JobConfig(**kwargs, source=where)
 
 
@@ -248,7 +257,9 @@ def validate(cfg: JobConfig) -> None:
     s = cfg.source
     _positive(f"{s}: model.max_length", cfg.model.max_length)
     if cfg.model.max_length < 2:
-        raise ConfigError(f"{s}: model.max_length = {cfg.model.max_length}: needs room for at least one token besides [CLS]")
+        raise ConfigError(
+            f"{s}: model.max_length = {cfg.model.max_length}: needs room for at least one token besides [CLS]"
+        )
     _positive(f"{s}: model.rfa_features", cfg.model.rfa_features)
     _positive(f"{s}: model.rfa_sigma", cfg.model.rfa_sigma)
     _positive(f"{s}: data.shots_per_class", cfg.data.shots_per_class)
@@ -256,9 +267,13 @@ def validate(cfg: JobConfig) -> None:
     _positive(f"{s}: run.timeout_s", cfg.run.timeout_s)
     _positive(f"{s}: run.eval_batch", cfg.run.eval_batch)
     if cfg.data.source is not DataSource.ROTTEN_TOMATOES and not cfg.data.path:
-        raise ConfigError(f"{s}: data.path is required when data.source = {cfg.data.source.value!r}")
+        raise ConfigError(
+            f"{s}: data.path is required when data.source = {cfg.data.source.value!r}"
+        )
     if cfg.model.head is not Head.SEQUENCE_CLASSIFICATION:
-        raise ConfigError(f"{s}: model.head = {cfg.model.head.value!r}: tuning jobs need 'sequence_classification' (verify-model checks the other heads)")
+        raise ConfigError(
+            f"{s}: model.head = {cfg.model.head.value!r}: tuning jobs need 'sequence_classification' (verify-model checks the other heads)"
+        )
     if cfg.job.mode is Mode.ZO:
         z = cfg.zo
         for name in ("steps", "batch_size", "directions", "lr", "eps", "lora_rank"):
@@ -266,19 +281,32 @@ def validate(cfg: JobConfig) -> None:
         _positive(f"{s}: zo.soft_prompt_length", z.soft_prompt_length, allow_zero=True)
         _positive(f"{s}: zo.prompt_layer", z.prompt_layer, allow_zero=True)
         if not (z.trainable or z.lora_modules or z.soft_prompt_length):
-            raise ConfigError(f"{s}: [zo] trains nothing: set zo.trainable, zo.lora_modules or zo.soft_prompt_length")
+            raise ConfigError(
+                f"{s}: [zo] trains nothing: set zo.trainable, zo.lora_modules or zo.soft_prompt_length"
+            )
     else:
         c = cfg.cma
-        for name in ("intrinsic_dim", "prompt_length", "population", "sigma0", "iterations", "batch_size"):
+        for name in (
+            "intrinsic_dim",
+            "prompt_length",
+            "population",
+            "sigma0",
+            "iterations",
+            "batch_size",
+        ):
             _positive(f"{s}: cma.{name}", getattr(c, name))
         _positive(f"{s}: cma.prompt_layer", c.prompt_layer, allow_zero=True)
         if c.population < 2:
-            raise ConfigError(f"{s}: cma.population = {c.population}: CMA-ES needs at least 2 candidates per iteration")
+            raise ConfigError(
+                f"{s}: cma.population = {c.population}: CMA-ES needs at least 2 candidates per iteration"
+            )
     _validate_dp(cfg)
     for entry in cfg.disclosure:
         for r in entry.to:
             if r not in COMPUTING_ROLES:
-                raise ConfigError(f"{s}: [[disclosure]] {entry.value.value}: the dealer never receives values; use model_owner or data_owner")
+                raise ConfigError(
+                    f"{s}: [[disclosure]] {entry.value.value}: the dealer never receives values; use model_owner or data_owner"
+                )
     for value, to in required_disclosures(cfg):
         if not cfg.terms.allows(value, to):
             raise ConfigError(
@@ -292,26 +320,39 @@ def _validate_dp(cfg: JobConfig) -> None:
     :func:`secfwt.tuning.accounting.plan` and run before any party starts."""
     s, d = cfg.source, cfg.dp
     if d.target_epsilon is not None and d.target_epsilon <= 0:
-        raise ConfigError(f"{s}: dp.target_epsilon = {d.target_epsilon}: must be > 0 (smaller is more private; typical values 1 to 10)")
+        raise ConfigError(
+            f"{s}: dp.target_epsilon = {d.target_epsilon}: must be > 0 (smaller is more private; typical values 1 to 10)"
+        )
     if d.noise_multiplier is not None and d.noise_multiplier <= 0:
         raise ConfigError(f"{s}: dp.noise_multiplier = {d.noise_multiplier}: must be > 0")
     if not 0 < d.delta < 1:
-        raise ConfigError(f"{s}: dp.delta = {d.delta}: must be in (0, 1) and below 1 / (training rows)")
+        raise ConfigError(
+            f"{s}: dp.delta = {d.delta}: must be in (0, 1) and below 1 / (training rows)"
+        )
     _positive(f"{s}: dp.max_grad_norm", d.max_grad_norm)
     _positive(f"{s}: dp.baseline_lr", d.baseline_lr)
     _positive(f"{s}: dp.checkpoint_every", d.checkpoint_every, allow_zero=True)
     if d.baseline_steps is not None:
         _positive(f"{s}: dp.baseline_steps", d.baseline_steps)
     if d.sample_rate is not None and not 0 < d.sample_rate <= 1:
-        raise ConfigError(f"{s}: dp.sample_rate = {d.sample_rate}: a Poisson sampling rate must be in (0, 1]")
+        raise ConfigError(
+            f"{s}: dp.sample_rate = {d.sample_rate}: a Poisson sampling rate must be in (0, 1]"
+        )
     if not d.enabled:
         return
     if d.target_epsilon is None and d.noise_multiplier is None:
-        raise ConfigError(f"{s}: [dp] enabled needs dp.target_epsilon (noise calibrated to it) or dp.noise_multiplier")
+        raise ConfigError(
+            f"{s}: [dp] enabled needs dp.target_epsilon (noise calibrated to it) or dp.noise_multiplier"
+        )
     if cfg.job.mode is not Mode.ZO:
-        raise ConfigError(f"{s}: dp.enabled = true needs job.mode = 'zo' (DP zeroth-order updates); CMA prompt search reveals per-candidate outputs to the data owner")
+        raise ConfigError(
+            f"{s}: dp.enabled = true needs job.mode = 'zo' (DP zeroth-order updates); CMA prompt search reveals per-candidate outputs to the data owner"
+        )
     for entry in cfg.disclosure:
-        if entry.value in (Revealable.TRAIN_LOSS, Revealable.TRAIN_OUTPUTS) and Role.MODEL_OWNER in entry.to:
+        if (
+            entry.value in (Revealable.TRAIN_LOSS, Revealable.TRAIN_OUTPUTS)
+            and Role.MODEL_OWNER in entry.to
+        ):
             raise ConfigError(
                 f"{s}: [[disclosure]] {entry.value.value} to model_owner: with dp.enabled the model owner may only receive the "
                 "noised result; training losses or outputs are not covered by the DP guarantee. Reveal them to data_owner only"

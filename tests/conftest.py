@@ -18,17 +18,30 @@ def minilm_dir() -> Path:
     return resolve_model_path("packaged:all-minilm-l6-v2")
 
 
-def save_random_checkpoint(path: Path, *, family: str, head: str, seed: int = 0, **overrides) -> Path:
+def save_random_checkpoint(
+    path: Path, *, family: str, head: str, seed: int = 0, **overrides
+) -> Path:
     """A tiny BERT/RoBERTa checkpoint with random weights, written with save_pretrained."""
     import torch
     import transformers as tf
 
     torch.manual_seed(seed)
-    base = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128, "vocab_size": 400, "max_position_embeddings": 80}
+    base = {
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 128,
+        "vocab_size": 400,
+        "max_position_embeddings": 80,
+    }
     base.update(overrides)
     cfg_cls = tf.BertConfig if family == "bert" else tf.RobertaConfig
     config = cfg_cls(**base)
-    name = {"base": "Model", "masked_lm": "ForMaskedLM", "sequence_classification": "ForSequenceClassification"}[head]
+    name = {
+        "base": "Model",
+        "masked_lm": "ForMaskedLM",
+        "sequence_classification": "ForSequenceClassification",
+    }[head]
     model_cls = getattr(tf, ("Bert" if family == "bert" else "Roberta") + name)
     model = model_cls(config)
     model.save_pretrained(path)
@@ -37,10 +50,14 @@ def save_random_checkpoint(path: Path, *, family: str, head: str, seed: int = 0,
 
 @pytest.fixture
 def tiny_bert_cls(tmp_path: Path) -> Path:
-    return save_random_checkpoint(tmp_path / "tiny-bert", family="bert", head="sequence_classification")
+    return save_random_checkpoint(
+        tmp_path / "tiny-bert", family="bert", head="sequence_classification"
+    )
 
 
-def save_tiny_with_tokenizer(path: Path, *, family: str = "bert", head: str = "sequence_classification", **overrides) -> Path:
+def save_tiny_with_tokenizer(
+    path: Path, *, family: str = "bert", head: str = "sequence_classification", **overrides
+) -> Path:
     """A tiny random checkpoint that carries the packaged MiniLM tokenizer (vocab 30522)."""
     import shutil
 

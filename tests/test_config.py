@@ -39,13 +39,19 @@ def test_unknown_key_names_the_field_and_lists_valid_ones(tmp_path):
     "text, pattern",
     [
         ("[zo]\nsteps = 'ten'\n", r"\[zo\] steps: expected an integer"),
-        ("[model]\nattention = 'flash'\n", r"attention: 'flash' is not one of \['softmax', 'rfa'\]"),
+        (
+            "[model]\nattention = 'flash'\n",
+            r"attention: 'flash' is not one of \['softmax', 'rfa'\]",
+        ),
         ("[zo]\nlr = -1.0\n", r"zo.lr = -1.0: must be > 0"),
         ("[data]\nsource = 'csv'\n", r"data.path is required"),
         ("[zo]\ntrainable = []\n", r"trains nothing"),
         ("[model]\nmax_length = 1\n", r"max_length = 1"),
         ("[cma]\npopulation = 1\n[job]\nmode = 'cma'\n", r"cma.population = 1"),
-        ("[[disclosure]]\nvalue = 'secrets'\nto = ['data_owner']\n", r"value: 'secrets' is not one of"),
+        (
+            "[[disclosure]]\nvalue = 'secrets'\nto = ['data_owner']\n",
+            r"value: 'secrets' is not one of",
+        ),
         ("[[disclosure]]\nvalue = 'eval_accuracy'\nto = ['dealer']\n", r"dealer never receives"),
         ("not toml ===", r"not valid TOML"),
     ],

@@ -123,10 +123,32 @@ class Target:
 #: report marks each met or missed. The exponent targets allow 0.1 of fitting noise ("about
 #: linear").
 TARGETS = (
-    Target("fot_vs_backprop_time_ratio", 20.0, True, "forward-only step >= 20x faster than MPC backprop step"),
-    Target("fot_vs_backprop_bytes_ratio", 25.0, True, "forward-only step >= 25x fewer bytes than MPC backprop step"),
-    Target("vs_vanilla_crypten_ratio", 10.0, True, "BERT-base layer >= 10x faster than vanilla CrypTen"),
+    Target(
+        "fot_vs_backprop_time_ratio",
+        20.0,
+        True,
+        "forward-only step >= 20x faster than MPC backprop step",
+    ),
+    Target(
+        "fot_vs_backprop_bytes_ratio",
+        25.0,
+        True,
+        "forward-only step >= 25x fewer bytes than MPC backprop step",
+    ),
+    Target(
+        "vs_vanilla_crypten_ratio", 10.0, True, "BERT-base layer >= 10x faster than vanilla CrypTen"
+    ),
     Target("vs_plaintext_ratio", 100.0, False, "BERT-base layer within 100x of plaintext torch"),
-    Target("rfa_time_growth_exponent", 1.1, False, "RFA time grows about linearly in T (exponent <= 1.1)"),
-    Target("rfa_bytes_growth_exponent", 1.1, False, "RFA bytes grow about linearly in T (exponent <= 1.1)"),
+    Target(
+        "rfa_time_growth_exponent",
+        1.1,
+        False,
+        "RFA time grows about linearly in T (exponent <= 1.1)",
+    ),
+    Target(
+        "rfa_bytes_growth_exponent",
+        1.1,
+        False,
+        "RFA bytes grow about linearly in T (exponent <= 1.1)",
+    ),
 )

@@ -79,11 +79,18 @@ def bench_party(ctx: PartyContext, payload: dict[str, Any]) -> dict[str, Any]:
 
 def _warm_up(sess: Any) -> None:
     """One product and one comparison, so no measured section pays first-use costs."""
-    x = sess.share(torch.ones(4) if sess.role is Role.DATA_OWNER else None, owner=Role.DATA_OWNER, shape=(4,), name="warm-up")
+    x = sess.share(
+        torch.ones(4) if sess.role is Role.DATA_OWNER else None,
+        owner=Role.DATA_OWNER,
+        shape=(4,),
+        name="warm-up",
+    )
     (x * x).gt(0.5)
 
 
-def _share_inputs(sess: Any, payload: dict[str, Any], names: list[str] | None, *, frozen: bool) -> tuple[Any, dict[str, Any], Any]:
+def _share_inputs(
+    sess: Any, payload: dict[str, Any], names: list[str] | None, *, frozen: bool
+) -> tuple[Any, dict[str, Any], Any]:
     """The model owner's spec and weights (all, or ``names``) and the data owner's input x.
 
     ``frozen``: linear weights stay with the model owner (as a job's frozen weights do);
@@ -91,20 +98,29 @@ def _share_inputs(sess: Any, payload: dict[str, Any], names: list[str] | None, *
     """
     spec = sess.agree_spec(payload.get("spec"))
     wanted = names if names is not None else [n for n, _ in spec.param_shapes]
-    params = sess.share_params(spec, payload.get("state"), names=[n for n in wanted if n in dict(spec.param_shapes)], frozen=frozen)
+    params = sess.share_params(
+        spec,
+        payload.get("state"),
+        names=[n for n in wanted if n in dict(spec.param_shapes)],
+        frozen=frozen,
+    )
     shape = tuple(payload["input_shape"])
     x = sess.share(payload.get("input"), owner=Role.DATA_OWNER, shape=shape, name="input")
     return spec, params, x
 
 
 def _reveal(sess: Any, y: Any, note: str) -> torch.Tensor | None:
-    return sess.discloser.reveal(y, value=Revealable.VERIFY_OUTPUTS, to=[Role.DATA_OWNER], note=note)
+    return sess.discloser.reveal(
+        y, value=Revealable.VERIFY_OUTPUTS, to=[Role.DATA_OWNER], note=note
+    )
 
 
 # -- cases ------------------------------------------------------------------------------------
 
 
-def _secure_forward(*, ctx: PartyContext, sess: Any, comm: Any, meter: TrafficMeter, payload: dict[str, Any]) -> dict[str, Any]:
+def _secure_forward(
+    *, ctx: PartyContext, sess: Any, comm: Any, meter: TrafficMeter, payload: dict[str, Any]
+) -> dict[str, Any]:
     """secfwt's engine: one encoder layer ("block") or embeddings + all layers ("encoder")."""
     from secfwt.models.encoder import ForwardSettings
     from secfwt.mpc import owned
@@ -113,7 +129,9 @@ def _secure_forward(*, ctx: PartyContext, sess: Any, comm: Any, meter: TrafficMe
     n, t = x.shape[0], x.shape[1]
     mask = sess.public(torch.ones(n, t))
     profile = Profile(meter)
-    model = _profiled_encoder(spec, params, sess.ops, ForwardSettings(attention=payload["attention"]), profile)
+    model = _profiled_encoder(
+        spec, params, sess.ops, ForwardSettings(attention=payload["attention"]), profile
+    )
     if payload["what"] == "block":
         forward = lambda: model.block(x, mask, 0)  # noqa: E731
     else:
@@ -124,26 +142,46 @@ def _secure_forward(*, ctx: PartyContext, sess: Any, comm: Any, meter: TrafficMe
         owned.drain()  # the work ahead this forward started (for the next) is paid by it
         return y
 
-    y, costs = measure_reps(comm, meter, fn, reps=payload["reps"], profile=profile, remainder=REMAINDER)
+    y, costs = measure_reps(
+        comm, meter, fn, reps=payload["reps"], profile=profile, remainder=REMAINDER
+    )
     return {"costs": costs, "output": _reveal(sess, y, payload["what"])}
 
 
-def _vanilla_forward(*, ctx: PartyContext, sess: Any, comm: Any, meter: TrafficMeter, payload: dict[str, Any]) -> dict[str, Any]:
+def _vanilla_forward(
+    *, ctx: PartyContext, sess: Any, comm: Any, meter: TrafficMeter, payload: dict[str, Any]
+) -> dict[str, Any]:
     """CrypTen's own ops (:mod:`secfwt.bench.vanilla`): one encoder layer."""
     from secfwt.bench import vanilla
 
     spec, params, x = _share_inputs(sess, payload, payload.get("param_names"), frozen=False)
     profile = Profile(meter)
     prefix = spec.prefix + "encoder.layer.0."
-    fn = lambda: vanilla.block(x, params, prefix=prefix, num_heads=spec.num_heads, eps=spec.layer_norm_eps, section=profile.section)  # noqa: E731
-    y, costs = measure_reps(comm, meter, fn, reps=payload["reps"], profile=profile, remainder=REMAINDER)
+    fn = lambda: vanilla.block(
+        x,
+        params,
+        prefix=prefix,
+        num_heads=spec.num_heads,
+        eps=spec.layer_norm_eps,
+        section=profile.section,
+    )  # noqa: E731
+    y, costs = measure_reps(
+        comm, meter, fn, reps=payload["reps"], profile=profile, remainder=REMAINDER
+    )
     return {"costs": costs, "output": _reveal(sess, y, "vanilla block")}
 
 
-def _attention(*, ctx: PartyContext, sess: Any, comm: Any, meter: TrafficMeter, payload: dict[str, Any]) -> dict[str, Any]:
+def _attention(
+    *, ctx: PartyContext, sess: Any, comm: Any, meter: TrafficMeter, payload: dict[str, Any]
+) -> dict[str, Any]:
     """The attention core alone (softmax or RFA) for each sequence length, q/k/v private."""
+    from secfwt.models.attention import (
+        RFASettings,
+        rfa_attention,
+        rfa_projection,
+        softmax_attention,
+    )
     from secfwt.models.spec import Attention
-    from secfwt.models.attention import RFASettings, rfa_attention, rfa_projection, softmax_attention
 
     heads, dh, batch = payload["heads"], payload["head_dim"], payload["batch"]
     settings = RFASettings()
@@ -152,7 +190,15 @@ def _attention(*, ctx: PartyContext, sess: Any, comm: Any, meter: TrafficMeter, 
     for t in payload["seq_lens"]:
         shape = (batch, heads, t, dh)
         qkv = payload.get("qkv", {}).get(t)
-        q, k, v = (sess.share(None if qkv is None else qkv[i], owner=Role.DATA_OWNER, shape=shape, name=f"qkv[{i}]") for i in range(3))
+        q, k, v = (
+            sess.share(
+                None if qkv is None else qkv[i],
+                owner=Role.DATA_OWNER,
+                shape=shape,
+                name=f"qkv[{i}]",
+            )
+            for i in range(3)
+        )
         mask = sess.public(torch.ones(batch, t))
         if payload["attention"] is Attention.RFA:
             fn = lambda: rfa_attention(sess.ops, q, k, v, mask, w=w, settings=settings)  # noqa: E731
@@ -164,23 +210,48 @@ def _attention(*, ctx: PartyContext, sess: Any, comm: Any, meter: TrafficMeter, 
     return {"rows": rows}
 
 
-def _step_inputs(sess: Any, payload: dict[str, Any]) -> tuple[Any, Any, int, dict[str, Any], Any, Any]:
+def _step_inputs(
+    sess: Any, payload: dict[str, Any]
+) -> tuple[Any, Any, int, dict[str, Any], Any, Any]:
     """What both tuning steps start from: spec, trainable set, first trainable layer, the
     trainable values (model owner), the cached prefix and one-hot labels (data owner)."""
     from secfwt.tuning.trainable import select_trainable
 
     spec = sess.agree_spec(payload.get("spec"))
-    trainable = select_trainable(spec, patterns=tuple(payload["trainable"]), lora_modules=(), lora_rank=0, soft_prompt_length=0, prompt_layer=0, max_tokens=spec.max_tokens)
+    trainable = select_trainable(
+        spec,
+        patterns=tuple(payload["trainable"]),
+        lora_modules=(),
+        lora_rank=0,
+        soft_prompt_length=0,
+        prompt_layer=0,
+        max_tokens=spec.max_tokens,
+    )
     state = payload.get("state")
-    theta = {n: sess.share(None if state is None else state[n], owner=Role.MODEL_OWNER, shape=s, name=n) for n, s in trainable.shapes}
+    theta = {
+        n: sess.share(None if state is None else state[n], owner=Role.MODEL_OWNER, shape=s, name=n)
+        for n, s in trainable.shapes
+    }
     b, t = payload["batch"], payload["seq_len"]
-    cache = sess.share(payload.get("input"), owner=Role.DATA_OWNER, shape=(b, t, spec.hidden_size), name="cached prefix")
+    cache = sess.share(
+        payload.get("input"),
+        owner=Role.DATA_OWNER,
+        shape=(b, t, spec.hidden_size),
+        name="cached prefix",
+    )
     labels = payload.get("labels")
-    onehot = sess.share(None if labels is None else torch.nn.functional.one_hot(labels, spec.num_labels).float(), owner=Role.DATA_OWNER, shape=(b, spec.num_labels), name="labels")
+    onehot = sess.share(
+        None if labels is None else torch.nn.functional.one_hot(labels, spec.num_labels).float(),
+        owner=Role.DATA_OWNER,
+        shape=(b, spec.num_labels),
+        name="labels",
+    )
     return spec, trainable, trainable.first_layer(spec), theta, cache, onehot
 
 
-def _fot_step(*, ctx: PartyContext, sess: Any, comm: Any, meter: TrafficMeter, payload: dict[str, Any]) -> dict[str, Any]:
+def _fot_step(
+    *, ctx: PartyContext, sess: Any, comm: Any, meter: TrafficMeter, payload: dict[str, Any]
+) -> dict[str, Any]:
     """One secfwt SPSA step (MeZO): 2 forwards per direction of the trainable upper layers
     and head from the cached frozen prefix, secret loss, local update."""
     from secfwt.models.encoder import ForwardSettings
@@ -189,21 +260,49 @@ def _fot_step(*, ctx: PartyContext, sess: Any, comm: Any, meter: TrafficMeter, p
 
     spec, trainable, cut, theta, cache, onehot = _step_inputs(sess, payload)
     b, t = payload["batch"], payload["seq_len"]
-    mask = sess.share(torch.ones(b, t) if sess.role is Role.DATA_OWNER else None, owner=Role.DATA_OWNER, shape=(b, t), name="attention mask")
-    runner = CachedForward(ops=sess.ops, public=sess.public, spec=spec, frozen={}, settings=ForwardSettings(attention=payload["attention"]), cache=cache, mask=mask, pool_w=None, onehot=onehot, cut=cut, prompt_layer=0)
+    mask = sess.share(
+        torch.ones(b, t) if sess.role is Role.DATA_OWNER else None,
+        owner=Role.DATA_OWNER,
+        shape=(b, t),
+        name="attention mask",
+    )
+    runner = CachedForward(
+        ops=sess.ops,
+        public=sess.public,
+        spec=spec,
+        frozen={},
+        settings=ForwardSettings(attention=payload["attention"]),
+        cache=cache,
+        mask=mask,
+        pool_w=None,
+        onehot=onehot,
+        cut=cut,
+        prompt_layer=0,
+    )
     spsa = SPSASettings(lr=1e-4, eps=1e-3, directions=payload["directions"])
     idx = list(range(b))
 
     def step() -> Any:
-        us = directions(seed=payload["seed"], step=0, shapes=trainable.shapes, count=spsa.directions)
-        new, _gs, mean_loss = spsa_step(lambda ps: runner.losses([dict(p) for p in ps], idx), theta, us=us, settings=spsa)
+        us = directions(
+            seed=payload["seed"], step=0, shapes=trainable.shapes, count=spsa.directions
+        )
+        new, _gs, mean_loss = spsa_step(
+            lambda ps: runner.losses([dict(p) for p in ps], idx), theta, us=us, settings=spsa
+        )
         return mean_loss
 
     loss, costs = measure_reps(comm, meter, step, reps=payload["reps"])
-    return {"costs": costs, "cut": cut, "trainable_numel": trainable.numel, "output": _reveal(sess, loss, "loss")}
+    return {
+        "costs": costs,
+        "cut": cut,
+        "trainable_numel": trainable.numel,
+        "output": _reveal(sess, loss, "loss"),
+    }
 
 
-def _backprop_step(*, ctx: PartyContext, sess: Any, comm: Any, meter: TrafficMeter, payload: dict[str, Any]) -> dict[str, Any]:
+def _backprop_step(
+    *, ctx: PartyContext, sess: Any, comm: Any, meter: TrafficMeter, payload: dict[str, Any]
+) -> dict[str, Any]:
     """One MPC backpropagation step: CrypTen autograd forward + backward, crypten.optim.SGD."""
     from secfwt.bench import vanilla
     from secfwt.crypten_compat import crypten
@@ -218,14 +317,26 @@ def _backprop_step(*, ctx: PartyContext, sess: Any, comm: Any, meter: TrafficMet
         opt.zero_grad()
         h = x
         for layer in range(cut, spec.num_layers):
-            h = vanilla.block(h, params, prefix=f"{spec.prefix}encoder.layer.{layer}.", num_heads=spec.num_heads, eps=spec.layer_norm_eps, differentiable=True)
+            h = vanilla.block(
+                h,
+                params,
+                prefix=f"{spec.prefix}encoder.layer.{layer}.",
+                num_heads=spec.num_heads,
+                eps=spec.layer_norm_eps,
+                differentiable=True,
+            )
         loss = vanilla.classify(h, params, prefix=spec.prefix).cross_entropy(onehot)
         loss.backward()
         opt.step()
         return loss.detach() if hasattr(loss, "detach") else loss
 
     loss, costs = measure_reps(comm, meter, step, reps=payload["reps"])
-    return {"costs": costs, "cut": cut, "trainable_numel": trainable.numel, "output": _reveal(sess, loss, "loss")}
+    return {
+        "costs": costs,
+        "cut": cut,
+        "trainable_numel": trainable.numel,
+        "output": _reveal(sess, loss, "loss"),
+    }
 
 
 _CASES: dict[str, Callable[..., dict[str, Any]]] = {

@@ -37,7 +37,12 @@ class Traffic:
     dealer_requests: int = 0
 
     def minus(self, other: Traffic) -> Traffic:
-        return Traffic(**{f.name: getattr(self, f.name) - getattr(other, f.name) for f in dataclasses.fields(self)})
+        return Traffic(
+            **{
+                f.name: getattr(self, f.name) - getattr(other, f.name)
+                for f in dataclasses.fields(self)
+            }
+        )
 
 
 def _nel(x: Any) -> int:
@@ -78,7 +83,9 @@ class TrafficMeter:
             self.t.rounds += 1
         self._open_send = exchange
 
-    def _with(self, other: int | None, *, sent: int = 0, received: int = 0, exchange: bool = False) -> None:
+    def _with(
+        self, other: int | None, *, sent: int = 0, received: int = 0, exchange: bool = False
+    ) -> None:
         if other is not None and other == self.dealer:
             self.t.dealer_bytes += received
             self.t.dealer_sent += sent
@@ -92,18 +99,27 @@ class TrafficMeter:
         wrap = self._wrap
 
         wrap("send", lambda a, k, r: self._with(_arg(a, k, 1, "dst"), sent=_nel(a[0])))
-        wrap("isend", lambda a, k, r: self._with(_arg(a, k, 1, "dst"), sent=_nel(a[0]), exchange=True))
+        wrap(
+            "isend",
+            lambda a, k, r: self._with(_arg(a, k, 1, "dst"), sent=_nel(a[0]), exchange=True),
+        )
         wrap("recv", lambda a, k, r: self._with(_arg(a, k, 1, "src"), received=_nel(a[0])))
         wrap("irecv", lambda a, k, r: self._with(_arg(a, k, 1, "src"), received=_nel(a[0])))
         wrap("all_reduce", lambda a, k, r: self._peer(sent=_nel(a[0]), received=_nel(a[0])))
         wrap("all_gather", lambda a, k, r: self._peer(sent=_nel(a[0]), received=_nel(a[0])))
         wrap("reduce", lambda a, k, r: self._rooted(_arg(a, k, 1, "dst"), _nel(a[0]), to_root=True))
         wrap("gather", lambda a, k, r: self._rooted(_arg(a, k, 1, "dst"), _nel(a[0]), to_root=True))
-        wrap("broadcast", lambda a, k, r: self._rooted(_arg(a, k, 1, "src"), _nel(a[0]), to_root=False))
+        wrap(
+            "broadcast",
+            lambda a, k, r: self._rooted(_arg(a, k, 1, "src"), _nel(a[0]), to_root=False),
+        )
         wrap("scatter", lambda a, k, r: self._rooted(_arg(a, k, 1, "src"), _nel(r), to_root=False))
         wrap("send_obj", lambda a, k, r: self._with(_arg(a, k, 1, "dst"), sent=_obj_bytes(a[0])))
         wrap("recv_obj", lambda a, k, r: self._with(_arg(a, k, 0, "src"), received=_obj_bytes(r)))
-        wrap("broadcast_obj", lambda a, k, r: self._rooted(_arg(a, k, 1, "src"), _obj_bytes(r), to_root=False))
+        wrap(
+            "broadcast_obj",
+            lambda a, k, r: self._rooted(_arg(a, k, 1, "src"), _obj_bytes(r), to_root=False),
+        )
         del comm
 
     def _rooted(self, root: int | None, nbytes: int, *, to_root: bool) -> None:
@@ -121,7 +137,9 @@ class TrafficMeter:
             else:
                 self._peer(received=nbytes)
 
-    def _wrap(self, name: str, account: Callable[[tuple[Any, ...], dict[str, Any], Any], None]) -> None:
+    def _wrap(
+        self, name: str, account: Callable[[tuple[Any, ...], dict[str, Any], Any], None]
+    ) -> None:
         method = getattr(self.comm, name, None)
         if method is None:
             return
@@ -165,7 +183,9 @@ class Profile:
         finally:
             self._depth -= 1
             d = self.meter.snapshot().minus(c0)
-            row = self.classes.setdefault(name, {"time_s": 0.0, "bytes_sent": 0, "rounds": 0, "calls": 0})
+            row = self.classes.setdefault(
+                name, {"time_s": 0.0, "bytes_sent": 0, "rounds": 0, "calls": 0}
+            )
             row["time_s"] += time.perf_counter() - t0
             row["bytes_sent"] += d.sent
             row["rounds"] += d.rounds
@@ -184,7 +204,12 @@ class Profile:
     def with_remainder(self, total: dict[str, float], name: str) -> dict[str, dict[str, float]]:
         """The classes plus ``name`` = whatever of ``total`` no class accounts for."""
         out = {k: dict(v) for k, v in self.classes.items()}
-        rest = {"time_s": total["wall_s"], "bytes_sent": total["bytes_sent"], "rounds": total["rounds"], "calls": 0}
+        rest = {
+            "time_s": total["wall_s"],
+            "bytes_sent": total["bytes_sent"],
+            "rounds": total["rounds"],
+            "calls": 0,
+        }
         for v in self.classes.values():
             rest["time_s"] -= v["time_s"]
             rest["bytes_sent"] -= v["bytes_sent"]
@@ -222,7 +247,15 @@ def measure(comm: Any, meter: TrafficMeter, fn: Callable[[], Any]) -> tuple[Any,
     }
 
 
-def measure_reps(comm: Any, meter: TrafficMeter, fn: Callable[[], Any], *, reps: int, profile: Profile | None = None, remainder: str = "other") -> tuple[Any, list[dict[str, Any]]]:
+def measure_reps(
+    comm: Any,
+    meter: TrafficMeter,
+    fn: Callable[[], Any],
+    *,
+    reps: int,
+    profile: Profile | None = None,
+    remainder: str = "other",
+) -> tuple[Any, list[dict[str, Any]]]:
     """:func:`measure` ``reps`` times; the last output and every repetition's cost (with the
     op-class breakdown of that repetition when ``profile`` is given). The parent picks the
     fastest repetition: on a shared machine the minimum is the robust estimate."""

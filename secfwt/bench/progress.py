@@ -19,7 +19,14 @@ class BenchProgress:
     def __init__(self) -> None:
         self._console = Console(file=sys.stderr)
         self._live = self._console.is_terminal
-        self._progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=self._console, disable=not self._live, transient=False)
+        self._progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            TimeElapsedColumn(),
+            console=self._console,
+            disable=not self._live,
+            transient=False,
+        )
         self._task: TaskID | None = None
         self._t0 = time.monotonic()
         self._n = 0
@@ -28,7 +35,12 @@ class BenchProgress:
         self._progress.__enter__()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self._finish()
         self._progress.__exit__(exc_type, exc, tb)
 
@@ -45,4 +57,6 @@ class BenchProgress:
             self._finish()
             self._task = self._progress.add_task(f"[{self._n}] {label}", total=None)
         else:
-            self._console.print(f"[{time.monotonic() - self._t0:6.0f} s] case {self._n}: {label}", highlight=False)
+            self._console.print(
+                f"[{time.monotonic() - self._t0:6.0f} s] case {self._n}: {label}", highlight=False
+            )

@@ -75,9 +75,15 @@ def markdown(report: dict[str, Any], *, plots: dict[str, str] | None = None) -> 
     for t in report["targets"]:
         met = {True: "yes", False: "**no**", None: "not run"}[t["passed"]]
         op = ">=" if t["at_least"] else "<="
-        lines.append(f"| `{t['key']}` | {_f(t['value'])} | {op} {t['threshold']:g} ({t['text']}) | {met} |")
-    lines += ["", "Ratios: `fot_vs_backprop_*` = backprop / forward-only; `vs_vanilla_crypten_ratio` = vanilla / secfwt time; "
-              "`vs_plaintext_ratio` = secfwt secure / plaintext torch time; exponents = least-squares slope of log cost vs log T.", ""]
+        lines.append(
+            f"| `{t['key']}` | {_f(t['value'])} | {op} {t['threshold']:g} ({t['text']}) | {met} |"
+        )
+    lines += [
+        "",
+        "Ratios: `fot_vs_backprop_*` = backprop / forward-only; `vs_vanilla_crypten_ratio` = vanilla / secfwt time; "
+        "`vs_plaintext_ratio` = secfwt secure / plaintext torch time; exponents = least-squares slope of log cost vs log T.",
+        "",
+    ]
     lines += _section_forward(b.get("forward"))
     lines += _section_vanilla(b.get("vanilla"))
     lines += _section_attention(b.get("attention"))
@@ -150,16 +156,24 @@ def _section_forward(r: dict[str, Any] | None) -> list[str]:
             if soft.get("reps", 1) > 1
             else "the table shows that one forward (a single repetition)"
         )
-        after += ["secfwt's frozen weights stay with the model owner (`secfwt.mpc.owned`): each weight's mask is sent once per "
-                  f"session, in the first forward ({_f(first['time_s'])} s, {_f(first['bytes_sent_total'] / 1e6)} MB for the softmax layer); {shown}.", ""]
+        after += [
+            "secfwt's frozen weights stay with the model owner (`secfwt.mpc.owned`): each weight's mask is sent once per "
+            f"session, in the first forward ({_f(first['time_s'])} s, {_f(first['bytes_sent_total'] / 1e6)} MB for the softmax layer); {shown}.",
+            "",
+        ]
     minilm = r["cases"][-1]
     if "plaintext" in minilm:
-        after += [f"MiniLM plaintext (transformers, float32): {minilm['plaintext']['best_s'] * 1e3:.1f} ms; secure / plaintext = {_f(minilm['vs_plaintext_ratio'])}x. "
-                  "Input: word embeddings shared by the data owner (SecFwT's table-to-data-owner setting); measured: embeddings LayerNorm + 6 layers.", ""]
+        after += [
+            f"MiniLM plaintext (transformers, float32): {minilm['plaintext']['best_s'] * 1e3:.1f} ms; secure / plaintext = {_f(minilm['vs_plaintext_ratio'])}x. "
+            "Input: word embeddings shared by the data owner (SecFwT's table-to-data-owner setting); measured: embeddings LayerNorm + 6 layers.",
+            "",
+        ]
     return _cases_section("## Secure forward vs plaintext (`forward`)", [intro], r["cases"], after)
 
 
-def _cases_section(title: str, intro: Sequence[str], cases: Sequence[dict[str, Any]], after: Sequence[str] = ()) -> list[str]:
+def _cases_section(
+    title: str, intro: Sequence[str], cases: Sequence[dict[str, Any]], after: Sequence[str] = ()
+) -> list[str]:
     """A section: heading, introduction, the table of its cases, then any closing lines."""
     return [title, "", *intro, "", _CASE_HEADER, *[_case_row(c) for c in cases], "", *after]
 
@@ -187,9 +201,16 @@ def _section_attention(r: dict[str, Any] | None) -> list[str]:
         s, f = by.get(("softmax", t)), by.get(("rfa", t))
         if s is None or f is None:
             continue
-        out.append(f"| {t} | {_f(s['time_s'])} | {_f(s['bytes_sent_total'] / _MB)} | {s['rounds']} | {_f(f['time_s'])} | {_f(f['bytes_sent_total'] / _MB)} | {f['rounds']} | {_f(f['max_abs_err'], 2)} |")
+        out.append(
+            f"| {t} | {_f(s['time_s'])} | {_f(s['bytes_sent_total'] / _MB)} | {s['rounds']} | {_f(f['time_s'])} | {_f(f['bytes_sent_total'] / _MB)} | {f['rounds']} | {_f(f['max_abs_err'], 2)} |"
+        )
     ex = r["exponents"]
-    out += ["", "Growth exponents (slope of log cost vs log T): " + "; ".join(f"{k}: time {v['time']:.2f}, bytes {v['bytes']:.2f}" for k, v in ex.items()), ""]
+    out += [
+        "",
+        "Growth exponents (slope of log cost vs log T): "
+        + "; ".join(f"{k}: time {v['time']:.2f}, bytes {v['bytes']:.2f}" for k, v in ex.items()),
+        "",
+    ]
     return out
 
 
@@ -206,12 +227,25 @@ def _section_fot(r: dict[str, Any] | None) -> list[str]:
     after: list[str] = []
     refs = r.get("loss_references")
     if refs:
-        after += [f"max abs err: |loss of the secure step - float64 plaintext loss at the starting parameters| "
-                  f"(plaintext: softmax {_f(refs.get('softmax'), 4)}, RFA {_f(refs.get('rfa'), 4)}); tolerance {_f(r.get('loss_tolerance'))}.", ""]
+        after += [
+            f"max abs err: |loss of the secure step - float64 plaintext loss at the starting parameters| "
+            f"(plaintext: softmax {_f(refs.get('softmax'), 4)}, RFA {_f(refs.get('rfa'), 4)}); tolerance {_f(r.get('loss_tolerance'))}.",
+            "",
+        ]
     for label in r.get("wrong_results") or ():
-        after += [f"**{label} computed a wrong loss: its time and bytes measure a broken computation, and ratios against it mean little.**", ""]
-    setup = "Setup: " + " ".join(line.strip() for line in (r["setup"] or "").splitlines() if line.strip())
-    return _cases_section("## Forward-only step vs MPC backpropagation step (`fot-vs-backprop`)", intro, r["cases"], [*after, setup, ""])
+        after += [
+            f"**{label} computed a wrong loss: its time and bytes measure a broken computation, and ratios against it mean little.**",
+            "",
+        ]
+    setup = "Setup: " + " ".join(
+        line.strip() for line in (r["setup"] or "").splitlines() if line.strip()
+    )
+    return _cases_section(
+        "## Forward-only step vs MPC backpropagation step (`fot-vs-backprop`)",
+        intro,
+        r["cases"],
+        [*after, setup, ""],
+    )
 
 
 def _section_transport(r: dict[str, Any] | None) -> list[str]:
@@ -241,14 +275,23 @@ def _section_breakdown(b: dict[str, Any]) -> list[str]:
     if not cases:
         return []
     classes = sorted({k for c in cases for k in c["breakdown"]})
-    out = ["## Cost by layer part (model owner's view)", "", "Time (s) / MB sent by the model owner / rounds per op class, timed around each op inside the party.", ""]
+    out = [
+        "## Cost by layer part (model owner's view)",
+        "",
+        "Time (s) / MB sent by the model owner / rounds per op class, timed around each op inside the party.",
+        "",
+    ]
     out.append("| op class | " + " | ".join(c["label"] for c in cases) + " |")
     out.append("|---|" + "---|" * len(cases))
     for k in classes:
         cells = []
         for c in cases:
             v = c["breakdown"].get(k)
-            cells.append("-" if v is None else f"{v['time_s']:.2f} s / {v['bytes_sent'] / _MB:.0f} MB / {v['rounds']}")
+            cells.append(
+                "-"
+                if v is None
+                else f"{v['time_s']:.2f} s / {v['bytes_sent'] / _MB:.0f} MB / {v['rounds']}"
+            )
         out.append(f"| {k} | " + " | ".join(cells) + " |")
     return out + [""]
 
@@ -276,24 +319,41 @@ def write_plots(report: dict[str, Any], out_dir: Path) -> dict[str, str]:
     if att:
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
         for kind, marker in (("softmax", "o"), ("rfa", "s")):
-            rows = sorted((r for r in att["rows"] if r["attention"] == kind), key=lambda r: r["seq_len"])
+            rows = sorted(
+                (r for r in att["rows"] if r["attention"] == kind), key=lambda r: r["seq_len"]
+            )
             ts = [r["seq_len"] for r in rows]
             ex = att["exponents"][kind]
-            axes[0].loglog(ts, [r["time_s"] for r in rows], marker=marker, label=f"{kind} (slope {ex['time']:.2f})")
-            axes[1].loglog(ts, [r["bytes_sent_total"] / _MB for r in rows], marker=marker, label=f"{kind} (slope {ex['bytes']:.2f})")
+            axes[0].loglog(
+                ts,
+                [r["time_s"] for r in rows],
+                marker=marker,
+                label=f"{kind} (slope {ex['time']:.2f})",
+            )
+            axes[1].loglog(
+                ts,
+                [r["bytes_sent_total"] / _MB for r in rows],
+                marker=marker,
+                label=f"{kind} (slope {ex['bytes']:.2f})",
+            )
         for ax, what in zip(axes, ("time (s)", "MB sent, both parties")):
             ax.set_xlabel("sequence length T")
             ax.set_ylabel(what)
             ax.grid(True, which="both", alpha=0.3)
             ax.legend()
-        fig.suptitle(f"MPC attention core, {att['heads']} heads x {att['head_dim']}: softmax vs RFA")
+        fig.suptitle(
+            f"MPC attention core, {att['heads']} heads x {att['head_dim']}: softmax vs RFA"
+        )
         save(fig, "attention_plot", "bench-attention.png")
     cases = breakdown_cases(b)
     if cases:
         classes = sorted({k for c in cases for k in c["breakdown"]})
         fig, axes = plt.subplots(1, 2, figsize=(12, 0.9 * len(cases) + 2.5))
         labels = [c["label"].split(": ", 1)[-1] for c in cases]
-        for ax, key, scale, what in ((axes[0], "time_s", 1.0, "time (s)"), (axes[1], "bytes_sent", _MB, "MB sent by the model owner")):
+        for ax, key, scale, what in (
+            (axes[0], "time_s", 1.0, "time (s)"),
+            (axes[1], "bytes_sent", _MB, "MB sent by the model owner"),
+        ):
             left = [0.0] * len(cases)
             for k in classes:
                 vals = [c["breakdown"].get(k, {}).get(key, 0) / scale for c in cases]
@@ -306,13 +366,20 @@ def write_plots(report: dict[str, Any], out_dir: Path) -> dict[str, str]:
     fot = b.get("fot-vs-backprop")
     if fot:
         fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
-        names = ["forward-only\n(RFA)", "forward-only\n(softmax)", "backprop\n(ring matmul)", "backprop\n(vanilla CrypTen)"]
+        names = [
+            "forward-only\n(RFA)",
+            "forward-only\n(softmax)",
+            "backprop\n(ring matmul)",
+            "backprop\n(vanilla CrypTen)",
+        ]
         cs = fot["cases"]
         colors = ["tab:green", "tab:blue", "tab:red", "tab:brown"][: len(cs)]
         axes[0].bar(names[: len(cs)], [c["time_s"] for c in cs], color=colors)
         axes[0].set_ylabel("time per step (s)")
         axes[1].bar(names[: len(cs)], [c["bytes_sent_total"] / _MB for c in cs], color=colors)
         axes[1].set_ylabel("MB sent per step, both parties")
-        fig.suptitle(f"One tuning step in MPC ({fot['shape'].split(' (')[0]}, B={fot['batch']}, T={fot['seq_len']})")
+        fig.suptitle(
+            f"One tuning step in MPC ({fot['shape'].split(' (')[0]}, B={fot['batch']}, T={fot['seq_len']})"
+        )
         save(fig, "fot_plot", "bench-fot-vs-backprop.png")
     return files

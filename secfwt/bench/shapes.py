@@ -34,7 +34,15 @@ MINILM = LayerShape("MiniLM-L6", 384, 12, 1536)
 TINY = LayerShape("tiny", 64, 4, 128)
 
 
-def synthetic_model(shape: LayerShape, *, layers: int, head: Head, seed: int, max_positions: int = 512, num_labels: int = 2) -> tuple[ModelSpec, dict[str, torch.Tensor], torch.nn.Module]:
+def synthetic_model(
+    shape: LayerShape,
+    *,
+    layers: int,
+    head: Head,
+    seed: int,
+    max_positions: int = 512,
+    num_labels: int = 2,
+) -> tuple[ModelSpec, dict[str, torch.Tensor], torch.nn.Module]:
     """(spec, float32 state dict, the Hugging Face model in eval mode) with random weights."""
     import transformers as tf
 
@@ -53,7 +61,11 @@ def synthetic_model(shape: LayerShape, *, layers: int, head: Head, seed: int, ma
         attn_implementation="eager",
     )
     torch.manual_seed(seed)
-    model = tf.BertForSequenceClassification(config) if head is Head.SEQUENCE_CLASSIFICATION else tf.BertModel(config)
+    model = (
+        tf.BertForSequenceClassification(config)
+        if head is Head.SEQUENCE_CLASSIFICATION
+        else tf.BertModel(config)
+    )
     model.eval()
     return spec_from_model(model, family=Family.BERT, head=head), state_dict_of(model), model
 
@@ -93,7 +105,12 @@ def time_plaintext(fn: Any, *, reps: int, warmup: int = 2) -> dict[str, Any]:
     finally:
         torch.set_num_threads(saved)
     best_threads = min(by_threads, key=lambda k: by_threads[k]["best_s"])
-    return {"best_s": by_threads[best_threads]["best_s"], "threads": best_threads, "reps": reps, "by_threads": {str(k): v for k, v in by_threads.items()}}
+    return {
+        "best_s": by_threads[best_threads]["best_s"],
+        "threads": best_threads,
+        "reps": reps,
+        "by_threads": {str(k): v for k, v in by_threads.items()},
+    }
 
 
 def hf_layer_fn(model: Any, x: torch.Tensor) -> Any:

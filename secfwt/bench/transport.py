@@ -57,13 +57,22 @@ def _party(ctx: PartyContext, payload: dict[str, Any]) -> dict[str, Any]:
     return {"all_reduce_s": times, "rtt_s": rtts}
 
 
-def measure(transport: Transport, *, mb: float = 100.0, reps: int = 3, round_trips: int = 200) -> dict[str, Any]:
+def measure(
+    transport: Transport, *, mb: float = 100.0, reps: int = 3, round_trips: int = 200
+) -> dict[str, Any]:
     """One benchmark run with ``transport``; returns its figures (model owner's view)."""
     from secfwt.mpc.provider import Provider
     from secfwt.runtime.simulate import machine_info  # lazily: party processes import this module
 
     payload = {"mb": mb, "reps": reps, "round_trips": round_trips}
-    res = run_parties(_party, payloads={r: payload for r in (Role.MODEL_OWNER, Role.DATA_OWNER)}, provider=Provider.TTP, timeout_s=900, transport=transport, comm_stats=False)
+    res = run_parties(
+        _party,
+        payloads={r: payload for r in (Role.MODEL_OWNER, Role.DATA_OWNER)},
+        provider=Provider.TTP,
+        timeout_s=900,
+        transport=transport,
+        comm_stats=False,
+    )
     v = res[Role.MODEL_OWNER].value
     best = min(v["all_reduce_s"])
     return {

@@ -57,7 +57,16 @@ def gelu_tanh(x: Any) -> Any:
     return x * (inner.tanh() + 1.0) * 0.5
 
 
-def block(x: Any, p: Mapping[str, Any], *, prefix: str, num_heads: int, eps: float, differentiable: bool = False, section: Section = _no_section) -> Any:
+def block(
+    x: Any,
+    p: Mapping[str, Any],
+    *,
+    prefix: str,
+    num_heads: int,
+    eps: float,
+    differentiable: bool = False,
+    section: Section = _no_section,
+) -> Any:
     """One BERT encoder layer on CrypTen tensors; x (N, T, H) -> (N, T, H). No padding mask."""
     n, t, h = x.shape
     dh = h // num_heads
@@ -79,7 +88,13 @@ def block(x: Any, p: Mapping[str, Any], *, prefix: str, num_heads: int, eps: flo
     with section("linear (weights)"):
         a = _linear(ctx, p, att + "output.dense") + x
     with section("LayerNorm"):
-        a = layer_norm(a, p[att + "output.LayerNorm.weight"], p[att + "output.LayerNorm.bias"], eps=eps, differentiable=differentiable)
+        a = layer_norm(
+            a,
+            p[att + "output.LayerNorm.weight"],
+            p[att + "output.LayerNorm.bias"],
+            eps=eps,
+            differentiable=differentiable,
+        )
     with section("linear (weights)"):
         inter = _linear(a, p, prefix + "intermediate.dense")
     with section("GELU"):
@@ -87,7 +102,13 @@ def block(x: Any, p: Mapping[str, Any], *, prefix: str, num_heads: int, eps: flo
     with section("linear (weights)"):
         out = _linear(inter, p, prefix + "output.dense") + a
     with section("LayerNorm"):
-        return layer_norm(out, p[prefix + "output.LayerNorm.weight"], p[prefix + "output.LayerNorm.bias"], eps=eps, differentiable=differentiable)
+        return layer_norm(
+            out,
+            p[prefix + "output.LayerNorm.weight"],
+            p[prefix + "output.LayerNorm.bias"],
+            eps=eps,
+            differentiable=differentiable,
+        )
 
 
 def classify(h: Any, p: Mapping[str, Any], *, prefix: str) -> Any:

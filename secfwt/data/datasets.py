@@ -175,7 +175,9 @@ def load_dataset(
     data = _build(records, file=file, label_column=label_column, labels=label_names)
     log.info(
         "loaded %d rows from %s; classes %s",
-        len(data), file, dict(zip(data.label_names, data.class_counts(), strict=True)),
+        len(data),
+        file,
+        dict(zip(data.label_names, data.class_counts(), strict=True)),
     )
     return data
 
@@ -240,7 +242,8 @@ def _load_rotten_tomatoes(*, labels: tuple[str, ...] | None) -> LabelledTexts:
     )
     log.info(
         "loaded rotten_tomatoes: %d reviews %s",
-        len(data), dict(zip(data.label_names, data.class_counts(), strict=True)),
+        len(data),
+        dict(zip(data.label_names, data.class_counts(), strict=True)),
     )
     return data
 
@@ -305,8 +308,13 @@ def _read_jsonl(file: Path, *, text_column: str, label_column: str) -> list[_Rec
                         f"{type(obj).__name__}; write one {{...}} object per line"
                     )
                 records.append(
-                    _jsonl_record(obj, file=file, where=where, text_column=text_column,
-                                  label_column=label_column)
+                    _jsonl_record(
+                        obj,
+                        file=file,
+                        where=where,
+                        text_column=text_column,
+                        label_column=label_column,
+                    )
                 )
     except UnicodeDecodeError as exc:
         raise DataError(f"data file {file} is not UTF-8 ({exc}); re-save it as UTF-8") from exc

@@ -55,7 +55,12 @@ def few_shot_split(
     eval_rows = rng.permutation(np.concatenate(eval_idx))
     log.info(
         "few-shot split (seed %d): %d train (%d per class), %d eval (%d per class) of %d rows",
-        seed, train_rows.size, shots_per_class, eval_rows.size, eval_per_class, len(data),
+        seed,
+        train_rows.size,
+        shots_per_class,
+        eval_rows.size,
+        eval_per_class,
+        len(data),
     )
     return data.subset(train_rows.tolist()), data.subset(eval_rows.tolist())
 
@@ -68,9 +73,7 @@ def take(data: LabelledTexts, *, n: int, seed: int) -> LabelledTexts:
     _check_count("n", n, minimum=0)
     _check_seed(seed)
     if n > len(data):
-        raise DataError(
-            f"n = {n} rows requested but the data has only {len(data)}; lower n"
-        )
+        raise DataError(f"n = {n} rows requested but the data has only {len(data)}; lower n")
     rows = np.random.default_rng(seed).permutation(len(data))[:n]
     return data.subset(rows.tolist())
 

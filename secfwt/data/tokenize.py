@@ -146,8 +146,9 @@ def tokenize(
     ids: list[list[int]] = []
     if texts:  # the fast tokenizers fail on an empty batch
         if truncate:
-            encoded = tokenizer(texts, add_special_tokens=True, truncation=True,
-                                max_length=max_length)
+            encoded = tokenizer(
+                texts, add_special_tokens=True, truncation=True, max_length=max_length
+            )
         else:
             encoded = tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)
         ids = encoded["input_ids"]
@@ -203,8 +204,12 @@ def random_token_ids(
     ``sep``/``eos`` at the last, and every listed id (e.g. ``pad``, ``mask``) is excluded from
     the random positions. Deterministic for a seed.
     """
-    for field, value, minimum in (("n", n, 0), ("length", length, 1), ("vocab_size", vocab_size, 1),
-                                  ("seed", seed, 0)):
+    for field, value, minimum in (
+        ("n", n, 0),
+        ("length", length, 1),
+        ("vocab_size", vocab_size, 1),
+        ("seed", seed, 0),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ConfigError(f"{field} = {value!r} must be an integer >= {minimum}")
     special = dict(special or {})

@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import secrets
 import logging
+import secrets
 import time
 import warnings
 from collections.abc import Callable
@@ -40,8 +40,20 @@ from typing import Any
 import torch
 
 from secfwt.config import AccountantName, JobConfig, Mode
-from secfwt.dp.classifier import DPClassifier, HeadView, load_classifier, mark_trainable, pooled_features
-from secfwt.dp.training_state import TrainingState, load_state, refuse_existing, save_state, settings_digest
+from secfwt.dp.classifier import (
+    DPClassifier,
+    HeadView,
+    load_classifier,
+    mark_trainable,
+    pooled_features,
+)
+from secfwt.dp.training_state import (
+    TrainingState,
+    load_state,
+    refuse_existing,
+    save_state,
+    settings_digest,
+)
 from secfwt.errors import ConfigError
 from secfwt.tuning.accounting import DPPlan, make_accountant, plan
 
@@ -72,7 +84,11 @@ class _Rows:
 
     def __init__(self, model: DPClassifier, data: _Data, *, batch: int) -> None:
         self.model, self.data = model, data
-        self.features = pooled_features(model, data.input_ids, data.attention_mask, batch=batch) if model.head_only() else None
+        self.features = (
+            pooled_features(model, data.input_ids, data.attention_mask, batch=batch)
+            if model.head_only()
+            else None
+        )
 
     @property
     def module(self) -> torch.nn.Module:
@@ -98,17 +114,34 @@ class _Rows:
 def check_supported(cfg: JobConfig) -> None:
     """Job settings the baseline cannot mirror; refused before any work."""
     if cfg.job.mode is not Mode.ZO:
-        raise ConfigError(f"{cfg.source}: job.mode = {cfg.job.mode.value!r}: dp-baseline trains the zo.trainable parameters with DP-SGD; use a job with mode = 'zo' (or --set job.mode=zo)")
+        raise ConfigError(
+            f"{cfg.source}: job.mode = {cfg.job.mode.value!r}: dp-baseline trains the zo.trainable parameters with DP-SGD; use a job with mode = 'zo' (or --set job.mode=zo)"
+        )
     if cfg.zo.lora_modules:
-        raise ConfigError(f"{cfg.source}: zo.lora_modules = {list(cfg.zo.lora_modules)}: dp-baseline trains zo.trainable patterns only; remove zo.lora_modules (--set zo.lora_modules=[])")
+        raise ConfigError(
+            f"{cfg.source}: zo.lora_modules = {list(cfg.zo.lora_modules)}: dp-baseline trains zo.trainable patterns only; remove zo.lora_modules (--set zo.lora_modules=[])"
+        )
     if cfg.zo.soft_prompt_length:
-        raise ConfigError(f"{cfg.source}: zo.soft_prompt_length = {cfg.zo.soft_prompt_length}: dp-baseline trains zo.trainable patterns only; set zo.soft_prompt_length = 0")
+        raise ConfigError(
+            f"{cfg.source}: zo.soft_prompt_length = {cfg.zo.soft_prompt_length}: dp-baseline trains zo.trainable patterns only; set zo.soft_prompt_length = 0"
+        )
 
 
 def baseline_plan(cfg: JobConfig, *, n_train: int) -> DPPlan:
     """The privacy plan of the baseline: ``dp.baseline_steps`` steps (default ``zo.steps``)."""
-    steps, key = (cfg.dp.baseline_steps, "dp.baseline_steps") if cfg.dp.baseline_steps is not None else (cfg.zo.steps, "zo.steps")
-    return plan(cfg.dp, n_train=n_train, batch_size=cfg.zo.batch_size, steps=steps, where=cfg.source, steps_key=key)
+    steps, key = (
+        (cfg.dp.baseline_steps, "dp.baseline_steps")
+        if cfg.dp.baseline_steps is not None
+        else (cfg.zo.steps, "zo.steps")
+    )
+    return plan(
+        cfg.dp,
+        n_train=n_train,
+        batch_size=cfg.zo.batch_size,
+        steps=steps,
+        where=cfg.source,
+        steps_key=key,
+    )
 
 
 def run_dp_baseline(
@@ -133,7 +166,9 @@ def run_dp_baseline(
     t0 = time.perf_counter()
     progress = on_progress or (lambda msg: None)
     check_supported(cfg)
-    _check_checkpoint_args(cfg, checkpoint_dir=checkpoint_dir, resume=resume, stop_at_step=stop_at_step)
+    _check_checkpoint_args(
+        cfg, checkpoint_dir=checkpoint_dir, resume=resume, stop_at_step=stop_at_step
+    )
     from secfwt.models.checkpoint import resolve_model_path
     from secfwt.runtime.data_owner import prepare_inputs
 
@@ -145,72 +180,121 @@ def run_dp_baseline(
     if stop_at_step is not None and stop_at_step > p.steps:
         raise ConfigError(f"--stop-at-step {stop_at_step}: the run has only {p.steps} steps")
     digest = _digest(cfg, p, data)
-    state = load_state(checkpoint_dir, digest=digest) if resume and checkpoint_dir is not None else None
+    state = (
+        load_state(checkpoint_dir, digest=digest) if resume and checkpoint_dir is not None else None
+    )
     if checkpoint_dir is not None and state is None:
         refuse_existing(checkpoint_dir)
 
     progress({"kind": "phase", "phase": "loading model"})
-    model, trained, unused = _job_model(cfg, model_dir, num_labels=inputs.num_labels, max_length=int(data.input_ids.shape[1]))
+    model, trained, unused = _job_model(
+        cfg, model_dir, num_labels=inputs.num_labels, max_length=int(data.input_ids.shape[1])
+    )
     if model.head_only():
-        progress({"kind": "phase", "phase": "frozen encoder features (computed once: only the head trains)"})
+        progress(
+            {
+                "kind": "phase",
+                "phase": "frozen encoder features (computed once: only the head trains)",
+            }
+        )
     rows = _Rows(model, data, batch=cfg.run.eval_batch)
-    accuracy_before = state.accuracy_before if state is not None else rows.accuracy(batch=cfg.run.eval_batch)
+    accuracy_before = (
+        state.accuracy_before if state is not None else rows.accuracy(batch=cfg.run.eval_batch)
+    )
     progress({"kind": "eval", "when": "before", "accuracy": accuracy_before})
-    trainer = _Trainer(cfg, model, rows, p, seed=secrets.randbits(62) if noise_seed is None else noise_seed)
+    trainer = _Trainer(
+        cfg, model, rows, p, seed=secrets.randbits(62) if noise_seed is None else noise_seed
+    )
     if state is not None:
         trainer.restore(state)
         log.info("dp-baseline: resumed at step %d of %d", state.step, p.steps)
     resumed_from = trainer.step
     last = p.steps if stop_at_step is None else stop_at_step
-    trainer.run(until=last, progress=progress, checkpoint=None if checkpoint_dir is None else (checkpoint_dir, cfg.dp.checkpoint_every), digest=digest, accuracy_before=accuracy_before)
+    trainer.run(
+        until=last,
+        progress=progress,
+        checkpoint=None if checkpoint_dir is None else (checkpoint_dir, cfg.dp.checkpoint_every),
+        digest=digest,
+        accuracy_before=accuracy_before,
+    )
     completed = trainer.step == p.steps
     accuracy_after = rows.accuracy(batch=cfg.run.eval_batch) if completed else None
     if completed:
         progress({"kind": "eval", "when": "after", "accuracy": accuracy_after})
     eps = trainer.epsilon()
     return _report(
-        cfg, p, data, trainer, trained=trained, unused=unused,
-        accuracy_before=accuracy_before, accuracy_after=accuracy_after, epsilon=eps,
-        completed=completed, resumed_from=resumed_from if state is not None else None,
-        wall_s=time.perf_counter() - t0, checkpoint_dir=checkpoint_dir, noise_seed=noise_seed,
+        cfg,
+        p,
+        data,
+        trainer,
+        trained=trained,
+        unused=unused,
+        accuracy_before=accuracy_before,
+        accuracy_after=accuracy_after,
+        epsilon=eps,
+        completed=completed,
+        resumed_from=resumed_from if state is not None else None,
+        wall_s=time.perf_counter() - t0,
+        checkpoint_dir=checkpoint_dir,
+        noise_seed=noise_seed,
     )
 
 
-def _job_model(cfg: JobConfig, model_dir: Path, *, num_labels: int, max_length: int) -> tuple[DPClassifier, list[str], list[str]]:
+def _job_model(
+    cfg: JobConfig, model_dir: Path, *, num_labels: int, max_length: int
+) -> tuple[DPClassifier, list[str], list[str]]:
     """The job's starting model: the model owner's checkpoint state and initial trainable
     values under ``job.seed``, exactly as the MPC job shares them; the job's trainable set."""
     from secfwt.models.checkpoint import load_checkpoint
     from secfwt.tuning.trainable import initial_values, trainable_set
 
-    spec, weights = load_checkpoint(model_dir, head=cfg.model.head, num_labels=num_labels, seed=cfg.job.seed)
+    spec, weights = load_checkpoint(
+        model_dir, head=cfg.model.head, num_labels=num_labels, seed=cfg.job.seed
+    )
     if max_length > spec.max_tokens:
-        raise ConfigError(f"model.max_length = {max_length} exceeds this model's {spec.max_tokens} positions; lower model.max_length")
+        raise ConfigError(
+            f"model.max_length = {max_length} exceeds this model's {spec.max_tokens} positions; lower model.max_length"
+        )
     trainable = trainable_set(cfg, spec)
     values = {**weights, **initial_values(spec, weights, trainable, seed=cfg.job.seed)}
     model = load_classifier(model_dir, spec=spec, values=values, pooling=cfg.model.pooling)
     trained, unused = mark_trainable(model, trainable.names)
     if unused:
-        log.warning("dp-baseline: %s do not affect the logits (pooling %s) and stay at their initial values", ", ".join(unused), cfg.model.pooling.value)
+        log.warning(
+            "dp-baseline: %s do not affect the logits (pooling %s) and stay at their initial values",
+            ", ".join(unused),
+            cfg.model.pooling.value,
+        )
     return model, trained, unused
 
 
-def _check_checkpoint_args(cfg: JobConfig, *, checkpoint_dir: Path | None, resume: bool, stop_at_step: int | None) -> None:
+def _check_checkpoint_args(
+    cfg: JobConfig, *, checkpoint_dir: Path | None, resume: bool, stop_at_step: int | None
+) -> None:
     if resume and checkpoint_dir is None:
         raise ConfigError("--resume needs --checkpoint-dir (the folder of the run to continue)")
     if cfg.dp.checkpoint_every and checkpoint_dir is None:
-        raise ConfigError(f"{cfg.source}: dp.checkpoint_every = {cfg.dp.checkpoint_every} needs --checkpoint-dir; pass one or set dp.checkpoint_every = 0")
+        raise ConfigError(
+            f"{cfg.source}: dp.checkpoint_every = {cfg.dp.checkpoint_every} needs --checkpoint-dir; pass one or set dp.checkpoint_every = 0"
+        )
     if stop_at_step is not None:
         if stop_at_step < 1:
             raise ConfigError(f"--stop-at-step {stop_at_step}: must be >= 1")
         if checkpoint_dir is None:
-            raise ConfigError("--stop-at-step needs --checkpoint-dir, or the steps done so far are lost")
+            raise ConfigError(
+                "--stop-at-step needs --checkpoint-dir, or the steps done so far are lost"
+            )
 
 
 def _digest(cfg: JobConfig, p: DPPlan, data: _Data) -> str:
     """Everything that determines the trajectory; not run.* or how often checkpoints are written."""
-    public = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("source", "run", "disclosure")}
+    public = {
+        k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("source", "run", "disclosure")
+    }
     public["dp"] = {k: v for k, v in public["dp"].items() if k != "checkpoint_every"}
-    return settings_digest({"job": public, "plan": p.to_dict()}, data.input_ids, data.attention_mask, data.labels)
+    return settings_digest(
+        {"job": public, "plan": p.to_dict()}, data.input_ids, data.attention_mask, data.labels
+    )
 
 
 class _EpsilonMeter:
@@ -230,7 +314,9 @@ class _EpsilonMeter:
             from opacus.accountants.analysis import rdp as analysis
 
             self._orders = RDPAccountant.DEFAULT_ALPHAS
-            self._rdp1 = analysis.compute_rdp(q=p.sample_rate, noise_multiplier=p.noise_multiplier, steps=1, orders=self._orders)
+            self._rdp1 = analysis.compute_rdp(
+                q=p.sample_rate, noise_multiplier=p.noise_multiplier, steps=1, orders=self._orders
+            )
             self._spent = analysis.get_privacy_spent
 
     def at(self, step: int) -> float | None:
@@ -242,18 +328,31 @@ class _EpsilonMeter:
             return None
         from secfwt.tuning.accounting import epsilon
 
-        return epsilon(noise_multiplier=p.noise_multiplier, sample_rate=p.sample_rate, steps=step, delta=p.delta, accountant=p.accountant)
+        return epsilon(
+            noise_multiplier=p.noise_multiplier,
+            sample_rate=p.sample_rate,
+            steps=step,
+            delta=p.delta,
+            accountant=p.accountant,
+        )
 
 
 def _seed(seed: int, purpose: str) -> int:
     """Independent 63-bit seeds per purpose, derived from the run's seed."""
-    return int.from_bytes(hashlib.sha256(f"secfwt-dp-baseline:{seed}:{purpose}".encode()).digest()[:8], "little") >> 1
+    return (
+        int.from_bytes(
+            hashlib.sha256(f"secfwt-dp-baseline:{seed}:{purpose}".encode()).digest()[:8], "little"
+        )
+        >> 1
+    )
 
 
 class _Trainer:
     """The Opacus objects of one run and the step loop."""
 
-    def __init__(self, cfg: JobConfig, model: DPClassifier, rows: _Rows, p: DPPlan, *, seed: int) -> None:
+    def __init__(
+        self, cfg: JobConfig, model: DPClassifier, rows: _Rows, p: DPPlan, *, seed: int
+    ) -> None:
         from opacus import GradSampleModule
         from opacus.optimizers import DPOptimizer
 
@@ -273,7 +372,9 @@ class _Trainer:
             generator=self.noise_rng,
         )
         self.accountant = make_accountant(p.accountant)
-        self.optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=p.sample_rate))
+        self.optimizer.attach_step_hook(
+            self.accountant.get_optimizer_hook_fn(sample_rate=p.sample_rate)
+        )
         self.step = 0
         self.loss_history: list[float | None] = []
         self.batch_sizes: list[int] = []
@@ -321,7 +422,9 @@ class _Trainer:
             with warnings.catch_warnings():
                 # Opacus's full backward hooks fire with respect to module outputs because the
                 # inputs (token ids, frozen features) need no gradient; torch warns, harmlessly.
-                warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+                warnings.filterwarnings(
+                    "ignore", message="Full backward hook is firing", category=UserWarning
+                )
                 batch_loss.backward()
             loss = float(batch_loss.detach())
         else:
@@ -330,7 +433,15 @@ class _Trainer:
         self.optimizer.step()
         return loss
 
-    def run(self, *, until: int, progress: Progress, checkpoint: tuple[Path, int] | None, digest: str, accuracy_before: float) -> None:
+    def run(
+        self,
+        *,
+        until: int,
+        progress: Progress,
+        checkpoint: tuple[Path, int] | None,
+        digest: str,
+        accuracy_before: float,
+    ) -> None:
         from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
         total = self.plan.steps
@@ -338,7 +449,12 @@ class _Trainer:
             return
         # The sampler draws one torch.rand(N) from sampler_rng per batch, lazily: after k
         # batches the generator state is exactly what a checkpoint at step k stores.
-        sampler = UniformWithReplacementSampler(num_samples=self.data.n_train, sample_rate=self.plan.sample_rate, generator=self.sampler_rng, steps=until - self.step)
+        sampler = UniformWithReplacementSampler(
+            num_samples=self.data.n_train,
+            sample_rate=self.plan.sample_rate,
+            generator=self.sampler_rng,
+            steps=until - self.step,
+        )
         meter = _EpsilonMeter(self.plan)
         t_run = time.perf_counter()
         t_base = self.train_s
@@ -348,14 +464,41 @@ class _Trainer:
             self.loss_history.append(loss)
             self.batch_sizes.append(len(idx))
             self.train_s = t_base + time.perf_counter() - t_run
-            progress({"kind": "step", "step": self.step, "total": total, "loss": loss, "epsilon": meter.at(self.step), "elapsed": self.train_s})
+            progress(
+                {
+                    "kind": "step",
+                    "step": self.step,
+                    "total": total,
+                    "loss": loss,
+                    "epsilon": meter.at(self.step),
+                    "elapsed": self.train_s,
+                }
+            )
             if checkpoint is not None:
                 directory, k = checkpoint
                 if (k and self.step % k == 0) or self.step == until:
-                    save_state(directory, self.state(digest=digest, accuracy_before=accuracy_before))
+                    save_state(
+                        directory, self.state(digest=digest, accuracy_before=accuracy_before)
+                    )
 
 
-def _report(cfg: JobConfig, p: DPPlan, data: _Data, trainer: _Trainer, *, trained: list[str], unused: list[str], accuracy_before: float, accuracy_after: float | None, epsilon: float, completed: bool, resumed_from: int | None, wall_s: float, checkpoint_dir: Path | None, noise_seed: int | None) -> dict[str, Any]:
+def _report(
+    cfg: JobConfig,
+    p: DPPlan,
+    data: _Data,
+    trainer: _Trainer,
+    *,
+    trained: list[str],
+    unused: list[str],
+    accuracy_before: float,
+    accuracy_after: float | None,
+    epsilon: float,
+    completed: bool,
+    resumed_from: int | None,
+    wall_s: float,
+    checkpoint_dir: Path | None,
+    noise_seed: int | None,
+) -> dict[str, Any]:
     from secfwt.runtime.simulate import machine_info
 
     shapes = dict(trainer.model.named_parameters())
@@ -383,13 +526,17 @@ def _report(cfg: JobConfig, p: DPPlan, data: _Data, trainer: _Trainer, *, traine
         "head_only_cache": trainer.rows.features is not None,
         "accuracy_before": accuracy_before,
         "accuracy_after": accuracy_after,
-        "accuracy_gain_points": None if accuracy_after is None else 100.0 * (accuracy_after - accuracy_before),
+        "accuracy_gain_points": None
+        if accuracy_after is None
+        else 100.0 * (accuracy_after - accuracy_before),
         "optimizer": {"name": "sgd", "lr": cfg.dp.baseline_lr},
         "trainable": {"names": trained, "numel": sum(shapes[n].numel() for n in trained)},
         "unused_trainable": unused,
         "loss_history": trainer.loss_history,
         "batch_sizes": trainer.batch_sizes,
-        "noise": "fixed noise_seed (test)" if noise_seed is not None else "generators seeded from the OS at the start of the run",
+        "noise": "fixed noise_seed (test)"
+        if noise_seed is not None
+        else "generators seeded from the OS at the start of the run",
         "wall_s": wall_s,
         "train_s": trainer.train_s,
         "checkpoint_dir": None if checkpoint_dir is None else str(checkpoint_dir),

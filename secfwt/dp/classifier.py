@@ -53,7 +53,9 @@ class _PoolerSlot(nn.Module):
 class DPClassifier(nn.Module):
     """Encoder + the job's pooling + head; ``forward(input_ids, attention_mask) -> logits (B, C)``."""
 
-    def __init__(self, *, encoder: nn.Module, head: nn.Module, spec: ModelSpec, pooling: Pooling) -> None:
+    def __init__(
+        self, *, encoder: nn.Module, head: nn.Module, spec: ModelSpec, pooling: Pooling
+    ) -> None:
         super().__init__()
         self.spec = spec
         self.pooling = pooling
@@ -71,7 +73,11 @@ class DPClassifier(nn.Module):
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Pooled encoder output (B, H), before any head parameter (``EncoderModel.pool``)."""
         b, t = input_ids.shape
-        positions = (self.spec.position_offset + torch.arange(t, device=input_ids.device)).unsqueeze(0).repeat(b, 1)  # (B, L)
+        positions = (
+            (self.spec.position_offset + torch.arange(t, device=input_ids.device))
+            .unsqueeze(0)
+            .repeat(b, 1)
+        )  # (B, L)
         out = self.encoder(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -87,7 +93,10 @@ class DPClassifier(nn.Module):
     def head(self, pooled: torch.Tensor) -> torch.Tensor:
         """Logits (B, C) from pooled features (B, H), as ``EncoderModel.classify``."""
         if self.spec.family is Family.ROBERTA:
-            dense, out_proj = self.get_submodule("classifier.dense"), self.get_submodule("classifier.out_proj")
+            dense, out_proj = (
+                self.get_submodule("classifier.dense"),
+                self.get_submodule("classifier.out_proj"),
+            )
             return out_proj(torch.tanh(dense(pooled)))
         if self.pooling is Pooling.CLS:
             pooled = torch.tanh(self.get_submodule(f"{self.encoder_name}.pooler.dense")(pooled))
@@ -95,7 +104,11 @@ class DPClassifier(nn.Module):
 
     def head_only(self) -> bool:
         """True when nothing below the pooled features trains, so features can be computed once."""
-        below = [n for n, p in self.named_parameters() if p.requires_grad and not n.startswith(("classifier.", self.spec.prefix + "pooler."))]
+        below = [
+            n
+            for n, p in self.named_parameters()
+            if p.requires_grad and not n.startswith(("classifier.", self.spec.prefix + "pooler."))
+        ]
         return not below
 
     def unused_parameters(self) -> tuple[str, ...]:
@@ -105,11 +118,15 @@ class DPClassifier(nn.Module):
         DP-SGD step would only add noise to them, so they stay frozen at their initial values.
         """
         if self.spec.family is Family.BERT and self.pooling is Pooling.MEAN:
-            return tuple(n for n, _ in self.named_parameters() if n.startswith(self.spec.prefix + "pooler."))
+            return tuple(
+                n for n, _ in self.named_parameters() if n.startswith(self.spec.prefix + "pooler.")
+            )
         return ()
 
 
-def load_classifier(model_dir: Path, *, spec: ModelSpec, values: dict[str, torch.Tensor], pooling: Pooling) -> DPClassifier:
+def load_classifier(
+    model_dir: Path, *, spec: ModelSpec, values: dict[str, torch.Tensor], pooling: Pooling
+) -> DPClassifier:
     """``from_pretrained`` the checkpoint with dropout off, then load the job's values.
 
     ``values`` are the MPC job's starting parameters (checkpoint state plus its initial
@@ -118,9 +135,15 @@ def load_classifier(model_dir: Path, *, spec: ModelSpec, values: dict[str, torch
     import transformers as tf
 
     if spec.head is not Head.SEQUENCE_CLASSIFICATION:
-        raise ConfigError(f"model.head = {spec.head.value!r}: dp-baseline trains a 'sequence_classification' head")
+        raise ConfigError(
+            f"model.head = {spec.head.value!r}: dp-baseline trains a 'sequence_classification' head"
+        )
     family = family_of(load_config(model_dir))
-    cls = tf.BertForSequenceClassification if family is Family.BERT else tf.RobertaForSequenceClassification
+    cls = (
+        tf.BertForSequenceClassification
+        if family is Family.BERT
+        else tf.RobertaForSequenceClassification
+    )
     hf = cls.from_pretrained(
         model_dir,
         local_files_only=True,
@@ -136,7 +159,9 @@ def load_classifier(model_dir: Path, *, spec: ModelSpec, values: dict[str, torch
     model = DPClassifier(encoder=encoder, head=hf.classifier, spec=spec, pooling=pooling)
     names = {n for n, _ in model.named_parameters()}
     if names != {n for n, _ in spec.param_shapes}:
-        raise ConfigError(f"model.path: {model_dir} loads with parameters that differ from the job's model spec; is it the same checkpoint?")
+        raise ConfigError(
+            f"model.path: {model_dir} loads with parameters that differ from the job's model spec; is it the same checkpoint?"
+        )
     missing = names - set(values)
     if missing:
         raise ConfigError(f"internal: no starting value for {sorted(missing)[:3]}")
@@ -158,7 +183,9 @@ def mark_trainable(model: DPClassifier, names: Iterable[str]) -> tuple[list[str]
         elif n in wanted:
             frozen.append(n)
     if not trained:
-        raise ConfigError(f"zo.trainable: every selected parameter ({', '.join(sorted(wanted)[:4])}) is unused by this model's forward; select parameters the logits depend on")
+        raise ConfigError(
+            f"zo.trainable: every selected parameter ({', '.join(sorted(wanted)[:4])}) is unused by this model's forward; select parameters the logits depend on"
+        )
     return trained, frozen
 
 
@@ -174,7 +201,14 @@ class HeadView(nn.Module):
         return self.model.head(pooled)
 
 
-def pooled_features(model: DPClassifier, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, batch: int) -> torch.Tensor:
+def pooled_features(
+    model: DPClassifier, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, batch: int
+) -> torch.Tensor:
     """Frozen features (N, H) of every row, in chunks of ``batch`` rows."""
     with torch.no_grad():
-        return torch.cat([model.features(input_ids[s : s + batch], attention_mask[s : s + batch]) for s in range(0, input_ids.shape[0], batch)])
+        return torch.cat(
+            [
+                model.features(input_ids[s : s + batch], attention_mask[s : s + batch])
+                for s in range(0, input_ids.shape[0], batch)
+            ]
+        )

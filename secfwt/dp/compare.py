@@ -43,7 +43,9 @@ QUICK_OVERRIDES = (
 Progress = Callable[[Role, dict[str, Any]], None]
 
 
-def load_comparison_job(path: str | None, *, quick: bool, overrides: Sequence[str] = ()) -> JobConfig:
+def load_comparison_job(
+    path: str | None, *, quick: bool, overrides: Sequence[str] = ()
+) -> JobConfig:
     """The packaged comparison job (or ``path``), with --quick and --set overrides applied."""
     import importlib.resources
 
@@ -51,7 +53,9 @@ def load_comparison_job(path: str | None, *, quick: bool, overrides: Sequence[st
         path = str(importlib.resources.files("secfwt.jobs").joinpath("dp_compare.toml"))
     cfg = load_job(path, overrides=[*(QUICK_OVERRIDES if quick else ()), *overrides])
     if cfg.job.mode is not Mode.ZO:
-        raise ConfigError(f"{cfg.source}: job.mode = {cfg.job.mode.value!r}: dp-compare compares zeroth-order runs; use mode = 'zo'")
+        raise ConfigError(
+            f"{cfg.source}: job.mode = {cfg.job.mode.value!r}: dp-compare compares zeroth-order runs; use mode = 'zo'"
+        )
     return cfg
 
 
@@ -60,12 +64,21 @@ def variants(cfg: JobConfig, epsilons: Sequence[float]) -> list[Variant]:
     no_dp = dataclasses.replace(cfg.dp, enabled=False)
     out = [Variant(label="zo (no DP)", config=dataclasses.replace(cfg, dp=no_dp))]
     for e in epsilons:
-        dp = dataclasses.replace(cfg.dp, enabled=True, target_epsilon=float(e), noise_multiplier=None)
+        dp = dataclasses.replace(
+            cfg.dp, enabled=True, target_epsilon=float(e), noise_multiplier=None
+        )
         out.append(Variant(label=f"dp-zo eps={e:g}", config=dataclasses.replace(cfg, dp=dp)))
     return out
 
 
-def run_comparison(cfg: JobConfig, *, epsilons: Sequence[float] = EPSILONS, out_dir: Path, on_progress: Progress | None = None, skip_baseline: bool = False) -> dict[str, Any]:
+def run_comparison(
+    cfg: JobConfig,
+    *,
+    epsilons: Sequence[float] = EPSILONS,
+    out_dir: Path,
+    on_progress: Progress | None = None,
+    skip_baseline: bool = False,
+) -> dict[str, Any]:
     from secfwt.config import validate
     from secfwt.dp.baseline import baseline_plan, run_dp_baseline
     from secfwt.runtime.data_owner import count_train_rows
@@ -79,7 +92,13 @@ def run_comparison(cfg: JobConfig, *, epsilons: Sequence[float] = EPSILONS, out_
     for run in (v.config for v in runs):  # every budget is checked before any process starts
         validate(run)
         if run.dp.enabled:
-            plan(run.dp, n_train=n_train, batch_size=run.zo.batch_size, steps=run.zo.steps, where=run.source)
+            plan(
+                run.dp,
+                n_train=n_train,
+                batch_size=run.zo.batch_size,
+                steps=run.zo.steps,
+                where=run.source,
+            )
             if not skip_baseline:
                 baseline_plan(run, n_train=n_train)
     progress = on_progress or (lambda role, msg: None)
@@ -89,8 +108,16 @@ def run_comparison(cfg: JobConfig, *, epsilons: Sequence[float] = EPSILONS, out_
     rows = _mpc_rows(mpc, runs)
     if not skip_baseline:
         for e in epsilons:
-            run = dataclasses.replace(cfg, dp=dataclasses.replace(cfg.dp, target_epsilon=float(e), noise_multiplier=None, checkpoint_every=0))
-            progress(Role.DATA_OWNER, {"kind": "phase", "phase": f"Opacus DP-SGD baseline at epsilon {e:g} (plaintext)"})
+            run = dataclasses.replace(
+                cfg,
+                dp=dataclasses.replace(
+                    cfg.dp, target_epsilon=float(e), noise_multiplier=None, checkpoint_every=0
+                ),
+            )
+            progress(
+                Role.DATA_OWNER,
+                {"kind": "phase", "phase": f"Opacus DP-SGD baseline at epsilon {e:g} (plaintext)"},
+            )
             r = run_dp_baseline(run, on_progress=lambda msg: progress(Role.DATA_OWNER, msg))
             rows.append(
                 {
@@ -129,7 +156,9 @@ def run_comparison(cfg: JobConfig, *, epsilons: Sequence[float] = EPSILONS, out_
     return report
 
 
-def _run_mpc(cfg: JobConfig, runs: list[Variant], out_dir: Path, progress: Progress) -> dict[str, Any]:
+def _run_mpc(
+    cfg: JobConfig, runs: list[Variant], out_dir: Path, progress: Progress
+) -> dict[str, Any]:
     from secfwt.models.checkpoint import resolve_model_path
     from secfwt.mpc.launcher import new_queue, run_parties
     from secfwt.runtime.contract import ComparisonJob, PartyJob
@@ -138,7 +167,9 @@ def _run_mpc(cfg: JobConfig, runs: list[Variant], out_dir: Path, progress: Progr
 
     queue = new_queue()
     job = PartyJob(
-        config=cfg, out_dir=str(out_dir / "mpc"), progress=queue,
+        config=cfg,
+        out_dir=str(out_dir / "mpc"),
+        progress=queue,
         model_dir=str(resolve_model_path(cfg.model.path)),
     )
     both = ComparisonJob(job=job, variants=tuple(runs))
@@ -158,7 +189,10 @@ def _run_mpc(cfg: JobConfig, runs: list[Variant], out_dir: Path, progress: Progr
         "data_owner": do,
         "shared_s": wall - tuned,
         "n_eval": do.n_eval,
-        "traffic": {r.value: {"bytes_sent": res.bytes_sent, "rounds": res.rounds} for r, res in results.items()},
+        "traffic": {
+            r.value: {"bytes_sent": res.bytes_sent, "rounds": res.rounds}
+            for r, res in results.items()
+        },
     }
 
 
@@ -227,13 +261,18 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     runs = report["runs"]
-    for method, style, name in (("mpc-dp-zo", "o-", "DP-ZO in MPC"), ("opacus-dp-sgd", "s--", "Opacus DP-SGD (plaintext)")):
+    for method, style, name in (
+        ("mpc-dp-zo", "o-", "DP-ZO in MPC"),
+        ("opacus-dp-sgd", "s--", "Opacus DP-SGD (plaintext)"),
+    ):
         pts = sorted((r["epsilon"], r["accuracy_after"]) for r in runs if r["method"] == method)
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=name)
     nodp = [r for r in runs if r["method"] == "mpc-zo"]
     if nodp:
-        ax.axhline(nodp[0]["accuracy_after"], color="tab:green", linestyle=":", label="ZO in MPC, no DP")
+        ax.axhline(
+            nodp[0]["accuracy_after"], color="tab:green", linestyle=":", label="ZO in MPC, no DP"
+        )
         ax.axhline(nodp[0]["accuracy_before"], color="grey", linestyle="-.", label="before tuning")
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(NullFormatter())

@@ -78,13 +78,19 @@ def load_state(directory: Path, *, digest: str) -> TrainingState:
     """Read the checkpoint in ``directory``; refuse one from a different job or format."""
     path = checkpoint_path(directory)
     if not path.is_file():
-        raise ConfigError(f"--resume: {directory} holds no checkpoint ({CHECKPOINT_NAME}); run without --resume to start, or point --checkpoint-dir at the run to continue")
+        raise ConfigError(
+            f"--resume: {directory} holds no checkpoint ({CHECKPOINT_NAME}); run without --resume to start, or point --checkpoint-dir at the run to continue"
+        )
     try:
         payload = torch.load(path, weights_only=True)
     except Exception as exc:  # torch raises several types for truncated or foreign files
-        raise ConfigError(f"--resume: {path} is not a readable dp-baseline checkpoint ({exc}); start again without --resume in an empty --checkpoint-dir") from exc
+        raise ConfigError(
+            f"--resume: {path} is not a readable dp-baseline checkpoint ({exc}); start again without --resume in an empty --checkpoint-dir"
+        ) from exc
     if payload.get("format") != FORMAT:
-        raise ConfigError(f"--resume: {path} has checkpoint format {payload.get('format')!r}, this secfwt writes {FORMAT}; start again in an empty --checkpoint-dir")
+        raise ConfigError(
+            f"--resume: {path} has checkpoint format {payload.get('format')!r}, this secfwt writes {FORMAT}; start again in an empty --checkpoint-dir"
+        )
     if payload["digest"] != digest:
         raise ConfigError(
             f"--resume: {path} was written by a different job (settings digest {payload['digest'][:12]} vs this job's {digest[:12]}): "
@@ -98,4 +104,6 @@ def load_state(directory: Path, *, digest: str) -> TrainingState:
 def refuse_existing(directory: Path) -> None:
     """Starting afresh must not silently overwrite another run's checkpoint."""
     if checkpoint_path(directory).is_file():
-        raise ConfigError(f"--checkpoint-dir: {directory} already holds a checkpoint; pass --resume to continue it, or choose an empty directory")
+        raise ConfigError(
+            f"--checkpoint-dir: {directory} already holds a checkpoint; pass --resume to continue it, or choose an empty directory"
+        )

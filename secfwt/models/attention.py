@@ -77,11 +77,22 @@ def _features(ops: Ops, x_hat: Tensor, w: torch.Tensor, settings: RFASettings) -
 RFA_DENOMINATOR_RANGE = (2.0**-12, 2.0**16)
 
 
-def rfa_attention(ops: Ops, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor, *, w: torch.Tensor, settings: RFASettings) -> Tensor:
+def rfa_attention(
+    ops: Ops,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_mask: Tensor,
+    *,
+    w: torch.Tensor,
+    settings: RFASettings,
+) -> Tensor:
     """Random Feature Attention; q, k, v (N, nh, T, dh), key_mask (N, T) -> (N, nh, T, dh)."""
     n, t = key_mask.shape
     phi_q = _features(ops, _normalise(ops, q), w, settings)  # (N, nh, T, D)
-    phi_k = _features(ops, _normalise(ops, k), w, settings) * key_mask.reshape(n, 1, t, 1)  # padded keys -> 0
+    phi_k = _features(ops, _normalise(ops, k), w, settings) * key_mask.reshape(
+        n, 1, t, 1
+    )  # padded keys -> 0
     s = phi_k.transpose(-1, -2).matmul(v)  # (N, nh, D, dh)
     z = phi_k.sum(-2, keepdim=True)  # (N, nh, 1, D)
     num = phi_q.matmul(s)  # (N, nh, T, dh)

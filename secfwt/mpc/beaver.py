@@ -56,10 +56,14 @@ def product(x: Any, y: Any, *, op: str, local: LocalProduct) -> Any:
     """
     from crypten.mpc.primitives import ArithmeticSharedTensor
 
-    return ArithmeticSharedTensor.from_shares(product_shares(x.share, y.share, op=op, local=local), precision=0)
+    return ArithmeticSharedTensor.from_shares(
+        product_shares(x.share, y.share, op=op, local=local), precision=0
+    )
 
 
-def product_shares(x: torch.Tensor, y: torch.Tensor, *, op: str, local: LocalProduct) -> torch.Tensor:
+def product_shares(
+    x: torch.Tensor, y: torch.Tensor, *, op: str, local: LocalProduct
+) -> torch.Tensor:
     """:func:`product` on this party's int64 shares (no CrypTen tensor objects around them)."""
     a, b, c_of = triple(x.size(), y.size(), op)
     eps, delta = crypten.communicator.get().all_reduce([x - a, y - b], batched=True)
@@ -77,7 +81,13 @@ def binary_and(x: Any, y: Any) -> Any:
     return BinarySharedTensor.from_shares(and_with_triple(x.share, y.share, a, b, c_of))
 
 
-def and_with_triple(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c_of: Callable[[], torch.Tensor]) -> torch.Tensor:
+def and_with_triple(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    c_of: Callable[[], torch.Tensor],
+) -> torch.Tensor:
     """XOR share of ``x & y`` from XOR shares of words and a binary triple (one opening)."""
     xor = torch.distributed.ReduceOp.BXOR
     eps, delta = crypten.communicator.get().all_reduce([x ^ a, y ^ b], op=xor, batched=True)
@@ -115,7 +125,9 @@ def bit_masks(size: torch.Size) -> tuple[torch.Tensor, Callable[[], torch.Tensor
     return r_bits, lambda: r_arith
 
 
-def bit_triple(size: torch.Size) -> tuple[torch.Tensor, torch.Tensor, Callable[[], tuple[torch.Tensor, torch.Tensor]]] | None:
+def bit_triple(
+    size: torch.Size,
+) -> tuple[torch.Tensor, torch.Tensor, Callable[[], tuple[torch.Tensor, torch.Tensor]]] | None:
     """The dealer's correlation for a bit select (``secfwt.mpc.nonlinear.compare._select``):
     this party's XOR share of random bits ``r`` (0/1), its share of a random ring element ``a``, and a function
     returning its additive shares of ``r`` and of ``r a``, each of ``size``. TTP dealer only
@@ -160,7 +172,9 @@ def dealer_bit_triple(generators: list[torch.Generator], size: torch.Size) -> to
     return torch.stack([r - r1, r * a - ra1])
 
 
-def mask_products(size: torch.Size, masks: int, pairs: tuple[tuple[int, int], ...]) -> tuple[torch.Tensor, Callable[[], torch.Tensor]] | None:
+def mask_products(
+    size: torch.Size, masks: int, pairs: tuple[tuple[int, int], ...]
+) -> tuple[torch.Tensor, Callable[[], torch.Tensor]] | None:
     """The dealer's correlation for products among values that are each opened once
     (``secfwt.mpc.nonlinear.polynomial._OpenedOnce``): this party's shares of ``masks`` random
     ring elements ``a_k`` of ``size`` (stacked on a new dim 0) and a function returning its shares of
@@ -180,19 +194,28 @@ def mask_products(size: torch.Size, masks: int, pairs: tuple[tuple[int, int], ..
     return a, lambda: c
 
 
-def dealer_mask_products(generators: list[torch.Generator], size: torch.Size, masks: int, pairs: tuple[tuple[int, int], ...]) -> torch.Tensor:
+def dealer_mask_products(
+    generators: list[torch.Generator],
+    size: torch.Size,
+    masks: int,
+    pairs: tuple[tuple[int, int], ...],
+) -> torch.Tensor:
     """The dealer's side of :func:`mask_products` (``TTPServer.secfwt_mask_products``): rank 0's
     shares of the ``a_i a_j``."""
     from crypten.common.rng import generate_random_ring_element
 
     if len(generators) != 2:
         raise ValueError(f"mask products are for 2 computing parties, not {len(generators)}")
-    a = sum(generate_random_ring_element(torch.Size([masks, *size]), generator=g) for g in generators)
+    a = sum(
+        generate_random_ring_element(torch.Size([masks, *size]), generator=g) for g in generators
+    )
     c1 = generate_random_ring_element(torch.Size([len(pairs), *size]), generator=generators[1])
     return torch.stack([a[i] * a[j] for i, j in pairs]) - c1
 
 
-def triple(size0: torch.Size, size1: torch.Size, op: str) -> tuple[torch.Tensor, torch.Tensor, Callable[[], torch.Tensor]]:
+def triple(
+    size0: torch.Size, size1: torch.Size, op: str
+) -> tuple[torch.Tensor, torch.Tensor, Callable[[], torch.Tensor]]:
     """This party's shares of ``a`` and ``b`` and a function returning its share of ``c``.
 
     ``op``: ``"mul"`` or ``"matmul"`` (an additive triple, ``c = a op b``) or ``"binary"``
@@ -235,7 +258,9 @@ class _PooledTriples:
 
     def __init__(self, n: int) -> None:
         size = torch.Size([n])
-        self.a, self.b, self._c_of = triple(size, size, "mul")  # n > POOL_MAX_ELEMENTS: not pooled itself
+        self.a, self.b, self._c_of = triple(
+            size, size, "mul"
+        )  # n > POOL_MAX_ELEMENTS: not pooled itself
         self._c: torch.Tensor | None = None
 
     def c(self) -> torch.Tensor:
@@ -259,13 +284,19 @@ class _TriplePool:
         self._batch: _PooledTriples | None = None
         self._used = 0
 
-    def take(self, size: torch.Size) -> tuple[torch.Tensor, torch.Tensor, Callable[[], torch.Tensor]]:
+    def take(
+        self, size: torch.Size
+    ) -> tuple[torch.Tensor, torch.Tensor, Callable[[], torch.Tensor]]:
         n = math.prod(size)
         if self._batch is None or self._used + n > self._batch.a.numel():
             self._batch, self._used = _PooledTriples(max(POOL_SIZE, n)), 0
         batch, part = self._batch, slice(self._used, self._used + n)
         self._used = part.stop
-        return batch.a[part].reshape(size), batch.b[part].reshape(size), lambda: batch.c()[part].reshape(size)
+        return (
+            batch.a[part].reshape(size),
+            batch.b[part].reshape(size),
+            lambda: batch.c()[part].reshape(size),
+        )
 
 
 _pool = _TriplePool()
@@ -289,7 +320,9 @@ def dealer_request(function: str, *args: Any) -> Callable[[], torch.Tensor]:
     comm = crypten.communicator.get()
     client = TTPClient.get()
     dealer = comm.get_ttp_rank()
-    comm.send_obj({"function": function, "device": None, "args": args, "kwargs": {}}, dealer, client.ttp_group)
+    comm.send_obj(
+        {"function": function, "device": None, "args": args, "kwargs": {}}, dealer, client.ttp_group
+    )
 
     def reply() -> torch.Tensor:
         size = comm.recv_obj(dealer, client.ttp_group)
@@ -326,4 +359,19 @@ def _output_size(size0: torch.Size, size1: torch.Size, op: str) -> torch.Size:
     return torch.Size((*broadcast_shapes(size0[:-2], size1[:-2]), size0[-2], size1[-1]))
 
 
-__all__ = ["LocalProduct", "and_with_triple", "binary_and", "bit_masks", "bit_triple", "dealer_bit_triple", "dealer_generator", "dealer_mask_products", "mask_products", "broadcast_shapes", "dealer_request", "product", "product_shares", "triple"]
+__all__ = [
+    "LocalProduct",
+    "and_with_triple",
+    "binary_and",
+    "bit_masks",
+    "bit_triple",
+    "dealer_bit_triple",
+    "dealer_generator",
+    "dealer_mask_products",
+    "mask_products",
+    "broadcast_shapes",
+    "dealer_request",
+    "product",
+    "product_shares",
+    "triple",
+]

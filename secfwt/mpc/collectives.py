@@ -63,9 +63,7 @@ def install() -> None:
         out = [combine[op](m, t) for m, t in zip(mine, theirs)]
         return out if batched else out[0]
 
-    def broadcast(
-        self: Any, input: Any, src: int, group: Any = None, batched: bool = False
-    ) -> Any:
+    def broadcast(self: Any, input: Any, src: int, group: Any = None, batched: bool = False) -> Any:
         group = self.main_group if group is None else group
         peer = peer_in(self, group)
         if peer is None:

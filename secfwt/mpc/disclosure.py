@@ -35,7 +35,9 @@ class Revealable(enum.Enum):
     """Every kind of value secfwt can reveal. A job's terms pick from these."""
 
     EMBEDDING_TABLE = "embedding_table"  # word-embedding table (model owner's weights)
-    TRAIN_OUTPUTS = "train_outputs"  # model outputs (logits) for the data owner's own training batch
+    TRAIN_OUTPUTS = (
+        "train_outputs"  # model outputs (logits) for the data owner's own training batch
+    )
     TRAIN_LOSS = "train_loss"  # mean training loss of a step
     EVAL_ACCURACY = "eval_accuracy"  # held-out accuracy (one number)
     EVAL_OUTPUTS = "eval_outputs"  # model outputs for the data owner's held-out examples
@@ -76,7 +78,12 @@ class DisclosureTerms:
         merged: dict[Revealable, set[Role]] = {}
         for value, to in pairs:
             merged.setdefault(value, set()).update(to)
-        return cls(tuple(DisclosureTerm(v, frozenset(r)) for v, r in sorted(merged.items(), key=lambda kv: kv[0].value)))
+        return cls(
+            tuple(
+                DisclosureTerm(v, frozenset(r))
+                for v, r in sorted(merged.items(), key=lambda kv: kv[0].value)
+            )
+        )
 
     @classmethod
     def from_dict_list(cls, items: Iterable[dict[str, Any]]) -> DisclosureTerms:
@@ -101,7 +108,10 @@ class DisclosureTerms:
         return hashlib.sha256(blob).hexdigest()
 
     def describe(self) -> list[str]:
-        return [f"{t.value.description} -> {', '.join(sorted(r.value for r in t.to))}" for t in self.terms]
+        return [
+            f"{t.value.description} -> {', '.join(sorted(r.value for r in t.to))}"
+            for t in self.terms
+        ]
 
 
 class Discloser:
@@ -118,7 +128,9 @@ class Discloser:
         recipients = frozenset(to)
         for r in recipients:
             if r not in COMPUTING_ROLES:
-                raise DisclosureError(f"{what}: {value.value} cannot be revealed to {r.value}; only the owners receive values")
+                raise DisclosureError(
+                    f"{what}: {value.value} cannot be revealed to {r.value}; only the owners receive values"
+                )
             if not self.terms.allows(value, r):
                 raise DisclosureError(
                     f"{what}: revealing {value.value} to {r.value} is not in the accepted disclosure terms "
@@ -126,7 +138,9 @@ class Discloser:
                 )
         return recipients
 
-    def _audit(self, value: Revealable, to: frozenset[Role], shape: tuple[int, ...], note: str) -> None:
+    def _audit(
+        self, value: Revealable, to: frozenset[Role], shape: tuple[int, ...], note: str
+    ) -> None:
         entry = {
             "time": time.time(),
             "party": self.role.value,
@@ -142,7 +156,9 @@ class Discloser:
         with self._lock, open(self.audit_path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(entry) + "\n")
 
-    def reveal(self, x: Any, *, value: Revealable, to: Iterable[Role], note: str = "") -> torch.Tensor | None:
+    def reveal(
+        self, x: Any, *, value: Revealable, to: Iterable[Role], note: str = ""
+    ) -> torch.Tensor | None:
         """Reveal a secret-shared tensor to ``to``. Every computing party calls this together.
 
         Returns the plaintext on recipients and None elsewhere.
@@ -155,7 +171,16 @@ class Discloser:
         out = x.get_plain_text(dst=only.rank)
         return out if self.role is only else None
 
-    def disclose_plain(self, x: torch.Tensor | None, *, owner: Role, value: Revealable, to: Role, shape: tuple[int, ...], note: str = "") -> torch.Tensor | None:
+    def disclose_plain(
+        self,
+        x: torch.Tensor | None,
+        *,
+        owner: Role,
+        value: Revealable,
+        to: Role,
+        shape: tuple[int, ...],
+        note: str = "",
+    ) -> torch.Tensor | None:
         """Send a value ``owner`` holds in the clear to ``to``. Both parties call this together."""
         from secfwt.crypten_compat import crypten
 
@@ -164,9 +189,13 @@ class Discloser:
         comm = crypten.communicator.get()
         if self.role is owner:
             if x is None or tuple(x.shape) != tuple(shape):
-                raise DisclosureError(f"disclose {value.value}: owner has no value of shape {shape}")
+                raise DisclosureError(
+                    f"disclose {value.value}: owner has no value of shape {shape}"
+                )
             comm.send(x.contiguous(), to.rank)
             return x
         if self.role is to:
-            return comm.recv(torch.empty(shape, dtype=x.dtype if x is not None else torch.float32), owner.rank)
+            return comm.recv(
+                torch.empty(shape, dtype=x.dtype if x is not None else torch.float32), owner.rank
+            )
         return None

@@ -154,9 +154,7 @@ def _secfwt_fixed_one_sided_matmul(
     self: Any, key: Any, first: bool, size_x: Any, size_w: Any, owner: int
 ) -> Any:
     generators = self._get_generators(device=self.device)
-    return owned.dealer_fixed_one_sided_matmul(
-        generators, tuple(key), first, size_x, size_w, owner
-    )
+    return owned.dealer_fixed_one_sided_matmul(generators, tuple(key), first, size_x, size_w, owner)
 
 
 def _secfwt_bit_triple(self: Any, size: Any) -> Any:

@@ -32,9 +32,9 @@ def installed() -> bool:
 def install() -> None:
     """Route CrypTen's full-ring CPU draws through the keystream. Idempotent."""
     import crypten.common.rng as rng
-    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
     from crypten.mpc.primitives import arithmetic
     from crypten.mpc.provider import tfp_provider, ttp_provider
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
     if installed():
         return

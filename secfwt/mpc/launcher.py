@@ -83,7 +83,9 @@ def _child_main(
     insecure_fixed_seed: int | None = None,
 ) -> None:
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
-    logging.basicConfig(level=log_level, format=f"%(asctime)s {role.value:<11} %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=log_level, format=f"%(asctime)s {role.value:<11} %(levelname)s %(name)s: %(message)s"
+    )
     t0 = time.perf_counter()
     try:
         import torch
@@ -114,12 +116,29 @@ def _child_main(
         session.shutdown_party()
         # Plain pickle bytes: torch would otherwise pass tensors as file descriptors that die
         # with this process before the parent reads them.
-        results.put(("ok", role, pickle.dumps(value), stats["rounds"], stats["bytes"], time.perf_counter() - t0))
+        results.put(
+            (
+                "ok",
+                role,
+                pickle.dumps(value),
+                stats["rounds"],
+                stats["bytes"],
+                time.perf_counter() - t0,
+            )
+        )
     except BaseException as exc:  # noqa: BLE001  (reported to the parent, then exit non-zero)
         tb = traceback.format_exc()
         log.debug("party %s failed:\n%s", role.value, tb)
         try:
-            results.put(("error", role, exc if isinstance(exc, SecfwtError) else None, str(exc) or type(exc).__name__, tb))
+            results.put(
+                (
+                    "error",
+                    role,
+                    exc if isinstance(exc, SecfwtError) else None,
+                    str(exc) or type(exc).__name__,
+                    tb,
+                )
+            )
         except Exception:  # noqa: BLE001  (any pickling failure: send only the text)
             results.put(("error", role, None, f"{type(exc).__name__}: {exc}", tb))
         from secfwt.mpc.session import close_after_failure
@@ -169,9 +188,18 @@ def run_parties(
         tls = tls or {}
         procs = {
             role: _party_process(
-                ctx, role, world_size=world_size, rendezvous=rendezvous, provider=provider, comm_stats=comm_stats,
-                target=None if role is Role.DEALER else target, payload=payloads.get(role), results=results,
-                transport=transport, tls=tls.get(role), insecure_fixed_seed=insecure_fixed_seed,
+                ctx,
+                role,
+                world_size=world_size,
+                rendezvous=rendezvous,
+                provider=provider,
+                comm_stats=comm_stats,
+                target=None if role is Role.DEALER else target,
+                payload=payloads.get(role),
+                results=results,
+                transport=transport,
+                tls=tls.get(role),
+                insecure_fixed_seed=insecure_fixed_seed,
             )
             for role in roles
         }
@@ -202,7 +230,21 @@ def _party_process(
     return ctx.Process(
         target=_child_main,
         name=f"secfwt-{role.value}",
-        args=(role, world_size, rendezvous, provider.value, comm_stats, target, payload, results, os.getpid(), logging.getLogger().getEffectiveLevel(), transport, tls, insecure_fixed_seed),
+        args=(
+            role,
+            world_size,
+            rendezvous,
+            provider.value,
+            comm_stats,
+            target,
+            payload,
+            results,
+            os.getpid(),
+            logging.getLogger().getEffectiveLevel(),
+            transport,
+            tls,
+            insecure_fixed_seed,
+        ),
     )
 
 
@@ -237,8 +279,18 @@ def spawn_party(
     TLS mesh with ``tls`` from :func:`secfwt.mpc.transport.tls_settings`. The caller reads
     ``results`` (the item :func:`collect_one` decodes) and owns the process's end."""
     p = _party_process(
-        mp.get_context("spawn"), role, world_size=len(COMPUTING_ROLES), rendezvous="", provider=provider, comm_stats=True,
-        target=target, payload=payload, results=results, transport=Transport.TLS, tls=tls, insecure_fixed_seed=insecure_fixed_seed,
+        mp.get_context("spawn"),
+        role,
+        world_size=len(COMPUTING_ROLES),
+        rendezvous="",
+        provider=provider,
+        comm_stats=True,
+        target=target,
+        payload=payload,
+        results=results,
+        transport=Transport.TLS,
+        tls=tls,
+        insecure_fixed_seed=insecure_fixed_seed,
     )
     p.start()
     return p
@@ -249,7 +301,13 @@ def collect_one(item: tuple[Any, ...]) -> PartyResult:
     if item[0] == "error":
         _raise_reported(item)
     _, role, value, rounds, nbytes, wall = item
-    return PartyResult(role=role, value=pickle.loads(value), rounds=int(rounds), bytes_sent=int(nbytes), wall_s=wall)
+    return PartyResult(
+        role=role,
+        value=pickle.loads(value),
+        rounds=int(rounds),
+        bytes_sent=int(nbytes),
+        wall_s=wall,
+    )
 
 
 def _local_tls(tmp: str, roles: list[Role]) -> dict[Role, TlsSettings]:
@@ -313,7 +371,9 @@ def _collect(
                 raise PartyFailedError(role.value, f"process exited with code {p.exitcode}")
         if time.monotonic() > deadline:
             missing = ", ".join(r.value for r in procs if r not in done)
-            raise ProtocolError(f"parties did not finish within {timeout_s:.0f} s: {missing}; raise [run] timeout_s in the job file if the job is just slow")
+            raise ProtocolError(
+                f"parties did not finish within {timeout_s:.0f} s: {missing}; raise [run] timeout_s in the job file if the job is just slow"
+            )
     if messages is not None and on_message is not None:
         _drain(messages, on_message)
     return done

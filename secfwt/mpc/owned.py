@@ -61,7 +61,13 @@ import torch
 from secfwt.crypten_compat import crypten
 from secfwt.errors import ProtocolError
 from secfwt.mpc import beaver
-from secfwt.mpc.ring import NARROW_BOUND, PreparedRight, ring_matmul, ring_matmul_narrow, ring_matmul_prepared
+from secfwt.mpc.ring import (
+    NARROW_BOUND,
+    PreparedRight,
+    ring_matmul,
+    ring_matmul_narrow,
+    ring_matmul_prepared,
+)
 
 #: Fractional bits of CrypTen's fixed point, which the owner's values are encoded with.
 _FRAC_BITS = 16
@@ -88,7 +94,9 @@ def _background() -> ThreadPoolExecutor:
     """One worker thread per process for the work ahead (ordered: one product after another)."""
     global _pool
     if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="secfwt-owned-ahead", initializer=_lower_priority)
+        _pool = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="secfwt-owned-ahead", initializer=_lower_priority
+        )
     return _pool
 
 
@@ -106,7 +114,9 @@ class _Ahead:
         from crypten.common.rng import generate_random_ring_element
 
         a = generate_random_ring_element(size_x, generator=self.generator)
-        c1 = generate_random_ring_element(_product_size(size_x, self.size_w), generator=self.generator)
+        c1 = generate_random_ring_element(
+            _product_size(size_x, self.size_w), generator=self.generator
+        )
         return a, self.compute(a, c1)
 
     def take(self, size_x: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,7 +186,14 @@ class OwnedMatrix:
     transposed: bool = False
 
     @classmethod
-    def share(cls, value: torch.Tensor | None, *, owner: int, shape: tuple[int, ...], fixed_mask: bool = False) -> OwnedMatrix:
+    def share(
+        cls,
+        value: torch.Tensor | None,
+        *,
+        owner: int,
+        shape: tuple[int, ...],
+        fixed_mask: bool = False,
+    ) -> OwnedMatrix:
         """Both parties call this; the owner passes its float matrix, the other None.
 
         Nothing is communicated: the other party only learns the (public) shape. ``fixed_mask``:
@@ -190,7 +207,9 @@ class OwnedMatrix:
             return cls(owner=owner, shape=torch.Size(shape), encoded=None, key=key)
         if value is None or tuple(value.shape) != tuple(shape):
             got = None if value is None else tuple(value.shape)
-            raise ProtocolError(f"owned matrix: owner's value has shape {got}, agreed shape is {tuple(shape)}")
+            raise ProtocolError(
+                f"owned matrix: owner's value has shape {got}, agreed shape is {tuple(shape)}"
+            )
         from crypten.encoder import FixedPointEncoder
 
         # float32 first, as PartySession.share does: the same fixed-point values as a sharing
@@ -212,7 +231,13 @@ class OwnedMatrix:
         last_two = {dim0 % n, dim1 % n} == {n - 2, n - 1}
         # a fixed mask belongs to one orientation; other transpositions get fresh masks
         key = self.key if last_two else None
-        return dataclasses.replace(self, shape=torch.Size(shape), encoded=encoded, key=key, transposed=self.transposed != last_two)
+        return dataclasses.replace(
+            self,
+            shape=torch.Size(shape),
+            encoded=encoded,
+            key=key,
+            transposed=self.transposed != last_two,
+        )
 
     def t(self) -> OwnedMatrix:
         return self.transpose(-2, -1)
@@ -220,7 +245,9 @@ class OwnedMatrix:
     def to_mpc(self) -> Any:
         """An ordinary secret sharing (CrypTen's, from the owner) of the same fixed-point values."""
         value = None if self.encoded is None else self.encoded.double() / 2**_FRAC_BITS  # exact
-        return crypten.cryptensor(torch.zeros(self.shape) if value is None else value, src=self.owner)
+        return crypten.cryptensor(
+            torch.zeros(self.shape) if value is None else value, src=self.owner
+        )
 
 
 def matmul(x: Any, w: OwnedMatrix) -> Any:
@@ -233,10 +260,14 @@ def matmul(x: Any, w: OwnedMatrix) -> Any:
     if beaver.dealer_generator() is None:
         return x.matmul(w.to_mpc())
     if x.encoder.scale != 2**_FRAC_BITS:
-        raise ProtocolError(f"owned matmul expects {_FRAC_BITS} fractional bits, x has scale {x.encoder.scale}")
+        raise ProtocolError(
+            f"owned matmul expects {_FRAC_BITS} fractional bits, x has scale {x.encoder.scale}"
+        )
     z = product(x.share, w)
     # CrypTen's 2-party truncation of the product's extra 16 fractional bits (local, SecureML)
-    return crypten.mpc.MPCTensor.from_shares(z.div_(2**_FRAC_BITS, rounding_mode="trunc"), precision=_FRAC_BITS)
+    return crypten.mpc.MPCTensor.from_shares(
+        z.div_(2**_FRAC_BITS, rounding_mode="trunc"), precision=_FRAC_BITS
+    )
 
 
 def product(x_share: torch.Tensor, w: OwnedMatrix) -> torch.Tensor:
@@ -260,12 +291,16 @@ def product(x_share: torch.Tensor, w: OwnedMatrix) -> torch.Tensor:
         if fixed is None:
             reply = beaver.dealer_request("secfwt_one_sided_matmul", size_x, size_w, w.owner)
         else:
-            reply = beaver.dealer_request("secfwt_fixed_one_sided_matmul", fixed, first, size_x, size_w, w.owner)
+            reply = beaver.dealer_request(
+                "secfwt_fixed_one_sided_matmul", fixed, first, size_x, size_w, w.owner
+            )
     if rank == w.owner:
         assert w.encoded is not None
         sending = None
         if first:
-            b = generate_random_ring_element(size_w, generator=generator if fixed is None else _mask_generator(fixed, generator))
+            b = generate_random_ring_element(
+                size_w, generator=generator if fixed is None else _mask_generator(fixed, generator)
+            )
             sending = comm.isend((w.encoded - b).contiguous(), other)  # d = W - B
             if fixed is not None:
                 _masks[fixed] = True
@@ -273,7 +308,11 @@ def product(x_share: torch.Tensor, w: OwnedMatrix) -> torch.Tensor:
         if sending is not None:
             sending.wait()
         mine = x_share + e
-        z = ring_matmul_narrow(mine, w.encoded.double()) if w.narrow else ring_matmul(mine, w.encoded)
+        z = (
+            ring_matmul_narrow(mine, w.encoded.double())
+            if w.narrow
+            else ring_matmul(mine, w.encoded)
+        )
     elif ahead:
         assert fixed is not None
         return _other_ahead(x_share, fixed, first, size_w, generator, comm)  # holds C_1 already
@@ -294,12 +333,23 @@ def product(x_share: torch.Tensor, w: OwnedMatrix) -> torch.Tensor:
     return z.add_(generate_random_ring_element(_product_size(size_x, size_w), generator=generator))
 
 
-def _other_ahead(x_share: torch.Tensor, fixed: tuple[int, bool], first: bool, size_w: torch.Size, generator: torch.Generator, comm: Any) -> torch.Tensor:
+def _other_ahead(
+    x_share: torch.Tensor,
+    fixed: tuple[int, bool],
+    first: bool,
+    size_w: torch.Size,
+    generator: torch.Generator,
+    comm: Any,
+) -> torch.Tensor:
     """The other party's (rank 1's) side of a fixed-mask product with its work done ahead."""
     if first:
         d = comm.recv(torch.empty(size_w, dtype=torch.long), 0)
         times_d = _right_product(d)
-        _masks[fixed] = _Ahead(torch.Generator().manual_seed(_stream_seed(generator)), lambda a, c1: times_d(a).add_(c1), size_w)
+        _masks[fixed] = _Ahead(
+            torch.Generator().manual_seed(_stream_seed(generator)),
+            lambda a, c1: times_d(a).add_(c1),
+            size_w,
+        )
     a, z = _masks[fixed].take(x_share.size())  # z = A d + C_1
     comm.send((x_share - a).contiguous(), 0)  # e = x_p - A
     return z
@@ -337,7 +387,9 @@ def _mask_generator(key: tuple[int, bool], shared: torch.Generator) -> torch.Gen
     return torch.Generator().manual_seed(seed)
 
 
-def dealer_one_sided_matmul(generators: list[torch.Generator], size_x: torch.Size, size_w: torch.Size, owner: int) -> torch.Tensor:
+def dealer_one_sided_matmul(
+    generators: list[torch.Generator], size_x: torch.Size, size_w: torch.Size, owner: int
+) -> torch.Tensor:
     """The dealer's side of :func:`product`: rank 0's share ``A B - C_1`` of ``C = A B``.
 
     ``generators`` are the dealer's per-party generators (``TTPServer``'s, seeded in common with
@@ -353,7 +405,12 @@ def dealer_one_sided_matmul(generators: list[torch.Generator], size_x: torch.Siz
 
 
 def dealer_fixed_one_sided_matmul(
-    generators: list[torch.Generator], key: tuple[int, bool], first: bool, size_x: torch.Size, size_w: torch.Size, owner: int
+    generators: list[torch.Generator],
+    key: tuple[int, bool],
+    first: bool,
+    size_x: torch.Size,
+    size_w: torch.Size,
+    owner: int,
 ) -> torch.Tensor:
     """As :func:`dealer_one_sided_matmul` for a fixed-mask matrix: ``B`` is drawn at the key's
     first product and kept for the session (installed as ``TTPServer.secfwt_fixed_one_sided_matmul``)."""
@@ -368,10 +425,16 @@ def dealer_fixed_one_sided_matmul(
         stream = None
         if ahead:
             times_b = _right_product(b)
-            stream = _Ahead(torch.Generator().manual_seed(_stream_seed(generators[1])), lambda a, c1: times_b(a).sub_(c1), torch.Size(size_w))
+            stream = _Ahead(
+                torch.Generator().manual_seed(_stream_seed(generators[1])),
+                lambda a, c1: times_b(a).sub_(c1),
+                torch.Size(size_w),
+            )
         _dealer_masks[key] = (b, stream)
     if key not in _dealer_masks or _dealer_masks[key][0].size() != torch.Size(size_w):
-        raise ProtocolError(f"owned matmul: no fixed mask {key} of shape {tuple(size_w)} at the dealer")
+        raise ProtocolError(
+            f"owned matmul: no fixed mask {key} of shape {tuple(size_w)} at the dealer"
+        )
     b, stream = _dealer_masks[key]
     if stream is not None:
         return stream.take(torch.Size(size_x))[1]  # A B - C_1, computed ahead
@@ -379,4 +442,12 @@ def dealer_fixed_one_sided_matmul(
     return c.sub_(generate_random_ring_element(c.size(), generator=generators[1]))
 
 
-__all__ = ["OwnedMatrix", "dealer_drain", "dealer_fixed_one_sided_matmul", "dealer_one_sided_matmul", "drain", "matmul", "product"]
+__all__ = [
+    "OwnedMatrix",
+    "dealer_drain",
+    "dealer_fixed_one_sided_matmul",
+    "dealer_one_sided_matmul",
+    "drain",
+    "matmul",
+    "product",
+]

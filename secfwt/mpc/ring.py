@@ -112,7 +112,9 @@ def _k_dim_of_b(b: torch.Tensor) -> int:
     return -2 if b.dim() >= 2 else -1
 
 
-def _limb_matmul(a: torch.Tensor, b: torch.Tensor | None, kdim_b: int, b_limbs: torch.Tensor | None = None) -> torch.Tensor:
+def _limb_matmul(
+    a: torch.Tensor, b: torch.Tensor | None, kdim_b: int, b_limbs: torch.Tensor | None = None
+) -> torch.Tensor:
     """One K chunk (K <= MAX_EXACT_K): three fused float64 GEMMs, recombined in int64.
     ``b_limbs``: ``b`` already split (:class:`PreparedRight`)."""
     k = a.shape[-1]
@@ -145,7 +147,10 @@ class PreparedRight:
         k = b.shape[-2]
         self.shape = b.shape
         self.chunk = math.ceil(k / math.ceil(k / MAX_EXACT_K)) if k else 1
-        self.limbs = [_split_limbs(b.narrow(-2, start, min(self.chunk, k - start)), dim=-2, reverse=True) for start in range(0, k, self.chunk)]
+        self.limbs = [
+            _split_limbs(b.narrow(-2, start, min(self.chunk, k - start)), dim=-2, reverse=True)
+            for start in range(0, k, self.chunk)
+        ]
 
     @property
     def nbytes(self) -> int:
@@ -156,7 +161,9 @@ def ring_matmul_prepared(a: torch.Tensor, b: PreparedRight) -> torch.Tensor:
     """:func:`ring_matmul` of an int64 ``a`` (``(..., M, K)``) and a prepared ``b``: the same bits."""
     k = a.shape[-1]
     if a.dtype != torch.int64 or a.dim() < 2 or k != b.shape[-2] or k == 0:
-        raise TypeError(f"ring_matmul_prepared: int64 (..., M, {b.shape[-2]}) expected, got {a.dtype} {tuple(a.shape)}")
+        raise TypeError(
+            f"ring_matmul_prepared: int64 (..., M, {b.shape[-2]}) expected, got {a.dtype} {tuple(a.shape)}"
+        )
     result: torch.Tensor | None = None
     for i, start in enumerate(range(0, k, b.chunk)):
         length = min(b.chunk, k - start)
@@ -234,4 +241,12 @@ def _signed_limbs(x: torch.Tensor) -> torch.Tensor:
     return torch.stack([low - _HALF, mid - _HALF, top], dim=-1)
 
 
-__all__ = ["MAX_EXACT_K", "MAX_EXACT_K_NARROW", "NARROW_BOUND", "PreparedRight", "ring_matmul", "ring_matmul_narrow", "ring_matmul_prepared"]
+__all__ = [
+    "MAX_EXACT_K",
+    "MAX_EXACT_K_NARROW",
+    "NARROW_BOUND",
+    "PreparedRight",
+    "ring_matmul",
+    "ring_matmul_narrow",
+    "ring_matmul_prepared",
+]

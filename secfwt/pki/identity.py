@@ -42,7 +42,9 @@ class IdentityRole(enum.Enum):
         for r in cls:
             if r.value == norm:
                 return r
-        raise ConfigError(f"unknown role {text!r}; expected one of: {', '.join(r.value for r in cls)}")
+        raise ConfigError(
+            f"unknown role {text!r}; expected one of: {', '.join(r.value for r in cls)}"
+        )
 
     @property
     def party_role(self) -> Role | None:
@@ -87,7 +89,7 @@ class Identity:
         prefix = f"{URI_SCHEME}://"
         if not uri.startswith(prefix) or uri.count("/") != 3:
             raise ConfigError(f"identity {uri!r}: expected {prefix}ROLE/PARTY_ID")
-        role, party_id = uri[len(prefix):].split("/")
+        role, party_id = uri[len(prefix) :].split("/")
         return cls(IdentityRole.parse(role), check_party_id(party_id))
 
 
@@ -96,10 +98,18 @@ def identity_of_certificate(cert: x509.Certificate) -> Identity:
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
-        raise ConfigError("certificate has no subjectAltName, so no secfwt identity; issue it with `secfwt certs issue`") from None
-    uris = [u for u in san.get_values_for_type(x509.UniformResourceIdentifier) if u.startswith(f"{URI_SCHEME}://")]
+        raise ConfigError(
+            "certificate has no subjectAltName, so no secfwt identity; issue it with `secfwt certs issue`"
+        ) from None
+    uris = [
+        u
+        for u in san.get_values_for_type(x509.UniformResourceIdentifier)
+        if u.startswith(f"{URI_SCHEME}://")
+    ]
     if len(uris) != 1:
-        raise ConfigError(f"certificate must carry exactly one {URI_SCHEME}:// URI SAN, found {len(uris)}; issue it with `secfwt certs issue`")
+        raise ConfigError(
+            f"certificate must carry exactly one {URI_SCHEME}:// URI SAN, found {len(uris)}; issue it with `secfwt certs issue`"
+        )
     return Identity.parse_uri(uris[0])
 
 

@@ -47,12 +47,16 @@ class SharedBackend:
         mine = sess.role is Role.DATA_OWNER
         mask = sess.share(
             self.coins.poisson_mask(rows, rate) if mine else None,
-            owner=Role.DATA_OWNER, shape=(rows,), name="Poisson sample",
+            owner=Role.DATA_OWNER,
+            shape=(rows,),
+            name="Poisson sample",
         )
         noises = [
             sess.share(
                 self.coins.gaussian(count, std) if sess.role is r else None,
-                owner=r, shape=(count,), name=f"DP noise of the {r.value}",
+                owner=r,
+                shape=(count,),
+                name=f"DP noise of the {r.value}",
             )
             for r in (Role.MODEL_OWNER, Role.DATA_OWNER)
         ]
@@ -77,13 +81,17 @@ class SharedPromptScorer:
         pop, b = self.population, len(idx)
         per_row = None if candidates is None else candidates.repeat_interleave(b, dim=0)
         prompts = self.sess.share(  # (pop * b, P, H)
-            per_row, owner=Role.DATA_OWNER, shape=(pop * b, *self.prompt_shape),
+            per_row,
+            owner=Role.DATA_OWNER,
+            shape=(pop * b, *self.prompt_shape),
             name="candidate prompts",
         )
         rows = [i for _ in range(pop) for i in idx]  # row k*b + i: candidate k, example i
         logits = self.forward.logits({}, rows, prompt=prompts)
         out = self.sess.discloser.reveal(
-            logits, value=Revealable.TRAIN_OUTPUTS, to=[Role.DATA_OWNER],
+            logits,
+            value=Revealable.TRAIN_OUTPUTS,
+            to=[Role.DATA_OWNER],
             note=f"iteration {iteration}: {pop} candidates x {b} examples",
         )
         if out is None or self.labels is None:

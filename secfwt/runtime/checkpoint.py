@@ -54,7 +54,9 @@ class CheckpointStop(SecfwtError):
     exit_code = 75
 
     def __init__(self, step: int) -> None:
-        super().__init__(f"stopped after writing the checkpoint of step {step} (Checkpointing.stop_after_step; tests only)")
+        super().__init__(
+            f"stopped after writing the checkpoint of step {step} (Checkpointing.stop_after_step; tests only)"
+        )
         self.step = step
 
     def __reduce__(self):  # picklable across processes with its one-argument constructor
@@ -111,9 +113,13 @@ def _load_tensors(path: Path) -> dict[str, Any]:
     try:
         obj = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as exc:  # noqa: BLE001  (truncated, foreign or tampered file)
-        raise ConfigError(f"checkpoint {path}: cannot read it ({type(exc).__name__}: {exc}); remove the file or the folder to start over") from exc
+        raise ConfigError(
+            f"checkpoint {path}: cannot read it ({type(exc).__name__}: {exc}); remove the file or the folder to start over"
+        ) from exc
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        raise ConfigError(f"checkpoint {path}: not a secfwt checkpoint of format {FORMAT}; remove it or point checkpoint_dir elsewhere")
+        raise ConfigError(
+            f"checkpoint {path}: not a secfwt checkpoint of format {FORMAT}; remove it or point checkpoint_dir elsewhere"
+        )
     return obj
 
 
@@ -136,7 +142,9 @@ def share_of(x: Any) -> torch.Tensor:
         raise TypeError(f"only arithmetic MPC tensors are checkpointed, got {type(x).__name__}")
     bits = int(x._tensor.encoder._precision_bits)
     if bits != precision_bits():
-        raise ValueError(f"an MPC tensor at {bits} fractional bits; checkpoints assume the session's {precision_bits()}")
+        raise ValueError(
+            f"an MPC tensor at {bits} fractional bits; checkpoints assume the session's {precision_bits()}"
+        )
     return x.share.clone()
 
 
@@ -150,7 +158,9 @@ def from_share(share: torch.Tensor, precision_bits: int) -> Any:
 class PartyCheckpoints:
     """The checkpoint folder of one party for one job."""
 
-    def __init__(self, folder: str | Path, *, role: Role, job_digest: str, terms_digest: str) -> None:
+    def __init__(
+        self, folder: str | Path, *, role: Role, job_digest: str, terms_digest: str
+    ) -> None:
         self.folder = Path(folder)
         self.role = role
         self.job_digest = job_digest
@@ -167,12 +177,18 @@ class PartyCheckpoints:
                 continue
             head = _load_tensors(p)
             self._check_owner(head, p)
-            out.append(CheckpointRef(step=int(head["step"]), checkpoint_id=str(head["checkpoint_id"]), path=p))
+            out.append(
+                CheckpointRef(
+                    step=int(head["step"]), checkpoint_id=str(head["checkpoint_id"]), path=p
+                )
+            )
         return sorted(out, key=lambda r: r.step)
 
     def _check_owner(self, head: dict[str, Any], path: Path) -> None:
         if head.get("role") != self.role.value:
-            raise ConfigError(f"checkpoint {path} was written by the {head.get('role')}, not the {self.role.value}; give each party its own checkpoint_dir")
+            raise ConfigError(
+                f"checkpoint {path} was written by the {head.get('role')}, not the {self.role.value}; give each party its own checkpoint_dir"
+            )
         if head.get("job_digest") != self.job_digest:
             raise ConfigError(
                 f"checkpoint {path} belongs to another job (job digest {str(head.get('job_digest'))[:12]}..., this job "
@@ -202,20 +218,28 @@ class PartyCheckpoints:
             try:
                 raw = lp.read_bytes()
             except OSError as exc:
-                raise ConfigError(f"checkpoint {ref.path} names {lp}, which cannot be read: {exc}") from exc
+                raise ConfigError(
+                    f"checkpoint {ref.path} names {lp}, which cannot be read: {exc}"
+                ) from exc
             if hashlib.sha256(raw).hexdigest() != head["local"]["sha256"]:
-                raise ConfigError(f"checkpoint {lp}: its SHA-256 does not match the one recorded in {ref.path.name}; refusing to unpickle it")
+                raise ConfigError(
+                    f"checkpoint {lp}: its SHA-256 does not match the one recorded in {ref.path.name}; refusing to unpickle it"
+                )
             local = pickle.loads(raw)  # noqa: S301  (own file, digest checked above)
         cache = None
         prefix_id = str(head["prefix_id"])
         if prefix_id:
             pp = self.folder / f"prefix-{prefix_id}.pt"
             if not pp.exists():
-                raise ConfigError(f"checkpoint {ref.path} needs the prefix shares {pp.name}, which are missing; empty the folder to start over")
+                raise ConfigError(
+                    f"checkpoint {ref.path} needs the prefix shares {pp.name}, which are missing; empty the folder to start over"
+                )
             pre = _load_tensors(pp)
             self._check_owner(pre, pp)
             if pre.get("prefix_id") != prefix_id:
-                raise ConfigError(f"{pp}: holds prefix {pre.get('prefix_id')}, the step file needs {prefix_id}")
+                raise ConfigError(
+                    f"{pp}: holds prefix {pre.get('prefix_id')}, the step file needs {prefix_id}"
+                )
             cache = pre["share"]
         ckpt = Checkpoint(
             step=int(head["step"]),
@@ -232,13 +256,20 @@ class PartyCheckpoints:
 
     # -- writing -------------------------------------------------------------------------------
     def _header(self) -> dict[str, Any]:
-        return {"format": FORMAT, "role": self.role.value, "job_digest": self.job_digest, "terms_digest": self.terms_digest}
+        return {
+            "format": FORMAT,
+            "role": self.role.value,
+            "job_digest": self.job_digest,
+            "terms_digest": self.terms_digest,
+        }
 
     def write_prefix(self, prefix_id: str, share: torch.Tensor) -> None:
         """This party's shares of the cached frozen prefix, once per session."""
         path = self.folder / f"prefix-{prefix_id}.pt"
         if not path.exists():
-            _atomic_write(path, _torch_bytes({**self._header(), "prefix_id": prefix_id, "share": share}))
+            _atomic_write(
+                path, _torch_bytes({**self._header(), "prefix_id": prefix_id, "share": share})
+            )
 
     def write(
         self,
@@ -292,7 +323,9 @@ class PartyCheckpoints:
             if head.get("local"):
                 kept_locals.add(head["local"]["file"])
         for p in self.folder.iterdir():
-            if (p.name.startswith("prefix-") and p.name not in kept_prefixes) or (p.name.startswith("local-") and p.name not in kept_locals):
+            if (p.name.startswith("prefix-") and p.name not in kept_prefixes) or (
+                p.name.startswith("local-") and p.name not in kept_locals
+            ):
                 p.unlink()
 
     def forget_prefix(self, prefix_id: str) -> None:
@@ -300,7 +333,9 @@ class PartyCheckpoints:
         (self.folder / f"prefix-{prefix_id}.pt").unlink(missing_ok=True)
 
 
-def common_checkpoint(mine: list[CheckpointRef], theirs: list[tuple[int, str]]) -> CheckpointRef | None:
+def common_checkpoint(
+    mine: list[CheckpointRef], theirs: list[tuple[int, str]]
+) -> CheckpointRef | None:
     """The latest step file this party holds whose (step, id) the peer holds too."""
     other = set(theirs)
     both = [r for r in mine if (r.step, r.checkpoint_id) in other]

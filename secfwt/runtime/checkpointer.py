@@ -34,7 +34,11 @@ log = logging.getLogger(__name__)
 
 
 def agree_checkpointing(
-    settings: Checkpointing | None, *, sess: PartySession, progress: Any, job_digest: str,
+    settings: Checkpointing | None,
+    *,
+    sess: PartySession,
+    progress: Any,
+    job_digest: str,
     terms_digest: str,
 ) -> JobCheckpointer | None:
     """Agree with the peer on checkpointing (both parties must write at the same steps: each
@@ -72,7 +76,9 @@ class JobCheckpointer:
         """Agree with the peer on the checkpoint to continue from (None: start from step 0)."""
         mine = self.store.available()  # refuses files of another job, terms or role
         listed = [(r.step, r.checkpoint_id) for r in mine]
-        theirs = {r: self.sess.broadcast(listed, src=r) for r in (Role.MODEL_OWNER, Role.DATA_OWNER)}
+        theirs = {
+            r: self.sess.broadcast(listed, src=r) for r in (Role.MODEL_OWNER, Role.DATA_OWNER)
+        }
         peer = theirs[Role.DATA_OWNER if self.sess.role is Role.MODEL_OWNER else Role.MODEL_OWNER]
         if not self.resume:
             if mine or peer:
@@ -83,9 +89,15 @@ class JobCheckpointer:
                 )
             return None
         ref = common_checkpoint(mine, [tuple(x) for x in peer])
-        self.sess.agree("none" if ref is None else (ref.step, ref.checkpoint_id), what="the checkpoint to resume from")
+        self.sess.agree(
+            "none" if ref is None else (ref.step, ref.checkpoint_id),
+            what="the checkpoint to resume from",
+        )
         if ref is None:
-            log.warning("resume: no checkpoint both parties hold (%s); starting from step 0", {r.value: [s for s, _ in v] for r, v in theirs.items()})
+            log.warning(
+                "resume: no checkpoint both parties hold (%s); starting from step 0",
+                {r.value: [s for s, _ in v] for r, v in theirs.items()},
+            )
             self.progress(kind="phase", phase="no common checkpoint: starting from step 0")
             return None
         ckpt, cache = self.store.load(ref)
@@ -97,7 +109,14 @@ class JobCheckpointer:
             self._prefix_id = ckpt.prefix_id
         return ckpt, cache
 
-    def start(self, *, joint_seed: int, accuracy_before: float | None, cache: Any, resumed: Checkpoint | None) -> None:
+    def start(
+        self,
+        *,
+        joint_seed: int,
+        accuracy_before: float | None,
+        cache: Any,
+        resumed: Checkpoint | None,
+    ) -> None:
         """Called once the job is where the tuning loop starts (restored or from scratch)."""
         from secfwt.mpc.seeding import insecure_reseed
 
@@ -115,7 +134,12 @@ class JobCheckpointer:
         return None if self._restored is None else self._restored.local
 
     def _agreed_id(self) -> str:
-        return str(self.sess.broadcast(secrets.token_hex(8) if self.sess.role is Role.MODEL_OWNER else None, src=Role.MODEL_OWNER))
+        return str(
+            self.sess.broadcast(
+                secrets.token_hex(8) if self.sess.role is Role.MODEL_OWNER else None,
+                src=Role.MODEL_OWNER,
+            )
+        )
 
     def after_step(
         self, step: int, *, history: list[StepRecord], theta: dict[str, Any], local: Any = None
@@ -143,7 +167,9 @@ class JobCheckpointer:
         self.written.append(step)
         log.info("checkpoint of step %d written to %s", step, path)
         self.progress(kind="checkpoint", step=step, path=str(path))
-        insecure_reseed(f"step/{step}")  # tests only: later randomness no longer depends on the past
+        insecure_reseed(
+            f"step/{step}"
+        )  # tests only: later randomness no longer depends on the past
         if self.stop_after is not None and step == self.stop_after:
             raise CheckpointStop(step)
 
@@ -152,11 +178,15 @@ def restore_theta(ckpt: Checkpoint, trainable: TrainableSet) -> dict[str, Any]:
     """The parameter shares of ``ckpt``, checked against the job's trainable set."""
     names = set(trainable.names)
     if set(ckpt.theta_shares) != names:
-        raise ConfigError(f"checkpoint of step {ckpt.step} holds parameters {sorted(ckpt.theta_shares)}, the job trains {sorted(names)}")
+        raise ConfigError(
+            f"checkpoint of step {ckpt.step} holds parameters {sorted(ckpt.theta_shares)}, the job trains {sorted(names)}"
+        )
     out = {}
     for n, shape in trainable.shapes:
         share = ckpt.theta_shares[n]
         if tuple(share.shape) != tuple(shape):
-            raise ConfigError(f"checkpoint of step {ckpt.step}: {n} has shape {tuple(share.shape)}, the job's is {tuple(shape)}")
+            raise ConfigError(
+                f"checkpoint of step {ckpt.step}: {n} has shape {tuple(share.shape)}, the job's is {tuple(shape)}"
+            )
         out[n] = from_share(share, ckpt.precision_bits)
     return out

@@ -21,8 +21,16 @@ log = logging.getLogger(__name__)
 def _split(cfg: JobConfig) -> tuple[LabelledTexts, LabelledTexts, LabelledTexts]:
     """(whole dataset, few-shot training rows, held-out rows)."""
     d = cfg.data
-    data = load_dataset(source=d.source, path=d.path or None, text_column=d.text_column, label_column=d.label_column, labels=list(d.labels) or None)
-    train, held_out = few_shot_split(data, shots_per_class=d.shots_per_class, eval_per_class=d.eval_per_class, seed=cfg.job.seed)
+    data = load_dataset(
+        source=d.source,
+        path=d.path or None,
+        text_column=d.text_column,
+        label_column=d.label_column,
+        labels=list(d.labels) or None,
+    )
+    train, held_out = few_shot_split(
+        data, shots_per_class=d.shots_per_class, eval_per_class=d.eval_per_class, seed=cfg.job.seed
+    )
     return data, train, held_out
 
 
@@ -41,10 +49,30 @@ def prepare_inputs(cfg: JobConfig, *, tokenizer_dir: Path) -> DataOwnerInputs:
     data, train, held_out = _split(cfg)
     tok = load_tokenizer(tokenizer_dir)
     if tok is None:
-        raise DataError(f"model.path: {tokenizer_dir} has no tokenizer files; a tuning job needs the checkpoint's tokenizer to encode data.path")
+        raise DataError(
+            f"model.path: {tokenizer_dir} has no tokenizer files; a tuning job needs the checkpoint's tokenizer to encode data.path"
+        )
     config = load_config(tokenizer_dir)
     texts = list(train.texts) + list(held_out.texts)
-    batch = tokenize(texts, tokenizer=tok, max_length=cfg.model.max_length, truncate=d.truncate, model_max_positions=max_input_tokens(config))
+    batch = tokenize(
+        texts,
+        tokenizer=tok,
+        max_length=cfg.model.max_length,
+        truncate=d.truncate,
+        model_max_positions=max_input_tokens(config),
+    )
     labels = torch.tensor(list(train.labels) + list(held_out.labels), dtype=torch.long)
-    log.info("data owner: %d train + %d eval rows, %d labels, length %d", len(train), len(held_out), len(data.label_names), cfg.model.max_length)
-    return DataOwnerInputs(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels, n_train=len(train), num_labels=len(data.label_names))
+    log.info(
+        "data owner: %d train + %d eval rows, %d labels, length %d",
+        len(train),
+        len(held_out),
+        len(data.label_names),
+        cfg.model.max_length,
+    )
+    return DataOwnerInputs(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        labels=labels,
+        n_train=len(train),
+        num_labels=len(data.label_names),
+    )

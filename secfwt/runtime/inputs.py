@@ -18,11 +18,20 @@ from secfwt.tuning.forward import mean_pool_weights
 _ONEHOT_CHUNK_TOKENS = 4096
 
 
-def disclose_table(sess: PartySession, spec: ModelSpec, state: dict[str, torch.Tensor] | None) -> torch.Tensor | None:
+def disclose_table(
+    sess: PartySession, spec: ModelSpec, state: dict[str, torch.Tensor] | None
+) -> torch.Tensor | None:
     """TABLE_TO_DATA_OWNER: the model owner sends its word-embedding table to the data owner."""
     shape = spec.shape_of(spec.word_embeddings)
     table = None if state is None else state[spec.word_embeddings]
-    return sess.discloser.disclose_plain(table, owner=Role.MODEL_OWNER, value=Revealable.EMBEDDING_TABLE, to=Role.DATA_OWNER, shape=shape, note="embedding mode table_to_data_owner")
+    return sess.discloser.disclose_plain(
+        table,
+        owner=Role.MODEL_OWNER,
+        value=Revealable.EMBEDDING_TABLE,
+        to=Role.DATA_OWNER,
+        shape=shape,
+        note="embedding mode table_to_data_owner",
+    )
 
 
 def share_word_embeddings(
@@ -66,7 +75,12 @@ def share_word_embeddings(
 
 
 def share_rows(
-    sess: PartySession, data: DataOwnerInputs | None, *, n: int, t: int, num_labels: int,
+    sess: PartySession,
+    data: DataOwnerInputs | None,
+    *,
+    n: int,
+    t: int,
+    num_labels: int,
     pooling: Pooling,
 ) -> tuple[Any, Any, Any]:
     """Shares of the one-hot labels (n, C), the attention mask (n, t) and, for mean pooling,

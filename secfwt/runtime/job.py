@@ -143,15 +143,22 @@ def run_comparison_party(ctx: PartyContext, job: ComparisonJob) -> ComparisonOut
         s.progress(kind="eval", when=f"after ({v.label})", accuracy=acc)
         out.append(
             VariantOutcome(
-                label=v.label, accuracy_after=acc, tune_s=time.perf_counter() - t0,
+                label=v.label,
+                accuracy_after=acc,
+                tune_s=time.perf_counter() - t0,
                 loss_history=tuple(h.loss for h in history),
-                bytes_sent=c1["bytes"] - c0["bytes"], rounds=c1["rounds"] - c0["rounds"],
+                bytes_sent=c1["bytes"] - c0["bytes"],
+                rounds=c1["rounds"] - c0["rounds"],
                 dp=dp_report,
             )
         )
     return ComparisonOutcome(
-        accuracy_before=s.acc_before, n_eval=len(s.eval_idx), prefix_s=s.prefix_s,
-        joint_seed=s.seed, variants=tuple(out), party_wall_s=time.perf_counter() - s.t_start,
+        accuracy_before=s.acc_before,
+        n_eval=len(s.eval_idx),
+        prefix_s=s.prefix_s,
+        joint_seed=s.seed,
+        variants=tuple(out),
+        party_wall_s=time.perf_counter() - s.t_start,
     )
 
 
@@ -168,7 +175,10 @@ def _prepare(ctx: PartyContext, job: PartyJob) -> _Prepared:
     job_digest = public_job_digest(cfg)
     sess.agree(job_digest, what="the job settings")
     ckpt = agree_checkpointing(
-        job.checkpoints, sess=sess, progress=progress, job_digest=job_digest,
+        job.checkpoints,
+        sess=sess,
+        progress=progress,
+        job_digest=job_digest,
         terms_digest=cfg.terms.digest(),
     )
     resumed = ckpt.agree_resume() if ckpt is not None else None
@@ -181,9 +191,13 @@ def _prepare(ctx: PartyContext, job: PartyJob) -> _Prepared:
         progress(kind="phase", phase="preparing data")
         data = prepare_inputs(cfg, tokenizer_dir=Path(job.model_dir))
     facts = sess.broadcast(
-        None if data is None else {
-            "n": int(data.input_ids.shape[0]), "t": int(data.input_ids.shape[1]),
-            "n_train": data.n_train, "num_labels": data.num_labels,
+        None
+        if data is None
+        else {
+            "n": int(data.input_ids.shape[0]),
+            "t": int(data.input_ids.shape[1]),
+            "n_train": data.n_train,
+            "num_labels": data.num_labels,
         },
         src=Role.DATA_OWNER,
     )
@@ -193,7 +207,9 @@ def _prepare(ctx: PartyContext, job: PartyJob) -> _Prepared:
 
         progress(kind="phase", phase="loading model")
         spec, state = load_checkpoint(
-            Path(job.model_dir), head=cfg.model.head, num_labels=facts["num_labels"],
+            Path(job.model_dir),
+            head=cfg.model.head,
+            num_labels=facts["num_labels"],
             seed=cfg.job.seed,
         )
     spec = sess.agree_spec(spec)
@@ -212,7 +228,8 @@ def _prepare(ctx: PartyContext, job: PartyJob) -> _Prepared:
     progress(kind="phase", phase="sharing weights")
     private_table = cfg.model.embedding is EmbeddingMode.PRIVATE
     frozen_names = [
-        n for n, _ in spec.param_shapes
+        n
+        for n, _ in spec.param_shapes
         if (private_table or n != spec.word_embeddings) and n not in trainable.names
     ]
     frozen = sess.share_params(spec, state, names=frozen_names, frozen=True)
@@ -249,9 +266,13 @@ def _prepare(ctx: PartyContext, job: PartyJob) -> _Prepared:
         for s in range(0, n, bs):
             e = min(n, s + bs)
             word = share_word_embeddings(
-                sess, spec, mode=cfg.model.embedding, shape=(e - s, t),
+                sess,
+                spec,
+                mode=cfg.model.embedding,
+                shape=(e - s, t),
                 input_ids=None if data is None else data.input_ids[s:e],
-                secret_table=secret_table, plain_table=plain_table,
+                secret_table=secret_table,
+                plain_table=plain_table,
             )
             pw_s = None if pool_w is None else pool_w[s:e]
             chunks.append(prefix(frozen_model, word, mask[s:e], pw_s, cut=cut))
@@ -262,15 +283,36 @@ def _prepare(ctx: PartyContext, job: PartyJob) -> _Prepared:
     prefix_s = time.perf_counter() - t_prefix
 
     runner = CachedForward(
-        ops=sess.ops, public=sess.public, spec=spec, frozen=frozen, settings=settings,
-        cache=cache, mask=mask, pool_w=pool_w, onehot=onehot, cut=cut,
+        ops=sess.ops,
+        public=sess.public,
+        spec=spec,
+        frozen=frozen,
+        settings=settings,
+        cache=cache,
+        mask=mask,
+        pool_w=pool_w,
+        onehot=onehot,
+        cut=cut,
         prompt_layer=cfg.cma.prompt_layer if cfg.job.mode is Mode.CMA else cfg.zo.prompt_layer,
     )
     p = _Prepared(
-        sess=sess, cfg=cfg, progress=progress, t_start=t_start, out_dir=out_dir, ckpt=ckpt,
-        resumed=None if resumed is None else resumed[0], data=data, spec=spec,
-        trainable=trainable, seed=seed, theta=theta, plain_table=plain_table, runner=runner,
-        cut=cut, n_train=facts["n_train"], eval_idx=list(range(facts["n_train"], n)),
+        sess=sess,
+        cfg=cfg,
+        progress=progress,
+        t_start=t_start,
+        out_dir=out_dir,
+        ckpt=ckpt,
+        resumed=None if resumed is None else resumed[0],
+        data=data,
+        spec=spec,
+        trainable=trainable,
+        seed=seed,
+        theta=theta,
+        plain_table=plain_table,
+        runner=runner,
+        cut=cut,
+        n_train=facts["n_train"],
+        eval_idx=list(range(facts["n_train"], n)),
         prefix_s=prefix_s,
     )
     if p.resumed is not None:
@@ -291,8 +333,12 @@ def _tune(
         return _tune_cma(s, run, ckpt=ckpt)
     z = run.zo
     schedule = ZOSchedule(
-        seed=s.seed, steps=z.steps, n_train=s.n_train, batch_size=z.batch_size,
-        shapes=s.trainable.shapes, spsa=SPSASettings(lr=z.lr, eps=z.eps, directions=z.directions),
+        seed=s.seed,
+        steps=z.steps,
+        n_train=s.n_train,
+        batch_size=z.batch_size,
+        shapes=s.trainable.shapes,
+        spsa=SPSASettings(lr=z.lr, eps=z.eps, directions=z.directions),
     )
     history = [] if ckpt is None else ckpt.history()
     on_step = _zo_recorder(s, history, total=z.steps, ckpt=ckpt)
@@ -311,9 +357,7 @@ def _tune(
     # checkpoint run again with fresh noise; their first results were secret-shared and are
     # discarded unreleased, so the released parameters still compose exactly zo.steps
     # noisy steps (the history, restored from the checkpoint, has exactly that length).
-    theta = dp_zo_loop(
-        backend, theta, schedule=schedule, plan=plan, on_step=on_step, start=start
-    )
+    theta = dp_zo_loop(backend, theta, schedule=schedule, plan=plan, on_step=on_step, start=start)
     return theta, None, history, guarantee(plan, run.terms)
 
 
@@ -349,8 +393,12 @@ def _tune_cma(s: _Prepared, run: JobConfig, *, ckpt: JobCheckpointer | None) -> 
         emb_std = float(s.plain_table.std()) if s.plain_table is not None else 0.05
         search = PromptSearch(
             CMASettings(
-                intrinsic_dim=c.intrinsic_dim, prompt_length=c.prompt_length, hidden_size=hidden,
-                population=c.population, sigma0=c.sigma0, seed=run.job.seed,
+                intrinsic_dim=c.intrinsic_dim,
+                prompt_length=c.prompt_length,
+                hidden_size=hidden,
+                population=c.population,
+                sigma0=c.sigma0,
+                seed=run.job.seed,
             ),
             embedding_std=emb_std,
         )
@@ -370,12 +418,21 @@ def _tune_cma(s: _Prepared, run: JobConfig, *, ckpt: JobCheckpointer | None) -> 
             ckpt.after_step(it, history=history, theta={}, local=local)
 
     scorer = SharedPromptScorer(
-        sess=sess, forward=s.runner, population=c.population,
-        prompt_shape=(c.prompt_length, hidden), labels=None if s.data is None else s.data.labels,
+        sess=sess,
+        forward=s.runner,
+        population=c.population,
+        prompt_shape=(c.prompt_length, hidden),
+        labels=None if s.data is None else s.data.labels,
     )
     cma_loop(
-        scorer, search, seed=s.seed, iterations=c.iterations, n_train=s.n_train,
-        batch_size=c.batch_size, on_step=on_step, start=len(history),
+        scorer,
+        search,
+        seed=s.seed,
+        iterations=c.iterations,
+        n_train=s.n_train,
+        batch_size=c.batch_size,
+        on_step=on_step,
+        start=len(history),
     )
     final = search.mean_prompt if search is not None else None
     shape = (c.prompt_length, hidden)

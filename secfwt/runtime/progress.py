@@ -75,15 +75,25 @@ class ProgressView:
         kind = msg.get("kind")
         if kind == "phase":
             self._print(msg["phase"])
-            self._tasks.pop("steps", None)  # a new tuning run (dp-compare variants) gets a fresh bar
+            self._tasks.pop(
+                "steps", None
+            )  # a new tuning run (dp-compare variants) gets a fresh bar
             self._last_line.pop("steps", None)
             self._started.pop("steps", None)
         elif kind == "prefix":
-            self._advance("prefix", "frozen encoder (MPC), sequences", msg["done"], msg["total"], "")
+            self._advance(
+                "prefix", "frozen encoder (MPC), sequences", msg["done"], msg["total"], ""
+            )
         elif kind == "step":
             loss, eps = msg.get("loss"), msg.get("epsilon")
-            info = ("" if loss is None else f"loss {loss:.4f}") + ("" if eps is None else f"  epsilon {eps:.3f}")
-            self._advance("steps", "tuning steps                  ", msg["step"], msg["total"], info.strip())
+            info = ("" if loss is None else f"loss {loss:.4f}") + (
+                "" if eps is None else f"  epsilon {eps:.3f}"
+            )
+            self._advance(
+                "steps", "tuning steps                  ", msg["step"], msg["total"], info.strip()
+            )
         elif kind == "eval":
             acc = msg.get("accuracy")
-            self._print(f"held-out accuracy {msg['when']} tuning: {'hidden by the terms' if acc is None else f'{acc:.4f}'}")
+            self._print(
+                f"held-out accuracy {msg['when']} tuning: {'hidden by the terms' if acc is None else f'{acc:.4f}'}"
+            )

@@ -71,21 +71,34 @@ class PartySession:
         r0 = self.broadcast(mine, src=Role.MODEL_OWNER)
         r1 = self.broadcast(mine, src=Role.DATA_OWNER)
         if hashlib.sha256(r0).hexdigest() != c0 or hashlib.sha256(r1).hexdigest() != c1:
-            raise ProtocolError("joint seed: a party opened a value that does not match its commitment")
+            raise ProtocolError(
+                "joint seed: a party opened a value that does not match its commitment"
+            )
         return int.from_bytes(hashlib.sha256(r0 + r1).digest()[:8], "little") & (2**62 - 1)
 
     # -- secret sharing ------------------------------------------------------------------------
-    def share(self, value: torch.Tensor | None, *, owner: Role, shape: tuple[int, ...], name: str) -> Any:
+    def share(
+        self, value: torch.Tensor | None, *, owner: Role, shape: tuple[int, ...], name: str
+    ) -> Any:
         """Secret-share ``value`` held by ``owner``; the other party passes None and the shape."""
         if self.role is owner:
             if value is None or tuple(value.shape) != tuple(shape):
                 got = None if value is None else tuple(value.shape)
-                raise ProtocolError(f"{name}: owner's value has shape {got}, agreed shape is {tuple(shape)}")
+                raise ProtocolError(
+                    f"{name}: owner's value has shape {got}, agreed shape is {tuple(shape)}"
+                )
             check_fixed_point_range(value, name=name)
             return crypten.cryptensor(value.to(torch.float32), src=owner.rank)
         return crypten.cryptensor(torch.zeros(shape), src=owner.rank)
 
-    def share_params(self, spec: ModelSpec, state: Mapping[str, torch.Tensor] | None, *, names: Iterable[str], frozen: bool = False) -> dict[str, Any]:
+    def share_params(
+        self,
+        spec: ModelSpec,
+        state: Mapping[str, torch.Tensor] | None,
+        *,
+        names: Iterable[str],
+        frozen: bool = False,
+    ) -> dict[str, Any]:
         """Secret-share the model owner's parameters ``names`` (in the spec's order).
 
         ``frozen``: the values never change during the job, so the linear weights among them stay
@@ -105,7 +118,9 @@ class PartySession:
             if frozen and spec.is_linear_weight(name):
                 if value is not None:
                     check_fixed_point_range(value, name=name)
-                out[name] = OwnedMatrix.share(value, owner=Role.MODEL_OWNER.rank, shape=shape, fixed_mask=True)
+                out[name] = OwnedMatrix.share(
+                    value, owner=Role.MODEL_OWNER.rank, shape=shape, fixed_mask=True
+                )
             else:
                 out[name] = self.share(value, owner=Role.MODEL_OWNER, shape=shape, name=name)
         return out
@@ -117,7 +132,9 @@ class PartySession:
 
 def check_fixed_point_range(value: torch.Tensor, *, name: str) -> None:
     if not torch.isfinite(value).all():
-        raise FixedPointRangeError(f"{name}: contains NaN or infinity; fix the input before sharing it")
+        raise FixedPointRangeError(
+            f"{name}: contains NaN or infinity; fix the input before sharing it"
+        )
     m = float(value.abs().max()) if value.numel() else 0.0
     if m > MAX_ABS_INPUT:
         raise FixedPointRangeError(

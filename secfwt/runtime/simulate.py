@@ -67,8 +67,13 @@ def run_simulation(
     progress = new_queue()
     payloads = {
         role: PartyJob(
-            config=cfg, out_dir=str(out_dir), model_dir=str(model_dir), progress=progress,
-            checkpoints=None if checkpoint_dir is None else Checkpointing(
+            config=cfg,
+            out_dir=str(out_dir),
+            model_dir=str(model_dir),
+            progress=progress,
+            checkpoints=None
+            if checkpoint_dir is None
+            else Checkpointing(
                 folder=str(Path(checkpoint_dir) / role.value), every=checkpoint_every, resume=resume
             ),
         )
@@ -115,7 +120,9 @@ def run_simulation(
         "terms_digest": cfg.terms.digest(),
         "parties": {
             r.value: {
-                "bytes_sent": res.bytes_sent, "rounds": res.rounds, "wall_s": res.wall_s,
+                "bytes_sent": res.bytes_sent,
+                "rounds": res.rounds,
+                "wall_s": res.wall_s,
                 "reveals": res.value.reveals if res.value else 0,
                 "artifacts": dict(res.value.artifacts) if res.value else {},
             }
@@ -134,10 +141,16 @@ def run_simulation(
 def preflight_dp(cfg: JobConfig) -> None:
     """Refuse an impossible privacy budget before any party process starts (the parties check
     again with the row count they agree on)."""
-    from secfwt.tuning.accounting import plan
     from secfwt.runtime.data_owner import count_train_rows
+    from secfwt.tuning.accounting import plan
 
-    plan(cfg.dp, n_train=count_train_rows(cfg), batch_size=cfg.zo.batch_size, steps=cfg.zo.steps, where=cfg.source)
+    plan(
+        cfg.dp,
+        n_train=count_train_rows(cfg),
+        batch_size=cfg.zo.batch_size,
+        steps=cfg.zo.steps,
+        where=cfg.source,
+    )
 
 
 def machine_info() -> dict[str, Any]:
@@ -146,7 +159,22 @@ def machine_info() -> dict[str, Any]:
     import torch
 
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5, check=False).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=False,
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         commit = None
-    return {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(), "platform": platform.platform(), "commit": commit}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "commit": commit,
+    }

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from secfwt.mpc.provider import Provider
 from secfwt.errors import ConfigError, ToleranceExceededError
+from secfwt.models.attention import RFASettings
 from secfwt.models.checkpoint import (
     build_hf_model,
     family_of,
@@ -30,9 +30,9 @@ from secfwt.models.checkpoint import (
 from secfwt.models.encoder import EncoderModel, ForwardSettings, plain_params
 from secfwt.models.ops import PlainOps
 from secfwt.models.spec import Attention, EmbeddingMode, Head, Pooling
-from secfwt.models.attention import RFASettings
 from secfwt.mpc.disclosure import DisclosureTerms, Revealable
 from secfwt.mpc.launcher import PartyContext, run_parties
+from secfwt.mpc.provider import Provider
 from secfwt.roles import Role
 
 log = logging.getLogger(__name__)
@@ -73,15 +73,25 @@ def head_from_config(config: Any) -> Head:
     return Head.BASE
 
 
-def sample_inputs(model_dir: Path, *, seq_len: int, vocab_size: int, seed: int) -> tuple[torch.Tensor, str]:
+def sample_inputs(
+    model_dir: Path, *, seq_len: int, vocab_size: int, seed: int
+) -> tuple[torch.Tensor, str]:
     """Token ids (1, seq_len) of the sample text, or random ids when there is no tokenizer."""
     from secfwt.data.tokenize import load_tokenizer
 
     tok = load_tokenizer(model_dir)
     if tok is None:
         g = torch.Generator().manual_seed(seed)
-        return torch.randint(3, vocab_size, (1, seq_len), generator=g), "random token ids (no tokenizer in checkpoint)"
-    enc = tok(SAMPLE_TEXT * 8, truncation=True, max_length=seq_len, padding="max_length", return_tensors="pt")
+        return torch.randint(
+            3, vocab_size, (1, seq_len), generator=g
+        ), "random token ids (no tokenizer in checkpoint)"
+    enc = tok(
+        SAMPLE_TEXT * 8,
+        truncation=True,
+        max_length=seq_len,
+        padding="max_length",
+        return_tensors="pt",
+    )
     return enc["input_ids"], "sample text"
 
 
@@ -94,7 +104,12 @@ def _party(ctx: PartyContext, payload: dict[str, Any]) -> Any:
     req: VerifyRequest = payload["request"]
     spec = state = None
     if ctx.role is Role.MODEL_OWNER:
-        spec, state = load_checkpoint(Path(payload["model_dir"]), head=payload["head"], num_labels=payload["num_labels"], seed=req.seed)
+        spec, state = load_checkpoint(
+            Path(payload["model_dir"]),
+            head=payload["head"],
+            num_labels=payload["num_labels"],
+            seed=req.seed,
+        )
     spec = sess.agree_spec(spec)
     ids = payload.get("input_ids")
     shape = sess.broadcast(None if ids is None else tuple(ids.shape), src=Role.DATA_OWNER)
@@ -103,16 +118,39 @@ def _party(ctx: PartyContext, payload: dict[str, Any]) -> Any:
     names = [n for n, _ in spec.param_shapes if secret_table or n != spec.word_embeddings]
     t0 = time.perf_counter()
     params = sess.share_params(spec, state, names=names, frozen=True)
-    plain_table = disclose_table(sess, spec, state) if req.embedding is EmbeddingMode.TABLE_TO_DATA_OWNER else None
-    word = share_word_embeddings(sess, spec, mode=req.embedding, input_ids=ids, shape=shape, secret_table=params.get(spec.word_embeddings), plain_table=plain_table)
+    plain_table = (
+        disclose_table(sess, spec, state)
+        if req.embedding is EmbeddingMode.TABLE_TO_DATA_OWNER
+        else None
+    )
+    word = share_word_embeddings(
+        sess,
+        spec,
+        mode=req.embedding,
+        input_ids=ids,
+        shape=shape,
+        secret_table=params.get(spec.word_embeddings),
+        plain_table=plain_table,
+    )
     mask = sess.public(torch.ones(shape))  # the sample has no padding
-    model = EncoderModel(spec, params, sess.ops, ForwardSettings(attention=req.attention, rfa=req.rfa, pooling=Pooling.CLS))
+    model = EncoderModel(
+        spec,
+        params,
+        sess.ops,
+        ForwardSettings(attention=req.attention, rfa=req.rfa, pooling=Pooling.CLS),
+    )
     h = model.layers(model.embed(word), mask)
     out = model.output(h)
     compute_s = time.perf_counter() - t0
     to = [Role.DATA_OWNER]
-    h_plain = sess.discloser.reveal(h, value=Revealable.VERIFY_OUTPUTS, to=to, note="last hidden states")
-    out_plain = sess.discloser.reveal(out, value=Revealable.VERIFY_OUTPUTS, to=to, note="head output") if spec.head is not Head.BASE else h_plain
+    h_plain = sess.discloser.reveal(
+        h, value=Revealable.VERIFY_OUTPUTS, to=to, note="last hidden states"
+    )
+    out_plain = (
+        sess.discloser.reveal(out, value=Revealable.VERIFY_OUTPUTS, to=to, note="head output")
+        if spec.head is not Head.BASE
+        else h_plain
+    )
     return {"hidden": h_plain, "output": out_plain, "compute_s": compute_s}
 
 
@@ -123,9 +161,13 @@ def run_verify(req: VerifyRequest) -> dict[str, Any]:
     head = req.head or head_from_config(config)
     longest = max_input_tokens(config)
     if not 1 <= req.seq_len <= longest:
-        raise ConfigError(f"--seq-len {req.seq_len}: must be between 1 and {longest}, the longest input this checkpoint's position table allows")
+        raise ConfigError(
+            f"--seq-len {req.seq_len}: must be between 1 and {longest}, the longest input this checkpoint's position table allows"
+        )
     num_labels = int(getattr(config, "num_labels", 2) or 2)
-    ids, source = sample_inputs(model_dir, seq_len=req.seq_len, vocab_size=config.vocab_size, seed=req.seed)
+    ids, source = sample_inputs(
+        model_dir, seq_len=req.seq_len, vocab_size=config.vocab_size, seed=req.seed
+    )
     terms = [(Revealable.VERIFY_OUTPUTS, [Role.DATA_OWNER])]
     if req.embedding is EmbeddingMode.TABLE_TO_DATA_OWNER:
         terms.append((Revealable.EMBEDDING_TABLE, [Role.DATA_OWNER]))
@@ -135,7 +177,12 @@ def run_verify(req: VerifyRequest) -> dict[str, Any]:
     results = run_parties(
         _party,
         payloads={
-            Role.MODEL_OWNER: {**common, "model_dir": str(model_dir), "head": head, "num_labels": num_labels},
+            Role.MODEL_OWNER: {
+                **common,
+                "model_dir": str(model_dir),
+                "head": head,
+                "num_labels": num_labels,
+            },
             Role.DATA_OWNER: {**common, "input_ids": ids},
         },
         provider=req.provider,
@@ -143,7 +190,9 @@ def run_verify(req: VerifyRequest) -> dict[str, Any]:
     )
     wall = time.perf_counter() - t0
     secure = results[Role.DATA_OWNER].value
-    ref_hidden, ref_out, impl_err = _reference(model_dir, req=req, head=head, num_labels=num_labels, ids=ids)
+    ref_hidden, ref_out, impl_err = _reference(
+        model_dir, req=req, head=head, num_labels=num_labels, ids=ids
+    )
     err = (secure["hidden"].double() - ref_hidden).abs()
     out_s, out_r = secure["output"].double(), ref_out
     agree = (out_s.argmax(-1) == out_r.argmax(-1)).double().mean().item()
@@ -157,30 +206,48 @@ def run_verify(req: VerifyRequest) -> dict[str, Any]:
         "input": source,
         "provider": req.provider.value,
         "rfa": dataclasses.asdict(req.rfa) if req.attention is Attention.RFA else None,
-        "reference": "transformers forward (eager attention)" if req.attention is Attention.SOFTMAX else "secfwt plaintext forward with the same RFA (float64)",
+        "reference": "transformers forward (eager attention)"
+        if req.attention is Attention.SOFTMAX
+        else "secfwt plaintext forward with the same RFA (float64)",
         "max_abs_err": err.max().item(),
         "mean_abs_err": err.mean().item(),
         "output_max_abs_err": (out_s - out_r).abs().max().item(),
         "argmax_agreement": agree,
-        "reference_magnitude": {"hidden_max_abs": ref_hidden.abs().max().item(), "hidden_mean_abs": ref_hidden.abs().mean().item()},
+        "reference_magnitude": {
+            "hidden_max_abs": ref_hidden.abs().max().item(),
+            "hidden_mean_abs": ref_hidden.abs().mean().item(),
+        },
         "plaintext_encoder_vs_transformers_max_abs_err": impl_err,
         "tolerance": {"max_abs": req.max_abs_tol, "mean_abs": req.mean_abs_tol},
         "wall_s": wall,
         "secure_compute_s": secure["compute_s"],
-        "parties": {r.value: {"bytes_sent": res.bytes_sent, "rounds": res.rounds, "wall_s": res.wall_s} for r, res in results.items() if r is not Role.DEALER},
+        "parties": {
+            r.value: {"bytes_sent": res.bytes_sent, "rounds": res.rounds, "wall_s": res.wall_s}
+            for r, res in results.items()
+            if r is not Role.DEALER
+        },
     }
-    report["passed"] = report["max_abs_err"] < req.max_abs_tol and report["mean_abs_err"] < req.mean_abs_tol
+    report["passed"] = (
+        report["max_abs_err"] < req.max_abs_tol and report["mean_abs_err"] < req.mean_abs_tol
+    )
     return report
 
 
-def _reference(model_dir: Path, *, req: VerifyRequest, head: Head, num_labels: int, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+def _reference(
+    model_dir: Path, *, req: VerifyRequest, head: Head, num_labels: int, ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     hf = build_hf_model(model_dir, head=head, num_labels=num_labels, seed=req.seed).double()
     family = family_of(hf.config)
     spec = spec_from_model(hf, family=family, head=head)
     params = plain_params(state_dict_of(hf))
     # load_checkpoint on the model owner initialised any missing head under the same seed,
     # so these are the same weights the parties used.
-    plain = EncoderModel(spec, params, PlainOps(), ForwardSettings(attention=req.attention, rfa=req.rfa, pooling=Pooling.CLS))
+    plain = EncoderModel(
+        spec,
+        params,
+        PlainOps(),
+        ForwardSettings(attention=req.attention, rfa=req.rfa, pooling=Pooling.CLS),
+    )
     mask = torch.ones(ids.shape, dtype=torch.float64)
     word = params[spec.word_embeddings][ids]
     h_plain = plain.layers(plain.embed(word), mask)
@@ -189,7 +256,11 @@ def _reference(model_dir: Path, *, req: VerifyRequest, head: Head, num_labels: i
         o = hf(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True)
     hf_hidden = o.hidden_states[-1]
     hf_out = hf_hidden if head is Head.BASE else o.logits
-    impl_err = (h_plain - hf_hidden).abs().max().item() if req.attention is Attention.SOFTMAX else float("nan")
+    impl_err = (
+        (h_plain - hf_hidden).abs().max().item()
+        if req.attention is Attention.SOFTMAX
+        else float("nan")
+    )
     if req.attention is Attention.SOFTMAX:
         return hf_hidden, hf_out, impl_err
     return h_plain, out_plain, impl_err

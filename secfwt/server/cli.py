@@ -20,7 +20,11 @@ from typing import Any
 from secfwt.errors import ConfigError
 from secfwt.roles import Role
 
-PARTY_COMMANDS = {"model-owner": Role.MODEL_OWNER, "data-owner": Role.DATA_OWNER, "dealer": Role.DEALER}
+PARTY_COMMANDS = {
+    "model-owner": Role.MODEL_OWNER,
+    "data-owner": Role.DATA_OWNER,
+    "dealer": Role.DEALER,
+}
 
 
 def _out(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
@@ -34,8 +38,11 @@ def cmd_certs_init(args: argparse.Namespace) -> int:
     from secfwt.pki.certs import init_ca
 
     f = init_ca(Path(args.out), common_name=args.name, days=args.days, force=args.force)
-    _out(args, {"ca_cert": str(f.cert), "ca_key": str(f.key), "not_after": f.not_after.isoformat()},
-         f"deployment CA written: {f.cert} (certificate), {f.key} (private key, mode 0600; keep it offline), valid until {f.not_after:%Y-%m-%d}")
+    _out(
+        args,
+        {"ca_cert": str(f.cert), "ca_key": str(f.key), "not_after": f.not_after.isoformat()},
+        f"deployment CA written: {f.cert} (certificate), {f.key} (private key, mode 0600; keep it offline), valid until {f.not_after:%Y-%m-%d}",
+    )
     return 0
 
 
@@ -44,10 +51,30 @@ def cmd_certs_issue(args: argparse.Namespace) -> int:
     from secfwt.pki.identity import Identity, IdentityRole
 
     role = IdentityRole.parse(args.role)
-    f = issue(ca_dir=Path(args.ca), role=role, party_id=args.name, hosts=args.host or [], out=Path(args.out), days=args.days, force=args.force)
+    f = issue(
+        ca_dir=Path(args.ca),
+        role=role,
+        party_id=args.name,
+        hosts=args.host or [],
+        out=Path(args.out),
+        days=args.days,
+        force=args.force,
+    )
     ident = Identity(role, args.name)
-    data = {"identity": ident.uri, "tls_name": ident.dns_name, "hosts": args.host or [], "cert": str(f.cert), "key": str(f.key), "ca": str(f.ca), "not_after": f.not_after.isoformat()}
-    _out(args, data, f"issued {ident.uri} (TLS name {ident.dns_name}; hosts: {', '.join(args.host or []) or '-'}): {f.cert}, {f.key} (0600), CA copy {f.ca}; valid until {f.not_after:%Y-%m-%d}")
+    data = {
+        "identity": ident.uri,
+        "tls_name": ident.dns_name,
+        "hosts": args.host or [],
+        "cert": str(f.cert),
+        "key": str(f.key),
+        "ca": str(f.ca),
+        "not_after": f.not_after.isoformat(),
+    }
+    _out(
+        args,
+        data,
+        f"issued {ident.uri} (TLS name {ident.dns_name}; hosts: {', '.join(args.host or []) or '-'}): {f.cert}, {f.key} (0600), CA copy {f.ca}; valid until {f.not_after:%Y-%m-%d}",
+    )
     return 0
 
 
@@ -59,7 +86,13 @@ def cmd_party(args: argparse.Namespace) -> int:
 
     if args.party_role == "health":
         return cmd_party_health(args)
-    return run_party(PARTY_COMMANDS[args.party_role], args.config, insecure=args.insecure, verbose=getattr(args, "verbose", False), insecure_fixed_seed=args.insecure_fixed_seed)
+    return run_party(
+        PARTY_COMMANDS[args.party_role],
+        args.config,
+        insecure=args.insecure,
+        verbose=getattr(args, "verbose", False),
+        insecure_fixed_seed=args.insecure_fixed_seed,
+    )
 
 
 def cmd_party_health(args: argparse.Namespace) -> int:
@@ -72,7 +105,12 @@ def cmd_party_health(args: argparse.Namespace) -> int:
     host, _, port = cfg.party.listen.rpartition(":")
     if host in ("0.0.0.0", "[::]", "::", ""):
         host = "127.0.0.1"
-    with PartyClient(f"{host}:{port}", Credentials.of_party(cfg), expect=None if cfg.party.insecure else cfg.identity, timeout_s=5) as c:
+    with PartyClient(
+        f"{host}:{port}",
+        Credentials.of_party(cfg),
+        expect=None if cfg.party.insecure else cfg.identity,
+        timeout_s=5,
+    ) as c:
         status = c.health()
     print(status)
     return 0 if status == "SERVING" else 10
@@ -88,7 +126,9 @@ def _client_config(args: argparse.Namespace):  # noqa: ANN202
     from secfwt.server.config import ClientConfig, TLSSection, load_client_config
 
     cfg = load_client_config(args.client_config) if args.client_config else ClientConfig()
-    tls = TLSSection(cert=args.cert or cfg.tls.cert, key=args.key or cfg.tls.key, ca=args.ca or cfg.tls.ca)
+    tls = TLSSection(
+        cert=args.cert or cfg.tls.cert, key=args.key or cfg.tls.key, ca=args.ca or cfg.tls.ca
+    )
     client = cfg.client
     if args.insecure:
         client = dataclasses.replace(client, insecure=True)
@@ -103,7 +143,9 @@ def _client_config(args: argparse.Namespace):  # noqa: ANN202
 def _targets(args: argparse.Namespace, cfg) -> list[str]:  # noqa: ANN001
     addrs = list(args.to or []) or [p.address for p in cfg.parties]
     if not addrs:
-        raise ConfigError("no daemon address: pass --to HOST:PORT (repeatable) or list [[parties]] in client.toml")
+        raise ConfigError(
+            "no daemon address: pass --to HOST:PORT (repeatable) or list [[parties]] in client.toml"
+        )
     return addrs
 
 
@@ -111,7 +153,12 @@ def _client(cfg, address: str):  # noqa: ANN001, ANN202
     from secfwt.server.client import Credentials, PartyClient
 
     known = cfg.party_at(address)
-    return PartyClient(address, Credentials.of_client(cfg), expect=known.identity if known else None, timeout_s=cfg.client.timeout_s)
+    return PartyClient(
+        address,
+        Credentials.of_client(cfg),
+        expect=known.identity if known else None,
+        timeout_s=cfg.client.timeout_s,
+    )
 
 
 def _status_dict(st) -> dict[str, Any]:  # noqa: ANN001
@@ -144,7 +191,10 @@ def _each(args: argparse.Namespace, action) -> int:  # noqa: ANN001
         except SecfwtError as exc:
             results[addr] = {"error": str(exc), "exit_code": exit_code_for(exc)}
             first_error = first_error or exc
-    lines = [f"{a}: " + (f"ERROR {r['error']}" if "error" in r else _status_line(r)) for a, r in results.items()]
+    lines = [
+        f"{a}: " + (f"ERROR {r['error']}" if "error" in r else _status_line(r))
+        for a, r in results.items()
+    ]
     _out(args, {"job_id": args.job_id, "parties": results}, "\n".join(lines))
     if first_error is not None:
         return exit_code_for(first_error)
@@ -182,8 +232,12 @@ def cmd_job_fetch(args: argparse.Namespace) -> int:
         raise ConfigError("job fetch: give exactly one --to (the daemon whose results you fetch)")
     with _client(cfg, targets[0]) as c:
         files = c.fetch(args.job_id, Path(args.out))
-    _out(args, {"job_id": args.job_id, "from": targets[0], "files": [str(f) for f in files]},
-         f"fetched {len(files)} artifact(s) of job {args.job_id} from {targets[0]} into {args.out}: " + ", ".join(f.name for f in files))
+    _out(
+        args,
+        {"job_id": args.job_id, "from": targets[0], "files": [str(f) for f in files]},
+        f"fetched {len(files)} artifact(s) of job {args.job_id} from {targets[0]} into {args.out}: "
+        + ", ".join(f.name for f in files),
+    )
     return 0
 
 
@@ -199,7 +253,14 @@ def cmd_job_watch(args: argparse.Namespace) -> int:
                 step = f" step {ev.step}/{ev.total_steps}" if ev.total_steps else ""
                 metrics = " ".join(f"{k}={v:.4g}" for k, v in ev.metrics)
                 message = "" if ev.message == ev.state.value else ev.message
-                print(" ".join(x for x in (f"[{ev.seq}] {ev.state.value}{step}", ev.phase, metrics, message) if x), flush=True)
+                print(
+                    " ".join(
+                        x
+                        for x in (f"[{ev.seq}] {ev.state.value}{step}", ev.phase, metrics, message)
+                        if x
+                    ),
+                    flush=True,
+                )
     return 0
 
 
@@ -232,23 +293,39 @@ def cmd_job_submit(args: argparse.Namespace) -> int:
         for addr, c in clients.items():
             info = c.hello()
             if info.protocol_version != PROTOCOL_VERSION:
-                raise VersionMismatchError(f"{addr} speaks protocol version {info.protocol_version}, this client {PROTOCOL_VERSION}")
+                raise VersionMismatchError(
+                    f"{addr} speaks protocol version {info.protocol_version}, this client {PROTOCOL_VERSION}"
+                )
             role = info.identity.role.party_role if info.identity else None
             if role is None or role in by_role:
-                raise ConfigError(f"{addr} is {info.identity}: submit needs one model owner, one data owner and one dealer")
+                raise ConfigError(
+                    f"{addr} is {info.identity}: submit needs one model owner, one data owner and one dealer"
+                )
             by_role[role], idents[addr] = addr, info.identity
         missing = [r.value for r in Role if r not in by_role]
         if missing:
-            raise ConfigError(f"submit needs the addresses of all three parties; missing: {', '.join(missing)}")
+            raise ConfigError(
+                f"submit needs the addresses of all three parties; missing: {', '.join(missing)}"
+            )
         model = clients[by_role[Role.MODEL_OWNER]].commitment(text).model
         data = clients[by_role[Role.DATA_OWNER]].commitment(text).data
         terms = job.terms
         proposal = Proposal(
-            job_id=args.id or _new_job_id(job.job.name), protocol_version=PROTOCOL_VERSION, job_toml=text, terms=terms,
-            terms_digest=terms.digest(), commitments=Commitments(model=model, data=data), participants=tuple(idents.values()),
+            job_id=args.id or _new_job_id(job.job.name),
+            protocol_version=PROTOCOL_VERSION,
+            job_toml=text,
+            terms=terms,
+            terms_digest=terms.digest(),
+            commitments=Commitments(model=model, data=data),
+            participants=tuple(idents.values()),
         )
-        report.update(job_id=proposal.job_id, terms_digest=proposal.terms_digest, proposal_digest=proposal.digest(), terms=terms.describe(),
-                      commitments=proposal.commitments.to_dict())
+        report.update(
+            job_id=proposal.job_id,
+            terms_digest=proposal.terms_digest,
+            proposal_digest=proposal.digest(),
+            terms=terms.describe(),
+            commitments=proposal.commitments.to_dict(),
+        )
         if not args.json:
             print(f"job {proposal.job_id}: terms digest {proposal.terms_digest}\ndisclosure terms:")
             for line in terms.describe():
@@ -259,21 +336,31 @@ def cmd_job_submit(args: argparse.Namespace) -> int:
         if not args.no_accept:
             for addr, c in clients.items():
                 try:
-                    report["parties"][addr] = _status_dict(c.accept(proposal.job_id, proposal.terms_digest, proposal.digest()))
+                    report["parties"][addr] = _status_dict(
+                        c.accept(proposal.job_id, proposal.terms_digest, proposal.digest())
+                    )
                     accepted += 1
                 except NotAuthorizedError:
-                    report["parties"][addr]["note"] = "awaiting acceptance by this party's own operator (`secfwt job accept`)"
+                    report["parties"][addr]["note"] = (
+                        "awaiting acceptance by this party's own operator (`secfwt job accept`)"
+                    )
         if accepted == len(clients) and not args.no_start:
             for addr, c in clients.items():
                 report["parties"][addr] = _status_dict(c.start(proposal.job_id))
     except SecfwtError:
         if report.get("job_id") and not args.json:
-            print(f"job {report['job_id']}: submission stopped; `secfwt job status {report['job_id']}` shows each party", file=sys.stderr)
+            print(
+                f"job {report['job_id']}: submission stopped; `secfwt job status {report['job_id']}` shows each party",
+                file=sys.stderr,
+            )
         raise
     finally:
         for c in clients.values():
             c.close()
-    lines = [f"{a}: {_status_line(r)}" + (f"  [{r['note']}]" if r.get("note") else "") for a, r in report["parties"].items()]
+    lines = [
+        f"{a}: {_status_line(r)}" + (f"  [{r['note']}]" if r.get("note") else "")
+        for a, r in report["parties"].items()
+    ]
     _out(args, report, "\n".join(lines))
     return 0
 
@@ -281,47 +368,90 @@ def cmd_job_submit(args: argparse.Namespace) -> int:
 # -- wiring ----------------------------------------------------------------------------------------------
 
 
-def _client_flags(p: argparse.ArgumentParser, *, to_help: str = "daemon address HOST:PORT (repeatable; default: [[parties]] of client.toml)") -> None:
+def _client_flags(
+    p: argparse.ArgumentParser,
+    *,
+    to_help: str = "daemon address HOST:PORT (repeatable; default: [[parties]] of client.toml)",
+) -> None:
     p.add_argument("--to", action="append", metavar="HOST:PORT", help=to_help)
     p.add_argument(
-        "--client-config", metavar="CLIENT.toml", default=os.environ.get("SECFWT_CLIENT_CONFIG") or None,
+        "--client-config",
+        metavar="CLIENT.toml",
+        default=os.environ.get("SECFWT_CLIENT_CONFIG") or None,
         help="[client], [tls] cert/key/ca, [[parties]] id/role/address (default: $SECFWT_CLIENT_CONFIG)",
     )
     p.add_argument("--cert", help="this client's certificate (secfwt certs issue operator ...)")
     p.add_argument("--key", help="its private key")
     p.add_argument("--ca", help="the deployment CA certificate")
-    p.add_argument("--insecure", action="store_true", help="plaintext, for daemons started with --insecure (local development only)")
-    p.add_argument("--identity", metavar="secfwt://ROLE/ID", help="with --insecure: the identity to claim (default secfwt://operator/operator)")
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plaintext, for daemons started with --insecure (local development only)",
+    )
+    p.add_argument(
+        "--identity",
+        metavar="secfwt://ROLE/ID",
+        help="with --insecure: the identity to claim (default secfwt://operator/operator)",
+    )
     p.add_argument("--timeout", type=float, help="seconds per call (default 30)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def _daemon_flags(p: argparse.ArgumentParser) -> None:
     """The development-only switches of a daemon (`secfwt party ROLE` and `parties/ROLE.py`)."""
-    p.add_argument("--insecure", action="store_true", help="plaintext, no certificates: local development only (needs party.insecure = true too)")
-    p.add_argument("--insecure-fixed-seed", type=int, metavar="N", help="TESTS ONLY: every MPC seed derived from N, so runs are reproducible bit for bit; anyone knowing N can unmask every share")
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plaintext, no certificates: local development only (needs party.insecure = true too)",
+    )
+    p.add_argument(
+        "--insecure-fixed-seed",
+        type=int,
+        metavar="N",
+        help="TESTS ONLY: every MPC seed derived from N, so runs are reproducible bit for bit; anyone knowing N can unmask every share",
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``party``, ``job`` and ``certs`` to the ``secfwt`` command."""
     party = sub.add_parser("party", help="run a party daemon (gRPC, mutual TLS)")
-    party.add_argument("party_role", choices=[*sorted(PARTY_COMMANDS), "health"], help="which daemon to run, or `health`: probe this host's daemon")
+    party.add_argument(
+        "party_role",
+        choices=[*sorted(PARTY_COMMANDS), "health"],
+        help="which daemon to run, or `health`: probe this host's daemon",
+    )
     party.add_argument("--config", required=True, metavar="party.toml")
     _daemon_flags(party)
     party.set_defaults(func=cmd_party)
 
     job = sub.add_parser("job", help="submit and manage jobs on party daemons")
     jsub = job.add_subparsers(dest="job_command", required=True)
-    s = jsub.add_parser("submit", help="propose a job to the three daemons, accept where you are an operator, start")
+    s = jsub.add_parser(
+        "submit", help="propose a job to the three daemons, accept where you are an operator, start"
+    )
     s.add_argument("job", help="job TOML")
     s.add_argument("--id", help="job id (default: NAME-TIME-RANDOM); never reuse one")
-    s.add_argument("--no-accept", action="store_true", help="only propose; each party's operator accepts with `secfwt job accept`")
-    s.add_argument("--no-start", action="store_true", help="propose and accept, start later with `secfwt job start`")
-    _client_flags(s, to_help="address of each party's daemon (give all three, or list them in client.toml)")
+    s.add_argument(
+        "--no-accept",
+        action="store_true",
+        help="only propose; each party's operator accepts with `secfwt job accept`",
+    )
+    s.add_argument(
+        "--no-start",
+        action="store_true",
+        help="propose and accept, start later with `secfwt job start`",
+    )
+    _client_flags(
+        s, to_help="address of each party's daemon (give all three, or list them in client.toml)"
+    )
     s.set_defaults(func=cmd_job_submit)
     for name, func, help_ in (
         ("status", cmd_job_status, "state of a job at each daemon"),
-        ("start", cmd_job_start, "start an accepted job (every owner must have accepted the same digests)"),
+        (
+            "start",
+            cmd_job_start,
+            "start an accepted job (every owner must have accepted the same digests)",
+        ),
         ("cancel", cmd_job_cancel, "cancel a job"),
         ("resume", cmd_job_resume, "resume a failed or cancelled job from its last checkpoint"),
         ("accept", cmd_job_accept, "accept a proposed job's terms (operators of that daemon only)"),
@@ -332,14 +462,23 @@ def register(sub: argparse._SubParsersAction) -> None:
         c = jsub.add_parser(name, help=help_)
         c.add_argument("job_id", metavar="ID")
         if name == "accept":
-            c.add_argument("--digest", required=True, help="the terms digest you reviewed (shown by submit and status)")
-            c.add_argument("--proposal-digest", help="also pin the whole proposal (job file, commitments, participants)")
+            c.add_argument(
+                "--digest",
+                required=True,
+                help="the terms digest you reviewed (shown by submit and status)",
+            )
+            c.add_argument(
+                "--proposal-digest",
+                help="also pin the whole proposal (job file, commitments, participants)",
+            )
         if name in ("cancel", "refuse"):
             c.add_argument("--reason", help="recorded with the job")
         if name == "fetch":
             c.add_argument("--out", required=True, help="folder for the artifacts")
         if name == "watch":
-            c.add_argument("--after", type=int, default=0, help="only events after this sequence number")
+            c.add_argument(
+                "--after", type=int, default=0, help="only events after this sequence number"
+            )
         _client_flags(c)
         c.set_defaults(func=func)
 
@@ -353,11 +492,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_certs_init)
     s = csub.add_parser("issue", help="issue a party or operator certificate signed by the CA")
-    s.add_argument("role", choices=["model-owner", "data-owner", "dealer", "operator", "model_owner", "data_owner"], help="identity role")
+    s.add_argument(
+        "role",
+        choices=["model-owner", "data-owner", "dealer", "operator", "model_owner", "data_owner"],
+        help="identity role",
+    )
     s.add_argument("--ca", required=True, help="the CA folder (ca.crt, ca.key)")
     s.add_argument("--name", required=True, help="party id: lower-case letters, digits, dashes")
-    s.add_argument("--host", action="append", help="DNS name or IP address the daemon serves on (repeatable)")
-    s.add_argument("--out", required=True, help="folder for NAME.crt, NAME.key and a copy of ca.crt")
+    s.add_argument(
+        "--host", action="append", help="DNS name or IP address the daemon serves on (repeatable)"
+    )
+    s.add_argument(
+        "--out", required=True, help="folder for NAME.crt, NAME.key and a copy of ca.crt"
+    )
     s.add_argument("--days", type=float, default=365, help="validity (default 365)")
     s.add_argument("--force", action="store_true", help="overwrite existing files")
     s.add_argument("--json", action="store_true")
@@ -369,13 +516,22 @@ def party_main(role: Role, argv: list[str] | None = None) -> int:
     from secfwt.errors import SecfwtError, exit_code_for
     from secfwt.server.daemon import run_party
 
-    p = argparse.ArgumentParser(prog=f"secfwt-{role.value.replace('_', '-')}", description=f"secfwt {role.value} party daemon (gRPC, mutual TLS)")
+    p = argparse.ArgumentParser(
+        prog=f"secfwt-{role.value.replace('_', '-')}",
+        description=f"secfwt {role.value} party daemon (gRPC, mutual TLS)",
+    )
     p.add_argument("--config", required=True, metavar="party.toml")
     _daemon_flags(p)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = p.parse_args(argv)
     try:
-        return run_party(role, args.config, insecure=args.insecure, verbose=args.verbose, insecure_fixed_seed=args.insecure_fixed_seed)
+        return run_party(
+            role,
+            args.config,
+            insecure=args.insecure,
+            verbose=args.verbose,
+            insecure_fixed_seed=args.insecure_fixed_seed,
+        )
     except SecfwtError as exc:
         print(f"secfwt: error: {exc}", file=sys.stderr)
         return exit_code_for(exc)

@@ -53,7 +53,9 @@ class Credentials:
     def of_party(cls, cfg: PartyConfig) -> Credentials:
         if cfg.party.insecure:
             return cls(identity=cfg.identity, insecure=True)
-        cert, key, ca = read_tls_files(cert=Path(cfg.tls.cert), key=Path(cfg.tls.key), ca=Path(cfg.tls.ca))
+        cert, key, ca = read_tls_files(
+            cert=Path(cfg.tls.cert), key=Path(cfg.tls.key), ca=Path(cfg.tls.ca)
+        )
         return cls(identity=cfg.identity, cert_pem=cert, key_pem=key, ca_pem=ca)
 
     @classmethod
@@ -62,14 +64,28 @@ class Credentials:
             return cls(identity=cfg.identity, insecure=True)
         missing = [k for k in ("cert", "key", "ca") if not getattr(cfg.tls, k)]
         if missing:
-            raise ConfigError(f"client: no {', '.join(missing)}: pass --cert, --key and --ca (or a client.toml with [tls]); --insecure only for local development daemons")
-        cert, key, ca = read_tls_files(cert=Path(cfg.tls.cert), key=Path(cfg.tls.key), ca=Path(cfg.tls.ca))
-        return cls(identity=certificate_identity(Path(cfg.tls.cert)), cert_pem=cert, key_pem=key, ca_pem=ca)
+            raise ConfigError(
+                f"client: no {', '.join(missing)}: pass --cert, --key and --ca (or a client.toml with [tls]); --insecure only for local development daemons"
+            )
+        cert, key, ca = read_tls_files(
+            cert=Path(cfg.tls.cert), key=Path(cfg.tls.key), ca=Path(cfg.tls.ca)
+        )
+        return cls(
+            identity=certificate_identity(Path(cfg.tls.cert)), cert_pem=cert, key_pem=key, ca_pem=ca
+        )
 
 
 def _safe_name(name: str) -> str:
-    if not name or name != os.path.basename(name) or name in (".", "..") or "\\" in name or name.startswith("."):
-        raise InvalidRequestError(f"artifact name {name[:80]!r} is not a plain file name; refusing to write it")
+    if (
+        not name
+        or name != os.path.basename(name)
+        or name in (".", "..")
+        or "\\" in name
+        or name.startswith(".")
+    ):
+        raise InvalidRequestError(
+            f"artifact name {name[:80]!r} is not a plain file name; refusing to write it"
+        )
     return name
 
 
@@ -96,7 +112,11 @@ class PartyClient:
         else:
             if expect is not None:
                 opts.append(("grpc.ssl_target_name_override", expect.dns_name))
-            tls = grpc.ssl_channel_credentials(root_certificates=creds.ca_pem, private_key=creds.key_pem, certificate_chain=creds.cert_pem)
+            tls = grpc.ssl_channel_credentials(
+                root_certificates=creds.ca_pem,
+                private_key=creds.key_pem,
+                certificate_chain=creds.cert_pem,
+            )
             self.channel = grpc.secure_channel(address, tls, options=opts)
         self.stub = pbg.PartyServiceStub(self.channel)
         self._metadata = ((IDENTITY_METADATA, creds.identity.uri),) if creds.insecure else None
@@ -112,22 +132,33 @@ class PartyClient:
 
     def _call(self, method: str, request):  # noqa: ANN001, ANN202
         try:
-            return getattr(self.stub, method)(request, timeout=self.timeout, metadata=self._metadata)
+            return getattr(self.stub, method)(
+                request, timeout=self.timeout, metadata=self._metadata
+            )
         except grpc.RpcError as exc:
-            raise error_for_status(exc.code(), exc.details() or "", where=f"{self.address} {method}") from None
+            raise error_for_status(
+                exc.code(), exc.details() or "", where=f"{self.address} {method}"
+            ) from None
 
     def hello(self, capabilities: tuple[str, ...] = ()) -> PeerInfo:
         mine = PeerInfo(PROTOCOL_VERSION, self.creds.identity, secfwt.__version__, capabilities)
         return info_from_pb(self._call("Hello", info_to_pb(mine, pb.HelloRequest)))
 
     def commitment(self, job_toml: str) -> Commitments:
-        return commitments_from_pb(self._call("GetCommitment", pb.GetCommitmentRequest(job_toml=job_toml)).commitments)
+        return commitments_from_pb(
+            self._call("GetCommitment", pb.GetCommitmentRequest(job_toml=job_toml)).commitments
+        )
 
     def propose(self, proposal: Proposal) -> pb.JobStatus:
         return self._call("Propose", pb.ProposeRequest(proposal=proposal_to_pb(proposal))).status
 
     def accept(self, job_id: str, terms_digest: str, proposal_digest: str = "") -> pb.JobStatus:
-        return self._call("Accept", pb.AcceptRequest(job_id=job_id, terms_digest=terms_digest, proposal_digest=proposal_digest)).status
+        return self._call(
+            "Accept",
+            pb.AcceptRequest(
+                job_id=job_id, terms_digest=terms_digest, proposal_digest=proposal_digest
+            ),
+        ).status
 
     def refuse(self, job_id: str, reason: str) -> pb.JobStatus:
         return self._call("Refuse", pb.RefuseRequest(job_id=job_id, reason=reason)).status
@@ -144,12 +175,20 @@ class PartyClient:
     def resume(self, job_id: str) -> pb.JobStatus:
         return self._call("Resume", pb.ResumeRequest(job_id=job_id)).status
 
-    def watch(self, job_id: str, *, after_seq: int = 0, timeout_s: float | None = None) -> Iterator[ProgressEvent]:
+    def watch(
+        self, job_id: str, *, after_seq: int = 0, timeout_s: float | None = None
+    ) -> Iterator[ProgressEvent]:
         try:
-            for msg in self.stub.WatchProgress(pb.WatchProgressRequest(job_id=job_id, after_seq=after_seq), timeout=timeout_s, metadata=self._metadata):
+            for msg in self.stub.WatchProgress(
+                pb.WatchProgressRequest(job_id=job_id, after_seq=after_seq),
+                timeout=timeout_s,
+                metadata=self._metadata,
+            ):
                 yield progress_from_pb(msg)
         except grpc.RpcError as exc:
-            raise error_for_status(exc.code(), exc.details() or "", where=f"{self.address} WatchProgress") from None
+            raise error_for_status(
+                exc.code(), exc.details() or "", where=f"{self.address} WatchProgress"
+            ) from None
 
     def fetch(self, job_id: str, out_dir: Path) -> list[Path]:
         """Download every artifact into ``out_dir``, checking each one's SHA-256."""
@@ -157,12 +196,18 @@ class PartyClient:
         written: list[Path] = []
         fh, h, name = None, hashlib.sha256(), ""
         try:
-            for chunk in self.stub.FetchArtifacts(pb.FetchArtifactsRequest(job_id=job_id), timeout=self.timeout, metadata=self._metadata):
+            for chunk in self.stub.FetchArtifacts(
+                pb.FetchArtifactsRequest(job_id=job_id),
+                timeout=self.timeout,
+                metadata=self._metadata,
+            ):
                 if fh is None:
                     name, h = _safe_name(chunk.name), hashlib.sha256()
                     fh = open(out_dir / f".{name}.part", "wb")
                 elif chunk.name != name:
-                    raise InvalidRequestError(f"{self.address}: artifact {name!r} ended without its last chunk")
+                    raise InvalidRequestError(
+                        f"{self.address}: artifact {name!r} ended without its last chunk"
+                    )
                 fh.write(chunk.data)
                 h.update(chunk.data)
                 if chunk.last:
@@ -170,13 +215,19 @@ class PartyClient:
                     fh = None
                     if h.hexdigest() != chunk.sha256:
                         (out_dir / f".{name}.part").unlink()
-                        raise InvalidRequestError(f"{self.address}: artifact {name!r} arrived corrupted (SHA-256 differs)")
+                        raise InvalidRequestError(
+                            f"{self.address}: artifact {name!r} arrived corrupted (SHA-256 differs)"
+                        )
                     os.replace(out_dir / f".{name}.part", out_dir / name)
                     written.append(out_dir / name)
             if fh is not None:
-                raise InvalidRequestError(f"{self.address}: artifact {name!r} ended without its last chunk")
+                raise InvalidRequestError(
+                    f"{self.address}: artifact {name!r} ended without its last chunk"
+                )
         except grpc.RpcError as exc:
-            raise error_for_status(exc.code(), exc.details() or "", where=f"{self.address} FetchArtifacts") from None
+            raise error_for_status(
+                exc.code(), exc.details() or "", where=f"{self.address} FetchArtifacts"
+            ) from None
         finally:
             if fh is not None:
                 fh.close()
@@ -187,7 +238,13 @@ class PartyClient:
         """The grpc.health.v1 status name, e.g. 'SERVING'."""
         stub = health_pb2_grpc.HealthStub(self.channel)
         try:
-            resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout, metadata=self._metadata)
+            resp = stub.Check(
+                health_pb2.HealthCheckRequest(service=service),
+                timeout=self.timeout,
+                metadata=self._metadata,
+            )
         except grpc.RpcError as exc:
-            raise error_for_status(exc.code(), exc.details() or "", where=f"{self.address} Health") from None
+            raise error_for_status(
+                exc.code(), exc.details() or "", where=f"{self.address} Health"
+            ) from None
         return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)

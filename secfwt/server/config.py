@@ -51,7 +51,9 @@ class PartySection:
     id: str
     role: Role
     listen: str = "127.0.0.1:7401"
-    mpc_listen: str = ""  # where this party's MPC process listens for its peers; "" = listen's port + 1
+    mpc_listen: str = (
+        ""  # where this party's MPC process listens for its peers; "" = listen's port + 1
+    )
     state_dir: str = "state"
     insecure: bool = False
 
@@ -80,20 +82,26 @@ class PeerEntry:
 
     @property
     def mpc_peer_address(self) -> str:
-        return self.mpc_address or _next_port(self.address, where=f"[[peers]] {self.id} mpc_address")
+        return self.mpc_address or _next_port(
+            self.address, where=f"[[peers]] {self.id} mpc_address"
+        )
 
 
 def _next_port(address: str, *, where: str) -> str:
     host, _, port = address.rpartition(":")
     if not port.isdigit() or int(port) in (0, 65535):
-        raise ConfigError(f"{where}: cannot derive it from {address!r} (port 0 or 65535); set it explicitly")
+        raise ConfigError(
+            f"{where}: cannot derive it from {address!r} (port 0 or 65535); set it explicitly"
+        )
     return f"{host}:{int(port) + 1}"
 
 
 @dataclasses.dataclass(frozen=True)
 class OperatorEntry:
     id: str
-    accept: bool = True  # false: may propose, start, watch and cancel here, but not accept, refuse or fetch
+    accept: bool = (
+        True  # false: may propose, start, watch and cancel here, but not accept, refuse or fetch
+    )
 
     @property
     def identity(self) -> Identity:
@@ -112,10 +120,14 @@ class LimitsSection:
 
 @dataclasses.dataclass(frozen=True)
 class JobsSection:
-    heartbeat_timeout_s: float = 30.0  # a peer silent this long is declared failed (used by the MPC runner)
+    heartbeat_timeout_s: float = (
+        30.0  # a peer silent this long is declared failed (used by the MPC runner)
+    )
     checkpoint_every_steps: int = 10  # per-party checkpoint interval (used by the MPC runner)
     peer_timeout_s: float = 10.0  # deadline of a call to a peer daemon (acceptance checks)
-    shutdown_grace_s: float = 10.0  # SIGTERM: calls in flight get this long, then the running job is cancelled
+    shutdown_grace_s: float = (
+        10.0  # SIGTERM: calls in flight get this long, then the running job is cancelled
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,18 +198,24 @@ def _read_toml(path: Path, what: str) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
 
 
-def _tables(raw: dict[str, Any], *, where: str, sections: dict[str, type], lists: dict[str, type]) -> dict[str, Any]:
+def _tables(
+    raw: dict[str, Any], *, where: str, sections: dict[str, type], lists: dict[str, type]
+) -> dict[str, Any]:
     known = set(sections) | set(lists)
     out: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in known:
-            raise ConfigError(f"{where}: unknown section [{key}]; valid sections: {', '.join(sorted(known))}")
+            raise ConfigError(
+                f"{where}: unknown section [{key}]; valid sections: {', '.join(sorted(known))}"
+            )
         if key in sections:
             out[key] = _build(sections[key], value, f"{where}: [{key}]")
         else:
             if not isinstance(value, list):
                 raise ConfigError(f"{where}: {key} must be a list of [[{key}]] tables")
-            out[key] = tuple(_build(lists[key], v, f"{where}: [[{key}]] #{i + 1}") for i, v in enumerate(value))
+            out[key] = tuple(
+                _build(lists[key], v, f"{where}: [[{key}]] #{i + 1}") for i, v in enumerate(value)
+            )
     return out
 
 
@@ -211,7 +229,9 @@ def _resolve(base: Path, p: str) -> str:
 def check_address(address: str, *, where: str) -> str:
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"{where} = {address!r}: expected HOST:PORT, e.g. '10.0.0.2:7401' or '[::1]:7401'")
+        raise ConfigError(
+            f"{where} = {address!r}: expected HOST:PORT, e.g. '10.0.0.2:7401' or '[::1]:7401'"
+        )
     return address
 
 
@@ -226,7 +246,9 @@ def parse_party_config(raw: dict[str, Any], *, where: str, base: Path) -> PartyC
         check_address(party.mpc_listen, where=f"{where}: party.mpc_listen")
     party = dataclasses.replace(party, state_dir=_resolve(base, party.state_dir))
     tls: TLSSection = t.get("tls", TLSSection())
-    tls = TLSSection(cert=_resolve(base, tls.cert), key=_resolve(base, tls.key), ca=_resolve(base, tls.ca))
+    tls = TLSSection(
+        cert=_resolve(base, tls.cert), key=_resolve(base, tls.key), ca=_resolve(base, tls.ca)
+    )
     if not party.insecure:
         missing = [k for k in ("cert", "key", "ca") if not getattr(tls, k)]
         if missing:
@@ -236,7 +258,9 @@ def parse_party_config(raw: dict[str, Any], *, where: str, base: Path) -> PartyC
             )
     model, data = t.get("model"), t.get("data")
     if model is not None:
-        model = HeldModel(path=model.path if model.path.startswith("packaged:") else _resolve(base, model.path))
+        model = HeldModel(
+            path=model.path if model.path.startswith("packaged:") else _resolve(base, model.path)
+        )
     if data is not None and data.path:
         data = dataclasses.replace(data, path=_resolve(base, data.path))
     if data is not None and data.tokenizer and not data.tokenizer.startswith("packaged:"):
@@ -251,38 +275,69 @@ def parse_party_config(raw: dict[str, Any], *, where: str, base: Path) -> PartyC
         if p.mpc_address:
             check_address(p.mpc_address, where=f"{where}: [[peers]] #{i + 1} mpc_address")
         if p.identity in seen or (p.id == party.id and p.role is party.role):
-            raise ConfigError(f"{where}: [[peers]] #{i + 1} {p.identity} is listed twice or is this party itself")
+            raise ConfigError(
+                f"{where}: [[peers]] #{i + 1} {p.identity} is listed twice or is this party itself"
+            )
         seen.add(p.identity)
     for i, o in enumerate(operators):
         check_party_id(o.id, where=f"{where}: [[operators]] #{i + 1} id")
     limits: LimitsSection = t.get("limits", LimitsSection())
-    for name in ("max_message_bytes", "max_job_toml_bytes", "queue_size", "max_concurrent_rpcs", "worker_threads", "max_streams"):
+    for name in (
+        "max_message_bytes",
+        "max_job_toml_bytes",
+        "queue_size",
+        "max_concurrent_rpcs",
+        "worker_threads",
+        "max_streams",
+    ):
         if getattr(limits, name) <= 0:
             raise ConfigError(f"{where}: limits.{name} = {getattr(limits, name)}: must be > 0")
     if limits.max_streams >= limits.worker_threads:
-        raise ConfigError(f"{where}: limits.max_streams ({limits.max_streams}) must be below limits.worker_threads ({limits.worker_threads})")
+        raise ConfigError(
+            f"{where}: limits.max_streams ({limits.max_streams}) must be below limits.worker_threads ({limits.worker_threads})"
+        )
     if limits.max_message_bytes < limits.max_job_toml_bytes + 4096:
-        raise ConfigError(f"{where}: limits.max_message_bytes must exceed limits.max_job_toml_bytes by at least 4096 (a proposal carries the job file)")
+        raise ConfigError(
+            f"{where}: limits.max_message_bytes must exceed limits.max_job_toml_bytes by at least 4096 (a proposal carries the job file)"
+        )
     jobs: JobsSection = t.get("jobs", JobsSection())
     for name in ("heartbeat_timeout_s", "checkpoint_every_steps", "peer_timeout_s"):
         if getattr(jobs, name) <= 0:
             raise ConfigError(f"{where}: jobs.{name} = {getattr(jobs, name)}: must be > 0")
     if jobs.shutdown_grace_s < 0:
         raise ConfigError(f"{where}: jobs.shutdown_grace_s = {jobs.shutdown_grace_s}: must be >= 0")
-    return PartyConfig(party=party, tls=tls, peers=peers, operators=operators, limits=limits, jobs=jobs, model=model, data=data, source=where)
+    return PartyConfig(
+        party=party,
+        tls=tls,
+        peers=peers,
+        operators=operators,
+        limits=limits,
+        jobs=jobs,
+        model=model,
+        data=data,
+        source=where,
+    )
 
 
-def _check_holdings(role: Role, model: HeldModel | None, data: HeldData | None, *, where: str) -> None:
+def _check_holdings(
+    role: Role, model: HeldModel | None, data: HeldData | None, *, where: str
+) -> None:
     if role is Role.MODEL_OWNER and (model is None or not model.path):
-        raise ConfigError(f"{where}: a model owner needs [model] path = the checkpoint it holds (a folder or packaged:NAME)")
+        raise ConfigError(
+            f"{where}: a model owner needs [model] path = the checkpoint it holds (a folder or packaged:NAME)"
+        )
     if role is Role.DATA_OWNER and data is None:
-        raise ConfigError(f"{where}: a data owner needs a [data] section: the dataset it holds (source, path, text_column, label_column)")
+        raise ConfigError(
+            f"{where}: a data owner needs a [data] section: the dataset it holds (source, path, text_column, label_column)"
+        )
     if role is not Role.MODEL_OWNER and model is not None:
         raise ConfigError(f"{where}: [model] is for the model owner; party.role is {role.value}")
     if role is not Role.DATA_OWNER and data is not None:
         raise ConfigError(f"{where}: [data] is for the data owner; party.role is {role.value}")
     if data is not None and data.source is not DataSource.ROTTEN_TOMATOES and not data.path:
-        raise ConfigError(f"{where}: data.path is required when data.source = {data.source.value!r}")
+        raise ConfigError(
+            f"{where}: data.path is required when data.source = {data.source.value!r}"
+        )
 
 
 def load_party_config(path: str | Path) -> PartyConfig:
@@ -325,13 +380,20 @@ class ClientConfig:
 
 
 def parse_client_config(raw: dict[str, Any], *, where: str, base: Path) -> ClientConfig:
-    t = _tables(raw, where=where, sections={"client": ClientSection, "tls": TLSSection}, lists={"parties": ClientParty})
+    t = _tables(
+        raw,
+        where=where,
+        sections={"client": ClientSection, "tls": TLSSection},
+        lists={"parties": ClientParty},
+    )
     client: ClientSection = t.get("client", ClientSection())
     check_party_id(client.id, where=f"{where}: client.id")
     if client.timeout_s <= 0:
         raise ConfigError(f"{where}: client.timeout_s must be > 0")
     tls: TLSSection = t.get("tls", TLSSection())
-    tls = TLSSection(cert=_resolve(base, tls.cert), key=_resolve(base, tls.key), ca=_resolve(base, tls.ca))
+    tls = TLSSection(
+        cert=_resolve(base, tls.cert), key=_resolve(base, tls.key), ca=_resolve(base, tls.ca)
+    )
     parties: tuple[ClientParty, ...] = t.get("parties", ())
     for i, p in enumerate(parties):
         check_party_id(p.id, where=f"{where}: [[parties]] #{i + 1} id")
@@ -341,4 +403,6 @@ def parse_client_config(raw: dict[str, Any], *, where: str, base: Path) -> Clien
 
 def load_client_config(path: str | Path) -> ClientConfig:
     p = Path(path)
-    return parse_client_config(_read_toml(p, "client config"), where=str(p), base=p.resolve().parent)
+    return parse_client_config(
+        _read_toml(p, "client config"), where=str(p), base=p.resolve().parent
+    )

@@ -72,7 +72,11 @@ def state_from_pb(value: int) -> JobState:
 
 
 def info_to_pb(info: PeerInfo, cls: type = pb.HelloResponse):  # noqa: ANN201 (HelloRequest or HelloResponse)
-    msg = cls(protocol_version=info.protocol_version, software_version=info.software_version, capabilities=list(info.capabilities))
+    msg = cls(
+        protocol_version=info.protocol_version,
+        software_version=info.software_version,
+        capabilities=list(info.capabilities),
+    )
     if info.identity is not None:
         msg.identity.CopyFrom(identity_to_pb(info.identity))
     return msg
@@ -80,7 +84,12 @@ def info_to_pb(info: PeerInfo, cls: type = pb.HelloResponse):  # noqa: ANN201 (H
 
 def info_from_pb(msg) -> PeerInfo:  # noqa: ANN001
     ident = identity_from_pb(msg.identity, field="identity") if msg.HasField("identity") else None
-    return PeerInfo(protocol_version=msg.protocol_version, identity=ident, software_version=msg.software_version, capabilities=tuple(msg.capabilities))
+    return PeerInfo(
+        protocol_version=msg.protocol_version,
+        identity=ident,
+        software_version=msg.software_version,
+        capabilities=tuple(msg.capabilities),
+    )
 
 
 # -- commitments and proposals ----------------------------------------------------------------------
@@ -89,9 +98,21 @@ def info_from_pb(msg) -> PeerInfo:  # noqa: ANN001
 def commitments_to_pb(c: Commitments) -> pb.Commitments:
     msg = pb.Commitments()
     if c.model is not None:
-        msg.model.CopyFrom(pb.ModelCommitment(model_type=c.model.model_type, dimensions=dict(c.model.dimensions), weights_sha256=c.model.weights_sha256))
+        msg.model.CopyFrom(
+            pb.ModelCommitment(
+                model_type=c.model.model_type,
+                dimensions=dict(c.model.dimensions),
+                weights_sha256=c.model.weights_sha256,
+            )
+        )
     if c.data is not None:
-        msg.data.CopyFrom(pb.DataCommitment(rows=c.data.rows, num_classes=c.data.num_classes, input_shape=list(c.data.input_shape)))
+        msg.data.CopyFrom(
+            pb.DataCommitment(
+                rows=c.data.rows,
+                num_classes=c.data.num_classes,
+                input_shape=list(c.data.input_shape),
+            )
+        )
     return msg
 
 
@@ -100,7 +121,9 @@ def commitments_from_pb(msg: pb.Commitments) -> Commitments:
     if msg.HasField("model"):
         m = msg.model
         if len(m.dimensions) > MAX_DIMENSIONS:
-            raise InvalidRequestError(f"commitments.model.dimensions: {len(m.dimensions)} entries, the limit is {MAX_DIMENSIONS}")
+            raise InvalidRequestError(
+                f"commitments.model.dimensions: {len(m.dimensions)} entries, the limit is {MAX_DIMENSIONS}"
+            )
         for k in m.dimensions:
             check_text(k, field="commitments.model.dimensions key", limit=MAX_SHORT_CHARS)
         check_text(m.model_type, field="commitments.model.model_type", limit=MAX_SHORT_CHARS)
@@ -109,13 +132,21 @@ def commitments_from_pb(msg: pb.Commitments) -> Commitments:
     if msg.HasField("data"):
         d = msg.data
         if len(d.input_shape) > 8:
-            raise InvalidRequestError(f"commitments.data.input_shape: {len(d.input_shape)} dimensions, the limit is 8")
+            raise InvalidRequestError(
+                f"commitments.data.input_shape: {len(d.input_shape)} dimensions, the limit is 8"
+            )
         data = DataCommitment(d.rows, d.num_classes, tuple(d.input_shape))
     return Commitments(model=model, data=data)
 
 
 def terms_to_pb(terms: DisclosureTerms) -> list[pb.DisclosureTerm]:
-    return [pb.DisclosureTerm(value=t.value.value, to=[role_to_pb(IdentityRole.of(r)) for r in sorted(t.to, key=lambda r: r.value)]) for t in terms.terms]
+    return [
+        pb.DisclosureTerm(
+            value=t.value.value,
+            to=[role_to_pb(IdentityRole.of(r)) for r in sorted(t.to, key=lambda r: r.value)],
+        )
+        for t in terms.terms
+    ]
 
 
 def terms_from_pb(items) -> DisclosureTerms:  # noqa: ANN001
@@ -124,12 +155,16 @@ def terms_from_pb(items) -> DisclosureTerms:  # noqa: ANN001
         try:
             value = Revealable(t.value)
         except ValueError:
-            raise InvalidRequestError(f"terms[{i}].value {t.value[:64]!r} is not a revealable value; known: {', '.join(v.value for v in Revealable)}") from None
+            raise InvalidRequestError(
+                f"terms[{i}].value {t.value[:64]!r} is not a revealable value; known: {', '.join(v.value for v in Revealable)}"
+            ) from None
         to = []
         for r in t.to:
             role = role_from_pb(r, field=f"terms[{i}].to").party_role
             if role is None:
-                raise InvalidRequestError(f"terms[{i}].to: operators never receive values; name a party role")
+                raise InvalidRequestError(
+                    f"terms[{i}].to: operators never receive values; name a party role"
+                )
             to.append(role)
         pairs.append((value, to))
     return DisclosureTerms.of(pairs)
@@ -151,7 +186,9 @@ def proposal_from_pb(msg: pb.JobProposal) -> Proposal:
     if len(msg.terms) > MAX_TERMS:
         raise MessageTooLargeError(f"terms: {len(msg.terms)} entries, the limit is {MAX_TERMS}")
     if len(msg.participants) > len(Role):
-        raise InvalidRequestError(f"participants: {len(msg.participants)} entries; a job has exactly {len(Role)}")
+        raise InvalidRequestError(
+            f"participants: {len(msg.participants)} entries; a job has exactly {len(Role)}"
+        )
     return Proposal(
         job_id=msg.job_id,
         protocol_version=msg.protocol_version,
@@ -159,7 +196,9 @@ def proposal_from_pb(msg: pb.JobProposal) -> Proposal:
         terms=terms_from_pb(msg.terms),
         terms_digest=msg.terms_digest,
         commitments=commitments_from_pb(msg.commitments),
-        participants=tuple(identity_from_pb(i, field=f"participants[{n}]") for n, i in enumerate(msg.participants)),
+        participants=tuple(
+            identity_from_pb(i, field=f"participants[{n}]") for n, i in enumerate(msg.participants)
+        ),
     )
 
 
@@ -168,15 +207,27 @@ def proposal_from_pb(msg: pb.JobProposal) -> Proposal:
 
 def progress_to_pb(ev: ProgressEvent) -> pb.ProgressEvent:
     return pb.ProgressEvent(
-        seq=ev.seq, time_unix=ev.time, state=_STATE_TO_PB[ev.state], phase=ev.phase, step=ev.step,
-        total_steps=ev.total_steps, metrics=dict(ev.metrics), message=ev.message,
+        seq=ev.seq,
+        time_unix=ev.time,
+        state=_STATE_TO_PB[ev.state],
+        phase=ev.phase,
+        step=ev.step,
+        total_steps=ev.total_steps,
+        metrics=dict(ev.metrics),
+        message=ev.message,
     )
 
 
 def progress_from_pb(msg: pb.ProgressEvent) -> ProgressEvent:
     return ProgressEvent(
-        seq=msg.seq, time=msg.time_unix, state=state_from_pb(msg.state), phase=msg.phase, step=msg.step,
-        total_steps=msg.total_steps, metrics=tuple(sorted(msg.metrics.items())), message=msg.message,
+        seq=msg.seq,
+        time=msg.time_unix,
+        state=state_from_pb(msg.state),
+        phase=msg.phase,
+        step=msg.step,
+        total_steps=msg.total_steps,
+        metrics=tuple(sorted(msg.metrics.items())),
+        message=msg.message,
     )
 
 

@@ -26,8 +26,14 @@ from secfwt.server.protocol import DataCommitment, ModelCommitment
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
 _DIMENSION_KEYS = (
-    "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
-    "max_position_embeddings", "type_vocab_size", "num_labels",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "vocab_size",
+    "max_position_embeddings",
+    "type_vocab_size",
+    "num_labels",
 )
 _HASH_BLOCK = 1 << 20
 
@@ -58,7 +64,9 @@ class ModelHoldings:
             raise ModelError(f"model {self.held.path}: cannot read {cfg_path}: {exc}") from exc
         files = sorted(p for p in d.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
         if not files:
-            raise ModelError(f"model {self.held.path}: no weight files ({', '.join(WEIGHT_SUFFIXES)}) in {d}")
+            raise ModelError(
+                f"model {self.held.path}: no weight files ({', '.join(WEIGHT_SUFFIXES)}) in {d}"
+            )
         key = (cfg_path.stat().st_mtime_ns, _file_key(files))
         with self._lock:
             if self._cache is not None and self._cache[0] == key:
@@ -69,8 +77,18 @@ class ModelHoldings:
                 with open(f, "rb") as fh:
                     while block := fh.read(_HASH_BLOCK):
                         h.update(block)
-            dims = tuple(sorted((k, int(cfg[k])) for k in _DIMENSION_KEYS if isinstance(cfg.get(k), int) and not isinstance(cfg.get(k), bool)))
-            c = ModelCommitment(model_type=str(cfg.get("model_type", "")), dimensions=dims, weights_sha256=h.hexdigest())
+            dims = tuple(
+                sorted(
+                    (k, int(cfg[k]))
+                    for k in _DIMENSION_KEYS
+                    if isinstance(cfg.get(k), int) and not isinstance(cfg.get(k), bool)
+                )
+            )
+            c = ModelCommitment(
+                model_type=str(cfg.get("model_type", "")),
+                dimensions=dims,
+                weights_sha256=h.hexdigest(),
+            )
             self._cache = (key, c)
             return c
 
@@ -87,7 +105,11 @@ class DataHoldings:
         from secfwt.data.datasets import DataSource, load_dataset, packaged_rotten_tomatoes_path
 
         h = self.held
-        file = packaged_rotten_tomatoes_path() if h.source is DataSource.ROTTEN_TOMATOES else Path(h.path)
+        file = (
+            packaged_rotten_tomatoes_path()
+            if h.source is DataSource.ROTTEN_TOMATOES
+            else Path(h.path)
+        )
         try:
             st = file.stat()
         except OSError as exc:
@@ -97,8 +119,11 @@ class DataHoldings:
             if self._cache is not None and self._cache[0] == key:
                 return self._cache[1]
             data = load_dataset(
-                source=h.source, path=None if h.source is DataSource.ROTTEN_TOMATOES else h.path,
-                text_column=h.text_column, label_column=h.label_column, labels=h.labels or None,
+                source=h.source,
+                path=None if h.source is DataSource.ROTTEN_TOMATOES else h.path,
+                text_column=h.text_column,
+                label_column=h.label_column,
+                labels=h.labels or None,
             )
             facts = (len(data), data.num_classes, tuple(data.class_counts()))
             self._cache = (key, facts)
@@ -113,4 +138,6 @@ class DataHoldings:
                 f"the job needs {job.data.shots_per_class} + {job.data.eval_per_class} rows per class but this data owner "
                 f"holds fewer for {len(short)} of its {classes} classes"
             )
-        return DataCommitment(rows=rows, num_classes=classes, input_shape=(per_class * classes, job.model.max_length))
+        return DataCommitment(
+            rows=rows, num_classes=classes, input_shape=(per_class * classes, job.model.max_length)
+        )

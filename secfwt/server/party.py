@@ -114,7 +114,15 @@ def parse_job_text(text: str, *, where: str) -> JobConfig:
 
 
 class Party:
-    def __init__(self, *, config: PartyConfig, runner: JobRunner, peer_status: PeerStatusFn, store: JobStore | None = None, peer_cancel: PeerCancelFn | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        config: PartyConfig,
+        runner: JobRunner,
+        peer_status: PeerStatusFn,
+        store: JobStore | None = None,
+        peer_cancel: PeerCancelFn | None = None,
+    ) -> None:
         self.config = config
         self.peer_cancel = peer_cancel
         self.identity = config.identity
@@ -135,43 +143,64 @@ class Party:
         self._running: str | None = None
         self._streams = 0
         self._load()
-        self._worker = threading.Thread(target=self._work, name=f"secfwt-worker-{self.identity.party_id}", daemon=True)
+        self._worker = threading.Thread(
+            target=self._work, name=f"secfwt-worker-{self.identity.party_id}", daemon=True
+        )
         self._worker.start()
 
     # -- identity and authorization ---------------------------------------------------------
 
     def authorize(self, caller: Identity | None, method: str) -> Identity:
         if caller is None:
-            raise NotAuthorizedError(f"{method}: the caller presented no secfwt identity (a certificate issued by `secfwt certs issue`)")
+            raise NotAuthorizedError(
+                f"{method}: the caller presented no secfwt identity (a certificate issued by `secfwt certs issue`)"
+            )
         if caller not in self._pinned:
             raise NotAuthorizedError(
                 f"{method}: {caller} is not pinned by {self.identity}; the party's operator must list it under "
                 "[[peers]] or [[operators]] in party.toml"
             )
         if method in OPERATOR_ONLY and caller not in self._acceptors:
-            what = "a peer daemon" if caller.role is not IdentityRole.OPERATOR else "an operator with accept = false here"
-            raise NotAuthorizedError(f"{method}: only operators of {self.identity} may call it; {caller} is {what}")
+            what = (
+                "a peer daemon"
+                if caller.role is not IdentityRole.OPERATOR
+                else "an operator with accept = false here"
+            )
+            raise NotAuthorizedError(
+                f"{method}: only operators of {self.identity} may call it; {caller} is {what}"
+            )
         return caller
 
     def info(self) -> PeerInfo:
         caps = ("progress-stream", "artifact-stream", "queue-fifo", *self.runner.capabilities)
-        return PeerInfo(protocol_version=PROTOCOL_VERSION, identity=self.identity, software_version=secfwt.__version__, capabilities=caps)
+        return PeerInfo(
+            protocol_version=PROTOCOL_VERSION,
+            identity=self.identity,
+            software_version=secfwt.__version__,
+            capabilities=caps,
+        )
 
     def hello(self, caller: Identity, theirs: PeerInfo) -> PeerInfo:
         check_text(theirs.software_version, field="software_version", limit=MAX_SHORT_CHARS)
         if len(theirs.capabilities) > MAX_CAPABILITIES:
-            raise MessageTooLargeError(f"capabilities: {len(theirs.capabilities)} entries, the limit is {MAX_CAPABILITIES}")
+            raise MessageTooLargeError(
+                f"capabilities: {len(theirs.capabilities)} entries, the limit is {MAX_CAPABILITIES}"
+            )
         for c in theirs.capabilities:
             check_text(c, field="capability", limit=MAX_SHORT_CHARS)
         self._check_version(theirs.protocol_version)
         if theirs.identity is not None and theirs.identity != caller:
-            raise NotAuthorizedError(f"Hello: the caller claims to be {theirs.identity} but its certificate says {caller}")
+            raise NotAuthorizedError(
+                f"Hello: the caller claims to be {theirs.identity} but its certificate says {caller}"
+            )
         return self.info()
 
     @staticmethod
     def _check_version(v: int) -> None:
         if v != PROTOCOL_VERSION:
-            raise VersionMismatchError(f"protocol version mismatch: the caller speaks version {v}, this daemon speaks version {PROTOCOL_VERSION}")
+            raise VersionMismatchError(
+                f"protocol version mismatch: the caller speaks version {v}, this daemon speaks version {PROTOCOL_VERSION}"
+            )
 
     # -- commitments and proposals ----------------------------------------------------------
 
@@ -191,11 +220,15 @@ class Party:
         check_job_id(p.job_id)
         check_text(p.job_toml, field="job_toml", limit=self.config.limits.max_job_toml_bytes)
         if len(p.terms.terms) > MAX_TERMS:
-            raise MessageTooLargeError(f"terms: {len(p.terms.terms)} entries, the limit is {MAX_TERMS}")
+            raise MessageTooLargeError(
+                f"terms: {len(p.terms.terms)} entries, the limit is {MAX_TERMS}"
+            )
         check_sha256(p.terms_digest, field="terms_digest")
         with self._cond:
             if p.job_id in self._records or self.store.job_dir(p.job_id).exists():
-                raise JobExistsError(f"job id {p.job_id!r} was already proposed to this party; job ids are never reused (replay refused)")
+                raise JobExistsError(
+                    f"job id {p.job_id!r} was already proposed to this party; job ids are never reused (replay refused)"
+                )
         cfg = parse_job_text(p.job_toml, where=f"job {p.job_id}")
         rec = JobRecord(proposal=p, state=JobState.PROPOSED, proposed_by=caller.uri)
         try:
@@ -203,10 +236,20 @@ class Party:
         except SecfwtError as exc:
             rec.state, rec.reason = JobState.REFUSED, f"refused on proposal: {exc}"
             self._create(rec)
-            log.warning("proposal refused", extra=fields(job=p.job_id, by=str(caller), reason=str(exc)))
+            log.warning(
+                "proposal refused", extra=fields(job=p.job_id, by=str(caller), reason=str(exc))
+            )
             raise
         self._create(rec)
-        log.info("job proposed", extra=fields(job=p.job_id, by=str(caller), terms_digest=p.terms_digest, proposal_digest=p.digest()))
+        log.info(
+            "job proposed",
+            extra=fields(
+                job=p.job_id,
+                by=str(caller),
+                terms_digest=p.terms_digest,
+                proposal_digest=p.digest(),
+            ),
+        )
         return rec
 
     def _create(self, rec: JobRecord) -> None:
@@ -214,27 +257,41 @@ class Party:
         with self._cond:
             self._records[rec.job_id] = rec
             self._events[rec.job_id] = []
-            self._emit(rec, message=f"{rec.state.value}: {rec.reason}" if rec.reason else rec.state.value)
+            self._emit(
+                rec, message=f"{rec.state.value}: {rec.reason}" if rec.reason else rec.state.value
+            )
             self.store.save(rec)
 
     def _check_proposal(self, p: Proposal, cfg: JobConfig) -> None:
         if cfg.terms.to_list() != p.terms.to_list():
-            raise TermsMismatchError("the proposal's disclosure terms differ from the job file's [[disclosure]] list")
+            raise TermsMismatchError(
+                "the proposal's disclosure terms differ from the job file's [[disclosure]] list"
+            )
         if p.terms.digest() != p.terms_digest:
-            raise TermsMismatchError(f"terms digest mismatch: the proposal says {p.terms_digest}, its terms hash to {p.terms.digest()}")
+            raise TermsMismatchError(
+                f"terms digest mismatch: the proposal says {p.terms_digest}, its terms hash to {p.terms.digest()}"
+            )
         roles = sorted(i.role.value for i in p.participants)
         if roles != sorted(r.value for r in Role):
-            raise InvalidRequestError(f"participants: expected one model_owner, one data_owner and one dealer, got {roles}")
+            raise InvalidRequestError(
+                f"participants: expected one model_owner, one data_owner and one dealer, got {roles}"
+            )
         mine = p.participant(self.role)
         if mine != self.identity:
-            raise NotAuthorizedError(f"participants: the proposal names {mine} as {self.role.value} but this daemon is {self.identity}")
+            raise NotAuthorizedError(
+                f"participants: the proposal names {mine} as {self.role.value} but this daemon is {self.identity}"
+            )
         for ident in p.participants:
             if ident != self.identity and self.config.peer(ident) is None:
-                raise NotAuthorizedError(f"participants: {ident} is not a pinned peer of {self.identity}; add it to [[peers]] if you trust it")
+                raise NotAuthorizedError(
+                    f"participants: {ident} is not a pinned peer of {self.identity}; add it to [[peers]] if you trust it"
+                )
         c = p.commitments
         if c.model is None or c.data is None:
             missing = [n for n, v in (("model", c.model), ("data", c.data)) if v is None]
-            raise CommitmentMismatchError(f"commitments: the proposal carries no {' and no '.join(missing)} commitment")
+            raise CommitmentMismatchError(
+                f"commitments: the proposal carries no {' and no '.join(missing)} commitment"
+            )
         held = self.own_commitments(cfg)
         if self.role is Role.MODEL_OWNER and held.model is not None:
             diff = c.model.differences(held.model)
@@ -247,7 +304,9 @@ class Party:
 
     # -- acceptance -------------------------------------------------------------------------
 
-    def accept(self, caller: Identity, job_id: str, terms_digest: str, proposal_digest: str = "") -> JobRecord:
+    def accept(
+        self, caller: Identity, job_id: str, terms_digest: str, proposal_digest: str = ""
+    ) -> JobRecord:
         with self._cond:
             rec = self._get(job_id)
             p = rec.proposal
@@ -257,13 +316,21 @@ class Party:
                     f"{p.terms_digest}; review the terms (`secfwt job status {job_id} --json`) and accept that digest"
                 )
             if proposal_digest and proposal_digest != p.digest():
-                raise TermsMismatchError(f"job {job_id}: you accepted proposal digest {proposal_digest} but the proposal hashes to {p.digest()}")
+                raise TermsMismatchError(
+                    f"job {job_id}: you accepted proposal digest {proposal_digest} but the proposal hashes to {p.digest()}"
+                )
             if rec.state is JobState.ACCEPTED:
                 return rec  # idempotent
             self._require(rec, {JobState.PROPOSED}, "accept")
-            rec.accepted_terms_digest, rec.accepted_proposal_digest, rec.accepted_by = p.terms_digest, p.digest(), caller.uri
+            rec.accepted_terms_digest, rec.accepted_proposal_digest, rec.accepted_by = (
+                p.terms_digest,
+                p.digest(),
+                caller.uri,
+            )
             self._transition(rec, JobState.ACCEPTED)
-        log.info("job accepted", extra=fields(job=job_id, by=str(caller), terms_digest=p.terms_digest))
+        log.info(
+            "job accepted", extra=fields(job=job_id, by=str(caller), terms_digest=p.terms_digest)
+        )
         return rec
 
     def refuse(self, caller: Identity, job_id: str, reason: str) -> JobRecord:
@@ -271,7 +338,9 @@ class Party:
         with self._cond:
             rec = self._get(job_id)
             self._require(rec, {JobState.PROPOSED, JobState.ACCEPTED}, "refuse")
-            self._transition(rec, JobState.REFUSED, reason=f"refused by {caller}: {reason or 'no reason given'}")
+            self._transition(
+                rec, JobState.REFUSED, reason=f"refused by {caller}: {reason or 'no reason given'}"
+            )
         log.info("job refused", extra=fields(job=job_id, by=str(caller), reason=reason))
         return rec
 
@@ -293,7 +362,9 @@ class Party:
                 return rec
             self._require(rec, {JobState.FAILED, JobState.CANCELLED}, "resume")
             if not rec.accepted_terms_digest:
-                raise JobStateError(f"job {job_id} was never accepted by this party; it cannot be resumed")
+                raise JobStateError(
+                    f"job {job_id} was never accepted by this party; it cannot be resumed"
+                )
         self._confirm_other_owners(rec, resuming=True)
         return self._enqueue(rec, {JobState.FAILED, JobState.CANCELLED}, resume=True, by=caller)
 
@@ -305,37 +376,69 @@ class Party:
                 continue
             peer = self.config.peer(ident)
             if peer is None:  # checked at proposal; the config may have changed since
-                raise NotAuthorizedError(f"job {rec.job_id}: {ident} is no longer a pinned peer of {self.identity}")
+                raise NotAuthorizedError(
+                    f"job {rec.job_id}: {ident} is no longer a pinned peer of {self.identity}"
+                )
             try:
                 theirs = self.peer_status(peer, rec.job_id)
             except JobNotFoundError:
-                raise JobStateError(f"job {rec.job_id}: {ident} has not received this job yet; propose it there too") from None
+                raise JobStateError(
+                    f"job {rec.job_id}: {ident} has not received this job yet; propose it there too"
+                ) from None
             except SecfwtError as exc:  # unreachable, or it does not pin us: the job stays as it is
-                raise JobStateError(f"job {rec.job_id}: cannot confirm that {ident} at {peer.address} accepted it: {exc}") from None
+                raise JobStateError(
+                    f"job {rec.job_id}: cannot confirm that {ident} at {peer.address} accepted it: {exc}"
+                ) from None
             if theirs.state is JobState.REFUSED:
                 with self._cond:
-                    self._transition(rec, JobState.CANCELLED, reason=f"{ident} refused the job: {theirs.reason}")
-                raise JobStateError(f"job {rec.job_id}: {ident} refused it ({theirs.reason}); it will not start")
+                    self._transition(
+                        rec, JobState.CANCELLED, reason=f"{ident} refused the job: {theirs.reason}"
+                    )
+                raise JobStateError(
+                    f"job {rec.job_id}: {ident} refused it ({theirs.reason}); it will not start"
+                )
             if not theirs.accepted_terms_digest:
-                raise JobStateError(f"job {rec.job_id}: {ident} has not accepted the terms yet (its state: {theirs.state.value}); start again once it has")
-            if theirs.accepted_terms_digest != rec.accepted_terms_digest or theirs.accepted_proposal_digest != rec.accepted_proposal_digest:
-                what = "terms" if theirs.accepted_terms_digest != rec.accepted_terms_digest else "proposal"
-                ours = rec.accepted_terms_digest if what == "terms" else rec.accepted_proposal_digest
-                other = theirs.accepted_terms_digest if what == "terms" else theirs.accepted_proposal_digest
+                raise JobStateError(
+                    f"job {rec.job_id}: {ident} has not accepted the terms yet (its state: {theirs.state.value}); start again once it has"
+                )
+            if (
+                theirs.accepted_terms_digest != rec.accepted_terms_digest
+                or theirs.accepted_proposal_digest != rec.accepted_proposal_digest
+            ):
+                what = (
+                    "terms"
+                    if theirs.accepted_terms_digest != rec.accepted_terms_digest
+                    else "proposal"
+                )
+                ours = (
+                    rec.accepted_terms_digest if what == "terms" else rec.accepted_proposal_digest
+                )
+                other = (
+                    theirs.accepted_terms_digest
+                    if what == "terms"
+                    else theirs.accepted_proposal_digest
+                )
                 reason = f"{what} digest mismatch: {self.identity} accepted {ours}, {ident} accepted {other}; the job never starts"
                 with self._cond:
                     if not resuming:
                         self._transition(rec, JobState.FAILED, reason=reason)
-                log.error("digest mismatch between owners", extra=fields(job=rec.job_id, peer=str(ident), ours=ours, theirs=other))
+                log.error(
+                    "digest mismatch between owners",
+                    extra=fields(job=rec.job_id, peer=str(ident), ours=ours, theirs=other),
+                )
                 raise TermsMismatchError(f"job {rec.job_id}: {reason}")
 
-    def _enqueue(self, rec: JobRecord, allowed: set[JobState], *, resume: bool, by: Identity) -> JobRecord:
+    def _enqueue(
+        self, rec: JobRecord, allowed: set[JobState], *, resume: bool, by: Identity
+    ) -> JobRecord:
         with self._cond:
             if rec.state in (JobState.STARTED, JobState.RUNNING):
                 return rec
             self._require(rec, allowed, "resume" if resume else "start")
             if self._stopping.is_set():
-                raise BusyError(f"{self.identity} is shutting down; start job {rec.job_id} again after its restart")
+                raise BusyError(
+                    f"{self.identity} is shutting down; start job {rec.job_id} again after its restart"
+                )
             prev = rec.state
             try:
                 self._queue.put_nowait(rec.job_id)
@@ -347,7 +450,9 @@ class Party:
             rec.resume_requested = resume
             rec.attempts += 1
             self._transition(rec, JobState.STARTED, reason="")
-        log.info("job started" if not resume else "job resumed", extra=fields(job=rec.job_id, by=str(by)))
+        log.info(
+            "job started" if not resume else "job resumed", extra=fields(job=rec.job_id, by=str(by))
+        )
         return rec
 
     def cancel(self, caller: Identity, job_id: str, reason: str) -> JobRecord:
@@ -362,12 +467,19 @@ class Party:
                 self._cancels[job_id].set()  # the worker records CANCELLED when the runner returns
                 self._emit(rec, message=f"cancel requested: {why}")
             else:
-                self._transition(rec, JobState.CANCELLED, reason=why)  # a queued id is skipped by the worker
+                self._transition(
+                    rec, JobState.CANCELLED, reason=why
+                )  # a queued id is skipped by the worker
         log.info("job cancel", extra=fields(job=job_id, by=str(caller), reason=reason))
         if caller.role is IdentityRole.OPERATOR and self.peer_cancel is not None:
             # An operator's cancel reaches every participant, so the peers stop the job as
             # cancelled (not as a lost peer). A peer's cancel is not passed on: no echo.
-            threading.Thread(target=self._cancel_peers, args=(rec, why), name=f"secfwt-cancel-{job_id}", daemon=True).start()
+            threading.Thread(
+                target=self._cancel_peers,
+                args=(rec, why),
+                name=f"secfwt-cancel-{job_id}",
+                daemon=True,
+            ).start()
         return rec
 
     def _cancel_peers(self, rec: JobRecord, why: str) -> None:
@@ -376,9 +488,14 @@ class Party:
             if peer is None or self.peer_cancel is None:
                 continue
             try:
-                self.peer_cancel(peer, rec.job_id, why[:MAX_REASON_CHARS])  # recorded there as "cancelled by <us>: <why>"
+                self.peer_cancel(
+                    peer, rec.job_id, why[:MAX_REASON_CHARS]
+                )  # recorded there as "cancelled by <us>: <why>"
             except SecfwtError as exc:  # already ended there, unreachable: its own state stands
-                log.info("peer not cancelled", extra=fields(job=rec.job_id, peer=str(ident), why=str(exc)))
+                log.info(
+                    "peer not cancelled",
+                    extra=fields(job=rec.job_id, peer=str(ident), why=str(exc)),
+                )
 
     # -- status, progress, artifacts ----------------------------------------------------------
 
@@ -386,12 +503,22 @@ class Party:
         with self._cond:
             return dataclasses.replace(self._get(job_id))
 
-    def watch(self, caller: Identity, job_id: str, after_seq: int, *, active: Callable[[], bool], poll_s: float = 0.5) -> Iterator[ProgressEvent]:
+    def watch(
+        self,
+        caller: Identity,
+        job_id: str,
+        after_seq: int,
+        *,
+        active: Callable[[], bool],
+        poll_s: float = 0.5,
+    ) -> Iterator[ProgressEvent]:
         """Progress events after ``after_seq``: the history, then live ones until the job ends."""
         with self._cond:
             self._get(job_id)
             if self._streams >= self.config.limits.max_streams:
-                raise BusyError(f"{self.identity} already serves {self._streams} progress streams (limits.max_streams); try again later")
+                raise BusyError(
+                    f"{self.identity} already serves {self._streams} progress streams (limits.max_streams); try again later"
+                )
             self._streams += 1
         try:
             yield from self._watch(job_id, after_seq, active=active, poll_s=poll_s)
@@ -399,7 +526,9 @@ class Party:
             with self._cond:
                 self._streams -= 1
 
-    def _watch(self, job_id: str, after_seq: int, *, active: Callable[[], bool], poll_s: float) -> Iterator[ProgressEvent]:
+    def _watch(
+        self, job_id: str, after_seq: int, *, active: Callable[[], bool], poll_s: float
+    ) -> Iterator[ProgressEvent]:
         sent = after_seq
         while True:
             with self._cond:
@@ -420,7 +549,9 @@ class Party:
         with self._cond:
             rec = self._get(job_id)
             if rec.state is not JobState.FINISHED:
-                raise JobStateError(f"job {job_id} is {rec.state.value}; artifacts are served once it finished")
+                raise JobStateError(
+                    f"job {job_id} is {rec.state.value}; artifacts are served once it finished"
+                )
         d = self.store.artifacts_dir(job_id)
         return sorted(p for p in d.iterdir() if p.is_file() and not p.is_symlink())
 
@@ -438,7 +569,9 @@ class Party:
         if rec.state not in allowed:
             names = " or ".join(sorted(s.value for s in allowed))
             detail = f" ({rec.reason})" if rec.reason else ""
-            raise JobStateError(f"cannot {action} job {rec.job_id}: it is {rec.state.value}{detail}; {action} needs it {names}")
+            raise JobStateError(
+                f"cannot {action} job {rec.job_id}: it is {rec.state.value}{detail}; {action} needs it {names}"
+            )
 
     def _events_of(self, job_id: str) -> list[ProgressEvent]:
         evs = self._events.get(job_id)
@@ -449,7 +582,9 @@ class Party:
     def _emit(self, rec: JobRecord, **kw: Any) -> ProgressEvent:
         """Append a progress event (caller holds the lock) and wake watchers."""
         evs = self._events_of(rec.job_id)
-        ev = ProgressEvent(seq=(evs[-1].seq + 1) if evs else 1, time=time.time(), state=rec.state, **kw)
+        ev = ProgressEvent(
+            seq=(evs[-1].seq + 1) if evs else 1, time=time.time(), state=rec.state, **kw
+        )
         evs.append(ev)
         self.store.append_event(rec.job_id, ev)
         rec.last_progress = ev
@@ -462,7 +597,9 @@ class Party:
         if reason is not None:
             rec.reason = reason
         rec.updated = time.time()
-        self._emit(rec, message=state.value + (f": {rec.reason}" if rec.reason and state.terminal else ""))
+        self._emit(
+            rec, message=state.value + (f": {rec.reason}" if rec.reason and state.terminal else "")
+        )
         self.store.save(rec)
 
     def _load(self) -> None:
@@ -483,12 +620,18 @@ class Party:
                     self._queue.put_nowait(rec.job_id)
                 except queue.Full:
                     self._transition(rec, JobState.ACCEPTED, reason="")
-                    log.warning("queue full after restart; job back to accepted", extra=fields(job=rec.job_id))
+                    log.warning(
+                        "queue full after restart; job back to accepted",
+                        extra=fields(job=rec.job_id),
+                    )
             if self._records:
                 counts: dict[str, int] = {}
                 for r in self._records.values():
                     counts[r.state.value] = counts.get(r.state.value, 0) + 1
-                log.info("state loaded", extra=fields(jobs=len(self._records), states=counts, requeued=len(requeue)))
+                log.info(
+                    "state loaded",
+                    extra=fields(jobs=len(self._records), states=counts, requeued=len(requeue)),
+                )
 
     def _context(self, rec: JobRecord) -> JobContext:
         cfg = parse_job_text(rec.proposal.job_toml, where=f"job {rec.job_id}")
@@ -499,8 +642,15 @@ class Party:
                 if entry is not None and ident.role.party_role is not None:
                     peers[ident.role.party_role] = entry
         return JobContext(
-            job_id=rec.job_id, role=self.role, identity=self.identity, job=cfg, proposal=rec.proposal, peers=peers,
-            party=self.config, work_dir=self.store.work_dir(rec.job_id), artifacts_dir=self.store.artifacts_dir(rec.job_id),
+            job_id=rec.job_id,
+            role=self.role,
+            identity=self.identity,
+            job=cfg,
+            proposal=rec.proposal,
+            peers=peers,
+            party=self.config,
+            work_dir=self.store.work_dir(rec.job_id),
+            artifacts_dir=self.store.artifacts_dir(rec.job_id),
             resume=rec.resume_requested,
         )
 
@@ -520,12 +670,19 @@ class Party:
             self._run_one(rec, cancel)
 
     def _run_one(self, rec: JobRecord, cancel: threading.Event) -> None:
-        log.info("job running", extra=fields(job=rec.job_id, attempt=rec.attempts, resume=rec.resume_requested))
+        log.info(
+            "job running",
+            extra=fields(job=rec.job_id, attempt=rec.attempts, resume=rec.resume_requested),
+        )
 
         def progress(**kw: Any) -> None:
-            ev: dict[str, Any] = {k: kw[k] for k in ("phase", "step", "total_steps", "message") if k in kw}
+            ev: dict[str, Any] = {
+                k: kw[k] for k in ("phase", "step", "total_steps", "message") if k in kw
+            }
             if "metrics" in kw:
-                ev["metrics"] = tuple(sorted((str(k), float(v)) for k, v in dict(kw["metrics"]).items()))
+                ev["metrics"] = tuple(
+                    sorted((str(k), float(v)) for k, v in dict(kw["metrics"]).items())
+                )
             with self._cond:
                 self._emit(rec, **ev)
 
@@ -536,14 +693,28 @@ class Party:
                 state = JobState.CANCELLED
         except Exception as exc:  # a runner failure fails the job, never the daemon
             state = JobState.CANCELLED if cancel.is_set() else JobState.FAILED
-            reason = str(exc) if isinstance(exc, (SecfwtError, NotImplementedError)) else f"{type(exc).__name__}: {exc}"
+            reason = (
+                str(exc)
+                if isinstance(exc, (SecfwtError, NotImplementedError))
+                else f"{type(exc).__name__}: {exc}"
+            )
             if state is JobState.FAILED:
-                log.error("job failed", extra=fields(job=rec.job_id, reason=reason), exc_info=not isinstance(exc, (SecfwtError, NotImplementedError)))
+                log.error(
+                    "job failed",
+                    extra=fields(job=rec.job_id, reason=reason),
+                    exc_info=not isinstance(exc, (SecfwtError, NotImplementedError)),
+                )
             summary = None
         with self._cond:
             if state is JobState.FINISHED and summary is not None:
-                (self.store.artifacts_dir(rec.job_id) / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-            rec.artifacts = tuple(p.name for p in sorted(self.store.artifacts_dir(rec.job_id).iterdir()) if p.is_file())
+                (self.store.artifacts_dir(rec.job_id) / "summary.json").write_text(
+                    json.dumps(summary, indent=1, default=str)
+                )
+            rec.artifacts = tuple(
+                p.name
+                for p in sorted(self.store.artifacts_dir(rec.job_id).iterdir())
+                if p.is_file()
+            )
             if state is JobState.CANCELLED:
                 reason = rec.reason or "cancelled"
             self._transition(rec, state, reason=reason)
@@ -565,5 +736,12 @@ class Party:
         with self._cond:
             if self._worker.is_alive() and self._running is not None:
                 rec = self._records[self._running]
-                self._transition(rec, JobState.FAILED, reason="interrupted: the runner did not stop within the shutdown grace; resume it after the restart")
-        log.info("party stopped", extra=fields(party=str(self.identity), worker_stopped=not self._worker.is_alive()))
+                self._transition(
+                    rec,
+                    JobState.FAILED,
+                    reason="interrupted: the runner did not stop within the shutdown grace; resume it after the restart",
+                )
+        log.info(
+            "party stopped",
+            extra=fields(party=str(self.identity), worker_stopped=not self._worker.is_alive()),
+        )

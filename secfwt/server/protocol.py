@@ -66,12 +66,16 @@ def check_text(value: str, *, field: str, limit: int) -> str:
 
 def check_sha256(value: str, *, field: str) -> str:
     if not _SHA256.match(value):
-        raise InvalidRequestError(f"{field} {value[:80]!r}: expected 64 lower-case hex digits (SHA-256)")
+        raise InvalidRequestError(
+            f"{field} {value[:80]!r}: expected 64 lower-case hex digits (SHA-256)"
+        )
     return value
 
 
 def sha256_json(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return hashlib.sha256(
+        json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,22 +95,39 @@ class ModelCommitment:
     weights_sha256: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model_type": self.model_type, "dimensions": dict(self.dimensions), "weights_sha256": self.weights_sha256}
+        return {
+            "model_type": self.model_type,
+            "dimensions": dict(self.dimensions),
+            "weights_sha256": self.weights_sha256,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelCommitment:
-        return cls(d["model_type"], tuple(sorted((str(k), int(v)) for k, v in d["dimensions"].items())), d["weights_sha256"])
+        return cls(
+            d["model_type"],
+            tuple(sorted((str(k), int(v)) for k, v in d["dimensions"].items())),
+            d["weights_sha256"],
+        )
 
     def differences(self, held: ModelCommitment) -> list[str]:
         out = []
         if self.model_type != held.model_type:
-            out.append(f"model_type: proposal says {self.model_type!r}, this model owner holds {held.model_type!r}")
+            out.append(
+                f"model_type: proposal says {self.model_type!r}, this model owner holds {held.model_type!r}"
+            )
         if dict(self.dimensions) != dict(held.dimensions):
             a, b = dict(self.dimensions), dict(held.dimensions)
-            diff = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
-            out.append("dimensions: " + ", ".join(f"{k} proposal {pa} vs held {pb}" for k, (pa, pb) in diff.items()))
+            diff = {
+                k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
+            }
+            out.append(
+                "dimensions: "
+                + ", ".join(f"{k} proposal {pa} vs held {pb}" for k, (pa, pb) in diff.items())
+            )
         if self.weights_sha256 != held.weights_sha256:
-            out.append(f"weights_sha256: proposal says {self.weights_sha256[:16]}..., this model owner holds {held.weights_sha256[:16]}...")
+            out.append(
+                f"weights_sha256: proposal says {self.weights_sha256[:16]}..., this model owner holds {held.weights_sha256[:16]}..."
+            )
         return out
 
 
@@ -117,7 +138,11 @@ class DataCommitment:
     input_shape: tuple[int, ...]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rows": self.rows, "num_classes": self.num_classes, "input_shape": list(self.input_shape)}
+        return {
+            "rows": self.rows,
+            "num_classes": self.num_classes,
+            "input_shape": list(self.input_shape),
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DataCommitment:
@@ -128,7 +153,9 @@ class DataCommitment:
         for name in ("rows", "num_classes", "input_shape"):
             a, b = getattr(self, name), getattr(held, name)
             if a != b:
-                out.append(f"{name}: proposal says {list(a) if isinstance(a, tuple) else a}, this data owner holds {list(b) if isinstance(b, tuple) else b}")
+                out.append(
+                    f"{name}: proposal says {list(a) if isinstance(a, tuple) else a}, this data owner holds {list(b) if isinstance(b, tuple) else b}"
+                )
         return out
 
 
@@ -138,7 +165,10 @@ class Commitments:
     data: DataCommitment | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model.to_dict() if self.model else None, "data": self.data.to_dict() if self.data else None}
+        return {
+            "model": self.model.to_dict() if self.model else None,
+            "data": self.data.to_dict() if self.data else None,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Commitments:
@@ -205,16 +235,27 @@ class ProgressEvent:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "seq": self.seq, "time": self.time, "state": self.state.value, "phase": self.phase, "step": self.step,
-            "total_steps": self.total_steps, "metrics": dict(self.metrics), "message": self.message,
+            "seq": self.seq,
+            "time": self.time,
+            "state": self.state.value,
+            "phase": self.phase,
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "metrics": dict(self.metrics),
+            "message": self.message,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ProgressEvent:
         return cls(
-            seq=int(d["seq"]), time=float(d["time"]), state=JobState(d["state"]), phase=d.get("phase", ""),
-            step=int(d.get("step", 0)), total_steps=int(d.get("total_steps", 0)),
-            metrics=tuple(sorted((str(k), float(v)) for k, v in d.get("metrics", {}).items())), message=d.get("message", ""),
+            seq=int(d["seq"]),
+            time=float(d["time"]),
+            state=JobState(d["state"]),
+            phase=d.get("phase", ""),
+            step=int(d.get("step", 0)),
+            total_steps=int(d.get("total_steps", 0)),
+            metrics=tuple(sorted((str(k), float(v)) for k, v in d.get("metrics", {}).items())),
+            message=d.get("message", ""),
         )
 
 
@@ -255,7 +296,9 @@ class JobRecord:
             d["proposal"] = Proposal.from_dict(d["proposal"])
             d["state"] = JobState(d["state"])
             d["artifacts"] = tuple(d.get("artifacts", ()))
-            d["last_progress"] = ProgressEvent.from_dict(d["last_progress"]) if d.get("last_progress") else None
+            d["last_progress"] = (
+                ProgressEvent.from_dict(d["last_progress"]) if d.get("last_progress") else None
+            )
             return cls(**d)
         except (KeyError, TypeError, ValueError, ConfigError) as exc:
             raise ConfigError(f"job record is malformed: {exc}") from exc

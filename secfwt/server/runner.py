@@ -77,7 +77,9 @@ class JobRunner(Protocol):
 
     capabilities: tuple[str, ...]
 
-    def run(self, ctx: JobContext, progress: ProgressCallback, cancel: threading.Event) -> dict[str, Any]: ...
+    def run(
+        self, ctx: JobContext, progress: ProgressCallback, cancel: threading.Event
+    ) -> dict[str, Any]: ...
 
 
 class JobCancelled(Exception):
@@ -97,11 +99,13 @@ class MpcJobRunner:
     poll_s: float = 0.2
     capabilities: tuple[str, ...] = ("mpc-tls", "checkpoint-resume")
 
-    def run(self, ctx: JobContext, progress: ProgressCallback, cancel: threading.Event) -> dict[str, Any]:
+    def run(
+        self, ctx: JobContext, progress: ProgressCallback, cancel: threading.Event
+    ) -> dict[str, Any]:
         import multiprocessing as mp
 
-        from secfwt.mpc.provider import Provider
         from secfwt.mpc.launcher import collect_one, spawn_party, stop_processes
+        from secfwt.mpc.provider import Provider
 
         if ctx.party.party.insecure:
             raise ConfigError(
@@ -119,12 +123,22 @@ class MpcJobRunner:
         if payload is not None:
             payload = dataclasses.replace(payload, progress=messages)
 
-        progress(phase="mpc", message=f"MPC session on {tls.listen} with {', '.join(f'{r.value} at {e.mpc_peer_address}' for r, e in sorted(ctx.peers.items(), key=lambda kv: kv[0].rank))}")
-        proc = spawn_party(
-            ctx.role, target=None if ctx.role is Role.DEALER else run_job_party, payload=payload, results=results,
-            provider=Provider.TTP, tls=tls, insecure_fixed_seed=self.insecure_fixed_seed,
+        progress(
+            phase="mpc",
+            message=f"MPC session on {tls.listen} with {', '.join(f'{r.value} at {e.mpc_peer_address}' for r, e in sorted(ctx.peers.items(), key=lambda kv: kv[0].rank))}",
         )
-        log.info("mpc process started", extra=fields(job=ctx.job_id, pid=proc.pid, resume=ctx.resume))
+        proc = spawn_party(
+            ctx.role,
+            target=None if ctx.role is Role.DEALER else run_job_party,
+            payload=payload,
+            results=results,
+            provider=Provider.TTP,
+            tls=tls,
+            insecure_fixed_seed=self.insecure_fixed_seed,
+        )
+        log.info(
+            "mpc process started", extra=fields(job=ctx.job_id, pid=proc.pid, resume=ctx.resume)
+        )
         try:
             item = self._wait(proc, results, messages, progress, cancel)
             res = collect_one(item)
@@ -138,10 +152,22 @@ class MpcJobRunner:
         if payload is not None:
             _collect_artifacts(Path(payload.out_dir) / ctx.role.value, ctx.artifacts_dir)
         summary = res.value.summary() if isinstance(res.value, PartyOutcome) else {}
-        summary.update(role=ctx.role.value, bytes_sent=res.bytes_sent, rounds=res.rounds, party_wall_s=res.wall_s)
+        summary.update(
+            role=ctx.role.value,
+            bytes_sent=res.bytes_sent,
+            rounds=res.rounds,
+            party_wall_s=res.wall_s,
+        )
         return summary
 
-    def _wait(self, proc: Any, results: Any, messages: Any, progress: ProgressCallback, cancel: threading.Event) -> tuple[Any, ...]:
+    def _wait(
+        self,
+        proc: Any,
+        results: Any,
+        messages: Any,
+        progress: ProgressCallback,
+        cancel: threading.Event,
+    ) -> tuple[Any, ...]:
         while True:
             if messages is not None:
                 _forward_progress(messages, progress)
@@ -159,7 +185,10 @@ class MpcJobRunner:
                 try:  # it may have reported just before exiting
                     return results.get(timeout=1.0)
                 except queue_mod.Empty:
-                    raise PartyFailedError("this party", f"its MPC process exited with code {proc.exitcode} without a result") from None
+                    raise PartyFailedError(
+                        "this party",
+                        f"its MPC process exited with code {proc.exitcode} without a result",
+                    ) from None
 
 
 def mpc_tls_settings(ctx: JobContext) -> Any:
@@ -169,7 +198,9 @@ def mpc_tls_settings(ctx: JobContext) -> Any:
 
     missing = [r.value for r in Role if r is not ctx.role and r not in ctx.peers]
     if missing:
-        raise ConfigError(f"job {ctx.job_id}: no pinned peer for {', '.join(missing)} in {ctx.party.source}; every participant needs a [[peers]] entry")
+        raise ConfigError(
+            f"job {ctx.job_id}: no pinned peer for {', '.join(missing)} in {ctx.party.source}; every participant needs a [[peers]] entry"
+        )
     hb = ctx.heartbeat_timeout_s
     return tls_settings(
         role=ctx.role,
@@ -201,7 +232,14 @@ def party_payload(ctx: JobContext) -> PartyJob:
         assert held is not None
         cfg = dataclasses.replace(
             cfg,
-            data=dataclasses.replace(cfg.data, source=held.source, path=held.path, text_column=held.text_column, label_column=held.label_column, labels=held.labels),
+            data=dataclasses.replace(
+                cfg.data,
+                source=held.source,
+                path=held.path,
+                text_column=held.text_column,
+                label_column=held.label_column,
+                labels=held.labels,
+            ),
         )
         try:
             model_dir = resolve_model_path(held.tokenizer or cfg.model.path)
@@ -231,15 +269,32 @@ def _forward_progress(messages: Any, progress: ProgressCallback) -> None:
         except queue_mod.Empty:
             return
         kind = msg.get("kind")
-        metrics = {k: v for k, v in msg.items() if k in ("loss", "accuracy", "elapsed") and isinstance(v, (int, float))}
+        metrics = {
+            k: v
+            for k, v in msg.items()
+            if k in ("loss", "accuracy", "elapsed") and isinstance(v, (int, float))
+        }
         if kind == "step":
-            progress(phase="tuning", step=int(msg["step"]), total_steps=int(msg["total"]), metrics=metrics)
+            progress(
+                phase="tuning",
+                step=int(msg["step"]),
+                total_steps=int(msg["total"]),
+                metrics=metrics,
+            )
         elif kind == "prefix":
             progress(phase="frozen prefix", step=int(msg["done"]), total_steps=int(msg["total"]))
         elif kind == "eval":
-            progress(phase="evaluation", message=f"accuracy {msg.get('when')}: {msg.get('accuracy')}", metrics=metrics)
+            progress(
+                phase="evaluation",
+                message=f"accuracy {msg.get('when')}: {msg.get('accuracy')}",
+                metrics=metrics,
+            )
         elif kind == "checkpoint":
-            progress(phase="checkpoint", step=int(msg.get("step", 0)), message=f"checkpoint at step {msg.get('step')}")
+            progress(
+                phase="checkpoint",
+                step=int(msg.get("step", 0)),
+                message=f"checkpoint at step {msg.get('step')}",
+            )
         else:
             progress(phase=str(msg.get("phase", kind)), message=str(msg.get("message", "")) or None)
 

@@ -83,7 +83,9 @@ class PartyServicer(pbg.PartyServiceServicer):
         return status_to_pb(rec, party=self.party.identity)
 
     def Hello(self, request, context):  # noqa: N802, ANN001, ANN201
-        return info_to_pb(self.party.hello(self._caller(context), info_from_pb(request)), pb.HelloResponse)
+        return info_to_pb(
+            self.party.hello(self._caller(context), info_from_pb(request)), pb.HelloResponse
+        )
 
     def GetCommitment(self, request, context):  # noqa: N802, ANN001, ANN201
         c = self.party.commitment_for(self._caller(context), request.job_toml)
@@ -96,27 +98,45 @@ class PartyServicer(pbg.PartyServiceServicer):
         return pb.ProposeResponse(status=self._status(rec))
 
     def Accept(self, request, context):  # noqa: N802, ANN001, ANN201
-        rec = self.party.accept(self._caller(context), request.job_id, request.terms_digest, request.proposal_digest)
+        rec = self.party.accept(
+            self._caller(context), request.job_id, request.terms_digest, request.proposal_digest
+        )
         return pb.AcceptResponse(status=self._status(rec))
 
     def Refuse(self, request, context):  # noqa: N802, ANN001, ANN201
-        return pb.RefuseResponse(status=self._status(self.party.refuse(self._caller(context), request.job_id, request.reason)))
+        return pb.RefuseResponse(
+            status=self._status(
+                self.party.refuse(self._caller(context), request.job_id, request.reason)
+            )
+        )
 
     def Start(self, request, context):  # noqa: N802, ANN001, ANN201
-        return pb.StartResponse(status=self._status(self.party.start(self._caller(context), request.job_id)))
+        return pb.StartResponse(
+            status=self._status(self.party.start(self._caller(context), request.job_id))
+        )
 
     def Status(self, request, context):  # noqa: N802, ANN001, ANN201
-        return pb.StatusResponse(status=self._status(self.party.status(self._caller(context), request.job_id)))
+        return pb.StatusResponse(
+            status=self._status(self.party.status(self._caller(context), request.job_id))
+        )
 
     def WatchProgress(self, request, context):  # noqa: N802, ANN001, ANN201
-        for ev in self.party.watch(self._caller(context), request.job_id, request.after_seq, active=context.is_active):
+        for ev in self.party.watch(
+            self._caller(context), request.job_id, request.after_seq, active=context.is_active
+        ):
             yield progress_to_pb(ev)
 
     def Cancel(self, request, context):  # noqa: N802, ANN001, ANN201
-        return pb.CancelResponse(status=self._status(self.party.cancel(self._caller(context), request.job_id, request.reason)))
+        return pb.CancelResponse(
+            status=self._status(
+                self.party.cancel(self._caller(context), request.job_id, request.reason)
+            )
+        )
 
     def Resume(self, request, context):  # noqa: N802, ANN001, ANN201
-        return pb.ResumeResponse(status=self._status(self.party.resume(self._caller(context), request.job_id)))
+        return pb.ResumeResponse(
+            status=self._status(self.party.resume(self._caller(context), request.job_id))
+        )
 
     def FetchArtifacts(self, request, context):  # noqa: N802, ANN001, ANN201
         for path in self.party.artifact_files(self._caller(context), request.job_id):
@@ -126,7 +146,14 @@ class PartyServicer(pbg.PartyServiceServicer):
                     data = fh.read(ARTIFACT_CHUNK_BYTES)
                     h.update(data)
                     last = offset + len(data) >= size or not data
-                    yield pb.ArtifactChunk(name=path.name, offset=offset, data=data, size=size, last=last, sha256=h.hexdigest() if last else "")
+                    yield pb.ArtifactChunk(
+                        name=path.name,
+                        offset=offset,
+                        data=data,
+                        size=size,
+                        last=last,
+                        sha256=h.hexdigest() if last else "",
+                    )
                     offset += len(data)
                     if last:
                         break
@@ -156,7 +183,9 @@ class _Capture:
     def add_generic_rpc_handlers(self, _handlers: Any) -> None:
         pass
 
-    def add_registered_method_handlers(self, _name: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+    def add_registered_method_handlers(
+        self, _name: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
         self.handlers = handlers
 
 
@@ -169,7 +198,9 @@ def guarded_handlers(servicer: PartyServicer) -> dict[str, grpc.RpcMethodHandler
     def admit(method: str, request: Any, context: grpc.ServicerContext) -> Identity:
         caller = party.authorize(caller_identity(context, insecure=insecure), method)
         if isinstance(request, _Malformed):
-            raise InvalidRequestError(f"{method}: the request is not a valid {method}Request message ({request.error})")
+            raise InvalidRequestError(
+                f"{method}: the request is not a valid {method}Request message ({request.error})"
+            )
         return caller
 
     def refuse(method: str, context: grpc.ServicerContext, exc: Exception) -> None:
@@ -177,7 +208,10 @@ def guarded_handlers(servicer: PartyServicer) -> dict[str, grpc.RpcMethodHandler
         if code is grpc.StatusCode.INTERNAL:
             log.error("rpc failed", extra=fields(method=method, peer=context.peer()), exc_info=exc)
             context.abort(code, f"{method}: internal error in the daemon (see its log)")
-        log.warning("rpc refused", extra=fields(method=method, peer=context.peer(), code=code.name, reason=str(exc)))
+        log.warning(
+            "rpc refused",
+            extra=fields(method=method, peer=context.peer(), code=code.name, reason=str(exc)),
+        )
         context.abort(code, str(exc))
 
     def wrap(method: str, h: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:

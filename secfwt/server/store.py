@@ -51,7 +51,9 @@ class JobStore:
             try:
                 d.mkdir()
             except FileExistsError:
-                raise JobExistsError(f"job id {rec.job_id!r} was already proposed to this party; job ids are never reused (replay refused)") from None
+                raise JobExistsError(
+                    f"job id {rec.job_id!r} was already proposed to this party; job ids are never reused (replay refused)"
+                ) from None
         (d / "artifacts").mkdir()
         (d / "work").mkdir()
         self.save(rec)
@@ -86,10 +88,14 @@ class JobStore:
         for d in sorted(self.root.iterdir()):
             f = d / "job.json"
             if not f.is_file():
-                log.warning("state: %s has no job.json (crash during proposal?); the id stays reserved", d)
+                log.warning(
+                    "state: %s has no job.json (crash during proposal?); the id stays reserved", d
+                )
                 continue
             try:
                 out.append(JobRecord.from_dict(json.loads(f.read_text(encoding="utf-8"))))
             except (ValueError, ConfigError) as exc:
-                log.error("state: cannot read %s: %s; the job is skipped, its id stays reserved", f, exc)
+                log.error(
+                    "state: cannot read %s: %s; the job is skipped, its id stays reserved", f, exc
+                )
         return out

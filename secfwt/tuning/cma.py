@@ -38,7 +38,9 @@ class PromptSearch:
 
         with warnings.catch_warnings():
             # cma offers plotting when matplotlib is installed; secfwt never plots from here.
-            warnings.filterwarnings("ignore", message="Could not import matplotlib", category=UserWarning)
+            warnings.filterwarnings(
+                "ignore", message="Could not import matplotlib", category=UserWarning
+            )
             import cma
 
         self.s = settings
@@ -46,7 +48,9 @@ class PromptSearch:
         d, out = settings.intrinsic_dim, settings.prompt_length * settings.hidden_size
         # BBT draws A from N(0, sigma) with sigma tied to the embedding scale so that prompts of
         # |z| ~ sqrt(d) land at the scale of real token embeddings.
-        self.a = torch.randn(out, d, generator=g, dtype=torch.float64) * (embedding_std / math.sqrt(d))
+        self.a = torch.randn(out, d, generator=g, dtype=torch.float64) * (
+            embedding_std / math.sqrt(d)
+        )
         self.es = cma.CMAEvolutionStrategy(
             np.zeros(d),
             settings.sigma0,
@@ -72,7 +76,9 @@ class PromptSearch:
         """Continue from :meth:`state` (of a search with the same settings)."""
         es: Any = state["es"]  # a cma.CMAEvolutionStrategy
         if int(es.N) != self.s.intrinsic_dim or int(es.popsize) != self.s.population:
-            raise ValueError(f"CMA-ES state of dimension {es.N} / population {es.popsize}; this search has {self.s.intrinsic_dim} / {self.s.population}")
+            raise ValueError(
+                f"CMA-ES state of dimension {es.N} / population {es.popsize}; this search has {self.s.intrinsic_dim} / {self.s.population}"
+            )
         self.es = es
         rng: Any = state["numpy_rng"]
         np.random.set_state(rng)

@@ -34,9 +34,9 @@ from typing import Any
 
 import torch
 
-from secfwt.tuning.accounting import DPPlan, epsilon
 from secfwt.mpc.disclosure import DisclosureTerms, Revealable
 from secfwt.roles import Role
+from secfwt.tuning.accounting import DPPlan, epsilon
 
 #: Number of computing parties that each add a full-scale noise vector.
 NOISE_CONTRIBUTORS = 2
@@ -64,12 +64,18 @@ def guarantee(plan: DPPlan, terms: DisclosureTerms) -> dict[str, Any]:
         delta=plan.delta,
         accountant=plan.accountant,
     )
-    covered = [f"{Revealable.FINAL_PARAMETERS.value} -> {', '.join(r.value for r in terms.recipients(Revealable.FINAL_PARAMETERS)) or 'nobody'}"]
+    covered = [
+        f"{Revealable.FINAL_PARAMETERS.value} -> {', '.join(r.value for r in terms.recipients(Revealable.FINAL_PARAMETERS)) or 'nobody'}"
+    ]
     not_covered = []
     for value in (Revealable.EVAL_ACCURACY, Revealable.TRAIN_LOSS):
         to = terms.recipients(value)
         if to:
-            why = "held-out rows, not training rows" if value is Revealable.EVAL_ACCURACY else "the data owner's own training data"
+            why = (
+                "held-out rows, not training rows"
+                if value is Revealable.EVAL_ACCURACY
+                else "the data owner's own training data"
+            )
             not_covered.append(f"{value.value} -> {', '.join(r.value for r in to)} ({why})")
     return {
         "mechanism": "Poisson-subsampled Gaussian on per-example clipped ZO projections, noise from both computing parties",

@@ -14,10 +14,10 @@ from typing import Any
 import torch
 
 from secfwt.config import JobConfig
+from secfwt.models.attention import RFASettings
 from secfwt.models.encoder import SOFT_PROMPT, EncoderModel, ForwardSettings
 from secfwt.models.ops import Ops
 from secfwt.models.spec import ModelSpec
-from secfwt.models.attention import RFASettings
 
 
 def forward_settings(cfg: JobConfig, *, seed: int) -> ForwardSettings:
@@ -61,7 +61,13 @@ class CachedForward:
         cut: int,
         prompt_layer: int,
     ) -> None:
-        self.ops, self.public, self.spec, self.frozen, self.settings = ops, public, spec, frozen, settings
+        self.ops, self.public, self.spec, self.frozen, self.settings = (
+            ops,
+            public,
+            spec,
+            frozen,
+            settings,
+        )
         self.cache, self.mask, self.pool_w, self.onehot = cache, mask, pool_w, onehot
         self.cut, self.prompt_layer = cut, prompt_layer
 
@@ -88,7 +94,9 @@ class CachedForward:
             h, mask2 = model.insert_prompt(h, mask, prompt, ones)
             start = self.prompt_layer
         if pool_w is not None:
-            pool_w = self.ops.cat([pool_w[:, :1], zeros, pool_w[:, 1:]], dim=1)  # prompts are not pooled
+            pool_w = self.ops.cat(
+                [pool_w[:, :1], zeros, pool_w[:, 1:]], dim=1
+            )  # prompts are not pooled
         return model.output(model.layers(h, mask2, start=start), pool_w)
 
     def loss(self, theta: Mapping[str, Any], idx: list[int], *, prompt: Any = None) -> Any:

@@ -141,8 +141,15 @@ def dp_zo_loop(
             return backend.forward.example_losses(ps, rows)
 
         theta, g, mean_loss = dp_spsa_step(
-            losses, theta, us=us, settings=s.spsa, dp=dp, mask=mask, noises=noises,
-            clip=backend.clip, cast=backend.cast,
+            losses,
+            theta,
+            us=us,
+            settings=s.spsa,
+            dp=dp,
+            mask=mask,
+            noises=noises,
+            clip=backend.clip,
+            cast=backend.cast,
         )
         on_step(step + 1, theta, mean_loss, g)
     return theta

@@ -97,8 +97,17 @@ def plain_zo_run(
     cut = trainable.first_layer(spec)
     cache = prefix(EncoderModel(spec, frozen, ops, settings), word, mask, pool_w, cut=cut)
     runner = CachedForward(
-        ops=ops, public=_float64, spec=spec, frozen=frozen, settings=settings, cache=cache,
-        mask=mask, pool_w=pool_w, onehot=onehot, cut=cut, prompt_layer=cfg.zo.prompt_layer,
+        ops=ops,
+        public=_float64,
+        spec=spec,
+        frozen=frozen,
+        settings=settings,
+        cache=cache,
+        mask=mask,
+        pool_w=pool_w,
+        onehot=onehot,
+        cut=cut,
+        prompt_layer=cfg.zo.prompt_layer,
     )
     z = cfg.zo
     n, n_train = data.input_ids.shape[0], data.n_train
@@ -113,8 +122,12 @@ def plain_zo_run(
 
     backend = PlainBackend(forward=runner, coins=torch.Generator().manual_seed(dp_seed))
     schedule = ZOSchedule(
-        seed=seed, steps=z.steps, n_train=n_train, batch_size=z.batch_size,
-        shapes=trainable.shapes, spsa=SPSASettings(lr=z.lr, eps=z.eps, directions=z.directions),
+        seed=seed,
+        steps=z.steps,
+        n_train=n_train,
+        batch_size=z.batch_size,
+        shapes=trainable.shapes,
+        spsa=SPSASettings(lr=z.lr, eps=z.eps, directions=z.directions),
     )
     if dp_plan is not None:
         theta = dp_zo_loop(backend, theta, schedule=schedule, plan=dp_plan, on_step=on_step)

@@ -29,7 +29,9 @@ class SPSASettings:
     directions: int
 
 
-def directions(*, seed: int, step: int, shapes: tuple[tuple[str, tuple[int, ...]], ...], count: int) -> list[dict[str, torch.Tensor]]:
+def directions(
+    *, seed: int, step: int, shapes: tuple[tuple[str, tuple[int, ...]], ...], count: int
+) -> list[dict[str, torch.Tensor]]:
     """The public Gaussian directions of one step, regenerated from (seed, step) as in MeZO."""
     g = torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63))
     return [{name: torch.randn(shape, generator=g) for name, shape in shapes} for _ in range(count)]

@@ -60,7 +60,16 @@ class TrainableSet:
         return any(n.startswith(spec.prefix + "pooler.") for n in self.names)
 
 
-def select_trainable(spec: ModelSpec, *, patterns: tuple[str, ...], lora_modules: tuple[str, ...], lora_rank: int, soft_prompt_length: int, prompt_layer: int, max_tokens: int) -> TrainableSet:
+def select_trainable(
+    spec: ModelSpec,
+    *,
+    patterns: tuple[str, ...],
+    lora_modules: tuple[str, ...],
+    lora_rank: int,
+    soft_prompt_length: int,
+    prompt_layer: int,
+    max_tokens: int,
+) -> TrainableSet:
     """Resolve name patterns (fnmatch, e.g. ``classifier.*``, ``*.bias``) against the checkpoint."""
     names = [n for n, _ in spec.param_shapes]
     shapes: dict[str, tuple[int, ...]] = {}
@@ -68,15 +77,27 @@ def select_trainable(spec: ModelSpec, *, patterns: tuple[str, ...], lora_modules
         hits = [n for n in names if fnmatch.fnmatchcase(n, pat)]
         if not hits:
             examples = ", ".join(names[-4:])
-            raise ConfigError(f"zo.trainable: pattern {pat!r} matches no parameter of this model; names look like: {examples}")
+            raise ConfigError(
+                f"zo.trainable: pattern {pat!r} matches no parameter of this model; names look like: {examples}"
+            )
         for n in hits:
             shapes[n] = spec.shape_of(n)
     new: list[str] = []
     for pat in lora_modules:
-        modules = sorted({n[: -len(".weight")] for n in names if n.endswith(".weight") and fnmatch.fnmatchcase(n[: -len(".weight")], pat)})
-        modules = [m for m in modules if len(spec.shape_of(m + ".weight")) == 2 and "embeddings" not in m]
+        modules = sorted(
+            {
+                n[: -len(".weight")]
+                for n in names
+                if n.endswith(".weight") and fnmatch.fnmatchcase(n[: -len(".weight")], pat)
+            }
+        )
+        modules = [
+            m for m in modules if len(spec.shape_of(m + ".weight")) == 2 and "embeddings" not in m
+        ]
         if not modules:
-            raise ConfigError(f"zo.lora_modules: pattern {pat!r} matches no linear module; e.g. '*.attention.self.query'")
+            raise ConfigError(
+                f"zo.lora_modules: pattern {pat!r} matches no linear module; e.g. '*.attention.self.query'"
+            )
         for m in modules:
             out_f, in_f = spec.shape_of(m + ".weight")
             shapes[f"{m}.{LORA_A}"] = (lora_rank, in_f)
@@ -84,21 +105,32 @@ def select_trainable(spec: ModelSpec, *, patterns: tuple[str, ...], lora_modules
             new += [f"{m}.{LORA_A}", f"{m}.{LORA_B}"]
     if soft_prompt_length:
         if prompt_layer > spec.num_layers - 1:
-            raise ConfigError(f"zo.prompt_layer = {prompt_layer}: the model has layers 0..{spec.num_layers - 1}")
+            raise ConfigError(
+                f"zo.prompt_layer = {prompt_layer}: the model has layers 0..{spec.num_layers - 1}"
+            )
         if soft_prompt_length >= max_tokens:
-            raise ConfigError(f"zo.soft_prompt_length = {soft_prompt_length} leaves no room for text within {max_tokens} tokens")
+            raise ConfigError(
+                f"zo.soft_prompt_length = {soft_prompt_length} leaves no room for text within {max_tokens} tokens"
+            )
         shapes[SOFT_PROMPT] = (soft_prompt_length, spec.hidden_size)
         new.append(SOFT_PROMPT)
     ordered = tuple((n, shapes[n]) for n in sorted(shapes))
     return TrainableSet(shapes=ordered, new=tuple(sorted(new)), prompt_layer=prompt_layer)
 
 
-def initial_values(spec: ModelSpec, state: dict[str, torch.Tensor], trainable: TrainableSet, *, seed: int) -> dict[str, torch.Tensor]:
+def initial_values(
+    spec: ModelSpec, state: dict[str, torch.Tensor], trainable: TrainableSet, *, seed: int
+) -> dict[str, torch.Tensor]:
     """Starting values of every trainable parameter: checkpoint weights plus new ones."""
-    return {**{n: state[n] for n in trainable.names if n in state}, **init_new_parameters(spec, state, trainable, seed=seed)}
+    return {
+        **{n: state[n] for n in trainable.names if n in state},
+        **init_new_parameters(spec, state, trainable, seed=seed),
+    }
 
 
-def init_new_parameters(spec: ModelSpec, state: dict[str, torch.Tensor], trainable: TrainableSet, *, seed: int) -> dict[str, torch.Tensor]:
+def init_new_parameters(
+    spec: ModelSpec, state: dict[str, torch.Tensor], trainable: TrainableSet, *, seed: int
+) -> dict[str, torch.Tensor]:
     """Initial values of new trainable parameters (model owner only).
 
     LoRA (Hu et al. 2022): A ~ N(0, 1/r), B = 0, so training starts at the checkpoint's function.
@@ -111,7 +143,9 @@ def init_new_parameters(spec: ModelSpec, state: dict[str, torch.Tensor], trainab
             continue
         if name == SOFT_PROMPT:
             table = state[spec.word_embeddings]
-            rows = torch.randint(1000 if spec.vocab_size > 2000 else 0, spec.vocab_size, (shape[0],), generator=g)
+            rows = torch.randint(
+                1000 if spec.vocab_size > 2000 else 0, spec.vocab_size, (shape[0],), generator=g
+            )
             out[name] = table[rows].clone()
         elif name.endswith(LORA_A):
             out[name] = torch.randn(shape, generator=g) / math.sqrt(shape[0])

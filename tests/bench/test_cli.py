@@ -50,15 +50,24 @@ def tiny(monkeypatch):
 
 
 def test_unknown_name_is_a_config_error(capsys):
-    with pytest.raises(ConfigError, match="choose from: forward, attention, fot-vs-backprop, vanilla, transport"):
+    with pytest.raises(
+        ConfigError, match="choose from: forward, attention, fot-vs-backprop, vanilla, transport"
+    ):
         parse_names(["attention", "nope"])
     assert main(["bench", "nope", "--quick"]) == 2
     assert "unknown sub-benchmark 'nope'" in capsys.readouterr().err
 
 
 def test_plan_overrides_are_typed_and_checked(capsys):
-    plan = _tiny_plan().with_overrides(["fot_seq_len=512", "attention_seq_lens=64,128", "timeout_s=60", "seed=0"])
-    assert (plan.fot_seq_len, plan.attention_seq_lens, plan.timeout_s, plan.seed) == (512, (64, 128), 60.0, 0)
+    plan = _tiny_plan().with_overrides(
+        ["fot_seq_len=512", "attention_seq_lens=64,128", "timeout_s=60", "seed=0"]
+    )
+    assert (plan.fot_seq_len, plan.attention_seq_lens, plan.timeout_s, plan.seed) == (
+        512,
+        (64, 128),
+        60.0,
+        0,
+    )
     assert plan.fot_batch == _tiny_plan().fot_batch  # the rest unchanged
     for item, message in (
         ("fot_len=5", "bench --set fot_len: not a field of the plan; choose from: .*fot_seq_len"),
@@ -137,7 +146,10 @@ def _check_outputs(out, report_path, selected):
     for bench in report["benchmarks"].values():
         for case in bench.get("cases", []) + bench.get("rows", []):
             mo, do = case["parties"]["model_owner"], case["parties"]["data_owner"]
-            assert mo["bytes_sent"] == do["bytes_received"] and do["bytes_sent"] == mo["bytes_received"]
+            assert (
+                mo["bytes_sent"] == do["bytes_received"]
+                and do["bytes_sent"] == mo["bytes_received"]
+            )
             assert case["time_s"] > 0 and case["rounds"] > 0
             assert set(case["projected_s"]) == {"LAN", "WAN"}
     return report, md
@@ -146,7 +158,9 @@ def _check_outputs(out, report_path, selected):
 @pytest.mark.multiprocess
 def test_tiny_selection_writes_json_md_png(tmp_path, tiny, capsys):
     out = tmp_path / "res"
-    rc = main(["bench", "vanilla", "--quick", "--out", str(out), "--report", str(tmp_path / "r.json")])
+    rc = main(
+        ["bench", "vanilla", "--quick", "--out", str(out), "--report", str(tmp_path / "r.json")]
+    )
     assert rc == 0
     report, md = _check_outputs(out, tmp_path / "r.json", ["vanilla"])
     assert report["vs_vanilla_crypten_ratio"] is not None
@@ -165,11 +179,23 @@ def test_tiny_tuning_steps_compute_the_plaintext_loss(tmp_path, tiny):
     from secfwt.bench.suite import LOSS_TOLERANCE
 
     out = tmp_path / "res"
-    argv = ["bench", "fot-vs-backprop", "--quick", "--set", "fot_seq_len=12", "--out", str(out), "--report", str(tmp_path / "r.json")]
+    argv = [
+        "bench",
+        "fot-vs-backprop",
+        "--quick",
+        "--set",
+        "fot_seq_len=12",
+        "--out",
+        str(out),
+        "--report",
+        str(tmp_path / "r.json"),
+    ]
     assert main(argv) == 0
     report, md = _check_outputs(out, tmp_path / "r.json", ["fot-vs-backprop"])
     fot = report["benchmarks"]["fot-vs-backprop"]
-    assert fot["seq_len"] == 12 and report["plan"]["fot_seq_len"] == 12  # the override reached the run
+    assert (
+        fot["seq_len"] == 12 and report["plan"]["fot_seq_len"] == 12
+    )  # the override reached the run
     assert "`secfwt bench fot-vs-backprop --quick --set fot_seq_len=12`" in md
     assert len(fot["cases"]) == 4
     for case in fot["cases"]:
@@ -189,7 +215,11 @@ def test_tiny_tuning_steps_compute_the_plaintext_loss(tmp_path, tiny):
 def test_tiny_full_suite(tmp_path, tiny):
     out = tmp_path / "res"
     assert main(["bench", "--quick", "--out", str(out), "--report", str(tmp_path / "r.json")]) == 0
-    report, _ = _check_outputs(out, tmp_path / "r.json", ["forward", "attention", "fot-vs-backprop", "vanilla", "transport"])
+    report, _ = _check_outputs(
+        out,
+        tmp_path / "r.json",
+        ["forward", "attention", "fot-vs-backprop", "vanilla", "transport"],
+    )
     for key in HEADLINE:
         assert report[key] is not None, key
     assert (out / "bench-fot-vs-backprop.png").exists() and (out / "bench-attention.png").exists()
@@ -202,7 +232,17 @@ def _canned_report(value: float) -> dict:
     headline = {key: value for key in HEADLINE}
     return {
         **headline,
-        "targets": [{"key": t.key, "text": t.text, "threshold": t.threshold, "at_least": t.at_least, "value": value, "passed": t.passed(value)} for t in metrics.TARGETS],
+        "targets": [
+            {
+                "key": t.key,
+                "text": t.text,
+                "threshold": t.threshold,
+                "at_least": t.at_least,
+                "value": value,
+                "passed": t.passed(value),
+            }
+            for t in metrics.TARGETS
+        ],
         "benchmarks": {},
         "selected": ["vanilla"],
         "quick": True,
@@ -220,7 +260,9 @@ def _canned_report(value: float) -> dict:
 def test_missed_targets_fail_only_with_check(tmp_path, monkeypatch, capsys, check, expected):
     import secfwt.bench.suite as suite
 
-    monkeypatch.setattr(suite, "run_suite", lambda names, plan, on_case=None: _canned_report(50.0))  # misses the ratio targets
+    monkeypatch.setattr(
+        suite, "run_suite", lambda names, plan, on_case=None: _canned_report(50.0)
+    )  # misses the ratio targets
     argv = ["bench", "vanilla", "--quick", "--out", str(tmp_path)] + (["--check"] if check else [])
     assert main(argv) == expected
     captured = capsys.readouterr()

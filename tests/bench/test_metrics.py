@@ -11,7 +11,14 @@ from secfwt.bench.metrics import LAN, WAN, Link, PartyCost, growth_exponent, pro
 
 
 def test_projection_formula():
-    a = PartyCost(wall_s=2.0, bytes_sent=3_000_000_000 // 8, bytes_received=0, rounds=100, dealer_bytes=0, dealer_requests=10)
+    a = PartyCost(
+        wall_s=2.0,
+        bytes_sent=3_000_000_000 // 8,
+        bytes_received=0,
+        rounds=100,
+        dealer_bytes=0,
+        dealer_requests=10,
+    )
     b = PartyCost(wall_s=2.5, bytes_sent=1000, bytes_received=0, rounds=120)
     link = Link("test", bandwidth_bps=3e9, rtt_s=0.01)
     # 2.5 s compute (slower party) + 1 s of bytes (busier direction) + (120 + 10) rounds x 10 ms
@@ -19,7 +26,14 @@ def test_projection_formula():
 
 
 def test_dealer_bytes_add_to_the_link():
-    p = PartyCost(wall_s=0.0, bytes_sent=0, bytes_received=0, rounds=0, dealer_bytes=12_500_000, dealer_requests=1)
+    p = PartyCost(
+        wall_s=0.0,
+        bytes_sent=0,
+        bytes_received=0,
+        rounds=0,
+        dealer_bytes=12_500_000,
+        dealer_requests=1,
+    )
     assert project([p], WAN) == pytest.approx(1.0 + 0.08)  # 100 Mbit at 100 Mbps, one RTT
 
 
@@ -66,14 +80,22 @@ def test_ratio_and_targets():
 
 @pytest.mark.parametrize(
     ("other_cpu_s", "expected"),
-    [(1.0, "(1% of one core): the machine was otherwise idle"), (30.0, "(30% of one core): **other work shared the cores"), (None, "not measured")],
+    [
+        (1.0, "(1% of one core): the machine was otherwise idle"),
+        (30.0, "(30% of one core): **other work shared the cores"),
+        (None, "not measured"),
+    ],
 )
 def test_the_report_judges_other_work_by_the_cpu_it_took(other_cpu_s, expected):
     from secfwt.bench.report import _load_note
 
     # the bench's own parties make the load average about 2 on any machine: only the CPU time
     # of other processes during the run says whether something else was running
-    m = {"load_average_at_start": (0.1, 0.3, 0.4), "load_average_at_end": (2.3, 2.0, 1.5), "other_cpu_s": other_cpu_s}
+    m = {
+        "load_average_at_start": (0.1, 0.3, 0.4),
+        "load_average_at_end": (2.3, 2.0, 1.5),
+        "other_cpu_s": other_cpu_s,
+    }
     assert expected in _load_note(m, duration_s=100.0)
 
 
@@ -85,7 +107,14 @@ def test_cpu_seconds_count_a_reaped_child_as_the_bench_s_own():
 
     busy0, own0 = cpu_seconds()
     # a reaped child's CPU is the bench's own (as the parties' are), not other work
-    subprocess.run([sys.executable, "-c", "import time\nt = time.process_time()\nwhile time.process_time() - t < 1.0: pass"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import time\nt = time.process_time()\nwhile time.process_time() - t < 1.0: pass",
+        ],
+        check=True,
+    )
     busy1, own1 = cpu_seconds()
     assert own1 - own0 >= 1.0
     if busy0 is not None:

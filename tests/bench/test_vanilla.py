@@ -18,7 +18,12 @@ def test_the_engine_switch_keeps_crypten_attribute_access_as_shipped():
         "sys.exit(0 if wrapped != ring_matmul_enabled() else 1)\n"
     )
     for value in ("1", "0"):
-        subprocess.run([sys.executable, "-c", code], check=True, timeout=120, env={**os.environ, "SECFWT_RING_MATMUL": value})
+        subprocess.run(
+            [sys.executable, "-c", code],
+            check=True,
+            timeout=120,
+            env={**os.environ, "SECFWT_RING_MATMUL": value},
+        )
 
 
 def test_vanilla_engine_env_switches_ring_matmul_off_and_back():

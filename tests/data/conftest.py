@@ -24,8 +24,9 @@ def packaged_minilm_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def rotten_tomatoes() -> LabelledTexts:
-    return load_dataset(source="rotten_tomatoes", path=None, text_column="text",
-                        label_column="label", labels=None)
+    return load_dataset(
+        source="rotten_tomatoes", path=None, text_column="text", label_column="label", labels=None
+    )
 
 
 @pytest.fixture(scope="session")

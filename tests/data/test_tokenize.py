@@ -16,8 +16,13 @@ TEXTS = ["A slick, engrossing melodrama.", "Bad.", "An utterly forgettable seque
 
 
 def run(tokenizer, texts, *, max_length: int, truncate: bool = False) -> TokenizedBatch:
-    return tokenize(texts, tokenizer=tokenizer, max_length=max_length, truncate=truncate,
-                    model_max_positions=512)
+    return tokenize(
+        texts,
+        tokenizer=tokenizer,
+        max_length=max_length,
+        truncate=truncate,
+        model_max_positions=512,
+    )
 
 
 # --- load_tokenizer ---------------------------------------------------------------------------
@@ -85,8 +90,13 @@ def test_too_long_without_truncation_names_row_count_and_fix(minilm_tokenizer) -
     with pytest.raises(DataError) as info:
         run(minilm_tokenizer, TEXTS, max_length=16)
     message = str(info.value)
-    for expected in ("row 2", f"{n} tokens", "max_length = 16", f"max_length to {n}",
-                     "truncate = true"):
+    for expected in (
+        "row 2",
+        f"{n} tokens",
+        "max_length = 16",
+        f"max_length to {n}",
+        "truncate = true",
+    ):
         assert expected in message
 
 
@@ -155,7 +165,8 @@ def test_random_token_ids_bad_settings(kwargs: dict, field: str) -> None:
 def test_tokenized_batch_rejects_mismatched_shapes() -> None:
     ids = torch.zeros((2, 4), dtype=torch.long)
     with pytest.raises(DataError, match="attention_mask"):
-        TokenizedBatch(input_ids=ids, attention_mask=torch.zeros((2, 5), dtype=torch.long),
-                       token_type_ids=ids)
+        TokenizedBatch(
+            input_ids=ids, attention_mask=torch.zeros((2, 5), dtype=torch.long), token_type_ids=ids
+        )
     with pytest.raises(DataError, match="input_ids"):
         TokenizedBatch(input_ids=ids.float(), attention_mask=ids, token_type_ids=ids)

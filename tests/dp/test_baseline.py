@@ -11,14 +11,28 @@ import torch
 
 from secfwt.cli import main
 from secfwt.config import AccountantName, load_job
-from secfwt.tuning.accounting import epsilon as accounting_epsilon
 from secfwt.dp.baseline import run_dp_baseline
 from secfwt.dp.training_state import CHECKPOINT_NAME, checkpoint_path
+from secfwt.tuning.accounting import epsilon as accounting_epsilon
 from tests.conftest import write_tiny_job
 
 REPORT_KEYS = {
-    "epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "accuracy_before", "accuracy_after", "wall_s",
-    "accountant", "max_grad_norm", "n_train", "n_eval", "trainable", "loss_history", "machine", "planned_epsilon",
+    "epsilon",
+    "delta",
+    "noise_multiplier",
+    "sample_rate",
+    "steps",
+    "accuracy_before",
+    "accuracy_after",
+    "wall_s",
+    "accountant",
+    "max_grad_norm",
+    "n_train",
+    "n_eval",
+    "trainable",
+    "loss_history",
+    "machine",
+    "planned_epsilon",
 }
 #: Enough encoder parameters train that the full forward (not the cached head path) runs; the
 #: position table is among them (per-example position_ids).
@@ -29,17 +43,45 @@ ENCODER_TRAINABLE = 'zo.trainable=["classifier.*", "bert.encoder.layer.1.output.
 def test_cli_writes_report_with_the_planned_epsilon(tmp_path, tiny_tok_dir, capsys, accountant):
     job = write_tiny_job(tmp_path, tiny_tok_dir)
     report = tmp_path / "report.json"
-    rc = main(["dp-baseline", str(job), "--report", str(report), "--set", "dp.target_epsilon=5", "--set", "dp.delta=1e-3", "--set", f"dp.accountant={accountant}"])
+    rc = main(
+        [
+            "dp-baseline",
+            str(job),
+            "--report",
+            str(report),
+            "--set",
+            "dp.target_epsilon=5",
+            "--set",
+            "dp.delta=1e-3",
+            "--set",
+            f"dp.accountant={accountant}",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     r = json.loads(report.read_text())
     assert REPORT_KEYS <= set(r)
-    assert (r["n_train"], r["n_eval"], r["steps"], r["sample_rate"], r["accountant"]) == (8, 10, 3, 1.0, accountant)
-    expected = accounting_epsilon(noise_multiplier=r["noise_multiplier"], sample_rate=r["sample_rate"], steps=3, delta=1e-3, accountant=AccountantName(accountant))
+    assert (r["n_train"], r["n_eval"], r["steps"], r["sample_rate"], r["accountant"]) == (
+        8,
+        10,
+        3,
+        1.0,
+        accountant,
+    )
+    expected = accounting_epsilon(
+        noise_multiplier=r["noise_multiplier"],
+        sample_rate=r["sample_rate"],
+        steps=3,
+        delta=1e-3,
+        accountant=AccountantName(accountant),
+    )
     assert r["epsilon"] == pytest.approx(expected, abs=1e-9)
     assert r["epsilon"] == pytest.approx(r["planned_epsilon"], abs=1e-9)
     assert 4.5 < r["epsilon"] <= 5.0
     assert 0.0 <= r["accuracy_before"] <= 1.0 and 0.0 <= r["accuracy_after"] <= 1.0
-    assert r["trainable"] == {"names": ["classifier.weight", "classifier.bias"], "numel": 2 * 64 + 2}
+    assert r["trainable"] == {
+        "names": ["classifier.weight", "classifier.bias"],
+        "numel": 2 * 64 + 2,
+    }
     assert len(r["loss_history"]) == 3 and all(v > 0 for v in r["loss_history"])
     assert r["completed"] and r["machine"]["python"]
     out = capsys.readouterr()
@@ -49,11 +91,16 @@ def test_cli_writes_report_with_the_planned_epsilon(tmp_path, tiny_tok_dir, caps
 def test_empty_poisson_batches_still_count(tmp_path, tiny_tok_dir):
     """At a low sample rate most batches are empty; each step still adds noise and is accounted."""
     job = write_tiny_job(tmp_path, tiny_tok_dir)
-    cfg = load_job(job, overrides=["dp.sample_rate=0.05", "dp.noise_multiplier=1.0", "dp.baseline_steps=8"])
+    cfg = load_job(
+        job, overrides=["dp.sample_rate=0.05", "dp.noise_multiplier=1.0", "dp.baseline_steps=8"]
+    )
     r = run_dp_baseline(cfg)
     assert 0 in r["batch_sizes"] and len(r["batch_sizes"]) == 8
     assert None in r["loss_history"]
-    assert r["epsilon"] == pytest.approx(accounting_epsilon(noise_multiplier=1.0, sample_rate=0.05, steps=8, delta=cfg.dp.delta), abs=1e-9)
+    assert r["epsilon"] == pytest.approx(
+        accounting_epsilon(noise_multiplier=1.0, sample_rate=0.05, steps=8, delta=cfg.dp.delta),
+        abs=1e-9,
+    )
 
 
 class _Crash(Exception):
@@ -74,7 +121,13 @@ def _final_parameters(directory: Path) -> dict[str, torch.Tensor]:
 
 def test_resume_after_crash_reaches_same_epsilon_and_parameters(tmp_path, tiny_tok_dir):
     job = write_tiny_job(tmp_path, tiny_tok_dir)
-    overrides = [ENCODER_TRAINABLE, "dp.sample_rate=0.5", "dp.noise_multiplier=1.5", "dp.baseline_steps=7", "dp.checkpoint_every=2"]
+    overrides = [
+        ENCODER_TRAINABLE,
+        "dp.sample_rate=0.5",
+        "dp.noise_multiplier=1.5",
+        "dp.baseline_steps=7",
+        "dp.checkpoint_every=2",
+    ]
     cfg = load_job(job, overrides=overrides)
 
     whole = run_dp_baseline(cfg, checkpoint_dir=tmp_path / "whole", noise_seed=11)
@@ -82,14 +135,19 @@ def test_resume_after_crash_reaches_same_epsilon_and_parameters(tmp_path, tiny_t
 
     crashed = tmp_path / "crashed"
     with pytest.raises(_Crash):
-        run_dp_baseline(cfg, checkpoint_dir=crashed, on_progress=_crash_at(5), noise_seed=11)  # last checkpoint: step 4
+        run_dp_baseline(
+            cfg, checkpoint_dir=crashed, on_progress=_crash_at(5), noise_seed=11
+        )  # last checkpoint: step 4
     assert torch.load(checkpoint_path(crashed), weights_only=True)["step"] == 4
     resumed = run_dp_baseline(cfg, checkpoint_dir=crashed, resume=True)
 
     assert resumed["resumed_from_step"] == 4 and resumed["steps"] == 7
     assert resumed["epsilon"] == pytest.approx(whole["epsilon"], abs=1e-9)
     assert resumed["epsilon"] == pytest.approx(whole["planned_epsilon"], abs=1e-9)
-    assert resumed["loss_history"] == whole["loss_history"] and resumed["batch_sizes"] == whole["batch_sizes"]
+    assert (
+        resumed["loss_history"] == whole["loss_history"]
+        and resumed["batch_sizes"] == whole["batch_sizes"]
+    )
     assert resumed["accuracy_after"] == whole["accuracy_after"]
     a, b = _final_parameters(tmp_path / "whole"), _final_parameters(crashed)
     assert a.keys() == b.keys() and len(a) == 7
@@ -101,7 +159,16 @@ def test_resume_after_crash_reaches_same_epsilon_and_parameters(tmp_path, tiny_t
 def test_stop_at_step_then_resume_with_cli(tmp_path, tiny_tok_dir, capsys):
     job = write_tiny_job(tmp_path, tiny_tok_dir)
     ck, report = tmp_path / "ck", tmp_path / "r.json"
-    common = ["dp-baseline", str(job), "--checkpoint-dir", str(ck), "--report", str(report), "--set", "dp.target_epsilon=5"]
+    common = [
+        "dp-baseline",
+        str(job),
+        "--checkpoint-dir",
+        str(ck),
+        "--report",
+        str(report),
+        "--set",
+        "dp.target_epsilon=5",
+    ]
     assert main([*common, "--stop-at-step", "2"]) == 0
     first = json.loads(report.read_text())
     assert not first["completed"] and first["steps"] == 2 and first["accuracy_after"] is None
@@ -136,15 +203,27 @@ def test_resume_refuses_checkpoint_of_another_job(tmp_path, tiny_tok_dir, capsys
         (["dp.target_epsilon=5", "zo.batch_size=20"], "zo.batch_size"),
         (["dp.target_epsilon=5", "dp.sample_rate=1.5"], "dp.sample_rate"),
         (["dp.target_epsilon=1", "dp.noise_multiplier=0.5"], "dp.target_epsilon"),
-        (["dp.target_epsilon=3", "dp.noise_multiplier=3", "dp.baseline_steps=50"], "lower dp.baseline_steps to at most 4"),
+        (
+            ["dp.target_epsilon=3", "dp.noise_multiplier=3", "dp.baseline_steps=50"],
+            "lower dp.baseline_steps to at most 4",
+        ),
         (["dp.target_epsilon=5", 'zo.lora_modules=["*.query"]'], "zo.lora_modules"),
         (["dp.target_epsilon=5", "zo.soft_prompt_length=2"], "zo.soft_prompt_length"),
     ],
 )
-def test_impossible_settings_are_refused_before_any_work(tmp_path, tiny_tok_dir, capsys, overrides, field):
+def test_impossible_settings_are_refused_before_any_work(
+    tmp_path, tiny_tok_dir, capsys, overrides, field
+):
     job = write_tiny_job(tmp_path, tiny_tok_dir)
     ck = tmp_path / "ck"
-    argv = ["dp-baseline", str(job), "--checkpoint-dir", str(ck), "--report", str(tmp_path / "r.json")]
+    argv = [
+        "dp-baseline",
+        str(job),
+        "--checkpoint-dir",
+        str(ck),
+        "--report",
+        str(tmp_path / "r.json"),
+    ]
     for o in overrides:
         argv += ["--set", o]
     assert main(argv) == 2
@@ -157,6 +236,20 @@ def test_impossible_settings_are_refused_before_any_work(tmp_path, tiny_tok_dir,
 @pytest.mark.slow
 def test_packaged_default_job_learns_at_epsilon_8(tmp_path, capsys):
     report = tmp_path / "r.json"
-    assert main(["dp-baseline", "secfwt/jobs/default.toml", "--set", "dp.target_epsilon=8", "--set", "dp.delta=1e-3", "--report", str(report)]) == 0
+    assert (
+        main(
+            [
+                "dp-baseline",
+                "secfwt/jobs/default.toml",
+                "--set",
+                "dp.target_epsilon=8",
+                "--set",
+                "dp.delta=1e-3",
+                "--report",
+                str(report),
+            ]
+        )
+        == 0
+    )
     r = json.loads(report.read_text())
     assert r["epsilon"] <= 8.0 and r["accuracy_after"] > r["accuracy_before"]

@@ -36,7 +36,10 @@ def _batch(spec, *, n: int = 4, t: int = 12) -> tuple[torch.Tensor, torch.Tensor
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("dp-classifier")
-    return {f: save_random_checkpoint(root / f, family=f, head="sequence_classification") for f in ("bert", "roberta")}
+    return {
+        f: save_random_checkpoint(root / f, family=f, head="sequence_classification")
+        for f in ("bert", "roberta")
+    }
 
 
 def _model(checkpoints: dict[str, Path], family: str, pooling: Pooling) -> DPClassifier:
@@ -69,24 +72,40 @@ def test_opacus_per_sample_gradients_match_per_example_backward(checkpoints, fam
 
     model = _model(checkpoints, family, pooling)
     trained, unused = mark_trainable(model, [n for n, _ in model.named_parameters()])
-    expected_unused = [n for n, _ in model.named_parameters() if n.startswith("bert.pooler.")] if (family, pooling) == ("bert", Pooling.MEAN) else []
+    expected_unused = (
+        [n for n, _ in model.named_parameters() if n.startswith("bert.pooler.")]
+        if (family, pooling) == ("bert", Pooling.MEAN)
+        else []
+    )
     assert unused == expected_unused
-    assert any("position_embeddings" in n for n in trained) and any("word_embeddings" in n for n in trained)
+    assert any("position_embeddings" in n for n in trained) and any(
+        "word_embeddings" in n for n in trained
+    )
     ids, mask, labels = _batch(model.spec)
     model.train()
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         torch.nn.functional.cross_entropy(gsm(ids, mask), labels, reduction="sum").backward()
-    per_sample = {n: p.grad_sample.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    per_sample = {
+        n: p.grad_sample.detach().clone() for n, p in model.named_parameters() if p.requires_grad
+    }
     gsm._close()
     assert set(per_sample) == set(trained)
     for i in range(len(labels)):
         model.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(ids[i : i + 1], mask[i : i + 1]), labels[i : i + 1], reduction="sum").backward()
+        torch.nn.functional.cross_entropy(
+            model(ids[i : i + 1], mask[i : i + 1]), labels[i : i + 1], reduction="sum"
+        ).backward()
         for n, p in model.named_parameters():
             if p.requires_grad:
-                torch.testing.assert_close(per_sample[n][i], p.grad, rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=lambda m, n=n, i=i: f"{n}, example {i}: {m}")
+                torch.testing.assert_close(
+                    per_sample[n][i],
+                    p.grad,
+                    rtol=GRAD_RTOL,
+                    atol=GRAD_ATOL,
+                    msg=lambda m, n=n, i=i: f"{n}, example {i}: {m}",
+                )
 
 
 def test_trainable_set_that_only_names_unused_parameters_is_refused(checkpoints):

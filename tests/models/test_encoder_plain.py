@@ -45,7 +45,11 @@ def test_plain_encoder_matches_transformers(tmp_path, family, head):
     valid = mask.bool()
     assert (h - ref.hidden_states[-1])[valid].abs().max() < TOL
     if head != "base":
-        assert (out - ref.logits).abs().max() < TOL if head == "sequence_classification" else (out - ref.logits)[valid].abs().max() < TOL
+        assert (
+            (out - ref.logits).abs().max() < TOL
+            if head == "sequence_classification"
+            else (out - ref.logits)[valid].abs().max() < TOL
+        )
 
 
 def test_rfa_estimates_cosine_softmax_attention():
@@ -84,6 +88,8 @@ def test_missing_or_unsupported_checkpoints_are_clear_errors(tmp_path):
         f.unlink()
     with pytest.raises(ModelError, match="no weights"):
         load_checkpoint(tmp_path / "noweights", head=Head.BASE, num_labels=2, seed=0)
-    cls_dir = save_random_checkpoint(tmp_path / "cls", family="bert", head="sequence_classification")
+    cls_dir = save_random_checkpoint(
+        tmp_path / "cls", family="bert", head="sequence_classification"
+    )
     with pytest.raises(ModelError, match="head has 2 labels but the data has 3"):
         load_checkpoint(cls_dir, head=Head.SEQUENCE_CLASSIFICATION, num_labels=3, seed=0)

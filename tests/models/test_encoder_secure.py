@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 import torch
 
-from secfwt.mpc.provider import Provider
 from secfwt.models.checkpoint import load_checkpoint
 from secfwt.models.encoder import EncoderModel, ForwardSettings, plain_params
 from secfwt.models.ops import PlainOps
 from secfwt.models.spec import Head
 from secfwt.mpc.launcher import PartyContext, run_parties
+from secfwt.mpc.provider import Provider
 from secfwt.roles import Role
 from tests.conftest import save_random_checkpoint
 
@@ -39,12 +39,17 @@ def _party(ctx: PartyContext, payload: dict[str, Any]) -> dict[str, Any] | None:
 
     spec, state, word = payload["spec"], payload.get("state"), payload.get("word")
     owner = Role.MODEL_OWNER.rank
-    secret = {n: crypten.cryptensor(state[n] if state else torch.zeros(s), src=owner) for n, s in spec.param_shapes}
+    secret = {
+        n: crypten.cryptensor(state[n] if state else torch.zeros(s), src=owner)
+        for n, s in spec.param_shapes
+    }
     owned = dict(secret)
     for n, s in spec.param_shapes:
         if n.endswith(".weight") and len(s) == 2 and "embeddings" not in n:
             owned[n] = OwnedMatrix.share(state[n] if state else None, owner=owner, shape=s)
-    x = crypten.cryptensor(word if word is not None else torch.zeros(1, T, spec.hidden_size), src=Role.DATA_OWNER.rank)
+    x = crypten.cryptensor(
+        word if word is not None else torch.zeros(1, T, spec.hidden_size), src=Role.DATA_OWNER.rank
+    )
     mask = torch.ones(1, T)
     out: dict[str, Any] = {}
     for name, params in (("secret", secret), ("owned", owned)):
@@ -65,7 +70,10 @@ def test_secure_encoder_matches_plaintext_with_secret_and_owned_weights(tmp_path
     logits_ref = plain.output(h_ref)
     results = run_parties(
         _party,
-        payloads={Role.MODEL_OWNER: {"spec": spec, "state": state}, Role.DATA_OWNER: {"spec": spec, "word": word}},
+        payloads={
+            Role.MODEL_OWNER: {"spec": spec, "state": state},
+            Role.DATA_OWNER: {"spec": spec, "word": word},
+        },
         provider=Provider.TTP,
         timeout_s=300,
     )

@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 import torch
 
-from secfwt.mpc.provider import Provider
 from secfwt.mpc.launcher import PartyContext, run_parties
+from secfwt.mpc.provider import Provider
 from secfwt.roles import Role
 
 pytestmark = pytest.mark.multiprocess
@@ -43,7 +43,11 @@ def party(ctx: PartyContext, payload: None) -> dict[str, Any]:
 
     two_party = bool(getattr(type(comm).all_reduce, "_secfwt_two_party", False))
     keystream = bool(getattr(rng.generate_random_ring_element, "_secfwt_keystream", False))
-    out: dict[str, Any] = {"patched": two_party and keystream, "unpatched": not (two_party or keystream), "checks": {}}
+    out: dict[str, Any] = {
+        "patched": two_party and keystream,
+        "unpatched": not (two_party or keystream),
+        "checks": {},
+    }
 
     def gloo(t: torch.Tensor, op: Any) -> torch.Tensor:
         ref = t.clone().contiguous()
@@ -54,12 +58,19 @@ def party(ctx: PartyContext, payload: None) -> dict[str, Any]:
         x = torch.randint(-BIG, BIG, (33, 7), generator=g, dtype=torch.int64)
         before = x.clone()
         got = comm.all_reduce(x, op=op)
-        out["checks"][f"{name} single"] = torch.equal(got, gloo(before, op)) and torch.equal(x, before)
-        xs = [torch.randint(-BIG, BIG, s, generator=g, dtype=torch.int64) for s in ((5,), (4, 6), (2, 3, 2))]
+        out["checks"][f"{name} single"] = torch.equal(got, gloo(before, op)) and torch.equal(
+            x, before
+        )
+        xs = [
+            torch.randint(-BIG, BIG, s, generator=g, dtype=torch.int64)
+            for s in ((5,), (4, 6), (2, 3, 2))
+        ]
         got = comm.all_reduce(xs, op=op, batched=True)
         out["checks"][f"{name} batched"] = all(torch.equal(a, gloo(b, op)) for a, b in zip(got, xs))
         nc = torch.randint(-BIG, BIG, (6, 8), generator=g, dtype=torch.int64).t()  # non-contiguous
-        out["checks"][f"{name} non-contiguous"] = torch.equal(comm.all_reduce(nc, op=op), gloo(nc, op))
+        out["checks"][f"{name} non-contiguous"] = torch.equal(
+            comm.all_reduce(nc, op=op), gloo(nc, op)
+        )
     f = torch.randn(17, generator=g, dtype=torch.float64)
     out["checks"]["float sum"] = torch.equal(comm.all_reduce(f), gloo(f, ReduceOp.SUM))
 
@@ -68,7 +79,11 @@ def party(ctx: PartyContext, payload: None) -> dict[str, Any]:
     for src in (0, 1):
         for layout in layouts:
             mine = torch.arange(12, dtype=torch.int64).reshape(3, 4) * (7 + src)
-            empty = torch.zeros(3, 4, dtype=torch.int64) if layout == "contiguous" else torch.zeros(4, 3, dtype=torch.int64).t()
+            empty = (
+                torch.zeros(3, 4, dtype=torch.int64)
+                if layout == "contiguous"
+                else torch.zeros(4, 3, dtype=torch.int64).t()
+            )
             dest = mine.clone() if rank == src else empty
             comm.broadcast(dest, src)
             out["checks"][f"broadcast from {src}, {layout}"] = torch.equal(dest, mine)
@@ -78,15 +93,24 @@ def party(ctx: PartyContext, payload: None) -> dict[str, Any]:
     from crypten.mpc.primitives import beaver
 
     raw = beaver.matmul(x._tensor, w._tensor).reveal()
-    out["checks"]["beaver product exact"] = torch.equal(raw, torch.matmul(x._tensor.reveal(), w._tensor.reveal()))
+    out["checks"]["beaver product exact"] = torch.equal(
+        raw, torch.matmul(x._tensor.reveal(), w._tensor.reveal())
+    )
     return out
 
 
 @pytest.mark.parametrize("engine", ["secfwt", "vanilla"])
-def test_two_party_collectives_match_gloo_bit_for_bit(engine: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_two_party_collectives_match_gloo_bit_for_bit(
+    engine: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     if engine == "vanilla":
         monkeypatch.setenv("SECFWT_RING_MATMUL", "0")  # inherited by the spawned parties and dealer
-    results = run_parties(party, payloads={Role.MODEL_OWNER: None, Role.DATA_OWNER: None}, provider=Provider.TTP, timeout_s=180)
+    results = run_parties(
+        party,
+        payloads={Role.MODEL_OWNER: None, Role.DATA_OWNER: None},
+        provider=Provider.TTP,
+        timeout_s=180,
+    )
     for role in (Role.MODEL_OWNER, Role.DATA_OWNER):
         value = results[role].value
         assert value["patched"] if engine == "secfwt" else value["unpatched"], role

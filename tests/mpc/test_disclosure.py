@@ -14,12 +14,23 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def terms() -> DisclosureTerms:
-    return DisclosureTerms.of([(Revealable.EVAL_ACCURACY, [Role.DATA_OWNER, Role.MODEL_OWNER]), (Revealable.TRAIN_OUTPUTS, [Role.DATA_OWNER])])
+    return DisclosureTerms.of(
+        [
+            (Revealable.EVAL_ACCURACY, [Role.DATA_OWNER, Role.MODEL_OWNER]),
+            (Revealable.TRAIN_OUTPUTS, [Role.DATA_OWNER]),
+        ]
+    )
 
 
 def test_digest_is_canonical():
     a = terms()
-    b = DisclosureTerms.of([(Revealable.TRAIN_OUTPUTS, [Role.DATA_OWNER]), (Revealable.EVAL_ACCURACY, [Role.MODEL_OWNER]), (Revealable.EVAL_ACCURACY, [Role.DATA_OWNER])])
+    b = DisclosureTerms.of(
+        [
+            (Revealable.TRAIN_OUTPUTS, [Role.DATA_OWNER]),
+            (Revealable.EVAL_ACCURACY, [Role.MODEL_OWNER]),
+            (Revealable.EVAL_ACCURACY, [Role.DATA_OWNER]),
+        ]
+    )
     assert a.digest() == b.digest()
     c = DisclosureTerms.of([(Revealable.TRAIN_OUTPUTS, [Role.MODEL_OWNER, Role.DATA_OWNER])])
     assert c.digest() != a.digest()
@@ -36,7 +47,9 @@ class _FakeShared:
 
 def test_reveal_outside_terms_raises_and_reveals_nothing(tmp_path):
     d = Discloser(role=Role.DATA_OWNER, terms=terms(), audit_path=tmp_path / "audit.jsonl")
-    with pytest.raises(DisclosureError, match="train_outputs to model_owner is not in the accepted"):
+    with pytest.raises(
+        DisclosureError, match="train_outputs to model_owner is not in the accepted"
+    ):
         d.reveal(_FakeShared(), value=Revealable.TRAIN_OUTPUTS, to=[Role.MODEL_OWNER])
     with pytest.raises(DisclosureError, match="final_parameters"):
         d.reveal(_FakeShared(), value=Revealable.FINAL_PARAMETERS, to=[Role.DATA_OWNER])
@@ -53,9 +66,21 @@ def test_allowed_reveal_is_audited_before_it_happens(tmp_path):
             return "plain"
 
     d = Discloser(role=Role.MODEL_OWNER, terms=terms(), audit_path=tmp_path / "audit.jsonl")
-    assert d.reveal(Shared(), value=Revealable.EVAL_ACCURACY, to=[Role.DATA_OWNER, Role.MODEL_OWNER], note="x") == "plain"
+    assert (
+        d.reveal(
+            Shared(),
+            value=Revealable.EVAL_ACCURACY,
+            to=[Role.DATA_OWNER, Role.MODEL_OWNER],
+            note="x",
+        )
+        == "plain"
+    )
     entry = json.loads((tmp_path / "audit.jsonl").read_text())
-    assert entry["to"] == ["data_owner", "model_owner"] and entry["party"] == "model_owner" and entry["terms"] == terms().digest()
+    assert (
+        entry["to"] == ["data_owner", "model_owner"]
+        and entry["party"] == "model_owner"
+        and entry["terms"] == terms().digest()
+    )
 
 
 def test_no_module_but_the_discloser_reveals():

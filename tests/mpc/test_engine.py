@@ -73,13 +73,27 @@ print(json.dumps({
 """
 
 _ALWAYS = {
-    "beaver.AND", "beaver.matmul", "beaver.mul", "beaver.torch", "decode", "ttp.dist", "ttp.torch",
-    "ttp.secfwt_bit_triple", "ttp.secfwt_fixed_one_sided_matmul", "ttp.secfwt_insecure_reseed",
-    "ttp.secfwt_mask_products", "ttp.secfwt_one_sided_matmul", "ttp.secfwt_owned_drain",
+    "beaver.AND",
+    "beaver.matmul",
+    "beaver.mul",
+    "beaver.torch",
+    "decode",
+    "ttp.dist",
+    "ttp.torch",
+    "ttp.secfwt_bit_triple",
+    "ttp.secfwt_fixed_one_sided_matmul",
+    "ttp.secfwt_insecure_reseed",
+    "ttp.secfwt_mask_products",
+    "ttp.secfwt_one_sided_matmul",
+    "ttp.secfwt_owned_drain",
 }
 _FAST = {
-    "comm.all_reduce", "comm.broadcast", "getattribute", "draw.crypten.common.rng",
-    "draw.crypten.mpc.primitives.arithmetic", "draw.crypten.mpc.provider.tfp_provider",
+    "comm.all_reduce",
+    "comm.broadcast",
+    "getattribute",
+    "draw.crypten.common.rng",
+    "draw.crypten.mpc.primitives.arithmetic",
+    "draw.crypten.mpc.provider.tfp_provider",
     "draw.crypten.mpc.provider.ttp_provider",
 }
 

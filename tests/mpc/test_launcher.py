@@ -16,9 +16,9 @@ import time
 import pytest
 import torch
 
-from secfwt.mpc.provider import Provider
 from secfwt.errors import ConfigError, PartyFailedError, ProtocolError
 from secfwt.mpc.launcher import PartyContext, run_parties
+from secfwt.mpc.provider import Provider
 from secfwt.mpc.transport import Transport
 from secfwt.roles import Role
 
@@ -28,8 +28,12 @@ pytestmark = pytest.mark.multiprocess
 def _multiply(ctx: PartyContext, payload):
     from secfwt.crypten_compat import crypten
 
-    x = crypten.cryptensor(payload if ctx.role is Role.DATA_OWNER else torch.zeros(3), src=Role.DATA_OWNER.rank)
-    w = crypten.cryptensor(payload if ctx.role is Role.MODEL_OWNER else torch.zeros(3), src=Role.MODEL_OWNER.rank)
+    x = crypten.cryptensor(
+        payload if ctx.role is Role.DATA_OWNER else torch.zeros(3), src=Role.DATA_OWNER.rank
+    )
+    w = crypten.cryptensor(
+        payload if ctx.role is Role.MODEL_OWNER else torch.zeros(3), src=Role.MODEL_OWNER.rank
+    )
     y = x * w
     return {"pid": os.getpid(), "share": y.share.clone()}
 
@@ -83,7 +87,15 @@ def _no_children_left():
 
 @pytest.mark.parametrize("provider", [Provider.TTP, Provider.TFP])
 def test_parties_run_in_separate_processes_and_shares_reconstruct(provider):
-    res = run_parties(_multiply, payloads={Role.MODEL_OWNER: torch.tensor([1.0, 2.0, 3.0]), Role.DATA_OWNER: torch.tensor([4.0, -5.0, 6.5])}, provider=provider, timeout_s=120)
+    res = run_parties(
+        _multiply,
+        payloads={
+            Role.MODEL_OWNER: torch.tensor([1.0, 2.0, 3.0]),
+            Role.DATA_OWNER: torch.tensor([4.0, -5.0, 6.5]),
+        },
+        provider=provider,
+        timeout_s=120,
+    )
     mo, do = res[Role.MODEL_OWNER], res[Role.DATA_OWNER]
     assert mo.value["pid"] != do.value["pid"] != os.getpid()
     # each share alone looks random; their sum is the product in 16-bit fixed point

@@ -167,7 +167,10 @@ def test_signed_limbs_recombine_within_their_bounds() -> None:
     assert torch.equal((limbs * weights).sum(-1), x)  # wraps back to x modulo 2^64
 
 
-@pytest.mark.parametrize(("shape_a", "shape_b"), [((5, 7), (7, 3)), ((2, 6, 9), (9, 4)), ((2, 6, 9), (2, 9, 4)), ((3, 4500), (4500, 2))])
+@pytest.mark.parametrize(
+    ("shape_a", "shape_b"),
+    [((5, 7), (7, 3)), ((2, 6, 9), (9, 4)), ((2, 6, 9), (2, 9, 4)), ((3, 4500), (4500, 2))],
+)
 def test_narrow_matches_torch_int64(shape_a: tuple[int, ...], shape_b: tuple[int, ...]) -> None:
     """A full-range left operand times a right one below NARROW_BOUND (K = 4500: 3 chunks)."""
     from secfwt.mpc.ring import NARROW_BOUND, ring_matmul_narrow
@@ -184,9 +187,16 @@ def test_narrow_matches_torch_int64(shape_a: tuple[int, ...], shape_b: tuple[int
 
 @pytest.mark.parametrize(
     ("shape_a", "shape_b"),
-    [((6, 9), (9, 4)), ((3, 6, 9), (9, 4)), ((2, 6, 9), (2, 9, 4)), ((5, 2 * MAX_EXACT_K + 3), (2 * MAX_EXACT_K + 3, 3))],
+    [
+        ((6, 9), (9, 4)),
+        ((3, 6, 9), (9, 4)),
+        ((2, 6, 9), (2, 9, 4)),
+        ((5, 2 * MAX_EXACT_K + 3), (2 * MAX_EXACT_K + 3, 3)),
+    ],
 )
-def test_prepared_right_operand_is_bit_identical(shape_a: tuple[int, ...], shape_b: tuple[int, ...]) -> None:
+def test_prepared_right_operand_is_bit_identical(
+    shape_a: tuple[int, ...], shape_b: tuple[int, ...]
+) -> None:
     """A right operand split once (fixed masks of frozen weights) gives torch's bits, also
     across K chunks and with edge values, product after product."""
     from secfwt.mpc.ring import PreparedRight, ring_matmul_prepared

@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 import torch
 
-from secfwt.mpc.provider import Provider
 from secfwt.mpc.launcher import PartyContext, run_parties
+from secfwt.mpc.provider import Provider
 from secfwt.roles import Role
 
 #: (data owner's x, model owner's w) shapes.

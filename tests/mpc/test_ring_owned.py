@@ -22,12 +22,17 @@ from typing import Any
 import pytest
 import torch
 
-from secfwt.mpc.provider import Provider
 from secfwt.mpc.launcher import PartyContext, run_parties
+from secfwt.mpc.provider import Provider
 from secfwt.roles import Role
 
 #: (data owner's x, model owner's w) shapes; the last pair has weights too wide for one limb.
-SHAPES = [((2, 16, 24), (24, 8)), ((64, 384), (384, 96)), ((3, 5, 24), (3, 24, 8)), ((7, 40), (40, 6))]
+SHAPES = [
+    ((2, 16, 24), (24, 8)),
+    ((64, 384), (384, 96)),
+    ((3, 5, 24), (3, 24, 8)),
+    ((7, 40), (40, 6)),
+]
 WIDE = 3  # index of the pair whose weights reach |w| = 100 (encoded above 2^21)
 #: The decrypted product against the product of the encoded inputs: the local truncation is off
 #: by at most one unit of 2^-16 (SecureML), plus one for the floor of the decoding.
@@ -36,14 +41,18 @@ ATOL = 2 * 2.0**-16
 
 def party(ctx: PartyContext, payload: list[torch.Tensor]) -> dict[str, Any]:
     from secfwt.crypten_compat import crypten
-    from secfwt.mpc.session import communication_stats
     from secfwt.mpc import owned
+    from secfwt.mpc.session import communication_stats
 
     mine = ctx.role is Role.DATA_OWNER
     out: dict[str, Any] = {"products": [], "exact": [], "narrow": [], "sent": []}
     for i, (shape_x, shape_w) in enumerate(SHAPES):
-        x = crypten.cryptensor(payload[i] if mine else torch.zeros(shape_x), src=Role.DATA_OWNER.rank)
-        w = owned.OwnedMatrix.share(None if mine else payload[i], owner=Role.MODEL_OWNER.rank, shape=shape_w)
+        x = crypten.cryptensor(
+            payload[i] if mine else torch.zeros(shape_x), src=Role.DATA_OWNER.rank
+        )
+        w = owned.OwnedMatrix.share(
+            None if mine else payload[i], owner=Role.MODEL_OWNER.rank, shape=shape_w
+        )
         before = communication_stats()["bytes"]
         z = owned.matmul(x, w)
         out["sent"].append(communication_stats()["bytes"] - before)
@@ -52,7 +61,9 @@ def party(ctx: PartyContext, payload: list[torch.Tensor]) -> dict[str, Any]:
         out["products"].append((z._tensor.reveal().double() / 2**16).tolist())
         w_plain = w.to_mpc()._tensor.reveal()  # the encoded weights, through an ordinary sharing
         if isinstance(crypten.mpc.get_default_provider(), crypten.mpc.provider.TrustedThirdParty):
-            raw = crypten.mpc.MPCTensor.from_shares(owned.product(x.share, w), precision=0)._tensor.reveal()
+            raw = crypten.mpc.MPCTensor.from_shares(
+                owned.product(x.share, w), precision=0
+            )._tensor.reveal()
             out["exact"].append(torch.equal(raw, torch.matmul(x._tensor.reveal(), w_plain)))
         out["narrow"].append(w.narrow)
     return out
@@ -75,7 +86,12 @@ def _inputs() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
 @pytest.mark.parametrize("provider", [Provider.TTP, Provider.TFP])
 def test_owned_matmul_is_exact_and_one_sided(provider: Provider) -> None:
     xs, ws = _inputs()
-    results = run_parties(party, payloads={Role.DATA_OWNER: xs, Role.MODEL_OWNER: ws}, provider=provider, timeout_s=120)
+    results = run_parties(
+        party,
+        payloads={Role.DATA_OWNER: xs, Role.MODEL_OWNER: ws},
+        provider=provider,
+        timeout_s=120,
+    )
     owner, data = results[Role.MODEL_OWNER].value, results[Role.DATA_OWNER].value
     assert owner["narrow"] == [i != WIDE for i in range(len(SHAPES))]
     for value in (owner, data):
@@ -83,7 +99,9 @@ def test_owned_matmul_is_exact_and_one_sided(provider: Provider) -> None:
             assert value["exact"] == [True] * len(SHAPES)
         for (x, w), got in zip(zip(xs, ws), value["products"]):
             expected = torch.matmul(_encoded(x), _encoded(w))
-            torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), expected, atol=ATOL, rtol=0)
+            torch.testing.assert_close(
+                torch.tensor(got, dtype=torch.float64), expected, atol=ATOL, rtol=0
+            )
     if provider is Provider.TTP:
         for i, (shape_x, shape_w) in enumerate(SHAPES):
             elems = torch.Size(shape_x).numel() + torch.Size(shape_w).numel()
@@ -94,22 +112,29 @@ def test_owned_matmul_is_exact_and_one_sided(provider: Provider) -> None:
 def fixed_mask_party(ctx: PartyContext, payload: dict[str, Any]) -> dict[str, Any]:
     """Products with frozen (fixed-mask) weights: several inputs per weight, both orientations."""
     from secfwt.crypten_compat import crypten
-    from secfwt.mpc.session import communication_stats
     from secfwt.mpc import owned
+    from secfwt.mpc.session import communication_stats
 
     mine = ctx.role is Role.DATA_OWNER
     out: dict[str, Any] = {"exact": [], "sent": []}
-    ws = [owned.OwnedMatrix.share(w, owner=Role.MODEL_OWNER.rank, shape=shape, fixed_mask=True) for w, shape in zip(payload["w"], payload["shapes"])]
+    ws = [
+        owned.OwnedMatrix.share(w, owner=Role.MODEL_OWNER.rank, shape=shape, fixed_mask=True)
+        for w, shape in zip(payload["w"], payload["shapes"])
+    ]
     for i, w in enumerate(ws):
         for oriented in (w, w.t(), w):  # the transpose has a mask of its own
             for rows in ROWS:
                 x_in = payload["x"][i][:rows] if mine else torch.zeros(rows, w.shape[0])
                 x = crypten.cryptensor(x_in, src=Role.DATA_OWNER.rank)
                 before = communication_stats()["bytes"]
-                raw = crypten.mpc.MPCTensor.from_shares(owned.product(x.share, oriented), precision=0)
+                raw = crypten.mpc.MPCTensor.from_shares(
+                    owned.product(x.share, oriented), precision=0
+                )
                 out["sent"].append(communication_stats()["bytes"] - before)
                 w_plain = oriented.to_mpc()._tensor.reveal()
-                out["exact"].append(torch.equal(raw._tensor.reveal(), torch.matmul(x._tensor.reveal(), w_plain)))
+                out["exact"].append(
+                    torch.equal(raw._tensor.reveal(), torch.matmul(x._tensor.reveal(), w_plain))
+                )
     owned.drain()  # both parties; rank 0 also asks the dealer
     return out
 
@@ -123,10 +148,16 @@ def test_fixed_mask_products_are_exact_and_send_the_mask_once() -> None:
     """The weight's mask is opened once per orientation; every product stays exact, also when
     the input's shape changes between products (the work done ahead is then thrown away)."""
     gen = torch.Generator().manual_seed(5)
-    ws = [torch.rand(24, 24, generator=gen) * 2 - 1, torch.rand(40, 40, generator=gen) * 100]  # narrow, wide
+    ws = [
+        torch.rand(24, 24, generator=gen) * 2 - 1,
+        torch.rand(40, 40, generator=gen) * 100,
+    ]  # narrow, wide
     xs = [torch.rand(max(ROWS), w.shape[0], generator=gen) * 8 - 4 for w in ws]
     shapes = [tuple(w.shape) for w in ws]
-    payloads = {Role.DATA_OWNER: {"x": xs, "w": [None] * 2, "shapes": shapes}, Role.MODEL_OWNER: {"x": [None] * 2, "w": ws, "shapes": shapes}}
+    payloads = {
+        Role.DATA_OWNER: {"x": xs, "w": [None] * 2, "shapes": shapes},
+        Role.MODEL_OWNER: {"x": [None] * 2, "w": ws, "shapes": shapes},
+    }
     results = run_parties(fixed_mask_party, payloads=payloads, provider=Provider.TTP, timeout_s=120)
     data = results[Role.DATA_OWNER].value
     assert all(results[Role.MODEL_OWNER].value["exact"]) and all(data["exact"])

@@ -35,9 +35,9 @@ from typing import Any
 
 import pytest
 
-from secfwt.mpc.provider import Provider
 from secfwt.mpc import launcher
 from secfwt.mpc.launcher import PartyContext
+from secfwt.mpc.provider import Provider
 from secfwt.mpc.transport import Transport, keepalive_for_heartbeat
 from secfwt.roles import Role
 
@@ -64,8 +64,14 @@ def _busy(ctx: PartyContext, payload: dict[str, Any]) -> dict[str, Any]:
     from secfwt.crypten_compat import crypten
     from secfwt.errors import ProtocolError
 
-    x = crypten.cryptensor(torch.randn(32, 32) if ctx.role is Role.MODEL_OWNER else torch.zeros(32, 32), src=Role.MODEL_OWNER.rank)
-    y = crypten.cryptensor(torch.randn(32, 32) if ctx.role is Role.DATA_OWNER else torch.zeros(32, 32), src=Role.DATA_OWNER.rank)
+    x = crypten.cryptensor(
+        torch.randn(32, 32) if ctx.role is Role.MODEL_OWNER else torch.zeros(32, 32),
+        src=Role.MODEL_OWNER.rank,
+    )
+    y = crypten.cryptensor(
+        torch.randn(32, 32) if ctx.role is Role.DATA_OWNER else torch.zeros(32, 32),
+        src=Role.DATA_OWNER.rank,
+    )
     t_end = time.monotonic() + 240
     i = 0
     try:
@@ -76,7 +82,12 @@ def _busy(ctx: PartyContext, payload: dict[str, Any]) -> dict[str, Any]:
                 payload["progress"].put((ctx.role, os.getpid()))
     except ProtocolError as exc:
         detected = time.time()
-        return {"error": str(exc), "detected_at": detected, "iterations": i, "threads": [t.name for t in threading.enumerate()]}
+        return {
+            "error": str(exc),
+            "detected_at": detected,
+            "iterations": i,
+            "threads": [t.name for t in threading.enumerate()],
+        }
     return {"error": None, "iterations": i}
 
 
@@ -87,13 +98,29 @@ def _run(fault: signal.Signals) -> dict[str, Any]:
     ready = ctx.Queue()
     roles = [Role.MODEL_OWNER, Role.DATA_OWNER, Role.DEALER]
     with tempfile.TemporaryDirectory(prefix="secfwt-fault-") as tmp:
-        tls = {r: dataclasses.replace(s, keepalive_s=keepalive_for_heartbeat(HEARTBEAT_S)) for r, s in launcher._local_tls(tmp, roles).items()}
+        tls = {
+            r: dataclasses.replace(s, keepalive_s=keepalive_for_heartbeat(HEARTBEAT_S))
+            for r, s in launcher._local_tls(tmp, roles).items()
+        }
         procs = {
             role: ctx.Process(
                 target=launcher._child_main,
                 name=f"fault-{role.value}",
-                args=(role, 2, "", Provider.TTP.value, False, None if role is Role.DEALER else _busy, {"progress": ready}, results, os.getpid(),
-                      logging.WARNING, Transport.TLS, tls[role], None),
+                args=(
+                    role,
+                    2,
+                    "",
+                    Provider.TTP.value,
+                    False,
+                    None if role is Role.DEALER else _busy,
+                    {"progress": ready},
+                    results,
+                    os.getpid(),
+                    logging.WARNING,
+                    Transport.TLS,
+                    tls[role],
+                    None,
+                ),
             )  # fmt: skip
             for role in roles
         }
@@ -106,7 +133,9 @@ def _run(fault: signal.Signals) -> dict[str, Any]:
                 try:
                     seen.add(ready.get(timeout=max(0.1, deadline - time.monotonic()))[0])
                 except queue_mod.Empty:
-                    pytest.fail(f"parties never got going (ready: {seen}); exit codes {[p.exitcode for p in procs.values()]}")
+                    pytest.fail(
+                        f"parties never got going (ready: {seen}); exit codes {[p.exitcode for p in procs.values()]}"
+                    )
             time.sleep(1.0)  # well inside the loop
             t_fault = time.time()
             os.kill(procs[VICTIM].pid, fault)
@@ -123,7 +152,12 @@ def _run(fault: signal.Signals) -> dict[str, Any]:
                 for r in survivors:
                     if r not in exited and procs[r].exitcode is not None:
                         exited[r] = time.time()
-            return {"t_fault": t_fault, "reports": reports, "exited": exited, "codes": {r: procs[r].exitcode for r in survivors}}
+            return {
+                "t_fault": t_fault,
+                "reports": reports,
+                "exited": exited,
+                "codes": {r: procs[r].exitcode for r in survivors},
+            }
         finally:
             for p in procs.values():
                 if p.is_alive():
@@ -135,7 +169,9 @@ def _check(out: dict[str, Any], *, bound_s: float, what: str) -> None:
     import pickle
 
     t0 = out["t_fault"]
-    assert set(out["reports"]) == {Role.MODEL_OWNER, Role.DEALER}, f"survivors that reported: {set(out['reports'])}"
+    assert set(out["reports"]) == {Role.MODEL_OWNER, Role.DEALER}, (
+        f"survivors that reported: {set(out['reports'])}"
+    )
     for role, (item, received) in out["reports"].items():
         if item[0] == "ok":  # a computing party that caught the loss and returned
             value = pickle.loads(item[2])
@@ -144,8 +180,12 @@ def _check(out: dict[str, Any], *, bound_s: float, what: str) -> None:
             text, detected = item[3], received  # upper bound: when its report reached us
         assert text is not None and VICTIM.value in text, f"{role.value}: {text!r}"
         elapsed = detected - t0
-        log.info("%s: %s detected by %s after %.2f s: %s", what, VICTIM.value, role.value, elapsed, text)
-        print(f"{what}: {role.value} detected the lost {VICTIM.value} after {elapsed:.2f} s (bound {bound_s:.1f} s + slack {SLACK_S:.0f} s)")
+        log.info(
+            "%s: %s detected by %s after %.2f s: %s", what, VICTIM.value, role.value, elapsed, text
+        )
+        print(
+            f"{what}: {role.value} detected the lost {VICTIM.value} after {elapsed:.2f} s (bound {bound_s:.1f} s + slack {SLACK_S:.0f} s)"
+        )
         assert elapsed <= bound_s + SLACK_S, f"{role.value} took {elapsed:.1f} s"
     for role in (Role.MODEL_OWNER, Role.DEALER):
         assert role in out["exited"], f"{role.value} did not exit (hung threads?)"

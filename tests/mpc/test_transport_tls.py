@@ -23,9 +23,9 @@ import grpc
 import pytest
 import torch
 
-from secfwt.mpc.provider import Provider
 from secfwt.errors import ConfigError, ProtocolError
 from secfwt.mpc.launcher import PartyContext, run_parties
+from secfwt.mpc.provider import Provider
 from secfwt.mpc.transport import TlsSettings, Transport, ephemeral_tls_bundle, peer_name
 from secfwt.mpc.transport.mesh import Kind, PeerMesh
 from secfwt.roles import Role
@@ -48,7 +48,10 @@ def _big(rank: int) -> torch.Tensor:
 
 def _inputs() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(7)
-    return {"x": torch.randn(*MATMUL_SHAPES[0], generator=g), "w": torch.randn(*MATMUL_SHAPES[1], generator=g) / 2}
+    return {
+        "x": torch.randn(*MATMUL_SHAPES[0], generator=g),
+        "w": torch.randn(*MATMUL_SHAPES[1], generator=g) / 2,
+    }
 
 
 def _exercise(ctx: PartyContext, payload: dict[str, Any]) -> dict[str, Any]:
@@ -74,14 +77,20 @@ def _exercise(ctx: PartyContext, payload: dict[str, Any]) -> dict[str, Any]:
         out["recv"] = comm.recv(torch.empty(512, dtype=torch.int64), 0)
         comm.send(torch.arange(5, dtype=torch.float32) / 3, 0)
     a, b = torch.empty(3, dtype=torch.int64), torch.empty(4, dtype=torch.int64)
-    sends = [comm.isend(torch.arange(3) + 10 * rank, other), comm.isend(torch.arange(4) - 10 * rank, other)]
+    sends = [
+        comm.isend(torch.arange(3) + 10 * rank, other),
+        comm.isend(torch.arange(4) - 10 * rank, other),
+    ]
     r1, r2 = comm.irecv(a, src=other), comm.irecv(b, src=other)
     r2.wait()  # out of order on purpose: each wait gets the message its irecv was posted for
     r1.wait()
     for s in sends:
         s.wait()
     out["irecv"] = (a, b)
-    out["scatter"] = [comm.scatter([torch.arange(6).reshape(2, 3) + 100 * i + 10 * root for i in range(2)], root) for root in (0, 1)]
+    out["scatter"] = [
+        comm.scatter([torch.arange(6).reshape(2, 3) + 100 * i + 10 * root for i in range(2)], root)
+        for root in (0, 1)
+    ]
     out["reduce_sum"] = [comm.reduce(big, dst) for dst in (0, 1)]
     out["reduce_xor_batched"] = comm.reduce([big, big[:10] * 3], 0, op=ReduceOp.BXOR, batched=True)
     out["all_reduce_sum"] = comm.all_reduce(big)
@@ -99,17 +108,29 @@ def _exercise(ctx: PartyContext, payload: dict[str, Any]) -> dict[str, Any]:
         comm.send_obj({"marker": MARKER, "n": 3}, 0)
     else:
         out["recv_obj"] = comm.recv_obj(1)
-    out["broadcast_obj"] = comm.broadcast_obj({"from": 0, "marker": MARKER} if rank == 0 else None, 0)
+    out["broadcast_obj"] = comm.broadcast_obj(
+        {"from": 0, "marker": MARKER} if rank == 0 else None, 0
+    )
     stats = comm.get_communication_stats()
     out["stats_primitives"] = (stats["rounds"], stats["bytes"])
 
-    xs = crypten.cryptensor(payload["x"] if ctx.role is Role.DATA_OWNER else torch.zeros(MATMUL_SHAPES[0]), src=Role.DATA_OWNER.rank)
-    ws = crypten.cryptensor(payload["w"] if ctx.role is Role.MODEL_OWNER else torch.zeros(MATMUL_SHAPES[1]), src=Role.MODEL_OWNER.rank)
+    xs = crypten.cryptensor(
+        payload["x"] if ctx.role is Role.DATA_OWNER else torch.zeros(MATMUL_SHAPES[0]),
+        src=Role.DATA_OWNER.rank,
+    )
+    ws = crypten.cryptensor(
+        payload["w"] if ctx.role is Role.MODEL_OWNER else torch.zeros(MATMUL_SHAPES[1]),
+        src=Role.MODEL_OWNER.rank,
+    )
     y = xs.matmul(ws)  # (6, 5), a TTP triple
     above = y > 0.25  # binary triples and B2A from the dealer
     p = nonlinear.softmax(y, dim=-1)
     out["shares"] = (y.share.clone(), above.share.clone(), p.share.clone())
-    out["mpc"] = {"y": y.get_plain_text(), "above": above.get_plain_text(), "softmax": p.get_plain_text()}
+    out["mpc"] = {
+        "y": y.get_plain_text(),
+        "above": above.get_plain_text(),
+        "softmax": p.get_plain_text(),
+    }
     stats = comm.get_communication_stats()
     out["stats_total"] = (stats["rounds"], stats["bytes"])
     return out
@@ -167,7 +188,9 @@ class _RecordingProxy:
         self.listener.close()
 
 
-def _relay_addresses(dirs: dict[Role, Path], proxies: list[_RecordingProxy], stop: threading.Event) -> None:
+def _relay_addresses(
+    dirs: dict[Role, Path], proxies: list[_RecordingProxy], stop: threading.Event
+) -> None:
     """Each party publishes its address in its own folder; the others get a proxy in front of it."""
     pending = set(dirs)
     while pending and not stop.is_set():
@@ -201,7 +224,14 @@ def _tls_records(stream: bytes) -> list[int]:
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def gloo_run() -> dict[Role, Any]:
-    res = run_parties(_exercise, payloads=_payloads(), provider=Provider.TTP, timeout_s=TIMEOUT_S, transport=Transport.GLOO, insecure_fixed_seed=SEED)
+    res = run_parties(
+        _exercise,
+        payloads=_payloads(),
+        provider=Provider.TTP,
+        timeout_s=TIMEOUT_S,
+        transport=Transport.GLOO,
+        insecure_fixed_seed=SEED,
+    )
     return {role: r.value for role, r in res.items() if role is not Role.DEALER}
 
 
@@ -214,7 +244,13 @@ def tls_run(tmp_path_factory) -> dict[str, Any]:
     for d in dirs.values():
         d.mkdir()
     settings = {
-        role: TlsSettings(ca_cert=bundle.ca_cert, cert=bundle.certs[role], key=bundle.keys[role], session_id="proxy-test", rendezvous_dir=dirs[role])
+        role: TlsSettings(
+            ca_cert=bundle.ca_cert,
+            cert=bundle.certs[role],
+            key=bundle.keys[role],
+            session_id="proxy-test",
+            rendezvous_dir=dirs[role],
+        )
         for role in roles
     }
     proxies: list[_RecordingProxy] = []
@@ -223,7 +259,13 @@ def tls_run(tmp_path_factory) -> dict[str, Any]:
     relay.start()
     try:
         res = run_parties(
-            _exercise, payloads=_payloads(), provider=Provider.TTP, timeout_s=TIMEOUT_S, transport=Transport.TLS, tls=settings, insecure_fixed_seed=SEED
+            _exercise,
+            payloads=_payloads(),
+            provider=Provider.TTP,
+            timeout_s=TIMEOUT_S,
+            transport=Transport.TLS,
+            tls=settings,
+            insecure_fixed_seed=SEED,
         )
     finally:
         stop.set()
@@ -231,7 +273,10 @@ def tls_run(tmp_path_factory) -> dict[str, Any]:
         for p in proxies:
             p.close()
     time.sleep(0.2)  # let the pumps copy the last bytes of the orderly close
-    return {"values": {role: r.value for role, r in res.items() if role is not Role.DEALER}, "proxies": proxies}
+    return {
+        "values": {role: r.value for role, r in res.items() if role is not Role.DEALER},
+        "proxies": proxies,
+    }
 
 
 def _same(a: Any, b: Any, where: str = "") -> None:
@@ -254,14 +299,18 @@ def _same(a: Any, b: Any, where: str = "") -> None:
 def test_every_primitive_gives_the_gloo_results(gloo_run, tls_run) -> None:
     tls = tls_run["values"]
     for role in (Role.MODEL_OWNER, Role.DATA_OWNER):
-        prim = {k: v for k, v in gloo_run[role].items() if k not in ("mpc", "shares", "stats_total")}
+        prim = {
+            k: v for k, v in gloo_run[role].items() if k not in ("mpc", "shares", "stats_total")
+        }
         _same(prim, {k: tls[role][k] for k in prim}, role.value)
     # and those results are right, not just equal
     mo, do = tls[Role.MODEL_OWNER], tls[Role.DATA_OWNER]
     assert mo["ids"] == (2, 0, 2) and do["ids"] == (2, 1, 2) and do["name"] == "party-1"
     assert torch.equal(do["recv"], torch.full((512,), PATTERN, dtype=torch.int64))
     assert torch.equal(mo["recv"], torch.arange(5, dtype=torch.float32) / 3)
-    assert torch.equal(do["irecv"][0], torch.arange(3)) and torch.equal(mo["irecv"][1], torch.arange(4) - 10)
+    assert torch.equal(do["irecv"][0], torch.arange(3)) and torch.equal(
+        mo["irecv"][1], torch.arange(4) - 10
+    )
     wrapped = _big(0) + _big(1)  # int64 addition wraps mod 2^64, as the ring requires
     assert torch.equal(mo["all_reduce_sum"], wrapped) and torch.equal(do["all_reduce_sum"], wrapped)
     assert torch.equal(do["reduce_sum"][1], wrapped) and mo["reduce_sum"][1] is None
@@ -270,8 +319,13 @@ def test_every_primitive_gives_the_gloo_results(gloo_run, tls_run) -> None:
     assert torch.equal(do["scatter"][0], torch.arange(6).reshape(2, 3) + 100)
     assert do["gather"][0] == [None] and torch.equal(do["gather"][1][0], _big(0)[:5])
     assert torch.equal(mo["all_gather"][1], _big(1)[:5] + 1)
-    assert torch.equal(do["broadcast"][0], _big(0)[:4]) and torch.equal(mo["broadcast"][1][1], torch.full((3,), 7))
-    assert mo["recv_obj"] == {"marker": MARKER, "n": 3} and do["broadcast_obj"] == {"from": 0, "marker": MARKER}
+    assert torch.equal(do["broadcast"][0], _big(0)[:4]) and torch.equal(
+        mo["broadcast"][1][1], torch.full((3,), 7)
+    )
+    assert mo["recv_obj"] == {"marker": MARKER, "n": 3} and do["broadcast_obj"] == {
+        "from": 0,
+        "marker": MARKER,
+    }
     assert mo["stats_primitives"][1] > 0
 
 
@@ -293,7 +347,9 @@ def test_mpc_results_are_bit_identical_under_gloo_and_tls(gloo_run, tls_run) -> 
 @pytest.mark.multiprocess
 def test_the_wire_carries_only_tls_records(tls_run) -> None:
     streams = [bytes(s) for p in tls_run["proxies"] for s in p.streams]
-    assert len(tls_run["proxies"]) == 3 and len(streams) >= 12  # 6 directed links, both directions each
+    assert (
+        len(tls_run["proxies"]) == 3 and len(streams) >= 12
+    )  # 6 directed links, both directions each
     total = sum(len(s) for s in streams)
     assert total > 20_000  # the run really went through the proxies
     needles = {
@@ -319,11 +375,18 @@ def bundle(tmp_path):
     return ephemeral_tls_bundle(tmp_path / "certs")
 
 
-def _settings(bundle, tmp_path: Path, *, cert_role: Role, session: str = "s", timeout_s: float = 10.0) -> TlsSettings:
+def _settings(
+    bundle, tmp_path: Path, *, cert_role: Role, session: str = "s", timeout_s: float = 10.0
+) -> TlsSettings:
     rdv = tmp_path / "rdv"
     rdv.mkdir(exist_ok=True)
     return TlsSettings(
-        ca_cert=bundle.ca_cert, cert=bundle.certs[cert_role], key=bundle.keys[cert_role], session_id=session, rendezvous_dir=rdv, connect_timeout_s=timeout_s
+        ca_cert=bundle.ca_cert,
+        cert=bundle.certs[cert_role],
+        key=bundle.keys[cert_role],
+        session_id=session,
+        rendezvous_dir=rdv,
+        connect_timeout_s=timeout_s,
     )
 
 
@@ -351,15 +414,31 @@ def _start_all(settings: dict[int, TlsSettings]) -> dict[int, Any]:
 def test_a_peer_whose_certificate_names_another_role_is_refused(bundle, tmp_path) -> None:
     t0 = time.monotonic()
     # the data owner's process holds the dealer's (valid, CA-signed) certificate
-    out = _start_all({0: _settings(bundle, tmp_path, cert_role=Role.MODEL_OWNER), 1: _settings(bundle, tmp_path, cert_role=Role.DEALER)})
-    assert isinstance(out[1], ProtocolError) and "PERMISSION_DENIED" in str(out[1]) and peer_name(Role.DATA_OWNER) in str(out[1])
+    out = _start_all(
+        {
+            0: _settings(bundle, tmp_path, cert_role=Role.MODEL_OWNER),
+            1: _settings(bundle, tmp_path, cert_role=Role.DEALER),
+        }
+    )
+    assert (
+        isinstance(out[1], ProtocolError)
+        and "PERMISSION_DENIED" in str(out[1])
+        and peer_name(Role.DATA_OWNER) in str(out[1])
+    )
     assert isinstance(out[0], ProtocolError) and peer_name(Role.DATA_OWNER) in str(out[0])
     assert time.monotonic() - t0 < 8  # refused at once, not after the connect timeout
 
 
 def test_a_peer_of_another_session_is_refused(bundle, tmp_path) -> None:
-    out = _start_all({0: _settings(bundle, tmp_path, cert_role=Role.MODEL_OWNER), 1: _settings(bundle, tmp_path, cert_role=Role.DATA_OWNER, session="other", timeout_s=3)})
-    assert any(isinstance(v, ProtocolError) and "another session" in str(v) for v in out.values()), out
+    out = _start_all(
+        {
+            0: _settings(bundle, tmp_path, cert_role=Role.MODEL_OWNER),
+            1: _settings(bundle, tmp_path, cert_role=Role.DATA_OWNER, session="other", timeout_s=3),
+        }
+    )
+    assert any(
+        isinstance(v, ProtocolError) and "another session" in str(v) for v in out.values()
+    ), out
 
 
 def test_a_client_without_certificate_cannot_connect(bundle, tmp_path) -> None:
@@ -380,10 +459,16 @@ def test_a_client_without_certificate_cannot_connect(bundle, tmp_path) -> None:
         time.sleep(0.02)
     address = address_file.read_text()
     target = [("grpc.ssl_target_name_override", peer_name(Role.MODEL_OWNER))]
-    no_cert = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=bundle.ca_cert.read_bytes()), options=target)
+    no_cert = grpc.secure_channel(
+        address,
+        grpc.ssl_channel_credentials(root_certificates=bundle.ca_cert.read_bytes()),
+        options=target,
+    )
     plain = grpc.insecure_channel(address)
     for channel in (no_cert, plain):
-        call = channel.stream_stream("/secfwt.mpc.v1.Mesh/Stream")(iter([b"SFH1\x01\x00\x01\x00s"]), timeout=3)
+        call = channel.stream_stream("/secfwt.mpc.v1.Mesh/Stream")(
+            iter([b"SFH1\x01\x00\x01\x00s"]), timeout=3
+        )
         with pytest.raises(grpc.RpcError) as err:
             next(call)
         assert err.value.code() is grpc.StatusCode.UNAVAILABLE
@@ -394,12 +479,23 @@ def test_a_client_without_certificate_cannot_connect(bundle, tmp_path) -> None:
 
 
 def test_messages_keep_order_and_a_vanished_peer_fails_the_receive(bundle, tmp_path) -> None:
-    out = _start_all({0: _settings(bundle, tmp_path, cert_role=Role.MODEL_OWNER), 1: _settings(bundle, tmp_path, cert_role=Role.DATA_OWNER)})
+    out = _start_all(
+        {
+            0: _settings(bundle, tmp_path, cert_role=Role.MODEL_OWNER),
+            1: _settings(bundle, tmp_path, cert_role=Role.DATA_OWNER),
+        }
+    )
     m0, m1 = out[0], out[1]
     assert isinstance(m0, PeerMesh) and isinstance(m1, PeerMesh), out
     big = torch.arange(3_000_000, dtype=torch.int64)  # 24 MB: many frames
     for i in range(3):
-        m1.send(0, kind=Kind.TENSOR, channel=0, code=1, payload=memoryview(torch.full((2,), i).numpy()).cast("B"))
+        m1.send(
+            0,
+            kind=Kind.TENSOR,
+            channel=0,
+            code=1,
+            payload=memoryview(torch.full((2,), i).numpy()).cast("B"),
+        )
     m1.send(0, kind=Kind.TENSOR, channel=0, code=1, payload=memoryview(big.numpy()).cast("B"))
     tickets = [m0.post(1, 0) for _ in range(4)]
     assert torch.equal(m0.take(1, 0, tickets[3]).payload.view(torch.int64), big)
@@ -420,7 +516,9 @@ def test_run_transport_is_a_validated_job_setting() -> None:
 
     assert load_job(None).run.transport is Transport.GLOO  # local simulation default
     assert load_job(None, overrides=["run.transport=tls"]).run.transport is Transport.TLS
-    with pytest.raises(ConfigError, match=r"\[run\] transport: 'ssh' is not one of \['gloo', 'tls'\]"):
+    with pytest.raises(
+        ConfigError, match=r"\[run\] transport: 'ssh' is not one of \['gloo', 'tls'\]"
+    ):
         load_job(None, overrides=["run.transport=ssh"])
 
 
@@ -437,16 +535,37 @@ def test_a_tiny_job_gives_the_same_result_over_gloo_and_tls(tmp_path, tiny_tok_d
     job = write_tiny_job(tmp_path, tiny_tok_dir)
     reports = {}
     for transport in Transport:
-        cfg = load_job(job, overrides=[f"run.transport={transport.value}", f'run.output_dir="{tmp_path / transport.value}"'])
+        cfg = load_job(
+            job,
+            overrides=[
+                f"run.transport={transport.value}",
+                f'run.output_dir="{tmp_path / transport.value}"',
+            ],
+        )
         reports[transport] = run_simulation(cfg, insecure_fixed_seed=SEED)
     gloo, tls = reports[Transport.GLOO], reports[Transport.TLS]
     assert gloo["transport"] == "gloo" and tls["transport"] == "tls"
-    for key in ("joint_seed", "loss_history", "accuracy_before", "accuracy_after", "steps", "trainable"):
+    for key in (
+        "joint_seed",
+        "loss_history",
+        "accuracy_before",
+        "accuracy_after",
+        "steps",
+        "trainable",
+    ):
         assert gloo[key] == tls[key], key
     for role in ("model_owner", "data_owner"):
         assert gloo["parties"][role]["bytes_sent"] == tls["parties"][role]["bytes_sent"]
         assert gloo["parties"][role]["rounds"] == tls["parties"][role]["rounds"]
-    final = {t: torch.load(r["parties"]["data_owner"]["artifacts"]["final_parameters"]) for t, r in reports.items()}
+    final = {
+        t: torch.load(r["parties"]["data_owner"]["artifacts"]["final_parameters"])
+        for t, r in reports.items()
+    }
     _same(final[Transport.GLOO], final[Transport.TLS], "final parameters")
     for t, r in reports.items():  # the cost of TLS, for the log
-        log.info("tiny job over %s: wall %.1f s, %d bytes per party", t.value, r["wall_s"], r["parties"]["data_owner"]["bytes_sent"])
+        log.info(
+            "tiny job over %s: wall %.1f s, %d bytes per party",
+            t.value,
+            r["wall_s"],
+            r["parties"]["data_owner"]["bytes_sent"],
+        )

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import torch
 
-from secfwt.mpc.provider import Provider
 from secfwt.mpc.launcher import PartyContext, run_parties
+from secfwt.mpc.provider import Provider
 from secfwt.roles import Role
 
 pytestmark = pytest.mark.multiprocess
@@ -61,7 +61,12 @@ def test_small_products_share_pooled_triples_and_stay_exact() -> None:
     from secfwt.mpc.beaver import POOL_SIZE
 
     assert sum(SMALL) > POOL_SIZE
-    results = run_parties(party, payloads={Role.MODEL_OWNER: None, Role.DATA_OWNER: None}, provider=Provider.TTP, timeout_s=120)
+    results = run_parties(
+        party,
+        payloads={Role.MODEL_OWNER: None, Role.DATA_OWNER: None},
+        provider=Provider.TTP,
+        timeout_s=120,
+    )
     for role in (Role.MODEL_OWNER, Role.DATA_OWNER):
         assert all(results[role].value["exact"]), role
     # only rank 0 (the model owner) talks to the dealer: two pools for the small products,

@@ -43,7 +43,9 @@ KILL_AT = 2
 def _cfg(tmp_path: Path, model_dir: Path, name: str, *extra: str):
     (tmp_path / name).mkdir()
     job = write_tiny_job(tmp_path / name, model_dir)
-    return load_job(job, overrides=[f"zo.steps={STEPS}", f'run.output_dir="{tmp_path / name / "runs"}"', *extra])
+    return load_job(
+        job, overrides=[f"zo.steps={STEPS}", f'run.output_dir="{tmp_path / name / "runs"}"', *extra]
+    )
 
 
 def _final(report: dict) -> dict[str, torch.Tensor]:
@@ -66,7 +68,9 @@ def test_killed_then_resumed_zo_job_equals_the_uninterrupted_run(tmp_path, tiny_
         checkpoint_dir=tmp_path / "ref-ckpt",
         checkpoint_every=1,
         resume=True,
-        on_progress=lambda role, msg: phases.append(msg.get("phase", "")) if role is Role.DATA_OWNER else None,
+        on_progress=lambda role, msg: (
+            phases.append(msg.get("phase", "")) if role is Role.DATA_OWNER else None
+        ),
     )
     assert ref["steps"] == STEPS and ref["resumed_from_step"] is None
     assert "no common checkpoint: starting from step 0" in phases
@@ -80,15 +84,28 @@ def test_killed_then_resumed_zo_job_equals_the_uninterrupted_run(tmp_path, tiny_
     killed: list[int] = []
 
     def kill_data_owner(role: Role, msg: dict) -> None:
-        if role is Role.DATA_OWNER and msg.get("kind") == "checkpoint" and msg["step"] == KILL_AT and not killed:
+        if (
+            role is Role.DATA_OWNER
+            and msg.get("kind") == "checkpoint"
+            and msg["step"] == KILL_AT
+            and not killed
+        ):
             for p in multiprocessing.active_children():
                 if p.name == f"secfwt-{Role.DATA_OWNER.value}":
                     os.kill(p.pid, signal.SIGKILL)
                     killed.append(p.pid)
 
     with pytest.raises(ProtocolError):
-        run_simulation(cfg, insecure_fixed_seed=SEED, checkpoint_dir=ckpt_dir, checkpoint_every=1, on_progress=kill_data_owner)
-    assert killed, "the data owner was never killed (did the job finish before its checkpoint message arrived?)"
+        run_simulation(
+            cfg,
+            insecure_fixed_seed=SEED,
+            checkpoint_dir=ckpt_dir,
+            checkpoint_every=1,
+            on_progress=kill_data_owner,
+        )
+    assert killed, (
+        "the data owner was never killed (did the job finish before its checkpoint message arrived?)"
+    )
 
     # 3. resume: the parties agree on the latest step both hold and continue from it
     resumed_msgs: list[dict] = []
@@ -97,15 +114,24 @@ def test_killed_then_resumed_zo_job_equals_the_uninterrupted_run(tmp_path, tiny_
         on_progress=lambda role, msg: resumed_msgs.append(msg) if role is Role.DATA_OWNER else None,
     )  # fmt: skip
     start = res["resumed_from_step"]
-    assert start is not None and KILL_AT - 1 <= start < STEPS, start  # KILL_AT - 1: killed mid-write
+    assert start is not None and KILL_AT - 1 <= start < STEPS, (
+        start
+    )  # KILL_AT - 1: killed mid-write
     assert any(m.get("phase") == f"resumed from step {start}" for m in resumed_msgs)
-    assert [m["step"] for m in resumed_msgs if m.get("kind") == "checkpoint"] == list(range(start + 1, STEPS + 1))
-    assert not any(m.get("kind") == "prefix" for m in resumed_msgs)  # the prefix came from the checkpoint
+    assert [m["step"] for m in resumed_msgs if m.get("kind") == "checkpoint"] == list(
+        range(start + 1, STEPS + 1)
+    )
+    assert not any(
+        m.get("kind") == "prefix" for m in resumed_msgs
+    )  # the prefix came from the checkpoint
 
     # bit-identical: losses, accuracies, final parameters
     assert res["steps"] == ref["steps"] == STEPS
     assert res["loss_history"] == ref["loss_history"]
-    assert res["accuracy_before"] == ref["accuracy_before"] and res["accuracy_after"] == ref["accuracy_after"]
+    assert (
+        res["accuracy_before"] == ref["accuracy_before"]
+        and res["accuracy_after"] == ref["accuracy_after"]
+    )
     a, b = _final(ref), _final(res)
     assert a.keys() == b.keys()
     for name in a:
@@ -117,7 +143,14 @@ def test_killed_then_resumed_zo_job_equals_the_uninterrupted_run(tmp_path, tiny_
 # ------------------------------------------------------------------------------------------------
 def _fake_step(folder: Path, role: Role, *, job_digest: str, step: int = 1) -> None:
     PartyCheckpoints(folder, role=role, job_digest=job_digest, terms_digest="t").write(
-        step=step, checkpoint_id="abc", joint_seed=1, history=[], accuracy_before=None, theta_shares={}, precision_bits=16, prefix_id=""
+        step=step,
+        checkpoint_id="abc",
+        joint_seed=1,
+        history=[],
+        accuracy_before=None,
+        theta_shares={},
+        precision_bits=16,
+        prefix_id="",
     )
 
 
@@ -139,8 +172,20 @@ def test_a_fresh_start_into_a_folder_with_checkpoints_is_refused(tmp_path, tiny_
 
     cfg = _cfg(tmp_path, tiny_tok_dir, "job")
     # one party's folder holds a checkpoint of this very job (same job and terms digests)
-    PartyCheckpoints(tmp_path / "ckpt" / "data_owner", role=Role.DATA_OWNER, job_digest=public_job_digest(cfg), terms_digest=cfg.terms.digest()).write(
-        step=1, checkpoint_id="abc", joint_seed=1, history=[], accuracy_before=None, theta_shares={}, precision_bits=16, prefix_id=""
+    PartyCheckpoints(
+        tmp_path / "ckpt" / "data_owner",
+        role=Role.DATA_OWNER,
+        job_digest=public_job_digest(cfg),
+        terms_digest=cfg.terms.digest(),
+    ).write(
+        step=1,
+        checkpoint_id="abc",
+        joint_seed=1,
+        history=[],
+        accuracy_before=None,
+        theta_shares={},
+        precision_bits=16,
+        prefix_id="",
     )
     with pytest.raises(ConfigError, match="already holds checkpoints of this job"):
         run_simulation(cfg, checkpoint_dir=tmp_path / "ckpt", checkpoint_every=1, resume=False)
@@ -166,11 +211,18 @@ def test_writes_keep_the_last_two_steps_and_the_prefix_they_name(tmp_path) -> No
     for step in (2, 4, 6):
         _write(s, step, prefix_id="p1")
     names = sorted(p.name for p in s.folder.iterdir())
-    assert names == ["prefix-p1.pt", "step-00000004.pt", "step-00000006.pt"], names  # no temporary files
+    assert names == ["prefix-p1.pt", "step-00000004.pt", "step-00000006.pt"], (
+        names
+    )  # no temporary files
     refs = s.available()
     assert [(r.step, r.checkpoint_id) for r in refs] == [(4, "id4"), (6, "id6")]
     ckpt, cache = s.load(refs[-1])
-    assert ckpt.step == 6 and ckpt.joint_seed == 7 and len(ckpt.history) == 6 and ckpt.accuracy_before == 0.4
+    assert (
+        ckpt.step == 6
+        and ckpt.joint_seed == 7
+        and len(ckpt.history) == 6
+        and ckpt.accuracy_before == 0.4
+    )
     assert torch.equal(ckpt.theta_shares["w"], torch.full((2, 3), 6, dtype=torch.int64))
     assert torch.equal(cache, torch.arange(6, dtype=torch.int64))
 
@@ -188,10 +240,14 @@ def test_files_of_another_job_terms_or_role_are_refused(tmp_path) -> None:
     _write(_store(tmp_path, job="a" * 64), 1)
     with pytest.raises(ConfigError, match="belongs to another job"):
         _store(tmp_path, job="b" * 64).available()
-    other_terms = PartyCheckpoints(tmp_path / "data_owner", role=Role.DATA_OWNER, job_digest="a" * 64, terms_digest="other")
+    other_terms = PartyCheckpoints(
+        tmp_path / "data_owner", role=Role.DATA_OWNER, job_digest="a" * 64, terms_digest="other"
+    )
     with pytest.raises(ConfigError, match="other disclosure terms"):
         other_terms.available()
-    wrong_role = PartyCheckpoints(tmp_path / "data_owner", role=Role.MODEL_OWNER, job_digest="a" * 64, terms_digest="terms")
+    wrong_role = PartyCheckpoints(
+        tmp_path / "data_owner", role=Role.MODEL_OWNER, job_digest="a" * 64, terms_digest="terms"
+    )
     with pytest.raises(ConfigError, match="give each party its own checkpoint_dir"):
         wrong_role.available()
     (tmp_path / "data_owner" / "step-00000009.pt").write_bytes(b"not a checkpoint")
@@ -213,7 +269,9 @@ def test_a_restored_cma_search_continues_exactly(tmp_path) -> None:
     """The data owner's CMA-ES state (cma object + numpy's generator) survives a pickle round trip."""
     from secfwt.tuning.cma import CMASettings, PromptSearch
 
-    settings = CMASettings(intrinsic_dim=6, prompt_length=2, hidden_size=4, population=5, sigma0=0.5, seed=11)
+    settings = CMASettings(
+        intrinsic_dim=6, prompt_length=2, hidden_size=4, population=5, sigma0=0.5, seed=11
+    )
 
     def losses(c: torch.Tensor) -> list[float]:
         return [float((p - 0.3).pow(2).sum()) for p in c]

@@ -25,17 +25,27 @@ def test_cma_prompt_tuning_reveals_only_own_outputs_to_the_data_owner(tmp_path, 
     report = run_simulation(cfg)
     assert report["steps"] == 3 and report["mode"] == "cma"
     losses = [x for x in report["loss_history"] if x is not None]
-    assert len(losses) == 3 and all(0 < x < 5 for x in losses)  # the data owner computed losses locally
+    assert len(losses) == 3 and all(
+        0 < x < 5 for x in losses
+    )  # the data owner computed losses locally
     out = Path(report["output_dir"])
     prompt = torch.load(report["parties"]["data_owner"]["artifacts"]["prompt"])["prompt"]
     assert prompt.shape == (2, 64)
     assert report["parties"]["model_owner"]["artifacts"] == {}
     for role in ("model_owner", "data_owner"):
-        entries = [json.loads(line) for line in (out / role / "audit.jsonl").read_text().splitlines()]
+        entries = [
+            json.loads(line) for line in (out / role / "audit.jsonl").read_text().splitlines()
+        ]
         outputs = [e for e in entries if e["value"] == "train_outputs"]
         assert len(outputs) == 3 and all(e["to"] == ["data_owner"] for e in outputs)
         assert outputs[0]["shape"] == [4 * 6, 2]  # population x batch rows of logits
-        assert {e["value"] for e in entries} <= {"train_outputs", "eval_accuracy", "embedding_table", "train_loss", "final_parameters"}
+        assert {e["value"] for e in entries} <= {
+            "train_outputs",
+            "eval_accuracy",
+            "embedding_table",
+            "train_loss",
+            "final_parameters",
+        }
 
 
 def _disagreeing_terms(ctx, payload):
@@ -50,9 +60,9 @@ def _disagreeing_terms(ctx, payload):
 
 
 def test_parties_with_different_terms_refuse_to_start():
-    from secfwt.mpc.provider import Provider
     from secfwt.errors import ProtocolError
     from secfwt.mpc.launcher import run_parties
+    from secfwt.mpc.provider import Provider
 
     with pytest.raises(ProtocolError, match="disagree on the disclosure terms"):
         run_parties(_disagreeing_terms, payloads={}, provider=Provider.TTP, timeout_s=120)
@@ -67,8 +77,8 @@ def _joint_seed(ctx, payload):
 
 
 def test_joint_seed_is_common_and_fresh():
-    from secfwt.mpc.provider import Provider
     from secfwt.mpc.launcher import run_parties
+    from secfwt.mpc.provider import Provider
     from secfwt.roles import Role
 
     res = run_parties(_joint_seed, payloads={}, provider=Provider.TTP, timeout_s=120)

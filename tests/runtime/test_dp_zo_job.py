@@ -9,12 +9,20 @@ import pytest
 
 from secfwt.cli import main
 from secfwt.config import load_job
-from secfwt.tuning.accounting import epsilon, plan
 from secfwt.errors import ConfigError
 from secfwt.runtime.simulate import run_simulation
+from secfwt.tuning.accounting import epsilon, plan
 from tests.conftest import write_tiny_job
 
-DP = ["dp.enabled=true", "dp.target_epsilon=4.0", "dp.delta=0.01", "zo.batch_size=4", "zo.directions=3", "zo.steps=4", "zo.lr=0.5"]
+DP = [
+    "dp.enabled=true",
+    "dp.target_epsilon=4.0",
+    "dp.delta=0.01",
+    "zo.batch_size=4",
+    "zo.directions=3",
+    "zo.steps=4",
+    "zo.lr=0.5",
+]
 
 
 @pytest.mark.multiprocess
@@ -25,15 +33,32 @@ def test_dp_zo_job_reports_its_guarantee_and_reveals_nothing_else(tmp_path, tiny
     expected = plan(cfg.dp, n_train=8, batch_size=4, steps=4)
     assert dp["sample_rate"] == 0.5 and dp["steps"] == 4 and dp["n_train"] == 8
     assert dp["noise_multiplier_per_party"] == pytest.approx(expected.noise_multiplier)
-    assert dp["epsilon_against_each_party"] == pytest.approx(expected.epsilon) and expected.epsilon <= 4.0
-    assert dp["epsilon_released_output"] == pytest.approx(epsilon(noise_multiplier=expected.noise_multiplier * 2**0.5, sample_rate=0.5, steps=4, delta=0.01))
-    assert report["steps"] == 4 and all(h is not None for h in report["loss_history"])  # train_loss -> data owner only
+    assert (
+        dp["epsilon_against_each_party"] == pytest.approx(expected.epsilon)
+        and expected.epsilon <= 4.0
+    )
+    assert dp["epsilon_released_output"] == pytest.approx(
+        epsilon(
+            noise_multiplier=expected.noise_multiplier * 2**0.5,
+            sample_rate=0.5,
+            steps=4,
+            delta=0.01,
+        )
+    )
+    assert report["steps"] == 4 and all(
+        h is not None for h in report["loss_history"]
+    )  # train_loss -> data owner only
     final = report["parties"]["data_owner"]["artifacts"]["final_parameters"]
     assert Path(final).is_file()
     out = Path(report["output_dir"])
-    mo_audit = [json.loads(line) for line in (out / "model_owner" / "audit.jsonl").read_text().splitlines()]
+    mo_audit = [
+        json.loads(line) for line in (out / "model_owner" / "audit.jsonl").read_text().splitlines()
+    ]
     received = [r["value"] for r in mo_audit if "model_owner" in r["to"]]
-    assert received == ["eval_accuracy", "eval_accuracy"]  # two counts on held-out rows, nothing about training rows
+    assert received == [
+        "eval_accuracy",
+        "eval_accuracy",
+    ]  # two counts on held-out rows, nothing about training rows
 
 
 @pytest.mark.parametrize(
@@ -47,7 +72,9 @@ def test_dp_zo_job_reports_its_guarantee_and_reveals_nothing_else(tmp_path, tiny
         (["dp.target_epsilon=-1"], "dp.target_epsilon"),
     ],
 )
-def test_impossible_budget_is_refused_before_any_work(tmp_path, tiny_tok_dir, capsys, override, field):
+def test_impossible_budget_is_refused_before_any_work(
+    tmp_path, tiny_tok_dir, capsys, override, field
+):
     job = write_tiny_job(tmp_path, tiny_tok_dir)
     args = ["simulate", str(job)] + [a for o in DP + override for a in ("--set", o)]
     assert main(args) == 2

@@ -29,7 +29,12 @@ def _descendants(pid: int) -> set[int]:
 
 def run_cli(args: list[str], timeout: float = 300) -> tuple[int, str, set[int]]:
     """Run the real CLI; also collect the processes it started while it ran."""
-    proc = subprocess.Popen([sys.executable, "-m", "secfwt.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "secfwt.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     seen: set[int] = set()
     deadline = time.monotonic() + timeout
     while proc.poll() is None and time.monotonic() < deadline:
@@ -43,9 +48,18 @@ def _alive(pids: set[int], grace_s: float = 10.0) -> set[str]:
     """Processes among ``pids`` still running after a grace period (with their command lines)."""
     deadline = time.monotonic() + grace_s
     while True:
-        alive = {p for p in pids if Path(f"/proc/{p}").exists() and "Z" not in Path(f"/proc/{p}/stat").read_text().split(") ")[-1][:1]}
+        alive = {
+            p
+            for p in pids
+            if Path(f"/proc/{p}").exists()
+            and "Z" not in Path(f"/proc/{p}/stat").read_text().split(") ")[-1][:1]
+        }
         if not alive or time.monotonic() > deadline:
-            return {f"{p}: {Path(f'/proc/{p}/cmdline').read_text().replace(chr(0), ' ')}" for p in alive if Path(f"/proc/{p}").exists()}
+            return {
+                f"{p}: {Path(f'/proc/{p}/cmdline').read_text().replace(chr(0), ' ')}"
+                for p in alive
+                if Path(f"/proc/{p}").exists()
+            }
         time.sleep(0.2)
 
 
@@ -65,9 +79,15 @@ def test_missing_model_files(tmp_path):
 
 def test_label_mismatch_stops_every_party(tmp_path, tiny_tok_dir):
     data = tmp_path / "d.csv"
-    data.write_text("text,label\n" + "".join(f"good film {i},pos\nbad film {i},neg\n" for i in range(12)) + "odd one,maybe\n")
+    data.write_text(
+        "text,label\n"
+        + "".join(f"good film {i},pos\nbad film {i},neg\n" for i in range(12))
+        + "odd one,maybe\n"
+    )
     job = write_tiny_job(tmp_path, tiny_tok_dir, extra="")
-    text = job.read_text().replace("[data]\n", f'[data]\nsource = "csv"\npath = "{data}"\nlabels = ["neg", "pos"]\n')
+    text = job.read_text().replace(
+        "[data]\n", f'[data]\nsource = "csv"\npath = "{data}"\nlabels = ["neg", "pos"]\n'
+    )
     job.write_text(text)
     code, out, seen = run_cli(["simulate", str(job)])
     assert code == 4, out
@@ -80,7 +100,9 @@ def test_text_longer_than_the_model_allows(tmp_path, tiny_tok_dir):
     code, out, seen = run_cli(["simulate", str(job), "--set", "model.max_length=200"])
     assert code == 2 and "max_length" in out and "80" in out, out  # the tiny model has 80 positions
     assert not _alive(seen)
-    code, out, seen = run_cli(["simulate", str(job), "--set", "data.truncate=false", "--set", "model.max_length=8"])
+    code, out, seen = run_cli(
+        ["simulate", str(job), "--set", "data.truncate=false", "--set", "model.max_length=8"]
+    )
     assert code == 4 and "truncate" in out, out
     assert not _alive(seen)
 
@@ -91,7 +113,11 @@ def test_weights_outside_the_fixed_point_range(tmp_path):
 
     f = next(path.glob("*.safetensors"))
     state = load_file(f)
-    key = next(k for k in state if k.endswith("classifier.weight")) if any(k.endswith("classifier.weight") for k in state) else next(iter(state))
+    key = (
+        next(k for k in state if k.endswith("classifier.weight"))
+        if any(k.endswith("classifier.weight") for k in state)
+        else next(iter(state))
+    )
     state[key] = torch.full_like(state[key], 1e6)
     save_file(state, f, metadata={"format": "pt"})
     job = write_tiny_job(tmp_path, path)

@@ -27,8 +27,19 @@ MAX_ABS, MEAN_ABS = 1e-2, 1e-3
     ],
 )
 def test_secure_forward_matches_plaintext(tmp_path, family, head, attention, embedding):
-    path = save_random_checkpoint(tmp_path / "ckpt", family=family, head=head, hidden_size=64, num_attention_heads=4)
-    report = run_verify(VerifyRequest(model_path=str(path), attention=attention, seq_len=24, embedding=embedding, max_abs_tol=MAX_ABS, mean_abs_tol=MEAN_ABS))
+    path = save_random_checkpoint(
+        tmp_path / "ckpt", family=family, head=head, hidden_size=64, num_attention_heads=4
+    )
+    report = run_verify(
+        VerifyRequest(
+            model_path=str(path),
+            attention=attention,
+            seq_len=24,
+            embedding=embedding,
+            max_abs_tol=MAX_ABS,
+            mean_abs_tol=MEAN_ABS,
+        )
+    )
     assert report["passed"], report
     assert report["max_abs_err"] < MAX_ABS and report["mean_abs_err"] < MEAN_ABS
     assert report["argmax_agreement"] >= 0.95
@@ -40,11 +51,28 @@ def test_secure_forward_matches_plaintext(tmp_path, family, head, attention, emb
 
 
 def test_cli_exits_nonzero_when_tolerance_is_exceeded(tmp_path):
-    path = save_random_checkpoint(tmp_path / "ckpt", family="bert", head="base", num_hidden_layers=1)
+    path = save_random_checkpoint(
+        tmp_path / "ckpt", family="bert", head="base", num_hidden_layers=1
+    )
     out = tmp_path / "r.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "secfwt.cli", "verify-model", str(path), "--seq-len", "8", "--max-abs-tol", "1e-9", "--report", str(out)],
-        check=False, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "secfwt.cli",
+            "verify-model",
+            str(path),
+            "--seq-len",
+            "8",
+            "--max-abs-tol",
+            "1e-9",
+            "--report",
+            str(out),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 8, proc.stderr
     assert "disagrees with the plaintext reference" in proc.stderr
@@ -56,8 +84,23 @@ def test_cli_exits_nonzero_when_tolerance_is_exceeded(tmp_path):
 def test_packaged_minilm_at_128_tokens(tmp_path, attention):
     out = tmp_path / "r.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "secfwt.cli", "verify-model", "packaged:all-minilm-l6-v2", "--seq-len", "128", "--attention", attention, "--report", str(out)],
-        check=False, capture_output=True, text=True, timeout=1800,
+        [
+            sys.executable,
+            "-m",
+            "secfwt.cli",
+            "verify-model",
+            "packaged:all-minilm-l6-v2",
+            "--seq-len",
+            "128",
+            "--attention",
+            attention,
+            "--report",
+            str(out),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=1800,
     )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())

@@ -25,10 +25,19 @@ PARAM_TOL = 5e-2
 def test_mpc_zo_tracks_plaintext_reference(tmp_path, tiny_tok_dir):
     job = write_tiny_job(tmp_path, tiny_tok_dir)
     # LoRA on layer 1's query and the biases of its output make layer 1 part of every step
-    cfg = load_job(job, overrides=['zo.trainable=["classifier.*", "*.layer.1.output.dense.bias"]', 'zo.lora_modules=["*.layer.1.attention.self.query"]', "zo.lora_rank=2"])
+    cfg = load_job(
+        job,
+        overrides=[
+            'zo.trainable=["classifier.*", "*.layer.1.output.dense.bias"]',
+            'zo.lora_modules=["*.layer.1.attention.self.query"]',
+            "zo.lora_rank=2",
+        ],
+    )
     report = run_simulation(cfg)
     assert report["cut_layer"] == 1 and report["steps"] == 3
-    spec, state = load_checkpoint(tiny_tok_dir, head=cfg.model.head, num_labels=2, seed=cfg.job.seed)
+    spec, state = load_checkpoint(
+        tiny_tok_dir, head=cfg.model.head, num_labels=2, seed=cfg.job.seed
+    )
     data = prepare_inputs(cfg, tokenizer_dir=tiny_tok_dir)
     ref = plain_zo_run(cfg, spec=spec, state=state, data=data, seed=report["joint_seed"])
     mpc_losses = torch.tensor(report["loss_history"], dtype=torch.float64)
@@ -37,7 +46,13 @@ def test_mpc_zo_tracks_plaintext_reference(tmp_path, tiny_tok_dir):
     final = torch.load(report["parties"]["data_owner"]["artifacts"]["final_parameters"])
     assert set(final) == set(ref["theta"])
     worst = max(float((final[n].double() - ref["theta"][n]).abs().max()) for n in final)
-    moved = max(float((ref["theta"][n] - (state[n].double() if n in state else 0)).abs().max()) for n in final if "lora_B" not in n)
+    moved = max(
+        float((ref["theta"][n] - (state[n].double() if n in state else 0)).abs().max())
+        for n in final
+        if "lora_B" not in n
+    )
     assert worst < PARAM_TOL, worst
     assert moved > 5 * worst  # the parameters really moved, and MPC followed them
-    assert report["accuracy_before"] == pytest.approx(ref["accuracy_before"], abs=0.11)  # at most one of 10 flips
+    assert report["accuracy_before"] == pytest.approx(
+        ref["accuracy_before"], abs=0.11
+    )  # at most one of 10 flips

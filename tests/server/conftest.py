@@ -62,14 +62,33 @@ class Deployment:
 
     def cert(self, party_id: str) -> certs.IssuedFiles:
         d = self.root / "certs" / party_id
-        return certs.IssuedFiles(cert=d / f"{party_id}.crt", key=d / f"{party_id}.key", ca=d / "ca.crt", identity=None, not_after=None)  # type: ignore[arg-type]
+        return certs.IssuedFiles(
+            cert=d / f"{party_id}.crt",
+            key=d / f"{party_id}.key",
+            ca=d / "ca.crt",
+            identity=None,
+            not_after=None,
+        )  # type: ignore[arg-type]
 
-    def party_raw(self, role: str, *, listen: str = "127.0.0.1:0", peers: dict[str, str] | None = None, state: str | None = None, **sections: Any) -> dict[str, Any]:
+    def party_raw(
+        self,
+        role: str,
+        *,
+        listen: str = "127.0.0.1:0",
+        peers: dict[str, str] | None = None,
+        state: str | None = None,
+        **sections: Any,
+    ) -> dict[str, Any]:
         """party.toml content (as parsed TOML) for ``role``; ``peers`` maps role -> address."""
         pid = IDS[role]
         c = self.cert(pid)
         raw: dict[str, Any] = {
-            "party": {"id": pid, "role": role, "listen": listen, "state_dir": str(state or self.root / "state" / pid)},
+            "party": {
+                "id": pid,
+                "role": role,
+                "listen": listen,
+                "state_dir": str(state or self.root / "state" / pid),
+            },
             "tls": {"cert": str(c.cert), "key": str(c.key), "ca": str(c.ca)},
             "peers": [{"id": IDS[r], "role": r, "address": a} for r, a in (peers or {}).items()],
             "operators": [{"id": OPERATOR}],
@@ -89,18 +108,36 @@ class Deployment:
     def party_config(self, role: str, **kw: Any):
         from secfwt.server.config import parse_party_config
 
-        return parse_party_config(self.party_raw(role, **kw), where=f"<test {role}>", base=self.root)
+        return parse_party_config(
+            self.party_raw(role, **kw), where=f"<test {role}>", base=self.root
+        )
 
     def creds(self, party_id: str = OPERATOR, role: IdentityRole = IdentityRole.OPERATOR):
         from secfwt.server.client import Credentials
 
         c = self.cert(party_id)
-        return Credentials(identity=Identity(role, party_id), cert_pem=c.cert.read_bytes(), key_pem=c.key.read_bytes(), ca_pem=c.ca.read_bytes())
+        return Credentials(
+            identity=Identity(role, party_id),
+            cert_pem=c.cert.read_bytes(),
+            key_pem=c.key.read_bytes(),
+            ca_pem=c.ca.read_bytes(),
+        )
 
-    def client(self, address: str, party_id: str = OPERATOR, *, expect: Identity | None = None, timeout_s: float = 10.0):
+    def client(
+        self,
+        address: str,
+        party_id: str = OPERATOR,
+        *,
+        expect: Identity | None = None,
+        timeout_s: float = 10.0,
+    ):
         from secfwt.server.client import PartyClient
 
-        role = IdentityRole.OPERATOR if party_id in (OPERATOR, "mallory") else IdentityRole.parse({v: k for k, v in IDS.items()}[party_id])
+        role = (
+            IdentityRole.OPERATOR
+            if party_id in (OPERATOR, "mallory")
+            else IdentityRole.parse({v: k for k, v in IDS.items()}[party_id])
+        )
         return PartyClient(address, self.creds(party_id, role), expect=expect, timeout_s=timeout_s)
 
 
@@ -116,12 +153,30 @@ def make_deployment(root: Path) -> Deployment:
     ca = root / "ca"
     certs.init_ca(ca, days=30)
     for role, pid in IDS.items():
-        certs.issue(ca_dir=ca, role=IdentityRole(role), party_id=pid, hosts=["127.0.0.1", "localhost"], out=root / "certs" / pid, days=30)
+        certs.issue(
+            ca_dir=ca,
+            role=IdentityRole(role),
+            party_id=pid,
+            hosts=["127.0.0.1", "localhost"],
+            out=root / "certs" / pid,
+            days=30,
+        )
     for pid in (OPERATOR, "mallory"):  # mallory: valid CA, pinned nowhere
-        certs.issue(ca_dir=ca, role=IdentityRole.OPERATOR, party_id=pid, hosts=[], out=root / "certs" / pid, days=30)
+        certs.issue(
+            ca_dir=ca,
+            role=IdentityRole.OPERATOR,
+            party_id=pid,
+            hosts=[],
+            out=root / "certs" / pid,
+            days=30,
+        )
     model = root / "model"
     model.mkdir()
-    (model / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 400}))
+    (model / "config.json").write_text(
+        json.dumps(
+            {"model_type": "bert", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 400}
+        )
+    )
     (model / "model.safetensors").write_bytes(os.urandom(4096))
     data = root / "data.jsonl"
     rows = [{"text": f"review number {i}", "label": ["neg", "pos"][i % 2]} for i in range(20)]

@@ -59,15 +59,35 @@ class MpcDeployment:
         ca = self.root / "ca"
         certs.init_ca(ca, days=30)
         for role, host in self.hosts.items():
-            certs.issue(ca_dir=ca, role=IdentityRole(role), party_id=IDS[role], hosts=[host.ip], out=self.root / "certs" / IDS[role], days=30)
-        certs.issue(ca_dir=ca, role=IdentityRole.OPERATOR, party_id=OPERATOR, hosts=[], out=self.root / "certs" / OPERATOR, days=30)
+            certs.issue(
+                ca_dir=ca,
+                role=IdentityRole(role),
+                party_id=IDS[role],
+                hosts=[host.ip],
+                out=self.root / "certs" / IDS[role],
+                days=30,
+            )
+        certs.issue(
+            ca_dir=ca,
+            role=IdentityRole.OPERATOR,
+            party_id=OPERATOR,
+            hosts=[],
+            out=self.root / "certs" / OPERATOR,
+            days=30,
+        )
         for role in self.hosts:
             self.config_path(role).write_text(to_toml(self.party_raw(role)))
         c = self.root / "certs" / OPERATOR
         client = {
             "client": {"id": OPERATOR, "timeout_s": 30.0},
-            "tls": {"cert": str(c / f"{OPERATOR}.crt"), "key": str(c / f"{OPERATOR}.key"), "ca": str(c / "ca.crt")},
-            "parties": [{"id": IDS[r], "role": r, "address": h.address} for r, h in self.hosts.items()],
+            "tls": {
+                "cert": str(c / f"{OPERATOR}.crt"),
+                "key": str(c / f"{OPERATOR}.key"),
+                "ca": str(c / "ca.crt"),
+            },
+            "parties": [
+                {"id": IDS[r], "role": r, "address": h.address} for r, h in self.hosts.items()
+            ],
         }
         self.client_config.write_text(to_toml(client))
 
@@ -75,11 +95,28 @@ class MpcDeployment:
         pid = IDS[role]
         c = self.root / "certs" / pid
         raw: dict[str, Any] = {
-            "party": {"id": pid, "role": role, "listen": self.hosts[role].address, "state_dir": str(self.state_dir(role))},
-            "tls": {"cert": str(c / f"{pid}.crt"), "key": str(c / f"{pid}.key"), "ca": str(c / "ca.crt")},
-            "peers": [{"id": IDS[r], "role": r, "address": h.address} for r, h in self.hosts.items() if r != role],
+            "party": {
+                "id": pid,
+                "role": role,
+                "listen": self.hosts[role].address,
+                "state_dir": str(self.state_dir(role)),
+            },
+            "tls": {
+                "cert": str(c / f"{pid}.crt"),
+                "key": str(c / f"{pid}.key"),
+                "ca": str(c / "ca.crt"),
+            },
+            "peers": [
+                {"id": IDS[r], "role": r, "address": h.address}
+                for r, h in self.hosts.items()
+                if r != role
+            ],
             "operators": [{"id": OPERATOR}],
-            "jobs": {"heartbeat_timeout_s": self.heartbeat_s, "checkpoint_every_steps": self.checkpoint_every, "shutdown_grace_s": 5.0},
+            "jobs": {
+                "heartbeat_timeout_s": self.heartbeat_s,
+                "checkpoint_every_steps": self.checkpoint_every,
+                "shutdown_grace_s": 5.0,
+            },
         }
         if role == "model_owner":
             raw["model"] = {"path": str(self.model_dir)}
@@ -100,12 +137,21 @@ class MpcDeployment:
     # -- daemons ----------------------------------------------------------------------------
     def start(self, role: str) -> None:
         host = self.hosts[role]
-        cmd = [*host.prefix, *SECFWT, "party", role.replace("_", "-"), "--config", str(self.config_path(role))]
+        cmd = [
+            *host.prefix,
+            *SECFWT,
+            "party",
+            role.replace("_", "-"),
+            "--config",
+            str(self.config_path(role)),
+        ]
         if self.fixed_seed is not None:
             cmd += ["--insecure-fixed-seed", str(self.fixed_seed)]
         log = open(self.root / f"{role}.stderr", "ab")
         env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-        self.procs[role] = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, start_new_session=True)
+        self.procs[role] = subprocess.Popen(
+            cmd, stdout=log, stderr=log, env=env, start_new_session=True
+        )
         self.wait_healthy(role)
 
     def start_all(self) -> None:
@@ -117,8 +163,12 @@ class MpcDeployment:
         while time.monotonic() < deadline:
             p = self.procs[role]
             if p.poll() is not None:
-                raise RuntimeError(f"{role} daemon exited with {p.returncode}: {(self.root / f'{role}.stderr').read_text()[-2000:]}")
-            r = self.run_in(role, ["party", "health", "--config", str(self.config_path(role))], check=False)
+                raise RuntimeError(
+                    f"{role} daemon exited with {p.returncode}: {(self.root / f'{role}.stderr').read_text()[-2000:]}"
+                )
+            r = self.run_in(
+                role, ["party", "health", "--config", str(self.config_path(role))], check=False
+            )
             if r.returncode == 0:
                 return
             time.sleep(0.5)
@@ -142,24 +192,34 @@ class MpcDeployment:
                 p.wait(timeout=10)
 
     # -- the operator's CLI -------------------------------------------------------------------
-    def run_in(self, role: str | None, args: list[str], *, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    def run_in(
+        self, role: str | None, args: list[str], *, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess:
         prefix = self.hosts[role].prefix if role else []
         env = dict(os.environ, HF_HUB_OFFLINE="1")
-        r = subprocess.run([*prefix, *SECFWT, *args], capture_output=True, text=True, timeout=timeout, env=env)
+        r = subprocess.run(
+            [*prefix, *SECFWT, *args], capture_output=True, text=True, timeout=timeout, env=env
+        )
         if check and r.returncode != 0:
-            raise RuntimeError(f"secfwt {' '.join(args)} exited {r.returncode}:\n{r.stdout}\n{r.stderr}")
+            raise RuntimeError(
+                f"secfwt {' '.join(args)} exited {r.returncode}:\n{r.stdout}\n{r.stderr}"
+            )
         return r
 
     def job(self, *args: str, via: str | None = None, check: bool = True) -> Any:
         """``secfwt job ... --client-config client.toml --json`` from ``via``'s host (default: the root namespace)."""
-        r = self.run_in(via, ["job", *args, "--client-config", str(self.client_config), "--json"], check=check)
+        r = self.run_in(
+            via, ["job", *args, "--client-config", str(self.client_config), "--json"], check=check
+        )
         return json.loads(r.stdout) if r.returncode == 0 else r
 
     def status(self, job_id: str, role: str) -> dict[str, Any]:
         out = self.job("status", job_id, "--to", self.hosts[role].address)
         return next(iter(out["parties"].values())) if "parties" in out else out
 
-    def wait_state(self, job_id: str, role: str, states: set[str], timeout_s: float) -> dict[str, Any]:
+    def wait_state(
+        self, job_id: str, role: str, states: set[str], timeout_s: float
+    ) -> dict[str, Any]:
         deadline = time.monotonic() + timeout_s
         st: dict[str, Any] = {}
         while time.monotonic() < deadline:
@@ -167,7 +227,9 @@ class MpcDeployment:
             if st.get("state") in states:
                 return st
             time.sleep(1.0)
-        raise TimeoutError(f"job {job_id} at {role}: state {st.get('state')} ({st.get('reason')}) after {timeout_s} s, wanted {states}")
+        raise TimeoutError(
+            f"job {job_id} at {role}: state {st.get('state')} ({st.get('reason')}) after {timeout_s} s, wanted {states}"
+        )
 
     def stderr(self, role: str) -> str:
         return (self.root / f"{role}.stderr").read_text(errors="replace")

@@ -21,13 +21,17 @@ class EchoRunner:
         self.steps, self.step_s = steps, step_s
         self.calls: list[str] = []
 
-    def run(self, ctx: JobContext, progress: ProgressCallback, cancel: threading.Event) -> dict[str, Any]:
+    def run(
+        self, ctx: JobContext, progress: ProgressCallback, cancel: threading.Event
+    ) -> dict[str, Any]:
         self.calls.append(ctx.job_id)
         for step in range(1, self.steps + 1):
             if cancel.wait(self.step_s):
                 return {"stopped_at": step}
             progress(phase="echo", step=step, total_steps=self.steps, metrics={"loss": 1.0 / step})
-        (ctx.artifacts_dir / "echo.json").write_text(json.dumps({"job": ctx.job_id, "role": ctx.role.value, "resume": ctx.resume}))
+        (ctx.artifacts_dir / "echo.json").write_text(
+            json.dumps({"job": ctx.job_id, "role": ctx.role.value, "resume": ctx.resume})
+        )
         return {"steps": self.steps, "role": ctx.role.value}
 
 
@@ -40,7 +44,9 @@ class BlockingRunner:
         self.started = threading.Event()
         self.release = threading.Event()
 
-    def run(self, ctx: JobContext, progress: ProgressCallback, cancel: threading.Event) -> dict[str, Any]:
+    def run(
+        self, ctx: JobContext, progress: ProgressCallback, cancel: threading.Event
+    ) -> dict[str, Any]:
         self.started.set()
         progress(phase="blocking", message="waiting for cancel")
         while not cancel.wait(0.05):

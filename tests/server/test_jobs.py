@@ -29,57 +29,139 @@ def _tls_flags(dep: Deployment) -> list[str]:
     return ["--cert", str(c.cert), "--key", str(c.key), "--ca", str(c.ca)]
 
 
-def _daemon(dep: Deployment, role: str, tmp: Path, daemons: list, *, runner=None, peers=None, listen="127.0.0.1:0") -> PartyDaemon:  # noqa: ANN001
+def _daemon(
+    dep: Deployment,
+    role: str,
+    tmp: Path,
+    daemons: list,
+    *,
+    runner=None,
+    peers=None,
+    listen="127.0.0.1:0",
+) -> PartyDaemon:  # noqa: ANN001
     peers = peers or {r: PLACEHOLDER for r in IDS if r != role}
-    d = PartyDaemon(dep.party_config(role, listen=listen, peers=peers, state=str(tmp / IDS[role])), runner=runner or EchoRunner())
+    d = PartyDaemon(
+        dep.party_config(role, listen=listen, peers=peers, state=str(tmp / IDS[role])),
+        runner=runner or EchoRunner(),
+    )
     d.start()
     daemons.append(d)
     return d
 
 
-def _proposal(dep: Deployment, job_id: str, *, mo: PartyDaemon, do: PartyDaemon, job_toml: str | None = None) -> Proposal:
+def _proposal(
+    dep: Deployment, job_id: str, *, mo: PartyDaemon, do: PartyDaemon, job_toml: str | None = None
+) -> Proposal:
     text = job_toml or dep.job_file.read_text()
     terms = parse_job_text(text, where="test").terms
     with dep.client(mo.address) as a, dep.client(do.address) as b:
         commitments = Commitments(model=a.commitment(text).model, data=b.commitment(text).data)
-    return Proposal(job_id, PROTOCOL_VERSION, text, terms, terms.digest(), commitments, PARTICIPANTS)
+    return Proposal(
+        job_id, PROTOCOL_VERSION, text, terms, terms.digest(), commitments, PARTICIPANTS
+    )
 
 
-def _wait_state(dep: Deployment, address: str, job_id: str, state: int, timeout: float = 15.0) -> pb.JobStatus:
+def _wait_state(
+    dep: Deployment, address: str, job_id: str, state: int, timeout: float = 15.0
+) -> pb.JobStatus:
     t0 = time.monotonic()
     with dep.client(address) as c:
         while (st := c.status(job_id)).state != state:
             if time.monotonic() - t0 > timeout:
-                raise AssertionError(f"{job_id} at {address}: {pb.JobState.Name(st.state)} ({st.reason})")
+                raise AssertionError(
+                    f"{job_id} at {address}: {pb.JobState.Name(st.state)} ({st.reason})"
+                )
             time.sleep(0.05)
     return st
 
 
-def test_submit_progress_fetch_with_three_daemons(deployment: Deployment, tmp_path: Path, daemons: list, capsys: pytest.CaptureFixture[str]) -> None:
+def test_submit_progress_fetch_with_three_daemons(
+    deployment: Deployment, tmp_path: Path, daemons: list, capsys: pytest.CaptureFixture[str]
+) -> None:
     addr = {r: f"127.0.0.1:{free_port()}" for r in IDS}
     for role in IDS:
-        _daemon(deployment, role, tmp_path, daemons, runner=EchoRunner(steps=3), listen=addr[role], peers={r: a for r, a in addr.items() if r != role})
+        _daemon(
+            deployment,
+            role,
+            tmp_path,
+            daemons,
+            runner=EchoRunner(steps=3),
+            listen=addr[role],
+            peers={r: a for r, a in addr.items() if r != role},
+        )
     to = [x for a in addr.values() for x in ("--to", a)]
-    assert main(["job", "submit", str(deployment.job_file), "--id", "e2e-1", "--json", *to, *_tls_flags(deployment)]) == 0
+    assert (
+        main(
+            [
+                "job",
+                "submit",
+                str(deployment.job_file),
+                "--id",
+                "e2e-1",
+                "--json",
+                *to,
+                *_tls_flags(deployment),
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
-    assert out["job_id"] == "e2e-1" and out["commitments"]["data"] == {"rows": 20, "num_classes": 2, "input_shape": [12, 16]}
+    assert out["job_id"] == "e2e-1" and out["commitments"]["data"] == {
+        "rows": 20,
+        "num_classes": 2,
+        "input_shape": [12, 16],
+    }
     assert {p["state"] for p in out["parties"].values()} <= {"started", "running", "finished"}
     for a in addr.values():
         _wait_state(deployment, a, "e2e-1", pb.JOB_STATE_FINISHED)
     with deployment.client(addr["data_owner"]) as c:
         events = list(c.watch("e2e-1"))
-    assert [e.state.value for e in events if e.message == e.state.value] == ["proposed", "accepted", "started", "running", "finished"]
+    assert [e.state.value for e in events if e.message == e.state.value] == [
+        "proposed",
+        "accepted",
+        "started",
+        "running",
+        "finished",
+    ]
     assert [e.step for e in events if e.phase == "echo"] == [1, 2, 3]
     assert main(["job", "status", "e2e-1", "--json", *to, *_tls_flags(deployment)]) == 0
     status = json.loads(capsys.readouterr().out)
     assert {p["state"] for p in status["parties"].values()} == {"finished"}
     assert {p["accepted_terms_digest"] for p in status["parties"].values()} == {out["terms_digest"]}
-    assert main(["job", "fetch", "e2e-1", "--to", addr["data_owner"], "--out", str(tmp_path / "got"), "--json", *_tls_flags(deployment)]) == 0
+    assert (
+        main(
+            [
+                "job",
+                "fetch",
+                "e2e-1",
+                "--to",
+                addr["data_owner"],
+                "--out",
+                str(tmp_path / "got"),
+                "--json",
+                *_tls_flags(deployment),
+            ]
+        )
+        == 0
+    )
     fetched = json.loads(capsys.readouterr().out)
     assert sorted(Path(f).name for f in fetched["files"]) == ["echo.json", "summary.json"]
     assert json.loads((tmp_path / "got" / "echo.json").read_text())["role"] == "data_owner"
     # A replayed submission of the same id is refused by every daemon (exit code 12: ALREADY_EXISTS).
-    assert main(["job", "submit", str(deployment.job_file), "--id", "e2e-1", *to, *_tls_flags(deployment)]) == 12
+    assert (
+        main(
+            [
+                "job",
+                "submit",
+                str(deployment.job_file),
+                "--id",
+                "e2e-1",
+                *to,
+                *_tls_flags(deployment),
+            ]
+        )
+        == 12
+    )
     assert "ALREADY_EXISTS" in capsys.readouterr().err
 
 
@@ -89,16 +171,30 @@ def test_refusals_over_grpc(deployment: Deployment, tmp_path: Path, daemons: lis
     p = _proposal(deployment, "r-1", mo=mo, do=do)
     with deployment.client(do.address) as c:
         old = pb.HelloRequest(protocol_version=2, software_version="0.0.1")
-        with pytest.raises(ProtocolError, match="FAILED_PRECONDITION: protocol version mismatch: the caller speaks version 2, this daemon speaks version 1"):
+        with pytest.raises(
+            ProtocolError,
+            match="FAILED_PRECONDITION: protocol version mismatch: the caller speaks version 2, this daemon speaks version 1",
+        ):
             c._call("Hello", old)
         with pytest.raises(ProtocolError, match="FAILED_PRECONDITION: protocol version mismatch"):
             c.propose(replace(p, job_id="r-v2", protocol_version=2))
         wrong = replace(p.commitments.data, input_shape=(12, 64))
-        with pytest.raises(ProtocolError, match=r"FAILED_PRECONDITION: data commitment mismatch: input_shape: proposal says \[12, 64\], this data owner holds \[12, 16\]"):
-            c.propose(replace(p, job_id="r-shape", commitments=Commitments(model=p.commitments.model, data=wrong)))
+        with pytest.raises(
+            ProtocolError,
+            match=r"FAILED_PRECONDITION: data commitment mismatch: input_shape: proposal says \[12, 64\], this data owner holds \[12, 16\]",
+        ):
+            c.propose(
+                replace(
+                    p,
+                    job_id="r-shape",
+                    commitments=Commitments(model=p.commitments.model, data=wrong),
+                )
+            )
         assert c.status("r-shape").state == pb.JOB_STATE_REFUSED
         assert c.propose(p).state == pb.JOB_STATE_PROPOSED
-        with pytest.raises(JobExistsError, match="ALREADY_EXISTS: job id 'r-1' was already proposed"):
+        with pytest.raises(
+            JobExistsError, match="ALREADY_EXISTS: job id 'r-1' was already proposed"
+        ):
             c.propose(p)
         assert c.health() == "SERVING"
     with deployment.client(mo.address) as c:
@@ -107,11 +203,23 @@ def test_refusals_over_grpc(deployment: Deployment, tmp_path: Path, daemons: lis
             c.propose(replace(p, commitments=Commitments(model=bad, data=p.commitments.data)))
 
 
-def test_owners_accepting_different_terms_never_start(deployment: Deployment, tmp_path: Path, daemons: list) -> None:
+def test_owners_accepting_different_terms_never_start(
+    deployment: Deployment, tmp_path: Path, daemons: list
+) -> None:
     runner = EchoRunner()
     do = _daemon(deployment, "data_owner", tmp_path, daemons, runner=runner)
-    mo = _daemon(deployment, "model_owner", tmp_path, daemons, runner=runner, peers={"data_owner": do.address, "dealer": PLACEHOLDER})
-    wider = deployment.job_file.read_text() + '\n[[disclosure]]\nvalue = "train_outputs"\nto = ["model_owner"]\n'
+    mo = _daemon(
+        deployment,
+        "model_owner",
+        tmp_path,
+        daemons,
+        runner=runner,
+        peers={"data_owner": do.address, "dealer": PLACEHOLDER},
+    )
+    wider = (
+        deployment.job_file.read_text()
+        + '\n[[disclosure]]\nvalue = "train_outputs"\nto = ["model_owner"]\n'
+    )
     p_mo = _proposal(deployment, "split-1", mo=mo, do=do)
     p_do = _proposal(deployment, "split-1", mo=mo, do=do, job_toml=wider)  # same id, other terms
     assert p_mo.terms_digest != p_do.terms_digest
@@ -120,7 +228,10 @@ def test_owners_accepting_different_terms_never_start(deployment: Deployment, tm
         b.propose(p_do)
         a.accept("split-1", p_mo.terms_digest)
         b.accept("split-1", p_do.terms_digest)
-        with pytest.raises(ProtocolError, match=f"terms digest mismatch: model_owner/vendor accepted {p_mo.terms_digest}, data_owner/hospital accepted {p_do.terms_digest}"):
+        with pytest.raises(
+            ProtocolError,
+            match=f"terms digest mismatch: model_owner/vendor accepted {p_mo.terms_digest}, data_owner/hospital accepted {p_do.terms_digest}",
+        ):
             a.start("split-1")
         st = a.status("split-1")
         assert st.state == pb.JOB_STATE_FAILED and "never starts" in st.reason
@@ -129,7 +240,9 @@ def test_owners_accepting_different_terms_never_start(deployment: Deployment, tm
     assert runner.calls == []
 
 
-def test_restart_keeps_finished_results_and_cancel(deployment: Deployment, tmp_path: Path, daemons: list, capsys: pytest.CaptureFixture[str]) -> None:
+def test_restart_keeps_finished_results_and_cancel(
+    deployment: Deployment, tmp_path: Path, daemons: list, capsys: pytest.CaptureFixture[str]
+) -> None:
     do = _daemon(deployment, "data_owner", tmp_path, daemons)
     peers = {"data_owner": do.address, "dealer": PLACEHOLDER}
     mo = _daemon(deployment, "model_owner", tmp_path, daemons, peers=peers)
@@ -148,33 +261,105 @@ def test_restart_keeps_finished_results_and_cancel(deployment: Deployment, tmp_p
     again = PartyDaemon(mo.config, runner=blocking)  # same state dir, new process state
     again.start()
     daemons.append(again)
-    assert main(["job", "fetch", "keep-1", "--to", again.address, "--out", str(tmp_path / "after"), *_tls_flags(deployment)]) == 0
+    assert (
+        main(
+            [
+                "job",
+                "fetch",
+                "keep-1",
+                "--to",
+                again.address,
+                "--out",
+                str(tmp_path / "after"),
+                *_tls_flags(deployment),
+            ]
+        )
+        == 0
+    )
     assert "fetched 2 artifact(s)" in capsys.readouterr().out
-    assert json.loads((tmp_path / "after" / "echo.json").read_text()) == {"job": "keep-1", "role": "model_owner", "resume": False}
+    assert json.loads((tmp_path / "after" / "echo.json").read_text()) == {
+        "job": "keep-1",
+        "role": "model_owner",
+        "resume": False,
+    }
     with deployment.client(again.address) as a:
         a.start("block-1")
         assert blocking.started.wait(10)
         assert a.status("block-1").state == pb.JOB_STATE_RUNNING
-    assert main(["job", "cancel", "block-1", "--to", again.address, "--reason", "test", *_tls_flags(deployment)]) == 0
+    assert (
+        main(
+            [
+                "job",
+                "cancel",
+                "block-1",
+                "--to",
+                again.address,
+                "--reason",
+                "test",
+                *_tls_flags(deployment),
+            ]
+        )
+        == 0
+    )
     st = _wait_state(deployment, again.address, "block-1", pb.JOB_STATE_CANCELLED)
     assert "cancelled by operator/alice: test" in st.reason
 
 
-def test_an_operators_cancel_reaches_every_participant(deployment: Deployment, tmp_path: Path, daemons: list, capsys: pytest.CaptureFixture[str]) -> None:
+def test_an_operators_cancel_reaches_every_participant(
+    deployment: Deployment, tmp_path: Path, daemons: list, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Cancel at the model owner only: the data owner and the dealer stop the job as cancelled
     (not as a lost peer), with the origin in the reason; a peer's cancel is not echoed back."""
     addr = {r: f"127.0.0.1:{free_port()}" for r in IDS}
     runners = {r: BlockingRunner() for r in IDS}
     for role in IDS:
-        _daemon(deployment, role, tmp_path, daemons, runner=runners[role], listen=addr[role], peers={r: a for r, a in addr.items() if r != role})
+        _daemon(
+            deployment,
+            role,
+            tmp_path,
+            daemons,
+            runner=runners[role],
+            listen=addr[role],
+            peers={r: a for r, a in addr.items() if r != role},
+        )
     to = [x for a in addr.values() for x in ("--to", a)]
-    assert main(["job", "submit", str(deployment.job_file), "--id", "cx-1", "--json", *to, *_tls_flags(deployment)]) == 0
+    assert (
+        main(
+            [
+                "job",
+                "submit",
+                str(deployment.job_file),
+                "--id",
+                "cx-1",
+                "--json",
+                *to,
+                *_tls_flags(deployment),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     for r in IDS:
         assert runners[r].started.wait(15), r
-    assert main(["job", "cancel", "cx-1", "--to", addr["model_owner"], "--reason", "wrong data", *_tls_flags(deployment)]) == 0
+    assert (
+        main(
+            [
+                "job",
+                "cancel",
+                "cx-1",
+                "--to",
+                addr["model_owner"],
+                "--reason",
+                "wrong data",
+                *_tls_flags(deployment),
+            ]
+        )
+        == 0
+    )
     st = _wait_state(deployment, addr["model_owner"], "cx-1", pb.JOB_STATE_CANCELLED)
     assert st.reason == "cancelled by operator/alice: wrong data"
     for r in ("data_owner", "dealer"):
         st = _wait_state(deployment, addr[r], "cx-1", pb.JOB_STATE_CANCELLED)
-        assert st.reason == "cancelled by model_owner/vendor: cancelled by operator/alice: wrong data", st.reason
+        assert (
+            st.reason == "cancelled by model_owner/vendor: cancelled by operator/alice: wrong data"
+        ), st.reason

@@ -54,7 +54,11 @@ def hosts() -> Iterator[tuple[dict[str, Host], str, str | None]]:
         return
     print(f"hosts in network namespaces: {ns.namespaces} at {ns.addresses}, bridge {ns.bridge}")
     try:
-        yield {r: Host(r, ns.addresses[r], netns=ns.namespaces[r]) for r in ROLES}, ns.bridge, ns.bridge
+        yield (
+            {r: Host(r, ns.addresses[r], netns=ns.namespaces[r]) for r in ROLES},
+            ns.bridge,
+            ns.bridge,
+        )
     finally:
         ns.close()
 
@@ -65,9 +69,18 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def deployment(hosts, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MpcDeployment]:
+def deployment(
+    hosts, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[MpcDeployment]:
     by_role, _iface, _bridge = hosts
-    d = MpcDeployment(root=tmp_path_factory.mktemp("mhdeploy"), hosts=by_role, model_dir=model_dir, fixed_seed=SEED, heartbeat_s=HEARTBEAT_S, checkpoint_every=2)
+    d = MpcDeployment(
+        root=tmp_path_factory.mktemp("mhdeploy"),
+        hosts=by_role,
+        model_dir=model_dir,
+        fixed_seed=SEED,
+        heartbeat_s=HEARTBEAT_S,
+        checkpoint_every=2,
+    )
     d.write()
     d.start_all()
     try:
@@ -78,7 +91,11 @@ def deployment(hosts, model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
 
 def _job_file(root: Path, model_dir: Path, *, steps: int, name: str) -> Path:
     p = root / f"{name}.toml"
-    p.write_text(TINY_JOB.format(path=model_dir, out=root / "runs").replace("steps = 3", f"steps = {steps}").replace('name = "tiny"', f'name = "{name}"'))
+    p.write_text(
+        TINY_JOB.format(path=model_dir, out=root / "runs")
+        .replace("steps = 3", f"steps = {steps}")
+        .replace('name = "tiny"', f'name = "{name}"')
+    )
     return p
 
 
@@ -86,7 +103,23 @@ def _simulate(job: Path, report: Path, *extra: str) -> dict:
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "secfwt.cli", "simulate", str(job), "--insecure-fixed-seed", str(SEED), "--report", str(report), *extra], capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "secfwt.cli",
+            "simulate",
+            str(job),
+            "--insecure-fixed-seed",
+            str(SEED),
+            "--report",
+            str(report),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(report.read_text())
 
@@ -95,8 +128,13 @@ def _wait_all(d: MpcDeployment, job_id: str, states: set[str], timeout_s: float)
     return {r: d.wait_state(job_id, r, states, timeout_s) for r in ROLES}
 
 
-@pytest.mark.skipif(bool(wire.tools_missing()), reason=f"packet capture needs {', '.join(wire.tools_missing())} (make test installs them where apt-get works)")
-def test_job_through_daemons_on_separate_hosts_equals_simulate_and_only_tls_crosses(deployment: MpcDeployment, hosts, model_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.skipif(
+    bool(wire.tools_missing()),
+    reason=f"packet capture needs {', '.join(wire.tools_missing())} (make test installs them where apt-get works)",
+)
+def test_job_through_daemons_on_separate_hosts_equals_simulate_and_only_tls_crosses(
+    deployment: MpcDeployment, hosts, model_dir: Path, tmp_path: Path
+) -> None:
     d = deployment
     _by_role, iface, _bridge = hosts
     job = _job_file(tmp_path, model_dir, steps=2, name="mh-equal")
@@ -106,40 +144,66 @@ def test_job_through_daemons_on_separate_hosts_equals_simulate_and_only_tls_cros
         out = d.job("submit", str(job), "--id", "mh-equal-1")
         assert {p["state"] for p in out["parties"].values()} <= {"started", "running"}, out
         states = _wait_all(d, "mh-equal-1", {"finished", "failed", "cancelled"}, 600)
-    assert {s["state"] for s in states.values()} == {"finished"}, {r: (s["state"], s["reason"]) for r, s in states.items()}
+    assert {s["state"] for s in states.values()} == {"finished"}, {
+        r: (s["state"], s["reason"]) for r, s in states.items()
+    }
 
     fetched = tmp_path / "fetched"
     got = d.job("fetch", "mh-equal-1", "--to", d.hosts["data_owner"].address, "--out", str(fetched))
-    assert sorted(Path(f).name for f in got["files"]) == ["audit.jsonl", "final_parameters.pt", "summary.json"]
+    assert sorted(Path(f).name for f in got["files"]) == [
+        "audit.jsonl",
+        "final_parameters.pt",
+        "summary.json",
+    ]
     # The model owner's daemon holds no final parameters: the terms give them to the data owner only.
-    mo = d.job("fetch", "mh-equal-1", "--to", d.hosts["model_owner"].address, "--out", str(tmp_path / "mo"))
+    mo = d.job(
+        "fetch", "mh-equal-1", "--to", d.hosts["model_owner"].address, "--out", str(tmp_path / "mo")
+    )
     assert "final_parameters.pt" not in {Path(f).name for f in mo["files"]}
 
     sim = _simulate(job, tmp_path / "sim.json")
     ours = torch.load(fetched / "final_parameters.pt", weights_only=True)
-    theirs = torch.load(sim["parties"]["data_owner"]["artifacts"]["final_parameters"], weights_only=True)
+    theirs = torch.load(
+        sim["parties"]["data_owner"]["artifacts"]["final_parameters"], weights_only=True
+    )
     assert sorted(ours) == sorted(theirs)
     for name in ours:
-        assert torch.equal(ours[name], theirs[name]), f"{name}: daemons vs simulate differ by {(ours[name] - theirs[name]).abs().max()}"
+        assert torch.equal(ours[name], theirs[name]), (
+            f"{name}: daemons vs simulate differ by {(ours[name] - theirs[name]).abs().max()}"
+        )
     summary = json.loads((fetched / "summary.json").read_text())
-    assert (summary["accuracy_before"], summary["accuracy_after"], summary["joint_seed"]) == (sim["accuracy_before"], sim["accuracy_after"], sim["joint_seed"])
+    assert (summary["accuracy_before"], summary["accuracy_after"], summary["joint_seed"]) == (
+        sim["accuracy_before"],
+        sim["accuracy_after"],
+        sim["joint_seed"],
+    )
     assert [h["loss"] for h in summary["history"]] == sim["loss_history"]
 
     # -- the wire --------------------------------------------------------------------------
-    ports = sorted({int(h.port) for h in d.hosts.values()} | {int(h.port) + 1 for h in d.hosts.values()})
+    ports = sorted(
+        {int(h.port) for h in d.hosts.values()} | {int(h.port) + 1 for h in d.hosts.values()}
+    )
     stats = wire.summary(pcap, ports)
     print("capture:", stats)
-    assert cap.dropped == 0, f"tcpdump: {cap.dropped} packets dropped by the kernel; the capture is incomplete"
-    assert stats["tcp_payload_bytes"] > 10_000_000  # the MPC session itself (tens of MB), not just the control calls
+    assert cap.dropped == 0, (
+        f"tcpdump: {cap.dropped} packets dropped by the kernel; the capture is incomplete"
+    )
+    assert (
+        stats["tcp_payload_bytes"] > 10_000_000
+    )  # the MPC session itself (tens of MB), not just the control calls
     bad = wire.non_tls_segments(pcap, ports)
     assert bad == [], f"{len(bad)} TCP segments outside TLS records, e.g. {bad[:5]}"
-    assert stats["server_hellos"] >= 6 and stats["server_hellos_tls13"] == stats["server_hellos"]  # the 6 mesh links at least; all TLS 1.3
+    assert (
+        stats["server_hellos"] >= 6 and stats["server_hellos_tls13"] == stats["server_hellos"]
+    )  # the 6 mesh links at least; all TLS 1.3
     table = _embedding_table(model_dir)
     assert wire.find_plaintext(pcap, wire.tensor_windows(table)) == 0
 
 
 @pytest.mark.skipif(bool(wire.tools_missing()), reason="packet capture needs tcpdump and tshark")
-def test_capture_control_gloo_run_shows_the_table_in_plaintext(model_dir: Path, tmp_path: Path) -> None:
+def test_capture_control_gloo_run_shows_the_table_in_plaintext(
+    model_dir: Path, tmp_path: Path
+) -> None:
     """The detector above can fail: the same job over gloo (local simulation) leaks the table bytes."""
     job = _job_file(tmp_path, model_dir, steps=1, name="mh-gloo")
     pcap = tmp_path / "gloo.pcap"
@@ -156,7 +220,9 @@ def _embedding_table(model_dir: Path) -> torch.Tensor:
     return next(v for k, v in state.items() if k.endswith("word_embeddings.weight")).float()
 
 
-def test_killed_party_is_detected_and_the_resumed_job_matches_an_uninterrupted_run(deployment: MpcDeployment, model_dir: Path, tmp_path: Path) -> None:
+def test_killed_party_is_detected_and_the_resumed_job_matches_an_uninterrupted_run(
+    deployment: MpcDeployment, model_dir: Path, tmp_path: Path
+) -> None:
     d = deployment
     # The kill (after step 3) must land well inside the job. Steps take 0.1-0.5 s on this
     # 2-core machine, and each status poll is a CLI process of about a second: with 40 steps
@@ -204,7 +270,9 @@ def test_killed_party_is_detected_and_the_resumed_job_matches_an_uninterrupted_r
     out = d.job("resume", "mh-kill-1")
     assert {p["state"] for p in out["parties"].values()} <= {"started", "running"}, out
     states = _wait_all(d, "mh-kill-1", {"finished", "failed", "cancelled"}, 600)
-    assert {s["state"] for s in states.values()} == {"finished"}, {r: (s["state"], s["reason"]) for r, s in states.items()}
+    assert {s["state"] for s in states.values()} == {"finished"}, {
+        r: (s["state"], s["reason"]) for r, s in states.items()
+    }
     fetched = tmp_path / "fetched"
     d.job("fetch", "mh-kill-1", "--to", d.hosts["data_owner"].address, "--out", str(fetched))
     summary = json.loads((fetched / "summary.json").read_text())
@@ -212,12 +280,26 @@ def test_killed_party_is_detected_and_the_resumed_job_matches_an_uninterrupted_r
     # The same job never interrupted, with the same checkpoint interval: under a fixed seed every
     # generator is reseeded at each checkpoint (secfwt.runtime.checkpoint), so the interval is part
     # of the seed schedule; with real randomness any two runs differ in the last fixed-point bits.
-    sim = _simulate(job, tmp_path / "sim.json", "--checkpoint-dir", str(tmp_path / "sim-ckpt"), "--checkpoint-every", str(d.checkpoint_every))
+    sim = _simulate(
+        job,
+        tmp_path / "sim.json",
+        "--checkpoint-dir",
+        str(tmp_path / "sim-ckpt"),
+        "--checkpoint-every",
+        str(d.checkpoint_every),
+    )
     ours = torch.load(fetched / "final_parameters.pt", weights_only=True)
-    theirs = torch.load(sim["parties"]["data_owner"]["artifacts"]["final_parameters"], weights_only=True)
+    theirs = torch.load(
+        sim["parties"]["data_owner"]["artifacts"]["final_parameters"], weights_only=True
+    )
     for name in ours:
-        assert torch.equal(ours[name], theirs[name]), f"{name}: resumed vs uninterrupted differ by {(ours[name] - theirs[name]).abs().max()}"
-    assert (summary["accuracy_before"], summary["accuracy_after"]) == (sim["accuracy_before"], sim["accuracy_after"])
+        assert torch.equal(ours[name], theirs[name]), (
+            f"{name}: resumed vs uninterrupted differ by {(ours[name] - theirs[name]).abs().max()}"
+        )
+    assert (summary["accuracy_before"], summary["accuracy_after"]) == (
+        sim["accuracy_before"],
+        sim["accuracy_after"],
+    )
     assert [h["loss"] for h in summary["history"]] == sim["loss_history"]
 
 
@@ -225,5 +307,12 @@ def _mpc_children(pid: int) -> list[str]:
     """Command lines of multiprocessing children left in the daemon's session (resource tracker aside)."""
     import subprocess
 
-    out = subprocess.run(["ps", "-o", "pid=,args=", "-g", str(os.getpgid(pid))], capture_output=True, text=True, check=False).stdout
-    return [line for line in out.splitlines() if "spawn_main" in line and "resource_tracker" not in line]
+    out = subprocess.run(
+        ["ps", "-o", "pid=,args=", "-g", str(os.getpgid(pid))],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    return [
+        line for line in out.splitlines() if "spawn_main" in line and "resource_tracker" not in line
+    ]

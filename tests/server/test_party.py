@@ -22,7 +22,13 @@ from secfwt.server.errors import (
     VersionMismatchError,
 )
 from secfwt.server.party import Party, RemoteStatus, parse_job_text
-from secfwt.server.protocol import PROTOCOL_VERSION, Commitments, JobState, ModelCommitment, Proposal
+from secfwt.server.protocol import (
+    PROTOCOL_VERSION,
+    Commitments,
+    JobState,
+    ModelCommitment,
+    Proposal,
+)
 from tests.server.conftest import IDS, OPERATOR, Deployment
 from tests.server.runners import BlockingRunner, EchoRunner
 
@@ -60,8 +66,13 @@ def _proposal(dep: Deployment, job_id: str = "job-1", **overrides) -> Proposal: 
     mo = ModelHoldings(HeldModel(str(dep.model_dir))).commitment()
     do = DataHoldings(HeldData(source="jsonl", path=str(dep.data_file))).commitment(cfg)  # type: ignore[arg-type]
     p = Proposal(
-        job_id=job_id, protocol_version=PROTOCOL_VERSION, job_toml=text, terms=cfg.terms, terms_digest=cfg.terms.digest(),
-        commitments=Commitments(model=mo, data=do), participants=(VENDOR, HOSPITAL, DEALER),
+        job_id=job_id,
+        protocol_version=PROTOCOL_VERSION,
+        job_toml=text,
+        terms=cfg.terms,
+        terms_digest=cfg.terms.digest(),
+        commitments=Commitments(model=mo, data=do),
+        participants=(VENDOR, HOSPITAL, DEALER),
     )
     return dataclasses.replace(p, **overrides)
 
@@ -79,11 +90,15 @@ def _wait(party: Party, job_id: str, state: JobState, timeout: float = 10.0) -> 
     t0 = time.monotonic()
     while party.status(ALICE, job_id).state is not state:
         if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"{job_id} is {party.status(ALICE, job_id).state}, expected {state}")
+            raise AssertionError(
+                f"{job_id} is {party.status(ALICE, job_id).state}, expected {state}"
+            )
         time.sleep(0.02)
 
 
-def test_only_pinned_identities_and_operators_for_accept(deployment: Deployment, tmp_path: Path) -> None:
+def test_only_pinned_identities_and_operators_for_accept(
+    deployment: Deployment, tmp_path: Path
+) -> None:
     party, _ = _party(deployment, "data_owner", tmp_path)
     try:
         with pytest.raises(NotAuthorizedError, match="operator/mallory is not pinned"):
@@ -103,7 +118,9 @@ def test_only_pinned_identities_and_operators_for_accept(deployment: Deployment,
     try:
         bob = Identity(IdentityRole.OPERATOR, "bob")
         party.authorize(bob, "Propose")
-        with pytest.raises(NotAuthorizedError, match="operator/bob is an operator with accept = false here"):
+        with pytest.raises(
+            NotAuthorizedError, match="operator/bob is an operator with accept = false here"
+        ):
             party.authorize(bob, "Accept")
     finally:
         party.close(timeout=1)
@@ -117,23 +134,45 @@ def test_proposal_checks(deployment: Deployment, tmp_path: Path) -> None:
         with pytest.raises(InvalidRequestError, match="job id"):
             party.propose(ALICE, _proposal(deployment, job_id="../etc"))
         bad = _proposal(deployment, "bad-weights")
-        wrong = ModelCommitment(bad.commitments.model.model_type, bad.commitments.model.dimensions, "0" * 64)
+        wrong = ModelCommitment(
+            bad.commitments.model.model_type, bad.commitments.model.dimensions, "0" * 64
+        )
         with pytest.raises(CommitmentMismatchError, match="weights_sha256: proposal says 0000"):
-            party.propose(ALICE, dataclasses.replace(bad, commitments=Commitments(model=wrong, data=bad.commitments.data)))
+            party.propose(
+                ALICE,
+                dataclasses.replace(
+                    bad, commitments=Commitments(model=wrong, data=bad.commitments.data)
+                ),
+            )
         assert party.status(ALICE, "bad-weights").state is JobState.REFUSED
         with pytest.raises(TermsMismatchError, match="terms digest mismatch"):
             party.propose(ALICE, _proposal(deployment, "bad-digest", terms_digest="f" * 64))
         p = _proposal(deployment, "bad-participant")
-        with pytest.raises(NotAuthorizedError, match="names model_owner/other as model_owner but this daemon is model_owner/vendor"):
-            party.propose(ALICE, dataclasses.replace(p, participants=(Identity(IdentityRole.MODEL_OWNER, "other"), HOSPITAL, DEALER)))
+        with pytest.raises(
+            NotAuthorizedError,
+            match="names model_owner/other as model_owner but this daemon is model_owner/vendor",
+        ):
+            party.propose(
+                ALICE,
+                dataclasses.replace(
+                    p, participants=(Identity(IdentityRole.MODEL_OWNER, "other"), HOSPITAL, DEALER)
+                ),
+            )
         with pytest.raises(NotAuthorizedError, match="data_owner/other is not a pinned peer"):
-            party.propose(ALICE, dataclasses.replace(p, job_id="bad-2", participants=(VENDOR, Identity(IdentityRole.DATA_OWNER, "other"), DEALER)))
+            party.propose(
+                ALICE,
+                dataclasses.replace(
+                    p,
+                    job_id="bad-2",
+                    participants=(VENDOR, Identity(IdentityRole.DATA_OWNER, "other"), DEALER),
+                ),
+            )
         party.propose(ALICE, _proposal(deployment, "ok"))
         with pytest.raises(JobExistsError, match="replay refused"):
             party.propose(ALICE, _proposal(deployment, "ok"))
         with pytest.raises(JobExistsError):  # a refused id is burnt too
             party.propose(ALICE, _proposal(deployment, "bad-weights"))
-        tfp = deployment.job_file.read_text().replace('seed = 0', 'seed = 0\nprovider = "tfp"')
+        tfp = deployment.job_file.read_text().replace("seed = 0", 'seed = 0\nprovider = "tfp"')
         with pytest.raises(InvalidRequestError, match="provider = 'tfp'"):
             party.propose(ALICE, _proposal(deployment, "tfp", job_toml=tfp))
     finally:
@@ -145,13 +184,22 @@ def test_data_owner_checks_dataset_commitment(deployment: Deployment, tmp_path: 
     try:
         p = _proposal(deployment)
         wrong = dataclasses.replace(p.commitments.data, rows=21)
-        with pytest.raises(CommitmentMismatchError, match="rows: proposal says 21, this data owner holds 20"):
-            party.propose(VENDOR, dataclasses.replace(p, commitments=Commitments(model=p.commitments.model, data=wrong)))
+        with pytest.raises(
+            CommitmentMismatchError, match="rows: proposal says 21, this data owner holds 20"
+        ):
+            party.propose(
+                VENDOR,
+                dataclasses.replace(
+                    p, commitments=Commitments(model=p.commitments.model, data=wrong)
+                ),
+            )
     finally:
         party.close(timeout=1)
 
 
-def test_start_needs_own_and_other_owner_acceptance_of_same_digests(deployment: Deployment, tmp_path: Path) -> None:
+def test_start_needs_own_and_other_owner_acceptance_of_same_digests(
+    deployment: Deployment, tmp_path: Path
+) -> None:
     runner = EchoRunner()
     party, peers = _party(deployment, "model_owner", tmp_path, runner=runner)
     try:
@@ -168,25 +216,37 @@ def test_start_needs_own_and_other_owner_acceptance_of_same_digests(deployment: 
         with pytest.raises(JobStateError, match="has not accepted the terms yet"):
             party.start(ALICE, "job-1")
         assert party.status(ALICE, "job-1").state is JobState.ACCEPTED
-        peers.answers["hospital", "job-1"] = RemoteStatus(JobState.ACCEPTED, p.terms_digest, p.digest())
+        peers.answers["hospital", "job-1"] = RemoteStatus(
+            JobState.ACCEPTED, p.terms_digest, p.digest()
+        )
         party.start(ALICE, "job-1")
         _wait(party, "job-1", JobState.FINISHED)
         assert runner.calls == ["job-1"]
-        assert [f.name for f in party.artifact_files(ALICE, "job-1")] == ["echo.json", "summary.json"]
+        assert [f.name for f in party.artifact_files(ALICE, "job-1")] == [
+            "echo.json",
+            "summary.json",
+        ]
     finally:
         party.close(timeout=1)
 
 
-def test_digest_mismatch_between_owners_never_starts(deployment: Deployment, tmp_path: Path) -> None:
+def test_digest_mismatch_between_owners_never_starts(
+    deployment: Deployment, tmp_path: Path
+) -> None:
     runner = EchoRunner()
     party, peers = _party(deployment, "dealer", tmp_path, runner=runner)
     try:
         p = _proposal(deployment)
         party.propose(VENDOR, p)
         party.accept(ALICE, "job-1", p.terms_digest)
-        peers.answers["vendor", "job-1"] = RemoteStatus(JobState.ACCEPTED, p.terms_digest, p.digest())
+        peers.answers["vendor", "job-1"] = RemoteStatus(
+            JobState.ACCEPTED, p.terms_digest, p.digest()
+        )
         peers.answers["hospital", "job-1"] = RemoteStatus(JobState.ACCEPTED, "a" * 64, p.digest())
-        with pytest.raises(TermsMismatchError, match=f"dealer/dealer accepted {p.terms_digest}, data_owner/hospital accepted a{{64}}"):
+        with pytest.raises(
+            TermsMismatchError,
+            match=f"dealer/dealer accepted {p.terms_digest}, data_owner/hospital accepted a{{64}}",
+        ):
             party.start(ALICE, "job-1")
         st = party.status(ALICE, "job-1")
         assert st.state is JobState.FAILED and "never starts" in st.reason
@@ -200,7 +260,9 @@ def test_digest_mismatch_between_owners_never_starts(deployment: Deployment, tmp
 
 def test_queue_is_bounded_fifo_and_cancel(deployment: Deployment, tmp_path: Path) -> None:
     runner = BlockingRunner()
-    party, peers = _party(deployment, "model_owner", tmp_path, runner=runner, limits={"queue_size": 1})
+    party, peers = _party(
+        deployment, "model_owner", tmp_path, runner=runner, limits={"queue_size": 1}
+    )
     try:
         for i in range(3):
             _accepted(party, peers, deployment, f"q{i}")
@@ -221,7 +283,9 @@ def test_queue_is_bounded_fifo_and_cancel(deployment: Deployment, tmp_path: Path
         party.close(timeout=1)
 
 
-def test_restart_keeps_results_and_marks_interrupted_jobs(deployment: Deployment, tmp_path: Path) -> None:
+def test_restart_keeps_results_and_marks_interrupted_jobs(
+    deployment: Deployment, tmp_path: Path
+) -> None:
     runner = EchoRunner()
     party, peers = _party(deployment, "model_owner", tmp_path, runner=runner)
     p = _accepted(party, peers, deployment, "done")
@@ -232,12 +296,19 @@ def test_restart_keeps_results_and_marks_interrupted_jobs(deployment: Deployment
     try:
         st = again.status(ALICE, "done")
         assert st.state is JobState.FINISHED and st.artifacts == ("echo.json", "summary.json")
-        assert [f.name for f in again.artifact_files(ALICE, "done")] == ["echo.json", "summary.json"]
+        assert [f.name for f in again.artifact_files(ALICE, "done")] == [
+            "echo.json",
+            "summary.json",
+        ]
         events = list(again.watch(ALICE, "done", 0, active=lambda: True))
-        assert [e.state for e in events][-1] is JobState.FINISHED and any(e.step == 3 for e in events)
+        assert [e.state for e in events][-1] is JobState.FINISHED and any(
+            e.step == 3 for e in events
+        )
         with pytest.raises(JobExistsError):
             again.propose(ALICE, p)
-        peers2.answers["hospital", "done"] = RemoteStatus(JobState.FAILED, p.terms_digest, p.digest())
+        peers2.answers["hospital", "done"] = RemoteStatus(
+            JobState.FAILED, p.terms_digest, p.digest()
+        )
         with pytest.raises(JobStateError, match="resume needs it cancelled or failed"):
             again.resume(ALICE, "done")
     finally:
@@ -255,7 +326,9 @@ def test_resume_after_interrupted_run(deployment: Deployment, tmp_path: Path) ->
     echo = EchoRunner()
     again, peers2 = _party(deployment, "model_owner", tmp_path, runner=echo)
     try:
-        peers2.answers["hospital", "long"] = RemoteStatus(JobState.CANCELLED, p.terms_digest, p.digest())
+        peers2.answers["hospital", "long"] = RemoteStatus(
+            JobState.CANCELLED, p.terms_digest, p.digest()
+        )
         again.resume(ALICE, "long")
         _wait(again, "long", JobState.FINISHED)
         st = again.status(ALICE, "long")
@@ -265,7 +338,9 @@ def test_resume_after_interrupted_run(deployment: Deployment, tmp_path: Path) ->
         again.close(timeout=1)
 
 
-def test_mpc_runner_setup_error_fails_the_job_with_the_fix(deployment: Deployment, tmp_path: Path) -> None:
+def test_mpc_runner_setup_error_fails_the_job_with_the_fix(
+    deployment: Deployment, tmp_path: Path
+) -> None:
     """listen port 0 leaves no MPC port to derive: the job fails naming the setting, the party serves on."""
     from secfwt.server.runner import MpcJobRunner
 
@@ -274,7 +349,10 @@ def test_mpc_runner_setup_error_fails_the_job_with_the_fix(deployment: Deploymen
         _accepted(party, peers, deployment, "job-1")
         party.start(ALICE, "job-1")
         _wait(party, "job-1", JobState.FAILED)
-        assert "party.mpc_listen" in party.status(ALICE, "job-1").reason and "set it explicitly" in party.status(ALICE, "job-1").reason
+        assert (
+            "party.mpc_listen" in party.status(ALICE, "job-1").reason
+            and "set it explicitly" in party.status(ALICE, "job-1").reason
+        )
         party.propose(ALICE, _proposal(deployment, "job-2"))  # still serving
     finally:
         party.close(timeout=1)
@@ -299,7 +377,9 @@ def test_progress_streams_are_bounded(deployment: Deployment, tmp_path: Path) ->
         party.close(timeout=1)
 
 
-def test_restart_after_a_crash_fails_the_running_job_resumably(deployment: Deployment, tmp_path: Path) -> None:
+def test_restart_after_a_crash_fails_the_running_job_resumably(
+    deployment: Deployment, tmp_path: Path
+) -> None:
     """A daemon killed while a job runs (no shutdown): the next start marks it failed, resumable."""
     runner = BlockingRunner()
     party, peers = _party(deployment, "model_owner", tmp_path, runner=runner)
@@ -311,7 +391,9 @@ def test_restart_after_a_crash_fails_the_running_job_resumably(deployment: Deplo
     try:
         st = again.status(ALICE, "crash")
         assert st.state is JobState.FAILED and "interrupted" in st.reason
-        peers2.answers["hospital", "crash"] = RemoteStatus(JobState.FAILED, p.terms_digest, p.digest())
+        peers2.answers["hospital", "crash"] = RemoteStatus(
+            JobState.FAILED, p.terms_digest, p.digest()
+        )
         again.resume(ALICE, "crash")
         _wait(again, "crash", JobState.FINISHED)
     finally:

@@ -28,7 +28,13 @@ START_TIMEOUT_S = 90  # a cold start imports torch (via the job config); slow on
 
 def _spawn(args: list[str], log: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(log, "wb"), env=env)
+    return subprocess.Popen(
+        [sys.executable, *args],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=open(log, "wb"),
+        env=env,
+    )
 
 
 def _wait_ready(proc: subprocess.Popen, state: Path, log: Path) -> str:
@@ -38,7 +44,9 @@ def _wait_ready(proc: subprocess.Popen, state: Path, log: Path) -> str:
             raise AssertionError(f"daemon exited {proc.returncode}: {log.read_text()[-2000:]}")
         if time.monotonic() - t0 > START_TIMEOUT_S:
             proc.kill()
-            raise AssertionError(f"daemon not ready after {START_TIMEOUT_S} s: {log.read_text()[-2000:]}")
+            raise AssertionError(
+                f"daemon not ready after {START_TIMEOUT_S} s: {log.read_text()[-2000:]}"
+            )
         time.sleep(0.1)
     return json.loads((state / "daemon.json").read_text())["address"]
 
@@ -52,9 +60,15 @@ def _stop(proc: subprocess.Popen) -> int:
         raise
 
 
-def test_sigterm_shuts_down_cleanly_with_state_persisted(deployment: Deployment, tmp_path: Path) -> None:
+def test_sigterm_shuts_down_cleanly_with_state_persisted(
+    deployment: Deployment, tmp_path: Path
+) -> None:
     state = tmp_path / "state"
-    raw = deployment.party_raw("data_owner", peers={"model_owner": "127.0.0.1:1", "dealer": "127.0.0.1:1"}, state=str(state))
+    raw = deployment.party_raw(
+        "data_owner",
+        peers={"model_owner": "127.0.0.1:1", "dealer": "127.0.0.1:1"},
+        state=str(state),
+    )
     cfg_file = tmp_path / "party.toml"
     cfg_file.write_text(to_toml(raw))
     log = tmp_path / "daemon.stderr"
@@ -65,10 +79,20 @@ def test_sigterm_shuts_down_cleanly_with_state_persisted(deployment: Deployment,
         job = parse_job_text(text, where="test")
         commitments = Commitments(
             model=ModelHoldings(HeldModel(str(deployment.model_dir))).commitment(),
-            data=DataHoldings(HeldData(source="jsonl", path=str(deployment.data_file))).commitment(job),  # type: ignore[arg-type]
+            data=DataHoldings(HeldData(source="jsonl", path=str(deployment.data_file))).commitment(
+                job
+            ),  # type: ignore[arg-type]
         )
         participants = tuple(Identity(IdentityRole(r), pid) for r, pid in IDS.items())
-        proposal = Proposal("sig-1", PROTOCOL_VERSION, text, job.terms, job.terms.digest(), commitments, participants)
+        proposal = Proposal(
+            "sig-1",
+            PROTOCOL_VERSION,
+            text,
+            job.terms,
+            job.terms.digest(),
+            commitments,
+            participants,
+        )
         with deployment.client(address) as c:
             assert c.health() == "SERVING"
             c.propose(proposal)
@@ -81,7 +105,9 @@ def test_sigterm_shuts_down_cleanly_with_state_persisted(deployment: Deployment,
     assert "listening" in msgs and "signal received" in msgs and msgs[-1] == "stopped"
     assert any(entry.get("signal") == "SIGTERM" for entry in lines)
     record = json.loads((state / "jobs" / "sig-1" / "job.json").read_text())
-    assert record["state"] == "accepted" and record["accepted_terms_digest"] == proposal.terms_digest
+    assert (
+        record["state"] == "accepted" and record["accepted_terms_digest"] == proposal.terms_digest
+    )
     assert (state / "daemon.log").is_file()
 
 
@@ -114,5 +140,7 @@ def test_insecure_needs_flag_and_config_together(deployment: Deployment, tmp_pat
     cfg_file.write_text(to_toml(deployment.party_raw("dealer", state=str(tmp_path / "s"))))
     with pytest.raises(ConfigError, match="--insecure was given but party.insecure is not true"):
         run_party(Role.DEALER, cfg_file, insecure=True)
-    with pytest.raises(ConfigError, match="party.role is dealer but this is the model_owner daemon"):
+    with pytest.raises(
+        ConfigError, match="party.role is dealer but this is the model_owner daemon"
+    ):
         run_party(Role.MODEL_OWNER, cfg_file)

@@ -38,7 +38,26 @@ class Capture:
         prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
         # -U: write each packet as it arrives; -s 0: whole frames; -B: a 128 MiB kernel buffer (no
         # drops on a loaded 2-core machine); -Z root: keep writing as root.
-        self.proc = subprocess.Popen([*prefix, "tcpdump", "-i", self.iface, "-s", "0", "-B", "131072", "-U", "-Z", "root", "-w", str(self.path), self.bpf], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            [
+                *prefix,
+                "tcpdump",
+                "-i",
+                self.iface,
+                "-s",
+                "0",
+                "-B",
+                "131072",
+                "-U",
+                "-Z",
+                "root",
+                "-w",
+                str(self.path),
+                self.bpf,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:  # tcpdump says "listening on" once the capture is live
             if self.path.exists():
@@ -63,8 +82,23 @@ class Capture:
 def _tshark(pcap: Path, ports: list[int], *args: str) -> list[str]:
     decode = [a for p in ports for a in ("-d", f"tcp.port=={p},tls")]
     r = subprocess.run(
-        ["tshark", "-n", "-2", "-r", str(pcap), "-o", "tcp.desegment_tcp_streams:TRUE", "-o", "tls.desegment_ssl_records:TRUE", *decode, *args],
-        capture_output=True, text=True, timeout=600, check=False,
+        [
+            "tshark",
+            "-n",
+            "-2",
+            "-r",
+            str(pcap),
+            "-o",
+            "tcp.desegment_tcp_streams:TRUE",
+            "-o",
+            "tls.desegment_ssl_records:TRUE",
+            *decode,
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     if r.returncode != 0:
         raise RuntimeError(f"tshark failed ({r.returncode}): {r.stderr[-2000:]}")
@@ -74,9 +108,23 @@ def _tshark(pcap: Path, ports: list[int], *args: str) -> list[str]:
 def summary(pcap: Path, ports: list[int]) -> dict[str, int]:
     """Frames, TCP payload bytes, TLS records by content type, TLS 1.3 server hellos."""
     payload = _tshark(pcap, ports, "-Y", "tcp.len > 0", "-T", "fields", "-e", "tcp.len")
-    types = _tshark(pcap, ports, "-Y", "tls.record", "-T", "fields", "-e", "tls.record.content_type")
-    hellos = _tshark(pcap, ports, "-Y", "tls.handshake.type == 2", "-T", "fields", "-e", "tls.handshake.extensions.supported_version")
-    counts: dict[str, int] = {"tcp_segments_with_payload": len(payload), "tcp_payload_bytes": sum(int(x) for x in payload)}
+    types = _tshark(
+        pcap, ports, "-Y", "tls.record", "-T", "fields", "-e", "tls.record.content_type"
+    )
+    hellos = _tshark(
+        pcap,
+        ports,
+        "-Y",
+        "tls.handshake.type == 2",
+        "-T",
+        "fields",
+        "-e",
+        "tls.handshake.extensions.supported_version",
+    )
+    counts: dict[str, int] = {
+        "tcp_segments_with_payload": len(payload),
+        "tcp_payload_bytes": sum(int(x) for x in payload),
+    }
     for line in types:
         for t in line.split(","):
             counts[f"tls_records_type_{t}"] = counts.get(f"tls_records_type_{t}", 0) + 1
@@ -88,8 +136,24 @@ def summary(pcap: Path, ports: list[int]) -> dict[str, int]:
 def non_tls_segments(pcap: Path, ports: list[int]) -> list[str]:
     """TCP segments with payload that tshark cannot place in a TLS record on ``ports``."""
     return _tshark(
-        pcap, ports, "-Y", "tcp.len > 0 and not tls and not tcp.reassembled_in and not tcp.analysis.retransmission",
-        "-T", "fields", "-e", "frame.number", "-e", "ip.src", "-e", "tcp.srcport", "-e", "ip.dst", "-e", "tcp.dstport", "-e", "tcp.len",
+        pcap,
+        ports,
+        "-Y",
+        "tcp.len > 0 and not tls and not tcp.reassembled_in and not tcp.analysis.retransmission",
+        "-T",
+        "fields",
+        "-e",
+        "frame.number",
+        "-e",
+        "ip.src",
+        "-e",
+        "tcp.srcport",
+        "-e",
+        "ip.dst",
+        "-e",
+        "tcp.dstport",
+        "-e",
+        "tcp.len",
     )
 
 

@@ -22,11 +22,25 @@ def test_spsa_estimate_is_the_directional_derivative_and_descends():
 
     theta = {"w": torch.zeros(3, dtype=torch.float64)}
     us = directions(seed=0, step=0, shapes=(("w", (3,)),), count=1)
-    _, gs, _ = spsa_step(lambda ps: [loss(p) for p in ps], theta, us=us, settings=SPSASettings(lr=0.1, eps=1e-3, directions=1), cast=lambda t: t.double())
+    _, gs, _ = spsa_step(
+        lambda ps: [loss(p) for p in ps],
+        theta,
+        us=us,
+        settings=SPSASettings(lr=0.1, eps=1e-3, directions=1),
+        cast=lambda t: t.double(),
+    )
     grad = 2 * (theta["w"] - target["w"])
-    assert abs(float(gs[0]) - float(grad @ us[0]["w"].double())) < 1e-6  # exact for a quadratic (central difference)
+    assert (
+        abs(float(gs[0]) - float(grad @ us[0]["w"].double())) < 1e-6
+    )  # exact for a quadratic (central difference)
     start = float(loss(theta))
     for step in range(300):
         us = directions(seed=0, step=step, shapes=(("w", (3,)),), count=2)
-        theta, _, _ = spsa_step(lambda ps: [loss(p) for p in ps], theta, us=us, settings=SPSASettings(lr=0.05, eps=1e-3, directions=2), cast=lambda t: t.double())
+        theta, _, _ = spsa_step(
+            lambda ps: [loss(p) for p in ps],
+            theta,
+            us=us,
+            settings=SPSASettings(lr=0.05, eps=1e-3, directions=2),
+            cast=lambda t: t.double(),
+        )
     assert float(loss(theta)) < 0.01 * start

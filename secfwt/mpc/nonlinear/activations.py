@@ -21,7 +21,6 @@ from secfwt.mpc.nonlinear.compare import CMP_RESOLUTION, _negative_words, _not, 
 from secfwt.mpc.nonlinear.fixed_point import _ONE, MPCTensor, _divide, _fixed, _plus, _share_of
 from secfwt.mpc.nonlinear.polynomial import _chebyshev_series, _even_part_fit, _square
 
-
 #: tanh is evaluated on inputs clipped to [-TANH_CLIP, TANH_CLIP]; |tanh(8) - 1| < 2.3e-7.
 TANH_CLIP = 8.0
 

@@ -13,7 +13,6 @@ import math
 import numpy as np
 import torch
 
-
 _WORD_BITS = 64  # elements per bit-plane word
 
 

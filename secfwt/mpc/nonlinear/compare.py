@@ -39,7 +39,6 @@ from secfwt.mpc import beaver
 from secfwt.mpc.nonlinear.bits import _bit_planes, _pack_rows, _unpack_rows
 from secfwt.mpc.nonlinear.fixed_point import FRAC_BITS, _mul, _plus
 
-
 _CMP_BITS = 21  # bits 11..31 of each share: a 21-bit two's complement value per party
 _CMP_DROP_BITS = 11
 #: Signs of values closer to 0 than this may come out wrong (they are ties for every use here).

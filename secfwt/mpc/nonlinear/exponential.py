@@ -19,7 +19,6 @@ from secfwt.mpc.nonlinear.compare import _negative_words, _not, _select
 from secfwt.mpc.nonlinear.fixed_point import _ONE, MPCTensor, _divide, _fixed, _plus, _share_of
 from secfwt.mpc.nonlinear.polynomial import _chebyshev_fit, _chebyshev_series, _square
 
-
 _EXP_LOWER = -15.5  # below: output exactly 0 (e^-15.5 = 1.9e-7)
 _EXP_UPPER = 0.5  # softmax feeds x - max <= (comparison resolution) * log2(n) <= 0.3
 _EXP_SQUARINGS = 2  # e^x = (e^(x/4))^4

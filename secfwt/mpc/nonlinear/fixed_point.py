@@ -25,7 +25,6 @@ from secfwt.crypten_compat import crypten
 from secfwt.errors import FixedPointRangeError, ProtocolError
 from secfwt.mpc import beaver
 
-
 #: ``crypten.mpc.MPCTensor`` in annotations (CrypTen ships no type information: Any for mypy).
 MPCTensor: TypeAlias = Any
 _MPC = crypten.mpc.MPCTensor

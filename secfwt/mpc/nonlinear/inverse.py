@@ -30,7 +30,6 @@ from secfwt.mpc.nonlinear.fixed_point import (
 )
 from secfwt.mpc.nonlinear.polynomial import _affine_public
 
-
 _MAX_HI = 2.0**30
 # Products formed before a local truncation stay below 2^38 (failure probability <= 2^-26 each).
 _MAX_TRUNCATED_BITS = 38

@@ -28,12 +28,11 @@ from secfwt.mpc.nonlinear.fixed_point import (
 from secfwt.mpc.nonlinear.inverse import (
     _inv_sqrt_mantissa,
     _onehot_regions,
-    _Pow4Regions,
     _pow4_exponents,
+    _Pow4Regions,
     _scale_by_pow2,
 )
 from secfwt.mpc.nonlinear.polynomial import _square
-
 
 _VAR_FRAC_BITS = 24  # fractional bits of the mean of squares (small variances need them)
 _VAR_COARSE_SHIFT = 8  # high-range path squares x / 2^8, so big rows form no product above 2^33

@@ -25,7 +25,6 @@ from secfwt.crypten_compat import crypten
 from secfwt.mpc import beaver
 from secfwt.mpc.nonlinear.fixed_point import _ONE, _divide, _mul, _plus
 
-
 _COEF_BITS = 16  # fractional bits of public polynomial coefficients (on top of the data's 16)
 _FIT_NODES = 4000
 

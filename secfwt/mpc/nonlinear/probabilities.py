@@ -34,7 +34,6 @@ from secfwt.mpc.nonlinear.fixed_point import (
 from secfwt.mpc.nonlinear.inverse import _reciprocal_parts, _scale_by_pow2
 from secfwt.mpc.nonlinear.polynomial import _clenshaw
 
-
 #: Offset subtracted from masked scores before the max (public; keeps them from being the max).
 SOFTMAX_MASK_OFFSET = 4096
 

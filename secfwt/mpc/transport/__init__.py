@@ -38,4 +38,12 @@ class Transport(enum.Enum):
     TLS = "tls"
 
 
-__all__ = ["TlsBundle", "TlsSettings", "Transport", "ephemeral_tls_bundle", "keepalive_for_heartbeat", "peer_name", "tls_settings"]
+__all__ = [
+    "TlsBundle",
+    "TlsSettings",
+    "Transport",
+    "ephemeral_tls_bundle",
+    "keepalive_for_heartbeat",
+    "peer_name",
+    "tls_settings",
+]

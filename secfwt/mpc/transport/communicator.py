@@ -28,14 +28,14 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-
-import secfwt.crypten_compat  # noqa: F401  (CrypTen importable on this torch before the imports below)
 from crypten.common import serial
 from crypten.communicator.communicator import Communicator, _logging
+from torch.distributed import ReduceOp
+
+import secfwt.crypten_compat  # noqa: F401  (CrypTen importable on this torch before the imports below)
 from secfwt.errors import ProtocolError
 from secfwt.mpc.transport.identity import TlsSettings
 from secfwt.mpc.transport.mesh import Kind, Message, PeerMesh
-from torch.distributed import ReduceOp
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +95,14 @@ def _bytes_of(tensor: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]  # ndarray is a buffer
 
 
-def _as_tensor(msg: Message, dtype: torch.dtype, shape: torch.Size | tuple[int, ...], *, what: str) -> torch.Tensor:
+def _as_tensor(
+    msg: Message, dtype: torch.dtype, shape: torch.Size | tuple[int, ...], *, what: str
+) -> torch.Tensor:
     """The received bytes as a tensor of the receiver's dtype and shape (gloo's semantics)."""
     if msg.kind is not Kind.TENSOR:
-        raise ProtocolError(f"TLS transport: {what}: expected a tensor, got a {msg.kind.name} message (the parties are out of step)")
+        raise ProtocolError(
+            f"TLS transport: {what}: expected a tensor, got a {msg.kind.name} message (the parties are out of step)"
+        )
     if msg.code != _code(dtype):
         sent = _DTYPES[msg.code - 1] if 0 < msg.code <= len(_DTYPES) else msg.code
         raise ProtocolError(f"TLS transport: {what}: peer sent {sent}, this party expects {dtype}")
@@ -107,7 +111,9 @@ def _as_tensor(msg: Message, dtype: torch.dtype, shape: torch.Size | tuple[int, 
         numel *= int(d)
     expected = numel * torch.empty((), dtype=dtype).element_size()
     if msg.payload.numel() != expected:
-        raise ProtocolError(f"TLS transport: {what}: peer sent {msg.payload.numel()} bytes, {tuple(shape)} {dtype} needs {expected}")
+        raise ProtocolError(
+            f"TLS transport: {what}: peer sent {msg.payload.numel()} bytes, {tuple(shape)} {dtype} needs {expected}"
+        )
     return msg.payload.view(dtype).reshape(shape)
 
 
@@ -158,7 +164,9 @@ class MeshCommunicator(Communicator):
             inst.mesh.close()
             cls.instance = None
 
-    def __init__(self, *, rank: int, world_size: int, settings: TlsSettings, init_ttp: bool) -> None:
+    def __init__(
+        self, *, rank: int, world_size: int, settings: TlsSettings, init_ttp: bool
+    ) -> None:
         self.rank = rank
         self.world_size = world_size
         self.reset_communication_stats()
@@ -171,7 +179,12 @@ class MeshCommunicator(Communicator):
         self.ttp_initialized = init_ttp
         self.mesh = PeerMesh(rank=rank, ranks=range(total), settings=settings)
         self.mesh.start()
-        log.info("MeshCommunicator rank %d of %d (%s)", rank, world_size, "with dealer" if init_ttp else "no dealer")
+        log.info(
+            "MeshCommunicator rank %d of %d (%s)",
+            rank,
+            world_size,
+            "with dealer" if init_ttp else "no dealer",
+        )
 
     # -- point to point (unlogged building blocks) -------------------------------------------------
     def _group(self, group: Any) -> MeshGroup:
@@ -182,10 +195,20 @@ class MeshCommunicator(Communicator):
         return group
 
     def _send_tensor(self, tensor: torch.Tensor, dst: int, group: MeshGroup) -> None:
-        self.mesh.send(dst, kind=Kind.TENSOR, channel=group.channel, code=_code(tensor.dtype), payload=_bytes_of(tensor))
+        self.mesh.send(
+            dst,
+            kind=Kind.TENSOR,
+            channel=group.channel,
+            code=_code(tensor.dtype),
+            payload=_bytes_of(tensor),
+        )
 
-    def _recv_tensor(self, dtype: torch.dtype, shape: Any, src: int, group: MeshGroup, what: str) -> torch.Tensor:
-        return _as_tensor(self.mesh.recv(src, group.channel), dtype, shape, what=f"{what} from rank {src}")
+    def _recv_tensor(
+        self, dtype: torch.dtype, shape: Any, src: int, group: MeshGroup, what: str
+    ) -> torch.Tensor:
+        return _as_tensor(
+            self.mesh.recv(src, group.channel), dtype, shape, what=f"{what} from rank {src}"
+        )
 
     def _others(self, group: MeshGroup) -> list[int]:
         return [r for r in group.ranks if r != self.rank]
@@ -198,12 +221,19 @@ class MeshCommunicator(Communicator):
     def p2p_irecv(self, tensor: torch.Tensor, src: int | None, group: Any = None) -> _Work:
         """``irecv`` into ``tensor`` in ``group`` without accounting (for the TTP's direct calls)."""
         if src is None:
-            raise ProtocolError("TLS transport: receiving from any source is not supported; name the sender")
+            raise ProtocolError(
+                "TLS transport: receiving from any source is not supported; name the sender"
+            )
         g = self._group(group)
         ticket = self.mesh.post(src, g.channel)
 
         def finish() -> None:
-            got = _as_tensor(self.mesh.take(src, g.channel, ticket), tensor.dtype, tensor.shape, what=f"irecv from rank {src}")
+            got = _as_tensor(
+                self.mesh.take(src, g.channel, ticket),
+                tensor.dtype,
+                tensor.shape,
+                what=f"irecv from rank {src}",
+            )
             tensor.data.copy_(got)
 
         return _Work(finish)
@@ -216,7 +246,9 @@ class MeshCommunicator(Communicator):
         for r in self._others(g):
             msg = self.mesh.recv(r, g.channel)
             if msg.kind is not Kind.TOKEN:
-                raise ProtocolError(f"TLS transport: barrier: rank {r} sent a {msg.kind.name} message (the parties are out of step)")
+                raise ProtocolError(
+                    f"TLS transport: barrier: rank {r} sent a {msg.kind.name} message (the parties are out of step)"
+                )
 
     # -- CrypTen's interface -----------------------------------------------------------------------
     @_logging
@@ -228,7 +260,9 @@ class MeshCommunicator(Communicator):
     def recv(self, tensor: torch.Tensor, src: int | None = None) -> torch.Tensor:
         """Receives a tensor shaped like ``tensor`` from ``src``; returns a new tensor."""
         if src is None:
-            raise ProtocolError("TLS transport: receiving from any source is not supported; name the sender")
+            raise ProtocolError(
+                "TLS transport: receiving from any source is not supported; name the sender"
+            )
         return self._recv_tensor(tensor.dtype, tensor.size(), src, self.main_group, "recv")
 
     @_logging
@@ -242,7 +276,9 @@ class MeshCommunicator(Communicator):
         return self.p2p_irecv(tensor, src, self.main_group)
 
     @_logging
-    def scatter(self, scatter_list: list[torch.Tensor], src: int, size: Any = None, device: Any = None) -> torch.Tensor:
+    def scatter(
+        self, scatter_list: list[torch.Tensor], src: int, size: Any = None, device: Any = None
+    ) -> torch.Tensor:
         """Scatters a list of tensors to all parties."""
         g = self.main_group
         if src != self.rank:
@@ -253,7 +289,9 @@ class MeshCommunicator(Communicator):
             self._send_tensor(scatter_list[r].data, r, g)
         return scatter_list[self.rank].data
 
-    def _combine(self, tensors: list[torch.Tensor], op: Any, *, root: int | None) -> list[torch.Tensor] | None:
+    def _combine(
+        self, tensors: list[torch.Tensor], op: Any, *, root: int | None
+    ) -> list[torch.Tensor] | None:
         """Reduce ``tensors`` over the main group at ``root`` (None: at every member)."""
         fn = _REDUCE.get(op)
         if fn is None:
@@ -265,7 +303,10 @@ class MeshCommunicator(Communicator):
                 self._send_tensor(t.data, dst, g)
         if root is not None and root != self.rank:
             return None
-        received = {r: [self._recv_tensor(t.dtype, t.size(), r, g, "reduce") for t in tensors] for r in self._others(g)}
+        received = {
+            r: [self._recv_tensor(t.dtype, t.size(), r, g, "reduce") for t in tensors]
+            for r in self._others(g)
+        }
         out = []
         for i, t in enumerate(tensors):
             if t.dtype.is_floating_point or t.dtype.is_complex or not received:
@@ -315,7 +356,12 @@ class MeshCommunicator(Communicator):
         if self.rank != dst:
             self._send_tensor(tensor.data, dst, g)
             return [None]
-        return [tensor.data.clone() if r == self.rank else self._recv_tensor(tensor.dtype, tensor.size(), r, g, "gather") for r in g.ranks]
+        return [
+            tensor.data.clone()
+            if r == self.rank
+            else self._recv_tensor(tensor.dtype, tensor.size(), r, g, "gather")
+            for r in g.ranks
+        ]
 
     @_logging
     def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
@@ -323,7 +369,12 @@ class MeshCommunicator(Communicator):
         g = self.main_group
         for r in self._others(g):
             self._send_tensor(tensor.data, r, g)
-        return [tensor.data.clone() if r == self.rank else self._recv_tensor(tensor.dtype, tensor.size(), r, g, "all_gather") for r in g.ranks]
+        return [
+            tensor.data.clone()
+            if r == self.rank
+            else self._recv_tensor(tensor.dtype, tensor.size(), r, g, "all_gather")
+            for r in g.ranks
+        ]
 
     @_logging
     def broadcast(self, input: Any, src: int, group: Any = None, batched: bool = False) -> Any:
@@ -348,12 +399,16 @@ class MeshCommunicator(Communicator):
     def send_obj(self, obj: Any, dst: int, group: Any = None) -> None:
         """Sends the specified object to the destination ``dst``."""
         g = self._group(group)
-        self.mesh.send(dst, kind=Kind.OBJECT, channel=g.channel, code=0, payload=memoryview(pickle.dumps(obj)))
+        self.mesh.send(
+            dst, kind=Kind.OBJECT, channel=g.channel, code=0, payload=memoryview(pickle.dumps(obj))
+        )
 
     def _recv_object(self, src: int, g: MeshGroup) -> Any:
         msg = self.mesh.recv(src, g.channel)
         if msg.kind is not Kind.OBJECT:
-            raise ProtocolError(f"TLS transport: expected an object from rank {src}, got a {msg.kind.name} message (the parties are out of step)")
+            raise ProtocolError(
+                f"TLS transport: expected an object from rank {src}, got a {msg.kind.name} message (the parties are out of step)"
+            )
         return serial.restricted_loads(msg.payload.numpy().tobytes())
 
     @_logging
@@ -367,7 +422,9 @@ class MeshCommunicator(Communicator):
         g = self._group(group)
         if self.rank == src:
             if obj is None:
-                raise ProtocolError("TLS transport: broadcast_obj: the source party must provide the object")
+                raise ProtocolError(
+                    "TLS transport: broadcast_obj: the source party must provide the object"
+                )
             buf = memoryview(pickle.dumps(obj))
             for r in self._others(g):
                 self.mesh.send(r, kind=Kind.OBJECT, channel=g.channel, code=0, payload=buf)

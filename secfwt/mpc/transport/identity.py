@@ -85,7 +85,11 @@ class TlsSettings:
     def read_pem(self) -> tuple[bytes, bytes, bytes]:
         """(CA certificate, own certificate chain, own private key) as PEM bytes."""
         out = []
-        for what, path in (("CA certificate", self.ca_cert), ("certificate", self.cert), ("private key", self.key)):
+        for what, path in (
+            ("CA certificate", self.ca_cert),
+            ("certificate", self.cert),
+            ("private key", self.key),
+        ):
             try:
                 out.append(Path(path).read_bytes())
             except OSError as exc:
@@ -106,7 +110,9 @@ def keepalive_for_heartbeat(heartbeat_timeout_s: float) -> float:
     is noticed sooner (its kernel resets the connection at once).
     """
     if not heartbeat_timeout_s > 0:
-        raise ConfigError(f"heartbeat_timeout_s = {heartbeat_timeout_s!r}: must be a positive number of seconds")
+        raise ConfigError(
+            f"heartbeat_timeout_s = {heartbeat_timeout_s!r}: must be a positive number of seconds"
+        )
     return max(MIN_KEEPALIVE_S, heartbeat_timeout_s / 2)
 
 
@@ -136,7 +142,9 @@ def tls_settings(
     if role in peers:
         raise ConfigError(f"TLS peers: {role.value} is this party; list only the other parties")
     if not session_id:
-        raise ConfigError("TLS session_id: must be non-empty and equal on every party of the job (e.g. the job id)")
+        raise ConfigError(
+            "TLS session_id: must be non-empty and equal on every party of the job (e.g. the job id)"
+        )
     for r, addr in peers.items():
         if ":" not in addr:
             raise ConfigError(f"TLS peers: {r.value} address {addr!r} must be host:port")
@@ -149,7 +157,8 @@ def tls_settings(
         session_id=session_id,
         listen=listen,
         peers={r.rank: addr for r, addr in peers.items()},
-        peer_names={r.rank: n for r, n in peer_names.items()} | ({role.rank: own_name} if own_name else {}),
+        peer_names={r.rank: n for r, n in peer_names.items()}
+        | ({role.rank: own_name} if own_name else {}),
         connect_timeout_s=connect_timeout_s,
         keepalive_s=keepalive_s,
     )
@@ -164,7 +173,9 @@ class TlsBundle:
     keys: Mapping[Role, Path]
 
 
-def ephemeral_tls_bundle(directory: str | Path, *, roles: Iterable[Role] = tuple(Role), days: float = 1.0) -> TlsBundle:
+def ephemeral_tls_bundle(
+    directory: str | Path, *, roles: Iterable[Role] = tuple(Role), days: float = 1.0
+) -> TlsBundle:
     """A throwaway CA and per-role certificates (party id :data:`LOCAL_PARTY_ID`) under ``directory``.
 
     For local simulation and tests. Issued with the deployment's own code
@@ -180,7 +191,14 @@ def ephemeral_tls_bundle(directory: str | Path, *, roles: Iterable[Role] = tuple
     key_paths: dict[Role, Path] = {}
     try:
         for role in roles:
-            files = certs.issue(ca_dir=out / "ca", role=IdentityRole.of(role), party_id=LOCAL_PARTY_ID, hosts=["127.0.0.1", "localhost"], out=out / role.value, days=days)
+            files = certs.issue(
+                ca_dir=out / "ca",
+                role=IdentityRole.of(role),
+                party_id=LOCAL_PARTY_ID,
+                hosts=["127.0.0.1", "localhost"],
+                out=out / role.value,
+                days=days,
+            )
             cert_paths[role], key_paths[role] = files.cert, files.key
     finally:
         os.remove(ca.key)

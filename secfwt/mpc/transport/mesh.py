@@ -73,7 +73,11 @@ _ACK = b"SFA1"
 _HEADER = struct.Struct("<4sBBBBQ")
 _FRAME_MAGIC = b"SFM1"
 #: Handshake errors that retrying cannot fix (gRPC's texts for a wrong or untrusted certificate).
-_CERTIFICATE_FAILURES = ("Hostname Verification Check failed", "CERTIFICATE_VERIFY_FAILED", "certificate verify failed")
+_CERTIFICATE_FAILURES = (
+    "Hostname Verification Check failed",
+    "CERTIFICATE_VERIFY_FAILED",
+    "certificate verify failed",
+)
 #: Frames buffered per peer before ``send`` blocks (backpressure; 16 x 4 MiB by default).
 _OUTBOX_FRAMES = 16
 
@@ -190,7 +194,10 @@ class PeerMesh:
             ("grpc.max_send_message_length", -1),
             ("grpc.keepalive_time_ms", keepalive_ms),
             ("grpc.keepalive_timeout_ms", keepalive_ms),
-            ("grpc.http2.ping_timeout_ms", keepalive_ms),  # gRPC core times pings out after 60 s unless told (see keepalive_for_heartbeat)
+            (
+                "grpc.http2.ping_timeout_ms",
+                keepalive_ms,
+            ),  # gRPC core times pings out after 60 s unless told (see keepalive_for_heartbeat)
             ("grpc.http2.min_recv_ping_interval_without_data_ms", max(1000, keepalive_ms // 2)),
             ("grpc.http2.max_ping_strikes", 0),
             ("grpc.keepalive_permit_without_calls", 1),
@@ -200,19 +207,26 @@ class PeerMesh:
         # Streams beyond that are refused (RESOURCE_EXHAUSTED) instead of queueing.
         workers = len(self.peers) + 2
         server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="secfwt-mesh"), options=server_opts, maximum_concurrent_rpcs=workers
+            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="secfwt-mesh"),
+            options=server_opts,
+            maximum_concurrent_rpcs=workers,
         )
         handler = grpc.method_handlers_generic_handler(
-            "secfwt.mpc.v1.Mesh", {"Stream": grpc.stream_stream_rpc_method_handler(self._serve_stream)}
+            "secfwt.mpc.v1.Mesh",
+            {"Stream": grpc.stream_stream_rpc_method_handler(self._serve_stream)},
         )
         server.add_generic_rpc_handlers((handler,))
-        creds = grpc.ssl_server_credentials([(key, chain)], root_certificates=ca, require_client_auth=True)
+        creds = grpc.ssl_server_credentials(
+            [(key, chain)], root_certificates=ca, require_client_auth=True
+        )
         try:
             port = server.add_secure_port(s.listen, creds)
         except RuntimeError as exc:
             raise ProtocolError(f"TLS transport: cannot listen on {s.listen}: {exc}") from exc
         if port == 0:
-            raise ProtocolError(f"TLS transport: cannot listen on {s.listen} (address in use or invalid)")
+            raise ProtocolError(
+                f"TLS transport: cannot listen on {s.listen} (address in use or invalid)"
+            )
         server.start()
         self._server = server
         host = s.listen.rsplit(":", 1)[0]
@@ -224,14 +238,19 @@ class PeerMesh:
             ("grpc.max_send_message_length", -1),
             ("grpc.keepalive_time_ms", keepalive_ms),
             ("grpc.keepalive_timeout_ms", keepalive_ms),
-            ("grpc.http2.ping_timeout_ms", keepalive_ms),  # gRPC core times pings out after 60 s unless told (see keepalive_for_heartbeat)
+            (
+                "grpc.http2.ping_timeout_ms",
+                keepalive_ms,
+            ),  # gRPC core times pings out after 60 s unless told (see keepalive_for_heartbeat)
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0),
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.min_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 1000),
         ]
-        channel_creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=chain)
+        channel_creds = grpc.ssl_channel_credentials(
+            root_certificates=ca, private_key=key, certificate_chain=chain
+        )
         for peer in self.peers:
             opts = [*channel_opts, ("grpc.ssl_target_name_override", s.peer_names[peer])]
             self._channels[peer] = grpc.secure_channel(addresses[peer], channel_creds, options=opts)
@@ -244,17 +263,25 @@ class PeerMesh:
                     f"TLS transport: {_role_name(peer)} did not open its authenticated stream to {_role_name(self.rank)} "
                     f"within {s.connect_timeout_s:.0f} s ({why})"
                 )
-        log.info("MPC TLS transport: %s connected to %s", _role_name(self.rank), ", ".join(_role_name(p) for p in self.peers))
+        log.info(
+            "MPC TLS transport: %s connected to %s",
+            _role_name(self.rank),
+            ", ".join(_role_name(p) for p in self.peers),
+        )
 
     def _peer_addresses(self, deadline: float) -> dict[int, str]:
         s = self.settings
         if s.peers:
             missing = [p for p in self.peers if p not in s.peers]
             if missing:
-                raise ProtocolError(f"TLS transport: no address for {', '.join(_role_name(p) for p in missing)}")
+                raise ProtocolError(
+                    f"TLS transport: no address for {', '.join(_role_name(p) for p in missing)}"
+                )
             return {p: s.peers[p] for p in self.peers}
         if s.rendezvous_dir is None:
-            raise ProtocolError("TLS transport: settings give neither peer addresses nor a local rendezvous folder")
+            raise ProtocolError(
+                "TLS transport: settings give neither peer addresses nor a local rendezvous folder"
+            )
         folder = Path(s.rendezvous_dir)
         tmp = folder / f".address-{self.rank}.tmp"
         tmp.write_text(self.address)
@@ -268,7 +295,9 @@ class PeerMesh:
             if len(out) < len(self.peers):
                 if time.monotonic() > deadline:
                     absent = ", ".join(_role_name(p) for p in self.peers if p not in out)
-                    raise ProtocolError(f"TLS transport: {absent} did not publish an address in {folder} in time")
+                    raise ProtocolError(
+                        f"TLS transport: {absent} did not publish an address in {folder} in time"
+                    )
                 time.sleep(0.02)
         return out
 
@@ -290,8 +319,15 @@ class PeerMesh:
                 box.frames.put(None)  # release gRPC's request thread of this attempt
                 code = err.code() if hasattr(err, "code") else None
                 last = _rpc_text(err)
-                if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.INVALID_ARGUMENT):
-                    raise ProtocolError(f"TLS transport: {_role_name(peer)} at {address} refused {_role_name(self.rank)}: {last}") from None
+                if code in (
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    grpc.StatusCode.ALREADY_EXISTS,
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                ):
+                    raise ProtocolError(
+                        f"TLS transport: {_role_name(peer)} at {address} refused {_role_name(self.rank)}: {last}"
+                    ) from None
                 if any(marker in last for marker in _CERTIFICATE_FAILURES):
                     raise ProtocolError(
                         f"TLS transport: {_role_name(peer)} at {address} did not prove it is {self.settings.peer_names[peer]!r} "
@@ -303,16 +339,22 @@ class PeerMesh:
                         f"{self.settings.connect_timeout_s:.0f} s; last error {last} (peer down, its certificate does not name "
                         f"{self.settings.peer_names[peer]!r}, or it does not trust our certificate)"
                     ) from None
-                log.debug("MPC TLS transport: stream to %s not open yet: %s", _role_name(peer), last)
+                log.debug(
+                    "MPC TLS transport: stream to %s not open yet: %s", _role_name(peer), last
+                )
                 time.sleep(0.05)
                 continue
             except StopIteration:
                 box.frames.put(None)
-                raise ProtocolError(f"TLS transport: {_role_name(peer)} at {address} closed the stream without an ACK") from None
+                raise ProtocolError(
+                    f"TLS transport: {_role_name(peer)} at {address} closed the stream without an ACK"
+                ) from None
             finally:
                 timer.cancel()
             if ack != _ACK:
-                raise ProtocolError(f"TLS transport: {_role_name(peer)} at {address} answered {ack[:16]!r}, not the mesh ACK")
+                raise ProtocolError(
+                    f"TLS transport: {_role_name(peer)} at {address} answered {ack[:16]!r}, not the mesh ACK"
+                )
             box.call = call
             call.add_done_callback(lambda c, p=peer, b=box: self._on_outgoing_done(p, b, c))
             self._outboxes[peer] = box
@@ -327,7 +369,9 @@ class PeerMesh:
         box.done.set()
 
     # -- server side -----------------------------------------------------------------------------
-    def _serve_stream(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+    def _serve_stream(
+        self, requests: Iterator[bytes], context: grpc.ServicerContext
+    ) -> Iterator[bytes]:
         auth = context.auth_context()
         names = [n.decode(errors="replace") for n in auth.get("x509_subject_alternative_name", [])]
         cert_rank = rank_for_names(names, self.settings.peer_names)
@@ -336,11 +380,17 @@ class PeerMesh:
         except StopIteration:
             return
         if len(hello) < _HELLO.size or hello[:4] != _HELLO_MAGIC:
-            self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "first message is not a mesh HELLO")
+            self._refuse(
+                context, grpc.StatusCode.INVALID_ARGUMENT, "first message is not a mesh HELLO"
+            )
         _, claimed, n = _HELLO.unpack_from(hello)
         session = hello[_HELLO.size : _HELLO.size + n]
         if claimed not in self._inboxes:
-            self._refuse(context, grpc.StatusCode.PERMISSION_DENIED, f"rank {claimed} is not a peer of {_role_name(self.rank)} in this session")
+            self._refuse(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"rank {claimed} is not a peer of {_role_name(self.rank)} in this session",
+            )
         if cert_rank != claimed:
             self._refuse(
                 context,
@@ -348,12 +398,25 @@ class PeerMesh:
                 f"client certificate names {names or 'no role'}; acting as {_role_name(claimed)} needs {self.settings.peer_names[claimed]!r}",
             )
         if session != self._session:
-            self._refuse(context, grpc.StatusCode.FAILED_PRECONDITION, f"{_role_name(claimed)} belongs to another session")
+            self._refuse(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{_role_name(claimed)} belongs to another session",
+            )
         with self._lock:
             if self._incoming[claimed].is_set():
-                self._refuse(context, grpc.StatusCode.ALREADY_EXISTS, f"{_role_name(claimed)} already has a stream in this session")
+                self._refuse(
+                    context,
+                    grpc.StatusCode.ALREADY_EXISTS,
+                    f"{_role_name(claimed)} already has a stream in this session",
+                )
             self._incoming[claimed].set()
-        log.debug("MPC TLS transport: %s accepted stream from %s (%s)", _role_name(self.rank), _role_name(claimed), context.peer())
+        log.debug(
+            "MPC TLS transport: %s accepted stream from %s (%s)",
+            _role_name(self.rank),
+            _role_name(claimed),
+            context.peer(),
+        )
         yield _ACK
         problem = self._receive(claimed, requests)
         if problem is not None:
@@ -375,22 +438,30 @@ class PeerMesh:
             for frame in requests:
                 if pending is None:
                     if len(frame) < _HEADER.size:
-                        raise ProtocolError(f"{_role_name(src)} sent a {len(frame)}-byte frame, shorter than a header")
+                        raise ProtocolError(
+                            f"{_role_name(src)} sent a {len(frame)}-byte frame, shorter than a header"
+                        )
                     magic, kind, channel, code, _, nbytes = _HEADER.unpack_from(frame)
                     if magic != _FRAME_MAGIC or kind not in _KINDS:
                         raise ProtocolError(f"malformed frame from {_role_name(src)}")
                     if kind == Kind.CLOSE:
                         # A CLOSE may carry why: the peer lost another party (see close()).
-                        reason = bytes(frame[_HEADER.size : _HEADER.size + min(nbytes, 4096)]).decode(errors="replace")
+                        reason = bytes(
+                            frame[_HEADER.size : _HEADER.size + min(nbytes, 4096)]
+                        ).decode(errors="replace")
                         with inbox.cond:
                             inbox.closed = True
                             inbox.close_reason = reason
                             inbox.cond.notify_all()
                         if reason:
-                            self._session_lost(f"{reason} (reported by {_role_name(src)})", skip=None)
+                            self._session_lost(
+                                f"{reason} (reported by {_role_name(src)})", skip=None
+                            )
                         continue
                     if nbytes > limit:
-                        raise ProtocolError(f"{_role_name(src)} announced a {nbytes}-byte message; the limit is {limit}")
+                        raise ProtocolError(
+                            f"{_role_name(src)} announced a {nbytes}-byte message; the limit is {limit}"
+                        )
                     buf = torch.empty(nbytes, dtype=torch.uint8)
                     view = memoryview(buf.numpy())  # type: ignore[arg-type]  # ndarray is a buffer
                     body = memoryview(frame)[_HEADER.size :]
@@ -400,7 +471,9 @@ class PeerMesh:
                 kind_, channel_, code_, buf_, view_ = pending
                 end = filled + len(body)
                 if end > len(view_):
-                    raise ProtocolError(f"{_role_name(src)} sent more bytes than its message header announced")
+                    raise ProtocolError(
+                        f"{_role_name(src)} sent more bytes than its message header announced"
+                    )
                 view_[filled:end] = body
                 filled = end
                 if filled == len(view_):
@@ -415,7 +488,9 @@ class PeerMesh:
                 self._fail_inbox(src, f"connection lost: {type(exc).__name__}: {exc}")
             return None
         if not inbox.closed:
-            self._fail_inbox(src, "stream ended without an orderly close (peer exited or was killed)")
+            self._fail_inbox(
+                src, "stream ended without an orderly close (peer exited or was killed)"
+            )
         return None
 
     def _deliver(self, inbox: _Inbox, channel: int, msg: Message) -> None:
@@ -455,7 +530,9 @@ class PeerMesh:
         """Queue one message for ``dst``: copies ``payload`` (a flat byte view) into frames."""
         box = self._outboxes.get(dst)
         if box is None:
-            raise ProtocolError(f"TLS transport: {_role_name(dst)} is not a peer of {_role_name(self.rank)}")
+            raise ProtocolError(
+                f"TLS transport: {_role_name(dst)} is not a peer of {_role_name(self.rank)}"
+            )
         n = len(payload)
         chunk = self.settings.chunk_bytes
         header = _HEADER.pack(_FRAME_MAGIC, int(kind), channel, code, 0, n)
@@ -468,9 +545,13 @@ class PeerMesh:
     def _put(self, box: _Outbox, dst: int, frame: bytes | None, *, closing: bool = False) -> None:
         while True:
             if box.failed is not None:
-                raise ProtocolError(f"TLS transport: cannot send to {_role_name(dst)}: {box.failed}")
+                raise ProtocolError(
+                    f"TLS transport: cannot send to {_role_name(dst)}: {box.failed}"
+                )
             if self._lost is not None and not closing:
-                raise ProtocolError(f"TLS transport: lost {self._lost}; the MPC session cannot continue")
+                raise ProtocolError(
+                    f"TLS transport: lost {self._lost}; the MPC session cannot continue"
+                )
             try:
                 box.frames.put(frame, timeout=0.5)
                 return
@@ -494,14 +575,20 @@ class PeerMesh:
             flow = inbox.flow(channel)
             while ticket not in flow.arrived:
                 if self._lost is not None:  # first: it names the party lost first
-                    raise ProtocolError(f"TLS transport: lost {self._lost}; the MPC session cannot continue")
+                    raise ProtocolError(
+                        f"TLS transport: lost {self._lost}; the MPC session cannot continue"
+                    )
                 if inbox.failed is not None:
                     raise ProtocolError(f"TLS transport: lost {_role_name(src)}: {inbox.failed}")
                 if inbox.closed:
-                    raise ProtocolError(f"TLS transport: {_role_name(src)} closed its stream; the message {_role_name(self.rank)} waits for will never come")
+                    raise ProtocolError(
+                        f"TLS transport: {_role_name(src)} closed its stream; the message {_role_name(self.rank)} waits for will never come"
+                    )
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise ProtocolError(f"TLS transport: no message from {_role_name(src)} within {self.settings.recv_timeout_s:.0f} s")
+                    raise ProtocolError(
+                        f"TLS transport: no message from {_role_name(src)} within {self.settings.recv_timeout_s:.0f} s"
+                    )
                 inbox.cond.wait(min(remaining, 5.0))
             return flow.arrived.pop(ticket)
 
@@ -511,7 +598,9 @@ class PeerMesh:
     def _inbox(self, src: int) -> _Inbox:
         inbox = self._inboxes.get(src)
         if inbox is None:
-            raise ProtocolError(f"TLS transport: {_role_name(src)} is not a peer of {_role_name(self.rank)}")
+            raise ProtocolError(
+                f"TLS transport: {_role_name(src)} is not a peer of {_role_name(self.rank)}"
+            )
         return inbox
 
     # -- tear-down -------------------------------------------------------------------------------
@@ -536,7 +625,10 @@ class PeerMesh:
                     box.call.cancel()  # the peer stopped reading: drop the stream
         for peer, box in self._outboxes.items():
             if not box.done.wait(max(0.0, deadline - time.monotonic())):
-                log.warning("MPC TLS transport: %s did not confirm the end of our stream in time", _role_name(peer))
+                log.warning(
+                    "MPC TLS transport: %s did not confirm the end of our stream in time",
+                    _role_name(peer),
+                )
         # Our messages are all delivered (each outgoing call completed after the peer read our
         # CLOSE). Waiting for the peers' own CLOSE only keeps the logs quiet: a peer still
         # running has nothing more for us.

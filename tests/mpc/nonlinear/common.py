@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from secfwt.mpc.provider import Provider
 from secfwt.mpc import nonlinear as nl
 from secfwt.mpc.launcher import run_parties
+from secfwt.mpc.provider import Provider
 from secfwt.roles import Role
 
 log = logging.getLogger(__name__)

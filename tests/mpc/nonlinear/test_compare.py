@@ -8,11 +8,11 @@ from typing import Any
 import pytest
 import torch
 
-from secfwt.mpc.provider import Provider
 from secfwt.mpc import nonlinear as nl
 from secfwt.mpc.launcher import PartyContext, run_parties
 from secfwt.mpc.nonlinear import bits as packing
 from secfwt.mpc.nonlinear import compare, fixed_point, polynomial
+from secfwt.mpc.provider import Provider
 from secfwt.roles import Role
 from tests.mpc.nonlinear.common import (
     TIMEOUT_S,
@@ -31,14 +31,23 @@ def _protocol_party(ctx: PartyContext, payload: dict[str, Any]) -> dict[str, Any
     data, shapes = payload["data"], payload["shapes"]
     signs, values = (_share(data, k, shapes, src=1).share for k in ("signs", "values"))
     words = compare._negative_words(signs, rows=3)  # rows of 2003: each padded to whole words
-    picked = torch.cat([compare._select(words, values), compare._select(compare._not(words[:1] ^ words[2:]), values[:1])])
-    reference = fixed_point._mul(compare._negative_bits(signs), values)  # B2A, then a Beaver product
+    picked = torch.cat(
+        [
+            compare._select(words, values),
+            compare._select(compare._not(words[:1] ^ words[2:]), values[:1]),
+        ]
+    )
+    reference = fixed_point._mul(
+        compare._negative_bits(signs), values
+    )  # B2A, then a Beaver product
     ring = [values[0], values[1], values[2]]
     once = polynomial._OpenedOnce(values[0].size(), [0, 1, 2], [(0, 0), (0, 1), (2, 1)])
     once.open({0: ring[0], 1: ring[1]})
     once.open({1: ring[1], 2: ring[2]})  # 1 is not opened again
     products = torch.stack([once.product(i, j) for i, j in ((0, 0), (0, 1), (2, 1))])
-    expected = torch.stack([fixed_point._mul(ring[i], ring[j]) for i, j in ((0, 0), (0, 1), (2, 1))])
+    expected = torch.stack(
+        [fixed_point._mul(ring[i], ring[j]) for i, j in ((0, 0), (0, 1), (2, 1))]
+    )
     reveal = crypten.mpc.MPCTensor.from_shares
     out = {
         "picked": reveal(picked, precision=nl.FRAC_BITS).get_plain_text(),
@@ -50,15 +59,22 @@ def _protocol_party(ctx: PartyContext, payload: dict[str, Any]) -> dict[str, Any
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("provider", [Provider.TTP, Provider.TFP])
-def test_fused_select_and_opened_once_products_equal_their_unfused_forms(provider: Provider) -> None:
+def test_fused_select_and_opened_once_products_equal_their_unfused_forms(
+    provider: Provider,
+) -> None:
     """With the dealer, ``_select`` and ``_OpenedOnce`` use secfwt's own correlations
     (``secfwt_bit_triple``, ``secfwt_mask_products``); without it (TFP) they fall back to B2A and
     Beaver products. Both give exactly the ring values of the unfused protocols."""
     data = _elementwise_inputs()
     data = {"signs": data["signs"], "values": data["act"][: data["signs"].numel()].reshape(3, 2003)}
     shapes = {k: tuple(v.shape) for k, v in data.items()}
-    payloads = {Role.DATA_OWNER: {"data": data, "shapes": shapes}, Role.MODEL_OWNER: {"data": {}, "shapes": shapes}}
-    out = run_parties(_protocol_party, payloads=payloads, provider=provider, timeout_s=TIMEOUT_S)[Role.DATA_OWNER].value
+    payloads = {
+        Role.DATA_OWNER: {"data": data, "shapes": shapes},
+        Role.MODEL_OWNER: {"data": {}, "shapes": shapes},
+    }
+    out = run_parties(_protocol_party, payloads=payloads, provider=provider, timeout_s=TIMEOUT_S)[
+        Role.DATA_OWNER
+    ].value
     x, v = _encoded(data["signs"]), _encoded(data["values"])
     assert float(out["picked_minus_unfused"].abs().max()) == 0.0  # bit-for-bit the same ring values
     assert float(out["products_minus_beaver"].abs().max()) == 0.0

@@ -16,7 +16,12 @@ from secfwt.mpc.nonlinear import activations, exponential
 @pytest.mark.parametrize(
     ("coefficients", "half_square", "function", "fit_tol"),
     [
-        (activations._gelu_coefficients, 8, lambda x: 0.5 * x * (1 + torch.erf(x / math.sqrt(2))), 1e-4),
+        (
+            activations._gelu_coefficients,
+            8,
+            lambda x: 0.5 * x * (1 + torch.erf(x / math.sqrt(2))),
+            1e-4,
+        ),
         (activations._gelu_tanh_coefficients, 8, lambda x: F.gelu(x, approximate="tanh"), 1e-4),
         (activations._silu_coefficients, 48, F.silu, 5e-4),
     ],
@@ -30,7 +35,9 @@ def test_even_part_fits(coefficients: Any, half_square: int, function: Any, fit_
 
 def test_exp_fit() -> None:
     x = torch.linspace(-15.5, 0.5, 20001, dtype=torch.float64)
-    base = np.polynomial.chebyshev.chebval((x / 8 + 0.9375).numpy(), exponential._exp_coefficients())
+    base = np.polynomial.chebyshev.chebval(
+        (x / 8 + 0.9375).numpy(), exponential._exp_coefficients()
+    )
     approx = torch.from_numpy(base) ** 4
     assert float((approx - torch.exp(x)).abs().max()) <= 1e-5  # measured 6.0e-6
     assert float((approx / torch.exp(x) - 1).abs().max()) <= 2e-4  # 1.6e-4 at -15.5, 1e-5 above -4

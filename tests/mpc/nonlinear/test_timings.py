@@ -34,9 +34,9 @@ from typing import Any
 import pytest
 import torch
 
-from secfwt.mpc.provider import Provider
 from secfwt.mpc import nonlinear as nl
 from secfwt.mpc.launcher import PartyContext, run_parties
+from secfwt.mpc.provider import Provider
 from secfwt.roles import Role
 from tests.mpc.nonlinear.common import TIMEOUT_S, _one_thread
 
@@ -45,8 +45,8 @@ log = logging.getLogger(__name__)
 
 def _timing_party(ctx: PartyContext, payload: dict[str, Any]) -> dict[str, Any] | None:
     _one_thread()
-    from secfwt.mpc import session
     from secfwt.crypten_compat import crypten
+    from secfwt.mpc import session
 
     torch.manual_seed(0)
     scores = crypten.cryptensor(torch.rand(12, 128, 128) * 60 - 30, src=1)
