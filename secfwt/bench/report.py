@@ -336,7 +336,7 @@ def write_plots(report: dict[str, Any], out_dir: Path) -> dict[str, str]:
                 marker=marker,
                 label=f"{kind} (slope {ex['bytes']:.2f})",
             )
-        for ax, what in zip(axes, ("time (s)", "MB sent, both parties")):
+        for ax, what in zip(axes, ("time (s)", "MB sent, both parties"), strict=True):
             ax.set_xlabel("sequence length T")
             ax.set_ylabel(what)
             ax.grid(True, which="both", alpha=0.3)
@@ -358,7 +358,7 @@ def write_plots(report: dict[str, Any], out_dir: Path) -> dict[str, str]:
             for k in classes:
                 vals = [c["breakdown"].get(k, {}).get(key, 0) / scale for c in cases]
                 ax.barh(labels, vals, left=left, label=k)
-                left = [a + v for a, v in zip(left, vals)]
+                left = [a + v for a, v in zip(left, vals, strict=True)]
             ax.set_xlabel(what)
         axes[1].legend(fontsize=8, loc="lower right")
         fig.suptitle(f"Cost by layer part: {cases[0]['shape']}, T={cases[0]['seq_len']}")

@@ -479,7 +479,7 @@ def _attention(plan: BenchPlan, runner: Runner) -> dict[str, Any]:
         )
         rows_mo = res["values"][Role.MODEL_OWNER]["rows"]
         rows_do = res["values"][Role.DATA_OWNER]["rows"]
-        for rm, rd in zip(rows_mo, rows_do):
+        for rm, rd in zip(rows_mo, rows_do, strict=True):
             t = rm["seq_len"]
             s = _pick({Role.MODEL_OWNER: rm["costs"], Role.DATA_OWNER: rd["costs"]})
             q, k, v = (x.double() for x in qkv[t])
@@ -688,7 +688,7 @@ def _transport(plan: BenchPlan, runner: Runner, layers: dict[str, _Layer]) -> di
         layer.run(runner, engine="secfwt", attention=Attention.SOFTMAX, transport=tr)
         for tr in (Transport.GLOO, Transport.TLS)
     ]
-    for c, tr in zip(cases, (Transport.GLOO, Transport.TLS)):
+    for c, tr in zip(cases, (Transport.GLOO, Transport.TLS), strict=True):
         c["transport"] = tr.value
     return {
         "cases": cases,

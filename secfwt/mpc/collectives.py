@@ -60,7 +60,7 @@ def install() -> None:
         for req in sends:
             req.wait()
         # A new tensor, as CrypTen's clone.
-        out = [combine[op](m, t) for m, t in zip(mine, theirs)]
+        out = [combine[op](m, t) for m, t in zip(mine, theirs, strict=True)]
         return out if batched else out[0]
 
     def broadcast(self: Any, input: Any, src: int, group: Any = None, batched: bool = False) -> Any:

@@ -107,7 +107,7 @@ def test_private_matmul_is_exact_with_ring_matmul() -> None:
         assert value["enabled_by_default"]
         assert value["all_spied_calls_bit_identical"]
         for mode, spied in (("on", BEAVER_MATMULS), ("off", 0)):
-            for (x, w), got in zip(zip(xs, ws), value[mode]):
+            for (x, w), got in zip(zip(xs, ws, strict=True), value[mode], strict=True):
                 expected = torch.matmul(x, w)
                 assert got["exact"], (role, mode, x.shape)
                 # 3 on rank 0 with CrypTen's protocol; 3 on rank 1 if its TTP client multiplied to learn a size

@@ -181,10 +181,10 @@ class MpcDeployment:
         p.wait(timeout=30)
 
     def stop_all(self) -> None:
-        for role, p in self.procs.items():
+        for _role, p in self.procs.items():
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGTERM)
-        for role, p in self.procs.items():
+        for _role, p in self.procs.items():
             try:
                 p.wait(timeout=20)
             except subprocess.TimeoutExpired:

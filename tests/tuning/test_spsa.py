@@ -10,7 +10,7 @@ def test_directions_are_reproducible_from_seed_and_step():
     d1 = directions(seed=5, step=2, shapes=shapes, count=2)
     d2 = directions(seed=5, step=2, shapes=shapes, count=2)
     d3 = directions(seed=5, step=3, shapes=shapes, count=2)
-    assert all(torch.equal(x[n], y[n]) for x, y in zip(d1, d2) for n in ("a", "b"))
+    assert all(torch.equal(x[n], y[n]) for x, y in zip(d1, d2, strict=True) for n in ("a", "b"))
     assert not torch.equal(d1[0]["a"], d3[0]["a"])
 
 
