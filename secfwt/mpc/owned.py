@@ -37,10 +37,10 @@ CPU priority as soon as the current one is served (same shape assumed; on anothe
 discard it alike and compute in line); both keep their fixed operand (``d``, ``B``) split into
 limbs (:class:`~secfwt.mpc.ring.PreparedRight`, within :data:`PREPARED_BUDGET_BYTES`). The
 other party then only sends ``e`` and the dealer answers at once; the ring matmuls run while
-the processes would otherwise wait (on the network or on each other). :func:`drain` waits for that work (benchmarks call it inside the measured
-time, so the work ahead is paid by the forward that starts it). Under ``insecure_fixed_seed``
-(bit-identical test reruns) nothing is computed ahead: ``A`` comes from the shared generators
-in protocol order.
+the processes would otherwise wait (on the network or on each other). :func:`drain` waits
+for that work (benchmarks call it inside the measured time, so the work ahead is paid by the
+forward that starts it). Under ``insecure_fixed_seed`` (bit-identical test reruns) nothing is
+computed ahead: ``A`` comes from the shared generators in protocol order.
 
 Only values the owner put in unchanged may be :class:`OwnedMatrix`: anything computed in MPC
 (updated or perturbed trainable weights) is unknown to the owner and must stay an MPCTensor.
@@ -78,7 +78,8 @@ _keys = itertools.count()
 #: This party's state of each fixed mask, by (key, transposed): on the owner True once it has
 #: sent ``d``; on the other party ``d``, or its :class:`_Ahead` when working ahead.
 _masks: dict[tuple[int, bool], Any] = {}
-#: The dealer's ``B`` of each fixed mask and its work ahead (None under a fixed seed), by (key, transposed).
+#: The dealer's ``B`` of each fixed mask and its work ahead (None under a fixed seed), by
+#: (key, transposed).
 _dealer_masks: dict[tuple[int, bool], tuple[torch.Tensor, _Ahead | None]] = {}
 _pool: ThreadPoolExecutor | None = None
 
@@ -102,7 +103,8 @@ def _background() -> ThreadPoolExecutor:
 
 @dataclasses.dataclass
 class _Ahead:
-    """A fixed mask's stream of ``(A, C_1)`` draws and ``compute(A, C_1)`` done one product ahead."""
+    """A fixed mask's stream of ``(A, C_1)`` draws and ``compute(A, C_1)`` done one product
+    ahead."""
 
     generator: torch.Generator
     compute: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -120,7 +122,8 @@ class _Ahead:
         return a, self.compute(a, c1)
 
     def take(self, size_x: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
-        """``A`` and ``compute(A, C_1)`` for this product; the next one's starts in the background."""
+        """``A`` and ``compute(A, C_1)`` for this product; the next one's starts in the
+        background."""
         got = self.pending.result() if self.pending is not None else None
         if got is None or self.pending_size != size_x:
             got = self._next(size_x)  # another shape: the spent draws are spent on both sides
@@ -413,7 +416,8 @@ def dealer_fixed_one_sided_matmul(
     owner: int,
 ) -> torch.Tensor:
     """As :func:`dealer_one_sided_matmul` for a fixed-mask matrix: ``B`` is drawn at the key's
-    first product and kept for the session (installed as ``TTPServer.secfwt_fixed_one_sided_matmul``)."""
+    first product and kept for the session (installed as
+    ``TTPServer.secfwt_fixed_one_sided_matmul``)."""
     from crypten.common.rng import generate_random_ring_element
 
     ahead = owner == 0 and _work_ahead()  # as the parties decide in product()

@@ -137,7 +137,8 @@ def init_ca(
 
 
 def load_ca(ca_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    """Read ``ca.crt`` and ``ca.key`` from a CA folder, with a clear error for each way it can be wrong."""
+    """Read ``ca.crt`` and ``ca.key`` from a CA folder, with a clear error for each way it can be
+    wrong."""
     if not ca_dir.is_dir():
         raise CertificateError(
             f"CA folder {ca_dir} does not exist; create it with `secfwt certs init --out {ca_dir}`"
@@ -146,7 +147,8 @@ def load_ca(ca_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]
     for p in (cert_path, key_path):
         if not p.is_file():
             raise CertificateError(
-                f"CA folder {ca_dir} has no {p.name}; it should hold the ca.crt and ca.key written by `secfwt certs init`"
+                f"CA folder {ca_dir} has no {p.name}; "
+                "it should hold the ca.crt and ca.key written by `secfwt certs init`"
             )
     try:
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
@@ -174,7 +176,8 @@ def load_ca(ca_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]
         )
     if cert.not_valid_after_utc <= _now():
         raise CertificateError(
-            f"{cert_path} expired on {cert.not_valid_after_utc:%Y-%m-%d}; create a new CA and reissue every certificate"
+            f"{cert_path} expired on {cert.not_valid_after_utc:%Y-%m-%d}; "
+            "create a new CA and reissue every certificate"
         )
     return cert, key
 
@@ -207,12 +210,14 @@ def issue(
     not_after: dt.datetime | None = None,
     force: bool = False,
 ) -> IssuedFiles:
-    """Issue a leaf certificate for ``role``/``party_id``: ``out/PARTY_ID.crt``, ``out/PARTY_ID.key``
-    (0600), and a copy of the CA certificate ``out/ca.crt`` (what the holder verifies peers with)."""
+    """Issue a leaf certificate for ``role``/``party_id``: ``out/PARTY_ID.crt``,
+    ``out/PARTY_ID.key`` (0600), and a copy of the CA certificate ``out/ca.crt`` (what the holder
+    verifies peers with)."""
     identity = Identity(role, party_id)
     if role is not IdentityRole.OPERATOR and not hosts:
         raise CertificateError(
-            f"a {role.value} daemon needs at least one --host (the DNS name or IP address its peers dial)"
+            f"a {role.value} daemon needs at least one --host "
+            "(the DNS name or IP address its peers dial)"
         )
     ca_cert, ca_key = load_ca(ca_dir)
     start, end = _validity(days, not_before, not_after)

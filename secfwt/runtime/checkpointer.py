@@ -84,7 +84,8 @@ class JobCheckpointer:
             if mine or peer:
                 held = ", ".join(f"{r.value}: steps {[s for s, _ in v]}" for r, v in theirs.items())
                 raise ConfigError(
-                    f"checkpoint_dir already holds checkpoints of this job ({held}); resume it (Checkpointing(resume=True), "
+                    f"checkpoint_dir already holds checkpoints of this job ({held}); "
+                    "resume it (Checkpointing(resume=True), "
                     "`secfwt job resume`) or empty both parties' folders to start over"
                 )
             return None
@@ -179,14 +180,16 @@ def restore_theta(ckpt: Checkpoint, trainable: TrainableSet) -> dict[str, Any]:
     names = set(trainable.names)
     if set(ckpt.theta_shares) != names:
         raise ConfigError(
-            f"checkpoint of step {ckpt.step} holds parameters {sorted(ckpt.theta_shares)}, the job trains {sorted(names)}"
+            f"checkpoint of step {ckpt.step} holds parameters {sorted(ckpt.theta_shares)}, "
+            f"the job trains {sorted(names)}"
         )
     out = {}
     for n, shape in trainable.shapes:
         share = ckpt.theta_shares[n]
         if tuple(share.shape) != tuple(shape):
             raise ConfigError(
-                f"checkpoint of step {ckpt.step}: {n} has shape {tuple(share.shape)}, the job's is {tuple(shape)}"
+                f"checkpoint of step {ckpt.step}: {n} has shape {tuple(share.shape)}, "
+                f"the job's is {tuple(shape)}"
             )
         out[n] = from_share(share, ckpt.precision_bits)
     return out

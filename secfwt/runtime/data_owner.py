@@ -50,7 +50,8 @@ def prepare_inputs(cfg: JobConfig, *, tokenizer_dir: Path) -> DataOwnerInputs:
     tok = load_tokenizer(tokenizer_dir)
     if tok is None:
         raise DataError(
-            f"model.path: {tokenizer_dir} has no tokenizer files; a tuning job needs the checkpoint's tokenizer to encode data.path"
+            f"model.path: {tokenizer_dir} has no tokenizer files; "
+            "a tuning job needs the checkpoint's tokenizer to encode data.path"
         )
     config = load_config(tokenizer_dir)
     texts = list(train.texts) + list(held_out.texts)

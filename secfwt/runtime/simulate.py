@@ -27,8 +27,10 @@ def provider_for(cfg: JobConfig, *, insecure_dev: bool) -> Provider:
     if cfg.job.provider is Provider.TFP:
         if not insecure_dev:
             raise ConfigError(
-                "job.provider = 'tfp' lets the model owner generate every Beaver triple and so learn the data owner's "
-                "inputs; it needs --insecure-dev (development only). Use provider = 'ttp' (a dealer process) otherwise"
+                "job.provider = 'tfp' lets the model owner generate every Beaver triple "
+                "and so learn the data owner's "
+                "inputs; it needs --insecure-dev (development only). "
+                "Use provider = 'ttp' (a dealer process) otherwise"
             )
         return Provider.TFP
     return Provider.TTP

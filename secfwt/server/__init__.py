@@ -1,4 +1,5 @@
-"""Party daemons: gRPC services with mutual TLS behind ``secfwt party``, ``secfwt job``, ``secfwt certs``.
+"""Party daemons: gRPC services with mutual TLS behind ``secfwt party``, ``secfwt job``,
+``secfwt certs``.
 
 - :mod:`certs` deployment CA and certificates; :mod:`identity` what a certificate says who it is
 - :mod:`config` typed party.toml / client.toml

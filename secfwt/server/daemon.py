@@ -45,7 +45,8 @@ INSECURE_BANNER = (
     "\n"
     "!!! WARNING: secfwt party daemon running with --insecure !!!\n"
     "!!! plaintext gRPC: no TLS, no certificates, caller identities are unauthenticated claims.\n"
-    "!!! Anyone on the network can read and forge traffic. Local development only; never with real data.\n"
+    "!!! Anyone on the network can read and forge traffic. "
+    "Local development only; never with real data.\n"
 )
 
 
@@ -54,17 +55,20 @@ def _check_own_certificate(cfg: PartyConfig) -> None:
     ident = certificate_identity(cert_path)
     if ident != cfg.identity:
         raise ConfigError(
-            f"{cfg.source}: tls.cert {cert_path} is issued to {ident} but [party] says {cfg.identity}; issue a certificate for this party"
+            f"{cfg.source}: tls.cert {cert_path} is issued to {ident} "
+            f"but [party] says {cfg.identity}; issue a certificate for this party"
         )
     cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
     now = dt.datetime.now(dt.UTC)
     if cert.not_valid_after_utc <= now:
         raise CertificateError(
-            f"{cert_path} expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; issue a new one with `secfwt certs issue`"
+            f"{cert_path} expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; "
+            "issue a new one with `secfwt certs issue`"
         )
     if cert.not_valid_before_utc > now:
         raise CertificateError(
-            f"{cert_path} is not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC (check this host's clock)"
+            f"{cert_path} is not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC "
+            "(check this host's clock)"
         )
 
 
@@ -83,7 +87,8 @@ class PartyDaemon:
         if self.insecure:
             if not insecure_confirmed:
                 raise ConfigError(
-                    f"{config.source}: party.insecure = true also needs --insecure on the command line (plaintext is for local development only)"
+                    f"{config.source}: party.insecure = true also needs --insecure "
+                    "on the command line (plaintext is for local development only)"
                 )
             print(INSECURE_BANNER, file=sys.stderr, flush=True)
             log.warning(
@@ -136,7 +141,8 @@ class PartyDaemon:
         if not port:
             self.party.close(timeout=1.0)
             raise ConfigError(
-                f"{config.source}: cannot listen on {listen} ({err or 'address in use or not local'})"
+                f"{config.source}: cannot listen on {listen} "
+                f"({err or 'address in use or not local'})"
             )
         self.port = port
         self.address = f"{listen.rpartition(':')[0]}:{port}"
@@ -228,8 +234,10 @@ def serve(
 
 INSECURE_SEED_BANNER = (
     "\n"
-    "!!! WARNING: --insecure-fixed-seed: every MPC seed of every job is derived from a known number !!!\n"
-    "!!! Anyone who knows it can unmask every secret share. Reproducibility tests only; never with real data.\n"
+    "!!! WARNING: --insecure-fixed-seed: "
+    "every MPC seed of every job is derived from a known number !!!\n"
+    "!!! Anyone who knows it can unmask every secret share. "
+    "Reproducibility tests only; never with real data.\n"
 )
 
 
@@ -245,11 +253,13 @@ def run_party(
     cfg = load_party_config(config_path)
     if cfg.party.role is not role:
         raise ConfigError(
-            f"{config_path}: party.role is {cfg.party.role.value} but this is the {role.value} daemon"
+            f"{config_path}: party.role is {cfg.party.role.value} "
+            f"but this is the {role.value} daemon"
         )
     if insecure and not cfg.party.insecure:
         raise ConfigError(
-            f"{config_path}: --insecure was given but party.insecure is not true; plaintext needs both (local development only)"
+            f"{config_path}: --insecure was given but party.insecure is not true; "
+            "plaintext needs both (local development only)"
         )
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
     logs.configure(
@@ -259,7 +269,8 @@ def run_party(
     if insecure_fixed_seed is not None:
         print(INSECURE_SEED_BANNER, file=sys.stderr, flush=True)
         log.warning(
-            "INSECURE: fixed MPC seeds (--insecure-fixed-seed); every share is predictable. Tests only.",
+            "INSECURE: fixed MPC seeds (--insecure-fixed-seed); "
+            "every share is predictable. Tests only.",
             extra=fields(seed=insecure_fixed_seed),
         )
         runner = MpcJobRunner(insecure_fixed_seed=insecure_fixed_seed)

@@ -1,4 +1,5 @@
-"""The gRPC face of a party: a thin servicer, and the one guard every PartyService call goes through.
+"""The gRPC face of a party: a thin servicer, and the one guard every PartyService call goes
+through.
 
 The guard (:func:`guarded_handlers`) wraps each method handler of the generated service:
 

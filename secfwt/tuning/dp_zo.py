@@ -65,7 +65,8 @@ def guarantee(plan: DPPlan, terms: DisclosureTerms) -> dict[str, Any]:
         accountant=plan.accountant,
     )
     covered = [
-        f"{Revealable.FINAL_PARAMETERS.value} -> {', '.join(r.value for r in terms.recipients(Revealable.FINAL_PARAMETERS)) or 'nobody'}"
+        f"{Revealable.FINAL_PARAMETERS.value} -> "
+        f"{', '.join(r.value for r in terms.recipients(Revealable.FINAL_PARAMETERS)) or 'nobody'}"
     ]
     not_covered = []
     for value in (Revealable.EVAL_ACCURACY, Revealable.TRAIN_LOSS):
@@ -78,7 +79,10 @@ def guarantee(plan: DPPlan, terms: DisclosureTerms) -> dict[str, Any]:
             )
             not_covered.append(f"{value.value} -> {', '.join(r.value for r in to)} ({why})")
     return {
-        "mechanism": "Poisson-subsampled Gaussian on per-example clipped ZO projections, noise from both computing parties",
+        "mechanism": (
+            "Poisson-subsampled Gaussian on per-example clipped ZO projections, "
+            "noise from both computing parties"
+        ),
         "neighbouring": "add or remove one training row",
         "delta": plan.delta,
         "epsilon": plan.epsilon,

@@ -1,4 +1,5 @@
-"""``secfwt bench`` end to end on tiny shapes: real party processes, files written, no timing checks."""
+"""``secfwt bench`` end to end on tiny shapes: real party processes, files written, no timing
+checks."""
 
 from __future__ import annotations
 

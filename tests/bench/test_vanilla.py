@@ -1,4 +1,5 @@
-"""The vanilla CrypTen baseline runs without secfwt's speed-ups (SECFWT_RING_MATMUL=0 in every process)."""
+"""The vanilla CrypTen baseline runs without secfwt's speed-ups (SECFWT_RING_MATMUL=0 in every
+process)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ def test_the_engine_switch_keeps_crypten_attribute_access_as_shipped():
         "from secfwt.mpc.engine import install, ring_matmul_enabled\n"
         "install()\n"
         "from crypten.cryptensor import CrypTensor\n"
-        "wrapped = getattr(CrypTensor.__dict__['__getattribute__'], '__wrapped__', None) is not None\n"
+        "wrapped = getattr(CrypTensor.__dict__['__getattribute__'], '__wrapped__', None) "
+        "is not None\n"
         "sys.exit(0 if wrapped != ring_matmul_enabled() else 1)\n"
     )
     for value in ("1", "0"):

@@ -53,7 +53,8 @@ def test_plain_encoder_matches_transformers(tmp_path, family, head):
 
 
 def test_rfa_estimates_cosine_softmax_attention():
-    """With many features, FAVOR+ features on unit vectors estimate softmax(sigma^2 q^.k^) attention."""
+    """With many features, FAVOR+ features on unit vectors estimate softmax(sigma^2 q^.k^)
+    attention."""
     from secfwt.models.attention import RFASettings, rfa_attention, rfa_projection
 
     g = torch.Generator().manual_seed(0)

@@ -110,7 +110,8 @@ def test_private_matmul_is_exact_with_ring_matmul() -> None:
             for (x, w), got in zip(zip(xs, ws, strict=True), value[mode], strict=True):
                 expected = torch.matmul(x, w)
                 assert got["exact"], (role, mode, x.shape)
-                # 3 on rank 0 with CrypTen's protocol; 3 on rank 1 if its TTP client multiplied to learn a size
+                # 3 on rank 0 with CrypTen's protocol; 3 on rank 1 if its TTP client multiplied
+                # to learn a size
                 assert got["spied"] == spied, (role, mode, x.shape)
                 product = torch.tensor(got["product"], dtype=torch.float64)
                 torch.testing.assert_close(product, expected.double(), atol=1e-2, rtol=0)

@@ -104,7 +104,8 @@ def test_killed_then_resumed_zo_job_equals_the_uninterrupted_run(tmp_path, tiny_
             on_progress=kill_data_owner,
         )
     assert killed, (
-        "the data owner was never killed (did the job finish before its checkpoint message arrived?)"
+        "the data owner was never killed "
+        "(did the job finish before its checkpoint message arrived?)"
     )
 
     # 3. resume: the parties agree on the latest step both hold and continue from it
@@ -200,8 +201,10 @@ def _store(tmp_path: Path, role: Role = Role.DATA_OWNER, job: str = "j" * 64) ->
 
 def _write(store: PartyCheckpoints, step: int, *, prefix_id: str = "", local=None) -> None:
     store.write(
-        step=step, checkpoint_id=f"id{step}", joint_seed=7, history=[{"step": s, "loss": 0.5} for s in range(1, step + 1)],
-        accuracy_before=0.4, theta_shares={"w": torch.full((2, 3), step, dtype=torch.int64)}, precision_bits=16, prefix_id=prefix_id, local=local,
+        step=step, checkpoint_id=f"id{step}", joint_seed=7,
+        history=[{"step": s, "loss": 0.5} for s in range(1, step + 1)], accuracy_before=0.4,
+        theta_shares={"w": torch.full((2, 3), step, dtype=torch.int64)}, precision_bits=16,
+        prefix_id=prefix_id, local=local,
     )  # fmt: skip
 
 
@@ -266,7 +269,8 @@ def test_a_tampered_local_state_is_not_unpickled(tmp_path) -> None:
 
 
 def test_a_restored_cma_search_continues_exactly(tmp_path) -> None:
-    """The data owner's CMA-ES state (cma object + numpy's generator) survives a pickle round trip."""
+    """The data owner's CMA-ES state (cma object + numpy's generator) survives a pickle round
+    trip."""
     from secfwt.tuning.cma import CMASettings, PromptSearch
 
     settings = CMASettings(

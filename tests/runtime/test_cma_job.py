@@ -19,7 +19,11 @@ def test_cma_prompt_tuning_reveals_only_own_outputs_to_the_data_owner(tmp_path, 
     job = write_tiny_job(
         tmp_path,
         tiny_tok_dir,
-        extra='\n[cma]\npopulation = 4\niterations = 3\nbatch_size = 6\nprompt_length = 2\nintrinsic_dim = 8\n[[disclosure]]\nvalue = "train_outputs"\nto = ["data_owner"]\n',
+        extra=(
+            "\n[cma]\npopulation = 4\niterations = 3\nbatch_size = 6\nprompt_length = 2\n"
+            "intrinsic_dim = 8\n[[disclosure]]\n"
+            'value = "train_outputs"\nto = ["data_owner"]\n'
+        ),
     )
     cfg = load_job(job, overrides=["job.mode=cma", "model.attention=rfa"])
     report = run_simulation(cfg)

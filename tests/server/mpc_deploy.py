@@ -164,7 +164,8 @@ class MpcDeployment:
             p = self.procs[role]
             if p.poll() is not None:
                 raise RuntimeError(
-                    f"{role} daemon exited with {p.returncode}: {(self.root / f'{role}.stderr').read_text()[-2000:]}"
+                    f"{role} daemon exited with {p.returncode}: "
+                    f"{(self.root / f'{role}.stderr').read_text()[-2000:]}"
                 )
             r = self.run_in(
                 role, ["party", "health", "--config", str(self.config_path(role))], check=False
@@ -207,7 +208,8 @@ class MpcDeployment:
         return r
 
     def job(self, *args: str, via: str | None = None, check: bool = True) -> Any:
-        """``secfwt job ... --client-config client.toml --json`` from ``via``'s host (default: the root namespace)."""
+        """``secfwt job ... --client-config client.toml --json`` from ``via``'s host (default: the
+        root namespace)."""
         r = self.run_in(
             via, ["job", *args, "--client-config", str(self.client_config), "--json"], check=check
         )
@@ -228,7 +230,8 @@ class MpcDeployment:
                 return st
             time.sleep(1.0)
         raise TimeoutError(
-            f"job {job_id} at {role}: state {st.get('state')} ({st.get('reason')}) after {timeout_s} s, wanted {states}"
+            f"job {job_id} at {role}: state {st.get('state')} ({st.get('reason')}) "
+            f"after {timeout_s} s, wanted {states}"
         )
 
     def stderr(self, role: str) -> str:

@@ -341,7 +341,8 @@ def test_resume_after_interrupted_run(deployment: Deployment, tmp_path: Path) ->
 def test_mpc_runner_setup_error_fails_the_job_with_the_fix(
     deployment: Deployment, tmp_path: Path
 ) -> None:
-    """listen port 0 leaves no MPC port to derive: the job fails naming the setting, the party serves on."""
+    """listen port 0 leaves no MPC port to derive: the job fails naming the setting, the party
+    serves on."""
     from secfwt.server.runner import MpcJobRunner
 
     party, peers = _party(deployment, "model_owner", tmp_path, runner=MpcJobRunner())
