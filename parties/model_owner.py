@@ -1,4 +1,5 @@
-"""The model owner daemon: `python parties/model_owner.py --config party.toml` (same as `secfwt party model-owner`)."""
+"""The model owner daemon: `python parties/model_owner.py --config party.toml` (same as
+`secfwt party model-owner`)."""
 
 import sys
 

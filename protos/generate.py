@@ -1,6 +1,7 @@
 """Regenerate the checked-in Python stubs of protos/secfwt/v1/*.proto, or check they are current.
 
-    python protos/generate.py           # `make protos`: write secfwt/v1/*_pb2.py, *_pb2.pyi, *_pb2_grpc.py
+    python protos/generate.py           # `make protos`: write secfwt/v1/*_pb2.py, *_pb2.pyi,
+                                        # *_pb2_grpc.py
     python protos/generate.py --check   # `make check-protos` (CI): regenerate into a temp dir, diff
 
 The .proto files live under protos/ at the path of their Python package (secfwt/v1), and protoc
@@ -36,11 +37,13 @@ def _generate(out: Path) -> list[Path]:
         have = importlib.metadata.version("grpcio-tools")
     except importlib.metadata.PackageNotFoundError:
         sys.exit(
-            f"generate.py: grpcio-tools is not installed; `pip install grpcio-tools=={GRPCIO_TOOLS_VERSION}` (or `make setup`)"
+            "generate.py: grpcio-tools is not installed; `pip install "
+            f"grpcio-tools=={GRPCIO_TOOLS_VERSION}` (or `make setup`)"
         )
     if have != GRPCIO_TOOLS_VERSION:
         sys.exit(
-            f"generate.py: grpcio-tools {have} is installed but the stubs are pinned to {GRPCIO_TOOLS_VERSION}; install that version"
+            f"generate.py: grpcio-tools {have} is installed but the stubs are pinned to "
+            f"{GRPCIO_TOOLS_VERSION}; install that version"
         )
     import grpc_tools
     from grpc_tools import protoc
@@ -84,12 +87,14 @@ def check() -> int:
                 )
     if stale:
         print(
-            f"check-protos: {stale} generated file(s) differ from protos/; run `make protos` and commit the result",
+            f"check-protos: {stale} generated file(s) differ from protos/; run `make protos` and "
+            "commit the result",
             file=sys.stderr,
         )
         return 1
     print(
-        f"check-protos: {len(fresh)} generated files match protos/ (grpcio-tools {GRPCIO_TOOLS_VERSION})"
+        f"check-protos: {len(fresh)} generated files match protos/ (grpcio-tools "
+        f"{GRPCIO_TOOLS_VERSION})"
     )
     return 0
 

@@ -26,7 +26,10 @@ class LayerShape:
     intermediate: int
 
     def describe(self) -> str:
-        return f"{self.name} (hidden {self.hidden}, {self.heads} heads, intermediate {self.intermediate})"
+        return (
+            f"{self.name} (hidden {self.hidden}, {self.heads} heads, intermediate "
+            f"{self.intermediate})"
+        )
 
 
 BERT_BASE = LayerShape("BERT-base", 768, 12, 3072)

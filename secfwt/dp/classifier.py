@@ -51,7 +51,8 @@ class _PoolerSlot(nn.Module):
 
 
 class DPClassifier(nn.Module):
-    """Encoder + the job's pooling + head; ``forward(input_ids, attention_mask) -> logits (B, C)``."""
+    """Encoder + the job's pooling + head;
+    ``forward(input_ids, attention_mask) -> logits (B, C)``."""
 
     def __init__(
         self, *, encoder: nn.Module, head: nn.Module, spec: ModelSpec, pooling: Pooling
@@ -160,7 +161,8 @@ def load_classifier(
     names = {n for n, _ in model.named_parameters()}
     if names != {n for n, _ in spec.param_shapes}:
         raise ConfigError(
-            f"model.path: {model_dir} loads with parameters that differ from the job's model spec; is it the same checkpoint?"
+            f"model.path: {model_dir} loads with parameters that differ from the job's model "
+            "spec; is it the same checkpoint?"
         )
     missing = names - set(values)
     if missing:
@@ -184,7 +186,8 @@ def mark_trainable(model: DPClassifier, names: Iterable[str]) -> tuple[list[str]
             frozen.append(n)
     if not trained:
         raise ConfigError(
-            f"zo.trainable: every selected parameter ({', '.join(sorted(wanted)[:4])}) is unused by this model's forward; select parameters the logits depend on"
+            f"zo.trainable: every selected parameter ({', '.join(sorted(wanted)[:4])}) is unused "
+            "by this model's forward; select parameters the logits depend on"
         )
     return trained, frozen
 

@@ -54,7 +54,8 @@ def load_comparison_job(
     cfg = load_job(path, overrides=[*(QUICK_OVERRIDES if quick else ()), *overrides])
     if cfg.job.mode is not Mode.ZO:
         raise ConfigError(
-            f"{cfg.source}: job.mode = {cfg.job.mode.value!r}: dp-compare compares zeroth-order runs; use mode = 'zo'"
+            f"{cfg.source}: job.mode = {cfg.job.mode.value!r}: dp-compare compares zeroth-order "
+            "runs; use mode = 'zo'"
         )
     return cfg
 
@@ -230,22 +231,28 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# DP comparison: {report['job']}",
         "",
-        f"{report['n_train']} training rows, {report['n_eval']} held-out rows; delta {report['delta']:g}, {report['accountant']} accountant, "
-        f"clip {report['max_grad_norm']:g}; machine: {report['machine']['cpus']} CPUs, commit {report['machine']['commit']}; total {report['wall_s']:.0f} s.",
+        f"{report['n_train']} training rows, {report['n_eval']} held-out rows; delta "
+        f"{report['delta']:g}, {report['accountant']} accountant, "
+        f"clip {report['max_grad_norm']:g}; machine: {report['machine']['cpus']} CPUs, commit "
+        f"{report['machine']['commit']}; total {report['wall_s']:.0f} s.",
         "",
-        "| method | target eps | eps (each party) | eps (released output) | noise mult. | accuracy before | accuracy after | wall s |",
+        "| method | target eps | eps (each party) | eps (released output) | noise mult. | "
+        "accuracy before | accuracy after | wall s |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in report["runs"]:
         lines.append(
-            f"| {r['method']} | {_fmt(r['target_epsilon'], 'g')} | {_fmt(r['epsilon'], '.3f')} | {_fmt(r.get('epsilon_released_output'), '.3f')} | "
-            f"{_fmt(r['noise_multiplier'], '.3f')} | {r['accuracy_before']:.3f} | {r['accuracy_after']:.3f} | {r['wall_s']:.0f} |"
+            f"| {r['method']} | {_fmt(r['target_epsilon'], 'g')} | {_fmt(r['epsilon'], '.3f')} | "
+            f"{_fmt(r.get('epsilon_released_output'), '.3f')} | "
+            f"{_fmt(r['noise_multiplier'], '.3f')} | {r['accuracy_before']:.3f} | "
+            f"{r['accuracy_after']:.3f} | {r['wall_s']:.0f} |"
         )
     lines += [
         "",
-        "MPC wall time = the session's shared part (start-up, sharing, frozen encoder, first evaluation: "
-        f"{report['mpc_shared_s']:.0f} s) + that run's tuning and evaluation. For Opacus, epsilon holds against anyone who sees "
-        "the trained model; for DP-ZO, 'each party' is the guarantee against one owner, who knows its own noise, and "
+        "MPC wall time = the session's shared part (start-up, sharing, frozen encoder, first "
+        f"evaluation: {report['mpc_shared_s']:.0f} s) + that run's tuning and evaluation. "
+        "For Opacus, epsilon holds against anyone who sees the trained model; for DP-ZO, "
+        "'each party' is the guarantee against one owner, who knows its own noise, and "
         "'released output' the one against anyone who sees only the result.",
         "",
     ]
@@ -277,7 +284,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xticks(report["epsilons"], [f"{e:g}" for e in report["epsilons"]])
-    ax.set_xlabel("epsilon (delta = %g)" % report["delta"])
+    ax.set_xlabel(f"epsilon (delta = {report['delta']:g})")
     ax.set_ylabel("held-out accuracy")
     ax.set_title(f"Accuracy vs privacy: {report['n_train']} training rows")
     ax.grid(alpha=0.3)

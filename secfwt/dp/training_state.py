@@ -61,7 +61,8 @@ def checkpoint_path(directory: Path) -> Path:
 
 
 def save_state(directory: Path, state: TrainingState) -> Path:
-    """Write atomically: a crash leaves the previous checkpoint or the new one, never half of one."""
+    """Write atomically: a crash leaves the previous checkpoint or the new one, never half of
+    one."""
     directory.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(directory)
     tmp = directory / f".{CHECKPOINT_NAME}.tmp-{os.getpid()}"
@@ -79,22 +80,27 @@ def load_state(directory: Path, *, digest: str) -> TrainingState:
     path = checkpoint_path(directory)
     if not path.is_file():
         raise ConfigError(
-            f"--resume: {directory} holds no checkpoint ({CHECKPOINT_NAME}); run without --resume to start, or point --checkpoint-dir at the run to continue"
+            f"--resume: {directory} holds no checkpoint ({CHECKPOINT_NAME}); run without "
+            "--resume to start, or point --checkpoint-dir at the run to continue"
         )
     try:
         payload = torch.load(path, weights_only=True)
     except Exception as exc:  # torch raises several types for truncated or foreign files
         raise ConfigError(
-            f"--resume: {path} is not a readable dp-baseline checkpoint ({exc}); start again without --resume in an empty --checkpoint-dir"
+            f"--resume: {path} is not a readable dp-baseline checkpoint ({exc}); start again "
+            "without --resume in an empty --checkpoint-dir"
         ) from exc
     if payload.get("format") != FORMAT:
         raise ConfigError(
-            f"--resume: {path} has checkpoint format {payload.get('format')!r}, this secfwt writes {FORMAT}; start again in an empty --checkpoint-dir"
+            f"--resume: {path} has checkpoint format {payload.get('format')!r}, this secfwt "
+            f"writes {FORMAT}; start again in an empty --checkpoint-dir"
         )
     if payload["digest"] != digest:
         raise ConfigError(
-            f"--resume: {path} was written by a different job (settings digest {payload['digest'][:12]} vs this job's {digest[:12]}): "
-            "model, data, trainable set, [dp] settings, seed and steps must all be the same. Resume with the same job file and --set "
+            f"--resume: {path} was written by a different job (settings digest "
+            f"{payload['digest'][:12]} vs this job's {digest[:12]}): "
+            "model, data, trainable set, [dp] settings, seed and steps must all be the same. "
+            "Resume with the same job file and --set "
             "options, or use an empty --checkpoint-dir to start this job afresh"
         )
     fields = {f.name for f in dataclasses.fields(TrainingState)}
@@ -105,5 +111,6 @@ def refuse_existing(directory: Path) -> None:
     """Starting afresh must not silently overwrite another run's checkpoint."""
     if checkpoint_path(directory).is_file():
         raise ConfigError(
-            f"--checkpoint-dir: {directory} already holds a checkpoint; pass --resume to continue it, or choose an empty directory"
+            f"--checkpoint-dir: {directory} already holds a checkpoint; pass --resume to "
+            "continue it, or choose an empty directory"
         )

@@ -158,11 +158,13 @@ class PreparedRight:
 
 
 def ring_matmul_prepared(a: torch.Tensor, b: PreparedRight) -> torch.Tensor:
-    """:func:`ring_matmul` of an int64 ``a`` (``(..., M, K)``) and a prepared ``b``: the same bits."""
+    """:func:`ring_matmul` of an int64 ``a`` (``(..., M, K)``) and a prepared ``b``: the same
+    bits."""
     k = a.shape[-1]
     if a.dtype != torch.int64 or a.dim() < 2 or k != b.shape[-2] or k == 0:
         raise TypeError(
-            f"ring_matmul_prepared: int64 (..., M, {b.shape[-2]}) expected, got {a.dtype} {tuple(a.shape)}"
+            f"ring_matmul_prepared: int64 (..., M, {b.shape[-2]}) expected, got {a.dtype} "
+            f"{tuple(a.shape)}"
         )
     result: torch.Tensor | None = None
     for i, start in enumerate(range(0, k, b.chunk)):

@@ -138,6 +138,7 @@ def check_fixed_point_range(value: torch.Tensor, *, name: str) -> None:
     m = float(value.abs().max()) if value.numel() else 0.0
     if m > MAX_ABS_INPUT:
         raise FixedPointRangeError(
-            f"{name}: largest magnitude {m:.4g} exceeds {MAX_ABS_INPUT:g}, beyond which 16-bit fixed-point products "
+            f"{name}: largest magnitude {m:.4g} exceeds {MAX_ABS_INPUT:g}, beyond which 16-bit "
+            "fixed-point products "
             "overflow the int64 ring; rescale this input (or its weights) before sharing"
         )

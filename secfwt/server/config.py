@@ -1,4 +1,5 @@
-"""Typed ``party.toml`` (one daemon) and ``client.toml`` (an operator's client), read like job files.
+"""Typed ``party.toml`` (one daemon) and ``client.toml`` (an operator's client), read like job
+files.
 
 Unknown sections and keys, wrong types and impossible values are :class:`ConfigError` naming the
 field (the section parsers of :mod:`secfwt.config` are reused). Relative paths are relative to
@@ -8,7 +9,8 @@ the file's folder. A ``party.toml``::
     id = "hospital-a"              # a DNS label; must equal the identity in tls.cert
     role = "data_owner"            # model_owner | data_owner | dealer
     listen = "0.0.0.0:7401"
-    mpc_listen = "0.0.0.0:7402"    # MPC traffic of running jobs (TLS gRPC mesh); default: listen's port + 1
+    mpc_listen = "0.0.0.0:7402"    # MPC traffic of running jobs (TLS gRPC mesh);
+                                   # default: listen's port + 1
     state_dir = "state"            # jobs, progress and finished results survive restarts here
     insecure = false               # true: plaintext, no certificates; local development only
 
@@ -21,10 +23,12 @@ the file's folder. A ``party.toml``::
     id = "vendor"
     role = "model_owner"
     address = "vendor.example.org:7401"
-    mpc_address = "vendor.example.org:7402"   # its mpc_listen as seen from here; default: address's port + 1
+    mpc_address = "vendor.example.org:7402"   # its mpc_listen as seen from here;
+                                              # default: address's port + 1
 
     [[operators]]                  # people's clients; they may accept, refuse and fetch here
-    id = "alice"                   # unless accept = false (then: propose, start, watch, cancel only)
+    id = "alice"                   # unless accept = false
+                                   # (then: propose, start, watch, cancel only)
 
     [limits]                       # max_message_bytes, max_job_toml_bytes, queue_size, ...
     [jobs]                         # heartbeat_timeout_s, checkpoint_every_steps, ...
@@ -74,7 +78,8 @@ class PeerEntry:
     id: str
     role: Role
     address: str
-    mpc_address: str = ""  # the peer's MPC listener (its party.mpc_listen as reachable from here); "" = address's port + 1
+    # the peer's MPC listener (its party.mpc_listen as reachable from here); "" = address's port + 1
+    mpc_address: str = ""
 
     @property
     def identity(self) -> Identity:
@@ -115,7 +120,8 @@ class LimitsSection:
     queue_size: int = 4  # jobs waiting behind the running one; Start is refused beyond
     max_concurrent_rpcs: int = 32  # calls in flight; beyond, RESOURCE_EXHAUSTED
     worker_threads: int = 16  # threads serving calls
-    max_streams: int = 8  # concurrent progress streams; kept below worker_threads so unary calls always get a thread
+    # concurrent progress streams; kept below worker_threads so unary calls always get a thread
+    max_streams: int = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,7 +259,8 @@ def parse_party_config(raw: dict[str, Any], *, where: str, base: Path) -> PartyC
         missing = [k for k in ("cert", "key", "ca") if not getattr(tls, k)]
         if missing:
             raise ConfigError(
-                f"{where}: [tls] {', '.join(missing)} missing: mutual TLS is the default (issue files with `secfwt certs issue`); "
+                f"{where}: [tls] {', '.join(missing)} missing: mutual TLS is the default (issue "
+                "files with `secfwt certs issue`); "
                 "party.insecure = true is for local development only"
             )
     model, data = t.get("model"), t.get("data")
@@ -294,11 +301,13 @@ def parse_party_config(raw: dict[str, Any], *, where: str, base: Path) -> PartyC
             raise ConfigError(f"{where}: limits.{name} = {getattr(limits, name)}: must be > 0")
     if limits.max_streams >= limits.worker_threads:
         raise ConfigError(
-            f"{where}: limits.max_streams ({limits.max_streams}) must be below limits.worker_threads ({limits.worker_threads})"
+            f"{where}: limits.max_streams ({limits.max_streams}) must be below "
+            f"limits.worker_threads ({limits.worker_threads})"
         )
     if limits.max_message_bytes < limits.max_job_toml_bytes + 4096:
         raise ConfigError(
-            f"{where}: limits.max_message_bytes must exceed limits.max_job_toml_bytes by at least 4096 (a proposal carries the job file)"
+            f"{where}: limits.max_message_bytes must exceed limits.max_job_toml_bytes by at "
+            "least 4096 (a proposal carries the job file)"
         )
     jobs: JobsSection = t.get("jobs", JobsSection())
     for name in ("heartbeat_timeout_s", "checkpoint_every_steps", "peer_timeout_s"):
@@ -324,11 +333,13 @@ def _check_holdings(
 ) -> None:
     if role is Role.MODEL_OWNER and (model is None or not model.path):
         raise ConfigError(
-            f"{where}: a model owner needs [model] path = the checkpoint it holds (a folder or packaged:NAME)"
+            f"{where}: a model owner needs [model] path = the checkpoint it holds (a folder or "
+            "packaged:NAME)"
         )
     if role is Role.DATA_OWNER and data is None:
         raise ConfigError(
-            f"{where}: a data owner needs a [data] section: the dataset it holds (source, path, text_column, label_column)"
+            f"{where}: a data owner needs a [data] section: the dataset it holds (source, path, "
+            "text_column, label_column)"
         )
     if role is not Role.MODEL_OWNER and model is not None:
         raise ConfigError(f"{where}: [model] is for the model owner; party.role is {role.value}")

@@ -92,7 +92,7 @@ def info_from_pb(msg) -> PeerInfo:  # noqa: ANN001
     )
 
 
-# -- commitments and proposals ----------------------------------------------------------------------
+# -- commitments and proposals --------------------------------------------------------------------
 
 
 def commitments_to_pb(c: Commitments) -> pb.Commitments:
@@ -122,7 +122,8 @@ def commitments_from_pb(msg: pb.Commitments) -> Commitments:
         m = msg.model
         if len(m.dimensions) > MAX_DIMENSIONS:
             raise InvalidRequestError(
-                f"commitments.model.dimensions: {len(m.dimensions)} entries, the limit is {MAX_DIMENSIONS}"
+                f"commitments.model.dimensions: {len(m.dimensions)} entries, the limit is "
+                f"{MAX_DIMENSIONS}"
             )
         for k in m.dimensions:
             check_text(k, field="commitments.model.dimensions key", limit=MAX_SHORT_CHARS)
@@ -156,7 +157,8 @@ def terms_from_pb(items) -> DisclosureTerms:  # noqa: ANN001
             value = Revealable(t.value)
         except ValueError:
             raise InvalidRequestError(
-                f"terms[{i}].value {t.value[:64]!r} is not a revealable value; known: {', '.join(v.value for v in Revealable)}"
+                f"terms[{i}].value {t.value[:64]!r} is not a revealable value; known: "
+                f"{', '.join(v.value for v in Revealable)}"
             ) from None
         to = []
         for r in t.to:
@@ -202,7 +204,7 @@ def proposal_from_pb(msg: pb.JobProposal) -> Proposal:
     )
 
 
-# -- status and progress -------------------------------------------------------------------------------
+# -- status and progress --------------------------------------------------------------------------
 
 
 def progress_to_pb(ev: ProgressEvent) -> pb.ProgressEvent:

@@ -135,7 +135,8 @@ class DataHoldings:
         short = [i for i, c in enumerate(counts) if c < per_class]
         if short:
             raise DataError(
-                f"the job needs {job.data.shots_per_class} + {job.data.eval_per_class} rows per class but this data owner "
+                f"the job needs {job.data.shots_per_class} + {job.data.eval_per_class} rows per "
+                "class but this data owner "
                 f"holds fewer for {len(short)} of its {classes} classes"
             )
         return DataCommitment(

@@ -153,11 +153,13 @@ class Party:
     def authorize(self, caller: Identity | None, method: str) -> Identity:
         if caller is None:
             raise NotAuthorizedError(
-                f"{method}: the caller presented no secfwt identity (a certificate issued by `secfwt certs issue`)"
+                f"{method}: the caller presented no secfwt identity (a certificate issued by "
+                "`secfwt certs issue`)"
             )
         if caller not in self._pinned:
             raise NotAuthorizedError(
-                f"{method}: {caller} is not pinned by {self.identity}; the party's operator must list it under "
+                f"{method}: {caller} is not pinned by {self.identity}; the party's operator must "
+                "list it under "
                 "[[peers]] or [[operators]] in party.toml"
             )
         if method in OPERATOR_ONLY and caller not in self._acceptors:
@@ -191,7 +193,8 @@ class Party:
         self._check_version(theirs.protocol_version)
         if theirs.identity is not None and theirs.identity != caller:
             raise NotAuthorizedError(
-                f"Hello: the caller claims to be {theirs.identity} but its certificate says {caller}"
+                f"Hello: the caller claims to be {theirs.identity} but its certificate says "
+                f"{caller}"
             )
         return self.info()
 
@@ -199,7 +202,8 @@ class Party:
     def _check_version(v: int) -> None:
         if v != PROTOCOL_VERSION:
             raise VersionMismatchError(
-                f"protocol version mismatch: the caller speaks version {v}, this daemon speaks version {PROTOCOL_VERSION}"
+                f"protocol version mismatch: the caller speaks version {v}, this daemon speaks "
+                f"version {PROTOCOL_VERSION}"
             )
 
     # -- commitments and proposals ----------------------------------------------------------
@@ -227,7 +231,8 @@ class Party:
         with self._cond:
             if p.job_id in self._records or self.store.job_dir(p.job_id).exists():
                 raise JobExistsError(
-                    f"job id {p.job_id!r} was already proposed to this party; job ids are never reused (replay refused)"
+                    f"job id {p.job_id!r} was already proposed to this party; job ids are never "
+                    "reused (replay refused)"
                 )
         cfg = parse_job_text(p.job_toml, where=f"job {p.job_id}")
         rec = JobRecord(proposal=p, state=JobState.PROPOSED, proposed_by=caller.uri)
@@ -269,22 +274,26 @@ class Party:
             )
         if p.terms.digest() != p.terms_digest:
             raise TermsMismatchError(
-                f"terms digest mismatch: the proposal says {p.terms_digest}, its terms hash to {p.terms.digest()}"
+                f"terms digest mismatch: the proposal says {p.terms_digest}, its terms hash to "
+                f"{p.terms.digest()}"
             )
         roles = sorted(i.role.value for i in p.participants)
         if roles != sorted(r.value for r in Role):
             raise InvalidRequestError(
-                f"participants: expected one model_owner, one data_owner and one dealer, got {roles}"
+                "participants: expected one model_owner, one data_owner and one dealer, got "
+                f"{roles}"
             )
         mine = p.participant(self.role)
         if mine != self.identity:
             raise NotAuthorizedError(
-                f"participants: the proposal names {mine} as {self.role.value} but this daemon is {self.identity}"
+                f"participants: the proposal names {mine} as {self.role.value} but this daemon "
+                f"is {self.identity}"
             )
         for ident in p.participants:
             if ident != self.identity and self.config.peer(ident) is None:
                 raise NotAuthorizedError(
-                    f"participants: {ident} is not a pinned peer of {self.identity}; add it to [[peers]] if you trust it"
+                    f"participants: {ident} is not a pinned peer of {self.identity}; add it to "
+                    "[[peers]] if you trust it"
                 )
         c = p.commitments
         if c.model is None or c.data is None:
@@ -312,12 +321,15 @@ class Party:
             p = rec.proposal
             if terms_digest != p.terms_digest:
                 raise TermsMismatchError(
-                    f"job {job_id}: you accepted terms digest {terms_digest or '(none)'} but its proposal's terms have digest "
-                    f"{p.terms_digest}; review the terms (`secfwt job status {job_id} --json`) and accept that digest"
+                    f"job {job_id}: you accepted terms digest {terms_digest or '(none)'} but its "
+                    "proposal's terms have digest "
+                    f"{p.terms_digest}; review the terms (`secfwt job status {job_id} --json`) "
+                    "and accept that digest"
                 )
             if proposal_digest and proposal_digest != p.digest():
                 raise TermsMismatchError(
-                    f"job {job_id}: you accepted proposal digest {proposal_digest} but the proposal hashes to {p.digest()}"
+                    f"job {job_id}: you accepted proposal digest {proposal_digest} but the "
+                    f"proposal hashes to {p.digest()}"
                 )
             if rec.state is JobState.ACCEPTED:
                 return rec  # idempotent
@@ -369,7 +381,8 @@ class Party:
         return self._enqueue(rec, {JobState.FAILED, JobState.CANCELLED}, resume=True, by=caller)
 
     def _confirm_other_owners(self, rec: JobRecord, *, resuming: bool) -> None:
-        """Ask every other owner (over mutual TLS) which digests it accepted; same as ours or no start."""
+        """Ask every other owner (over mutual TLS) which digests it accepted; same as ours or no
+        start."""
         for role in COMPUTING_ROLES:
             ident = rec.proposal.participant(role)
             if ident is None or ident == self.identity:
@@ -387,7 +400,8 @@ class Party:
                 ) from None
             except SecfwtError as exc:  # unreachable, or it does not pin us: the job stays as it is
                 raise JobStateError(
-                    f"job {rec.job_id}: cannot confirm that {ident} at {peer.address} accepted it: {exc}"
+                    f"job {rec.job_id}: cannot confirm that {ident} at {peer.address} accepted "
+                    f"it: {exc}"
                 ) from None
             if theirs.state is JobState.REFUSED:
                 with self._cond:
@@ -399,7 +413,8 @@ class Party:
                 )
             if not theirs.accepted_terms_digest:
                 raise JobStateError(
-                    f"job {rec.job_id}: {ident} has not accepted the terms yet (its state: {theirs.state.value}); start again once it has"
+                    f"job {rec.job_id}: {ident} has not accepted the terms yet (its state: "
+                    f"{theirs.state.value}); start again once it has"
                 )
             if (
                 theirs.accepted_terms_digest != rec.accepted_terms_digest
@@ -418,7 +433,10 @@ class Party:
                     if what == "terms"
                     else theirs.accepted_proposal_digest
                 )
-                reason = f"{what} digest mismatch: {self.identity} accepted {ours}, {ident} accepted {other}; the job never starts"
+                reason = (
+                    f"{what} digest mismatch: {self.identity} accepted {ours}, {ident} accepted "
+                    f"{other}; the job never starts"
+                )
                 with self._cond:
                     if not resuming:
                         self._transition(rec, JobState.FAILED, reason=reason)
@@ -437,14 +455,16 @@ class Party:
             self._require(rec, allowed, "resume" if resume else "start")
             if self._stopping.is_set():
                 raise BusyError(
-                    f"{self.identity} is shutting down; start job {rec.job_id} again after its restart"
+                    f"{self.identity} is shutting down; start job {rec.job_id} again after its "
+                    "restart"
                 )
             prev = rec.state
             try:
                 self._queue.put_nowait(rec.job_id)
             except queue.Full:
                 raise BusyError(
-                    f"job queue of {self.identity} is full ({self.config.limits.queue_size} waiting behind the running job); "
+                    f"job queue of {self.identity} is full ({self.config.limits.queue_size} "
+                    "waiting behind the running job); "
                     f"job {rec.job_id} stays {prev.value}, start it again later"
                 ) from None
             rec.resume_requested = resume
@@ -517,7 +537,8 @@ class Party:
             self._get(job_id)
             if self._streams >= self.config.limits.max_streams:
                 raise BusyError(
-                    f"{self.identity} already serves {self._streams} progress streams (limits.max_streams); try again later"
+                    f"{self.identity} already serves {self._streams} progress streams "
+                    "(limits.max_streams); try again later"
                 )
             self._streams += 1
         try:
@@ -570,7 +591,8 @@ class Party:
             names = " or ".join(sorted(s.value for s in allowed))
             detail = f" ({rec.reason})" if rec.reason else ""
             raise JobStateError(
-                f"cannot {action} job {rec.job_id}: it is {rec.state.value}{detail}; {action} needs it {names}"
+                f"cannot {action} job {rec.job_id}: it is {rec.state.value}{detail}; {action} "
+                f"needs it {names}"
             )
 
     def _events_of(self, job_id: str) -> list[ProgressEvent]:
@@ -609,7 +631,10 @@ class Party:
                 self._records[rec.job_id] = rec
                 if rec.state is JobState.RUNNING:
                     rec.state = JobState.FAILED
-                    rec.reason = "interrupted: the daemon stopped while the job was running; `secfwt job resume` continues from its last checkpoint"
+                    rec.reason = (
+                        "interrupted: the daemon stopped while the job was running; `secfwt job "
+                        "resume` continues from its last checkpoint"
+                    )
                     rec.updated = time.time()
                     self._emit(rec, message=f"failed: {rec.reason}")
                     self.store.save(rec)
@@ -729,7 +754,10 @@ class Party:
             running = self._running
             if running is not None:
                 rec = self._records[running]
-                rec.reason = "cancelled: the daemon is shutting down; `secfwt job resume` continues from its last checkpoint"
+                rec.reason = (
+                    "cancelled: the daemon is shutting down; `secfwt job resume` continues from "
+                    "its last checkpoint"
+                )
                 self._cancels[running].set()
             self._cond.notify_all()
         self._worker.join(timeout=timeout)
@@ -739,7 +767,10 @@ class Party:
                 self._transition(
                     rec,
                     JobState.FAILED,
-                    reason="interrupted: the runner did not stop within the shutdown grace; resume it after the restart",
+                    reason=(
+                        "interrupted: the runner did not stop within the shutdown grace; resume "
+                        "it after the restart"
+                    ),
                 )
         log.info(
             "party stopped",

@@ -109,8 +109,9 @@ class MpcJobRunner:
 
         if ctx.party.party.insecure:
             raise ConfigError(
-                "this daemon runs with --insecure (no certificates): the MPC traffic of a job is only ever sent over mutually "
-                "authenticated TLS between daemons; run the daemons with certificates (`secfwt certs`), or use `secfwt simulate` locally"
+                "this daemon runs with --insecure (no certificates): the MPC traffic of a job is "
+                "only ever sent over mutually authenticated TLS between daemons; run the daemons "
+                "with certificates (`secfwt certs`), or use `secfwt simulate` locally"
             )
         tls = mpc_tls_settings(ctx)
         from secfwt.runtime.contract import PartyOutcome
@@ -123,10 +124,11 @@ class MpcJobRunner:
         if payload is not None:
             payload = dataclasses.replace(payload, progress=messages)
 
-        progress(
-            phase="mpc",
-            message=f"MPC session on {tls.listen} with {', '.join(f'{r.value} at {e.mpc_peer_address}' for r, e in sorted(ctx.peers.items(), key=lambda kv: kv[0].rank))}",
+        peer_list = ", ".join(
+            f"{r.value} at {e.mpc_peer_address}"
+            for r, e in sorted(ctx.peers.items(), key=lambda kv: kv[0].rank)
         )
+        progress(phase="mpc", message=f"MPC session on {tls.listen} with {peer_list}")
         proc = spawn_party(
             ctx.role,
             target=None if ctx.role is Role.DEALER else run_job_party,
@@ -199,7 +201,8 @@ def mpc_tls_settings(ctx: JobContext) -> Any:
     missing = [r.value for r in Role if r is not ctx.role and r not in ctx.peers]
     if missing:
         raise ConfigError(
-            f"job {ctx.job_id}: no pinned peer for {', '.join(missing)} in {ctx.party.source}; every participant needs a [[peers]] entry"
+            f"job {ctx.job_id}: no pinned peer for {', '.join(missing)} in {ctx.party.source}; "
+            "every participant needs a [[peers]] entry"
         )
     hb = ctx.heartbeat_timeout_s
     return tls_settings(
@@ -245,7 +248,8 @@ def party_payload(ctx: JobContext) -> PartyJob:
             model_dir = resolve_model_path(held.tokenizer or cfg.model.path)
         except Exception as exc:
             raise ConfigError(
-                f"{ctx.party.source}: the data owner needs the model's tokenizer (public) to encode its data: {exc}; "
+                f"{ctx.party.source}: the data owner needs the model's tokenizer (public) to "
+                f"encode its data: {exc}; "
                 "set [data] tokenizer = a folder with the tokenizer files, or packaged:NAME"
             ) from None
     return PartyJob(
@@ -300,7 +304,8 @@ def _forward_progress(messages: Any, progress: ProgressCallback) -> None:
 
 
 def _collect_artifacts(src: Path, dst: Path) -> None:
-    """Copy the party's result files (final parameters, audit log, ...) where FetchArtifacts serves them."""
+    """Copy the party's result files (final parameters, audit log, ...) where FetchArtifacts serves
+    them."""
     if not src.is_dir():
         return
     for f in sorted(src.iterdir()):

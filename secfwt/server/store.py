@@ -2,7 +2,8 @@
 
 Layout under ``state_dir``::
 
-    jobs/ID/job.json        the JobRecord, replaced atomically (write, fsync, rename) on every change
+    jobs/ID/job.json        the JobRecord, replaced atomically (write, fsync, rename) on every
+                            change
     jobs/ID/events.jsonl    progress events, appended
     jobs/ID/artifacts/      results the runner wrote (served by FetchArtifacts)
     jobs/ID/work/           the runner's scratch space and checkpoints
@@ -52,7 +53,8 @@ class JobStore:
                 d.mkdir()
             except FileExistsError:
                 raise JobExistsError(
-                    f"job id {rec.job_id!r} was already proposed to this party; job ids are never reused (replay refused)"
+                    f"job id {rec.job_id!r} was already proposed to this party; job ids are "
+                    "never reused (replay refused)"
                 ) from None
         (d / "artifacts").mkdir()
         (d / "work").mkdir()

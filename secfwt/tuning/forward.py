@@ -146,7 +146,8 @@ class CachedForward:
 
 
 def batch_indices(*, seed: int, n_train: int, batch: int, step: int) -> list[int]:
-    """Public minibatch schedule (row indices only, never content): a fresh permutation per epoch."""
+    """Public minibatch schedule (row indices only, never content): a fresh permutation per
+    epoch."""
     if batch >= n_train:
         g = torch.Generator().manual_seed(seed % (2**63))
         return torch.randperm(n_train, generator=g).tolist()

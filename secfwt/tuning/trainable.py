@@ -78,7 +78,8 @@ def select_trainable(
         if not hits:
             examples = ", ".join(names[-4:])
             raise ConfigError(
-                f"zo.trainable: pattern {pat!r} matches no parameter of this model; names look like: {examples}"
+                f"zo.trainable: pattern {pat!r} matches no parameter of this model; names look "
+                f"like: {examples}"
             )
         for n in hits:
             shapes[n] = spec.shape_of(n)
@@ -96,7 +97,8 @@ def select_trainable(
         ]
         if not modules:
             raise ConfigError(
-                f"zo.lora_modules: pattern {pat!r} matches no linear module; e.g. '*.attention.self.query'"
+                f"zo.lora_modules: pattern {pat!r} matches no linear module; e.g. "
+                "'*.attention.self.query'"
             )
         for m in modules:
             out_f, in_f = spec.shape_of(m + ".weight")
@@ -110,7 +112,8 @@ def select_trainable(
             )
         if soft_prompt_length >= max_tokens:
             raise ConfigError(
-                f"zo.soft_prompt_length = {soft_prompt_length} leaves no room for text within {max_tokens} tokens"
+                f"zo.soft_prompt_length = {soft_prompt_length} leaves no room for text within "
+                f"{max_tokens} tokens"
             )
         shapes[SOFT_PROMPT] = (soft_prompt_length, spec.hidden_size)
         new.append(SOFT_PROMPT)

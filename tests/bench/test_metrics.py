@@ -52,11 +52,13 @@ def test_growth_exponent_recovers_power_law(k):
 def test_growth_exponent_is_least_squares_on_noisy_data():
     xs = [64, 128, 256, 512]
     noise = [1.1, 0.9, 1.05, 0.95]
-    ys = [0.01 * x * n for x, n in zip(xs, noise)]
+    ys = [0.01 * x * n for x, n in zip(xs, noise, strict=True)]
     lx = [math.log(x) for x in xs]
     ly = [math.log(y) for y in ys]
     mx, my = sum(lx) / 4, sum(ly) / 4
-    expected = sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
+    expected = sum((a - mx) * (b - my) for a, b in zip(lx, ly, strict=True)) / sum(
+        (a - mx) ** 2 for a in lx
+    )
     assert growth_exponent(xs, ys) == pytest.approx(expected)
     assert 0.8 < expected < 1.2
 

@@ -1,4 +1,5 @@
-"""``secfwt dp-compare`` end to end on a tiny checkpoint: every run, its budget, the three outputs."""
+"""``secfwt dp-compare`` end to end on a tiny checkpoint: every run, its budget, the three
+outputs."""
 
 from __future__ import annotations
 

@@ -103,7 +103,8 @@ def test_insecure_config_needs_no_tls() -> None:
 def test_client_config(tmp_path: Path) -> None:
     f = tmp_path / "client.toml"
     f.write_text(
-        '[client]\nid = "alice"\n[tls]\ncert = "a.crt"\nkey = "a.key"\nca = "ca.crt"\n[[parties]]\nid = "vendor"\nrole = "model_owner"\naddress = "h:1"\n'
+        '[client]\nid = "alice"\n[tls]\ncert = "a.crt"\nkey = "a.key"\nca = "ca.crt"\n'
+        '[[parties]]\nid = "vendor"\nrole = "model_owner"\naddress = "h:1"\n'
     )
     cfg = load_client_config(f)
     assert cfg.party_at("h:1").identity.dns_name == "vendor.model-owner.secfwt"

@@ -108,7 +108,8 @@ def test_one_example_moves_the_noiseless_sum_by_at_most_the_clip_norm():
 
 def _dp_party(ctx: PartyContext, payload: dict[str, Any]) -> dict[str, Any] | None:
     """One DP-ZO step in MPC: parameters from the model owner, data, mask and one noise vector
-    from the data owner, the other noise vector from the model owner; returns the revealed result."""
+    from the data owner, the other noise vector from the model owner; returns the revealed
+    result."""
     torch.set_num_threads(1)
     from secfwt.crypten_compat import crypten
     from secfwt.mpc.nonlinear import clip

@@ -62,7 +62,9 @@ class _OpenedOnce:
             self._known.update({k: values[k] for k in fresh})
         elif fresh:
             masked = torch.stack([values[k] - self._a[self._index[k]] for k in fresh])
-            self._known.update(zip(fresh, crypten.communicator.get().all_reduce(masked)))
+            self._known.update(
+                zip(fresh, crypten.communicator.get().all_reduce(masked), strict=True)
+            )
 
     def product(self, i: int, j: int) -> torch.Tensor:
         """Share of ``x_i x_j`` (exact ring product) for opened ``i``, ``j``."""

@@ -101,7 +101,8 @@ def _as_tensor(
     """The received bytes as a tensor of the receiver's dtype and shape (gloo's semantics)."""
     if msg.kind is not Kind.TENSOR:
         raise ProtocolError(
-            f"TLS transport: {what}: expected a tensor, got a {msg.kind.name} message (the parties are out of step)"
+            f"TLS transport: {what}: expected a tensor, got a {msg.kind.name} message (the "
+            "parties are out of step)"
         )
     if msg.code != _code(dtype):
         sent = _DTYPES[msg.code - 1] if 0 < msg.code <= len(_DTYPES) else msg.code
@@ -112,7 +113,8 @@ def _as_tensor(
     expected = numel * torch.empty((), dtype=dtype).element_size()
     if msg.payload.numel() != expected:
         raise ProtocolError(
-            f"TLS transport: {what}: peer sent {msg.payload.numel()} bytes, {tuple(shape)} {dtype} needs {expected}"
+            f"TLS transport: {what}: peer sent {msg.payload.numel()} bytes, {tuple(shape)} "
+            f"{dtype} needs {expected}"
         )
     return msg.payload.view(dtype).reshape(shape)
 
@@ -124,7 +126,7 @@ class MeshCommunicator(Communicator):
     instance: MeshCommunicator | None = None
     _pending: tuple[int, int, TlsSettings] | None = None
 
-    # -- life cycle (CrypTen calls these through crypten.communicator) ------------------------------
+    # -- life cycle (CrypTen calls these through crypten.communicator) -----------------------------
     @classmethod
     def prepare(cls, *, rank: int, world_size: int, settings: TlsSettings) -> None:
         """Remember this party's rank and TLS settings for the coming ``crypten.init()``."""
@@ -219,7 +221,8 @@ class MeshCommunicator(Communicator):
         return _Work()
 
     def p2p_irecv(self, tensor: torch.Tensor, src: int | None, group: Any = None) -> _Work:
-        """``irecv`` into ``tensor`` in ``group`` without accounting (for the TTP's direct calls)."""
+        """``irecv`` into ``tensor`` in ``group`` without accounting (for the TTP's direct
+        calls)."""
         if src is None:
             raise ProtocolError(
                 "TLS transport: receiving from any source is not supported; name the sender"
@@ -247,7 +250,8 @@ class MeshCommunicator(Communicator):
             msg = self.mesh.recv(r, g.channel)
             if msg.kind is not Kind.TOKEN:
                 raise ProtocolError(
-                    f"TLS transport: barrier: rank {r} sent a {msg.kind.name} message (the parties are out of step)"
+                    f"TLS transport: barrier: rank {r} sent a {msg.kind.name} message (the "
+                    "parties are out of step)"
                 )
 
     # -- CrypTen's interface -----------------------------------------------------------------------
@@ -407,7 +411,8 @@ class MeshCommunicator(Communicator):
         msg = self.mesh.recv(src, g.channel)
         if msg.kind is not Kind.OBJECT:
             raise ProtocolError(
-                f"TLS transport: expected an object from rank {src}, got a {msg.kind.name} message (the parties are out of step)"
+                f"TLS transport: expected an object from rank {src}, got a {msg.kind.name} "
+                "message (the parties are out of step)"
             )
         return serial.restricted_loads(msg.payload.numpy().tobytes())
 

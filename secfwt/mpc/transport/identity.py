@@ -41,7 +41,8 @@ def default_peer_names() -> dict[int, str]:
 
 
 def rank_for_names(names: Iterable[str], peer_names: Mapping[int, str]) -> int | None:
-    """The rank a certificate with SAN ``names`` may act as, or None (no pinned name, or several)."""
+    """The rank a certificate with SAN ``names`` may act as, or None (no pinned name, or
+    several)."""
     present = set(names)
     ranks = [rank for rank, name in peer_names.items() if name in present]
     return ranks[0] if len(ranks) == 1 else None
@@ -143,7 +144,8 @@ def tls_settings(
         raise ConfigError(f"TLS peers: {role.value} is this party; list only the other parties")
     if not session_id:
         raise ConfigError(
-            "TLS session_id: must be non-empty and equal on every party of the job (e.g. the job id)"
+            "TLS session_id: must be non-empty and equal on every party of the job (e.g. the job "
+            "id)"
         )
     for r, addr in peers.items():
         if ":" not in addr:
@@ -176,7 +178,8 @@ class TlsBundle:
 def ephemeral_tls_bundle(
     directory: str | Path, *, roles: Iterable[Role] = tuple(Role), days: float = 1.0
 ) -> TlsBundle:
-    """A throwaway CA and per-role certificates (party id :data:`LOCAL_PARTY_ID`) under ``directory``.
+    """A throwaway CA and per-role certificates (party id :data:`LOCAL_PARTY_ID`) under
+    ``directory``.
 
     For local simulation and tests. Issued with the deployment's own code
     (:mod:`secfwt.pki.certs`), so they follow the same naming contract; the CA key is

@@ -260,7 +260,8 @@ class PeerMesh:
             if not self._incoming[peer].wait(max(0.0, deadline - time.monotonic())):
                 why = "; ".join(self._refusals[-3:]) or "it never connected"
                 raise ProtocolError(
-                    f"TLS transport: {_role_name(peer)} did not open its authenticated stream to {_role_name(self.rank)} "
+                    f"TLS transport: {_role_name(peer)} did not open its authenticated stream to "
+                    f"{_role_name(self.rank)} "
                     f"within {s.connect_timeout_s:.0f} s ({why})"
                 )
         log.info(
@@ -326,17 +327,21 @@ class PeerMesh:
                     grpc.StatusCode.INVALID_ARGUMENT,
                 ):
                     raise ProtocolError(
-                        f"TLS transport: {_role_name(peer)} at {address} refused {_role_name(self.rank)}: {last}"
+                        f"TLS transport: {_role_name(peer)} at {address} refused "
+                        f"{_role_name(self.rank)}: {last}"
                     ) from None
                 if any(marker in last for marker in _CERTIFICATE_FAILURES):
                     raise ProtocolError(
-                        f"TLS transport: {_role_name(peer)} at {address} did not prove it is {self.settings.peer_names[peer]!r} "
+                        f"TLS transport: {_role_name(peer)} at {address} did not prove it is "
+                        f"{self.settings.peer_names[peer]!r} "
                         f"(or does not trust our certificate): {last}"
                     ) from None
                 if time.monotonic() >= deadline:
                     raise ProtocolError(
-                        f"TLS transport: could not open an authenticated stream to {_role_name(peer)} at {address} within "
-                        f"{self.settings.connect_timeout_s:.0f} s; last error {last} (peer down, its certificate does not name "
+                        "TLS transport: could not open an authenticated stream to "
+                        f"{_role_name(peer)} at {address} within "
+                        f"{self.settings.connect_timeout_s:.0f} s; last error {last} (peer down, "
+                        "its certificate does not name "
                         f"{self.settings.peer_names[peer]!r}, or it does not trust our certificate)"
                     ) from None
                 log.debug(
@@ -347,13 +352,15 @@ class PeerMesh:
             except StopIteration:
                 box.frames.put(None)
                 raise ProtocolError(
-                    f"TLS transport: {_role_name(peer)} at {address} closed the stream without an ACK"
+                    f"TLS transport: {_role_name(peer)} at {address} closed the stream without "
+                    "an ACK"
                 ) from None
             finally:
                 timer.cancel()
             if ack != _ACK:
                 raise ProtocolError(
-                    f"TLS transport: {_role_name(peer)} at {address} answered {ack[:16]!r}, not the mesh ACK"
+                    f"TLS transport: {_role_name(peer)} at {address} answered {ack[:16]!r}, not "
+                    "the mesh ACK"
                 )
             box.call = call
             call.add_done_callback(lambda c, p=peer, b=box: self._on_outgoing_done(p, b, c))
@@ -363,7 +370,10 @@ class PeerMesh:
     def _on_outgoing_done(self, peer: int, box: _Outbox, call: Any) -> None:
         code = call.code()
         if code is not grpc.StatusCode.OK and not self._closing:
-            box.failed = f"stream to {_role_name(peer)} ended: {getattr(code, 'name', code)} {call.details()}"
+            box.failed = (
+                f"stream to {_role_name(peer)} ended: {getattr(code, 'name', code)} "
+                f"{call.details()}"
+            )
             log.warning("MPC TLS transport: %s", box.failed)
             self._fail_inbox(peer, box.failed)
         box.done.set()
@@ -395,7 +405,8 @@ class PeerMesh:
             self._refuse(
                 context,
                 grpc.StatusCode.PERMISSION_DENIED,
-                f"client certificate names {names or 'no role'}; acting as {_role_name(claimed)} needs {self.settings.peer_names[claimed]!r}",
+                f"client certificate names {names or 'no role'}; acting as {_role_name(claimed)} "
+                f"needs {self.settings.peer_names[claimed]!r}",
             )
         if session != self._session:
             self._refuse(
@@ -429,7 +440,8 @@ class PeerMesh:
         context.abort(code, why)
 
     def _receive(self, src: int, requests: Iterator[bytes]) -> str | None:
-        """Read ``src``'s frames into its inbox until its stream ends; returns a protocol problem."""
+        """Read ``src``'s frames into its inbox until its stream ends; returns a protocol
+        problem."""
         inbox = self._inboxes[src]
         limit = self.settings.max_message_bytes
         pending: tuple[Kind, int, int, torch.Tensor, memoryview] | None = None
@@ -439,7 +451,8 @@ class PeerMesh:
                 if pending is None:
                     if len(frame) < _HEADER.size:
                         raise ProtocolError(
-                            f"{_role_name(src)} sent a {len(frame)}-byte frame, shorter than a header"
+                            f"{_role_name(src)} sent a {len(frame)}-byte frame, shorter than a "
+                            "header"
                         )
                     magic, kind, channel, code, _, nbytes = _HEADER.unpack_from(frame)
                     if magic != _FRAME_MAGIC or kind not in _KINDS:
@@ -460,7 +473,8 @@ class PeerMesh:
                         continue
                     if nbytes > limit:
                         raise ProtocolError(
-                            f"{_role_name(src)} announced a {nbytes}-byte message; the limit is {limit}"
+                            f"{_role_name(src)} announced a {nbytes}-byte message; the limit is "
+                            f"{limit}"
                         )
                     buf = torch.empty(nbytes, dtype=torch.uint8)
                     view = memoryview(buf.numpy())  # type: ignore[arg-type]  # ndarray is a buffer
@@ -582,12 +596,14 @@ class PeerMesh:
                     raise ProtocolError(f"TLS transport: lost {_role_name(src)}: {inbox.failed}")
                 if inbox.closed:
                     raise ProtocolError(
-                        f"TLS transport: {_role_name(src)} closed its stream; the message {_role_name(self.rank)} waits for will never come"
+                        f"TLS transport: {_role_name(src)} closed its stream; the message "
+                        f"{_role_name(self.rank)} waits for will never come"
                     )
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise ProtocolError(
-                        f"TLS transport: no message from {_role_name(src)} within {self.settings.recv_timeout_s:.0f} s"
+                        f"TLS transport: no message from {_role_name(src)} within "
+                        f"{self.settings.recv_timeout_s:.0f} s"
                     )
                 inbox.cond.wait(min(remaining, 5.0))
             return flow.arrived.pop(ticket)

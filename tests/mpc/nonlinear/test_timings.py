@@ -22,7 +22,7 @@ its softmax from length ~256 or with a -1e4 mask, its reciprocal above ~300, its
 LayerNorm) for variances above ~500, and it has no usable erf. secfwt's exp pays ~1.5x CrypTen's
 time and 1.1x its bytes for range safety (one comparison); everything else is cheaper or on par.
 The reciprocal row is latency-bound (16 vs 38 rounds for 1536 elements).
-"""
+"""  # noqa: E501 (measurement table: its rows cannot wrap)
 
 from __future__ import annotations
 
