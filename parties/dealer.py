@@ -1,4 +1,5 @@
-"""The dealer daemon: `python parties/dealer.py --config party.toml` (same as `secfwt party dealer`)."""
+"""The dealer daemon: `python parties/dealer.py --config party.toml` (same as
+`secfwt party dealer`)."""
 
 import sys
 

@@ -1,4 +1,5 @@
-"""The ``secfwt`` command. Thin: parse, call one runtime function, print, map errors to exit codes."""
+"""The ``secfwt`` command. Thin: parse, call one runtime function, print, map errors to exit
+codes."""
 
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ def cmd_verify_model(args: argparse.Namespace) -> int:
         mean_abs_tol=args.mean_abs_tol,
     )
     print(
-        f"verify-model: secure {req.attention.value} forward of {args.model_dir} at seq-len {req.seq_len} (3 processes: model owner, data owner, dealer) ...",
+        f"verify-model: secure {req.attention.value} forward of {args.model_dir} at seq-len "
+        f"{req.seq_len} (3 processes: model owner, data owner, dealer) ...",
         flush=True,
     )
     report = run_verify(req)
@@ -67,7 +69,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     cfg = load_job(args.job, overrides=args.set or ())
     if args.insecure_dev:
         print(
-            "WARNING: --insecure-dev: development shortcuts are allowed for this run; never use it with real data.",
+            "WARNING: --insecure-dev: development shortcuts are allowed for this run; never use it "
+            "with real data.",
             file=sys.stderr,
         )
     if args.resume and not args.checkpoint_dir:
@@ -78,11 +81,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--checkpoint-every = {args.checkpoint_every}: must be >= 1")
     if args.insecure_fixed_seed is not None:
         print(
-            "WARNING: --insecure-fixed-seed: every MPC seed is derived from a known number, so every share is predictable; reproducibility tests only.",
+            "WARNING: --insecure-fixed-seed: every MPC seed is derived from a known number, so "
+            "every share is predictable; reproducibility tests only.",
             file=sys.stderr,
         )
     print(
-        f"simulate: job {cfg.job.name!r} ({cfg.source}), mode {cfg.job.mode.value}, model {cfg.model.path}"
+        f"simulate: job {cfg.job.name!r} ({cfg.source}), mode {cfg.job.mode.value}, model "
+        f"{cfg.model.path}"
     )
     print("disclosure terms accepted by both owners:")
     for line in cfg.terms.describe():
@@ -100,11 +105,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     _write_report(report, args.report)
     b, a = report["accuracy_before"], report["accuracy_after"]
     print(
-        f"held-out accuracy: {b:.4f} -> {a:.4f} ({report['accuracy_gain_points']:+.1f} points) after {report['steps']} steps in {report['wall_s']:.0f} s"
+        f"held-out accuracy: {b:.4f} -> {a:.4f} ({report['accuracy_gain_points']:+.1f} points) "
+        f"after {report['steps']} steps in {report['wall_s']:.0f} s"
     )
     for role, p in report["parties"].items():
         print(
-            f"  {role}: {p['bytes_sent'] / 1e6:.1f} MB sent, {p['rounds']} rounds, {p['reveals']} reveals, artifacts: {', '.join(p['artifacts'].values()) or '-'}"
+            f"  {role}: {p['bytes_sent'] / 1e6:.1f} MB sent, {p['rounds']} rounds, {p['reveals']} "
+            f"reveals, artifacts: {', '.join(p['artifacts'].values()) or '-'}"
         )
     print(f"report: {args.report or report['output_dir'] + '/report.json'}")
     return 0
@@ -118,7 +125,8 @@ def cmd_dp_baseline(args: argparse.Namespace) -> int:
 
     cfg = load_job(args.job, overrides=args.set or ())
     print(
-        f"dp-baseline: Opacus DP-SGD in plaintext on job {cfg.job.name!r} ({cfg.source}), model {cfg.model.path}"
+        f"dp-baseline: Opacus DP-SGD in plaintext on job {cfg.job.name!r} ({cfg.source}), model "
+        f"{cfg.model.path}"
     )
     with ProgressView() as view:
         report = run_dp_baseline(
@@ -131,16 +139,20 @@ def cmd_dp_baseline(args: argparse.Namespace) -> int:
     _write_report(report, args.report)
     r = report
     print(
-        f"epsilon {r['epsilon']:.4f} (delta {r['delta']:g}, {r['accountant']}) after {r['steps']}/{r['planned_steps']} steps: "
-        f"noise multiplier {r['noise_multiplier']:.4f}, sample rate {r['sample_rate']:.4g}, max grad norm {r['max_grad_norm']:g}"
+        f"epsilon {r['epsilon']:.4f} (delta {r['delta']:g}, {r['accountant']}) after "
+        f"{r['steps']}/{r['planned_steps']} steps: "
+        f"noise multiplier {r['noise_multiplier']:.4f}, sample rate {r['sample_rate']:.4g}, max "
+        f"grad norm {r['max_grad_norm']:g}"
     )
     if r["completed"]:
         print(
-            f"held-out accuracy: {r['accuracy_before']:.4f} -> {r['accuracy_after']:.4f} ({r['accuracy_gain_points']:+.1f} points) in {r['wall_s']:.0f} s"
+            f"held-out accuracy: {r['accuracy_before']:.4f} -> {r['accuracy_after']:.4f} "
+            f"({r['accuracy_gain_points']:+.1f} points) in {r['wall_s']:.0f} s"
         )
     else:
         print(
-            f"stopped at step {r['steps']}; continue with --resume --checkpoint-dir {r['checkpoint_dir']}"
+            f"stopped at step {r['steps']}; continue with --resume --checkpoint-dir "
+            f"{r['checkpoint_dir']}"
         )
     if args.report:
         print(f"report: {args.report}")
@@ -160,7 +172,8 @@ def cmd_dp_compare(args: argparse.Namespace) -> int:
         ) from exc
     out = Path(args.out)
     print(
-        f"dp-compare: job {cfg.job.name!r} ({cfg.source}{', --quick' if args.quick else ''}) at epsilon {', '.join(f'{e:g}' for e in epsilons)}; writing {out}/"
+        f"dp-compare: job {cfg.job.name!r} ({cfg.source}{', --quick' if args.quick else ''}) at "
+        f"epsilon {', '.join(f'{e:g}' for e in epsilons)}; writing {out}/"
     )
     with ProgressView() as view:
         report = run_comparison(
@@ -185,7 +198,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     plan = (BenchPlan.quick_plan() if args.quick else BenchPlan.full()).with_overrides(args.set)
     sets = "".join(f" --set {item}" for item in args.set)
     print(
-        f"bench: {', '.join(n.value for n in names)}{' (--quick)' if args.quick else ''}{sets}; writing {args.out}/",
+        f"bench: {', '.join(n.value for n in names)}{' (--quick)' if args.quick else ''}{sets}; "
+        f"writing {args.out}/",
         flush=True,
     )
     with BenchProgress() as view:
@@ -197,7 +211,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         status = {True: "met", False: "MISSED", None: "not run"}[t["passed"]]
         value = "-" if t["value"] is None else f"{t['value']:.3g}"
         print(
-            f"  {t['key']:<28} {value:>8}   target {'>=' if t['at_least'] else '<='} {t['threshold']:g}: {status}"
+            f"  {t['key']:<28} {value:>8}   target {'>=' if t['at_least'] else '<='} "
+            f"{t['threshold']:g}: {status}"
         )
     print(f"done in {report['duration_s']:.0f} s; " + ", ".join(files.values()))
     missed = [t["key"] for t in report["targets"] if t["passed"] is False]
@@ -262,11 +277,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--insecure-fixed-seed",
         type=int,
         metavar="N",
-        help="TESTS ONLY: every MPC seed derived from N (bit-for-bit reproducible, e.g. to compare with party daemons run with the same flag); every share is predictable",
+        help=(
+            "TESTS ONLY: every MPC seed derived from N (bit-for-bit reproducible, e.g. to compare "
+            "with party daemons run with the same flag); every share is predictable"
+        ),
     )
     s.add_argument(
         "--checkpoint-dir",
-        help="each party checkpoints its own state into DIR/ROLE (shares only, never plaintext secrets)",
+        help=(
+            "each party checkpoints its own state into DIR/ROLE (shares only, never plaintext "
+            "secrets)"
+        ),
     )
     s.add_argument(
         "--checkpoint-every",
@@ -283,7 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_simulate)
     d = sub.add_parser(
         "dp-baseline",
-        help="non-MPC baseline: Opacus DP-SGD in plaintext on the job's model, data and trainable set",
+        help=(
+            "non-MPC baseline: Opacus DP-SGD in plaintext on the job's model, data and trainable "
+            "set"
+        ),
     )
     d.add_argument("job", help="job TOML (its [dp] section sets the privacy budget)")
     d.add_argument("--report", help="write the JSON report here")
@@ -351,7 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
         "names",
         nargs="*",
         metavar="NAME",
-        help="sub-benchmarks: forward, attention, fot-vs-backprop, vanilla, transport (default: all)",
+        help=(
+            "sub-benchmarks: forward, attention, fot-vs-backprop, vanilla, transport (default: all)"
+        ),
     )
     b.add_argument(
         "--quick", action="store_true", help="shorter sequences and smaller batches: a few minutes"

@@ -120,7 +120,8 @@ class DPSection:
     accountant: AccountantName = AccountantName.RDP
     sample_rate: float | None = None  # Poisson sampling rate; default zo.batch_size / training rows
     # Opacus baseline SGD step size. 0.3 measured best of 0.01..2 at eps=8 on the packaged data,
-    # head only (48 rows, rate 1, 100 steps; 200 rows, rate 0.16, 60 steps), over 4 to 8 noise seeds.
+    # head only (48 rows, rate 1, 100 steps; 200 rows, rate 0.16, 60 steps), over 4 to 8 noise
+    # seeds.
     baseline_lr: float = 0.3
     baseline_steps: int | None = None  # Opacus baseline steps; default zo.steps
     checkpoint_every: int = 0  # Opacus baseline: steps between checkpoints (0: none)
@@ -258,7 +259,8 @@ def validate(cfg: JobConfig) -> None:
     _positive(f"{s}: model.max_length", cfg.model.max_length)
     if cfg.model.max_length < 2:
         raise ConfigError(
-            f"{s}: model.max_length = {cfg.model.max_length}: needs room for at least one token besides [CLS]"
+            f"{s}: model.max_length = {cfg.model.max_length}: needs room for at least one token "
+            "besides [CLS]"
         )
     _positive(f"{s}: model.rfa_features", cfg.model.rfa_features)
     _positive(f"{s}: model.rfa_sigma", cfg.model.rfa_sigma)
@@ -272,7 +274,8 @@ def validate(cfg: JobConfig) -> None:
         )
     if cfg.model.head is not Head.SEQUENCE_CLASSIFICATION:
         raise ConfigError(
-            f"{s}: model.head = {cfg.model.head.value!r}: tuning jobs need 'sequence_classification' (verify-model checks the other heads)"
+            f"{s}: model.head = {cfg.model.head.value!r}: tuning jobs need "
+            "'sequence_classification' (verify-model checks the other heads)"
         )
     if cfg.job.mode is Mode.ZO:
         z = cfg.zo
@@ -282,7 +285,8 @@ def validate(cfg: JobConfig) -> None:
         _positive(f"{s}: zo.prompt_layer", z.prompt_layer, allow_zero=True)
         if not (z.trainable or z.lora_modules or z.soft_prompt_length):
             raise ConfigError(
-                f"{s}: [zo] trains nothing: set zo.trainable, zo.lora_modules or zo.soft_prompt_length"
+                f"{s}: [zo] trains nothing: set zo.trainable, zo.lora_modules or "
+                "zo.soft_prompt_length"
             )
     else:
         c = cfg.cma
@@ -298,20 +302,24 @@ def validate(cfg: JobConfig) -> None:
         _positive(f"{s}: cma.prompt_layer", c.prompt_layer, allow_zero=True)
         if c.population < 2:
             raise ConfigError(
-                f"{s}: cma.population = {c.population}: CMA-ES needs at least 2 candidates per iteration"
+                f"{s}: cma.population = {c.population}: CMA-ES needs at least 2 candidates per "
+                "iteration"
             )
     _validate_dp(cfg)
     for entry in cfg.disclosure:
         for r in entry.to:
             if r not in COMPUTING_ROLES:
                 raise ConfigError(
-                    f"{s}: [[disclosure]] {entry.value.value}: the dealer never receives values; use model_owner or data_owner"
+                    f"{s}: [[disclosure]] {entry.value.value}: the dealer never receives values; "
+                    "use model_owner or data_owner"
                 )
     for value, to in required_disclosures(cfg):
         if not cfg.terms.allows(value, to):
             raise ConfigError(
-                f"{s}: this job reveals {value.value} to {to.value} but the [[disclosure]] list does not allow it; "
-                f'add [[disclosure]] value = "{value.value}" to = ["{to.value}"] if both owners agree'
+                f"{s}: this job reveals {value.value} to {to.value} but the [[disclosure]] list "
+                "does not allow it; "
+                f'add [[disclosure]] value = "{value.value}" to = ["{to.value}"] if both owners '
+                "agree"
             )
 
 
@@ -321,7 +329,8 @@ def _validate_dp(cfg: JobConfig) -> None:
     s, d = cfg.source, cfg.dp
     if d.target_epsilon is not None and d.target_epsilon <= 0:
         raise ConfigError(
-            f"{s}: dp.target_epsilon = {d.target_epsilon}: must be > 0 (smaller is more private; typical values 1 to 10)"
+            f"{s}: dp.target_epsilon = {d.target_epsilon}: must be > 0 (smaller is more private; "
+            "typical values 1 to 10)"
         )
     if d.noise_multiplier is not None and d.noise_multiplier <= 0:
         raise ConfigError(f"{s}: dp.noise_multiplier = {d.noise_multiplier}: must be > 0")
@@ -342,11 +351,13 @@ def _validate_dp(cfg: JobConfig) -> None:
         return
     if d.target_epsilon is None and d.noise_multiplier is None:
         raise ConfigError(
-            f"{s}: [dp] enabled needs dp.target_epsilon (noise calibrated to it) or dp.noise_multiplier"
+            f"{s}: [dp] enabled needs dp.target_epsilon (noise calibrated to it) or "
+            "dp.noise_multiplier"
         )
     if cfg.job.mode is not Mode.ZO:
         raise ConfigError(
-            f"{s}: dp.enabled = true needs job.mode = 'zo' (DP zeroth-order updates); CMA prompt search reveals per-candidate outputs to the data owner"
+            f"{s}: dp.enabled = true needs job.mode = 'zo' (DP zeroth-order updates); CMA prompt "
+            "search reveals per-candidate outputs to the data owner"
         )
     for entry in cfg.disclosure:
         if (
@@ -354,8 +365,10 @@ def _validate_dp(cfg: JobConfig) -> None:
             and Role.MODEL_OWNER in entry.to
         ):
             raise ConfigError(
-                f"{s}: [[disclosure]] {entry.value.value} to model_owner: with dp.enabled the model owner may only receive the "
-                "noised result; training losses or outputs are not covered by the DP guarantee. Reveal them to data_owner only"
+                f"{s}: [[disclosure]] {entry.value.value} to model_owner: with dp.enabled the "
+                "model owner may only receive the "
+                "noised result; training losses or outputs are not covered by the DP guarantee. "
+                "Reveal them to data_owner only"
             )
 
 

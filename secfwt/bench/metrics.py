@@ -86,7 +86,7 @@ def growth_exponent(xs: Sequence[float], ys: Sequence[float]) -> float:
     """
     if len(xs) != len(ys):
         raise ValueError("growth_exponent: xs and ys differ in length")
-    pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys) if x > 0 and y > 0]
+    pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys, strict=True) if x > 0 and y > 0]
     if len({p[0] for p in pts}) < 2:
         raise ValueError("growth_exponent: needs at least two distinct positive points")
     n = len(pts)

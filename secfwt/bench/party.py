@@ -157,14 +157,17 @@ def _vanilla_forward(
     spec, params, x = _share_inputs(sess, payload, payload.get("param_names"), frozen=False)
     profile = Profile(meter)
     prefix = spec.prefix + "encoder.layer.0."
-    fn = lambda: vanilla.block(
-        x,
-        params,
-        prefix=prefix,
-        num_heads=spec.num_heads,
-        eps=spec.layer_norm_eps,
-        section=profile.section,
-    )  # noqa: E731
+
+    def fn() -> Any:
+        return vanilla.block(
+            x,
+            params,
+            prefix=prefix,
+            num_heads=spec.num_heads,
+            eps=spec.layer_norm_eps,
+            section=profile.section,
+        )
+
     y, costs = measure_reps(
         comm, meter, fn, reps=payload["reps"], profile=profile, remainder=REMAINDER
     )
@@ -201,9 +204,13 @@ def _attention(
         )
         mask = sess.public(torch.ones(batch, t))
         if payload["attention"] is Attention.RFA:
-            fn = lambda: rfa_attention(sess.ops, q, k, v, mask, w=w, settings=settings)  # noqa: E731
+            fn = lambda q=q, k=k, v=v, mask=mask: rfa_attention(  # noqa: E731
+                sess.ops, q, k, v, mask, w=w, settings=settings
+            )
         else:
-            fn = lambda: softmax_attention(sess.ops, q, k, v, mask)  # noqa: E731
+            fn = lambda q=q, k=k, v=v, mask=mask: softmax_attention(  # noqa: E731
+                sess.ops, q, k, v, mask
+            )
         y, costs = measure_reps(comm, meter, fn, reps=payload["reps"])
         out = _reveal(sess, y, f"attention T={t}")
         rows.append({"seq_len": t, "costs": costs, "output": out})

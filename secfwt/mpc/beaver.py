@@ -129,11 +129,11 @@ def bit_triple(
     size: torch.Size,
 ) -> tuple[torch.Tensor, torch.Tensor, Callable[[], tuple[torch.Tensor, torch.Tensor]]] | None:
     """The dealer's correlation for a bit select (``secfwt.mpc.nonlinear.compare._select``):
-    this party's XOR share of random bits ``r`` (0/1), its share of a random ring element ``a``, and a function
-    returning its additive shares of ``r`` and of ``r a``, each of ``size``. TTP dealer only
-    (``None`` otherwise). Rank 0 sends its request now and reads the reply when the function is
-    called; everything else is drawn from the generator each party shares with the dealer, as in
-    CrypTen's own correlations (:func:`dealer_bit_triple` is the dealer's side)."""
+    this party's XOR share of random bits ``r`` (0/1), its share of a random ring element ``a``, and
+    a function returning its additive shares of ``r`` and of ``r a``, each of ``size``. TTP dealer
+    only (``None`` otherwise). Rank 0 sends its request now and reads the reply when the function
+    is called; everything else is drawn from the generator each party shares with the dealer, as
+    in CrypTen's own correlations (:func:`dealer_bit_triple` is the dealer's side)."""
     from crypten.common.rng import generate_kbit_random_tensor, generate_random_ring_element
 
     generator = dealer_generator()
@@ -177,8 +177,8 @@ def mask_products(
 ) -> tuple[torch.Tensor, Callable[[], torch.Tensor]] | None:
     """The dealer's correlation for products among values that are each opened once
     (``secfwt.mpc.nonlinear.polynomial._OpenedOnce``): this party's shares of ``masks`` random
-    ring elements ``a_k`` of ``size`` (stacked on a new dim 0) and a function returning its shares of
-    ``a_i a_j`` for each ``(i, j)`` of ``pairs`` (stacked). TTP dealer only (``None`` otherwise);
+    ring elements ``a_k`` of ``size`` (stacked on a new dim 0) and a function returning its shares
+    of ``a_i a_j`` for each ``(i, j)`` of ``pairs`` (stacked). TTP dealer only (``None`` otherwise);
     rank 0's request is sent now, its reply read when the function is called
     (:func:`dealer_mask_products` is the dealer's side)."""
     from crypten.common.rng import generate_random_ring_element

@@ -129,12 +129,15 @@ class Discloser:
         for r in recipients:
             if r not in COMPUTING_ROLES:
                 raise DisclosureError(
-                    f"{what}: {value.value} cannot be revealed to {r.value}; only the owners receive values"
+                    f"{what}: {value.value} cannot be revealed to {r.value}; only the owners "
+                    "receive values"
                 )
             if not self.terms.allows(value, r):
                 raise DisclosureError(
-                    f"{what}: revealing {value.value} to {r.value} is not in the accepted disclosure terms "
-                    f"(terms digest {self.terms.digest()[:12]}); add it to the job's [[disclosure]] list if both owners agree"
+                    f"{what}: revealing {value.value} to {r.value} is not in the accepted "
+                    "disclosure terms "
+                    f"(terms digest {self.terms.digest()[:12]}); add it to the job's "
+                    "[[disclosure]] list if both owners agree"
                 )
         return recipients
 

@@ -372,7 +372,8 @@ def _collect(
         if time.monotonic() > deadline:
             missing = ", ".join(r.value for r in procs if r not in done)
             raise ProtocolError(
-                f"parties did not finish within {timeout_s:.0f} s: {missing}; raise [run] timeout_s in the job file if the job is just slow"
+                f"parties did not finish within {timeout_s:.0f} s: {missing}; raise [run] "
+                "timeout_s in the job file if the job is just slow"
             )
     if messages is not None and on_message is not None:
         _drain(messages, on_message)

@@ -29,7 +29,8 @@ _PARTY_ID = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 
 class IdentityRole(enum.Enum):
-    """The roles a certificate can carry: the three party roles, and operators (people's clients)."""
+    """The roles a certificate can carry: the three party roles, and operators (people's
+    clients)."""
 
     MODEL_OWNER = "model_owner"
     DATA_OWNER = "data_owner"
@@ -59,7 +60,8 @@ class IdentityRole(enum.Enum):
 def check_party_id(party_id: str, *, where: str = "party id") -> str:
     if not isinstance(party_id, str) or not _PARTY_ID.match(party_id):
         raise ConfigError(
-            f"{where} {party_id!r}: use lower-case letters, digits and dashes (a DNS label, at most 63 characters), e.g. 'hospital-a'"
+            f"{where} {party_id!r}: use lower-case letters, digits and dashes (a DNS label, at "
+            "most 63 characters), e.g. 'hospital-a'"
         )
     return party_id
 
@@ -94,12 +96,14 @@ class Identity:
 
 
 def identity_of_certificate(cert: x509.Certificate) -> Identity:
-    """The identity in a certificate's ``secfwt://`` URI SAN; ConfigError when it has none or several."""
+    """The identity in a certificate's ``secfwt://`` URI SAN; ConfigError when it has none or
+    several."""
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         raise ConfigError(
-            "certificate has no subjectAltName, so no secfwt identity; issue it with `secfwt certs issue`"
+            "certificate has no subjectAltName, so no secfwt identity; issue it with `secfwt certs "
+            "issue`"
         ) from None
     uris = [
         u
@@ -108,7 +112,8 @@ def identity_of_certificate(cert: x509.Certificate) -> Identity:
     ]
     if len(uris) != 1:
         raise ConfigError(
-            f"certificate must carry exactly one {URI_SCHEME}:// URI SAN, found {len(uris)}; issue it with `secfwt certs issue`"
+            f"certificate must carry exactly one {URI_SCHEME}:// URI SAN, found {len(uris)}; issue "
+            "it with `secfwt certs issue`"
         )
     return Identity.parse_uri(uris[0])
 

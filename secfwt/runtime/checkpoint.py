@@ -55,7 +55,8 @@ class CheckpointStop(SecfwtError):
 
     def __init__(self, step: int) -> None:
         super().__init__(
-            f"stopped after writing the checkpoint of step {step} (Checkpointing.stop_after_step; tests only)"
+            f"stopped after writing the checkpoint of step {step} (Checkpointing.stop_after_step; "
+            "tests only)"
         )
         self.step = step
 
@@ -114,11 +115,13 @@ def _load_tensors(path: Path) -> dict[str, Any]:
         obj = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as exc:  # noqa: BLE001  (truncated, foreign or tampered file)
         raise ConfigError(
-            f"checkpoint {path}: cannot read it ({type(exc).__name__}: {exc}); remove the file or the folder to start over"
+            f"checkpoint {path}: cannot read it ({type(exc).__name__}: {exc}); remove the file or "
+            "the folder to start over"
         ) from exc
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise ConfigError(
-            f"checkpoint {path}: not a secfwt checkpoint of format {FORMAT}; remove it or point checkpoint_dir elsewhere"
+            f"checkpoint {path}: not a secfwt checkpoint of format {FORMAT}; remove it or point "
+            "checkpoint_dir elsewhere"
         )
     return obj
 
@@ -143,7 +146,8 @@ def share_of(x: Any) -> torch.Tensor:
     bits = int(x._tensor.encoder._precision_bits)
     if bits != precision_bits():
         raise ValueError(
-            f"an MPC tensor at {bits} fractional bits; checkpoints assume the session's {precision_bits()}"
+            f"an MPC tensor at {bits} fractional bits; checkpoints assume the session's "
+            f"{precision_bits()}"
         )
     return x.share.clone()
 
@@ -187,17 +191,22 @@ class PartyCheckpoints:
     def _check_owner(self, head: dict[str, Any], path: Path) -> None:
         if head.get("role") != self.role.value:
             raise ConfigError(
-                f"checkpoint {path} was written by the {head.get('role')}, not the {self.role.value}; give each party its own checkpoint_dir"
+                f"checkpoint {path} was written by the {head.get('role')}, not the "
+                f"{self.role.value}; give each party its own checkpoint_dir"
             )
         if head.get("job_digest") != self.job_digest:
             raise ConfigError(
-                f"checkpoint {path} belongs to another job (job digest {str(head.get('job_digest'))[:12]}..., this job "
-                f"{self.job_digest[:12]}...); point checkpoint_dir at this job's own folder or empty it"
+                f"checkpoint {path} belongs to another job (job digest "
+                f"{str(head.get('job_digest'))[:12]}..., this job "
+                f"{self.job_digest[:12]}...); point checkpoint_dir at this job's own folder or "
+                "empty it"
             )
         if head.get("terms_digest") != self.terms_digest:
             raise ConfigError(
-                f"checkpoint {path} was written under other disclosure terms (digest {str(head.get('terms_digest'))[:12]}...); "
-                "a job resumes only under the terms both parties accepted; empty the folder to start over"
+                f"checkpoint {path} was written under other disclosure terms (digest "
+                f"{str(head.get('terms_digest'))[:12]}...); "
+                "a job resumes only under the terms both parties accepted; empty the folder to "
+                "start over"
             )
 
     def load(self, ref: CheckpointRef) -> tuple[Checkpoint, torch.Tensor | None]:
@@ -223,7 +232,8 @@ class PartyCheckpoints:
                 ) from exc
             if hashlib.sha256(raw).hexdigest() != head["local"]["sha256"]:
                 raise ConfigError(
-                    f"checkpoint {lp}: its SHA-256 does not match the one recorded in {ref.path.name}; refusing to unpickle it"
+                    f"checkpoint {lp}: its SHA-256 does not match the one recorded in "
+                    f"{ref.path.name}; refusing to unpickle it"
                 )
             local = pickle.loads(raw)  # noqa: S301  (own file, digest checked above)
         cache = None
@@ -232,7 +242,8 @@ class PartyCheckpoints:
             pp = self.folder / f"prefix-{prefix_id}.pt"
             if not pp.exists():
                 raise ConfigError(
-                    f"checkpoint {ref.path} needs the prefix shares {pp.name}, which are missing; empty the folder to start over"
+                    f"checkpoint {ref.path} needs the prefix shares {pp.name}, which are missing; "
+                    "empty the folder to start over"
                 )
             pre = _load_tensors(pp)
             self._check_owner(pre, pp)

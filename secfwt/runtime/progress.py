@@ -95,5 +95,6 @@ class ProgressView:
         elif kind == "eval":
             acc = msg.get("accuracy")
             self._print(
-                f"held-out accuracy {msg['when']} tuning: {'hidden by the terms' if acc is None else f'{acc:.4f}'}"
+                f"held-out accuracy {msg['when']} tuning: "
+                f"{'hidden by the terms' if acc is None else f'{acc:.4f}'}"
             )

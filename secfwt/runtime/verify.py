@@ -162,7 +162,8 @@ def run_verify(req: VerifyRequest) -> dict[str, Any]:
     longest = max_input_tokens(config)
     if not 1 <= req.seq_len <= longest:
         raise ConfigError(
-            f"--seq-len {req.seq_len}: must be between 1 and {longest}, the longest input this checkpoint's position table allows"
+            f"--seq-len {req.seq_len}: must be between 1 and {longest}, the longest input this "
+            "checkpoint's position table allows"
         )
     num_labels = int(getattr(config, "num_labels", 2) or 2)
     ids, source = sample_inputs(
@@ -269,7 +270,9 @@ def _reference(
 def check(report: dict[str, Any]) -> None:
     if not report["passed"]:
         raise ToleranceExceededError(
-            f"secure forward disagrees with the plaintext reference: max_abs_err {report['max_abs_err']:.4g} "
-            f"(tolerance {report['tolerance']['max_abs']}), mean_abs_err {report['mean_abs_err']:.4g} "
+            "secure forward disagrees with the plaintext reference: max_abs_err "
+            f"{report['max_abs_err']:.4g} "
+            f"(tolerance {report['tolerance']['max_abs']}), mean_abs_err "
+            f"{report['mean_abs_err']:.4g} "
             f"(tolerance {report['tolerance']['mean_abs']})"
         )

@@ -1,4 +1,5 @@
-"""``secfwt party``, ``secfwt job`` and ``secfwt certs``: argparse wiring and thin command functions.
+"""``secfwt party``, ``secfwt job`` and ``secfwt certs``: argparse wiring and thin command
+functions.
 
 :func:`register` adds the three command groups to the ``secfwt`` parser (one call from
 :func:`secfwt.cli.build_parser`). Each command parses, calls the library, prints (text, or JSON
@@ -31,7 +32,7 @@ def _out(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
     print(json.dumps(data, indent=2) if args.json else text)
 
 
-# -- certs -------------------------------------------------------------------------------------------
+# -- certs -----------------------------------------------------------------------------------------
 
 
 def cmd_certs_init(args: argparse.Namespace) -> int:
@@ -41,7 +42,8 @@ def cmd_certs_init(args: argparse.Namespace) -> int:
     _out(
         args,
         {"ca_cert": str(f.cert), "ca_key": str(f.key), "not_after": f.not_after.isoformat()},
-        f"deployment CA written: {f.cert} (certificate), {f.key} (private key, mode 0600; keep it offline), valid until {f.not_after:%Y-%m-%d}",
+        f"deployment CA written: {f.cert} (certificate), {f.key} (private key, mode 0600; keep it "
+        f"offline), valid until {f.not_after:%Y-%m-%d}",
     )
     return 0
 
@@ -73,12 +75,14 @@ def cmd_certs_issue(args: argparse.Namespace) -> int:
     _out(
         args,
         data,
-        f"issued {ident.uri} (TLS name {ident.dns_name}; hosts: {', '.join(args.host or []) or '-'}): {f.cert}, {f.key} (0600), CA copy {f.ca}; valid until {f.not_after:%Y-%m-%d}",
+        f"issued {ident.uri} (TLS name {ident.dns_name}; hosts: "
+        f"{', '.join(args.host or []) or '-'}): {f.cert}, {f.key} (0600), CA copy {f.ca}; valid "
+        f"until {f.not_after:%Y-%m-%d}",
     )
     return 0
 
 
-# -- party -------------------------------------------------------------------------------------------
+# -- party -----------------------------------------------------------------------------------------
 
 
 def cmd_party(args: argparse.Namespace) -> int:
@@ -97,7 +101,8 @@ def cmd_party(args: argparse.Namespace) -> int:
 
 def cmd_party_health(args: argparse.Namespace) -> int:
     """Probe: ask this host's daemon for its grpc.health.v1 status with the party's own certificate
-    (Kubernetes exec probes, systemd, compose healthchecks: native gRPC probes cannot do mutual TLS)."""
+    (Kubernetes exec probes, systemd, compose healthchecks: native gRPC probes cannot do mutual
+    TLS)."""
     from secfwt.server.client import Credentials, PartyClient
     from secfwt.server.config import load_party_config
 
@@ -116,7 +121,7 @@ def cmd_party_health(args: argparse.Namespace) -> int:
     return 0 if status == "SERVING" else 10
 
 
-# -- job (client) --------------------------------------------------------------------------------------
+# -- job (client) ----------------------------------------------------------------------------------
 
 
 def _client_config(args: argparse.Namespace):  # noqa: ANN202
@@ -178,7 +183,8 @@ def _status_line(d: dict[str, Any]) -> str:
 
 
 def _each(args: argparse.Namespace, action) -> int:  # noqa: ANN001
-    """Run ``action(client)`` -> JobStatus at every target; print; the first error decides the exit code."""
+    """Run ``action(client)`` -> JobStatus at every target; print; the first error decides the exit
+    code."""
     from secfwt.errors import SecfwtError, exit_code_for
 
     cfg = _client_config(args)
@@ -294,12 +300,14 @@ def cmd_job_submit(args: argparse.Namespace) -> int:
             info = c.hello()
             if info.protocol_version != PROTOCOL_VERSION:
                 raise VersionMismatchError(
-                    f"{addr} speaks protocol version {info.protocol_version}, this client {PROTOCOL_VERSION}"
+                    f"{addr} speaks protocol version {info.protocol_version}, this client "
+                    f"{PROTOCOL_VERSION}"
                 )
             role = info.identity.role.party_role if info.identity else None
             if role is None or role in by_role:
                 raise ConfigError(
-                    f"{addr} is {info.identity}: submit needs one model owner, one data owner and one dealer"
+                    f"{addr} is {info.identity}: submit needs one model owner, one data owner and "
+                    "one dealer"
                 )
             by_role[role], idents[addr] = addr, info.identity
         missing = [r.value for r in Role if r not in by_role]
@@ -350,7 +358,8 @@ def cmd_job_submit(args: argparse.Namespace) -> int:
     except SecfwtError:
         if report.get("job_id") and not args.json:
             print(
-                f"job {report['job_id']}: submission stopped; `secfwt job status {report['job_id']}` shows each party",
+                f"job {report['job_id']}: submission stopped; `secfwt job status "
+                f"{report['job_id']}` shows each party",
                 file=sys.stderr,
             )
         raise
@@ -365,7 +374,7 @@ def cmd_job_submit(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- wiring ----------------------------------------------------------------------------------------------
+# -- wiring ----------------------------------------------------------------------------------------
 
 
 def _client_flags(
@@ -378,7 +387,10 @@ def _client_flags(
         "--client-config",
         metavar="CLIENT.toml",
         default=os.environ.get("SECFWT_CLIENT_CONFIG") or None,
-        help="[client], [tls] cert/key/ca, [[parties]] id/role/address (default: $SECFWT_CLIENT_CONFIG)",
+        help=(
+            "[client], [tls] cert/key/ca, [[parties]] id/role/address (default: "
+            "$SECFWT_CLIENT_CONFIG)"
+        ),
     )
     p.add_argument("--cert", help="this client's certificate (secfwt certs issue operator ...)")
     p.add_argument("--key", help="its private key")
@@ -408,7 +420,10 @@ def _daemon_flags(p: argparse.ArgumentParser) -> None:
         "--insecure-fixed-seed",
         type=int,
         metavar="N",
-        help="TESTS ONLY: every MPC seed derived from N, so runs are reproducible bit for bit; anyone knowing N can unmask every share",
+        help=(
+            "TESTS ONLY: every MPC seed derived from N, so runs are reproducible bit for bit; "
+            "anyone knowing N can unmask every share"
+        ),
     )
 
 

@@ -65,7 +65,8 @@ class Credentials:
         missing = [k for k in ("cert", "key", "ca") if not getattr(cfg.tls, k)]
         if missing:
             raise ConfigError(
-                f"client: no {', '.join(missing)}: pass --cert, --key and --ca (or a client.toml with [tls]); --insecure only for local development daemons"
+                f"client: no {', '.join(missing)}: pass --cert, --key and --ca (or a client.toml "
+                "with [tls]); --insecure only for local development daemons"
             )
         cert, key, ca = read_tls_files(
             cert=Path(cfg.tls.cert), key=Path(cfg.tls.key), ca=Path(cfg.tls.ca)

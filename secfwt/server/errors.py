@@ -61,7 +61,8 @@ class CommitmentMismatchError(ProtocolError):
 
 
 class TermsMismatchError(ProtocolError):
-    """Digests disagree: the proposal's own terms, the operator's review, or another owner's acceptance."""
+    """Digests disagree: the proposal's own terms, the operator's review, or another owner's
+    acceptance."""
 
 
 class JobStateError(ProtocolError):
@@ -123,7 +124,8 @@ def error_for_status(code: grpc.StatusCode, details: str, *, where: str) -> Secf
     cls = _FROM_STATUS.get(code, ProtocolError)
     if code is grpc.StatusCode.UNAVAILABLE:
         details = (
-            f"{details or 'unreachable'} (is the daemon running there, and do its certificate and ours come "
+            f"{details or 'unreachable'} (is the daemon running there, and do its certificate and "
+            "ours come "
             "from the same deployment CA, unexpired, with this host in its SAN list?)"
         )
     return cls(f"{where}: {code.name}: {details}")

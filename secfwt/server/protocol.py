@@ -21,7 +21,8 @@ from secfwt.pki.identity import Identity
 from secfwt.roles import Role
 from secfwt.server.errors import InvalidRequestError, MessageTooLargeError
 
-#: Bumped on any incompatible change of the proto or of the rules below; a daemon refuses other versions.
+#: Bumped on any incompatible change of the proto or of the rules below; a daemon refuses other
+#: versions.
 PROTOCOL_VERSION = 1
 
 MAX_ID_CHARS = 64
@@ -53,7 +54,8 @@ class JobState(enum.Enum):
 def check_job_id(job_id: str) -> str:
     if not isinstance(job_id, str) or not _JOB_ID.match(job_id):
         raise InvalidRequestError(
-            f"job id {job_id[:80]!r}: use 1 to {MAX_ID_CHARS} letters, digits, '.', '_' or '-', starting with a letter or digit"
+            f"job id {job_id[:80]!r}: use 1 to {MAX_ID_CHARS} letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
         )
     return job_id
 
@@ -113,7 +115,8 @@ class ModelCommitment:
         out = []
         if self.model_type != held.model_type:
             out.append(
-                f"model_type: proposal says {self.model_type!r}, this model owner holds {held.model_type!r}"
+                f"model_type: proposal says {self.model_type!r}, this model owner holds "
+                f"{held.model_type!r}"
             )
         if dict(self.dimensions) != dict(held.dimensions):
             a, b = dict(self.dimensions), dict(held.dimensions)
@@ -126,7 +129,8 @@ class ModelCommitment:
             )
         if self.weights_sha256 != held.weights_sha256:
             out.append(
-                f"weights_sha256: proposal says {self.weights_sha256[:16]}..., this model owner holds {held.weights_sha256[:16]}..."
+                f"weights_sha256: proposal says {self.weights_sha256[:16]}..., this model owner "
+                f"holds {held.weights_sha256[:16]}..."
             )
         return out
 
@@ -154,7 +158,8 @@ class DataCommitment:
             a, b = getattr(self, name), getattr(held, name)
             if a != b:
                 out.append(
-                    f"{name}: proposal says {list(a) if isinstance(a, tuple) else a}, this data owner holds {list(b) if isinstance(b, tuple) else b}"
+                    f"{name}: proposal says {list(a) if isinstance(a, tuple) else a}, this data "
+                    f"owner holds {list(b) if isinstance(b, tuple) else b}"
                 )
         return out
 
@@ -212,7 +217,8 @@ class Proposal:
         )
 
     def digest(self) -> str:
-        """SHA-256 of everything the parties agree on: job file, terms, commitments, participants."""
+        """SHA-256 of everything the parties agree on: job file, terms, commitments,
+        participants."""
         return sha256_json(self.to_dict())
 
     def participant(self, role: Role) -> Identity | None:

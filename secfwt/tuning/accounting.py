@@ -89,7 +89,8 @@ def noise_for_epsilon(
         )
     except ValueError as exc:
         raise ConfigError(
-            f"dp.target_epsilon = {target_epsilon}: unreachable with {steps} steps at sample rate {sample_rate:.4g} ({exc}); raise the target or lower the steps"
+            f"dp.target_epsilon = {target_epsilon}: unreachable with {steps} steps at sample rate "
+            f"{sample_rate:.4g} ({exc}); raise the target or lower the steps"
         ) from exc
 
 
@@ -107,7 +108,8 @@ def plan(
         raise ConfigError(f"{where}: no training rows; DP needs data")
     if dp.delta >= 1.0 / n_train:
         raise ConfigError(
-            f"{where}: dp.delta = {dp.delta:g} is not below 1 / (training rows) = 1/{n_train} = {1 / n_train:.3g}; "
+            f"{where}: dp.delta = {dp.delta:g} is not below 1 / (training rows) = 1/{n_train} = "
+            f"{1 / n_train:.3g}; "
             f"such a delta allows releasing a whole row. Use dp.delta <= {0.1 / n_train:.1g}"
         )
     if dp.sample_rate is not None:
@@ -116,7 +118,8 @@ def plan(
         rate = batch_size / n_train
         if rate > 1:
             raise ConfigError(
-                f"{where}: sample rate zo.batch_size / training rows = {batch_size}/{n_train} = {rate:.3g} exceeds 1; "
+                f"{where}: sample rate zo.batch_size / training rows = {batch_size}/{n_train} = "
+                f"{rate:.3g} exceeds 1; "
                 f"lower zo.batch_size to at most {n_train} or set dp.sample_rate"
             )
     if not 0 < rate <= 1:
@@ -146,8 +149,10 @@ def plan(
                 else "even one step is over budget, so"
             )
             raise ConfigError(
-                f"{where}: {steps} steps at dp.noise_multiplier = {sigma:g} and sample rate {rate:.4g} spend epsilon = {eps:.3f}, "
-                f"over the budget dp.target_epsilon = {dp.target_epsilon:g}; {fewer} raise dp.noise_multiplier, "
+                f"{where}: {steps} steps at dp.noise_multiplier = {sigma:g} and sample rate "
+                f"{rate:.4g} spend epsilon = {eps:.3f}, "
+                f"over the budget dp.target_epsilon = {dp.target_epsilon:g}; {fewer} raise "
+                "dp.noise_multiplier, "
                 "or drop dp.noise_multiplier to calibrate the noise to the budget"
             )
     else:
@@ -168,7 +173,8 @@ def plan(
         )
     if not math.isfinite(eps):
         raise ConfigError(
-            f"{where}: epsilon is infinite for these settings; raise dp.noise_multiplier or dp.target_epsilon"
+            f"{where}: epsilon is infinite for these settings; raise dp.noise_multiplier or "
+            "dp.target_epsilon"
         )
     return DPPlan(
         noise_multiplier=sigma,

@@ -77,7 +77,8 @@ class PromptSearch:
         es: Any = state["es"]  # a cma.CMAEvolutionStrategy
         if int(es.N) != self.s.intrinsic_dim or int(es.popsize) != self.s.population:
             raise ValueError(
-                f"CMA-ES state of dimension {es.N} / population {es.popsize}; this search has {self.s.intrinsic_dim} / {self.s.population}"
+                f"CMA-ES state of dimension {es.N} / population {es.popsize}; this search has "
+                f"{self.s.intrinsic_dim} / {self.s.population}"
             )
         self.es = es
         rng: Any = state["numpy_rng"]

@@ -2,8 +2,8 @@
 
 One step, for q directions u_1..u_q drawn from a seed both parties generated jointly:
 
-    g_i = (L(theta + eps u_i) - L(theta - eps u_i)) / (2 eps)        (secret scalar)
-    theta <- theta - lr / q * sum_i g_i u_i                            (public direction x secret scalar)
+    g_i = (L(theta + eps u_i) - L(theta - eps u_i)) / (2 eps)  (secret scalar)
+    theta <- theta - lr / q * sum_i g_i u_i                      (public direction x secret scalar)
 
 Written against plain tensors and CrypTen tensors alike: in MPC theta and g_i are secret
 shares, u_i is public, so the update is local (no communication) and no backward pass or
@@ -60,7 +60,7 @@ def spsa_step(
     new = {}
     for n in params:
         upd: Any = None  # the sum over directions (a share in MPC)
-        for g, u in zip(gs, us):
+        for g, u in zip(gs, us, strict=True):
             term = g * cast(u[n])  # secret scalar x public direction: local in MPC
             upd = term if upd is None else upd + term
         new[n] = params[n] - upd * (lr / q)

@@ -36,7 +36,10 @@ REPORT_KEYS = {
 }
 #: Enough encoder parameters train that the full forward (not the cached head path) runs; the
 #: position table is among them (per-example position_ids).
-ENCODER_TRAINABLE = 'zo.trainable=["classifier.*", "bert.encoder.layer.1.output.*", "bert.embeddings.position_embeddings.weight"]'
+ENCODER_TRAINABLE = (
+    'zo.trainable=["classifier.*", "bert.encoder.layer.1.output.*", '
+    '"bert.embeddings.position_embeddings.weight"]'
+)
 
 
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])

@@ -66,7 +66,9 @@ def party(ctx: PartyContext, payload: None) -> dict[str, Any]:
             for s in ((5,), (4, 6), (2, 3, 2))
         ]
         got = comm.all_reduce(xs, op=op, batched=True)
-        out["checks"][f"{name} batched"] = all(torch.equal(a, gloo(b, op)) for a, b in zip(got, xs))
+        out["checks"][f"{name} batched"] = all(
+            torch.equal(a, gloo(b, op)) for a, b in zip(got, xs, strict=True)
+        )
         nc = torch.randint(-BIG, BIG, (6, 8), generator=g, dtype=torch.int64).t()  # non-contiguous
         out["checks"][f"{name} non-contiguous"] = torch.equal(
             comm.all_reduce(nc, op=op), gloo(nc, op)

@@ -97,7 +97,7 @@ def test_owned_matmul_is_exact_and_one_sided(provider: Provider) -> None:
     for value in (owner, data):
         if provider is Provider.TTP:
             assert value["exact"] == [True] * len(SHAPES)
-        for (x, w), got in zip(zip(xs, ws), value["products"]):
+        for (x, w), got in zip(zip(xs, ws, strict=True), value["products"], strict=True):
             expected = torch.matmul(_encoded(x), _encoded(w))
             torch.testing.assert_close(
                 torch.tensor(got, dtype=torch.float64), expected, atol=ATOL, rtol=0
@@ -119,7 +119,7 @@ def fixed_mask_party(ctx: PartyContext, payload: dict[str, Any]) -> dict[str, An
     out: dict[str, Any] = {"exact": [], "sent": []}
     ws = [
         owned.OwnedMatrix.share(w, owner=Role.MODEL_OWNER.rank, shape=shape, fixed_mask=True)
-        for w, shape in zip(payload["w"], payload["shapes"])
+        for w, shape in zip(payload["w"], payload["shapes"], strict=True)
     ]
     for i, w in enumerate(ws):
         for oriented in (w, w.t(), w):  # the transpose has a mask of its own

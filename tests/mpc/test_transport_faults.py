@@ -134,7 +134,8 @@ def _run(fault: signal.Signals) -> dict[str, Any]:
                     seen.add(ready.get(timeout=max(0.1, deadline - time.monotonic()))[0])
                 except queue_mod.Empty:
                     pytest.fail(
-                        f"parties never got going (ready: {seen}); exit codes {[p.exitcode for p in procs.values()]}"
+                        f"parties never got going (ready: {seen}); exit codes "
+                        f"{[p.exitcode for p in procs.values()]}"
                     )
             time.sleep(1.0)  # well inside the loop
             t_fault = time.time()
@@ -184,7 +185,8 @@ def _check(out: dict[str, Any], *, bound_s: float, what: str) -> None:
             "%s: %s detected by %s after %.2f s: %s", what, VICTIM.value, role.value, elapsed, text
         )
         print(
-            f"{what}: {role.value} detected the lost {VICTIM.value} after {elapsed:.2f} s (bound {bound_s:.1f} s + slack {SLACK_S:.0f} s)"
+            f"{what}: {role.value} detected the lost {VICTIM.value} after {elapsed:.2f} s (bound "
+            f"{bound_s:.1f} s + slack {SLACK_S:.0f} s)"
         )
         assert elapsed <= bound_s + SLACK_S, f"{role.value} took {elapsed:.1f} s"
     for role in (Role.MODEL_OWNER, Role.DEALER):

@@ -35,7 +35,8 @@ def _ip(*args: str) -> None:
 
 
 def make_hosts(names: list[str], *, subnet: int = 77) -> tuple[NetnsHosts | None, str]:
-    """Namespaces ``sfw<pid>-<i>`` with addresses 10.<subnet>.<pid % 200>.(11+i); (hosts, "") or (None, why)."""
+    """Namespaces ``sfw<pid>-<i>`` with addresses 10.<subnet>.<pid % 200>.(11+i); (hosts, "") or
+    (None, why)."""
     if shutil.which("ip") is None:
         return None, "iproute2 (`ip`) is not installed"
     tag = f"sfw{os.getpid() % 100000}"

@@ -147,7 +147,8 @@ def test_submit_progress_fetch_with_three_daemons(
     fetched = json.loads(capsys.readouterr().out)
     assert sorted(Path(f).name for f in fetched["files"]) == ["echo.json", "summary.json"]
     assert json.loads((tmp_path / "got" / "echo.json").read_text())["role"] == "data_owner"
-    # A replayed submission of the same id is refused by every daemon (exit code 12: ALREADY_EXISTS).
+    # A replayed submission of the same id is refused by every daemon (exit code 12:
+    # ALREADY_EXISTS).
     assert (
         main(
             [
@@ -173,7 +174,10 @@ def test_refusals_over_grpc(deployment: Deployment, tmp_path: Path, daemons: lis
         old = pb.HelloRequest(protocol_version=2, software_version="0.0.1")
         with pytest.raises(
             ProtocolError,
-            match="FAILED_PRECONDITION: protocol version mismatch: the caller speaks version 2, this daemon speaks version 1",
+            match=(
+                "FAILED_PRECONDITION: protocol version mismatch: the caller speaks version 2, this "
+                "daemon speaks version 1"
+            ),
         ):
             c._call("Hello", old)
         with pytest.raises(ProtocolError, match="FAILED_PRECONDITION: protocol version mismatch"):
@@ -181,7 +185,10 @@ def test_refusals_over_grpc(deployment: Deployment, tmp_path: Path, daemons: lis
         wrong = replace(p.commitments.data, input_shape=(12, 64))
         with pytest.raises(
             ProtocolError,
-            match=r"FAILED_PRECONDITION: data commitment mismatch: input_shape: proposal says \[12, 64\], this data owner holds \[12, 16\]",
+            match=(
+                r"FAILED_PRECONDITION: data commitment mismatch: input_shape: proposal says \[12, "
+                r"64\], this data owner holds \[12, 16\]"
+            ),
         ):
             c.propose(
                 replace(
@@ -230,7 +237,10 @@ def test_owners_accepting_different_terms_never_start(
         b.accept("split-1", p_do.terms_digest)
         with pytest.raises(
             ProtocolError,
-            match=f"terms digest mismatch: model_owner/vendor accepted {p_mo.terms_digest}, data_owner/hospital accepted {p_do.terms_digest}",
+            match=(
+                f"terms digest mismatch: model_owner/vendor accepted {p_mo.terms_digest}, "
+                f"data_owner/hospital accepted {p_do.terms_digest}"
+            ),
         ):
             a.start("split-1")
         st = a.status("split-1")

@@ -47,7 +47,10 @@ def hosts() -> Iterator[tuple[dict[str, Host], str, str | None]]:
     """(hosts by role, capture interface, bridge or None)."""
     ns, why = make_hosts(list(ROLES))
     if ns is None:
-        msg = f"network namespaces could not be created ({why}); FALLING BACK to distinct loopback addresses 127.0.0.2-4 (one network stack)"
+        msg = (
+            f"network namespaces could not be created ({why}); FALLING BACK to distinct loopback "
+            "addresses 127.0.0.2-4 (one network stack)"
+        )
         print(msg)
         warnings.warn(msg, stacklevel=1)
         yield {r: Host(r, f"127.0.0.{i + 2}") for i, r in enumerate(ROLES)}, "lo", None
@@ -130,7 +133,10 @@ def _wait_all(d: MpcDeployment, job_id: str, states: set[str], timeout_s: float)
 
 @pytest.mark.skipif(
     bool(wire.tools_missing()),
-    reason=f"packet capture needs {', '.join(wire.tools_missing())} (make test installs them where apt-get works)",
+    reason=(
+        f"packet capture needs {', '.join(wire.tools_missing())} (make test installs them where "
+        "apt-get works)"
+    ),
 )
 def test_job_through_daemons_on_separate_hosts_equals_simulate_and_only_tls_crosses(
     deployment: MpcDeployment, hosts, model_dir: Path, tmp_path: Path
@@ -155,7 +161,8 @@ def test_job_through_daemons_on_separate_hosts_equals_simulate_and_only_tls_cros
         "final_parameters.pt",
         "summary.json",
     ]
-    # The model owner's daemon holds no final parameters: the terms give them to the data owner only.
+    # The model owner's daemon holds no final parameters: the terms give them to the data owner
+    # only.
     mo = d.job(
         "fetch", "mh-equal-1", "--to", d.hosts["model_owner"].address, "--out", str(tmp_path / "mo")
     )
@@ -204,7 +211,8 @@ def test_job_through_daemons_on_separate_hosts_equals_simulate_and_only_tls_cros
 def test_capture_control_gloo_run_shows_the_table_in_plaintext(
     model_dir: Path, tmp_path: Path
 ) -> None:
-    """The detector above can fail: the same job over gloo (local simulation) leaks the table bytes."""
+    """The detector above can fail: the same job over gloo (local simulation) leaks the table
+    bytes."""
     job = _job_file(tmp_path, model_dir, steps=1, name="mh-gloo")
     pcap = tmp_path / "gloo.pcap"
     with wire.Capture(pcap, iface="lo", bpf="tcp and host 127.0.0.1"):
@@ -304,7 +312,8 @@ def test_killed_party_is_detected_and_the_resumed_job_matches_an_uninterrupted_r
 
 
 def _mpc_children(pid: int) -> list[str]:
-    """Command lines of multiprocessing children left in the daemon's session (resource tracker aside)."""
+    """Command lines of multiprocessing children left in the daemon's session (resource tracker
+    aside)."""
     import subprocess
 
     out = subprocess.run(
