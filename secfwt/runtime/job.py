@@ -94,9 +94,9 @@ class _Prepared:
         """Held-out accuracy, revealed to the parties the terms name (None elsewhere)."""
         bs = self.cfg.run.eval_batch
         count = self.runner.correct_count(theta, self.eval_idx, batch=bs, prompt=prompt)
-        d = self.sess.discloser
-        to = d.terms.recipients(Revealable.EVAL_ACCURACY)
-        revealed = d.reveal(count, value=Revealable.EVAL_ACCURACY, to=to, note=note)
+        discloser = self.sess.discloser
+        to = discloser.terms.recipients(Revealable.EVAL_ACCURACY)
+        revealed = discloser.reveal(count, value=Revealable.EVAL_ACCURACY, to=to, note=note)
         return None if revealed is None else float(revealed) / len(self.eval_idx)
 
 
@@ -365,15 +365,15 @@ def _zo_recorder(
     s: _Prepared, history: list[StepRecord], *, total: int, ckpt: JobCheckpointer | None
 ) -> ZOStepHook:
     """After each ZO step: reveal the loss per terms, record, report, checkpoint."""
-    d = s.sess.discloser
-    loss_to = d.terms.recipients(Revealable.TRAIN_LOSS)
+    discloser = s.sess.discloser
+    loss_to = discloser.terms.recipients(Revealable.TRAIN_LOSS)
     t0 = time.perf_counter()
 
     def on_step(step: int, theta: dict[str, Any], mean_loss: Any, _g: Any) -> None:
         loss = None
         if loss_to:
             note = f"step {step - 1}"
-            v = d.reveal(mean_loss, value=Revealable.TRAIN_LOSS, to=loss_to, note=note)
+            v = discloser.reveal(mean_loss, value=Revealable.TRAIN_LOSS, to=loss_to, note=note)
             loss = None if v is None else float(v)
         history.append(StepRecord(step=step, loss=loss))
         elapsed = time.perf_counter() - t0
