@@ -282,7 +282,7 @@ def cmd_job_submit(args: argparse.Namespace) -> int:
     is an operator, start when every party accepted."""
     from secfwt.errors import SecfwtError
     from secfwt.server.errors import NotAuthorizedError, VersionMismatchError
-    from secfwt.server.party import parse_job_text
+    from secfwt.server.jobfile import parse_job_text
     from secfwt.server.protocol import PROTOCOL_VERSION, Commitments, Proposal
 
     path = Path(args.job)

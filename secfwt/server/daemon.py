@@ -35,7 +35,8 @@ from secfwt.server.client import Credentials, PartyClient
 from secfwt.server.config import PartyConfig, PeerEntry, load_party_config
 from secfwt.server.convert import state_from_pb
 from secfwt.server.logs import fields
-from secfwt.server.party import Party, RemoteStatus
+from secfwt.server.negotiation import RemoteStatus
+from secfwt.server.party import Party
 from secfwt.server.runner import JobRunner, MpcJobRunner
 from secfwt.server.service import SERVICE_NAME, PartyServicer, add_to_server
 

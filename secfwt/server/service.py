@@ -12,8 +12,9 @@ The guard (:func:`guarded_handlers`) wraps each method handler of the generated 
    unexpected ones are logged with their traceback and answered INTERNAL without details.
 
 Message size limits are enforced by the server options (RESOURCE_EXHAUSTED before any parsing)
-and field limits by :mod:`secfwt.server.party`. In insecure (development) mode there are no
-certificates: the caller's identity is the unauthenticated ``x-secfwt-identity`` metadata claim.
+and field limits by the party behind :mod:`secfwt.server.party`. In insecure (development) mode
+there are no certificates: the caller's identity is the unauthenticated ``x-secfwt-identity``
+metadata claim.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from secfwt.errors import ProtocolError
 from secfwt.pki.identity import Identity, IdentityRole
 from secfwt.server.daemon import PartyDaemon
 from secfwt.server.errors import JobExistsError
-from secfwt.server.party import parse_job_text
+from secfwt.server.jobfile import parse_job_text
 from secfwt.server.protocol import PROTOCOL_VERSION, Commitments, Proposal
 from secfwt.v1 import party_pb2 as pb
 from tests.server.conftest import IDS, Deployment, free_port

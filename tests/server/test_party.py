@@ -21,7 +21,9 @@ from secfwt.server.errors import (
     TermsMismatchError,
     VersionMismatchError,
 )
-from secfwt.server.party import Party, RemoteStatus, parse_job_text
+from secfwt.server.jobfile import parse_job_text
+from secfwt.server.negotiation import RemoteStatus
+from secfwt.server.party import Party
 from secfwt.server.protocol import (
     PROTOCOL_VERSION,
     Commitments,

@@ -18,7 +18,7 @@ from secfwt.roles import Role
 from secfwt.server.client import Credentials, PartyClient
 from secfwt.server.config import HeldData, HeldModel
 from secfwt.server.holdings import DataHoldings, ModelHoldings
-from secfwt.server.party import parse_job_text
+from secfwt.server.jobfile import parse_job_text
 from secfwt.server.protocol import PROTOCOL_VERSION, Commitments, Proposal
 from tests.server.conftest import IDS, Deployment, to_toml
 

@@ -1,0 +1,298 @@
+"""How a party agrees to a job: commitments, proposals, its operator's accept or refuse, and the
+check that every other owner accepted the same terms before the job may start.
+
+These rules decide whether a job may ever run, so they live together and apart from running it
+(:mod:`secfwt.server.execution`):
+
+- A proposal is refused unless its protocol version is ours, its job id was never seen here
+  (replay), its terms equal the job file's ``[[disclosure]]`` list and their digest, its
+  participants are this party and pinned peers, and its commitment for this party's role equals
+  what this party holds.
+- A job starts only after this party accepted (its operator named the terms digest) and every
+  other owner reports, over mutually authenticated TLS, that it accepted the same terms and
+  proposal digests. A digest mismatch fails the job before anything runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+
+from secfwt.config import JobConfig
+from secfwt.errors import SecfwtError
+from secfwt.pki.identity import Identity
+from secfwt.roles import COMPUTING_ROLES, Role
+from secfwt.server.access import check_version
+from secfwt.server.config import PartyConfig, PeerEntry
+from secfwt.server.errors import (
+    CommitmentMismatchError,
+    InvalidRequestError,
+    JobExistsError,
+    JobNotFoundError,
+    JobStateError,
+    MessageTooLargeError,
+    NotAuthorizedError,
+    TermsMismatchError,
+)
+from secfwt.server.holdings import DataHoldings, ModelHoldings
+from secfwt.server.jobfile import parse_job_text
+from secfwt.server.journal import JobJournal
+from secfwt.server.logs import fields
+from secfwt.server.protocol import (
+    MAX_REASON_CHARS,
+    MAX_TERMS,
+    Commitments,
+    JobRecord,
+    JobState,
+    Proposal,
+    check_job_id,
+    check_sha256,
+    check_text,
+)
+
+log = logging.getLogger("secfwt.server")
+
+
+@dataclasses.dataclass(frozen=True)
+class RemoteStatus:
+    """What another party reports about a job (its Status answer)."""
+
+    state: JobState
+    accepted_terms_digest: str
+    accepted_proposal_digest: str
+    reason: str = ""
+
+
+#: Asks a pinned peer daemon for its status of a job (mutual TLS, this party's own certificate).
+PeerStatusFn = Callable[[PeerEntry, str], RemoteStatus]
+
+
+class Negotiation:
+    """One party's side of agreeing to jobs; records every outcome in the journal."""
+
+    def __init__(
+        self,
+        *,
+        config: PartyConfig,
+        journal: JobJournal,
+        peer_status: PeerStatusFn,
+        model: ModelHoldings | None,
+        data: DataHoldings | None,
+    ) -> None:
+        self.config = config
+        self.identity = config.identity
+        self.role = config.party.role
+        self.journal = journal
+        self.peer_status = peer_status
+        self.model = model
+        self.data = data
+
+    # -- commitments and proposals ----------------------------------------------------------
+
+    def own_commitments(self, cfg: JobConfig) -> Commitments:
+        if self.role is Role.MODEL_OWNER and self.model is not None:
+            return Commitments(model=self.model.commitment())
+        if self.role is Role.DATA_OWNER and self.data is not None:
+            return Commitments(data=self.data.commitment(cfg))
+        return Commitments()
+
+    def commitment_for(self, caller: Identity, job_toml: str) -> Commitments:
+        check_text(job_toml, field="job_toml", limit=self.config.limits.max_job_toml_bytes)
+        return self.own_commitments(parse_job_text(job_toml, where="job file"))
+
+    def propose(self, caller: Identity, p: Proposal) -> JobRecord:
+        check_version(p.protocol_version)
+        check_job_id(p.job_id)
+        check_text(p.job_toml, field="job_toml", limit=self.config.limits.max_job_toml_bytes)
+        if len(p.terms.terms) > MAX_TERMS:
+            raise MessageTooLargeError(
+                f"terms: {len(p.terms.terms)} entries, the limit is {MAX_TERMS}"
+            )
+        check_sha256(p.terms_digest, field="terms_digest")
+        if self.journal.known(p.job_id):
+            raise JobExistsError(
+                f"job id {p.job_id!r} was already proposed to this party; job ids are never "
+                "reused (replay refused)"
+            )
+        cfg = parse_job_text(p.job_toml, where=f"job {p.job_id}")
+        rec = JobRecord(proposal=p, state=JobState.PROPOSED, proposed_by=caller.uri)
+        try:
+            self._check_proposal(p, cfg)
+        except SecfwtError as exc:
+            rec.state, rec.reason = JobState.REFUSED, f"refused on proposal: {exc}"
+            self.journal.create(rec)
+            log.warning(
+                "proposal refused", extra=fields(job=p.job_id, by=str(caller), reason=str(exc))
+            )
+            raise
+        self.journal.create(rec)
+        log.info(
+            "job proposed",
+            extra=fields(
+                job=p.job_id,
+                by=str(caller),
+                terms_digest=p.terms_digest,
+                proposal_digest=p.digest(),
+            ),
+        )
+        return rec
+
+    def _check_proposal(self, p: Proposal, cfg: JobConfig) -> None:
+        if cfg.terms.to_list() != p.terms.to_list():
+            raise TermsMismatchError(
+                "the proposal's disclosure terms differ from the job file's [[disclosure]] list"
+            )
+        if p.terms.digest() != p.terms_digest:
+            raise TermsMismatchError(
+                f"terms digest mismatch: the proposal says {p.terms_digest}, its terms hash to "
+                f"{p.terms.digest()}"
+            )
+        roles = sorted(i.role.value for i in p.participants)
+        if roles != sorted(r.value for r in Role):
+            raise InvalidRequestError(
+                "participants: expected one model_owner, one data_owner and one dealer, got "
+                f"{roles}"
+            )
+        mine = p.participant(self.role)
+        if mine != self.identity:
+            raise NotAuthorizedError(
+                f"participants: the proposal names {mine} as {self.role.value} but this daemon "
+                f"is {self.identity}"
+            )
+        for ident in p.participants:
+            if ident != self.identity and self.config.peer(ident) is None:
+                raise NotAuthorizedError(
+                    f"participants: {ident} is not a pinned peer of {self.identity}; add it to "
+                    "[[peers]] if you trust it"
+                )
+        c = p.commitments
+        if c.model is None or c.data is None:
+            missing = [n for n, v in (("model", c.model), ("data", c.data)) if v is None]
+            raise CommitmentMismatchError(
+                f"commitments: the proposal carries no {' and no '.join(missing)} commitment"
+            )
+        held = self.own_commitments(cfg)
+        if self.role is Role.MODEL_OWNER and held.model is not None:
+            diff = c.model.differences(held.model)
+            if diff:
+                raise CommitmentMismatchError("model commitment mismatch: " + "; ".join(diff))
+        if self.role is Role.DATA_OWNER and held.data is not None:
+            diff = c.data.differences(held.data)
+            if diff:
+                raise CommitmentMismatchError("data commitment mismatch: " + "; ".join(diff))
+
+    # -- acceptance -------------------------------------------------------------------------
+
+    def accept(
+        self, caller: Identity, job_id: str, terms_digest: str, proposal_digest: str = ""
+    ) -> JobRecord:
+        j = self.journal
+        with j.cond:
+            rec = j.get(job_id)
+            p = rec.proposal
+            if terms_digest != p.terms_digest:
+                raise TermsMismatchError(
+                    f"job {job_id}: you accepted terms digest {terms_digest or '(none)'} but its "
+                    "proposal's terms have digest "
+                    f"{p.terms_digest}; review the terms (`secfwt job status {job_id} --json`) "
+                    "and accept that digest"
+                )
+            if proposal_digest and proposal_digest != p.digest():
+                raise TermsMismatchError(
+                    f"job {job_id}: you accepted proposal digest {proposal_digest} but the "
+                    f"proposal hashes to {p.digest()}"
+                )
+            if rec.state is JobState.ACCEPTED:
+                return rec  # idempotent
+            j.require(rec, {JobState.PROPOSED}, "accept")
+            rec.accepted_terms_digest, rec.accepted_proposal_digest, rec.accepted_by = (
+                p.terms_digest,
+                p.digest(),
+                caller.uri,
+            )
+            j.transition(rec, JobState.ACCEPTED)
+        log.info(
+            "job accepted", extra=fields(job=job_id, by=str(caller), terms_digest=p.terms_digest)
+        )
+        return rec
+
+    def refuse(self, caller: Identity, job_id: str, reason: str) -> JobRecord:
+        check_text(reason, field="reason", limit=MAX_REASON_CHARS)
+        j = self.journal
+        with j.cond:
+            rec = j.get(job_id)
+            j.require(rec, {JobState.PROPOSED, JobState.ACCEPTED}, "refuse")
+            j.transition(
+                rec, JobState.REFUSED, reason=f"refused by {caller}: {reason or 'no reason given'}"
+            )
+        log.info("job refused", extra=fields(job=job_id, by=str(caller), reason=reason))
+        return rec
+
+    # -- before start or resume ---------------------------------------------------------------
+
+    def confirm_other_owners(self, rec: JobRecord, *, resuming: bool) -> None:
+        """Ask every other owner (over mutual TLS) which digests it accepted; same as ours or no
+        start."""
+        for role in COMPUTING_ROLES:
+            ident = rec.proposal.participant(role)
+            if ident is None or ident == self.identity:
+                continue
+            peer = self.config.peer(ident)
+            if peer is None:  # checked at proposal; the config may have changed since
+                raise NotAuthorizedError(
+                    f"job {rec.job_id}: {ident} is no longer a pinned peer of {self.identity}"
+                )
+            try:
+                theirs = self.peer_status(peer, rec.job_id)
+            except JobNotFoundError:
+                raise JobStateError(
+                    f"job {rec.job_id}: {ident} has not received this job yet; propose it there too"
+                ) from None
+            except SecfwtError as exc:  # unreachable, or it does not pin us: the job stays as it is
+                raise JobStateError(
+                    f"job {rec.job_id}: cannot confirm that {ident} at {peer.address} accepted "
+                    f"it: {exc}"
+                ) from None
+            if theirs.state is JobState.REFUSED:
+                with self.journal.cond:
+                    self.journal.transition(
+                        rec, JobState.CANCELLED, reason=f"{ident} refused the job: {theirs.reason}"
+                    )
+                raise JobStateError(
+                    f"job {rec.job_id}: {ident} refused it ({theirs.reason}); it will not start"
+                )
+            if not theirs.accepted_terms_digest:
+                raise JobStateError(
+                    f"job {rec.job_id}: {ident} has not accepted the terms yet (its state: "
+                    f"{theirs.state.value}); start again once it has"
+                )
+            if (
+                theirs.accepted_terms_digest != rec.accepted_terms_digest
+                or theirs.accepted_proposal_digest != rec.accepted_proposal_digest
+            ):
+                what = (
+                    "terms"
+                    if theirs.accepted_terms_digest != rec.accepted_terms_digest
+                    else "proposal"
+                )
+                ours = (
+                    rec.accepted_terms_digest if what == "terms" else rec.accepted_proposal_digest
+                )
+                other = (
+                    theirs.accepted_terms_digest
+                    if what == "terms"
+                    else theirs.accepted_proposal_digest
+                )
+                reason = (
+                    f"{what} digest mismatch: {self.identity} accepted {ours}, {ident} accepted "
+                    f"{other}; the job never starts"
+                )
+                with self.journal.cond:
+                    if not resuming:
+                        self.journal.transition(rec, JobState.FAILED, reason=reason)
+                log.error(
+                    "digest mismatch between owners",
+                    extra=fields(job=rec.job_id, peer=str(ident), ours=ours, theirs=other),
+                )
+                raise TermsMismatchError(f"job {rec.job_id}: {reason}")
