@@ -190,9 +190,10 @@ def cmd_dp_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from secfwt.bench.plan import BenchPlan, parse_names
     from secfwt.bench.progress import BenchProgress
     from secfwt.bench.report import write_outputs
-    from secfwt.bench.suite import BenchPlan, parse_names, run_suite
+    from secfwt.bench.suite import run_suite
 
     names = parse_names(args.names)
     plan = (BenchPlan.quick_plan() if args.quick else BenchPlan.full()).with_overrides(args.set)

@@ -89,7 +89,7 @@ def test_insecure_provider_needs_the_explicit_flag():
 
 
 def test_one_binder_serves_jobs_and_the_bench_plan():
-    from secfwt.bench.suite import BenchPlan
+    from secfwt.bench.plan import BenchPlan
 
     cfg = load_job(None, overrides=["zo.trainable=classifier.*,pooler.*", "dp.target_epsilon=3"])
     assert cfg.zo.trainable == ("classifier.*", "pooler.*")  # a list as comma-separated text
@@ -120,7 +120,7 @@ def test_bad_job_overrides_name_the_field_and_the_choices(item, pattern):
 
 
 def test_the_plan_takes_flat_keys_only():
-    from secfwt.bench.suite import BenchPlan
+    from secfwt.bench.plan import BenchPlan
 
     for item, pattern in (
         ("plan.fot_seq_len=64", r"bench --set 'plan.fot_seq_len=64': expected KEY=VALUE"),

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from secfwt.bench.plan import BenchPlan, parse_names
 from secfwt.bench.shapes import TINY
-from secfwt.bench.suite import BenchPlan, parse_names
 from secfwt.cli import main
 from secfwt.errors import ConfigError
 
@@ -176,8 +176,8 @@ def test_tiny_selection_writes_json_md_png(tmp_path, tiny, capsys):
 
 @pytest.mark.multiprocess
 def test_tiny_tuning_steps_compute_the_plaintext_loss(tmp_path, tiny):
+    from secfwt.bench.cases.fot_vs_backprop import LOSS_TOLERANCE
     from secfwt.bench.report import markdown
-    from secfwt.bench.suite import LOSS_TOLERANCE
 
     out = tmp_path / "res"
     argv = [

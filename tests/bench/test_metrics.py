@@ -105,7 +105,7 @@ def test_cpu_seconds_count_a_reaped_child_as_the_bench_s_own():
     import subprocess
     import sys
 
-    from secfwt.bench.suite import cpu_seconds
+    from secfwt.bench.provenance import cpu_seconds
 
     busy0, own0 = cpu_seconds()
     # a reaped child's CPU is the bench's own (as the parties' are), not other work

@@ -1,0 +1,119 @@
+"""What ``secfwt bench`` runs: the sub-benchmark names and the plan of shapes and repetitions.
+
+Kept apart from the cases so the CLI can parse names and ``--set`` overrides, and tests can build
+plans, without importing the machinery that starts party processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Sequence
+from typing import Any
+
+from secfwt.bench.shapes import BERT_BASE, MINILM, LayerShape
+from secfwt.errors import ConfigError
+from secfwt.overrides import apply_overrides
+
+
+class BenchName(enum.Enum):
+    FORWARD = "forward"
+    ATTENTION = "attention"
+    FOT_VS_BACKPROP = "fot-vs-backprop"
+    VANILLA = "vanilla"
+    TRANSPORT = "transport"
+
+
+def parse_names(names: Sequence[str]) -> list[BenchName]:
+    """Sub-benchmark names in suite order (all when empty); ConfigError on an unknown name."""
+    known = {b.value: b for b in BenchName}
+    chosen = set()
+    for n in names:
+        if n not in known:
+            raise ConfigError(
+                f"bench: unknown sub-benchmark {n!r}; choose from: {', '.join(known)}"
+            )
+        chosen.add(known[n])
+    return [b for b in BenchName if b in chosen] if chosen else list(BenchName)
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchPlan:
+    """Every shape the suite runs; logged in full in the report."""
+
+    quick: bool
+    layer: LayerShape = BERT_BASE
+    layer_seq_len: int = 128  # BERT-base layer: forward, vanilla
+    minilm_seq_len: int = 128
+    attention_seq_lens: tuple[int, ...] = (64, 128, 256, 512)
+    attention_heads: int = 12
+    attention_head_dim: int = 64
+    fot_shape: LayerShape = MINILM
+    fot_layers: int = 1  # trainable top layers (plus pooler and classifier)
+    fot_batch: int = 4
+    fot_seq_len: int = 128
+    fot_directions: int = 1
+    transport_shape: LayerShape = MINILM
+    transport_seq_len: int = 64
+    plaintext_reps: int = 20
+    #: Repetitions of each measured section inside the same processes; the fastest counts.
+    reps: int = 3
+    step_reps: int = 1  # the tuning steps (long sections, less sensitive to short bursts)
+    seed: int = 0
+    timeout_s: float = 3600.0
+
+    @classmethod
+    def full(cls) -> BenchPlan:
+        return cls(quick=False)
+
+    @classmethod
+    def quick_plan(cls) -> BenchPlan:
+        return cls(
+            quick=True,
+            layer_seq_len=64,
+            minilm_seq_len=32,
+            attention_seq_lens=(32, 64, 128),
+            fot_layers=1,
+            fot_batch=2,
+            fot_seq_len=32,
+            transport_seq_len=32,
+            plaintext_reps=10,
+            reps=1,
+            timeout_s=900.0,
+        )
+
+    def with_overrides(self, items: Sequence[str]) -> BenchPlan:
+        """This plan with ``KEY=VALUE`` overrides of its numeric fields (``secfwt bench --set
+        fot_seq_len=512``; lists as comma-separated integers), through the binder jobs use
+        (:func:`secfwt.overrides.apply_overrides`). Raises :class:`ConfigError` naming the
+        field and the fix for an unknown key or a bad value."""
+        return apply_overrides(
+            self,
+            items,
+            noun="plan",
+            example="fot_seq_len=512",
+            command="bench",
+            fixed=_PLAN_FIXED,
+            check=_plan_range,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for k in ("layer", "fot_shape", "transport_shape"):
+            d[k] = getattr(self, k).describe()
+        return d
+
+
+#: Fields of the plan that ``--set`` cannot change: the layer shapes and the quick/full choice.
+_PLAN_FIXED = ("quick", "layer", "fot_shape", "transport_shape")
+
+
+def _plan_range(key: str, value: Any) -> str | None:
+    """Every count and length is positive; the seed may be 0."""
+    lowest = 0 if key == "seed" else 1
+    if any(v < lowest for v in (value if isinstance(value, tuple) else (value,))):
+        return "must be >= 0" if lowest == 0 else "must be positive"
+    return None
+
+
+__all__ = ["BenchName", "BenchPlan", "parse_names"]

@@ -1,0 +1,141 @@
+"""Running one benchmark case in real party processes, and summarising what it cost.
+
+:class:`Runner` starts the parties (gloo on loopback unless a case names another transport, TTP
+dealer) and memoises each case within one suite run, so sub-benchmarks that share a case (the
+BERT-base layer of ``forward`` and ``vanilla``) run it once. The summaries turn the parties'
+per-repetition costs into the rows of the report: fastest repetition, totals, link projections.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from secfwt.bench import metrics
+from secfwt.bench.plan import BenchPlan
+from secfwt.roles import Role
+
+
+class Runner:
+    """Runs cases in party processes, memoises them within one suite run, reports progress."""
+
+    def __init__(
+        self,
+        plan: BenchPlan,
+        *,
+        on_case: Callable[[str], None] | None = None,
+        timeout_s: float | None = None,
+    ) -> None:
+        self.plan = plan
+        self.on_case = on_case or (lambda label: None)
+        self.timeout_s = timeout_s or plan.timeout_s
+        self._memo: dict[str, dict[str, Any]] = {}
+
+    def run(
+        self,
+        key: str,
+        label: str,
+        *,
+        model_owner: dict[str, Any],
+        data_owner: dict[str, Any],
+        common: dict[str, Any],
+        transport: Any = None,
+        vanilla: bool = False,
+    ) -> dict[str, Any]:
+        """Run one case (or return its result from earlier in this suite run)."""
+        if key in self._memo:
+            return self._memo[key]
+        from secfwt.bench.party import bench_party
+        from secfwt.bench.vanilla import vanilla_engine_env
+        from secfwt.mpc.launcher import run_parties
+        from secfwt.mpc.provider import Provider
+        from secfwt.mpc.transport import Transport
+
+        self.on_case(label)
+        env = vanilla_engine_env() if vanilla else contextlib.nullcontext()
+        t0 = time.perf_counter()
+        with env:
+            res = run_parties(
+                bench_party,
+                payloads={
+                    Role.MODEL_OWNER: {**common, **model_owner, "vanilla": vanilla},
+                    Role.DATA_OWNER: {**common, **data_owner, "vanilla": vanilla},
+                },
+                provider=Provider.TTP,
+                timeout_s=self.timeout_s,
+                transport=transport or Transport.GLOO,
+            )
+        out = {
+            "label": label,
+            "process_wall_s": time.perf_counter() - t0,
+            "values": {r: res[r].value for r in (Role.MODEL_OWNER, Role.DATA_OWNER)},
+        }
+        self._memo[key] = out
+        return out
+
+
+def summarise(
+    costs: dict[Role, dict[str, Any]], rss: dict[Role, float] | None = None
+) -> dict[str, Any]:
+    """Per-party costs, totals and link projections of one measured section."""
+    parties = {r.value: {**c, **({"peak_rss_mb": rss[r]} if rss else {})} for r, c in costs.items()}
+    pc = [metrics.PartyCost.from_dict(c) for c in costs.values()]
+    return {
+        "parties": parties,
+        "time_s": max(p.wall_s for p in pc),
+        "bytes_sent_total": sum(p.bytes_sent for p in pc),
+        "dealer_bytes": sum(p.dealer_bytes for p in pc),
+        "rounds": max(p.rounds for p in pc),
+        "projected_s": metrics.projections(pc),
+    }
+
+
+def best_rep(costs: dict[Role, list[dict[str, Any]]]) -> int:
+    """Index of the repetition whose slower party was fastest."""
+    n = min(len(c) for c in costs.values())
+    return min(range(n), key=lambda i: max(c[i]["wall_s"] for c in costs.values()))
+
+
+def pick(
+    costs: dict[Role, list[dict[str, Any]]], rss: dict[Role, float] | None = None
+) -> dict[str, Any]:
+    """The summary of the fastest repetition, with every repetition's time and the first's."""
+    i = best_rep(costs)
+    chosen = {r: {k: v for k, v in c[i].items() if k != "breakdown"} for r, c in costs.items()}
+    s = summarise(chosen, rss)
+    s["reps"] = len(next(iter(costs.values())))
+    s["time_s_all_reps"] = [max(c[j]["wall_s"] for c in costs.values()) for j in range(s["reps"])]
+    # the first repetition also pays one-time costs (e.g. frozen weights' masks, sent once)
+    s["first_rep"] = {
+        "time_s": s["time_s_all_reps"][0],
+        "bytes_sent_total": sum(c[0]["bytes_sent"] for c in costs.values()),
+    }
+    if "breakdown" in costs[Role.MODEL_OWNER][i]:
+        s["breakdown"] = costs[Role.MODEL_OWNER][i][
+            "breakdown"
+        ]  # the model owner's view (it also waits for the dealer)
+    return s
+
+
+def case_summary(result: dict[str, Any]) -> dict[str, Any]:
+    """The summary of one case's result from :meth:`Runner.run`, labelled."""
+    vals = result["values"]
+    s = pick(
+        {r: v["costs"] for r, v in vals.items()}, {r: v["peak_rss_mb"] for r, v in vals.items()}
+    )
+    s["label"] = result["label"]
+    return s
+
+
+def max_err(secure: torch.Tensor | None, ref: torch.Tensor) -> float | None:
+    """Largest absolute difference from the reference (None when the output stayed secret)."""
+    if secure is None:
+        return None
+    return float((secure.double() - ref.double()).abs().max())
+
+
+__all__ = ["Runner", "best_rep", "case_summary", "max_err", "pick", "summarise"]
