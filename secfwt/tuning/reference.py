@@ -9,6 +9,7 @@ both model and data; the MPC run must track it step for step within fixed-point 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -17,11 +18,19 @@ from secfwt.config import JobConfig
 from secfwt.data.inputs import DataOwnerInputs
 from secfwt.models.encoder import EncoderModel, plain_params
 from secfwt.models.ops import PlainOps
-from secfwt.models.spec import ModelSpec, Pooling
+from secfwt.models.spec import EmbeddingMode, ModelSpec, Pooling
 from secfwt.tuning.accounting import DPPlan
+from secfwt.tuning.cma import CMASettings, PromptSearch
 from secfwt.tuning.dp_zo import NOISE_CONTRIBUTORS
 from secfwt.tuning.forward import CachedForward, forward_settings, mean_pool_weights, prefix
-from secfwt.tuning.loops import ZOSchedule, candidate_losses, dp_zo_loop, zo_loop
+from secfwt.tuning.loops import (
+    PromptScorer,
+    ZOSchedule,
+    candidate_losses,
+    cma_loop,
+    dp_zo_loop,
+    zo_loop,
+)
 from secfwt.tuning.spsa import SPSASettings
 from secfwt.tuning.trainable import initial_values, trainable_set
 
@@ -68,6 +77,58 @@ class PlainBackend:
         return candidate_losses(logits, self.labels[torch.tensor(idx)], population=pop)
 
 
+def _plain_forward(
+    cfg: JobConfig,
+    *,
+    spec: ModelSpec,
+    state: dict[str, torch.Tensor],
+    data: DataOwnerInputs,
+    frozen_out: Sequence[str],
+    cut: int,
+    prompt_layer: int,
+) -> CachedForward:
+    """The job's cached forward in float64, every value but ``frozen_out`` frozen, the prefix
+    below layer ``cut`` computed once (as the MPC job caches it in shares)."""
+    ops = PlainOps()
+    settings = forward_settings(cfg, seed=cfg.job.seed)
+    params = plain_params(state)
+    frozen = {k: v for k, v in params.items() if k not in frozen_out}
+    mask = data.attention_mask.to(torch.float64)
+    pool_w = mean_pool_weights(data.attention_mask) if cfg.model.pooling is Pooling.MEAN else None
+    onehot = torch.nn.functional.one_hot(data.labels, data.num_labels).to(torch.float64)
+    word = params[spec.word_embeddings][data.input_ids]
+    cache = prefix(EncoderModel(spec, frozen, ops, settings), word, mask, pool_w, cut=cut)
+    return CachedForward(
+        ops=ops,
+        public=_float64,
+        spec=spec,
+        frozen=frozen,
+        settings=settings,
+        cache=cache,
+        mask=mask,
+        pool_w=pool_w,
+        onehot=onehot,
+        cut=cut,
+        prompt_layer=prompt_layer,
+    )
+
+
+@dataclasses.dataclass
+class _Recording:
+    """A prompt scorer that keeps every candidate loss it returns (per iteration)."""
+
+    inner: PromptScorer
+    seen: list[list[float]] = dataclasses.field(default_factory=list)
+
+    def candidate_losses(
+        self, candidates: torch.Tensor | None, idx: list[int], *, iteration: int
+    ) -> torch.Tensor | None:
+        out = self.inner.candidate_losses(candidates, idx, iteration=iteration)
+        if out is not None:
+            self.seen.append(out.tolist())
+        return out
+
+
 def plain_zo_run(
     cfg: JobConfig,
     *,
@@ -83,29 +144,16 @@ def plain_zo_run(
 
     Returns ``theta`` (final parameters), ``losses`` and ``gs`` (per step), accuracies.
     """
-    ops = PlainOps()
-    settings = forward_settings(cfg, seed=cfg.job.seed)
     trainable = trainable_set(cfg, spec)
     init = initial_values(spec, state, trainable, seed=cfg.job.seed)
     theta = {n: init[n].to(torch.float64) for n in trainable.names}
-    params = plain_params(state)
-    frozen = {k: v for k, v in params.items() if k not in trainable.names}
-    mask = data.attention_mask.to(torch.float64)
-    pool_w = mean_pool_weights(data.attention_mask) if cfg.model.pooling is Pooling.MEAN else None
-    onehot = torch.nn.functional.one_hot(data.labels, data.num_labels).to(torch.float64)
-    word = params[spec.word_embeddings][data.input_ids]
     cut = trainable.first_layer(spec)
-    cache = prefix(EncoderModel(spec, frozen, ops, settings), word, mask, pool_w, cut=cut)
-    runner = CachedForward(
-        ops=ops,
-        public=_float64,
+    runner = _plain_forward(
+        cfg,
         spec=spec,
-        frozen=frozen,
-        settings=settings,
-        cache=cache,
-        mask=mask,
-        pool_w=pool_w,
-        onehot=onehot,
+        state=state,
+        data=data,
+        frozen_out=trainable.names,
         cut=cut,
         prompt_layer=cfg.zo.prompt_layer,
     )
@@ -140,4 +188,83 @@ def plain_zo_run(
         "gs": gs_all,
         "accuracy_before": acc_before,
         "accuracy_after": acc_after,
+    }
+
+
+def plain_cma_run(
+    cfg: JobConfig,
+    *,
+    spec: ModelSpec,
+    state: dict[str, torch.Tensor],
+    data: DataOwnerInputs,
+    seed: int,
+) -> dict[str, Any]:
+    """Replay a SecFwT (CMA-ES prompt search) job in plaintext with the joint seed ``seed``.
+
+    The draws are the job's: minibatches from ``seed`` and the iteration, the projection A and
+    CMA-ES from ``cfg.job.seed`` (``cma`` samples from numpy's global generator, which
+    :class:`~secfwt.tuning.cma.PromptSearch` seeds: nothing else may draw from it during the
+    replay), A scaled by the word-embedding table's std when the table is disclosed to the data
+    owner (0.05 otherwise, as the job does). Nothing of the data owner's search leaves it in a
+    real job; here one process holds everything.
+
+    Returns ``losses`` (best candidate loss per iteration, as the job's history records it),
+    ``candidate_losses`` (per iteration, all candidates, in the order asked), ``prompt`` (the
+    final mean prompt the data owner keeps, float32 (P, H)) and the accuracies before and after.
+    """
+    c = cfg.cma
+    runner = _plain_forward(
+        cfg,
+        spec=spec,
+        state=state,
+        data=data,
+        frozen_out=(),
+        cut=c.prompt_layer,
+        prompt_layer=c.prompt_layer,
+    )
+    table = state[spec.word_embeddings]
+    private = cfg.model.embedding is EmbeddingMode.PRIVATE
+    emb_std = 0.05 if private else float(table.to(torch.float32).std())
+    search = PromptSearch(
+        CMASettings(
+            intrinsic_dim=c.intrinsic_dim,
+            prompt_length=c.prompt_length,
+            hidden_size=spec.hidden_size,
+            population=c.population,
+            sigma0=c.sigma0,
+            seed=cfg.job.seed,
+        ),
+        embedding_std=emb_std,
+    )
+    n, n_train = data.input_ids.shape[0], data.n_train
+    eval_idx = list(range(n_train, n))
+
+    def accuracy(prompt: torch.Tensor | None) -> float:
+        p = None if prompt is None else _float64(prompt)
+        return float(runner.correct_count({}, eval_idx, batch=n, prompt=p)) / len(eval_idx)
+
+    best: list[float] = []
+
+    def on_step(it: int, loss: float | None) -> None:
+        assert loss is not None  # this process searches
+        best.append(loss)
+
+    acc_before = accuracy(None)
+    scorer = _Recording(PlainBackend(forward=runner, coins=torch.Generator(), labels=data.labels))
+    cma_loop(
+        scorer,
+        search,
+        seed=seed,
+        iterations=c.iterations,
+        n_train=n_train,
+        batch_size=c.batch_size,
+        on_step=on_step,
+    )
+    prompt = search.mean_prompt
+    return {
+        "losses": best,
+        "candidate_losses": scorer.seen,
+        "prompt": prompt,
+        "accuracy_before": acc_before,
+        "accuracy_after": accuracy(prompt),
     }
