@@ -27,7 +27,8 @@ from secfwt.errors import ConfigError, ProtocolError
 from secfwt.mpc.launcher import PartyContext, run_parties
 from secfwt.mpc.provider import Provider
 from secfwt.mpc.transport import TlsSettings, Transport, ephemeral_tls_bundle, peer_name
-from secfwt.mpc.transport.mesh import Kind, PeerMesh
+from secfwt.mpc.transport.mesh import PeerMesh
+from secfwt.mpc.transport.streams import Kind
 from secfwt.roles import Role
 
 log = logging.getLogger(__name__)

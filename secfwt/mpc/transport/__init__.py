@@ -5,7 +5,9 @@
   networks only.
 * :attr:`Transport.TLS`: :class:`secfwt.mpc.transport.communicator.MeshCommunicator`, every
   message over mutually authenticated TLS 1.3 gRPC streams, one per ordered pair of parties
-  (:mod:`secfwt.mpc.transport.mesh`); each party checks that the peer's certificate names the
+  (:mod:`secfwt.mpc.transport.mesh`, which finds its peers through
+  :mod:`secfwt.mpc.transport.rendezvous` and frames messages with
+  :mod:`secfwt.mpc.transport.streams`); each party checks that the peer's certificate names the
   role it expects (:mod:`secfwt.mpc.transport.identity`). The default between hosts.
 
 Both give bit-identical results on the same seeds and count bytes and rounds the same way

@@ -35,7 +35,8 @@ from torch.distributed import ReduceOp
 import secfwt.crypten_compat  # noqa: F401  (CrypTen importable on this torch before the imports below)
 from secfwt.errors import ProtocolError
 from secfwt.mpc.transport.identity import TlsSettings
-from secfwt.mpc.transport.mesh import Kind, Message, PeerMesh
+from secfwt.mpc.transport.mesh import PeerMesh
+from secfwt.mpc.transport.streams import Kind, Message
 
 log = logging.getLogger(__name__)
 

@@ -73,7 +73,7 @@ class TlsSettings:
     #: HTTP/2 keepalive pings: a silent peer host is declared lost after about twice this
     #: (:func:`keepalive_for_heartbeat` maps a daemon's ``jobs.heartbeat_timeout_s`` onto it).
     keepalive_s: float = 10.0
-    #: Payload bytes per gRPC message; larger tensors are split (mesh.py says how it was chosen).
+    #: Payload bytes per gRPC message; larger tensors are split (streams.py says how it was chosen).
     chunk_bytes: int = 1 << 20
     #: Largest single message accepted from a peer (a header announcing more is refused).
     max_message_bytes: int = 64 << 30

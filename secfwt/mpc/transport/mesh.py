@@ -2,32 +2,16 @@
 
 Every party runs one gRPC server (``require_client_auth=True``) and opens one long-lived
 bidirectional stream to every other party: one stream per ordered pair (src -> dst), so
-messages from one party to another arrive in the order they were sent. The stream's first
-request is a HELLO (claimed rank, session id); the server answers one ACK after checking that
-the client certificate names exactly the role of that rank, then only reads. As a client a
-party checks the server's certificate against the expected role name (gRPC's hostname check
-with ``grpc.ssl_target_name_override``). Everything on the wire is TLS records.
+messages from one party to another arrive in the order they were sent. How the parties find
+each other and authenticate each stream is :mod:`secfwt.mpc.transport.rendezvous`; the frames
+on a stream and the buffers at its ends are :mod:`secfwt.mpc.transport.streams`. This module
+is the mesh that owns them: it starts and stops the server and the streams, routes messages
+to and from the right peer, and fails the whole session when a peer is lost. Everything on
+the wire is TLS records.
 
 Why one persistent stream per peer and not one unary RPC per message: a unary call costs a
 new HTTP/2 stream, metadata and a response; CrypTen sends thousands of small messages per
 layer (one round each), and a persistent stream keeps the small-message latency to one hop.
-
-Why a hand-written frame header instead of a protobuf message: the payload is a tensor's
-raw bytes (tens of GB per job); a protobuf ``bytes`` field would copy it once more on each
-side, and the header needs only five fixed fields. TLS gives integrity and the stream gives
-order, so the header guards against programming errors between authenticated, semi-honest
-peers (trust model), not against the network: magic, kind, channel and size are checked and
-a bad frame ends the stream with a clear error. Object payloads (``send_obj``) are pickles
-that CrypTen's restricted unpickler reads; tensors are never pickled.
-
-Large messages are cut into frames of ``TlsSettings.chunk_bytes`` (1 MiB): the frames of one
-message stay together in the stream, and at most 16 frames per peer wait in memory before
-``send`` blocks. 256 KiB, 1 MiB and 4 MiB gave the same 100 MB ``all_reduce`` time within the
-noise of the shared 2-core test machine (0.47-0.65 s); 1 MiB keeps each copy small.
-
-Receives are matched by ticket: ``post(src, channel)`` reserves the next message of that flow
-(what gloo does when an ``irecv`` is posted), ``take`` waits for it, so out-of-order waits on
-posted receives get the right message.
 
 A lost peer (stream ended without CLOSE, connection reset, keepalive timeout) fails every
 pending and future receive and send of this party, from and to **every** peer, with a
@@ -42,125 +26,34 @@ timeout), i.e. ``2 * keepalive_s`` plus scheduling delay (:func:`keepalive_for_h
 
 from __future__ import annotations
 
-import dataclasses
-import enum
 import functools
 import logging
-import os
 import queue
-import struct
 import threading
 import time
 from collections.abc import Iterable, Iterator
 from concurrent import futures
-from pathlib import Path
 from typing import Any
 
 import grpc
-import torch
 
 from secfwt.errors import ProtocolError
 from secfwt.mpc.transport.identity import TlsSettings, rank_for_names
-from secfwt.roles import Role
+from secfwt.mpc.transport.rendezvous import ACK, HELLO, HELLO_MAGIC, open_stream, peer_addresses
+from secfwt.mpc.transport.streams import (
+    Close,
+    Inbox,
+    Kind,
+    Message,
+    Outbox,
+    close_frame,
+    ended,
+    frames,
+    messages,
+    role_name,
+)
 
 log = logging.getLogger(__name__)
-
-_METHOD = "/secfwt.mpc.v1.Mesh/Stream"
-_HELLO = struct.Struct("<4sHH")  # magic, claimed rank, session id length; then the session id
-_HELLO_MAGIC = b"SFH1"
-_ACK = b"SFA1"
-#: magic, kind, channel, dtype code, reserved, payload bytes (the whole message, over all frames)
-_HEADER = struct.Struct("<4sBBBBQ")
-_FRAME_MAGIC = b"SFM1"
-#: Handshake errors that retrying cannot fix (gRPC's texts for a wrong or untrusted certificate).
-_CERTIFICATE_FAILURES = (
-    "Hostname Verification Check failed",
-    "CERTIFICATE_VERIFY_FAILED",
-    "certificate verify failed",
-)
-#: Frames buffered per peer before ``send`` blocks (backpressure; 16 x 4 MiB by default).
-_OUTBOX_FRAMES = 16
-
-
-class Kind(enum.IntEnum):
-    TENSOR = 1
-    OBJECT = 2
-    TOKEN = 3  # barrier
-    CLOSE = 4  # orderly end of a stream
-
-
-_KINDS = frozenset(int(k) for k in Kind)
-
-
-@dataclasses.dataclass
-class Message:
-    kind: Kind
-    code: int  # dtype code of a tensor payload (see communicator.py), 0 otherwise
-    payload: torch.Tensor  # uint8, writable, owned by the receiver
-
-
-def _role_name(rank: int) -> str:
-    try:
-        return Role.from_rank(rank).value
-    except ValueError:
-        return f"rank {rank}"
-
-
-def _rpc_text(err: grpc.RpcError) -> str:
-    code = err.code() if hasattr(err, "code") else None
-    details = err.details() if hasattr(err, "details") else str(err)
-    return f"{getattr(code, 'name', code)}: {details}"
-
-
-class _Flow:
-    """Messages of one (src, channel) in arrival order, matched to posted receive tickets."""
-
-    __slots__ = ("arrived", "n_arrived", "n_posted")
-
-    def __init__(self) -> None:
-        self.arrived: dict[int, Message] = {}
-        self.n_arrived = 0
-        self.n_posted = 0
-
-
-class _Inbox:
-    """Everything received from one peer."""
-
-    def __init__(self) -> None:
-        self.cond = threading.Condition()
-        self.flows: dict[int, _Flow] = {}
-        self.failed: str | None = None
-        self.closed = False  # the peer ended its stream in order
-        self.close_reason = ""  # why, when it closed because it lost another party
-
-    def flow(self, channel: int) -> _Flow:
-        f = self.flows.get(channel)
-        if f is None:
-            f = self.flows[channel] = _Flow()
-        return f
-
-
-def _ended(inbox: _Inbox) -> bool:
-    return inbox.closed or inbox.failed is not None
-
-
-class _Outbox:
-    """Frames queued for one peer, drained by gRPC's request-iterator thread."""
-
-    def __init__(self) -> None:
-        self.frames: queue.Queue[bytes | None] = queue.Queue(maxsize=_OUTBOX_FRAMES)
-        self.lock = threading.Lock()  # keeps the frames of one message together
-        self.failed: str | None = None
-        self.done = threading.Event()
-        self.call: Any = None
-
-    def iterate(self, hello: bytes) -> Iterator[bytes]:
-        yield hello
-        while True:
-            frame = self.frames.get()
-            if frame is None:
-                return
-            yield frame
 
 
 class PeerMesh:
@@ -171,8 +64,8 @@ class PeerMesh:
         self.peers = sorted(r for r in ranks if r != rank)
         self.settings = settings
         self._session = settings.session_id.encode()
-        self._inboxes = {r: _Inbox() for r in self.peers}
-        self._outboxes: dict[int, _Outbox] = {}
+        self._inboxes = {r: Inbox() for r in self.peers}
+        self._outboxes: dict[int, Outbox] = {}
         self._incoming: dict[int, threading.Event] = {r: threading.Event() for r in self.peers}
         self._refusals: list[str] = []
         self._lock = threading.Lock()
@@ -231,8 +124,10 @@ class PeerMesh:
         self._server = server
         host = s.listen.rsplit(":", 1)[0]
         self.address = f"{host}:{port}"
-        log.info("MPC TLS transport: %s listening on %s", _role_name(self.rank), self.address)
-        addresses = self._peer_addresses(deadline)
+        log.info("MPC TLS transport: %s listening on %s", role_name(self.rank), self.address)
+        addresses = peer_addresses(
+            s, rank=self.rank, peers=self.peers, address=self.address, deadline=deadline
+        )
         channel_opts = [
             ("grpc.max_receive_message_length", -1),
             ("grpc.max_send_message_length", -1),
@@ -255,124 +150,36 @@ class PeerMesh:
             opts = [*channel_opts, ("grpc.ssl_target_name_override", s.peer_names[peer])]
             self._channels[peer] = grpc.secure_channel(addresses[peer], channel_creds, options=opts)
         for peer in self.peers:
-            self._connect(peer, addresses[peer], deadline)
+            box = open_stream(
+                self._channels[peer],
+                rank=self.rank,
+                peer=peer,
+                address=addresses[peer],
+                session=self._session,
+                settings=s,
+                deadline=deadline,
+            )
+            box.call.add_done_callback(lambda c, p=peer, b=box: self._on_outgoing_done(p, b, c))
+            self._outboxes[peer] = box
         for peer in self.peers:
             if not self._incoming[peer].wait(max(0.0, deadline - time.monotonic())):
                 why = "; ".join(self._refusals[-3:]) or "it never connected"
                 raise ProtocolError(
-                    f"TLS transport: {_role_name(peer)} did not open its authenticated stream to "
-                    f"{_role_name(self.rank)} "
+                    f"TLS transport: {role_name(peer)} did not open its authenticated stream to "
+                    f"{role_name(self.rank)} "
                     f"within {s.connect_timeout_s:.0f} s ({why})"
                 )
         log.info(
             "MPC TLS transport: %s connected to %s",
-            _role_name(self.rank),
-            ", ".join(_role_name(p) for p in self.peers),
+            role_name(self.rank),
+            ", ".join(role_name(p) for p in self.peers),
         )
 
-    def _peer_addresses(self, deadline: float) -> dict[int, str]:
-        s = self.settings
-        if s.peers:
-            missing = [p for p in self.peers if p not in s.peers]
-            if missing:
-                raise ProtocolError(
-                    f"TLS transport: no address for {', '.join(_role_name(p) for p in missing)}"
-                )
-            return {p: s.peers[p] for p in self.peers}
-        if s.rendezvous_dir is None:
-            raise ProtocolError(
-                "TLS transport: settings give neither peer addresses nor a local rendezvous folder"
-            )
-        folder = Path(s.rendezvous_dir)
-        tmp = folder / f".address-{self.rank}.tmp"
-        tmp.write_text(self.address)
-        os.replace(tmp, folder / f"address-{self.rank}")  # atomic: readers never see half a line
-        out: dict[int, str] = {}
-        while len(out) < len(self.peers):
-            for p in self.peers:
-                f = folder / f"address-{p}"
-                if p not in out and f.exists():
-                    out[p] = f.read_text().strip()
-            if len(out) < len(self.peers):
-                if time.monotonic() > deadline:
-                    absent = ", ".join(_role_name(p) for p in self.peers if p not in out)
-                    raise ProtocolError(
-                        f"TLS transport: {absent} did not publish an address in {folder} in time"
-                    )
-                time.sleep(0.02)
-        return out
-
-    def _connect(self, peer: int, address: str, deadline: float) -> None:
-        """Open the stream to ``peer`` and wait for its ACK; retry while the peer is not up yet."""
-        hello = _HELLO.pack(_HELLO_MAGIC, self.rank, len(self._session)) + self._session
-        stream = self._channels[peer].stream_stream(_METHOD)
-        last = "no attempt"
-        while True:
-            box = _Outbox()
-            call = stream(box.iterate(hello))
-            remaining = deadline - time.monotonic()
-            timer = threading.Timer(max(0.1, remaining), call.cancel)
-            timer.daemon = True
-            timer.start()
-            try:
-                ack = next(call)
-            except grpc.RpcError as err:
-                box.frames.put(None)  # release gRPC's request thread of this attempt
-                code = err.code() if hasattr(err, "code") else None
-                last = _rpc_text(err)
-                if code in (
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    grpc.StatusCode.ALREADY_EXISTS,
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                ):
-                    raise ProtocolError(
-                        f"TLS transport: {_role_name(peer)} at {address} refused "
-                        f"{_role_name(self.rank)}: {last}"
-                    ) from None
-                if any(marker in last for marker in _CERTIFICATE_FAILURES):
-                    raise ProtocolError(
-                        f"TLS transport: {_role_name(peer)} at {address} did not prove it is "
-                        f"{self.settings.peer_names[peer]!r} "
-                        f"(or does not trust our certificate): {last}"
-                    ) from None
-                if time.monotonic() >= deadline:
-                    raise ProtocolError(
-                        "TLS transport: could not open an authenticated stream to "
-                        f"{_role_name(peer)} at {address} within "
-                        f"{self.settings.connect_timeout_s:.0f} s; last error {last} (peer down, "
-                        "its certificate does not name "
-                        f"{self.settings.peer_names[peer]!r}, or it does not trust our certificate)"
-                    ) from None
-                log.debug(
-                    "MPC TLS transport: stream to %s not open yet: %s", _role_name(peer), last
-                )
-                time.sleep(0.05)
-                continue
-            except StopIteration:
-                box.frames.put(None)
-                raise ProtocolError(
-                    f"TLS transport: {_role_name(peer)} at {address} closed the stream without "
-                    "an ACK"
-                ) from None
-            finally:
-                timer.cancel()
-            if ack != _ACK:
-                raise ProtocolError(
-                    f"TLS transport: {_role_name(peer)} at {address} answered {ack[:16]!r}, not "
-                    "the mesh ACK"
-                )
-            box.call = call
-            call.add_done_callback(lambda c, p=peer, b=box: self._on_outgoing_done(p, b, c))
-            self._outboxes[peer] = box
-            return
-
-    def _on_outgoing_done(self, peer: int, box: _Outbox, call: Any) -> None:
+    def _on_outgoing_done(self, peer: int, box: Outbox, call: Any) -> None:
         code = call.code()
         if code is not grpc.StatusCode.OK and not self._closing:
             box.failed = (
-                f"stream to {_role_name(peer)} ended: {getattr(code, 'name', code)} "
-                f"{call.details()}"
+                f"stream to {role_name(peer)} ended: {getattr(code, 'name', code)} {call.details()}"
             )
             log.warning("MPC TLS transport: %s", box.failed)
             self._fail_inbox(peer, box.failed)
@@ -389,53 +196,53 @@ class PeerMesh:
             hello = next(requests)
         except StopIteration:
             return
-        if len(hello) < _HELLO.size or hello[:4] != _HELLO_MAGIC:
+        if len(hello) < HELLO.size or hello[:4] != HELLO_MAGIC:
             self._refuse(
                 context, grpc.StatusCode.INVALID_ARGUMENT, "first message is not a mesh HELLO"
             )
-        _, claimed, n = _HELLO.unpack_from(hello)
-        session = hello[_HELLO.size : _HELLO.size + n]
+        _, claimed, n = HELLO.unpack_from(hello)
+        session = hello[HELLO.size : HELLO.size + n]
         if claimed not in self._inboxes:
             self._refuse(
                 context,
                 grpc.StatusCode.PERMISSION_DENIED,
-                f"rank {claimed} is not a peer of {_role_name(self.rank)} in this session",
+                f"rank {claimed} is not a peer of {role_name(self.rank)} in this session",
             )
         if cert_rank != claimed:
             self._refuse(
                 context,
                 grpc.StatusCode.PERMISSION_DENIED,
-                f"client certificate names {names or 'no role'}; acting as {_role_name(claimed)} "
+                f"client certificate names {names or 'no role'}; acting as {role_name(claimed)} "
                 f"needs {self.settings.peer_names[claimed]!r}",
             )
         if session != self._session:
             self._refuse(
                 context,
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"{_role_name(claimed)} belongs to another session",
+                f"{role_name(claimed)} belongs to another session",
             )
         with self._lock:
             if self._incoming[claimed].is_set():
                 self._refuse(
                     context,
                     grpc.StatusCode.ALREADY_EXISTS,
-                    f"{_role_name(claimed)} already has a stream in this session",
+                    f"{role_name(claimed)} already has a stream in this session",
                 )
             self._incoming[claimed].set()
         log.debug(
             "MPC TLS transport: %s accepted stream from %s (%s)",
-            _role_name(self.rank),
-            _role_name(claimed),
+            role_name(self.rank),
+            role_name(claimed),
             context.peer(),
         )
-        yield _ACK
+        yield ACK
         problem = self._receive(claimed, requests)
         if problem is not None:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
 
     def _refuse(self, context: grpc.ServicerContext, code: grpc.StatusCode, why: str) -> None:
         text = f"refused {context.peer()}: {why}"
-        log.warning("MPC TLS transport: %s %s", _role_name(self.rank), text)
+        log.warning("MPC TLS transport: %s %s", role_name(self.rank), text)
         self._refusals = [*self._refusals[-9:], text]
         context.abort(code, why)
 
@@ -443,56 +250,20 @@ class PeerMesh:
         """Read ``src``'s frames into its inbox until its stream ends; returns a protocol
         problem."""
         inbox = self._inboxes[src]
-        limit = self.settings.max_message_bytes
-        pending: tuple[Kind, int, int, torch.Tensor, memoryview] | None = None
-        filled = 0
         try:
-            for frame in requests:
-                if pending is None:
-                    if len(frame) < _HEADER.size:
-                        raise ProtocolError(
-                            f"{_role_name(src)} sent a {len(frame)}-byte frame, shorter than a "
-                            "header"
+            for item in messages(src, requests, self.settings.max_message_bytes):
+                if isinstance(item, Close):
+                    with inbox.cond:
+                        inbox.closed = True
+                        inbox.close_reason = item.reason
+                        inbox.cond.notify_all()
+                    if item.reason:
+                        self._session_lost(
+                            f"{item.reason} (reported by {role_name(src)})", skip=None
                         )
-                    magic, kind, channel, code, _, nbytes = _HEADER.unpack_from(frame)
-                    if magic != _FRAME_MAGIC or kind not in _KINDS:
-                        raise ProtocolError(f"malformed frame from {_role_name(src)}")
-                    if kind == Kind.CLOSE:
-                        # A CLOSE may carry why: the peer lost another party (see close()).
-                        reason = bytes(
-                            frame[_HEADER.size : _HEADER.size + min(nbytes, 4096)]
-                        ).decode(errors="replace")
-                        with inbox.cond:
-                            inbox.closed = True
-                            inbox.close_reason = reason
-                            inbox.cond.notify_all()
-                        if reason:
-                            self._session_lost(
-                                f"{reason} (reported by {_role_name(src)})", skip=None
-                            )
-                        continue
-                    if nbytes > limit:
-                        raise ProtocolError(
-                            f"{_role_name(src)} announced a {nbytes}-byte message; the limit is "
-                            f"{limit}"
-                        )
-                    buf = torch.empty(nbytes, dtype=torch.uint8)
-                    view = memoryview(buf.numpy())  # type: ignore[arg-type]  # ndarray is a buffer
-                    body = memoryview(frame)[_HEADER.size :]
-                    pending, filled = (Kind(kind), channel, code, buf, view), 0
-                else:
-                    body = memoryview(frame)
-                kind_, channel_, code_, buf_, view_ = pending
-                end = filled + len(body)
-                if end > len(view_):
-                    raise ProtocolError(
-                        f"{_role_name(src)} sent more bytes than its message header announced"
-                    )
-                view_[filled:end] = body
-                filled = end
-                if filled == len(view_):
-                    self._deliver(inbox, channel_, Message(kind=kind_, code=code_, payload=buf_))
-                    pending = None
+                    continue
+                channel, msg = item
+                self._deliver(inbox, channel, msg)
         except ProtocolError as exc:
             log.warning("MPC TLS transport: %s", exc)
             self._fail_inbox(src, str(exc))
@@ -507,7 +278,7 @@ class PeerMesh:
             )
         return None
 
-    def _deliver(self, inbox: _Inbox, channel: int, msg: Message) -> None:
+    def _deliver(self, inbox: Inbox, channel: int, msg: Message) -> None:
         with inbox.cond:
             flow = inbox.flow(channel)
             flow.arrived[flow.n_arrived] = msg
@@ -522,13 +293,13 @@ class PeerMesh:
             inbox.cond.notify_all()
             lost = not inbox.closed and not self._closing  # an orderly closed peer is not lost
         if lost:
-            self._session_lost(f"{_role_name(src)}: {why}", skip=src)
+            self._session_lost(f"{role_name(src)}: {why}", skip=src)
 
     def _session_lost(self, what: str, *, skip: int | None) -> None:
         if self._lost is not None or self._closing:
             return
         self._lost = what
-        log.warning("MPC TLS transport: %s lost %s", _role_name(self.rank), what)
+        log.warning("MPC TLS transport: %s lost %s", role_name(self.rank), what)
         for other, box in self._inboxes.items():
             if other != skip:
                 with box.cond:
@@ -545,23 +316,22 @@ class PeerMesh:
         box = self._outboxes.get(dst)
         if box is None:
             raise ProtocolError(
-                f"TLS transport: {_role_name(dst)} is not a peer of {_role_name(self.rank)}"
+                f"TLS transport: {role_name(dst)} is not a peer of {role_name(self.rank)}"
             )
-        n = len(payload)
-        chunk = self.settings.chunk_bytes
-        header = _HEADER.pack(_FRAME_MAGIC, int(kind), channel, code, 0, n)
-        first = min(n, max(0, chunk - _HEADER.size))
         with box.lock:
-            self._put(box, dst, b"".join((header, payload[:first])))
-            for start in range(first, n, chunk):
-                self._put(box, dst, payload[start : start + chunk].tobytes())
+            for frame in frames(
+                kind=kind,
+                channel=channel,
+                code=code,
+                payload=payload,
+                chunk=self.settings.chunk_bytes,
+            ):
+                self._put(box, dst, frame)
 
-    def _put(self, box: _Outbox, dst: int, frame: bytes | None, *, closing: bool = False) -> None:
+    def _put(self, box: Outbox, dst: int, frame: bytes | None, *, closing: bool = False) -> None:
         while True:
             if box.failed is not None:
-                raise ProtocolError(
-                    f"TLS transport: cannot send to {_role_name(dst)}: {box.failed}"
-                )
+                raise ProtocolError(f"TLS transport: cannot send to {role_name(dst)}: {box.failed}")
             if self._lost is not None and not closing:
                 raise ProtocolError(
                     f"TLS transport: lost {self._lost}; the MPC session cannot continue"
@@ -593,16 +363,16 @@ class PeerMesh:
                         f"TLS transport: lost {self._lost}; the MPC session cannot continue"
                     )
                 if inbox.failed is not None:
-                    raise ProtocolError(f"TLS transport: lost {_role_name(src)}: {inbox.failed}")
+                    raise ProtocolError(f"TLS transport: lost {role_name(src)}: {inbox.failed}")
                 if inbox.closed:
                     raise ProtocolError(
-                        f"TLS transport: {_role_name(src)} closed its stream; the message "
-                        f"{_role_name(self.rank)} waits for will never come"
+                        f"TLS transport: {role_name(src)} closed its stream; the message "
+                        f"{role_name(self.rank)} waits for will never come"
                     )
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise ProtocolError(
-                        f"TLS transport: no message from {_role_name(src)} within "
+                        f"TLS transport: no message from {role_name(src)} within "
                         f"{self.settings.recv_timeout_s:.0f} s"
                     )
                 inbox.cond.wait(min(remaining, 5.0))
@@ -611,11 +381,11 @@ class PeerMesh:
     def recv(self, src: int, channel: int) -> Message:
         return self.take(src, channel, self.post(src, channel))
 
-    def _inbox(self, src: int) -> _Inbox:
+    def _inbox(self, src: int) -> Inbox:
         inbox = self._inboxes.get(src)
         if inbox is None:
             raise ProtocolError(
-                f"TLS transport: {_role_name(src)} is not a peer of {_role_name(self.rank)}"
+                f"TLS transport: {role_name(src)} is not a peer of {role_name(self.rank)}"
             )
         return inbox
 
@@ -626,7 +396,7 @@ class PeerMesh:
         # After a loss the CLOSE says which party was lost, so a peer blocked on us (the dealer
         # waiting for the model owner's next request) names the lost party, not us.
         reason = b"" if self._lost is None else self._lost.encode()[:4096]
-        close = _HEADER.pack(_FRAME_MAGIC, int(Kind.CLOSE), 0, 0, 0, len(reason)) + reason
+        close = close_frame(reason)
         for peer, box in self._outboxes.items():
             try:
                 with box.lock:
@@ -643,7 +413,7 @@ class PeerMesh:
             if not box.done.wait(max(0.0, deadline - time.monotonic())):
                 log.warning(
                     "MPC TLS transport: %s did not confirm the end of our stream in time",
-                    _role_name(peer),
+                    role_name(peer),
                 )
         # Our messages are all delivered (each outgoing call completed after the peer read our
         # CLOSE). Waiting for the peers' own CLOSE only keeps the logs quiet: a peer still
@@ -651,10 +421,10 @@ class PeerMesh:
         self._closing = True
         for inbox in self._inboxes.values():
             with inbox.cond:
-                ended = functools.partial(_ended, inbox)
-                inbox.cond.wait_for(ended, timeout=max(0.0, min(2.0, deadline - time.monotonic())))
+                done = functools.partial(ended, inbox)
+                inbox.cond.wait_for(done, timeout=max(0.0, min(2.0, deadline - time.monotonic())))
         for ch in self._channels.values():
             ch.close()
         if self._server is not None:
             self._server.stop(grace=0.5).wait(2.0)
-        log.debug("MPC TLS transport: %s closed", _role_name(self.rank))
+        log.debug("MPC TLS transport: %s closed", role_name(self.rank))
