@@ -239,6 +239,7 @@ class StreamReport:
     walk: Walk | None  # None: the bytes could not be reassembled (see ``problem``)
     problem: str | None = None  # reassembly problem (start not captured, hole, conflict)
     complete: bool = False  # the FIN was captured with every byte before it
+    reset: bool = False  # an RST was captured in this direction
 
     @property
     def ok(self) -> bool:
@@ -251,7 +252,10 @@ class StreamReport:
             return f"{head} NOT CHECKED: {self.problem}"
         assert w is not None
         s = f"{head} {w.length} bytes, {w.walked} walked, {w.records} records, "
-        s += "FIN captured" if self.complete else "open at the end of the capture"
+        if self.complete:
+            s += "FIN captured"
+        else:
+            s += "reset" if self.reset else "open at the end of the capture"
         if w.truncated_tail:
             s += f", last record cut at the end of the capture ({w.length - w.walked} bytes)"
         if w.error is not None:
@@ -351,7 +355,8 @@ def _reassemble(d: _Direction) -> tuple[bytes | None, bool, str | None]:
             return b"", False, None
         return None, False, "its SYN is not in the capture (connection opened before it started)"
     base = (d.isn + 1) & 0xFFFFFFFF
-    segs = sorted(((s - base) & 0xFFFFFFFF, p) for s, p in d.segments)
+    # by stream offset; copies of the same offset stay in capture order (the first is the reference)
+    segs = sorted((((s - base) & 0xFFFFFFFF, p) for s, p in d.segments), key=lambda x: x[0])
     out = bytearray()
     for off, payload in segs:
         if off >= 2**31:  # before the first data byte: a keep-alive probe or a stale copy
@@ -362,8 +367,14 @@ def _reassemble(d: _Direction) -> tuple[bytes | None, bool, str | None]:
         if overlap != bytes(out[off : off + len(overlap)]):
             return None, False, f"retransmitted bytes at offset {off} differ from the first copy"
         out += payload[len(overlap) :]
-    complete = d.fin is not None and ((d.fin - base) & 0xFFFFFFFF) == len(out)
-    return bytes(out), complete, None
+    if d.fin is None:
+        return bytes(out), False, None
+    end = (d.fin - base) & 0xFFFFFFFF
+    if end > len(out):
+        return None, False, f"bytes {len(out)}..{end} before the FIN are missing from the capture"
+    if end < len(out):
+        return None, False, f"bytes after the FIN at offset {end} ({len(out)} in all)"
+    return bytes(out), True, None
 
 
 def tls_streams(pcap: Path) -> list[StreamReport]:
@@ -401,5 +412,5 @@ def tls_streams(pcap: Path) -> list[StreamReport]:
             reports.append(StreamReport(src, dst, None, problem))
         elif data:
             walk = walk_tls(data, complete=complete)
-            reports.append(StreamReport(src, dst, walk, complete=complete))
+            reports.append(StreamReport(src, dst, walk, complete=complete, reset=d.rst))
     return reports
