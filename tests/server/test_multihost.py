@@ -9,7 +9,8 @@ says so (a warning in pytest's summary).
 Checks:
 - the job's result (final parameters, accuracies, loss history, joint seed) equals
   ``secfwt simulate`` of the same job with the same ``--insecure-fixed-seed``, bit for bit;
-- on the wire: every TCP payload byte between the daemons is inside a TLS record (tshark), the
+- on the wire: every TCP payload byte between the daemons is inside a TLS record (each
+  connection reassembled by sequence number and walked record by record), the
   handshakes are TLS 1.3, and the embedding table the model owner discloses to the data owner
   (sent raw inside the MPC session) is not in the capture; the same detector finds it in a
   capture of a gloo run (the control);
@@ -198,8 +199,14 @@ def test_job_through_daemons_on_separate_hosts_equals_simulate_and_only_tls_cros
     assert (
         stats["tcp_payload_bytes"] > 10_000_000
     )  # the MPC session itself (tens of MB), not just the control calls
-    bad = wire.non_tls_segments(pcap, ports)
-    assert bad == [], f"{len(bad)} TCP segments outside TLS records, e.g. {bad[:5]}"
+    # Every connection's bytes, reassembled per direction, walked as TLS records end to end.
+    streams = wire.tls_streams(pcap)
+    print(f"TLS walk, {len(streams)} stream directions:")
+    for st in streams:
+        print("  " + st.line())
+    bad = [st.line() for st in streams if not st.ok]
+    assert bad == [], f"{len(bad)} stream directions with bytes outside TLS records: {bad[:5]}"
+    assert sum(st.walk.walked for st in streams if st.walk) > 10_000_000  # the MPC session too
     assert (
         stats["server_hellos"] >= 6 and stats["server_hellos_tls13"] == stats["server_hellos"]
     )  # the 6 mesh links at least; all TLS 1.3
