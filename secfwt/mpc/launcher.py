@@ -366,8 +366,12 @@ def _collect(
                     late = results.get(timeout=1.0)
                 except queue_mod.Empty:
                     late = None
-                if late is not None and late[0] == "error":
+                if late is not None and late[0] == "error" and late[1] is role:
+                    # its own report, written just before it exited: unless another party died
+                    # without a word first (then this report is the consequence)
+                    _blame_the_dead(procs, results, reporter=role, reported=set(done))
                     _raise_reported(late)
+                # another party's report now is a consequence (a survivor's lost connection)
                 raise PartyFailedError(role.value, f"process exited with code {p.exitcode}")
         if time.monotonic() > deadline:
             missing = ", ".join(r.value for r in procs if r not in done)
