@@ -400,24 +400,26 @@ def _blame_the_dead(
     A party killed mid-protocol reports nothing; its peer, blocked on it, fails with a transport
     error ("Connection reset by peer" on gloo) that often reaches the queue before the dead
     process is reaped. Within a short grace, a process that exits non-zero and never reports is
-    the cause: raise PartyFailedError for it, chained to the survivor's report.
+    the cause: raise PartyFailedError for it instead of the survivor's report.
     """
     reported = reported | {reporter}
     later: list[tuple[Any, ...]] = []
     deadline = time.monotonic() + _DEATH_GRACE_S
     while time.monotonic() < deadline:
-        for role, p in procs.items():
-            if role not in reported and p.exitcode not in (None, 0):
-                try:
-                    late = results.get(timeout=0.2)  # its report may still be in the pipe
-                except queue_mod.Empty:
-                    late = None
-                if late is not None:
-                    later.append(late)
-                    reported.add(late[1])
-                    continue
-                raise PartyFailedError(role.value, f"process exited with code {p.exitcode}")
-        if all(p.exitcode is not None for r, p in procs.items() if r not in reported):
+        # one snapshot per pass: a process reaped between two reads must not slip past both checks
+        codes = {role: p.exitcode for role, p in procs.items() if role not in reported}
+        silent = [role for role, code in codes.items() if code not in (None, 0)]
+        if silent:
+            try:
+                late = results.get(timeout=0.2)  # a report may still be in the pipe
+            except queue_mod.Empty:
+                dead = silent[0]
+                reason = f"process exited with code {codes[dead]}"
+                raise PartyFailedError(dead.value, reason) from None
+            later.append(late)  # whoever it came from has spoken; look at the others again
+            reported.add(late[1])
+            continue
+        if all(code is not None for code in codes.values()):
             break
         time.sleep(0.05)
     for late in later:  # put back what was read ahead, for the caller's usual handling

@@ -11,13 +11,15 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import pickle
+import queue
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from secfwt.errors import ConfigError, PartyFailedError, ProtocolError
-from secfwt.mpc.launcher import PartyContext, run_parties
+from secfwt.mpc.launcher import PartyContext, _blame_the_dead, run_parties
 from secfwt.mpc.provider import Provider
 from secfwt.mpc.transport import Transport
 from secfwt.roles import Role
@@ -152,3 +154,40 @@ def test_a_party_that_cannot_start_is_reported_and_the_started_ones_are_stopped(
     with pytest.raises((AttributeError, pickle.PicklingError), match="pickle"):
         _run_ttp(_hang, transport=transport, timeout_s=60, payloads={Role.DATA_OWNER: lambda: None})
     assert _no_children_left()
+
+
+def _error_item(role: Role) -> tuple:
+    return ("error", role, None, f"{role.value}: Connection closed by peer", "")
+
+
+@pytest.mark.parametrize(
+    "queued",
+    [[], [Role.DEALER], [Role.DEALER, Role.DEALER]],
+    ids=["nothing-else-queued", "another-survivor-reported", "reports-keep-coming"],
+)
+def test_the_silent_dead_party_is_blamed_whatever_else_is_queued(queued):
+    """The killed party is named even when another survivor's report is read while looking for
+    its own (that once ended the search early: CI named the survivor instead)."""
+    procs = {
+        Role.MODEL_OWNER: SimpleNamespace(exitcode=9),
+        Role.DATA_OWNER: SimpleNamespace(exitcode=1),
+        Role.DEALER: SimpleNamespace(exitcode=1),
+    }
+    results = queue.Queue()
+    for role in queued:
+        results.put(_error_item(role))
+    with pytest.raises(PartyFailedError) as err:
+        _blame_the_dead(procs, results, reporter=Role.DATA_OWNER, reported=set())
+    assert (err.value.role, err.value.reason) == ("model_owner", "process exited with code 9")
+
+
+def test_a_party_that_reported_before_exiting_is_not_blamed():
+    procs = {
+        Role.MODEL_OWNER: SimpleNamespace(exitcode=1),
+        Role.DATA_OWNER: SimpleNamespace(exitcode=1),
+        Role.DEALER: SimpleNamespace(exitcode=0),
+    }
+    results = queue.Queue()
+    results.put(_error_item(Role.MODEL_OWNER))
+    _blame_the_dead(procs, results, reporter=Role.DATA_OWNER, reported=set())
+    assert results.get_nowait()[1] is Role.MODEL_OWNER  # put back for the caller
