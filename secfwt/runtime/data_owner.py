@@ -11,6 +11,7 @@ from secfwt.config import JobConfig
 from secfwt.data.datasets import LabelledTexts, load_dataset
 from secfwt.data.inputs import DataOwnerInputs
 from secfwt.data.sampling import few_shot_split
+from secfwt.data.task import Truncation
 from secfwt.data.tokenize import load_tokenizer, tokenize
 from secfwt.errors import DataError
 from secfwt.models.checkpoint import load_config, max_input_tokens
@@ -59,7 +60,7 @@ def prepare_inputs(cfg: JobConfig, *, tokenizer_dir: Path) -> DataOwnerInputs:
         texts,
         tokenizer=tok,
         max_length=cfg.model.max_length,
-        truncate=d.truncate,
+        truncate=d.truncation is Truncation.END,
         model_max_positions=max_input_tokens(config),
     )
     labels = torch.tensor(list(train.labels) + list(held_out.labels), dtype=torch.long)
