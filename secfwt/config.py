@@ -80,8 +80,9 @@ class DataSection:
     eval_rows: int = 100  # held-out pairs
     padding_side: PaddingSide = PaddingSide.RIGHT
     # Both tasks: an example longer than model.max_length is refused ("none"), cut at its end
-    # ("end", classification) or loses its prompt's first tokens ("prompt_left", instructions).
-    # Unset: "end" for classification, "none" for instructions.
+    # ("end", classification), loses its prompt's first tokens ("prompt_left", instructions) or
+    # is left out before the split ("drop", instructions). Unset: "end" for classification,
+    # "none" for instructions.
     truncate: Truncation | None = None
 
     @property
@@ -372,7 +373,7 @@ def validate_data(d: DataSection, *, where: str) -> None:
         other = next(t for t in DataTask if d.source in _TASK_SOURCES[t])
         choices = ", ".join(repr(x.value) for x in _TASK_SOURCES[task])
         raise ConfigError(
-            f"{s}: data.source = {d.source.value!r} is a {other.value} dataset but data.task = "
+            f"{s}: data.source = {d.source.value!r} is data for data.task = {other.value!r}, not "
             f"{task.value!r}; set data.task = {other.value!r}, or data.source to one of {choices}"
         )
     default = DataSection()
@@ -395,7 +396,7 @@ def validate_data(d: DataSection, *, where: str) -> None:
     allowed = (
         (Truncation.NONE, Truncation.END)
         if task is DataTask.CLASSIFICATION
-        else (Truncation.NONE, Truncation.PROMPT_LEFT)
+        else (Truncation.NONE, Truncation.PROMPT_LEFT, Truncation.DROP)
     )
     if d.truncation not in allowed:
         why = "it would cut the reply" if task is DataTask.INSTRUCTIONS else "there is no prompt"

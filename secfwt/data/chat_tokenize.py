@@ -108,23 +108,17 @@ def format_instructions(
 
     ``truncate`` is ``none`` (an over-long pair is a :class:`DataError` naming it and the fix) or
     ``prompt_left`` (the prompt's first tokens are dropped until the pair fits; the template and
-    the reply are never cut). A prompt or reply that contains a special token of the tokenizer
-    (e.g. ``<|im_end|>``) is refused: it would forge a turn of the conversation.
+    the reply are never cut). For ``drop``, leave the over-long pairs out with
+    :func:`drop_too_long` before splitting, then format with ``none``. A prompt or reply that
+    contains a special token of the tokenizer (e.g. ``<|im_end|>``) is refused: it would forge
+    a turn of the conversation.
     """
     _check_options(max_length, truncate, padding_side, model_max_positions)
     truncate, padding_side = Truncation(truncate), PaddingSide(padding_side)
     pad_id = _pad_id(tokenizer)
-    special = _special_ids(tokenizer)
-    layouts: dict[str | None, _Layout] = {}
     rows: list[tuple[list[int], list[int]]] = []  # (token ids, response mask) per pair
     too_long: list[tuple[int, int]] = []  # (row, tokens)
-    for i in range(len(data)):
-        system = data.systems[i]
-        if system not in layouts:
-            layouts[system] = _layout(tokenizer, system)
-        ids, mask, prompt_span = _tokenize_pair(
-            tokenizer, layouts[system], data, i, special=special
-        )
+    for i, (ids, mask, prompt_span) in enumerate(_encode(data, tokenizer)):
         if len(ids) > max_length:
             if truncate is Truncation.NONE:
                 too_long.append((i, len(ids)))
@@ -142,7 +136,8 @@ def format_instructions(
         raise DataError(
             f"{_where(data, row)} has {n} tokens at the chat template, more than max_length = "
             f"{max_length} ({len(too_long)} of {len(data)} pairs are too long, the longest has "
-            f"{longest}); {fix} or set data.truncate = 'prompt_left' (or shorten those pairs)"
+            f"{longest}); {fix} or set data.truncate = 'prompt_left' or 'drop' (or shorten those "
+            "pairs)"
         )
     batch = _pad(rows, max_length=max_length, pad_id=pad_id, padding_side=padding_side)
     if rows:
@@ -159,6 +154,34 @@ def format_instructions(
             padding_side.value,
         )
     return batch
+
+
+def template_lengths(data: InstructionPairs, *, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Tokens of each pair at the chat template, up to its end-of-turn token, uncut."""
+    return [len(ids) for ids, _, _ in _encode(data, tokenizer)]
+
+
+def drop_too_long(
+    data: InstructionPairs, *, tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> InstructionPairs:
+    """The pairs that fit in ``max_length`` tokens at the chat template (``truncate = "drop"``).
+
+    Run before the split, so that a job's ``train_rows`` and ``eval_rows`` are exact.
+    """
+    lengths = template_lengths(data, tokenizer=tokenizer)
+    keep = [i for i, n in enumerate(lengths) if n <= max_length]
+    if not keep:
+        raise DataError(
+            f"no pair fits in max_length = {max_length} tokens at the chat template (the "
+            f"shortest has {min(lengths, default=0)}); raise model.max_length"
+        )
+    log.info(
+        "truncate = 'drop': left out %d of %d pairs longer than max_length = %d",
+        len(data) - len(keep),
+        len(data),
+        max_length,
+    )
+    return data.subset(keep)
 
 
 def masked_next_token_loss(
@@ -187,6 +210,11 @@ def _check_options(
         raise ConfigError(
             f"max_length = {max_length} exceeds the model's limit of {model_max_positions} "
             f"positions; set max_length <= {model_max_positions}"
+        )
+    if truncate == Truncation.DROP:
+        raise ConfigError(
+            "truncate = 'drop' leaves pairs out before the split: call drop_too_long first, "
+            "then format with truncate = 'none'"
         )
     allowed = (Truncation.NONE.value, Truncation.PROMPT_LEFT.value)
     if truncate not in allowed:
@@ -253,6 +281,20 @@ def _layout(tokenizer: PreTrainedTokenizerBase, system: str | None) -> _Layout:
             "reply in a full conversation; training on it would not match inference"
         )
     return _Layout(head=head, mid=mid, tail=tail)
+
+
+def _encode(
+    data: InstructionPairs, tokenizer: PreTrainedTokenizerBase
+) -> list[tuple[list[int], list[int], tuple[int, int]]]:
+    """:func:`_tokenize_pair` of every pair, the template laid out once per system message."""
+    special = _special_ids(tokenizer)
+    layouts: dict[str | None, _Layout] = {}
+    out = []
+    for i, system in enumerate(data.systems):
+        if system not in layouts:
+            layouts[system] = _layout(tokenizer, system)
+        out.append(_tokenize_pair(tokenizer, layouts[system], data, i, special=special))
+    return out
 
 
 def _tokenize_pair(

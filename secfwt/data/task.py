@@ -26,6 +26,7 @@ class Truncation(enum.StrEnum):
     NONE = "none"  # an over-long example is a DataError naming it and the fix
     END = "end"  # keep the first max_length tokens (labelled texts)
     PROMPT_LEFT = "prompt_left"  # drop the prompt's first tokens; template and reply stay whole
+    DROP = "drop"  # leave over-long instruction pairs out before the split (counted in the log)
 
     @staticmethod
     def default_for(task: DataTask) -> Truncation:

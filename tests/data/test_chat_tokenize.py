@@ -13,7 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from secfwt.data.chat_tokenize import InstructionBatch, format_instructions, masked_next_token_loss
+from secfwt.data.chat_tokenize import (
+    InstructionBatch,
+    drop_too_long,
+    format_instructions,
+    masked_next_token_loss,
+)
 from secfwt.data.instructions import InstructionPairs, load_instructions
 from secfwt.data.task import PaddingSide, Truncation
 from secfwt.errors import ConfigError, DataError, ModelError
@@ -225,3 +230,18 @@ def test_loss_needs_a_reply_token() -> None:
         masked_next_token_loss(
             logits, torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long)
         )
+
+
+def test_drop_leaves_out_exactly_the_pairs_that_do_not_fit(chatterbot, smollm2_tokenizer) -> None:
+    whole = fmt(smollm2_tokenizer, chatterbot, max_length=400)  # lengths checked against HF above
+    lengths = whole.lengths().tolist()
+    kept = drop_too_long(chatterbot, tokenizer=smollm2_tokenizer, max_length=64)
+    assert kept.origins == tuple(
+        o for o, n in zip(chatterbot.origins, lengths, strict=True) if n <= 64
+    )
+    assert len(kept) == 1020  # of 1176; 156 pairs need more than 64 tokens
+    assert fmt(smollm2_tokenizer, kept, max_length=64).lengths().max() <= 64
+    with pytest.raises(DataError, match=r"no pair fits in max_length = 20 .*shortest has 33"):
+        drop_too_long(chatterbot, tokenizer=smollm2_tokenizer, max_length=20)
+    with pytest.raises(ConfigError, match="call drop_too_long first"):
+        fmt(smollm2_tokenizer, kept, truncate=Truncation.DROP)
