@@ -188,9 +188,14 @@ def test_prompt_left_drops_only_the_prompts_first_tokens(smollm2_tokenizer) -> N
 
 def test_prompt_left_never_cuts_the_reply(smollm2_tokenizer) -> None:
     data = pairs(("Hi", "word " * 60))
-    fixed = len(hf_ids(smollm2_tokenizer, data, 0)) - 1 - 1  # minus "\n" and the prompt token
-    with pytest.raises(DataError, match=rf"alone take {fixed} tokens.*at least {fixed + 1}"):
-        fmt(smollm2_tokenizer, data, max_length=48, truncate=Truncation.PROMPT_LEFT)
+    assert len(smollm2_tokenizer("Hi", add_special_tokens=False)["input_ids"]) == 1
+    total = len(hf_ids(smollm2_tokenizer, data, 0)) - 1  # without the template's final "\n"
+    fixed = total - 1  # without the prompt's one token
+    for max_length in (48, fixed):  # fixed: the cut would take the whole prompt
+        with pytest.raises(DataError, match=rf"alone take {fixed} tokens.*at least {fixed + 1}"):
+            fmt(smollm2_tokenizer, data, max_length=max_length, truncate=Truncation.PROMPT_LEFT)
+    fits = fmt(smollm2_tokenizer, data, max_length=total, truncate=Truncation.PROMPT_LEFT)
+    assert fits.lengths().tolist() == [total]
 
 
 @pytest.mark.parametrize(
