@@ -37,6 +37,7 @@ import torch
 
 from secfwt.data.instructions import InstructionPairs
 from secfwt.data.task import PaddingSide, Truncation
+from secfwt.data.tokenize import PaddedRows
 from secfwt.errors import ConfigError, DataError, ModelError
 
 if TYPE_CHECKING:
@@ -51,7 +52,7 @@ _REPLY_MARK = "\ue000secfwt-reply\ue000"
 
 
 @dataclass(frozen=True)
-class InstructionBatch:
+class InstructionBatch(PaddedRows):
     """Instruction pairs as fixed-length token rows (the module doc gives the convention).
 
     All five tensors are int64 of shape ``(N, T)``.
@@ -73,17 +74,6 @@ class InstructionBatch:
                     f"InstructionBatch.{name} is {tuple(tensor.shape)} {tensor.dtype}; it must "
                     f"be int64 of the shape of input_ids {tuple(self.input_ids.shape)}"
                 )
-
-    def __len__(self) -> int:
-        return int(self.input_ids.shape[0])
-
-    @property
-    def seq_len(self) -> int:
-        return int(self.input_ids.shape[1])
-
-    def lengths(self) -> torch.Tensor:
-        """Tokens of each row, shape ``(N,)``."""
-        return self.attention_mask.sum(dim=1)
 
 
 @dataclass(frozen=True)

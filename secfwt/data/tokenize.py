@@ -43,8 +43,27 @@ _FIRST_KEYS = ("cls", "bos")
 _LAST_KEYS = ("sep", "eos")
 
 
+class PaddedRows:
+    """What every batch of token rows padded to one length offers: ``N``, ``T`` and the number
+    of real tokens per row (the batches are frozen dataclasses that declare both tensors)."""
+
+    input_ids: torch.Tensor  # (N, T)
+    attention_mask: torch.Tensor  # (N, T) 1 = token, 0 = padding
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.input_ids.shape[1])
+
+    def lengths(self) -> torch.Tensor:
+        """Number of real (non-padding) tokens of each row, shape ``(N,)``."""
+        return self.attention_mask.sum(dim=1)
+
+
 @dataclass(frozen=True)
-class TokenizedBatch:
+class TokenizedBatch(PaddedRows):
     """Token ids of ``N`` texts padded to ``T`` positions, right-padded.
 
     ``attention_mask`` is 1 on real tokens and 0 on padding; ``token_type_ids`` are all zero
@@ -68,17 +87,6 @@ class TokenizedBatch:
                     f"TokenizedBatch.{name} has shape {tuple(tensor.shape)} but input_ids has "
                     f"{tuple(self.input_ids.shape)}; all three must match"
                 )
-
-    def __len__(self) -> int:
-        return int(self.input_ids.shape[0])
-
-    @property
-    def seq_len(self) -> int:
-        return int(self.input_ids.shape[1])
-
-    def lengths(self) -> torch.Tensor:
-        """Number of real (non-padding) tokens of each row, shape ``(N,)``."""
-        return self.attention_mask.sum(dim=1)
 
 
 def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase | None:
