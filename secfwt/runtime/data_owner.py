@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from secfwt.config import JobConfig
+from secfwt.config import DataSection, JobConfig
 from secfwt.data.chat_tokenize import InstructionBatch, drop_too_long, format_instructions
 from secfwt.data.datasets import LabelledTexts, load_dataset
 from secfwt.data.inputs import DataOwnerInputs
@@ -30,14 +30,19 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def _data_for(cfg: JobConfig, task: DataTask) -> DataSection:
+    """The job's [data] section, which must be for ``task`` (each preparation serves one)."""
+    if cfg.data.task is not task:
+        raise ConfigError(
+            f"{cfg.source}: data.task = {cfg.data.task.value!r}, but this preparation needs "
+            f"data.task = {task.value!r}"
+        )
+    return cfg.data
+
+
 def _split(cfg: JobConfig) -> tuple[LabelledTexts, LabelledTexts, LabelledTexts]:
     """(whole dataset, few-shot training rows, held-out rows)."""
-    d = cfg.data
-    if d.task is not DataTask.CLASSIFICATION:
-        raise ConfigError(
-            f"{cfg.source}: data.task = {d.task.value!r}: labelled-text preparation needs "
-            "data.task = 'classification' (instruction pairs: prepare_instruction_batches)"
-        )
+    d = _data_for(cfg, DataTask.CLASSIFICATION)
     data = load_dataset(
         source=d.source,
         path=d.path or None,
@@ -106,12 +111,7 @@ def prepare_instruction_batches(
     truncation policy) raises here, so a runner that calls this before starting parties refuses
     the job before any party starts. The tokenizer is the model's (a vocabulary: public).
     """
-    d = cfg.data
-    if d.task is not DataTask.INSTRUCTIONS:
-        raise ConfigError(
-            f"{cfg.source}: data.task = {d.task.value!r}; instruction batches need "
-            "data.task = 'instructions'"
-        )
+    d = _data_for(cfg, DataTask.INSTRUCTIONS)
     pairs = load_instructions(
         source=d.source,
         path=d.path or None,

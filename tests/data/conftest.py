@@ -8,6 +8,7 @@ tests/conftest.py.
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,21 @@ import pytest
 from secfwt.data.datasets import LabelledTexts, load_dataset
 from secfwt.data.instructions import InstructionPairs, load_chatterbot
 from secfwt.data.tokenize import load_tokenizer
+
+
+def write_csv(tmp_path: Path, content: str, name: str = "data.csv") -> Path:
+    """``content`` as a UTF-8 file ``name`` in ``tmp_path``."""
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    return path
+
+
+def write_jsonl(tmp_path: Path, rows: list, name: str = "data.jsonl") -> Path:
+    """One line per row: a dict as JSON, a string as it is (for malformed lines)."""
+    path = tmp_path / name
+    lines = [r if isinstance(r, str) else json.dumps(r) for r in rows]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
 
 
 def packaged_minilm_dir() -> Path:

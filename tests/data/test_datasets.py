@@ -6,7 +6,6 @@ field (and, for file defects, the file and the row or line).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -19,19 +18,7 @@ from secfwt.data.datasets import (
     packaged_rotten_tomatoes_path,
 )
 from secfwt.errors import ConfigError, DataError
-
-
-def write_csv(tmp_path: Path, content: str, name: str = "data.csv") -> Path:
-    path = tmp_path / name
-    path.write_text(content, encoding="utf-8")
-    return path
-
-
-def write_jsonl(tmp_path: Path, rows: list, name: str = "data.jsonl") -> Path:
-    path = tmp_path / name
-    lines = [r if isinstance(r, str) else json.dumps(r) for r in rows]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+from tests.data.conftest import write_csv, write_jsonl
 
 
 def load(

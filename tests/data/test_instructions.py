@@ -7,7 +7,6 @@ or line and the config field, and says how to fix it.
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 
 import pytest
@@ -23,19 +22,7 @@ from secfwt.data.instructions import (
     split_by_prompt,
 )
 from secfwt.errors import ConfigError, DataError
-
-
-def write_jsonl(tmp_path: Path, rows: list, name: str = "pairs.jsonl") -> Path:
-    path = tmp_path / name
-    lines = [r if isinstance(r, str) else json.dumps(r) for r in rows]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
-
-def write_csv(tmp_path: Path, content: str, name: str = "pairs.csv") -> Path:
-    path = tmp_path / name
-    path.write_text(content, encoding="utf-8")
-    return path
+from tests.data.conftest import write_csv, write_jsonl
 
 
 def pairs(prompts: list[str], responses: list[str] | None = None) -> InstructionPairs:
@@ -159,7 +146,7 @@ def test_bad_jsonl_rows(tmp_path: Path, rows: list, pattern: str) -> None:
 def test_csv_empty_response_names_the_row(tmp_path: Path) -> None:
     path = write_csv(tmp_path, "prompt,response\nHi,Hello\nBye,\n")
     with pytest.raises(
-        DataError, match=r"pairs.csv, row 2: 'response' \(response_column\) is empty"
+        DataError, match=r"data.csv, row 2: 'response' \(response_column\) is empty"
     ):
         load_instructions(source="csv", path=path)
 

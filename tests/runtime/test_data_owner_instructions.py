@@ -86,5 +86,5 @@ def test_file_job_refuses_an_over_long_pair_unless_told_to_cut(
 
 
 def test_a_classification_job_is_refused() -> None:
-    with pytest.raises(ConfigError, match="need data.task = 'instructions'"):
+    with pytest.raises(ConfigError, match="preparation needs data.task = 'instructions'"):
         prepare_instruction_batches(job(""), tokenizer=None, model_max_positions=POSITIONS)
