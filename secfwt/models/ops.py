@@ -68,7 +68,8 @@ class Ops(abc.ABC):
         """Per-sequence mean token cross-entropy over the weighted (response) tokens, (N,):
         ``sum_t w[n,t] (logsumexp(logits[n,t]) - <onehot[n,t], logits[n,t]>) / sum_t w[n,t]``
         for logits and onehot (N, T, V), weights (N, T) (secret or public; see
-        :func:`secfwt.mpc.nonlinear.token_nll` for what public weights disclose)."""
+        :func:`secfwt.mpc.nonlinear.token_nll` for what public weights disclose). For a causal
+        LM, ``onehot[n, t]`` is the token after position t (labels shifted by one)."""
 
     def act(self, name: str, x: Tensor) -> Tensor:
         if name == "gelu":
