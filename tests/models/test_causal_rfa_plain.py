@@ -76,9 +76,7 @@ def test_output_at_t_does_not_depend_on_later_positions(chunk: int | None, t: in
     for x, y in ((q, q2), (k, k2), (v, v2)):
         y[:, :, : t + 1] = x[:, :, : t + 1]
     mask2 = torch.cat([mask[:, : t + 1], 1 - mask[:, t + 1 :]], dim=1)
-    moved = causal_rfa_attention(
-        PlainOps(), q2, k2, v2, mask2, w=w, settings=SETTINGS, chunk=chunk
-    )
+    moved = causal_rfa_attention(PlainOps(), q2, k2, v2, mask2, w=w, settings=SETTINGS, chunk=chunk)
     assert torch.equal(moved[:, :, : t + 1], base[:, :, : t + 1])
     assert float((moved[:, :, t + 1 :] - base[:, :, t + 1 :]).abs().max()) > 1e-3
 

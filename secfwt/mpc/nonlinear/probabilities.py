@@ -149,9 +149,9 @@ def _log_sum_exp_ring(s: torch.Tensor) -> torch.Tensor:
 
     Accuracy (absolute, on ``logsumexp``): each term's truncations are unbiased and its last one
     is to 2^-24, so the ~10^4 terms of a row add up to ~1e-4 of noise where 2^-16 each made 7e-4;
-    exp's fit error is 1.5e-5 relative, the log adds ~6e-5. Cost per row of n: ``n - 1`` comparisons in
-    ``ceil(log2 n)`` calls; per element exp's comparison, 4 products, a bit product and 3 squares;
-    per row ``ceil(log4 2n)`` exact comparisons and 7 products.
+    exp's fit error is 1.5e-5 relative, the log adds ~6e-5. Cost per row of n: ``n - 1``
+    comparisons in ``ceil(log2 n)`` calls; per element exp's comparison, 4 products, a bit
+    product and 3 squares; per row ``ceil(log4 2n)`` exact comparisons and 7 products.
     """
     n = s.size(-1)
     slack = math.ceil(math.log2(max(n, 2))) * CMP_RESOLUTION
