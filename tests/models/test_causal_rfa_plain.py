@@ -82,8 +82,9 @@ def test_output_at_t_does_not_depend_on_later_positions(chunk: int | None, t: in
 
 
 def test_default_chunk_and_bad_chunk() -> None:
-    assert default_causal_chunk(num_features=64, head_dim=64) == 64
-    assert default_causal_chunk(num_features=16, head_dim=8) == 16  # sqrt(144) = 12 -> 16
+    assert default_causal_chunk(num_features=64, head_dim=64, length=256) == 256  # one chunk
+    assert default_causal_chunk(num_features=64, head_dim=64, length=1024) == 64
+    assert default_causal_chunk(num_features=16, head_dim=8, length=300) == 16  # sqrt(144) -> 16
     q, k, v, mask = _inputs()
     w = rfa_projection(layer=0, head_dim=DH, settings=SETTINGS)
     with pytest.raises(ValueError, match="chunk must be a positive"):
