@@ -203,7 +203,7 @@ def token_nll(
     value is then about the loss, so the 2^-16 resolution costs nothing) and then multiplied by
     ``y``. A plain ``sum * reciprocal(W)`` would keep 1/W to only 2^-16 absolute (0.3 % at
     W = 200). Cost beyond :func:`cross_entropy`: per element 1 product (secret weights), per
-    row ``ceil(log4 2T)`` exact comparisons and 8 products (none for public weights).
+    row ``ceil(log4 2T)`` exact comparisons and 9 products (none for public weights).
     """
     nll = _share_of(cross_entropy(logits, onehot), "nll")  # (N, T)
     if nll.dim() != 2:
