@@ -63,6 +63,14 @@ class Ops(abc.ABC):
     def log_softmax_nll(self, logits: Tensor, onehot: Tensor) -> Tensor:
         """Per-example cross-entropy ``-sum(onehot * log_softmax(logits))``, shape (B,)."""
 
+    @abc.abstractmethod
+    def token_nll(self, logits: Tensor, onehot: Tensor, weights: Tensor) -> Tensor:
+        """Per-sequence mean token cross-entropy over the weighted (response) tokens, (N,):
+        ``sum_t w[n,t] (logsumexp(logits[n,t]) - <onehot[n,t], logits[n,t]>) / sum_t w[n,t]``
+        for logits and onehot (N, T, V), weights (N, T) (secret or public; see
+        :func:`secfwt.mpc.nonlinear.token_nll` for what public weights disclose). For a causal
+        LM, ``onehot[n, t]`` is the token after position t (labels shifted by one)."""
+
     def act(self, name: str, x: Tensor) -> Tensor:
         if name == "gelu":
             return self.gelu(x)
@@ -112,6 +120,14 @@ class PlainOps(Ops):
 
     def log_softmax_nll(self, logits, onehot):
         return -(torch.log_softmax(logits, dim=-1) * onehot).sum(-1)
+
+    def token_nll(self, logits, onehot, weights):
+        w = torch.as_tensor(weights, dtype=torch.float64)
+        sums = w.sum(-1)  # (N,)
+        if not bool((sums > 0).all()):
+            raise ValueError("weights: every row must count at least one token (0/0 otherwise)")
+        nll = torch.logsumexp(logits, dim=-1) - (onehot * logits).sum(-1)  # (N, T)
+        return (w * nll).sum(-1) / sums
 
 
 class SecureOps(Ops):
@@ -167,3 +183,6 @@ class SecureOps(Ops):
 
     def log_softmax_nll(self, logits, onehot):
         return self._nl.cross_entropy(logits, onehot)
+
+    def token_nll(self, logits, onehot, weights):
+        return self._nl.token_nll(logits, onehot, weights)

@@ -18,8 +18,9 @@ One module per primitive, each lower one used by those after it:
 * :mod:`.exponential`: :func:`exp` (clamped) and :func:`exp_bounded` (public bound).
 * :mod:`.activations`: :func:`gelu`, :func:`gelu_tanh`, :func:`silu`, :func:`tanh`.
 * :mod:`.inverse`: :func:`reciprocal`, :func:`inv_sqrt` (powers of four, then Newton).
+* :mod:`.logarithm`: :func:`log` (powers of four, then a Chebyshev series).
 * :mod:`.normalisation`: :func:`layer_norm`, :func:`rms_norm`.
-* :mod:`.probabilities`: :func:`softmax`, :func:`cross_entropy`.
+* :mod:`.probabilities`: :func:`softmax`, :func:`cross_entropy`, :func:`token_nll`.
 
 Measured costs (2 parties + dealer, TTP, 2 shared cores) are recorded in
 ``tests/mpc/nonlinear/test_timings.py`` next to CrypTen's own functions.
@@ -32,12 +33,15 @@ from secfwt.mpc.nonlinear.compare import CMP_RANGE, CMP_RESOLUTION, clip
 from secfwt.mpc.nonlinear.exponential import exp, exp_bounded, exp_squarings
 from secfwt.mpc.nonlinear.fixed_point import FRAC_BITS, MPCTensor
 from secfwt.mpc.nonlinear.inverse import inv_sqrt, reciprocal
+from secfwt.mpc.nonlinear.logarithm import log
 from secfwt.mpc.nonlinear.normalisation import NORM_VAR_RANGE, layer_norm, rms_norm
 from secfwt.mpc.nonlinear.probabilities import (
     SOFTMAX_MASK_OFFSET,
+    TOKEN_NLL_BOUND,
     cross_entropy,
     log_on_class_range,
     softmax,
+    token_nll,
 )
 
 __all__ = [
@@ -48,6 +52,7 @@ __all__ = [
     "NORM_VAR_RANGE",
     "SOFTMAX_MASK_OFFSET",
     "TANH_CLIP",
+    "TOKEN_NLL_BOUND",
     "clip",
     "cross_entropy",
     "exp",
@@ -57,10 +62,12 @@ __all__ = [
     "gelu_tanh",
     "inv_sqrt",
     "layer_norm",
+    "log",
     "log_on_class_range",
     "reciprocal",
     "rms_norm",
     "silu",
     "softmax",
     "tanh",
+    "token_nll",
 ]

@@ -8,6 +8,7 @@ range reduction ``e^x = (e^(x/2^k))^(2^k)`` of CrypTen's exp (Knott et al., Neur
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any
@@ -19,10 +20,33 @@ from secfwt.mpc.nonlinear.compare import _negative_words, _not, _select
 from secfwt.mpc.nonlinear.fixed_point import _ONE, MPCTensor, _divide, _fixed, _plus, _share_of
 from secfwt.mpc.nonlinear.polynomial import _chebyshev_fit, _chebyshev_series, _square
 
-_EXP_LOWER = -15.5  # below: output exactly 0 (e^-15.5 = 1.9e-7)
-_EXP_UPPER = 0.5  # softmax feeds x - max <= (comparison resolution) * log2(n) <= 0.3
-_EXP_SQUARINGS = 2  # e^x = (e^(x/4))^4
-_EXP_DEGREE = 8
+
+@dataclasses.dataclass(frozen=True)
+class _ExpRange:
+    """``e^x`` on ``[lower, upper]`` as ``(e^(x / 2^squarings))^(2^squarings)``, the inner
+    exponential a Chebyshev series of ``degree`` in ``u = (x - mid) / half`` (``half`` an
+    integer, so ``x / half`` is one truncation); exactly 0 below ``lower``."""
+
+    lower: float
+    upper: float
+    squarings: int
+    degree: int
+
+    @property
+    def half(self) -> int:
+        return round((self.upper - self.lower) / 2)
+
+    @property
+    def mid(self) -> float:
+        return (self.upper + self.lower) / 2
+
+
+#: Softmax: below -15.5 the output is exactly 0 (e^-15.5 = 1.9e-7); x - max <= (comparison
+#: resolution) * log2(n) <= 0.3 for the lengths softmax serves.
+_SOFTMAX_EXP = _ExpRange(lower=-15.5, upper=0.5, squarings=2, degree=8)
+#: Log-sum-exp over a vocabulary: terms below -23.5 (e^-23.5 = 6e-11) dropped, so V = 2^17 of
+#: them lose at most 8e-6 of a sum >= 1/2; one squaring more for the wider range.
+_WIDE_EXP = _ExpRange(lower=-23.5, upper=0.5, squarings=3, degree=8)
 
 
 def exp(x: MPCTensor) -> MPCTensor:
@@ -45,21 +69,27 @@ def exp(x: MPCTensor) -> MPCTensor:
     return _fixed(_exp_ring(s))
 
 
-def _exp_ring(s: torch.Tensor) -> torch.Tensor:
-    """:func:`exp` on shares with 16 fractional bits."""
-    below = _negative_words(_plus(s, round(-_EXP_LOWER * _ONE)))  # [x < -15.5]
-    u = _plus(_divide(s, 8), round(0.9375 * _ONE))  # x/8 + 15/16, in [-1, 1] on the fitted range
-    y = _chebyshev_series(u, _exp_coefficients())  # e^(x/4)
+def _exp_ring(
+    s: torch.Tensor, fit: _ExpRange = _SOFTMAX_EXP, *, extra_bits: int = 0
+) -> torch.Tensor:
+    """:func:`exp` on shares with 16 fractional bits (``fit``: the range and its series); the
+    result keeps ``16 + extra_bits`` (the last square is truncated by ``2^(16 - extra_bits)``),
+    for sums of many small terms whose 2^-16 roundings would add up."""
+    below = _negative_words(_plus(s, round(-fit.lower * _ONE)))  # [x < lower]
+    u = _plus(_divide(s, fit.half), round(-fit.mid / fit.half * _ONE))  # [-1, 1] on the range
+    y = _chebyshev_series(u, _exp_coefficients(fit))  # e^(x / 2^squarings)
     y = _select(_not(below), y)  # exact 0 below the range (garbage there times an integer 0)
-    for _ in range(_EXP_SQUARINGS):
-        y = _divide(_square(y), _ONE)
+    for i in range(fit.squarings):
+        last = i == fit.squarings - 1
+        y = _divide(_square(y), _ONE >> extra_bits if last else _ONE)
     return y
 
 
 @functools.cache
-def _exp_coefficients() -> tuple[float, ...]:
-    # u = x/8 + 15/16 maps [-15.5, 0.5] onto [-1, 1]; fit e^(x/4) = e^(2u - 15/8).
-    return _chebyshev_fit(lambda u: np.exp(2.0 * u - 1.875), _EXP_DEGREE)
+def _exp_coefficients(fit: _ExpRange = _SOFTMAX_EXP) -> tuple[float, ...]:
+    # u = (x - mid) / half maps [lower, upper] onto [-1, 1]; fit e^(x / 2^squarings).
+    scale = 2.0**fit.squarings
+    return _chebyshev_fit(lambda u: np.exp((fit.half * u + fit.mid) / scale), fit.degree)
 
 
 #: Taylor degree for exp on [-1/2, 1/2]: truncation error 0.5^7/7! < 1.6e-6 relative.

@@ -4,21 +4,21 @@ CrypTen's ``softmax`` breaks from sequence length ~256 or with a -1e4 additive m
 garbage below -256 and its reciprocal above ~300. :func:`softmax` subtracts the row max
 (a comparison tree), uses the clamped :func:`~.exponential.exp` and inverts the row sum by
 :mod:`.inverse`'s normalise-then-Newton method. :func:`cross_entropy` is the log-sum-exp form
-of the loss with a Chebyshev log on the sum's known range ``[1, C]``.
+of the loss with the same max and exp and the range-reduced :func:`~.logarithm.log` of the sum,
+accurate over whole vocabularies; :func:`token_nll` averages it over a sequence's response
+tokens (the instruction-tuning loss).
 """
 
 from __future__ import annotations
 
-import functools
-from typing import Any
+import math
 
-import numpy as np
 import torch
 
 from secfwt.errors import FixedPointRangeError
 from secfwt.mpc import beaver
-from secfwt.mpc.nonlinear.compare import _max_last_dim
-from secfwt.mpc.nonlinear.exponential import _exp_ring, exp
+from secfwt.mpc.nonlinear.compare import CMP_RESOLUTION, _max_last_dim
+from secfwt.mpc.nonlinear.exponential import _WIDE_EXP, _exp_ring
 from secfwt.mpc.nonlinear.fixed_point import (
     _MPC,
     _ONE,
@@ -32,7 +32,7 @@ from secfwt.mpc.nonlinear.fixed_point import (
     _share_of,
 )
 from secfwt.mpc.nonlinear.inverse import _reciprocal_parts, _scale_by_pow2
-from secfwt.mpc.nonlinear.polynomial import _clenshaw
+from secfwt.mpc.nonlinear.logarithm import _log_ring, log
 
 #: Offset subtracted from masked scores before the max (public; keeps them from being the max).
 SOFTMAX_MASK_OFFSET = 4096
@@ -109,42 +109,125 @@ def _mask_parts(
     return mask.to(torch.long).expand(*shape).transpose(dim, -1), None
 
 
-#: Target accuracy of the Chebyshev fit of log on [1, C] (well below the 2^-16 resolution).
-_LOG_FIT_TOL = 2e-7
-_LOG_MAX_DEGREE = 40
+#: Bound on a per-token loss ``logsumexp(z) - z_y`` that :func:`token_nll` supports (for logits
+#: in [-30, 40] and V = 2^16 at most it is below 70 + log V < 82).
+TOKEN_NLL_BOUND = 128.0
 
 
-def cross_entropy(logits: Any, onehot: Any) -> Any:
-    """Per-example -log softmax(logits)[y] = m + log(sum exp(z - m)) - z_y, m = max over classes.
+#: Extra fractional bits of the exponentials summed in a log-sum-exp: the sum of n terms is then
+#: truncated once, from below n 2^40 (a failure probability n 2^-24 per row, 2^-8 of it for the
+#: rows real language models give, whose sums stay below ~16).
+_SUM_EXTRA_BITS = 8
 
-    The max is a tree of C - 1 comparisons per row; exp(z - m) <= 1 uses secfwt's range-safe
-    exp; the sum lies in [1, C] where the Chebyshev log above is accurate to the fixed point.
+
+def cross_entropy(logits: MPCTensor, onehot: MPCTensor | torch.Tensor) -> MPCTensor:
+    """Cross-entropy over the last dim, ``logsumexp(z) - <onehot, z>``: (..., C) -> (...).
+
+    ``onehot`` is secret (shares of 0/1, scale 1 or 2^16) or public (a 0/1 tensor). Range-safe for
+    any number of classes up to 2^17 (vocabularies included): :func:`_log_sum_exp_ring`.
+    Accuracy: see :func:`_log_sum_exp_ring`; the target logit is exact (one product per element
+    left untruncated until the row sum).
     """
-    c = logits.shape[-1]
-    m = logits.max(dim=-1, keepdim=True)[0]  # CrypTen returns (max, one-hot argmax) with dim
-    e = exp(logits - m).sum(-1)  # (B,) in [1, C]
-    return log_on_class_range(e, c) + m.squeeze(-1) - (logits * onehot).sum(-1)
+    s = _share_of(logits, "logits")
+    return _fixed(_log_sum_exp_ring(s) - _target_logit(s, onehot))
 
 
-def log_on_class_range(s: Any, num_classes: int) -> Any:
-    """log(s) for s in [1, num_classes] (the sum of exp(z - max z) over classes)."""
-    c = float(max(num_classes, 2))
-    t = (s * 2.0 - (c + 1)) * (1.0 / (c - 1))
-    return _clenshaw(t, _log_chebyshev(int(c)))
+def _log_sum_exp_ring(s: torch.Tensor) -> torch.Tensor:
+    """``logsumexp`` over the last dim, ``m' + log(sum_j exp(z_j - m'))``, on shares.
 
+    ``m`` is the comparison tree's row max (:func:`.compare._max_last_dim`), within
+    ``ceil(log2 n) * CMP_RESOLUTION`` (0.5 for n = 49,152) below the true max; ``m'`` adds that
+    public slack so that every ``z - m' <= 0`` is in :func:`.exponential.exp`'s range and the
+    sum lies in ``[e^-slack, n]``. The identity ``logsumexp(z) = m' + log sum exp(z - m')``
+    holds for any ``m'``, so neither the tree's error nor the slack enters the result. The sum's
+    log is :func:`.logarithm.log` on ``[1/2, n]`` (powers of four, then a Chebyshev series).
+    Max-subtracted log-sum-exp with a bounded exp is PUMA's softmax recipe (Dong et al.,
+    arXiv:2307.12533, 2023), here with the exp's clamp lowered from softmax's -15.5 to -23.5:
+    at -15.5 the dropped tail was up to 1.5e-3 of the sum on logits shaped like
+    SmolLM2-135M-Instruct's (6.5e-4 measured on its own logits); at -23.5 it is below
+    ``n e^-23 = 5e-6``.
 
-@functools.cache
-def _log_chebyshev(num_classes: int) -> tuple[float, ...]:
-    """Chebyshev coefficients of log(s) for s in [1, C], in t = (2s - C - 1) / (C - 1) in [-1, 1].
-
-    log is analytic on [1, C], so the series converges geometrically; the degree is the
-    smallest that meets _LOG_FIT_TOL on a dense grid (e.g. 11 for C = 2).
+    Accuracy (absolute, on ``logsumexp``): each term's truncations are unbiased and its last one
+    is to 2^-24, so the ~10^4 terms of a row add up to ~1e-4 of noise where 2^-16 each made 7e-4;
+    exp's fit error is 1.5e-5 relative, the log adds ~6e-5. Cost per row of n: ``n - 1``
+    comparisons in ``ceil(log2 n)`` calls; per element exp's comparison, 4 products, a bit
+    product and 3 squares; per row ``ceil(log4 2n)`` exact comparisons and 7 products.
     """
-    c = float(num_classes)
-    t = np.cos(np.linspace(0, np.pi, 4001))
-    s = ((c - 1) * t + c + 1) / 2
-    for deg in range(4, _LOG_MAX_DEGREE + 1):
-        coef = np.polynomial.chebyshev.chebfit(t, np.log(s), deg)
-        if np.abs(np.polynomial.chebyshev.chebval(t, coef) - np.log(s)).max() < _LOG_FIT_TOL:
-            return tuple(float(a) for a in coef)
-    return tuple(float(a) for a in coef)
+    n = s.size(-1)
+    slack = math.ceil(math.log2(max(n, 2))) * CMP_RESOLUTION
+    m = _plus(_max_last_dim(s), round(slack * _ONE))  # (..., 1)
+    # terms kept to 2^-24 until the row sum (each term's rounding is then 1/256 of a 2^-16 unit)
+    terms = _exp_ring(s - m, _WIDE_EXP, extra_bits=_SUM_EXTRA_BITS)  # (..., n)
+    total = _divide(terms.sum(-1), 1 << _SUM_EXTRA_BITS)  # (...,) in [e^-slack, n]
+    return _log_ring(total, lo=0.5, hi=max(2.0, float(n))) + m.squeeze(-1)
+
+
+def _target_logit(s: torch.Tensor, onehot: MPCTensor | torch.Tensor) -> torch.Tensor:
+    """Shares of ``<onehot, z>`` over the last dim (16 fractional bits)."""
+    if isinstance(onehot, _MPC):
+        scale = onehot.encoder.scale
+        if scale not in (1, _ONE) or tuple(onehot.size()) != tuple(s.size()):
+            raise ValueError(
+                f"onehot must be shares of 0/1 with scale 1 or 2^{FRAC_BITS} and the logits' "
+                f"shape {tuple(s.size())}; got scale {scale}, shape {tuple(onehot.size())}"
+            )
+        return _divide(_mul(s, onehot.share).sum(-1), scale)  # one truncation per row
+    if not torch.is_tensor(onehot) or tuple(onehot.shape) != tuple(s.size()):
+        raise ValueError(f"onehot must be a tensor of the logits' shape {tuple(s.size())}")
+    if not bool(((onehot == 0) | (onehot == 1)).all()):
+        raise ValueError("a public onehot must contain only 0 and 1")
+    return (s * onehot.to(torch.long)).sum(-1)
+
+
+def log_on_class_range(s: MPCTensor, num_classes: int) -> MPCTensor:
+    """log(s) for s in [1, num_classes] (the sum of exp(z - max z) over classes): :func:`log`."""
+    return log(s, lo=0.5, hi=max(2.0, float(num_classes)))
+
+
+def token_nll(
+    logits: MPCTensor, onehot: MPCTensor | torch.Tensor, weights: MPCTensor | torch.Tensor
+) -> MPCTensor:
+    """Per-sequence weighted mean of token cross-entropies: (N, T, V), (N, T, V), (N, T) -> (N,).
+
+    ``loss[n] = sum_t w[n,t] (logsumexp(z[n,t]) - <onehot[n,t], z[n,t]>) / sum_t w[n,t]``, the
+    instruction-tuning loss with ``w`` the response mask (1 = response token). ``weights`` may
+    be secret (shares; what a response mask reveals, each sequence's prompt and response
+    lengths, stays hidden) with values in [0, 1] and row sums in [1, T], or public (a tensor of
+    non-negative weights, every row summing to more than 0; it then discloses those lengths to
+    both parties, which the job's terms must say). Each token's loss must stay below
+    ``TOKEN_NLL_BOUND``.
+
+    The division keeps full precision: ``1/W = y 2^-E`` with ``y in [1, 4)`` (secret ``W``:
+    :func:`.inverse.reciprocal`'s normalise-then-Newton parts; public ``W``: computed locally),
+    the weighted sum is first scaled by ``2^-E`` (one product by a small secret integer; its
+    value is then about the loss, so the 2^-16 resolution costs nothing) and then multiplied by
+    ``y``. A plain ``sum * reciprocal(W)`` would keep 1/W to only 2^-16 absolute (0.3 % at
+    W = 200). Cost beyond :func:`cross_entropy`: per element 1 product (secret weights), per
+    row ``ceil(log4 2T)`` exact comparisons and 9 products (none for public weights).
+    """
+    nll = _share_of(cross_entropy(logits, onehot), "nll")  # (N, T)
+    if nll.dim() != 2:
+        raise ValueError(f"logits must be (N, T, V), got {tuple(logits.size())}")
+    n, t = nll.shape
+    if isinstance(weights, _MPC):
+        if tuple(weights.size()) != (n, t) or weights.encoder.scale != _ONE:
+            raise ValueError(f"secret weights must be ({n}, {t}) with 16 fractional bits")
+        w = weights.share
+        total = _divide(_mul(nll, w).sum(-1), _ONE)  # (N,) sum_t w nll
+        y, where = _reciprocal_parts(w.sum(-1), frac_bits=FRAC_BITS, lo=0.5, hi=max(2.0, 2.0 * t))
+        out_bits = math.ceil(math.log2(TOKEN_NLL_BOUND))
+        q = _scale_by_pow2(total, where.onehot, [-e for e in where.exps], out_bits=out_bits)
+        return _fixed(_divide(_mul(q, y), _ONE))
+    w_pub = torch.as_tensor(weights, dtype=torch.float64)
+    if tuple(w_pub.shape) != (n, t) or not bool((w_pub >= 0).all()):
+        raise ValueError(f"public weights must be ({n}, {t}) and non-negative")
+    sums = w_pub.sum(-1)
+    if not bool((sums > 0).all()):
+        empty = [int(i) for i in torch.nonzero(sums <= 0).flatten()]
+        raise ValueError(f"weights: rows {empty} count no token (the loss would be 0/0)")
+    w_fixed = torch.round(w_pub * _ONE).to(torch.long)  # public weights to 2^-16
+    total = _divide((nll * w_fixed).sum(-1), _ONE)
+    exps = torch.ceil(torch.log2(sums)).clamp(min=0)  # 2^E >= W
+    y = torch.round(torch.exp2(exps) / sums * _ONE).to(torch.long)  # 2^E / W in [1, 2)
+    q = total.div(torch.exp2(exps).to(torch.long), rounding_mode="trunc")
+    return _fixed(_divide(q * y, _ONE))
