@@ -15,7 +15,7 @@ from secfwt.server.config import PartyConfig
 from secfwt.server.errors import MessageTooLargeError, NotAuthorizedError, VersionMismatchError
 from secfwt.server.protocol import (
     MAX_CAPABILITIES,
-    MAX_SHORT_CHARS,
+    MAX_SHORT_BYTES,
     PROTOCOL_VERSION,
     PeerInfo,
     check_text,
@@ -76,13 +76,13 @@ class Access:
         )
 
     def hello(self, caller: Identity, theirs: PeerInfo) -> PeerInfo:
-        check_text(theirs.software_version, field="software_version", limit=MAX_SHORT_CHARS)
+        check_text(theirs.software_version, field="software_version", limit=MAX_SHORT_BYTES)
         if len(theirs.capabilities) > MAX_CAPABILITIES:
             raise MessageTooLargeError(
                 f"capabilities: {len(theirs.capabilities)} entries, the limit is {MAX_CAPABILITIES}"
             )
         for c in theirs.capabilities:
-            check_text(c, field="capability", limit=MAX_SHORT_CHARS)
+            check_text(c, field="capability", limit=MAX_SHORT_BYTES)
         check_version(theirs.protocol_version)
         if theirs.identity is not None and theirs.identity != caller:
             raise NotAuthorizedError(

@@ -282,14 +282,10 @@ def cmd_job_submit(args: argparse.Namespace) -> int:
     is an operator, start when every party accepted."""
     from secfwt.errors import SecfwtError
     from secfwt.server.errors import NotAuthorizedError, VersionMismatchError
-    from secfwt.server.jobfile import parse_job_text
+    from secfwt.server.jobfile import read_job_file
     from secfwt.server.protocol import PROTOCOL_VERSION, Commitments, Proposal
 
-    path = Path(args.job)
-    if not path.is_file():
-        raise ConfigError(f"job file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    job = parse_job_text(text, where=str(path))
+    text, job = read_job_file(Path(args.job))
     cfg = _client_config(args)
     clients = {addr: _client(cfg, addr) for addr in _targets(args, cfg)}
     report: dict[str, Any] = {"parties": {}}

@@ -39,13 +39,13 @@ the file's folder. A ``party.toml``::
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from pathlib import Path
 from typing import Any
 
 from secfwt.config import _build
 from secfwt.data.datasets import DataSource
 from secfwt.errors import ConfigError
+from secfwt.overrides import loads_toml, read_toml_text
 from secfwt.pki.identity import Identity, IdentityRole, check_party_id
 from secfwt.roles import Role
 
@@ -196,12 +196,7 @@ _PARTY_LISTS: dict[str, type] = {"peers": PeerEntry, "operators": OperatorEntry}
 
 
 def _read_toml(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"{what} {path} does not exist")
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    return loads_toml(read_toml_text(path, what=what), where=str(path))
 
 
 def _tables(

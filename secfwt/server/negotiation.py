@@ -40,7 +40,7 @@ from secfwt.server.jobfile import parse_job_text
 from secfwt.server.journal import JobJournal
 from secfwt.server.logs import fields
 from secfwt.server.protocol import (
-    MAX_REASON_CHARS,
+    MAX_REASON_BYTES,
     MAX_TERMS,
     Commitments,
     JobRecord,
@@ -218,7 +218,7 @@ class Negotiation:
         return rec
 
     def refuse(self, caller: Identity, job_id: str, reason: str) -> JobRecord:
-        check_text(reason, field="reason", limit=MAX_REASON_CHARS)
+        check_text(reason, field="reason", limit=MAX_REASON_BYTES)
         j = self.journal
         with j.cond:
             rec = j.get(job_id)

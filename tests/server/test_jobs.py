@@ -38,10 +38,13 @@ def _daemon(
     runner=None,
     peers=None,
     listen="127.0.0.1:0",
+    **sections,
 ) -> PartyDaemon:  # noqa: ANN001
     peers = peers or {r: PLACEHOLDER for r in IDS if r != role}
     d = PartyDaemon(
-        dep.party_config(role, listen=listen, peers=peers, state=str(tmp / IDS[role])),
+        dep.party_config(
+            role, listen=listen, peers=peers, state=str(tmp / IDS[role]), **sections
+        ),
         runner=runner or EchoRunner(),
     )
     d.start()

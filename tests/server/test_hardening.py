@@ -1,0 +1,269 @@
+"""What an adversarial probe of the daemons found, reproduced over real daemons and sockets.
+
+Each test sends what the probe sent (mutual TLS, pinned or pinned-but-unprivileged callers) and
+checks the refusal, its gRPC status, the daemon's log growth and that the daemon keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import grpc
+import pytest
+
+from secfwt.cli import main
+from secfwt.pki import certs
+from secfwt.pki.identity import Identity, IdentityRole
+from secfwt.server.client import Credentials, PartyClient
+from secfwt.server.convert import proposal_to_pb
+from secfwt.server.logs import JsonFormatter
+from secfwt.v1 import party_pb2 as pb
+from tests.server.conftest import IDS, Deployment, free_port
+from tests.server.runners import BlockingRunner
+from tests.server.test_jobs import _daemon, _proposal, _tls_flags, _wait_state
+
+#: A job file nested 1,000 deep: 2 KB that made tomllib recurse until RecursionError.
+NESTED_TOML = "x = " + "[" * 1000 + "]" * 1000 + "\n"
+#: What one refused call may add to the daemon's log, whatever it carried (one line with a
+#: clipped reason: see secfwt.server.logs).
+LOG_BYTES_PER_REFUSAL = 4096
+
+
+@pytest.fixture
+def daemon_log(tmp_path: Path) -> Iterator[Path]:
+    """The in-process daemons' log as ``secfwt party`` writes it (JSON lines, INFO and up)."""
+    path = tmp_path / "daemon.log"
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        yield path
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        handler.close()
+
+
+def _raw(client: PartyClient, method: str, msg) -> grpc.RpcError:  # noqa: ANN001
+    """Call ``method`` with ``msg`` and return the error it must fail with."""
+    with pytest.raises(grpc.RpcError) as err:
+        client.channel.unary_unary(f"/secfwt.v1.PartyService/{method}")(
+            msg.SerializeToString(), timeout=10
+        )
+    return err.value
+
+
+def _healthy(dep: Deployment, address: str) -> None:
+    with dep.client(address) as c:
+        assert c.health() == "SERVING"
+
+
+def test_deeply_nested_job_toml_is_refused_in_one_line(
+    deployment: Deployment,
+    tmp_path: Path,
+    daemons: list,
+    daemon_log: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Propose and GetCommitment at either owner: INVALID_ARGUMENT naming the nesting, one short
+    log line per call (it was INTERNAL and a ~200 KB traceback); the CLI exits 2, no traceback."""
+    mo = _daemon(deployment, "model_owner", tmp_path, daemons)
+    do = _daemon(deployment, "data_owner", tmp_path, daemons)
+    good = _proposal(deployment, "nest-ok", mo=mo, do=do)
+    nested_proposal = pb.ProposeRequest(
+        proposal=proposal_to_pb(replace(good, job_id="nest-1", job_toml=NESTED_TOML))
+    )
+    nested_commitment = pb.GetCommitmentRequest(job_toml=NESTED_TOML)
+    for d in (mo, do):
+        with deployment.client(d.address) as c:
+            for method, msg in (("GetCommitment", nested_commitment), ("Propose", nested_proposal)):
+                before = daemon_log.stat().st_size
+                err = _raw(c, method, msg)
+                grown = daemon_log.stat().st_size - before
+                assert err.code() is grpc.StatusCode.INVALID_ARGUMENT, (method, err.details())
+                assert "nested too deeply" in err.details() and "\n" not in err.details()
+                assert grown <= LOG_BYTES_PER_REFUSAL, (method, grown)
+        _healthy(deployment, d.address)
+    nested = tmp_path / "nested.toml"
+    nested.write_text(NESTED_TOML)
+    capsys.readouterr()
+    code = main(["job", "submit", str(nested), "--to", mo.address, *_tls_flags(deployment)])
+    err = capsys.readouterr().err
+    assert code == 2 and "nested too deeply" in err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+
+
+def test_identifiers_and_digests_with_a_trailing_newline_are_refused(
+    deployment: Deployment, tmp_path: Path, daemons: list
+) -> None:
+    """``re.match`` with ``$`` let "baseline-1\\n" through as a second job; every identifier and
+    digest a request carries is now matched in full."""
+    mo = _daemon(deployment, "model_owner", tmp_path, daemons)
+    do = _daemon(deployment, "data_owner", tmp_path, daemons)
+    p = _proposal(deployment, "baseline-1", mo=mo, do=do)
+    model = p.commitments.model
+    with deployment.client(mo.address) as c:
+        c.propose(p)
+        hostile = {
+            "job id": replace(p, job_id="baseline-1\n"),
+            "terms digest": replace(p, job_id="nl-terms", terms_digest=p.terms_digest + "\n"),
+            "weights digest": replace(
+                p,
+                job_id="nl-weights",
+                commitments=replace(
+                    p.commitments, model=replace(model, weights_sha256=model.weights_sha256 + "\n")
+                ),
+            ),
+        }
+        msgs = {what: proposal_to_pb(q) for what, q in hostile.items()}
+        msgs["participant"] = proposal_to_pb(replace(p, job_id="nl-participant"))
+        msgs["participant"].participants[0].party_id += "\n"
+        for what, msg in msgs.items():
+            err = _raw(c, "Propose", pb.ProposeRequest(proposal=msg))
+            assert err.code() is grpc.StatusCode.INVALID_ARGUMENT, (what, err.details())
+        for method, msg in (
+            ("Status", pb.StatusRequest(job_id="baseline-1\n")),
+            ("Accept", pb.AcceptRequest(job_id="baseline-1\n", terms_digest=p.terms_digest)),
+            (
+                "Hello",
+                pb.HelloRequest(
+                    protocol_version=1,
+                    identity=pb.Identity(role=pb.ROLE_OPERATOR, party_id="alice\n"),
+                ),
+            ),
+        ):
+            err = _raw(c, method, msg)
+            assert err.code() is grpc.StatusCode.INVALID_ARGUMENT, (method, err.details())
+    jobs = sorted(d.name for d in (tmp_path / IDS["model_owner"] / "jobs").iterdir())
+    assert jobs == ["baseline-1"], jobs
+    _healthy(deployment, mo.address)
+
+
+def test_the_job_file_limit_counts_utf8_bytes(
+    deployment: Deployment, tmp_path: Path, daemons: list
+) -> None:
+    """3,000 three-byte characters are 9,000 bytes: over an 8,000-byte limit although under
+    8,000 characters."""
+    d = _daemon(
+        deployment,
+        "model_owner",
+        tmp_path,
+        daemons,
+        limits={"max_message_bytes": 64_000, "max_job_toml_bytes": 8_000},
+    )
+    text = deployment.job_file.read_text() + "# " + "\u20ac" * 3000 + "\n"
+    assert len(text) < 8_000 < len(text.encode())
+    with deployment.client(d.address) as c:
+        err = _raw(c, "GetCommitment", pb.GetCommitmentRequest(job_toml=text))
+    assert err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED, err.details()
+    assert f"job_toml: {len(text.encode())} bytes (UTF-8), the limit is 8000" in err.details()
+    _healthy(deployment, d.address)
+
+
+def _operator(dep: Deployment, name: str) -> Credentials:
+    """An operator certificate from the deployment CA (issued once per deployment)."""
+    out = dep.root / "certs" / name
+    if not out.is_dir():
+        certs.issue(
+            ca_dir=dep.ca_dir, role=IdentityRole.OPERATOR, party_id=name, hosts=[], out=out, days=30
+        )
+    return Credentials(
+        identity=Identity(IdentityRole.OPERATOR, name),
+        cert_pem=(out / f"{name}.crt").read_bytes(),
+        key_pem=(out / f"{name}.key").read_bytes(),
+        ca_pem=(out / "ca.crt").read_bytes(),
+    )
+
+
+def test_a_cancellation_is_a_veto(
+    deployment: Deployment, tmp_path: Path, daemons: list, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The model owner's operator cancels: neither another party's operator (pinned there with
+    accept = false) nor a peer daemon can resume it there, and no other party resumes it while
+    the model owner's cancel stands; the model owner's own operator can."""
+    addr = {r: f"127.0.0.1:{free_port()}" for r in IDS}
+    runners = {r: BlockingRunner() for r in IDS}
+    bob = _operator(deployment, "bob")  # the data owner's operator; accept = false at the others
+    for role in IDS:
+        ops = [{"id": "alice"}, {"id": "bob", "accept": role == "data_owner"}]
+        _daemon(
+            deployment,
+            role,
+            tmp_path,
+            daemons,
+            runner=runners[role],
+            listen=addr[role],
+            peers={r: a for r, a in addr.items() if r != role},
+            operators=ops,
+        )
+    to = [x for a in addr.values() for x in ("--to", a)]
+    submit = ["job", "submit", str(deployment.job_file), "--id", "veto-1", *to]
+    assert main([*submit, *_tls_flags(deployment)]) == 0
+    for r in IDS:
+        assert runners[r].started.wait(15), r
+    cancel = ["job", "cancel", "veto-1", "--to", addr["model_owner"], *_tls_flags(deployment)]
+    assert main(cancel) == 0
+    for r in IDS:
+        _wait_state(deployment, addr[r], "veto-1", pb.JOB_STATE_CANCELLED)
+    for r in IDS:
+        runners[r].started.clear()
+    capsys.readouterr()
+    # bob (accept = false at the model owner) and the dealer's daemon certificate: refused there.
+    with PartyClient(addr["model_owner"], bob) as c:
+        err = _raw(c, "Resume", pb.ResumeRequest(job_id="veto-1"))
+        assert err.code() is grpc.StatusCode.PERMISSION_DENIED, err.details()
+    with deployment.client(addr["model_owner"], "dealer") as c:
+        err = _raw(c, "Resume", pb.ResumeRequest(job_id="veto-1"))
+        assert err.code() is grpc.StatusCode.PERMISSION_DENIED, err.details()
+    # bob at his own party: refused while the model owner's operator's cancel stands.
+    with PartyClient(addr["data_owner"], bob) as c:
+        err = _raw(c, "Resume", pb.ResumeRequest(job_id="veto-1"))
+        assert err.code() is grpc.StatusCode.FAILED_PRECONDITION, err.details()
+        assert "model_owner/vendor's operator operator/alice cancelled it" in err.details()
+    time.sleep(0.5)
+    assert not any(runners[r].started.is_set() for r in IDS)
+    for r in IDS:
+        assert _wait_state(deployment, addr[r], "veto-1", pb.JOB_STATE_CANCELLED).attempts == 1
+    # The model owner's own operator lifts its veto; then the others resume too.
+    resume = ["job", "resume", "veto-1", *_tls_flags(deployment)]
+    assert main([*resume, "--to", addr["model_owner"]]) == 0
+    assert runners["model_owner"].started.wait(15)
+    assert main([*resume, "--to", addr["data_owner"], "--to", addr["dealer"]]) == 0
+    for r in ("data_owner", "dealer"):
+        assert runners[r].started.wait(15), r
+
+
+def test_every_identifier_and_digest_check_refuses_a_trailing_newline(tmp_path: Path) -> None:
+    """The validators behind the daemons, the certificates and the checkpoints, each with the
+    value it accepts and the same value followed by a newline."""
+    from secfwt.errors import ConfigError
+    from secfwt.pki.identity import check_party_id
+    from secfwt.roles import Role
+    from secfwt.runtime.checkpoint import PartyCheckpoints
+    from secfwt.server.errors import InvalidRequestError
+    from secfwt.server.protocol import check_job_id, check_sha256
+
+    checks = (
+        (check_job_id, "baseline-1", InvalidRequestError),
+        (lambda v: check_sha256(v, field="terms_digest"), "ab" * 32, InvalidRequestError),
+        (check_party_id, "hospital-a", ConfigError),
+        (Identity.parse_uri, "secfwt://operator/alice", ConfigError),
+    )
+    for check, good, error in checks:
+        check(good)
+        with pytest.raises(error):
+            check(good + "\n")
+    with pytest.raises(ConfigError, match="unknown role"):
+        Identity.parse_uri("secfwt://operator\n/alice")
+    store = PartyCheckpoints(
+        tmp_path / "ckpt", role=Role.DATA_OWNER, job_digest="a" * 64, terms_digest="t"
+    )
+    (store.folder / "step-00000009.pt\n").write_bytes(b"not a checkpoint")
+    assert store.available() == []  # not a step file: never read
