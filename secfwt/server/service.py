@@ -219,7 +219,11 @@ def guarded_handlers(servicer: PartyServicer) -> dict[str, grpc.RpcMethodHandler
             "rpc refused",
             extra=fields(method=method, peer=context.peer(), code=code.name, reason=reason),
         )
-        context.abort(code, clip_utf8(reason, MAX_DETAIL_BYTES))
+        details = clip_utf8(reason, MAX_DETAIL_BYTES - 48)
+        if details != reason:
+            cut = len(reason.encode("utf-8", "surrogatepass")) - len(details.encode("utf-8"))
+            details += f" ... [{cut} more bytes clipped]"
+        context.abort(code, details)
 
     def wrap(method: str, h: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         if h.unary_unary is not None:

@@ -87,9 +87,9 @@ def test_deeply_nested_job_toml_is_refused_in_one_line(
                 before = daemon_log.stat().st_size
                 err = _raw(c, method, msg)
                 grown = daemon_log.stat().st_size - before
+                assert grown <= LOG_BYTES_PER_REFUSAL, (method, grown)
                 assert err.code() is grpc.StatusCode.INVALID_ARGUMENT, (method, err.details())
                 assert "nested too deeply" in err.details() and "\n" not in err.details()
-                assert grown <= LOG_BYTES_PER_REFUSAL, (method, grown)
         _healthy(deployment, d.address)
     nested = tmp_path / "nested.toml"
     nested.write_text(NESTED_TOML)
@@ -98,6 +98,27 @@ def test_deeply_nested_job_toml_is_refused_in_one_line(
     err = capsys.readouterr().err
     assert code == 2 and "nested too deeply" in err
     assert "Traceback" not in err and err.count("\n") == 1, err
+
+
+def test_a_refusal_quoting_a_huge_value_is_clipped(
+    deployment: Deployment, tmp_path: Path, daemons: list, daemon_log: Path
+) -> None:
+    """A job file whose error quotes a 60 KB value: the caller gets a clipped one-line reason (it
+    got "Stream removed": the status header exceeded gRPC's 16 KiB hard limit) and the log one
+    short line (it got the whole value, escaped: 180 KB for 60 KB of emoji)."""
+    d = _daemon(deployment, "model_owner", tmp_path, daemons)
+    with deployment.client(d.address) as c:
+        for filler in ("A" * 60_000, "\U0001f600" * 15_000):
+            before = daemon_log.stat().st_size
+            err = _raw(
+                c, "GetCommitment", pb.GetCommitmentRequest(job_toml=f'[job]\nname = ["{filler}"]')
+            )
+            assert daemon_log.stat().st_size - before <= LOG_BYTES_PER_REFUSAL
+            assert err.code() is grpc.StatusCode.INVALID_ARGUMENT, err.details()
+            assert err.details().startswith("job file: [job] name: expected a string, got")
+            assert err.details().endswith("more bytes clipped]")
+            assert len(err.details().encode()) <= 1024
+    _healthy(deployment, d.address)
 
 
 def test_identifiers_and_digests_with_a_trailing_newline_are_refused(
