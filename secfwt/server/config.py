@@ -30,8 +30,10 @@ the file's folder. A ``party.toml``::
     id = "alice"                   # unless accept = false
                                    # (then: propose, start, watch, cancel only)
 
-    [limits]                       # max_message_bytes, max_job_toml_bytes, queue_size, ...
-    [jobs]                         # heartbeat_timeout_s, checkpoint_every_steps, ...
+    [limits]                       # max_message_bytes, max_job_toml_bytes, queue_size,
+                                   # max_proposals_per_caller, ...
+    [jobs]                         # heartbeat_timeout_s, checkpoint_every_steps, proposal_ttl_s,
+                                   # ...
     [data]                         # data owner only: what it holds (source, path, columns, labels)
     [model]                        # model owner only: path of the checkpoint it holds
 """
@@ -122,6 +124,9 @@ class LimitsSection:
     worker_threads: int = 16  # threads serving calls
     # concurrent progress streams; kept below worker_threads so unary calls always get a thread
     max_streams: int = 8
+    # jobs one caller proposed here that this party never accepted (proposed, refused, cancelled
+    # before acceptance); beyond, Propose is refused (see secfwt.server.retention)
+    max_proposals_per_caller: int = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +139,8 @@ class JobsSection:
     shutdown_grace_s: float = (
         10.0  # SIGTERM: calls in flight get this long, then the running job is cancelled
     )
+    # a job this party never accepted is removed this long after its last change (7 days)
+    proposal_ttl_s: float = 7 * 24 * 3600.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,6 +298,7 @@ def parse_party_config(raw: dict[str, Any], *, where: str, base: Path) -> PartyC
         "max_concurrent_rpcs",
         "worker_threads",
         "max_streams",
+        "max_proposals_per_caller",
     ):
         if getattr(limits, name) <= 0:
             raise ConfigError(f"{where}: limits.{name} = {getattr(limits, name)}: must be > 0")
@@ -305,10 +313,15 @@ def parse_party_config(raw: dict[str, Any], *, where: str, base: Path) -> PartyC
             "least 4096 (a proposal carries the job file)"
         )
     jobs: JobsSection = t.get("jobs", JobsSection())
-    for name in ("heartbeat_timeout_s", "checkpoint_every_steps", "peer_timeout_s"):
-        if getattr(jobs, name) <= 0:
+    for name in (
+        "heartbeat_timeout_s",
+        "checkpoint_every_steps",
+        "peer_timeout_s",
+        "proposal_ttl_s",
+    ):
+        if not getattr(jobs, name) > 0:  # NaN too
             raise ConfigError(f"{where}: jobs.{name} = {getattr(jobs, name)}: must be > 0")
-    if jobs.shutdown_grace_s < 0:
+    if not jobs.shutdown_grace_s >= 0:
         raise ConfigError(f"{where}: jobs.shutdown_grace_s = {jobs.shutdown_grace_s}: must be >= 0")
     return PartyConfig(
         party=party,

@@ -247,6 +247,7 @@ def status_to_pb(rec: JobRecord, *, party: Identity) -> pb.JobStatus:
         created_unix=rec.created,
         updated_unix=rec.updated,
         attempts=rec.attempts,
+        cancelled_by=rec.cancelled_by if rec.state is JobState.CANCELLED else "",
     )
     if rec.last_progress is not None:
         msg.last_progress.CopyFrom(progress_to_pb(rec.last_progress))
@@ -266,6 +267,7 @@ def status_to_dict(msg: pb.JobStatus) -> dict[str, Any]:
         "reason": msg.reason,
         "artifacts": list(msg.artifacts),
         "attempts": msg.attempts,
+        "cancelled_by": msg.cancelled_by,
         "created_unix": msg.created_unix,
         "updated_unix": msg.updated_unix,
     }

@@ -116,6 +116,7 @@ class JobExecutor:
                 ) from None
             rec.resume_requested = resume
             rec.attempts += 1
+            rec.cancelled_by = ""  # a resume lifts the cancel
             j.transition(rec, JobState.STARTED, reason="")
         log.info(
             "job started" if not resume else "job resumed", extra=fields(job=rec.job_id, by=str(by))
@@ -130,6 +131,7 @@ class JobExecutor:
             rec = j.get(job_id)
             if rec.state.terminal:
                 raise JobStateError(f"job {job_id} is already {rec.state.value}; nothing to cancel")
+            rec.cancelled_by = caller.uri  # an operator's cancel is a veto (Negotiation)
             if rec.state is JobState.RUNNING:
                 rec.reason = why
                 self._cancels[job_id].set()  # the worker records CANCELLED when the runner returns

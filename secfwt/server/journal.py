@@ -40,6 +40,13 @@ class JobJournal:
         check_job_id(job_id)
         rec = self.records.get(job_id)
         if rec is None:
+            note = self.store.removed(job_id)
+            if note is not None:
+                when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(note.get("time", 0)))
+                raise JobNotFoundError(
+                    f"job {job_id} was removed from {self.identity} on {when} "
+                    f"({note.get('why', '?')}); its id stays reserved"
+                )
             raise JobNotFoundError(f"no job {job_id!r} at {self.identity}")
         return rec
 
@@ -113,6 +120,23 @@ class JobJournal:
             rec, message=state.value + (f": {rec.reason}" if rec.reason and state.terminal else "")
         )
         self.store.save(rec)
+
+    def forget(self, rec: JobRecord, *, why: str, by: str) -> None:
+        """Mark a job removed (caller holds the lock): its record and events leave memory, its
+        folder keeps a note; the caller purges the files (outside the lock)."""
+        self.store.mark_removed(
+            rec.job_id,
+            {
+                "job_id": rec.job_id,
+                "time": time.time(),
+                "why": why,
+                "by": by,
+                "state": rec.state.value,
+            },
+        )
+        del self.records[rec.job_id]
+        self._events.pop(rec.job_id, None)
+        self.cond.notify_all()
 
     def load(self) -> list[JobRecord]:
         """Read every stored job (caller holds the lock); a job that was running when the daemon

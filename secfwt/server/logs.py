@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-
 #: Longest text a log field keeps; a request's reason or value beyond it is clipped.
 MAX_FIELD_CHARS = 1024
 #: Longest traceback a log line keeps: its head (where the call entered) and its tail (where it

@@ -299,6 +299,8 @@ class JobRecord:
     artifacts: tuple[str, ...] = ()
     resume_requested: bool = False
     last_progress: ProgressEvent | None = None
+    #: who cancelled it, as an identity URI; an operator's is a veto (see Party.resume)
+    cancelled_by: str = ""
 
     @property
     def job_id(self) -> str:

@@ -144,6 +144,10 @@ class PartyServicer(pbg.PartyServiceServicer):
             status=self._status(self.party.resume(self._caller(context), request.job_id))
         )
 
+    def Remove(self, request, context):  # noqa: N802, ANN001, ANN201
+        freed = self.party.remove(self._caller(context), request.job_id)
+        return pb.RemoveResponse(job_id=request.job_id, freed_bytes=freed)
+
     def FetchArtifacts(self, request, context):  # noqa: N802, ANN001, ANN201
         for path in self.party.artifact_files(self._caller(context), request.job_id):
             size, h, offset = path.stat().st_size, hashlib.sha256(), 0

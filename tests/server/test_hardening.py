@@ -6,6 +6,7 @@ checks the refusal, its gRPC status, the daemon's log growth and that the daemon
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterator
@@ -16,14 +17,17 @@ import grpc
 import pytest
 
 from secfwt.cli import main
+from secfwt.errors import ProtocolError
 from secfwt.pki import certs
 from secfwt.pki.identity import Identity, IdentityRole
 from secfwt.server.client import Credentials, PartyClient
 from secfwt.server.convert import proposal_to_pb
+from secfwt.server.daemon import PartyDaemon
+from secfwt.server.errors import JobExistsError, JobNotFoundError
 from secfwt.server.logs import JsonFormatter
 from secfwt.v1 import party_pb2 as pb
 from tests.server.conftest import IDS, Deployment, free_port
-from tests.server.runners import BlockingRunner
+from tests.server.runners import BlockingRunner, EchoRunner
 from tests.server.test_jobs import _daemon, _proposal, _tls_flags, _wait_state
 
 #: A job file nested 1,000 deep: 2 KB that made tomllib recurse until RecursionError.
@@ -288,3 +292,127 @@ def test_every_identifier_and_digest_check_refuses_a_trailing_newline(tmp_path: 
     )
     (store.folder / "step-00000009.pt\n").write_bytes(b"not a checkpoint")
     assert store.available() == []  # not a step file: never read
+
+
+def _state_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def test_unaccepted_jobs_are_bounded_per_caller(
+    deployment: Deployment, tmp_path: Path, daemons: list, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """30 proposals of ~60 KB that the model owner refuses: the first 16 (the default bound) are
+    kept, then RESOURCE_EXHAUSTED and nothing stored; another caller is not affected; an
+    operator's removal frees a place; the removed id stays reserved."""
+    mo = _daemon(deployment, "model_owner", tmp_path, daemons)
+    do = _daemon(deployment, "data_owner", tmp_path, daemons)
+    p = _proposal(deployment, "big-0", mo=mo, do=do)
+    big = p.job_toml + "# " + "x" * 60_000 + "\n"  # 60 KB job file
+    wrong = replace(p.commitments, model=replace(p.commitments.model, weights_sha256="0" * 64))
+    state = tmp_path / IDS["model_owner"]
+    refused = exhausted = 0
+    with deployment.client(mo.address) as c:
+        for i in range(30):
+            q = replace(p, job_id=f"big-{i}", job_toml=big, commitments=wrong)
+            err = _raw(c, "Propose", pb.ProposeRequest(proposal=proposal_to_pb(q)))
+            if err.code() is grpc.StatusCode.FAILED_PRECONDITION:
+                refused += 1
+            else:
+                assert err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED, err.details()
+                assert "limits.max_proposals_per_caller = 16" in err.details()
+                exhausted += 1
+        assert (refused, exhausted) == (16, 14)
+        assert len(list((state / "jobs").glob("*/job.json"))) == 16
+        assert _state_bytes(state) < 16 * 2 * len(big)  # record + events, no more
+        # a peer daemon proposing is another caller, with its own bound
+    with deployment.client(mo.address, "dealer") as c:
+        assert c.propose(replace(p, job_id="from-dealer")).state == pb.JOB_STATE_PROPOSED
+    remove = ["job", "remove", "big-3", "--to", mo.address, *_tls_flags(deployment)]
+    capsys.readouterr()
+    assert main(remove) == 0
+    assert "removed job big-3" in capsys.readouterr().out
+    assert sorted(p.name for p in (state / "jobs" / "big-3").iterdir()) == ["removed.json"]
+    with deployment.client(mo.address) as c:
+        assert c.propose(replace(p, job_id="big-30")).state == pb.JOB_STATE_PROPOSED
+        err = _raw(c, "Status", pb.StatusRequest(job_id="big-3"))
+        assert err.code() is grpc.StatusCode.NOT_FOUND
+        assert "removed by operator/alice); its id stays reserved" in err.details()
+        err = _raw(
+            c, "Propose", pb.ProposeRequest(proposal=proposal_to_pb(replace(p, job_id="big-3")))
+        )
+        assert err.code() is grpc.StatusCode.ALREADY_EXISTS, err.details()
+    _healthy(deployment, mo.address)
+
+
+def test_unaccepted_jobs_expire_and_ended_jobs_stay_until_removed(
+    deployment: Deployment, tmp_path: Path, daemons: list, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """jobs.proposal_ttl_s = 1: a proposed, a refused and a cancelled-before-acceptance job are
+    removed within about a second; an accepted and a finished one stay; the finished one goes
+    when an operator removes it (never a peer), and a removed job is still reported after a
+    restart of the daemon."""
+    do = _daemon(deployment, "data_owner", tmp_path, daemons)
+    mo = _daemon(
+        deployment,
+        "model_owner",
+        tmp_path,
+        daemons,
+        peers={"data_owner": do.address, "dealer": "127.0.0.1:1"},
+        jobs={"proposal_ttl_s": 1.0},
+    )
+    p = _proposal(deployment, "done-1", mo=mo, do=do)
+    with deployment.client(mo.address) as a, deployment.client(do.address) as b:
+        for job_id in ("done-1", "kept-1"):
+            q = replace(p, job_id=job_id)
+            a.propose(q)
+            b.propose(q)
+            b.accept(job_id, q.terms_digest)
+            a.accept(job_id, q.terms_digest)
+        a.start("done-1")
+        for job_id in ("stale-1", "stale-2"):
+            a.propose(replace(p, job_id=job_id))
+        a.cancel("stale-2", "not wanted")
+        bad = replace(p.commitments, model=replace(p.commitments.model, weights_sha256="0" * 64))
+        with pytest.raises(ProtocolError):
+            a.propose(replace(p, job_id="stale-3", commitments=bad))
+    _wait_state(deployment, mo.address, "done-1", pb.JOB_STATE_FINISHED)
+    t0 = time.monotonic()
+    with deployment.client(mo.address) as a:
+        for job_id in ("stale-1", "stale-2", "stale-3"):
+            while True:
+                try:
+                    a.status(job_id)
+                except JobNotFoundError as exc:
+                    assert "never accepted here for jobs.proposal_ttl_s = 1 s" in str(exc)
+                    break
+                assert time.monotonic() - t0 < 10, f"{job_id} did not expire"
+                time.sleep(0.1)
+        with pytest.raises(JobExistsError):
+            a.propose(replace(p, job_id="stale-1"))
+        time.sleep(1.5)  # longer than the TTL since the accepted and finished jobs last changed
+        assert a.status("kept-1").state == pb.JOB_STATE_ACCEPTED
+        assert a.status("done-1").state == pb.JOB_STATE_FINISHED
+    state = tmp_path / IDS["model_owner"] / "jobs"
+    assert sorted(f.name for f in (state / "stale-3").iterdir()) == ["removed.json"]
+    assert (state / "done-1" / "artifacts" / "echo.json").is_file()
+    with deployment.client(mo.address, "hospital") as c:  # a peer daemon may not remove
+        err = _raw(c, "Remove", pb.RemoveRequest(job_id="done-1"))
+        assert err.code() is grpc.StatusCode.PERMISSION_DENIED, err.details()
+    capsys.readouterr()
+    base = ["job", "remove", "--to", mo.address, *_tls_flags(deployment)]
+    assert main([*base[:2], "kept-1", *base[2:]]) == 7  # not ended: cancel or refuse it first
+    assert "remove needs it cancelled or failed or finished or refused" in capsys.readouterr().out
+    assert main([*base[:2], "done-1", "--json", *base[2:]]) == 0
+    out = json.loads(capsys.readouterr().out)["parties"][mo.address]
+    assert out["removed"] == "done-1" and out["freed_bytes"] > 0
+    assert sorted(f.name for f in (state / "done-1").iterdir()) == ["removed.json"]
+    fetch = ["job", "fetch", "done-1", "--to", mo.address, "--out", str(tmp_path / "got")]
+    assert main([*fetch, *_tls_flags(deployment)]) == 11
+    mo.stop(grace=0.5)
+    again = PartyDaemon(mo.config, runner=EchoRunner())
+    again.start()
+    daemons.append(again)
+    with deployment.client(again.address) as a:
+        with pytest.raises(JobNotFoundError, match="removed by operator/alice"):
+            a.status("done-1")
+        assert a.status("kept-1").state == pb.JOB_STATE_ACCEPTED

@@ -42,9 +42,7 @@ def _daemon(
 ) -> PartyDaemon:  # noqa: ANN001
     peers = peers or {r: PLACEHOLDER for r in IDS if r != role}
     d = PartyDaemon(
-        dep.party_config(
-            role, listen=listen, peers=peers, state=str(tmp / IDS[role]), **sections
-        ),
+        dep.party_config(role, listen=listen, peers=peers, state=str(tmp / IDS[role]), **sections),
         runner=runner or EchoRunner(),
     )
     d.start()

@@ -212,7 +212,7 @@ def test_start_needs_own_and_other_owner_acceptance_of_same_digests(
         with pytest.raises(TermsMismatchError, match="you accepted terms digest"):
             party.accept(ALICE, "job-1", "e" * 64)
         party.accept(ALICE, "job-1", p.terms_digest, p.digest())
-        with pytest.raises(JobStateError, match="has not received this job"):
+        with pytest.raises(JobStateError, match="data_owner/hospital does not hold this job"):
             party.start(VENDOR, "job-1")
         peers.answers["hospital", "job-1"] = RemoteStatus(JobState.PROPOSED, "", "")
         with pytest.raises(JobStateError, match="has not accepted the terms yet"):
@@ -328,9 +328,10 @@ def test_resume_after_interrupted_run(deployment: Deployment, tmp_path: Path) ->
     echo = EchoRunner()
     again, peers2 = _party(deployment, "model_owner", tmp_path, runner=echo)
     try:
-        peers2.answers["hospital", "long"] = RemoteStatus(
-            JobState.CANCELLED, p.terms_digest, p.digest()
-        )
+        for peer in ("hospital", "dealer"):
+            peers2.answers[peer, "long"] = RemoteStatus(
+                JobState.CANCELLED, p.terms_digest, p.digest()
+            )
         again.resume(ALICE, "long")
         _wait(again, "long", JobState.FINISHED)
         st = again.status(ALICE, "long")
@@ -394,9 +395,10 @@ def test_restart_after_a_crash_fails_the_running_job_resumably(
     try:
         st = again.status(ALICE, "crash")
         assert st.state is JobState.FAILED and "interrupted" in st.reason
-        peers2.answers["hospital", "crash"] = RemoteStatus(
-            JobState.FAILED, p.terms_digest, p.digest()
-        )
+        for peer in ("hospital", "dealer"):
+            peers2.answers[peer, "crash"] = RemoteStatus(
+                JobState.FAILED, p.terms_digest, p.digest()
+            )
         again.resume(ALICE, "crash")
         _wait(again, "crash", JobState.FINISHED)
     finally:
