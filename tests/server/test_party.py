@@ -405,3 +405,41 @@ def test_restart_after_a_crash_fails_the_running_job_resumably(
         again.close(timeout=1)
         runner.release.set()
         party.close(timeout=1)
+
+
+def test_who_may_resume_a_cancelled_job(deployment: Deployment, tmp_path: Path) -> None:
+    """A peer's cancel is no veto; another party's operator's cancel is, unless this party's own
+    operator cancelled it too (then each party's operator lifts its own, in any order)."""
+    runner = BlockingRunner()
+    party, peers = _party(deployment, "model_owner", tmp_path, runner=runner)
+    other_op = "secfwt://operator/bob"  # an operator of the data owner
+    try:
+        for name in ("Resume", "Remove"):
+            with pytest.raises(NotAuthorizedError, match="only operators"):
+                party.authorize(DEALER, name)
+        for job_id, here_by, there_by, refused in (
+            ("peer-cancel", HOSPITAL, HOSPITAL.uri, False),
+            ("their-veto", HOSPITAL, other_op, True),
+            ("both-vetoes", ALICE, other_op, False),
+        ):
+            p = _accepted(party, peers, deployment, job_id)
+            party.cancel(here_by, job_id, "stop")
+            assert party.status(ALICE, job_id).cancelled_by == here_by.uri
+            for peer, by in (("hospital", there_by), ("dealer", VENDOR.uri)):
+                peers.answers[peer, job_id] = RemoteStatus(
+                    JobState.CANCELLED, p.terms_digest, p.digest(), "stop", by
+                )
+            if refused:
+                with pytest.raises(
+                    JobStateError,
+                    match="data_owner/hospital's operator operator/bob cancelled it there",
+                ):
+                    party.resume(ALICE, job_id)
+                assert party.status(ALICE, job_id).state is JobState.CANCELLED
+            else:
+                st = party.resume(ALICE, job_id)
+                assert st.state is JobState.STARTED and st.cancelled_by == ""
+                party.cancel(ALICE, job_id, "done")  # the next one may run
+                _wait(party, job_id, JobState.CANCELLED)
+    finally:
+        party.close(timeout=1)
