@@ -102,6 +102,8 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if not -(2**63) <= value < 2**63:  # TOML 1.0 integers; tomllib does not check
+            raise ConfigError(f"{where}: {value} is outside TOML's 64-bit integer range")
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):

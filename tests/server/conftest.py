@@ -134,11 +134,24 @@ class Deployment:
         from secfwt.server.client import PartyClient
 
         role = (
-            IdentityRole.OPERATOR
-            if party_id in (OPERATOR, "mallory")
-            else IdentityRole.parse({v: k for k, v in IDS.items()}[party_id])
+            IdentityRole.parse({v: k for k, v in IDS.items()}[party_id])
+            if party_id in IDS.values()
+            else IdentityRole.OPERATOR
         )
         return PartyClient(address, self.creds(party_id, role), expect=expect, timeout_s=timeout_s)
+
+    def add_operator(self, name: str) -> None:
+        """Issue an operator certificate for ``name`` (once), for :meth:`client`."""
+        out = self.root / "certs" / name
+        if not out.is_dir():
+            certs.issue(
+                ca_dir=self.ca_dir,
+                role=IdentityRole.OPERATOR,
+                party_id=name,
+                hosts=[],
+                out=out,
+                days=30,
+            )
 
 
 def free_port() -> int:

@@ -18,9 +18,8 @@ import pytest
 
 from secfwt.cli import main
 from secfwt.errors import ProtocolError
-from secfwt.pki import certs
-from secfwt.pki.identity import Identity, IdentityRole
-from secfwt.server.client import Credentials, PartyClient
+from secfwt.pki.identity import Identity
+from secfwt.server.client import PartyClient
 from secfwt.server.convert import proposal_to_pb
 from secfwt.server.daemon import PartyDaemon
 from secfwt.server.errors import JobExistsError, JobNotFoundError
@@ -125,6 +124,22 @@ def test_a_refusal_quoting_a_huge_value_is_clipped(
     _healthy(deployment, d.address)
 
 
+def test_an_integer_past_64_bits_is_refused_before_it_reaches_a_commitment(
+    deployment: Deployment, tmp_path: Path, daemons: list
+) -> None:
+    """``model.max_length = 2**64`` became the data owner's commitment and failed to serialize
+    (INTERNAL); TOML integers are 64-bit, and now every job value is checked against that."""
+    do = _daemon(deployment, "data_owner", tmp_path, daemons)
+    text = deployment.job_file.read_text().replace("max_length = 16", f"max_length = {2**64}")
+    with deployment.client(do.address) as c:
+        err = _raw(c, "GetCommitment", pb.GetCommitmentRequest(job_toml=text))
+    assert err.code() is grpc.StatusCode.INVALID_ARGUMENT, err.details()
+    assert "max_length: 18446744073709551616 is outside TOML's 64-bit integer range" in (
+        err.details()
+    )
+    _healthy(deployment, do.address)
+
+
 def test_identifiers_and_digests_with_a_trailing_newline_are_refused(
     deployment: Deployment, tmp_path: Path, daemons: list
 ) -> None:
@@ -192,21 +207,6 @@ def test_the_job_file_limit_counts_utf8_bytes(
     _healthy(deployment, d.address)
 
 
-def _operator(dep: Deployment, name: str) -> Credentials:
-    """An operator certificate from the deployment CA (issued once per deployment)."""
-    out = dep.root / "certs" / name
-    if not out.is_dir():
-        certs.issue(
-            ca_dir=dep.ca_dir, role=IdentityRole.OPERATOR, party_id=name, hosts=[], out=out, days=30
-        )
-    return Credentials(
-        identity=Identity(IdentityRole.OPERATOR, name),
-        cert_pem=(out / f"{name}.crt").read_bytes(),
-        key_pem=(out / f"{name}.key").read_bytes(),
-        ca_pem=(out / "ca.crt").read_bytes(),
-    )
-
-
 def test_a_cancellation_is_a_veto(
     deployment: Deployment, tmp_path: Path, daemons: list, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -215,7 +215,7 @@ def test_a_cancellation_is_a_veto(
     the model owner's cancel stands; the model owner's own operator can."""
     addr = {r: f"127.0.0.1:{free_port()}" for r in IDS}
     runners = {r: BlockingRunner() for r in IDS}
-    bob = _operator(deployment, "bob")  # the data owner's operator; accept = false at the others
+    deployment.add_operator("bob")  # the data owner's operator; accept = false at the others
     for role in IDS:
         ops = [{"id": "alice"}, {"id": "bob", "accept": role == "data_owner"}]
         _daemon(
@@ -241,14 +241,14 @@ def test_a_cancellation_is_a_veto(
         runners[r].started.clear()
     capsys.readouterr()
     # bob (accept = false at the model owner) and the dealer's daemon certificate: refused there.
-    with PartyClient(addr["model_owner"], bob) as c:
+    with deployment.client(addr["model_owner"], "bob") as c:
         err = _raw(c, "Resume", pb.ResumeRequest(job_id="veto-1"))
         assert err.code() is grpc.StatusCode.PERMISSION_DENIED, err.details()
     with deployment.client(addr["model_owner"], "dealer") as c:
         err = _raw(c, "Resume", pb.ResumeRequest(job_id="veto-1"))
         assert err.code() is grpc.StatusCode.PERMISSION_DENIED, err.details()
     # bob at his own party: refused while the model owner's operator's cancel stands.
-    with PartyClient(addr["data_owner"], bob) as c:
+    with deployment.client(addr["data_owner"], "bob") as c:
         err = _raw(c, "Resume", pb.ResumeRequest(job_id="veto-1"))
         assert err.code() is grpc.StatusCode.FAILED_PRECONDITION, err.details()
         assert "model_owner/vendor's operator operator/alice cancelled it" in err.details()
