@@ -14,7 +14,7 @@ daemon, an unpinned holder of a deployment certificate. After every call:
 
 and at the end both are SERVING, every job folder holds a readable record with readable
 progress events (or only a removal note), Status agrees with the record, and nothing was written
-outside the state folders. ``SECFWT_FUZZ_EXAMPLES`` sets the number of calls (default 240),
+outside the state folders. ``SECFWT_FUZZ_EXAMPLES`` sets the number of calls (default 1200),
 ``SECFWT_FUZZ_SEED`` draws other requests than the fixed ones of the default run.
 """
 
@@ -43,7 +43,7 @@ from tests.server.fuzzing import STREAMING, Valid, requests
 from tests.server.test_jobs import _proposal
 from tests.server.test_process import _spawn, _stop, _wait_ready
 
-EXAMPLES = int(os.environ.get("SECFWT_FUZZ_EXAMPLES", "240"))
+EXAMPLES = int(os.environ.get("SECFWT_FUZZ_EXAMPLES", "1200"))
 #: A campaign with other draws than CI's: ``SECFWT_FUZZ_SEED=N`` (default: derandomized).
 SEED = os.environ.get("SECFWT_FUZZ_SEED")
 #: What one call may add to a daemon's log, whatever it carried: a refusal is one line with its
