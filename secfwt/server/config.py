@@ -26,7 +26,8 @@ the file's folder. A ``party.toml``::
     mpc_address = "vendor.example.org:7402"   # its mpc_listen as seen from here;
                                               # default: address's port + 1
 
-    [[operators]]                  # people's clients; they may accept, refuse and fetch here
+    [[operators]]                  # people's clients; they may accept, refuse, resume, fetch
+                                   # and remove here
     id = "alice"                   # unless accept = false
                                    # (then: propose, start, watch, cancel only)
 
@@ -106,9 +107,9 @@ def _next_port(address: str, *, where: str) -> str:
 @dataclasses.dataclass(frozen=True)
 class OperatorEntry:
     id: str
-    accept: bool = (
-        True  # false: may propose, start, watch and cancel here, but not accept, refuse or fetch
-    )
+    # false: may propose, start, watch and cancel here, but not accept, refuse, resume, fetch
+    # or remove
+    accept: bool = True
 
     @property
     def identity(self) -> Identity:
