@@ -11,7 +11,7 @@ import dataclasses
 import json
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -213,12 +213,14 @@ def daemons() -> Iterator[list]:
         d.stop(grace=0.5)
 
 
-def to_toml(raw: dict) -> str:
-    """Just enough TOML for party.toml: tables, arrays of tables, strings, numbers, booleans."""
+def to_toml(raw: dict, val: Callable[[Any], str] | None = None) -> str:
+    """Just enough TOML for party.toml: tables, arrays of tables, strings, numbers, booleans
+    (``val`` writes a value, for more than that)."""
 
-    def val(v: object) -> str:
+    def plain(v: object) -> str:
         return json.dumps(v) if not isinstance(v, bool) else str(v).lower()
 
+    val = val or plain
     out = []
     for key, table in raw.items():
         for t in table if isinstance(table, list) else [table]:

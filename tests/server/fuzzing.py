@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from secfwt.config import JobConfig
 from secfwt.mpc.disclosure import Revealable
 from secfwt.v1 import party_pb2 as pb
+from tests.server.conftest import to_toml
 
 #: Every method of PartyService, with its request type; the streaming ones are marked.
 METHODS: dict[str, type] = {
@@ -246,12 +247,7 @@ def typed_toml(draw: st.DrawFn, base: str) -> str:
         section = draw(st.sampled_from(sorted(_SECTIONS)))
         key = draw(st.sampled_from(sorted(_SECTIONS[section])))
         doc.setdefault(section, {})[key] = draw(_values_for(_SECTIONS[section][key]))
-    lines = []
-    for section, table in doc.items():
-        for t in table if isinstance(table, list) else [table]:
-            lines.append(f"[[{section}]]" if isinstance(table, list) else f"[{section}]")
-            lines += [f"{k} = {_toml_value(v)}" for k, v in t.items()]
-    return "\n".join(lines) + "\n"
+    return to_toml(doc, _toml_value)
 
 
 def job_tomls(base: str) -> st.SearchStrategy[str]:

@@ -25,9 +25,15 @@ from secfwt.server.daemon import PartyDaemon
 from secfwt.server.errors import JobExistsError, JobNotFoundError
 from secfwt.server.logs import JsonFormatter
 from secfwt.v1 import party_pb2 as pb
-from tests.server.conftest import IDS, Deployment, free_port
+from tests.server.conftest import IDS, Deployment
 from tests.server.runners import BlockingRunner, EchoRunner
-from tests.server.test_jobs import _daemon, _proposal, _tls_flags, _wait_state
+from tests.server.test_jobs import (
+    _daemon,
+    _proposal,
+    _three_daemons,
+    _tls_flags,
+    _wait_state,
+)
 
 #: A job file nested 1,000 deep: 2 KB that made tomllib recurse until RecursionError.
 NESTED_TOML = "x = " + "[" * 1000 + "]" * 1000 + "\n"
@@ -213,21 +219,15 @@ def test_a_cancellation_is_a_veto(
     """The model owner's operator cancels: neither another party's operator (pinned there with
     accept = false) nor a peer daemon can resume it there, and no other party resumes it while
     the model owner's cancel stands; the model owner's own operator can."""
-    addr = {r: f"127.0.0.1:{free_port()}" for r in IDS}
     runners = {r: BlockingRunner() for r in IDS}
     deployment.add_operator("bob")  # the data owner's operator; accept = false at the others
-    for role in IDS:
-        ops = [{"id": "alice"}, {"id": "bob", "accept": role == "data_owner"}]
-        _daemon(
-            deployment,
-            role,
-            tmp_path,
-            daemons,
-            runner=runners[role],
-            listen=addr[role],
-            peers={r: a for r, a in addr.items() if r != role},
-            operators=ops,
-        )
+    addr = _three_daemons(
+        deployment,
+        tmp_path,
+        daemons,
+        runners,
+        operators=lambda role: [{"id": "alice"}, {"id": "bob", "accept": role == "data_owner"}],
+    )
     to = [x for a in addr.values() for x in ("--to", a)]
     submit = ["job", "submit", str(deployment.job_file), "--id", "veto-1", *to]
     assert main([*submit, *_tls_flags(deployment)]) == 0
