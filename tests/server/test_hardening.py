@@ -348,7 +348,8 @@ def test_unaccepted_jobs_expire_and_ended_jobs_stay_until_removed(
     deployment: Deployment, tmp_path: Path, daemons: list, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """jobs.proposal_ttl_s = 1: a proposed, a refused and a cancelled-before-acceptance job are
-    removed within about a second; an accepted and a finished one stay; the finished one goes
+    removed within about a second; an accepted, a cancelled-after-acceptance and a finished one
+    stay; the finished one goes
     when an operator removes it (never a peer), and a removed job is still reported after a
     restart of the daemon."""
     do = _daemon(deployment, "data_owner", tmp_path, daemons)
@@ -362,13 +363,14 @@ def test_unaccepted_jobs_expire_and_ended_jobs_stay_until_removed(
     )
     p = _proposal(deployment, "done-1", mo=mo, do=do)
     with deployment.client(mo.address) as a, deployment.client(do.address) as b:
-        for job_id in ("done-1", "kept-1"):
+        for job_id in ("done-1", "kept-1", "kept-2"):
             q = replace(p, job_id=job_id)
             a.propose(q)
             b.propose(q)
             b.accept(job_id, q.terms_digest)
             a.accept(job_id, q.terms_digest)
         a.start("done-1")
+        a.cancel("kept-2", "cancelled after acceptance: resumable, kept")
         for job_id in ("stale-1", "stale-2"):
             a.propose(replace(p, job_id=job_id))
         a.cancel("stale-2", "not wanted")
@@ -391,6 +393,7 @@ def test_unaccepted_jobs_expire_and_ended_jobs_stay_until_removed(
             a.propose(replace(p, job_id="stale-1"))
         time.sleep(1.5)  # longer than the TTL since the accepted and finished jobs last changed
         assert a.status("kept-1").state == pb.JOB_STATE_ACCEPTED
+        assert a.status("kept-2").state == pb.JOB_STATE_CANCELLED
         assert a.status("done-1").state == pb.JOB_STATE_FINISHED
     state = tmp_path / IDS["model_owner"] / "jobs"
     assert sorted(f.name for f in (state / "stale-3").iterdir()) == ["removed.json"]
