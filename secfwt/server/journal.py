@@ -77,8 +77,11 @@ class JobJournal:
                 raise JobStateError(
                     f"job {job_id} is {rec.state.value}; artifacts are served once it finished"
                 )
-        d = self.store.artifacts_dir(job_id)
-        return sorted(p for p in d.iterdir() if p.is_file() and not p.is_symlink())
+        try:
+            found = list(self.store.artifacts_dir(job_id).iterdir())
+        except FileNotFoundError:  # an operator removed the job meanwhile
+            raise JobNotFoundError(f"job {job_id} was removed from {self.identity}") from None
+        return sorted(p for p in found if p.is_file() and not p.is_symlink())
 
     # -- changing -----------------------------------------------------------------------------
 

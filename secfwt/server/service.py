@@ -37,7 +37,12 @@ from secfwt.server.convert import (
     proposal_from_pb,
     status_to_pb,
 )
-from secfwt.server.errors import InvalidRequestError, NotAuthorizedError, status_code_for
+from secfwt.server.errors import (
+    InvalidRequestError,
+    JobNotFoundError,
+    NotAuthorizedError,
+    status_code_for,
+)
 from secfwt.server.logs import fields
 from secfwt.server.party import Party
 from secfwt.server.protocol import ARTIFACT_CHUNK_BYTES, clip_utf8, one_line
@@ -150,8 +155,14 @@ class PartyServicer(pbg.PartyServiceServicer):
 
     def FetchArtifacts(self, request, context):  # noqa: N802, ANN001, ANN201
         for path in self.party.artifact_files(self._caller(context), request.job_id):
-            size, h, offset = path.stat().st_size, hashlib.sha256(), 0
-            with open(path, "rb") as fh:
+            try:
+                size, h, offset = path.stat().st_size, hashlib.sha256(), 0
+                fh = open(path, "rb")  # closed below; once open it stays readable
+            except FileNotFoundError:  # an operator removed the job meanwhile
+                raise JobNotFoundError(
+                    f"job {request.job_id}: its artifacts were removed while being sent"
+                ) from None
+            with fh:
                 while True:
                     data = fh.read(ARTIFACT_CHUNK_BYTES)
                     h.update(data)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -443,3 +444,25 @@ def test_who_may_resume_a_cancelled_job(deployment: Deployment, tmp_path: Path) 
                 _wait(party, job_id, JobState.CANCELLED)
     finally:
         party.close(timeout=1)
+
+
+def test_a_removal_cut_short_by_a_crash_is_finished_at_restart(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    """The removal note is written first, the files deleted after: a daemon that died between
+    the two deletes them when it starts, and answers for the job as removed."""
+    party, _ = _party(deployment, "model_owner", tmp_path)
+    party.propose(ALICE, _proposal(deployment, "half"))
+    party.refuse(ALICE, "half", "no")
+    party.close(timeout=1)
+    folder = party.store.job_dir("half")
+    (folder / "removed.json").write_text(json.dumps({"job_id": "half", "why": "test", "time": 0}))
+    again, _ = _party(deployment, "model_owner", tmp_path)
+    try:
+        assert sorted(p.name for p in folder.iterdir()) == ["removed.json"]
+        with pytest.raises(JobNotFoundError, match="was removed from model_owner/vendor"):
+            again.status(ALICE, "half")
+        with pytest.raises(JobExistsError):
+            again.propose(ALICE, _proposal(deployment, "half"))
+    finally:
+        again.close(timeout=1)
