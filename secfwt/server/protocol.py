@@ -64,7 +64,7 @@ def check_job_id(job_id: str) -> str:
 
 def check_text(value: str, *, field: str, limit: int) -> str:
     """``value`` if its UTF-8 encoding has at most ``limit`` bytes (MessageTooLargeError)."""
-    size = len(value) if len(value) > limit else len(value.encode("utf-8", "surrogatepass"))
+    size = len(value.encode("utf-8", "surrogatepass"))
     if size > limit:
         raise MessageTooLargeError(f"{field}: {size} bytes (UTF-8), the limit is {limit}")
     return value
