@@ -47,6 +47,11 @@ class Traffic:
         )
 
 
+def _terminates(obj: Any) -> bool:
+    """The end-of-session message to the dealer: sent and counted, but not a request."""
+    return isinstance(obj, str) and obj == _TERMINATE
+
+
 def _nel(x: Any) -> int:
     if isinstance(x, (list, tuple)):
         return sum(_nel(t) for t in x)
@@ -86,12 +91,18 @@ class TrafficMeter:
         self._open_send = exchange
 
     def _with(
-        self, other: int | None, *, sent: int = 0, received: int = 0, exchange: bool = False
+        self,
+        other: int | None,
+        *,
+        sent: int = 0,
+        received: int = 0,
+        exchange: bool = False,
+        request: bool = True,
     ) -> None:
         if other is not None and other == self.dealer:
             self.t.dealer_bytes += received
             self.t.dealer_sent += sent
-            if sent:
+            if sent and request:
                 self.t.dealer_requests += 1
         else:
             self._peer(sent=sent, received=received, exchange=exchange)
@@ -116,7 +127,12 @@ class TrafficMeter:
             lambda a, k, r: self._rooted(_arg(a, k, 1, "src"), _nel(a[0]), to_root=False),
         )
         wrap("scatter", lambda a, k, r: self._rooted(_arg(a, k, 1, "src"), _nel(r), to_root=False))
-        wrap("send_obj", lambda a, k, r: self._with(_arg(a, k, 1, "dst"), sent=_obj_bytes(a[0])))
+        wrap(
+            "send_obj",
+            lambda a, k, r: self._with(
+                _arg(a, k, 1, "dst"), sent=_obj_bytes(a[0]), request=not _terminates(a[0])
+            ),
+        )
         wrap("recv_obj", lambda a, k, r: self._received_obj(_arg(a, k, 0, "src"), r))
         wrap(
             "broadcast_obj",
@@ -126,7 +142,7 @@ class TrafficMeter:
 
     def _received_obj(self, src: int | None, obj: Any) -> None:
         self._with(src, received=_obj_bytes(obj))
-        if self.rank == self.dealer and not (isinstance(obj, str) and obj == _TERMINATE):
+        if self.rank == self.dealer and not _terminates(obj):
             self.t.served += 1  # every other object the dealer receives is a request
 
     def _rooted(self, root: int | None, nbytes: int, *, to_root: bool) -> None:
