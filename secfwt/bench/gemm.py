@@ -58,6 +58,7 @@ def machine_timings(plan: BenchPlan, *, reps: int | None = None) -> dict[str, An
     gen = torch.Generator().manual_seed(plan.seed)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    machine = ring_tuning.machine_key()  # as the parties' (one thread each)
     rows = []
     try:
         for name, sa, sb, weight in _products(plan):
@@ -96,7 +97,7 @@ def machine_timings(plan: BenchPlan, *, reps: int | None = None) -> dict[str, An
     finally:
         torch.set_num_threads(threads)
     return {
-        "machine_key": ring_tuning.machine_key(),
+        "machine_key": machine,
         "threads": 1,
         "reps": reps,
         "seq_len": plan.layer_seq_len,

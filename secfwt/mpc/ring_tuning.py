@@ -10,10 +10,13 @@ the other, so each product is routed by measurement instead.
 How: a product belongs to a :class:`ShapeClass` (its kind, and batch, M, K and N each rounded
 up to a power of two). The first product of a class in a process runs both ways on its real
 operands, alternating, up to :data:`MAX_ROUNDS` times each (stopping once one way is
-:data:`DECISIVE` times faster); the limbs are chosen only when their best time beats torch's by
-:data:`MARGIN`, so a lever never stays in where it is slower than what it replaces. Both ways
-give the same bits (two's-complement int64 arithmetic modulo 2^64); the first results are
-compared, and a mismatch (a BLAS that breaks float64 exactness) is a :class:`ProtocolError`.
+:data:`DECISIVE` times faster), timed on the calling thread's CPU time where torch computes on
+that thread alone (one intra-op thread, as in every party process), so that other processes
+taking the core do not skew the choice; the limbs are chosen only when their best time beats
+torch's by :data:`MARGIN`, so a lever never stays in where it is slower than what it replaces.
+Both ways give the same bits (two's-complement int64 arithmetic modulo 2^64); the first results
+are compared, and a mismatch (a BLAS that breaks float64 exactness) is a
+:class:`ProtocolError`.
 The choice is kept for the process, and optionally in a JSON file keyed by CPU model, torch
 version, thread count and limb layout (``SECFWT_RING_TUNING_CACHE``), so later processes on the
 same machine skip the measurement. :func:`records` lists every class's choice and timings (the
@@ -131,7 +134,9 @@ class Choice:
     limbs_ms: float | None = None
     rounds: int = 0
     calls: int = 0
+    #: time in this class's products (its measured best counts for the first) on ``clock``
     time_s: float = 0.0
+    clock: str | None = None  # thread_time (CPU time of the calling thread) or perf_counter
 
     def to_dict(self, cls: ShapeClass) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -171,7 +176,7 @@ class _Tuner:
         self._choices: dict[ShapeClass, Choice] = {}
         self.forced: Method | None = None
         self.cache: Path | None = None
-        self.clock: Callable[[], float] = time.perf_counter  # tests drive the choice with theirs
+        self.clock: Callable[[], float] | None = None  # None: _clock(); tests script their own
 
     def run(
         self,
@@ -193,16 +198,18 @@ class _Tuner:
             if choice is None:
                 choice = self._from_disk(cls)
         if choice is None:
-            out, choice = _measure(torch_fn, limbs_fn, _describe(a_shape, b_shape), self.clock)
+            clock = self.clock or _clock()
+            out, choice = _measure(torch_fn, limbs_fn, _describe(a_shape, b_shape), clock)
             with self._lock:
                 choice = self._choices.setdefault(cls, choice)  # a racing thread's stays
             self._to_disk(cls, choice)
             log.debug("ring matmul %s: %s", cls.key(), choice)
             choice.calls += 1
             return out
-        t0 = self.clock()
+        clock = self.clock or _clock()
+        t0 = clock()
         out = (torch_fn if choice.method is Method.TORCH else limbs_fn)()
-        choice.time_s += self.clock() - t0
+        choice.time_s += clock() - t0
         choice.calls += 1  # a lost increment between threads only miscounts the record
         return out
 
@@ -237,6 +244,14 @@ class _Tuner:
             _update_cache(self.cache, machine_key(), cls.key(), entry)
         except OSError as exc:  # the cache only saves time: a read-only place costs a warning
             log.warning("ring matmul tuning cache %s not written: %s", self.cache, exc)
+
+
+def _clock() -> Callable[[], float]:
+    """The calling thread's CPU time when torch computes on it alone (one intra-op thread, as
+    in every party process): unlike wall time it does not count the time other processes or
+    the other party threads take the core, so a busy machine does not skew the choice. Wall
+    time otherwise (torch's worker threads would escape the calling thread's CPU time)."""
+    return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
 
 
 def _measure(
@@ -275,6 +290,7 @@ def _measure(
         limbs_ms=best[Method.LIMBS] * 1e3,
         rounds=rounds,
         time_s=best[method],
+        clock=getattr(clock, "__name__", type(clock).__name__),
     )
     return out, choice
 

@@ -41,7 +41,7 @@ def fresh_choices() -> Iterator[None]:
     """Every test starts with no choice made and no cache, and leaves the process so."""
     ring_tuning.configure(forced=None, cache=None)
     yield
-    ring_tuning._TUNER.clock = ring_tuning.time.perf_counter
+    ring_tuning._TUNER.clock = None
     ring_tuning.configure(forced=None, cache=None)
 
 
@@ -67,6 +67,22 @@ def test_first_product_measures_both_ways_and_records_the_choice() -> None:
         assert rec["calls"] == 2
         cls = ring_tuning.ShapeClass.of(Kind.GENERAL, sa, sb)
         assert (rec["batch"], rec["m"], rec["k"], rec["n"]) == (cls.batch, cls.m, cls.k, cls.n)
+
+
+@pytest.mark.parametrize(("threads", "clock"), [(1, "thread_time"), (2, "perf_counter")])
+def test_one_thread_is_timed_on_its_cpu_time(threads: int, clock: str) -> None:
+    """Party processes compute on one thread: its CPU time is not inflated by other processes
+    taking the core; with torch's worker threads only wall time sees all the work."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(6)
+        a, b = full_range((64, 96), gen), full_range((96, 80), gen)
+        assert torch.equal(ring_matmul(a, b), torch.matmul(a, b))
+    finally:
+        torch.set_num_threads(before)
+    (rec,) = ring_tuning.records()
+    assert rec["clock"] == clock
 
 
 def test_a_limb_result_that_differs_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
