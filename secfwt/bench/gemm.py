@@ -14,6 +14,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 import torch
@@ -64,30 +65,23 @@ def machine_timings(plan: BenchPlan, *, reps: int | None = None) -> dict[str, An
         for name, sa, sb, weight in _products(plan):
             a = torch.randint(-(2**63), 2**63 - 1, sa, generator=gen)
             b = torch.randint(-(2**63), 2**63 - 1, sb, generator=gen)
-            torch_ms, ref = _best_ms(lambda a=a, b=b: torch.matmul(a, b), reps)
+            torch_ms, ref = _best_ms(partial(torch.matmul, a, b), reps)
             row: dict[str, Any] = {
                 "product": name,
                 "a": list(sa),
                 "b": list(sb),
                 "torch_ms": torch_ms,
-                "float64_ms": _best_ms(lambda a=a, b=b: torch.matmul(a.double(), b.double()), reps)[
-                    0
-                ],
+                "float64_ms": _best_ms(partial(torch.matmul, a.double(), b.double()), reps)[0],
             }
             ways: dict[str, Callable[[], torch.Tensor]] = {
-                "limbs_ms": lambda a=a, b=b: ring_matmul_limbs(a, b)
+                "limbs_ms": partial(ring_matmul_limbs, a, b)
             }
             if weight:
-                prepared = PreparedRight(b)
-                ways["limbs_prepared_ms"] = lambda a=a, p=prepared: ring_matmul_prepared(a, p)
+                ways["limbs_prepared_ms"] = partial(ring_matmul_prepared, a, PreparedRight(b))
                 w = torch.randint(-NARROW_BOUND + 1, NARROW_BOUND, sb, generator=gen)
-                row["narrow_torch_ms"], narrow_ref = _best_ms(
-                    lambda a=a, w=w: torch.matmul(a, w), reps
-                )
-                wd = w.double()
-                row["limbs_narrow_ms"], got = _best_ms(
-                    lambda a=a, wd=wd: ring_matmul_narrow(a, wd), reps
-                )
+                row["narrow_torch_ms"], narrow_ref = _best_ms(partial(torch.matmul, a, w), reps)
+                narrow = partial(ring_matmul_narrow, a, w.double())
+                row["limbs_narrow_ms"], got = _best_ms(narrow, reps)
                 row["bit_identical"] = torch.equal(got, narrow_ref)
             for key, fn in ways.items():
                 row[key], got = _best_ms(fn, reps)

@@ -164,7 +164,7 @@ def machine_key() -> str:
     """What a cached choice is valid for: CPU model, torch version, threads, limb layout."""
     return (
         f"{cpu_model() or 'unknown CPU'} | torch {torch.__version__} | "
-        f"{torch.get_num_threads()} threads | {LAYOUT}"
+        f"torch threads: {torch.get_num_threads()} | {LAYOUT}"
     )
 
 
