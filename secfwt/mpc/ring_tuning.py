@@ -187,6 +187,8 @@ class _Tuner:
         torch_fn: Callable[[], torch.Tensor],
         limbs_fn: Callable[[], torch.Tensor],
     ) -> torch.Tensor:
+        """``a @ b`` computed the way chosen for its shape class (measured at the class's first
+        product). ``torch_fn`` and ``limbs_fn`` compute the same product without side effects."""
         if work(a_shape, b_shape) < SMALL_WORK:
             return torch_fn()
         cls = ShapeClass.of(kind, a_shape, b_shape)
@@ -320,17 +322,8 @@ def _update_cache(path: Path, machine: str, key: str, entry: dict[str, Any]) -> 
 _TUNER = _Tuner()
 
 
-def run(
-    kind: Kind,
-    a_shape: Sequence[int],
-    b_shape: Sequence[int],
-    *,
-    torch_fn: Callable[[], torch.Tensor],
-    limbs_fn: Callable[[], torch.Tensor],
-) -> torch.Tensor:
-    """``a @ b`` computed the way chosen for its shape class (measured at the class's first
-    product). ``torch_fn`` and ``limbs_fn`` compute the same product without side effects."""
-    return _TUNER.run(kind, a_shape, b_shape, torch_fn=torch_fn, limbs_fn=limbs_fn)
+#: ``run(kind, a_shape, b_shape, torch_fn=..., limbs_fn=...)``: this process's :meth:`_Tuner.run`.
+run = _TUNER.run
 
 
 def decided(kind: Kind, a_shape: Sequence[int], b_shape: Sequence[int]) -> Method | None:
