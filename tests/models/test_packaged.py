@@ -66,10 +66,10 @@ def test_two_racing_processes_convert_once_and_get_the_same_complete_folder(tmp_
     procs = [ctx.Process(target=_resolve_in_child, args=(str(tmp_path), out)) for _ in range(2)]
     for p in procs:
         p.start()
-    paths = {out.get(timeout=300) for _ in procs}
     for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+        p.join(timeout=300)
+    assert [p.exitcode for p in procs] == [0, 0]
+    paths = {out.get(timeout=5) for _ in procs}
     assert len(paths) == 1
     folder = Path(paths.pop())
     assert [p.name for p in (tmp_path / "models").iterdir() if p.is_dir()] == [folder.name]
