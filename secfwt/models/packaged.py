@@ -143,7 +143,7 @@ def _convert_locked(gguf: Path, final: Path) -> None:
         raise ModelError(f"model.path: cannot load {gguf} with transformers: {exc}") from exc
     # The loaded tensors are already dequantized to float32 nn.Linear weights; only the
     # quantizer bookkeeping stops save_pretrained ("gguf is not serializable").
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))

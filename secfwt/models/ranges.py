@@ -30,7 +30,7 @@ class LayerRanges:
     score_spread_max: float = 0.0  # max - min of a softmax row's kept scores
     silu_input_abs_max: float = 0.0  # the gate of the gated MLP
 
-    def as_dict(self) -> dict[str, float]:
+    def as_dict(self) -> dict[str, float | None]:
         return {k: (v if v != float("inf") else None) for k, v in dataclasses.asdict(self).items()}
 
 
