@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from secfwt.data.datasets import DataSource
+from secfwt.data.tables import check_columns
+from secfwt.data.task import DataTask, PaddingSide, Truncation
 from secfwt.errors import ConfigError
 from secfwt.models.spec import Attention, EmbeddingMode, Head, Pooling
 from secfwt.mpc.disclosure import DisclosureTerms, Revealable
@@ -58,14 +60,35 @@ class ModelSection:
 
 @dataclasses.dataclass(frozen=True)
 class DataSection:
+    """The data owner's examples; ``task`` decides which of the fields below apply."""
+
+    task: DataTask = DataTask.CLASSIFICATION
     source: DataSource = DataSource.ROTTEN_TOMATOES
     path: str = ""
+    # task = "classification": labelled texts, few-shot split per class
     text_column: str = "text"
     label_column: str = "label"
     labels: tuple[str, ...] = ()
     shots_per_class: int = 24
     eval_per_class: int = 30
-    truncate: bool = True
+    # task = "instructions": prompt -> reply pairs formatted with the model's chat template,
+    # split so that no prompt is both trained on and held out
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    system_column: str = ""  # "": no system column (the template's default system message)
+    train_rows: int | None = None  # None: every pair whose prompt is not held out
+    eval_rows: int = 100  # held-out pairs
+    padding_side: PaddingSide = PaddingSide.RIGHT
+    # Both tasks: an example longer than model.max_length is refused ("none"), cut at its end
+    # ("end", classification), loses its prompt's first tokens ("prompt_left", instructions) or
+    # is left out before the split ("drop", instructions). Unset: "end" for classification,
+    # "none" for instructions.
+    truncate: Truncation | None = None
+
+    @property
+    def truncation(self) -> Truncation:
+        """The policy in force: the one set, else the task's default."""
+        return self.truncate or Truncation.default_for(self.task)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,14 +287,9 @@ def validate(cfg: JobConfig) -> None:
         )
     _positive(f"{s}: model.rfa_features", cfg.model.rfa_features)
     _positive(f"{s}: model.rfa_sigma", cfg.model.rfa_sigma)
-    _positive(f"{s}: data.shots_per_class", cfg.data.shots_per_class)
-    _positive(f"{s}: data.eval_per_class", cfg.data.eval_per_class)
+    validate_data(cfg.data, where=s)
     _positive(f"{s}: run.timeout_s", cfg.run.timeout_s)
     _positive(f"{s}: run.eval_batch", cfg.run.eval_batch)
-    if cfg.data.source is not DataSource.ROTTEN_TOMATOES and not cfg.data.path:
-        raise ConfigError(
-            f"{s}: data.path is required when data.source = {cfg.data.source.value!r}"
-        )
     if cfg.model.head is not Head.SEQUENCE_CLASSIFICATION:
         raise ConfigError(
             f"{s}: model.head = {cfg.model.head.value!r}: tuning jobs need "
@@ -321,6 +339,85 @@ def validate(cfg: JobConfig) -> None:
                 f'add [[disclosure]] value = "{value.value}" to = ["{to.value}"] if both owners '
                 "agree"
             )
+
+
+#: The [data] fields of one task only, and the task each belongs to.
+_TASK_FIELDS = {
+    DataTask.CLASSIFICATION: (
+        "text_column",
+        "label_column",
+        "labels",
+        "shots_per_class",
+        "eval_per_class",
+    ),
+    DataTask.INSTRUCTIONS: (
+        "prompt_column",
+        "response_column",
+        "system_column",
+        "train_rows",
+        "eval_rows",
+        "padding_side",
+    ),
+}
+_TASK_SOURCES = {
+    DataTask.CLASSIFICATION: (DataSource.ROTTEN_TOMATOES, DataSource.CSV, DataSource.JSONL),
+    DataTask.INSTRUCTIONS: (DataSource.CHATTERBOT, DataSource.CSV, DataSource.JSONL),
+}
+_PACKAGED_SOURCES = (DataSource.ROTTEN_TOMATOES, DataSource.CHATTERBOT)
+
+
+def validate_data(d: DataSection, *, where: str) -> None:
+    """The [data] checks that need no file: the fields fit the task and each other."""
+    s, task = where, d.task
+    if d.source not in _TASK_SOURCES[task]:
+        other = next(t for t in DataTask if d.source in _TASK_SOURCES[t])
+        choices = ", ".join(repr(x.value) for x in _TASK_SOURCES[task])
+        raise ConfigError(
+            f"{s}: data.source = {d.source.value!r} is data for data.task = {other.value!r}, not "
+            f"{task.value!r}; set data.task = {other.value!r}, or data.source to one of {choices}"
+        )
+    default = DataSection()
+    for other, fields in _TASK_FIELDS.items():
+        if other is task:
+            continue
+        for name in fields:
+            if getattr(d, name) != getattr(default, name):
+                raise ConfigError(
+                    f"{s}: data.{name} applies only to data.task = {other.value!r}, not "
+                    f"{task.value!r}; remove it"
+                )
+    if d.source in _PACKAGED_SOURCES and d.path:
+        raise ConfigError(
+            f"{s}: data.path = {d.path!r} is not used with data.source = {d.source.value!r} (a "
+            "packaged dataset); remove data.path, or set data.source = 'csv' or 'jsonl'"
+        )
+    if d.source not in _PACKAGED_SOURCES and not d.path:
+        raise ConfigError(f"{s}: data.path is required when data.source = {d.source.value!r}")
+    allowed = (
+        (Truncation.NONE, Truncation.END)
+        if task is DataTask.CLASSIFICATION
+        else (Truncation.NONE, Truncation.PROMPT_LEFT, Truncation.DROP)
+    )
+    if d.truncation not in allowed:
+        why = "it would cut the reply" if task is DataTask.INSTRUCTIONS else "there is no prompt"
+        raise ConfigError(
+            f"{s}: data.truncate = {d.truncation.value!r} does not apply to data.task = "
+            f"{task.value!r} ({why}); use one of {[a.value for a in allowed]}"
+        )
+    if task is DataTask.CLASSIFICATION:
+        _positive(f"{s}: data.shots_per_class", d.shots_per_class)
+        _positive(f"{s}: data.eval_per_class", d.eval_per_class)
+        return
+    try:
+        columns = {"data.prompt_column": d.prompt_column, "data.response_column": d.response_column}
+        if d.system_column:
+            columns["data.system_column"] = d.system_column
+        check_columns(columns)
+    except ConfigError as exc:
+        raise ConfigError(f"{s}: {exc}") from None
+    _positive(f"{s}: data.eval_rows", d.eval_rows, allow_zero=True)
+    if d.train_rows is not None:
+        _positive(f"{s}: data.train_rows", d.train_rows)
 
 
 def _validate_dp(cfg: JobConfig) -> None:

@@ -105,7 +105,7 @@ def test_one_binder_serves_jobs_and_the_bench_plan():
     [
         ("zo.steps=ten", r"^--set zo.steps=ten: \[zo\] steps: expected int, e.g. zo.steps=100$"),
         ("zo.steps=2.5", r"expected int"),
-        ("data.truncate=1", r"\[data\] truncate: expected true or false"),
+        ("data.truncate=1", r"\[data\] truncate: 1 is not one of \[.none., .end., .prompt_left.\]"),
         ("nope.x=1", r"unknown section \[nope\]; choose from: cma, data, dp, job, model, run, zo"),
         ("disclosure.value=x", r"unknown section \[disclosure\]"),  # terms only from the file
         ("zo.steps.x=1", r"expected SECTION.KEY=VALUE, e.g. --set zo.steps=10"),

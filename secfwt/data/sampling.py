@@ -30,9 +30,9 @@ def few_shot_split(
     sorted by class). Every label name must have enough examples; a class that is short raises
     :class:`DataError` rather than silently giving an unbalanced split.
     """
-    _check_count("shots_per_class", shots_per_class, minimum=1)
-    _check_count("eval_per_class", eval_per_class, minimum=0)
-    _check_seed(seed)
+    check_count("shots_per_class", shots_per_class, minimum=1)
+    check_count("eval_per_class", eval_per_class, minimum=0)
+    check_seed(seed)
     needed = shots_per_class + eval_per_class
     labels = np.asarray(data.labels, dtype=np.int64)
     rng = np.random.default_rng(seed)
@@ -70,19 +70,20 @@ def take(data: LabelledTexts, *, n: int, seed: int) -> LabelledTexts:
 
     Useful to cap an evaluation set or a benchmark run at a fixed size.
     """
-    _check_count("n", n, minimum=0)
-    _check_seed(seed)
+    check_count("n", n, minimum=0)
+    check_seed(seed)
     if n > len(data):
         raise DataError(f"n = {n} rows requested but the data has only {len(data)}; lower n")
     rows = np.random.default_rng(seed).permutation(len(data))[:n]
     return data.subset(rows.tolist())
 
 
-def _check_count(field: str, value: int, *, minimum: int) -> None:
+def check_count(field: str, value: int, *, minimum: int) -> None:
+    """A count from a job (``field``) is an integer, not a bool, and at least ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ConfigError(f"{field} = {value!r} must be an integer >= {minimum}")
 
 
-def _check_seed(seed: int) -> None:
+def check_seed(seed: int) -> None:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ConfigError(f"seed = {seed!r} must be a non-negative integer")

