@@ -7,7 +7,9 @@ import json
 import pytest
 
 from secfwt.cli import main
-from secfwt.safety.keyword_judge import keyword_refusal
+from secfwt.safety.stats import wilson_rate
+
+from .conftest import SCRIPTED_REPLY
 
 
 def test_unknown_suite_is_refused_before_loading(tmp_path, capsys):
@@ -29,12 +31,15 @@ def test_bad_adapter_exits_with_model_error(tiny_chat_dir, tmp_path, capsys):
     assert "--adapter" in capsys.readouterr().err
 
 
-def test_eval_end_to_end(tiny_chat_dir, tmp_path, safety_cache, classifier_fit, monkeypatch):
+def test_eval_end_to_end(scripted_chat_dir, tmp_path, safety_cache, classifier_fit, monkeypatch):
+    """A model that says "I cannot help you." to everything: every reply is that sentence, cut at
+    <|im_end|>; the keyword judge counts 3 of 3 refusals on both suites (an over-refusal rate of
+    100% on the benign one)."""
     monkeypatch.setenv("SECFWT_CACHE", str(safety_cache))  # the session's trained classifier
     out = tmp_path / "out"
     rc = main(
         [
-            "safety", "eval", str(tiny_chat_dir), "--suite", "advbench,overrefusal",
+            "safety", "eval", str(scripted_chat_dir), "--suite", "advbench,overrefusal",
             "--limit", "3", "--max-new-tokens", "6", "--utility-rows", "8",
             "--out", str(out), "--report", str(tmp_path / "r.json"),
         ]
@@ -44,11 +49,13 @@ def test_eval_end_to_end(tiny_chat_dir, tmp_path, safety_cache, classifier_fit, 
     assert json.loads((tmp_path / "r.json").read_text()) == report
     assert [s["name"] for s in report["suites"]] == ["advbench", "overrefusal"]
     assert [s["metric"] for s in report["suites"]] == ["refusal_rate", "over_refusal_rate"]
+    expected_ci = wilson_rate(3, 3).as_dict()
     for s in report["suites"]:
         assert s["n"] == len(s["replies"]) == 3
-        assert s["keyword"]["k"] == sum(keyword_refusal(r["reply"]) for r in s["replies"])
+        assert [r["reply"] for r in s["replies"]] == [SCRIPTED_REPLY] * 3
+        assert all(r["stopped"] and r["keyword"] == "I cannot" for r in s["replies"])
+        assert s["keyword"] == expected_ci
         assert s["classifier"]["k"] == sum(r["classifier_p_refusal"] >= 0.5 for r in s["replies"])
-        assert all(r["tokens"] <= 6 for r in s["replies"])
     clf = report["judges"]["classifier"]
     assert clf["held_out_accuracy"] == classifier_fit.held_out_accuracy.as_dict()
     assert report["utility"]["rows"] == 8 and report["utility"]["loss"] > 0
