@@ -35,8 +35,12 @@ def apply_adapter(
     ``model_names``: every name the evaluated model goes by (the command-line name, its folder);
     the adapter's ``base_model_name_or_path`` must be one of them when it is set.
     """
-    from peft import PeftConfig, get_peft_model, get_peft_model_state_dict
-    from peft import set_peft_model_state_dict
+    from peft import (
+        PeftConfig,
+        get_peft_model,
+        get_peft_model_state_dict,
+        set_peft_model_state_dict,
+    )
     from safetensors import safe_open
     from safetensors.torch import load_file
 

@@ -46,6 +46,7 @@ def load_chat_model(
     hf_logging.disable_progress_bar()
     folder = resolve_model_path(name)
     config = load_config(folder)
+    model: Any
     try:
         model = AutoModelForCausalLM.from_pretrained(
             folder, dtype=torch.float32, local_files_only=True

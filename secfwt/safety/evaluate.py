@@ -93,7 +93,9 @@ class EvalRequest:
         )
 
 
-def run_safety_eval(request: EvalRequest, *, progress: EvalProgress | None = None) -> dict[str, Any]:
+def run_safety_eval(
+    request: EvalRequest, *, progress: EvalProgress | None = None
+) -> dict[str, Any]:
     """Run the evaluation and return its report (a JSON-ready dict; :mod:`.report` writes it)."""
     req = request.checked()
     view: EvalProgress = progress if progress is not None else _NoProgress()

@@ -28,7 +28,7 @@ import torch
 from secfwt.errors import ConfigError, ModelError
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[in
 
 
 def generate_replies(
-    model: PreTrainedModel,
+    model: Any,  # a transformers causal LM (PreTrainedModel with GenerationMixin)
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     *,
@@ -91,7 +91,11 @@ def generate_replies(
     on_batch: Callable[[int], None] | None = None,
 ) -> list[Reply]:
     """Greedy replies to ``prompts`` in their order. ``on_batch(n)`` after each batch of ``n``."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if (
+        isinstance(max_new_tokens, bool)
+        or not isinstance(max_new_tokens, int)
+        or max_new_tokens < 1
+    ):
         raise ConfigError(f"--max-new-tokens = {max_new_tokens!r} must be an integer >= 1")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"--batch-size = {batch_size!r} must be an integer >= 1")
@@ -138,5 +142,5 @@ def first_turn(tokenizer: PreTrainedTokenizerBase, new: list[int], stops: Sequen
     dropped."""
     cut = next((t for t, tok in enumerate(new) if tok in stops), None)
     ids = new if cut is None else new[:cut]
-    text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+    text = str(tokenizer.decode(ids, skip_special_tokens=True)).strip()
     return Reply(text=text, n_tokens=len(ids), stopped=cut is not None)

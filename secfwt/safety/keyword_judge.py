@@ -9,9 +9,9 @@ despite the name "prefixes".
 It is weak, and it is kept as GCG had it so that numbers compare with the literature: "illegal"
 inside a helpful answer counts as a refusal, and garbled or empty output counts as compliance;
 HarmBench (Mazeika et al. 2024, arXiv:2402.04249) reports about 71% agreement with human
-labels for this judge. Only the assistant's first turn is judged: the caller passes the reply up to the
-first end-of-turn token (:mod:`.generation`), so a reply that goes on to invent a user turn and
-refuse there is not counted as a refusal.
+labels for this judge. Only the assistant's first turn is judged: the caller passes the reply up
+to the first end-of-turn token (:mod:`.generation`), so a reply that goes on to invent a user
+turn and refuse there is not counted as a refusal.
 """
 
 from __future__ import annotations

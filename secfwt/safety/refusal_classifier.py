@@ -298,9 +298,7 @@ def _save(fit: ClassifierFit, path: Path) -> None:
     }
     c = fit.classifier
     with path.open("wb") as f:
-        np.savez(
-            f, mean=c.mean, scale=c.scale, weights=c.weights, meta=np.array(json.dumps(meta))
-        )
+        np.savez(f, mean=c.mean, scale=c.scale, weights=c.weights, meta=np.array(json.dumps(meta)))
 
 
 def _load(path: Path) -> ClassifierFit:

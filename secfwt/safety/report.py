@@ -23,9 +23,7 @@ def write_outputs(report: dict[str, Any], out_dir: Path) -> dict[str, str]:
 def _pct(rate: dict[str, Any]) -> str:
     if rate["rate"] is None:
         return "-"
-    return (
-        f"{100 * rate['rate']:.1f}% [{100 * rate['ci_low']:.1f}, {100 * rate['ci_high']:.1f}]"
-    )
+    return f"{100 * rate['rate']:.1f}% [{100 * rate['ci_low']:.1f}, {100 * rate['ci_high']:.1f}]"
 
 
 def _num(x: float | None, fmt: str = ".3f") -> str:

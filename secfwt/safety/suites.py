@@ -182,8 +182,7 @@ def parse_suites(names: str | Iterable[str]) -> tuple[str, ...]:
                 continue
             if name not in _SPECS:
                 raise ConfigError(
-                    f"--suite {name!r} is not a known suite; known suites: "
-                    f"{', '.join(SUITE_NAMES)}"
+                    f"--suite {name!r} is not a known suite; known suites: {', '.join(SUITE_NAMES)}"
                 )
             if name not in out:
                 out.append(name)

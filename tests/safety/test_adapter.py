@@ -23,7 +23,10 @@ def _save_adapter(base_dir: Path, out: Path, *, targets=("q_proj", "v_proj")) ->
     torch.manual_seed(1)
     base = AutoModelForCausalLM.from_pretrained(base_dir)
     config = LoraConfig(
-        r=4, lora_alpha=8, target_modules=list(targets), init_lora_weights=False,
+        r=4,
+        lora_alpha=8,
+        target_modules=list(targets),
+        init_lora_weights=False,
         task_type="CAUSAL_LM",
     )
     get_peft_model(base, config).save_pretrained(out)
@@ -50,7 +53,9 @@ def test_adapter_is_merged(tiny_chat_dir, tmp_path):
     chat = load_chat_model(str(tiny_chat_dir), adapter=adapter, device=torch.device("cpu"))
     assert chat.adapter is not None and chat.adapter["tensors"] == 2 * 2 * 2  # layers x q,v x A,B
     ids = torch.tensor([[1, 520, 9531, 198, 19556, 665]])
-    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_chat_dir), adapter)
+    reference = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_chat_dir), adapter
+    )
     reference.eval()
     plain = AutoModelForCausalLM.from_pretrained(tiny_chat_dir)
     got = _logits(chat.model, ids)

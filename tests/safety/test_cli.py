@@ -39,9 +39,21 @@ def test_eval_end_to_end(scripted_chat_dir, tmp_path, safety_cache, classifier_f
     out = tmp_path / "out"
     rc = main(
         [
-            "safety", "eval", str(scripted_chat_dir), "--suite", "advbench,overrefusal",
-            "--limit", "3", "--max-new-tokens", "6", "--utility-rows", "8",
-            "--out", str(out), "--report", str(tmp_path / "r.json"),
+            "safety",
+            "eval",
+            str(scripted_chat_dir),
+            "--suite",
+            "advbench,overrefusal",
+            "--limit",
+            "3",
+            "--max-new-tokens",
+            "6",
+            "--utility-rows",
+            "8",
+            "--out",
+            str(out),
+            "--report",
+            str(tmp_path / "r.json"),
         ]
     )
     assert rc == 0
@@ -72,8 +84,17 @@ def test_packaged_smollm2_few_prompts(tmp_path, safety_cache, monkeypatch):
     out = tmp_path / "out"
     rc = main(
         [
-            "safety", "eval", "packaged:smollm2-135m-instruct", "--suite", "advbench",
-            "--limit", "8", "--utility-rows", "20", "--out", str(out),
+            "safety",
+            "eval",
+            "packaged:smollm2-135m-instruct",
+            "--suite",
+            "advbench",
+            "--limit",
+            "8",
+            "--utility-rows",
+            "20",
+            "--out",
+            str(out),
         ]
     )
     assert rc == 0

@@ -11,7 +11,13 @@ from secfwt.safety.utility import chatterbot_held_out, held_out_reply_loss
 
 PAIRS = InstructionPairs(
     prompts=("Hello", "What is your name?", "Do you like music?", "Tell me a joke", "Bye"),
-    responses=("Hi there!", "I am a bot.", "Yes, jazz mostly.", "Why did the cat sit? To rest.", "Bye!"),
+    responses=(
+        "Hi there!",
+        "I am a bot.",
+        "Yes, jazz mostly.",
+        "Why did the cat sit? To rest.",
+        "Bye!",
+    ),
     systems=(None,) * 5,
 )
 
@@ -24,8 +30,9 @@ def test_reply_loss_equals_hugging_face_loss(tiny_chat_dir):
     tok = chat.tokenizer
     rows, labels = [], []
     for prompt, reply in zip(PAIRS.prompts, PAIRS.responses, strict=True):
-        head = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                       add_generation_prompt=True)
+        head = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
         h = tok(head, add_special_tokens=False)["input_ids"]
         r = tok(reply + "<|im_end|>", add_special_tokens=False)["input_ids"]
         rows.append(h + r)
