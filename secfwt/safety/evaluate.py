@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import torch
 
-from secfwt.errors import ConfigError
+from secfwt.data.sampling import check_count
 from secfwt.safety.chat_model import load_chat_model, pick_device
 from secfwt.safety.generation import Reply, generate_replies
 from secfwt.safety.keyword_judge import (
@@ -43,14 +43,14 @@ class EvalProgress(Protocol):
 
     def phase(self, label: str, total: int | None) -> None: ...
 
-    def advance(self, n: int) -> None: ...
+    def step(self, n: int) -> None: ...
 
 
 class _NoProgress:
     def phase(self, label: str, total: int | None) -> None:
         log.info("%s", label)
 
-    def advance(self, n: int) -> None:
+    def step(self, n: int) -> None:
         pass
 
 
@@ -70,17 +70,12 @@ class EvalRequest:
     def checked(self) -> EvalRequest:
         """A copy with suite names validated; every bad flag is a :class:`ConfigError` here,
         before any model is loaded."""
-        for field, value, minimum in (
-            ("--limit", self.limit, 1),
-            ("--max-new-tokens", self.max_new_tokens, 1),
-            ("--batch-size", self.batch_size, 1),
-            ("--utility-rows", self.utility_rows, 0),
-            ("--seed", self.seed, 0),
-        ):
-            if value is None and field == "--limit":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ConfigError(f"{field} = {value!r} must be an integer >= {minimum}")
+        if self.limit is not None:
+            check_count("--limit", self.limit, minimum=1)
+        check_count("--max-new-tokens", self.max_new_tokens, minimum=1)
+        check_count("--batch-size", self.batch_size, minimum=1)
+        check_count("--utility-rows", self.utility_rows, minimum=0)
+        check_count("--seed", self.seed, minimum=0)
         return EvalRequest(
             model=self.model,
             adapter=self.adapter,
@@ -116,7 +111,7 @@ def run_safety_eval(
             suite.prompts,
             max_new_tokens=req.max_new_tokens,
             batch_size=req.batch_size,
-            on_batch=view.advance,
+            on_batch=view.step,
         )
     gen_s = time.perf_counter() - t_gen
     new_tokens = sum(r.n_tokens for rs in replies.values() for r in rs)
@@ -138,7 +133,7 @@ def run_safety_eval(
         all_kw += kw
         all_clf += clf
         suite_reports.append(_suite_report(suite, replies[suite.name], kw, clf, prob.tolist()))
-        view.advance(1)
+        view.step(1)
 
     utility = None
     if req.utility_rows:

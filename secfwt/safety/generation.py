@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from secfwt.errors import ConfigError, ModelError
+from secfwt.data.sampling import check_count
+from secfwt.errors import ModelError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -91,14 +92,8 @@ def generate_replies(
     on_batch: Callable[[int], None] | None = None,
 ) -> list[Reply]:
     """Greedy replies to ``prompts`` in their order. ``on_batch(n)`` after each batch of ``n``."""
-    if (
-        isinstance(max_new_tokens, bool)
-        or not isinstance(max_new_tokens, int)
-        or max_new_tokens < 1
-    ):
-        raise ConfigError(f"--max-new-tokens = {max_new_tokens!r} must be an integer >= 1")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"--batch-size = {batch_size!r} must be an integer >= 1")
+    check_count("--max-new-tokens", max_new_tokens, minimum=1)
+    check_count("--batch-size", batch_size, minimum=1)
     from transformers import GenerationConfig
 
     stops = stop_token_ids(tokenizer)

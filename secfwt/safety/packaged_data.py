@@ -9,6 +9,7 @@ name finds the package folder without executing it.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,18 +27,15 @@ class DataPackage:
 
     def file(self, *parts: str) -> Path:
         """The existing file ``parts`` below the package folder."""
-        path = self._root().joinpath(*parts)
-        if not path.is_file():
-            raise DataError(
-                f"{path} is missing from the installed {self.distribution}; reinstall "
-                f"{self._pin} with `make setup`"
-            )
-        return path
+        return self._existing(parts, Path.is_file)
 
     def folder(self, *parts: str) -> Path:
         """The existing folder ``parts`` below the package folder."""
+        return self._existing(parts, Path.is_dir)
+
+    def _existing(self, parts: tuple[str, ...], exists: Callable[[Path], bool]) -> Path:
         path = self._root().joinpath(*parts)
-        if not path.is_dir():
+        if not exists(path):
             raise DataError(
                 f"{path} is missing from the installed {self.distribution}; reinstall "
                 f"{self._pin} with `make setup`"

@@ -1,12 +1,11 @@
 """Terminal progress of a safety evaluation: one rich bar per phase (prompts generated, suites
-judged), a spinner for phases of unknown length; in logs and pipes, one line per phase."""
+judged), a spinner for phases of unknown length; in logs and pipes, a line per phase and about
+every 10% of it, so a log shows that a long evaluation is alive."""
 
 from __future__ import annotations
 
 import sys
 import time
-from types import TracebackType
-from typing import Self
 
 from rich.console import Console
 from rich.progress import (
@@ -21,56 +20,46 @@ from rich.progress import (
 )
 
 
-class SafetyProgress:
-    """Implements :class:`secfwt.safety.evaluate.EvalProgress` on stderr."""
+class SafetyProgress(Progress):
+    """A rich :class:`Progress` (use it as a context manager) that implements
+    :class:`secfwt.safety.evaluate.EvalProgress` on stderr."""
 
     def __init__(self) -> None:
-        self._console = Console(file=sys.stderr)
-        self._live = self._console.is_terminal
-        self._progress = Progress(
+        console = Console(file=sys.stderr)
+        super().__init__(
             SpinnerColumn(),
             TextColumn("{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
-            console=self._console,
-            disable=not self._live,
+            console=console,
+            disable=not console.is_terminal,
         )
-        self._task: TaskID | None = None
+        self._current: TaskID | None = None
         self._t0 = time.monotonic()
-
-    def __enter__(self) -> Self:
-        self._progress.__enter__()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._finish()
-        self._progress.__exit__(exc_type, exc, tb)
-
-    def _finish(self) -> None:
-        if self._task is not None:
-            task = self._progress.tasks[self._task]
-            self._progress.update(self._task, completed=task.total or 1, total=task.total or 1)
-            self._progress.stop_task(self._task)
-            self._task = None
+        self._tenth = -1
 
     def phase(self, label: str, total: int | None) -> None:
         """A new phase starts; ``total`` steps (``None``: unknown)."""
-        if self._live:
-            self._finish()
-            self._task = self._progress.add_task(label, total=total)
-        else:
-            size = f" ({total})" if total else ""
-            self._console.print(
-                f"[{time.monotonic() - self._t0:6.0f} s] {label}{size}", highlight=False
-            )
+        if self._current is not None:  # the last phase is complete
+            done = self.tasks[self._current]
+            self.update(self._current, total=done.total or 1, completed=done.total or 1)
+        self._current = self.add_task(label, total=total)
+        self._tenth = 0
+        self._log(f"{label}" + (f" (0/{total})" if total else ""))
 
-    def advance(self, n: int) -> None:
-        if self._task is not None:
-            self._progress.advance(self._task, n)
+    def step(self, n: int) -> None:
+        """``n`` more steps of the current phase are done."""
+        if self._current is None:
+            return
+        self.advance(self._current, n)
+        task = self.tasks[self._current]
+        tenth = int(10 * task.completed // task.total) if task.total else 0
+        if tenth > self._tenth:
+            self._tenth = tenth
+            self._log(f"{task.description} ({int(task.completed)}/{int(task.total or 0)})")
+
+    def _log(self, text: str) -> None:
+        if self.disable:
+            self.console.print(f"[{time.monotonic() - self._t0:6.0f} s] {text}", highlight=False)

