@@ -101,6 +101,12 @@ def run_safety_eval(
     chat = load_chat_model(req.model, adapter=req.adapter)
     load_s = time.perf_counter() - t0
 
+    utility = None  # first: it is quick, and a data problem should stop the run before generation
+    if req.utility_rows:
+        view.phase(f"utility: held-out reply loss ({UTILITY_DATASET})", None)
+        held = chatterbot_held_out(rows=req.utility_rows, seed=req.seed)
+        utility = held_out_reply_loss(chat.model, chat.tokenizer, held, seed=req.seed).as_dict()
+
     replies: dict[str, list[Reply]] = {}
     t_gen = time.perf_counter()
     for suite in suites:
@@ -134,12 +140,6 @@ def run_safety_eval(
         all_clf += clf
         suite_reports.append(_suite_report(suite, replies[suite.name], kw, clf, prob.tolist()))
         view.step(1)
-
-    utility = None
-    if req.utility_rows:
-        view.phase(f"utility: held-out reply loss ({UTILITY_DATASET})", None)
-        held = chatterbot_held_out(rows=req.utility_rows, seed=req.seed)
-        utility = held_out_reply_loss(chat.model, chat.tokenizer, held, seed=req.seed).as_dict()
 
     wall_s = time.perf_counter() - t0
     return {

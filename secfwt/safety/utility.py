@@ -17,7 +17,11 @@ from typing import Any
 
 import torch
 
-from secfwt.data.chat_tokenize import format_instructions, masked_next_token_loss
+from secfwt.data.chat_tokenize import (
+    format_instructions,
+    masked_next_token_loss,
+    template_lengths,
+)
 from secfwt.data.instructions import InstructionPairs, load_chatterbot, split_by_prompt
 from secfwt.data.task import PaddingSide, Truncation
 
@@ -58,17 +62,18 @@ def held_out_reply_loss(
     *,
     dataset: str = UTILITY_DATASET,
     seed: int = 0,
-    max_length: int = 128,
     batch_size: int = 16,
 ) -> UtilityResult:
-    """Token-weighted mean reply loss of ``model`` on ``data`` (prompts cut on the left to fit)."""
+    """Token-weighted mean reply loss of ``model`` on ``data``, every pair whole (rows are padded
+    to the longest pair, and each batch is trimmed to its own longest)."""
+    longest = max(template_lengths(data, tokenizer=tokenizer))
     batch = format_instructions(
         data,
         tokenizer=tokenizer,
-        max_length=max_length,
-        truncate=Truncation.PROMPT_LEFT,
+        max_length=max(longest, 2),
+        truncate=Truncation.NONE,
         padding_side=PaddingSide.RIGHT,
-        model_max_positions=int(getattr(model.config, "max_position_embeddings", max_length)),
+        model_max_positions=int(getattr(model.config, "max_position_embeddings", longest)),
     )
     device = next(model.parameters()).device
     total, tokens = 0.0, 0
