@@ -51,16 +51,22 @@ def markdown(report: dict[str, Any]) -> str:
             f"{_pct(s['classifier'])} | {_num(s['kappa'], '.2f')} |"
         )
     acc, kw_acc = clf["held_out_accuracy"], clf["keyword_held_out_accuracy"]
+    parts = "; ".join(
+        f"{name}: {_pct(acc[key])} (keyword judge {_pct(kw_acc[key])})"
+        for key, name in (
+            ("refusal_scorer", "human refusal labels"),
+            ("objective_achieved", "harmful compliances"),
+        )
+    )
     lines += [
         "",
         f"Keyword judge: {report['judges']['keyword']['source']}.",
         "",
         f"Classifier judge: {clf['model']} on {clf['features']}; trained on {clf['n_train']} "
-        f"human-labelled replies ({clf['data']}); held-out accuracy {_pct(acc)} on "
-        f"{clf['n_held_out']} replies to unseen prompts (keyword judge on the same rows: "
-        f"{_pct(kw_acc)}; kappa between the two there: "
-        f"{_num(clf['held_out_kappa_vs_keyword'], '.2f')}). Kappa between the judges on this "
-        f"run's {report['judges']['replies_judged']} replies: "
+        f"replies ({clf['data']}). Held-out accuracy on {clf['n_held_out']} replies to unseen "
+        f"prompts {_pct(acc['all'])}, keyword judge {_pct(kw_acc['all'])}; {parts}. Kappa "
+        f"between the judges there {_num(clf['held_out_kappa_vs_keyword'], '.2f')}, on this "
+        f"run's {report['judges']['replies_judged']} replies "
         f"{_num(report['judges']['kappa_on_replies'], '.2f')}.",
         "",
     ]

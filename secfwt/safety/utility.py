@@ -64,8 +64,9 @@ def held_out_reply_loss(
     seed: int = 0,
     batch_size: int = 16,
 ) -> UtilityResult:
-    """Token-weighted mean reply loss of ``model`` on ``data``, every pair whole (rows are padded
-    to the longest pair, and each batch is trimmed to its own longest)."""
+    """Token-weighted mean reply loss of ``model`` on ``data``, every pair whole. Rows are batched
+    in order of length and each batch is cut to its longest row (the mean does not depend on the
+    order), which spares most of the padding."""
     longest = max(template_lengths(data, tokenizer=tokenizer))
     batch = format_instructions(
         data,
@@ -77,8 +78,9 @@ def held_out_reply_loss(
     )
     device = next(model.parameters()).device
     total, tokens = 0.0, 0
+    order = torch.argsort(batch.lengths())  # (N,)
     for start in range(0, len(batch), batch_size):
-        rows = slice(start, start + batch_size)
+        rows = order[start : start + batch_size]
         width = int(batch.attention_mask[rows].sum(dim=1).max())  # right padding: trim the tail
         logits = model(
             input_ids=batch.input_ids[rows, :width].to(device),

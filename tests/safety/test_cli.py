@@ -69,7 +69,7 @@ def test_eval_end_to_end(scripted_chat_dir, tmp_path, safety_cache, classifier_f
         assert s["keyword"] == expected_ci
         assert s["classifier"]["k"] == sum(r["classifier_p_refusal"] >= 0.5 for r in s["replies"])
     clf = report["judges"]["classifier"]
-    assert clf["held_out_accuracy"] == classifier_fit.held_out_accuracy.as_dict()
+    assert clf["held_out_accuracy"]["all"] == classifier_fit.held_out_accuracy.as_dict()
     assert report["utility"]["rows"] == 8 and report["utility"]["loss"] > 0
     assert (out / "safety-eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "safety-eval.md").read_text()

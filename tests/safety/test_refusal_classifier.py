@@ -6,21 +6,28 @@ import numpy as np
 
 from secfwt.safety.normalise import normalise_prompt
 from secfwt.safety.refusal_classifier import (
+    SOURCE_COMPLIANCE,
+    SOURCE_REFUSAL,
     cached_refusal_classifier,
     load_refusal_labels,
     split_by_prompt,
 )
 
-#: Stated floor of the held-out accuracy (measured 0.82-0.94 over 6 split seeds, 0.92 at the
-#: default seed 0; the keyword judge scores 0.58-0.71 on the same rows, since a third of pyrit's
-#: refusals are off-topic replies without refusal words).
-ACCURACY_FLOOR = 0.80
+#: Stated floors of the held-out accuracy at the default split (seed 0: measured 0.935 overall,
+#: 0.86 on the refusal-labelled rows, 1.00 on the harmful compliances; over 4 split seeds the
+#: refusal-labelled part ranged 0.79-0.86). The keyword judge scores 0.66 on the refusal-labelled
+#: rows: a third of pyrit's refusals are off-topic replies without refusal words.
+FLOORS = {"all": 0.85, SOURCE_REFUSAL: 0.78, SOURCE_COMPLIANCE: 0.90}
 
 
 def test_labels_load() -> None:
     data = load_refusal_labels()
-    assert len(data) == 169  # 105 in refusal.csv + 64 in refusal_extra.csv
-    assert sum(data.refusals) == 109
+    assert len(data) == 169 + 191  # refusal.csv 105 + refusal_extra.csv 64; objective achieved
+    assert sum(data.sources[i] == SOURCE_REFUSAL for i in range(len(data))) == 169
+    assert sum(data.refusals) == 109  # all from the refusal-labelled files
+    assert not any(
+        r for r, s in zip(data.refusals, data.sources, strict=True) if s != SOURCE_REFUSAL
+    )
     assert all(p.strip() and r.strip() for p, r in zip(data.prompts, data.replies, strict=True))
 
 
@@ -34,10 +41,11 @@ def test_split_keeps_prompts_apart() -> None:
 
 
 def test_held_out_accuracy_above_floor(classifier_fit) -> None:
-    acc = classifier_fit.held_out_accuracy
-    assert acc.n == classifier_fit.n_held_out >= 50
-    assert acc.rate >= ACCURACY_FLOOR, classifier_fit.summary()
-    assert acc.rate > classifier_fit.keyword_held_out_accuracy.rate
+    assert classifier_fit.held_out_accuracy.n == classifier_fit.n_held_out >= 100
+    for part, floor in FLOORS.items():
+        acc = classifier_fit.accuracy[part]
+        assert acc.n >= 40 and acc.rate >= floor, (part, classifier_fit.summary())
+    assert classifier_fit.held_out_accuracy.rate > classifier_fit.keyword_accuracy["all"].rate
 
 
 def test_classifier_on_new_pairs(classifier_fit, embedder) -> None:
@@ -60,5 +68,5 @@ def test_cache_returns_the_same_classifier(classifier_fit, embedder, safety_cach
     assert len(files) == 1
     again = cached_refusal_classifier(embedder, cache_dir=safety_cache / "safety")  # loads
     assert np.array_equal(again.classifier.weights, classifier_fit.classifier.weights)
-    assert again.held_out_accuracy == classifier_fit.held_out_accuracy
+    assert again.accuracy == classifier_fit.accuracy
     assert again.summary() == classifier_fit.summary()
