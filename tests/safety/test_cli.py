@@ -73,7 +73,7 @@ def test_eval_end_to_end(scripted_chat_dir, tmp_path, safety_cache, classifier_f
     assert report["utility"]["rows"] == 8 and report["utility"]["loss"] > 0
     assert (out / "safety-eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "safety-eval.md").read_text()
-    assert "| advbench | harmful | 3 |" in md and "held-out accuracy" in md
+    assert "| advbench | harmful | 3 |" in md and "Held-out accuracy" in md
 
 
 @pytest.mark.slow
