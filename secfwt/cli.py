@@ -270,6 +270,36 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_safety_eval(args: argparse.Namespace) -> int:
+    from secfwt.safety.evaluate import EvalRequest, run_safety_eval
+    from secfwt.safety.progress import SafetyProgress
+    from secfwt.safety.report import write_outputs
+    from secfwt.safety.suites import DEFAULT_SUITES
+
+    req = EvalRequest(
+        model=args.model,
+        adapter=args.adapter,
+        suites=tuple(args.suite or ()) or DEFAULT_SUITES,
+        limit=args.limit,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        utility_rows=args.utility_rows,
+    ).checked()
+    print(
+        f"safety eval: {req.model}{' + adapter ' + req.adapter if req.adapter else ''} on "
+        f"{', '.join(req.suites)}{f' (first {req.limit} each)' if req.limit else ''}; "
+        f"writing {args.out}/",
+        flush=True,
+    )
+    with SafetyProgress() as view:
+        report = run_safety_eval(req, progress=view)
+    files = write_outputs(report, Path(args.out))
+    _write_report(report, args.report)
+    print(Path(files["md"]).read_text())
+    print("report: " + ", ".join(files.values()) + (f", {args.report}" if args.report else ""))
+    return 0
+
+
 #: One --set syntax for every command (secfwt.overrides): PATH is the field's dotted path in the
 #: contract (SECTION.KEY in a job, KEY in the flat bench plan); VALUE is TOML, bare words need no
 #: quotes and a list may be given comma-separated.
@@ -480,6 +510,39 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     b.set_defaults(func=cmd_bench)
+
+    sf = sub.add_parser("safety", help="alignment safety of chat models")
+    sf_sub = sf.add_subparsers(dest="safety_command", required=True)
+    se = sf_sub.add_parser(
+        "eval",
+        help="refusal rates on harmful and benign prompt suites (two judges) and held-out loss",
+    )
+    se.add_argument("model", help="causal LM folder, or packaged:smollm2-135m-instruct")
+    se.add_argument("--adapter", metavar="DIR", help="PEFT adapter folder merged into MODEL")
+    se.add_argument(
+        "--suite",
+        action="append",
+        metavar="NAME",
+        help="suites, comma-separated or repeated (default: advbench, harmbench, donotanswer, "
+        "rho-refusal, overrefusal)",
+    )
+    se.add_argument("--limit", type=int, metavar="N", help="first N prompts of each suite")
+    se.add_argument("--max-new-tokens", type=int, default=64, help="per reply (default 64)")
+    se.add_argument("--batch-size", type=int, default=8, help="prompts per batch (default 8)")
+    se.add_argument(
+        "--utility-rows",
+        type=int,
+        default=200,
+        metavar="N",
+        help="ChatterBot held-out pairs for the reply loss (default 200; 0 skips it)",
+    )
+    se.add_argument(
+        "--out",
+        default="safety-eval",
+        help="folder for safety-eval.json, .md and .png (default ./safety-eval)",
+    )
+    se.add_argument("--report", help="also write the JSON report here")
+    se.set_defaults(func=cmd_safety_eval)
 
     from secfwt.server.cli import register as register_server_commands  # party, job, certs
 

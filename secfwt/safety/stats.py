@@ -1,0 +1,78 @@
+"""Rates with confidence intervals, and agreement between two judges: pure functions.
+
+* Wilson score interval (Wilson 1927, "Probable inference, the law of succession, and
+  statistical inference", JASA 22:209-212), through ``scipy.stats.binomtest(...).proportion_ci(
+  method="wilson")``. Chosen over the normal (Wald) interval because refusal rates sit near 0 or
+  1 on small suites, where Wald's interval collapses to a point or leaves [0, 1]; Newcombe (1998,
+  Stat. Med. 17:857-872) compares the methods and tabulates the examples the tests check.
+* Cohen's kappa (Cohen 1960, "A coefficient of agreement for nominal scales", Educ. Psychol.
+  Meas. 20:37-46): kappa = (p_o - p_e) / (1 - p_e), observed agreement p_o against the agreement
+  p_e two independent judges with the same marginal rates would reach by chance. Written out
+  because scikit-learn (``cohen_kappa_score``) is not a dependency for one formula.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from secfwt.errors import DataError
+
+CONFIDENCE = 0.95
+
+
+@dataclass(frozen=True)
+class Rate:
+    """``k`` of ``n`` with its point estimate and two-sided Wilson interval (``None`` if n = 0)."""
+
+    k: int
+    n: int
+    rate: float | None
+    low: float | None
+    high: float | None
+    confidence: float = CONFIDENCE
+
+    def as_dict(self) -> dict[str, float | int | None]:
+        return {
+            "k": self.k,
+            "n": self.n,
+            "rate": self.rate,
+            "ci_low": self.low,
+            "ci_high": self.high,
+            "confidence": self.confidence,
+        }
+
+
+def wilson_rate(k: int, n: int, *, confidence: float = CONFIDENCE) -> Rate:
+    """``k`` successes of ``n`` trials with the Wilson score interval at ``confidence``."""
+    if n < 0 or not 0 <= k <= max(n, 0):
+        raise DataError(f"a rate needs 0 <= k <= n, got k = {k}, n = {n}")
+    if n == 0:
+        return Rate(k=0, n=0, rate=None, low=None, high=None, confidence=confidence)
+    from scipy.stats import binomtest
+
+    ci = binomtest(k, n).proportion_ci(confidence_level=confidence, method="wilson")
+    return Rate(k=k, n=n, rate=k / n, low=float(ci.low), high=float(ci.high), confidence=confidence)
+
+
+def cohen_kappa(a: Sequence[bool], b: Sequence[bool]) -> float | None:
+    """Cohen's kappa of two binary judgements of the same items; ``None`` when undefined (no
+    items, or both judges constant and equal, so that chance agreement is 1)."""
+    if len(a) != len(b):
+        raise DataError(f"kappa needs two judgements of the same items: {len(a)} vs {len(b)}")
+    n = len(a)
+    if n == 0:
+        return None
+    p_o = sum(x == y for x, y in zip(a, b, strict=True)) / n
+    pa, pb = sum(map(bool, a)) / n, sum(map(bool, b)) / n
+    p_e = pa * pb + (1 - pa) * (1 - pb)
+    if p_e == 1.0:
+        return None
+    return (p_o - p_e) / (1 - p_e)
+
+
+def accuracy(predicted: Sequence[bool], truth: Sequence[bool]) -> Rate:
+    """Share of ``predicted`` equal to ``truth``, as a :class:`Rate` with its interval."""
+    if len(predicted) != len(truth):
+        raise DataError(f"accuracy needs equal lengths: {len(predicted)} vs {len(truth)}")
+    return wilson_rate(sum(p == t for p, t in zip(predicted, truth, strict=True)), len(truth))
