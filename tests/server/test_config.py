@@ -88,8 +88,14 @@ def test_good_config_resolves_paths_and_pins(tmp_path: Path) -> None:
             ("heartbeat_timeout_s = 5", "proposal_ttl_s = 0"),
             "jobs.proposal_ttl_s = 0.0: must be > 0",
         ),
-        (("heartbeat_timeout_s = 5", "proposal_ttl_s = nan"), "jobs.proposal_ttl_s = nan"),
-        (("heartbeat_timeout_s = 5", "shutdown_grace_s = nan"), "jobs.shutdown_grace_s = nan"),
+        (
+            ("heartbeat_timeout_s = 5", "proposal_ttl_s = nan"),
+            r"\[jobs\] proposal_ttl_s: expected a finite",
+        ),
+        (
+            ("heartbeat_timeout_s = 5", "shutdown_grace_s = nan"),
+            r"\[jobs\] shutdown_grace_s: expected a finite",
+        ),
         (
             (
                 'id = "vendor"',
