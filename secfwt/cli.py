@@ -39,6 +39,10 @@ def cmd_verify_model(args: argparse.Namespace) -> int:
         provider=provider,
         max_abs_tol=args.max_abs_tol,
         mean_abs_tol=args.mean_abs_tol,
+        samples=args.samples,
+        per_layer=args.per_layer,
+        min_argmax_agreement=args.min_argmax_agreement,
+        max_mean_err_over_std=args.max_mean_err_over_std,
     )
     print(
         f"verify-model: secure {req.attention.value} forward of {args.model_dir} at seq-len "
@@ -47,9 +51,27 @@ def cmd_verify_model(args: argparse.Namespace) -> int:
     )
     report = run_verify(req)
     _write_report(report, args.report)
+    if "logits_mean_abs_err" in report:  # a decoder: logits on chat prompts
+        for row in report.get("per_layer", []):
+            print(
+                f"  layer {row['layer']}: max_abs_err {row['max_abs_err']:.3e}  mean_abs_err "
+                f"{row['mean_abs_err']:.3e}  (reference mean abs {row['reference_mean_abs']:.3g})"
+            )
+        for line in report["ranges_not_covered"]:
+            print(f"  WARNING: {line}")
+        summary = (
+            f"logits over {report['positions']} positions: max_abs_err "
+            f"{report['logits_max_abs_err']:.3e}  mean_abs_err {report['logits_mean_abs_err']:.3e} "
+            f"({100 * report['logits_mean_abs_err_over_std']:.3f}% of the logits' std "
+            f"{report['logits_std']:.3g})  argmax_agreement {report['argmax_agreement']:.4f}"
+        )
+    else:
+        summary = (
+            f"max_abs_err {report['max_abs_err']:.3e}  mean_abs_err {report['mean_abs_err']:.3e}  "
+            f"argmax_agreement {report['argmax_agreement']:.4f}"
+        )
     print(
-        f"max_abs_err {report['max_abs_err']:.3e}  mean_abs_err {report['mean_abs_err']:.3e}  "
-        f"argmax_agreement {report['argmax_agreement']:.4f}  ({report['reference']})\n"
+        f"{summary}  ({report['reference']})\n"
         f"wall {report['wall_s']:.1f} s, secure compute {report['secure_compute_s']:.1f} s; "
         + ", ".join(
             f"{r}: {p['bytes_sent'] / 1e6:.1f} MB sent, {p['rounds']} rounds"
@@ -58,6 +80,20 @@ def cmd_verify_model(args: argparse.Namespace) -> int:
     )
     check(report)
     print("PASS: within tolerance " + json.dumps(report["tolerance"]))
+    return 0
+
+
+def cmd_prepare_models(args: argparse.Namespace) -> int:
+    """Resolve packaged models once, so that no party process converts one on its first run."""
+    import time
+
+    from secfwt.models.packaged import PACKAGED_MODELS, resolve_packaged
+
+    for name in args.names or list(PACKAGED_MODELS):
+        name = name.removeprefix("packaged:")
+        t0 = time.perf_counter()
+        path = resolve_packaged(name)
+        print(f"packaged:{name} -> {path} ({time.perf_counter() - t0:.1f} s)")
     return 0
 
 
@@ -240,7 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser(
         "verify-model", help="secure forward of a checkpoint vs its plaintext forward"
     )
-    v.add_argument("model_dir", help="Hugging Face checkpoint folder, or packaged:all-minilm-l6-v2")
+    v.add_argument(
+        "model_dir",
+        help="Hugging Face checkpoint folder, packaged:all-minilm-l6-v2 or "
+        "packaged:smollm2-135m-instruct",
+    )
     v.add_argument("--attention", choices=["softmax", "rfa"], default="softmax")
     v.add_argument("--seq-len", type=int, default=128)
     v.add_argument(
@@ -253,14 +293,36 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--rfa-features", type=int, default=64)
     v.add_argument("--rfa-sigma", type=float, default=1.5)
-    v.add_argument("--max-abs-tol", type=float, default=0.1)
-    v.add_argument("--mean-abs-tol", type=float, default=0.01)
+    v.add_argument("--max-abs-tol", type=float, default=0.1, help="encoders: hidden states")
+    v.add_argument("--mean-abs-tol", type=float, default=0.01, help="encoders: hidden states")
+    v.add_argument(
+        "--samples", type=int, default=3, help="decoders: chat prompts in the batch (default 3)"
+    )
+    v.add_argument(
+        "--per-layer",
+        action="store_true",
+        help="decoders: also reveal and compare every layer's output (where the error comes from)",
+    )
+    v.add_argument("--min-argmax-agreement", type=float, default=0.99, help="decoders")
+    v.add_argument(
+        "--max-mean-err-over-std",
+        type=float,
+        default=0.01,
+        help="decoders: mean abs logit error as a fraction of the logits' std",
+    )
     v.add_argument(
         "--insecure-dev",
         action="store_true",
         help="use the TFP provider (model owner learns inputs); development only",
     )
     v.set_defaults(func=cmd_verify_model)
+
+    pm = sub.add_parser(
+        "prepare-models",
+        help="install-time step: convert packaged GGUF models into the cache (make setup runs it)",
+    )
+    pm.add_argument("names", nargs="*", help="packaged model names (default: all)")
+    pm.set_defaults(func=cmd_prepare_models)
 
     s = sub.add_parser("simulate", help="run a job with every party as a local process")
     s.add_argument("job", nargs="?", help="job TOML (default: the packaged default job)")

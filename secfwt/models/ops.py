@@ -1,9 +1,9 @@
 """The numeric backends the transformer code runs on: plaintext torch and CrypTen MPC.
 
-The model code in :mod:`secfwt.models.encoder` is written once against :class:`Ops`; the
-plaintext backend is the reference the secure backend is tested against ("one protocol code,
-several runtimes"). The plaintext backend computes in float64 so that differences in tests
-measure the MPC error, not float32 rounding.
+The model code in :mod:`secfwt.models.encoder` and :mod:`secfwt.models.decoder` is written once
+against :class:`Ops`; the plaintext backend is the reference the secure backend is tested against
+("one protocol code, several runtimes"). The plaintext backend computes in float64 so that
+differences in tests measure the MPC error, not float32 rounding.
 """
 
 from __future__ import annotations
@@ -38,10 +38,26 @@ class Ops(abc.ABC):
     def gelu_tanh(self, x: Tensor) -> Tensor: ...
 
     @abc.abstractmethod
+    def silu(self, x: Tensor) -> Tensor: ...
+
+    @abc.abstractmethod
     def tanh(self, x: Tensor) -> Tensor: ...
 
     @abc.abstractmethod
     def layer_norm(self, x: Tensor, *, weight: Tensor, bias: Tensor, eps: float) -> Tensor: ...
+
+    @abc.abstractmethod
+    def rms_norm(
+        self, x: Tensor, *, weight: Tensor, eps: float, mean_square_range: tuple[float, float]
+    ) -> Tensor:
+        """RMSNorm over the last dim; the secure backend is accurate for row mean squares in
+        ``mean_square_range``."""
+
+    def keep_keys(self, allowed: torch.Tensor, key_mask: Tensor) -> Tensor:
+        """0/1 attention mask ``allowed * key_mask``: a public pattern (.., T, T) times a key mask
+        (N, 1, 1, T), public or secret; exact (the secure backend multiplies ring shares by the
+        public integers, where CrypTen's product by a public float would truncate)."""
+        return key_mask * allowed.to(key_mask.dtype)
 
     @abc.abstractmethod
     def inv_sqrt(self, x: Tensor, *, lo: float, hi: float) -> Tensor: ...
@@ -78,6 +94,8 @@ class Ops(abc.ABC):
             return self.gelu_tanh(x)
         if name == "relu":
             return x.relu() if self.secure else torch.relu(x)
+        if name == "silu":
+            return self.silu(x)
         raise ValueError(f"unsupported activation {name!r}")
 
 
@@ -91,6 +109,9 @@ class PlainOps(Ops):
             x = x.masked_fill(mask.to(torch.bool).logical_not(), float("-inf"))
         return torch.softmax(x, dim=-1)
 
+    def silu(self, x):
+        return F.silu(x)
+
     def gelu(self, x):
         return F.gelu(x)
 
@@ -102,6 +123,9 @@ class PlainOps(Ops):
 
     def layer_norm(self, x, *, weight, bias, eps):
         return F.layer_norm(x, (x.shape[-1],), weight.to(x.dtype), bias.to(x.dtype), eps)
+
+    def rms_norm(self, x, *, weight, eps, mean_square_range):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.to(x.dtype)
 
     def inv_sqrt(self, x, *, lo, hi):
         return torch.rsqrt(x)
@@ -156,11 +180,23 @@ class SecureOps(Ops):
     def gelu_tanh(self, x):
         return self._nl.gelu_tanh(x)
 
+    def silu(self, x):
+        return self._nl.silu(x)
+
     def tanh(self, x):
         return self._nl.tanh(x)
 
     def layer_norm(self, x, *, weight, bias, eps):
         return self._nl.layer_norm(x, weight=weight, bias=bias, eps=eps)
+
+    def rms_norm(self, x, *, weight, eps, mean_square_range):
+        return self._nl.rms_norm(x, weight=weight, eps=eps, mean_square_range=mean_square_range)
+
+    def keep_keys(self, allowed, key_mask):
+        if torch.is_tensor(key_mask):
+            return super().keep_keys(allowed, key_mask)
+        share = key_mask.share * allowed.to(torch.long)  # ring integers: no truncation
+        return type(key_mask).from_shares(share, precision=self._nl.FRAC_BITS)
 
     def inv_sqrt(self, x, *, lo, hi):
         return self._nl.inv_sqrt(x, lo=lo, hi=hi)

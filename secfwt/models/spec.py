@@ -8,16 +8,29 @@ from typing import Any
 
 
 class Family(enum.Enum):
+    """Architecture family: the Hugging Face ``model_type``."""
+
     BERT = "bert"
     ROBERTA = "roberta"
+    LLAMA = "llama"  # also SmolLM2
+    QWEN2 = "qwen2"  # Llama with q/k/v biases
+    MISTRAL = "mistral"  # Llama with a sliding attention window
+
+    @property
+    def is_decoder(self) -> bool:
+        return self in _DECODERS
+
+
+_DECODERS = frozenset({Family.LLAMA, Family.QWEN2, Family.MISTRAL})
 
 
 class Head(enum.Enum):
-    """Which Hugging Face head sits on the encoder."""
+    """Which Hugging Face head sits on the encoder or decoder."""
 
-    BASE = "base"  # BertModel / RobertaModel: last hidden states
+    BASE = "base"  # BertModel / LlamaModel ...: last hidden states
     MASKED_LM = "masked_lm"  # *ForMaskedLM: vocabulary logits per position
     SEQUENCE_CLASSIFICATION = "sequence_classification"  # *ForSequenceClassification
+    CAUSAL_LM = "causal_lm"  # *ForCausalLM: next-token logits per position (decoders)
 
 
 class Pooling(enum.Enum):
@@ -55,32 +68,52 @@ class ModelSpec:
     intermediate_size: int
     vocab_size: int
     max_positions: int
-    type_vocab_size: int
-    layer_norm_eps: float
+    type_vocab_size: int  # 0 for decoders
+    layer_norm_eps: float  # eps of the normalisation layers (LayerNorm, or RMSNorm for decoders)
     pad_token_id: int
     hidden_act: str
     num_labels: int
     #: parameter name (Hugging Face state-dict name) -> shape, in a fixed order
     param_shapes: tuple[tuple[str, tuple[int, ...]], ...]
+    # -- decoders only (defaults describe an encoder) -----------------------------------------
+    #: key/value heads of grouped-query attention (Ainslie et al., EMNLP 2023); 0: num_heads
+    num_kv_heads: int = 0
+    #: per-head width when the config sets it apart from hidden_size / num_heads; 0: the quotient
+    attention_head_dim: int = 0
+    #: base of the rotary frequencies theta_i = rope_theta^(-2i/dh) (Su et al., RoFormer, 2021)
+    rope_theta: float = 0.0
+    #: the LM head is the word-embedding table (no lm_head.weight of its own)
+    tie_word_embeddings: bool = False
+    #: per layer: the sliding attention window (keys i - w < j <= i), 0 for full causal attention
+    layer_windows: tuple[int, ...] = ()
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.attention_head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
 
     @property
     def prefix(self) -> str:
-        """State-dict prefix of the encoder ("bert." / "roberta." under a head, "" for base)."""
-        return "" if self.head is Head.BASE else f"{self.family.value}."
+        """State-dict prefix of the backbone: "bert." / "roberta." / "model." under a head, ""
+        for a base model."""
+        if self.head is Head.BASE:
+            return ""
+        return "model." if self.family.is_decoder else f"{self.family.value}."
 
     @property
     def word_embeddings(self) -> str:
         """State-dict name of the word-embedding table (V, H)."""
+        if self.family.is_decoder:
+            return self.prefix + "embed_tokens.weight"
         return self.prefix + "embeddings.word_embeddings.weight"
 
     @property
     def position_offset(self) -> int:
         """RoBERTa numbers positions from padding_idx + 1 (Hugging Face
-        ``create_position_ids_from_input_ids``); BERT from 0."""
+        ``create_position_ids_from_input_ids``); BERT from 0; decoders have no position table."""
         return self.pad_token_id + 1 if self.family is Family.ROBERTA else 0
 
     @property
@@ -101,6 +134,7 @@ class ModelSpec:
             name.endswith(".weight")
             and len(self.shape_of(name)) == 2
             and ".embeddings." not in f".{name}"
+            and name != self.word_embeddings
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -108,6 +142,7 @@ class ModelSpec:
         d["family"] = self.family.value
         d["head"] = self.head.value
         d["param_shapes"] = [[n, list(s)] for n, s in self.param_shapes]
+        d["layer_windows"] = list(self.layer_windows)
         return d
 
     @classmethod
@@ -116,4 +151,5 @@ class ModelSpec:
         d["family"] = Family(d["family"])
         d["head"] = Head(d["head"])
         d["param_shapes"] = tuple((n, tuple(s)) for n, s in d["param_shapes"])
+        d["layer_windows"] = tuple(d.get("layer_windows", ()))
         return cls(**d)

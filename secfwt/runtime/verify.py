@@ -3,6 +3,8 @@
 softmax mode: the reference is the ``transformers`` forward itself (eager attention).
 rfa mode: the reference is secfwt's plaintext encoder with the same Random Feature Attention
 (the RFA model is a different function from the checkpoint's softmax model by design).
+Decoders (Llama, Qwen2, Mistral) are checked on chat prompts, by their logits:
+:mod:`secfwt.runtime.verify_decoder`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from secfwt.errors import ConfigError, ToleranceExceededError
 from secfwt.models.attention import RFASettings
 from secfwt.models.checkpoint import (
     build_hf_model,
+    check_architecture,
     family_of,
     load_checkpoint,
     load_config,
@@ -34,6 +37,13 @@ from secfwt.mpc.disclosure import DisclosureTerms, Revealable
 from secfwt.mpc.launcher import PartyContext, run_parties
 from secfwt.mpc.provider import Provider
 from secfwt.roles import Role
+from secfwt.runtime.verify_decoder import (
+    check_decoder_request,
+    decoder_party,
+    decoder_reference,
+    decoder_report,
+    sample_chat_inputs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +72,17 @@ class VerifyRequest:
     max_abs_tol: float = 0.1
     mean_abs_tol: float = 0.01
     timeout_s: float = 1800.0
+    # decoders: sample rows, per-layer report, and the pass criteria on the logits
+    samples: int = 3
+    per_layer: bool = False
+    min_argmax_agreement: float = 0.99
+    max_mean_err_over_std: float = 0.01
 
 
 def head_from_config(config: Any) -> Head:
     archs = getattr(config, "architectures", None) or []
+    if any(a.endswith("ForCausalLM") for a in archs):
+        return Head.CAUSAL_LM
     if any(a.endswith("ForMaskedLM") for a in archs):
         return Head.MASKED_LM
     if any(a.endswith("ForSequenceClassification") for a in archs):
@@ -157,7 +174,7 @@ def _party(ctx: PartyContext, payload: dict[str, Any]) -> Any:
 def run_verify(req: VerifyRequest) -> dict[str, Any]:
     model_dir = resolve_model_path(req.model_path)
     config = load_config(model_dir)
-    family = family_of(config)
+    family = check_architecture(config)
     head = req.head or head_from_config(config)
     longest = max_input_tokens(config)
     if not 1 <= req.seq_len <= longest:
@@ -165,31 +182,18 @@ def run_verify(req: VerifyRequest) -> dict[str, Any]:
             f"--seq-len {req.seq_len}: must be between 1 and {longest}, the longest input this "
             "checkpoint's position table allows"
         )
+    if family.is_decoder:
+        return _run_decoder(req, model_dir=model_dir, family=family, head=head, config=config)
     num_labels = int(getattr(config, "num_labels", 2) or 2)
     ids, source = sample_inputs(
         model_dir, seq_len=req.seq_len, vocab_size=config.vocab_size, seed=req.seed
     )
-    terms = [(Revealable.VERIFY_OUTPUTS, [Role.DATA_OWNER])]
-    if req.embedding is EmbeddingMode.TABLE_TO_DATA_OWNER:
-        terms.append((Revealable.EMBEDDING_TABLE, [Role.DATA_OWNER]))
-    terms_obj = DisclosureTerms.of(terms)
-    common = {"request": req, "terms": terms_obj.to_list()}
-    t0 = time.perf_counter()
-    results = run_parties(
+    results, wall = _launch(
         _party,
-        payloads={
-            Role.MODEL_OWNER: {
-                **common,
-                "model_dir": str(model_dir),
-                "head": head,
-                "num_labels": num_labels,
-            },
-            Role.DATA_OWNER: {**common, "input_ids": ids},
-        },
-        provider=req.provider,
-        timeout_s=req.timeout_s,
+        req,
+        owner={"model_dir": str(model_dir), "head": head, "num_labels": num_labels},
+        data={"input_ids": ids},
     )
-    wall = time.perf_counter() - t0
     secure = results[Role.DATA_OWNER].value
     ref_hidden, ref_out, impl_err = _reference(
         model_dir, req=req, head=head, num_labels=num_labels, ids=ids
@@ -222,14 +226,83 @@ def run_verify(req: VerifyRequest) -> dict[str, Any]:
         "tolerance": {"max_abs": req.max_abs_tol, "mean_abs": req.mean_abs_tol},
         "wall_s": wall,
         "secure_compute_s": secure["compute_s"],
-        "parties": {
-            r.value: {"bytes_sent": res.bytes_sent, "rounds": res.rounds, "wall_s": res.wall_s}
-            for r, res in results.items()
-            if r is not Role.DEALER
-        },
+        "parties": _parties(results),
     }
     report["passed"] = (
         report["max_abs_err"] < req.max_abs_tol and report["mean_abs_err"] < req.mean_abs_tol
+    )
+    return report
+
+
+def _launch(
+    party: Any, req: VerifyRequest, *, owner: dict[str, Any], data: dict[str, Any]
+) -> tuple[dict[Role, Any], float]:
+    """Run the parties (model owner, data owner, dealer) under terms that reveal the outputs to
+    the data owner; returns their results and the wall time."""
+    terms = [(Revealable.VERIFY_OUTPUTS, [Role.DATA_OWNER])]
+    if req.embedding is EmbeddingMode.TABLE_TO_DATA_OWNER:
+        terms.append((Revealable.EMBEDDING_TABLE, [Role.DATA_OWNER]))
+    common = {"request": req, "terms": DisclosureTerms.of(terms).to_list()}
+    t0 = time.perf_counter()
+    results = run_parties(
+        party,
+        payloads={Role.MODEL_OWNER: {**common, **owner}, Role.DATA_OWNER: {**common, **data}},
+        provider=req.provider,
+        timeout_s=req.timeout_s,
+    )
+    return results, time.perf_counter() - t0
+
+
+def _parties(results: dict[Role, Any]) -> dict[str, Any]:
+    return {
+        r.value: {"bytes_sent": res.bytes_sent, "rounds": res.rounds, "wall_s": res.wall_s}
+        for r, res in results.items()
+        if r is not Role.DEALER
+    }
+
+
+def _run_decoder(
+    req: VerifyRequest, *, model_dir: Path, family: Any, head: Head, config: Any
+) -> dict[str, Any]:
+    check_decoder_request(req, head=head)
+    ids, mask, source = sample_chat_inputs(
+        model_dir,
+        seq_len=req.seq_len,
+        samples=req.samples,
+        vocab_size=config.vocab_size,
+        seed=req.seed,
+    )
+    results, wall = _launch(
+        decoder_party,
+        req,
+        owner={"model_dir": str(model_dir), "head": head},
+        data={"input_ids": ids, "mask": mask},
+    )
+    secure = results[Role.DATA_OWNER].value
+    ref = decoder_reference(model_dir, head=head, seed=req.seed, ids=ids, mask=mask)
+    report = {
+        "model_path": str(model_dir),
+        "family": family.value,
+        "head": head.value,
+        "attention": req.attention.value,
+        "embedding": req.embedding.value,
+        "seq_len": req.seq_len,
+        "samples": req.samples,
+        "input": source,
+        "provider": req.provider.value,
+        "reference": "transformers forward (float64, sdpa attention, position_ids cumsum(mask)-1)",
+        **decoder_report(secure, ref, mask=mask, per_layer=req.per_layer),
+        "tolerance": {
+            "min_argmax_agreement": req.min_argmax_agreement,
+            "max_mean_err_over_std": req.max_mean_err_over_std,
+        },
+        "wall_s": wall,
+        "secure_compute_s": secure["compute_s"],
+        "parties": _parties(results),
+    }
+    report["passed"] = (
+        report["argmax_agreement"] >= req.min_argmax_agreement
+        and report["logits_mean_abs_err_over_std"] < req.max_mean_err_over_std
     )
     return report
 
@@ -268,11 +341,20 @@ def _reference(
 
 
 def check(report: dict[str, Any]) -> None:
-    if not report["passed"]:
+    if report["passed"]:
+        return
+    tol = report["tolerance"]
+    if "min_argmax_agreement" in tol:
         raise ToleranceExceededError(
-            "secure forward disagrees with the plaintext reference: max_abs_err "
-            f"{report['max_abs_err']:.4g} "
-            f"(tolerance {report['tolerance']['max_abs']}), mean_abs_err "
-            f"{report['mean_abs_err']:.4g} "
-            f"(tolerance {report['tolerance']['mean_abs']})"
+            "secure decoder forward disagrees with transformers: argmax agreement "
+            f"{report['argmax_agreement']:.4f} (at least {tol['min_argmax_agreement']}), mean abs "
+            f"logit error {report['logits_mean_abs_err_over_std']:.4g} of the logits' std (below "
+            f"{tol['max_mean_err_over_std']})"
         )
+    raise ToleranceExceededError(
+        "secure forward disagrees with the plaintext reference: max_abs_err "
+        f"{report['max_abs_err']:.4g} "
+        f"(tolerance {tol['max_abs']}), mean_abs_err "
+        f"{report['mean_abs_err']:.4g} "
+        f"(tolerance {tol['mean_abs']})"
+    )

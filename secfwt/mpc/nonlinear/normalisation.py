@@ -75,18 +75,44 @@ def layer_norm(
     return _affine(z, weight=weight, bias=bias).transpose(dim, -1)
 
 
-def rms_norm(x: MPCTensor, *, weight: torch.Tensor | MPCTensor | None, eps: float) -> MPCTensor:
+def rms_norm(
+    x: MPCTensor,
+    *,
+    weight: torch.Tensor | MPCTensor | None,
+    eps: float,
+    mean_square_range: tuple[float, float] = NORM_VAR_RANGE,
+) -> MPCTensor:
     """RMSNorm (Zhang and Sennrich, NeurIPS 2019) over the last dim: ``x / rms(x) * weight``.
 
     ``rms(x) = sqrt(mean(x^2) + eps)``.
 
-    Same method, accuracy and cost as :func:`layer_norm` (without centring), for mean squares in
-    :data:`NORM_VAR_RANGE` (measured 3.8e-4 on the LayerNorm test rows).
+    Same method, accuracy and cost as :func:`layer_norm` (without centring), for row mean squares
+    in ``mean_square_range`` (default :data:`NORM_VAR_RANGE`; measured 3.8e-4 on the LayerNorm
+    test rows). Decoders with massive activations (a few residual channels of 1e4, mean squares
+    of 1e6: Sun et al., "Massive activations in LLMs", 2024) pass a wider range, at most
+    :data:`MAX_MEAN_SQUARE`; every factor of 4 of range adds one exact comparison per row, and a
+    range wider than about 2^32 (rows of 576) one more product per element (the rescaling
+    groups of :func:`~.inverse._scale_by_pow2`).
     """
     s = _share_of(x, "x")
     _check_eps(eps)
-    z = _fixed(_divide_by_rms(s, eps=eps))
+    _check_mean_square_range(mean_square_range)
+    z = _fixed(_divide_by_rms(s, eps=eps, var_range=mean_square_range))
     return _affine(z, weight=weight, bias=None)
+
+
+#: Largest mean square :func:`rms_norm` accepts: the coarse squares (x / 2^8)^2 of a row with this
+#: mean square sum to d 2^(26 + 16) in the ring, truncated with failure probability d 2^-22 per
+#: row (2^-12 for d = 1024; 2^-19 at the mean square of 1.1e6 measured on SmolLM2, d = 576).
+MAX_MEAN_SQUARE = 2.0**26
+
+
+def _check_mean_square_range(r: tuple[float, float]) -> None:
+    lo, hi = r
+    if not (math.isfinite(lo) and math.isfinite(hi)) or not 2.0**-_VAR_FRAC_BITS <= lo < hi:
+        raise ValueError(f"mean_square_range must satisfy 2^-24 <= lo < hi, got {r}")
+    if hi > MAX_MEAN_SQUARE:
+        raise ValueError(f"mean_square_range upper end {hi} is above 2^26, beyond the ring's room")
 
 
 def _check_eps(eps: float) -> None:
@@ -108,7 +134,9 @@ def _affine(
     return out if bias is None else out + bias
 
 
-def _divide_by_rms(s: torch.Tensor, *, eps: float) -> torch.Tensor:
+def _divide_by_rms(
+    s: torch.Tensor, *, eps: float, var_range: tuple[float, float] = NORM_VAR_RANGE
+) -> torch.Tensor:
     """``x / sqrt(mean(x^2) + eps)`` over the last dim (shares in and out, 16 frac bits).
 
     The mean square is formed at two scales in one batched square: ``(x / 2^8)^2`` (products
@@ -128,7 +156,7 @@ def _divide_by_rms(s: torch.Tensor, *, eps: float) -> torch.Tensor:
         _divide(squares[1], 1 << (2 * FRAC_BITS - _VAR_FRAC_BITS)).sum(-1, keepdim=True), d
     )
     low = _plus(low, eps_ring)
-    exps = _pow4_exponents(*NORM_VAR_RANGE)
+    exps = _pow4_exponents(*var_range)
     thresholds = [1 << (e + _VAR_FRAC_BITS) for e in exps[:-1]]
     split = round(_VAR_SPLIT * 2**_VAR_FRAC_BITS)
     above = _greater_than_exact(torch.stack([high, low]), [*thresholds, split])  # (m+1, 2, ..., 1)

@@ -1,0 +1,227 @@
+"""The decoder written over Ops equals transformers' own forward (plaintext backend, float64).
+
+transformers' Llama-family RMSNorm computes in float32 even in a float64 model
+(``LlamaRMSNorm.forward`` casts to float32 and back), so a pure float64 forward differs from it by
+float32 rounding (~1e-6 on these tiny models). :class:`TransformersRMSNormOps` reproduces that one
+cast, and then the two forwards agree to 1e-10 (measured: exactly 0): every other step (rotary
+tables, masks, grouped-query attention, MLP, heads) is checked at float64 precision. The pure
+float64 backend -- the MPC reference -- is checked against transformers at the float32 level.
+transformers' eager attention turns left-padded rows into NaN in float64 (its mask minimum
+overflows in the float32 softmax), so the reference uses ``sdpa``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from secfwt.errors import ModelError
+from secfwt.models.checkpoint import (
+    build_hf_model,
+    check_architecture,
+    load_checkpoint,
+    load_config,
+    spec_from_model,
+    state_dict_of,
+)
+from secfwt.models.decoder import DecoderModel
+from secfwt.models.ops import PlainOps
+from secfwt.models.spec import Attention, Family, Head, ModelSpec
+from secfwt.models.transformer import ForwardSettings, plain_params
+from tests.conftest import save_random_decoder
+
+TOL = 1e-10  # float64 vs float64 with transformers' float32 RMSNorm reproduced
+#: pure float64 RMSNorm vs transformers' float32 one [measured 1.2e-6 .. 2.5e-6 on these models,
+#: logits up to ~8: a few float32 roundings of 6e-8 relative through 5 norms]
+FLOAT32_NORM_TOL = 2e-5
+N, T = 3, 11
+
+
+class TransformersRMSNormOps(PlainOps):
+    """PlainOps with RMSNorm computed as ``LlamaRMSNorm.forward`` does: in float32."""
+
+    def rms_norm(self, x, *, weight, eps, mean_square_range):
+        x32 = x.to(torch.float32)
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * y.to(x.dtype)
+
+
+def _inputs(vocab: int, padding: str) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(3, vocab, (N, T), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(N, T, dtype=torch.long)
+    if padding == "left":
+        mask[1, :4] = 0
+        mask[2, :9] = 0
+    else:
+        mask[1, 7:] = 0
+        mask[2, 2:] = 0
+    return ids, mask
+
+
+def _hf_and_spec(path: Path, head: Head) -> tuple[torch.nn.Module, ModelSpec]:
+    hf = build_hf_model(path, head=head, num_labels=0, seed=0, attn="sdpa").double()
+    family = Family(hf.config.model_type)
+    return hf, spec_from_model(hf, family=family, head=head)
+
+
+def _reference(hf: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as transformers' generate()
+    with torch.no_grad():
+        out = hf(input_ids=ids, attention_mask=mask, position_ids=positions)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+CASES = {
+    "llama-gqa-untied": ("llama", {}),
+    "llama-mqa-tied": ("llama", {"num_key_value_heads": 1, "tie_word_embeddings": True}),
+    "llama-mha-biases": (
+        "llama",
+        {"num_key_value_heads": 4, "attention_bias": True, "mlp_bias": True},
+    ),
+    "llama-head-dim": ("llama", {"head_dim": 8, "rope_theta": 500.0}),
+    "qwen2-tied": ("qwen2", {"tie_word_embeddings": True}),
+    "qwen2-sliding": (
+        "qwen2",
+        {"use_sliding_window": True, "sliding_window": 3, "max_window_layers": 1},
+    ),
+    "mistral-window-4": ("mistral", {"sliding_window": 4}),
+    "mistral-window-covers": ("mistral", {"sliding_window": 64}),
+}
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_plain_decoder_matches_transformers(tmp_path, case, padding) -> None:
+    family, overrides = CASES[case]
+    path = save_random_decoder(tmp_path / case, family=family, **overrides)
+    hf, spec = _hf_and_spec(path, Head.CAUSAL_LM)
+    params = plain_params(state_dict_of(hf))
+    ids, mask = _inputs(spec.vocab_size, padding)
+    ref = _reference(hf, ids, mask)
+    word = params[spec.word_embeddings][ids]
+    key_mask = mask.to(torch.float64)
+    real = mask.bool()
+    exact = DecoderModel(spec, params, TransformersRMSNormOps(), ForwardSettings())
+    assert (exact.forward(word, key_mask) - ref)[real].abs().max() < TOL
+    plain = DecoderModel(spec, params, PlainOps(), ForwardSettings())
+    assert (plain.forward(word, key_mask) - ref)[real].abs().max() < FLOAT32_NORM_TOL
+
+
+def test_spec_describes_the_architecture(tmp_path) -> None:
+    path = save_random_decoder(tmp_path / "q", family="qwen2", **CASES["qwen2-sliding"][1])
+    _, spec = _hf_and_spec(path, Head.CAUSAL_LM)
+    assert (spec.num_heads, spec.kv_heads, spec.head_dim) == (4, 2, 16)
+    assert spec.layer_windows == (0, 3) and not spec.tie_word_embeddings
+    assert spec.word_embeddings == "model.embed_tokens.weight"
+    assert not spec.is_linear_weight(spec.word_embeddings)
+    assert spec.is_linear_weight("lm_head.weight")
+    assert ModelSpec.from_dict(spec.to_dict()) == spec
+    tied = save_random_decoder(tmp_path / "t", tie_word_embeddings=True)
+    _, tied_spec = _hf_and_spec(tied, Head.CAUSAL_LM)
+    assert tied_spec.tie_word_embeddings
+    assert "lm_head.weight" not in dict(tied_spec.param_shapes)
+
+
+def test_base_head_returns_final_normed_hidden_states(tmp_path) -> None:
+    path = save_random_decoder(tmp_path / "base")
+    hf, spec = _hf_and_spec(path, Head.BASE)
+    params = plain_params(state_dict_of(hf))
+    ids, mask = _inputs(spec.vocab_size, "left")
+    model = DecoderModel(spec, params, TransformersRMSNormOps(), ForwardSettings())
+    out = model.forward(params[spec.word_embeddings][ids], mask.to(torch.float64))
+    assert out.shape == (N, T, spec.hidden_size)
+    assert (out - _reference(hf, ids, mask))[mask.bool()].abs().max() < TOL
+
+
+def test_positions_0_to_t_give_the_same_scores_under_padding(tmp_path) -> None:
+    """A secret key mask cannot give positions; 0..T-1 changes no real token's output, for left
+    or right padding (RoPE is relative), up to the float32 rounding of the rotary tables at other
+    absolute positions [measured 1.2e-6 .. 1.4e-6]."""
+    path = save_random_decoder(tmp_path / "llama")
+    hf, spec = _hf_and_spec(path, Head.CAUSAL_LM)
+    params = plain_params(state_dict_of(hf))
+    model = DecoderModel(spec, params, TransformersRMSNormOps(), ForwardSettings())
+    for padding in ("left", "right"):
+        ids, mask = _inputs(spec.vocab_size, padding)
+        word = params[spec.word_embeddings][ids]
+        out = model.forward(word, mask.to(torch.float64), positions=torch.arange(T).expand(N, T))
+        assert (out - _reference(hf, ids, mask))[mask.bool()].abs().max() < FLOAT32_NORM_TOL
+
+
+def test_soft_prompt_is_prepended_like_inputs_embeds(tmp_path) -> None:
+    path = save_random_decoder(tmp_path / "llama")
+    hf, spec = _hf_and_spec(path, Head.CAUSAL_LM)
+    params = plain_params(state_dict_of(hf))
+    ids, mask = _inputs(spec.vocab_size, "left")
+    prompt = torch.randn(2, spec.hidden_size, dtype=torch.float64)
+    model = DecoderModel(spec, params, TransformersRMSNormOps(), ForwardSettings())
+    word = params[spec.word_embeddings][ids]
+    ones = torch.ones(N, 2, dtype=torch.float64)
+    h, key_mask = model.insert_prompt(word, mask.to(torch.float64), prompt, ones)
+    out = model.forward(h, key_mask)
+    full_mask = torch.cat([torch.ones(N, 2, dtype=torch.long), mask], dim=1)
+    positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ref = hf(
+            inputs_embeds=torch.cat([prompt.expand(N, 2, -1), word], dim=1),
+            attention_mask=full_mask,
+            position_ids=positions,
+        ).logits
+    assert (out - ref)[full_mask.bool()].abs().max() < TOL
+
+
+PARTIAL = {"partial_rotary_factor": 0.5}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 1e4,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+
+
+def test_unsupported_architectures_are_model_errors_naming_the_field(tmp_path) -> None:
+    import json
+
+    def with_config(name: str, **fields) -> Path:
+        path = save_random_decoder(tmp_path / name)
+        cfg = json.loads((path / "config.json").read_text())
+        cfg.update(fields)
+        (path / "config.json").write_text(json.dumps(cfg))
+        return path
+
+    cases = [
+        (
+            with_config("llama3", rope_parameters=LLAMA3_ROPE),
+            r"rope_parameters.rope_type \(rope_scaling\) 'llama3' is not supported; "
+            r"supported: 'default'",
+        ),
+        (
+            with_config("legacy", rope_scaling={"type": "linear", "factor": 2.0}),
+            r"rope_type \(rope_scaling\) 'linear' is not supported",
+        ),
+        (with_config("act", hidden_act="gelu"), r"hidden_act 'gelu' in a llama decoder"),
+        (
+            with_config("partial", rope_parameters={"rope_theta": 1e4, **PARTIAL}),
+            r"partial_rotary_factor 0.5 is not supported",
+        ),
+    ]
+    for path, message in cases:
+        with pytest.raises(ModelError, match=message):
+            check_architecture(load_config(path))
+        with pytest.raises(ModelError, match=message):  # the model owner's loader refuses too
+            load_checkpoint(path, head=Head.CAUSAL_LM, num_labels=0, seed=0)
+    import transformers as tf
+
+    tf.GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ModelError, match=r"model_type 'gpt2' is not supported yet; .*'llama'"):
+        check_architecture(load_config(tmp_path / "gpt2"))
+    plain = save_random_decoder(tmp_path / "ok")
+    with pytest.raises(ModelError, match=r"model.head: 'masked_lm' is not available for a llama"):
+        load_checkpoint(plain, head=Head.MASKED_LM, num_labels=0, seed=0)
+    spec, state = load_checkpoint(plain, head=Head.CAUSAL_LM, num_labels=0, seed=0)
+    with pytest.raises(ModelError, match="'rfa' is not available for decoders yet"):
+        DecoderModel(spec, state, PlainOps(), ForwardSettings(attention=Attention.RFA))
