@@ -50,8 +50,8 @@ class PartyJob:
     Progress messages on ``progress`` are ``(role, {"kind": ...})`` with kinds ``phase``
     (``phase``: text), ``prefix`` (``done``, ``total``, ``elapsed``), ``eval`` (``when``,
     ``accuracy``, or ``loss`` for a causal-LM job), ``step`` (``step``, ``total``, ``loss``,
-    ``elapsed``) and ``checkpoint`` (``step``, ``path``); a resume sends the phase ``"resumed from step k"`` (or ``"no common
-    checkpoint: starting from step 0"``).
+    ``elapsed``) and ``checkpoint`` (``step``, ``path``); a resume sends the phase
+    ``"resumed from step k"`` (or ``"no common checkpoint: starting from step 0"``).
     """
 
     config: JobConfig
