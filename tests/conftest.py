@@ -181,15 +181,13 @@ def save_random_decoder(path: Path, *, family: str = "llama", seed: int = 0, **o
 def save_tiny_chat_decoder(path: Path, tokenizer, *, seed: int = 0, **overrides) -> Path:
     """A tiny random Llama with the SmolLM2 tokenizer and chat template (its 49,152-token
     vocabulary, so the loss runs over a real vocabulary), tied head unless overridden."""
-    save_random_decoder(
-        path,
-        seed=seed,
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=48,
-        tie_word_embeddings=True,
-        **overrides,
-    )
+    settings = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "tie_word_embeddings": True,
+    }
+    save_random_decoder(path, seed=seed, **{**settings, **overrides})
     tokenizer.save_pretrained(path)
     return path
 
