@@ -24,6 +24,7 @@ the cache, so a loss never forms (N, R, V) one-hot rows.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -130,7 +131,8 @@ class CausalLMForward:
         run on chunks of rows."""
         model = DecoderModel(self.spec, self.frozen, self.ops, self.settings)
         m, r, h = x.shape
-        per = max(1, LOSS_CHUNK_TOKENS // r)
+        chunks = math.ceil(m / max(1, LOSS_CHUNK_TOKENS // r))
+        per = math.ceil(m / chunks)  # equal chunks: the head's product keeps one shape
         out = []
         for s in range(0, m, per):
             xs, ix = x[s : s + per], rows[s : s + per]
