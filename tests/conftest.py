@@ -240,3 +240,9 @@ def write_chat_job(tmp_path: Path, model_dir: Path, extra: str = "") -> Path:
     p = tmp_path / "chat-job.toml"
     p.write_text(CHAT_JOB.format(path=model_dir, out=tmp_path / "runs") + extra)
     return p
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
+    """:func:`save_tiny_chat_decoder` once per session (2 layers, tied head)."""
+    return save_tiny_chat_decoder(tmp_path_factory.mktemp("chat") / "tiny-chat", smollm2_tokenizer)

@@ -25,9 +25,9 @@ from tests.conftest import save_tiny_chat_decoder, write_chat_job
 ATOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def chat_model(tmp_path_factory, smollm2_tokenizer) -> Path:
-    return save_tiny_chat_decoder(tmp_path_factory.mktemp("chat") / "tiny-chat", smollm2_tokenizer)
+@pytest.fixture
+def chat_model(tiny_chat_dir) -> Path:
+    return tiny_chat_dir
 
 
 def _cfg(tmp_path: Path, model: Path, *overrides: str):
