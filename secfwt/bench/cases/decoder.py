@@ -118,6 +118,10 @@ def _zo_step(
         },
     )
     s = case_summary(res)
+    s["loss"] = res["values"][Role.DATA_OWNER]["output"]
+    s["loss_reference"] = _plain_step_loss(plan, cfg, spec, state, cache, data, trainable)
+    s["max_abs_err"] = abs(float(s["loss"]) - s["loss_reference"])
+    s["loss"] = float(s["loss"])
     s.update(
         job=cfg.job.name,
         batch=b,
@@ -127,6 +131,47 @@ def _zo_step(
         trainable=list(trainable.names),
     )
     return s
+
+
+def _plain_step_loss(
+    plan: BenchPlan,
+    cfg: Any,
+    spec: ModelSpec,
+    state: dict[str, torch.Tensor],
+    cache: torch.Tensor,
+    data: Any,
+    trainable: Any,
+) -> float:
+    """The same step's mean loss in float64 (what the secure step must reproduce)."""
+    from secfwt.models.ops import PlainOps
+    from secfwt.models.transformer import ForwardSettings, plain_params
+    from secfwt.tuning.causal_lm import CausalLMForward, ResponseTargets
+    from secfwt.tuning.spsa import SPSASettings, directions, spsa_step
+
+    b, r = cache.shape[0], cache.shape[1]
+    params = plain_params(state)
+    table = params[spec.word_embeddings]
+    runner = CausalLMForward(
+        ops=PlainOps(),
+        spec=spec,
+        frozen={k: v for k, v in params.items() if k not in trainable.names},
+        settings=ForwardSettings(),
+        cache=cache.double(),
+        mask=None,
+        targets=ResponseTargets(
+            rows=table[data.target_ids[:b]], weights=data.target_weights[:b].double()
+        ),
+        cut=spec.num_layers,
+        window=r,
+    )
+    spsa = SPSASettings(lr=cfg.zo.lr, eps=cfg.zo.eps, directions=cfg.zo.directions)
+    us = directions(seed=plan.seed, step=0, shapes=trainable.shapes, count=spsa.directions)
+    theta = {n: params[n] for n in trainable.names}
+    idx = list(range(b))
+    _new, _gs, mean = spsa_step(
+        lambda ps: runner.losses(ps, idx), theta, us=us, settings=spsa, cast=lambda u: u.double()
+    )
+    return float(mean)
 
 
 __all__ = ["decoder"]
