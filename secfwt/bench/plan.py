@@ -64,7 +64,9 @@ class BenchPlan:
     transport_shape: LayerShape = MINILM
     transport_seq_len: int = 64
     decoder_seq_lens: tuple[int, ...] = (64, 128)  # packaged SmolLM2, one row each
-    decoder_reps: int = 1  # a SmolLM2 forward takes tens of seconds; its first pays the masks
+    #: forwards per length in one session: the first also sends every frozen weight's mask once,
+    #: the fastest (a later one) is the steady cost of a frozen prefix
+    decoder_reps: int = 2
     plaintext_reps: int = 20
     #: Repetitions of each measured section inside the same processes; the fastest counts.
     reps: int = 3
