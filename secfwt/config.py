@@ -471,11 +471,13 @@ def _validate_head(cfg: JobConfig) -> None:
             f"{s}: job.mode = {cfg.job.mode.value!r}: causal_lm jobs tune with job.mode = 'zo' "
             "(CMA prompt search would reveal vocabulary-wide logits to the data owner)"
         )
-    if cfg.zo.soft_prompt_length:
+    p = cfg.zo.soft_prompt_length
+    if p and p + m.response_window >= m.max_length:
         raise ConfigError(
-            f"{s}: zo.soft_prompt_length = {cfg.zo.soft_prompt_length}: soft prompts are not "
-            "available for causal_lm jobs yet; train LoRA factors (zo.lora_modules) or norm "
-            "weights (zo.trainable)"
+            f"{s}: zo.soft_prompt_length = {p}: in a causal_lm job the prompt's positions come "
+            f"out of model.max_length = {m.max_length}, which must then still hold the response "
+            f"window of {m.response_window} and one more token; raise model.max_length or "
+            "shorten the prompt"
         )
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from secfwt.config import JobConfig
-from secfwt.data.inputs import InstructionInputs
+from secfwt.data.inputs import InstructionInputs, slot_selection
 from secfwt.errors import ConfigError, ModelError
 from secfwt.models.decoder import DecoderModel
 from secfwt.models.spec import EmbeddingMode, ModelSpec
@@ -28,7 +28,7 @@ from secfwt.mpc.disclosure import Revealable
 from secfwt.roles import Role
 from secfwt.runtime.inputs import share_word_embeddings
 from secfwt.runtime.session import PartySession
-from secfwt.tuning.causal_lm import CausalLMForward, ResponseTargets, causal_prefix
+from secfwt.tuning.causal_lm import CausalLMForward, PromptSlots, ResponseTargets, causal_prefix
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,22 @@ def causal_runner(
         shape=(n, r),
         name="reply weights",
     )
+    prompt = None
+    p = cfg.zo.soft_prompt_length
+    if p:
+        slots = None if data is None else data.prompt_slots
+        prompt = PromptSlots(
+            slots=sess.share(
+                None if slots is None else slots.float(), owner=do, shape=(n, t), name="slots"
+            ),
+            selection=sess.share(
+                None if slots is None else slot_selection(slots, p),
+                owner=do,
+                shape=(n, t, p),
+                name="prompt placement",
+            ),
+            layer=cfg.zo.prompt_layer,
+        )
     secret_head, plain_head = _head_tables(
         sess, spec, state, mode=mode, frozen=frozen, plain_table=plain_table
     )
@@ -160,7 +176,8 @@ def causal_runner(
                 secret_table=frozen.get(spec.word_embeddings),
                 plain_table=plain_table,
             )
-            chunks.append(causal_prefix(model, word, mask[s:e], cut=cut, window=r))
+            slots = None if prompt is None else prompt.slots[s:e]
+            chunks.append(causal_prefix(model, word, mask[s:e], cut=cut, window=r, slots=slots))
             progress(kind="prefix", done=e, total=n, elapsed=time.perf_counter() - t0)
         cache = chunks[0] if len(chunks) == 1 else sess.ops.cat(chunks, dim=0)
     runner = CausalLMForward(
@@ -173,5 +190,6 @@ def causal_runner(
         targets=ResponseTargets(rows=rows, weights=weights),
         cut=cut,
         window=r,
+        prompt=prompt,
     )
     return runner, cache, time.perf_counter() - t0

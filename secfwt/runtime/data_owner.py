@@ -115,9 +115,13 @@ def prepare_instruction_batches(
     A causal-LM job's ``truncate = "drop"`` also leaves out the pairs whose reply does not fit
     its response window.
     """
-    return _instruction_batches(cfg, tokenizer=tokenizer, model_max_positions=model_max_positions)[
-        0
-    ]
+    batches, _ = _instruction_batches(
+        cfg,
+        tokenizer=tokenizer,
+        model_max_positions=model_max_positions,
+        max_length=cfg.model.max_length,
+    )
+    return batches
 
 
 def prepare_instruction_inputs(cfg: JobConfig, *, tokenizer_dir: Path) -> InstructionInputs:
@@ -125,7 +129,9 @@ def prepare_instruction_inputs(cfg: JobConfig, *, tokenizer_dir: Path) -> Instru
     ``model.max_length``, with the targets of the last ``model.response_window`` positions.
 
     A reply (with its end-of-turn token) longer than the window is a :class:`DataError` naming
-    the row and the fix (``truncate = "drop"`` leaves such pairs out instead).
+    the row and the fix (``truncate = "drop"`` leaves such pairs out instead). With a soft prompt
+    of P vectors (``zo.soft_prompt_length``) the text gets ``max_length - P`` positions and
+    every row is laid out ``pads, P prompt slots, text`` (:attr:`InstructionInputs.prompt_slots`).
     """
     tok = load_tokenizer(tokenizer_dir)
     if tok is None:
@@ -134,9 +140,21 @@ def prepare_instruction_inputs(cfg: JobConfig, *, tokenizer_dir: Path) -> Instru
             "chat model's tokenizer and its chat template"
         )
     max_positions = max_input_tokens(load_config(tokenizer_dir))
-    (train, held_out), (train_pairs, held_pairs) = _instruction_batches(
-        cfg, tokenizer=tok, model_max_positions=max_positions
-    )
+    p = cfg.zo.soft_prompt_length
+    try:
+        (train, held_out), (train_pairs, held_pairs) = _instruction_batches(
+            cfg,
+            tokenizer=tok,
+            model_max_positions=max_positions,
+            max_length=cfg.model.max_length - p,
+        )
+    except DataError as exc:
+        if not p:
+            raise
+        raise DataError(
+            f"{exc} (the text's max_length is model.max_length = {cfg.model.max_length} less the "
+            f"soft prompt's zo.soft_prompt_length = {p} positions)"
+        ) from None
     r = cfg.model.response_window
     parts = [_window(b, p, window=r) for b, p in ((train, train_pairs), (held_out, held_pairs))]
     if not len(train_pairs):
@@ -148,13 +166,35 @@ def prepare_instruction_inputs(cfg: JobConfig, *, tokenizer_dir: Path) -> Instru
             "data.eval_rows = 0: a causal_lm job evaluates the held-out response loss before and "
             "after tuning; set data.eval_rows >= 1"
         )
+    ids = torch.cat([train.input_ids, held_out.input_ids])
+    mask = torch.cat([train.attention_mask, held_out.attention_mask])
+    slots = None
+    if p:
+        ids, mask, slots = _with_prompt_slots(ids, mask, slots=p, pad_id=train.pad_id)
     return InstructionInputs(
-        input_ids=torch.cat([train.input_ids, held_out.input_ids]),
-        attention_mask=torch.cat([train.attention_mask, held_out.attention_mask]),
+        input_ids=ids,
+        attention_mask=mask,
         target_ids=torch.cat([ids for ids, _ in parts]),
         target_weights=torch.cat([w for _, w in parts]),
         n_train=len(train_pairs),
+        prompt_slots=slots,
     )
+
+
+def _with_prompt_slots(
+    ids: torch.Tensor, mask: torch.Tensor, *, slots: int, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded rows (N, T - P) -> (N, T) laid out ``pads, P slots, text``: the slots hold the
+    pad id and count as tokens in the key mask; returns ids, key mask and the slot mask."""
+    n, t = ids.shape
+    pads = (mask == 0).sum(1)  # (N,) left padding of each row
+    pos = torch.arange(t + slots).expand(n, -1)
+    at_slot = (pos >= pads[:, None]) & (pos < pads[:, None] + slots)  # (N, T)
+    before = pos < pads[:, None]
+    src = torch.where(before, pos, pos - slots).clamp(min=0, max=t - 1)  # text index per position
+    out_ids = torch.where(at_slot, torch.full_like(pos, pad_id), ids.gather(1, src))
+    out_mask = torch.where(at_slot, torch.ones_like(pos), mask.gather(1, src))
+    return out_ids, out_mask, at_slot.to(torch.long)
 
 
 def _window(
@@ -179,9 +219,13 @@ def _window(
 
 
 def _instruction_batches(
-    cfg: JobConfig, *, tokenizer: PreTrainedTokenizerBase, model_max_positions: int
+    cfg: JobConfig,
+    *,
+    tokenizer: PreTrainedTokenizerBase,
+    model_max_positions: int,
+    max_length: int,
 ) -> tuple[tuple[InstructionBatch, InstructionBatch], tuple[InstructionPairs, InstructionPairs]]:
-    """``((train, held_out) batches, (train, held_out) pairs)``: see
+    """``((train, held_out) batches, (train, held_out) pairs)`` of ``max_length`` tokens: see
     :func:`prepare_instruction_batches`."""
     d = _data_for(cfg, DataTask.INSTRUCTIONS)
     pairs = load_instructions(
@@ -196,7 +240,7 @@ def _instruction_batches(
         pairs = drop_too_long(
             pairs,
             tokenizer=tokenizer,
-            max_length=cfg.model.max_length,
+            max_length=max_length,
             max_reply=cfg.model.response_window or None,
         )
         truncate = Truncation.NONE
@@ -207,7 +251,7 @@ def _instruction_batches(
         format_instructions(
             part,
             tokenizer=tokenizer,
-            max_length=cfg.model.max_length,
+            max_length=max_length,
             truncate=truncate,
             padding_side=d.padding_side,
             model_max_positions=model_max_positions,
@@ -218,6 +262,6 @@ def _instruction_batches(
         "data owner: %d train + %d held-out instruction pairs, length %d",
         len(train),
         len(held_out),
-        cfg.model.max_length,
+        max_length,
     )
     return (batches[0], batches[1]), (train, held_out)

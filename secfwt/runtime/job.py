@@ -233,6 +233,8 @@ def _prepare(ctx: PartyContext, job: PartyJob) -> _Prepared:
         )
     zo_mode = cfg.job.mode is Mode.ZO
     prompt_len = cfg.zo.soft_prompt_length if zo_mode else cfg.cma.prompt_length
+    if causal:
+        prompt_len = 0  # a causal job's prompt slots are among its max_length positions
     if facts["t"] + prompt_len > spec.max_tokens:
         raise ConfigError(
             f"model.max_length = {facts['t']} plus a prompt of {prompt_len} exceeds this model's "

@@ -15,6 +15,14 @@ so every unmasked score equals the one transformers computes with ``cumsum(mask)
 (as ``generate`` does); padded keys are masked. The plaintext reference therefore computes the
 function a Hugging Face model computes on the same rows.
 
+Soft prompt. A prompt of P vectors enters each row right before its text, as PEFT's prompt
+tuning (Lester et al., 2021) prepends it to the input of an unpadded row: the data owner lays
+rows out ``pads, P slots, text`` (T positions in all), and before layer ``zo.prompt_layer`` the
+slots' states are replaced by the prompt (``h (1 - slot) + S prompt`` with the secret slot mask
+and its (N, T, P) placement S: where the slots are, i.e. each row's length, stays secret).
+Layers below that layer mask the slots as keys, so the text's states there are those of the
+row without a prompt.
+
 Target logits. The logit of target token y at a final hidden state x is ``<x, E[y]>`` for the LM
 head's table E (tied: the word embeddings). The rows ``E[y]`` (N, R, H) are looked up once per
 example (by the data owner from a disclosed table, or in MPC from one-hot rows) and kept with
@@ -33,7 +41,7 @@ import torch
 from secfwt.models.decoder import DecoderModel
 from secfwt.models.ops import Ops
 from secfwt.models.spec import ModelSpec
-from secfwt.models.transformer import ForwardSettings
+from secfwt.models.transformer import SOFT_PROMPT, ForwardSettings
 
 #: Token rows of (., V) logits per log-sum-exp call. A row of V = 49,152 costs ~15 MB of
 #: traffic and its share of the call's working memory; 64 rows keep a party's peak near 1 GB
@@ -51,16 +59,35 @@ def window_slice(t: int, window: int) -> slice:
     return slice(t - 1 - window, t - 1)
 
 
-def causal_prefix(model: DecoderModel, word: Any, mask: Any, *, cut: int, window: int) -> Any:
+@dataclasses.dataclass(frozen=True)
+class PromptSlots:
+    """Where a soft prompt (P, H) enters the rows (module doc)."""
+
+    slots: Any  # (N, T) 1 on each row's P slot positions (secret in MPC)
+    selection: Any  # (N, T, P) selection @ prompt puts prompt vector i on slot i
+    layer: int  # the prompt replaces the slots' states before this layer
+
+
+def causal_prefix(
+    model: DecoderModel,
+    word: Any,
+    mask: Any,
+    *,
+    cut: int,
+    window: int,
+    slots: Any | None = None,
+) -> Any:
     """The frozen computation below layer ``cut`` for one chunk of rows (N, T, H) -> cache.
 
     ``cut == num_layers`` (only the final norm trains): the residual stream is final, so only
-    the window's states (N, R, H) are kept.
+    the window's states (N, R, H) are kept. ``slots`` (N, T): soft-prompt positions, masked as
+    keys below the prompt's layer (``cut`` is at most that layer).
     """
     if cut == 0:
         return word
     n, t = word.shape[0], word.shape[1]
-    h = model.layers(word, mask, stop=cut, positions=public_positions(n, t))
+    keys = mask if slots is None else mask - slots
+    h = model.layers(word, keys, stop=cut, positions=public_positions(n, t))
     return h[:, window_slice(t, window)] if cut == model.spec.num_layers else h
 
 
@@ -88,10 +115,11 @@ class CausalLMForward:
         targets: ResponseTargets,
         cut: int,
         window: int,
+        prompt: PromptSlots | None = None,
     ) -> None:
         self.ops, self.spec, self.frozen, self.settings = ops, spec, frozen, settings
         self.cache, self.mask, self.targets = cache, mask, targets
-        self.cut, self.window = cut, window
+        self.cut, self.window, self.prompt = cut, window, prompt
 
     def normed_window(self, theta: Mapping[str, Any], idx: list[int]) -> Any:
         """Final-normed hidden states (B, R, H) of the window for the rows ``idx``."""
@@ -100,7 +128,15 @@ class CausalLMForward:
         h = self.cache[ix]
         if self.cut < self.spec.num_layers:
             n, t = h.shape[0], h.shape[1]
-            h = model.layers(h, self.mask[ix], start=self.cut, positions=public_positions(n, t))
+            pos, mask, p = public_positions(n, t), self.mask[ix], self.prompt
+            if p is not None:
+                slots = p.slots[ix]  # (B, T)
+                h = model.layers(h, mask - slots, start=self.cut, stop=p.layer, positions=pos)
+                keep = (slots * -1.0 + 1.0).unsqueeze(-1)  # (B, T, 1): 0 on the slots
+                h = h * keep + p.selection[ix].matmul(theta[SOFT_PROMPT])  # (B, T, H)
+                h = model.layers(h, mask, start=p.layer, positions=pos)
+            else:
+                h = model.layers(h, mask, start=self.cut, positions=pos)
             h = h[:, window_slice(t, self.window)]
         return model.final_norm(h)
 

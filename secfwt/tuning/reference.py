@@ -15,13 +15,18 @@ from typing import Any
 import torch
 
 from secfwt.config import JobConfig
-from secfwt.data.inputs import DataOwnerInputs, InstructionInputs
+from secfwt.data.inputs import DataOwnerInputs, InstructionInputs, slot_selection
 from secfwt.models.decoder import DecoderModel
 from secfwt.models.encoder import EncoderModel, plain_params
 from secfwt.models.ops import PlainOps
 from secfwt.models.spec import EmbeddingMode, ModelSpec, Pooling
 from secfwt.tuning.accounting import DPPlan
-from secfwt.tuning.causal_lm import CausalLMForward, ResponseTargets, causal_prefix
+from secfwt.tuning.causal_lm import (
+    CausalLMForward,
+    PromptSlots,
+    ResponseTargets,
+    causal_prefix,
+)
 from secfwt.tuning.cma import CMASettings, PromptSearch
 from secfwt.tuning.dp_zo import NOISE_CONTRIBUTORS
 from secfwt.tuning.forward import CachedForward, forward_settings, mean_pool_weights, prefix
@@ -135,7 +140,13 @@ def _plain_causal_forward(
     head = params.get("lm_head.weight", params[spec.word_embeddings])  # (V, H)
     word = params[spec.word_embeddings][data.input_ids]
     model = DecoderModel(spec, frozen, ops, settings)
-    cache = causal_prefix(model, word, mask, cut=cut, window=data.window)
+    prompt = None
+    if data.prompt_slots is not None:
+        slots = data.prompt_slots.to(torch.float64)
+        selection = slot_selection(data.prompt_slots, cfg.zo.soft_prompt_length).double()
+        prompt = PromptSlots(slots=slots, selection=selection, layer=cfg.zo.prompt_layer)
+    slots_or_none = None if prompt is None else prompt.slots
+    cache = causal_prefix(model, word, mask, cut=cut, window=data.window, slots=slots_or_none)
     return CausalLMForward(
         ops=ops,
         spec=spec,
@@ -148,6 +159,7 @@ def _plain_causal_forward(
         ),
         cut=cut,
         window=data.window,
+        prompt=prompt,
     )
 
 

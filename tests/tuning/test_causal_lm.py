@@ -124,3 +124,39 @@ def test_decoder_layer_names_set_the_cut_and_the_head_stays_frozen(
     spec_u, _ = load_checkpoint(untied, head=Head.CAUSAL_LM, num_labels=0, seed=0)
     with pytest.raises(ConfigError, match=r"zo\.lora_modules: lm_head\.lora_A.*stay frozen"):
         trainable_set(_cfg(tmp_path, untied, 'zo.lora_modules=["lm_head"]'), spec_u)
+
+
+def test_soft_prompt_equals_prepending_it_to_each_unpadded_row(tmp_path, chat_model):
+    """A soft prompt on the slots before each row's text computes what transformers computes
+    with the prompt prepended to the row's own tokens (PEFT's prompt tuning, no padding)."""
+    from transformers import LlamaForCausalLM
+
+    cfg = _cfg(
+        tmp_path,
+        chat_model,
+        "zo.trainable=[]",
+        "zo.lora_modules=[]",
+        "zo.soft_prompt_length=3",
+        "model.max_length=44",
+    )
+    spec, state = load_checkpoint(chat_model, head=Head.CAUSAL_LM, num_labels=0, seed=0)
+    data = prepare_instruction_inputs(cfg, tokenizer_dir=chat_model)
+    assert data.prompt_slots is not None and bool((data.prompt_slots.sum(1) == 3).all())
+    trn = trainable_set(cfg, spec)
+    assert trn.first_layer(spec) == 0
+    runner = _plain_causal_forward(cfg, spec=spec, state=state, data=data, frozen_out=(), cut=0)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randn(3, spec.hidden_size, generator=g, dtype=torch.float64)
+    got = runner.example_losses([{"soft_prompt": prompt}], list(range(len(data.input_ids))))[0]
+    hf = LlamaForCausalLM.from_pretrained(chat_model).double().eval()
+    table = hf.model.embed_tokens.weight.detach()
+    r = data.window
+    for i in range(len(data.input_ids)):
+        text = data.input_ids[i][(data.attention_mask[i] - data.prompt_slots[i]).bool()]
+        embeds = torch.cat([prompt, table[text]]).unsqueeze(0)  # (1, P + L, H)
+        with torch.no_grad():
+            logits = hf(inputs_embeds=embeds).logits[0, -1 - r : -1]  # the window's logits
+        ce = torch.nn.functional.cross_entropy(logits, data.target_ids[i], reduction="none")
+        w = data.target_weights[i].double()
+        want = float((ce * w).sum() / w.sum())
+        assert abs(float(got[i]) - want) < ATOL, (i, float(got[i]), want)
