@@ -50,7 +50,11 @@ def _assert_tracks(report, ref, state):
     assert set(final) == set(ref["theta"])
     worst = max(float((final[n].double() - ref["theta"][n]).abs().max()) for n in final)
     start = {n: state[n].double() if n in state else 0.0 for n in final}
-    moved = max(float((ref["theta"][n] - start[n]).abs().max()) for n in final if "lora_A" not in n)
+    moved = max(
+        float((ref["theta"][n] - start[n]).abs().max())
+        for n in final
+        if "lora_A" not in n and n != "soft_prompt"
+    )
     assert worst < PARAM_TOL and moved > 5 * worst, (worst, moved)
     return final
 
@@ -59,7 +63,10 @@ def test_causal_zo_tracks_the_reference_and_delivers_a_peft_adapter(tmp_path, ti
     from peft import PeftModel
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    cfg = load_job(write_chat_job(tmp_path, tiny_chat_dir))  # LoRA on layer 1's q_proj, norm
+    # LoRA on layer 1's q_proj, the final norm, and a 2-vector soft prompt entering at layer 1
+    # (its slots masked as keys in layer 0, replaced by the prompt before layer 1)
+    soft = ["zo.soft_prompt_length=2", "zo.prompt_layer=1"]
+    cfg = load_job(write_chat_job(tmp_path, tiny_chat_dir), overrides=soft)
     report = run_simulation(cfg)
     assert report["cut_layer"] == 1 and report["steps"] == 2
     assert report["accuracy_before"] is None  # a causal job reveals losses, not accuracy
@@ -78,7 +85,7 @@ def test_causal_zo_tracks_the_reference_and_delivers_a_peft_adapter(tmp_path, ti
     )
     ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
     lora = {n: v.double() for n, v in final.items() if ".lora_" in n}
-    assert lora and set(lora) == {n for n in final if n != "model.norm.weight"}
+    assert lora and set(lora) == set(final) - {"model.norm.weight", "soft_prompt"}
     # PEFT computes secfwt's forward with the delivered factors (the base's own final norm)
     mine = DecoderModel(
         spec, {**plain_params(state), **lora}, PlainOps(), ForwardSettings()
