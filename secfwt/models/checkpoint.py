@@ -210,47 +210,36 @@ def spec_from_model(model: torch.nn.Module, *, family: Family, head: Head) -> Mo
     c: Any = (
         model.config
     )  # a PretrainedConfig; nn.Module's __getattr__ would type it Tensor | Module
+    common: dict[str, Any] = {
+        "family": family,
+        "head": head,
+        "hidden_size": c.hidden_size,
+        "num_layers": c.num_hidden_layers,
+        "num_heads": c.num_attention_heads,
+        "intermediate_size": c.intermediate_size,
+        "vocab_size": c.vocab_size,
+        "max_positions": c.max_position_embeddings,
+        "pad_token_id": int(c.pad_token_id if c.pad_token_id is not None else 0),
+        "hidden_act": c.hidden_act,
+        "param_shapes": tuple((n, tuple(p.shape)) for n, p in model.named_parameters()),
+    }
     if family.is_decoder:
-        return _decoder_spec(model, c, family=family, head=head)
+        return ModelSpec(
+            **common,
+            type_vocab_size=0,
+            layer_norm_eps=float(c.rms_norm_eps),
+            num_labels=0,
+            num_kv_heads=int(c.num_key_value_heads or c.num_attention_heads),
+            attention_head_dim=int(getattr(c, "head_dim", None) or 0),
+            rope_theta=float(c.rope_parameters["rope_theta"]),
+            tie_word_embeddings=bool(c.tie_word_embeddings),
+            layer_windows=layer_windows(c),
+        )
     return ModelSpec(
-        family=family,
-        head=head,
-        hidden_size=c.hidden_size,
-        num_layers=c.num_hidden_layers,
-        num_heads=c.num_attention_heads,
-        intermediate_size=c.intermediate_size,
-        vocab_size=c.vocab_size,
-        max_positions=c.max_position_embeddings,
+        **common,
         type_vocab_size=c.type_vocab_size,
         layer_norm_eps=float(c.layer_norm_eps),
-        pad_token_id=int(c.pad_token_id if c.pad_token_id is not None else 0),
-        hidden_act=c.hidden_act,
         num_labels=int(getattr(c, "num_labels", 2)) if head is Head.SEQUENCE_CLASSIFICATION else 0,
-        param_shapes=tuple((n, tuple(p.shape)) for n, p in model.named_parameters()),
-    )
-
-
-def _decoder_spec(model: torch.nn.Module, c: Any, *, family: Family, head: Head) -> ModelSpec:
-    return ModelSpec(
-        family=family,
-        head=head,
-        hidden_size=c.hidden_size,
-        num_layers=c.num_hidden_layers,
-        num_heads=c.num_attention_heads,
-        intermediate_size=c.intermediate_size,
-        vocab_size=c.vocab_size,
-        max_positions=c.max_position_embeddings,
-        type_vocab_size=0,
-        layer_norm_eps=float(c.rms_norm_eps),
-        pad_token_id=int(c.pad_token_id if c.pad_token_id is not None else 0),
-        hidden_act=c.hidden_act,
-        num_labels=0,
-        param_shapes=tuple((n, tuple(p.shape)) for n, p in model.named_parameters()),
-        num_kv_heads=int(c.num_key_value_heads or c.num_attention_heads),
-        attention_head_dim=int(getattr(c, "head_dim", None) or 0),
-        rope_theta=float(c.rope_parameters["rope_theta"]),
-        tie_word_embeddings=bool(c.tie_word_embeddings),
-        layer_windows=layer_windows(c),
     )
 
 

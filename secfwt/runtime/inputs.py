@@ -78,6 +78,32 @@ def share_word_embeddings(
     return parts[0] if len(parts) == 1 else crypten.cat(parts, dim=0)
 
 
+def embed_tokens(
+    sess: PartySession,
+    spec: ModelSpec,
+    state: dict[str, torch.Tensor] | None,
+    *,
+    mode: EmbeddingMode,
+    input_ids: torch.Tensor | None,
+    shape: tuple[int, int],
+    secret_table: Any | None,
+) -> Any:
+    """:func:`share_word_embeddings` in either mode, disclosing the table first when the mode is
+    TABLE_TO_DATA_OWNER (``state``: the model owner's weights, None elsewhere)."""
+    plain_table = (
+        disclose_table(sess, spec, state) if mode is EmbeddingMode.TABLE_TO_DATA_OWNER else None
+    )
+    return share_word_embeddings(
+        sess,
+        spec,
+        mode=mode,
+        input_ids=input_ids,
+        shape=shape,
+        secret_table=secret_table,
+        plain_table=plain_table,
+    )
+
+
 def share_rows(
     sess: PartySession,
     data: DataOwnerInputs | None,

@@ -113,7 +113,7 @@ def sample_inputs(
 
 
 def _party(ctx: PartyContext, payload: dict[str, Any]) -> Any:
-    from secfwt.runtime.inputs import disclose_table, share_word_embeddings
+    from secfwt.runtime.inputs import embed_tokens
     from secfwt.runtime.session import PartySession
 
     terms = DisclosureTerms.from_dict_list(payload["terms"])
@@ -135,19 +135,14 @@ def _party(ctx: PartyContext, payload: dict[str, Any]) -> Any:
     names = [n for n, _ in spec.param_shapes if secret_table or n != spec.word_embeddings]
     t0 = time.perf_counter()
     params = sess.share_params(spec, state, names=names, frozen=True)
-    plain_table = (
-        disclose_table(sess, spec, state)
-        if req.embedding is EmbeddingMode.TABLE_TO_DATA_OWNER
-        else None
-    )
-    word = share_word_embeddings(
+    word = embed_tokens(
         sess,
         spec,
+        state,
         mode=req.embedding,
         input_ids=ids,
         shape=shape,
         secret_table=params.get(spec.word_embeddings),
-        plain_table=plain_table,
     )
     mask = sess.public(torch.ones(shape))  # the sample has no padding
     model = EncoderModel(
@@ -202,14 +197,7 @@ def run_verify(req: VerifyRequest) -> dict[str, Any]:
     out_s, out_r = secure["output"].double(), ref_out
     agree = (out_s.argmax(-1) == out_r.argmax(-1)).double().mean().item()
     report = {
-        "model_path": str(model_dir),
-        "family": family.value,
-        "head": head.value,
-        "attention": req.attention.value,
-        "embedding": req.embedding.value,
-        "seq_len": req.seq_len,
-        "input": source,
-        "provider": req.provider.value,
+        **_header(req, model_dir=model_dir, family=family, head=head, source=source),
         "rfa": dataclasses.asdict(req.rfa) if req.attention is Attention.RFA else None,
         "reference": "transformers forward (eager attention)"
         if req.attention is Attention.SOFTMAX
@@ -253,6 +241,22 @@ def _launch(
     return results, time.perf_counter() - t0
 
 
+def _header(
+    req: VerifyRequest, *, model_dir: Path, family: Any, head: Head, source: str
+) -> dict[str, Any]:
+    """What was checked: the first fields of every report."""
+    return {
+        "model_path": str(model_dir),
+        "family": family.value,
+        "head": head.value,
+        "attention": req.attention.value,
+        "embedding": req.embedding.value,
+        "seq_len": req.seq_len,
+        "input": source,
+        "provider": req.provider.value,
+    }
+
+
 def _parties(results: dict[Role, Any]) -> dict[str, Any]:
     return {
         r.value: {"bytes_sent": res.bytes_sent, "rounds": res.rounds, "wall_s": res.wall_s}
@@ -281,15 +285,8 @@ def _run_decoder(
     secure = results[Role.DATA_OWNER].value
     ref = decoder_reference(model_dir, head=head, seed=req.seed, ids=ids, mask=mask)
     report = {
-        "model_path": str(model_dir),
-        "family": family.value,
-        "head": head.value,
-        "attention": req.attention.value,
-        "embedding": req.embedding.value,
-        "seq_len": req.seq_len,
+        **_header(req, model_dir=model_dir, family=family, head=head, source=source),
         "samples": req.samples,
-        "input": source,
-        "provider": req.provider.value,
         "reference": "transformers forward (float64, sdpa attention, position_ids cumsum(mask)-1)",
         **decoder_report(secure, ref, mask=mask, per_layer=req.per_layer),
         "tolerance": {

@@ -27,7 +27,7 @@ from secfwt.errors import ModelError
 from secfwt.models.checkpoint import build_hf_model, load_checkpoint, spec_from_model, state_dict_of
 from secfwt.models.decoder import RMS_MEAN_SQUARE_RANGE, DecoderModel
 from secfwt.models.ranges import RangeRecorder
-from secfwt.models.spec import Attention, EmbeddingMode, Family, Head, ModelSpec
+from secfwt.models.spec import Attention, Family, Head, ModelSpec
 from secfwt.models.transformer import ForwardSettings, plain_params
 from secfwt.mpc.disclosure import DisclosureTerms, Revealable
 from secfwt.mpc.launcher import PartyContext
@@ -115,7 +115,7 @@ def _chat_ids(tok: Any, messages: list[dict[str, str]]) -> list[int]:
 def decoder_party(ctx: PartyContext, payload: dict[str, Any]) -> Any:
     """One party of the decoder check (model owner, data owner)."""
     from secfwt.mpc.owned import OwnedMatrix
-    from secfwt.runtime.inputs import disclose_table, share_word_embeddings
+    from secfwt.runtime.inputs import embed_tokens
     from secfwt.runtime.session import PartySession
 
     sess = PartySession(
@@ -141,19 +141,14 @@ def decoder_party(ctx: PartyContext, payload: dict[str, Any]) -> Any:
             shape=spec.shape_of(spec.word_embeddings),
             fixed_mask=True,
         )
-    plain_table = (
-        disclose_table(sess, spec, state)
-        if req.embedding is EmbeddingMode.TABLE_TO_DATA_OWNER
-        else None
-    )
-    h = share_word_embeddings(
+    h = embed_tokens(
         sess,
         spec,
+        state,
         mode=req.embedding,
         input_ids=payload.get("input_ids"),
         shape=shape,
         secret_table=params.get(spec.word_embeddings),
-        plain_table=plain_table,
     )
     model = DecoderModel(spec, params, sess.ops, ForwardSettings(attention=req.attention))
     to = [Role.DATA_OWNER]

@@ -225,3 +225,27 @@ def test_unsupported_architectures_are_model_errors_naming_the_field(tmp_path) -
     spec, state = load_checkpoint(plain, head=Head.CAUSAL_LM, num_labels=0, seed=0)
     with pytest.raises(ModelError, match="'rfa' is not available for decoders yet"):
         DecoderModel(spec, state, PlainOps(), ForwardSettings(attention=Attention.RFA))
+
+
+def test_lora_on_decoder_modules_equals_the_merged_weights(tmp_path) -> None:
+    """LoRA (shared with the encoder) adds scale * B A to W for q_proj and down_proj."""
+    path = save_random_decoder(tmp_path / "llama")
+    hf, spec = _hf_and_spec(path, Head.CAUSAL_LM)
+    params = plain_params(state_dict_of(hf))
+    g = torch.Generator().manual_seed(4)
+    merged, lora = dict(params), dict(params)
+    settings = ForwardSettings(lora_scale=0.5)
+    for module in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        out_dim, in_dim = params[f"{module}.weight"].shape
+        a = torch.randn(2, in_dim, generator=g, dtype=torch.float64) * 0.3
+        b = torch.randn(out_dim, 2, generator=g, dtype=torch.float64) * 0.3
+        lora[f"{module}.lora_A"], lora[f"{module}.lora_B"] = a, b
+        merged[f"{module}.weight"] = params[f"{module}.weight"] + settings.lora_scale * b @ a
+    ids, mask = _inputs(spec.vocab_size, "left")
+    word = params[spec.word_embeddings][ids]
+    got = DecoderModel(spec, lora, PlainOps(), settings).forward(word, mask.to(torch.float64))
+    want = DecoderModel(spec, merged, PlainOps(), settings).forward(word, mask.to(torch.float64))
+    base = DecoderModel(spec, params, PlainOps(), settings).forward(word, mask.to(torch.float64))
+    real = mask.bool()
+    assert (got - want)[real].abs().max() < TOL
+    assert (got - base)[real].abs().max() > 0.1  # the adapters change the output

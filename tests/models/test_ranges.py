@@ -22,15 +22,21 @@ def test_recorded_ranges_are_the_nonlinearities_inputs(tmp_path) -> None:
     mask = torch.ones(2, 9, dtype=torch.float64)
     mask[1, :4] = 0
     word = params[spec.word_embeddings][ids]
+    ms = word.pow(2).mean(-1)
     recorder = RangeRecorder()
-    model = DecoderModel(spec, params, recorder, ForwardSettings())
-    model.layers(word, mask, stop=1)
-    first = recorder.layers[0]
-    ms = word.pow(2).mean(-1)  # layer 0's first RMSNorm reads the word embeddings, pads included
-    assert first.rms_mean_square_min <= float(ms.min())
-    assert first.rms_mean_square_max >= float(ms.max())
-    assert first.rms_input_abs_max >= float(word.abs().max())
-    assert 0 < first.score_spread_max and 0 < first.silu_input_abs_max
+    recorder.rms_norm(word, weight=torch.ones(spec.hidden_size), eps=1e-6, mean_square_range=(1, 2))
+    scores = torch.tensor([[3.0, -5.0, 100.0], [1.0, 2.5, -2.0]])
+    recorder.softmax(scores, mask=torch.tensor([[1, 1, 0], [1, 1, 1]]))
+    recorder.silu(torch.tensor([-7.5, 2.0]))
+    seen = recorder.layers[0]
+    assert (seen.rms_mean_square_min, seen.rms_mean_square_max) == (ms.min(), ms.max())
+    assert seen.rms_input_abs_max == word.abs().max()
+    assert (seen.score_spread_max, seen.score_abs_max) == (8.0, 5.0)  # the masked 100 is not seen
+    assert seen.silu_input_abs_max == 7.5
+
+    recorder = RangeRecorder()  # a whole layer, padded rows included
+    DecoderModel(spec, params, recorder, ForwardSettings()).layers(word, mask, stop=1)
+    assert recorder.layers[0].rms_mean_square_min <= float(ms.min())
     assert recorder.uncovered(mean_square_range=RMS_MEAN_SQUARE_RANGE) == []
     narrow = (float(ms.max()) * 2, float(ms.max()) * 4)
     flagged = recorder.uncovered(mean_square_range=narrow)
