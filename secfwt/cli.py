@@ -141,10 +141,21 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     _write_report(report, args.report)
     print(f"{_held_out_line(report)} after {report['steps']} steps in {report['wall_s']:.0f} s")
     for role, p in report["parties"].items():
+        if "requests" in p:  # the dealer
+            print(
+                f"  {role}: {p['bytes_sent'] / 1e6:.1f} MB sent, "
+                f"{p['bytes_received'] / 1e6:.2f} MB received, {p['requests']} requests answered"
+            )
+            continue
         print(
             f"  {role}: {p['bytes_sent'] / 1e6:.1f} MB sent, {p['rounds']} rounds, {p['reveals']} "
             f"reveals, artifacts: {', '.join(p['artifacts'].values()) or '-'}"
         )
+    print(
+        "  modelled link time: "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in report["projected_s"].items())
+        + " (dealer traffic included)"
+    )
     print(f"report: {args.report or report['output_dir'] + '/report.json'}")
     return 0
 

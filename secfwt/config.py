@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import importlib.resources
-import tomllib
 import typing
 from collections.abc import Iterable
 from pathlib import Path
@@ -25,7 +24,7 @@ from secfwt.models.spec import Attention, EmbeddingMode, Head, Pooling
 from secfwt.mpc.disclosure import DisclosureTerms, Revealable
 from secfwt.mpc.provider import Provider
 from secfwt.mpc.transport import Transport
-from secfwt.overrides import apply_overrides, coerce
+from secfwt.overrides import apply_overrides, coerce, loads_toml, read_toml_text
 from secfwt.roles import COMPUTING_ROLES, Role
 
 
@@ -222,14 +221,8 @@ def load_job(path: str | Path | None, *, overrides: Iterable[str] = ()) -> JobCo
         text, where = default_job_text(), "<built-in default job>"
     else:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"job file {p} does not exist")
-        text, where = p.read_text(encoding="utf-8"), str(p)
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{where}: not valid TOML: {exc}") from exc
-    cfg = parse_job(raw, where=where)
+        text, where = read_toml_text(p, what="job file"), str(p)
+    cfg = parse_job(loads_toml(text, where=where), where=where)
     cfg = apply_overrides(cfg, overrides, noun="job", example="zo.steps=10", fixed=_FIXED)
     validate(cfg)
     return cfg

@@ -13,6 +13,10 @@ One binder serves every command that takes ``--set`` (``simulate``, ``dp-baselin
 * The value is coerced to the field's type with the same rules as a job file (:func:`coerce`):
   no silent int/bool/str conversions; enums by value.
 
+:func:`read_toml_text` and :func:`loads_toml` are how every TOML file or text is read (job
+files, ``party.toml``, a daemon's proposals): a missing or non-UTF-8 file, a syntax error or a
+nesting too deep for the parser is a :class:`ConfigError` in one line.
+
 Depends only on :mod:`secfwt.errors` and :mod:`secfwt.roles`, so any layer may use it.
 """
 
@@ -20,10 +24,12 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import tomllib
 import types
 import typing
 from collections.abc import Callable, Collection, Iterable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from secfwt.errors import ConfigError
@@ -34,6 +40,37 @@ T = TypeVar("T")
 #: A range check run after coercion: ``(path, value) -> None`` when fine, else the problem
 #: ("must be positive"), reported after the item.
 RangeCheck = Callable[[str, Any], "str | None"]
+
+
+def read_toml_text(path: Path, *, what: str) -> str:
+    """The text of the TOML file ``path`` (a ``what``: "job file", "party config", ...)."""
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist")
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{what} {path}: not UTF-8 (byte {exc.start}); TOML files are UTF-8 text"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: cannot read it: {exc.strerror}") from None
+
+
+def loads_toml(text: str, *, where: str) -> dict[str, Any]:
+    """The TOML document ``text``; ConfigError naming ``where`` when it is not valid TOML.
+
+    ``tomllib`` recurses once per level of nested arrays or inline tables, so ``x = [[[...]]]``
+    a thousand deep (2 KB) ends in RecursionError, not TOMLDecodeError: caught here, in one line.
+    """
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{where}: not valid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(
+            f"{where}: arrays or inline tables nested too deeply for the TOML parser; a job or "
+            "party file needs only a few levels"
+        ) from None
 
 
 def coerce(value: Any, hint: Any, where: str) -> Any:
@@ -66,10 +103,14 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if not -(2**63) <= value < 2**63:  # TOML 1.0 integers; tomllib does not check
+            raise ConfigError(f"{where}: {value} is outside TOML's 64-bit integer range")
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # TOML allows nan and inf; no setting of secfwt means them
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
@@ -156,7 +197,7 @@ def _literal(text: str) -> Any:
     """A TOML value, or the text itself when it is not one (bare words need no quotes)."""
     try:
         return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):
         return text
 
 

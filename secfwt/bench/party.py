@@ -16,9 +16,10 @@ from typing import Any, cast
 import torch
 
 from secfwt.bench import decoder_party
-from secfwt.bench.probe import Profile, TrafficMeter, measure_reps, peak_rss_mb
+from secfwt.bench.probe import Profile, measure_reps, peak_rss_mb
 from secfwt.mpc.disclosure import DisclosureTerms, Revealable
 from secfwt.mpc.launcher import PartyContext
+from secfwt.mpc.traffic import TrafficMeter
 from secfwt.roles import Role
 
 #: The only reveal a benchmark makes: outputs of the measured section, to the data owner.

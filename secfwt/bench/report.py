@@ -43,18 +43,19 @@ def _case_row(c: dict[str, Any]) -> str:
     rss = max((p.get("peak_rss_mb") or 0) for p in c["parties"].values())
     proj = c["projected_s"]
     err = c.get("max_abs_err")
+    dealer = c["parties"].get("dealer") or {}
     return (
         f"| {c['label']} | {_f(c['time_s'])} | {_f(c['bytes_sent_total'] / _MB)} "
-        f"| {c['rounds']} | {_f(c['dealer_bytes'] / _MB)} "
+        f"| {c['rounds']} | {_f(c['dealer_bytes'] / _MB)} | {dealer.get('requests', '-')} "
         f"| {rss:.0f} | {_f(proj['LAN'])} | {_f(proj['WAN'])} "
         f"| {'-' if err is None else f'{err:.2g}'} |"
     )
 
 
 _CASE_HEADER = (
-    "| case | time (s) | MB sent (both parties) | rounds | MB from dealer | peak RSS (MB) "
-    "| LAN (s) | WAN (s) | max abs err |\n"
-    "|---|---|---|---|---|---|---|---|---|"
+    "| case | time (s) | MB sent (both parties) | rounds | MB from dealer | dealer requests "
+    "| peak RSS (MB) | LAN (s) | WAN (s) | max abs err |\n"
+    "|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -101,6 +102,7 @@ def markdown(report: dict[str, Any], *, plots: dict[str, str] | None = None) -> 
     lines += _section_transport(b.get("transport"))
     lines += _section_decoder(b.get("decoder"))
     lines += _section_breakdown(b)
+    lines += _section_ring_matmul(report.get("ring_matmul"))
     lines += [
         "## How times are projected",
         "",
@@ -328,6 +330,57 @@ def _section_decoder(r: dict[str, Any] | None) -> list[str]:
         )
     after.append("")
     return _cases_section("## SmolLM2 in MPC (`decoder`)", intro, rows, after)
+
+
+def _section_ring_matmul(r: dict[str, Any] | None) -> list[str]:
+    """The machine's int64 matmul timings and the parties' choices (secfwt.bench.gemm)."""
+    if not r:
+        return []
+    m = r["machine"]
+    out = [
+        "## Int64 matmul on this machine: torch vs float64 limbs",
+        "",
+        f"The {m['shape']} layer's products at T={m['seq_len']}, one torch thread, best of "
+        f"{m['reps']}, in the bench process before the cases ({m['machine_key']}). "
+        "limbs: secfwt's exact float64 GEMMs on 22-bit limbs (`secfwt.mpc.ring`); prepared: the "
+        "right operand split once (a fixed weight mask); narrow: the model owner's own weights "
+        "against torch on the same narrow operand; float64: one float64 GEMM of that shape.",
+        "",
+        "| product | shapes | torch int64 (ms) | limbs (ms) | limbs, prepared (ms) "
+        "| narrow: torch / limbs (ms) | float64 GEMM (ms) | faster | bit-identical |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in m["products"]:
+        narrow = (
+            f"{_f(p['narrow_torch_ms'])} / {_f(p['limbs_narrow_ms'])}"
+            if "limbs_narrow_ms" in p
+            else "-"
+        )
+        shapes = f"{'x'.join(map(str, p['a']))} @ {'x'.join(map(str, p['b']))}"
+        out.append(
+            f"| {p['product']} | {shapes} | {_f(p['torch_ms'])} | {_f(p['limbs_ms'])} "
+            f"| {_f(p.get('limbs_prepared_ms'))} | {narrow} | {_f(p['float64_ms'])} "
+            f"| {p['faster']} | {'yes' if p['bit_identical'] else '**no**'} |"
+        )
+    out += [
+        "",
+        "What the party processes chose (`secfwt.mpc.ring_tuning`: each process times both ways "
+        "at the first product of a shape class, batch/M/K/N rounded up to powers of two, and "
+        "keeps the limbs only when they beat torch by 10%), over every case of this run:",
+        "",
+        "| kind | class (batch, M, K, N <=) | first product | processes: torch / limbs "
+        "| products: torch / limbs | median ms: torch / limbs |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in r["choices"]:
+        k = c["class"]
+        p, n = c["processes"], c["calls"]
+        out.append(
+            f"| {c['kind']} | {k['batch']}, {k['m']}, {k['k']}, {k['n']} | {c['example']} "
+            f"| {p['torch']} / {p['limbs']} | {n['torch']} / {n['limbs']} "
+            f"| {_f(c['torch_ms_median'])} / {_f(c['limbs_ms_median'])} |"
+        )
+    return out + [""]
 
 
 def breakdown_cases(benchmarks: dict[str, Any]) -> list[dict[str, Any]]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -73,9 +73,15 @@ class Runner:
             "label": label,
             "process_wall_s": time.perf_counter() - t0,
             "values": {r: res[r].value for r in (Role.MODEL_OWNER, Role.DATA_OWNER)},
+            # how each party process (the dealer's too) ran its int64 matmuls
+            "ring_matmul": {r.value: p.ring_matmul for r, p in res.items()},
         }
         self._memo[key] = out
         return out
+
+    def results(self) -> dict[str, dict[str, Any]]:
+        """Every case run so far in this suite run, by key."""
+        return dict(self._memo)
 
 
 def summarise(
@@ -84,6 +90,7 @@ def summarise(
     """Per-party costs, totals and link projections of one measured section."""
     parties = {r.value: {**c, **({"peak_rss_mb": rss[r]} if rss else {})} for r, c in costs.items()}
     pc = [metrics.PartyCost.from_dict(c) for c in costs.values()]
+    parties[Role.DEALER.value] = dealer_cost(costs.values())
     return {
         "parties": parties,
         "time_s": max(p.wall_s for p in pc),
@@ -91,6 +98,18 @@ def summarise(
         "dealer_bytes": sum(p.dealer_bytes for p in pc),
         "rounds": max(p.rounds for p in pc),
         "projected_s": metrics.projections(pc),
+    }
+
+
+def dealer_cost(costs: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    """The dealer's traffic in a measured section, counted at the other end of each of its
+    messages (the dealer has no sections of its own): what it sent is what the computing
+    parties received from it, what it received their requests."""
+    costs = list(costs)
+    return {
+        "bytes_sent": sum(int(c.get("dealer_bytes", 0)) for c in costs),
+        "bytes_received": sum(int(c.get("dealer_sent", 0)) for c in costs),
+        "requests": sum(int(c.get("dealer_requests", 0)) for c in costs),
     }
 
 
@@ -138,4 +157,4 @@ def max_err(secure: torch.Tensor | None, ref: torch.Tensor) -> float | None:
     return float((secure.double() - ref.double()).abs().max())
 
 
-__all__ = ["Runner", "best_rep", "case_summary", "max_err", "pick", "summarise"]
+__all__ = ["Runner", "best_rep", "case_summary", "dealer_cost", "max_err", "pick", "summarise"]

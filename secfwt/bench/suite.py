@@ -20,6 +20,9 @@ Sub-benchmarks (:class:`BenchName`) and what they compare:
 * ``decoder``: the packaged SmolLM2-135M-Instruct's secure forward vs plaintext, and one ZO step
   of the example instruction-tuning job (:mod:`secfwt.bench.cases.decoder`).
 
+Every run also times the layer's int64 products on this machine, torch's kernel against secfwt's
+float64 limbs, and reports how each party process chose between them (:mod:`secfwt.bench.gemm`).
+
 This module only dispatches and assembles the report: the plan is :mod:`secfwt.bench.plan`, the
 party runs :mod:`secfwt.bench.runner`, each sub-benchmark a module of :mod:`secfwt.bench.cases`,
 and the machine and code details :mod:`secfwt.bench.provenance`.
@@ -31,7 +34,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from secfwt.bench import metrics
+from secfwt.bench import gemm, metrics
 from secfwt.bench.cases.attention import attention
 from secfwt.bench.cases.decoder import decoder
 from secfwt.bench.cases.forward import forward
@@ -59,6 +62,7 @@ def run_suite(
     cpu_before = cpu_seconds()
     t0 = time.perf_counter()
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    ring_machine = gemm.machine_timings(plan)  # before the cases, as the machine was at start
     results: dict[str, Any] = {}
     for name in names:
         t_bench = time.perf_counter()
@@ -99,6 +103,7 @@ def run_suite(
             for t in metrics.TARGETS
         ],
         "benchmarks": results,
+        "ring_matmul": {"machine": ring_machine, "choices": gemm.choices(runner.results())},
         "selected": [n.value for n in names],
         "quick": plan.quick,
         "plan": plan.to_dict(),

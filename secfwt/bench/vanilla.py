@@ -27,12 +27,14 @@ import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+from secfwt.mpc.ring_tuning import RING_MATMUL_ENV
+
 #: Adds a timed section around a block of code: ``section(name)`` is a context manager.
 Section = Callable[[str], Any]
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 #: Read by :mod:`secfwt.mpc.engine` in every process (its ``SECFWT_RING_MATMUL`` switch).
-_RING_MATMUL_ENV = "SECFWT_RING_MATMUL"
+_RING_MATMUL_ENV = RING_MATMUL_ENV
 
 
 def _no_section(name: str) -> contextlib.AbstractContextManager[None]:

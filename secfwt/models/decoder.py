@@ -32,6 +32,7 @@ from collections.abc import Mapping
 import torch
 
 from secfwt.errors import ModelError
+from secfwt.models.attention import causal_rfa_attention
 from secfwt.models.ops import Ops, Tensor
 from secfwt.models.spec import Attention, Head, ModelSpec
 from secfwt.models.transformer import ForwardSettings, TransformerModel
@@ -83,11 +84,6 @@ class DecoderModel(TransformerModel):
     ) -> None:
         if not spec.family.is_decoder:
             raise ModelError(f"DecoderModel needs a decoder family, got {spec.family.value!r}")
-        if settings.attention is Attention.RFA:
-            raise ModelError(
-                "model.attention = 'rfa' is not available for decoders yet (causal Random "
-                "Feature Attention is not merged); use 'softmax'"
-            )
         super().__init__(spec, params, ops, settings)
 
     # -- building blocks -------------------------------------------------------------------
@@ -129,8 +125,22 @@ class DecoderModel(TransformerModel):
         q = self.rotate(heads(self.linear(h, pre + "q_proj"), nh), cos, sin)
         k = self.rotate(heads(self.linear(h, pre + "k_proj"), nkv), cos, sin)
         v = heads(self.linear(h, pre + "v_proj"), nkv)
-        ctx = grouped_softmax_attention(self.ops, q, k, v, mask)  # (N, nh, T, dh)
+        if self.settings.attention is Attention.RFA:  # mask: the key mask (N, T)
+            k, v = self.repeat_kv(k, nh // nkv), self.repeat_kv(v, nh // nkv)  # (N, nh, T, dh)
+            w = self.rfa_w[layer]
+            ctx = causal_rfa_attention(self.ops, q, k, v, mask, w=w, settings=self.settings.rfa)
+        else:
+            ctx = grouped_softmax_attention(self.ops, q, k, v, mask)  # (N, nh, T, dh)
         return self.linear(ctx.transpose(1, 2).reshape(n, t, nh * dh), pre + "o_proj")
+
+    def repeat_kv(self, x: Tensor, rep: int) -> Tensor:
+        """(N, nkv, T, dh) -> (N, nkv rep, T, dh): head h reads key/value head h // rep, as
+        transformers' ``repeat_kv``. Random features are per query-key pair, so unlike softmax
+        attention the grouped heads cannot share one product."""
+        if rep == 1:
+            return x
+        n, nkv, t, dh = x.shape
+        return self.ops.stack([x] * rep, dim=2).reshape(n, nkv * rep, t, dh)
 
     def mlp(self, x: Tensor, layer: int) -> Tensor:
         pre = f"{self.spec.prefix}layers.{layer}.mlp."
@@ -178,7 +188,15 @@ class DecoderModel(TransformerModel):
         for i in range(start, spec.num_layers if stop is None else stop):
             window = spec.layer_windows[i] if spec.layer_windows else 0
             window = 0 if window >= t else window  # a window covering the sequence is no band
-            if window not in masks:
+            if self.settings.attention is Attention.RFA:
+                if window:
+                    raise ModelError(
+                        f"model.attention = 'rfa': layer {i} has a sliding window of {window} "
+                        f"tokens, shorter than the {t}-token input; causal RFA has no window: "
+                        "use attention = 'softmax' or inputs no longer than the window"
+                    )
+                masks[window] = key_mask  # causal RFA masks padded keys itself
+            elif window not in masks:
                 masks[window] = self.mask(key_mask, t=t, window=window)
             h = self.block(h, masks[window], cos, sin, i)
         return h

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from secfwt.models.attention import rfa_attention, rfa_projection, softmax_attention
+from secfwt.models.attention import rfa_attention, softmax_attention
 from secfwt.models.ops import Ops, Tensor
 from secfwt.models.spec import Attention, Family, Head, ModelSpec, Pooling
 from secfwt.models.transformer import (
@@ -36,10 +36,6 @@ class EncoderModel(TransformerModel):
         self, spec: ModelSpec, params: Mapping[str, Tensor], ops: Ops, settings: ForwardSettings
     ) -> None:
         super().__init__(spec, params, ops, settings)
-        self._rfa_w = {
-            i: rfa_projection(layer=i, head_dim=spec.head_dim, settings=settings.rfa)
-            for i in range(spec.num_layers)
-        }
 
     # -- building blocks -------------------------------------------------------------------
     def layer_norm(self, x: Tensor, module: str) -> Tensor:
@@ -81,7 +77,7 @@ class EncoderModel(TransformerModel):
         v = heads(self.linear(h, pre + "self.value"))
         if self.settings.attention is Attention.RFA:
             ctx = rfa_attention(
-                self.ops, q, k, v, key_mask, w=self._rfa_w[layer], settings=self.settings.rfa
+                self.ops, q, k, v, key_mask, w=self.rfa_w[layer], settings=self.settings.rfa
             )
         else:
             ctx = softmax_attention(self.ops, q, k, v, key_mask)

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 import torch
 
-from secfwt.models.attention import RFASettings
+from secfwt.models.attention import RFASettings, rfa_projection
 from secfwt.models.ops import Ops, Tensor
 from secfwt.models.spec import Attention, ModelSpec, Pooling
 
@@ -41,6 +41,11 @@ class TransformerModel:
         self.p = params
         self.ops = ops
         self.settings = settings
+        #: public random-feature projections per layer, (D/2, dh), drawn from the job's seed
+        self.rfa_w = {
+            i: rfa_projection(layer=i, head_dim=spec.head_dim, settings=settings.rfa)
+            for i in range(spec.num_layers)
+        }
 
     def linear(self, x: Tensor, module: str) -> Tensor:
         """x @ W^T + b for the Hugging Face module ``module``, plus its LoRA update if present

@@ -2,9 +2,10 @@
 
 What it installs, and why:
 
-* Ring matmul: CrypTen multiplies int64 shares with ``torch.matmul``, which has no BLAS kernel
-  for integers. The Beaver protocol's and the TTP dealer's int64 matmuls go through
-  :func:`secfwt.mpc.ring.ring_matmul` instead (exact, bit-identical, float64 GEMMs).
+* Ring matmul: CrypTen multiplies int64 shares with ``torch.matmul``. The Beaver protocol's and
+  the TTP dealer's int64 matmuls go through :func:`secfwt.mpc.ring.ring_matmul` instead, which
+  runs each shape class either as torch's int64 matmul or as exact float64 limb GEMMs,
+  whichever :mod:`secfwt.mpc.ring_tuning` measured faster on this machine (bit-identical).
 * Beaver products: ``beaver.mul``/``.matmul``/``.AND`` become :mod:`secfwt.mpc.beaver`'s (two
   local products per party, the dealer working alongside; same messages, draws and openings).
 * Dealer functions: the TTP dealer (``TTPServer``) learns secfwt's correlations (one-sided
@@ -19,11 +20,14 @@ What it installs, and why:
   (:mod:`secfwt.mpc.transport.selection`).
 * CrypTen's exact fixed-point decode (:func:`secfwt.crypten_compat.install_exact_decode`).
 
-``SECFWT_RING_MATMUL=0`` in the environment of every process of a session (the dealer runs no
-secfwt code after it starts, so the environment is the only switch that reaches it) gives the
-vanilla CrypTen baseline: ring matmul and Beaver products stay CrypTen's (switchable at run time
-with :func:`set_ring_matmul`), and attribute access, collectives and keystream draws are not
-installed (read once, when :func:`install` runs; every process must agree).
+``SECFWT_RING_MATMUL`` in the environment of every process of a session (the dealer is started
+by CrypTen's loop, so the environment is the only switch that reaches it), read once when
+:func:`install` runs (every process must agree): ``0`` gives the vanilla CrypTen baseline: int64
+matmuls and Beaver products stay CrypTen's (switchable at run time with :func:`set_ring_matmul`),
+and attribute access, collectives and keystream draws are not installed; ``1`` (the default)
+measures each product class (:mod:`secfwt.mpc.ring_tuning`); ``torch`` or ``limbs`` forces one
+way for every class, with everything else installed (the same bits either way).
+``SECFWT_RING_TUNING_CACHE=FILE`` keeps the measured choices on disk for later processes.
 """
 
 from __future__ import annotations
@@ -39,22 +43,20 @@ import torch
 
 from secfwt import crypten_compat
 from secfwt.crypten_compat import crypten
-from secfwt.mpc import beaver, collectives, keystream, owned, seeding
+from secfwt.mpc import beaver, collectives, keystream, owned, ring_tuning, seeding
 from secfwt.mpc.ring import ring_matmul
 from secfwt.mpc.transport import selection
 
 log = logging.getLogger(__name__)
 
-_RING_MATMUL_ENV = "SECFWT_RING_MATMUL"
-
-_ring_matmul_enabled = os.environ.get(_RING_MATMUL_ENV, "1").strip() != "0"
+_ring_matmul_enabled = os.environ.get(ring_tuning.RING_MATMUL_ENV, "1").strip() != "0"
 _installed = False
 
 
 def set_ring_matmul(enabled: bool) -> None:
-    """Turn the float64-GEMM int64 matmul and secfwt's Beaver products on or off in this process.
-
-    Both settings give bit-identical shares; off runs CrypTen's original code paths.
+    """Route CrypTen's int64 matmuls through :func:`ring_matmul` (measured choice between
+    torch's int64 matmul and the float64 limbs) and use secfwt's Beaver products, or not, in
+    this process. Both settings give bit-identical shares; off runs CrypTen's original code.
     """
     global _ring_matmul_enabled
     _ring_matmul_enabled = bool(enabled)
@@ -208,11 +210,13 @@ def install() -> None:
     included); importing secfwt changes nothing in CrypTen.
     """
     global _installed
+    enabled, forced, cache = ring_tuning.settings_from_env(os.environ)
+    ring_tuning.configure(forced=forced, cache=cache)
     crypten_compat.install_exact_decode()
     _install_ring_matmul()
     _install_dealer_functions()
     selection.install_ttp_transport()
-    if os.environ.get(_RING_MATMUL_ENV, "1").strip() != "0":
+    if enabled:
         _install_fast_getattribute()
         collectives.install()
         keystream.install()

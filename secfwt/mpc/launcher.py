@@ -51,11 +51,19 @@ class PartyContext:
 
 @dataclasses.dataclass
 class PartyResult:
+    """What a party process returned. ``rounds`` and ``bytes_sent`` are CrypTen's counts for a
+    computing party (sent and received bytes together, dealer traffic mixed in) and, for the
+    dealer, the requests it answered and the bytes it sent. ``traffic``: the process's
+    :class:`~secfwt.mpc.traffic.Traffic` (by direction, the dealer apart) as a dict;
+    ``ring_matmul``: how each int64 matmul class ran (:func:`secfwt.mpc.ring_tuning.records`)."""
+
     role: Role
     value: Any
     rounds: int
     bytes_sent: int
     wall_s: float
+    traffic: dict[str, int] = dataclasses.field(default_factory=dict)
+    ring_matmul: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 def _watch_parent(parent_pid: int) -> None:
@@ -106,9 +114,14 @@ def _child_main(
             tls=tls,
             insecure_fixed_seed=insecure_fixed_seed,
         )
+        meter = session.count_traffic()
         if role is Role.DEALER:
             session.run_dealer()
-            results.put(("ok", role, pickle.dumps(None), 0, 0, time.perf_counter() - t0))
+            t = meter.snapshot()
+            results.put(
+                ("ok", role, pickle.dumps(None), t.served, t.sent, time.perf_counter() - t0)
+                + (_extras(meter),)
+            )
             return
         assert target is not None
         value = target(PartyContext(role=role, world_size=world_size), payload)
@@ -124,6 +137,7 @@ def _child_main(
                 stats["rounds"],
                 stats["bytes"],
                 time.perf_counter() - t0,
+                _extras(meter),
             )
         )
     except BaseException as exc:  # noqa: BLE001  (reported to the parent, then exit non-zero)
@@ -147,6 +161,14 @@ def _child_main(
         results.close()
         results.join_thread()
         os._exit(1)
+
+
+def _extras(meter: Any) -> bytes:
+    """The process's traffic and ring-matmul choices, pickled for the results queue."""
+    from secfwt.mpc import ring_tuning
+
+    traffic = dataclasses.asdict(meter.snapshot())
+    return pickle.dumps({"traffic": traffic, "ring_matmul": ring_tuning.records()})
 
 
 def run_parties(
@@ -175,8 +197,10 @@ def run_parties(
     ``insecure_fixed_seed``: tests only, makes every MPC seed predictable
     (:func:`secfwt.mpc.session.init_party`).
     """
+    from secfwt.mpc import ring_tuning
     from secfwt.mpc.provider import Provider
 
+    ring_tuning.settings_from_env(os.environ)  # a bad SECFWT_RING_MATMUL fails here, not in a party
     ctx = mp.get_context("spawn")
     results: mp.Queue[Any] = ctx.Queue()
     world_size = len(COMPUTING_ROLES)
@@ -300,13 +324,16 @@ def collect_one(item: tuple[Any, ...]) -> PartyResult:
     """Decode one item a party process put on its results queue (re-raising a reported error)."""
     if item[0] == "error":
         _raise_reported(item)
-    _, role, value, rounds, nbytes, wall = item
+    _, role, value, rounds, nbytes, wall, *rest = item
+    extras = pickle.loads(rest[0]) if rest else {}
     return PartyResult(
         role=role,
         value=pickle.loads(value),
         rounds=int(rounds),
         bytes_sent=int(nbytes),
         wall_s=wall,
+        traffic=extras.get("traffic", {}),
+        ring_matmul=extras.get("ring_matmul", []),
     )
 
 

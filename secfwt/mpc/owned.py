@@ -15,7 +15,8 @@ SecureML, Mohassel and Zhang, S&P 2017, with the trusted dealer of CrypTen's TTP
 ``e`` is masked by ``A`` (unknown to the owner) and ``d`` by ``B`` (unknown to the other
 party), so each party learns nothing new, exactly as in Beaver's protocol. Per product each
 party computes ONE ring matmul instead of two, the owner's with ``W`` itself, whose fixed-point
-values are narrow (:func:`secfwt.mpc.ring.ring_matmul_narrow`: half a full ring matmul), and
+values are narrow (:func:`secfwt.mpc.ring.ring_matmul_narrow`: half a full limb ring matmul,
+used where it measured faster than torch's int64 matmul, :mod:`secfwt.mpc.ring_tuning`), and
 only the owner sends a weight-sized message (Beaver: both parties).
 
 **Frozen weights: the mask opened once.** A weight that stays the same for the whole session
@@ -35,7 +36,8 @@ the dealer in common (one draw from their shared generator at the first product)
 compute the next product's ``A d + C_1`` and ``A B - C_1`` in a background thread at lowered
 CPU priority as soon as the current one is served (same shape assumed; on another shape both
 discard it alike and compute in line); both keep their fixed operand (``d``, ``B``) split into
-limbs (:class:`~secfwt.mpc.ring.PreparedRight`, within :data:`PREPARED_BUDGET_BYTES`). The
+limbs (:class:`~secfwt.mpc.ring.PreparedRight`, within :data:`PREPARED_BUDGET_BYTES`) where
+the limbs measured faster than torch's int64 matmul. The
 other party then only sends ``e`` and the dealer answers at once; the ring matmuls run while
 the processes would otherwise wait (on the network or on each other). :func:`drain` waits
 for that work (benchmarks call it inside the measured time, so the work ahead is paid by the
@@ -60,7 +62,7 @@ import torch
 
 from secfwt.crypten_compat import crypten
 from secfwt.errors import ProtocolError
-from secfwt.mpc import beaver
+from secfwt.mpc import beaver, ring_tuning
 from secfwt.mpc.ring import (
     NARROW_BOUND,
     PreparedRight,
@@ -68,6 +70,7 @@ from secfwt.mpc.ring import (
     ring_matmul_narrow,
     ring_matmul_prepared,
 )
+from secfwt.mpc.ring_tuning import Kind, Method
 
 #: Fractional bits of CrypTen's fixed point, which the owner's values are encoded with.
 _FRAC_BITS = 16
@@ -141,16 +144,55 @@ PREPARED_BUDGET_BYTES = 2 * 2**30
 _prepared_bytes = 0
 
 
-def _right_product(b: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``a -> a @ b`` in the ring for a mask ``b`` fixed for the session, split once if the
-    budget allows (:class:`~secfwt.mpc.ring.PreparedRight`: close to half the work)."""
-    global _prepared_bytes
-    need = 3 * b.numel() * 8
-    if _prepared_bytes + need > PREPARED_BUDGET_BYTES:
-        return lambda a: ring_matmul(a, b)
-    _prepared_bytes += need
-    prepared = PreparedRight(b)
-    return lambda a: ring_matmul_prepared(a, prepared)
+class _FixedRight:
+    """``a -> a @ b`` in the ring for a mask ``b`` fixed for the session: torch's int64 matmul,
+    or ``b`` split into limbs once (:class:`~secfwt.mpc.ring.PreparedRight`: close to half the
+    work of a full ring matmul), whichever :mod:`~secfwt.mpc.ring_tuning` measured faster for
+    ``a``'s shape class. The split is made before the first timing (so it is not charged to
+    the limbs) and dropped again when torch wins, within :data:`PREPARED_BUDGET_BYTES`."""
+
+    def __init__(self, b: torch.Tensor) -> None:
+        self.b = b
+        self.prepared: PreparedRight | None = None
+        self.limb_classes = 0  # shape classes of ``a`` that chose the limbs
+
+    def __call__(self, a: torch.Tensor) -> torch.Tensor:
+        before = ring_tuning.decided(Kind.PREPARED, a.shape, self.b.shape)
+        if before is None:
+            self._prepare()
+        z = ring_tuning.run(
+            Kind.PREPARED,
+            a.shape,
+            self.b.shape,
+            torch_fn=lambda: torch.matmul(a, self.b),
+            limbs_fn=lambda: self._limbs(a),
+        )
+        if before is None:
+            if ring_tuning.decided(Kind.PREPARED, a.shape, self.b.shape) is Method.LIMBS:
+                self.limb_classes += 1
+            elif not self.limb_classes:
+                self._release()
+        return z
+
+    def _limbs(self, a: torch.Tensor) -> torch.Tensor:
+        if self.prepared is None:
+            self._prepare()
+        if self.prepared is None:  # over the budget: split each time
+            return ring_matmul(a, self.b)
+        return ring_matmul_prepared(a, self.prepared)
+
+    def _prepare(self) -> None:
+        global _prepared_bytes
+        need = 3 * self.b.numel() * 8
+        if self.prepared is None and _prepared_bytes + need <= PREPARED_BUDGET_BYTES:
+            _prepared_bytes += need
+            self.prepared = PreparedRight(self.b)
+
+    def _release(self) -> None:
+        global _prepared_bytes
+        if self.prepared is not None:
+            _prepared_bytes -= self.prepared.nbytes
+            self.prepared = None
 
 
 def _work_ahead() -> bool:
@@ -310,12 +352,7 @@ def product(x_share: torch.Tensor, w: OwnedMatrix) -> torch.Tensor:
         e = comm.recv(torch.empty(size_x, dtype=torch.long), other)  # e = x_p - A
         if sending is not None:
             sending.wait()
-        mine = x_share + e
-        z = (
-            ring_matmul_narrow(mine, w.encoded.double())
-            if w.narrow
-            else ring_matmul(mine, w.encoded)
-        )
+        z = _owner_product(x_share + e, w.encoded, narrow=w.narrow)
     elif ahead:
         assert fixed is not None
         return _other_ahead(x_share, fixed, first, size_w, generator, comm)  # holds C_1 already
@@ -336,6 +373,21 @@ def product(x_share: torch.Tensor, w: OwnedMatrix) -> torch.Tensor:
     return z.add_(generate_random_ring_element(_product_size(size_x, size_w), generator=generator))
 
 
+def _owner_product(mine: torch.Tensor, w: torch.Tensor, *, narrow: bool) -> torch.Tensor:
+    """The owner's ``(x_o + e) @ W``: with narrow weights torch's int64 matmul or
+    :func:`~secfwt.mpc.ring.ring_matmul_narrow` (one GEMM of the limbs against ``W``), whichever
+    was measured faster for the shape class; otherwise :func:`~secfwt.mpc.ring.ring_matmul`."""
+    if not narrow:
+        return ring_matmul(mine, w)
+    return ring_tuning.run(
+        Kind.NARROW,
+        mine.shape,
+        w.shape,
+        torch_fn=lambda: torch.matmul(mine, w),
+        limbs_fn=lambda: ring_matmul_narrow(mine, w.double()),
+    )
+
+
 def _other_ahead(
     x_share: torch.Tensor,
     fixed: tuple[int, bool],
@@ -347,7 +399,7 @@ def _other_ahead(
     """The other party's (rank 1's) side of a fixed-mask product with its work done ahead."""
     if first:
         d = comm.recv(torch.empty(size_w, dtype=torch.long), 0)
-        times_d = _right_product(d)
+        times_d = _FixedRight(d)
         _masks[fixed] = _Ahead(
             torch.Generator().manual_seed(_stream_seed(generator)),
             lambda a, c1: times_d(a).add_(c1),
@@ -428,7 +480,7 @@ def dealer_fixed_one_sided_matmul(
         b = generate_random_ring_element(size_w, generator=_mask_generator(key, generators[owner]))
         stream = None
         if ahead:
-            times_b = _right_product(b)
+            times_b = _FixedRight(b)
             stream = _Ahead(
                 torch.Generator().manual_seed(_stream_seed(generators[1])),
                 lambda a, c1: times_b(a).sub_(c1),

@@ -1,11 +1,11 @@
 """Exact matrix products in the int64 ring Z/2^64 computed with float64 GEMMs.
 
 Why: CrypTen keeps secret shares as int64 and multiplies them with ``torch.matmul``. torch
-has no BLAS kernel for integers, so an int64 matmul runs a plain loop: on this machine
-(2 cores, torch 2.13 CPU, MKL) ``[7424x384] @ [384x384]`` takes 2.7 s in int64 against
+has no BLAS kernel for integers; where its int64 matmul is a plain loop (the machine this was
+written for: 2 cores, torch 2.13 CPU, MKL) ``[7424x384] @ [384x384]`` takes 2.7 s in int64 against
 0.09 s for one float64 GEMM of the same shape (the int64 kernel also uses a single thread).
 :func:`ring_matmul` computes the int64 product exactly through float64 GEMMs and is
-bit-identical to ``torch.matmul`` (two's-complement wraparound modulo 2^64). Measured here
+bit-identical to ``torch.matmul`` (two's-complement wraparound modulo 2^64). Measured there
 on an otherwise idle machine, best of several runs, with the first layout (four unsigned 16-bit
 limbs, ten limb products): ``[7424x384] @ [384x384]`` 2.5 s -> 0.35 s (7x; 0.68 s, 3.9x, with
 one thread), ``[128x768] @ [768x768]`` 0.17 s -> 0.024 s (7x). The three-limb layout below
@@ -37,6 +37,12 @@ k, so every partial sum of a GEMM over K terms is an integer of magnitude at mos
 ``K * 2^43``. float64 represents every integer up to 2^53 exactly, whatever the summation
 order or FMA use of the BLAS, so ``K <= 2^10`` is exact. Longer K is cut into equal chunks of
 at most 2^10 whose int64 results are added with wraparound.
+
+Which way runs: the measurements above are from the machine these limbs were written for. On an
+AMD EPYC with AVX-512 and torch 2.13.0, torch's own int64 matmul is about ten times faster than
+the limbs (:mod:`secfwt.mpc.ring_tuning` has the numbers), so :func:`ring_matmul` times both ways
+at the first product of each shape class in a process and keeps the faster one; the limb
+functions below are the exact arithmetic either way is checked against.
 """
 
 from __future__ import annotations
@@ -44,6 +50,9 @@ from __future__ import annotations
 import math
 
 import torch
+
+from secfwt.mpc import ring_tuning
+from secfwt.mpc.ring_tuning import SMALL_WORK, Kind
 
 #: Number of signed limbs of an int64 and the width of the two low ones (the top one has 20).
 _LIMBS = 3
@@ -57,37 +66,35 @@ _OFFSET = _HALF + (_HALF << _LIMB_BITS)
 #: to at most 2^43 in magnitude per k (module docstring), so K * 2^43 <= 2^53 for K <= 2^10.
 MAX_EXACT_K = 2**10
 
-#: Below this many multiply-adds the int64 loop beats splitting into limbs (fixed overhead of
-#: about 0.2 ms here): [32x64]@[64x64] (131k) int64 0.28 ms vs limbs 0.39 ms, [64x128]@[128x128]
-#: (1M) int64 2.3 ms vs limbs 0.85 ms. Both paths give the same bits; this only picks the faster.
-SMALL_WORK = 2**18
-
 
 def ring_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``torch.matmul(a, b)`` for int64 tensors, exactly modulo 2^64, through float64 GEMMs.
+    """``torch.matmul(a, b)`` for int64 tensors, exactly modulo 2^64: torch's int64 matmul or
+    the float64 limb GEMMs, whichever :mod:`secfwt.mpc.ring_tuning` measured faster here.
 
     Same shape semantics as :func:`torch.matmul` (1-D, 2-D, batched and broadcast N-D) and
     bit-identical results. Tensors that are not both int64, and products too small to gain
-    from the limb split (:data:`SMALL_WORK`), go straight to ``torch.matmul``.
+    from the limb split (:data:`~secfwt.mpc.ring_tuning.SMALL_WORK`), go straight to
+    ``torch.matmul``.
     """
-    if a.dtype != torch.int64 or b.dtype != torch.int64 or _work(a, b) < SMALL_WORK:
+    if a.dtype != torch.int64 or b.dtype != torch.int64:
         return torch.matmul(a, b)
+    return ring_tuning.run(
+        Kind.GENERAL,
+        a.shape,
+        b.shape,
+        torch_fn=lambda: torch.matmul(a, b),
+        limbs_fn=lambda: ring_matmul_limbs(a, b),
+    )
+
+
+def ring_matmul_limbs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """:func:`ring_matmul` always through the float64 limb GEMMs (int64 operands)."""
     return _ring_matmul(a, b, max_k=MAX_EXACT_K)
 
 
-def _work(a: torch.Tensor, b: torch.Tensor) -> int:
-    """Approximate multiply-adds of ``a @ b`` (batch taken as the larger operand's; a heuristic)."""
-    if a.dim() == 0 or b.dim() == 0:
-        return 0
-    m = a.shape[-2] if a.dim() >= 2 else 1
-    n = b.shape[-1] if b.dim() >= 2 else 1
-    batch = max(math.prod(a.shape[:-2]), math.prod(b.shape[:-2]))
-    return batch * m * a.shape[-1] * n
-
-
 def _ring_matmul(a: torch.Tensor, b: torch.Tensor, *, max_k: int) -> torch.Tensor:
-    """:func:`ring_matmul` without the small-size shortcut and with the K chunk length as a
-    parameter (tests force the limb path and the chunking through it)."""
+    """The limb path of :func:`ring_matmul` alone, with the K chunk length as a parameter (tests
+    force the limbs and the chunking through it)."""
     if a.dtype != torch.int64 or b.dtype != torch.int64 or a.dim() == 0 or b.dim() == 0:
         return torch.matmul(a, b)
     if not 1 <= max_k <= MAX_EXACT_K:
@@ -247,8 +254,10 @@ __all__ = [
     "MAX_EXACT_K",
     "MAX_EXACT_K_NARROW",
     "NARROW_BOUND",
+    "SMALL_WORK",
     "PreparedRight",
     "ring_matmul",
+    "ring_matmul_limbs",
     "ring_matmul_narrow",
     "ring_matmul_prepared",
 ]

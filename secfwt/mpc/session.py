@@ -14,6 +14,7 @@ from secfwt.crypten_compat import crypten
 from secfwt.errors import ConfigError
 from secfwt.mpc import engine, seeding
 from secfwt.mpc.provider import Provider
+from secfwt.mpc.traffic import TrafficMeter
 from secfwt.mpc.transport import TlsSettings, Transport, selection
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,12 @@ def communication_stats() -> dict[str, int]:
     """Rounds and bytes this party sent since the last reset (counted when ``comm_stats``)."""
     stats = crypten.communicator.get().get_communication_stats()
     return {"rounds": int(stats["rounds"]), "bytes": int(stats["bytes"])}
+
+
+def count_traffic() -> TrafficMeter:
+    """Count this process's traffic from now on, by direction and with the dealer apart (the
+    launcher, in every party process once its session is joined)."""
+    return TrafficMeter(crypten.communicator.get())
 
 
 def reset_communication_stats() -> None:

@@ -25,7 +25,8 @@ from secfwt.roles import Role
 
 URI_SCHEME = "secfwt"
 DNS_SUFFIX = "secfwt"
-_PARTY_ID = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+# fullmatch: "$" would also match before a final newline
+_PARTY_ID = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
 
 class IdentityRole(enum.Enum):
@@ -58,7 +59,7 @@ class IdentityRole(enum.Enum):
 
 
 def check_party_id(party_id: str, *, where: str = "party id") -> str:
-    if not isinstance(party_id, str) or not _PARTY_ID.match(party_id):
+    if not isinstance(party_id, str) or not _PARTY_ID.fullmatch(party_id):
         raise ConfigError(
             f"{where} {party_id!r}: use lower-case letters, digits and dashes (a DNS label, at "
             "most 63 characters), e.g. 'hospital-a'"
@@ -92,7 +93,14 @@ class Identity:
         if not uri.startswith(prefix) or uri.count("/") != 3:
             raise ConfigError(f"identity {uri!r}: expected {prefix}ROLE/PARTY_ID")
         role, party_id = uri[len(prefix) :].split("/")
-        return cls(IdentityRole.parse(role), check_party_id(party_id))
+        try:  # exactly as written by ``uri``: no case folding or stripping here
+            ident_role = IdentityRole(role)
+        except ValueError:
+            raise ConfigError(
+                f"identity {uri[:100]!r}: unknown role {role[:40]!r}; expected one of: "
+                f"{', '.join(r.value for r in IdentityRole)}"
+            ) from None
+        return cls(ident_role, check_party_id(party_id))
 
 
 def identity_of_certificate(cert: x509.Certificate) -> Identity:

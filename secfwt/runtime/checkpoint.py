@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 #: Step files kept per party (two: a crash during one party's write still leaves a common step).
 KEEP = 2
-_STEP_RE = re.compile(r"^step-(\d{8})\.pt$")
+_STEP_RE = re.compile(r"step-([0-9]{8})\.pt")  # fullmatch: "$" passes a final newline
 
 
 class CheckpointStop(SecfwtError):
@@ -176,7 +176,7 @@ class PartyCheckpoints:
         """This party's step files, oldest first. Refuses files of another job, terms or role."""
         out = []
         for p in sorted(self.folder.iterdir()):
-            m = _STEP_RE.match(p.name)
+            m = _STEP_RE.fullmatch(p.name)
             if m is None:
                 continue
             head = _load_tensors(p)
@@ -320,7 +320,7 @@ class PartyCheckpoints:
         return path
 
     def _prune(self) -> None:
-        steps = sorted(p for p in self.folder.iterdir() if _STEP_RE.match(p.name))
+        steps = sorted(p for p in self.folder.iterdir() if _STEP_RE.fullmatch(p.name))
         for old in steps[:-KEEP]:
             old.unlink()
             loc = self.folder / old.name.replace("step-", "local-").replace(".pt", ".pkl")

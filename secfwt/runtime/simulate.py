@@ -7,7 +7,7 @@ import logging
 import platform
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +16,12 @@ from secfwt.data.inputs import InstructionInputs
 from secfwt.errors import ConfigError
 from secfwt.models.checkpoint import resolve_model_path
 from secfwt.models.spec import Head
-from secfwt.mpc.launcher import new_queue, run_parties
+from secfwt.mpc.launcher import PartyResult, new_queue, run_parties
 from secfwt.mpc.provider import Provider
 from secfwt.roles import Role
 from secfwt.runtime.contract import Checkpointing, PartyJob, PartyOutcome
 from secfwt.runtime.job import run_job_party
+from secfwt.runtime.links import LINKS, PartyCost, projections
 
 log = logging.getLogger(__name__)
 
@@ -129,17 +130,9 @@ def run_simulation(
         "dp": None if do.dp is None else dict(do.dp),
         "disclosure_terms": cfg.terms.to_list(),
         "terms_digest": cfg.terms.digest(),
-        "parties": {
-            r.value: {
-                "bytes_sent": res.bytes_sent,
-                "rounds": res.rounds,
-                "wall_s": res.wall_s,
-                "reveals": res.value.reveals if res.value else 0,
-                "artifacts": dict(res.value.artifacts) if res.value else {},
-            }
-            for r, res in results.items()
-            if r is not Role.DEALER
-        },
+        "parties": parties_report(results),
+        "projected_s": link_projections(results),
+        "projection": _PROJECTION,
         "output_dir": str(out_dir),
         "machine": machine_info(),
     }
@@ -150,6 +143,59 @@ def run_simulation(
         report["parties"]["model_owner"]["eval_loss_seen"] = loss_seen
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+_PROJECTION = (
+    "modelled, not measured: max_p wall_p + (max_p sent_p + max_p dealer_p) * 8 / bandwidth "
+    "+ (max_p rounds_p + max_p dealer_requests_p) * RTT over the computing parties' whole "
+    "processes (sent_p to the other party, dealer_p received from the dealer); "
+    + ", ".join(link.describe() for link in LINKS)
+)
+
+
+def parties_report(results: Mapping[Role, PartyResult]) -> dict[str, dict[str, Any]]:
+    """Per role: what it sent and how it ran. The computing parties keep CrypTen's counts
+    (``bytes_sent``, ``rounds``: sent and received bytes together, dealer traffic mixed in) and
+    add ``traffic`` by direction with the dealer apart; the dealer (TTP provider) reports what it
+    sent and received and the requests it answered, counted in its own process."""
+    out: dict[str, dict[str, Any]] = {}
+    for r, res in results.items():
+        if r is Role.DEALER:
+            out[r.value] = {
+                "bytes_sent": res.bytes_sent,
+                "bytes_received": res.traffic.get("received", 0),
+                "requests": res.rounds,
+                "wall_s": res.wall_s,
+                "ring_matmul": res.ring_matmul,
+            }
+            continue
+        out[r.value] = {
+            "bytes_sent": res.bytes_sent,
+            "rounds": res.rounds,
+            "wall_s": res.wall_s,
+            "reveals": res.value.reveals if res.value else 0,
+            "artifacts": dict(res.value.artifacts) if res.value else {},
+            "traffic": dict(res.traffic),
+            "ring_matmul": res.ring_matmul,
+        }
+    return out
+
+
+def link_projections(results: Mapping[Role, PartyResult]) -> dict[str, float]:
+    """The job's time on each modelled link (:mod:`secfwt.runtime.links`), dealer included."""
+    costs = [
+        PartyCost(
+            wall_s=res.wall_s,
+            bytes_sent=res.traffic.get("sent", 0),
+            bytes_received=res.traffic.get("received", 0),
+            rounds=res.traffic.get("rounds", 0),
+            dealer_bytes=res.traffic.get("dealer_bytes", 0),
+            dealer_requests=res.traffic.get("dealer_requests", 0),
+        )
+        for r, res in results.items()
+        if r is not Role.DEALER
+    ]
+    return projections(costs)
 
 
 def preflight_causal(cfg: JobConfig, model_dir: Path) -> InstructionInputs:

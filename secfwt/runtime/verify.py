@@ -42,6 +42,7 @@ from secfwt.runtime.verify_decoder import (
     decoder_party,
     decoder_reference,
     decoder_report,
+    decoder_settings,
     sample_chat_inputs,
 )
 
@@ -283,11 +284,19 @@ def _run_decoder(
         data={"input_ids": ids, "mask": mask},
     )
     secure = results[Role.DATA_OWNER].value
-    ref = decoder_reference(model_dir, head=head, seed=req.seed, ids=ids, mask=mask)
+    settings = decoder_settings(req)
+    ref = decoder_reference(
+        model_dir, head=head, seed=req.seed, ids=ids, mask=mask, settings=settings
+    )
+    reference = (
+        "secfwt's plaintext decoder with the same causal Random Feature Attention (float64)"
+        if req.attention is Attention.RFA
+        else "transformers forward (float64, sdpa attention, position_ids cumsum(mask)-1)"
+    )
     report = {
         **_header(req, model_dir=model_dir, family=family, head=head, source=source),
         "samples": req.samples,
-        "reference": "transformers forward (float64, sdpa attention, position_ids cumsum(mask)-1)",
+        "reference": reference,
         **decoder_report(secure, ref, mask=mask, per_layer=req.per_layer),
         "tolerance": {
             "min_argmax_agreement": req.min_argmax_agreement,

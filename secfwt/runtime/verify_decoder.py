@@ -67,11 +67,6 @@ def check_decoder_request(req: Any, *, head: Head) -> None:
         raise ModelError(
             f"--head {head.value!r}: decoders support 'causal_lm' (next-token logits) and 'base'"
         )
-    if req.attention is Attention.RFA:
-        raise ModelError(
-            "--attention rfa: causal Random Feature Attention is not available for decoders "
-            "yet; use --attention softmax"
-        )
     if req.samples < 1:
         raise ModelError(f"--samples {req.samples}: must be at least 1")
 
@@ -150,7 +145,7 @@ def decoder_party(ctx: PartyContext, payload: dict[str, Any]) -> Any:
         shape=shape,
         secret_table=params.get(spec.word_embeddings),
     )
-    model = DecoderModel(spec, params, sess.ops, ForwardSettings(attention=req.attention))
+    model = DecoderModel(spec, params, sess.ops, decoder_settings(req))
     to = [Role.DATA_OWNER]
     layers = []
     for i in range(spec.num_layers):
@@ -177,10 +172,25 @@ def decoder_party(ctx: PartyContext, payload: dict[str, Any]) -> Any:
     return {"output": out_plain, "layers": layers, "compute_s": compute_s}
 
 
+def decoder_settings(req: Any) -> ForwardSettings:
+    """The forward both the parties and the reference run (attention and RFA draws)."""
+    return ForwardSettings(attention=req.attention, rfa=req.rfa)
+
+
 def decoder_reference(
-    model_dir: Path, *, head: Head, seed: int, ids: torch.Tensor, mask: torch.Tensor
+    model_dir: Path,
+    *,
+    head: Head,
+    seed: int,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    settings: ForwardSettings,
 ) -> dict[str, Any]:
-    """transformers' float64 forward (sdpa) and secfwt's plaintext decoder with range recording."""
+    """transformers' float64 forward (sdpa) and secfwt's plaintext decoder with range recording.
+
+    With RFA the reference is the plaintext decoder itself (with the parties' random features):
+    the RFA model is by design a different function from the checkpoint's softmax model.
+    """
     hf = build_hf_model(model_dir, head=head, num_labels=0, seed=seed, attn="sdpa").double()
     spec = spec_from_model(hf, family=Family(hf.config.model_type), head=head)
     params = plain_params(state_dict_of(hf))
@@ -191,7 +201,15 @@ def decoder_reference(
         )
     hf_out = o.logits if head is Head.CAUSAL_LM else o.last_hidden_state
     recorder = RangeRecorder()
-    plain_out = _recorded_forward(spec, params, recorder, ids, mask)
+    plain_out, plain_layers = _recorded_forward(spec, params, recorder, ids, mask, settings)
+    if settings.attention is Attention.RFA:
+        return {
+            "output": plain_out,
+            "layers": plain_layers,
+            "plain_vs_transformers": None,
+            "ranges": recorder.summary(),
+            "uncovered": recorder.uncovered(mean_square_range=RMS_MEAN_SQUARE_RANGE),
+        }
     return {
         "output": hf_out,
         "layers": list(o.hidden_states[1:]),  # layer 0 .. L-2 outputs, then the final norm
@@ -207,15 +225,22 @@ def _recorded_forward(
     recorder: RangeRecorder,
     ids: torch.Tensor,
     mask: torch.Tensor,
-) -> torch.Tensor:
-    model = DecoderModel(spec, params, recorder, ForwardSettings())
+    settings: ForwardSettings,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The output and the layer outputs (layer 0 .. L-2, then the final norm), as transformers'
+    ``hidden_states[1:]`` lists them."""
+    model = DecoderModel(spec, params, recorder, settings)
     h = params[spec.word_embeddings][ids]
     key_mask = mask.to(torch.float64)
+    layers = []
     for i in range(spec.num_layers):
         recorder.layer = i
         h = model.layers(h, key_mask, start=i, stop=i + 1)
+        if i < spec.num_layers - 1:
+            layers.append(h)
     recorder.layer = spec.num_layers
-    return model.output(h)
+    layers.append(model.final_norm(h))
+    return model.output(h), layers
 
 
 def decoder_report(

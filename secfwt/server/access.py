@@ -1,8 +1,10 @@
 """Who may call a party, and what the party says it is: the check every call passes, and Hello.
 
-Only pinned identities are answered; Accept, Refuse and FetchArtifacts are for this party's own
-operators only (``[[operators]]`` without ``accept = false``): a peer, or another party's
-operator, can never accept terms on this party's behalf, nor take its results. Kept apart from
+Only pinned identities are answered; Accept, Refuse, Resume, FetchArtifacts and Remove are for
+this party's own operators only (``[[operators]]`` without ``accept = false``): a peer, or
+another party's operator, can never accept terms on this party's behalf, restart a job here
+(a cancelled one in particular: a cancel by this party's operator is a veto only they lift),
+take its results or delete them. Kept apart from
 the job protocol so that the rule reads in one place; :mod:`secfwt.server.service` applies it
 to every request before any job is looked at.
 """
@@ -15,7 +17,7 @@ from secfwt.server.config import PartyConfig
 from secfwt.server.errors import MessageTooLargeError, NotAuthorizedError, VersionMismatchError
 from secfwt.server.protocol import (
     MAX_CAPABILITIES,
-    MAX_SHORT_CHARS,
+    MAX_SHORT_BYTES,
     PROTOCOL_VERSION,
     PeerInfo,
     check_text,
@@ -23,7 +25,7 @@ from secfwt.server.protocol import (
 from secfwt.server.runner import JobRunner
 
 #: Calls only this party's operators may make.
-OPERATOR_ONLY = frozenset({"Accept", "Refuse", "FetchArtifacts"})
+OPERATOR_ONLY = frozenset({"Accept", "Refuse", "Resume", "FetchArtifacts", "Remove"})
 
 
 def check_version(v: int) -> None:
@@ -76,13 +78,13 @@ class Access:
         )
 
     def hello(self, caller: Identity, theirs: PeerInfo) -> PeerInfo:
-        check_text(theirs.software_version, field="software_version", limit=MAX_SHORT_CHARS)
+        check_text(theirs.software_version, field="software_version", limit=MAX_SHORT_BYTES)
         if len(theirs.capabilities) > MAX_CAPABILITIES:
             raise MessageTooLargeError(
                 f"capabilities: {len(theirs.capabilities)} entries, the limit is {MAX_CAPABILITIES}"
             )
         for c in theirs.capabilities:
-            check_text(c, field="capability", limit=MAX_SHORT_CHARS)
+            check_text(c, field="capability", limit=MAX_SHORT_BYTES)
         check_version(theirs.protocol_version)
         if theirs.identity is not None and theirs.identity != caller:
             raise NotAuthorizedError(

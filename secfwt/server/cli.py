@@ -182,9 +182,9 @@ def _status_line(d: dict[str, Any]) -> str:
     return line
 
 
-def _each(args: argparse.Namespace, action) -> int:  # noqa: ANN001
-    """Run ``action(client)`` -> JobStatus at every target; print; the first error decides the exit
-    code."""
+def _each(args: argparse.Namespace, action, view=_status_dict, line=_status_line) -> int:  # noqa: ANN001
+    """Run ``action(client)`` at every target, shown through ``view`` (a dict) and ``line``
+    (default: a JobStatus); print; the first error decides the exit code."""
     from secfwt.errors import SecfwtError, exit_code_for
 
     cfg = _client_config(args)
@@ -193,13 +193,12 @@ def _each(args: argparse.Namespace, action) -> int:  # noqa: ANN001
     for addr in _targets(args, cfg):
         try:
             with _client(cfg, addr) as c:
-                results[addr] = _status_dict(action(c))
+                results[addr] = view(action(c))
         except SecfwtError as exc:
             results[addr] = {"error": str(exc), "exit_code": exit_code_for(exc)}
             first_error = first_error or exc
     lines = [
-        f"{a}: " + (f"ERROR {r['error']}" if "error" in r else _status_line(r))
-        for a, r in results.items()
+        f"{a}: " + (f"ERROR {r['error']}" if "error" in r else line(r)) for a, r in results.items()
     ]
     _out(args, {"job_id": args.job_id, "parties": results}, "\n".join(lines))
     if first_error is not None:
@@ -217,6 +216,15 @@ def cmd_job_cancel(args: argparse.Namespace) -> int:
 
 def cmd_job_resume(args: argparse.Namespace) -> int:
     return _each(args, lambda c: c.resume(args.job_id))
+
+
+def cmd_job_remove(args: argparse.Namespace) -> int:
+    return _each(
+        args,
+        lambda c: c.remove(args.job_id),
+        view=lambda r: {"removed": r.job_id, "freed_bytes": r.freed_bytes},
+        line=lambda d: f"removed job {d['removed']} ({d['freed_bytes']} bytes freed)",
+    )
 
 
 def cmd_job_start(args: argparse.Namespace) -> int:
@@ -282,14 +290,10 @@ def cmd_job_submit(args: argparse.Namespace) -> int:
     is an operator, start when every party accepted."""
     from secfwt.errors import SecfwtError
     from secfwt.server.errors import NotAuthorizedError, VersionMismatchError
-    from secfwt.server.jobfile import parse_job_text
+    from secfwt.server.jobfile import read_job_file
     from secfwt.server.protocol import PROTOCOL_VERSION, Commitments, Proposal
 
-    path = Path(args.job)
-    if not path.is_file():
-        raise ConfigError(f"job file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    job = parse_job_text(text, where=str(path))
+    text, job = read_job_file(Path(args.job))
     cfg = _client_config(args)
     clients = {addr: _client(cfg, addr) for addr in _targets(args, cfg)}
     report: dict[str, Any] = {"parties": {}}
@@ -468,7 +472,18 @@ def register(sub: argparse._SubParsersAction) -> None:
             "start an accepted job (every owner must have accepted the same digests)",
         ),
         ("cancel", cmd_job_cancel, "cancel a job"),
-        ("resume", cmd_job_resume, "resume a failed or cancelled job from its last checkpoint"),
+        (
+            "resume",
+            cmd_job_resume,
+            "resume a failed or cancelled job from its last checkpoint (operators of that daemon "
+            "only)",
+        ),
+        (
+            "remove",
+            cmd_job_remove,
+            "delete an ended job's record and artifacts there; its id stays used (operators of "
+            "that daemon only)",
+        ),
         ("accept", cmd_job_accept, "accept a proposed job's terms (operators of that daemon only)"),
         ("refuse", cmd_job_refuse, "refuse a proposed job (operators of that daemon only)"),
         ("fetch", cmd_job_fetch, "download a finished job's artifacts from one daemon"),

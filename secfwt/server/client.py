@@ -176,6 +176,9 @@ class PartyClient:
     def resume(self, job_id: str) -> pb.JobStatus:
         return self._call("Resume", pb.ResumeRequest(job_id=job_id)).status
 
+    def remove(self, job_id: str) -> pb.RemoveResponse:
+        return self._call("Remove", pb.RemoveRequest(job_id=job_id))
+
     def watch(
         self, job_id: str, *, after_seq: int = 0, timeout_s: float | None = None
     ) -> Iterator[ProgressEvent]:

@@ -26,12 +26,15 @@ the file's folder. A ``party.toml``::
     mpc_address = "vendor.example.org:7402"   # its mpc_listen as seen from here;
                                               # default: address's port + 1
 
-    [[operators]]                  # people's clients; they may accept, refuse and fetch here
+    [[operators]]                  # people's clients; they may accept, refuse, resume, fetch
+                                   # and remove here
     id = "alice"                   # unless accept = false
                                    # (then: propose, start, watch, cancel only)
 
-    [limits]                       # max_message_bytes, max_job_toml_bytes, queue_size, ...
-    [jobs]                         # heartbeat_timeout_s, checkpoint_every_steps, ...
+    [limits]                       # max_message_bytes, max_job_toml_bytes, queue_size,
+                                   # max_proposals_per_caller, ...
+    [jobs]                         # heartbeat_timeout_s, checkpoint_every_steps, proposal_ttl_s,
+                                   # ...
     [data]                         # data owner only: what it holds (source, path, columns, labels)
     [model]                        # model owner only: path of the checkpoint it holds
 """
@@ -39,13 +42,13 @@ the file's folder. A ``party.toml``::
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from pathlib import Path
 from typing import Any
 
 from secfwt.config import _build
 from secfwt.data.datasets import DataSource
 from secfwt.errors import ConfigError
+from secfwt.overrides import loads_toml, read_toml_text
 from secfwt.pki.identity import Identity, IdentityRole, check_party_id
 from secfwt.roles import Role
 
@@ -104,9 +107,9 @@ def _next_port(address: str, *, where: str) -> str:
 @dataclasses.dataclass(frozen=True)
 class OperatorEntry:
     id: str
-    accept: bool = (
-        True  # false: may propose, start, watch and cancel here, but not accept, refuse or fetch
-    )
+    # false: may propose, start, watch and cancel here, but not accept, refuse, resume, fetch
+    # or remove
+    accept: bool = True
 
     @property
     def identity(self) -> Identity:
@@ -122,6 +125,9 @@ class LimitsSection:
     worker_threads: int = 16  # threads serving calls
     # concurrent progress streams; kept below worker_threads so unary calls always get a thread
     max_streams: int = 8
+    # jobs one caller proposed here that this party never accepted (proposed, refused, cancelled
+    # before acceptance); beyond, Propose is refused (see secfwt.server.retention)
+    max_proposals_per_caller: int = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +140,8 @@ class JobsSection:
     shutdown_grace_s: float = (
         10.0  # SIGTERM: calls in flight get this long, then the running job is cancelled
     )
+    # a job this party never accepted is removed this long after its last change (7 days)
+    proposal_ttl_s: float = 7 * 24 * 3600.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,12 +204,7 @@ _PARTY_LISTS: dict[str, type] = {"peers": PeerEntry, "operators": OperatorEntry}
 
 
 def _read_toml(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"{what} {path} does not exist")
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    return loads_toml(read_toml_text(path, what=what), where=str(path))
 
 
 def _tables(
@@ -296,6 +299,7 @@ def parse_party_config(raw: dict[str, Any], *, where: str, base: Path) -> PartyC
         "max_concurrent_rpcs",
         "worker_threads",
         "max_streams",
+        "max_proposals_per_caller",
     ):
         if getattr(limits, name) <= 0:
             raise ConfigError(f"{where}: limits.{name} = {getattr(limits, name)}: must be > 0")
@@ -310,10 +314,15 @@ def parse_party_config(raw: dict[str, Any], *, where: str, base: Path) -> PartyC
             "least 4096 (a proposal carries the job file)"
         )
     jobs: JobsSection = t.get("jobs", JobsSection())
-    for name in ("heartbeat_timeout_s", "checkpoint_every_steps", "peer_timeout_s"):
-        if getattr(jobs, name) <= 0:
+    for name in (
+        "heartbeat_timeout_s",
+        "checkpoint_every_steps",
+        "peer_timeout_s",
+        "proposal_ttl_s",
+    ):
+        if not getattr(jobs, name) > 0:  # NaN too
             raise ConfigError(f"{where}: jobs.{name} = {getattr(jobs, name)}: must be > 0")
-    if jobs.shutdown_grace_s < 0:
+    if not jobs.shutdown_grace_s >= 0:
         raise ConfigError(f"{where}: jobs.shutdown_grace_s = {jobs.shutdown_grace_s}: must be >= 0")
     return PartyConfig(
         party=party,

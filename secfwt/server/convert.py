@@ -13,7 +13,7 @@ from secfwt.roles import Role
 from secfwt.server.errors import InvalidRequestError, MessageTooLargeError
 from secfwt.server.protocol import (
     MAX_DIMENSIONS,
-    MAX_SHORT_CHARS,
+    MAX_SHORT_BYTES,
     MAX_TERMS,
     Commitments,
     DataCommitment,
@@ -126,8 +126,8 @@ def commitments_from_pb(msg: pb.Commitments) -> Commitments:
                 f"{MAX_DIMENSIONS}"
             )
         for k in m.dimensions:
-            check_text(k, field="commitments.model.dimensions key", limit=MAX_SHORT_CHARS)
-        check_text(m.model_type, field="commitments.model.model_type", limit=MAX_SHORT_CHARS)
+            check_text(k, field="commitments.model.dimensions key", limit=MAX_SHORT_BYTES)
+        check_text(m.model_type, field="commitments.model.model_type", limit=MAX_SHORT_BYTES)
         check_sha256(m.weights_sha256, field="commitments.model.weights_sha256")
         model = ModelCommitment(m.model_type, tuple(sorted(m.dimensions.items())), m.weights_sha256)
     if msg.HasField("data"):
@@ -247,6 +247,7 @@ def status_to_pb(rec: JobRecord, *, party: Identity) -> pb.JobStatus:
         created_unix=rec.created,
         updated_unix=rec.updated,
         attempts=rec.attempts,
+        cancelled_by=rec.cancelled_by if rec.state is JobState.CANCELLED else "",
     )
     if rec.last_progress is not None:
         msg.last_progress.CopyFrom(progress_to_pb(rec.last_progress))
@@ -266,6 +267,7 @@ def status_to_dict(msg: pb.JobStatus) -> dict[str, Any]:
         "reason": msg.reason,
         "artifacts": list(msg.artifacts),
         "attempts": msg.attempts,
+        "cancelled_by": msg.cancelled_by,
         "created_unix": msg.created_unix,
         "updated_unix": msg.updated_unix,
     }

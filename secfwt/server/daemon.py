@@ -169,6 +169,7 @@ class PartyDaemon:
             st.accepted_terms_digest,
             st.accepted_proposal_digest,
             st.reason,
+            st.cancelled_by,
         )
 
     def _peer_cancel(self, peer: PeerEntry, job_id: str, reason: str) -> None:

@@ -75,6 +75,13 @@ class BusyError(ProtocolError):
     exit_code = 13
 
 
+class TooManyProposalsError(ProtocolError):
+    """The caller already has ``limits.max_proposals_per_caller`` jobs here that this party never
+    accepted; they expire after ``jobs.proposal_ttl_s``, or an operator removes them."""
+
+    exit_code = 13
+
+
 #: The one mapping from error classes to gRPC status codes, most specific first.
 _STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (NotAuthorizedError, grpc.StatusCode.PERMISSION_DENIED),
@@ -82,6 +89,7 @@ _STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (JobNotFoundError, grpc.StatusCode.NOT_FOUND),
     (JobExistsError, grpc.StatusCode.ALREADY_EXISTS),
     (BusyError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (TooManyProposalsError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (MessageTooLargeError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
     (VersionMismatchError, grpc.StatusCode.FAILED_PRECONDITION),

@@ -23,7 +23,13 @@ from secfwt.server.errors import BusyError, JobStateError
 from secfwt.server.jobfile import parse_job_text
 from secfwt.server.journal import JobJournal
 from secfwt.server.logs import fields
-from secfwt.server.protocol import MAX_REASON_CHARS, JobRecord, JobState, check_text
+from secfwt.server.protocol import (
+    MAX_REASON_BYTES,
+    JobRecord,
+    JobState,
+    check_text,
+    clip_utf8,
+)
 from secfwt.server.runner import JobContext, JobRunner
 
 log = logging.getLogger("secfwt.server")
@@ -110,6 +116,7 @@ class JobExecutor:
                 ) from None
             rec.resume_requested = resume
             rec.attempts += 1
+            rec.cancelled_by = ""  # a resume lifts the cancel
             j.transition(rec, JobState.STARTED, reason="")
         log.info(
             "job started" if not resume else "job resumed", extra=fields(job=rec.job_id, by=str(by))
@@ -117,13 +124,14 @@ class JobExecutor:
         return rec
 
     def cancel(self, caller: Identity, job_id: str, reason: str) -> JobRecord:
-        check_text(reason, field="reason", limit=MAX_REASON_CHARS)
+        check_text(reason, field="reason", limit=MAX_REASON_BYTES)
         why = f"cancelled by {caller}" + (f": {reason}" if reason else "")
         j = self.journal
         with j.cond:
             rec = j.get(job_id)
             if rec.state.terminal:
                 raise JobStateError(f"job {job_id} is already {rec.state.value}; nothing to cancel")
+            rec.cancelled_by = caller.uri  # an operator's cancel is a veto (Negotiation)
             if rec.state is JobState.RUNNING:
                 rec.reason = why
                 self._cancels[job_id].set()  # the worker records CANCELLED when the runner returns
@@ -151,7 +159,7 @@ class JobExecutor:
                 continue
             try:
                 self.peer_cancel(
-                    peer, rec.job_id, why[:MAX_REASON_CHARS]
+                    peer, rec.job_id, clip_utf8(why, MAX_REASON_BYTES)
                 )  # recorded there as "cancelled by <us>: <why>"
             except SecfwtError as exc:  # already ended there, unreachable: its own state stands
                 log.info(

@@ -40,6 +40,13 @@ class JobJournal:
         check_job_id(job_id)
         rec = self.records.get(job_id)
         if rec is None:
+            note = self.store.removed(job_id)
+            if note is not None:
+                when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(note.get("time", 0)))
+                raise JobNotFoundError(
+                    f"job {job_id} was removed from {self.identity} on {when} "
+                    f"({note.get('why', '?')}); its id stays reserved"
+                )
             raise JobNotFoundError(f"no job {job_id!r} at {self.identity}")
         return rec
 
@@ -70,8 +77,11 @@ class JobJournal:
                 raise JobStateError(
                     f"job {job_id} is {rec.state.value}; artifacts are served once it finished"
                 )
-        d = self.store.artifacts_dir(job_id)
-        return sorted(p for p in d.iterdir() if p.is_file() and not p.is_symlink())
+        try:
+            found = list(self.store.artifacts_dir(job_id).iterdir())
+        except FileNotFoundError:  # an operator removed the job meanwhile
+            raise JobNotFoundError(f"job {job_id} was removed from {self.identity}") from None
+        return sorted(p for p in found if p.is_file() and not p.is_symlink())
 
     # -- changing -----------------------------------------------------------------------------
 
@@ -113,6 +123,23 @@ class JobJournal:
             rec, message=state.value + (f": {rec.reason}" if rec.reason and state.terminal else "")
         )
         self.store.save(rec)
+
+    def forget(self, rec: JobRecord, *, why: str, by: str) -> None:
+        """Mark a job removed (caller holds the lock): its record and events leave memory, its
+        folder keeps a note; the caller purges the files (outside the lock)."""
+        self.store.mark_removed(
+            rec.job_id,
+            {
+                "job_id": rec.job_id,
+                "time": time.time(),
+                "why": why,
+                "by": by,
+                "state": rec.state.value,
+            },
+        )
+        del self.records[rec.job_id]
+        self._events.pop(rec.job_id, None)
+        self.cond.notify_all()
 
     def load(self) -> list[JobRecord]:
         """Read every stored job (caller holds the lock); a job that was running when the daemon

@@ -8,9 +8,15 @@ These rules decide whether a job may ever run, so they live together and apart f
   (replay), its terms equal the job file's ``[[disclosure]]`` list and their digest, its
   participants are this party and pinned peers, and its commitment for this party's role equals
   what this party holds.
+- A proposal is refused before it is parsed when its caller already has
+  ``limits.max_proposals_per_caller`` unaccepted jobs here (:mod:`secfwt.server.retention`).
 - A job starts only after this party accepted (its operator named the terms digest) and every
   other owner reports, over mutually authenticated TLS, that it accepted the same terms and
   proposal digests. A digest mismatch fails the job before anything runs.
+- A cancellation by a party's operator is a veto: no other party resumes the job while it
+  stands (every other participant is asked), unless that party's own operator cancelled it too
+  (two vetoes are lifted one after the other). Only a party's own operators resume it there
+  (:mod:`secfwt.server.access`).
 """
 
 from __future__ import annotations
@@ -20,8 +26,8 @@ import logging
 from collections.abc import Callable
 
 from secfwt.config import JobConfig
-from secfwt.errors import SecfwtError
-from secfwt.pki.identity import Identity
+from secfwt.errors import ConfigError, SecfwtError
+from secfwt.pki.identity import Identity, IdentityRole
 from secfwt.roles import COMPUTING_ROLES, Role
 from secfwt.server.access import check_version
 from secfwt.server.config import PartyConfig, PeerEntry
@@ -40,7 +46,7 @@ from secfwt.server.jobfile import parse_job_text
 from secfwt.server.journal import JobJournal
 from secfwt.server.logs import fields
 from secfwt.server.protocol import (
-    MAX_REASON_CHARS,
+    MAX_REASON_BYTES,
     MAX_TERMS,
     Commitments,
     JobRecord,
@@ -49,7 +55,10 @@ from secfwt.server.protocol import (
     check_job_id,
     check_sha256,
     check_text,
+    clip_utf8,
+    one_line,
 )
+from secfwt.server.retention import Retention
 
 log = logging.getLogger("secfwt.server")
 
@@ -62,6 +71,7 @@ class RemoteStatus:
     accepted_terms_digest: str
     accepted_proposal_digest: str
     reason: str = ""
+    cancelled_by: str = ""  # identity URI, when cancelled
 
 
 #: Asks a pinned peer daemon for its status of a job (mutual TLS, this party's own certificate).
@@ -77,6 +87,7 @@ class Negotiation:
         config: PartyConfig,
         journal: JobJournal,
         peer_status: PeerStatusFn,
+        retention: Retention,
         model: ModelHoldings | None,
         data: DataHoldings | None,
     ) -> None:
@@ -84,6 +95,7 @@ class Negotiation:
         self.identity = config.identity
         self.role = config.party.role
         self.journal = journal
+        self.retention = retention
         self.peer_status = peer_status
         self.model = model
         self.data = data
@@ -115,18 +127,21 @@ class Negotiation:
                 f"job id {p.job_id!r} was already proposed to this party; job ids are never "
                 "reused (replay refused)"
             )
+        with self.journal.cond:  # before parsing: a caller at its bound costs nothing more
+            self.retention.admit(caller)
         cfg = parse_job_text(p.job_toml, where=f"job {p.job_id}")
         rec = JobRecord(proposal=p, state=JobState.PROPOSED, proposed_by=caller.uri)
         try:
             self._check_proposal(p, cfg)
         except SecfwtError as exc:
-            rec.state, rec.reason = JobState.REFUSED, f"refused on proposal: {exc}"
-            self.journal.create(rec)
+            reason = clip_utf8(f"refused on proposal: {one_line(str(exc))}", MAX_REASON_BYTES)
+            rec.state, rec.reason = JobState.REFUSED, reason
+            self._record(caller, rec)
             log.warning(
                 "proposal refused", extra=fields(job=p.job_id, by=str(caller), reason=str(exc))
             )
             raise
-        self.journal.create(rec)
+        self._record(caller, rec)
         log.info(
             "job proposed",
             extra=fields(
@@ -137,6 +152,11 @@ class Negotiation:
             ),
         )
         return rec
+
+    def _record(self, caller: Identity, rec: JobRecord) -> None:
+        with self.journal.cond:  # the count and the new record in one step
+            self.retention.admit(caller)
+            self.journal.create(rec)
 
     def _check_proposal(self, p: Proposal, cfg: JobConfig) -> None:
         if cfg.terms.to_list() != p.terms.to_list():
@@ -218,7 +238,7 @@ class Negotiation:
         return rec
 
     def refuse(self, caller: Identity, job_id: str, reason: str) -> JobRecord:
-        check_text(reason, field="reason", limit=MAX_REASON_CHARS)
+        check_text(reason, field="reason", limit=MAX_REASON_BYTES)
         j = self.journal
         with j.cond:
             rec = j.get(job_id)
@@ -233,10 +253,12 @@ class Negotiation:
 
     def confirm_other_owners(self, rec: JobRecord, *, resuming: bool) -> None:
         """Ask every other owner (over mutual TLS) which digests it accepted; same as ours or no
-        start."""
-        for role in COMPUTING_ROLES:
-            ident = rec.proposal.participant(role)
-            if ident is None or ident == self.identity:
+        start. Resuming, ask the dealer too, and refuse while another party's operator's cancel
+        stands (a veto), unless this party's own operator cancelled it as well."""
+        vetoed_here = _by_operator(rec.cancelled_by) and rec.state is JobState.CANCELLED
+        for ident in rec.proposal.participants:
+            owner = ident.role.party_role in COMPUTING_ROLES
+            if ident == self.identity or not (owner or resuming):
                 continue
             peer = self.config.peer(ident)
             if peer is None:  # checked at proposal; the config may have changed since
@@ -245,17 +267,33 @@ class Negotiation:
                 )
             try:
                 theirs = self.peer_status(peer, rec.job_id)
-            except JobNotFoundError:
+            except JobNotFoundError as exc:
                 raise JobStateError(
-                    f"job {rec.job_id}: {ident} has not received this job yet; propose it there too"
+                    f"job {rec.job_id}: {ident} does not hold this job ({exc}); propose it there "
+                    "too"
                 ) from None
             except SecfwtError as exc:  # unreachable, or it does not pin us: the job stays as it is
                 raise JobStateError(
                     f"job {rec.job_id}: cannot confirm that {ident} at {peer.address} accepted "
                     f"it: {exc}"
                 ) from None
+            if (
+                resuming
+                and not vetoed_here
+                and theirs.state is JobState.CANCELLED
+                and _by_operator(theirs.cancelled_by)
+            ):
+                who = Identity.parse_uri(theirs.cancelled_by)
+                raise JobStateError(
+                    f"job {rec.job_id}: {ident}'s operator {who} cancelled it there; it resumes "
+                    f"only after an operator of {ident} resumed it there (`secfwt job resume "
+                    f"{rec.job_id} --to {peer.address}`)"
+                )
+            if not owner:
+                continue
             if theirs.state is JobState.REFUSED:
                 with self.journal.cond:
+                    rec.cancelled_by = ident.uri
                     self.journal.transition(
                         rec, JobState.CANCELLED, reason=f"{ident} refused the job: {theirs.reason}"
                     )
@@ -296,3 +334,11 @@ class Negotiation:
                     extra=fields(job=rec.job_id, peer=str(ident), ours=ours, theirs=other),
                 )
                 raise TermsMismatchError(f"job {rec.job_id}: {reason}")
+
+
+def _by_operator(uri: str) -> bool:
+    """Whether a job's canceller (an identity URI, or "" for the daemon itself) is an operator."""
+    try:
+        return Identity.parse_uri(uri).role is IdentityRole.OPERATOR
+    except ConfigError:
+        return False

@@ -8,7 +8,9 @@ reveals a result, that its own operator did not accept:
 - :mod:`secfwt.server.negotiation` commitments, proposals, accept and refuse, and the check that
   every other owner accepted the same digests before a start or resume;
 - :mod:`secfwt.server.execution` the bounded FIFO queue, the worker, cancel and shutdown;
-- :mod:`secfwt.server.journal` job records and progress events under one lock, persisted.
+- :mod:`secfwt.server.journal` job records and progress events under one lock, persisted;
+- :mod:`secfwt.server.retention` the per-caller bound on unaccepted jobs, their expiry, and
+  removal by an operator.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from secfwt.server.protocol import (
     ProgressEvent,
     Proposal,
 )
+from secfwt.server.retention import Retention
 from secfwt.server.runner import JobRunner
 from secfwt.server.store import JobStore
 
@@ -60,10 +63,12 @@ class Party:
             store=self.store, identity=self.identity, max_streams=config.limits.max_streams
         )
         self.access = Access(config=config, runner=runner)
+        self.retention = Retention(config=config, journal=self.journal)
         self.negotiation = Negotiation(
             config=config,
             journal=self.journal,
             peer_status=peer_status,
+            retention=self.retention,
             model=self.model,
             data=self.data,
         )
@@ -71,6 +76,7 @@ class Party:
             config=config, journal=self.journal, runner=runner, peer_cancel=peer_cancel
         )
         self.execution.restore()
+        self.retention.start()
         self.execution.start_worker()
 
     # -- identity and authorization ---------------------------------------------------------
@@ -134,6 +140,10 @@ class Party:
     def cancel(self, caller: Identity, job_id: str, reason: str) -> JobRecord:
         return self.execution.cancel(caller, job_id, reason)
 
+    def remove(self, caller: Identity, job_id: str) -> int:
+        """Delete an ended job's files here (its id stays reserved); the bytes freed."""
+        return self.retention.remove(caller, job_id)
+
     # -- status, progress, artifacts ----------------------------------------------------------
 
     def status(self, caller: Identity, job_id: str) -> JobRecord:
@@ -158,4 +168,5 @@ class Party:
 
     def close(self, *, timeout: float) -> None:
         """Stop taking jobs, cancel the running one, wait up to ``timeout`` for it, persist."""
+        self.retention.close()
         self.execution.close(timeout=timeout)

@@ -25,15 +25,17 @@ from secfwt.server.errors import InvalidRequestError, MessageTooLargeError
 #: versions.
 PROTOCOL_VERSION = 1
 
-MAX_ID_CHARS = 64
-MAX_REASON_CHARS = 1024
+# Text limits count UTF-8 bytes, as they travel and are stored (a character may take four).
+MAX_ID_CHARS = 64  # job ids are ASCII: characters are bytes
+MAX_REASON_BYTES = 1024
 MAX_TERMS = 32
 MAX_CAPABILITIES = 32
-MAX_SHORT_CHARS = 64
+MAX_SHORT_BYTES = 64
 MAX_DIMENSIONS = 32
 ARTIFACT_CHUNK_BYTES = 64 * 1024
-_JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# Matched with fullmatch: ``$`` would also match before a final newline ("job-1\n").
+_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class JobState(enum.Enum):
@@ -52,7 +54,7 @@ class JobState(enum.Enum):
 
 
 def check_job_id(job_id: str) -> str:
-    if not isinstance(job_id, str) or not _JOB_ID.match(job_id):
+    if not isinstance(job_id, str) or not _JOB_ID.fullmatch(job_id):
         raise InvalidRequestError(
             f"job id {job_id[:80]!r}: use 1 to {MAX_ID_CHARS} letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
@@ -61,13 +63,28 @@ def check_job_id(job_id: str) -> str:
 
 
 def check_text(value: str, *, field: str, limit: int) -> str:
-    if len(value) > limit:
-        raise MessageTooLargeError(f"{field}: {len(value)} characters, the limit is {limit}")
+    """``value`` if its UTF-8 encoding has at most ``limit`` bytes (MessageTooLargeError)."""
+    size = len(value.encode("utf-8", "surrogatepass"))
+    if size > limit:
+        raise MessageTooLargeError(f"{field}: {size} bytes (UTF-8), the limit is {limit}")
     return value
 
 
+def clip_utf8(text: str, limit: int) -> str:
+    """The longest start of ``text`` whose UTF-8 encoding fits in ``limit`` bytes."""
+    data = text.encode("utf-8", "surrogatepass")
+    if len(data) <= limit:
+        return text
+    return data[:limit].decode("utf-8", "ignore")
+
+
+def one_line(text: str) -> str:
+    """``text`` with its line breaks as spaces: a reason is shown and logged as one line."""
+    return " ".join(text.splitlines())
+
+
 def check_sha256(value: str, *, field: str) -> str:
-    if not _SHA256.match(value):
+    if not _SHA256.fullmatch(value):
         raise InvalidRequestError(
             f"{field} {value[:80]!r}: expected 64 lower-case hex digits (SHA-256)"
         )
@@ -282,6 +299,8 @@ class JobRecord:
     artifacts: tuple[str, ...] = ()
     resume_requested: bool = False
     last_progress: ProgressEvent | None = None
+    #: who cancelled it, as an identity URI; an operator's is a veto (see Party.resume)
+    cancelled_by: str = ""
 
     @property
     def job_id(self) -> str:

@@ -8,8 +8,9 @@ The guard (:func:`guarded_handlers`) wraps each method handler of the generated 
    PERMISSION_DENIED naming the identity;
 2. a request that does not parse as its protobuf message is refused with INVALID_ARGUMENT
    (gRPC alone would answer INTERNAL and log a stack trace);
-3. any exception becomes a status through :func:`secfwt.server.errors.status_code_for`;
-   unexpected ones are logged with their traceback and answered INTERNAL without details.
+3. any exception becomes a status through :func:`secfwt.server.errors.status_code_for`, its
+   message as one line of at most :data:`MAX_DETAIL_BYTES`; unexpected ones are logged with their
+   (clipped) traceback and answered INTERNAL without details.
 
 Message size limits are enforced by the server options (RESOURCE_EXHAUSTED before any parsing)
 and field limits by the party behind :mod:`secfwt.server.party`. In insecure (development) mode
@@ -36,16 +37,24 @@ from secfwt.server.convert import (
     proposal_from_pb,
     status_to_pb,
 )
-from secfwt.server.errors import InvalidRequestError, NotAuthorizedError, status_code_for
+from secfwt.server.errors import (
+    InvalidRequestError,
+    JobNotFoundError,
+    NotAuthorizedError,
+    status_code_for,
+)
 from secfwt.server.logs import fields
 from secfwt.server.party import Party
-from secfwt.server.protocol import ARTIFACT_CHUNK_BYTES
+from secfwt.server.protocol import ARTIFACT_CHUNK_BYTES, clip_utf8, one_line
 from secfwt.v1 import party_pb2 as pb
 from secfwt.v1 import party_pb2_grpc as pbg
 
 log = logging.getLogger("secfwt.server.rpc")
 
 SERVICE_NAME = "secfwt.v1.PartyService"
+#: Longest refusal reason sent back (UTF-8 bytes): the status travels in a header, which gRPC
+#: clients cap at 8 KiB, percent-encoded (a byte may take three).
+MAX_DETAIL_BYTES = 1024
 IDENTITY_METADATA = "x-secfwt-identity"  # insecure mode only: an unauthenticated identity claim
 
 
@@ -140,10 +149,20 @@ class PartyServicer(pbg.PartyServiceServicer):
             status=self._status(self.party.resume(self._caller(context), request.job_id))
         )
 
+    def Remove(self, request, context):  # noqa: N802, ANN001, ANN201
+        freed = self.party.remove(self._caller(context), request.job_id)
+        return pb.RemoveResponse(job_id=request.job_id, freed_bytes=freed)
+
     def FetchArtifacts(self, request, context):  # noqa: N802, ANN001, ANN201
         for path in self.party.artifact_files(self._caller(context), request.job_id):
-            size, h, offset = path.stat().st_size, hashlib.sha256(), 0
-            with open(path, "rb") as fh:
+            try:
+                size, h, offset = path.stat().st_size, hashlib.sha256(), 0
+                fh = open(path, "rb")  # closed below; once open it stays readable
+            except FileNotFoundError:  # an operator removed the job meanwhile
+                raise JobNotFoundError(
+                    f"job {request.job_id}: its artifacts were removed while being sent"
+                ) from None
+            with fh:
                 while True:
                     data = fh.read(ARTIFACT_CHUNK_BYTES)
                     h.update(data)
@@ -210,11 +229,16 @@ def guarded_handlers(servicer: PartyServicer) -> dict[str, grpc.RpcMethodHandler
         if code is grpc.StatusCode.INTERNAL:
             log.error("rpc failed", extra=fields(method=method, peer=context.peer()), exc_info=exc)
             context.abort(code, f"{method}: internal error in the daemon (see its log)")
+        reason = one_line(str(exc))
         log.warning(
             "rpc refused",
-            extra=fields(method=method, peer=context.peer(), code=code.name, reason=str(exc)),
+            extra=fields(method=method, peer=context.peer(), code=code.name, reason=reason),
         )
-        context.abort(code, str(exc))
+        details = clip_utf8(reason, MAX_DETAIL_BYTES - 48)
+        if details != reason:
+            cut = len(reason.encode("utf-8", "surrogatepass")) - len(details.encode("utf-8"))
+            details += f" ... [{cut} more bytes clipped]"
+        context.abort(code, details)
 
     def wrap(method: str, h: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         if h.unary_unary is not None:

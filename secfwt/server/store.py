@@ -7,9 +7,11 @@ Layout under ``state_dir``::
     jobs/ID/events.jsonl    progress events, appended
     jobs/ID/artifacts/      results the runner wrote (served by FetchArtifacts)
     jobs/ID/work/           the runner's scratch space and checkpoints
+    jobs/ID/removed.json    only this, once the job was removed (secfwt.server.retention)
 
-A job folder is created when a proposal is recorded and is never removed by the daemon: its
-existence is what makes a replayed job id detectable across restarts.
+A job folder is created when a proposal is recorded and never deleted: its existence is what
+makes a replayed job id detectable across restarts. Removing a job empties it down to
+``removed.json`` (when, why, by whom), which is all that remains of it.
 """
 
 from __future__ import annotations
@@ -17,14 +19,43 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import threading
 from pathlib import Path
+from typing import Any
 
 from secfwt.errors import ConfigError
 from secfwt.server.errors import JobExistsError
 from secfwt.server.protocol import JobRecord, ProgressEvent, check_job_id
 
 log = logging.getLogger(__name__)
+
+REMOVED = "removed.json"
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    """Replace ``path`` atomically: write a sibling, fsync, rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _purge(d: Path) -> int:
+    freed = 0
+    for p in sorted(d.iterdir()):
+        if p.name == REMOVED:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            for root, _dirs, files in os.walk(p):  # never follows a link out of the folder
+                freed += sum(os.lstat(os.path.join(root, f)).st_size for f in files)
+            shutil.rmtree(p)
+        else:
+            freed += p.lstat().st_size
+            p.unlink()
+    return freed
 
 
 class JobStore:
@@ -61,13 +92,25 @@ class JobStore:
         self.save(rec)
 
     def save(self, rec: JobRecord) -> None:
-        d = self.job_dir(rec.job_id)
-        tmp = d / "job.json.tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(rec.to_dict(), fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, d / "job.json")
+        _write_json(self.job_dir(rec.job_id) / "job.json", rec.to_dict())
+
+    # -- removal ------------------------------------------------------------------------------
+
+    def mark_removed(self, job_id: str, note: dict[str, Any]) -> None:
+        """Record that ``job_id`` is gone (atomic); :meth:`purge` then deletes its files."""
+        _write_json(self.job_dir(job_id) / REMOVED, note)
+
+    def removed(self, job_id: str) -> dict[str, Any] | None:
+        """The removal note of ``job_id``, or None when it was not removed (or never existed)."""
+        try:
+            note = json.loads((self.job_dir(job_id) / REMOVED).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return note if isinstance(note, dict) else None
+
+    def purge(self, job_id: str) -> int:
+        """Delete every file of a job marked removed except the note; the bytes they held."""
+        return _purge(self.job_dir(job_id))
 
     def append_event(self, job_id: str, ev: ProgressEvent) -> None:
         with open(self.job_dir(job_id) / "events.jsonl", "a", encoding="utf-8") as fh:
@@ -86,8 +129,13 @@ class JobStore:
         return out
 
     def load_all(self) -> list[JobRecord]:
+        """Every stored job; a removed one is skipped (and purged, if a crash left files)."""
         out = []
         for d in sorted(self.root.iterdir()):
+            if (d / REMOVED).is_file():
+                if any(p.name != REMOVED for p in d.iterdir()):
+                    _purge(d)
+                continue
             f = d / "job.json"
             if not f.is_file():
                 log.warning(

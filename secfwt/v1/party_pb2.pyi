@@ -228,7 +228,7 @@ class ProgressEvent(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., time_unix: _Optional[float] = ..., state: _Optional[_Union[JobState, str]] = ..., phase: _Optional[str] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., message: _Optional[str] = ...) -> None: ...
 
 class JobStatus(_message.Message):
-    __slots__ = ("job_id", "state", "party", "terms_digest", "proposal_digest", "accepted_terms_digest", "accepted_proposal_digest", "reason", "artifacts", "last_progress", "created_unix", "updated_unix", "attempts")
+    __slots__ = ("job_id", "state", "party", "terms_digest", "proposal_digest", "accepted_terms_digest", "accepted_proposal_digest", "reason", "artifacts", "last_progress", "created_unix", "updated_unix", "attempts", "cancelled_by")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     PARTY_FIELD_NUMBER: _ClassVar[int]
@@ -242,6 +242,7 @@ class JobStatus(_message.Message):
     CREATED_UNIX_FIELD_NUMBER: _ClassVar[int]
     UPDATED_UNIX_FIELD_NUMBER: _ClassVar[int]
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    CANCELLED_BY_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     state: JobState
     party: Identity
@@ -255,7 +256,8 @@ class JobStatus(_message.Message):
     created_unix: float
     updated_unix: float
     attempts: int
-    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., party: _Optional[_Union[Identity, _Mapping]] = ..., terms_digest: _Optional[str] = ..., proposal_digest: _Optional[str] = ..., accepted_terms_digest: _Optional[str] = ..., accepted_proposal_digest: _Optional[str] = ..., reason: _Optional[str] = ..., artifacts: _Optional[_Iterable[str]] = ..., last_progress: _Optional[_Union[ProgressEvent, _Mapping]] = ..., created_unix: _Optional[float] = ..., updated_unix: _Optional[float] = ..., attempts: _Optional[int] = ...) -> None: ...
+    cancelled_by: str
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., party: _Optional[_Union[Identity, _Mapping]] = ..., terms_digest: _Optional[str] = ..., proposal_digest: _Optional[str] = ..., accepted_terms_digest: _Optional[str] = ..., accepted_proposal_digest: _Optional[str] = ..., reason: _Optional[str] = ..., artifacts: _Optional[_Iterable[str]] = ..., last_progress: _Optional[_Union[ProgressEvent, _Mapping]] = ..., created_unix: _Optional[float] = ..., updated_unix: _Optional[float] = ..., attempts: _Optional[int] = ..., cancelled_by: _Optional[str] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ("job_id",)
@@ -324,3 +326,17 @@ class ArtifactChunk(_message.Message):
     last: bool
     sha256: str
     def __init__(self, name: _Optional[str] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., size: _Optional[int] = ..., last: _Optional[bool] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class RemoveRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class RemoveResponse(_message.Message):
+    __slots__ = ("job_id", "freed_bytes")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    FREED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    freed_bytes: int
+    def __init__(self, job_id: _Optional[str] = ..., freed_bytes: _Optional[int] = ...) -> None: ...

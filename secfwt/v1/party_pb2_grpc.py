@@ -89,6 +89,11 @@ class PartyServiceStub:
                 request_serializer=secfwt_dot_v1_dot_party__pb2.FetchArtifactsRequest.SerializeToString,
                 response_deserializer=secfwt_dot_v1_dot_party__pb2.ArtifactChunk.FromString,
                 _registered_method=True)
+        self.Remove = channel.unary_unary(
+                '/secfwt.v1.PartyService/Remove',
+                request_serializer=secfwt_dot_v1_dot_party__pb2.RemoveRequest.SerializeToString,
+                response_deserializer=secfwt_dot_v1_dot_party__pb2.RemoveResponse.FromString,
+                _registered_method=True)
 
 
 class PartyServiceServicer:
@@ -160,6 +165,12 @@ class PartyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Remove(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PartyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -217,6 +228,11 @@ def add_PartyServiceServicer_to_server(servicer, server):
                     servicer.FetchArtifacts,
                     request_deserializer=secfwt_dot_v1_dot_party__pb2.FetchArtifactsRequest.FromString,
                     response_serializer=secfwt_dot_v1_dot_party__pb2.ArtifactChunk.SerializeToString,
+            ),
+            'Remove': grpc.unary_unary_rpc_method_handler(
+                    servicer.Remove,
+                    request_deserializer=secfwt_dot_v1_dot_party__pb2.RemoveRequest.FromString,
+                    response_serializer=secfwt_dot_v1_dot_party__pb2.RemoveResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -516,6 +532,33 @@ class PartyService:
             '/secfwt.v1.PartyService/FetchArtifacts',
             secfwt_dot_v1_dot_party__pb2.FetchArtifactsRequest.SerializeToString,
             secfwt_dot_v1_dot_party__pb2.ArtifactChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Remove(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/secfwt.v1.PartyService/Remove',
+            secfwt_dot_v1_dot_party__pb2.RemoveRequest.SerializeToString,
+            secfwt_dot_v1_dot_party__pb2.RemoveResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -153,7 +153,27 @@ def _check_outputs(out, report_path, selected):
             )
             assert case["time_s"] > 0 and case["rounds"] > 0
             assert set(case["projected_s"]) == {"LAN", "WAN"}
+            # the dealer's part of the section, counted at the computing parties' ends
+            dealer = case["parties"]["dealer"]
+            assert dealer["bytes_sent"] == case["dealer_bytes"] > 0
+            assert dealer["requests"] == mo["dealer_requests"] + do["dealer_requests"] > 0
+            assert dealer["bytes_received"] == mo["dealer_sent"] + do["dealer_sent"] > 0
+    _check_ring_matmul(report, md)
     return report, md
+
+
+def _check_ring_matmul(report, md):
+    """The machine's int64 matmul timings (every limb result bit-identical) and the parties'
+    choices are in the report."""
+    ring = report["ring_matmul"]
+    products = ring["machine"]["products"]
+    assert len(products) == 5 and all(p["bit_identical"] for p in products)
+    for p in products:
+        assert p["torch_ms"] > 0 and p["limbs_ms"] > 0 and p["float64_ms"] > 0
+        assert p["faster"] == ("limbs" if p["limbs_ms"] < p["torch_ms"] else "torch")
+    assert isinstance(ring["choices"], list)
+    assert "## Int64 matmul on this machine: torch vs float64 limbs" in md
+    assert "| dealer requests |" in md
 
 
 @pytest.mark.multiprocess

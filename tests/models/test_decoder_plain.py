@@ -12,6 +12,7 @@ overflows in the float32 softmax), so the reference uses ``sdpa``.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -222,9 +223,12 @@ def test_unsupported_architectures_are_model_errors_naming_the_field(tmp_path) -
     plain = save_random_decoder(tmp_path / "ok")
     with pytest.raises(ModelError, match=r"model.head: 'masked_lm' is not available for a llama"):
         load_checkpoint(plain, head=Head.MASKED_LM, num_labels=0, seed=0)
-    spec, state = load_checkpoint(plain, head=Head.CAUSAL_LM, num_labels=0, seed=0)
-    with pytest.raises(ModelError, match="'rfa' is not available for decoders yet"):
-        DecoderModel(spec, state, PlainOps(), ForwardSettings(attention=Attention.RFA))
+    window = save_random_decoder(tmp_path / "window", family="mistral", sliding_window=4)
+    spec, state = load_checkpoint(window, head=Head.CAUSAL_LM, num_labels=0, seed=0)
+    rfa = DecoderModel(spec, plain_params(state), PlainOps(), ForwardSettings(Attention.RFA))
+    ids, mask = _inputs(spec.vocab_size, "right")
+    with pytest.raises(ModelError, match="layer 0 has a sliding window of 4 tokens"):
+        rfa.forward(plain_params(state)[spec.word_embeddings][ids], mask.double())
 
 
 def test_lora_on_decoder_modules_equals_the_merged_weights(tmp_path) -> None:
@@ -249,3 +253,51 @@ def test_lora_on_decoder_modules_equals_the_merged_weights(tmp_path) -> None:
     real = mask.bool()
     assert (got - want)[real].abs().max() < TOL
     assert (got - base)[real].abs().max() > 0.1  # the adapters change the output
+
+
+def _as_multi_head(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, torch.Tensor]:
+    """The same model with every key/value head written out once per query head it serves."""
+    rep, dh = spec.num_heads // spec.kv_heads, spec.head_dim
+    out = dict(state)
+    for name, w in state.items():
+        if name.endswith(("k_proj.weight", "v_proj.weight")):
+            heads = w.reshape(spec.kv_heads, dh, -1)
+            out[name] = heads.repeat_interleave(rep, dim=0).reshape(spec.num_heads * dh, -1)
+    return out
+
+
+def test_causal_rfa_decoder_groups_heads_as_multi_head_attention_and_is_causal(tmp_path) -> None:
+    """Grouped-query RFA equals the multi-head model with k/v heads written out per query head;
+    changing later tokens leaves earlier logits bit-identical."""
+    path = save_random_decoder(tmp_path / "gqa")
+    spec, state = load_checkpoint(path, head=Head.CAUSAL_LM, num_labels=0, seed=0)
+    params = plain_params(state)
+    settings = ForwardSettings(Attention.RFA)
+    ids, mask = _inputs(spec.vocab_size, "left")
+    table = params[spec.word_embeddings]
+    grouped = DecoderModel(spec, params, PlainOps(), settings).forward(table[ids], mask.double())
+    mha_spec = dataclasses.replace(
+        spec,
+        num_kv_heads=spec.num_heads,
+        param_shapes=tuple(
+            (
+                n,
+                (spec.num_heads * spec.head_dim, s[1])
+                if n.endswith(("k_proj.weight", "v_proj.weight"))
+                else s,
+            )
+            for n, s in spec.param_shapes
+        ),
+    )
+    mha = DecoderModel(mha_spec, _as_multi_head(params, spec), PlainOps(), settings)
+    real = mask.bool()
+    assert (mha.forward(table[ids], mask.double()) - grouped)[real].abs().max() < 1e-10
+    softmax = DecoderModel(spec, params, PlainOps(), ForwardSettings()).forward(
+        table[ids], mask.double()
+    )
+    assert (softmax - grouped)[real].abs().max() > 1e-2  # RFA is a different function
+    later = ids.clone()
+    later[:, -3:] = (later[:, -3:] + 7) % spec.vocab_size
+    changed = DecoderModel(spec, params, PlainOps(), settings).forward(table[later], mask.double())
+    assert torch.equal(changed[:, :-3], grouped[:, :-3])
+    assert not torch.equal(changed[:, -3:], grouped[:, -3:])

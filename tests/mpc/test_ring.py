@@ -7,7 +7,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from secfwt.mpc import ring_tuning
 from secfwt.mpc.ring import MAX_EXACT_K, SMALL_WORK, _ring_matmul, ring_matmul
+from secfwt.mpc.ring_tuning import Method
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
@@ -65,11 +67,15 @@ def test_constant_edge_values(value: int) -> None:
     assert_bit_identical(a, -b)
 
 
-def test_large_product_takes_limb_path() -> None:
+@pytest.mark.parametrize("method", list(Method))
+def test_large_product_takes_the_chosen_path(method: Method) -> None:
     gen = torch.Generator().manual_seed(7)
     a, b = full_range((64, 200), gen), full_range((200, 48), gen)
     assert 64 * 200 * 48 >= SMALL_WORK
-    assert torch.equal(ring_matmul(a, b), torch.matmul(a, b))
+    with ring_tuning.forcing(method):
+        assert torch.equal(ring_matmul(a, b), torch.matmul(a, b))
+        (rec,) = ring_tuning.records()
+    assert rec["method"] == method.value and rec["calls"] == 1
 
 
 def test_non_contiguous_inputs() -> None:

@@ -11,7 +11,7 @@ import dataclasses
 import json
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -134,11 +134,24 @@ class Deployment:
         from secfwt.server.client import PartyClient
 
         role = (
-            IdentityRole.OPERATOR
-            if party_id in (OPERATOR, "mallory")
-            else IdentityRole.parse({v: k for k, v in IDS.items()}[party_id])
+            IdentityRole.parse({v: k for k, v in IDS.items()}[party_id])
+            if party_id in IDS.values()
+            else IdentityRole.OPERATOR
         )
         return PartyClient(address, self.creds(party_id, role), expect=expect, timeout_s=timeout_s)
+
+    def add_operator(self, name: str) -> None:
+        """Issue an operator certificate for ``name`` (once), for :meth:`client`."""
+        out = self.root / "certs" / name
+        if not out.is_dir():
+            certs.issue(
+                ca_dir=self.ca_dir,
+                role=IdentityRole.OPERATOR,
+                party_id=name,
+                hosts=[],
+                out=out,
+                days=30,
+            )
 
 
 def free_port() -> int:
@@ -200,12 +213,14 @@ def daemons() -> Iterator[list]:
         d.stop(grace=0.5)
 
 
-def to_toml(raw: dict) -> str:
-    """Just enough TOML for party.toml: tables, arrays of tables, strings, numbers, booleans."""
+def to_toml(raw: dict, val: Callable[[Any], str] | None = None) -> str:
+    """Just enough TOML for party.toml: tables, arrays of tables, strings, numbers, booleans
+    (``val`` writes a value, for more than that)."""
 
-    def val(v: object) -> str:
+    def plain(v: object) -> str:
         return json.dumps(v) if not isinstance(v, bool) else str(v).lower()
 
+    val = val or plain
     out = []
     for key, table in raw.items():
         for t in table if isinstance(table, list) else [table]:

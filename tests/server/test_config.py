@@ -58,6 +58,8 @@ def test_good_config_resolves_paths_and_pins(tmp_path: Path) -> None:
         and cfg.jobs.heartbeat_timeout_s == 5.0
         and cfg.jobs.checkpoint_every_steps == 20
     )
+    # retention defaults: 16 unaccepted jobs per caller, removed after 7 days
+    assert cfg.limits.max_proposals_per_caller == 16 and cfg.jobs.proposal_ttl_s == 7 * 86400
 
 
 @pytest.mark.parametrize(
@@ -78,6 +80,16 @@ def test_good_config_resolves_paths_and_pins(tmp_path: Path) -> None:
         (('role = "data-owner"', 'role = "model_owner"'), r"a model owner needs \[model\] path"),
         (("queue_size = 2", "queue_size = 0"), "limits.queue_size = 0: must be > 0"),
         (("heartbeat_timeout_s = 5", 'heartbeat_timeout_s = "5"'), "expected a number"),
+        (
+            ("queue_size = 2", "max_proposals_per_caller = 0"),
+            "limits.max_proposals_per_caller = 0: must be > 0",
+        ),
+        (
+            ("heartbeat_timeout_s = 5", "proposal_ttl_s = 0"),
+            "jobs.proposal_ttl_s = 0.0: must be > 0",
+        ),
+        (("heartbeat_timeout_s = 5", "proposal_ttl_s = nan"), "jobs.proposal_ttl_s = nan"),
+        (("heartbeat_timeout_s = 5", "shutdown_grace_s = nan"), "jobs.shutdown_grace_s = nan"),
         (
             (
                 'id = "vendor"',

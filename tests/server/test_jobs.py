@@ -38,15 +38,36 @@ def _daemon(
     runner=None,
     peers=None,
     listen="127.0.0.1:0",
+    **sections,
 ) -> PartyDaemon:  # noqa: ANN001
     peers = peers or {r: PLACEHOLDER for r in IDS if r != role}
     d = PartyDaemon(
-        dep.party_config(role, listen=listen, peers=peers, state=str(tmp / IDS[role])),
+        dep.party_config(role, listen=listen, peers=peers, state=str(tmp / IDS[role]), **sections),
         runner=runner or EchoRunner(),
     )
     d.start()
     daemons.append(d)
     return d
+
+
+def _three_daemons(
+    dep: Deployment, tmp: Path, daemons: list, runners: dict, **sections
+) -> dict[str, str]:
+    """A daemon per role on ports known in advance, each pinning the other two; their
+    addresses."""
+    addr = {r: f"127.0.0.1:{free_port()}" for r in IDS}
+    for role in IDS:
+        _daemon(
+            dep,
+            role,
+            tmp,
+            daemons,
+            runner=runners[role],
+            listen=addr[role],
+            peers={r: a for r, a in addr.items() if r != role},
+            **{k: v(role) if callable(v) else v for k, v in sections.items()},
+        )
+    return addr
 
 
 def _proposal(
@@ -78,17 +99,7 @@ def _wait_state(
 def test_submit_progress_fetch_with_three_daemons(
     deployment: Deployment, tmp_path: Path, daemons: list, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    addr = {r: f"127.0.0.1:{free_port()}" for r in IDS}
-    for role in IDS:
-        _daemon(
-            deployment,
-            role,
-            tmp_path,
-            daemons,
-            runner=EchoRunner(steps=3),
-            listen=addr[role],
-            peers={r: a for r, a in addr.items() if r != role},
-        )
+    addr = _three_daemons(deployment, tmp_path, daemons, {r: EchoRunner(steps=3) for r in IDS})
     to = [x for a in addr.values() for x in ("--to", a)]
     assert (
         main(
@@ -320,18 +331,8 @@ def test_an_operators_cancel_reaches_every_participant(
 ) -> None:
     """Cancel at the model owner only: the data owner and the dealer stop the job as cancelled
     (not as a lost peer), with the origin in the reason; a peer's cancel is not echoed back."""
-    addr = {r: f"127.0.0.1:{free_port()}" for r in IDS}
     runners = {r: BlockingRunner() for r in IDS}
-    for role in IDS:
-        _daemon(
-            deployment,
-            role,
-            tmp_path,
-            daemons,
-            runner=runners[role],
-            listen=addr[role],
-            peers={r: a for r, a in addr.items() if r != role},
-        )
+    addr = _three_daemons(deployment, tmp_path, daemons, runners)
     to = [x for a in addr.values() for x in ("--to", a)]
     assert (
         main(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -212,7 +213,7 @@ def test_start_needs_own_and_other_owner_acceptance_of_same_digests(
         with pytest.raises(TermsMismatchError, match="you accepted terms digest"):
             party.accept(ALICE, "job-1", "e" * 64)
         party.accept(ALICE, "job-1", p.terms_digest, p.digest())
-        with pytest.raises(JobStateError, match="has not received this job"):
+        with pytest.raises(JobStateError, match="data_owner/hospital does not hold this job"):
             party.start(VENDOR, "job-1")
         peers.answers["hospital", "job-1"] = RemoteStatus(JobState.PROPOSED, "", "")
         with pytest.raises(JobStateError, match="has not accepted the terms yet"):
@@ -328,9 +329,10 @@ def test_resume_after_interrupted_run(deployment: Deployment, tmp_path: Path) ->
     echo = EchoRunner()
     again, peers2 = _party(deployment, "model_owner", tmp_path, runner=echo)
     try:
-        peers2.answers["hospital", "long"] = RemoteStatus(
-            JobState.CANCELLED, p.terms_digest, p.digest()
-        )
+        for peer in ("hospital", "dealer"):
+            peers2.answers[peer, "long"] = RemoteStatus(
+                JobState.CANCELLED, p.terms_digest, p.digest()
+            )
         again.resume(ALICE, "long")
         _wait(again, "long", JobState.FINISHED)
         st = again.status(ALICE, "long")
@@ -394,12 +396,73 @@ def test_restart_after_a_crash_fails_the_running_job_resumably(
     try:
         st = again.status(ALICE, "crash")
         assert st.state is JobState.FAILED and "interrupted" in st.reason
-        peers2.answers["hospital", "crash"] = RemoteStatus(
-            JobState.FAILED, p.terms_digest, p.digest()
-        )
+        for peer in ("hospital", "dealer"):
+            peers2.answers[peer, "crash"] = RemoteStatus(
+                JobState.FAILED, p.terms_digest, p.digest()
+            )
         again.resume(ALICE, "crash")
         _wait(again, "crash", JobState.FINISHED)
     finally:
         again.close(timeout=1)
         runner.release.set()
         party.close(timeout=1)
+
+
+def test_who_may_resume_a_cancelled_job(deployment: Deployment, tmp_path: Path) -> None:
+    """A peer's cancel is no veto; another party's operator's cancel is, unless this party's own
+    operator cancelled it too (then each party's operator lifts its own, in any order)."""
+    runner = BlockingRunner()
+    party, peers = _party(deployment, "model_owner", tmp_path, runner=runner)
+    other_op = "secfwt://operator/bob"  # an operator of the data owner
+    try:
+        for name in ("Resume", "Remove"):
+            with pytest.raises(NotAuthorizedError, match="only operators"):
+                party.authorize(DEALER, name)
+        for job_id, here_by, there_by, refused in (
+            ("peer-cancel", HOSPITAL, HOSPITAL.uri, False),
+            ("their-veto", HOSPITAL, other_op, True),
+            ("both-vetoes", ALICE, other_op, False),
+        ):
+            p = _accepted(party, peers, deployment, job_id)
+            party.cancel(here_by, job_id, "stop")
+            assert party.status(ALICE, job_id).cancelled_by == here_by.uri
+            for peer, by in (("hospital", there_by), ("dealer", VENDOR.uri)):
+                peers.answers[peer, job_id] = RemoteStatus(
+                    JobState.CANCELLED, p.terms_digest, p.digest(), "stop", by
+                )
+            if refused:
+                with pytest.raises(
+                    JobStateError,
+                    match="data_owner/hospital's operator operator/bob cancelled it there",
+                ):
+                    party.resume(ALICE, job_id)
+                assert party.status(ALICE, job_id).state is JobState.CANCELLED
+            else:
+                st = party.resume(ALICE, job_id)
+                assert st.state is JobState.STARTED and st.cancelled_by == ""
+                party.cancel(ALICE, job_id, "done")  # the next one may run
+                _wait(party, job_id, JobState.CANCELLED)
+    finally:
+        party.close(timeout=1)
+
+
+def test_a_removal_cut_short_by_a_crash_is_finished_at_restart(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    """The removal note is written first, the files deleted after: a daemon that died between
+    the two deletes them when it starts, and answers for the job as removed."""
+    party, _ = _party(deployment, "model_owner", tmp_path)
+    party.propose(ALICE, _proposal(deployment, "half"))
+    party.refuse(ALICE, "half", "no")
+    party.close(timeout=1)
+    folder = party.store.job_dir("half")
+    (folder / "removed.json").write_text(json.dumps({"job_id": "half", "why": "test", "time": 0}))
+    again, _ = _party(deployment, "model_owner", tmp_path)
+    try:
+        assert sorted(p.name for p in folder.iterdir()) == ["removed.json"]
+        with pytest.raises(JobNotFoundError, match="was removed from model_owner/vendor"):
+            again.status(ALICE, "half")
+        with pytest.raises(JobExistsError):
+            again.propose(ALICE, _proposal(deployment, "half"))
+    finally:
+        again.close(timeout=1)

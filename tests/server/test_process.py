@@ -26,11 +26,11 @@ ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 90  # a cold start imports torch (via the job config); slow on 2 busy cores
 
 
-def _spawn(args: list[str], log: Path) -> subprocess.Popen:
+def _spawn(args: list[str], log: Path, *, cwd: Path = ROOT) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(
         [sys.executable, *args],
-        cwd=ROOT,
+        cwd=cwd,
         stdout=subprocess.DEVNULL,
         stderr=open(log, "wb"),
         env=env,

@@ -209,7 +209,8 @@ def test_oversize_messages_are_refused_and_daemon_stays_healthy(
         with pytest.raises(BusyError, match="RESOURCE_EXHAUSTED.*larger than max"):
             c.commitment("#" * 50_000)  # over the message limit: refused before parsing
         with pytest.raises(
-            BusyError, match="RESOURCE_EXHAUSTED: job_toml: 12000 characters, the limit is 8000"
+            BusyError,
+            match=r"RESOURCE_EXHAUSTED: job_toml: 12000 bytes \(UTF-8\), the limit is 8000",
         ):
             c.commitment("#" * 12_000)  # under the message limit, over the field limit
     _healthy(deployment, d)
