@@ -28,7 +28,7 @@ def test_example_job_is_valid_and_reveals_the_loss_not_accuracy():
         (["model.response_window=48"], r"response_window < model.max_length = 48"),
         (["data.padding_side=right"], r"data.padding_side = 'right'.*set data.padding_side"),
         (["model.attention=rfa"], r"model.attention = 'rfa'.*'softmax'"),
-        (["zo.soft_prompt_length=4"], r"zo.soft_prompt_length = 4: soft prompts are not"),
+        (["zo.soft_prompt_length=36"], r"soft_prompt_length = 36: .*out of model.max_length = 48"),
         (["job.mode=cma"], r"job.mode = 'cma': causal_lm jobs tune with job.mode = 'zo'"),
     ],
 )
