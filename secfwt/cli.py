@@ -139,11 +139,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             resume=args.resume,
         )
     _write_report(report, args.report)
-    b, a = report["accuracy_before"], report["accuracy_after"]
-    print(
-        f"held-out accuracy: {b:.4f} -> {a:.4f} ({report['accuracy_gain_points']:+.1f} points) "
-        f"after {report['steps']} steps in {report['wall_s']:.0f} s"
-    )
+    print(f"{_held_out_line(report)} after {report['steps']} steps in {report['wall_s']:.0f} s")
     for role, p in report["parties"].items():
         if "requests" in p:  # the dealer
             print(
@@ -162,6 +158,21 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     )
     print(f"report: {args.report or report['output_dir'] + '/report.json'}")
     return 0
+
+
+def _held_out_line(report: dict) -> str:
+    """The held-out metric before and after tuning, as the data owner saw it."""
+    if report.get("eval_loss_before") is not None or report.get("eval_loss_after") is not None:
+        b, a, d = (report[k] for k in ("eval_loss_before", "eval_loss_after", "eval_loss_drop"))
+        change = "" if d is None else f" ({-d:+.4f})"
+        return f"held-out response loss: {_num(b)} -> {_num(a)}{change}"
+    b, a, g = (report[k] for k in ("accuracy_before", "accuracy_after", "accuracy_gain_points"))
+    change = "" if g is None else f" ({g:+.1f} points)"
+    return f"held-out accuracy: {_num(b)} -> {_num(a)}{change}"
+
+
+def _num(x: float | None) -> str:
+    return "hidden by the terms" if x is None else f"{x:.4f}"
 
 
 def cmd_dp_baseline(args: argparse.Namespace) -> int:
@@ -480,7 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="*",
         metavar="NAME",
         help=(
-            "sub-benchmarks: forward, attention, fot-vs-backprop, vanilla, transport (default: all)"
+            "sub-benchmarks: forward, attention, fot-vs-backprop, vanilla, transport (default: "
+            "these five), decoder (packaged SmolLM2 and the example instruction job's ZO step)"
         ),
     )
     b.add_argument(

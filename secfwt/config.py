@@ -55,6 +55,10 @@ class ModelSection:
     max_length: int = 32
     rfa_features: int = 64
     rfa_sigma: float = 1.5
+    # head = "causal_lm" only: the loss and the held-out loss count the last response_window
+    # target positions of each (left-padded) row, which must hold its whole reply and
+    # end-of-turn token. Public, like max_length: it fixes the cost, never a row's length.
+    response_window: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,11 +287,7 @@ def validate(cfg: JobConfig) -> None:
     validate_data(cfg.data, where=s)
     _positive(f"{s}: run.timeout_s", cfg.run.timeout_s)
     _positive(f"{s}: run.eval_batch", cfg.run.eval_batch)
-    if cfg.model.head is not Head.SEQUENCE_CLASSIFICATION:
-        raise ConfigError(
-            f"{s}: model.head = {cfg.model.head.value!r}: tuning jobs need "
-            "'sequence_classification' (verify-model checks the other heads)"
-        )
+    _validate_head(cfg)
     if cfg.job.mode is Mode.ZO:
         z = cfg.zo
         for name in ("steps", "batch_size", "directions", "lr", "eps", "lora_rank"):
@@ -413,6 +413,67 @@ def validate_data(d: DataSection, *, where: str) -> None:
         _positive(f"{s}: data.train_rows", d.train_rows)
 
 
+#: The data task each tuning head learns from.
+_HEAD_TASKS = {
+    Head.SEQUENCE_CLASSIFICATION: DataTask.CLASSIFICATION,
+    Head.CAUSAL_LM: DataTask.INSTRUCTIONS,
+}
+
+
+def _validate_head(cfg: JobConfig) -> None:
+    """The head fits the data task, and a causal-LM job's window, layout and method fit it."""
+    s, m = cfg.source, cfg.model
+    task = _HEAD_TASKS.get(m.head)
+    if task is None:
+        raise ConfigError(
+            f"{s}: model.head = {m.head.value!r}: tuning jobs need 'sequence_classification' or "
+            "'causal_lm' (verify-model checks the other heads)"
+        )
+    if cfg.data.task is not task:
+        head = next(h for h, t in _HEAD_TASKS.items() if t is cfg.data.task)
+        raise ConfigError(
+            f"{s}: model.head = {m.head.value!r} learns from data.task = {task.value!r}, not "
+            f"{cfg.data.task.value!r}; set data.task = {task.value!r}, or model.head = "
+            f"{head.value!r}"
+        )
+    if m.head is not Head.CAUSAL_LM:
+        if m.response_window:
+            raise ConfigError(
+                f"{s}: model.response_window applies only to model.head = 'causal_lm'; remove it"
+            )
+        return
+    if not 1 <= m.response_window < m.max_length:
+        raise ConfigError(
+            f"{s}: model.response_window = {m.response_window}: a causal_lm job needs "
+            f"1 <= response_window < model.max_length = {m.max_length} (the last positions of "
+            "each row that hold its reply and end-of-turn token)"
+        )
+    if cfg.data.padding_side is not PaddingSide.LEFT:
+        raise ConfigError(
+            f"{s}: data.padding_side = {cfg.data.padding_side.value!r}: a causal_lm job lays rows "
+            "out left-padded, so that every reply ends at the last position and the response "
+            "window is the same public positions for all rows; set data.padding_side = 'left'"
+        )
+    if m.attention is not Attention.SOFTMAX:
+        raise ConfigError(
+            f"{s}: model.attention = {m.attention.value!r}: causal_lm jobs run softmax "
+            "attention; set model.attention = 'softmax'"
+        )
+    if cfg.job.mode is not Mode.ZO:
+        raise ConfigError(
+            f"{s}: job.mode = {cfg.job.mode.value!r}: causal_lm jobs tune with job.mode = 'zo' "
+            "(CMA prompt search would reveal vocabulary-wide logits to the data owner)"
+        )
+    p = cfg.zo.soft_prompt_length
+    if p and p + m.response_window >= m.max_length:
+        raise ConfigError(
+            f"{s}: zo.soft_prompt_length = {p}: in a causal_lm job the prompt's positions come "
+            f"out of model.max_length = {m.max_length}, which must then still hold the response "
+            f"window of {m.response_window} and one more token; raise model.max_length or "
+            "shorten the prompt"
+        )
+
+
 def _validate_dp(cfg: JobConfig) -> None:
     """DP settings that are wrong whatever the data; checks that need the row count live in
     :func:`secfwt.tuning.accounting.plan` and run before any party starts."""
@@ -464,7 +525,9 @@ def _validate_dp(cfg: JobConfig) -> None:
 
 def required_disclosures(cfg: JobConfig) -> list[tuple[Revealable, Role]]:
     """Reveals the job cannot run without (others, e.g. train_loss, are optional)."""
-    out: list[tuple[Revealable, Role]] = [(Revealable.EVAL_ACCURACY, Role.DATA_OWNER)]
+    causal = cfg.model.head is Head.CAUSAL_LM
+    evaluation = Revealable.EVAL_LOSS if causal else Revealable.EVAL_ACCURACY
+    out: list[tuple[Revealable, Role]] = [(evaluation, Role.DATA_OWNER)]
     if cfg.model.embedding is EmbeddingMode.TABLE_TO_DATA_OWNER:
         out.append((Revealable.EMBEDDING_TABLE, Role.DATA_OWNER))
     if cfg.job.mode is Mode.CMA:

@@ -171,3 +171,73 @@ def save_random_decoder(path: Path, *, family: str = "llama", seed: int = 0, **o
                 p.uniform_(0.5, 1.5)
     model.save_pretrained(path)
     return path
+
+
+def save_tiny_chat_decoder(path: Path, tokenizer, *, seed: int = 0, **overrides) -> Path:
+    """A tiny random Llama with the SmolLM2 tokenizer and chat template (its 49,152-token
+    vocabulary, so the loss runs over a real vocabulary), tied head unless overridden."""
+    settings = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "tie_word_embeddings": True,
+    }
+    save_random_decoder(path, seed=seed, **{**settings, **overrides})
+    tokenizer.save_pretrained(path)
+    return path
+
+
+CHAT_JOB = """
+[job]
+name = "tiny-chat"
+seed = 1
+[model]
+path = "{path}"
+head = "causal_lm"
+max_length = 40
+response_window = 8
+[data]
+task = "instructions"
+source = "chatterbot"
+train_rows = 8
+eval_rows = 4
+truncate = "drop"
+padding_side = "left"
+[zo]
+trainable = ["model.norm.weight"]
+lora_modules = ["model.layers.1.self_attn.q_proj"]
+lora_rank = 2
+steps = 2
+batch_size = 2
+directions = 1
+lr = 0.05
+eps = 0.01
+[run]
+timeout_s = 600
+eval_batch = 4
+output_dir = "{out}"
+[[disclosure]]
+value = "embedding_table"
+to = ["data_owner"]
+[[disclosure]]
+value = "eval_loss"
+to = ["data_owner", "model_owner"]
+[[disclosure]]
+value = "train_loss"
+to = ["data_owner"]
+[[disclosure]]
+value = "final_parameters"
+to = ["data_owner"]
+"""
+
+
+def write_chat_job(tmp_path: Path, model_dir: Path, extra: str = "") -> Path:
+    p = tmp_path / "chat-job.toml"
+    p.write_text(CHAT_JOB.format(path=model_dir, out=tmp_path / "runs") + extra)
+    return p
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
+    """:func:`save_tiny_chat_decoder` once per session (2 layers, tied head)."""
+    return save_tiny_chat_decoder(tmp_path_factory.mktemp("chat") / "tiny-chat", smollm2_tokenizer)

@@ -15,6 +15,7 @@ from typing import Any, cast
 
 import torch
 
+from secfwt.bench import decoder_party
 from secfwt.bench.probe import Profile, measure_reps, peak_rss_mb
 from secfwt.mpc.disclosure import DisclosureTerms, Revealable
 from secfwt.mpc.launcher import PartyContext
@@ -348,6 +349,8 @@ def _backprop_step(
 
 
 _CASES: dict[str, Callable[..., dict[str, Any]]] = {
+    "secure_decoder": decoder_party.secure_decoder,
+    "causal_zo_step": decoder_party.causal_zo_step,
     "secure_forward": _secure_forward,
     "vanilla_forward": _vanilla_forward,
     "attention": _attention,

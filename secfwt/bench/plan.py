@@ -22,10 +22,16 @@ class BenchName(enum.Enum):
     FOT_VS_BACKPROP = "fot-vs-backprop"
     VANILLA = "vanilla"
     TRANSPORT = "transport"
+    DECODER = "decoder"
+
+
+#: Run only when named: the packaged SmolLM2 in MPC takes minutes on its own.
+_ON_REQUEST = frozenset({BenchName.DECODER})
 
 
 def parse_names(names: Sequence[str]) -> list[BenchName]:
-    """Sub-benchmark names in suite order (all when empty); ConfigError on an unknown name."""
+    """Sub-benchmark names in suite order (when empty: all but those run only on request);
+    ConfigError on an unknown name."""
     known = {b.value: b for b in BenchName}
     chosen = set()
     for n in names:
@@ -34,7 +40,9 @@ def parse_names(names: Sequence[str]) -> list[BenchName]:
                 f"bench: unknown sub-benchmark {n!r}; choose from: {', '.join(known)}"
             )
         chosen.add(known[n])
-    return [b for b in BenchName if b in chosen] if chosen else list(BenchName)
+    if not chosen:
+        return [b for b in BenchName if b not in _ON_REQUEST]
+    return [b for b in BenchName if b in chosen]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +63,10 @@ class BenchPlan:
     fot_directions: int = 1
     transport_shape: LayerShape = MINILM
     transport_seq_len: int = 64
+    decoder_seq_lens: tuple[int, ...] = (64, 128)  # packaged SmolLM2, one row each
+    #: forwards per length in one session: the first also sends every frozen weight's mask once,
+    #: the fastest (a later one) is the steady cost of a frozen prefix
+    decoder_reps: int = 2
     plaintext_reps: int = 20
     #: Repetitions of each measured section inside the same processes; the fastest counts.
     reps: int = 3
@@ -77,6 +89,7 @@ class BenchPlan:
             fot_batch=2,
             fot_seq_len=32,
             transport_seq_len=32,
+            decoder_seq_lens=(16,),
             plaintext_reps=10,
             reps=1,
             timeout_s=900.0,

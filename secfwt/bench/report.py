@@ -100,6 +100,7 @@ def markdown(report: dict[str, Any], *, plots: dict[str, str] | None = None) -> 
     lines += _section_attention(b.get("attention"))
     lines += _section_fot(b.get("fot-vs-backprop"))
     lines += _section_transport(b.get("transport"))
+    lines += _section_decoder(b.get("decoder"))
     lines += _section_breakdown(b)
     lines += _section_ring_matmul(report.get("ring_matmul"))
     lines += [
@@ -299,6 +300,36 @@ def _section_transport(r: dict[str, Any] | None) -> list[str]:
         "(bytes are payload bytes, the same on both)."
     )
     return _cases_section("## Transport: gloo vs TLS (`transport`)", [intro], r["cases"])
+
+
+def _section_decoder(r: dict[str, Any] | None) -> list[str]:
+    if not r:
+        return []
+    rows = [*r["cases"], r["zo_step"]]
+    intro = [
+        f"{r['model']}. Secure forward: all layers, final norm and LM head to the logits of one "
+        "chat-template row (weights with the model owner, key mask secret); ZO step: "
+        f"{r['zo_step']['label']}, {r['zo_step']['loss_rows']} response rows of logits.",
+    ]
+    after = ["| case | party | time (s) | MB sent | rounds |", "|---|---|---|---|---|"]
+    for c in rows:
+        for party, p in c["parties"].items():
+            after.append(
+                f"| {c['label']} | {party} | {_f(p['wall_s'])} | {_f(p['bytes_sent'] / _MB)} "
+                f"| {p['rounds']} |"
+            )
+    after.append("")
+    for c in r["cases"]:
+        first = c.get("first_rep") or {}
+        after.append(
+            f"T={c['seq_len']}: plaintext (transformers float32) "
+            f"{c['plaintext']['best_s'] * 1e3:.1f} ms; secure / plaintext = "
+            f"{_f(c['vs_plaintext_ratio'])}x; first forward of the session (sends the weights' "
+            f"masks) {_f(first.get('time_s'))} s, {_f((first.get('bytes_sent_total') or 0) / _MB)}"
+            " MB."
+        )
+    after.append("")
+    return _cases_section("## SmolLM2 in MPC (`decoder`)", intro, rows, after)
 
 
 def _section_ring_matmul(r: dict[str, Any] | None) -> list[str]:

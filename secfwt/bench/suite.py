@@ -16,7 +16,9 @@ Sub-benchmarks (:class:`BenchName`) and what they compare:
   batch, sequence length and trainable parameters (see
   :mod:`secfwt.bench.cases.fot_vs_backprop`);
 * ``vanilla``: the BERT-base-shaped layer in vanilla CrypTen 0.4.1 vs secfwt's engine;
-* ``transport``: the same secure layer over gloo and over the TLS mesh.
+* ``transport``: the same secure layer over gloo and over the TLS mesh;
+* ``decoder``: the packaged SmolLM2-135M-Instruct's secure forward vs plaintext, and one ZO step
+  of the example instruction-tuning job (:mod:`secfwt.bench.cases.decoder`).
 
 Every run also times the layer's int64 products on this machine, torch's kernel against secfwt's
 float64 limbs, and reports how each party process chose between them (:mod:`secfwt.bench.gemm`).
@@ -34,6 +36,7 @@ from typing import Any
 
 from secfwt.bench import gemm, metrics
 from secfwt.bench.cases.attention import attention
+from secfwt.bench.cases.decoder import decoder
 from secfwt.bench.cases.forward import forward
 from secfwt.bench.cases.fot_vs_backprop import fot_vs_backprop
 from secfwt.bench.cases.layer import Layer
@@ -71,6 +74,8 @@ def run_suite(
             r = fot_vs_backprop(plan, runner)
         elif name is BenchName.VANILLA:
             r = vanilla(plan, runner, layers)
+        elif name is BenchName.DECODER:
+            r = decoder(plan, runner)
         else:
             r = transport(plan, runner, layers)
         r["duration_s"] = time.perf_counter() - t_bench

@@ -152,24 +152,38 @@ def template_lengths(data: InstructionPairs, *, tokenizer: PreTrainedTokenizerBa
 
 
 def drop_too_long(
-    data: InstructionPairs, *, tokenizer: PreTrainedTokenizerBase, max_length: int
+    data: InstructionPairs,
+    *,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    max_reply: int | None = None,
 ) -> InstructionPairs:
-    """The pairs that fit in ``max_length`` tokens at the chat template (``truncate = "drop"``).
+    """The pairs that fit in ``max_length`` tokens at the chat template (``truncate = "drop"``)
+    and, with ``max_reply``, whose reply (with its end-of-turn token) has at most that many
+    tokens (a causal-LM job's response window).
 
     Run before the split, so that a job's ``train_rows`` and ``eval_rows`` are exact.
     """
-    lengths = template_lengths(data, tokenizer=tokenizer)
-    keep = [i for i, n in enumerate(lengths) if n <= max_length]
+    encoded = _encode(data, tokenizer)
+    lengths = [len(ids) for ids, _, _ in encoded]
+    keep = [
+        i
+        for i, (ids, mask, _) in enumerate(encoded)
+        if len(ids) <= max_length and (max_reply is None or sum(mask) <= max_reply)
+    ]
     if not keep:
+        window = "" if max_reply is None else f" with a reply of at most {max_reply} tokens"
         raise DataError(
-            f"no pair fits in max_length = {max_length} tokens at the chat template (the "
+            f"no pair fits in max_length = {max_length} tokens at the chat template{window} (the "
             f"shortest has {min(lengths, default=0)}); raise model.max_length"
+            + ("" if max_reply is None else " or model.response_window")
         )
     log.info(
-        "truncate = 'drop': left out %d of %d pairs longer than max_length = %d",
+        "truncate = 'drop': left out %d of %d pairs longer than max_length = %d%s",
         len(data) - len(keep),
         len(data),
         max_length,
+        "" if max_reply is None else f" or with replies longer than {max_reply} tokens",
     )
     return data.subset(keep)
 

@@ -87,6 +87,11 @@ class Ops(abc.ABC):
         :func:`secfwt.mpc.nonlinear.token_nll` for what public weights disclose). For a causal
         LM, ``onehot[n, t]`` is the token after position t (labels shifted by one)."""
 
+    @abc.abstractmethod
+    def target_token_nll(self, logits: Tensor, target_logits: Tensor, weights: Tensor) -> Tensor:
+        """:meth:`token_nll` given the target tokens' logits (N, T) instead of one-hot rows:
+        ``sum_t w[n,t] (logsumexp(logits[n,t]) - target_logits[n,t]) / sum_t w[n,t]``."""
+
     def act(self, name: str, x: Tensor) -> Tensor:
         if name == "gelu":
             return self.gelu(x)
@@ -152,6 +157,13 @@ class PlainOps(Ops):
             raise ValueError("weights: every row must count at least one token (0/0 otherwise)")
         nll = torch.logsumexp(logits, dim=-1) - (onehot * logits).sum(-1)  # (N, T)
         return (w * nll).sum(-1) / sums
+
+    def target_token_nll(self, logits, target_logits, weights):
+        w = torch.as_tensor(weights, dtype=torch.float64)
+        sums = w.sum(-1)  # (N,)
+        if not bool((sums > 0).all()):
+            raise ValueError("weights: every row must count at least one token (0/0 otherwise)")
+        return (w * (torch.logsumexp(logits, dim=-1) - target_logits)).sum(-1) / sums
 
 
 class SecureOps(Ops):
@@ -222,3 +234,6 @@ class SecureOps(Ops):
 
     def token_nll(self, logits, onehot, weights):
         return self._nl.token_nll(logits, onehot, weights)
+
+    def target_token_nll(self, logits, target_logits, weights):
+        return self._nl.target_token_nll(logits, target_logits, weights)

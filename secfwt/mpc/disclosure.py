@@ -40,6 +40,8 @@ class Revealable(enum.Enum):
     )
     TRAIN_LOSS = "train_loss"  # mean training loss of a step
     EVAL_ACCURACY = "eval_accuracy"  # held-out accuracy (one number)
+    EVAL_LOSS = "eval_loss"  # held-out mean response loss of a causal-LM job (one number)
+    LM_HEAD_TABLE = "lm_head_table"  # an untied LM head's (V, H) table (model owner's weights)
     EVAL_OUTPUTS = "eval_outputs"  # model outputs for the data owner's held-out examples
     FINAL_PARAMETERS = "final_parameters"  # tuned trainable parameters (prompt, head, LoRA, ...)
     VERIFY_OUTPUTS = "verify_outputs"  # secure forward outputs on sample input (verify-model)
@@ -54,6 +56,8 @@ _DESCRIPTIONS = {
     Revealable.TRAIN_OUTPUTS: "model outputs for the data owner's own training batch",
     Revealable.TRAIN_LOSS: "the mean training loss of each step",
     Revealable.EVAL_ACCURACY: "held-out accuracy (a single number per evaluation)",
+    Revealable.EVAL_LOSS: "held-out mean response loss (a single number per evaluation)",
+    Revealable.LM_HEAD_TABLE: "the model owner's LM-head table (an untied output embedding)",
     Revealable.EVAL_OUTPUTS: "model outputs for the data owner's held-out examples",
     Revealable.FINAL_PARAMETERS: "the tuned trainable parameters",
     Revealable.VERIFY_OUTPUTS: "secure forward outputs on verification input",

@@ -2,22 +2,45 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from secfwt.models.adapters import save_peft_adapter
+from secfwt.models.spec import ModelSpec
+from secfwt.models.transformer import LORA_A, LORA_B
 from secfwt.mpc.disclosure import Revealable
 from secfwt.runtime.session import PartySession
 
+#: Folder (under the party's output folder) of the tuned LoRA as a PEFT adapter.
+ADAPTER_DIR = "adapter"
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterExport:
+    """How a causal-LM job's LoRA factors leave as a PEFT adapter folder."""
+
+    base_model: str  # recorded as base_model_name_or_path (the checkpoint folder)
+    scale: float  # the forward's LoRA scale (PEFT's lora_alpha / r)
+    spec: ModelSpec  # the base model's parameter shapes, checked against every factor
+
 
 def deliver(
-    sess: PartySession, theta: dict[str, Any], local: dict[str, torch.Tensor], out_dir: Path
+    sess: PartySession,
+    theta: dict[str, Any],
+    local: dict[str, torch.Tensor],
+    out_dir: Path,
+    *,
+    adapter: AdapterExport | None = None,
 ) -> dict[str, str]:
     """Reveal the tuned parameters to the owners the terms name and save them there.
 
     ``local`` holds values this party already owns in the clear (the data owner's prompt in
-    SecFwT mode); they are saved without any reveal.
+    SecFwT mode); they are saved without any reveal. With ``adapter``, the LoRA factors among
+    the revealed values are also written as a PEFT adapter folder (``adapter_config.json`` and
+    ``adapter_model.safetensors``) that ``peft.PeftModel.from_pretrained(base, folder)`` loads.
     """
     to = sess.discloser.terms.recipients(Revealable.FINAL_PARAMETERS)
     saved: dict[str, str] = {}
@@ -36,4 +59,14 @@ def deliver(
         path = out_dir / "final_parameters.pt"
         torch.save(values, path)
         saved["final_parameters"] = str(path)
+    lora = {n: v for n, v in values.items() if n.rsplit(".", 1)[-1] in (LORA_A, LORA_B)}
+    if adapter is not None and lora:
+        folder = save_peft_adapter(
+            out_dir / ADAPTER_DIR,
+            lora,
+            base_model=adapter.base_model,
+            scale=adapter.scale,
+            base_shapes=dict(adapter.spec.param_shapes),
+        )
+        saved["adapter"] = str(folder)
     return saved

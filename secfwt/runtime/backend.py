@@ -17,6 +17,7 @@ import torch
 from secfwt.mpc.disclosure import Revealable
 from secfwt.roles import Role
 from secfwt.runtime.session import PartySession
+from secfwt.tuning.causal_lm import CausalLMForward
 from secfwt.tuning.dp_zo import PrivateRandomness
 from secfwt.tuning.forward import CachedForward
 from secfwt.tuning.loops import candidate_losses
@@ -27,7 +28,7 @@ class SharedBackend:
     """ZO/DP-ZO backend of one party in an MPC session."""
 
     sess: PartySession
-    forward: CachedForward
+    forward: CachedForward | CausalLMForward
     coins: PrivateRandomness = dataclasses.field(default_factory=PrivateRandomness)
 
     def cast(self, u: torch.Tensor) -> torch.Tensor:

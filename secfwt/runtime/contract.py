@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from secfwt.config import JobConfig
-from secfwt.data.inputs import DataOwnerInputs
+from secfwt.data.inputs import DataOwnerInputs, InstructionInputs
 from secfwt.errors import ConfigError
 
 
@@ -49,15 +49,16 @@ class PartyJob:
 
     Progress messages on ``progress`` are ``(role, {"kind": ...})`` with kinds ``phase``
     (``phase``: text), ``prefix`` (``done``, ``total``, ``elapsed``), ``eval`` (``when``,
-    ``accuracy``), ``step`` (``step``, ``total``, ``loss``, ``elapsed``) and ``checkpoint``
-    (``step``, ``path``); a resume sends the phase ``"resumed from step k"`` (or ``"no common
-    checkpoint: starting from step 0"``).
+    ``accuracy``, or ``loss`` for a causal-LM job), ``step`` (``step``, ``total``, ``loss``,
+    ``elapsed``) and ``checkpoint`` (``step``, ``path``); a resume sends the phase
+    ``"resumed from step k"`` (or ``"no common checkpoint: starting from step 0"``).
     """
 
     config: JobConfig
     out_dir: str  # this party writes under out_dir/ROLE
     model_dir: str  # the model owner's checkpoint; the data owner's tokenizer
-    data: DataOwnerInputs | None = None  # the data owner's prepared inputs (else read here)
+    # the data owner's prepared inputs (else read in the party process)
+    data: DataOwnerInputs | InstructionInputs | None = None
     progress: Any = None  # a multiprocessing queue, or None
     checkpoints: Checkpointing | None = None  # None writes no checkpoints
 
@@ -122,6 +123,10 @@ class PartyOutcome:
     reveals: int  # values revealed in this session (every one is in the audit log)
     dp: Mapping[str, Any] | None  # the DP-ZO guarantee (secfwt.tuning.dp_zo.guarantee)
     model: ModelFacts
+    # causal-LM jobs: the held-out mean response loss, None where the terms hide it (their
+    # accuracy fields are None)
+    eval_loss_before: float | None = None
+    eval_loss_after: float | None = None
 
     @property
     def steps(self) -> int:
@@ -136,6 +141,8 @@ class PartyOutcome:
         return {
             "accuracy_before": self.accuracy_before,
             "accuracy_after": self.accuracy_after,
+            "eval_loss_before": self.eval_loss_before,
+            "eval_loss_after": self.eval_loss_after,
             "steps": self.steps,
             "history": [dataclasses.asdict(h) for h in self.history],
             "trainable": {"names": list(self.trainable_names), "numel": self.trainable_numel},

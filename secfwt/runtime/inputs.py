@@ -43,12 +43,16 @@ def share_word_embeddings(
     shape: tuple[int, int],
     secret_table: Any | None,
     plain_table: torch.Tensor | None,
+    what: str = "input embeddings",
 ) -> Any:
     """Secret-shared word embeddings (N, T, H) of the data owner's ``input_ids``.
 
     PRIVATE: the data owner shares one-hot rows and the product with the secret table is
     computed in MPC, so neither ids nor table leave their owner. TABLE_TO_DATA_OWNER: the data
-    owner, holding the disclosed table, looks its ids up locally and shares the result.
+    owner, holding the disclosed table, looks its ids up locally and shares the result. Any
+    (V, H) table works the same way (a causal LM's head rows of its target tokens: ``what``
+    names them in errors); ``secret_table`` may be shared or the model owner's
+    (:class:`~secfwt.mpc.owned.OwnedMatrix`).
     """
     n, t = shape
     h = spec.hidden_size
@@ -57,7 +61,7 @@ def share_word_embeddings(
         if sess.role is Role.DATA_OWNER:
             assert plain_table is not None and input_ids is not None
             emb = plain_table[input_ids]  # (N, T, H)
-        return sess.share(emb, owner=Role.DATA_OWNER, shape=(n, t, h), name="input embeddings")
+        return sess.share(emb, owner=Role.DATA_OWNER, shape=(n, t, h), name=what)
     from secfwt.crypten_compat import crypten
 
     v = spec.vocab_size
@@ -69,8 +73,8 @@ def share_word_embeddings(
         if sess.role is Role.DATA_OWNER:
             assert input_ids is not None
             onehot = F.one_hot(input_ids[s:e], v).to(torch.float32)
-        x = sess.share(onehot, owner=Role.DATA_OWNER, shape=(e - s, t, v), name="one-hot token ids")
-        parts.append(x.matmul(secret_table))  # (n_chunk, T, H)
+        x = sess.share(onehot, owner=Role.DATA_OWNER, shape=(e - s, t, v), name=f"one-hot {what}")
+        parts.append(sess.ops.weight_matmul(x, secret_table))  # (n_chunk, T, H)
     return parts[0] if len(parts) == 1 else crypten.cat(parts, dim=0)
 
 

@@ -21,15 +21,16 @@ from typing import Any
 import torch
 
 from secfwt.config import JobConfig, Mode
-from secfwt.data.inputs import DataOwnerInputs
+from secfwt.data.inputs import DataOwnerInputs, InstructionInputs
 from secfwt.errors import ConfigError
 from secfwt.models.encoder import EncoderModel
-from secfwt.models.spec import EmbeddingMode, ModelSpec
+from secfwt.models.spec import EmbeddingMode, Head, ModelSpec
 from secfwt.mpc.disclosure import Revealable
 from secfwt.mpc.launcher import PartyContext
 from secfwt.roles import Role
-from secfwt.runtime.artifacts import deliver
+from secfwt.runtime.artifacts import AdapterExport, deliver
 from secfwt.runtime.backend import SharedBackend, SharedPromptScorer
+from secfwt.runtime.causal import causal_runner, check_causal_model, lm_head_params
 from secfwt.runtime.checkpoint import Checkpoint, from_share, precision_bits
 from secfwt.runtime.checkpointer import JobCheckpointer, agree_checkpointing, restore_theta
 from secfwt.runtime.contract import (
@@ -44,6 +45,7 @@ from secfwt.runtime.contract import (
 )
 from secfwt.runtime.inputs import disclose_table, share_rows, share_word_embeddings
 from secfwt.runtime.session import PartySession
+from secfwt.tuning.causal_lm import CausalLMForward
 from secfwt.tuning.cma import CMASettings, PromptSearch
 from secfwt.tuning.forward import CachedForward, forward_settings, prefix
 from secfwt.tuning.loops import ZOSchedule, ZOStepHook, cma_loop, dp_zo_loop, zo_loop
@@ -76,41 +78,62 @@ class _Prepared:
     out_dir: Path
     ckpt: JobCheckpointer | None
     resumed: Checkpoint | None
-    data: DataOwnerInputs | None
+    data: DataOwnerInputs | InstructionInputs | None
     spec: ModelSpec
     trainable: TrainableSet
     seed: int  # the joint seed
     theta: dict[str, Any]  # shares of the starting (or restored) trainable values
     plain_table: torch.Tensor | None  # the word embeddings, where disclosed to this party
-    runner: CachedForward
+    runner: CachedForward | CausalLMForward
     cut: int
     n_train: int
     eval_idx: list[int]
     prefix_s: float
-    acc_before: float | None = None
+    #: the held-out metric before tuning: accuracy, or a causal-LM job's mean response loss
+    before: float | None = None
     local: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
-    def accuracy(self, theta: dict[str, Any], prompt: Any, note: str) -> float | None:
-        """Held-out accuracy, revealed to the parties the terms name (None elsewhere)."""
-        bs = self.cfg.run.eval_batch
+    @property
+    def causal(self) -> bool:
+        return isinstance(self.runner, CausalLMForward)
+
+    def evaluate(self, theta: dict[str, Any], prompt: Any, note: str) -> float | None:
+        """The held-out metric, revealed to the parties the terms name (None elsewhere):
+        accuracy, or for a causal-LM job the mean response loss per held-out row."""
+        bs, discloser, n = self.cfg.run.eval_batch, self.sess.discloser, len(self.eval_idx)
+        if isinstance(self.runner, CausalLMForward):
+            mean = self.runner.loss_sum(theta, self.eval_idx, batch=bs) * (1.0 / n)
+            to = discloser.terms.recipients(Revealable.EVAL_LOSS)
+            loss = discloser.reveal(mean, value=Revealable.EVAL_LOSS, to=to, note=note)
+            return None if loss is None else float(loss)
         count = self.runner.correct_count(theta, self.eval_idx, batch=bs, prompt=prompt)
-        discloser = self.sess.discloser
         to = discloser.terms.recipients(Revealable.EVAL_ACCURACY)
         revealed = discloser.reveal(count, value=Revealable.EVAL_ACCURACY, to=to, note=note)
-        return None if revealed is None else float(revealed) / len(self.eval_idx)
+        return None if revealed is None else float(revealed) / n
+
+    def report_eval(self, when: str, value: float | None) -> None:
+        key = "loss" if self.causal else "accuracy"
+        self.progress(kind="eval", when=when, **{key: value})
 
 
 def run_job_party(ctx: PartyContext, job: PartyJob) -> PartyOutcome:
     """This party's whole job: tune, evaluate, deliver per terms."""
     s = _prepare(ctx, job)
     theta, prompt, history, dp_report = _tune(s, s.cfg, s.theta, ckpt=s.ckpt)
-    acc_after = s.accuracy(theta, prompt, "after tuning")
-    s.progress(kind="eval", when="after", accuracy=acc_after)
-    artifacts = deliver(s.sess, theta, s.local, s.out_dir)
+    after = s.evaluate(theta, prompt, "after tuning")
+    s.report_eval("after", after)
+    adapter = None
+    if s.causal:
+        adapter = AdapterExport(
+            base_model=job.model_dir, scale=s.runner.settings.lora_scale, spec=s.spec
+        )
+    artifacts = deliver(s.sess, theta, s.local, s.out_dir, adapter=adapter)
     spec = s.spec
     return PartyOutcome(
-        accuracy_before=s.acc_before,
-        accuracy_after=acc_after,
+        accuracy_before=None if s.causal else s.before,
+        accuracy_after=None if s.causal else after,
+        eval_loss_before=s.before if s.causal else None,
+        eval_loss_after=after if s.causal else None,
         history=tuple(history),
         trainable_names=tuple(s.trainable.names),
         trainable_numel=s.trainable.numel,
@@ -132,13 +155,15 @@ def run_comparison_party(ctx: PartyContext, job: ComparisonJob) -> ComparisonOut
     from secfwt.mpc.session import communication_stats
 
     s = _prepare(ctx, job.job)
+    if s.causal:
+        raise ConfigError("dp-compare compares held-out accuracy; it does not run causal_lm jobs")
     out = []
     for v in job.variants:
         s.sess.agree(public_job_digest(v.config), what=f"the settings of variant {v.label!r}")
         s.progress(kind="phase", phase=f"variant {v.label}")
         c0, t0 = communication_stats(), time.perf_counter()
         theta, prompt, history, dp_report = _tune(s, v.config, s.theta, ckpt=None)
-        acc = s.accuracy(theta, prompt, f"after tuning ({v.label})")
+        acc = s.evaluate(theta, prompt, f"after tuning ({v.label})")
         c1 = communication_stats()
         s.progress(kind="eval", when=f"after ({v.label})", accuracy=acc)
         out.append(
@@ -153,7 +178,7 @@ def run_comparison_party(ctx: PartyContext, job: ComparisonJob) -> ComparisonOut
             )
         )
     return ComparisonOutcome(
-        accuracy_before=s.acc_before,
+        accuracy_before=s.before,
         n_eval=len(s.eval_idx),
         prefix_s=s.prefix_s,
         joint_seed=s.seed,
@@ -184,23 +209,12 @@ def _prepare(ctx: PartyContext, job: PartyJob) -> _Prepared:
     resumed = ckpt.agree_resume() if ckpt is not None else None
 
     # -- public facts and the model ---------------------------------------------------------
+    causal = cfg.model.head is Head.CAUSAL_LM
     data = job.data
     if role is Role.DATA_OWNER and data is None:
-        from secfwt.runtime.data_owner import prepare_inputs
-
         progress(kind="phase", phase="preparing data")
-        data = prepare_inputs(cfg, tokenizer_dir=Path(job.model_dir))
-    facts = sess.broadcast(
-        None
-        if data is None
-        else {
-            "n": int(data.input_ids.shape[0]),
-            "t": int(data.input_ids.shape[1]),
-            "n_train": data.n_train,
-            "num_labels": data.num_labels,
-        },
-        src=Role.DATA_OWNER,
-    )
+        data = _prepare_data(cfg, Path(job.model_dir))
+    facts = sess.broadcast(None if data is None else _public_facts(data), src=Role.DATA_OWNER)
     spec = state = None
     if role is Role.MODEL_OWNER:
         from secfwt.models.checkpoint import load_checkpoint
@@ -213,8 +227,14 @@ def _prepare(ctx: PartyContext, job: PartyJob) -> _Prepared:
             seed=cfg.job.seed,
         )
     spec = sess.agree_spec(spec)
+    if causal:
+        check_causal_model(
+            cfg, family_is_decoder=spec.family.is_decoder, tied=spec.tie_word_embeddings
+        )
     zo_mode = cfg.job.mode is Mode.ZO
     prompt_len = cfg.zo.soft_prompt_length if zo_mode else cfg.cma.prompt_length
+    if causal:
+        prompt_len = 0  # a causal job's prompt slots are among its max_length positions
     if facts["t"] + prompt_len > spec.max_tokens:
         raise ConfigError(
             f"model.max_length = {facts['t']} plus a prompt of {prompt_len} exceeds this model's "
@@ -224,7 +244,7 @@ def _prepare(ctx: PartyContext, job: PartyJob) -> _Prepared:
     seed = resumed[0].joint_seed if resumed is not None else sess.joint_seed()
     settings = forward_settings(cfg, seed=cfg.job.seed)
 
-    # -- share weights and inputs -------------------------------------------------------------
+    # -- share weights --------------------------------------------------------------------------
     progress(kind="phase", phase="sharing weights")
     private_table = cfg.model.embedding is EmbeddingMode.PRIVATE
     frozen_names = [
@@ -233,6 +253,8 @@ def _prepare(ctx: PartyContext, job: PartyJob) -> _Prepared:
         if (private_table or n != spec.word_embeddings) and n not in trainable.names
     ]
     frozen = sess.share_params(spec, state, names=frozen_names, frozen=True)
+    if causal:
+        frozen.update(lm_head_params(sess, spec, state))
     init = None
     if role is Role.MODEL_OWNER:
         assert state is not None
@@ -246,55 +268,45 @@ def _prepare(ctx: PartyContext, job: PartyJob) -> _Prepared:
         # run that wrote the checkpoint (bit-identical resumes under insecure_fixed_seed).
         theta = restore_theta(resumed[0], trainable)
     plain_table = disclose_table(sess, spec, state) if not private_table else None
-    secret_table = frozen.get(spec.word_embeddings)
-    n, t = facts["n"], facts["t"]
-    onehot, mask, pool_w = share_rows(
-        sess, data, n=n, t=t, num_labels=facts["num_labels"], pooling=cfg.model.pooling
-    )
 
-    # -- frozen prefix, computed once ---------------------------------------------------------
+    # -- the data owner's rows and the frozen prefix, computed once ---------------------------
     cut = cfg.cma.prompt_layer if cfg.job.mode is Mode.CMA else trainable.first_layer(spec)
-    frozen_model = EncoderModel(spec, frozen, sess.ops, settings)
-    chunks = []
-    bs = cfg.run.eval_batch
-    t_prefix = time.perf_counter()
     cached = None if resumed is None else resumed[1]
-    if cached is not None:
-        cache = from_share(cached, precision_bits())
-        progress(kind="phase", phase="frozen prefix loaded from the checkpoint")
+    cached = None if cached is None else from_share(cached, precision_bits())
+    n, t = facts["n"], facts["t"]
+    runner: CachedForward | CausalLMForward
+    if causal:
+        assert data is None or isinstance(data, InstructionInputs)
+        runner, cache, prefix_s = causal_runner(
+            sess,
+            cfg,
+            spec=spec,
+            state=state,
+            data=data,
+            frozen=frozen,
+            settings=settings,
+            plain_table=plain_table,
+            n=n,
+            t=t,
+            cut=cut,
+            cached=cached,
+            progress=progress,
+        )
     else:
-        for s in range(0, n, bs):
-            e = min(n, s + bs)
-            word = share_word_embeddings(
-                sess,
-                spec,
-                mode=cfg.model.embedding,
-                shape=(e - s, t),
-                input_ids=None if data is None else data.input_ids[s:e],
-                secret_table=secret_table,
-                plain_table=plain_table,
-            )
-            pw_s = None if pool_w is None else pool_w[s:e]
-            chunks.append(prefix(frozen_model, word, mask[s:e], pw_s, cut=cut))
-            progress(kind="prefix", done=e, total=n, elapsed=time.perf_counter() - t_prefix)
-        from secfwt.crypten_compat import crypten
-
-        cache = chunks[0] if len(chunks) == 1 else crypten.cat(chunks, dim=0)
-    prefix_s = time.perf_counter() - t_prefix
-
-    runner = CachedForward(
-        ops=sess.ops,
-        public=sess.public,
-        spec=spec,
-        frozen=frozen,
-        settings=settings,
-        cache=cache,
-        mask=mask,
-        pool_w=pool_w,
-        onehot=onehot,
-        cut=cut,
-        prompt_layer=cfg.cma.prompt_layer if cfg.job.mode is Mode.CMA else cfg.zo.prompt_layer,
-    )
+        assert data is None or isinstance(data, DataOwnerInputs)
+        runner, cache, prefix_s = _encoder_runner(
+            sess,
+            cfg,
+            spec=spec,
+            data=data,
+            facts=facts,
+            frozen=frozen,
+            settings=settings,
+            plain_table=plain_table,
+            cut=cut,
+            cached=cached,
+            progress=progress,
+        )
     p = _Prepared(
         sess=sess,
         cfg=cfg,
@@ -316,13 +328,90 @@ def _prepare(ctx: PartyContext, job: PartyJob) -> _Prepared:
         prefix_s=prefix_s,
     )
     if p.resumed is not None:
-        p.acc_before = p.resumed.accuracy_before  # revealed (per terms) before the interruption
+        # revealed (per terms) before the interruption; the checkpoint keeps the job's metric
+        p.before = p.resumed.accuracy_before
     else:
-        p.acc_before = p.accuracy(theta, None, "before tuning")
-    progress(kind="eval", when="before", accuracy=p.acc_before)
+        p.before = p.evaluate(theta, None, "before tuning")
+    p.report_eval("before", p.before)
     if ckpt is not None:
-        ckpt.start(joint_seed=seed, accuracy_before=p.acc_before, cache=cache, resumed=p.resumed)
+        ckpt.start(joint_seed=seed, accuracy_before=p.before, cache=cache, resumed=p.resumed)
     return p
+
+
+def _prepare_data(cfg: JobConfig, model_dir: Path) -> DataOwnerInputs | InstructionInputs:
+    """The data owner's rows, read here when the launcher did not prepare them."""
+    if cfg.model.head is Head.CAUSAL_LM:
+        from secfwt.runtime.data_owner import prepare_instruction_inputs
+
+        return prepare_instruction_inputs(cfg, tokenizer_dir=model_dir)
+    from secfwt.runtime.data_owner import prepare_inputs
+
+    return prepare_inputs(cfg, tokenizer_dir=model_dir)
+
+
+def _public_facts(data: DataOwnerInputs | InstructionInputs) -> dict[str, int]:
+    """What the data owner announces: row count and length, training rows, classes."""
+    n, t = data.input_ids.shape
+    labels = data.num_labels if isinstance(data, DataOwnerInputs) else 0
+    return {"n": int(n), "t": int(t), "n_train": data.n_train, "num_labels": labels}
+
+
+def _encoder_runner(
+    sess: PartySession,
+    cfg: JobConfig,
+    *,
+    spec: ModelSpec,
+    data: DataOwnerInputs | None,
+    facts: dict[str, int],
+    frozen: dict[str, Any],
+    settings: Any,
+    plain_table: torch.Tensor | None,
+    cut: int,
+    cached: Any | None,
+    progress: _Progress,
+) -> tuple[CachedForward, Any, float]:
+    """A classification job's shared rows and frozen prefix (or the checkpoint's): the forward,
+    the cache and the seconds the prefix took."""
+    n, t = facts["n"], facts["t"]
+    onehot, mask, pool_w = share_rows(
+        sess, data, n=n, t=t, num_labels=facts["num_labels"], pooling=cfg.model.pooling
+    )
+    frozen_model = EncoderModel(spec, frozen, sess.ops, settings)
+    t_prefix = time.perf_counter()
+    if cached is not None:
+        cache = cached
+        progress(kind="phase", phase="frozen prefix loaded from the checkpoint")
+    else:
+        chunks, bs = [], cfg.run.eval_batch
+        for s in range(0, n, bs):
+            e = min(n, s + bs)
+            word = share_word_embeddings(
+                sess,
+                spec,
+                mode=cfg.model.embedding,
+                shape=(e - s, t),
+                input_ids=None if data is None else data.input_ids[s:e],
+                secret_table=frozen.get(spec.word_embeddings),
+                plain_table=plain_table,
+            )
+            pw_s = None if pool_w is None else pool_w[s:e]
+            chunks.append(prefix(frozen_model, word, mask[s:e], pw_s, cut=cut))
+            progress(kind="prefix", done=e, total=n, elapsed=time.perf_counter() - t_prefix)
+        cache = chunks[0] if len(chunks) == 1 else sess.ops.cat(chunks, dim=0)
+    runner = CachedForward(
+        ops=sess.ops,
+        public=sess.public,
+        spec=spec,
+        frozen=frozen,
+        settings=settings,
+        cache=cache,
+        mask=mask,
+        pool_w=pool_w,
+        onehot=onehot,
+        cut=cut,
+        prompt_layer=cfg.cma.prompt_layer if cfg.job.mode is Mode.CMA else cfg.zo.prompt_layer,
+    )
+    return runner, cache, time.perf_counter() - t_prefix
 
 
 def _tune(
@@ -417,6 +506,8 @@ def _tune_cma(s: _Prepared, run: JobConfig, *, ckpt: JobCheckpointer | None) -> 
             local = None if search is None else search.state
             ckpt.after_step(it, history=history, theta={}, local=local)
 
+    assert isinstance(s.runner, CachedForward)  # CMA jobs classify (config.validate)
+    assert s.data is None or isinstance(s.data, DataOwnerInputs)
     scorer = SharedPromptScorer(
         sess=sess,
         forward=s.runner,

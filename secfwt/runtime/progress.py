@@ -93,8 +93,12 @@ class ProgressView:
                 "steps", "tuning steps                  ", msg["step"], msg["total"], info.strip()
             )
         elif kind == "eval":
-            acc = msg.get("accuracy")
+            what, value = (
+                ("response loss", msg["loss"])
+                if "loss" in msg
+                else ("accuracy", msg.get("accuracy"))
+            )
             self._print(
-                f"held-out accuracy {msg['when']} tuning: "
-                f"{'hidden by the terms' if acc is None else f'{acc:.4f}'}"
+                f"held-out {what} {msg['when']} tuning: "
+                f"{'hidden by the terms' if value is None else f'{value:.4f}'}"
             )

@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from secfwt.config import JobConfig
+from secfwt.data.inputs import InstructionInputs
 from secfwt.errors import ConfigError
 from secfwt.models.checkpoint import resolve_model_path
+from secfwt.models.spec import Head
 from secfwt.mpc.launcher import PartyResult, new_queue, run_parties
 from secfwt.mpc.provider import Provider
 from secfwt.roles import Role
@@ -62,8 +64,9 @@ def run_simulation(
         )
     provider = provider_for(cfg, insecure_dev=insecure_dev)
     model_dir = resolve_model_path(cfg.model.path)
+    data = preflight_causal(cfg, model_dir) if cfg.model.head is Head.CAUSAL_LM else None
     if cfg.dp.enabled:
-        preflight_dp(cfg)
+        preflight_dp(cfg, n_train=None if data is None else data.n_train)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out_dir = Path(cfg.run.output_dir) / f"{cfg.job.name}-{stamp}"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -73,6 +76,7 @@ def run_simulation(
             config=cfg,
             out_dir=str(out_dir),
             model_dir=str(model_dir),
+            data=data if role is Role.DATA_OWNER else None,
             progress=progress,
             checkpoints=None
             if checkpoint_dir is None
@@ -98,7 +102,9 @@ def run_simulation(
     mo: PartyOutcome = results[Role.MODEL_OWNER].value
     before, after = do.accuracy_before, do.accuracy_after
     gain = None if before is None or after is None else 100.0 * (after - before)
-    report = {
+    loss_before, loss_after = do.eval_loss_before, do.eval_loss_after
+    drop = None if loss_before is None or loss_after is None else loss_before - loss_after
+    report: dict[str, Any] = {
         "job": cfg.job.name,
         "job_file": cfg.source,
         "mode": cfg.job.mode.value,
@@ -110,6 +116,9 @@ def run_simulation(
         "accuracy_before": do.accuracy_before,
         "accuracy_after": do.accuracy_after,
         "accuracy_gain_points": gain,
+        "eval_loss_before": loss_before,
+        "eval_loss_after": loss_after,
+        "eval_loss_drop": drop,
         "steps": do.steps,
         "wall_s": wall,
         "frozen_prefix_s": do.prefix_s,
@@ -129,6 +138,9 @@ def run_simulation(
     }
     seen = {"before": mo.accuracy_before, "after": mo.accuracy_after}
     report["parties"]["model_owner"]["accuracy_seen"] = seen
+    if cfg.model.head is Head.CAUSAL_LM:
+        loss_seen = {"before": mo.eval_loss_before, "after": mo.eval_loss_after}
+        report["parties"]["model_owner"]["eval_loss_seen"] = loss_seen
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     return report
 
@@ -186,15 +198,35 @@ def link_projections(results: Mapping[Role, PartyResult]) -> dict[str, float]:
     return projections(costs)
 
 
-def preflight_dp(cfg: JobConfig) -> None:
+def preflight_causal(cfg: JobConfig, model_dir: Path) -> InstructionInputs:
+    """A causal-LM job's checks before any party starts: the checkpoint is a decoder whose head
+    the terms let the data owner use, and the data owner's pairs load, split, format and fit
+    the response window (each defect raises here, naming the field). Returns the prepared rows,
+    which the data owner's process then uses as they are."""
+    from secfwt.models.checkpoint import check_architecture, load_config
+    from secfwt.runtime.causal import check_causal_model
+    from secfwt.runtime.data_owner import prepare_instruction_inputs
+
+    config = load_config(model_dir)
+    family = check_architecture(config)
+    check_causal_model(
+        cfg,
+        family_is_decoder=family.is_decoder,
+        tied=bool(getattr(config, "tie_word_embeddings", False)),
+    )
+    return prepare_instruction_inputs(cfg, tokenizer_dir=model_dir)
+
+
+def preflight_dp(cfg: JobConfig, *, n_train: int | None = None) -> None:
     """Refuse an impossible privacy budget before any party process starts (the parties check
-    again with the row count they agree on)."""
+    again with the row count they agree on); ``n_train``: the rows already prepared, else the
+    classification split's count."""
     from secfwt.runtime.data_owner import count_train_rows
     from secfwt.tuning.accounting import plan
 
     plan(
         cfg.dp,
-        n_train=count_train_rows(cfg),
+        n_train=count_train_rows(cfg) if n_train is None else n_train,
         batch_size=cfg.zo.batch_size,
         steps=cfg.zo.steps,
         where=cfg.source,

@@ -69,13 +69,13 @@ def guarantee(plan: DPPlan, terms: DisclosureTerms) -> dict[str, Any]:
         f"{', '.join(r.value for r in terms.recipients(Revealable.FINAL_PARAMETERS)) or 'nobody'}"
     ]
     not_covered = []
-    for value in (Revealable.EVAL_ACCURACY, Revealable.TRAIN_LOSS):
+    for value in (Revealable.EVAL_ACCURACY, Revealable.EVAL_LOSS, Revealable.TRAIN_LOSS):
         to = terms.recipients(value)
         if to:
             why = (
-                "held-out rows, not training rows"
-                if value is Revealable.EVAL_ACCURACY
-                else "the data owner's own training data"
+                "the data owner's own training data"
+                if value is Revealable.TRAIN_LOSS
+                else "held-out rows, not training rows"
             )
             not_covered.append(f"{value.value} -> {', '.join(r.value for r in to)} ({why})")
     return {

@@ -15,11 +15,18 @@ from typing import Any
 import torch
 
 from secfwt.config import JobConfig
-from secfwt.data.inputs import DataOwnerInputs
+from secfwt.data.inputs import DataOwnerInputs, InstructionInputs, slot_selection
+from secfwt.models.decoder import DecoderModel
 from secfwt.models.encoder import EncoderModel, plain_params
 from secfwt.models.ops import PlainOps
 from secfwt.models.spec import EmbeddingMode, ModelSpec, Pooling
 from secfwt.tuning.accounting import DPPlan
+from secfwt.tuning.causal_lm import (
+    CausalLMForward,
+    PromptSlots,
+    ResponseTargets,
+    causal_prefix,
+)
 from secfwt.tuning.cma import CMASettings, PromptSearch
 from secfwt.tuning.dp_zo import NOISE_CONTRIBUTORS
 from secfwt.tuning.forward import CachedForward, forward_settings, mean_pool_weights, prefix
@@ -44,7 +51,7 @@ class PlainBackend:
     """The loops' backend in plaintext: float64 tensors; DP-ZO's private coins come from
     ``coins`` (a plaintext study, not a private run)."""
 
-    forward: CachedForward
+    forward: CachedForward | CausalLMForward
     coins: torch.Generator
     labels: torch.Tensor | None = None  # (N,) long, for scoring candidate prompts
 
@@ -70,6 +77,7 @@ class PlainBackend:
     ) -> torch.Tensor | None:
         if candidates is None or self.labels is None:
             return None
+        assert isinstance(self.forward, CachedForward)  # prompt search: classification jobs
         pop = int(candidates.shape[0])
         prompts = _float64(candidates.repeat_interleave(len(idx), dim=0))  # (pop * B, P, H)
         rows = [i for _ in range(pop) for i in idx]  # row k*B + i: candidate k, example i
@@ -113,6 +121,48 @@ def _plain_forward(
     )
 
 
+def _plain_causal_forward(
+    cfg: JobConfig,
+    *,
+    spec: ModelSpec,
+    state: dict[str, torch.Tensor],
+    data: InstructionInputs,
+    frozen_out: Sequence[str],
+    cut: int,
+) -> CausalLMForward:
+    """A causal-LM job's cached forward in float64: the prefix below ``cut`` computed once,
+    the target rows of the LM head looked up once (as the MPC job shares them)."""
+    ops = PlainOps()
+    settings = forward_settings(cfg, seed=cfg.job.seed)
+    params = plain_params(state)
+    frozen = {k: v for k, v in params.items() if k not in frozen_out}
+    mask = data.attention_mask.to(torch.float64)
+    head = params.get("lm_head.weight", params[spec.word_embeddings])  # (V, H)
+    word = params[spec.word_embeddings][data.input_ids]
+    model = DecoderModel(spec, frozen, ops, settings)
+    prompt = None
+    if data.prompt_slots is not None:
+        slots = data.prompt_slots.to(torch.float64)
+        selection = slot_selection(data.prompt_slots, cfg.zo.soft_prompt_length).double()
+        prompt = PromptSlots(slots=slots, selection=selection, layer=cfg.zo.prompt_layer)
+    slots_or_none = None if prompt is None else prompt.slots
+    cache = causal_prefix(model, word, mask, cut=cut, window=data.window, slots=slots_or_none)
+    return CausalLMForward(
+        ops=ops,
+        spec=spec,
+        frozen=frozen,
+        settings=settings,
+        cache=cache,
+        mask=mask,
+        targets=ResponseTargets(
+            rows=head[data.target_ids], weights=data.target_weights.to(torch.float64)
+        ),
+        cut=cut,
+        window=data.window,
+        prompt=prompt,
+    )
+
+
 @dataclasses.dataclass
 class _Recording:
     """A prompt scorer that keeps every candidate loss it returns (per iteration)."""
@@ -134,7 +184,7 @@ def plain_zo_run(
     *,
     spec: ModelSpec,
     state: dict[str, torch.Tensor],
-    data: DataOwnerInputs,
+    data: DataOwnerInputs | InstructionInputs,
     seed: int,
     dp_plan: DPPlan | None = None,
     dp_seed: int = 0,
@@ -142,25 +192,44 @@ def plain_zo_run(
     """Replay a ZO job in plaintext; with ``dp_plan``, replay DP-ZO with the Poisson masks and
     both parties' noise drawn from ``dp_seed`` (a plaintext study, not a private run).
 
-    Returns ``theta`` (final parameters), ``losses`` and ``gs`` (per step), accuracies.
+    Returns ``theta`` (final parameters), ``losses`` and ``gs`` (per step), and the held-out
+    metric before and after: ``accuracy_before`` / ``accuracy_after`` (classification) or
+    ``eval_loss_before`` / ``eval_loss_after`` (causal LM: mean response loss per row).
     """
     trainable = trainable_set(cfg, spec)
     init = initial_values(spec, state, trainable, seed=cfg.job.seed)
     theta = {n: init[n].to(torch.float64) for n in trainable.names}
     cut = trainable.first_layer(spec)
-    runner = _plain_forward(
-        cfg,
-        spec=spec,
-        state=state,
-        data=data,
-        frozen_out=trainable.names,
-        cut=cut,
-        prompt_layer=cfg.zo.prompt_layer,
-    )
-    z = cfg.zo
     n, n_train = data.input_ids.shape[0], data.n_train
     eval_idx = list(range(n_train, n))
-    acc_before = float(runner.correct_count(theta, eval_idx, batch=n, prompt=None)) / len(eval_idx)
+    runner: CachedForward | CausalLMForward
+    if isinstance(data, InstructionInputs):
+        causal = _plain_causal_forward(
+            cfg, spec=spec, state=state, data=data, frozen_out=trainable.names, cut=cut
+        )
+        runner, metric = causal, "eval_loss"
+
+        def evaluate(theta: dict[str, Any]) -> float:
+            return float(causal.loss_sum(theta, eval_idx, batch=n)) / len(eval_idx)
+
+    else:
+        encoder = _plain_forward(
+            cfg,
+            spec=spec,
+            state=state,
+            data=data,
+            frozen_out=trainable.names,
+            cut=cut,
+            prompt_layer=cfg.zo.prompt_layer,
+        )
+        runner, metric = encoder, "accuracy"
+
+        def evaluate(theta: dict[str, Any]) -> float:
+            correct = encoder.correct_count(theta, eval_idx, batch=n, prompt=None)
+            return float(correct) / len(eval_idx)
+
+    z = cfg.zo
+    before = evaluate(theta)
     losses: list[float] = []
     gs_all: list[list[float]] = []
 
@@ -181,13 +250,12 @@ def plain_zo_run(
         theta = dp_zo_loop(backend, theta, schedule=schedule, plan=dp_plan, on_step=on_step)
     else:
         theta = zo_loop(backend, theta, schedule=schedule, on_step=on_step)
-    acc_after = float(runner.correct_count(theta, eval_idx, batch=n, prompt=None)) / len(eval_idx)
     return {
         "theta": theta,
         "losses": losses,
         "gs": gs_all,
-        "accuracy_before": acc_before,
-        "accuracy_after": acc_after,
+        f"{metric}_before": before,
+        f"{metric}_after": evaluate(theta),
     }
 
 

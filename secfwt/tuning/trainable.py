@@ -17,9 +17,11 @@ import torch
 from secfwt.config import JobConfig, Mode
 from secfwt.errors import ConfigError
 from secfwt.models.encoder import LORA_A, LORA_B, SOFT_PROMPT
-from secfwt.models.spec import ModelSpec
+from secfwt.models.spec import Head, ModelSpec
 
-_LAYER_RE = re.compile(r"encoder\.layer\.(\d+)\.")
+#: The layer index in a parameter name: BERT/RoBERTa ``encoder.layer.N.``, Llama-family
+#: decoders ``model.layers.N.``.
+_LAYER_RE = re.compile(r"(?:^|\.)(?:encoder\.layer|layers)\.(\d+)\.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,16 +41,16 @@ class TrainableSet:
         return sum(math.prod(s) for _, s in self.shapes)
 
     def first_layer(self, spec: ModelSpec) -> int:
-        """Index of the first encoder layer whose output depends on a trainable value.
+        """Index of the first layer whose output depends on a trainable value.
 
         Everything below it is frozen and computed once (the cached prefix); ``num_layers``
-        means only the head trains.
+        means only the head trains (a decoder's final norm or LM head).
         """
         first = spec.num_layers
         for name in self.names:
             if name == SOFT_PROMPT:
                 first = min(first, self.prompt_layer)
-            elif "embeddings." in name:
+            elif "embeddings." in name or name.startswith(spec.word_embeddings.rsplit(".", 1)[0]):
                 first = 0
             else:
                 m = _LAYER_RE.search(name)
@@ -92,8 +94,11 @@ def select_trainable(
                 if n.endswith(".weight") and fnmatch.fnmatchcase(n[: -len(".weight")], pat)
             }
         )
+        table = spec.word_embeddings.removesuffix(".weight")
         modules = [
-            m for m in modules if len(spec.shape_of(m + ".weight")) == 2 and "embeddings" not in m
+            m
+            for m in modules
+            if len(spec.shape_of(m + ".weight")) == 2 and "embeddings" not in m and m != table
         ]
         if not modules:
             raise ConfigError(
@@ -163,7 +168,7 @@ def trainable_set(cfg: JobConfig, spec: ModelSpec) -> TrainableSet:
     if cfg.job.mode is Mode.CMA:
         return TrainableSet(shapes=(), new=(), prompt_layer=cfg.cma.prompt_layer)
     z = cfg.zo
-    return select_trainable(
+    chosen = select_trainable(
         spec,
         patterns=z.trainable,
         lora_modules=z.lora_modules,
@@ -172,3 +177,22 @@ def trainable_set(cfg: JobConfig, spec: ModelSpec) -> TrainableSet:
         prompt_layer=z.prompt_layer,
         max_tokens=spec.max_tokens,
     )
+    if spec.head is Head.CAUSAL_LM:
+        _check_causal_trainable(chosen, spec)
+    return chosen
+
+
+def _check_causal_trainable(trainable: TrainableSet, spec: ModelSpec) -> None:
+    """A causal-LM job looks up the LM head's rows of its target tokens once (the target logits
+    are ``<x, E[y]>``), so the head's table, and the word embeddings it may be tied to, stay
+    frozen."""
+    tables = {spec.word_embeddings.removesuffix(".weight"), "lm_head"}
+    for name in trainable.names:
+        module = name.rsplit(".", 1)[0]
+        if module in tables:
+            field = "zo.lora_modules" if name in trainable.new else "zo.trainable"
+            raise ConfigError(
+                f"{field}: {name} cannot train in a causal_lm job: the loss reads the LM head's "
+                "rows of the target tokens once, so the head and the word embeddings stay "
+                "frozen; train LoRA factors of the layers or the norm weights instead"
+            )

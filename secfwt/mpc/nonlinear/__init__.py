@@ -20,7 +20,8 @@ One module per primitive, each lower one used by those after it:
 * :mod:`.inverse`: :func:`reciprocal`, :func:`inv_sqrt` (powers of four, then Newton).
 * :mod:`.logarithm`: :func:`log` (powers of four, then a Chebyshev series).
 * :mod:`.normalisation`: :func:`layer_norm`, :func:`rms_norm`.
-* :mod:`.probabilities`: :func:`softmax`, :func:`cross_entropy`, :func:`token_nll`.
+* :mod:`.probabilities`: :func:`softmax`, :func:`cross_entropy`, :func:`token_nll`,
+  :func:`target_token_nll`.
 
 Measured costs (2 parties + dealer, TTP, 2 shared cores) are recorded in
 ``tests/mpc/nonlinear/test_timings.py`` next to CrypTen's own functions.
@@ -41,6 +42,7 @@ from secfwt.mpc.nonlinear.probabilities import (
     cross_entropy,
     log_on_class_range,
     softmax,
+    target_token_nll,
     token_nll,
 )
 
@@ -69,5 +71,6 @@ __all__ = [
     "silu",
     "softmax",
     "tanh",
+    "target_token_nll",
     "token_nll",
 ]

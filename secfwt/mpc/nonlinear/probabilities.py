@@ -208,6 +208,32 @@ def token_nll(
     nll = _share_of(cross_entropy(logits, onehot), "nll")  # (N, T)
     if nll.dim() != 2:
         raise ValueError(f"logits must be (N, T, V), got {tuple(logits.size())}")
+    return _weighted_row_mean(nll, weights)
+
+
+def target_token_nll(
+    logits: MPCTensor, target_logits: MPCTensor, weights: MPCTensor | torch.Tensor
+) -> MPCTensor:
+    """:func:`token_nll` with the target logits given: (N, T, V), (N, T), (N, T) -> (N,).
+
+    ``target_logits[n, t]`` is the logit of the token to predict, ``z[n, t, y] = <x, E[y]>`` for
+    the final hidden state x and the LM head's row ``E[y]``; a caller that holds shares of
+    ``E[y]`` (looked up once per example) computes it in one (N, T, H) product and never forms
+    the (N, T, V) one-hot rows, which :func:`token_nll` multiplies into the logits at every call.
+    Accuracy and cost otherwise as :func:`token_nll`.
+    """
+    s, target = _share_of(logits, "logits"), _share_of(target_logits, "target_logits")
+    if s.dim() != 3 or tuple(target.shape) != tuple(s.shape[:-1]):
+        raise ValueError(
+            f"logits must be (N, T, V) and target_logits (N, T); got {tuple(s.shape)} and "
+            f"{tuple(target.shape)}"
+        )
+    return _weighted_row_mean(_log_sum_exp_ring(s) - target, weights)
+
+
+def _weighted_row_mean(nll: torch.Tensor, weights: MPCTensor | torch.Tensor) -> MPCTensor:
+    """``sum_t w nll / sum_t w`` per row of the shares ``nll`` (N, T), at full precision (see
+    :func:`token_nll`)."""
     n, t = nll.shape
     if isinstance(weights, _MPC):
         if tuple(weights.size()) != (n, t) or weights.encoder.scale != _ONE:

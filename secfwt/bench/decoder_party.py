@@ -1,0 +1,108 @@
+"""The party side of ``secfwt bench decoder`` (inside each spawned party process).
+
+Two cases, registered in :mod:`secfwt.bench.party`: the secure forward of a causal decoder to
+its vocabulary logits, as a job's frozen prefix runs it (linear weights and the tied LM head
+with the model owner in the clear, norms shared, the key mask secret, the data owner's word
+embeddings shared), and one ZO step of a causal-LM job from its cached prefix
+(:class:`~secfwt.tuning.causal_lm.CausalLMForward`: final norm, LM head, response loss).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from secfwt.bench.probe import measure_reps
+from secfwt.mpc.disclosure import Revealable
+from secfwt.mpc.launcher import PartyContext
+from secfwt.mpc.traffic import TrafficMeter
+from secfwt.roles import Role
+
+
+def _reveal(sess: Any, y: Any, note: str) -> torch.Tensor | None:
+    return sess.discloser.reveal(
+        y, value=Revealable.VERIFY_OUTPUTS, to=[Role.DATA_OWNER], note=note
+    )
+
+
+def _shared(sess: Any, payload: dict[str, Any], key: str, shape: tuple[int, ...]) -> Any:
+    return sess.share(payload.get(key), owner=Role.DATA_OWNER, shape=shape, name=key)
+
+
+def secure_decoder(
+    *, ctx: PartyContext, sess: Any, comm: Any, meter: TrafficMeter, payload: dict[str, Any]
+) -> dict[str, Any]:
+    """Embeddings (N, T, H) -> all layers -> final norm -> logits (N, T, V)."""
+    from secfwt.models.decoder import DecoderModel
+    from secfwt.models.transformer import ForwardSettings
+    from secfwt.mpc import owned
+    from secfwt.runtime.causal import lm_head_params
+
+    spec = sess.agree_spec(payload.get("spec"))
+    state = payload.get("state")
+    names = [n for n, _ in spec.param_shapes if n != spec.word_embeddings]
+    params = sess.share_params(spec, state, names=names, frozen=True)
+    params.update(lm_head_params(sess, spec, state))
+    n, t = payload["input_shape"][:2]
+    x = _shared(sess, payload, "input", (n, t, spec.hidden_size))
+    mask = _shared(sess, payload, "mask", (n, t))  # secret, as a job's key mask
+    model = DecoderModel(spec, params, sess.ops, ForwardSettings())
+
+    def fn() -> Any:
+        y = model.forward(x, mask)
+        owned.drain()  # the work ahead this forward started is paid by it
+        return y
+
+    y, costs = measure_reps(comm, meter, fn, reps=payload["reps"])
+    return {"costs": costs, "output": _reveal(sess, y, "decoder logits")}
+
+
+def causal_zo_step(
+    *, ctx: PartyContext, sess: Any, comm: Any, meter: TrafficMeter, payload: dict[str, Any]
+) -> dict[str, Any]:
+    """One SPSA step of a causal-LM job whose trainable values sit above the cached prefix
+    (``payload["trainable"]``, e.g. the final norm weight), on a batch of cached rows."""
+    from secfwt.models.transformer import ForwardSettings
+    from secfwt.mpc import owned
+    from secfwt.runtime.causal import lm_head_params
+    from secfwt.tuning.causal_lm import CausalLMForward, ResponseTargets
+    from secfwt.tuning.spsa import SPSASettings, directions, spsa_step
+
+    spec = sess.agree_spec(payload.get("spec"))
+    state = payload.get("state")
+    trainable = payload["trainable"]  # name -> shape
+    frozen = lm_head_params(sess, spec, state)
+    theta = {
+        n: sess.share(None if state is None else state[n], owner=Role.MODEL_OWNER, shape=s, name=n)
+        for n, s in trainable.items()
+    }
+    b, r, h = payload["cache_shape"]
+    runner = CausalLMForward(
+        ops=sess.ops,
+        spec=spec,
+        frozen=frozen,
+        settings=ForwardSettings(),
+        cache=_shared(sess, payload, "cache", (b, r, h)),
+        mask=None,  # the cache is the final residual stream's window: no layer runs per step
+        targets=ResponseTargets(
+            rows=_shared(sess, payload, "rows", (b, r, h)),
+            weights=_shared(sess, payload, "weights", (b, r)),
+        ),
+        cut=spec.num_layers,
+        window=r,
+    )
+    spsa = SPSASettings(lr=payload["lr"], eps=payload["eps"], directions=payload["directions"])
+    shapes = tuple(trainable.items())
+    idx = list(range(b))
+
+    def step() -> Any:
+        us = directions(seed=payload["seed"], step=0, shapes=shapes, count=spsa.directions)
+        _new, _gs, mean_loss = spsa_step(
+            lambda ps: runner.losses(ps, idx), theta, us=us, settings=spsa
+        )
+        owned.drain()
+        return mean_loss
+
+    loss, costs = measure_reps(comm, meter, step, reps=payload["reps"])
+    return {"costs": costs, "output": _reveal(sess, loss, "mean loss of the step")}
