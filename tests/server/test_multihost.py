@@ -235,6 +235,7 @@ def _embedding_table(model_dir: Path) -> torch.Tensor:
     return next(v for k, v in state.items() if k.endswith("word_embeddings.weight")).float()
 
 
+@pytest.mark.slow  # 110-170 s on 2 cores; `make test-all` runs it
 def test_killed_party_is_detected_and_the_resumed_job_matches_an_uninterrupted_run(
     deployment: MpcDeployment, model_dir: Path, tmp_path: Path
 ) -> None:
