@@ -20,7 +20,7 @@ import torch
 
 from secfwt.config import JobConfig
 from secfwt.data.inputs import InstructionInputs, slot_selection
-from secfwt.errors import ConfigError, ModelError
+from secfwt.errors import ConfigError, ModelError, ProtocolError
 from secfwt.models.decoder import DecoderModel
 from secfwt.models.spec import EmbeddingMode, ModelSpec
 from secfwt.models.transformer import ForwardSettings
@@ -113,9 +113,10 @@ def causal_runner(
     cut: int,
     cached: Any | None,
     progress: Callable[..., None],
-) -> tuple[CausalLMForward, Any, float]:
+) -> tuple[CausalLMForward, Any, float, int]:
     """Share the rows, compute (or take from a checkpoint) the frozen prefix; return the forward,
-    the cache and the seconds the prefix took."""
+    the cache, the seconds the prefix took and how many rows' prefix was computed again
+    (:func:`checked_prefix`)."""
     do, r, mode = Role.DATA_OWNER, cfg.model.response_window, cfg.model.embedding
     mask = sess.share(
         None if data is None else data.attention_mask.float(),
@@ -160,26 +161,32 @@ def causal_runner(
     )
     model = DecoderModel(spec, frozen, sess.ops, settings)
     t0 = time.perf_counter()
+    recomputed = 0
     if cached is not None:
         cache = cached
         progress(kind="phase", phase="frozen prefix loaded from the checkpoint")
     else:
-        chunks, bs = [], cfg.run.eval_batch
-        for s in range(0, n, bs):
-            e = min(n, s + bs)
+
+        def compute(rows: list[int]) -> Any:
+            ix = torch.tensor(rows)
             word = share_word_embeddings(
                 sess,
                 spec,
                 mode=mode,
-                shape=(e - s, t),
-                input_ids=None if data is None else data.input_ids[s:e],
+                shape=(len(rows), t),
+                input_ids=None if data is None else data.input_ids[ix],
                 secret_table=frozen.get(spec.word_embeddings),
                 plain_table=plain_table,
             )
-            slots = None if prompt is None else prompt.slots[s:e]
-            chunks.append(causal_prefix(model, word, mask[s:e], cut=cut, window=r, slots=slots))
-            progress(kind="prefix", done=e, total=n, elapsed=time.perf_counter() - t0)
-        cache = chunks[0] if len(chunks) == 1 else sess.ops.cat(chunks, dim=0)
+            slots = None if prompt is None else prompt.slots[ix]
+            return causal_prefix(model, word, mask[ix], cut=cut, window=r, slots=slots)
+
+        def report(done: int) -> None:
+            progress(kind="prefix", done=done, total=n, elapsed=time.perf_counter() - t0)
+
+        cache, recomputed = checked_prefix(
+            sess, compute, n=n, batch=cfg.run.eval_batch, on_chunk=report
+        )
     runner = CausalLMForward(
         ops=sess.ops,
         spec=spec,
@@ -192,4 +199,74 @@ def causal_runner(
         window=r,
         prompt=prompt,
     )
-    return runner, cache, time.perf_counter() - t0
+    return runner, cache, time.perf_counter() - t0, recomputed
+
+
+#: Largest |value| a cached prefix state may hold. Real activations stay far below it (SmolLM2's
+#: massive channel: 2.5e4); a failed 2-party truncation (SecureML: probability |v| / 2^64 for
+#: the value v it truncates) adds about 2^64 / 2^16 / 2^16 = 2^32 to a value, and a masked key's
+#: garbage score then poisons every query of its row (measured on the packaged SmolLM2: about
+#: 1.4e-5 failures per token and layer, one in three prefixes of 32 rows x 48 tokens).
+PREFIX_BOUND = 2.0**20
+#: Computations of a row's prefix before the job gives up (each fails independently).
+PREFIX_ATTEMPTS = 3
+
+
+def checked_prefix(
+    sess: PartySession,
+    compute: Callable[[list[int]], Any],
+    *,
+    n: int,
+    batch: int,
+    on_chunk: Callable[[int], None],
+) -> tuple[Any, int]:
+    """The prefix of rows 0 .. n-1, computed ``batch`` rows at a time by ``compute``, each row
+    checked against :data:`PREFIX_BOUND` (one bit per row, revealed to both parties under the
+    ``prefix_check`` term) and computed again, with fresh randomness, where it failed.
+
+    Returns the cache (rows in order) and how many rows were computed again. The check catches
+    the failures that blow a state up (the usual outcome, and the harmful one); a failure that
+    only perturbs a token's state a little is not seen. ``on_chunk(rows done)`` after each chunk
+    of the first pass.
+    """
+    from secfwt.mpc.nonlinear import rows_out_of_range
+
+    both = [Role.MODEL_OWNER, Role.DATA_OWNER]
+    kept: dict[int, Any] = {}
+    todo, recomputed = list(range(n)), 0
+    for attempt in range(PREFIX_ATTEMPTS):
+        failed: list[int] = []
+        for s in range(0, len(todo), batch):
+            rows = todo[s : s + batch]
+            part = compute(rows)
+            flags = sess.discloser.reveal(
+                rows_out_of_range(part, PREFIX_BOUND),
+                value=Revealable.PREFIX_CHECK,
+                to=both,
+                note=f"prefix of rows {rows[0]}..{rows[-1]}, attempt {attempt + 1}",
+            )
+            assert flags is not None  # revealed to both parties
+            for i, row in enumerate(rows):
+                if bool(flags[i]):
+                    failed.append(row)
+                else:
+                    kept[row] = part[i : i + 1]
+            if attempt == 0:
+                on_chunk(s + len(rows))
+        if not failed:
+            break
+        recomputed += len(failed)
+        log.warning(
+            "prefix check: %d row(s) left the value range (a truncation failure); computing "
+            "them again (attempt %d of %d)",
+            len(failed),
+            attempt + 2,
+            PREFIX_ATTEMPTS,
+        )
+        todo = failed
+    else:
+        raise ProtocolError(
+            f"the secure prefix of {len(todo)} row(s) failed its range check {PREFIX_ATTEMPTS} "
+            "times; rerun the job"
+        )
+    return sess.ops.cat([kept[i] for i in range(n)], dim=0), recomputed

@@ -89,6 +89,7 @@ class _Prepared:
     n_train: int
     eval_idx: list[int]
     prefix_s: float
+    prefix_recomputed: int  # rows whose prefix failed its range check and was computed again
     #: the held-out metric before tuning: accuracy, or a causal-LM job's mean response loss
     before: float | None = None
     local: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
@@ -134,6 +135,7 @@ def run_job_party(ctx: PartyContext, job: PartyJob) -> PartyOutcome:
         accuracy_after=None if s.causal else after,
         eval_loss_before=s.before if s.causal else None,
         eval_loss_after=after if s.causal else None,
+        prefix_rows_recomputed=s.prefix_recomputed,
         history=tuple(history),
         trainable_names=tuple(s.trainable.names),
         trainable_numel=s.trainable.numel,
@@ -277,7 +279,7 @@ def _prepare(ctx: PartyContext, job: PartyJob) -> _Prepared:
     runner: CachedForward | CausalLMForward
     if causal:
         assert data is None or isinstance(data, InstructionInputs)
-        runner, cache, prefix_s = causal_runner(
+        runner, cache, prefix_s, recomputed = causal_runner(
             sess,
             cfg,
             spec=spec,
@@ -294,6 +296,7 @@ def _prepare(ctx: PartyContext, job: PartyJob) -> _Prepared:
         )
     else:
         assert data is None or isinstance(data, DataOwnerInputs)
+        recomputed = 0
         runner, cache, prefix_s = _encoder_runner(
             sess,
             cfg,
@@ -326,6 +329,7 @@ def _prepare(ctx: PartyContext, job: PartyJob) -> _Prepared:
         n_train=facts["n_train"],
         eval_idx=list(range(facts["n_train"], n)),
         prefix_s=prefix_s,
+        prefix_recomputed=recomputed,
     )
     if p.resumed is not None:
         # revealed (per terms) before the interruption; the checkpoint keeps the job's metric
