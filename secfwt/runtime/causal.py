@@ -149,7 +149,7 @@ def causal_runner(
     secret_head, plain_head = _head_tables(
         sess, spec, state, mode=mode, frozen=frozen, plain_table=plain_table
     )
-    rows = share_word_embeddings(
+    target_rows = share_word_embeddings(
         sess,
         spec,
         mode=mode,
@@ -194,7 +194,7 @@ def causal_runner(
         settings=settings,
         cache=cache,
         mask=mask,
-        targets=ResponseTargets(rows=rows, weights=weights),
+        targets=ResponseTargets(rows=target_rows, weights=weights),
         cut=cut,
         window=r,
         prompt=prompt,
