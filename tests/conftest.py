@@ -223,7 +223,7 @@ to = ["data_owner"]
 value = "eval_loss"
 to = ["data_owner", "model_owner"]
 [[disclosure]]
-value = "prefix_check"
+value = "range_check"
 to = ["data_owner", "model_owner"]
 [[disclosure]]
 value = "train_loss"

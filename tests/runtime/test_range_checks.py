@@ -1,5 +1,6 @@
-"""The causal job's guard against failed truncations: rows whose cached prefix left the value range
-are found (one revealed bit per row) and computed again; the LM head's product with headroom."""
+"""The causal job's guard against failed truncations: rows whose secure hidden states left the
+value range are found (one revealed bit per row) and computed again; the LM head's product with
+headroom."""
 
 from __future__ import annotations
 
@@ -23,12 +24,12 @@ def _party(ctx: PartyContext, payload: dict[str, Any]) -> dict[str, Any] | None:
     from secfwt.mpc import owned
     from secfwt.mpc.disclosure import DisclosureTerms, Revealable
     from secfwt.mpc.nonlinear import rows_out_of_range
-    from secfwt.runtime.causal import PREFIX_BOUND, checked_prefix
+    from secfwt.runtime.causal import RANGE_BOUND, RangeChecks
     from secfwt.runtime.session import PartySession
 
     both = [Role.MODEL_OWNER, Role.DATA_OWNER]
     terms = DisclosureTerms.of(
-        [(Revealable.PREFIX_CHECK, both), (Revealable.VERIFY_OUTPUTS, [Role.DATA_OWNER])]
+        [(Revealable.RANGE_CHECK, both), (Revealable.VERIFY_OUTPUTS, [Role.DATA_OWNER])]
     )
     sess = PartySession(role=ctx.role, terms=terms, audit_path=None)
     do = Role.DATA_OWNER
@@ -42,7 +43,7 @@ def _party(ctx: PartyContext, payload: dict[str, Any]) -> dict[str, Any] | None:
         x = sess.share(value, owner=do, shape=(len(rows), 3, 4), name="prefix")
         return x + (massive + offset)[ix]
 
-    flags = rows_out_of_range(shared(list(range(6)), failures), PREFIX_BOUND).get_plain_text()
+    flags = rows_out_of_range(shared(list(range(6)), failures), RANGE_BOUND).get_plain_text()
     calls: list[list[int]] = []
 
     def compute(rows: list[int]) -> Any:
@@ -52,8 +53,14 @@ def _party(ctx: PartyContext, payload: dict[str, Any]) -> dict[str, Any] | None:
         return shared(rows, failures * ~again)
 
     seen: list[int] = []
-    cache, recomputed = checked_prefix(sess, compute, n=6, batch=4, on_chunk=seen.append)
+    checks = RangeChecks(sess)
+    cache = checks.rows(compute, n=6, batch=4, what="prefix", on_chunk=seen.append)
     out = sess.discloser.reveal(cache, value=Revealable.VERIFY_OUTPUTS, to=[do])
+    recomputed, prefix_calls = checks.recomputed, list(calls)
+    # as a step's guard: all rows in one batch (their first computation broken again)
+    calls.clear()
+    again = sess.discloser.reveal(checks(compute, 6), value=Revealable.VERIFY_OUTPUTS, to=[do])
+    guard_calls = list(calls)
     # the LM head's product with headroom against the plain product
     w_plain, h = payload["w"], payload["h"]
     w = owned.OwnedMatrix.share(
@@ -67,9 +74,12 @@ def _party(ctx: PartyContext, payload: dict[str, Any]) -> dict[str, Any] | None:
         return None
     return {
         "flags": flags,
-        "calls": calls,
+        "calls": prefix_calls,
         "cache": out,
         "recomputed": recomputed,
+        "again": again,
+        "guard_calls": guard_calls,
+        "total": checks.recomputed,
         "seen": seen,
         "y": y_plain,
     }
@@ -96,5 +106,7 @@ def test_failed_rows_are_found_and_computed_again() -> None:
     assert got["calls"] == [[0, 1, 2, 3], [4, 5], [1, 4]] and got["recomputed"] == 2
     assert got["seen"] == [4, 6]
     assert (got["cache"].double() - (clean + massive).double()).abs().max() < 1e-2
+    assert got["guard_calls"] == [[0, 1, 2, 3, 4, 5], [1, 4]] and got["total"] == 4
+    assert (got["again"].double() - (clean + massive).double()).abs().max() < 1e-2
     # x at 12 fractional bits: |error| <= 8 * 2^-12 * max|w| plus the product's last bit
     assert (got["y"].double() - (h @ w).double()).abs().max() < 8 * 2**-12 * w.abs().max() + 1e-3
