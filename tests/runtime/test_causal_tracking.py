@@ -84,11 +84,12 @@ def test_causal_zo_tracks_the_reference_and_delivers_a_peft_adapter(tmp_path, ti
         add_generation_prompt=True,
     )
     ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
-    lora = {n: v.double() for n, v in final.items() if ".lora_" in n}
-    assert lora and set(lora) == set(final) - {"model.norm.weight", "soft_prompt"}
-    # PEFT computes secfwt's forward with the delivered factors (the base's own final norm)
+    tuned_values = {n: v.double() for n, v in final.items() if n != "soft_prompt"}
+    assert any(".lora_" in n for n in tuned_values) and "model.norm.weight" in tuned_values
+    # PEFT computes secfwt's forward with the delivered LoRA factors and final norm weight (the
+    # soft prompt is not part of a LoRA adapter)
     mine = DecoderModel(
-        spec, {**plain_params(state), **lora}, PlainOps(), ForwardSettings()
+        spec, {**plain_params(state), **tuned_values}, PlainOps(), ForwardSettings()
     ).forward(base.model.embed_tokens(ids).detach(), torch.ones_like(ids, dtype=torch.float64))
     with torch.no_grad():
         theirs = tuned(input_ids=ids).logits
