@@ -26,8 +26,19 @@ def _reveal(sess: Any, y: Any, note: str) -> torch.Tensor | None:
     )
 
 
-def _shared(sess: Any, payload: dict[str, Any], key: str, shape: tuple[int, ...]) -> Any:
-    return sess.share(payload.get(key), owner=Role.DATA_OWNER, shape=shape, name=key)
+#: The job computes its cache in MPC; here the data owner shares it, divided by this power of two
+#: and multiplied back on the shares (exact): a layer's input holds SmolLM2's massive activations
+#: (2.5e4), above what a shared input may hold (4096).
+CACHE_SCALE = 16
+
+
+def _shared(
+    sess: Any, payload: dict[str, Any], key: str, shape: tuple[int, ...], *, scale: int = 1
+) -> Any:
+    value = payload.get(key)
+    value = None if value is None else value / scale
+    x = sess.share(value, owner=Role.DATA_OWNER, shape=shape, name=key)
+    return x if scale == 1 else x * scale
 
 
 def secure_decoder(
@@ -87,7 +98,7 @@ def causal_zo_step(
         spec=spec,
         frozen=frozen,
         settings=ForwardSettings(),
-        cache=_shared(sess, payload, "cache", cache_shape),
+        cache=_shared(sess, payload, "cache", cache_shape, scale=CACHE_SCALE),
         mask=_shared(sess, payload, "mask", (b, cache_shape[1])) if cut < spec.num_layers else None,
         targets=ResponseTargets(
             rows=_shared(sess, payload, "rows", (b, r, spec.hidden_size)),
