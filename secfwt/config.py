@@ -528,6 +528,8 @@ def required_disclosures(cfg: JobConfig) -> list[tuple[Revealable, Role]]:
     causal = cfg.model.head is Head.CAUSAL_LM
     evaluation = Revealable.EVAL_LOSS if causal else Revealable.EVAL_ACCURACY
     out: list[tuple[Revealable, Role]] = [(evaluation, Role.DATA_OWNER)]
+    if causal:  # both parties compute again a row whose hidden states failed the range check
+        out += [(Revealable.RANGE_CHECK, r) for r in (Role.MODEL_OWNER, Role.DATA_OWNER)]
     if cfg.model.embedding is EmbeddingMode.TABLE_TO_DATA_OWNER:
         out.append((Revealable.EMBEDDING_TABLE, Role.DATA_OWNER))
     if cfg.job.mode is Mode.CMA:

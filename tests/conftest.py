@@ -223,6 +223,9 @@ to = ["data_owner"]
 value = "eval_loss"
 to = ["data_owner", "model_owner"]
 [[disclosure]]
+value = "range_check"
+to = ["data_owner", "model_owner"]
+[[disclosure]]
 value = "train_loss"
 to = ["data_owner"]
 [[disclosure]]

@@ -26,8 +26,19 @@ def _reveal(sess: Any, y: Any, note: str) -> torch.Tensor | None:
     )
 
 
-def _shared(sess: Any, payload: dict[str, Any], key: str, shape: tuple[int, ...]) -> Any:
-    return sess.share(payload.get(key), owner=Role.DATA_OWNER, shape=shape, name=key)
+#: The job computes its cache in MPC; here the data owner shares it, divided by this power of two
+#: and multiplied back on the shares (exact): a layer's input holds SmolLM2's massive activations
+#: (2.5e4), above what a shared input may hold (4096).
+CACHE_SCALE = 16
+
+
+def _shared(
+    sess: Any, payload: dict[str, Any], key: str, shape: tuple[int, ...], *, scale: int = 1
+) -> Any:
+    value = payload.get(key)
+    value = None if value is None else value / scale
+    x = sess.share(value, owner=Role.DATA_OWNER, shape=shape, name=key)
+    return x if scale == 1 else x * scale
 
 
 def secure_decoder(
@@ -61,8 +72,10 @@ def secure_decoder(
 def causal_zo_step(
     *, ctx: PartyContext, sess: Any, comm: Any, meter: TrafficMeter, payload: dict[str, Any]
 ) -> dict[str, Any]:
-    """One SPSA step of a causal-LM job whose trainable values sit above the cached prefix
-    (``payload["trainable"]``, e.g. the final norm weight), on a batch of cached rows."""
+    """One SPSA step of a causal-LM job on a batch of its cached rows: the layers from the
+    job's cut (``payload["cut"]``; none when only the final norm trains), the final norm, the LM
+    head and the response loss, for 2 x directions parameter sets. The model owner's payload
+    holds the weights and the trainable values' starting point (``init``)."""
     from secfwt.models.transformer import ForwardSettings
     from secfwt.mpc import owned
     from secfwt.runtime.causal import lm_head_params
@@ -70,26 +83,28 @@ def causal_zo_step(
     from secfwt.tuning.spsa import SPSASettings, directions, spsa_step
 
     spec = sess.agree_spec(payload.get("spec"))
-    state = payload.get("state")
-    trainable = payload["trainable"]  # name -> shape
-    frozen = lm_head_params(sess, spec, state)
+    state, init = payload.get("state"), payload.get("init")
+    trainable, cut = payload["trainable"], payload["cut"]  # name -> shape; first trainable layer
+    frozen = sess.share_params(spec, state, names=payload["frozen_names"], frozen=True)
+    frozen.update(lm_head_params(sess, spec, state))
     theta = {
-        n: sess.share(None if state is None else state[n], owner=Role.MODEL_OWNER, shape=s, name=n)
+        n: sess.share(None if init is None else init[n], owner=Role.MODEL_OWNER, shape=s, name=n)
         for n, s in trainable.items()
     }
-    b, r, h = payload["cache_shape"]
+    b, r = payload["batch"], payload["window"]
+    cache_shape = tuple(payload["cache_shape"])
     runner = CausalLMForward(
         ops=sess.ops,
         spec=spec,
         frozen=frozen,
         settings=ForwardSettings(),
-        cache=_shared(sess, payload, "cache", (b, r, h)),
-        mask=None,  # the cache is the final residual stream's window: no layer runs per step
+        cache=_shared(sess, payload, "cache", cache_shape, scale=CACHE_SCALE),
+        mask=_shared(sess, payload, "mask", (b, cache_shape[1])) if cut < spec.num_layers else None,
         targets=ResponseTargets(
-            rows=_shared(sess, payload, "rows", (b, r, h)),
+            rows=_shared(sess, payload, "rows", (b, r, spec.hidden_size)),
             weights=_shared(sess, payload, "weights", (b, r)),
         ),
-        cut=spec.num_layers,
+        cut=cut,
         window=r,
     )
     spsa = SPSASettings(lr=payload["lr"], eps=payload["eps"], directions=payload["directions"])

@@ -311,12 +311,16 @@ def _section_decoder(r: dict[str, Any] | None) -> list[str]:
         "chat-template row (weights with the model owner, key mask secret); ZO step: "
         f"{r['zo_step']['label']}, {r['zo_step']['loss_rows']} response rows of logits.",
     ]
-    after = ["| case | party | time (s) | MB sent | rounds |", "|---|---|---|---|---|"]
+    after = [
+        "| case | party | time (s) | MB sent | rounds (dealer: requests answered) |",
+        "|---|---|---|---|---|",
+    ]
     for c in rows:
         for party, p in c["parties"].items():
+            rounds = p["rounds"] if "rounds" in p else p.get("requests")
             after.append(
-                f"| {c['label']} | {party} | {_f(p['wall_s'])} | {_f(p['bytes_sent'] / _MB)} "
-                f"| {p['rounds']} |"
+                f"| {c['label']} | {party} | {_f(p.get('wall_s'))} "
+                f"| {_f(p['bytes_sent'] / _MB)} | {rounds} |"
             )
     after.append("")
     for c in r["cases"]:

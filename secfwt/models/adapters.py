@@ -50,10 +50,15 @@ def save_peft_adapter(
     scale: float,
     base_shapes: Mapping[str, tuple[int, ...]] | None = None,
     task_type: str | None = "CAUSAL_LM",
+    whole: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` for PEFT into ``folder``.
 
     ``params`` holds only LoRA factors, every module with both; one rank for all (PEFT's ``r``).
+    ``whole`` holds tuned tensors of the base model itself by their Hugging Face names (norm
+    weights, biases): their modules go in as PEFT's ``modules_to_save``, stored under the keys
+    ``PeftModel.save_pretrained`` writes for them (``base_model.model.<name>``), so the loaded
+    model computes with them; a module's other tensors keep the base model's values.
     ``base_model`` is the base checkpoint's path or hub name (recorded as
     ``base_model_name_or_path``); ``base_shapes`` (parameter name -> shape of the base model,
     e.g. ``dict(spec.param_shapes)``), when given, is checked against every factor first.
@@ -64,6 +69,16 @@ def save_peft_adapter(
     from safetensors.torch import save_file
 
     rank = _check_factors(params, base_shapes, field="params")
+    whole = dict(whole or {})
+    for name, value in whole.items():
+        shape = None if base_shapes is None else base_shapes.get(name)
+        if base_shapes is not None and tuple(value.shape) != tuple(shape or ()):
+            raise ModelError(
+                f"whole: {name} is {tuple(value.shape)}, the base model's is {shape}; it must be "
+                "a tensor of the base model"
+            )
+        if name.rsplit(".", 1)[0] in _modules(params):
+            raise ModelError(f"whole: {name} belongs to a module that has LoRA factors")
     if not (math.isfinite(scale) and scale > 0):
         raise ModelError(f"scale = {scale}: the LoRA scale must be a positive finite number")
     config = peft.LoraConfig(
@@ -71,6 +86,7 @@ def save_peft_adapter(
         # annotated int in PEFT, but its scaling lora_alpha / r takes any number (JSON float)
         lora_alpha=scale * rank,  # type: ignore[arg-type]
         target_modules=list(_modules(params)),
+        modules_to_save=sorted({n.rsplit(".", 1)[0] for n in whole}) or None,
         lora_dropout=0.0,
         bias="none",
         task_type=task_type,
@@ -83,6 +99,10 @@ def save_peft_adapter(
     tensors = {
         f"{PEFT_KEY_PREFIX}{name}.weight": value.detach().to(torch.float32).contiguous()
         for name, value in sorted(params.items())
+    }
+    tensors |= {
+        f"{PEFT_KEY_PREFIX}{name}": value.detach().to(torch.float32).contiguous()
+        for name, value in sorted(whole.items())
     }
     save_file(tensors, str(out / peft.utils.constants.SAFETENSORS_WEIGHTS_NAME))
     return out

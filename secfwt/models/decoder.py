@@ -205,14 +205,18 @@ class DecoderModel(TransformerModel):
     def final_norm(self, h: Tensor) -> Tensor:
         return self.rms_norm(h, self.spec.prefix + "norm")
 
-    def lm_logits(self, x: Tensor) -> Tensor:
+    def lm_logits(self, x: Tensor, *, headroom_bits: int = 0) -> Tensor:
         """Next-token logits (.., V) of final-normed hidden states (.., H): ``lm_head``, or the
         word-embedding table when tied (a ``lm_head.weight`` entry, e.g. an owned copy of the
-        tied table, takes precedence)."""
+        tied table, takes precedence). ``headroom_bits``: see :meth:`Ops.weight_matmul` (the
+        head itself only: no LoRA or bias on it)."""
         if "lm_head.weight" in self.p:
-            return self.linear(x, "lm_head")
-        table = self.p[self.spec.word_embeddings]  # (V, H)
-        return self.ops.weight_matmul(x, table.transpose(-1, -2))
+            if not headroom_bits:
+                return self.linear(x, "lm_head")
+            table = self.p["lm_head.weight"]
+        else:
+            table = self.p[self.spec.word_embeddings]  # (V, H)
+        return self.ops.weight_matmul(x, table.transpose(-1, -2), headroom_bits=headroom_bits)
 
     def output(self, h: Tensor, pool_weights: Tensor | None = None) -> Tensor:
         """Logits (N, T, V) for CAUSAL_LM, final-normed hidden states (N, T, H) for BASE."""

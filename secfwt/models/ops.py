@@ -23,8 +23,13 @@ class Ops(abc.ABC):
 
     secure: bool = False
 
-    def weight_matmul(self, x: Tensor, w: Tensor) -> Tensor:
-        """``x @ w`` for a parameter ``w`` (a linear layer's transposed weight)."""
+    def weight_matmul(self, x: Tensor, w: Tensor, *, headroom_bits: int = 0) -> Tensor:
+        """``x @ w`` for a parameter ``w`` (a linear layer's transposed weight).
+
+        ``headroom_bits`` (secure backend, weights the model owner holds): x keeps that many
+        fewer fractional bits and the product's truncation is that many bits shorter, so each
+        output's chance of a failed 2-party truncation (|value| / 2^64, SecureML) is 2^h times
+        smaller; worth it where a product has very many outputs (an LM head's V per token)."""
         return x.matmul(w)
 
     @abc.abstractmethod
@@ -176,12 +181,16 @@ class SecureOps(Ops):
 
         self._nl = nonlinear
 
-    def weight_matmul(self, x, w):
+    def weight_matmul(self, x, w, *, headroom_bits=0):
         """Weights the model owner holds in the clear (:class:`secfwt.mpc.owned.OwnedMatrix`)
         take the one-sided product; secret-shared ones Beaver's."""
         from secfwt.mpc import owned
 
-        return owned.matmul(x, w) if isinstance(w, owned.OwnedMatrix) else x.matmul(w)
+        if not isinstance(w, owned.OwnedMatrix):
+            return x.matmul(w)
+        if headroom_bits:
+            return owned.matmul(x, w, headroom_bits=headroom_bits)
+        return owned.matmul(x, w)
 
     def softmax(self, x, *, mask):
         return self._nl.softmax(x, dim=-1, mask=mask)

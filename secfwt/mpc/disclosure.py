@@ -42,6 +42,7 @@ class Revealable(enum.Enum):
     EVAL_ACCURACY = "eval_accuracy"  # held-out accuracy (one number)
     EVAL_LOSS = "eval_loss"  # held-out mean response loss of a causal-LM job (one number)
     LM_HEAD_TABLE = "lm_head_table"  # an untied LM head's (V, H) table (model owner's weights)
+    RANGE_CHECK = "range_check"  # per example and forward: did its hidden states leave the range
     EVAL_OUTPUTS = "eval_outputs"  # model outputs for the data owner's held-out examples
     FINAL_PARAMETERS = "final_parameters"  # tuned trainable parameters (prompt, head, LoRA, ...)
     VERIFY_OUTPUTS = "verify_outputs"  # secure forward outputs on sample input (verify-model)
@@ -58,6 +59,10 @@ _DESCRIPTIONS = {
     Revealable.EVAL_ACCURACY: "held-out accuracy (a single number per evaluation)",
     Revealable.EVAL_LOSS: "held-out mean response loss (a single number per evaluation)",
     Revealable.LM_HEAD_TABLE: "the model owner's LM-head table (an untied output embedding)",
+    Revealable.RANGE_CHECK: (
+        "one bit per example and secure forward: whether its hidden states left the value "
+        "range (a fixed-point truncation failure) and were computed again"
+    ),
     Revealable.EVAL_OUTPUTS: "model outputs for the data owner's held-out examples",
     Revealable.FINAL_PARAMETERS: "the tuned trainable parameters",
     Revealable.VERIFY_OUTPUTS: "secure forward outputs on verification input",

@@ -295,9 +295,14 @@ class OwnedMatrix:
         )
 
 
-def matmul(x: Any, w: OwnedMatrix) -> Any:
+def matmul(x: Any, w: OwnedMatrix, *, headroom_bits: int = 0) -> Any:
     """``x @ w`` for an MPCTensor ``x`` (16 fractional bits, ``(..., M, K)``) and an owned
     ``w`` (``(..., K, N)``), truncated back to 16 fractional bits like CrypTen's matmul.
+
+    ``headroom_bits`` h: ``x`` is first truncated to 16 - h fractional bits, so the product is
+    truncated by 2^(16 - h) from values 2^h times smaller: its local truncation, which fails
+    with probability |value| / 2^64 (SecureML), fails 2^h times less often, for h bits of x's
+    resolution.
 
     TTP provider only; with any other provider ``w`` is shared the ordinary way and multiplied
     with Beaver's protocol (same result up to the truncation's last bit).
@@ -308,10 +313,13 @@ def matmul(x: Any, w: OwnedMatrix) -> Any:
         raise ProtocolError(
             f"owned matmul expects {_FRAC_BITS} fractional bits, x has scale {x.encoder.scale}"
         )
-    z = product(x.share, w)
-    # CrypTen's 2-party truncation of the product's extra 16 fractional bits (local, SecureML)
+    if not 0 <= headroom_bits < _FRAC_BITS:
+        raise ValueError(f"headroom_bits must be in [0, {_FRAC_BITS}), got {headroom_bits}")
+    share = x.share if not headroom_bits else x.share.div(2**headroom_bits, rounding_mode="trunc")
+    z = product(share, w)
+    # CrypTen's 2-party truncation of the product's extra fractional bits (local, SecureML)
     return crypten.mpc.MPCTensor.from_shares(
-        z.div_(2**_FRAC_BITS, rounding_mode="trunc"), precision=_FRAC_BITS
+        z.div_(2 ** (_FRAC_BITS - headroom_bits), rounding_mode="trunc"), precision=_FRAC_BITS
     )
 
 

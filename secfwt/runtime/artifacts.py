@@ -40,7 +40,9 @@ def deliver(
     ``local`` holds values this party already owns in the clear (the data owner's prompt in
     SecFwT mode); they are saved without any reveal. With ``adapter``, the LoRA factors among
     the revealed values are also written as a PEFT adapter folder (``adapter_config.json`` and
-    ``adapter_model.safetensors``) that ``peft.PeftModel.from_pretrained(base, folder)`` loads.
+    ``adapter_model.safetensors``) that ``peft.PeftModel.from_pretrained(base, folder)`` loads,
+    with the tuned tensors of the base model (norm weights, biases) as PEFT's
+    ``modules_to_save``; a soft prompt stays in ``final_parameters.pt`` only.
     """
     to = sess.discloser.terms.recipients(Revealable.FINAL_PARAMETERS)
     saved: dict[str, str] = {}
@@ -61,12 +63,14 @@ def deliver(
         saved["final_parameters"] = str(path)
     lora = {n: v for n, v in values.items() if n.rsplit(".", 1)[-1] in (LORA_A, LORA_B)}
     if adapter is not None and lora:
+        shapes = dict(adapter.spec.param_shapes)
         folder = save_peft_adapter(
             out_dir / ADAPTER_DIR,
             lora,
             base_model=adapter.base_model,
             scale=adapter.scale,
-            base_shapes=dict(adapter.spec.param_shapes),
+            base_shapes=shapes,
+            whole={n: v for n, v in values.items() if n in shapes},  # tuned norms, biases
         )
         saved["adapter"] = str(folder)
     return saved

@@ -127,6 +127,9 @@ class PartyOutcome:
     # accuracy fields are None)
     eval_loss_before: float | None = None
     eval_loss_after: float | None = None
+    #: causal-LM jobs: rows (of the frozen prefix or of a later forward's upper layers) whose
+    #: hidden states failed the range check and were computed again
+    rows_recomputed: int = 0
 
     @property
     def steps(self) -> int:
@@ -143,6 +146,7 @@ class PartyOutcome:
             "accuracy_after": self.accuracy_after,
             "eval_loss_before": self.eval_loss_before,
             "eval_loss_after": self.eval_loss_after,
+            "rows_recomputed": self.rows_recomputed,
             "steps": self.steps,
             "history": [dataclasses.asdict(h) for h in self.history],
             "trainable": {"names": list(self.trainable_names), "numel": self.trainable_numel},

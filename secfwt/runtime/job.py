@@ -30,7 +30,7 @@ from secfwt.mpc.launcher import PartyContext
 from secfwt.roles import Role
 from secfwt.runtime.artifacts import AdapterExport, deliver
 from secfwt.runtime.backend import SharedBackend, SharedPromptScorer
-from secfwt.runtime.causal import causal_runner, check_causal_model, lm_head_params
+from secfwt.runtime.causal import RangeChecks, causal_runner, check_causal_model, lm_head_params
 from secfwt.runtime.checkpoint import Checkpoint, from_share, precision_bits
 from secfwt.runtime.checkpointer import JobCheckpointer, agree_checkpointing, restore_theta
 from secfwt.runtime.contract import (
@@ -89,6 +89,7 @@ class _Prepared:
     n_train: int
     eval_idx: list[int]
     prefix_s: float
+    checks: RangeChecks | None  # a causal job's range checks of its secure hidden states
     #: the held-out metric before tuning: accuracy, or a causal-LM job's mean response loss
     before: float | None = None
     local: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
@@ -134,6 +135,7 @@ def run_job_party(ctx: PartyContext, job: PartyJob) -> PartyOutcome:
         accuracy_after=None if s.causal else after,
         eval_loss_before=s.before if s.causal else None,
         eval_loss_after=after if s.causal else None,
+        rows_recomputed=0 if s.checks is None else s.checks.recomputed,
         history=tuple(history),
         trainable_names=tuple(s.trainable.names),
         trainable_numel=s.trainable.numel,
@@ -277,7 +279,7 @@ def _prepare(ctx: PartyContext, job: PartyJob) -> _Prepared:
     runner: CachedForward | CausalLMForward
     if causal:
         assert data is None or isinstance(data, InstructionInputs)
-        runner, cache, prefix_s = causal_runner(
+        runner, cache, prefix_s, checks = causal_runner(
             sess,
             cfg,
             spec=spec,
@@ -294,6 +296,7 @@ def _prepare(ctx: PartyContext, job: PartyJob) -> _Prepared:
         )
     else:
         assert data is None or isinstance(data, DataOwnerInputs)
+        checks = None
         runner, cache, prefix_s = _encoder_runner(
             sess,
             cfg,
@@ -326,6 +329,7 @@ def _prepare(ctx: PartyContext, job: PartyJob) -> _Prepared:
         n_train=facts["n_train"],
         eval_idx=list(range(facts["n_train"], n)),
         prefix_s=prefix_s,
+        checks=checks,
     )
     if p.resumed is not None:
         # revealed (per terms) before the interruption; the checkpoint keeps the job's metric

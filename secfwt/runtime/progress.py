@@ -82,7 +82,7 @@ class ProgressView:
             self._started.pop("steps", None)
         elif kind == "prefix":
             self._advance(
-                "prefix", "frozen encoder (MPC), sequences", msg["done"], msg["total"], ""
+                "prefix", "frozen layers (MPC), sequences ", msg["done"], msg["total"], ""
             )
         elif kind == "step":
             loss, eps = msg.get("loss"), msg.get("epsilon")

@@ -122,6 +122,7 @@ def run_simulation(
         "steps": do.steps,
         "wall_s": wall,
         "frozen_prefix_s": do.prefix_s,
+        "rows_recomputed": do.rows_recomputed,
         "cut_layer": do.cut_layer,
         "joint_seed": do.joint_seed,
         "trainable": {"names": list(do.trainable_names), "numel": do.trainable_numel},

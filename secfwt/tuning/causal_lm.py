@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -47,6 +47,12 @@ from secfwt.models.transformer import SOFT_PROMPT, ForwardSettings
 #: traffic and its share of the call's working memory; 64 rows keep a party's peak near 1 GB
 #: (measured: 96 rows, 1.5 GB resident, 1.4 GB sent by the model owner, 11 s on 2 loaded cores).
 LOSS_CHUNK_TOKENS = 64
+#: Fractional bits the final hidden states give up before the LM head's product in MPC
+#: (:meth:`~secfwt.models.ops.Ops.weight_matmul`): a step's V logits per response position are
+#: millions of truncations, each failing with probability |logit| 2^32 / 2^64; 4 bits make that
+#: 16 times rarer (on the example job, from about 0.5% to 0.04% of steps) for a resolution of
+#: 2^-12 on the states (a per-token loss error of ~1e-4).
+HEAD_HEADROOM_BITS = 4
 
 
 def public_positions(n: int, t: int) -> torch.Tensor:
@@ -91,6 +97,11 @@ def causal_prefix(
     return h[:, window_slice(t, window)] if cut == model.spec.num_layers else h
 
 
+#: ``guard(compute, n)``: the states of rows 0 .. n-1 of ``compute(rows)``, checked (the MPC
+#: job's :class:`~secfwt.runtime.causal.RangeChecks`); None computes them once, unchecked.
+Guard = Callable[[Callable[[list[int]], Any], int], Any]
+
+
 @dataclasses.dataclass(frozen=True)
 class ResponseTargets:
     """Per row: the LM head's rows of the window's target tokens and the reply weights."""
@@ -116,28 +127,35 @@ class CausalLMForward:
         cut: int,
         window: int,
         prompt: PromptSlots | None = None,
+        guard: Guard | None = None,
     ) -> None:
         self.ops, self.spec, self.frozen, self.settings = ops, spec, frozen, settings
         self.cache, self.mask, self.targets = cache, mask, targets
-        self.cut, self.window, self.prompt = cut, window, prompt
+        self.cut, self.window, self.prompt, self.guard = cut, window, prompt, guard
 
     def normed_window(self, theta: Mapping[str, Any], idx: list[int]) -> Any:
         """Final-normed hidden states (B, R, H) of the window for the rows ``idx``."""
         model = DecoderModel(self.spec, {**self.frozen, **theta}, self.ops, self.settings)
-        ix = torch.tensor(idx)
-        h = self.cache[ix]
-        if self.cut < self.spec.num_layers:
+        if self.cut == self.spec.num_layers:
+            return model.final_norm(self.cache[torch.tensor(idx)])
+
+        def upper(rows: list[int]) -> Any:  # the window's states (b, R, H) of idx[rows]
+            ix = torch.tensor([idx[i] for i in rows])
+            h = self.cache[ix]
             n, t = h.shape[0], h.shape[1]
             pos, mask, p = public_positions(n, t), self.mask[ix], self.prompt
             if p is not None:
-                slots = p.slots[ix]  # (B, T)
+                slots = p.slots[ix]  # (b, T)
                 h = model.layers(h, mask - slots, start=self.cut, stop=p.layer, positions=pos)
-                keep = (slots * -1.0 + 1.0).unsqueeze(-1)  # (B, T, 1): 0 on the slots
-                h = h * keep + p.selection[ix].matmul(theta[SOFT_PROMPT])  # (B, T, H)
+                keep = (slots * -1.0 + 1.0).unsqueeze(-1)  # (b, T, 1): 0 on the slots
+                h = h * keep + p.selection[ix].matmul(theta[SOFT_PROMPT])  # (b, T, H)
                 h = model.layers(h, mask, start=p.layer, positions=pos)
             else:
                 h = model.layers(h, mask, start=self.cut, positions=pos)
-            h = h[:, window_slice(t, self.window)]
+            return h[:, window_slice(t, self.window)]
+
+        everything = list(range(len(idx)))
+        h = upper(everything) if self.guard is None else self.guard(upper, len(idx))
         return model.final_norm(h)
 
     def example_losses(self, thetas: Sequence[Mapping[str, Any]], idx: list[int]) -> Any:
@@ -172,7 +190,7 @@ class CausalLMForward:
         out = []
         for s in range(0, m, per):
             xs, ix = x[s : s + per], rows[s : s + per]
-            logits = model.lm_logits(xs)  # (c, R, V)
+            logits = model.lm_logits(xs, headroom_bits=HEAD_HEADROOM_BITS)  # (c, R, V)
             # <x, E[y]> per position: one (1, H) x (H, 1) product each, summed before truncation
             target = xs.unsqueeze(-2).matmul(self.targets.rows[ix].unsqueeze(-1))  # (c, R, 1, 1)
             out.append(

@@ -47,7 +47,7 @@ def test_bench_decoder_quick(tmp_path, monkeypatch):
             assert p["wall_s"] > 0 and p["bytes_sent"] > 0 and p["rounds"] > 0, (case["label"], p)
     assert fwd["seq_len"] == 16 and fwd["plaintext"]["best_s"] > 0
     assert fwd["max_abs_err"] < LOGIT_TOL
-    assert step["loss_rows"] == 2 * 1 * 4 * 12 and step["trainable"] == ["model.norm.weight"]
+    assert step["loss_rows"] == 2 * 1 * 4 * 12 and "model.norm.weight" in step["trainable"]
     assert step["max_abs_err"] < LOSS_TOL, (step["loss"], step["loss_reference"])
     md = (out / "bench.md").read_text()
     assert "## SmolLM2 in MPC (`decoder`)" in md and "| data_owner |" in md

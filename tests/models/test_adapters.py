@@ -173,3 +173,55 @@ def test_unsupported_peft_options_are_refused(tmp_path) -> None:
     )
     with pytest.raises(ModelError, match="adapter_config.json: use_dora is set"):
         load_peft_adapter(folder)
+
+
+def test_tuned_base_tensors_go_in_as_modules_to_save(tmp_path, tiny: dict) -> None:
+    """A tuned norm weight (not a LoRA target) loads into PeftModel and changes the logits as
+    the same weight edited into the base model does; a tensor of a LoRA module, or of the wrong
+    shape, is refused before anything is written."""
+    from peft import PeftModel
+
+    g = torch.Generator().manual_seed(5)
+    norm = torch.rand(64, generator=g, dtype=torch.float64) + 0.5
+    folder = save_peft_adapter(
+        tmp_path / "with-norm",
+        tiny["params"],
+        base_model=str(tiny["base"]),
+        scale=SCALE,
+        base_shapes=tiny["shapes"],
+        whole={"model.norm.weight": norm},
+    )
+    assert json.loads((folder / "adapter_config.json").read_text())["modules_to_save"] == [
+        "model.norm"
+    ]
+    merged = _load(tiny["base"])
+    state = merged.state_dict()
+    for module in MODULES:
+        state[f"{module}.weight"] += SCALE * (
+            tiny["params"][f"{module}.lora_B"].double()
+            @ tiny["params"][f"{module}.lora_A"].double()
+        )
+    state["model.norm.weight"] = norm
+    merged.load_state_dict(state)
+    peft_model = PeftModel.from_pretrained(_load(tiny["base"]), str(folder)).eval()
+    ids = torch.randint(0, 128, (2, 9), generator=g)
+    with torch.no_grad():
+        assert (
+            float((peft_model(input_ids=ids).logits - merged(input_ids=ids).logits).abs().max())
+            < 1e-6
+        )
+    for whole, pattern in (
+        ({"model.layers.0.self_attn.q_proj.bias_x": torch.zeros(64)}, "the base model's is None"),
+        ({"model.norm.weight": torch.zeros(32)}, r"model.norm.weight is \(32,\)"),
+        ({"model.layers.0.self_attn.q_proj.weight": torch.zeros(64, 64)}, "has LoRA factors"),
+    ):
+        with pytest.raises(ModelError, match=pattern):
+            save_peft_adapter(
+                tmp_path / "bad",
+                tiny["params"],
+                base_model="b",
+                scale=1.0,
+                base_shapes=tiny["shapes"],
+                whole=whole,
+            )
+    assert not (tmp_path / "bad").exists()

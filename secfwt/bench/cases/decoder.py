@@ -7,9 +7,10 @@ one zeroth-order step of the example instruction-tuning job.
   in the clear, the key mask secret); against transformers' float32 forward of the same ids.
   The first forward of a session also sends every frozen weight's mask once (``first_rep``).
 * ZO step: one SPSA step of ``secfwt/jobs/smollm2_instruct_zo.toml`` on its first training
-  batch, from the cached prefix that job keeps (the window of the final residual stream,
-  computed here in plaintext from the job's own rows): final norm, LM head, the vocabulary-wide
-  response loss for 2 x directions parameter sets.
+  batch, from the cached prefix that job keeps (computed here in plaintext from the job's own
+  rows, up to its first trainable layer): the layers from there, final norm, LM head, the
+  vocabulary-wide response loss for 2 x directions parameter sets; its mean loss is checked
+  against the same step in float64.
 """
 
 from __future__ import annotations
@@ -79,54 +80,65 @@ def _zo_step(
     from secfwt.models.transformer import ForwardSettings, plain_params
     from secfwt.runtime.data_owner import prepare_instruction_inputs
     from secfwt.tuning.causal_lm import causal_prefix
-    from secfwt.tuning.trainable import trainable_set
+    from secfwt.tuning.trainable import initial_values, trainable_set
 
     job = importlib.resources.files("secfwt.jobs").joinpath(EXAMPLE_JOB)
     with importlib.resources.as_file(job) as path:
         cfg = load_job(path)
     trainable = trainable_set(cfg, spec)
-    if trainable.first_layer(spec) != spec.num_layers:
-        raise ConfigError(
-            f"bench decoder: {EXAMPLE_JOB} trains layers below the head; this benchmark's step "
-            "starts from the final residual stream"
-        )
+    if cfg.zo.soft_prompt_length:
+        raise ConfigError(f"bench decoder: {EXAMPLE_JOB} trains a soft prompt; not benchmarked")
+    cut = trainable.first_layer(spec)
     data = prepare_instruction_inputs(cfg, tokenizer_dir=model_dir)
     b, r = cfg.zo.batch_size, cfg.model.response_window
     params = plain_params(state)
     model = DecoderModel(spec, params, PlainOps(), ForwardSettings())
     word = params[spec.word_embeddings][data.input_ids[:b]]
     mask = data.attention_mask[:b].double()
-    cache = causal_prefix(model, word, mask, cut=spec.num_layers, window=r).float()  # (B, R, H)
+    cache = causal_prefix(model, word, mask, cut=cut, window=r).float()  # (B, T or R, H)
+    init = initial_values(spec, state, trainable, seed=cfg.job.seed)
+    upper = [
+        n
+        for n, _ in spec.param_shapes
+        if n not in trainable.names
+        and n != spec.word_embeddings
+        and not any(n.startswith(f"{spec.prefix}layers.{i}.") for i in range(cut))
+    ]
+    step = {
+        "trainable": dict(trainable.shapes),
+        "frozen_names": upper,
+        "cut": cut,
+        "batch": b,
+        "window": r,
+        "cache_shape": tuple(cache.shape),
+        "lr": cfg.zo.lr,
+        "eps": cfg.zo.eps,
+        "directions": cfg.zo.directions,
+        "seed": plan.seed,
+    }
     res = runner.run(
         "decoder/zo-step",
-        f"{cfg.job.name}: one ZO step (B={b}, R={r}, {cfg.zo.directions} direction(s))",
-        model_owner={"spec": spec, "state": state},
+        f"{cfg.job.name}: one ZO step (B={b}, R={r}, {cfg.zo.directions} direction(s), "
+        f"layers {cut}..{spec.num_layers - 1} per step)",
+        model_owner={"spec": spec, "state": state, "init": init},
         data_owner={
             "cache": cache,
+            "mask": mask.float(),
             "rows": state[spec.word_embeddings][data.target_ids[:b]],
             "weights": data.target_weights[:b].float(),
         },
-        common={
-            "case": "causal_zo_step",
-            "trainable": dict(trainable.shapes),
-            "cache_shape": tuple(cache.shape),
-            "lr": cfg.zo.lr,
-            "eps": cfg.zo.eps,
-            "directions": cfg.zo.directions,
-            "seed": plan.seed,
-            "reps": plan.step_reps,
-        },
+        common={"case": "causal_zo_step", "reps": plan.step_reps, **step},
     )
     s = case_summary(res)
-    s["loss"] = res["values"][Role.DATA_OWNER]["output"]
-    s["loss_reference"] = _plain_step_loss(plan, cfg, spec, state, cache, data, trainable)
-    s["max_abs_err"] = abs(float(s["loss"]) - s["loss_reference"])
-    s["loss"] = float(s["loss"])
+    s["loss"] = float(res["values"][Role.DATA_OWNER]["output"])
+    s["loss_reference"] = _plain_step_loss(spec, params, cache, mask, data, trainable, init, step)
+    s["max_abs_err"] = abs(s["loss"] - s["loss_reference"])
     s.update(
         job=cfg.job.name,
         batch=b,
         response_window=r,
         directions=cfg.zo.directions,
+        cut=cut,
         loss_rows=2 * cfg.zo.directions * b * r,
         trainable=list(trainable.names),
     )
@@ -134,22 +146,22 @@ def _zo_step(
 
 
 def _plain_step_loss(
-    plan: BenchPlan,
-    cfg: Any,
     spec: ModelSpec,
-    state: dict[str, torch.Tensor],
+    params: dict[str, torch.Tensor],
     cache: torch.Tensor,
+    mask: torch.Tensor,
     data: Any,
     trainable: Any,
+    init: dict[str, torch.Tensor],
+    step: dict[str, Any],
 ) -> float:
     """The same step's mean loss in float64 (what the secure step must reproduce)."""
     from secfwt.models.ops import PlainOps
-    from secfwt.models.transformer import ForwardSettings, plain_params
+    from secfwt.models.transformer import ForwardSettings
     from secfwt.tuning.causal_lm import CausalLMForward, ResponseTargets
     from secfwt.tuning.spsa import SPSASettings, directions, spsa_step
 
-    b, r = cache.shape[0], cache.shape[1]
-    params = plain_params(state)
+    b = step["batch"]
     table = params[spec.word_embeddings]
     runner = CausalLMForward(
         ops=PlainOps(),
@@ -157,16 +169,16 @@ def _plain_step_loss(
         frozen={k: v for k, v in params.items() if k not in trainable.names},
         settings=ForwardSettings(),
         cache=cache.double(),
-        mask=None,
+        mask=mask,
         targets=ResponseTargets(
             rows=table[data.target_ids[:b]], weights=data.target_weights[:b].double()
         ),
-        cut=spec.num_layers,
-        window=r,
+        cut=step["cut"],
+        window=step["window"],
     )
-    spsa = SPSASettings(lr=cfg.zo.lr, eps=cfg.zo.eps, directions=cfg.zo.directions)
-    us = directions(seed=plan.seed, step=0, shapes=trainable.shapes, count=spsa.directions)
-    theta = {n: params[n] for n in trainable.names}
+    spsa = SPSASettings(lr=step["lr"], eps=step["eps"], directions=step["directions"])
+    us = directions(seed=step["seed"], step=0, shapes=trainable.shapes, count=spsa.directions)
+    theta = {n: init[n].double() for n in trainable.names}
     idx = list(range(b))
     _new, _gs, mean = spsa_step(
         lambda ps: runner.losses(ps, idx), theta, us=us, settings=spsa, cast=lambda u: u.double()

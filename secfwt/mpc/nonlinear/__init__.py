@@ -30,7 +30,7 @@ Measured costs (2 parties + dealer, TTP, 2 shared cores) are recorded in
 from __future__ import annotations
 
 from secfwt.mpc.nonlinear.activations import TANH_CLIP, gelu, gelu_tanh, silu, tanh
-from secfwt.mpc.nonlinear.compare import CMP_RANGE, CMP_RESOLUTION, clip
+from secfwt.mpc.nonlinear.compare import CMP_RANGE, CMP_RESOLUTION, clip, rows_out_of_range
 from secfwt.mpc.nonlinear.exponential import exp, exp_bounded, exp_squarings
 from secfwt.mpc.nonlinear.fixed_point import FRAC_BITS, MPCTensor
 from secfwt.mpc.nonlinear.inverse import inv_sqrt, reciprocal
@@ -66,6 +66,7 @@ __all__ = [
     "layer_norm",
     "log",
     "log_on_class_range",
+    "rows_out_of_range",
     "reciprocal",
     "rms_norm",
     "silu",

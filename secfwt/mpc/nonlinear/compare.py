@@ -235,3 +235,21 @@ def clip(x: Any, lo: float, hi: float) -> Any:
     neg = both.lt(0)  # 1 where outside
     below, above = neg[0], neg[1]
     return x + (lo - x) * below + (hi - x) * above
+
+
+def rows_out_of_range(x: Any, bound: float) -> Any:
+    """Shares of one 0/1 integer per row (dim 0): whether any element of the row has
+    ``|x| > bound``, with exact 64-bit comparisons (:func:`_greater_than_exact`), so values of
+    any magnitude, the ring's garbage of a failed truncation included, count.
+
+    Two comparisons per element and one per row; the flags have scale 1 (integers).
+    """
+    from secfwt.mpc.nonlinear.fixed_point import _share_of
+
+    s = _share_of(x, "x")
+    t = round(bound * 2**FRAC_BITS)
+    flat = s.reshape(s.shape[0], -1)
+    above = _greater_than_exact(torch.stack([flat, -flat]), [t])  # (1, 2, rows, elements)
+    count = above.sum(dim=(0, 1, 3))  # (rows,) elements beyond the bound
+    flags = _greater_than_exact(count, [0])[0]  # (rows,)
+    return crypten.mpc.MPCTensor.from_shares(flags, precision=0)
