@@ -64,7 +64,18 @@ def cmd_verify_model(args: argparse.Namespace) -> int:
             f"{report['logits_max_abs_err']:.3e}  mean_abs_err {report['logits_mean_abs_err']:.3e} "
             f"({100 * report['logits_mean_abs_err_over_std']:.3f}% of the logits' std "
             f"{report['logits_std']:.3g})  argmax_agreement {report['argmax_agreement']:.4f}"
+            + (
+                f" ({report['argmax_agreement_outside_near_ties']:.4f} outside "
+                f"{report['argmax_near_ties']} near-tie position(s))"
+                if report["argmax_near_ties"]
+                else ""
+            )
         )
+        for d in report["argmax_disagreements"]:
+            print(
+                f"  argmax differs at position {d['position']}: the reference's top-1 logit leads "
+                f"by {d['reference_lead_over_std']:.3g} of the logits' std"
+            )
     else:
         summary = (
             f"max_abs_err {report['max_abs_err']:.3e}  mean_abs_err {report['mean_abs_err']:.3e}  "

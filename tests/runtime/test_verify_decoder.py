@@ -77,3 +77,40 @@ def test_decoder_verify_with_causal_rfa_against_the_plaintext_rfa_decoder(tmp_pa
     assert report["plaintext_decoder_vs_transformers_max_abs_err"] is None
     assert report["logits_mean_abs_err_over_std"] < MAX_RFA_MEAN_ERR_OVER_STD
     assert report["argmax_agreement"] >= 0.99
+
+
+def test_an_argmax_flip_fails_unless_the_reference_was_a_near_tie() -> None:
+    from secfwt.runtime.verify_decoder import TIE_LEAD_OVER_STD, decoder_report
+
+    torch = pytest.importorskip("torch")
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(1, 100, 50, generator=g, dtype=torch.float64)  # (N, T, V)
+    std = ref[0].std().item()
+    top = ref.argmax(-1)
+    mask = torch.ones(1, 100)
+
+    def flipped(position: int, lead_over_std: float) -> dict:
+        r = ref.clone()
+        runner = r[0, position].clone()
+        runner[top[0, position]] = -1e9
+        second = int(runner.argmax())
+        r[0, position, top[0, position]] = r[0, position, second] + lead_over_std * std
+        s = r.clone()  # the secure output swaps the two leading logits there
+        a, b = int(top[0, position]), second
+        s[0, position, a], s[0, position, b] = r[0, position, b], r[0, position, a]
+        return decoder_report(
+            {"output": s},
+            {"output": r, "plain_vs_transformers": None, "ranges": {}, "uncovered": []},
+            mask=mask,
+            per_layer=False,
+        )
+
+    tie = flipped(7, TIE_LEAD_OVER_STD / 10)
+    assert tie["argmax_agreement"] == pytest.approx(0.99)
+    assert tie["argmax_agreement_outside_near_ties"] == 1.0
+    assert tie["argmax_disagreements"][0]["position"] == 7
+    decisive = flipped(7, 5 * TIE_LEAD_OVER_STD)
+    assert decisive["argmax_agreement_outside_near_ties"] < 1.0
+    assert decisive["argmax_disagreements"][0]["reference_lead_over_std"] == pytest.approx(
+        5 * TIE_LEAD_OVER_STD, rel=1e-3  # the std moved a little with the edit
+    )
