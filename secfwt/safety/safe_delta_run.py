@@ -136,7 +136,10 @@ def _adapter_deltas(model, req: SafeDeltaRequest, *, names: set[str]) -> dict[st
         peft.PeftConfig.from_pretrained(str(folder)).base_model_name_or_path, names, config_file
     )
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    lora = load_peft_adapter(folder, base_shapes=shapes)
+    try:
+        lora = load_peft_adapter(folder, base_shapes=shapes)
+    except ModelError as exc:
+        raise ModelError(f"--adapter: {exc}") from exc
     linears = {
         n
         for prefix, layer in _decoder_layers(model)
