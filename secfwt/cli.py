@@ -327,7 +327,8 @@ def cmd_safety_safe_delta(args: argparse.Namespace) -> int:
     print(
         f"corrected {summary['modules']} Linear weights on {summary['calibration_samples']} "
         f"calibration samples: {100 * summary['mean_kept_fraction']:.1f}% of the delta kept "
-        f"(mean over modules) in {summary['seconds']:.0f} s; {summary['format']} in {summary['out']}"
+        f"(mean over modules) in {summary['seconds']:.0f} s; {summary['format']} in "
+        f"{summary['out']}"
     )
     return 0
 

@@ -197,7 +197,7 @@ def _first_layer_inputs(model, tokenizer, texts: list[str]) -> tuple[list, list[
     return hidden, kwargs
 
 
-def _hessian_hooks(modules: dict[str, torch.nn.Module], *, samples: int):
+def _hessian_hooks(modules: dict[str, Any], *, samples: int):
     """Forward hooks summing each module's input Hessian; modules fed the same tensor (q, k, v)
     share one product."""
     hessians = {

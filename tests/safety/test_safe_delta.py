@@ -260,7 +260,8 @@ def test_adapter_for_another_model_is_refused(tuned, tmp_path, smollm2_tokenizer
     )  # fmt: skip
     head = save_peft_adapter(
         tmp_path / "head",
-        {"lm_head.lora_A": torch.zeros(1, 32), "lm_head.lora_B": torch.zeros(shapes["lm_head.weight"][0], 1)},
+        {"lm_head.lora_A": torch.zeros(1, 32),
+         "lm_head.lora_B": torch.zeros(shapes["lm_head.weight"][0], 1)},
         base_model=str(base),
         scale=1.0,
     )  # fmt: skip
