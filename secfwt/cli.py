@@ -322,6 +322,28 @@ def cmd_safety_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_safety_safe_delta(args: argparse.Namespace) -> int:
+    from secfwt.safety.safe_delta_run import OutputFormat, SafeDeltaRequest, run_safe_delta
+
+    req = SafeDeltaRequest(
+        base=args.base,
+        adapter=args.adapter,
+        out=args.out,
+        calibration=args.calibration,
+        budget=args.budget,
+        format=OutputFormat(args.format),
+    )
+    print(f"safe delta: {req.adapter} on {req.base}, s = {req.budget}; writing {req.out}/")
+    summary = run_safe_delta(req)
+    print(
+        f"corrected {summary['modules']} Linear weights on {summary['calibration_samples']} "
+        f"calibration samples: {100 * summary['mean_kept_fraction']:.1f}% of the delta kept "
+        f"(mean over modules) in {summary['seconds']:.0f} s; {summary['format']} in "
+        f"{summary['out']}"
+    )
+    return 0
+
+
 #: One --set syntax for every command (secfwt.overrides): PATH is the field's dotted path in the
 #: contract (SECTION.KEY in a job, KEY in the flat bench plan); VALUE is TOML, bare words need no
 #: quotes and a list may be given comma-separated.
@@ -566,6 +588,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     se.add_argument("--report", help="also write the JSON report here")
     se.set_defaults(func=cmd_safety_eval)
+    sd = sf_sub.add_parser(
+        "safe-delta",
+        help="keep the safest part of a tuned LoRA delta on an aligned model (Safe Delta)",
+    )
+    sd.add_argument("base", help="aligned causal LM folder, or packaged:smollm2-135m-instruct")
+    sd.add_argument("--adapter", metavar="DIR", required=True, help="PEFT LoRA tuned on BASE")
+    sd.add_argument("--out", metavar="DIR", required=True, help="new folder for the result")
+    sd.add_argument(
+        "--calibration",
+        type=int,
+        default=128,
+        metavar="N",
+        help="harmful requests with refusals for the layer Hessians (default 128)",
+    )
+    sd.add_argument(
+        "--budget", type=float, default=0.1, metavar="S", help="safety budget s (default 0.1)"
+    )
+    sd.add_argument(
+        "--format",
+        choices=("merged", "adapter"),
+        default="merged",
+        help="merged checkpoint (default) or a full-rank PEFT LoRA adapter",
+    )
+    sd.set_defaults(func=cmd_safety_safe_delta)
 
     from secfwt.server.cli import register as register_server_commands  # party, job, certs
 

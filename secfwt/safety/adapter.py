@@ -61,7 +61,7 @@ def apply_adapter(
         config = PeftConfig.from_pretrained(str(folder))
     except (ValueError, TypeError, KeyError, OSError) as exc:
         raise ModelError(f"--adapter: cannot read {config_file}: {exc}") from exc
-    _check_base(config.base_model_name_or_path, model_names, config_file)
+    check_base(config.base_model_name_or_path, model_names, config_file)
     task = getattr(config, "task_type", None)
     if task not in (None, "CAUSAL_LM"):
         raise ModelError(
@@ -93,7 +93,8 @@ def apply_adapter(
     return merged, info
 
 
-def _check_base(base: str | None, model_names: Iterable[str], config_file: Path) -> None:
+def check_base(base: str | None, model_names: Iterable[str], config_file: Path) -> None:
+    """ModelError unless the adapter's ``base_model_name_or_path`` is one of ``model_names``."""
     names = {str(n) for n in model_names if n}
     names |= {str(Path(n).expanduser().resolve()) for n in list(names) if ":" not in n}
     if not base:
