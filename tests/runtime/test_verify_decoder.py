@@ -112,5 +112,6 @@ def test_an_argmax_flip_fails_unless_the_reference_was_a_near_tie() -> None:
     decisive = flipped(7, 5 * TIE_LEAD_OVER_STD)
     assert decisive["argmax_agreement_outside_near_ties"] < 1.0
     assert decisive["argmax_disagreements"][0]["reference_lead_over_std"] == pytest.approx(
-        5 * TIE_LEAD_OVER_STD, rel=1e-3  # the std moved a little with the edit
+        5 * TIE_LEAD_OVER_STD,
+        rel=1e-3,  # the std moved a little with the edit
     )
