@@ -337,8 +337,11 @@ def cmd_safety_align(args: argparse.Namespace) -> int:
     losses = result.summary["losses"]
     summary["losses"] = {k: v for k, v in losses.items() if k != "steps"}
     summary["losses"]["steps"] = len(losses["steps"])
-    print(json.dumps({"checkpoint": str(result.folder), "cache_hit": result.cache_hit, **summary},
-                     indent=2))
+    print(
+        json.dumps(
+            {"checkpoint": str(result.folder), "cache_hit": result.cache_hit, **summary}, indent=2
+        )
+    )
     _write_report(result.summary | {"checkpoint": str(result.folder)}, args.report)
     print(f"aligned checkpoint: {result.folder}" + (" (cached)" if result.cache_hit else ""))
     return 0

@@ -39,11 +39,16 @@ from secfwt.safety.chat_model import load_chat_model
 from secfwt.safety.evaluate import EvalProgress, _NoProgress
 from secfwt.safety.self_distill import distil_answers
 from secfwt.safety.sft import SftSettings, fine_tune, steps_per_epoch
-from secfwt.safety.training_data import HELD_OUT, build_mix, check_disjoint
+from secfwt.safety.training_data import (
+    ALIGN_SUMMARY_FILE,
+    HELD_OUT,
+    build_mix,
+    check_disjoint,
+)
 
 log = logging.getLogger(__name__)
 
-SUMMARY_FILE = "secfwt-align.json"
+SUMMARY_FILE = ALIGN_SUMMARY_FILE
 #: Bumped when the recipe changes in a way the settings do not show (invalidates the cache).
 RECIPE_VERSION = 1
 
@@ -133,7 +138,7 @@ def _cached_answers(
     file = cache_root() / "safety" / f"distil-{key}.json"
     if file.is_file():
         doc = json.loads(file.read_text(encoding="utf-8"))
-        return [tuple(p) for p in doc["pairs"]], doc["dropped"], True  # type: ignore[misc]
+        return [(str(p), str(a)) for p, a in doc["pairs"]], doc["dropped"], True
     progress.phase("self-distilling benign answers", total=len(prompts))
     pairs, dropped = distil_answers(
         chat.model,
@@ -186,9 +191,7 @@ def run_align(req: AlignRequest, *, progress: EvalProgress | None = None) -> Ali
     view.phase(f"loading {req.model}", None)
     chat = load_chat_model(str(base))
     t_distil = time.perf_counter()
-    answered, distil_dropped, distil_hit = _cached_answers(
-        chat, base_digest, mix.benign, req, view
-    )
+    answered, distil_dropped, distil_hit = _cached_answers(chat, base_digest, mix.benign, req, view)
     distil_s = time.perf_counter() - t_distil
     benign = InstructionPairs(
         prompts=tuple(p for p, _ in answered),
@@ -205,9 +208,7 @@ def run_align(req: AlignRequest, *, progress: EvalProgress | None = None) -> Ali
         padding_side=PaddingSide.RIGHT,
         model_max_positions=int(getattr(chat.model.config, "max_position_embeddings", 2048)),
     )
-    settings = SftSettings(
-        epochs=req.epochs, lr=req.lr, batch_size=req.batch_size, seed=req.seed
-    )
+    settings = SftSettings(epochs=req.epochs, lr=req.lr, batch_size=req.batch_size, seed=req.seed)
     n_steps = req.epochs * steps_per_epoch(len(batch), req.batch_size)
     view.phase(f"fine-tuning on {len(batch)} rows ({n_steps} steps)", total=n_steps)
     t_train = time.perf_counter()

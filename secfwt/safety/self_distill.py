@@ -65,5 +65,7 @@ def distil_answers(
             dropped["base model refused"] += 1
         else:
             kept.append((prompt, answer))
-    log.info("self-distilled %d benign answers of %d prompts (%s)", len(kept), len(prompts), dropped)
+    log.info(
+        "self-distilled %d benign answers of %d prompts (%s)", len(kept), len(prompts), dropped
+    )
     return kept, dropped

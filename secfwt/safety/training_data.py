@@ -31,15 +31,19 @@ import json
 import logging
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 from secfwt.data.instructions import InstructionPairs, load_chatterbot, prompt_key, split_by_prompt
-from secfwt.errors import DataError
+from secfwt.errors import ConfigError, DataError
 from secfwt.safety.disjoint import assert_disjoint
 from secfwt.safety.normalise import normalise_prompt
 from secfwt.safety.packaged_data import PYRIT
 from secfwt.safety.suites import SUITE_NAMES, Suite, load_suite
 
 log = logging.getLogger(__name__)
+
+#: What ``secfwt safety align`` writes into its checkpoint folder: the run's summary.
+ALIGN_SUMMARY_FILE = "secfwt-align.json"
 
 #: The first HELD_OUT prompts of each split suite (evaluation order) are evaluation-only.
 HELD_OUT = 100
@@ -83,7 +87,9 @@ class AlignmentMix:
 
 def held_out_suites() -> list[Suite]:
     """What evaluation may use: the head of each split suite, every other suite whole."""
-    return [load_suite(n).head(HELD_OUT) if n in SPLIT_SUITES else load_suite(n) for n in SUITE_NAMES]
+    return [
+        load_suite(n).head(HELD_OUT) if n in SPLIT_SUITES else load_suite(n) for n in SUITE_NAMES
+    ]
 
 
 def check_disjoint(prompts: tuple[str, ...] | list[str]) -> dict[str, int]:
@@ -92,6 +98,31 @@ def check_disjoint(prompts: tuple[str, ...] | list[str]) -> dict[str, int]:
     suites = held_out_suites()
     assert_disjoint(prompts, suites)
     return {s.name: len(s) for s in suites}
+
+
+def require_held_out_limit(model: str, suites: tuple[str, ...], limit: int | None) -> None:
+    """A checkpoint made by ``secfwt safety align`` (a folder with ``secfwt-align.json``) was
+    trained on the prompts of the split suites after their first ``held_out`` ones: evaluating
+    it there needs ``--limit`` of at most that, or it would be scored on its training prompts.
+    A :class:`ConfigError` naming ``--limit`` otherwise."""
+    summary = Path(model).expanduser() / ALIGN_SUMMARY_FILE
+    if model.startswith("packaged:") or not summary.is_file():
+        return
+    try:
+        held = int(
+            json.loads(summary.read_text(encoding="utf-8"))["disjointness"][
+                "held_out_per_split_suite"
+            ]
+        )
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"{summary}: no disjointness.held_out_per_split_suite: {exc}") from exc
+    split = [s for s in suites if s in SPLIT_SUITES]
+    if split and (limit is None or limit > held):
+        raise ConfigError(
+            f"--limit {limit}: {model} was aligned on the prompts of {', '.join(split)} after "
+            f"the first {held} of each; evaluate with --limit {held} or less (or leave those "
+            "suites out with --suite)"
+        )
 
 
 def _suite_tail(name: str, categories: tuple[str, ...] = ()) -> list[str]:

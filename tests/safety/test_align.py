@@ -11,6 +11,7 @@ import pytest
 from secfwt.cli import main
 from secfwt.errors import ConfigError, DataError
 from secfwt.safety.align import SUMMARY_FILE, AlignRequest, run_align
+from secfwt.safety.evaluate import EvalRequest
 from secfwt.safety.generation import Reply
 from secfwt.safety.self_distill import complete_sentences
 from secfwt.safety.suites import load_suite
@@ -51,14 +52,20 @@ def test_align_trains_saves_and_reuses(tiny_chat_dir, tmp_path, monkeypatch):
     assert tokenizer.chat_template
     changed = [
         n
-        for (n, p), (_, q) in zip(
-            model.named_parameters(), base.named_parameters(), strict=True
-        )
+        for (n, p), (_, q) in zip(model.named_parameters(), base.named_parameters(), strict=True)
         if not torch.equal(p, q)
     ]
     assert len(changed) == len(list(base.parameters()))  # full fine-tuning
     saved = json.loads((first.folder / SUMMARY_FILE).read_text())
     assert saved["key"] == first.summary["key"]
+
+    # evaluating it on its training prompts is refused; on held-out prompts it is not
+    with pytest.raises(ConfigError, match="--limit"):
+        EvalRequest(model=str(first.folder), suites=("overrefusal",), limit=HELD_OUT + 1).checked()
+    with pytest.raises(ConfigError, match="--limit"):
+        EvalRequest(model=str(first.folder), suites=("advbench", "donotanswer")).checked()
+    EvalRequest(model=str(first.folder), suites=("overrefusal",), limit=HELD_OUT).checked()
+    EvalRequest(model=str(first.folder), suites=("advbench", "harmbench")).checked()
 
     weights = next(first.folder.glob("*.safetensors"))
     mtime = weights.stat().st_mtime_ns
