@@ -321,13 +321,15 @@ def cmd_safety_align(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         lr=args.lr,
         limit_train=args.limit_train,
+        refusal_share=args.refusal_share,
         seed=args.seed,
         batch_size=args.batch_size,
         max_length=args.max_length,
         extra_data=args.extra_data,
     ).checked()
     print(
-        f"safety align: {req.model}, {req.limit_train} rows (half refusals), {req.epochs} "
+        f"safety align: {req.model}, {req.limit_train} rows ({req.refusal_share:.0%} refusals), "
+        f"{req.epochs} "
         f"epoch(s) at lr {req.lr:g}",
         flush=True,
     )
@@ -613,7 +615,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=600,
         metavar="N",
-        help="training rows, half refusals and half benign (default 600)",
+        help="training rows, refusals and benign together (default 600)",
+    )
+    sa.add_argument(
+        "--refusal-share",
+        type=float,
+        default=1 / 3,
+        metavar="X",
+        help="share of the rows that are refusals, the rest benign (default 1/3)",
     )
     sa.add_argument("--seed", type=int, default=0, help="data draw and order (default 0)")
     sa.add_argument("--batch-size", type=int, default=16, help="rows per step (default 16)")

@@ -41,6 +41,7 @@ from secfwt.safety.self_distill import distil_answers
 from secfwt.safety.sft import SftSettings, fine_tune, steps_per_epoch
 from secfwt.safety.training_data import (
     ALIGN_SUMMARY_FILE,
+    DEFAULT_REFUSAL_SHARE,
     HELD_OUT,
     build_mix,
     check_disjoint,
@@ -50,7 +51,7 @@ log = logging.getLogger(__name__)
 
 SUMMARY_FILE = ALIGN_SUMMARY_FILE
 #: Bumped when the recipe changes in a way the settings do not show (invalidates the cache).
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,8 @@ class AlignRequest:
     out: str | None = None  # parent of the cached checkpoint folders
     epochs: int = 2
     lr: float = 2e-5
-    limit_train: int = 600  # training rows, half refusals and half benign
+    limit_train: int = 600  # training rows (before benign answers are filtered)
+    refusal_share: float = DEFAULT_REFUSAL_SHARE  # of the training rows, refusals; the rest benign
     seed: int = 0
     batch_size: int = 16
     max_length: int = 96  # tokens per row at the chat template; longer rows are left out
@@ -81,6 +83,9 @@ class AlignRequest:
             raise ConfigError(f"--lr = {lr!r} must be a number in (0, 1), e.g. 2e-5")
         if not math.isfinite(lr):
             raise ConfigError(f"--lr = {lr!r} must be finite")
+        share = self.refusal_share
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share < 1:
+            raise ConfigError(f"--refusal-share = {share!r} must be a number in (0, 1), e.g. 0.33")
         if self.extra_data is not None and not Path(self.extra_data).is_file():
             raise ConfigError(
                 f"--extra-data {self.extra_data!r} is not a file; give a JSONL file with "
@@ -167,7 +172,7 @@ def run_align(req: AlignRequest, *, progress: EvalProgress | None = None) -> Ali
         else InstructionPairs((), (), ())
     )
     view.phase("building the data mix and checking it against the evaluation suites", None)
-    mix = build_mix(req.limit_train, seed=req.seed)
+    mix = build_mix(req.limit_train, seed=req.seed, refusal_share=req.refusal_share)
     prompts = (*mix.refusals.prompts, *mix.benign, *extra.prompts)
     checked = check_disjoint(prompts)  # before any model loads
     base_digest = _weights_digest(base)

