@@ -344,6 +344,44 @@ def cmd_safety_safe_delta(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_safety_align(args: argparse.Namespace) -> int:
+    from secfwt.safety.align import AlignRequest, run_align
+    from secfwt.safety.progress import SafetyProgress
+
+    req = AlignRequest(
+        model=args.model,
+        out=args.out,
+        epochs=args.epochs,
+        lr=args.lr,
+        limit_train=args.limit_train,
+        refusal_share=args.refusal_share,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        extra_data=args.extra_data,
+    ).checked()
+    print(
+        f"safety align: {req.model}, {req.limit_train} rows ({req.refusal_share:.0%} refusals), "
+        f"{req.epochs} "
+        f"epoch(s) at lr {req.lr:g}",
+        flush=True,
+    )
+    with SafetyProgress() as view:
+        result = run_align(req, progress=view)
+    summary = {k: v for k, v in result.summary.items() if k != "losses"}
+    losses = result.summary["losses"]
+    summary["losses"] = {k: v for k, v in losses.items() if k != "steps"}
+    summary["losses"]["steps"] = len(losses["steps"])
+    print(
+        json.dumps(
+            {"checkpoint": str(result.folder), "cache_hit": result.cache_hit, **summary}, indent=2
+        )
+    )
+    _write_report(result.summary | {"checkpoint": str(result.folder)}, args.report)
+    print(f"aligned checkpoint: {result.folder}" + (" (cached)" if result.cache_hit else ""))
+    return 0
+
+
 #: One --set syntax for every command (secfwt.overrides): PATH is the field's dotted path in the
 #: contract (SECTION.KEY in a job, KEY in the flat bench plan); VALUE is TOML, bare words need no
 #: quotes and a list may be given comma-separated.
@@ -612,6 +650,47 @@ def build_parser() -> argparse.ArgumentParser:
         help="merged checkpoint (default) or a full-rank PEFT LoRA adapter",
     )
     sd.set_defaults(func=cmd_safety_safe_delta)
+
+    sa = sf_sub.add_parser(
+        "align",
+        help="safety SFT of a chat model on public data (refusals + self-distilled benign "
+        "answers); a cached checkpoint folder",
+    )
+    sa.add_argument(
+        "model",
+        nargs="?",
+        default="packaged:smollm2-135m-instruct",
+        help="causal LM folder, or packaged:NAME (default packaged:smollm2-135m-instruct)",
+    )
+    sa.add_argument(
+        "--out", metavar="DIR", help="parent of the cached checkpoints ($SECFWT_CACHE/models)"
+    )
+    sa.add_argument("--epochs", type=int, default=2, help="passes over the data (default 2)")
+    sa.add_argument("--lr", type=float, default=2e-5, help="AdamW learning rate (default 2e-5)")
+    sa.add_argument(
+        "--limit-train",
+        type=int,
+        default=600,
+        metavar="N",
+        help="training rows, refusals and benign together (default 600)",
+    )
+    sa.add_argument(
+        "--refusal-share",
+        type=float,
+        default=1 / 3,
+        metavar="X",
+        help="share of the rows that are refusals, the rest benign (default 1/3)",
+    )
+    sa.add_argument("--seed", type=int, default=0, help="data draw and order (default 0)")
+    sa.add_argument("--batch-size", type=int, default=16, help="rows per step (default 16)")
+    sa.add_argument(
+        "--max-length", type=int, default=96, help="tokens per row; longer rows are left out"
+    )
+    sa.add_argument(
+        "--extra-data", metavar="FILE", help="your own prompt/response pairs (JSONL) to add"
+    )
+    sa.add_argument("--report", help="also write the JSON summary (every step's loss) here")
+    sa.set_defaults(func=cmd_safety_align)
 
     from secfwt.server.cli import register as register_server_commands  # party, job, certs
 

@@ -89,6 +89,12 @@ def resolve_packaged(name: str) -> Path:
     return converted_gguf(gguf, name=name)
 
 
+def file_sha256(path: Path) -> str:
+    """sha256 of the file at ``path``, memoised while its size and mtime stay the same."""
+    st = path.stat()
+    return _sha256(path, st.st_size, st.st_mtime_ns)
+
+
 @functools.cache
 def _sha256(path: Path, size: int, mtime_ns: int) -> str:
     """sha256 of a file (~0.3 s for 100 MB), memoised per (path, size, mtime) in this process."""
@@ -101,8 +107,7 @@ def _sha256(path: Path, size: int, mtime_ns: int) -> str:
 
 def converted_gguf(gguf: Path, *, name: str) -> Path:
     """The cached Hugging Face folder converted from ``gguf``; converts it if absent."""
-    st = gguf.stat()
-    digest = _sha256(gguf, st.st_size, st.st_mtime_ns)
+    digest = file_sha256(gguf)
     models = cache_root() / "models"
     final = models / f"{name}-{digest[:12]}"
     if (final / "config.json").is_file():

@@ -33,6 +33,7 @@ from secfwt.safety.refusal_classifier import cached_refusal_classifier
 from secfwt.safety.sentence_embedding import SentenceEmbedder
 from secfwt.safety.stats import cohen_kappa, wilson_rate
 from secfwt.safety.suites import DEFAULT_SUITES, Suite, SuiteKind, load_suite, parse_suites
+from secfwt.safety.training_data import require_held_out_limit
 from secfwt.safety.utility import UTILITY_DATASET, chatterbot_held_out, held_out_reply_loss
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,9 @@ class EvalRequest:
         check_count("--batch-size", self.batch_size, minimum=1)
         check_count("--utility-rows", self.utility_rows, minimum=0)
         check_count("--seed", self.seed, minimum=0)
-        return replace(self, suites=parse_suites(self.suites))
+        suites = parse_suites(self.suites)
+        require_held_out_limit(self.model, suites, self.limit)
+        return replace(self, suites=suites)
 
 
 def run_safety_eval(
