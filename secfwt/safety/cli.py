@@ -1,0 +1,206 @@
+"""``secfwt safety``: evaluation, alignment and Safe Delta commands (registered by
+:mod:`secfwt.cli`, as :mod:`secfwt.server.cli` registers the daemon commands). Thin: parse, call
+one function of this package, print."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _write_report(report: dict[str, Any], path: str | None) -> None:
+    if path:
+        Path(path).write_text(json.dumps(report, indent=2))
+
+
+def cmd_safety_eval(args: argparse.Namespace) -> int:
+    from secfwt.safety.evaluate import EvalRequest, run_safety_eval
+    from secfwt.safety.progress import SafetyProgress
+    from secfwt.safety.report import write_outputs
+    from secfwt.safety.suites import DEFAULT_SUITES
+
+    req = EvalRequest(
+        model=args.model,
+        adapter=args.adapter,
+        suites=tuple(args.suite or ()) or DEFAULT_SUITES,
+        limit=args.limit,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        utility_rows=args.utility_rows,
+    ).checked()
+    print(
+        f"safety eval: {req.model}{' + adapter ' + req.adapter if req.adapter else ''} on "
+        f"{', '.join(req.suites)}{f' (first {req.limit} each)' if req.limit else ''}; "
+        f"writing {args.out}/",
+        flush=True,
+    )
+    with SafetyProgress() as view:
+        report = run_safety_eval(req, progress=view)
+    files = write_outputs(report, Path(args.out))
+    _write_report(report, args.report)
+    print(Path(files["md"]).read_text())
+    print("report: " + ", ".join(files.values()) + (f", {args.report}" if args.report else ""))
+    return 0
+
+
+def cmd_safety_safe_delta(args: argparse.Namespace) -> int:
+    from secfwt.safety.safe_delta_run import OutputFormat, SafeDeltaRequest, run_safe_delta
+
+    req = SafeDeltaRequest(
+        base=args.base,
+        adapter=args.adapter,
+        out=args.out,
+        calibration=args.calibration,
+        budget=args.budget,
+        format=OutputFormat(args.format),
+    )
+    print(f"safe delta: {req.adapter} on {req.base}, s = {req.budget}; writing {req.out}/")
+    summary = run_safe_delta(req)
+    print(
+        f"corrected {summary['modules']} Linear weights on {summary['calibration_samples']} "
+        f"calibration samples: {100 * summary['mean_kept_fraction']:.1f}% of the delta kept "
+        f"(mean over modules) in {summary['seconds']:.0f} s; {summary['format']} in "
+        f"{summary['out']}"
+    )
+    return 0
+
+
+def cmd_safety_align(args: argparse.Namespace) -> int:
+    from secfwt.safety.align import AlignRequest, run_align
+    from secfwt.safety.progress import SafetyProgress
+
+    req = AlignRequest(
+        model=args.model,
+        out=args.out,
+        epochs=args.epochs,
+        lr=args.lr,
+        limit_train=args.limit_train,
+        refusal_share=args.refusal_share,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        extra_data=args.extra_data,
+    ).checked()
+    print(
+        f"safety align: {req.model}, {req.limit_train} rows ({req.refusal_share:.0%} refusals), "
+        f"{req.epochs} "
+        f"epoch(s) at lr {req.lr:g}",
+        flush=True,
+    )
+    with SafetyProgress() as view:
+        result = run_align(req, progress=view)
+    summary = {k: v for k, v in result.summary.items() if k != "losses"}
+    losses = result.summary["losses"]
+    summary["losses"] = {k: v for k, v in losses.items() if k != "steps"}
+    summary["losses"]["steps"] = len(losses["steps"])
+    print(
+        json.dumps(
+            {"checkpoint": str(result.folder), "cache_hit": result.cache_hit, **summary}, indent=2
+        )
+    )
+    _write_report(result.summary | {"checkpoint": str(result.folder)}, args.report)
+    print(f"aligned checkpoint: {result.folder}" + (" (cached)" if result.cache_hit else ""))
+    return 0
+
+
+def register(sub: Any) -> None:
+    """Add ``safety eval|safe-delta|align`` to the ``secfwt`` subcommands."""
+    sf = sub.add_parser("safety", help="alignment safety of chat models")
+    sf_sub = sf.add_subparsers(dest="safety_command", required=True)
+    se = sf_sub.add_parser(
+        "eval",
+        help="refusal rates on harmful and benign prompt suites (two judges) and held-out loss",
+    )
+    se.add_argument("model", help="causal LM folder, or packaged:smollm2-135m-instruct")
+    se.add_argument("--adapter", metavar="DIR", help="PEFT adapter folder merged into MODEL")
+    se.add_argument(
+        "--suite",
+        action="append",
+        metavar="NAME",
+        help="suites, comma-separated or repeated (default: advbench, harmbench, donotanswer, "
+        "rho-refusal, overrefusal)",
+    )
+    se.add_argument("--limit", type=int, metavar="N", help="first N prompts of each suite")
+    se.add_argument("--max-new-tokens", type=int, default=64, help="per reply (default 64)")
+    se.add_argument("--batch-size", type=int, default=8, help="prompts per batch (default 8)")
+    se.add_argument(
+        "--utility-rows",
+        type=int,
+        default=200,
+        metavar="N",
+        help="ChatterBot held-out pairs for the reply loss (default 200; 0 skips it)",
+    )
+    se.add_argument(
+        "--out",
+        default="safety-eval",
+        help="folder for safety-eval.json, .md and .png (default ./safety-eval)",
+    )
+    se.add_argument("--report", help="also write the JSON report here")
+    se.set_defaults(func=cmd_safety_eval)
+    sd = sf_sub.add_parser(
+        "safe-delta",
+        help="keep the safest part of a tuned LoRA delta on an aligned model (Safe Delta)",
+    )
+    sd.add_argument("base", help="aligned causal LM folder, or packaged:smollm2-135m-instruct")
+    sd.add_argument("--adapter", metavar="DIR", required=True, help="PEFT LoRA tuned on BASE")
+    sd.add_argument("--out", metavar="DIR", required=True, help="new folder for the result")
+    sd.add_argument(
+        "--calibration",
+        type=int,
+        default=128,
+        metavar="N",
+        help="harmful requests with refusals for the layer Hessians (default 128)",
+    )
+    sd.add_argument(
+        "--budget", type=float, default=0.1, metavar="S", help="safety budget s (default 0.1)"
+    )
+    sd.add_argument(
+        "--format",
+        choices=("merged", "adapter"),
+        default="merged",
+        help="merged checkpoint (default) or a full-rank PEFT LoRA adapter",
+    )
+    sd.set_defaults(func=cmd_safety_safe_delta)
+
+    sa = sf_sub.add_parser(
+        "align",
+        help="safety SFT of a chat model on public data (refusals + self-distilled benign "
+        "answers); a cached checkpoint folder",
+    )
+    sa.add_argument(
+        "model",
+        nargs="?",
+        default="packaged:smollm2-135m-instruct",
+        help="causal LM folder, or packaged:NAME (default packaged:smollm2-135m-instruct)",
+    )
+    sa.add_argument(
+        "--out", metavar="DIR", help="parent of the cached checkpoints ($SECFWT_CACHE/models)"
+    )
+    sa.add_argument("--epochs", type=int, default=2, help="passes over the data (default 2)")
+    sa.add_argument("--lr", type=float, default=2e-5, help="AdamW learning rate (default 2e-5)")
+    sa.add_argument(
+        "--limit-train",
+        type=int,
+        default=600,
+        metavar="N",
+        help="training rows, refusals and benign together (default 600)",
+    )
+    sa.add_argument(
+        "--refusal-share",
+        type=float,
+        default=1 / 3,
+        metavar="X",
+        help="share of the rows that are refusals, the rest benign (default 1/3)",
+    )
+    sa.add_argument("--seed", type=int, default=0, help="data draw and order (default 0)")
+    sa.add_argument("--batch-size", type=int, default=16, help="rows per step (default 16)")
+    sa.add_argument(
+        "--max-length", type=int, default=96, help="tokens per row; longer rows are left out"
+    )
+    sa.add_argument(
+        "--extra-data", metavar="FILE", help="your own prompt/response pairs (JSONL) to add"
+    )
+    sa.add_argument("--report", help="also write the JSON summary (every step's loss) here")
+    sa.set_defaults(func=cmd_safety_align)
