@@ -39,6 +39,7 @@ from secfwt.tuning.loops import (
     zo_loop,
 )
 from secfwt.tuning.spsa import SPSASettings
+from secfwt.tuning.swat import update_scales
 from secfwt.tuning.trainable import initial_values, trainable_set
 
 
@@ -245,6 +246,7 @@ def plain_zo_run(
         batch_size=z.batch_size,
         shapes=trainable.shapes,
         spsa=SPSASettings(lr=z.lr, eps=z.eps, directions=z.directions),
+        scales=update_scales(cfg.safety, trainable.names),
     )
     if dp_plan is not None:
         theta = dp_zo_loop(backend, theta, schedule=schedule, plan=dp_plan, on_step=on_step)
