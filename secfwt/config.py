@@ -1,9 +1,9 @@
 """Typed job configuration from TOML. Unknown keys and wrong types are errors that name the field.
 
 A job file has the sections [job], [model], [data], [zo] or [cma], [run], [dp], an optional
-[safety] and a list of [[disclosure]] terms. ``load_job`` reads a file (or the packaged default job), applies
-``--set section.key=value`` overrides, and validates everything that can be checked before any
-party process starts.
+[safety] and a list of [[disclosure]] terms. ``load_job`` reads a file (or the packaged default
+job), applies ``--set section.key=value`` overrides, and validates everything that can be
+checked before any party process starts.
 """
 
 from __future__ import annotations

@@ -68,6 +68,4 @@ def update_scales(safety: SafetySection, names: tuple[str, ...]) -> UpdateScales
     multipliers = tuple(
         (n, next((m for p, m in safety.lr_multipliers if matches(n, p)), 1.0)) for n in names
     )
-    return UpdateScales(
-        warmup_steps=safety.warmup_steps, robust=robust, multipliers=multipliers
-    )
+    return UpdateScales(warmup_steps=safety.warmup_steps, robust=robust, multipliers=multipliers)
