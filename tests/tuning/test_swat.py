@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +13,9 @@ from secfwt.config import SafetySection, load_job
 from secfwt.errors import ConfigError
 from secfwt.models.checkpoint import load_checkpoint
 from secfwt.runtime.data_owner import prepare_inputs
+from secfwt.tuning.loops import dp_zo_loop
 from secfwt.tuning.reference import plain_zo_run
-from secfwt.tuning.swat import update_scales
+from secfwt.tuning.swat import UpdateScales, update_scales
 from tests.conftest import write_tiny_job
 
 NAMES = (
@@ -184,3 +186,24 @@ def test_a_multiplier_of_one_half_halves_that_tensors_step(
     assert float(step_full.abs().max()) > 1e-6
     torch.testing.assert_close(step_half, 0.5 * step_full, rtol=1e-12, atol=0.0)
     assert torch.equal(half[0]["classifier.weight"], full[0]["classifier.weight"])
+
+
+def test_dp_zo_steps_apply_the_factors_too() -> None:
+    """DP-ZO's update takes the same factors: a non-robust tensor holds during the warm-up."""
+    from tests.tuning.test_loops import PLAN, SCHEDULE, _Backend, _Linear, _theta
+
+    scales = UpdateScales(
+        warmup_steps=2, robust=frozenset({"w"}), multipliers=(("b", 1.0), ("w", 1.0))
+    )
+    seen: list[dict[str, torch.Tensor]] = []
+    dp_zo_loop(
+        _Backend(_Linear(), torch.Generator().manual_seed(3)),
+        _theta(),
+        schedule=dataclasses.replace(SCHEDULE, scales=scales),
+        plan=PLAN,
+        on_step=lambda k, th, loss, g: seen.append({n: t.clone() for n, t in th.items()}),
+    )
+    zero = torch.zeros(3, dtype=torch.float64)
+    assert all(torch.equal(th["b"], zero) for th in seen[:2])
+    assert not torch.equal(seen[0]["w"], _theta()["w"])
+    assert not torch.equal(seen[2]["b"], zero)
