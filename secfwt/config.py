@@ -1,9 +1,9 @@
 """Typed job configuration from TOML. Unknown keys and wrong types are errors that name the field.
 
-A job file has the sections [job], [model], [data], [zo] or [cma], [run], [dp] and a list of
-[[disclosure]] terms. ``load_job`` reads a file (or the packaged default job), applies
-``--set section.key=value`` overrides, and validates everything that can be checked before any
-party process starts.
+A job file has the sections [job], [model], [data], [zo] or [cma], [run], [dp], an optional
+[safety] and a list of [[disclosure]] terms. ``load_job`` reads a file (or the packaged default
+job), applies ``--set section.key=value`` overrides, and validates everything that can be
+checked before any party process starts.
 """
 
 from __future__ import annotations
@@ -154,6 +154,18 @@ class DPSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class SafetySection:
+    """SWAT (Wei et al. 2024, arXiv 2410.04524) in a ZO job (:mod:`secfwt.tuning.swat`): for the
+    first ``warmup_steps`` steps only the trainable tensors matching ``warmup_modules`` move;
+    ``lr_multipliers`` scales each tensor's learning rate by the first pattern that matches it
+    (1.0 when none does)."""
+
+    warmup_steps: int = 0
+    warmup_modules: tuple[str, ...] = ()
+    lr_multipliers: tuple[tuple[str, float], ...] = ()  # a TOML table, kept in file order
+
+
+@dataclasses.dataclass(frozen=True)
 class RunSection:
     timeout_s: float = 1800.0
     output_dir: str = "secfwt-runs"
@@ -179,6 +191,7 @@ class JobConfig:
     cma: CMASection = CMASection()
     run: RunSection = RunSection()
     dp: DPSection = DPSection()
+    safety: SafetySection = SafetySection()
     disclosure: tuple[DisclosureEntry, ...] = ()
     source: str = "<built-in>"
 
@@ -195,6 +208,7 @@ _SECTIONS = {
     "cma": CMASection,
     "run": RunSection,
     "dp": DPSection,
+    "safety": SafetySection,
 }
 
 
@@ -317,6 +331,7 @@ def validate(cfg: JobConfig) -> None:
                 "iteration"
             )
     _validate_dp(cfg)
+    _validate_safety(cfg)
     for entry in cfg.disclosure:
         for r in entry.to:
             if r not in COMPUTING_ROLES:
@@ -520,6 +535,45 @@ def _validate_dp(cfg: JobConfig) -> None:
                 "model owner may only receive the "
                 "noised result; training losses or outputs are not covered by the DP guarantee. "
                 "Reveal them to data_owner only"
+            )
+
+
+def _validate_safety(cfg: JobConfig) -> None:
+    """[safety] settings that are wrong whatever the model; patterns are matched against the
+    trainable set by :func:`secfwt.tuning.swat.update_scales`."""
+    s, f = cfg.source, cfg.safety
+    if f == SafetySection():
+        return
+    if cfg.job.mode is not Mode.ZO:
+        key = next(k.name for k in dataclasses.fields(f) if getattr(f, k.name))
+        raise ConfigError(
+            f"{s}: safety.{key}: [safety] shapes zeroth-order updates; job.mode = "
+            f"{cfg.job.mode.value!r} has none. Remove [safety] or set job.mode = 'zo'"
+        )
+    _positive(f"{s}: safety.warmup_steps", f.warmup_steps, allow_zero=True)
+    if f.warmup_steps and not f.warmup_modules:
+        raise ConfigError(
+            f"{s}: safety.warmup_modules: safety.warmup_steps = {f.warmup_steps} needs the "
+            "patterns of the modules that train during the warm-up"
+        )
+    if f.warmup_modules and not f.warmup_steps:
+        raise ConfigError(
+            f"{s}: safety.warmup_steps: safety.warmup_modules is set but the warm-up lasts 0 "
+            "steps; set safety.warmup_steps > 0 or remove safety.warmup_modules"
+        )
+    if f.warmup_steps >= cfg.zo.steps:
+        raise ConfigError(
+            f"{s}: safety.warmup_steps = {f.warmup_steps}: the warm-up must end before "
+            f"zo.steps = {cfg.zo.steps}, or the other tensors never train"
+        )
+    for pattern, m in f.lr_multipliers:
+        if not m > 0:  # finite already (coerce)
+            raise ConfigError(f"{s}: safety.lr_multipliers.{pattern} = {m}: must be > 0")
+        if cfg.dp.enabled and m > 1:
+            raise ConfigError(
+                f"{s}: safety.lr_multipliers.{pattern} = {m}: with dp.enabled multipliers must "
+                "be <= 1, so that zo.lr stays the largest step any tensor takes; raise zo.lr "
+                "instead"
             )
 
 

@@ -86,6 +86,14 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
         raise ConfigError(f"{where}: {value!r} is not one of {choices}")
     if origin is tuple:
         (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
+        if typing.get_origin(item) is tuple:  # key -> value pairs: a TOML table, in file order
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: expected a table {{pattern = value, ...}}")
+            key_t, value_t = typing.get_args(item)
+            return tuple(
+                (coerce(k, key_t, where), coerce(v, value_t, f"{where}.{k}"))
+                for k, v in value.items()
+            )
         if isinstance(value, str) and item is Role:
             value = [value]
         if not isinstance(value, list):
@@ -179,7 +187,7 @@ def apply_overrides(
         value = _literal(raw)
         if typing.get_origin(hint) is tuple and isinstance(value, str):
             value = [_literal(part.strip()) for part in value.split(",")]
-        elif typing.get_origin(hint) is tuple and not isinstance(value, list):
+        elif typing.get_origin(hint) is tuple and not isinstance(value, (list, dict)):
             value = [value]  # one item: attention_seq_lens=64
         try:
             value = coerce(value, hint, f"{flag} {key}")

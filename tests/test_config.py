@@ -111,7 +111,10 @@ def test_one_binder_serves_jobs_and_the_bench_plan():
             "data.truncate=1",
             r"\[data\] truncate: 1 is not one of \['none', 'end', 'prompt_left', 'drop'\]",
         ),
-        ("nope.x=1", r"unknown section \[nope\]; choose from: cma, data, dp, job, model, run, zo"),
+        (
+            "nope.x=1",
+            r"unknown section \[nope\]; choose from: cma, data, dp, job, model, run, safety, zo",
+        ),
         ("disclosure.value=x", r"unknown section \[disclosure\]"),  # terms only from the file
         ("zo.steps.x=1", r"expected SECTION.KEY=VALUE, e.g. --set zo.steps=10"),
         ("zo.steps=", r"expected SECTION.KEY=VALUE"),

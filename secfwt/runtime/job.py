@@ -50,6 +50,7 @@ from secfwt.tuning.cma import CMASettings, PromptSearch
 from secfwt.tuning.forward import CachedForward, forward_settings, prefix
 from secfwt.tuning.loops import ZOSchedule, ZOStepHook, cma_loop, dp_zo_loop, zo_loop
 from secfwt.tuning.spsa import SPSASettings
+from secfwt.tuning.swat import update_scales
 from secfwt.tuning.trainable import TrainableSet, initial_values, trainable_set
 
 log = logging.getLogger(__name__)
@@ -432,6 +433,7 @@ def _tune(
         batch_size=z.batch_size,
         shapes=s.trainable.shapes,
         spsa=SPSASettings(lr=z.lr, eps=z.eps, directions=z.directions),
+        scales=update_scales(run.safety, s.trainable.names),
     )
     history = [] if ckpt is None else ckpt.history()
     on_step = _zo_recorder(s, history, total=z.steps, ckpt=ckpt)

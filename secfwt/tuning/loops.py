@@ -24,6 +24,7 @@ from secfwt.tuning.accounting import DPPlan
 from secfwt.tuning.cma import PromptSearch
 from secfwt.tuning.forward import batch_indices
 from secfwt.tuning.spsa import DPZOSettings, SPSASettings, directions, dp_spsa_step, spsa_step
+from secfwt.tuning.swat import UpdateScales
 
 Params = Mapping[str, Any]
 
@@ -90,6 +91,10 @@ class ZOSchedule:
     batch_size: int  # rows per step (plain ZO; DP-ZO steps run on all rows)
     shapes: tuple[tuple[str, tuple[int, ...]], ...]  # the trainable set's names and shapes
     spsa: SPSASettings
+    scales: UpdateScales | None = None  # [safety]: public per-tensor step factors by step
+
+    def factors(self, step: int) -> dict[str, float] | None:
+        return None if self.scales is None else self.scales.factors(step)
 
 
 def zo_loop(
@@ -109,7 +114,9 @@ def zo_loop(
         def losses(ps: list[Params], idx: list[int] = idx) -> list[Any]:
             return backend.forward.losses(ps, idx)
 
-        theta, gs, mean_loss = spsa_step(losses, theta, us=us, settings=s.spsa, cast=backend.cast)
+        theta, gs, mean_loss = spsa_step(
+            losses, theta, us=us, settings=s.spsa, cast=backend.cast, factors=s.factors(step)
+        )
         on_step(step + 1, theta, mean_loss, gs)
     return theta
 
@@ -150,6 +157,7 @@ def dp_zo_loop(
             noises=noises,
             clip=backend.clip,
             cast=backend.cast,
+            factors=s.factors(step),
         )
         on_step(step + 1, theta, mean_loss, g)
     return theta

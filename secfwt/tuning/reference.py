@@ -9,7 +9,7 @@ both model and data; the MPC run must track it step for step within fixed-point 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -39,6 +39,7 @@ from secfwt.tuning.loops import (
     zo_loop,
 )
 from secfwt.tuning.spsa import SPSASettings
+from secfwt.tuning.swat import update_scales
 from secfwt.tuning.trainable import initial_values, trainable_set
 
 
@@ -188,9 +189,11 @@ def plain_zo_run(
     seed: int,
     dp_plan: DPPlan | None = None,
     dp_seed: int = 0,
+    after_step: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Replay a ZO job in plaintext; with ``dp_plan``, replay DP-ZO with the Poisson masks and
     both parties' noise drawn from ``dp_seed`` (a plaintext study, not a private run).
+    ``after_step`` sees each step's number (1-based) and parameters.
 
     Returns ``theta`` (final parameters), ``losses`` and ``gs`` (per step), and the held-out
     metric before and after: ``accuracy_before`` / ``accuracy_after`` (classification) or
@@ -236,6 +239,8 @@ def plain_zo_run(
     def on_step(step: int, theta: dict[str, Any], mean_loss: Any, gs: Any) -> None:
         losses.append(float(mean_loss))
         gs_all.append([float(g) for g in gs])
+        if after_step is not None:
+            after_step(step, theta)
 
     backend = PlainBackend(forward=runner, coins=torch.Generator().manual_seed(dp_seed))
     schedule = ZOSchedule(
@@ -245,6 +250,7 @@ def plain_zo_run(
         batch_size=z.batch_size,
         shapes=trainable.shapes,
         spsa=SPSASettings(lr=z.lr, eps=z.eps, directions=z.directions),
+        scales=update_scales(cfg.safety, trainable.names),
     )
     if dp_plan is not None:
         theta = dp_zo_loop(backend, theta, schedule=schedule, plan=dp_plan, on_step=on_step)

@@ -44,11 +44,13 @@ def spsa_step(
     us: list[dict[str, torch.Tensor]],
     settings: SPSASettings,
     cast: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+    factors: Mapping[str, float] | None = None,
 ) -> tuple[dict[str, Any], list[Any], Any]:
     """One SPSA step. Returns (new params, projected gradients g_i, mean of L(theta + eps u_i)).
 
     ``losses`` evaluates a list of parameter sets at once (in MPC all 2q evaluations then share
-    their communication rounds).
+    their communication rounds). ``factors``: public per-tensor step factors (see
+    :func:`_update`).
     """
     eps, lr, q = settings.eps, settings.lr, len(us)
     variants: list[Params] = []
@@ -57,17 +59,38 @@ def spsa_step(
         variants.append({n: params[n] - cast(u[n]) * eps for n in params})
     values = losses(variants)
     gs = [(values[2 * i] - values[2 * i + 1]) * (1.0 / (2 * eps)) for i in range(q)]
-    new = {}
-    for n in params:
-        upd: Any = None  # the sum over directions (a share in MPC)
-        for g, u in zip(gs, us, strict=True):
-            term = g * cast(u[n])  # secret scalar x public direction: local in MPC
-            upd = term if upd is None else upd + term
-        new[n] = params[n] - upd * (lr / q)
+    new = _update(params, gs, us, lr=lr, cast=cast, factors=factors)
     mean_plus = values[0]
     for i in range(1, q):
         mean_plus = mean_plus + values[2 * i]
     return new, gs, mean_plus * (1.0 / q)
+
+
+def _update(
+    params: Params,
+    gs: list[Any],
+    us: list[dict[str, torch.Tensor]],
+    *,
+    lr: float,
+    cast: Callable[[torch.Tensor], torch.Tensor],
+    factors: Mapping[str, float] | None,
+) -> dict[str, Any]:
+    """theta_n <- theta_n - lr * m_n / q * sum_i g_i u_i,n for each tensor n, the ZO and DP-ZO
+    update alike. ``factors`` are the public m_n (:mod:`secfwt.tuning.swat`; None: all 1); a
+    tensor with m_n = 0 keeps its value as it is (no arithmetic, so bit-identical)."""
+    q = len(us)
+    new = {}
+    for n in params:
+        m = 1.0 if factors is None else factors[n]
+        if m == 0.0:
+            new[n] = params[n]
+            continue
+        upd: Any = None  # the sum over directions (a share in MPC)
+        for g, u in zip(gs, us, strict=True):
+            term = g * cast(u[n])  # secret scalar x public direction: local in MPC
+            upd = term if upd is None else upd + term
+        new[n] = params[n] - upd * (lr * m / q)
+    return new
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +119,7 @@ def dp_spsa_step(
     noises: list[Any],
     clip: Callable[[Any, float, float], Any],
     cast: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+    factors: Mapping[str, float] | None = None,
 ) -> tuple[dict[str, Any], Any, Any]:
     """One DP-ZO step; returns (new params, noisy projected gradients (q,), masked mean loss).
 
@@ -114,12 +138,6 @@ def dp_spsa_step(
     for z in noises:
         g = g + z
     g = g * (1.0 / dp.expected_batch)
-    new = {}
-    for n in params:
-        upd: Any = None  # the sum over directions (a share in MPC)
-        for i, u in enumerate(us):
-            term = g[i] * cast(u[n])  # secret scalar x public direction: local in MPC
-            upd = term if upd is None else upd + term
-        new[n] = params[n] - upd * (lr / q)
+    new = _update(params, [g[i] for i in range(q)], us, lr=lr, cast=cast, factors=factors)
     mean_plus = (losses[:q].mean(0) * mask).sum() * (1.0 / dp.expected_batch)
     return new, g, mean_plus

@@ -18,6 +18,7 @@ from secfwt.config import JobConfig, Mode
 from secfwt.errors import ConfigError
 from secfwt.models.encoder import LORA_A, LORA_B, SOFT_PROMPT
 from secfwt.models.spec import Head, ModelSpec
+from secfwt.tuning.swat import update_scales
 
 #: The layer index in a parameter name: BERT/RoBERTa ``encoder.layer.N.``, Llama-family
 #: decoders ``model.layers.N.``.
@@ -164,7 +165,8 @@ def init_new_parameters(
 
 def trainable_set(cfg: JobConfig, spec: ModelSpec) -> TrainableSet:
     """The job's trainable set: ``[zo]`` selection for ZO jobs; none for CMA (the prompt is the
-    data owner's, inserted at ``cma.prompt_layer``)."""
+    data owner's, inserted at ``cma.prompt_layer``). Refuses ``[safety]`` patterns that match
+    none of it."""
     if cfg.job.mode is Mode.CMA:
         return TrainableSet(shapes=(), new=(), prompt_layer=cfg.cma.prompt_layer)
     z = cfg.zo
@@ -179,6 +181,7 @@ def trainable_set(cfg: JobConfig, spec: ModelSpec) -> TrainableSet:
     )
     if spec.head is Head.CAUSAL_LM:
         _check_causal_trainable(chosen, spec)
+    update_scales(cfg.safety, chosen.names)  # [safety] patterns match trainable tensors
     return chosen
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import pytest
 import torch
 
-from secfwt.config import load_job
+from secfwt.config import JobConfig, SafetySection, load_job
 from secfwt.models.checkpoint import load_checkpoint
 from secfwt.runtime.data_owner import prepare_inputs
 from secfwt.runtime.simulate import run_simulation
@@ -22,37 +25,73 @@ LOSS_TOL = 5e-3
 PARAM_TOL = 5e-2
 
 
-def test_mpc_zo_tracks_plaintext_reference(tmp_path, tiny_tok_dir):
-    job = write_tiny_job(tmp_path, tiny_tok_dir)
-    # LoRA on layer 1's query and the biases of its output make layer 1 part of every step
-    cfg = load_job(
-        job,
-        overrides=[
-            'zo.trainable=["classifier.*", "*.layer.1.output.dense.bias"]',
-            'zo.lora_modules=["*.layer.1.attention.self.query"]',
-            "zo.lora_rank=2",
-        ],
-    )
+#: LoRA on layer 1's query and the biases of its output make layer 1 part of every step
+TRAINABLE = [
+    'zo.trainable=["classifier.*", "*.layer.1.output.dense.bias"]',
+    'zo.lora_modules=["*.layer.1.attention.self.query"]',
+    "zo.lora_rank=2",
+]
+
+
+def _run_and_replay(tmp_path, model_dir, extra: str = "") -> dict[str, Any]:
+    """Run the tiny job (plus ``extra`` TOML) in MPC, replay it in plaintext with the run's
+    joint seed, and check the losses and final parameters agree within the tolerances."""
+    cfg = load_job(write_tiny_job(tmp_path, model_dir, extra), overrides=TRAINABLE)
     report = run_simulation(cfg)
     assert report["cut_layer"] == 1 and report["steps"] == 3
-    spec, state = load_checkpoint(
-        tiny_tok_dir, head=cfg.model.head, num_labels=2, seed=cfg.job.seed
-    )
-    data = prepare_inputs(cfg, tokenizer_dir=tiny_tok_dir)
-    ref = plain_zo_run(cfg, spec=spec, state=state, data=data, seed=report["joint_seed"])
+    spec, state = load_checkpoint(model_dir, head=cfg.model.head, num_labels=2, seed=cfg.job.seed)
+    data = prepare_inputs(cfg, tokenizer_dir=model_dir)
+
+    def replay(cfg: JobConfig) -> dict[str, Any]:
+        return plain_zo_run(cfg, spec=spec, state=state, data=data, seed=report["joint_seed"])
+
+    ref = replay(cfg)
     mpc_losses = torch.tensor(report["loss_history"], dtype=torch.float64)
     ref_losses = torch.tensor(ref["losses"], dtype=torch.float64)
     assert (mpc_losses - ref_losses).abs().max() < LOSS_TOL, (mpc_losses, ref_losses)
     final = torch.load(report["parties"]["data_owner"]["artifacts"]["final_parameters"])
     assert set(final) == set(ref["theta"])
     worst = max(float((final[n].double() - ref["theta"][n]).abs().max()) for n in final)
+    assert worst < PARAM_TOL, worst
+    return {
+        "cfg": cfg,
+        "report": report,
+        "ref": ref,
+        "final": final,
+        "state": state,
+        "worst": worst,
+        "replay": replay,
+    }
+
+
+def test_mpc_zo_tracks_plaintext_reference(tmp_path, tiny_tok_dir):
+    r = _run_and_replay(tmp_path, tiny_tok_dir)
+    ref, state, worst = r["ref"], r["state"], r["worst"]
     moved = max(
         float((ref["theta"][n] - (state[n].double() if n in state else 0)).abs().max())
-        for n in final
+        for n in r["final"]
         if "lora_B" not in n
     )
-    assert worst < PARAM_TOL, worst
     assert moved > 5 * worst  # the parameters really moved, and MPC followed them
-    assert report["accuracy_before"] == pytest.approx(
+    assert r["report"]["accuracy_before"] == pytest.approx(
         ref["accuracy_before"], abs=0.11
     )  # at most one of 10 flips
+
+
+SAFETY = """
+[safety]
+warmup_steps = 1
+warmup_modules = ["classifier.*"]
+lr_multipliers = {"*.query" = 0.5, "*.dense" = 0.25}
+"""
+
+
+def test_mpc_zo_with_a_safety_section_tracks_its_reference(tmp_path, tiny_tok_dir):
+    """SWAT's warm-up and multipliers are public factors on the MPC update: the run still
+    tracks its reference, and that reference is not the one without [safety]."""
+    r = _run_and_replay(tmp_path, tiny_tok_dir, SAFETY)
+    without = r["replay"](dataclasses.replace(r["cfg"], safety=SafetySection()))
+    apart = max(
+        float((r["final"][n].double() - without["theta"][n]).abs().max()) for n in r["final"]
+    )
+    assert apart > 5 * r["worst"], (apart, r["worst"])
