@@ -296,3 +296,21 @@ def test_a_restored_cma_search_continues_exactly(tmp_path) -> None:
     for _ in range(3):
         second.tell(losses(second.ask()))
     assert torch.equal(second.mean_prompt, straight.mean_prompt)
+
+
+def test_the_job_digest_is_unchanged_without_a_safety_section_and_covers_one() -> None:
+    """Checkpoints name their job by this digest: one written before ``[safety]`` existed (the
+    settings hashed without it) must still resume, and a ``[safety]`` section must change it."""
+    import dataclasses
+    import hashlib
+    import json
+
+    from secfwt.config import SafetySection
+    from secfwt.runtime.contract import public_job_digest
+
+    cfg = load_job("secfwt/jobs/default.toml")
+    before = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("source", "safety")}
+    as_before = hashlib.sha256(json.dumps(before, sort_keys=True, default=str).encode())
+    assert public_job_digest(cfg) == as_before.hexdigest()
+    swat = dataclasses.replace(cfg, safety=SafetySection(lr_multipliers=(("*.weight", 0.5),)))
+    assert public_job_digest(swat) != public_job_digest(cfg)
