@@ -155,7 +155,7 @@ class DPSection:
 
 @dataclasses.dataclass(frozen=True)
 class SafetySection:
-    """SWAT (Wei et al. 2024, arXiv 2410.04524) in a ZO job (:mod:`secfwt.tuning.swat`): for the
+    """SWAT (arXiv 2410.04524) in a ZO job (:mod:`secfwt.tuning.swat`): for the
     first ``warmup_steps`` steps only the trainable tensors matching ``warmup_modules`` move;
     ``lr_multipliers`` scales each tensor's learning rate by the first pattern that matches it
     (1.0 when none does)."""

@@ -1,6 +1,6 @@
 """SWAT-style update scales of a ZO job: warm up robust modules first, per-module learning rates.
 
-SWAT (Wei et al. 2024, arXiv 2410.04524, Sec. 4) keeps fine-tuning from eroding safety by
+SWAT (Du et al., "Toward Secure Tuning", arXiv 2410.04524) keeps fine-tuning from eroding safety by
 first training only the modules whose change least moves the model's refusal behaviour (the
 "warm-up" of robust modules), then everything, each module with its own learning rate
 (module-level LR). In a ZO step the update of tensor n is ``lr * g * z_n`` with a public
