@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import tomllib
 
+import numpy as np
 import pytest
 
 from secfwt.cli import main
@@ -15,6 +16,7 @@ from secfwt.errors import ConfigError
 from secfwt.safety.probe import (
     MODULE_TYPES,
     ProbeRequest,
+    fit_probe,
     multipliers,
     pattern,
     rank,
@@ -45,8 +47,8 @@ def test_probe_end_to_end_snippet_loads_into_a_job(tiny_chat_dir, tmp_path):
     assert sorted(report["drift"]) == sorted(MODULE_TYPES)  # a Llama has every type
     assert all(d > 0 for d in report["drift"].values())  # every type moved the features
     assert report["probe"]["harmful_prompts"] == report["probe"]["harmless_prompts"] == 24
-    # random 32-wide features still separate the two prompt sets above chance on held-out rows
-    assert report["probe"]["held_out_accuracy"] > 0.5
+    assert report["probe"]["held_out_rows"] == 12  # a quarter of the 48 probe prompts
+    assert 0 <= report["probe"]["held_out_accuracy"] <= 1
 
     job = tmp_path / "job.toml"
     job.write_text(default_job_text() + "\n" + snippet)
@@ -84,6 +86,22 @@ def test_ranking_and_multipliers_on_known_drift():
     assert list(safety["lr_multipliers"]) == ["*.q_proj", "*.k_proj", "*norm", "*.down_proj"]
     zero = multipliers({"q_proj": 0.0, "v_proj": 0.5})
     assert zero["q_proj"] == 1.0 and 0 < zero["v_proj"] < 1e-4
+
+
+def test_probe_separates_separable_features():
+    """Two Gaussian clusters 6 standard deviations apart along one direction: every held-out row
+    is classified right, harmful (label 1) on the positive side; noise is not, on held-out rows."""
+    rng = np.random.default_rng(1)
+    direction = rng.standard_normal(16)
+    direction /= np.linalg.norm(direction)
+    y = np.r_[np.ones(40), np.zeros(40)]
+    x = rng.standard_normal((80, 16)) + 3.0 * np.outer(2 * y - 1, direction)
+    probe, accuracy = fit_probe(x, y, seed=0)
+    assert accuracy == 1.0
+    assert (probe.logit(x[y == 1]) > 0).all() and (probe.logit(x[y == 0]) < 0).all()
+    # 64 noise features: 60 training rows are separable, the 20 held-out rows are at chance
+    _, chance = fit_probe(rng.standard_normal((80, 64)), y, seed=0)
+    assert chance < 0.9
 
 
 @pytest.mark.parametrize(
