@@ -37,7 +37,7 @@ from secfwt.data.task import PaddingSide, Truncation
 from secfwt.errors import ConfigError
 from secfwt.models.packaged import PACKAGED_MODELS
 from secfwt.safety.chat_model import load_chat_model
-from secfwt.safety.refusal_classifier import fit_logistic
+from secfwt.safety.refusal_classifier import LinearProbe, fit_logistic
 from secfwt.safety.sft import SftSettings, fine_tune
 from secfwt.safety.training_data import build_mix, check_disjoint
 
@@ -161,24 +161,13 @@ def features(model: Any, tokenizer: Any, prompts: list[str], layer: int) -> np.n
     return np.concatenate(out)
 
 
-@dataclass(frozen=True)
-class Probe:
-    mean: np.ndarray  # (H,)
-    scale: np.ndarray  # (H,)
-    weights: np.ndarray  # (H,)
-    bias: float
-
-    def logit(self, x: np.ndarray) -> np.ndarray:  # (N, H) -> (N,)
-        return ((x - self.mean) / self.scale) @ self.weights + self.bias
-
-
-def fit_probe(x: np.ndarray, y: np.ndarray, *, seed: int) -> tuple[Probe, float]:
+def fit_probe(x: np.ndarray, y: np.ndarray, *, seed: int) -> tuple[LinearProbe, float]:
     """The probe fitted on three quarters of the rows (seeded), and its held-out accuracy."""
     order = np.random.default_rng(seed).permutation(len(y))
     held, train = order[: len(y) // 4], order[len(y) // 4 :]
     mean, scale = x[train].mean(0), x[train].std(0) + 1e-6
     w, b = fit_logistic((x[train] - mean) / scale, y[train], l2=1e-2)
-    probe = Probe(mean, scale, w, b)
+    probe = LinearProbe(mean, scale, w, b)
     accuracy = float(np.mean((probe.logit(x[held]) > 0) == (y[held] > 0.5)))
     return probe, accuracy
 
