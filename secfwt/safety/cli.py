@@ -105,8 +105,23 @@ def cmd_safety_align(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_safety_probe(args: argparse.Namespace) -> int:
+    from secfwt.safety.probe import ProbeRequest, run_probe
+
+    req = ProbeRequest(
+        model=args.model, out=args.out, report=args.report, steps=args.steps, seed=args.seed
+    ).checked()
+    print(f"safety probe: {req.model}, {req.steps} step(s) per module type", flush=True)
+    report = run_probe(req)
+    print(f"probe held-out accuracy: {report['probe']['held_out_accuracy']:.3f}")
+    for t in report["ranking"]:
+        print(f"  {t:<10} drift {report['drift'][t]:.4g}")
+    print(f"[safety] snippet: {req.out}" + (f"; report: {req.report}" if req.report else ""))
+    return 0
+
+
 def register(sub: Any) -> None:
-    """Add ``safety eval|safe-delta|align`` to the ``secfwt`` subcommands."""
+    """Add ``safety eval|safe-delta|align|probe`` to the ``secfwt`` subcommands."""
     sf = sub.add_parser("safety", help="alignment safety of chat models")
     sf_sub = sf.add_subparsers(dest="safety_command", required=True)
     se = sf_sub.add_parser(
@@ -204,3 +219,20 @@ def register(sub: Any) -> None:
     )
     sa.add_argument("--report", help="also write the JSON summary (every step's loss) here")
     sa.set_defaults(func=cmd_safety_align)
+
+    sp = sf_sub.add_parser(
+        "probe",
+        help="SWAT module selection: drift of a harmful/harmless probe per module type, "
+        "written as a [safety] job snippet",
+    )
+    sp.add_argument(
+        "model",
+        nargs="?",
+        default="packaged:smollm2-135m-instruct",
+        help="causal LM folder, or packaged:NAME (default packaged:smollm2-135m-instruct)",
+    )
+    sp.add_argument("--out", default="safety-probe.toml", help="new file for the [safety] snippet")
+    sp.add_argument("--steps", type=int, default=8, help="AdamW steps per module type (default 8)")
+    sp.add_argument("--seed", type=int, default=0, help="data draw and split (default 0)")
+    sp.add_argument("--report", help="also write the JSON report (drift, accuracy, times) here")
+    sp.set_defaults(func=cmd_safety_probe)

@@ -154,17 +154,24 @@ def pair_features(prompt_emb: np.ndarray, reply_emb: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class RefusalClassifier:
-    """Standardise, then ``P(refusal) = sigmoid(w . z + b)``; threshold 0.5."""
+class LinearProbe:
+    """Logistic regression on standardised features: ``logit = w . (x - mean) / scale + b``."""
 
     mean: np.ndarray  # (F,)
     scale: np.ndarray  # (F,)
     weights: np.ndarray  # (F,)
     bias: float
 
+    def logit(self, features: np.ndarray) -> np.ndarray:  # (N, F) -> (N,)
+        return (features - self.mean) / self.scale @ self.weights + self.bias
+
     def probability(self, features: np.ndarray) -> np.ndarray:
-        z = (features - self.mean) / self.scale @ self.weights + self.bias  # (N,)
-        return 1.0 / (1.0 + np.exp(-z))
+        return 1.0 / (1.0 + np.exp(-self.logit(features)))
+
+
+@dataclass(frozen=True)
+class RefusalClassifier(LinearProbe):
+    """``P(refusal) = sigmoid(logit)`` of pair features; threshold 0.5."""
 
     def judge(
         self, embedder: SentenceEmbedder, prompts: Sequence[str], replies: Sequence[str]
