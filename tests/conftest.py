@@ -244,3 +244,28 @@ def write_chat_job(tmp_path: Path, model_dir: Path, extra: str = "") -> Path:
 def tiny_chat_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
     """:func:`save_tiny_chat_decoder` once per session (2 layers, tied head)."""
     return save_tiny_chat_decoder(tmp_path_factory.mktemp("chat") / "tiny-chat", smollm2_tokenizer)
+
+
+class DataOwnerKiller:
+    """``on_progress`` callback of ``run_simulation``: SIGKILLs the data owner's process once,
+    when it reports a checkpoint (of step ``at_step``, or its first one); ``killed`` holds the
+    pid."""
+
+    def __init__(self, at_step: int | None = None) -> None:
+        self.at_step = at_step
+        self.killed: list[int] = []
+
+    def __call__(self, role, msg: dict) -> None:
+        import multiprocessing
+        import signal
+
+        from secfwt.roles import Role
+
+        if role is not Role.DATA_OWNER or msg.get("kind") != "checkpoint" or self.killed:
+            return
+        if self.at_step is not None and msg["step"] != self.at_step:
+            return
+        for p in multiprocessing.active_children():
+            if p.name == f"secfwt-{Role.DATA_OWNER.value}":
+                os.kill(p.pid, signal.SIGKILL)
+                self.killed.append(p.pid)

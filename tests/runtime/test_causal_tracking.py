@@ -16,7 +16,7 @@ from secfwt.runtime.data_owner import prepare_instruction_inputs
 from secfwt.runtime.simulate import run_simulation
 from secfwt.tuning.accounting import plan
 from secfwt.tuning.reference import plain_zo_run
-from tests.conftest import write_chat_job
+from tests.conftest import DataOwnerKiller, write_chat_job
 
 pytestmark = pytest.mark.multiprocess
 
@@ -133,12 +133,7 @@ def test_killed_then_resumed_causal_job_equals_the_uninterrupted_run(tmp_path, t
     """Checkpoints of a causal job hold its window cache and the held-out loss before tuning;
     a job killed after its checkpoint of step 1 resumes to the uninterrupted run's result, bit
     for bit under fixed test seeds (see tests/runtime/test_checkpoint_resume.py for why)."""
-    import multiprocessing
-    import os
-    import signal
-
     from secfwt.errors import ProtocolError
-    from secfwt.roles import Role
 
     seed, steps = 424242, 3
 
@@ -151,14 +146,7 @@ def test_killed_then_resumed_causal_job_equals_the_uninterrupted_run(tmp_path, t
         cfg("ref"), insecure_fixed_seed=seed, checkpoint_dir=tmp_path / "c0", checkpoint_every=1
     )
     job = cfg("run")
-    killed: list[int] = []
-
-    def kill_data_owner(role: Role, msg: dict) -> None:
-        if role is Role.DATA_OWNER and msg.get("kind") == "checkpoint" and not killed:
-            for p in multiprocessing.active_children():
-                if p.name == f"secfwt-{Role.DATA_OWNER.value}":
-                    os.kill(p.pid, signal.SIGKILL)
-                    killed.append(p.pid)
+    kill_data_owner = DataOwnerKiller()
 
     with pytest.raises(ProtocolError):
         run_simulation(
@@ -168,7 +156,7 @@ def test_killed_then_resumed_causal_job_equals_the_uninterrupted_run(tmp_path, t
             checkpoint_every=1,
             on_progress=kill_data_owner,
         )
-    assert killed
+    assert kill_data_owner.killed
     res = run_simulation(
         job,
         insecure_fixed_seed=seed,

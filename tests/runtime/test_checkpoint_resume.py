@@ -20,10 +20,7 @@ runs of the job; it is not asserted here because it is not a property of resumin
 
 from __future__ import annotations
 
-import multiprocessing
-import os
 import pickle
-import signal
 from pathlib import Path
 
 import pytest
@@ -33,7 +30,7 @@ from secfwt.config import load_job
 from secfwt.errors import ConfigError, ProtocolError
 from secfwt.roles import Role
 from secfwt.runtime.checkpoint import KEEP, CheckpointRef, PartyCheckpoints, common_checkpoint
-from tests.conftest import write_tiny_job
+from tests.conftest import DataOwnerKiller, write_tiny_job
 
 SEED = 424242
 STEPS = 5
@@ -81,19 +78,7 @@ def test_killed_then_resumed_zo_job_equals_the_uninterrupted_run(tmp_path, tiny_
     # 2. the same job, the data owner SIGKILLed after it reported its checkpoint of step KILL_AT
     cfg = _cfg(tmp_path, tiny_tok_dir, "run")
     ckpt_dir = tmp_path / "run-ckpt"
-    killed: list[int] = []
-
-    def kill_data_owner(role: Role, msg: dict) -> None:
-        if (
-            role is Role.DATA_OWNER
-            and msg.get("kind") == "checkpoint"
-            and msg["step"] == KILL_AT
-            and not killed
-        ):
-            for p in multiprocessing.active_children():
-                if p.name == f"secfwt-{Role.DATA_OWNER.value}":
-                    os.kill(p.pid, signal.SIGKILL)
-                    killed.append(p.pid)
+    kill_data_owner = DataOwnerKiller(at_step=KILL_AT)
 
     with pytest.raises(ProtocolError):
         run_simulation(
@@ -103,7 +88,7 @@ def test_killed_then_resumed_zo_job_equals_the_uninterrupted_run(tmp_path, tiny_
             checkpoint_every=1,
             on_progress=kill_data_owner,
         )
-    assert killed, (
+    assert kill_data_owner.killed, (
         "the data owner was never killed "
         "(did the job finish before its checkpoint message arrived?)"
     )
