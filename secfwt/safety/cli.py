@@ -85,16 +85,13 @@ def cmd_safety_align(args: argparse.Namespace) -> int:
     ).checked()
     print(
         f"safety align: {req.model}, {req.limit_train} rows ({req.refusal_share:.0%} refusals), "
-        f"{req.epochs} "
-        f"epoch(s) at lr {req.lr:g}",
+        f"{req.epochs} epoch(s) at lr {req.lr:g}",
         flush=True,
     )
     with SafetyProgress() as view:
         result = run_align(req, progress=view)
-    summary = {k: v for k, v in result.summary.items() if k != "losses"}
-    losses = result.summary["losses"]
-    summary["losses"] = {k: v for k, v in losses.items() if k != "steps"}
-    summary["losses"]["steps"] = len(losses["steps"])
+    losses = result.summary["losses"]  # printed with the count of step losses, not each one
+    summary = {**result.summary, "losses": {**losses, "steps": len(losses["steps"])}}
     print(
         json.dumps(
             {"checkpoint": str(result.folder), "cache_hit": result.cache_hit, **summary}, indent=2
