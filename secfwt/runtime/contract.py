@@ -14,7 +14,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from secfwt.config import JobConfig
+from secfwt.config import JobConfig, SafetySection
 from secfwt.data.inputs import DataOwnerInputs, InstructionInputs
 from secfwt.errors import ConfigError
 
@@ -195,6 +195,6 @@ def public_job_digest(cfg: JobConfig) -> str:
     """SHA-256 of the job's settings (not its file name): the parties agree on it, and every
     checkpoint names the job it belongs to by it."""
     public = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("source",)}
-    if cfg.safety == type(cfg.safety)():  # no [safety]: the digest jobs had before it existed,
+    if cfg.safety == SafetySection():  # no [safety]: the digest jobs had before it existed,
         del public["safety"]  # so their checkpoints still resume
     return hashlib.sha256(json.dumps(public, sort_keys=True, default=str).encode()).hexdigest()
