@@ -37,7 +37,7 @@ from secfwt.data.task import PaddingSide, Truncation
 from secfwt.errors import ConfigError
 from secfwt.models.packaged import PACKAGED_MODELS
 from secfwt.safety.chat_model import load_chat_model
-from secfwt.safety.refusal_classifier import LinearProbe, fit_logistic
+from secfwt.safety.refusal_classifier import LinearProbe
 from secfwt.safety.sft import SftSettings, fine_tune
 from secfwt.safety.training_data import build_mix, check_disjoint
 
@@ -165,9 +165,7 @@ def fit_probe(x: np.ndarray, y: np.ndarray, *, seed: int) -> tuple[LinearProbe, 
     """The probe fitted on three quarters of the rows (seeded), and its held-out accuracy."""
     order = np.random.default_rng(seed).permutation(len(y))
     held, train = order[: len(y) // 4], order[len(y) // 4 :]
-    mean, scale = x[train].mean(0), x[train].std(0) + 1e-6
-    w, b = fit_logistic((x[train] - mean) / scale, y[train], l2=1e-2)
-    probe = LinearProbe(mean, scale, w, b)
+    probe = LinearProbe.fit(x[train], y[train], l2=1e-2)
     accuracy = float(np.mean((probe.logit(x[held]) > 0) == (y[held] > 0.5)))
     return probe, accuracy
 

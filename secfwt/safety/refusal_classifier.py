@@ -48,7 +48,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -168,6 +168,15 @@ class LinearProbe:
     def probability(self, features: np.ndarray) -> np.ndarray:
         return 1.0 / (1.0 + np.exp(-self.logit(features)))
 
+    @classmethod
+    def fit(
+        cls, x: np.ndarray, y: np.ndarray, *, l2: float, unpenalised: Sequence[int] = ()
+    ) -> Self:
+        """Standardise ``x`` (N, F) by its own mean and std, then :func:`fit_logistic`."""
+        mean, scale = x.mean(axis=0), x.std(axis=0) + 1e-6
+        weights, bias = fit_logistic((x - mean) / scale, y, l2=l2, unpenalised=unpenalised)
+        return cls(mean=mean, scale=scale, weights=weights, bias=bias)
+
 
 @dataclass(frozen=True)
 class RefusalClassifier(LinearProbe):
@@ -280,12 +289,9 @@ def train_refusal_classifier(
         embedder.embed(data.prompts).numpy(), embedder.embed(data.replies).numpy()
     )  # (N, F)
     y = np.asarray(data.refusals, dtype=np.float64)
-    mean = feats[train_rows].mean(axis=0)
-    scale = feats[train_rows].std(axis=0) + 1e-6
-    weights, bias = fit_logistic(
-        (feats[train_rows] - mean) / scale, y[train_rows], l2=l2, unpenalised=[feats.shape[1] - 1]
+    clf = RefusalClassifier.fit(
+        feats[train_rows], y[train_rows], l2=l2, unpenalised=[feats.shape[1] - 1]
     )
-    clf = RefusalClassifier(mean=mean, scale=scale, weights=weights, bias=bias)
     predicted = dict(zip(held_rows, clf.probability(feats[held_rows]) >= 0.5, strict=True))
     keyword = {i: keyword_refusal(data.replies[i]) for i in held_rows}
     groups = {"all": held_rows}
