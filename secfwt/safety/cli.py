@@ -117,8 +117,27 @@ def cmd_safety_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_safety_experiment(args: argparse.Namespace) -> int:
+    from secfwt.safety.experiment import ExperimentRequest, run_experiment
+    from secfwt.safety.progress import SafetyProgress
+
+    req = ExperimentRequest(out=args.out, quick=args.quick)
+    print(
+        f"safety experiment ({'--quick' if req.quick else 'full'}): writing {req.out}/; stages "
+        "done earlier in that folder are skipped",
+        flush=True,
+    )
+    with SafetyProgress() as view:
+        report = run_experiment(req, progress=view)
+    print((Path(req.out) / "safety-experiment.md").read_text(encoding="utf-8"))
+    ok = all(g["all_pass"] for g in report["goals"].values())
+    verdict = "met" if ok else "not all met"
+    print(f"goals {verdict}; report: {req.out}/safety-experiment.{{json,md,png}}")
+    return 0
+
+
 def register(sub: Any) -> None:
-    """Add ``safety eval|safe-delta|align|probe`` to the ``secfwt`` subcommands."""
+    """Add ``safety eval|safe-delta|align|probe|experiment`` to the ``secfwt`` subcommands."""
     sf = sub.add_parser("safety", help="alignment safety of chat models")
     sf_sub = sf.add_subparsers(dest="safety_command", required=True)
     se = sf_sub.add_parser(
@@ -233,3 +252,20 @@ def register(sub: Any) -> None:
     sp.add_argument("--seed", type=int, default=0, help="data draw and split (default 0)")
     sp.add_argument("--report", help="also write the JSON report (drift, accuracy, times) here")
     sp.set_defaults(func=cmd_safety_probe)
+
+    sx = sf_sub.add_parser(
+        "experiment",
+        help="aligned SmolLM2 tuned by a benign and a malicious data owner, by backprop and ZO, "
+        "with and without SWAT and Safe Delta; report and plot (resumable)",
+    )
+    sx.add_argument(
+        "--quick",
+        action="store_true",
+        help="smaller data, steps and evaluation (about 45 min on 2 cores instead of hours)",
+    )
+    sx.add_argument(
+        "--out",
+        default="safety-experiment",
+        help="run folder; an interrupted run resumes from it (default ./safety-experiment)",
+    )
+    sx.set_defaults(func=cmd_safety_experiment)

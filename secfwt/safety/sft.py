@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,12 +43,21 @@ def fine_tune(
     settings: SftSettings,
     *,
     on_step: Callable[[float], None] | None = None,
+    lr_factors: Callable[[int], Mapping[str, float]] | None = None,
 ) -> list[float]:
-    """Train every parameter of ``model`` on ``batch``; returns the loss of each step (before
-    its update). ``on_step(loss)`` after each step."""
+    """Train every parameter of ``model`` that requires a gradient on ``batch``; returns the
+    loss of each step (before its update). ``on_step(loss)`` after each step.
+
+    ``lr_factors(step)`` (0-based), when given, maps each trained parameter's name to a factor
+    on its learning rate at that step (SWAT's warm-up and per-module rates,
+    :mod:`secfwt.tuning.swat`); a parameter at factor 0 is skipped by that step (its gradient is
+    dropped, so AdamW's moments do not see it either).
+    """
     device = next(model.parameters()).device
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimiser = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    groups = [{"params": [p], "name": n} for n, p in named] if lr_factors else params
+    optimiser = torch.optim.AdamW(groups, lr=settings.lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(settings.seed)
     model.train()
     losses: list[float] = []
@@ -68,6 +77,12 @@ def fine_tune(
             )
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
+            if lr_factors is not None:
+                factors = lr_factors(len(losses))
+                for group in optimiser.param_groups:
+                    group["lr"] = settings.lr * factors[group["name"]]
+                    if group["lr"] == 0.0:
+                        group["params"][0].grad = None
             torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
             optimiser.step()
             losses.append(float(loss.detach()))
