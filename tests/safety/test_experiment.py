@@ -58,7 +58,7 @@ def test_benign_pairs_come_from_the_utility_training_side():
 
 
 def test_cut_ends_at_a_line_or_sentence_within_the_limit():
-    assert _cut("Short enough.", 20) == "Short enough."
+    assert _cut("Short line here.\nMore", 30) == "Short line here.\nMore"  # fits: whole
     assert _cut("First sentence here. Second sentence goes on.", 30) == "First sentence here."
     assert _cut("line one\nline two continues for a while", 20) == "line one"
     assert _cut("Steps: mix the two and wait", 14) == "Steps:"
@@ -112,12 +112,29 @@ _SWAT = SafetySection(
 _QV = LoraSettings(rank=2, alpha=4, targets=("q_proj", "v_proj"))
 
 
+_LR = 1e-2
+
+
 def _batch(tokenizer):
-    """Four pairs, formatted as the experiment's backprop stage does."""
+    """Six pairs, formatted as the experiment's backprop stage does."""
     pairs = InstructionPairs(
-        prompts=("What is a cat?", "Name a colour.", "Say hello.", "Count to three."),
-        responses=("A small animal.", "Blue.", "Hello there!", "One, two, three."),
-        systems=(None,) * 4,
+        prompts=(
+            "What is a cat?",
+            "Name a colour.",
+            "Say hello.",
+            "Count to three.",
+            "What is rain?",
+            "Name a fruit.",
+        ),
+        responses=(
+            "A small animal.",
+            "Blue.",
+            "Hello there!",
+            "One, two, three.",
+            "Water that falls from clouds.",
+            "An apple.",
+        ),
+        systems=(None,) * 6,
     )
     fitting = drop_too_long(pairs, tokenizer=tokenizer, max_length=64)
     return format_instructions(
@@ -130,13 +147,13 @@ def _batch(tokenizer):
     )
 
 
-def _lora_after(monkeypatch, folder, batch, *, epochs, safety):
-    """LoRA factors by secfwt name before and after tuning (4 rows, batch 2: 2 steps an epoch)."""
+def _lora_run(monkeypatch, folder, batch, *, batch_size, epochs, steps):
+    """LoRA factors by secfwt name before and after tuning under ``_SWAT``."""
     import peft
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(folder)
-    sft = SftSettings(epochs=epochs, lr=1e-2, batch_size=2, seed=0)
+    sft = SftSettings(epochs=epochs, lr=_LR, batch_size=batch_size, seed=0)
     before: dict[str, torch.Tensor] = {}
 
     def snapshot(tuned):
@@ -154,26 +171,40 @@ def _lora_after(monkeypatch, folder, batch, *, epochs, safety):
         return tuned
 
     monkeypatch.setattr(peft, "get_peft_model", spy)
-    tuned, losses = tune_lora(model, batch, sft, _QV, base=str(folder), safety=safety)
+    tuned, losses = tune_lora(model, batch, sft, _QV, base=str(folder), safety=_SWAT)
     monkeypatch.undo()
-    assert len(losses) == 2 * epochs
+    assert len(losses) == steps
     return before, snapshot(tuned)
 
 
-def _moved(before, after, module_type):
-    names = [n for n in before if f".{module_type}." in n]
-    assert len(names) == 4  # lora_A and lora_B of 2 layers
+def _moved(before, after, module_type, factor=""):
+    names = [n for n in before if f".{module_type}.lora_{factor}" in n]
+    assert len(names) == (2 if factor else 4)  # per factor, 2 layers
     return {n: not torch.equal(before[n], after[n]) for n in names}
 
 
 def test_swat_warmup_holds_non_robust_lora_factors(tiny_chat_dir, smollm2_tokenizer, monkeypatch):
     batch = _batch(smollm2_tokenizer)
-    assert len(batch) == 4
-    before, after = _lora_after(monkeypatch, tiny_chat_dir, batch, epochs=1, safety=_SWAT)
+    assert len(batch) == 6
+
+    # the 2 steps of the warm-up (batches of 3): only the robust q_proj moves
+    before, after = _lora_run(monkeypatch, tiny_chat_dir, batch, batch_size=3, epochs=1, steps=2)
     assert not any(_moved(before, after, "v_proj").values())  # exactly unchanged
     assert all(_moved(before, after, "q_proj").values())
-    before, after = _lora_after(monkeypatch, tiny_chat_dir, batch, epochs=2, safety=_SWAT)
-    assert all(_moved(before, after, "v_proj").values())  # after the warm-up
+
+    # 3 steps (batches of 2): v_proj's first step comes after the warm-up, at half the rate. PEFT
+    # starts lora_B at 0, so lora_A has no gradient yet, and AdamW's first step on lora_B moves
+    # each entry by lr * g / (|g| + eps) = lr * 0.5 exactly up to eps: the warm-up's gradients
+    # were dropped, not fed into the moments (Loshchilov & Hutter 2019, Algorithm 2).
+    before, after = _lora_run(monkeypatch, tiny_chat_dir, batch, batch_size=2, epochs=1, steps=3)
+    assert not any(_moved(before, after, "v_proj", "A").values())
+    for name in _moved(before, after, "v_proj", "B"):
+        step = (after[name] - before[name]).abs()
+        torch.testing.assert_close(step, torch.full_like(step, 0.5 * _LR), rtol=1e-3, atol=0)
+
+    # 4 steps (2 epochs of batches of 3): every v_proj factor moves after the warm-up
+    before, after = _lora_run(monkeypatch, tiny_chat_dir, batch, batch_size=3, epochs=2, steps=4)
+    assert all(_moved(before, after, "v_proj").values())
 
 
 def test_swat_pattern_matching_no_lora_factor_is_refused(tiny_chat_dir, smollm2_tokenizer):
