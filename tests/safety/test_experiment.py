@@ -298,7 +298,7 @@ def test_stages_skip_done_work_and_redo_interrupted_work(tmp_path):
     interrupted = tmp_path / "b"
     interrupted.mkdir()
     (interrupted / "half-written.bin").write_text("stale")
-    assert stages.run("b", "stage b", work)["value"] == 7
+    stages.run("b", "stage b", work)
     assert calls == ["a", "b"]
     assert sorted(p.name for p in interrupted.iterdir()) == [DONE, "result.txt"]
 
