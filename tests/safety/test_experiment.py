@@ -79,7 +79,7 @@ def test_malicious_pairs_are_harmful_unseen_and_cut():
     assert len(pairs) == rows
     for prompt, reply in zip(pairs.prompts, pairs.responses, strict=True):
         assert normalise_prompt(prompt) not in in_suites
-        assert 0 < len(reply) <= 120
+        assert len(reply) <= 120
         # the row it came from (a prompt may have several): a start of its answer, labelled harmful
         (row,) = (r for r in raw if r["user"].strip() == prompt and reply in r["assistant"])
         label = row["category"].strip(" *\"'").lower()
