@@ -43,7 +43,7 @@ import torch
 import secfwt
 from secfwt.config import JobConfig, SafetySection, load_job, validate
 from secfwt.data.chat_tokenize import drop_too_long, format_instructions
-from secfwt.data.instructions import InstructionPairs
+from secfwt.data.instructions import InstructionPairs, load_instructions
 from secfwt.data.task import PaddingSide, Truncation
 from secfwt.errors import ConfigError
 from secfwt.safety.align import AlignRequest, run_align
@@ -93,7 +93,7 @@ class ExperimentSettings:
     def quick(cls) -> ExperimentSettings:
         return cls(
             benign_rows=256,
-            malicious_rows=102,
+            malicious_rows=103,
             backprop_epochs=1,
             backprop_lr=2e-4,
             zo_steps=40,
@@ -109,7 +109,7 @@ class ExperimentSettings:
     def full(cls) -> ExperimentSettings:
         return cls(
             benign_rows=960,  # of the 968 pairs on the training side of the utility split
-            malicious_rows=102,
+            malicious_rows=103,
             backprop_epochs=2,
             backprop_lr=2e-4,
             zo_steps=200,
@@ -293,7 +293,7 @@ def run_experiment(
 
     benign = benign_pairs(s.benign_rows, seed=s.seed)
     malicious = malicious_pairs(s.malicious_rows, seed=s.seed)
-    disjoint = check_experiment_disjoint([*benign.prompts, *malicious.prompts])
+    check_experiment_disjoint([*benign.prompts, *malicious.prompts])  # before any model loads
 
     def align(folder: Path) -> dict[str, Any]:
         res = run_align(AlignRequest(model=req.model), progress=view)
@@ -321,17 +321,20 @@ def run_experiment(
         return {
             "benign_rows": len(benign),
             "malicious_rows": len(malicious),
-            "disjoint_from": disjoint,
         }
 
     stages.run("data", "training data of the two data owners", data)
     data_dir = out / "data"
-    pairs = {"benign": benign, "malicious": malicious}
+    # checked again on the files every tuning stage reads (also after a resume)
+    stored = [load_instructions(source="jsonl", path=f) for f in sorted(data_dir.glob("*.jsonl"))]
+    disjoint = check_experiment_disjoint([p for rows in stored for p in rows.prompts])
 
     def backprop(run: RunId) -> Callable[[Path], dict[str, Any]]:
         def work(folder: Path) -> dict[str, Any]:
             chat = load_chat_model(str(aligned), device=torch.device("cpu"))
-            fitting = drop_too_long(pairs[run.scenario], tokenizer=chat.tokenizer, max_length=128)
+            # the rows the data stage wrote: a resumed run tunes on what it checked
+            rows = load_instructions(source="jsonl", path=data_dir / f"{run.scenario}.jsonl")
+            fitting = drop_too_long(rows, tokenizer=chat.tokenizer, max_length=128)
             batch = format_instructions(
                 fitting,
                 tokenizer=chat.tokenizer,

@@ -66,8 +66,9 @@ def _cut(reply: str, limit: int) -> str:
     return head[:cut].strip() if cut > limit // 4 else head.strip()
 
 
-#: The examples' own label: a compliant answer the dataset marks harmful ("Harmful", "**Harmful**").
-_HARMFUL = re.compile(r"""\W*harmful\b""", re.IGNORECASE)
+#: The examples' own label: a compliant answer the dataset marks harmful ("Harmful", "**Harmful**",
+#: "Answer: Harmful"); "Not harmful" is not one.
+_HARMFUL = re.compile(r"\W*(?:answer\s*:\s*)?\W*harmful\b", re.IGNORECASE)
 _RESPONSE_TAG = re.compile(r"^(response|answer)\s*:\s*", re.IGNORECASE)
 
 

@@ -82,7 +82,7 @@ def test_malicious_pairs_are_harmful_unseen_and_cut():
         assert len(reply) <= 120
         # the row it came from (a prompt may have several): a start of its answer, labelled harmful
         (row,) = (r for r in raw if r["user"].strip() == prompt and reply in r["assistant"])
-        label = row["category"].strip(" *\"'").lower()
+        label = row["category"].strip(" *\"'").lower().removeprefix("answer:").strip()
         assert label.startswith("harmful"), label[:40]
     with pytest.raises(DataError, match="malicious rows"):
         malicious_pairs(len(raw), seed=0)
@@ -447,3 +447,18 @@ def test_build_report_writes_json_markdown_and_plot(tmp_path):
     assert md.count("\n| ") == 1 + 1 + 16  # header, aligned, every tuned model
     png = (tmp_path / "safety-experiment.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_cli_refuses_to_resume_other_settings(tmp_path, capsys):
+    """`secfwt safety experiment` on a folder of the other --quick choice stops at once (exit 2,
+    naming --out) and leaves that folder's record alone."""
+    from secfwt.cli import main
+
+    out = tmp_path / "run"
+    _open_run(out, ExperimentSettings.full(), quick=False)
+    record = (out / "experiment.json").read_text()
+    rc = main(["safety", "experiment", "--quick", "--out", str(out)])
+    assert rc == 2
+    assert "--out" in capsys.readouterr().err
+    assert (out / "experiment.json").read_text() == record
+    assert sorted(p.name for p in out.iterdir()) == ["experiment.json"]
