@@ -76,7 +76,8 @@ class ExperimentSettings:
 
     benign_rows: int
     malicious_rows: int
-    backprop_epochs: int
+    backprop_epochs: int  # benign data owner
+    malicious_epochs: int  # an attacker makes several passes over its ~100 pairs
     backprop_lr: float
     zo_steps: int
     mpc_steps: int
@@ -95,6 +96,7 @@ class ExperimentSettings:
             benign_rows=256,
             malicious_rows=103,
             backprop_epochs=1,
+            malicious_epochs=3,
             backprop_lr=2e-4,
             zo_steps=40,
             mpc_steps=3,
@@ -111,6 +113,7 @@ class ExperimentSettings:
             benign_rows=960,  # of the 968 pairs on the training side of the utility split
             malicious_rows=103,
             backprop_epochs=2,
+            malicious_epochs=5,
             backprop_lr=2e-4,
             zo_steps=200,
             mpc_steps=10,
@@ -343,8 +346,9 @@ def run_experiment(
                 padding_side=PaddingSide.RIGHT,
                 model_max_positions=int(chat.model.config.max_position_embeddings),
             )
-            sft = SftSettings(epochs=s.backprop_epochs, lr=s.backprop_lr, batch_size=8, seed=s.seed)
-            steps = s.backprop_epochs * -(-len(batch) // 8)
+            epochs = s.backprop_epochs if run.scenario == "benign" else s.malicious_epochs
+            sft = SftSettings(epochs=epochs, lr=s.backprop_lr, batch_size=8, seed=s.seed)
+            steps = epochs * -(-len(batch) // 8)
             safety = (
                 swat_section(drift, LINEAR_TYPES, steps, s.swat_warmup_share)
                 if run.swat
@@ -438,11 +442,14 @@ def run_experiment(
 
         return work
 
+    kept: dict[str, float] = {}  # mean fraction of delta entries Safe Delta kept, per run
     for name, _, defense in model_ids():
         if defense in ("safe-delta", "both"):
             scenario, method = name.split("-")[:2]
             run = RunId(scenario, method, swat=defense == "both")
-            stages.run(f"runs/{run.model_name(True)}", f"Safe Delta on {run.name}", safe_delta(run))
+            label = f"Safe Delta on {run.name}"
+            done = stages.run(f"runs/{run.model_name(True)}", label, safe_delta(run))
+            kept[run.name] = float(done["mean_kept_fraction"])
 
     mpc = stages.run(
         "mpc",
@@ -483,6 +490,7 @@ def run_experiment(
         aligned=str(aligned),
         disjoint=disjoint,
         trained=trained,
+        safe_delta=kept,
         mpc=mpc,
         evals=evals,
         wall_s=time.perf_counter() - t0,

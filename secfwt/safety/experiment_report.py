@@ -141,6 +141,21 @@ def markdown(report: dict[str, Any]) -> str:
             f"undefended {u['undefended_loss']:.3f}, both {u['both_loss']:.3f}); "
             f"rate goals missed: {', '.join(missed) or 'none'}"
         )
+    lines += [
+        "",
+        "## Tuning runs",
+        "",
+        "| run | steps | loss first -> last step (zo: the job's held-out rows) | Safe Delta: "
+        "delta entries kept |",
+        "|---|---|---|---|",
+    ]
+    for name, t in report["trained"].items():
+        first = t.get("loss_first", t.get("job_eval_loss_before"))
+        last = t.get("loss_last", t.get("job_eval_loss_after"))
+        losses = f"{first:.3f} -> {last:.3f}"
+        kept = report["safe_delta"].get(name)
+        kept_s = "-" if kept is None else f"{100 * kept:.1f}%"
+        lines.append(f"| {name} | {t['steps']} | {losses} | {kept_s} |")
     m = report["mpc"]
     err = max(m["max_abs_parameter_error"].values())
     lines += [
@@ -177,7 +192,7 @@ def plot(report: dict[str, Any], file: Path) -> None:
             "over-refusal on benign suites (keyword judge, %)",
             lambda e: pooled(e, benign, "keyword"),
         ),
-        ("held-out reply loss", None),
+        ("utility gain: aligned reply loss - reply loss", None),
     )
     for ax, (title, rate) in zip(axes, panels, strict=True):
         for d, defense in enumerate(DEFENSES):
@@ -187,7 +202,7 @@ def plot(report: dict[str, Any], file: Path) -> None:
                 e = evals[run.model_name(defense in ("safe-delta", "both"))]
                 xs.append(g + (d - 1.5) * width)
                 if rate is None:
-                    ys.append(e["utility_loss"])
+                    ys.append(evals["aligned"]["utility_loss"] - e["utility_loss"])
                     continue
                 r = rate(e)
                 ys.append(100 * r["rate"])
@@ -195,7 +210,7 @@ def plot(report: dict[str, Any], file: Path) -> None:
                 hi.append(100 * (r["ci_high"] - r["rate"]))
             ax.bar(xs, ys, width, label=defense, yerr=[lo, hi] if lo else None, capsize=2)
         a = evals["aligned"]
-        ref = a["utility_loss"] if rate is None else 100 * rate(a)["rate"]
+        ref = 0.0 if rate is None else 100 * rate(a)["rate"]
         ax.axhline(ref, color="black", linestyle="--", linewidth=1, label="aligned")
         ax.set_xticks(range(len(groups)), groups)
         ax.set_title(title, fontsize=10)

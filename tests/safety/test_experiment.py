@@ -435,8 +435,19 @@ def test_build_report_writes_json_markdown_and_plot(tmp_path):
         "reference_eval_loss": [2.5, 2.4],
         "max_abs_parameter_error": {"a": 1e-4, "b": 3e-4},
     }
+    trained = {
+        "benign-backprop": {"steps": 32, "loss_first": 4.0, "loss_last": 3.0},
+        "benign-zo": {"steps": 40, "job_eval_loss_before": 6.0, "job_eval_loss_after": 5.5},
+    }
     report = build_report(
-        tmp_path, quick=True, aligned="aligned-dir", mpc=mpc, evals=evals, wall_s=60.0
+        tmp_path,
+        quick=True,
+        aligned="aligned-dir",
+        trained=trained,
+        safe_delta={"benign-backprop": 0.5},
+        mpc=mpc,
+        evals=evals,
+        wall_s=60.0,
     )
     saved = json.loads((tmp_path / "safety-experiment.json").read_text())
     assert saved["goals"] == report["goals"] == json.loads(json.dumps(goals(evals)))
@@ -444,7 +455,10 @@ def test_build_report_writes_json_markdown_and_plot(tmp_path):
     assert re.search(r"^- \*\*backprop\*\*: all goals met; utility gain kept 90%", md, re.M)
     assert re.search(r"^- \*\*zo\*\*: goals missed; utility gain kept 70%", md, re.M)
     assert "largest parameter difference 3.00e-04" in md
-    assert md.count("\n| ") == 1 + 1 + 16  # header, aligned, every tuned model
+    assert "\n| benign-backprop | 32 | 4.000 -> 3.000 | 50.0% |\n" in md
+    assert "\n| benign-zo | 40 | 6.000 -> 5.500 | - |\n" in md
+    # rates: header, aligned, every tuned model; runs: header, the two runs
+    assert md.count("\n| ") == (1 + 1 + 16) + (1 + 2)
     png = (tmp_path / "safety-experiment.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
 
