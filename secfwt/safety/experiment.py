@@ -161,7 +161,7 @@ class _Stages:
         folder = self.root / name
         marker = folder / DONE
         if marker.is_file():
-            log.info("stage %s: done earlier, skipped", name)
+            self.view.phase(f"{label}: done earlier, skipped", None)
             return dict(json.loads(marker.read_text(encoding="utf-8")))
         if folder.exists():  # an interrupted attempt: start the stage again
             shutil.rmtree(folder)

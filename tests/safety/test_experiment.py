@@ -293,7 +293,7 @@ def test_stages_skip_done_work_and_redo_interrupted_work(tmp_path):
     assert first["value"] == 7 and first["stage_s"] >= 0
     assert json.loads((tmp_path / "a" / DONE).read_text()) == first
     assert stages.run("a", "stage a", work) == first  # marker: skipped
-    assert calls == ["a"] and view.labels == ["stage a"]
+    assert calls == ["a"] and view.labels == ["stage a", "stage a: done earlier, skipped"]
 
     interrupted = tmp_path / "b"
     interrupted.mkdir()
