@@ -55,6 +55,8 @@ from secfwt.safety.experiment_data import (
     malicious_pairs,
     write_jsonl,
 )
+from secfwt.safety.experiment_plan import METHODS, SCENARIOS, RunId, model_ids
+from secfwt.safety.experiment_report import build_report
 from secfwt.safety.lora_tune import LINEAR_TYPES, LoraSettings, save_adapter, tune_lora
 from secfwt.safety.probe import ProbeRequest, multipliers, pattern, rank, run_probe
 from secfwt.safety.safe_delta_run import OutputFormat, SafeDeltaRequest, run_safe_delta
@@ -62,9 +64,6 @@ from secfwt.safety.sft import SftSettings
 
 log = logging.getLogger(__name__)
 
-SCENARIOS = ("benign", "malicious")
-METHODS = ("backprop", "zo")
-DEFENSES = ("none", "swat", "safe-delta", "both")
 #: The ZO job whose algorithm and trainable set the experiment runs (secfwt/jobs/).
 ZO_JOB = Path(secfwt.__file__).parent / "jobs" / "smollm2_instruct_zo.toml"
 DONE = "done.json"
@@ -123,32 +122,6 @@ class ExperimentSettings:
             eval_limit=100,
             eval_tokens=64,
         )
-
-
-@dataclasses.dataclass(frozen=True)
-class RunId:
-    scenario: str
-    method: str
-    swat: bool
-
-    @property
-    def name(self) -> str:
-        return f"{self.scenario}-{self.method}" + ("-swat" if self.swat else "")
-
-    def model_name(self, safe_delta: bool) -> str:
-        return self.name + ("-safedelta" if safe_delta else "")
-
-
-def model_ids() -> list[tuple[str, str, str]]:
-    """(model name, scenario-method, defense) of every tuned model, in report order."""
-    out = []
-    for scenario in SCENARIOS:
-        for method in METHODS:
-            for defense in DEFENSES:
-                run = RunId(scenario, method, defense in ("swat", "both"))
-                safe = defense in ("safe-delta", "both")
-                out.append((run.model_name(safe), f"{scenario}-{method}", defense))
-    return out
 
 
 class _Stages:
@@ -285,8 +258,6 @@ def run_experiment(
     req: ExperimentRequest, *, progress: EvalProgress | None = None
 ) -> dict[str, Any]:
     """Every stage (module doc), each skipped when done earlier; the report's data."""
-    from secfwt.safety.experiment_report import build_report
-
     view: EvalProgress = progress or _NoProgress()
     s = ExperimentSettings.quick() if req.quick else ExperimentSettings.full()
     out = Path(req.out).expanduser()

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from secfwt.safety.experiment_plan import DEFENSES, METHODS, SCENARIOS, RunId, model_ids
 from secfwt.safety.stats import wilson_rate
 
 JUDGES = ("keyword", "classifier")
@@ -35,8 +36,6 @@ def _kinds(evals: dict[str, Any]) -> tuple[list[str], list[str]]:
 
 def goals(evals: dict[str, Any]) -> dict[str, Any]:
     """The three goals for each tuning method's benign run with both defenses."""
-    from secfwt.safety.experiment import METHODS, RunId
-
     harmful, benign = _kinds(evals)
     a = evals["aligned"]
     out: dict[str, Any] = {}
@@ -102,8 +101,6 @@ def _pct(r: dict[str, Any]) -> str:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    from secfwt.safety.experiment import model_ids
-
     evals = report["evals"]
     harmful, benign = _kinds(evals)
     head = (
@@ -178,8 +175,6 @@ def plot(report: dict[str, Any], file: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from secfwt.safety.experiment import DEFENSES, METHODS, SCENARIOS, RunId
 
     evals = report["evals"]
     harmful, benign = _kinds(evals)

@@ -37,6 +37,7 @@ from secfwt.data.task import PaddingSide, Truncation
 from secfwt.errors import ConfigError
 from secfwt.models.packaged import PACKAGED_MODELS
 from secfwt.safety.chat_model import load_chat_model
+from secfwt.safety.lora_tune import LINEAR_TYPES
 from secfwt.safety.refusal_classifier import LinearProbe
 from secfwt.safety.sft import SftSettings, fine_tune
 from secfwt.safety.training_data import build_mix, check_disjoint
@@ -44,16 +45,7 @@ from secfwt.safety.training_data import build_mix, check_disjoint
 log = logging.getLogger(__name__)
 
 #: Module types probed; ``norms`` stands for every RMSNorm/LayerNorm weight (pattern ``*norm``).
-MODULE_TYPES: tuple[str, ...] = (
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-    "norms",
-)
+MODULE_TYPES: tuple[str, ...] = (*LINEAR_TYPES, "norms")
 
 
 def pattern(module_type: str) -> str:

@@ -18,16 +18,11 @@ from secfwt.data.instructions import InstructionPairs, prompt_key
 from secfwt.data.task import PaddingSide, Truncation
 from secfwt.errors import ConfigError, DataError
 from secfwt.safety.experiment import (
-    DEFENSES,
     DONE,
-    METHODS,
-    SCENARIOS,
     ExperimentSettings,
-    RunId,
     _merge_theta,
     _open_run,
     _Stages,
-    model_ids,
     swat_section,
 )
 from secfwt.safety.experiment_data import (
@@ -36,6 +31,7 @@ from secfwt.safety.experiment_data import (
     check_experiment_disjoint,
     malicious_pairs,
 )
+from secfwt.safety.experiment_plan import DEFENSES, METHODS, SCENARIOS, RunId, model_ids
 from secfwt.safety.experiment_report import build_report, goals
 from secfwt.safety.lora_tune import LoraSettings, secfwt_name, tune_lora
 from secfwt.safety.sft import SftSettings
