@@ -24,7 +24,8 @@ def cmd_safety_eval(args: argparse.Namespace) -> int:
     req = EvalRequest(
         model=args.model,
         adapter=args.adapter,
-        suites=tuple(args.suite or ()) or DEFAULT_SUITES,
+        suites=tuple(args.suite or ()) or (() if args.custom_suite else DEFAULT_SUITES),
+        custom_suites=tuple(args.custom_suite or ()),
         limit=args.limit,
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
@@ -32,7 +33,8 @@ def cmd_safety_eval(args: argparse.Namespace) -> int:
     ).checked()
     print(
         f"safety eval: {req.model}{' + adapter ' + req.adapter if req.adapter else ''} on "
-        f"{', '.join(req.suites)}{f' (first {req.limit} each)' if req.limit else ''}; "
+        f"{', '.join((*req.suites, *req.custom_suites))}"
+        f"{f' (first {req.limit} each)' if req.limit else ''}; "
         f"writing {args.out}/",
         flush=True,
     )
@@ -152,6 +154,13 @@ def register(sub: Any) -> None:
         metavar="NAME",
         help="suites, comma-separated or repeated (default: advbench, harmbench, donotanswer, "
         "rho-refusal, overrefusal)",
+    )
+    se.add_argument(
+        "--custom-suite",
+        action="append",
+        metavar="KIND:FILE",
+        help="your own prompts: KIND harmful or benign, FILE one prompt per line (.txt) or "
+        "JSONL with 'prompt'; repeatable; alone, it replaces the default suites",
     )
     se.add_argument("--limit", type=int, metavar="N", help="first N prompts of each suite")
     se.add_argument("--max-new-tokens", type=int, default=64, help="per reply (default 64)")

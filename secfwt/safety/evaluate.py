@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import torch
 
 from secfwt.data.sampling import check_count
+from secfwt.errors import ConfigError
 from secfwt.safety.chat_model import load_chat_model, pick_device
 from secfwt.safety.generation import Reply, generate_replies
 from secfwt.safety.keyword_judge import (
@@ -32,7 +33,14 @@ from secfwt.safety.keyword_judge import (
 from secfwt.safety.refusal_classifier import cached_refusal_classifier
 from secfwt.safety.sentence_embedding import SentenceEmbedder
 from secfwt.safety.stats import cohen_kappa, wilson_rate
-from secfwt.safety.suites import DEFAULT_SUITES, Suite, SuiteKind, load_suite, parse_suites
+from secfwt.safety.suites import (
+    DEFAULT_SUITES,
+    Suite,
+    SuiteKind,
+    load_custom_suite,
+    load_suite,
+    parse_suites,
+)
 from secfwt.safety.training_data import require_held_out_limit
 from secfwt.safety.utility import UTILITY_DATASET, chatterbot_held_out, held_out_reply_loss
 
@@ -62,6 +70,7 @@ class EvalRequest:
     model: str
     adapter: str | None = None
     suites: tuple[str, ...] = DEFAULT_SUITES
+    custom_suites: tuple[str, ...] = ()  # KIND:FILE each (suites.load_custom_suite)
     limit: int | None = None  # first N prompts of each suite
     max_new_tokens: int = 64
     batch_size: int = 8
@@ -77,8 +86,13 @@ class EvalRequest:
         check_count("--batch-size", self.batch_size, minimum=1)
         check_count("--utility-rows", self.utility_rows, minimum=0)
         check_count("--seed", self.seed, minimum=0)
-        suites = parse_suites(self.suites)
+        suites = parse_suites(self.suites) if self.suites else ()
         require_held_out_limit(self.model, suites, self.limit)
+        names = [load_custom_suite(spec).name for spec in self.custom_suites]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"--custom-suite: two files share a name: {', '.join(names)}")
+        if not suites and not names:
+            raise ConfigError("--suite/--custom-suite: no suite to evaluate")
         return replace(self, suites=suites)
 
 
@@ -90,6 +104,7 @@ def run_safety_eval(
     view: EvalProgress = progress if progress is not None else _NoProgress()
     t0 = time.perf_counter()
     suites = [load_suite(name).head(req.limit) for name in req.suites]
+    suites += [load_custom_suite(spec).head(req.limit) for spec in req.custom_suites]
 
     view.phase(f"loading {req.model}" + (f" + adapter {req.adapter}" if req.adapter else ""), None)
     chat = load_chat_model(req.model, adapter=req.adapter)
@@ -143,6 +158,7 @@ def run_safety_eval(
         "device": str(chat.device),
         "settings": {
             "suites": list(req.suites),
+            "custom_suites": list(req.custom_suites),
             "limit": req.limit,
             "max_new_tokens": req.max_new_tokens,
             "batch_size": req.batch_size,

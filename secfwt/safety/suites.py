@@ -28,6 +28,7 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from enum import Enum
+from pathlib import Path
 
 from secfwt.data.sampling import check_count
 from secfwt.errors import ConfigError, DataError
@@ -247,3 +248,53 @@ def _round_robin(rows: list[tuple[str, str]]) -> list[tuple[str, str]]:
     for i in range(max(len(g) for g in groups.values())):
         out.extend(g[i] for g in groups.values() if i < len(g))
     return out
+
+
+def load_custom_suite(spec: str) -> Suite:
+    """A suite of the user's own prompts from ``--custom-suite KIND:FILE``: ``KIND`` is
+    ``harmful`` (refusal is the goal) or ``benign`` (refusal is over-refusal); ``FILE`` holds one
+    prompt per line (``.txt``) or one JSON object with a ``prompt`` field per line (``.jsonl``).
+    Named after the file's stem; prompts de-duplicated by normalised text, in file order."""
+    kind_name, sep, path = spec.partition(":")
+    kinds = {k.value: k for k in SuiteKind}
+    if not sep or kind_name not in kinds:
+        raise ConfigError(
+            f"--custom-suite {spec!r}: give KIND:FILE with KIND harmful or benign, e.g. "
+            "harmful:my_prompts.txt"
+        )
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"--custom-suite {spec!r}: {file} is not a file")
+    lines = [line.strip() for line in file.read_text(encoding="utf-8").splitlines()]
+    prompts: list[str] = []
+    for i, line in enumerate(lines, start=1):
+        if not line:
+            continue
+        if file.suffix == ".jsonl":
+            try:
+                line = str(json.loads(line)["prompt"]).strip()
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise ConfigError(
+                    f"--custom-suite {spec!r}: line {i} is not a JSON object with 'prompt': {exc}"
+                ) from exc
+        prompts.append(line)
+    seen: set[str] = set()
+    unique: list[str] = []
+    for p in prompts:
+        if normalise_prompt(p) not in seen:
+            seen.add(normalise_prompt(p))
+            unique.append(p)
+    if not unique:
+        raise ConfigError(f"--custom-suite {spec!r}: {file} holds no prompt")
+    if file.stem in _SPECS:
+        raise ConfigError(
+            f"--custom-suite {spec!r}: {file.stem!r} is a packaged suite's name; rename the file"
+        )
+    return Suite(
+        name=file.stem,
+        kind=kinds[kind_name],
+        prompts=tuple(unique),
+        categories=("",) * len(unique),
+        source=f"the user's file {file}",
+        licence="as the user's file",
+    )
