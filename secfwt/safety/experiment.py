@@ -251,7 +251,6 @@ def _patch_whole(folder: Path, whole: dict[str, torch.Tensor]) -> None:
 class ExperimentRequest:
     out: str = "safety-experiment"
     quick: bool = False
-    model: str = "packaged:smollm2-135m-instruct"
 
 
 def run_experiment(
@@ -270,7 +269,7 @@ def run_experiment(
     check_experiment_disjoint([*benign.prompts, *malicious.prompts])  # before any model loads
 
     def align(folder: Path) -> dict[str, Any]:
-        res = run_align(AlignRequest(model=req.model), progress=view)
+        res = run_align(AlignRequest(), progress=view)  # the packaged SmolLM2, default recipe
         return {"folder": str(res.folder), "cache_hit": res.cache_hit}
 
     aligned = Path(stages.run("aligned", "aligned base (secfwt safety align)", align)["folder"])
