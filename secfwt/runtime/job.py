@@ -278,6 +278,7 @@ def _prepare(ctx: PartyContext, job: PartyJob) -> _Prepared:
     cached = None if cached is None else from_share(cached, precision_bits())
     n, t = facts["n"], facts["t"]
     runner: CachedForward | CausalLMForward
+    checks: RangeChecks | None
     if causal:
         assert data is None or isinstance(data, InstructionInputs)
         runner, cache, prefix_s, checks = causal_runner(
@@ -297,7 +298,14 @@ def _prepare(ctx: PartyContext, job: PartyJob) -> _Prepared:
         )
     else:
         assert data is None or isinstance(data, DataOwnerInputs)
-        checks = None
+        both = {Role.MODEL_OWNER, Role.DATA_OWNER}
+        # optional for classification jobs: with the range_check term, the frozen prefix's rows
+        # are checked and computed again where a truncation failure blew them up
+        checks = (
+            RangeChecks(sess)
+            if both <= set(sess.discloser.terms.recipients(Revealable.RANGE_CHECK))
+            else None
+        )
         runner, cache, prefix_s = _encoder_runner(
             sess,
             cfg,
@@ -310,6 +318,7 @@ def _prepare(ctx: PartyContext, job: PartyJob) -> _Prepared:
             cut=cut,
             cached=cached,
             progress=progress,
+            checks=checks,
         )
     p = _Prepared(
         sess=sess,
@@ -374,9 +383,11 @@ def _encoder_runner(
     cut: int,
     cached: Any | None,
     progress: _Progress,
+    checks: RangeChecks | None,
 ) -> tuple[CachedForward, Any, float]:
     """A classification job's shared rows and frozen prefix (or the checkpoint's): the forward,
-    the cache and the seconds the prefix took."""
+    the cache and the seconds the prefix took; with ``checks``, each prefix row is range-checked
+    (:class:`~secfwt.runtime.causal.RangeChecks`)."""
     n, t = facts["n"], facts["t"]
     onehot, mask, pool_w = share_rows(
         sess, data, n=n, t=t, num_labels=facts["num_labels"], pooling=cfg.model.pooling
@@ -387,22 +398,33 @@ def _encoder_runner(
         cache = cached
         progress(kind="phase", phase="frozen prefix loaded from the checkpoint")
     else:
-        chunks, bs = [], cfg.run.eval_batch
-        for s in range(0, n, bs):
-            e = min(n, s + bs)
+
+        def compute(rows: list[int]) -> Any:
+            ix = torch.tensor(rows)
             word = share_word_embeddings(
                 sess,
                 spec,
                 mode=cfg.model.embedding,
-                shape=(e - s, t),
-                input_ids=None if data is None else data.input_ids[s:e],
+                shape=(len(rows), t),
+                input_ids=None if data is None else data.input_ids[ix],
                 secret_table=frozen.get(spec.word_embeddings),
                 plain_table=plain_table,
             )
-            pw_s = None if pool_w is None else pool_w[s:e]
-            chunks.append(prefix(frozen_model, word, mask[s:e], pw_s, cut=cut))
-            progress(kind="prefix", done=e, total=n, elapsed=time.perf_counter() - t_prefix)
-        cache = chunks[0] if len(chunks) == 1 else sess.ops.cat(chunks, dim=0)
+            pw_s = None if pool_w is None else pool_w[ix]
+            return prefix(frozen_model, word, mask[ix], pw_s, cut=cut)
+
+        def report(done: int) -> None:
+            progress(kind="prefix", done=done, total=n, elapsed=time.perf_counter() - t_prefix)
+
+        bs = cfg.run.eval_batch
+        if checks is not None:
+            cache = checks.rows(compute, n=n, batch=bs, what="frozen prefix", on_chunk=report)
+        else:  # no range_check term: each row computed once, unchecked
+            chunks = []
+            for s in range(0, n, bs):
+                chunks.append(compute(list(range(s, min(n, s + bs)))))
+                report(min(n, s + bs))
+            cache = chunks[0] if len(chunks) == 1 else sess.ops.cat(chunks, dim=0)
     runner = CachedForward(
         ops=sess.ops,
         public=sess.public,

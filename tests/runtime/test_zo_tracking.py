@@ -95,3 +95,24 @@ def test_mpc_zo_with_a_safety_section_tracks_its_reference(tmp_path, tiny_tok_di
         float((r["final"][n].double() - without["theta"][n]).abs().max()) for n in r["final"]
     )
     assert apart > 5 * r["worst"], (apart, r["worst"])
+
+
+RANGE_CHECK_TERM = """
+[[disclosure]]
+value = "range_check"
+to = ["data_owner", "model_owner"]
+"""
+
+
+def test_classification_prefix_range_checked_with_the_term(tmp_path, tiny_tok_dir):
+    """With the range_check term a classification job checks each frozen-prefix row (one bit
+    per chunk of rows revealed to both) and still tracks its reference; without it, no check."""
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "checked").mkdir()
+    plain = _run_and_replay(tmp_path / "plain", tiny_tok_dir)["report"]
+    checked = _run_and_replay(tmp_path / "checked", tiny_tok_dir, RANGE_CHECK_TERM)["report"]
+    assert checked["rows_recomputed"] == plain["rows_recomputed"] == 0
+    # 18 rows, run.eval_batch 32: one chunk, one range-check reveal more at each party
+    for role in ("data_owner", "model_owner"):
+        extra = checked["parties"][role]["reveals"] - plain["parties"][role]["reveals"]
+        assert extra == 1, (role, extra)
