@@ -15,10 +15,10 @@ from __future__ import annotations
 import json
 import random
 
+from secfwt.data.packages import PYRIT
 from secfwt.errors import ConfigError
 from secfwt.safety.disjoint import assert_disjoint
 from secfwt.safety.normalise import normalise_prompt
-from secfwt.safety.packaged_data import PYRIT
 from secfwt.safety.suites import SUITE_NAMES, suite_prompts
 
 DEFAULT_SAMPLES = 128

