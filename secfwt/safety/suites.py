@@ -2,11 +2,10 @@
 requests it should answer.
 
 Every suite is read from a pinned PyPI package by path (:mod:`secfwt.data.packages`); its
-prompts are
-public, so later training code can check that no evaluation prompt leaks into training data
-(:mod:`.disjoint`). ``--limit N`` evaluates the first ``N`` prompts of a suite in its order:
-the file's order, except that suites with categories take them in turn (round-robin), so that a
-limited run still covers every category.
+prompts are public, so later training code can check that no evaluation prompt leaks into
+training data (:mod:`.disjoint`). ``--limit N`` evaluates the first ``N`` prompts of a suite in
+its order: the file's order, except that suites with categories take them in turn (round-robin),
+so that a limited run still covers every category.
 
 * ``advbench`` (harmful, 520): AdvBench harmful behaviours (Zou et al. 2023, arXiv:2307.15043),
   pyrit 1.1.0 ``datasets/seed_datasets/local/adv_bench.prompt``.
