@@ -114,6 +114,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from secfwt.runtime.simulate import run_simulation
 
     cfg = load_job(args.job, overrides=args.set or ())
+    policy = None
+    if args.policy:
+        from secfwt.runtime.policy import load_policy
+
+        policy = load_policy(args.policy)
     if args.insecure_dev:
         print(
             "WARNING: --insecure-dev: development shortcuts are allowed for this run; never use it "
@@ -148,9 +153,16 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             checkpoint_dir=args.checkpoint_dir,
             checkpoint_every=args.checkpoint_every,
             resume=args.resume,
+            policy=policy,
         )
     _write_report(report, args.report)
     print(f"{_held_out_line(report)} after {report['steps']} steps in {report['wall_s']:.0f} s")
+    gate = report.get("safety_gate")
+    if gate is not None:
+        print(
+            f"safety gate: score {gate['score_before']:.4f} -> {gate['score_after']:.4f} on "
+            f"{gate['prompts']} prompts: {gate['state']} ({gate['reason']})"
+        )
     for role, p in report["parties"].items():
         if "requests" in p:  # the dealer
             print(
@@ -168,6 +180,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         + " (dealer traffic included)"
     )
     print(f"report: {args.report or report['output_dir'] + '/report.json'}")
+    if report.get("state", "released") != "released":
+        from secfwt.errors import SafetyGateWithheld
+
+        print(
+            "the tuned parameters were withheld by the safety gate and deleted by every party",
+            file=sys.stderr,
+        )
+        return SafetyGateWithheld.exit_code
     return 0
 
 
@@ -360,6 +380,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("simulate", help="run a job with every party as a local process")
     s.add_argument("job", nargs="?", help="job TOML (default: the packaged default job)")
     s.add_argument("--report", help="also write the JSON report here")
+    s.add_argument(
+        "--policy",
+        metavar="FILE",
+        help="the model owner's safety policy ([safety_policy] of a party.toml or a policy file): "
+        "a job that lacks its gate or defences is refused before any party starts",
+    )
     s.add_argument(
         "--set",
         action="append",

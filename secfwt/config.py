@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
 import importlib.resources
+import json
 import typing
 from collections.abc import Iterable
 from pathlib import Path
@@ -166,6 +168,42 @@ class SafetySection:
 
 
 @dataclasses.dataclass(frozen=True)
+class SafetyGateSection:
+    """The safety gate a causal-LM job carries (:mod:`secfwt.runtime.gate`): the refusal-margin
+    score (:mod:`secfwt.data.refusal_margin`) on public harmful prompts, computed in MPC before
+    and after tuning; the tuned parameters are released only if the score after tuning passes.
+    ``prompts = ""`` (the default): no gate. A model owner's ``[safety_policy]``
+    (:mod:`secfwt.runtime.policy`) says which gate, and which defences, its jobs must carry."""
+
+    prompts: str = ""  # "packaged:advbench-gate", or a .txt / .jsonl file of harmful prompts
+    count: int = 8  # prompts scored (each is 6 rows: 3 refusals, 3 compliances)
+    max_length: int = 64  # tokens per score row (a longer prompt loses its first tokens)
+    #: release only if score_after >= score_before - max_drop (the untuned model's score, same job)
+    max_drop: float | None = None
+    min_score: float | None = None  # and score_after >= min_score
+    #: Safe Delta on shares before release (not available in jobs yet: refused)
+    safe_delta: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.prompts)
+
+    def passes(self, before: float, after: float) -> tuple[bool, str]:
+        """Whether scores ``before`` and ``after`` tuning pass, and why (one line)."""
+        why = []
+        if self.max_drop is not None and after < before - self.max_drop:
+            why.append(
+                f"score fell {before - after:.4f} (from {before:.4f} to {after:.4f}), "
+                f"more than max_drop = {self.max_drop}"
+            )
+        if self.min_score is not None and after < self.min_score:
+            why.append(f"score {after:.4f} is below min_score = {self.min_score}")
+        if why:
+            return False, "; ".join(why)
+        return True, f"score {before:.4f} -> {after:.4f} within the gate"
+
+
+@dataclasses.dataclass(frozen=True)
 class RunSection:
     timeout_s: float = 1800.0
     output_dir: str = "secfwt-runs"
@@ -192,12 +230,25 @@ class JobConfig:
     run: RunSection = RunSection()
     dp: DPSection = DPSection()
     safety: SafetySection = SafetySection()
+    safety_gate: SafetyGateSection = SafetyGateSection()
     disclosure: tuple[DisclosureEntry, ...] = ()
     source: str = "<built-in>"
 
     @property
     def terms(self) -> DisclosureTerms:
-        return DisclosureTerms.of((d.value, d.to) for d in self.disclosure)
+        """The disclosure list, bound to the job's safety policy (its gate and its SWAT
+        schedule) when it carries a gate: both owners accept that digest."""
+        policy = safety_policy_digest(self) if self.safety_gate.enabled else ""
+        return DisclosureTerms.of(((d.value, d.to) for d in self.disclosure), policy=policy)
+
+
+def safety_policy_digest(cfg: JobConfig) -> str:
+    """SHA-256 of the job's [safety_gate] and [safety] sections: the safety policy it carries."""
+    blob = {
+        "safety_gate": dataclasses.asdict(cfg.safety_gate),
+        "safety": dataclasses.asdict(cfg.safety),
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
 _SECTIONS = {
@@ -209,6 +260,7 @@ _SECTIONS = {
     "run": RunSection,
     "dp": DPSection,
     "safety": SafetySection,
+    "safety_gate": SafetyGateSection,
 }
 
 
@@ -302,6 +354,7 @@ def validate(cfg: JobConfig) -> None:
     _positive(f"{s}: run.timeout_s", cfg.run.timeout_s)
     _positive(f"{s}: run.eval_batch", cfg.run.eval_batch)
     _validate_head(cfg)
+    _validate_gate(cfg)
     if cfg.job.mode is Mode.ZO:
         z = cfg.zo
         for name in ("steps", "batch_size", "directions", "lr", "eps", "lora_rank"):
@@ -538,6 +591,43 @@ def _validate_dp(cfg: JobConfig) -> None:
             )
 
 
+def _validate_gate(cfg: JobConfig) -> None:
+    """[safety_gate] settings that are wrong whatever the model and prompts."""
+    s, g = cfg.source, cfg.safety_gate
+    if g == SafetyGateSection():
+        return
+    if not g.enabled:
+        raise ConfigError(
+            f"{s}: safety_gate.prompts: [safety_gate] is set but names no prompts; set "
+            "safety_gate.prompts = 'packaged:advbench-gate' (or a prompt file), or remove the "
+            "section"
+        )
+    if cfg.model.head is not Head.CAUSAL_LM:
+        raise ConfigError(
+            f"{s}: safety_gate: the safety gate scores a chat model's replies; it needs "
+            f"model.head = 'causal_lm', not {cfg.model.head.value!r}. Remove [safety_gate]"
+        )
+    if g.max_drop is None and g.min_score is None:
+        raise ConfigError(
+            f"{s}: safety_gate.max_drop: a gate needs a threshold; set safety_gate.max_drop "
+            "(how far the score may fall during tuning) and/or safety_gate.min_score"
+        )
+    if g.max_drop is not None:
+        _positive(f"{s}: safety_gate.max_drop", g.max_drop, allow_zero=True)
+    _positive(f"{s}: safety_gate.count", g.count)
+    if g.max_length < 16:
+        raise ConfigError(
+            f"{s}: safety_gate.max_length = {g.max_length}: a score row holds the chat template, "
+            "a prompt and an opening; use at least 16 (64 fits most harmful requests)"
+        )
+    if g.safe_delta:
+        raise ConfigError(
+            f"{s}: safety_gate.safe_delta = true: Safe Delta on shares before release is not "
+            "available in jobs yet (docs/safety.md, 'Safe Delta in MPC'); run Safe Delta on the "
+            "released adapter (`secfwt safety safe-delta`) or set safety_gate.safe_delta = false"
+        )
+
+
 def _validate_safety(cfg: JobConfig) -> None:
     """[safety] settings that are wrong whatever the model; patterns are matched against the
     trainable set by :func:`secfwt.tuning.swat.update_scales`."""
@@ -588,4 +678,6 @@ def required_disclosures(cfg: JobConfig) -> list[tuple[Revealable, Role]]:
         out.append((Revealable.EMBEDDING_TABLE, Role.DATA_OWNER))
     if cfg.job.mode is Mode.CMA:
         out.append((Revealable.TRAIN_OUTPUTS, Role.DATA_OWNER))
+    if cfg.safety_gate.enabled:  # both owners see the score and the reason of the decision
+        out += [(Revealable.SAFETY_SCORE, r) for r in (Role.MODEL_OWNER, Role.DATA_OWNER)]
     return out

@@ -68,6 +68,17 @@ class ToleranceExceededError(SecfwtError):
     exit_code = 8
 
 
+class PolicyError(ConfigError):
+    """A job does not carry what the model owner's safety policy requires (refused before it
+    runs, naming the missing item)."""
+
+
+class SafetyGateWithheld(SecfwtError):
+    """A job ran, but its safety gate kept the tuned parameters back (``withheld: safety``)."""
+
+    exit_code = 9
+
+
 def exit_code_for(exc: BaseException) -> int:
     """Process exit code for an exception: the class's code, 1 for a secfwt error without one,
     70 (EX_SOFTWARE) for anything unexpected."""

@@ -58,7 +58,8 @@ COMPLIANCES = (
 )
 
 
-def _advbench() -> list[str]:
+def advbench_prompts() -> list[str]:
+    """AdvBench's 520 behaviours in the pinned pyrit copy's order."""
     import yaml
 
     file = PYRIT.file("datasets", "seed_datasets", "local", "adv_bench.prompt")
@@ -68,7 +69,7 @@ def _advbench() -> list[str]:
         raise DataError(f"{file}: expected a YAML document with seeds[].value: {exc}") from exc
     if len(seeds) < ADVBENCH_ROWS.stop:
         raise DataError(f"{file}: {len(seeds)} prompts, expected {ADVBENCH_ROWS.stop} (pyrit)")
-    return [seeds[i] for i in ADVBENCH_ROWS]
+    return seeds
 
 
 def _file(path: Path, field: str) -> list[str]:
@@ -98,7 +99,10 @@ def _file(path: Path, field: str) -> list[str]:
 
 def load_prompts(spec: str, count: int, *, field: str = "safety_gate.prompts") -> tuple[str, ...]:
     """The first ``count`` distinct prompts of ``spec``: :data:`PACKAGED` or a prompt file."""
-    raw = _advbench() if spec == PACKAGED else _file(Path(spec).expanduser(), field)
+    if spec == PACKAGED:
+        raw = [advbench_prompts()[i] for i in ADVBENCH_ROWS]
+    else:
+        raw = _file(Path(spec).expanduser(), field)
     seen: dict[str, str] = {}
     for p in raw:
         seen.setdefault(prompt_key(p), p)

@@ -46,6 +46,7 @@ class Revealable(enum.Enum):
     EVAL_OUTPUTS = "eval_outputs"  # model outputs for the data owner's held-out examples
     FINAL_PARAMETERS = "final_parameters"  # tuned trainable parameters (prompt, head, LoRA, ...)
     VERIFY_OUTPUTS = "verify_outputs"  # secure forward outputs on sample input (verify-model)
+    SAFETY_SCORE = "safety_score"  # the safety gate's score before and after tuning (one number)
 
     @property
     def description(self) -> str:
@@ -66,6 +67,10 @@ _DESCRIPTIONS = {
     Revealable.EVAL_OUTPUTS: "model outputs for the data owner's held-out examples",
     Revealable.FINAL_PARAMETERS: "the tuned trainable parameters",
     Revealable.VERIFY_OUTPUTS: "secure forward outputs on verification input",
+    Revealable.SAFETY_SCORE: (
+        "the safety gate's refusal-margin score on the model owner's public harmful prompts "
+        "(a single number before and one after tuning)"
+    ),
 }
 
 
@@ -81,9 +86,14 @@ class DisclosureTerm:
 @dataclasses.dataclass(frozen=True)
 class DisclosureTerms:
     terms: tuple[DisclosureTerm, ...]
+    #: SHA-256 of the safety policy the job carries (its gate and defences), "" for none: part
+    #: of :meth:`digest`, so accepting the terms accepts the policy
+    policy: str = ""
 
     @classmethod
-    def of(cls, pairs: Iterable[tuple[Revealable, Iterable[Role]]]) -> DisclosureTerms:
+    def of(
+        cls, pairs: Iterable[tuple[Revealable, Iterable[Role]]], *, policy: str = ""
+    ) -> DisclosureTerms:
         merged: dict[Revealable, set[Role]] = {}
         for value, to in pairs:
             merged.setdefault(value, set()).update(to)
@@ -91,7 +101,8 @@ class DisclosureTerms:
             tuple(
                 DisclosureTerm(v, frozenset(r))
                 for v, r in sorted(merged.items(), key=lambda kv: kv[0].value)
-            )
+            ),
+            policy=policy,
         )
 
     @classmethod
@@ -112,15 +123,22 @@ class DisclosureTerms:
         return [t.to_dict() for t in self.terms]
 
     def digest(self) -> str:
-        """SHA-256 of the canonical JSON form: what both owners accept."""
-        blob = json.dumps(self.to_list(), sort_keys=True, separators=(",", ":")).encode()
+        """SHA-256 of the canonical JSON form: what both owners accept. Terms without a policy
+        keep the digest they had before policies existed."""
+        form: Any = self.to_list()
+        if self.policy:
+            form = {"terms": form, "safety_policy": self.policy}
+        blob = json.dumps(form, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()
 
     def describe(self) -> list[str]:
-        return [
+        lines = [
             f"{t.value.description} -> {', '.join(sorted(r.value for r in t.to))}"
             for t in self.terms
         ]
+        if self.policy:
+            lines.append(f"safety policy (gate and defences) digest {self.policy}")
+        return lines
 
 
 class Discloser:
@@ -163,6 +181,22 @@ class Discloser:
             "terms": self.terms.digest(),
         }
         self.count += 1
+        if self.audit_path is None:
+            return
+        with self._lock, open(self.audit_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(entry) + "\n")
+
+    def record(self, event: str, **details: Any) -> None:
+        """Append an event that reveals nothing (e.g. a release withheld) to the audit log, so
+        the log tells the whole story of what left this party and what did not."""
+        entry = {
+            "time": time.time(),
+            "party": self.role.value,
+            "event": event,
+            **details,
+            "terms": self.terms.digest(),
+        }
+        log.info("audit: %s %s", event, details)
         if self.audit_path is None:
             return
         with self._lock, open(self.audit_path, "a", encoding="utf-8") as fh:

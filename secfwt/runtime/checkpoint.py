@@ -339,6 +339,16 @@ class PartyCheckpoints:
             ):
                 p.unlink()
 
+    def discard_tuned(self) -> list[str]:
+        """Delete every step file and optimiser state (shares of tuned values) of this job; the
+        frozen prefix stays (it holds no tuned value). Returns the names deleted."""
+        gone = []
+        for p in sorted(self.folder.iterdir()):
+            if _STEP_RE.fullmatch(p.name) or p.name.startswith("local-"):
+                p.unlink()
+                gone.append(p.name)
+        return gone
+
     def forget_prefix(self, prefix_id: str) -> None:
         """Remove a prefix file no step file refers to (a session that wrote no step)."""
         (self.folder / f"prefix-{prefix_id}.pt").unlink(missing_ok=True)

@@ -14,7 +14,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from secfwt.config import JobConfig, SafetySection
+from secfwt.config import JobConfig, SafetyGateSection, SafetySection
 from secfwt.data.inputs import DataOwnerInputs, InstructionInputs
 from secfwt.errors import ConfigError
 
@@ -130,6 +130,14 @@ class PartyOutcome:
     #: causal-LM jobs: rows (of the frozen prefix or of a later forward's upper layers) whose
     #: hidden states failed the range check and were computed again
     rows_recomputed: int = 0
+    #: jobs with a safety gate: :meth:`secfwt.runtime.gate.GateDecision.to_dict` (both owners
+    #: learn it); None without a gate
+    safety_gate: Mapping[str, Any] | None = None
+
+    @property
+    def released(self) -> bool:
+        """False when the safety gate withheld the tuned parameters."""
+        return self.safety_gate is None or bool(self.safety_gate["released"])
 
     @property
     def steps(self) -> int:
@@ -147,6 +155,7 @@ class PartyOutcome:
             "eval_loss_before": self.eval_loss_before,
             "eval_loss_after": self.eval_loss_after,
             "rows_recomputed": self.rows_recomputed,
+            "safety_gate": None if self.safety_gate is None else dict(self.safety_gate),
             "steps": self.steps,
             "history": [dataclasses.asdict(h) for h in self.history],
             "trainable": {"names": list(self.trainable_names), "numel": self.trainable_numel},
@@ -195,6 +204,10 @@ def public_job_digest(cfg: JobConfig) -> str:
     """SHA-256 of the job's settings (not its file name): the parties agree on it, and every
     checkpoint names the job it belongs to by it."""
     public = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("source",)}
-    if cfg.safety == SafetySection():  # no [safety]: the digest jobs had before it existed,
-        del public["safety"]  # so their checkpoints still resume
+    # sections a job leaves at their defaults are left out: the digest jobs had before those
+    # sections existed, so their checkpoints still resume
+    if cfg.safety == SafetySection():
+        del public["safety"]
+    if cfg.safety_gate == SafetyGateSection():
+        del public["safety_gate"]
     return hashlib.sha256(json.dumps(public, sort_keys=True, default=str).encode()).hexdigest()

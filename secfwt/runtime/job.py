@@ -43,6 +43,7 @@ from secfwt.runtime.contract import (
     VariantOutcome,
     public_job_digest,
 )
+from secfwt.runtime.gate import WITHHELD, GateDecision, SafetyGate, build_gate
 from secfwt.runtime.inputs import disclose_table, share_rows, share_word_embeddings
 from secfwt.runtime.session import PartySession
 from secfwt.tuning.causal_lm import CausalLMForward
@@ -91,6 +92,8 @@ class _Prepared:
     eval_idx: list[int]
     prefix_s: float
     checks: RangeChecks | None  # a causal job's range checks of its secure hidden states
+    gate: SafetyGate | None = None  # the safety gate's rows, where the job carries one
+    gate_before: float | None = None  # its score with the untuned parameters
     #: the held-out metric before tuning: accuracy, or a causal-LM job's mean response loss
     before: float | None = None
     local: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
@@ -124,12 +127,21 @@ def run_job_party(ctx: PartyContext, job: PartyJob) -> PartyOutcome:
     theta, prompt, history, dp_report = _tune(s, s.cfg, s.theta, ckpt=s.ckpt)
     after = s.evaluate(theta, prompt, "after tuning")
     s.report_eval("after", after)
-    adapter = None
-    if s.causal:
-        adapter = AdapterExport(
-            base_model=job.model_dir, scale=s.runner.settings.lora_scale, spec=s.spec
-        )
-    artifacts = deliver(s.sess, theta, s.local, s.out_dir, adapter=adapter)
+    decision = None
+    if s.gate is not None:
+        assert s.gate_before is not None
+        decision = s.gate.decide(s.gate_before, s.gate.score(theta, note="safety gate: after"))
+        s.progress(kind="gate", **decision.to_dict())
+    if decision is None or decision.released:
+        adapter = None
+        if s.causal:
+            adapter = AdapterExport(
+                base_model=job.model_dir, scale=s.runner.settings.lora_scale, spec=s.spec
+            )
+        artifacts = deliver(s.sess, theta, s.local, s.out_dir, adapter=adapter)
+    else:
+        artifacts = _withhold(s, decision)
+        del theta
     spec = s.spec
     return PartyOutcome(
         accuracy_before=None if s.causal else s.before,
@@ -150,7 +162,26 @@ def run_job_party(ctx: PartyContext, job: PartyJob) -> PartyOutcome:
         reveals=s.sess.discloser.count,
         dp=dp_report,
         model=ModelFacts(family=spec.family.value, layers=spec.num_layers, hidden=spec.hidden_size),
+        safety_gate=None if decision is None else decision.to_dict(),
     )
+
+
+def _withhold(s: _Prepared, decision: GateDecision) -> dict[str, str]:
+    """The gate failed: nothing is revealed; this party deletes its checkpointed shares of the
+    tuned parameters (the in-memory ones go with the process) and records why in its audit
+    log. Returns no artifacts."""
+    deleted = [] if s.ckpt is None else s.ckpt.store.discard_tuned()
+    s.sess.discloser.record(
+        "withheld",
+        state=WITHHELD,
+        reason=decision.reason,
+        score_before=decision.score_before,
+        score_after=decision.score_after,
+        checkpoints_deleted=deleted,
+    )
+    log.warning("%s: %s; the tuned parameters are not released", WITHHELD, decision.reason)
+    s.progress(kind="phase", phase=f"{WITHHELD}: tuned parameters deleted, nothing released")
+    return {}
 
 
 def run_comparison_party(ctx: PartyContext, job: ComparisonJob) -> ComparisonOutcome:
@@ -266,6 +297,7 @@ def _prepare(ctx: PartyContext, job: PartyJob) -> _Prepared:
         n: sess.share(None if init is None else init[n], owner=Role.MODEL_OWNER, shape=s, name=n)
         for n, s in trainable.shapes
     }
+    theta0 = theta  # the untuned values: the safety gate's reference score
     if resumed is not None:
         # Shared above all the same: every later share then uses the same randomness as in the
         # run that wrote the checkpoint (bit-identical resumes under insecure_fixed_seed).
@@ -320,6 +352,21 @@ def _prepare(ctx: PartyContext, job: PartyJob) -> _Prepared:
             progress=progress,
             checks=checks,
         )
+    gate = None
+    if causal and cfg.safety_gate.enabled:
+        assert checks is not None
+        gate = build_gate(
+            sess,
+            cfg,
+            spec=spec,
+            state=state,
+            model_dir=Path(job.model_dir),
+            frozen=frozen,
+            settings=settings,
+            cut=cut,
+            checks=checks,
+            progress=progress,
+        )
     p = _Prepared(
         sess=sess,
         cfg=cfg,
@@ -340,7 +387,11 @@ def _prepare(ctx: PartyContext, job: PartyJob) -> _Prepared:
         eval_idx=list(range(facts["n_train"], n)),
         prefix_s=prefix_s,
         checks=checks,
+        gate=gate,
     )
+    if gate is not None:
+        p.gate_before = gate.score(theta0, note="safety gate: before tuning")
+        progress(kind="phase", phase=f"safety gate: score before tuning {p.gate_before:.4f}")
     if p.resumed is not None:
         # revealed (per terms) before the interruption; the checkpoint keeps the job's metric
         p.before = p.resumed.accuracy_before

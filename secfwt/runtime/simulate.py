@@ -20,8 +20,10 @@ from secfwt.mpc.launcher import PartyResult, new_queue, run_parties
 from secfwt.mpc.provider import Provider
 from secfwt.roles import Role
 from secfwt.runtime.contract import Checkpointing, PartyJob, PartyOutcome
+from secfwt.runtime.gate import WITHHELD
 from secfwt.runtime.job import run_job_party
 from secfwt.runtime.links import LINKS, PartyCost, projections
+from secfwt.runtime.policy import SafetyPolicy, check_policy
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,7 @@ def run_simulation(
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = 10,
     resume: bool = False,
+    policy: SafetyPolicy | None = None,
 ) -> dict[str, Any]:
     """Run the job with one process per role; return the report (also written to the run folder).
 
@@ -57,7 +60,11 @@ def run_simulation(
     ``checkpoint_dir``: each party checkpoints into ``checkpoint_dir/ROLE`` every
     ``checkpoint_every`` steps; ``resume`` continues from the latest step both hold (see
     :class:`secfwt.runtime.contract.Checkpointing`).
+    ``policy``: the model owner's safety policy; a job that lacks what it requires is refused
+    (:class:`~secfwt.errors.PolicyError`) before any party starts.
     """
+    if policy is not None:
+        check_policy(cfg, policy)
     if resume and checkpoint_dir is None:
         raise ConfigError(
             "resume needs checkpoint_dir: the folder the parties' checkpoints were written to"
@@ -119,6 +126,8 @@ def run_simulation(
         "eval_loss_before": loss_before,
         "eval_loss_after": loss_after,
         "eval_loss_drop": drop,
+        "state": "released" if do.released else WITHHELD,
+        "safety_gate": None if do.safety_gate is None else dict(do.safety_gate),
         "steps": do.steps,
         "wall_s": wall,
         "frozen_prefix_s": do.prefix_s,
@@ -139,6 +148,8 @@ def run_simulation(
     }
     seen = {"before": mo.accuracy_before, "after": mo.accuracy_after}
     report["parties"]["model_owner"]["accuracy_seen"] = seen
+    if mo.safety_gate is not None:
+        report["parties"]["model_owner"]["safety_gate_seen"] = dict(mo.safety_gate)
     if cfg.model.head is Head.CAUSAL_LM:
         loss_seen = {"before": mo.eval_loss_before, "after": mo.eval_loss_after}
         report["parties"]["model_owner"]["eval_loss_seen"] = loss_seen
@@ -215,6 +226,10 @@ def preflight_causal(cfg: JobConfig, model_dir: Path) -> InstructionInputs:
         family_is_decoder=family.is_decoder,
         tied=bool(getattr(config, "tie_word_embeddings", False)),
     )
+    if cfg.safety_gate.enabled:  # the gate's prompts load and fit (the model owner's side)
+        from secfwt.runtime.gate import gate_rows
+
+        gate_rows(cfg, model_dir)
     return prepare_instruction_inputs(cfg, tokenizer_dir=model_dir)
 
 

@@ -47,10 +47,12 @@ from typing import Any
 
 from secfwt.config import _build
 from secfwt.data.datasets import DataSource
+from secfwt.data.refusal_margin import PACKAGED as PACKAGED_PROMPTS
 from secfwt.errors import ConfigError
 from secfwt.overrides import loads_toml, read_toml_text
 from secfwt.pki.identity import Identity, IdentityRole, check_party_id
 from secfwt.roles import Role
+from secfwt.runtime.policy import SafetyPolicy, parse_policy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +173,8 @@ class PartyConfig:
     jobs: JobsSection = JobsSection()
     model: HeldModel | None = None
     data: HeldData | None = None
+    #: a model owner's safety policy: every proposal must carry its gate and defences
+    safety_policy: SafetyPolicy | None = None
     source: str = "<built>"
 
     @property
@@ -201,6 +205,7 @@ _PARTY_SECTIONS: dict[str, type] = {
     "data": HeldData,
 }
 _PARTY_LISTS: dict[str, type] = {"peers": PeerEntry, "operators": OperatorEntry}
+#: besides the sections above: a model owner's [safety_policy] (secfwt.runtime.policy)
 
 
 def _read_toml(path: Path, what: str) -> dict[str, Any]:
@@ -245,6 +250,8 @@ def check_address(address: str, *, where: str) -> str:
 
 
 def parse_party_config(raw: dict[str, Any], *, where: str, base: Path) -> PartyConfig:
+    raw = dict(raw)
+    policy_table = raw.pop("safety_policy", None)
     t = _tables(raw, where=where, sections=_PARTY_SECTIONS, lists=_PARTY_LISTS)
     if "party" not in t:
         raise ConfigError(f"{where}: missing [party] section (id, role, listen, state_dir)")
@@ -324,6 +331,19 @@ def parse_party_config(raw: dict[str, Any], *, where: str, base: Path) -> PartyC
             raise ConfigError(f"{where}: jobs.{name} = {getattr(jobs, name)}: must be > 0")
     if not jobs.shutdown_grace_s >= 0:
         raise ConfigError(f"{where}: jobs.shutdown_grace_s = {jobs.shutdown_grace_s}: must be >= 0")
+    policy = None
+    if policy_table is not None:
+        if party.role is not Role.MODEL_OWNER:
+            raise ConfigError(
+                f"{where}: [safety_policy] is the model owner's; a {party.role.value} daemon does "
+                "not enforce one. Remove the section"
+            )
+        policy = parse_policy(policy_table, where=where)
+        if policy.prompts != PACKAGED_PROMPTS and not Path(policy.prompts).is_absolute():
+            raise ConfigError(
+                f"{where}: safety_policy.prompts = {policy.prompts!r}: give {PACKAGED_PROMPTS!r} "
+                "or an absolute path (jobs must name the same file, read on this host)"
+            )
     return PartyConfig(
         party=party,
         tls=tls,
@@ -333,6 +353,7 @@ def parse_party_config(raw: dict[str, Any], *, where: str, base: Path) -> PartyC
         jobs=jobs,
         model=model,
         data=data,
+        safety_policy=policy,
         source=where,
     )
 

@@ -227,8 +227,11 @@ class JobExecutor:
         state, reason = JobState.FINISHED, ""
         try:
             summary = self.runner.run(self._context(rec), progress, cancel)
+            gate = (summary or {}).get("safety_gate")
             if cancel.is_set():
                 state = JobState.CANCELLED
+            elif gate is not None and not gate["released"]:
+                state, reason = JobState.WITHHELD, f"safety: {gate['reason']}"
         except Exception as exc:  # a runner failure fails the job, never the daemon
             state = JobState.CANCELLED if cancel.is_set() else JobState.FAILED
             reason = (
@@ -244,7 +247,7 @@ class JobExecutor:
                 )
             summary = None
         with j.cond:
-            if state is JobState.FINISHED and summary is not None:
+            if state in (JobState.FINISHED, JobState.WITHHELD) and summary is not None:
                 (self.store.artifacts_dir(rec.job_id) / "summary.json").write_text(
                     json.dumps(summary, indent=1, default=str)
                 )

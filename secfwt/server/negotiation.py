@@ -29,6 +29,7 @@ from secfwt.config import JobConfig
 from secfwt.errors import ConfigError, SecfwtError
 from secfwt.pki.identity import Identity, IdentityRole
 from secfwt.roles import COMPUTING_ROLES, Role
+from secfwt.runtime.policy import check_policy
 from secfwt.server.access import check_version
 from secfwt.server.config import PartyConfig, PeerEntry
 from secfwt.server.errors import (
@@ -163,11 +164,14 @@ class Negotiation:
             raise TermsMismatchError(
                 "the proposal's disclosure terms differ from the job file's [[disclosure]] list"
             )
-        if p.terms.digest() != p.terms_digest:
+        if cfg.terms.digest() != p.terms_digest:  # the list and the job's safety policy
             raise TermsMismatchError(
-                f"terms digest mismatch: the proposal says {p.terms_digest}, its terms hash to "
-                f"{p.terms.digest()}"
+                f"terms digest mismatch: the proposal says {p.terms_digest}, its terms and safety "
+                f"policy hash to {cfg.terms.digest()}"
             )
+        policy = self.config.safety_policy
+        if self.role is Role.MODEL_OWNER and policy is not None:
+            check_policy(cfg, policy)
         roles = sorted(i.role.value for i in p.participants)
         if roles != sorted(r.value for r in Role):
             raise InvalidRequestError(

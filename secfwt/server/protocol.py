@@ -47,10 +47,19 @@ class JobState(enum.Enum):
     FINISHED = "finished"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    #: the job ran, but its safety gate kept the tuned parameters back; every party deleted its
+    #: shares of them (the reason gives the scores and the rule that failed)
+    WITHHELD = "withheld"
 
     @property
     def terminal(self) -> bool:
-        return self in (JobState.REFUSED, JobState.FINISHED, JobState.FAILED, JobState.CANCELLED)
+        return self in (
+            JobState.REFUSED,
+            JobState.FINISHED,
+            JobState.FAILED,
+            JobState.CANCELLED,
+            JobState.WITHHELD,
+        )
 
 
 def check_job_id(job_id: str) -> str:

@@ -9,13 +9,14 @@ both model and data; the MPC run must track it step for step within fixed-point 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from secfwt.config import JobConfig
 from secfwt.data.inputs import DataOwnerInputs, InstructionInputs, slot_selection
+from secfwt.data.refusal_margin import MarginRows, margin_score
 from secfwt.models.decoder import DecoderModel
 from secfwt.models.encoder import EncoderModel, plain_params
 from secfwt.models.ops import PlainOps
@@ -162,6 +163,39 @@ def _plain_causal_forward(
         window=data.window,
         prompt=prompt,
     )
+
+
+def plain_gate_score(
+    cfg: JobConfig,
+    *,
+    spec: ModelSpec,
+    state: dict[str, torch.Tensor],
+    rows: MarginRows,
+    theta: Mapping[str, torch.Tensor] | None = None,
+) -> float:
+    """The safety gate's score (:mod:`secfwt.data.refusal_margin`) in float64, with the job's
+    trainable values ``theta`` (None: their initial values), on the rows the job scores."""
+    trainable = trainable_set(cfg, spec)
+    if theta is None:
+        theta = initial_values(spec, state, trainable, seed=cfg.job.seed)
+    data = InstructionInputs(
+        input_ids=rows.input_ids,
+        attention_mask=rows.attention_mask,
+        target_ids=rows.target_ids,
+        target_weights=rows.target_weights,
+        n_train=0,
+    )
+    runner = _plain_causal_forward(
+        cfg,
+        spec=spec,
+        state=state,
+        data=data,
+        frozen_out=trainable.names,
+        cut=trainable.first_layer(spec),
+    )
+    plain = {n: v.to(torch.float64) for n, v in theta.items()}
+    losses = runner.example_losses([plain], list(range(len(rows.row_weights))))[0]
+    return margin_score(losses, rows)
 
 
 @dataclasses.dataclass

@@ -26,6 +26,7 @@ class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     JOB_STATE_FINISHED: _ClassVar[JobState]
     JOB_STATE_FAILED: _ClassVar[JobState]
     JOB_STATE_CANCELLED: _ClassVar[JobState]
+    JOB_STATE_WITHHELD: _ClassVar[JobState]
 ROLE_UNSPECIFIED: Role
 ROLE_MODEL_OWNER: Role
 ROLE_DATA_OWNER: Role
@@ -40,6 +41,7 @@ JOB_STATE_RUNNING: JobState
 JOB_STATE_FINISHED: JobState
 JOB_STATE_FAILED: JobState
 JOB_STATE_CANCELLED: JobState
+JOB_STATE_WITHHELD: JobState
 
 class Identity(_message.Message):
     __slots__ = ("role", "party_id")

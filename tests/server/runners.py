@@ -53,3 +53,28 @@ class BlockingRunner:
             if self.release.is_set():
                 return {}
         return {}
+
+
+class GateRunner:
+    """Returns the summary of a job whose safety gate decided ``released`` (what
+    :class:`secfwt.server.runner.MpcJobRunner` returns from ``PartyOutcome.summary()``); the
+    gate's MPC computation is tested in tests/runtime/test_safety_gate.py."""
+
+    capabilities = ()
+
+    def __init__(self, *, released: bool) -> None:
+        self.released = released
+
+    def run(
+        self, ctx: JobContext, progress: ProgressCallback, cancel: threading.Event
+    ) -> dict[str, Any]:
+        reason = "score fell 2.5000 (from 8.0000 to 5.5000), more than max_drop = 0.5"
+        gate = {
+            "score_before": 8.0,
+            "score_after": 5.5 if not self.released else 7.9,
+            "released": self.released,
+            "reason": reason if not self.released else "score 8.0000 -> 7.9000 within the gate",
+            "prompts": 8,
+            "state": "released" if self.released else "withheld: safety",
+        }
+        return {"role": ctx.role.value, "safety_gate": gate}

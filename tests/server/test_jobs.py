@@ -374,3 +374,52 @@ def test_an_operators_cancel_reaches_every_participant(
         assert (
             st.reason == "cancelled by model_owner/vendor: cancelled by operator/alice: wrong data"
         ), st.reason
+
+
+POLICY = {"prompts": "packaged:advbench-gate", "count": 8, "max_drop": 0.5}
+
+
+def test_a_model_owner_daemon_refuses_a_job_without_its_safety_policy(
+    deployment: Deployment, tmp_path: Path, daemons: list
+) -> None:
+    mo = _daemon(deployment, "model_owner", tmp_path, daemons, safety_policy=POLICY)
+    do = _daemon(deployment, "data_owner", tmp_path, daemons)
+    p = _proposal(deployment, "no-gate", mo=mo, do=do)
+    with deployment.client(mo.address) as c:
+        with pytest.raises(
+            ProtocolError, match=r"INVALID_ARGUMENT: .*safety_gate: .* requires a safety gate"
+        ):
+            c.propose(p)
+        st = c.status("no-gate")
+        assert st.state == pb.JOB_STATE_REFUSED and "requires a safety gate" in st.reason
+    with deployment.client(do.address) as c:  # the data owner has no policy to enforce
+        assert c.propose(p).state == pb.JOB_STATE_PROPOSED
+
+
+def test_a_withheld_job_ends_withheld_with_its_scores_and_keeps_that_over_a_restart(
+    deployment: Deployment, tmp_path: Path, daemons: list
+) -> None:
+    from tests.server.runners import GateRunner
+
+    do = _daemon(deployment, "data_owner", tmp_path, daemons, runner=GateRunner(released=False))
+    peers = {"data_owner": do.address, "dealer": PLACEHOLDER}
+    mo = _daemon(
+        deployment, "model_owner", tmp_path, daemons, peers=peers, runner=GateRunner(released=False)
+    )
+    p = _proposal(deployment, "gated-1", mo=mo, do=do)
+    with deployment.client(mo.address) as a, deployment.client(do.address) as b:
+        a.propose(p)
+        b.propose(p)
+        b.accept("gated-1", p.terms_digest)
+        a.accept("gated-1", p.terms_digest)
+        a.start("gated-1")
+    st = _wait_state(deployment, mo.address, "gated-1", pb.JOB_STATE_WITHHELD)
+    assert st.reason.startswith("safety: score fell 2.5000 (from 8.0000 to 5.5000)")
+    mo.stop(grace=1)
+    again = PartyDaemon(mo.config, runner=EchoRunner())  # same state dir, new process state
+    again.start()
+    daemons.append(again)
+    with deployment.client(again.address) as a:
+        st = a.status("gated-1")
+    assert st.state == pb.JOB_STATE_WITHHELD and st.reason.startswith("safety: score fell")
+    assert "summary.json" in st.artifacts
