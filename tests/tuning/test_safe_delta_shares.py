@@ -57,7 +57,7 @@ def _inputs() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         hessians.append(input_hessian(x, samples=4))
         delta = 0.01 * torch.randn(ROWS, COLS, generator=gen, dtype=torch.float64)
         if huge:
-            delta[3, 5], delta[10, 0], delta[20, 31] = 5.0, -7.0, 3.0
+            delta[3, 5], delta[10, 0], delta[20, 31] = 1000.0, -7000.0, 500.0
         deltas.append(_encoded(delta))
     return deltas, hessians
 
