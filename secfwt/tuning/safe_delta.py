@@ -4,7 +4,8 @@ official code github.com/ColinLu50/SafeDelta ``safedelta_runner.py``, adapted fr
 Frantar & Alistarh, ICML 2023, arXiv:2301.00774).
 
 Pure tensor maths, no model: :mod:`secfwt.safety.safe_delta_run` feeds it the aligned model's
-inputs and writes the result; :mod:`.safe_delta_shares` runs the same maths on secret shares. For a weight ``W`` (out x in) with aligned value ``W0`` and tuned value ``W1``:
+inputs and writes the result; :mod:`.safe_delta_shares` runs the same maths on secret shares.
+For a weight ``W`` (out x in) with aligned value ``W0`` and tuned value ``W1``:
 
 * ``H = (2/N) sum_t x_t x_t^T`` over the aligned layer's inputs on ``N`` safety samples (every
   token of every sample; ``N`` counts samples, as in the official ``add_batch``); a column whose

@@ -69,7 +69,7 @@ V_BITS = 24  # fractional bits of the corrected delta during the compensation
 S_BITS = 20  # fractional bits of the owner's column weights S_j
 Z_CLIP = 2.0  # |z| clipped here: c = z^2 <= 4 budgets (module doc)
 PENALTY = 8  # budgets added to the cumulative cost of the never-kept tail (> 1 + anything)
-LAZY = 128  # columns propagated one by one before a block update (as the plaintext's _LAZY)
+LAZY = 32  # columns propagated one by one before a block update (as the plaintext's _LAZY)
 
 
 @dataclass(frozen=True)
@@ -163,7 +163,9 @@ def _check(delta: Any, u: torch.Tensor | None, owner: int, s: float) -> tuple[in
     if comm.get_rank() == owner:
         if u is None or u.shape != (cols, cols) or not torch.equal(u, u.triu()):
             got = None if u is None else tuple(u.shape)
-            raise ModelError(f"the model owner's U must be upper triangular ({cols}, {cols}): {got}")
+            raise ModelError(
+                f"the model owner's U must be upper triangular ({cols}, {cols}): {got}"
+            )
         if not bool((torch.diag(u) > 0).all()):
             raise ModelError("the model owner's U has a non-positive diagonal entry")
     return rows, cols

@@ -1,4 +1,5 @@
-"""Cost of Safe Delta on shares for the example job's adapter (``secfwt/jobs/smollm2_instruct_zo.toml``).
+"""Cost of Safe Delta on shares for the example job's adapter
+(``secfwt/jobs/smollm2_instruct_zo.toml``).
 
 The job tunes a rank-1 LoRA of ``model.layers.29.self_attn.q_proj`` (576 x 576, scale 1) and the
 final norm (not a Linear: Safe Delta leaves it as it is). Here the data owner inputs random LoRA
@@ -50,8 +51,12 @@ def party(ctx: PartyContext, payload: Any) -> dict[str, Any]:
     from secfwt.tuning.safe_delta_shares import safe_delta_shares
 
     mine = ctx.role is Role.DATA_OWNER
-    b = crypten.cryptensor(payload["b"] if mine else torch.zeros(SIZE, RANK), src=Role.DATA_OWNER.rank)
-    a = crypten.cryptensor(payload["a"] if mine else torch.zeros(RANK, SIZE), src=Role.DATA_OWNER.rank)
+    b = crypten.cryptensor(
+        payload["b"] if mine else torch.zeros(SIZE, RANK), src=Role.DATA_OWNER.rank
+    )
+    a = crypten.cryptensor(
+        payload["a"] if mine else torch.zeros(RANK, SIZE), src=Role.DATA_OWNER.rank
+    )
     delta = b.matmul(a)  # scale 1
     meter = count_traffic()
     start = time.perf_counter()

@@ -11,7 +11,6 @@ corrected delta within :data:`ATOL`.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import pytest
 import torch
@@ -163,7 +162,9 @@ def test_safe_delta_on_shares_for_the_example_adapter() -> None:
     d = torch.diag(u)
     mask, _, _ = selection_mask(delta, d, DEFAULT_BUDGET)
     order = selection_order(d, SIZE)
-    cum = torch.cumsum((delta**2 / d**2).flatten()[order], 0) / block_budget(d, SIZE, DEFAULT_BUDGET)
+    cum = torch.cumsum((delta**2 / d**2).flatten()[order], 0) / block_budget(
+        d, SIZE, DEFAULT_BUDGET
+    )
     near = torch.zeros(SIZE * SIZE, dtype=torch.bool)
     near[order[(cum - 1).abs() < NEAR]] = True
     differ = opened["kept"].bool().flatten() != mask.flatten()
@@ -173,5 +174,8 @@ def test_safe_delta_on_shares_for_the_example_adapter() -> None:
         torch.testing.assert_close(opened["delta"], ref.weight, atol=ATOL, rtol=0)
     logging.getLogger(__name__).info(
         "Safe Delta on shares, 576 x 576: %s",
-        {r.name: (got[r]["wall_s"], got[r]["traffic"]) for r in (Role.MODEL_OWNER, Role.DATA_OWNER)},
+        {
+            r.name: (got[r]["wall_s"], got[r]["traffic"])
+            for r in (Role.MODEL_OWNER, Role.DATA_OWNER)
+        },
     )
