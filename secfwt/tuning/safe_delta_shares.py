@@ -69,7 +69,9 @@ V_BITS = 24  # fractional bits of the corrected delta during the compensation
 S_BITS = 20  # fractional bits of the owner's column weights S_j
 Z_CLIP = 2.0  # |z| clipped here: c = z^2 <= 4 budgets (module doc)
 PENALTY = 8  # budgets added to the cumulative cost of the never-kept tail (> 1 + anything)
-LAZY = 32  # columns propagated one by one before a block update (as the plaintext's _LAZY)
+#: Columns propagated one by one before a block update (same result): about sqrt(cols) balances
+#: the dealer's per-column outer products against the block updates (32: half the bytes of 128).
+LAZY = 32
 
 
 @dataclass(frozen=True)
