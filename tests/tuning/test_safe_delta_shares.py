@@ -10,18 +10,15 @@ corrected delta within :data:`ATOL`.
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
 
+from secfwt.bench.cases.safe_delta import budget_distance
 from secfwt.errors import ConfigError
 from secfwt.mpc.launcher import PartyContext, run_parties
 from secfwt.mpc.provider import Provider
 from secfwt.roles import Role
 from secfwt.tuning.safe_delta import (
-    DEFAULT_BUDGET,
-    block_budget,
     input_hessian,
     inverse_cholesky,
     never_kept,
@@ -30,7 +27,6 @@ from secfwt.tuning.safe_delta import (
     selection_order,
 )
 from secfwt.tuning.safe_delta_shares import cumulative_cost, cumulative_operator, tail_mask
-from tests.tuning.safe_delta_cost import SIZE, measure
 
 ROWS, COLS = 24, 32
 #: (budget s, selection block, whether a few entries are huge): a few percent kept, about
@@ -86,14 +82,6 @@ def party(ctx: PartyContext, payload: list[torch.Tensor]) -> list[dict[str, torc
     return out
 
 
-def _margin(delta: torch.Tensor, d: torch.Tensor, s: float) -> float:
-    """Smallest distance, in budgets, of a selectable cumulative cost from the block's budget."""
-    order = selection_order(d, delta.shape[0])
-    order = order[: order.numel() - never_kept(order.numel())]
-    cum = torch.cumsum((delta**2 / d**2).flatten()[order], 0) / block_budget(d, delta.shape[0], s)
-    return float((cum - 1).abs().min())
-
-
 @pytest.mark.multiprocess
 def test_safe_delta_on_shares_matches_plaintext() -> None:
     deltas, hessians = _inputs()
@@ -113,7 +101,7 @@ def test_safe_delta_on_shares_matches_plaintext() -> None:
         kept.append(ref.kept)
         assert int(got["kept"].sum()) == ref.kept, (s, block)
         if block >= COLS:  # one block: the mask itself, from the original delta
-            assert _margin(delta, torch.diag(u), s) > MARGIN, (s, block)
+            assert float(budget_distance(delta, torch.diag(u), s).abs().min()) > MARGIN, (s, block)
             mask, _, _ = selection_mask(delta, torch.diag(u), s)
             assert torch.equal(got["kept"].bool(), mask), (s, block)
         torch.testing.assert_close(got["delta"], ref.weight, atol=ATOL, rtol=0)
@@ -143,39 +131,3 @@ def test_zero_budget_is_refused_before_any_party_work() -> None:
 
     with pytest.raises(ConfigError, match="budget"):
         safe_delta_shares(None, None, owner=Role.MODEL_OWNER.rank, s=0.0)
-
-
-#: The 576 x 576 case keeps ~5e4 entries, each ~2e-5 budgets: some cumulative cost always lies
-#: within 1e-4 budgets of the budget, so the kept sets may differ there (module doc of
-#: secfwt.tuning.safe_delta_shares), and only there.
-NEAR = 1e-3
-
-
-@pytest.mark.slow
-@pytest.mark.multiprocess
-def test_safe_delta_on_shares_for_the_example_adapter() -> None:
-    """The example job's q_proj delta (rank-1 LoRA, 576 x 576): the cost measurement of
-    ``tests/tuning/safe_delta_cost.py``, checked against the plaintext."""
-    got, hessian = measure()
-    opened = got[Role.DATA_OWNER]
-    delta, u = opened["delta_in"], inverse_cholesky(hessian)
-    d = torch.diag(u)
-    mask, _, _ = selection_mask(delta, d, DEFAULT_BUDGET)
-    order = selection_order(d, SIZE)
-    cum = torch.cumsum((delta**2 / d**2).flatten()[order], 0) / block_budget(
-        d, SIZE, DEFAULT_BUDGET
-    )
-    near = torch.zeros(SIZE * SIZE, dtype=torch.bool)
-    near[order[(cum - 1).abs() < NEAR]] = True
-    differ = opened["kept"].bool().flatten() != mask.flatten()
-    assert 0 < int(mask.sum()) and not bool((differ & ~near).any()), int(differ.sum())
-    if not differ.any():  # measured so for this seed: then the corrected delta matches too
-        ref = safe_delta_layer(torch.zeros_like(delta), delta, hessian)
-        torch.testing.assert_close(opened["delta"], ref.weight, atol=ATOL, rtol=0)
-    logging.getLogger(__name__).info(
-        "Safe Delta on shares, 576 x 576: %s",
-        {
-            r.name: (got[r]["wall_s"], got[r]["traffic"])
-            for r in (Role.MODEL_OWNER, Role.DATA_OWNER)
-        },
-    )
