@@ -22,12 +22,13 @@ with owner-held matrices (:mod:`secfwt.mpc.owned`: the other party learns their 
   penalty of 8 budgets to its own share of ``cum`` there (no message at all);
 * compensation: column by column, ``t_j = keep_j * (delta_j - v_j)`` (one Beaver product with
   the secret 0/1 bits) is added to the corrected delta ``v`` and ``t_j (U_jk / U_jj)`` to every
-  later column ``k`` (owned products with row ``j`` of ``U``, SparseGPT's lazy batches as in the
-  plaintext), since a kept entry's error ``e = (w - q) / d_j = -t_j / U_jj``.
+  later column ``k`` (owned products with row ``j`` of ``U``, in SparseGPT's lazy batches of
+  :data:`LAZY` columns), since a kept entry's error ``e = (w - q) / d_j = -t_j / U_jj``.
 
-Secure operations: 2 owned products and 3 exact 64-bit comparisons (:func:`greater_than`) per
-entry for the selection, then per column one Beaver product of ``rows`` elements and one small
-owned product (a round each: ``cols`` sequential steps).
+Secure operations: per entry of the selection 2 owned products, 2 Beaver products (the clip's
+select and the square) and 3 exact 64-bit comparisons (:func:`greater_than`), all batched (20
+rounds in all); then per column one Beaver product of ``rows`` elements and one small owned
+product, a round each: ``2 cols`` sequential rounds, the bulk of the time.
 
 **Fixed point.** The cost needs more resolution than CrypTen's 16 fractional bits (kept entries
 cost about ``budget / kept`` each, below 2^-16 budgets). ``z`` is computed with
@@ -35,12 +36,17 @@ cost about ``budget / kept`` each, below 2^-16 budgets). ``z`` is computed with
 ``c = z^2`` exactly at twice that, and the comparisons are exact in the 64-bit ring. ``|z|`` is
 first clipped to :data:`Z_CLIP` (``c <= 4``): an entry with ``c > 1`` is never kept and neither
 is any later one, so the clip leaves the kept set unchanged and bounds ``cum`` by
-``4 rows cols`` budgets, which :func:`z_bits` keeps inside the ring; a failed truncation of
-``z`` (probability ``|z| 2^-28``) is clipped too, so it can only drop an entry that was not kept
-anyway. The corrected delta is carried with :data:`V_BITS` fractional bits and ``U_jk / U_jj``
-with 16. An entry whose cumulative cost lies within about 1e-4 budgets of the budget may be
-decided differently than in float64; elsewhere the kept set is the plaintext's and the result
-differs by the fixed point's rounding.
+``4 rows cols`` budgets, which :func:`z_bits` keeps inside the ring. The only truncation of
+the selection is ``z``'s (SecureML's local truncation fails with probability
+``|value| / 2^64``, here ``|z| 2^-28``: for the kept entries, ``|z| <= 1``, at most
+``sqrt(kept) 2^-28`` expected failures, 9e-7 for the example job's layer); a failure's garbage
+is clipped to a cost of 4 budgets, so it can only end the kept prefix early (keep less), never
+keep more. The corrected delta is carried with :data:`V_BITS` fractional bits and
+``U_jk / U_jj`` with 16, so each propagated term's truncation fails with probability
+``|t U_jk / U_jj| 2^-24`` (``t`` is small: a kept entry's cost fits the budget). An entry whose
+cumulative cost lies within about 1e-4 budgets of the budget may be decided differently than in
+float64; elsewhere the kept set is the plaintext's and the result differs by the fixed point's
+rounding.
 """
 
 from __future__ import annotations

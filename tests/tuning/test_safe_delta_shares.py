@@ -13,24 +13,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from secfwt.bench.cases.safe_delta import budget_distance
+from secfwt.bench.cases.safe_delta import budget_distance, shared_value
 from secfwt.errors import ConfigError
 from secfwt.mpc.launcher import PartyContext, run_parties
 from secfwt.mpc.provider import Provider
 from secfwt.roles import Role
-from secfwt.tuning.safe_delta import (
-    input_hessian,
-    inverse_cholesky,
-    never_kept,
-    safe_delta_layer,
-    selection_mask,
-    selection_order,
-)
+from secfwt.tuning import safe_delta as sd
 from secfwt.tuning.safe_delta_shares import cumulative_cost, cumulative_operator, tail_mask
 
 ROWS, COLS = 24, 32
 #: (budget s, selection block, whether a few entries are huge): a few percent kept, about
-#: half, everything outside the tail; two blocks; huge entries that the clip must drop.
+#: half, everything outside the tail; two blocks; entries whose costs wrap the ring unclipped.
 CASES = [(1.0, 2048, False), (8.0, 2048, False), (100.0, 2048, False), (10.0, 16, False)]
 CASES.append((10.0, 2048, True))
 #: Cumulative costs at least this far (in budgets) from the budget: away from ties (module doc).
@@ -40,11 +33,6 @@ MARGIN = 1e-3
 ATOL = 2 * 2.0**-16
 
 
-def _encoded(t: torch.Tensor) -> torch.Tensor:
-    """The value CrypTen shares for ``t``: ``(2^16 t).long()`` truncates toward zero."""
-    return torch.trunc(t.double() * 2**16) / 2**16
-
-
 def _inputs() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Deltas (16-bit values, as shared) and Hessians of correlated random inputs."""
     gen = torch.Generator().manual_seed(5)
@@ -52,11 +40,11 @@ def _inputs() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     for _, _, huge in CASES:
         mix = torch.randn(COLS, COLS, generator=gen, dtype=torch.float64)
         x = torch.randn(4, 40, COLS, generator=gen, dtype=torch.float64) @ mix  # correlated
-        hessians.append(input_hessian(x, samples=4))
+        hessians.append(sd.input_hessian(x, samples=4))
         delta = 0.01 * torch.randn(ROWS, COLS, generator=gen, dtype=torch.float64)
         if huge:
             delta[3, 5], delta[10, 0], delta[20, 31] = 1000.0, -7000.0, 500.0
-        deltas.append(_encoded(delta))
+        deltas.append(shared_value(delta))
     return deltas, hessians
 
 
@@ -85,7 +73,7 @@ def party(ctx: PartyContext, payload: list[torch.Tensor]) -> list[dict[str, torc
 @pytest.mark.multiprocess
 def test_safe_delta_on_shares_matches_plaintext() -> None:
     deltas, hessians = _inputs()
-    us = [inverse_cholesky(h) for h in hessians]
+    us = [sd.inverse_cholesky(h) for h in hessians]
     results = run_parties(
         party,
         payloads={Role.DATA_OWNER: deltas, Role.MODEL_OWNER: us},
@@ -97,16 +85,16 @@ def test_safe_delta_on_shares_matches_plaintext() -> None:
         assert torch.equal(a["kept"], b["kept"]) and torch.equal(a["delta"], b["delta"])
     kept = []
     for (s, block, _), delta, h, u, got in zip(CASES, deltas, hessians, us, opened, strict=True):
-        ref = safe_delta_layer(torch.zeros_like(delta), delta, h, s=s, block=block)
+        ref = sd.safe_delta_layer(torch.zeros_like(delta), delta, h, s=s, block=block)
         kept.append(ref.kept)
         assert int(got["kept"].sum()) == ref.kept, (s, block)
         if block >= COLS:  # one block: the mask itself, from the original delta
             assert float(budget_distance(delta, torch.diag(u), s).abs().min()) > MARGIN, (s, block)
-            mask, _, _ = selection_mask(delta, torch.diag(u), s)
+            mask, _, _ = sd.selection_mask(delta, torch.diag(u), s)
             assert torch.equal(got["kept"].bool(), mask), (s, block)
         torch.testing.assert_close(got["delta"], ref.weight, atol=ATOL, rtol=0)
     # the cases cover a few kept, about half, and all but the never-kept tail
-    assert min(kept) > 0 and max(kept) == ROWS * COLS - never_kept(ROWS * COLS), kept
+    assert min(kept) > 0 and max(kept) == ROWS * COLS - sd.never_kept(ROWS * COLS), kept
 
 
 def test_cumulative_operator_is_the_cumsum_in_selection_order() -> None:
@@ -116,14 +104,14 @@ def test_cumulative_operator_is_the_cumsum_in_selection_order() -> None:
     d = torch.tensor([0.5, 0.2, 0.5, 0.9, 0.2, 0.3], dtype=torch.float64)
     cost = torch.rand(5, d.numel(), generator=gen, dtype=torch.float64)
     for dd in (d, torch.linspace(0.1, 1.0, 6, dtype=torch.float64).flip(0)):
-        order = selection_order(dd, cost.shape[0])
+        order = sd.selection_order(dd, cost.shape[0])
         expected = torch.empty(cost.numel(), dtype=torch.float64)
         expected[order] = torch.cumsum(cost.flatten()[order], 0)
         got = cumulative_cost(cost, cumulative_operator(dd).double())
         torch.testing.assert_close(got.flatten(), expected, atol=1e-12, rtol=0)
         tail = tail_mask(dd, cost.shape[0]).flatten()
-        assert tail[order[-never_kept(cost.numel()) :]].all()
-        assert int(tail.sum()) == never_kept(cost.numel())
+        assert tail[order[-sd.never_kept(cost.numel()) :]].all()
+        assert int(tail.sum()) == sd.never_kept(cost.numel())
 
 
 def test_zero_budget_is_refused_before_any_party_work() -> None:
