@@ -15,7 +15,7 @@ from typing import Any, cast
 
 import torch
 
-from secfwt.bench import decoder_party
+from secfwt.bench import decoder_party, safe_delta_party
 from secfwt.bench.probe import Profile, measure_reps, peak_rss_mb
 from secfwt.mpc.disclosure import DisclosureTerms, Revealable
 from secfwt.mpc.launcher import PartyContext
@@ -356,4 +356,5 @@ _CASES: dict[str, Callable[..., dict[str, Any]]] = {
     "attention": _attention,
     "fot_step": _fot_step,
     "backprop_step": _backprop_step,
+    "safe_delta": safe_delta_party.safe_delta,
 }

@@ -23,10 +23,12 @@ class BenchName(enum.Enum):
     VANILLA = "vanilla"
     TRANSPORT = "transport"
     DECODER = "decoder"
+    SAFE_DELTA = "safe-delta"
 
 
-#: Run only when named: the packaged SmolLM2 in MPC takes minutes on its own.
-_ON_REQUEST = frozenset({BenchName.DECODER})
+#: Run only when named: the packaged SmolLM2 in MPC takes minutes on its own; Safe Delta on
+#: shares is a release step, not part of tuning.
+_ON_REQUEST = frozenset({BenchName.DECODER, BenchName.SAFE_DELTA})
 
 
 def parse_names(names: Sequence[str]) -> list[BenchName]:

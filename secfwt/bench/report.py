@@ -101,6 +101,7 @@ def markdown(report: dict[str, Any], *, plots: dict[str, str] | None = None) -> 
     lines += _section_fot(b.get("fot-vs-backprop"))
     lines += _section_transport(b.get("transport"))
     lines += _section_decoder(b.get("decoder"))
+    lines += _section_safe_delta(b.get("safe-delta"))
     lines += _section_breakdown(b)
     lines += _section_ring_matmul(report.get("ring_matmul"))
     lines += [
@@ -334,6 +335,19 @@ def _section_decoder(r: dict[str, Any] | None) -> list[str]:
         )
     after.append("")
     return _cases_section("## SmolLM2 in MPC (`decoder`)", intro, rows, after)
+
+
+def _section_safe_delta(r: dict[str, Any] | None) -> list[str]:
+    if not r:
+        return []
+    intro = (
+        f"One Linear's Safe Delta on secret shares (the model owner's U in the clear): "
+        f"{r['kept_secure']} of {r['entries']} entries kept at s = {r['budget']} (float64: "
+        f"{r['kept']}; {r['kept_differs']} decided differently, nearest cumulative cost "
+        f"{r['boundary_margin']:.1e} budgets from the budget); max abs err = corrected delta "
+        "against float64."
+    )
+    return _cases_section("## Safe Delta on shares (`safe-delta`)", [intro], [r["case"]])
 
 
 def _section_ring_matmul(r: dict[str, Any] | None) -> list[str]:

@@ -18,7 +18,9 @@ Sub-benchmarks (:class:`BenchName`) and what they compare:
 * ``vanilla``: the BERT-base-shaped layer in vanilla CrypTen 0.4.1 vs secfwt's engine;
 * ``transport``: the same secure layer over gloo and over the TLS mesh;
 * ``decoder``: the packaged SmolLM2-135M-Instruct's secure forward vs plaintext, and one ZO step
-  of the example instruction-tuning job (:mod:`secfwt.bench.cases.decoder`).
+  of the example instruction-tuning job (:mod:`secfwt.bench.cases.decoder`);
+* ``safe-delta``: Safe Delta on secret shares for the example job's adapter (576 x 576), checked
+  against the float64 layer algorithm (:mod:`secfwt.bench.cases.safe_delta`).
 
 Every run also times the layer's int64 products on this machine, torch's kernel against secfwt's
 float64 limbs, and reports how each party process chose between them (:mod:`secfwt.bench.gemm`).
@@ -40,6 +42,7 @@ from secfwt.bench.cases.decoder import decoder
 from secfwt.bench.cases.forward import forward
 from secfwt.bench.cases.fot_vs_backprop import fot_vs_backprop
 from secfwt.bench.cases.layer import Layer
+from secfwt.bench.cases.safe_delta import safe_delta
 from secfwt.bench.cases.transport import transport
 from secfwt.bench.cases.vanilla import vanilla
 from secfwt.bench.plan import BenchName, BenchPlan
@@ -76,6 +79,8 @@ def run_suite(
             r = vanilla(plan, runner, layers)
         elif name is BenchName.DECODER:
             r = decoder(plan, runner)
+        elif name is BenchName.SAFE_DELTA:
+            r = safe_delta(plan, runner)
         else:
             r = transport(plan, runner, layers)
         r["duration_s"] = time.perf_counter() - t_bench

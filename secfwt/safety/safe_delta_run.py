@@ -7,10 +7,11 @@ Hessian is computed (:func:`secfwt.safety.adapter.check_base`,
 :func:`secfwt.models.adapters.load_peft_adapter`). Then, as in the official ``run_safedelta.py``,
 decoder layer by decoder layer: the calibration samples' hidden states pass through the *aligned*
 layer with hooks on the Linears the adapter tunes, which sum each one's input Hessian
-(:func:`.safe_delta.input_hessian`); the layer's outputs, computed with the aligned weights, are
-the next layer's inputs; then each tuned Linear is replaced by :func:`.safe_delta.safe_delta_layer`
-of (aligned, aligned + delta). Only one layer's Hessians are held at a time. Only decoder Linear
-weights change; an adapter that tunes anything else is refused.
+(:func:`secfwt.tuning.safe_delta.input_hessian`); the layer's outputs, computed with the
+aligned weights, are the next layer's inputs; then each tuned Linear is replaced by
+:func:`secfwt.tuning.safe_delta.safe_delta_layer` of (aligned, aligned + delta). Only one
+layer's Hessians are held at a time. Only decoder Linear weights change; an adapter that tunes
+anything else is refused.
 
 Output ``merged``: the corrected model, ``save_pretrained`` with its tokenizer. Output
 ``adapter``: the corrected delta ``D = W_out - W0`` is no longer low rank, and PEFT cannot load
@@ -35,7 +36,7 @@ import torch
 
 from secfwt.errors import ConfigError, ModelError
 from secfwt.safety.calibration import DEFAULT_SAMPLES, calibration_pairs, calibration_texts
-from secfwt.safety.safe_delta import DEFAULT_BUDGET, check_budget, input_hessian, safe_delta_layer
+from secfwt.tuning.safe_delta import DEFAULT_BUDGET, check_budget, input_hessian, safe_delta_layer
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from secfwt.cli import main
-from secfwt.safety.safe_delta import safe_delta_layer
+from secfwt.tuning.safe_delta import safe_delta_layer
 
 from .conftest import save_tiny_llama
 

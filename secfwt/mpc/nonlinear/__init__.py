@@ -30,7 +30,13 @@ Measured costs (2 parties + dealer, TTP, 2 shared cores) are recorded in
 from __future__ import annotations
 
 from secfwt.mpc.nonlinear.activations import TANH_CLIP, gelu, gelu_tanh, silu, tanh
-from secfwt.mpc.nonlinear.compare import CMP_RANGE, CMP_RESOLUTION, clip, rows_out_of_range
+from secfwt.mpc.nonlinear.compare import (
+    CMP_RANGE,
+    CMP_RESOLUTION,
+    clip,
+    greater_than,
+    rows_out_of_range,
+)
 from secfwt.mpc.nonlinear.exponential import exp, exp_bounded, exp_squarings
 from secfwt.mpc.nonlinear.fixed_point import FRAC_BITS, MPCTensor
 from secfwt.mpc.nonlinear.inverse import inv_sqrt, reciprocal
@@ -62,6 +68,7 @@ __all__ = [
     "exp_squarings",
     "gelu",
     "gelu_tanh",
+    "greater_than",
     "inv_sqrt",
     "layer_norm",
     "log",

@@ -212,6 +212,12 @@ def _greater_than_exact(s: torch.Tensor, thresholds: Sequence[int]) -> torch.Ten
     return _top_bit_of_sum(torch.stack([_plus(-s, t) for t in thresholds]), bits=64)
 
 
+def greater_than(s: torch.Tensor, threshold: int) -> torch.Tensor:
+    """Shares of integer bits ``[x > threshold]`` for this party's ring shares ``s`` of any
+    scale and a public ring threshold: exact in the whole 64-bit ring, one comparison call."""
+    return _greater_than_exact(s, [threshold])[0]
+
+
 def _max_last_dim(s: torch.Tensor) -> torch.Tensor:
     """Row max over the last dim (keepdim): a halving tree, one comparison call per level.
 

@@ -3,8 +3,9 @@ safety, drop the rest, and compensate what was dropped (Lu et al., ICML 2025, ar
 official code github.com/ColinLu50/SafeDelta ``safedelta_runner.py``, adapted from SparseGPT,
 Frantar & Alistarh, ICML 2023, arXiv:2301.00774).
 
-Pure tensor maths, no model: :mod:`.safe_delta_run` feeds it the aligned model's inputs and writes
-the result. For a weight ``W`` (out x in) with aligned value ``W0`` and tuned value ``W1``:
+Pure tensor maths, no model: :mod:`secfwt.safety.safe_delta_run` feeds it the aligned model's
+inputs and writes the result; :mod:`.safe_delta_shares` runs the same maths on secret shares.
+For a weight ``W`` (out x in) with aligned value ``W0`` and tuned value ``W1``:
 
 * ``H = (2/N) sum_t x_t x_t^T`` over the aligned layer's inputs on ``N`` safety samples (every
   token of every sample; ``N`` counts samples, as in the official ``add_batch``); a column whose
@@ -91,6 +92,23 @@ def inverse_cholesky(hessian: torch.Tensor, *, damping: float = DAMPING) -> torc
     return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
 
 
+def selection_order(d: torch.Tensor, rows: int) -> torch.Tensor:
+    """Flat (row-major) indices of a ``(rows, cols)`` block in selection order: curvature
+    ``1 / d_j^2`` ascending, ties by flat index. Depends on ``H`` only (the model owner's)."""
+    curvature = (1.0 / d**2).expand(rows, d.numel())  # (rows, cols): 1 / d_j^2 on every row
+    return torch.argsort(curvature.flatten(), stable=True)
+
+
+def never_kept(entries: int) -> int:
+    """How many entries at the end of the selection order are never kept."""
+    return int(NEVER_KEPT * entries)
+
+
+def block_budget(d: torch.Tensor, rows: int, s: float) -> float:
+    """The block's cost budget ``mean(1 / d^2) * (s / 2) * (rows / 4096)``."""
+    return float(torch.mean(1.0 / d**2)) * (s / 2) * (rows / REFERENCE_ROWS)
+
+
 def selection_mask(
     delta: torch.Tensor, d: torch.Tensor, s: float
 ) -> tuple[torch.Tensor, float, float]:
@@ -99,11 +117,10 @@ def selection_mask(
     ``delta`` (rows, cols): tuned minus current weight; ``d`` (cols,): diagonal of ``U`` there.
     """
     rows, cols = delta.shape
-    curvature = (1.0 / d**2).expand(rows, cols)  # (rows, cols): 1 / d_j^2 on every row
     cost = (delta**2 / d**2).flatten()  # (rows * cols,)
-    order = torch.argsort(curvature.flatten(), stable=True)
-    order = order[: order.numel() - int(NEVER_KEPT * order.numel())]
-    budget = curvature.mean().item() * (s / 2) * (rows / REFERENCE_ROWS)
+    order = selection_order(d, rows)
+    order = order[: order.numel() - never_kept(order.numel())]
+    budget = block_budget(d, rows, s)
     take = torch.cumsum(cost[order], dim=0) <= budget
     mask = torch.zeros(rows * cols, dtype=torch.bool)
     mask[order[take]] = True
