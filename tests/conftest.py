@@ -110,6 +110,9 @@ to = ["data_owner"]
 value = "eval_accuracy"
 to = ["data_owner", "model_owner"]
 [[disclosure]]
+value = "range_check"
+to = ["data_owner", "model_owner"]
+[[disclosure]]
 value = "train_loss"
 to = ["data_owner"]
 [[disclosure]]
