@@ -179,17 +179,7 @@ def causal_runner(
             slots = None if prompt is None else prompt.slots[ix]
             return causal_prefix(model, word, mask[ix], cut=cut, window=r, slots=slots)
 
-        def report(done: int) -> None:
-            progress(kind="prefix", done=done, total=n, elapsed=time.perf_counter() - t0)
-
-        cache = checks.rows(
-            compute,
-            n=n,
-            batch=cfg.run.eval_batch,
-            what="frozen prefix",
-            bound=RANGE_BOUND,
-            on_chunk=report,
-        )
+        cache = checks.prefix(compute, n=n, batch=cfg.run.eval_batch, progress=progress)
     runner = CausalLMForward(
         ops=sess.ops,
         spec=spec,

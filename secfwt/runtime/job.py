@@ -44,7 +44,7 @@ from secfwt.runtime.contract import (
     public_job_digest,
 )
 from secfwt.runtime.inputs import disclose_table, share_rows, share_word_embeddings
-from secfwt.runtime.range_checks import OUTPUT_BOUND, RANGE_BOUND, RangeChecks
+from secfwt.runtime.range_checks import OUTPUT_BOUND, RangeChecks
 from secfwt.runtime.session import PartySession
 from secfwt.tuning.causal_lm import CausalLMForward
 from secfwt.tuning.cma import CMASettings, PromptSearch
@@ -408,17 +408,7 @@ def _encoder_runner(
             pw_s = None if pool_w is None else pool_w[ix]
             return prefix(frozen_model, word, mask[ix], pw_s, cut=cut)
 
-        def report(done: int) -> None:
-            progress(kind="prefix", done=done, total=n, elapsed=time.perf_counter() - t_prefix)
-
-        cache = checks.rows(
-            compute,
-            n=n,
-            batch=cfg.run.eval_batch,
-            what="frozen prefix",
-            bound=RANGE_BOUND,
-            on_chunk=report,
-        )
+        cache = checks.prefix(compute, n=n, batch=cfg.run.eval_batch, progress=progress)
     runner = CachedForward(
         ops=sess.ops,
         public=sess.public,

@@ -18,6 +18,7 @@ one).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -64,6 +65,25 @@ class RangeChecks:
             return self.rows(compute, n=n, batch=n, what=what, bound=bound)
 
         return checked
+
+    def prefix(
+        self,
+        compute: Callable[[list[int]], Any],
+        *,
+        n: int,
+        batch: int,
+        progress: Callable[..., None],
+    ) -> Any:
+        """The frozen prefix's rows 0 .. n-1 (hidden states, :data:`RANGE_BOUND`), ``batch`` at a
+        time, reporting ``progress(kind="prefix", ...)`` after each chunk."""
+        t0 = time.perf_counter()
+
+        def report(done: int) -> None:
+            progress(kind="prefix", done=done, total=n, elapsed=time.perf_counter() - t0)
+
+        return self.rows(
+            compute, n=n, batch=batch, what="frozen prefix", bound=RANGE_BOUND, on_chunk=report
+        )
 
     def rows(
         self,

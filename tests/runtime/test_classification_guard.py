@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 import torch
 
-from secfwt.mpc.launcher import PartyContext, run_parties
-from secfwt.mpc.provider import Provider
+from secfwt.mpc.launcher import PartyContext
 from secfwt.roles import Role
+from tests.conftest import data_owner_result
 
 pytestmark = pytest.mark.multiprocess
 
@@ -137,12 +137,7 @@ def test_a_failure_in_a_step_or_an_evaluation_is_caught_and_recomputed(tiny_bert
         "onehot": onehot,
         "thetas": thetas,
     }
-    got = run_parties(
-        _party,
-        payloads={Role.MODEL_OWNER: payload, Role.DATA_OWNER: payload},
-        provider=Provider.TTP,
-        timeout_s=300,
-    )[Role.DATA_OWNER].value
+    got = data_owner_result(_party, payload)
     plain = CachedForward(
         ops=PlainOps(),
         public=lambda t: t.double(),

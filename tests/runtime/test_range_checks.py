@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 import torch
 
-from secfwt.mpc.launcher import PartyContext, run_parties
-from secfwt.mpc.provider import Provider
+from secfwt.mpc.launcher import PartyContext
 from secfwt.roles import Role
+from tests.conftest import data_owner_result
 
 pytestmark = pytest.mark.multiprocess
 
@@ -97,12 +97,7 @@ def test_failed_rows_are_found_and_computed_again() -> None:
     h = torch.randn(2, 8, generator=g) * 3
     w = torch.randn(8, 5, generator=g)
     payload = {"clean": clean, "massive": massive, "failures": failures, "h": h, "w": w}
-    got = run_parties(
-        _party,
-        payloads={Role.MODEL_OWNER: payload, Role.DATA_OWNER: payload},
-        provider=Provider.TTP,
-        timeout_s=300,
-    )[Role.DATA_OWNER].value
+    got = data_owner_result(_party, payload)
     assert got["flags"].tolist() == [0, 1, 0, 0, 1, 0]
     # rows 0-3 and 4-5 in the first pass, then only the two broken rows, once
     assert got["calls"] == [[0, 1, 2, 3], [4, 5], [1, 4]] and got["recomputed"] == 2
