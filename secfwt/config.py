@@ -392,14 +392,18 @@ def validate(cfg: JobConfig) -> None:
                     f"{s}: [[disclosure]] {entry.value.value}: the dealer never receives values; "
                     "use model_owner or data_owner"
                 )
+    missing: dict[Revealable, list[str]] = {}
     for value, to in required_disclosures(cfg):
         if not cfg.terms.allows(value, to):
-            raise ConfigError(
-                f"{s}: this job reveals {value.value} to {to.value} but the [[disclosure]] list "
-                "does not allow it; "
-                f'add [[disclosure]] value = "{value.value}" to = ["{to.value}"] if both owners '
-                "agree"
-            )
+            missing.setdefault(value, []).append(to.value)
+    if missing:  # the first reveal missing, with every party it goes to
+        value, roles = next(iter(missing.items()))
+        who = ", ".join(f'"{r}"' for r in sorted(roles))
+        raise ConfigError(
+            f"{s}: this job reveals {value.value} to {' and '.join(sorted(roles))} but the "
+            f"[[disclosure]] list does not allow it ({value.description}); "
+            f'add [[disclosure]] value = "{value.value}" to = [{who}] if both owners agree'
+        )
 
 
 #: The [data] fields of one task only, and the task each belongs to.
@@ -672,8 +676,9 @@ def required_disclosures(cfg: JobConfig) -> list[tuple[Revealable, Role]]:
     causal = cfg.model.head is Head.CAUSAL_LM
     evaluation = Revealable.EVAL_LOSS if causal else Revealable.EVAL_ACCURACY
     out: list[tuple[Revealable, Role]] = [(evaluation, Role.DATA_OWNER)]
-    if causal:  # both parties compute again a row whose hidden states failed the range check
-        out += [(Revealable.RANGE_CHECK, r) for r in (Role.MODEL_OWNER, Role.DATA_OWNER)]
+    # every job: both parties compute again a row whose secure values failed the range check (a
+    # fixed-point truncation failure, secfwt.runtime.range_checks), so both learn that bit
+    out += [(Revealable.RANGE_CHECK, r) for r in (Role.MODEL_OWNER, Role.DATA_OWNER)]
     if cfg.model.embedding is EmbeddingMode.TABLE_TO_DATA_OWNER:
         out.append((Revealable.EMBEDDING_TABLE, Role.DATA_OWNER))
     if cfg.job.mode is Mode.CMA:

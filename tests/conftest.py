@@ -86,6 +86,18 @@ def save_tiny_with_tokenizer(
     return path
 
 
+def data_owner_result(party, payload: dict, *, timeout_s: float = 300):
+    """Run ``party`` in real model- and data-owner processes (TTP dealer), both given the same
+    test payload (each shares only its own part), and return the data owner's value."""
+    from secfwt.mpc.launcher import run_parties
+    from secfwt.mpc.provider import Provider
+    from secfwt.roles import Role
+
+    both = {Role.MODEL_OWNER: payload, Role.DATA_OWNER: payload}
+    results = run_parties(party, payloads=both, provider=Provider.TTP, timeout_s=timeout_s)
+    return results[Role.DATA_OWNER].value
+
+
 TINY_JOB = """
 [job]
 name = "tiny"
@@ -108,6 +120,9 @@ value = "embedding_table"
 to = ["data_owner"]
 [[disclosure]]
 value = "eval_accuracy"
+to = ["data_owner", "model_owner"]
+[[disclosure]]
+value = "range_check"
 to = ["data_owner", "model_owner"]
 [[disclosure]]
 value = "train_loss"

@@ -63,11 +63,41 @@ def test_bad_values_name_the_field(tmp_path, text, pattern):
         load_job(write(tmp_path, text))
 
 
-def test_a_job_needing_an_unlisted_reveal_is_refused(tmp_path):
-    # table_to_data_owner embedding without the embedding_table term
-    text = "[[disclosure]]\nvalue = 'eval_accuracy'\nto = ['data_owner']\n"
-    with pytest.raises(ConfigError, match="reveals embedding_table to data_owner"):
+def _terms(*pairs: tuple[str, str]) -> str:
+    return "".join(f"[[disclosure]]\nvalue = '{v}'\nto = [{to}]\n" for v, to in pairs)
+
+
+EVAL = ("eval_accuracy", "'data_owner'")
+BOTH = "'data_owner', 'model_owner'"
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        # table_to_data_owner embedding without the embedding_table term
+        (
+            _terms(EVAL, ("range_check", BOTH)),
+            'reveals embedding_table to data_owner .* value = "embedding_table" to = '
+            r'\["data_owner"\]',
+        ),
+        # every job range-checks its secure rows, one bit to both parties
+        (
+            _terms(EVAL, ("embedding_table", "'data_owner'")),
+            "reveals range_check to data_owner and model_owner .*truncation failure.* "
+            r'value = "range_check" to = \["data_owner", "model_owner"\]',
+        ),
+        (
+            _terms(EVAL, ("embedding_table", "'data_owner'"), ("range_check", "'data_owner'")),
+            r'reveals range_check to model_owner .* to = \["model_owner"\] if both owners agree',
+        ),
+    ],
+)
+def test_a_job_needing_an_unlisted_reveal_is_refused(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
         load_job(write(tmp_path, text))
+    # with the term the job loads
+    full = _terms(EVAL, ("embedding_table", "'data_owner'"), ("range_check", BOTH))
+    assert load_job(write(tmp_path, full)).terms.allows(Revealable.RANGE_CHECK, Role.MODEL_OWNER)
 
 
 def test_overrides_apply_and_are_validated():

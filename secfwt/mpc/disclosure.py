@@ -61,8 +61,9 @@ _DESCRIPTIONS = {
     Revealable.EVAL_LOSS: "held-out mean response loss (a single number per evaluation)",
     Revealable.LM_HEAD_TABLE: "the model owner's LM-head table (an untied output embedding)",
     Revealable.RANGE_CHECK: (
-        "one bit per example and secure forward: whether its hidden states left the value "
-        "range (a fixed-point truncation failure) and were computed again"
+        "one bit per example and secure forward: whether its values (hidden states, or a "
+        "classifier's logits and losses) left the value range (a fixed-point truncation "
+        "failure) and were computed again"
     ),
     Revealable.EVAL_OUTPUTS: "model outputs for the data owner's held-out examples",
     Revealable.FINAL_PARAMETERS: "the tuned trainable parameters",

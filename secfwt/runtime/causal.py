@@ -11,7 +11,6 @@ target rows up in the disclosed table (an untied head's table is a disclosure of
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,17 +19,16 @@ import torch
 
 from secfwt.config import JobConfig
 from secfwt.data.inputs import InstructionInputs, slot_selection
-from secfwt.errors import ConfigError, ModelError, ProtocolError
+from secfwt.errors import ConfigError, ModelError
 from secfwt.models.decoder import DecoderModel
 from secfwt.models.spec import EmbeddingMode, ModelSpec
 from secfwt.models.transformer import ForwardSettings
 from secfwt.mpc.disclosure import Revealable
 from secfwt.roles import Role
 from secfwt.runtime.inputs import share_word_embeddings
+from secfwt.runtime.range_checks import RANGE_BOUND, RangeChecks
 from secfwt.runtime.session import PartySession
 from secfwt.tuning.causal_lm import CausalLMForward, PromptSlots, ResponseTargets, causal_prefix
-
-log = logging.getLogger(__name__)
 
 #: The untied LM head's weight (V, H); a tied head has none and reads the word embeddings.
 LM_HEAD = "lm_head.weight"
@@ -181,12 +179,7 @@ def causal_runner(
             slots = None if prompt is None else prompt.slots[ix]
             return causal_prefix(model, word, mask[ix], cut=cut, window=r, slots=slots)
 
-        def report(done: int) -> None:
-            progress(kind="prefix", done=done, total=n, elapsed=time.perf_counter() - t0)
-
-        cache = checks.rows(
-            compute, n=n, batch=cfg.run.eval_batch, what="frozen prefix", on_chunk=report
-        )
+        cache = checks.prefix(compute, n=n, batch=cfg.run.eval_batch, progress=progress)
     runner = CausalLMForward(
         ops=sess.ops,
         spec=spec,
@@ -198,91 +191,6 @@ def causal_runner(
         cut=cut,
         window=r,
         prompt=prompt,
-        guard=checks,
+        guard=checks.guard(what="upper layers", bound=RANGE_BOUND),
     )
     return runner, cache, time.perf_counter() - t0, checks
-
-
-#: Largest |value| a secure hidden state may hold. Real activations stay far below it
-#: (SmolLM2's massive channel: 2.5e4); a failed 2-party truncation (SecureML: probability
-#: |v| / 2^64 for the value v it truncates) adds about 2^64 / 2^16 / 2^16 = 2^32 to a value, and
-#: a masked key's garbage score then poisons every query of its row (measured on the packaged
-#: SmolLM2: 3 failures in 9 prefixes of 32 rows x 48 tokens x 30 layers, about 7e-6 per token
-#: and layer).
-RANGE_BOUND = 2.0**20
-#: Computations of a row before the job gives up (each fails independently).
-RANGE_ATTEMPTS = 3
-
-
-class RangeChecks:
-    """Rows of secure hidden states checked against :data:`RANGE_BOUND`, one bit per row revealed
-    to both parties (the ``range_check`` term), and computed again, with fresh randomness, where
-    they failed; :attr:`recomputed` counts those rows over the job.
-
-    The check catches the failures that blow a state up (the usual outcome, and the harmful one);
-    a failure that only perturbs a token's state a little is not seen.
-    """
-
-    def __init__(self, sess: PartySession) -> None:
-        self.sess = sess
-        self.recomputed = 0
-
-    def __call__(self, compute: Callable[[list[int]], Any], n: int) -> Any:
-        """:meth:`rows` in one batch: the :data:`~secfwt.tuning.causal_lm.Guard` of a step's
-        upper layers."""
-        return self.rows(compute, n=n, batch=n, what="upper layers")
-
-    def rows(
-        self,
-        compute: Callable[[list[int]], Any],
-        *,
-        n: int,
-        batch: int,
-        what: str,
-        on_chunk: Callable[[int], None] | None = None,
-    ) -> Any:
-        """Rows 0 .. n-1 of ``compute(rows)``, ``batch`` rows at a time, each checked (and
-        computed again where it failed); ``on_chunk(rows done)`` after each chunk of the first
-        pass."""
-        from secfwt.mpc.nonlinear import rows_out_of_range
-
-        both = [Role.MODEL_OWNER, Role.DATA_OWNER]
-        kept: dict[int, Any] = {}
-        todo = list(range(n))
-        for attempt in range(RANGE_ATTEMPTS):
-            failed: list[int] = []
-            for s in range(0, len(todo), batch):
-                rows = todo[s : s + batch]
-                part = compute(rows)
-                flags = self.sess.discloser.reveal(
-                    rows_out_of_range(part, RANGE_BOUND),
-                    value=Revealable.RANGE_CHECK,
-                    to=both,
-                    note=f"{what}: rows {rows[0]}..{rows[-1]}, attempt {attempt + 1}",
-                )
-                assert flags is not None  # revealed to both parties
-                for i, row in enumerate(rows):
-                    if bool(flags[i]):
-                        failed.append(row)
-                    else:
-                        kept[row] = part[i : i + 1]
-                if attempt == 0 and on_chunk is not None:
-                    on_chunk(s + len(rows))
-            if not failed:
-                break
-            self.recomputed += len(failed)
-            log.warning(
-                "range check (%s): %d row(s) left the value range (a truncation failure); "
-                "computing them again (attempt %d of %d)",
-                what,
-                len(failed),
-                attempt + 2,
-                RANGE_ATTEMPTS,
-            )
-            todo = failed
-        else:
-            raise ProtocolError(
-                f"{what}: {len(todo)} row(s) failed the range check {RANGE_ATTEMPTS} times; "
-                "rerun the job"
-            )
-        return self.sess.ops.cat([kept[i] for i in range(n)], dim=0)

@@ -33,7 +33,8 @@ from secfwt.models.spec import ModelSpec
 from secfwt.models.transformer import ForwardSettings
 from secfwt.mpc.disclosure import Revealable
 from secfwt.roles import Role
-from secfwt.runtime.causal import LM_HEAD, RangeChecks
+from secfwt.runtime.causal import LM_HEAD
+from secfwt.runtime.range_checks import RANGE_BOUND, RangeChecks
 from secfwt.runtime.session import PartySession
 from secfwt.tuning.causal_lm import CausalLMForward, ResponseTargets, causal_prefix
 
@@ -163,7 +164,9 @@ def build_gate(
         x = share(None if word is None else word[sel], (len(ix), t, h), "input embeddings")
         return causal_prefix(model, x, mask[sel], cut=cut, window=r)
 
-    cache = checks.rows(compute, n=m, batch=cfg.run.eval_batch, what="safety gate prefix")
+    cache = checks.rows(
+        compute, n=m, batch=cfg.run.eval_batch, what="safety gate prefix", bound=RANGE_BOUND
+    )
     log.info("safety gate: %d rows, prefix %.1f s", m, time.perf_counter() - t0)
     forward = CausalLMForward(
         ops=sess.ops,
@@ -175,7 +178,7 @@ def build_gate(
         targets=ResponseTargets(rows=targets, weights=weights),
         cut=cut,
         window=r,
-        guard=checks,
+        guard=checks.guard(what="safety gate upper layers", bound=RANGE_BOUND),
     )
     return SafetyGate(
         sess,

@@ -30,7 +30,7 @@ from secfwt.mpc.launcher import PartyContext
 from secfwt.roles import Role
 from secfwt.runtime.artifacts import AdapterExport, deliver
 from secfwt.runtime.backend import SharedBackend, SharedPromptScorer
-from secfwt.runtime.causal import RangeChecks, causal_runner, check_causal_model, lm_head_params
+from secfwt.runtime.causal import causal_runner, check_causal_model, lm_head_params
 from secfwt.runtime.checkpoint import Checkpoint, from_share, precision_bits
 from secfwt.runtime.checkpointer import JobCheckpointer, agree_checkpointing, restore_theta
 from secfwt.runtime.contract import (
@@ -45,6 +45,7 @@ from secfwt.runtime.contract import (
 )
 from secfwt.runtime.gate import WITHHELD, GateDecision, SafetyGate, build_gate
 from secfwt.runtime.inputs import disclose_table, share_rows, share_word_embeddings
+from secfwt.runtime.range_checks import OUTPUT_BOUND, RangeChecks
 from secfwt.runtime.session import PartySession
 from secfwt.tuning.causal_lm import CausalLMForward
 from secfwt.tuning.cma import CMASettings, PromptSearch
@@ -91,7 +92,7 @@ class _Prepared:
     n_train: int
     eval_idx: list[int]
     prefix_s: float
-    checks: RangeChecks | None  # a causal job's range checks of its secure hidden states
+    checks: RangeChecks  # the range checks of the prefix and of every later secure forward
     gate: SafetyGate | None = None  # the safety gate's rows, where the job carries one
     gate_before: float | None = None  # its score with the untuned parameters
     #: the held-out metric before tuning: accuracy, or a causal-LM job's mean response loss
@@ -148,7 +149,7 @@ def run_job_party(ctx: PartyContext, job: PartyJob) -> PartyOutcome:
         accuracy_after=None if s.causal else after,
         eval_loss_before=s.before if s.causal else None,
         eval_loss_after=after if s.causal else None,
-        rows_recomputed=0 if s.checks is None else s.checks.recomputed,
+        rows_recomputed=s.checks.recomputed,
         history=tuple(history),
         trainable_names=tuple(s.trainable.names),
         trainable_numel=s.trainable.numel,
@@ -310,7 +311,7 @@ def _prepare(ctx: PartyContext, job: PartyJob) -> _Prepared:
     cached = None if cached is None else from_share(cached, precision_bits())
     n, t = facts["n"], facts["t"]
     runner: CachedForward | CausalLMForward
-    checks: RangeChecks | None
+    checks: RangeChecks
     if causal:
         assert data is None or isinstance(data, InstructionInputs)
         runner, cache, prefix_s, checks = causal_runner(
@@ -330,14 +331,7 @@ def _prepare(ctx: PartyContext, job: PartyJob) -> _Prepared:
         )
     else:
         assert data is None or isinstance(data, DataOwnerInputs)
-        both = {Role.MODEL_OWNER, Role.DATA_OWNER}
-        # optional for classification jobs: with the range_check term, the frozen prefix's rows
-        # are checked and computed again where a truncation failure blew them up
-        checks = (
-            RangeChecks(sess)
-            if both <= set(sess.discloser.terms.recipients(Revealable.RANGE_CHECK))
-            else None
-        )
+        checks = RangeChecks(sess)
         runner, cache, prefix_s = _encoder_runner(
             sess,
             cfg,
@@ -354,7 +348,6 @@ def _prepare(ctx: PartyContext, job: PartyJob) -> _Prepared:
         )
     gate = None
     if causal and cfg.safety_gate.enabled:
-        assert checks is not None
         gate = build_gate(
             sess,
             cfg,
@@ -434,11 +427,12 @@ def _encoder_runner(
     cut: int,
     cached: Any | None,
     progress: _Progress,
-    checks: RangeChecks | None,
+    checks: RangeChecks,
 ) -> tuple[CachedForward, Any, float]:
     """A classification job's shared rows and frozen prefix (or the checkpoint's): the forward,
-    the cache and the seconds the prefix took; with ``checks``, each prefix row is range-checked
-    (:class:`~secfwt.runtime.causal.RangeChecks`)."""
+    the cache and the seconds the prefix took. ``checks`` range-checks each prefix row
+    (:data:`~secfwt.runtime.range_checks.RANGE_BOUND`) and, in every later forward, each row's
+    logits and losses (:data:`~secfwt.runtime.range_checks.OUTPUT_BOUND`)."""
     n, t = facts["n"], facts["t"]
     onehot, mask, pool_w = share_rows(
         sess, data, n=n, t=t, num_labels=facts["num_labels"], pooling=cfg.model.pooling
@@ -464,18 +458,7 @@ def _encoder_runner(
             pw_s = None if pool_w is None else pool_w[ix]
             return prefix(frozen_model, word, mask[ix], pw_s, cut=cut)
 
-        def report(done: int) -> None:
-            progress(kind="prefix", done=done, total=n, elapsed=time.perf_counter() - t_prefix)
-
-        bs = cfg.run.eval_batch
-        if checks is not None:
-            cache = checks.rows(compute, n=n, batch=bs, what="frozen prefix", on_chunk=report)
-        else:  # no range_check term: each row computed once, unchecked
-            chunks = []
-            for s in range(0, n, bs):
-                chunks.append(compute(list(range(s, min(n, s + bs)))))
-                report(min(n, s + bs))
-            cache = chunks[0] if len(chunks) == 1 else sess.ops.cat(chunks, dim=0)
+        cache = checks.prefix(compute, n=n, batch=cfg.run.eval_batch, progress=progress)
     runner = CachedForward(
         ops=sess.ops,
         public=sess.public,
@@ -488,6 +471,7 @@ def _encoder_runner(
         onehot=onehot,
         cut=cut,
         prompt_layer=cfg.cma.prompt_layer if cfg.job.mode is Mode.CMA else cfg.zo.prompt_layer,
+        guard=checks.guard(what="classifier outputs", bound=OUTPUT_BOUND),
     )
     return runner, cache, time.perf_counter() - t_prefix
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -42,6 +42,7 @@ from secfwt.models.decoder import DecoderModel
 from secfwt.models.ops import Ops
 from secfwt.models.spec import ModelSpec
 from secfwt.models.transformer import SOFT_PROMPT, ForwardSettings
+from secfwt.tuning.guard import Guard, guarded
 
 #: Token rows of (., V) logits per log-sum-exp call. A row of V = 49,152 costs ~15 MB of
 #: traffic and its share of the call's working memory; 64 rows keep a party's peak near 1 GB
@@ -97,11 +98,6 @@ def causal_prefix(
     return h[:, window_slice(t, window)] if cut == model.spec.num_layers else h
 
 
-#: ``guard(compute, n)``: the states of rows 0 .. n-1 of ``compute(rows)``, checked (the MPC
-#: job's :class:`~secfwt.runtime.causal.RangeChecks`); None computes them once, unchecked.
-Guard = Callable[[Callable[[list[int]], Any], int], Any]
-
-
 @dataclasses.dataclass(frozen=True)
 class ResponseTargets:
     """Per row: the LM head's rows of the window's target tokens and the reply weights."""
@@ -154,8 +150,7 @@ class CausalLMForward:
                 h = model.layers(h, mask, start=self.cut, positions=pos)
             return h[:, window_slice(t, self.window)]
 
-        everything = list(range(len(idx)))
-        h = upper(everything) if self.guard is None else self.guard(upper, len(idx))
+        h = guarded(self.guard, upper, len(idx))
         return model.final_norm(h)
 
     def example_losses(self, thetas: Sequence[Mapping[str, Any]], idx: list[int]) -> Any:

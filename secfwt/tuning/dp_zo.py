@@ -78,6 +78,13 @@ def guarantee(plan: DPPlan, terms: DisclosureTerms) -> dict[str, Any]:
                 else "held-out rows, not training rows"
             )
             not_covered.append(f"{value.value} -> {', '.join(r.value for r in to)} ({why})")
+    checked = ", ".join(sorted(r.value for r in terms.recipients(Revealable.RANGE_CHECK)))
+    if checked:
+        not_covered.append(
+            f"{Revealable.RANGE_CHECK.value} -> {checked} (one bit "
+            "per row and secure forward, training rows included: whether a truncation failure, "
+            "whose chance grows with the row's values, blew the row up)"
+        )
     return {
         "mechanism": (
             "Poisson-subsampled Gaussian on per-example clipped ZO projections, "

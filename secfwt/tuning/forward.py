@@ -18,6 +18,7 @@ from secfwt.models.attention import RFASettings
 from secfwt.models.encoder import SOFT_PROMPT, EncoderModel, ForwardSettings
 from secfwt.models.ops import Ops
 from secfwt.models.spec import ModelSpec
+from secfwt.tuning.guard import Guard, guarded
 
 
 def forward_settings(cfg: JobConfig, *, seed: int) -> ForwardSettings:
@@ -44,7 +45,13 @@ def mean_pool_weights(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 class CachedForward:
-    """Logits, loss and accuracy for rows of the cache, with given trainable values."""
+    """Logits, loss and accuracy for rows of the cache, with given trainable values.
+
+    With a ``guard`` (the MPC job's range checks) every row of a forward is checked where its
+    values end: the logits (and a step's per-example losses), so a truncation failure in the
+    layers above the cut, the pooling, the classifier or the loss that blows a value up is
+    found and that row computed again.
+    """
 
     def __init__(
         self,
@@ -60,6 +67,7 @@ class CachedForward:
         onehot: Any,
         cut: int,
         prompt_layer: int,
+        guard: Guard | None = None,
     ) -> None:
         self.ops, self.public, self.spec, self.frozen, self.settings = (
             ops,
@@ -69,9 +77,18 @@ class CachedForward:
             settings,
         )
         self.cache, self.mask, self.pool_w, self.onehot = cache, mask, pool_w, onehot
-        self.cut, self.prompt_layer = cut, prompt_layer
+        self.cut, self.prompt_layer, self.guard = cut, prompt_layer, guard
 
     def logits(self, theta: Mapping[str, Any], idx: list[int], *, prompt: Any = None) -> Any:
+        """Logits (B, C) of the rows ``idx``; ``prompt`` (P, H), or (B, P, H): one per row."""
+
+        def compute(rows: list[int]) -> Any:  # (b, C) for idx[rows]
+            own = prompt if prompt is None or len(prompt.shape) == 2 else prompt[torch.tensor(rows)]
+            return self._logits(theta, [idx[i] for i in rows], prompt=own)
+
+        return guarded(self.guard, compute, len(idx))
+
+    def _logits(self, theta: Mapping[str, Any], idx: list[int], *, prompt: Any) -> Any:
         model = EncoderModel(self.spec, {**self.frozen, **theta}, self.ops, self.settings)
         ix = torch.tensor(idx)
         x = self.cache[ix]
@@ -99,10 +116,9 @@ class CachedForward:
             )  # prompts are not pooled
         return model.output(model.layers(h, mask2, start=start), pool_w)
 
-    def loss(self, theta: Mapping[str, Any], idx: list[int], *, prompt: Any = None) -> Any:
+    def loss(self, theta: Mapping[str, Any], idx: list[int]) -> Any:
         """Mean cross-entropy over the rows ``idx`` (secret in MPC)."""
-        logits = self.logits(theta, idx, prompt=prompt)
-        return self.ops.log_softmax_nll(logits, self.onehot[torch.tensor(idx)]).mean()
+        return self.example_losses([theta], idx).mean()
 
     def losses(self, thetas: Sequence[Mapping[str, Any]], idx: list[int]) -> list[Any]:
         """Mean cross-entropy for several parameter sets on the same rows, in one batched loss."""
@@ -110,19 +126,30 @@ class CachedForward:
         return [per[i] for i in range(len(thetas))]
 
     def example_losses(self, thetas: Sequence[Mapping[str, Any]], idx: list[int]) -> Any:
-        """Per-example cross-entropy (k, B) for k parameter sets on the rows ``idx``."""
-        k, b = len(thetas), len(idx)
+        """Per-example cross-entropy (k, B) for k parameter sets on the rows ``idx``; under the
+        guard each row's k logits and k losses are checked together."""
+        k = len(thetas)
+
+        def compute(rows: list[int]) -> Any:  # (b, k, C + 1): logits and loss per set
+            part = [idx[i] for i in rows]
+            logits = self._stacked_logits(thetas, part)  # (k, b, C)
+            c = logits.shape[-1]
+            y = self.onehot[torch.tensor(part * k)]
+            nll = self.ops.log_softmax_nll(logits.reshape(k * len(part), c), y)  # (k * b,)
+            out = self.ops.cat([logits, nll.reshape(k, len(part), 1)], dim=-1)  # (k, b, C + 1)
+            return out.transpose(0, 1)
+
+        return guarded(self.guard, compute, len(idx))[:, :, -1].transpose(0, 1)  # (k, B)
+
+    def _stacked_logits(self, thetas: Sequence[Mapping[str, Any]], idx: list[int]) -> Any:
+        """Logits (k, B, C) of k parameter sets on the rows ``idx``."""
         if self.cut == self.spec.num_layers:
             # Only the head trains: evaluate all k variants in one batched forward by stacking
             # their parameters, (k, out, in) weights against the cached (B, H) features.
             stacked = {n: self.ops.stack([t[n] for t in thetas], dim=0) for n in thetas[0]}
             model = EncoderModel(self.spec, {**self.frozen, **stacked}, self.ops, self.settings)
-            logits = model.classify(self.cache[torch.tensor(idx)])  # (k, B, C)
-            flat = logits.reshape(k * b, logits.shape[-1])
-        else:
-            flat = self.ops.cat([self.logits(theta, idx) for theta in thetas], dim=0)  # (k * B, C)
-        y = self.onehot[torch.tensor(idx * k)]
-        return self.ops.log_softmax_nll(flat, y).reshape(k, b)
+            return model.classify(self.cache[torch.tensor(idx)])
+        return self.ops.stack([self._logits(theta, idx, prompt=None) for theta in thetas], dim=0)
 
     def correct(self, logits: Any, idx: list[int]) -> Any:
         """Count of correct argmax predictions (ties -> lowest class, as torch.argmax)."""

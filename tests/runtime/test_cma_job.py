@@ -47,9 +47,14 @@ def test_cma_prompt_tuning_reveals_only_own_outputs_to_the_data_owner(tmp_path, 
             "train_outputs",
             "eval_accuracy",
             "embedding_table",
+            "range_check",
             "train_loss",
             "final_parameters",
         }
+        # each candidate forward's rows are range-checked, one bit per row to both parties
+        checks = [e for e in entries if e["value"] == "range_check" and "outputs" in e["note"]]
+        assert [e["shape"] for e in checks if e["note"].endswith("attempt 1")].count([4 * 6]) == 3
+        assert all(e["to"] == ["data_owner", "model_owner"] for e in checks)
 
 
 def _disagreeing_terms(ctx, payload):

@@ -1,6 +1,5 @@
-"""The causal job's guard against failed truncations: rows whose secure hidden states left the
-value range are found (one revealed bit per row) and computed again; the LM head's product with
-headroom."""
+"""The guard against failed truncations: rows whose secure values left the value range are found
+(one revealed bit per row) and computed again; the LM head's product with headroom."""
 
 from __future__ import annotations
 
@@ -9,9 +8,9 @@ from typing import Any
 import pytest
 import torch
 
-from secfwt.mpc.launcher import PartyContext, run_parties
-from secfwt.mpc.provider import Provider
+from secfwt.mpc.launcher import PartyContext
 from secfwt.roles import Role
+from tests.conftest import data_owner_result
 
 pytestmark = pytest.mark.multiprocess
 
@@ -24,7 +23,7 @@ def _party(ctx: PartyContext, payload: dict[str, Any]) -> dict[str, Any] | None:
     from secfwt.mpc import owned
     from secfwt.mpc.disclosure import DisclosureTerms, Revealable
     from secfwt.mpc.nonlinear import rows_out_of_range
-    from secfwt.runtime.causal import RANGE_BOUND, RangeChecks
+    from secfwt.runtime.range_checks import RANGE_BOUND, RangeChecks
     from secfwt.runtime.session import PartySession
 
     both = [Role.MODEL_OWNER, Role.DATA_OWNER]
@@ -54,12 +53,15 @@ def _party(ctx: PartyContext, payload: dict[str, Any]) -> dict[str, Any] | None:
 
     seen: list[int] = []
     checks = RangeChecks(sess)
-    cache = checks.rows(compute, n=6, batch=4, what="prefix", on_chunk=seen.append)
+    cache = checks.rows(
+        compute, n=6, batch=4, what="prefix", bound=RANGE_BOUND, on_chunk=seen.append
+    )
     out = sess.discloser.reveal(cache, value=Revealable.VERIFY_OUTPUTS, to=[do])
     recomputed, prefix_calls = checks.recomputed, list(calls)
     # as a step's guard: all rows in one batch (their first computation broken again)
     calls.clear()
-    again = sess.discloser.reveal(checks(compute, 6), value=Revealable.VERIFY_OUTPUTS, to=[do])
+    guard = checks.guard(what="upper layers", bound=RANGE_BOUND)
+    again = sess.discloser.reveal(guard(compute, 6), value=Revealable.VERIFY_OUTPUTS, to=[do])
     guard_calls = list(calls)
     # the LM head's product with headroom against the plain product
     w_plain, h = payload["w"], payload["h"]
@@ -95,12 +97,7 @@ def test_failed_rows_are_found_and_computed_again() -> None:
     h = torch.randn(2, 8, generator=g) * 3
     w = torch.randn(8, 5, generator=g)
     payload = {"clean": clean, "massive": massive, "failures": failures, "h": h, "w": w}
-    got = run_parties(
-        _party,
-        payloads={Role.MODEL_OWNER: payload, Role.DATA_OWNER: payload},
-        provider=Provider.TTP,
-        timeout_s=300,
-    )[Role.DATA_OWNER].value
+    got = data_owner_result(_party, payload)
     assert got["flags"].tolist() == [0, 1, 0, 0, 1, 0]
     # rows 0-3 and 4-5 in the first pass, then only the two broken rows, once
     assert got["calls"] == [[0, 1, 2, 3], [4, 5], [1, 4]] and got["recomputed"] == 2

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -76,6 +78,27 @@ def test_mpc_zo_tracks_plaintext_reference(tmp_path, tiny_tok_dir):
     assert r["report"]["accuracy_before"] == pytest.approx(
         ref["accuracy_before"], abs=0.11
     )  # at most one of 10 flips
+    # every secure forward was range-checked, one bit per row revealed to both parties: the
+    # frozen prefix (18 rows, one chunk of run.eval_batch), the evaluations before and after
+    # (10 held-out rows each) and each step's batch (8 rows)
+    cfg = r["cfg"]
+    n_eval, n_train = 2 * cfg.data.eval_per_class, 2 * cfg.data.shots_per_class
+    steps = [min(cfg.zo.batch_size, n_train)] * cfg.zo.steps
+    assert _first_range_checks(r["report"]) == {
+        "frozen prefix": [n_train + n_eval],
+        "classifier outputs": [n_eval, *steps, n_eval],
+    }
+
+
+def _first_range_checks(report: dict[str, Any]) -> dict[str, list[int]]:
+    """The rows of each first-attempt range check in the data owner's audit log, by what it
+    checked (a recomputed row adds a later attempt)."""
+    out: dict[str, list[int]] = {}
+    audit = Path(report["output_dir"]) / "data_owner" / "audit.jsonl"
+    for entry in map(json.loads, audit.read_text().splitlines()):
+        if entry["value"] == "range_check" and entry["note"].endswith("attempt 1"):
+            out.setdefault(entry["note"].split(":")[0], []).append(entry["shape"][0])
+    return out
 
 
 SAFETY = """
@@ -95,24 +118,3 @@ def test_mpc_zo_with_a_safety_section_tracks_its_reference(tmp_path, tiny_tok_di
         float((r["final"][n].double() - without["theta"][n]).abs().max()) for n in r["final"]
     )
     assert apart > 5 * r["worst"], (apart, r["worst"])
-
-
-RANGE_CHECK_TERM = """
-[[disclosure]]
-value = "range_check"
-to = ["data_owner", "model_owner"]
-"""
-
-
-def test_classification_prefix_range_checked_with_the_term(tmp_path, tiny_tok_dir):
-    """With the range_check term a classification job checks each frozen-prefix row (one bit
-    per chunk of rows revealed to both) and still tracks its reference; without it, no check."""
-    (tmp_path / "plain").mkdir()
-    (tmp_path / "checked").mkdir()
-    plain = _run_and_replay(tmp_path / "plain", tiny_tok_dir)["report"]
-    checked = _run_and_replay(tmp_path / "checked", tiny_tok_dir, RANGE_CHECK_TERM)["report"]
-    assert checked["rows_recomputed"] == plain["rows_recomputed"] == 0
-    # 18 rows, run.eval_batch 32: one chunk, one range-check reveal more at each party
-    for role in ("data_owner", "model_owner"):
-        extra = checked["parties"][role]["reveals"] - plain["parties"][role]["reveals"]
-        assert extra == 1, (role, extra)

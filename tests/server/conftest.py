@@ -47,6 +47,10 @@ value = "eval_accuracy"
 to = ["data_owner", "model_owner"]
 
 [[disclosure]]
+value = "range_check"
+to = ["data_owner", "model_owner"]
+
+[[disclosure]]
 value = "final_parameters"
 to = ["data_owner"]
 """
