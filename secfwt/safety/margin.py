@@ -43,8 +43,9 @@ def row_losses(model: Any, rows: MarginRows, *, batch: int = ROW_BATCH) -> torch
         logits = model(
             input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=r + 1
         ).logits[:, :-1]  # (b, R, V)
+        targets = rows.target_ids[s : s + batch]  # (b, R)
         nll = torch.nn.functional.cross_entropy(
-            logits.to(torch.float64).transpose(1, 2), rows.target_ids[s : s + batch], reduction="none"
+            logits.to(torch.float64).transpose(1, 2), targets, reduction="none"
         )  # (b, R)
         w = rows.target_weights[s : s + batch].to(torch.float64)  # (b, R)
         out.append((nll * w).sum(1) / w.sum(1))
