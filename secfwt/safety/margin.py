@@ -20,36 +20,94 @@ import torch
 
 from secfwt.data.refusal_margin import MarginRows, load_prompts, margin_rows, margin_score
 from secfwt.data.sampling import check_count
-from secfwt.errors import ConfigError
+from secfwt.errors import ConfigError, DataError
 from secfwt.safety.chat_model import ChatModel, load_chat_model
 from secfwt.safety.stats import MeanInterval, mean_interval
 
 log = logging.getLogger(__name__)
 
-#: Rows per forward: (64, R + 1, V) float32 logits of SmolLM2 (V = 49,152, R ~ 12) are ~160 MB.
-ROW_BATCH = 64
+#: Prompts per forward: their 2 K rows share the prompt's cached keys and values; the openings'
+#: logits, (8 * 2K, ~14, V) float32 for SmolLM2 (V = 49,152), are ~130 MB.
+PROMPT_BATCH = 8
 
 
-def row_losses(model: Any, rows: MarginRows, *, batch: int = ROW_BATCH) -> torch.Tensor:
-    """Per-row mean NLL (M,) float64 of the weighted window targets; differentiable (the
-    caller chooses ``torch.no_grad``)."""
-    r = rows.window
+def row_losses(model: Any, rows: MarginRows, *, prompts: int = PROMPT_BATCH) -> torch.Tensor:
+    """Per-row mean NLL (M,) float64 of the weighted window targets.
+
+    A prompt's 2 K rows differ only in their opening, so the text they share (template and
+    prompt, less its last token) runs once, and its cached keys and values serve every opening:
+    about a third of the tokens of a forward over the padded rows, with the same values (the
+    positions continue the prefix's). Differentiable; the caller chooses ``torch.no_grad``.
+    """
+    m = rows.input_ids.shape[0]
+    if rows.prompts < 1 or m % rows.prompts:
+        raise DataError(f"margin rows: {m} rows are not {rows.prompts} prompts' equal groups")
+    per = m // rows.prompts  # rows per prompt, consecutive (prompt-major)
     out = []
-    for s in range(0, rows.input_ids.shape[0], batch):
-        ids = rows.input_ids[s : s + batch]  # (b, T)
-        mask = rows.attention_mask[s : s + batch].long()  # (b, T)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (b, T); pads get 0 and are masked
-        # the logits at T - 1 - R .. T - 1; the last one predicts past the row and is dropped
-        logits = model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=r + 1
-        ).logits[:, :-1]  # (b, R, V)
-        targets = rows.target_ids[s : s + batch]  # (b, R)
-        nll = torch.nn.functional.cross_entropy(
-            logits.to(torch.float64).transpose(1, 2), targets, reduction="none"
-        )  # (b, R)
-        w = rows.target_weights[s : s + batch].to(torch.float64)  # (b, R)
-        out.append((nll * w).sum(1) / w.sum(1))
+    for s in range(0, rows.prompts, prompts):
+        idx = list(range(s * per, min(rows.prompts, s + prompts) * per))
+        out.append(_shared_prefix_losses(model, rows, idx, per))
     return torch.cat(out)
+
+
+def _shared_prefix_losses(model: Any, rows: MarginRows, idx: list[int], per: int) -> torch.Tensor:
+    """:func:`row_losses` of the rows ``idx`` (whole prompts, ``per`` rows each)."""
+    n, t, r = len(idx), rows.input_ids.shape[1], rows.window
+    seqs = [rows.input_ids[i][rows.attention_mask[i].bool()] for i in idx]  # unpadded rows
+    cuts = []  # per prompt: tokens in the cached prefix (the last shared one starts each suffix,
+    for g in range(n // per):  # as its logit predicts the opening's first token)
+        group = seqs[g * per : (g + 1) * per]
+        shared = min(_common_prefix(group[0], q) for q in group[1:])
+        if shared < 2:
+            raise DataError("margin rows: a prompt's rows share no template prefix")
+        cuts.append(shared - 1)
+    pre_ids, pre_mask = _pad([seqs[g * per][:c] for g, c in enumerate(cuts)], left=True)
+    cache = model(
+        input_ids=pre_ids,  # (n/per, Lp)
+        attention_mask=pre_mask,
+        position_ids=(pre_mask.cumsum(-1) - 1).clamp(min=0),
+        use_cache=True,
+        logits_to_keep=1,
+    ).cache
+    cache.batch_repeat_interleave(per)
+    start = torch.tensor(cuts).repeat_interleave(per)  # (n,) first suffix token's position
+    suffixes = [q[int(c) :] for q, c in zip(seqs, start, strict=True)]
+    suf_ids, suf_mask = _pad(suffixes, left=False)  # (n, Ls), right-padded
+    logits = model(
+        input_ids=suf_ids,
+        attention_mask=torch.cat([pre_mask.repeat_interleave(per, 0), suf_mask], 1),
+        position_ids=start[:, None] + torch.arange(suf_ids.shape[1]),
+        cache=cache,
+    ).logits  # (n, Ls, V)
+    # window position T - 1 - R + w of a padded row -> its suffix position
+    pad = torch.tensor([t - len(q) for q in seqs])  # (n,)
+    pos = (t - 1 - r + torch.arange(r))[None, :] - pad[:, None] - start[:, None]  # (n, R)
+    w = rows.target_weights[idx].to(torch.float64)  # (n, R)
+    lengths = suf_mask.sum(1, keepdim=True)  # (n, 1)
+    if bool(((pos < 0) | (pos >= lengths))[w > 0].any()):
+        raise DataError("margin rows: a weighted target lies in the shared prefix")
+    picked = logits[torch.arange(n)[:, None], pos.clamp(0, suf_ids.shape[1] - 1)]  # (n, R, V)
+    nll = torch.nn.functional.cross_entropy(
+        picked.to(torch.float64).transpose(1, 2), rows.target_ids[idx], reduction="none"
+    )  # (n, R)
+    return (nll * w).sum(1) / w.sum(1)
+
+
+def _common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
+    k = min(len(a), len(b))
+    differ = (a[:k] != b[:k]).nonzero()
+    return int(differ[0]) if len(differ) else k
+
+
+def _pad(seqs: list[torch.Tensor], *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows padded with 0 to the longest, and their 0/1 masks (N, L)."""
+    width = max(len(q) for q in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, q in enumerate(seqs):
+        span = slice(width - len(q), width) if left else slice(0, len(q))
+        ids[i, span], mask[i, span] = q, 1
+    return ids, mask
 
 
 def prompt_margins(losses: torch.Tensor, rows: MarginRows) -> torch.Tensor:

@@ -167,17 +167,15 @@ def run_score_rank(req: ScoreRankRequest) -> dict[str, Any]:
     check_settings(models)
     checked = check_disjoint(prompts, models, Path(req.experiment).expanduser())
     rows: list[dict[str, Any]] = []
+    kept_dir = _scores_dir(req.out)
     for m in models:
-        log.info("scoring %s", m.name)
-        chat = load_scored_model(m.model, m.adapter)
-        result = score_prompts(chat, prompts, max_length=req.max_length)
         rates = refusal_rates(m.report)
         rows.append(
             {
                 "name": m.name,
                 "model": m.model,
                 "adapter": m.adapter,
-                **result.as_dict(),
+                **_score(m, prompts, req, kept_dir),
                 "refusal": rates,
                 "mean_refusal": {j: _mean_rate(rates[j]) for j in JUDGES},
             }
@@ -222,6 +220,29 @@ def run_score_rank(req: ScoreRankRequest) -> dict[str, Any]:
             ),
         },
     }
+
+
+def _scores_dir(out: str) -> Path:
+    """Where each model's score is kept as it is computed, so an interrupted run resumes."""
+    base = Path(out).expanduser()
+    return base.parent / f"{base.with_suffix('').name}-scores"
+
+
+def _score(m: Scored, prompts: tuple[str, ...], req: ScoreRankRequest, folder: Path) -> Any:
+    """``m``'s score, from ``folder`` when an earlier run scored the same model the same way."""
+    key = {"model": m.model, "adapter": m.adapter, "prompts": list(prompts), "max": req.max_length}
+    file = folder / f"{m.name}.json"
+    if file.is_file():
+        kept = json.loads(file.read_text(encoding="utf-8"))
+        if kept["key"] == key:
+            log.info("%s: score kept from %s", m.name, file)
+            return kept["result"]
+    log.info("scoring %s", m.name)
+    chat = load_scored_model(m.model, m.adapter)
+    result = score_prompts(chat, prompts, max_length=req.max_length).as_dict()
+    folder.mkdir(parents=True, exist_ok=True)
+    file.write_text(json.dumps({"key": key, "result": result}), encoding="utf-8")
+    return result
 
 
 def _pick(row: dict[str, Any] | None) -> dict[str, Any] | None:

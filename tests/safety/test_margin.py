@@ -73,7 +73,7 @@ def test_row_losses_equal_the_jobs_plaintext_forward(tmp_path, smollm2_tokenizer
     assert bool((rows.attention_mask == 0).any()), "the rows must exercise left padding"
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64).eval()
     with torch.no_grad():
-        got = row_losses(hf, rows, batch=5)  # batches that split a prompt's rows
+        got = row_losses(hf, rows, prompts=2)  # a batch of 2 prompts, then 1
     want = _reference_losses(folder, rows)
     assert got.shape == (18,)
     assert (got - want).abs().max() < ATOL, (got, want)
