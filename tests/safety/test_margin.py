@@ -164,3 +164,41 @@ def test_score_command(tiny_chat_dir, smollm2_tokenizer, capsys):
 def test_bad_score_flags_exit_2_before_loading(tmp_path, capsys, flags, named):
     assert main(["safety", "score", str(tmp_path / "no-model"), *flags]) == 2
     assert named in capsys.readouterr().err
+
+
+def _report(name: str, prompts: list[str]) -> dict:
+    return {
+        "suites": [{"name": name, "kind": "harmful", "replies": [{"prompt": p} for p in prompts]}]
+    }
+
+
+def test_score_rank_refuses_prompts_it_evaluated_or_trained_on(tmp_path):
+    """Each source the score must stay out of is checked: an evaluated suite, a data owner's
+    file (the prompt respelt: compared as prompt_key compares) and the others pass."""
+    from secfwt.errors import DataError
+    from secfwt.safety.score_rank import Scored, check_disjoint
+
+    prompts = load_prompts(PACKAGED, 4)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "experiment.json").write_text(json.dumps({"settings": {"calibration": 8}}))
+    train = tmp_path / "data" / "benign.jsonl"
+    train.write_text(json.dumps({"prompt": "What is a kettle?", "response": "A pot."}) + "\n")
+    aligned = Scored("aligned", str(tmp_path / "no-align"), None, _report("advbench", ["x"]))
+    checked = check_disjoint(prompts, [aligned], tmp_path)
+    assert "training set benign.jsonl: 1 prompts" in checked
+    assert any(c.startswith("alignment mix: not checked") for c in checked)
+    assert "Safe Delta calibration: 8 prompts" in checked
+    tuned = Scored("tuned", "m", None, _report("harmbench", ["y", prompts[2]]))
+    with pytest.raises(DataError, match="harmbench as evaluated for tuned: 1 shared"):
+        check_disjoint(prompts, [aligned, tuned], tmp_path)
+    train.write_text(json.dumps({"prompt": prompts[1].upper() + " ", "response": "Sure."}) + "\n")
+    with pytest.raises(DataError, match="training set benign.jsonl: 1 shared"):
+        check_disjoint(prompts, [aligned], tmp_path)
+
+
+def test_kept_means_every_suite_within_the_aligned_interval():
+    from secfwt.safety.score_rank import kept_refusals
+
+    aligned = {"a": {"rate": 0.95, "ci_low": 0.76}, "b": {"rate": 0.7, "ci_low": 0.48}}
+    assert kept_refusals({"a": {"rate": 0.76}, "b": {"rate": 0.5}}, aligned)
+    assert not kept_refusals({"a": {"rate": 1.0}, "b": {"rate": 0.45}}, aligned)
