@@ -169,11 +169,16 @@ class ScoreRequest:
 
     def checked(self) -> tuple[str, ...]:
         """The prompts; a bad flag is a :class:`ConfigError` before any model loads."""
-        check_count("--count", self.count, minimum=2)  # an interval needs two margins
-        check_count("--max-length", self.max_length, minimum=8)
         if self.adapter is not None and not self.adapter:
             raise ConfigError("--adapter: empty; give a PEFT adapter folder or leave it out")
-        return load_prompts(self.prompts, self.count, field="--prompts")
+        return checked_prompts(self.prompts, count=self.count, max_length=self.max_length)
+
+
+def checked_prompts(spec: str, *, count: int, max_length: int) -> tuple[str, ...]:
+    """The score's prompts from the ``--prompts/--count/--max-length`` flags, checked."""
+    check_count("--count", count, minimum=2)  # an interval needs two margins
+    check_count("--max-length", max_length, minimum=8)
+    return load_prompts(spec, count, field="--prompts")
 
 
 def load_scored_model(model: str, adapter: str | None) -> ChatModel:

@@ -26,10 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from secfwt.data.refusal_margin import PACKAGED, load_prompts, require_outside
-from secfwt.data.sampling import check_count
+from secfwt.data.refusal_margin import PACKAGED, require_outside
 from secfwt.errors import ConfigError, DataError
-from secfwt.safety.margin import load_scored_model, score_prompts
+from secfwt.safety.margin import checked_prompts, load_scored_model, score_prompts
 from secfwt.safety.stats import mean_interval, spearman
 
 log = logging.getLogger(__name__)
@@ -160,9 +159,7 @@ def kept_refusals(rates: dict[str, dict[str, Any]], aligned: dict[str, dict[str,
 
 def run_score_rank(req: ScoreRankRequest) -> dict[str, Any]:
     """Score every model, rank, and return the report (a JSON-ready dict)."""
-    check_count("--count", req.count, minimum=2)
-    check_count("--max-length", req.max_length, minimum=8)
-    prompts = load_prompts(req.prompts, req.count, field="--prompts")
+    prompts = checked_prompts(req.prompts, count=req.count, max_length=req.max_length)
     models, summary = experiment_models(req)
     check_settings(models)
     checked = check_disjoint(prompts, models, Path(req.experiment).expanduser())
