@@ -114,13 +114,16 @@ def check_disjoint(prompts: tuple[str, ...], models: list[Scored], root: Path) -
     from secfwt.safety.calibration import calibration_pairs
     from secfwt.safety.training_data import build_mix
 
-    checked = []
+    evaluated: dict[str, dict[str, None]] = {}  # suite -> its prompts over every report
     for m in models:
         for suite in m.report["suites"]:
-            evaluated = [r["prompt"] for r in suite["replies"]]
-            what = f"{suite['name']} as evaluated for {m.name}"
-            require_outside(prompts, evaluated, what=what)
-            checked.append(f"{what}: {len(evaluated)} prompts")
+            evaluated.setdefault(suite["name"], {}).update(
+                dict.fromkeys(r["prompt"] for r in suite["replies"])
+            )
+    checked = []
+    for name, seen in evaluated.items():
+        require_outside(prompts, seen, what=f"the evaluated {name} prompts")
+        checked.append(f"{name} as evaluated: {len(seen)} prompts in {len(models)} reports")
     for file in sorted((root / "data").glob("*.jsonl")):
         rows = [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line]
         require_outside(prompts, [r["prompt"] for r in rows], what=f"training set {file.name}")
@@ -288,6 +291,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     ):
         v = t[key]
         lines.append(f"{label}: " + ("none" if v is None else f"{v['drop']:.3f} ({v['name']})"))
+    lines.append(f"a drop threshold separates them: {'yes' if t['separates'] else 'no'}")
     lines += ["", "Disjointness checked (score prompts vs):", ""]
     lines += [f"- {c}" for c in report["disjoint"]]
     return "\n".join(lines) + "\n"

@@ -189,7 +189,7 @@ def test_score_rank_refuses_prompts_it_evaluated_or_trained_on(tmp_path):
     assert any(c.startswith("alignment mix: not checked") for c in checked)
     assert "Safe Delta calibration: 8 prompts" in checked
     tuned = Scored("tuned", "m", None, _report("harmbench", ["y", prompts[2]]))
-    with pytest.raises(DataError, match="harmbench as evaluated for tuned: 1 shared"):
+    with pytest.raises(DataError, match="the evaluated harmbench prompts: 1 shared"):
         check_disjoint(prompts, [aligned, tuned], tmp_path)
     train.write_text(json.dumps({"prompt": prompts[1].upper() + " ", "response": "Sure."}) + "\n")
     with pytest.raises(DataError, match="training set benign.jsonl: 1 shared"):
