@@ -152,6 +152,32 @@ def test_score_command(tiny_chat_dir, smollm2_tokenizer, capsys):
     assert len(report["margins"]) == 3
 
 
+def test_score_command_merges_an_adapter(tiny_chat_dir, smollm2_tokenizer, tmp_path, capsys):
+    """``--adapter``: the score of PEFT's own (unmerged) model with the adapter."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from .test_adapter import _save_adapter
+
+    adapter = _save_adapter(tiny_chat_dir, tmp_path / "lora")
+    argv = ["safety", "score", str(tiny_chat_dir), "--count", "2", "--json"]
+    assert main([*argv, "--adapter", str(adapter)]) == 0
+    got = json.loads(capsys.readouterr().out)["score"]
+    assert main(argv) == 0
+    without = json.loads(capsys.readouterr().out)["score"]
+    base = AutoModelForCausalLM.from_pretrained(tiny_chat_dir, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, adapter).eval()
+    rows = margin_rows(
+        load_prompts(PACKAGED, 2),
+        tokenizer=smollm2_tokenizer,
+        max_length=64,
+        model_max_positions=256,
+    )
+    want = plaintext_score(peft_model, rows)
+    assert got == pytest.approx(want, abs=1e-5)  # merged vs unmerged float32 weights
+    assert abs(want - without) > 1e-3  # the adapter changes the score
+
+
 @pytest.mark.parametrize(
     ("flags", "named"),
     [
