@@ -138,8 +138,73 @@ def cmd_safety_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_safety_score(args: argparse.Namespace) -> int:
+    from secfwt.safety.margin import ScoreRequest, run_score
+
+    req = ScoreRequest(
+        model=args.model,
+        adapter=args.adapter,
+        prompts=args.prompts,
+        count=args.count,
+        max_length=args.max_length,
+    )
+    report = run_score(req)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(
+        f"refusal-margin score of {req.model}{' + adapter ' + req.adapter if req.adapter else ''}: "
+        f"{report['score']:.4f} (95% CI {report['ci_low']:.4f} .. {report['ci_high']:.4f}, t over "
+        f"{report['count']} prompts of {req.prompts}, {req.max_length} tokens per row)"
+    )
+    return 0
+
+
+def cmd_safety_score_rank(args: argparse.Namespace) -> int:
+    from secfwt.safety.score_rank import (
+        ScoreRankRequest,
+        render_markdown,
+        run_score_rank,
+        write_score_rank,
+    )
+
+    req = ScoreRankRequest(
+        experiment=args.experiment,
+        out=args.out,
+        base=args.base,
+        base_eval=args.base_eval,
+        prompts=args.prompts,
+        count=args.count,
+        max_length=args.max_length,
+    )
+    report = run_score_rank(req)
+    js, md = write_score_rank(report, req.out)
+    print(render_markdown(report))
+    print(f"report: {js}, {md}")
+    return 0
+
+
+def _score_flags(parser: Any) -> None:
+    from secfwt.data.refusal_margin import PACKAGED
+
+    parser.add_argument(
+        "--prompts",
+        default=PACKAGED,
+        metavar="SPEC",
+        help=f"harmful prompts: {PACKAGED} (AdvBench 401-520, default) or a .txt (one per "
+        "line) or .jsonl ('prompt') file",
+    )
+    parser.add_argument(
+        "--count", type=int, default=64, metavar="N", help="first N distinct prompts (default 64)"
+    )
+    parser.add_argument(
+        "--max-length", type=int, default=64, metavar="T", help="tokens per row (default 64)"
+    )
+
+
 def register(sub: Any) -> None:
-    """Add ``safety eval|safe-delta|align|probe|experiment`` to the ``secfwt`` subcommands."""
+    """Add ``safety eval|safe-delta|align|probe|experiment|score|score-rank`` to the ``secfwt``
+    subcommands."""
     sf = sub.add_parser("safety", help="alignment safety of chat models")
     sf_sub = sf.add_subparsers(dest="safety_command", required=True)
     se = sf_sub.add_parser(
@@ -278,3 +343,35 @@ def register(sub: Any) -> None:
         help="run folder; an interrupted run resumes from it (default ./safety-experiment)",
     )
     sx.set_defaults(func=cmd_safety_experiment)
+
+    ss = sf_sub.add_parser(
+        "score",
+        help="refusal-margin score (forward only): mean NLL of compliance openings minus that "
+        "of refusal openings on harmful prompts; higher is safer",
+    )
+    ss.add_argument("model", help="causal LM folder, or packaged:smollm2-135m-instruct")
+    ss.add_argument("--adapter", metavar="DIR", help="PEFT adapter folder merged into MODEL")
+    _score_flags(ss)
+    ss.add_argument("--json", action="store_true", help="print the JSON report (with margins)")
+    ss.set_defaults(func=cmd_safety_score)
+
+    sr = sf_sub.add_parser(
+        "score-rank",
+        help="rank correlation of the refusal-margin score with the refusal rates of a "
+        "safety experiment's models, and the score drops that bound a gate threshold",
+    )
+    sr.add_argument("--experiment", required=True, metavar="DIR", help="safety experiment folder")
+    sr.add_argument("--out", required=True, metavar="FILE", help="writes FILE.json and FILE.md")
+    sr.add_argument(
+        "--base",
+        default="packaged:smollm2-135m-instruct",
+        help="the model the experiment aligned (default packaged:smollm2-135m-instruct)",
+    )
+    sr.add_argument(
+        "--base-eval",
+        metavar="FILE",
+        help="safety-eval.json of --base at the experiment's --limit/--max-new-tokens; "
+        "without it the base is left out",
+    )
+    _score_flags(sr)
+    sr.set_defaults(func=cmd_safety_score_rank)

@@ -9,6 +9,10 @@
   Meas. 20:37-46): kappa = (p_o - p_e) / (1 - p_e), observed agreement p_o against the agreement
   p_e two independent judges with the same marginal rates would reach by chance. Written out
   because scikit-learn (``cohen_kappa_score``) is not a dependency for one formula.
+* Student's t interval of a mean (``scipy.stats.t``): mean +- t_{n-1} s / sqrt(n), for the
+  refusal-margin score, a mean of per-prompt margins.
+* Spearman's rank correlation (``scipy.stats.spearmanr``) with a percentile bootstrap interval
+  over the paired items (``scipy.stats.bootstrap``, Efron & Tibshirani 1993, Ch. 13).
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from secfwt.errors import DataError
+
+BOOTSTRAP_RESAMPLES = 10_000
 
 CONFIDENCE = 0.95
 
@@ -76,3 +82,97 @@ def accuracy(predicted: Sequence[bool], truth: Sequence[bool]) -> Rate:
     if len(predicted) != len(truth):
         raise DataError(f"accuracy needs equal lengths: {len(predicted)} vs {len(truth)}")
     return wilson_rate(sum(p == t for p, t in zip(predicted, truth, strict=True)), len(truth))
+
+
+@dataclass(frozen=True)
+class MeanInterval:
+    """A mean of ``n`` values with its two-sided Student's t interval."""
+
+    mean: float
+    low: float
+    high: float
+    n: int
+    confidence: float = CONFIDENCE
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {
+            "ci_low": self.low,
+            "ci_high": self.high,
+            "n": self.n,
+            "confidence": self.confidence,
+        }
+
+
+def mean_interval(values: Sequence[float], *, confidence: float = CONFIDENCE) -> MeanInterval:
+    """The mean of ``values`` (at least 2) and its t interval at ``confidence``."""
+    import numpy as np
+    from scipy.stats import t
+
+    x = np.asarray(values, dtype=np.float64)
+    if x.size < 2:
+        raise DataError(f"a t interval needs at least 2 values, got {x.size}")
+    mean, sem = float(x.mean()), float(x.std(ddof=1)) / float(np.sqrt(x.size))
+    half = float(t.ppf(0.5 + confidence / 2, df=x.size - 1)) * sem
+    return MeanInterval(mean=mean, low=mean - half, high=mean + half, n=int(x.size))
+
+
+@dataclass(frozen=True)
+class RankCorrelation:
+    """Spearman's rho of paired values, its percentile bootstrap interval over the pairs, and
+    scipy's two-sided p-value (t approximation)."""
+
+    rho: float
+    low: float
+    high: float
+    p_value: float
+    n: int
+    confidence: float = CONFIDENCE
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {
+            "rho": self.rho,
+            "ci_low": self.low,
+            "ci_high": self.high,
+            "p_value": self.p_value,
+            "n": self.n,
+            "confidence": self.confidence,
+            "resamples": BOOTSTRAP_RESAMPLES,
+        }
+
+
+def spearman(
+    x: Sequence[float], y: Sequence[float], *, seed: int = 0, confidence: float = CONFIDENCE
+) -> RankCorrelation:
+    """Spearman's rho of ``x`` and ``y`` (ties get average ranks) with a bootstrap interval
+    resampling the pairs (``seed`` fixes the draws). A resample whose ranks are all tied has no
+    rho; scipy leaves it NaN, and those resamples are dropped from the percentiles."""
+    import numpy as np
+    from scipy.stats import bootstrap, spearmanr
+
+    if len(x) != len(y) or len(x) < 3:
+        raise DataError(f"a rank correlation needs 3 or more pairs, got {len(x)} and {len(y)}")
+    a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    res = spearmanr(a, b)
+
+    def rho(u: np.ndarray, v: np.ndarray) -> float:
+        return float(spearmanr(u, v).statistic)
+
+    draws = bootstrap(
+        (a, b),
+        rho,
+        paired=True,
+        vectorized=False,
+        n_resamples=BOOTSTRAP_RESAMPLES,
+        confidence_level=confidence,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    ).bootstrap_distribution
+    low, high = np.nanquantile(draws, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return RankCorrelation(
+        rho=float(res.statistic),
+        low=float(low),
+        high=float(high),
+        p_value=float(res.pvalue),
+        n=len(a),
+        confidence=confidence,
+    )

@@ -59,3 +59,28 @@ def test_cohen_kappa_undefined_and_mismatched() -> None:
 def test_accuracy_is_a_rate() -> None:
     r = accuracy([True, False, True, True], [True, True, True, False])
     assert (r.k, r.n, r.rate) == (2, 4, 0.5)
+
+
+def test_mean_interval_is_students_t() -> None:
+    from secfwt.safety.stats import mean_interval
+
+    # mean 2.5, s = sqrt(5/3), t_{0.975, 3} = 3.182446305 (Student's t table)
+    got = mean_interval([1.0, 2.0, 3.0, 4.0])
+    half = 3.182446305284263 * (5 / 3) ** 0.5 / 2
+    assert (got.mean, got.low, got.high) == pytest.approx((2.5, 2.5 - half, 2.5 + half), abs=1e-9)
+    with pytest.raises(DataError, match="at least 2 values"):
+        mean_interval([1.0])
+
+
+def test_spearman_without_ties_is_the_rank_difference_formula() -> None:
+    from secfwt.safety.stats import spearman
+
+    x = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
+    ranks = [2.0, 1.0, 4.0, 3.0, 8.0, 5.0, 7.0, 6.0]
+    y = [3.0**r for r in ranks]  # the same ranks, far from linear in x
+    n = len(x)
+    rho = 1 - 6 * sum((a - b) ** 2 for a, b in zip(x, ranks, strict=True)) / (n * (n * n - 1))
+    got = spearman(x, y, seed=1)
+    assert got.rho == pytest.approx(rho, abs=1e-12)
+    assert -1 <= got.low < got.rho < got.high <= 1
+    assert spearman(x, y, seed=1) == got  # the bootstrap draws are the seed's
