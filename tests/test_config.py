@@ -143,7 +143,8 @@ def test_one_binder_serves_jobs_and_the_bench_plan():
         ),
         (
             "nope.x=1",
-            r"unknown section \[nope\]; choose from: cma, data, dp, job, model, run, safety, safety_gate, zo",
+            r"unknown section \[nope\]; choose from: cma, data, dp, job, model, run, safety, "
+            "safety_gate, zo",
         ),
         ("disclosure.value=x", r"unknown section \[disclosure\]"),  # terms only from the file
         ("zo.steps.x=1", r"expected SECTION.KEY=VALUE, e.g. --set zo.steps=10"),
