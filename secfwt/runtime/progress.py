@@ -92,6 +92,11 @@ class ProgressView:
             self._advance(
                 "steps", "tuning steps                  ", msg["step"], msg["total"], info.strip()
             )
+        elif kind == "gate":
+            self._print(
+                f"safety gate: score {msg['score_before']:.4f} -> {msg['score_after']:.4f}: "
+                f"{msg['state']}"
+            )
         elif kind == "eval":
             what, value = (
                 ("response loss", msg["loss"])

@@ -293,6 +293,12 @@ def _forward_progress(messages: Any, progress: ProgressCallback) -> None:
                 message=f"accuracy {msg.get('when')}: {msg.get('accuracy')}",
                 metrics=metrics,
             )
+        elif kind == "gate":
+            progress(
+                phase="safety gate",
+                message=f"{msg['state']}: {msg['reason']}",
+                metrics={k: float(msg[k]) for k in ("score_before", "score_after")},
+            )
         elif kind == "checkpoint":
             progress(
                 phase="checkpoint",
