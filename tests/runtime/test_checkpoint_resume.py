@@ -284,18 +284,22 @@ def test_a_restored_cma_search_continues_exactly(tmp_path) -> None:
 
 
 def test_the_job_digest_is_unchanged_without_a_safety_section_and_covers_one() -> None:
-    """Checkpoints name their job by this digest: one written before ``[safety]`` existed (the
-    settings hashed without it) must still resume, and a ``[safety]`` section must change it."""
+    """Checkpoints name their job by this digest: one written before ``[safety]`` and
+    ``[safety_gate]`` existed (the settings hashed without them) must still resume, and either
+    section must change it."""
     import dataclasses
     import hashlib
     import json
 
-    from secfwt.config import SafetySection
+    from secfwt.config import SafetyGateSection, SafetySection
     from secfwt.runtime.contract import public_job_digest
 
     cfg = load_job("secfwt/jobs/default.toml")
-    before = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("source", "safety")}
+    new_sections = ("source", "safety", "safety_gate")
+    before = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in new_sections}
     as_before = hashlib.sha256(json.dumps(before, sort_keys=True, default=str).encode())
     assert public_job_digest(cfg) == as_before.hexdigest()
     swat = dataclasses.replace(cfg, safety=SafetySection(lr_multipliers=(("*.weight", 0.5),)))
     assert public_job_digest(swat) != public_job_digest(cfg)
+    gate = SafetyGateSection(prompts="packaged:advbench-gate", max_drop=0.5)
+    assert public_job_digest(dataclasses.replace(cfg, safety_gate=gate)) != public_job_digest(cfg)
