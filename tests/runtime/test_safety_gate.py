@@ -181,10 +181,10 @@ warmup_modules = ["*.q_proj"]
 lr_multipliers = { "model.norm.weight" = 0.5 }
 """
 )
-#: The score after tuning against its plaintext replay at the run's joint seed: the parameters
-#: track within test_causal_tracking.PARAM_TOL (2e-2) and the score is about 10 nats of
-#: per-token losses that move with them [measured below 2e-2 on these runs].
-REPLAY_TOL = 0.1
+#: Not compared with the replay within a tolerance: with lr 0.1 a step's parameters carry the
+#: loss error times lr / (2 eps) = 5x it, and 10 steps on strong harmful gradients take the MPC
+#: run and its replay apart by up to 0.34 in score (measured; the drop itself is 1.7-3.8). The
+#: score itself is compared on the same parameters (before tuning here, after it where released).
 
 
 def _replayed_after(cfg, model_dir, report):
@@ -216,7 +216,10 @@ def test_a_harmful_job_is_withheld_and_its_tuned_shares_deleted(tmp_path, gate_m
     assert bad["state"] == WITHHELD and not gate["released"], gate
     assert "more than max_drop = 1.0" in gate["reason"]
     assert bad["parties"]["model_owner"]["safety_gate_seen"] == gate
-    assert abs(gate["score_after"] - _replayed_after(harmful, gate_model, bad)) < REPLAY_TOL
+    plain_before, _ = _plain_scores(harmful, gate_model)
+    assert abs(gate["score_before"] - plain_before) < SCORE_TOL, (gate, plain_before)
+    # the plaintext twin of the whole run reaches the same decision
+    assert plain_before - _replayed_after(harmful, gate_model, bad) > 1.0
     for role in ("model_owner", "data_owner"):
         assert bad["parties"][role]["artifacts"] == {}
         audit = _audit(bad, role)
