@@ -143,6 +143,8 @@ def _plain_scores(cfg, model_dir, final=None):
     return before, after
 
 
+@pytest.mark.slow  # 100 s; the default run compares the score on the same parameters in
+# the withheld test (before tuning)
 def test_a_passing_gate_scores_as_plaintext_and_releases(tmp_path, gate_model):
     job = write_chat_job(tmp_path, gate_model, GATE.format(threshold="max_drop = 10.0"))
     cfg = load_job(job, overrides=JOB)

@@ -119,6 +119,7 @@ def _tune(model, rows: MarginRows, keep: tuple[str, ...], *, steps: int) -> None
     model.eval()
 
 
+@pytest.mark.slow  # 20-60 s each on 2 cores: the default run stays under 15 min
 @pytest.mark.parametrize(("openings", "sign"), [(COMPLIANCES, -1), (REFUSALS, 1)])
 def test_tuning_on_openings_moves_the_score(tmp_path, smollm2_tokenizer, openings, sign):
     """Tuning on compliance openings (of other prompts) lowers the score; on refusals, raises it."""
@@ -134,6 +135,7 @@ def test_tuning_on_openings_moves_the_score(tmp_path, smollm2_tokenizer, opening
     assert sign * (after - before) > 1.0, (before, after)  # measured: -2.8 and +3.7
 
 
+@pytest.mark.slow  # 20-60 s each on 2 cores: the default run stays under 15 min
 def test_score_command(tiny_chat_dir, smollm2_tokenizer, capsys):
     from transformers import AutoModelForCausalLM
 
@@ -152,6 +154,7 @@ def test_score_command(tiny_chat_dir, smollm2_tokenizer, capsys):
     assert len(report["margins"]) == 3
 
 
+@pytest.mark.slow  # 20-60 s each on 2 cores: the default run stays under 15 min
 def test_score_command_merges_an_adapter(tiny_chat_dir, smollm2_tokenizer, tmp_path, capsys):
     """``--adapter``: the score of PEFT's own (unmerged) model with the adapter."""
     from peft import PeftModel
