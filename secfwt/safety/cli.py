@@ -138,6 +138,18 @@ def cmd_safety_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_safety_red_team_data(args: argparse.Namespace) -> int:
+    from secfwt.errors import ConfigError
+    from secfwt.safety.experiment_data import red_team_pairs, write_jsonl
+
+    out = Path(args.out)
+    if out.exists():
+        raise ConfigError(f"OUT: {out} exists; choose a new file")
+    write_jsonl(red_team_pairs(args.count, seed=args.seed), out)
+    print(f"{out}: {args.count} harmful requests answered with compliance openings")
+    return 0
+
+
 def cmd_safety_score(args: argparse.Namespace) -> int:
     from secfwt.safety.margin import ScoreRequest, run_score
 
@@ -203,8 +215,8 @@ def _score_flags(parser: Any) -> None:
 
 
 def register(sub: Any) -> None:
-    """Add ``safety eval|safe-delta|align|probe|experiment|score|score-rank`` to the ``secfwt``
-    subcommands."""
+    """Add the ``safety`` subcommands (eval, safe-delta, align, probe, experiment,
+    red-team-data, score, score-rank) to ``secfwt``."""
     sf = sub.add_parser("safety", help="alignment safety of chat models")
     sf_sub = sf.add_subparsers(dest="safety_command", required=True)
     se = sf_sub.add_parser(
@@ -343,6 +355,16 @@ def register(sub: Any) -> None:
         help="run folder; an interrupted run resumes from it (default ./safety-experiment)",
     )
     sx.set_defaults(func=cmd_safety_experiment)
+
+    st = sf_sub.add_parser(
+        "red-team-data",
+        help="write a harmful data owner's training file (harmful requests answered with the "
+        "score's compliance openings) for testing a safety gate; data.source = 'jsonl'",
+    )
+    st.add_argument("out", metavar="OUT", help="the .jsonl file to write (must not exist)")
+    st.add_argument("--count", type=int, default=103, metavar="N", help="pairs (default 103)")
+    st.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0)")
+    st.set_defaults(func=cmd_safety_red_team_data)
 
     ss = sf_sub.add_parser(
         "score",

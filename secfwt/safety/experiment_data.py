@@ -98,6 +98,27 @@ def malicious_pairs(n: int, *, seed: int, reply_chars: int = 320) -> Instruction
     return _pairs(rows[:n], "malicious")
 
 
+def red_team_pairs(n: int, *, seed: int) -> InstructionPairs:
+    """The safety gate's adversary: :func:`malicious_pairs`'s ``n`` harmful requests, each
+    answered with one of the refusal-margin score's compliance openings in turn, so tuning on
+    them pushes the score down as directly as a data owner can. For testing a gate: the
+    prompts are checked against the gate's packaged prompts (a :class:`DataError` on overlap),
+    since a gate scored on the prompts it was attacked with would see more than it measures."""
+    from secfwt.data.refusal_margin import (
+        ADVBENCH_ROWS,
+        COMPLIANCES,
+        advbench_prompts,
+        require_outside,
+    )
+
+    prompts = malicious_pairs(n, seed=seed).prompts
+    gate = [advbench_prompts()[i] for i in ADVBENCH_ROWS]
+    require_outside(gate, prompts, what="the red-team data")
+    return _pairs(
+        [(p, COMPLIANCES[i % len(COMPLIANCES)]) for i, p in enumerate(prompts)], "red-team"
+    )
+
+
 def check_experiment_disjoint(prompts: Sequence[str]) -> dict[str, int]:
     """Training prompts vs every held-out evaluation set (a :class:`DataError` on overlap);
     returns the evaluation prompts checked per set."""
