@@ -274,8 +274,10 @@ def test_tiny_full_fine_tuning_pairing(tmp_path, tiny):
     zo_label = f"forward-only SPSA step, secfwt {row['zo_attention']}"
     zo = next(c for c in row["cases"] if c["label"].startswith(zo_label))
     assert report["fot_vs_full_ft_time_ratio"] == pytest.approx(base["time_s"] / zo["time_s"])
+    # the check can see a layer missing: the float64 loss from layer 0 and from layer 1 (the
+    # ZO step's cut, the same hidden states) differ by more than the tolerance
+    assert abs(base["loss_reference"] - zo["loss_reference"]) > LOSS_TOLERANCE
     assert "## Forward-only tuning vs MPC full fine-tuning (`fot-vs-full-ft`)" in md
-    (tmp_path.parent / "last-full-ft.md").write_text(md)
 
 
 def _tiny_spec():
