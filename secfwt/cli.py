@@ -499,7 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help=(
             "sub-benchmarks: forward, attention, fot-vs-backprop, fot-vs-full-ft, vanilla, "
-            "transport (default: these six), decoder (packaged SmolLM2 and the example instruction job's ZO step)"
+            "transport (default: these six), decoder (packaged SmolLM2 and the example "
+            "instruction job's ZO step)"
         ),
     )
     b.add_argument(

@@ -59,7 +59,8 @@ def tiny(monkeypatch):
 def test_unknown_name_is_a_config_error(capsys):
     with pytest.raises(
         ConfigError,
-        match="choose from: forward, attention, fot-vs-backprop, fot-vs-full-ft, vanilla, transport",
+        match="choose from: forward, attention, fot-vs-backprop, fot-vs-full-ft, vanilla, "
+        "transport",
     ):
         parse_names(["attention", "nope"])
     assert main(["bench", "nope", "--quick"]) == 2
@@ -259,9 +260,7 @@ def test_tiny_full_fine_tuning_pairing(tmp_path, tiny):
     assert base["label"].startswith("full fine-tuning step, every weight secret")
     # every layer's weights, the pooler and the classifier trained: the whole model but the
     # embeddings (the cases start from the embeddings' output)
-    spec_numel = sum(
-        math.prod(s) for n, s in _tiny_spec().param_shapes if "embeddings." not in n
-    )
+    spec_numel = sum(math.prod(s) for n, s in _tiny_spec().param_shapes if "embeddings." not in n)
     assert base["trainable_numel"] == spec_numel
     for case in row["cases"]:
         assert case["max_abs_err"] < LOSS_TOLERANCE, case["label"]

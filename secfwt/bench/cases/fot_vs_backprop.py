@@ -53,9 +53,7 @@ def plain_step_loss(
     return float(ops.log_softmax_nll(logits, onehot).mean())
 
 
-def loss_row(
-    res: dict[str, Any], reference: float, wrong: list[str]
-) -> dict[str, Any]:
+def loss_row(res: dict[str, Any], reference: float, wrong: list[str]) -> dict[str, Any]:
     """The summary of one tuning-step case with its revealed loss against the float64
     ``reference``; its label is added to ``wrong`` (and logged) when off by more than
     :data:`LOSS_TOLERANCE`."""
