@@ -251,11 +251,27 @@ def _section_attention(r: dict[str, Any] | None) -> list[str]:
     return out
 
 
-def _setup(r: dict[str, Any]) -> str:
-    """A case's setup docstring on one line."""
-    return "Setup: " + " ".join(
+def _wrong_lines(r: dict[str, Any]) -> list[str]:
+    """A bold line for each case whose loss was off by more than the tolerance."""
+    out: list[str] = []
+    for label in r.get("wrong_results") or ():
+        out += [
+            f"**{label} computed a wrong loss: its time and bytes measure a broken computation, "
+            "and ratios against it mean little.**",
+            "",
+        ]
+    return out
+
+
+def _step_section(
+    title: str, intro: Sequence[str], r: dict[str, Any], loss_note: Sequence[str]
+) -> list[str]:
+    """A tuning-step section: its cases, the note on losses, the wrong ones called out, and the
+    setup docstring on one line."""
+    setup = "Setup: " + " ".join(
         line.strip() for line in (r["setup"] or "").splitlines() if line.strip()
     )
+    return _cases_section(title, intro, r["cases"], [*loss_note, *_wrong_lines(r), setup, ""])
 
 
 def _section_fot(r: dict[str, Any] | None) -> list[str]:
@@ -285,18 +301,8 @@ def _section_fot(r: dict[str, Any] | None) -> list[str]:
             f"tolerance {_f(r.get('loss_tolerance'))}.",
             "",
         ]
-    for label in r.get("wrong_results") or ():
-        after += [
-            f"**{label} computed a wrong loss: its time and bytes measure a broken computation, "
-            "and ratios against it mean little.**",
-            "",
-        ]
-    setup = _setup(r)
-    return _cases_section(
-        "## Forward-only step vs MPC backpropagation step (`fot-vs-backprop`)",
-        intro,
-        r["cases"],
-        [*after, setup, ""],
+    return _step_section(
+        "## Forward-only step vs MPC backpropagation step (`fot-vs-backprop`)", intro, r, after
     )
 
 
@@ -326,14 +332,8 @@ def _section_full_ft(r: dict[str, Any] | None) -> list[str]:
         f"candidates); tolerance {_f(r['loss_tolerance'])}.",
         "",
     ]
-    for label in r.get("wrong_results") or ():
-        after += [f"**{label} computed a wrong loss: its time and bytes mean little.**", ""]
-    setup = _setup(r)
-    return _cases_section(
-        "## Forward-only tuning vs MPC full fine-tuning (`fot-vs-full-ft`)",
-        intro,
-        r["cases"],
-        [*after, setup, ""],
+    return _step_section(
+        "## Forward-only tuning vs MPC full fine-tuning (`fot-vs-full-ft`)", intro, r, after
     )
 
 

@@ -78,6 +78,11 @@ def test_plan_overrides_are_typed_and_checked(capsys):
         0,
     )
     assert plan.fot_batch == _tiny_plan().fot_batch  # the rest unchanged
+    # fot-vs-full-ft's rows a bigger machine can add: models by name, lengths
+    plan = _tiny_plan().with_overrides(
+        ["full_ft_models=minilm,bert-base", "full_ft_seq_lens=128,512"]
+    )
+    assert (plan.full_ft_models, plan.full_ft_seq_lens) == (("minilm", "bert-base"), (128, 512))
     for item, message in (
         ("fot_len=5", "bench --set fot_len: not a field of the plan; choose from: .*fot_seq_len"),
         ("fot_seq_len", "expected KEY=VALUE, e.g. --set fot_seq_len=512"),
@@ -85,6 +90,7 @@ def test_plan_overrides_are_typed_and_checked(capsys):
         ("attention_seq_lens=64;128", "expected comma-separated integers"),
         ("fot_batch=0", "bench --set fot_batch=0: must be positive"),
         ("layer=x", "not a field of the plan"),  # shapes are not settable
+        ("full_ft_models=roberta", "unknown model \\['roberta'\\]; choose from: minilm, bert"),
     ):
         with pytest.raises(ConfigError, match=message):
             _tiny_plan().with_overrides([item])

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 LOSS_TOLERANCE = 0.1
 
 
-def plain_step_loss(
+def plain_losses(
     spec: Any,
     state: dict[str, torch.Tensor],
     x: torch.Tensor,
@@ -36,21 +36,45 @@ def plain_step_loss(
     *,
     cut: int,
     attention: Attention,
-) -> float:
-    """float64 plaintext loss of the tuning steps' model at the starting parameters: secfwt's
-    encoder on PlainOps from the hidden states ``x`` (N, T, H) entering layer ``cut`` (the
-    cached prefix; for ``cut`` 0 the embeddings' output), as
-    :class:`~secfwt.tuning.forward.CachedForward` computes a step's loss (the SPSA step reports
-    the mean of its two perturbed losses, which differs from this by O(eps^2))."""
+    prompts: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """float64 plaintext losses of a tuning iteration's model at the starting parameters:
+    secfwt's encoder on PlainOps from the hidden states ``x`` (N, T, H) entering layer ``cut``
+    (the cached prefix; for ``cut`` 0 the embeddings' output), as
+    :class:`~secfwt.tuning.forward.CachedForward` computes them. Without ``prompts``: (1,), the
+    mean loss (the SPSA step reports the mean of its two perturbed losses, which differs from
+    this by O(eps^2)); with candidate prompts (k, P, H) entering at ``cut``: (k,), each
+    candidate's mean loss, as a CMA-ES iteration scores them."""
     from secfwt.models.encoder import EncoderModel, ForwardSettings, plain_params
     from secfwt.models.ops import PlainOps
+    from secfwt.tuning.forward import CachedForward
+    from secfwt.tuning.loops import candidate_losses
 
     b, t = labels.shape[0], x.shape[1]
     onehot = torch.nn.functional.one_hot(labels, spec.num_labels).double()
-    ops = PlainOps()
-    model = EncoderModel(spec, plain_params(state), ops, ForwardSettings(attention=attention))
-    logits = model.output(model.layers(x.double(), torch.ones(b, t).double(), start=cut))
-    return float(ops.log_softmax_nll(logits, onehot).mean())
+    ops, settings = PlainOps(), ForwardSettings(attention=attention)
+    mask = torch.ones(b, t, dtype=torch.float64)
+    if prompts is None:
+        model = EncoderModel(spec, plain_params(state), ops, settings)
+        logits = model.output(model.layers(x.double(), mask, start=cut))
+        return ops.log_softmax_nll(logits, onehot).mean().reshape(1)
+    forward = CachedForward(
+        ops=ops,
+        public=lambda z: z.double(),
+        spec=spec,
+        frozen=plain_params(state),
+        settings=settings,
+        cache=x.double(),
+        mask=mask,
+        pool_w=None,
+        onehot=onehot,
+        cut=cut,
+        prompt_layer=cut,
+    )
+    k = prompts.shape[0]
+    rows = [i for _ in range(k) for i in range(b)]  # row j * b + i: candidate j, example i
+    logits = forward.logits({}, rows, prompt=prompts.double().repeat_interleave(b, dim=0))
+    return candidate_losses(logits, labels, population=k)
 
 
 def loss_row(res: dict[str, Any], reference: float, wrong: list[str]) -> dict[str, Any]:
@@ -125,7 +149,7 @@ def fot_vs_backprop(plan: BenchPlan, runner: Runner) -> dict[str, Any]:
         f"{plan.fot_shape.name}-shaped, {plan.fot_layers} trainable layer(s) + head, B={b}, T={t}"
     )
     reference = {
-        att: plain_step_loss(spec, state, x, labels, cut=1, attention=att)
+        att: float(plain_losses(spec, state, x, labels, cut=1, attention=att)[0])
         for att in (Attention.SOFTMAX, Attention.RFA)
     }
     cases, wrong = {}, []
@@ -197,4 +221,4 @@ def fot_vs_backprop(plan: BenchPlan, runner: Runner) -> dict[str, Any]:
     }
 
 
-__all__ = ["LOSS_TOLERANCE", "flag_wrong", "fot_vs_backprop", "loss_row", "plain_step_loss"]
+__all__ = ["LOSS_TOLERANCE", "flag_wrong", "fot_vs_backprop", "loss_row", "plain_losses"]

@@ -18,7 +18,7 @@ from secfwt.bench.cases.fot_vs_backprop import (
     LOSS_TOLERANCE,
     flag_wrong,
     loss_row,
-    plain_step_loss,
+    plain_losses,
 )
 from secfwt.bench.plan import BenchPlan
 from secfwt.bench.runner import Runner, case_summary
@@ -113,62 +113,49 @@ def _row(
     tag = f"full-ft/{model_name}/{t}"
     head = [f"{spec.prefix}pooler.*", "classifier.*"]
 
-    full = runner.run(
-        f"{tag}/full_ft",
-        f"full fine-tuning step, every weight secret, CrypTen autograd + SGD ({desc})",
-        model_owner=mo,
-        data_owner=do,
-        common={
-            **common,
-            "case": "backprop_step",
-            "trainable": [f"{spec.prefix}encoder.layer.*", *head],
-        },
-    )
-    cases = {
-        "full_ft": loss_row(
-            full,
-            plain_step_loss(spec, state, x, labels, cut=0, attention=Attention.SOFTMAX),
-            wrong,
+    def run(key: str, label: str, **extra: Any) -> dict[str, Any]:
+        return runner.run(
+            f"{tag}/{key}", label, model_owner=mo, data_owner=do, common={**common, **extra}
         )
-    }
+
+    def plain(cut: int, attention: Attention, prompts: torch.Tensor | None = None) -> Any:
+        return plain_losses(spec, state, x, labels, cut=cut, attention=attention, prompts=prompts)
+
+    full = run(
+        "full_ft",
+        f"full fine-tuning step, every weight secret, CrypTen autograd + SGD ({desc})",
+        case="backprop_step",
+        trainable=[f"{spec.prefix}encoder.layer.*", *head],
+    )
+    cases = {"full_ft": loss_row(full, float(plain(0, Attention.SOFTMAX)[0]), wrong)}
     top = [f"{spec.prefix}encoder.layer.{i}.*" for i in range(cut, layers)] + head
     for att in (Attention.SOFTMAX, Attention.RFA):
-        res = runner.run(
-            f"{tag}/zo_{att.value}",
+        res = run(
+            f"zo_{att.value}",
             f"forward-only SPSA step, secfwt {att.value}, top {plan.fot_layers} layer(s) + head "
             f"from the cached prefix ({desc})",
-            model_owner=mo,
-            data_owner=do,
-            common={
-                **common,
-                "case": "fot_step",
-                "attention": att,
-                "trainable": top,
-                "directions": plan.fot_directions,
-            },
+            case="fot_step",
+            attention=att,
+            trainable=top,
+            directions=plan.fot_directions,
         )
-        ref = plain_step_loss(spec, state, x, labels, cut=cut, attention=att)
-        cases[f"zo_{att.value}"] = loss_row(res, ref, wrong)
+        cases[f"zo_{att.value}"] = loss_row(res, float(plain(cut, att)[0]), wrong)
     zo_key = min(("zo_softmax", "zo_rfa"), key=lambda k: cases[k]["time_s"])
     att = Attention(zo_key.removeprefix("zo_"))
-    cma = runner.run(
-        f"{tag}/cma",
+    cma = run(
+        "cma",
         f"forward-only CMA-ES iteration, secfwt {att.value}, population {plan.cma_population} "
         f"x {plan.cma_prompt_length}-token prompt at layer {cut}, owner-held weights ({desc})",
-        model_owner=mo,
-        data_owner=do,
-        common={
-            **common,
-            "case": "cma_step",
-            "attention": att,
-            "prompt_layer": cut,
-            "population": plan.cma_population,
-            "prompt_length": plan.cma_prompt_length,
-            "intrinsic_dim": plan.cma_intrinsic_dim,
-            "reps": max(2, plan.step_reps),
-        },
+        case="cma_step",
+        attention=att,
+        prompt_layer=cut,
+        population=plan.cma_population,
+        prompt_length=plan.cma_prompt_length,
+        intrinsic_dim=plan.cma_intrinsic_dim,
+        reps=max(2, plan.step_reps),
     )
-    cases["cma"] = _cma_row(cma, spec, state, x, labels, cut=cut, attention=att, wrong=wrong)
+    cands = cma["values"][Role.DATA_OWNER]["candidates"]  # (pop, P, H), the last iteration's
+    cases["cma"] = _cma_row(cma, plain(cut, att, cands), wrong)
     base, zo, cm = cases["full_ft"], cases[zo_key], cases["cma"]
     base_ok = base["label"] not in wrong
     return {
@@ -207,49 +194,15 @@ def _ratios(
     }
 
 
-def _cma_row(
-    res: dict[str, Any],
-    spec: Any,
-    state: dict[str, torch.Tensor],
-    x: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    cut: int,
-    attention: Attention,
-    wrong: list[str],
-) -> dict[str, Any]:
-    """The CMA-ES case's summary: each candidate's loss against float64 plaintext (secfwt's
-    encoder on PlainOps with the same prompts, :class:`~secfwt.tuning.forward.CachedForward`)."""
-    from secfwt.models.encoder import ForwardSettings, plain_params
-    from secfwt.models.ops import PlainOps
-    from secfwt.tuning.forward import CachedForward
-    from secfwt.tuning.loops import candidate_losses
-
+def _cma_row(res: dict[str, Any], reference: torch.Tensor, wrong: list[str]) -> dict[str, Any]:
+    """The CMA-ES case's summary: each candidate's loss against its float64 ``reference``
+    (pop,)."""
     s = case_summary(res)
-    do = res["values"][Role.DATA_OWNER]
-    losses, cands = do["output"], do["candidates"]  # (pop,), (pop, P, H)
-    b, t = x.shape[0], x.shape[1]
-    forward = CachedForward(
-        ops=PlainOps(),
-        public=lambda z: z.double(),
-        spec=spec,
-        frozen=plain_params(state),
-        settings=ForwardSettings(attention=attention),
-        cache=x.double(),
-        mask=torch.ones(b, t, dtype=torch.float64),
-        pool_w=None,
-        onehot=None,
-        cut=cut,
-        prompt_layer=cut,
-    )
-    pop = cands.shape[0]
-    rows = [i for _ in range(pop) for i in range(b)]
-    logits = forward.logits({}, rows, prompt=cands.double().repeat_interleave(b, dim=0))
-    ref = candidate_losses(logits, labels, population=pop)
+    losses = res["values"][Role.DATA_OWNER]["output"]  # (pop,)
     s.update(
         loss=float(losses.mean()),
-        loss_reference=float(ref.mean()),
-        max_abs_err=float((losses.double() - ref).abs().max()),
+        loss_reference=float(reference.mean()),
+        max_abs_err=float((losses.double() - reference).abs().max()),
         trainable_numel=res["values"][Role.MODEL_OWNER]["trainable_numel"],
     )
     flag_wrong(s, wrong)
