@@ -498,8 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="*",
         metavar="NAME",
         help=(
-            "sub-benchmarks: forward, attention, fot-vs-backprop, vanilla, transport (default: "
-            "these five), decoder (packaged SmolLM2 and the example instruction job's ZO step)"
+            "sub-benchmarks: forward, attention, fot-vs-backprop, fot-vs-full-ft, vanilla, "
+            "transport (default: these six), decoder (packaged SmolLM2 and the example "
+            "instruction job's ZO step)"
         ),
     )
     b.add_argument(

@@ -56,21 +56,23 @@ class Target:
         return value >= self.threshold if self.at_least else value <= self.threshold
 
 
-#: What secfwt set out to reach against MPC backprop, vanilla CrypTen and plaintext torch; the
-#: report marks each met or missed. The exponent targets allow 0.1 of fitting noise ("about
-#: linear").
+#: What secfwt set out to reach against MPC full fine-tuning, vanilla CrypTen and plaintext
+#: torch; the report marks each met or missed. The full fine-tuning targets are beyond SecFwT's
+#: own 11.8x / 17.2x (issue 19); issue 4's ``fot_vs_backprop_*`` pairing (same trainable set
+#: on both sides) is reported without a target. The exponent targets allow 0.1 of fitting noise
+#: ("about linear").
 TARGETS = (
     Target(
-        "fot_vs_backprop_time_ratio",
+        "fot_vs_full_ft_time_ratio",
         20.0,
         True,
-        "forward-only step >= 20x faster than MPC backprop step",
+        "forward-only iteration >= 20x faster than MPC full fine-tuning",
     ),
     Target(
-        "fot_vs_backprop_bytes_ratio",
+        "fot_vs_full_ft_bytes_ratio",
         25.0,
         True,
-        "forward-only step >= 25x fewer bytes than MPC backprop step",
+        "forward-only iteration >= 25x fewer bytes than MPC full fine-tuning",
     ),
     Target(
         "vs_vanilla_crypten_ratio", 10.0, True, "BERT-base layer >= 10x faster than vanilla CrypTen"

@@ -22,8 +22,14 @@ from secfwt.mpc.launcher import PartyContext
 from secfwt.mpc.traffic import TrafficMeter
 from secfwt.roles import Role
 
-#: The only reveal a benchmark makes: outputs of the measured section, to the data owner.
-TERMS = DisclosureTerms.of([(Revealable.VERIFY_OUTPUTS, [Role.DATA_OWNER])])
+#: The only reveals a benchmark makes: outputs of the measured section, to the data owner, and
+#: (the CMA-ES iteration, as its job does) the candidates' logits on its own batch.
+TERMS = DisclosureTerms.of(
+    [
+        (Revealable.VERIFY_OUTPUTS, [Role.DATA_OWNER]),
+        (Revealable.TRAIN_OUTPUTS, [Role.DATA_OWNER]),
+    ]
+)
 
 #: Op classes of the cost breakdown, by :class:`~secfwt.models.ops.Ops` method name.
 OP_CLASSES = {
@@ -348,6 +354,91 @@ def _backprop_step(
     }
 
 
+def _cma_step(
+    *, ctx: PartyContext, sess: Any, comm: Any, meter: TrafficMeter, payload: dict[str, Any]
+) -> dict[str, Any]:
+    """One SecFwT / BBT CMA-ES iteration as a ``cma`` job runs it
+    (:func:`secfwt.tuning.loops.cma_loop`): the data owner asks CMA-ES for ``population``
+    prompts, shares them, the layers from ``prompt_layer`` up and the head run on population x
+    batch rows with the model owner's frozen weights held by it
+    (:class:`~secfwt.runtime.backend.SharedPromptScorer`), the logits go to the data owner, which
+    computes the losses and tells CMA-ES."""
+    from secfwt.models.encoder import ForwardSettings
+    from secfwt.runtime.backend import SharedPromptScorer
+    from secfwt.tuning.cma import CMASettings, PromptSearch
+    from secfwt.tuning.forward import CachedForward
+
+    spec = sess.agree_spec(payload.get("spec"))
+    cut = payload["prompt_layer"]
+    below = tuple(f"{spec.prefix}encoder.layer.{i}." for i in range(cut))
+    names = [
+        n
+        for n, _ in spec.param_shapes
+        if not n.startswith(below) and not n.startswith(spec.prefix + "embeddings.")
+    ]
+    frozen = sess.share_params(spec, payload.get("state"), names=names, frozen=True)
+    b, t, h = payload["batch"], payload["seq_len"], spec.hidden_size
+    mine = sess.role is Role.DATA_OWNER
+    cache = sess.share(payload.get("input"), owner=Role.DATA_OWNER, shape=(b, t, h), name="prefix")
+    mask = sess.share(
+        torch.ones(b, t) if mine else None, owner=Role.DATA_OWNER, shape=(b, t), name="mask"
+    )
+    forward = CachedForward(
+        ops=sess.ops,
+        public=sess.public,
+        spec=spec,
+        frozen=frozen,
+        settings=ForwardSettings(attention=payload["attention"]),
+        cache=cache,
+        mask=mask,
+        pool_w=None,
+        onehot=None,  # the data owner scores the revealed logits itself
+        cut=cut,
+        prompt_layer=cut,
+    )
+    pop, p = payload["population"], payload["prompt_length"]
+    search = (
+        PromptSearch(
+            CMASettings(
+                intrinsic_dim=payload["intrinsic_dim"],
+                prompt_length=p,
+                hidden_size=h,
+                population=pop,
+                sigma0=1.0,
+                seed=payload["seed"],
+            ),
+            embedding_std=1.0,  # the stand-in hidden states have unit variance
+        )
+        if mine
+        else None
+    )
+    scorer = SharedPromptScorer(
+        sess=sess,
+        forward=forward,
+        population=pop,
+        prompt_shape=(p, h),
+        labels=payload.get("labels"),
+    )
+    asked: list[torch.Tensor] = []
+
+    def step() -> Any:
+        cands = search.ask() if search is not None else None  # (pop, P, H)
+        losses = scorer.candidate_losses(cands, list(range(b)), iteration=0)  # (pop,) or None
+        if search is not None and cands is not None and losses is not None:
+            search.tell(losses.tolist())
+            asked[:] = [cands]
+        return losses
+
+    losses, costs = measure_reps(comm, meter, step, reps=payload["reps"])
+    return {
+        "costs": costs,
+        "cut": cut,
+        "trainable_numel": payload["intrinsic_dim"],
+        "output": losses,
+        "candidates": asked[0] if asked else None,
+    }
+
+
 _CASES: dict[str, Callable[..., dict[str, Any]]] = {
     "secure_decoder": decoder_party.secure_decoder,
     "causal_zo_step": decoder_party.causal_zo_step,
@@ -356,5 +447,6 @@ _CASES: dict[str, Callable[..., dict[str, Any]]] = {
     "attention": _attention,
     "fot_step": _fot_step,
     "backprop_step": _backprop_step,
+    "cma_step": _cma_step,
     "safe_delta": safe_delta_party.safe_delta,
 }

@@ -11,7 +11,7 @@ import enum
 from collections.abc import Sequence
 from typing import Any
 
-from secfwt.bench.shapes import BERT_BASE, MINILM, LayerShape
+from secfwt.bench.shapes import BERT_BASE, FULL_MODELS, MINILM, LayerShape
 from secfwt.errors import ConfigError
 from secfwt.overrides import apply_overrides
 
@@ -20,6 +20,7 @@ class BenchName(enum.Enum):
     FORWARD = "forward"
     ATTENTION = "attention"
     FOT_VS_BACKPROP = "fot-vs-backprop"
+    FOT_VS_FULL_FT = "fot-vs-full-ft"
     VANILLA = "vanilla"
     TRANSPORT = "transport"
     DECODER = "decoder"
@@ -63,6 +64,17 @@ class BenchPlan:
     fot_batch: int = 4
     fot_seq_len: int = 128
     fot_directions: int = 1
+    #: fot-vs-full-ft: whole models (names of :data:`secfwt.bench.shapes.FULL_MODELS`) and
+    #: lengths, one row each; batch, trainable top layers and directions as fot-vs-backprop.
+    #: The default is what fits a 2-core machine; ``--set full_ft_models=minilm,bert-base --set
+    #: full_ft_seq_lens=128,512`` runs every row the issue asks for.
+    full_ft_models: tuple[str, ...] = ("minilm",)
+    full_ft_seq_lens: tuple[int, ...] = (128,)
+    #: SecFwT's CMA-ES prompt tuning as in secfwt/jobs/prompt_tuning_rfa.toml (prompt at the
+    #: top layer, whose weights, like the head's, stay with the model owner)
+    cma_population: int = 8
+    cma_prompt_length: int = 4
+    cma_intrinsic_dim: int = 32
     transport_shape: LayerShape = MINILM
     transport_seq_len: int = 64
     decoder_seq_lens: tuple[int, ...] = (64, 128)  # packaged SmolLM2, one row each
@@ -90,6 +102,7 @@ class BenchPlan:
             fot_layers=1,
             fot_batch=2,
             fot_seq_len=32,
+            full_ft_seq_lens=(32,),
             transport_seq_len=32,
             decoder_seq_lens=(16,),
             plaintext_reps=10,
@@ -124,7 +137,12 @@ _PLAN_FIXED = ("quick", "layer", "fot_shape", "transport_shape")
 
 
 def _plan_range(key: str, value: Any) -> str | None:
-    """Every count and length is positive; the seed may be 0."""
+    """Every count and length is positive; the seed may be 0; model names are known."""
+    if key == "full_ft_models":
+        unknown = [v for v in value if v not in FULL_MODELS]
+        if unknown or not value:
+            return f"unknown model {unknown}; choose from: {', '.join(FULL_MODELS)}"
+        return None
     lowest = 0 if key == "seed" else 1
     if any(v < lowest for v in (value if isinstance(value, tuple) else (value,))):
         return "must be >= 0" if lowest == 0 else "must be positive"

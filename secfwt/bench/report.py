@@ -89,7 +89,8 @@ def markdown(report: dict[str, Any], *, plots: dict[str, str] | None = None) -> 
         )
     lines += [
         "",
-        "Ratios: `fot_vs_backprop_*` = backprop / forward-only; "
+        "Ratios: `fot_vs_full_ft_*` = MPC full fine-tuning iteration / forward-only (ZO) "
+        "iteration; `fot_vs_backprop_*` = backprop / forward-only step, same trainable set; "
         "`vs_vanilla_crypten_ratio` = vanilla / secfwt time; "
         "`vs_plaintext_ratio` = secfwt secure / plaintext torch time; "
         "exponents = least-squares slope of log cost vs log T.",
@@ -99,6 +100,7 @@ def markdown(report: dict[str, Any], *, plots: dict[str, str] | None = None) -> 
     lines += _section_vanilla(b.get("vanilla"))
     lines += _section_attention(b.get("attention"))
     lines += _section_fot(b.get("fot-vs-backprop"))
+    lines += _section_full_ft(b.get("fot-vs-full-ft"))
     lines += _section_transport(b.get("transport"))
     lines += _section_decoder(b.get("decoder"))
     lines += _section_safe_delta(b.get("safe-delta"))
@@ -249,6 +251,29 @@ def _section_attention(r: dict[str, Any] | None) -> list[str]:
     return out
 
 
+def _wrong_lines(r: dict[str, Any]) -> list[str]:
+    """A bold line for each case whose loss was off by more than the tolerance."""
+    out: list[str] = []
+    for label in r.get("wrong_results") or ():
+        out += [
+            f"**{label} computed a wrong loss: its time and bytes measure a broken computation, "
+            "and ratios against it mean little.**",
+            "",
+        ]
+    return out
+
+
+def _step_section(
+    title: str, intro: Sequence[str], r: dict[str, Any], loss_note: Sequence[str]
+) -> list[str]:
+    """A tuning-step section: its cases, the note on losses, the wrong ones called out, and the
+    setup docstring on one line."""
+    setup = "Setup: " + " ".join(
+        line.strip() for line in (r["setup"] or "").splitlines() if line.strip()
+    )
+    return _cases_section(title, intro, r["cases"], [*loss_note, *_wrong_lines(r), setup, ""])
+
+
 def _section_fot(r: dict[str, Any] | None) -> list[str]:
     if not r:
         return []
@@ -276,20 +301,39 @@ def _section_fot(r: dict[str, Any] | None) -> list[str]:
             f"tolerance {_f(r.get('loss_tolerance'))}.",
             "",
         ]
-    for label in r.get("wrong_results") or ():
-        after += [
-            f"**{label} computed a wrong loss: its time and bytes measure a broken computation, "
-            "and ratios against it mean little.**",
-            "",
-        ]
-    setup = "Setup: " + " ".join(
-        line.strip() for line in (r["setup"] or "").splitlines() if line.strip()
+    return _step_section(
+        "## Forward-only step vs MPC backpropagation step (`fot-vs-backprop`)", intro, r, after
     )
-    return _cases_section(
-        "## Forward-only step vs MPC backpropagation step (`fot-vs-backprop`)",
-        intro,
-        r["cases"],
-        [*after, setup, ""],
+
+
+def _section_full_ft(r: dict[str, Any] | None) -> list[str]:
+    if not r:
+        return []
+    intro = [
+        f"Batch {r['batch']}, {r['directions']} SPSA direction(s), CMA-ES population "
+        f"{r['population']} x {r['prompt_length']}-token prompts. Headline row: "
+        f"{r['headline_row']}. Ratios = full fine-tuning / forward-only (time, bytes sent by "
+        "both parties); none where the baseline's loss is wrong.",
+        "",
+        "| model | T | ZO attention | full FT / ZO time | full FT / ZO bytes "
+        "| full FT / CMA-ES time | full FT / CMA-ES bytes | baseline loss right |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in r["pairings"]:
+        intro.append(
+            f"| {row['model']} | {row['seq_len']} | {row['zo_attention']} "
+            f"| {_f(row['fot_vs_full_ft_time_ratio'])} | {_f(row['fot_vs_full_ft_bytes_ratio'])} "
+            f"| {_f(row['fot_cma_vs_full_ft_time_ratio'])} "
+            f"| {_f(row['fot_cma_vs_full_ft_bytes_ratio'])} "
+            f"| {'yes' if row['baseline_correct'] else '**no**'} |"
+        )
+    after = [
+        "max abs err: |loss of the iteration - float64 plaintext loss| (CMA-ES: largest over the "
+        f"candidates); tolerance {_f(r['loss_tolerance'])}.",
+        "",
+    ]
+    return _step_section(
+        "## Forward-only tuning vs MPC full fine-tuning (`fot-vs-full-ft`)", intro, r, after
     )
 
 

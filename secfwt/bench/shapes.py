@@ -36,6 +36,14 @@ BERT_BASE = LayerShape("BERT-base", 768, 12, 3072)
 MINILM = LayerShape("MiniLM-L6", 384, 12, 1536)
 TINY = LayerShape("tiny", 64, 4, 128)
 
+#: Whole models of ``fot-vs-full-ft`` by plan name: (layer shape, number of layers). MiniLM is
+#: the packaged all-MiniLM-L6-v2's shape; tiny is for tests.
+FULL_MODELS: dict[str, tuple[LayerShape, int]] = {
+    "minilm": (MINILM, 6),
+    "bert-base": (BERT_BASE, 12),
+    "tiny": (TINY, 2),
+}
+
 
 def synthetic_model(
     shape: LayerShape,

@@ -17,6 +17,8 @@ from secfwt.errors import ConfigError
 HEADLINE = (
     "fot_vs_backprop_time_ratio",
     "fot_vs_backprop_bytes_ratio",
+    "fot_vs_full_ft_time_ratio",
+    "fot_vs_full_ft_bytes_ratio",
     "vs_vanilla_crypten_ratio",
     "vs_plaintext_ratio",
     "rfa_time_growth_exponent",
@@ -37,6 +39,10 @@ def _tiny_plan() -> BenchPlan:
         fot_layers=1,
         fot_batch=2,
         fot_seq_len=8,
+        full_ft_models=("tiny",),
+        full_ft_seq_lens=(8,),
+        cma_population=3,
+        cma_intrinsic_dim=4,
         transport_shape=TINY,
         transport_seq_len=8,
         plaintext_reps=2,
@@ -52,7 +58,9 @@ def tiny(monkeypatch):
 
 def test_unknown_name_is_a_config_error(capsys):
     with pytest.raises(
-        ConfigError, match="choose from: forward, attention, fot-vs-backprop, vanilla, transport"
+        ConfigError,
+        match="choose from: forward, attention, fot-vs-backprop, fot-vs-full-ft, vanilla, "
+        "transport",
     ):
         parse_names(["attention", "nope"])
     assert main(["bench", "nope", "--quick"]) == 2
@@ -70,6 +78,11 @@ def test_plan_overrides_are_typed_and_checked(capsys):
         0,
     )
     assert plan.fot_batch == _tiny_plan().fot_batch  # the rest unchanged
+    # fot-vs-full-ft's rows a bigger machine can add: models by name, lengths
+    plan = _tiny_plan().with_overrides(
+        ["full_ft_models=minilm,bert-base", "full_ft_seq_lens=128,512"]
+    )
+    assert (plan.full_ft_models, plan.full_ft_seq_lens) == (("minilm", "bert-base"), (128, 512))
     for item, message in (
         ("fot_len=5", "bench --set fot_len: not a field of the plan; choose from: .*fot_seq_len"),
         ("fot_seq_len", "expected KEY=VALUE, e.g. --set fot_seq_len=512"),
@@ -77,6 +90,7 @@ def test_plan_overrides_are_typed_and_checked(capsys):
         ("attention_seq_lens=64;128", "expected comma-separated integers"),
         ("fot_batch=0", "bench --set fot_batch=0: must be positive"),
         ("layer=x", "not a field of the plan"),  # shapes are not settable
+        ("full_ft_models=roberta", "unknown model \\['roberta'\\]; choose from: minilm, bert"),
     ):
         with pytest.raises(ConfigError, match=message):
             _tiny_plan().with_overrides([item])
@@ -86,7 +100,7 @@ def test_plan_overrides_are_typed_and_checked(capsys):
 
 def test_names_keep_suite_order():
     assert [n.value for n in parse_names(["vanilla", "attention"])] == ["attention", "vanilla"]
-    assert len(parse_names([])) == 5
+    assert len(parse_names([])) == 6
 
 
 #: The headline keys each sub-benchmark fills (None when it was not selected).
@@ -94,6 +108,7 @@ HEADLINE_OF = {
     "forward": ("vs_plaintext_ratio",),
     "attention": ("rfa_time_growth_exponent", "rfa_bytes_growth_exponent"),
     "fot-vs-backprop": ("fot_vs_backprop_time_ratio", "fot_vs_backprop_bytes_ratio"),
+    "fot-vs-full-ft": ("fot_vs_full_ft_time_ratio", "fot_vs_full_ft_bytes_ratio"),
     "vanilla": ("vs_vanilla_crypten_ratio",),
     "transport": (),
 }
@@ -102,6 +117,7 @@ PLOTS_OF = {
     "forward": ("bench-breakdown.png",),
     "attention": ("bench-attention.png",),
     "fot-vs-backprop": ("bench-fot-vs-backprop.png",),
+    "fot-vs-full-ft": (),
     "vanilla": ("bench-breakdown.png",),
     "transport": (),
 }
@@ -232,6 +248,51 @@ def test_tiny_tuning_steps_compute_the_plaintext_loss(tmp_path, tiny):
 
 
 @pytest.mark.multiprocess
+def test_tiny_full_fine_tuning_pairing(tmp_path, tiny):
+    """fot-vs-full-ft end to end on a 2-layer tiny model: every iteration's loss (the full
+    fine-tuning baseline's, each ZO step's, each CMA-ES candidate's) against float64 plaintext,
+    and the keys filled with positive ratios."""
+    from secfwt.bench.cases.fot_vs_backprop import LOSS_TOLERANCE
+
+    out = tmp_path / "res"
+    argv = ["bench", "fot-vs-full-ft", "--quick", "--out", str(out)]
+    assert main([*argv, "--report", str(tmp_path / "r.json")]) == 0
+    report, md = _check_outputs(out, tmp_path / "r.json", ["fot-vs-full-ft"])
+    full = report["benchmarks"]["fot-vs-full-ft"]
+    (row,) = full["pairings"]
+    assert (row["model"], row["layers"], row["seq_len"]) == ("tiny", 2, 8)
+    assert len(row["cases"]) == 4  # full fine-tuning, ZO softmax, ZO RFA, CMA-ES
+    base = row["cases"][0]
+    assert base["label"].startswith("full fine-tuning step, every weight secret")
+    # every layer's weights, the pooler and the classifier trained: the whole model but the
+    # embeddings (the cases start from the embeddings' output)
+    spec_numel = sum(math.prod(s) for n, s in _tiny_spec().param_shapes if "embeddings." not in n)
+    assert base["trainable_numel"] == spec_numel
+    for case in row["cases"]:
+        assert case["max_abs_err"] < LOSS_TOLERANCE, case["label"]
+        assert case["max_abs_err"] >= abs(case["loss"] - case["loss_reference"]) - 1e-12
+    assert row["baseline_correct"] and full["wrong_results"] == []
+    assert row["zo_attention"] in ("softmax", "rfa")
+    for key in ("fot_vs_full_ft", "fot_cma_vs_full_ft"):
+        for what in ("time", "bytes"):
+            assert full[f"{key}_{what}_ratio"] == row[f"{key}_{what}_ratio"] > 0
+    zo_label = f"forward-only SPSA step, secfwt {row['zo_attention']}"
+    zo = next(c for c in row["cases"] if c["label"].startswith(zo_label))
+    assert report["fot_vs_full_ft_time_ratio"] == pytest.approx(base["time_s"] / zo["time_s"])
+    # the check can see a layer missing: the float64 loss from layer 0 and from layer 1 (the
+    # ZO step's cut, the same hidden states) differ by more than the tolerance
+    assert abs(base["loss_reference"] - zo["loss_reference"]) > LOSS_TOLERANCE
+    assert "## Forward-only tuning vs MPC full fine-tuning (`fot-vs-full-ft`)" in md
+
+
+def _tiny_spec():
+    from secfwt.bench.shapes import synthetic_model
+    from secfwt.models.spec import Head
+
+    return synthetic_model(TINY, layers=2, head=Head.SEQUENCE_CLASSIFICATION, seed=0)[0]
+
+
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_tiny_full_suite(tmp_path, tiny):
     out = tmp_path / "res"
@@ -239,7 +300,7 @@ def test_tiny_full_suite(tmp_path, tiny):
     report, _ = _check_outputs(
         out,
         tmp_path / "r.json",
-        ["forward", "attention", "fot-vs-backprop", "vanilla", "transport"],
+        ["forward", "attention", "fot-vs-backprop", "fot-vs-full-ft", "vanilla", "transport"],
     )
     for key in HEADLINE:
         assert report[key] is not None, key

@@ -74,8 +74,10 @@ def test_ratio_and_targets():
     assert metrics.ratio(10.0, 2.0) == 5.0
     assert metrics.ratio(None, 2.0) is None and metrics.ratio(1.0, 0) is None
     targets = {t.key: t for t in metrics.TARGETS}
-    assert targets["fot_vs_backprop_time_ratio"].passed(25.0) is True
-    assert targets["fot_vs_backprop_time_ratio"].passed(2.0) is False
+    assert targets["fot_vs_full_ft_time_ratio"].passed(25.0) is True
+    assert targets["fot_vs_full_ft_time_ratio"].passed(2.0) is False
+    assert targets["fot_vs_full_ft_bytes_ratio"].passed(24.0) is False
+    assert "fot_vs_backprop_time_ratio" not in targets  # issue 4's pairing: reported, no target
     assert targets["vs_plaintext_ratio"].passed(90.0) is True
     assert targets["vs_plaintext_ratio"].passed(None) is None
 

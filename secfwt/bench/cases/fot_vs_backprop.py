@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 LOSS_TOLERANCE = 0.1
 
 
-def _plain_step_loss(
+def plain_losses(
     spec: Any,
     state: dict[str, torch.Tensor],
     x: torch.Tensor,
@@ -36,30 +36,73 @@ def _plain_step_loss(
     *,
     cut: int,
     attention: Attention,
-) -> float:
-    """float64 plaintext loss of the tuning steps' model at the starting parameters (secfwt's
-    encoder on PlainOps from the same cached prefix; the SPSA step reports the mean of its two
-    perturbed losses, which differs from this by O(eps^2))."""
-    from secfwt.models.encoder import ForwardSettings, plain_params
+    prompts: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """float64 plaintext losses of a tuning iteration's model at the starting parameters:
+    secfwt's encoder on PlainOps from the hidden states ``x`` (N, T, H) entering layer ``cut``
+    (the cached prefix; for ``cut`` 0 the embeddings' output), as
+    :class:`~secfwt.tuning.forward.CachedForward` computes them. Without ``prompts``: (1,), the
+    mean loss (the SPSA step reports the mean of its two perturbed losses, which differs from
+    this by O(eps^2)); with candidate prompts (k, P, H) entering at ``cut``: (k,), each
+    candidate's mean loss, as a CMA-ES iteration scores them."""
+    from secfwt.models.encoder import EncoderModel, ForwardSettings, plain_params
     from secfwt.models.ops import PlainOps
     from secfwt.tuning.forward import CachedForward
+    from secfwt.tuning.loops import candidate_losses
 
     b, t = labels.shape[0], x.shape[1]
     onehot = torch.nn.functional.one_hot(labels, spec.num_labels).double()
-    runner = CachedForward(
-        ops=PlainOps(),
+    ops, settings = PlainOps(), ForwardSettings(attention=attention)
+    mask = torch.ones(b, t, dtype=torch.float64)
+    if prompts is None:
+        model = EncoderModel(spec, plain_params(state), ops, settings)
+        logits = model.output(model.layers(x.double(), mask, start=cut))
+        return ops.log_softmax_nll(logits, onehot).mean().reshape(1)
+    forward = CachedForward(
+        ops=ops,
         public=lambda z: z.double(),
         spec=spec,
-        frozen={},
-        settings=ForwardSettings(attention=attention),
+        frozen=plain_params(state),
+        settings=settings,
         cache=x.double(),
-        mask=torch.ones(b, t, dtype=torch.float64),
+        mask=mask,
         pool_w=None,
         onehot=onehot,
         cut=cut,
-        prompt_layer=0,
+        prompt_layer=cut,
     )
-    return float(runner.loss(plain_params(state), list(range(b))))
+    k = prompts.shape[0]
+    rows = [i for _ in range(k) for i in range(b)]  # row j * b + i: candidate j, example i
+    logits = forward.logits({}, rows, prompt=prompts.double().repeat_interleave(b, dim=0))
+    return candidate_losses(logits, labels, population=k)
+
+
+def loss_row(res: dict[str, Any], reference: float, wrong: list[str]) -> dict[str, Any]:
+    """The summary of one tuning-step case with its revealed loss against the float64
+    ``reference``; its label is added to ``wrong`` (and logged) when off by more than
+    :data:`LOSS_TOLERANCE`."""
+    s = case_summary(res)
+    loss = res["values"][Role.DATA_OWNER]["output"]
+    s.update(
+        loss=None if loss is None else float(loss),
+        loss_reference=reference,
+        max_abs_err=None if loss is None else abs(float(loss) - reference),
+        trainable_numel=res["values"][Role.MODEL_OWNER]["trainable_numel"],
+    )
+    flag_wrong(s, wrong)
+    return s
+
+
+def flag_wrong(s: dict[str, Any], wrong: list[str]) -> None:
+    """Add the case's label to ``wrong`` (and log it) when its loss is off by more than
+    :data:`LOSS_TOLERANCE`."""
+    if s["max_abs_err"] is not None and s["max_abs_err"] > LOSS_TOLERANCE:
+        log.warning(
+            "%s: loss off by %.4g from float64 plaintext: this case computed a wrong result",
+            s["label"],
+            s["max_abs_err"],
+        )
+        wrong.append(s["label"])
 
 
 def fot_vs_backprop(plan: BenchPlan, runner: Runner) -> dict[str, Any]:
@@ -106,7 +149,7 @@ def fot_vs_backprop(plan: BenchPlan, runner: Runner) -> dict[str, Any]:
         f"{plan.fot_shape.name}-shaped, {plan.fot_layers} trainable layer(s) + head, B={b}, T={t}"
     )
     reference = {
-        att: _plain_step_loss(spec, state, x, labels, cut=1, attention=att)
+        att: float(plain_losses(spec, state, x, labels, cut=1, attention=att)[0])
         for att in (Attention.SOFTMAX, Attention.RFA)
     }
     cases, wrong = {}, []
@@ -144,25 +187,8 @@ def fot_vs_backprop(plan: BenchPlan, runner: Runner) -> dict[str, Any]:
             common={**common, **extra},
             vanilla=vanilla,
         )
-        s = case_summary(res)
-        loss = res["values"][Role.DATA_OWNER]["output"]
-        ref = reference[
-            extra.get("attention", Attention.SOFTMAX)
-        ]  # the backprop step runs CrypTen's softmax
-        s.update(
-            loss=None if loss is None else float(loss),
-            loss_reference=ref,
-            max_abs_err=None if loss is None else abs(float(loss) - ref),
-            trainable_numel=res["values"][Role.MODEL_OWNER]["trainable_numel"],
-        )
-        if s["max_abs_err"] is not None and s["max_abs_err"] > LOSS_TOLERANCE:
-            log.warning(
-                "%s: loss %.4g, plaintext %.4g: this case computed a wrong result",
-                label,
-                s["loss"],
-                ref,
-            )
-            wrong.append(label)
+        # the backprop step runs CrypTen's softmax
+        s = loss_row(res, reference[extra.get("attention", Attention.SOFTMAX)], wrong)
         cases[key] = s
     fot, bp = cases["fot_rfa"], cases["backprop"]
     return {
@@ -195,4 +221,4 @@ def fot_vs_backprop(plan: BenchPlan, runner: Runner) -> dict[str, Any]:
     }
 
 
-__all__ = ["LOSS_TOLERANCE", "fot_vs_backprop"]
+__all__ = ["LOSS_TOLERANCE", "flag_wrong", "fot_vs_backprop", "loss_row", "plain_losses"]

@@ -1,0 +1,212 @@
+"""The ``fot-vs-full-ft`` sub-benchmark: SecFwT's own pairing, one tuning iteration of secfwt's
+forward-only tuning against one iteration of MPC full fine-tuning by backpropagation.
+
+The setup it measures is the docstring of :func:`fot_vs_full_ft`, which the report quotes as
+``setup``. Every iteration's loss is checked against float64 plaintext (as in
+:mod:`.fot_vs_backprop`); a baseline whose loss is wrong is called out and its ratios are not
+reported as the headline.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from secfwt.bench import metrics
+from secfwt.bench.cases.fot_vs_backprop import (
+    LOSS_TOLERANCE,
+    flag_wrong,
+    loss_row,
+    plain_losses,
+)
+from secfwt.bench.plan import BenchPlan
+from secfwt.bench.runner import Runner, case_summary
+from secfwt.bench.shapes import FULL_MODELS, hidden_states, synthetic_model
+from secfwt.errors import ConfigError
+from secfwt.models.spec import Attention, Head
+from secfwt.roles import Role
+
+
+def fot_vs_full_ft(plan: BenchPlan, runner: Runner) -> dict[str, Any]:
+    """One forward-only tuning iteration vs one iteration of MPC full fine-tuning, same model,
+    batch and sequence length (the pairing of SecFwT,
+    Luo et al., arXiv 2506.15307).
+
+    Model: each of ``full_ft_models`` (MiniLM: the packaged all-MiniLM-L6-v2's shape, 6 layers;
+    BERT-base: 12 layers) as a BERT classifier with random weights, at each of
+    ``full_ft_seq_lens``. Every case starts from the same shared hidden states (N, T, H): the
+    embedding tables and their LayerNorm are in neither iteration.
+    Full fine-tuning (the baseline, what CrypTen offers): every weight of every layer, the
+    pooler and the classifier secret-shared by the model owner; CrypTen autograd over
+    :mod:`secfwt.bench.vanilla` (CrypTen's softmax), ``cross_entropy``, ``backward()``,
+    ``crypten.optim.SGD.step()``, on secfwt's engine (ring matmul on).
+    ZO (the headline ``fot_vs_full_ft_*``): the step of ``fot-vs-backprop``, one SPSA step with
+    ``fot_directions`` direction(s), two forwards each, training the top ``fot_layers``
+    layer(s), pooler and classifier (secret) from the cached frozen prefix of the layers below
+    (computed once per training row, not per iteration, so not in the iteration), with softmax
+    and with RFA; the faster of the two counts (RFA pays off at long T).
+    CMA-ES (``fot_cma_vs_full_ft_*``): one iteration of SecFwT's black-box prompt tuning with a
+    population of ``cma_population`` prompts of ``cma_prompt_length`` tokens entering the top
+    layer (as secfwt/jobs/prompt_tuning_rfa.toml), the frozen top layer and head held by the
+    model owner (secfwt.mpc.owned), with the attention the ZO step found faster; the candidates'
+    logits go to the data owner, which scores them. It runs at least twice in one session and
+    the faster counts: the first iteration of a session also sends each frozen weight's mask
+    once (``first_rep`` in the report).
+    Every linear weight is drawn at unit gain (std 1/sqrt(fan-in), about a trained model's
+    scale, not BERT's initial 0.02), so each layer changes its input and the loss depends on
+    the whole computation: the check against float64 plaintext then tells a right iteration
+    from a wrong one (with BERT's initialisation every layer is close to the identity and
+    every loss close to ln 2). Costs in MPC do not depend on the values.
+    """
+    for model_name in plan.full_ft_models:
+        if FULL_MODELS[model_name][1] <= plan.fot_layers:
+            raise ConfigError(
+                f"bench: fot_layers={plan.fot_layers} leaves no frozen layer in {model_name} "
+                f"({FULL_MODELS[model_name][1]} layers); set fot_layers lower"
+            )
+    rows, wrong = [], []
+    for model_name in plan.full_ft_models:
+        for t in plan.full_ft_seq_lens:
+            rows.append(_row(plan, runner, model_name, t, wrong))
+    head = rows[0]
+    return {
+        "setup": fot_vs_full_ft.__doc__,
+        "batch": plan.fot_batch,
+        "directions": plan.fot_directions,
+        "population": plan.cma_population,
+        "prompt_length": plan.cma_prompt_length,
+        "loss_tolerance": LOSS_TOLERANCE,
+        "pairings": rows,
+        "cases": [c for r in rows for c in r["cases"]],
+        "wrong_results": wrong,
+        "headline_row": f"{head['model']}, T={head['seq_len']}",
+        **{k: head[k] for k in _RATIO_KEYS},
+    }
+
+
+_RATIO_KEYS = (
+    "fot_vs_full_ft_time_ratio",
+    "fot_vs_full_ft_bytes_ratio",
+    "fot_cma_vs_full_ft_time_ratio",
+    "fot_cma_vs_full_ft_bytes_ratio",
+)
+
+
+def _row(
+    plan: BenchPlan, runner: Runner, model_name: str, t: int, wrong: list[str]
+) -> dict[str, Any]:
+    """The cases of one model and sequence length, with their ratios."""
+    shape, layers = FULL_MODELS[model_name]
+    spec, state, _ = synthetic_model(
+        shape, layers=layers, head=Head.SEQUENCE_CLASSIFICATION, seed=plan.seed
+    )
+    state = _unit_gain(spec, state, seed=plan.seed)
+    b = plan.fot_batch
+    x = hidden_states(batch=b, seq_len=t, hidden=shape.hidden, seed=plan.seed + 3)
+    labels = torch.arange(b) % 2
+    cut = layers - plan.fot_layers
+    mo = {"spec": spec, "state": state}
+    do = {"input": x, "labels": labels}
+    common = {"batch": b, "seq_len": t, "seed": plan.seed, "reps": plan.step_reps}
+    desc = f"{shape.name}-shaped, {layers} layers, B={b}, T={t}"
+    tag = f"full-ft/{model_name}/{t}"
+    head = [f"{spec.prefix}pooler.*", "classifier.*"]
+
+    def run(key: str, label: str, **extra: Any) -> dict[str, Any]:
+        return runner.run(
+            f"{tag}/{key}", label, model_owner=mo, data_owner=do, common={**common, **extra}
+        )
+
+    def plain(cut: int, attention: Attention, prompts: torch.Tensor | None = None) -> Any:
+        return plain_losses(spec, state, x, labels, cut=cut, attention=attention, prompts=prompts)
+
+    full = run(
+        "full_ft",
+        f"full fine-tuning step, every weight secret, CrypTen autograd + SGD ({desc})",
+        case="backprop_step",
+        trainable=[f"{spec.prefix}encoder.layer.*", *head],
+    )
+    cases = {"full_ft": loss_row(full, float(plain(0, Attention.SOFTMAX)[0]), wrong)}
+    top = [f"{spec.prefix}encoder.layer.{i}.*" for i in range(cut, layers)] + head
+    for att in (Attention.SOFTMAX, Attention.RFA):
+        res = run(
+            f"zo_{att.value}",
+            f"forward-only SPSA step, secfwt {att.value}, top {plan.fot_layers} layer(s) + head "
+            f"from the cached prefix ({desc})",
+            case="fot_step",
+            attention=att,
+            trainable=top,
+            directions=plan.fot_directions,
+        )
+        cases[f"zo_{att.value}"] = loss_row(res, float(plain(cut, att)[0]), wrong)
+    zo_key = min(("zo_softmax", "zo_rfa"), key=lambda k: cases[k]["time_s"])
+    att = Attention(zo_key.removeprefix("zo_"))
+    cma = run(
+        "cma",
+        f"forward-only CMA-ES iteration, secfwt {att.value}, population {plan.cma_population} "
+        f"x {plan.cma_prompt_length}-token prompt at layer {cut}, owner-held weights ({desc})",
+        case="cma_step",
+        attention=att,
+        prompt_layer=cut,
+        population=plan.cma_population,
+        prompt_length=plan.cma_prompt_length,
+        intrinsic_dim=plan.cma_intrinsic_dim,
+        reps=max(2, plan.step_reps),
+    )
+    cands = cma["values"][Role.DATA_OWNER]["candidates"]  # (pop, P, H), the last iteration's
+    cases["cma"] = _cma_row(cma, plain(cut, att, cands), wrong)
+    base, zo, cm = cases["full_ft"], cases[zo_key], cases["cma"]
+    base_ok = base["label"] not in wrong
+    return {
+        "model": model_name,
+        "shape": shape.describe(),
+        "layers": layers,
+        "seq_len": t,
+        "zo_attention": att.value,
+        "baseline_correct": base_ok,
+        "cases": list(cases.values()),
+        **_ratios("fot_vs_full_ft", base, zo, wrong),
+        **_ratios("fot_cma_vs_full_ft", base, cm, wrong),
+    }
+
+
+def _unit_gain(spec: Any, state: dict[str, torch.Tensor], *, seed: int) -> dict[str, torch.Tensor]:
+    """``state`` with every linear weight (out, in) redrawn at std 1/sqrt(in)."""
+    g = torch.Generator().manual_seed(seed + 11)
+    out = dict(state)
+    for name, w in state.items():
+        if spec.is_linear_weight(name):
+            out[name] = torch.randn(w.shape, generator=g) / w.shape[1] ** 0.5
+    return out
+
+
+def _ratios(
+    key: str, base: dict[str, Any], fot: dict[str, Any], wrong: list[str]
+) -> dict[str, float | None]:
+    """full fine-tuning / forward-only time and bytes; None when either loss is wrong (its
+    cost measures a broken computation)."""
+    if base["label"] in wrong or fot["label"] in wrong:
+        return {f"{key}_time_ratio": None, f"{key}_bytes_ratio": None}
+    return {
+        f"{key}_time_ratio": metrics.ratio(base["time_s"], fot["time_s"]),
+        f"{key}_bytes_ratio": metrics.ratio(base["bytes_sent_total"], fot["bytes_sent_total"]),
+    }
+
+
+def _cma_row(res: dict[str, Any], reference: torch.Tensor, wrong: list[str]) -> dict[str, Any]:
+    """The CMA-ES case's summary: each candidate's loss against its float64 ``reference``
+    (pop,)."""
+    s = case_summary(res)
+    losses = res["values"][Role.DATA_OWNER]["output"]  # (pop,)
+    s.update(
+        loss=float(losses.mean()),
+        loss_reference=float(reference.mean()),
+        max_abs_err=float((losses.double() - reference).abs().max()),
+        trainable_numel=res["values"][Role.MODEL_OWNER]["trainable_numel"],
+    )
+    flag_wrong(s, wrong)
+    return s
+
+
+__all__ = ["fot_vs_full_ft"]
