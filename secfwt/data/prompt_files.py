@@ -69,4 +69,3 @@ def advbench_prompts() -> list[str]:
     if len(seeds) < ADVBENCH_SIZE:
         raise DataError(f"{file}: {len(seeds)} prompts, expected {ADVBENCH_SIZE} (pyrit)")
     return seeds
-

@@ -228,7 +228,8 @@ def _tables(
             if not isinstance(value, list):
                 raise ConfigError(f"{where}: {key} must be a list of [[{key}]] tables")
             out[key] = tuple(
-                build_section(lists[key], v, f"{where}: [[{key}]] #{i + 1}") for i, v in enumerate(value)
+                build_section(lists[key], v, f"{where}: [[{key}]] #{i + 1}")
+                for i, v in enumerate(value)
             )
     return out
 

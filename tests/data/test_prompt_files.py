@@ -19,9 +19,11 @@ def test_txt_and_jsonl_give_the_same_prompts(tmp_path):
     jsonl = tmp_path / "p.jsonl"
     rows = [{"prompt": prompts[0] + " "}, {"prompt": "  "}, {"prompt": prompts[1]}]
     rows += [{"prompt": prompts[2], "category": "x"}]
-    jsonl.write_text("\n".join(json.dumps(r) for r in rows[:2]) + "\n\n" + "\n".join(
-        json.dumps(r) for r in rows[2:]
-    ))
+    jsonl.write_text(
+        "\n".join(json.dumps(r) for r in rows[:2])
+        + "\n\n"
+        + "\n".join(json.dumps(r) for r in rows[2:])
+    )
     assert read_prompt_file(txt, where="w") == prompts  # stripped, blank lines skipped
     assert read_prompt_file(jsonl, where="w") == prompts  # blank lines and prompts skipped
 
