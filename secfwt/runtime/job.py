@@ -350,15 +350,13 @@ def _prepare(ctx: PartyContext, job: PartyJob) -> _Prepared:
         )
     gate = None
     if causal and cfg.safety_gate.enabled:
+        assert isinstance(runner, CausalLMForward)
         gate = build_gate(
             sess,
             cfg,
-            spec=spec,
+            job_forward=runner,
             state=state,
             model_dir=Path(job.model_dir),
-            frozen=frozen,
-            settings=settings,
-            cut=cut,
             checks=checks,
             progress=progress,
         )
