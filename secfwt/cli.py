@@ -10,16 +10,11 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from secfwt.errors import ConfigError, SecfwtError, exit_code_for
+from secfwt.safety.cli import write_report
 
 log = logging.getLogger("secfwt")
-
-
-def _write_report(report: dict[str, Any], path: str | None) -> None:
-    if path:
-        Path(path).write_text(json.dumps(report, indent=2))
 
 
 def cmd_verify_model(args: argparse.Namespace) -> int:
@@ -50,7 +45,7 @@ def cmd_verify_model(args: argparse.Namespace) -> int:
         flush=True,
     )
     report = run_verify(req)
-    _write_report(report, args.report)
+    write_report(report, args.report)
     if "logits_mean_abs_err" in report:  # a decoder: logits on chat prompts
         for row in report.get("per_layer", []):
             print(
@@ -155,7 +150,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             resume=args.resume,
             policy=policy,
         )
-    _write_report(report, args.report)
+    write_report(report, args.report)
     print(f"{_held_out_line(report)} after {report['steps']} steps in {report['wall_s']:.0f} s")
     gate = report.get("safety_gate")
     if gate is not None:
@@ -225,7 +220,7 @@ def cmd_dp_baseline(args: argparse.Namespace) -> int:
             stop_at_step=args.stop_at_step,
             on_progress=lambda msg: view.update(Role.DATA_OWNER, msg),
         )
-    _write_report(report, args.report)
+    write_report(report, args.report)
     r = report
     print(
         f"epsilon {r['epsilon']:.4f} (delta {r['delta']:g}, {r['accountant']}) after "
@@ -272,7 +267,7 @@ def cmd_dp_compare(args: argparse.Namespace) -> int:
             on_progress=view.update,
             skip_baseline=args.skip_baseline,
         )
-    _write_report(report, args.report)
+    write_report(report, args.report)
     print((out / "dp-compare.md").read_text())
     print(f"report: {out}/dp-compare.json, {out}/dp-compare.md, {out}/dp-compare.png")
     return 0
@@ -296,7 +291,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         report = run_suite(names, plan, on_case=view.case)
     report["overrides"] = list(args.set)
     files = write_outputs(report, Path(args.out))
-    _write_report(report, args.report)
+    write_report(report, args.report)
     for t in report["targets"]:
         status = {True: "met", False: "MISSED", None: "not run"}[t["passed"]]
         value = "-" if t["value"] is None else f"{t['value']:.3g}"

@@ -306,29 +306,37 @@ def parse_job(raw: dict[str, Any], *, where: str) -> JobConfig:
         table = raw.get(name, {})
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: [{name}] must be a table")
-        kwargs[name] = _build(cls, table, f"{where}: [{name}]")
+        kwargs[name] = build_section(cls, table, f"{where}: [{name}]")
     entries = raw.get("disclosure", [])
     if not isinstance(entries, list):
         raise ConfigError(f"{where}: disclosure must be a list of [[disclosure]] tables")
     kwargs["disclosure"] = tuple(
-        _build(DisclosureEntry, e, f"{where}: [[disclosure]] #{i + 1}")
+        build_section(DisclosureEntry, e, f"{where}: [[disclosure]] #{i + 1}")
         for i, e in enumerate(entries)
     )
     return JobConfig(**kwargs, source=where)
 
 
-def _build(cls: type, table: dict[str, Any], where: str) -> Any:
+def section_values(cls: type, table: Any, where: str) -> dict[str, Any]:
+    """The keys of the TOML table ``table`` as the types of dataclass ``cls``'s fields; a
+    :class:`ConfigError` naming ``where`` and the key for an unknown key or a wrong type. Missing
+    keys are the caller's (:func:`build_section` refuses them)."""
     if not isinstance(table, dict):
         raise ConfigError(f"{where}: must be a table")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = [f.name for f in dataclasses.fields(cls)]
     hints = typing.get_type_hints(cls)
     for key in table:
         if key not in fields:
             raise ConfigError(f"{where}: unknown key {key!r}; valid keys: {', '.join(fields)}")
-    values = {}
-    for key, value in table.items():
-        values[key] = coerce(value, hints[key], f"{where} {key}")
-    missing = [n for n, f in fields.items() if f.default is dataclasses.MISSING and n not in values]
+    return {key: coerce(value, hints[key], f"{where} {key}") for key, value in table.items()}
+
+
+def build_section(cls: type, table: Any, where: str) -> Any:
+    """Dataclass ``cls`` from the TOML table ``table`` (:func:`section_values`), refusing a
+    missing key that has no default."""
+    values = section_values(cls, table, where)
+    fields = dataclasses.fields(cls)
+    missing = [f.name for f in fields if f.default is dataclasses.MISSING and f.name not in values]
     if missing:
         raise ConfigError(f"{where}: missing required key(s) {', '.join(missing)}")
     return cls(**values)

@@ -26,17 +26,15 @@ compare the score with an evaluation check that with :func:`require_outside`.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from secfwt.data.chat_tokenize import format_instructions
 from secfwt.data.instructions import InstructionPairs, prompt_key
-from secfwt.data.packages import PYRIT
+from secfwt.data.prompt_files import ADVBENCH_SIZE, advbench_prompts, read_prompt_file
 from secfwt.data.task import PaddingSide, Truncation
 from secfwt.errors import ConfigError, DataError
 
@@ -45,7 +43,7 @@ if TYPE_CHECKING:
 
 PACKAGED = "packaged:advbench-gate"
 #: AdvBench rows (0-based, file order) of the packaged prompts: the last 120 of its 520
-ADVBENCH_ROWS = range(400, 520)
+ADVBENCH_ROWS = range(400, ADVBENCH_SIZE)
 REFUSALS = (
     "I'm sorry, but I can't help with that.",
     "I cannot assist with that request.",
@@ -58,51 +56,12 @@ COMPLIANCES = (
 )
 
 
-def advbench_prompts() -> list[str]:
-    """AdvBench's 520 behaviours in the pinned pyrit copy's order."""
-    import yaml
-
-    file = PYRIT.file("datasets", "seed_datasets", "local", "adv_bench.prompt")
-    try:
-        seeds = [str(s["value"]) for s in yaml.safe_load(file.read_text("utf-8"))["seeds"]]
-    except (yaml.YAMLError, KeyError, TypeError) as exc:
-        raise DataError(f"{file}: expected a YAML document with seeds[].value: {exc}") from exc
-    if len(seeds) < ADVBENCH_ROWS.stop:
-        raise DataError(f"{file}: {len(seeds)} prompts, expected {ADVBENCH_ROWS.stop} (pyrit)")
-    return seeds
-
-
-def _file(path: Path, field: str) -> list[str]:
-    if not path.is_file():
-        raise ConfigError(
-            f"{field} = {str(path)!r}: no such file; give {PACKAGED!r} or a .txt (one prompt per "
-            "line) or .jsonl (a 'prompt' per line) file"
-        )
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        out = []
-        for i, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                out.append(str(row["prompt"]))
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise DataError(
-                    f"{path} line {i}: expected a JSON object with 'prompt': {exc}"
-                ) from None
-        return out
-    if path.suffix == ".txt":
-        return [line.strip() for line in text.splitlines() if line.strip()]
-    raise ConfigError(f"{field} = {str(path)!r}: the file must end in .txt or .jsonl")
-
-
 def load_prompts(spec: str, count: int, *, field: str = "safety_gate.prompts") -> tuple[str, ...]:
     """The first ``count`` distinct prompts of ``spec``: :data:`PACKAGED` or a prompt file."""
     if spec == PACKAGED:
         raw = [advbench_prompts()[i] for i in ADVBENCH_ROWS]
     else:
-        raw = _file(Path(spec).expanduser(), field)
+        raw = read_prompt_file(spec, where=f"{field} = {spec!r}", alternatives=f"{PACKAGED!r} or ")
     seen: dict[str, str] = {}
     for p in raw:
         seen.setdefault(prompt_key(p), p)

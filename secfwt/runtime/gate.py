@@ -29,8 +29,6 @@ from secfwt.data.tokenize import load_tokenizer
 from secfwt.errors import DataError
 from secfwt.models.checkpoint import load_config, max_input_tokens
 from secfwt.models.decoder import DecoderModel
-from secfwt.models.spec import ModelSpec
-from secfwt.models.transformer import ForwardSettings
 from secfwt.mpc.disclosure import Revealable
 from secfwt.roles import Role
 from secfwt.runtime.causal import LM_HEAD
@@ -118,17 +116,16 @@ def build_gate(
     sess: PartySession,
     cfg: JobConfig,
     *,
-    spec: ModelSpec,
+    job_forward: CausalLMForward,
     state: dict[str, torch.Tensor] | None,
     model_dir: Path,
-    frozen: dict[str, Any],
-    settings: ForwardSettings,
-    cut: int,
     checks: RangeChecks,
     progress: Callable[..., None],
 ) -> SafetyGate:
-    """Share the score's rows (the model owner's) and compute their frozen prefix, checked."""
+    """Share the score's rows (the model owner's) and compute their frozen prefix, checked; they
+    run through the job's own model, frozen values and cut (``job_forward``)."""
     mo = Role.MODEL_OWNER
+    spec, cut = job_forward.spec, job_forward.cut
     rows = gate_rows(cfg, model_dir) if sess.role is mo else None
     facts = sess.broadcast(
         None
@@ -155,7 +152,7 @@ def build_gate(
     mask = share(None if rows is None else rows.attention_mask.float(), (m, t), "key mask")
     weights = share(None if rows is None else rows.target_weights.float(), (m, r), "weights")
     targets = share(head, (m, r, h), "target rows")
-    model = DecoderModel(spec, frozen, sess.ops, settings)
+    model = DecoderModel(spec, job_forward.frozen, sess.ops, job_forward.settings)
     t0 = time.perf_counter()
     progress(kind="phase", phase=f"safety gate: {m} score rows through the frozen prefix")
 
@@ -168,15 +165,10 @@ def build_gate(
         compute, n=m, batch=cfg.run.eval_batch, what="safety gate prefix", bound=RANGE_BOUND
     )
     log.info("safety gate: %d rows, prefix %.1f s", m, time.perf_counter() - t0)
-    forward = CausalLMForward(
-        ops=sess.ops,
-        spec=spec,
-        frozen=frozen,
-        settings=settings,
+    forward = job_forward.on_rows(
         cache=cache,
         mask=mask,
         targets=ResponseTargets(rows=targets, weights=weights),
-        cut=cut,
         window=r,
         guard=checks.guard(what="safety gate upper layers", bound=RANGE_BOUND),
     )

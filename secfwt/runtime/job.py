@@ -142,7 +142,6 @@ def run_job_party(ctx: PartyContext, job: PartyJob) -> PartyOutcome:
         artifacts = deliver(s.sess, theta, s.local, s.out_dir, adapter=adapter)
     else:
         artifacts = _withhold(s, decision)
-        del theta
     spec = s.spec
     return PartyOutcome(
         accuracy_before=None if s.causal else s.before,
@@ -169,8 +168,11 @@ def run_job_party(ctx: PartyContext, job: PartyJob) -> PartyOutcome:
 
 def _withhold(s: _Prepared, decision: GateDecision) -> dict[str, str]:
     """The gate failed: nothing is revealed; this party deletes its checkpointed shares of the
-    tuned parameters (the in-memory ones go with the process) and records why in its audit
-    log. Returns no artifacts."""
+    tuned parameters and records why in its audit log. Returns no artifacts.
+
+    Its in-memory shares are neither written nor wiped: they are dropped when this party's job
+    returns, and its process exits right after (the launcher and the daemon start one process
+    per party and job)."""
     deleted = [] if s.ckpt is None else s.ckpt.store.discard_tuned()
     s.sess.discloser.record(
         "withheld",
@@ -348,15 +350,13 @@ def _prepare(ctx: PartyContext, job: PartyJob) -> _Prepared:
         )
     gate = None
     if causal and cfg.safety_gate.enabled:
+        assert isinstance(runner, CausalLMForward)
         gate = build_gate(
             sess,
             cfg,
-            spec=spec,
+            job_forward=runner,
             state=state,
             model_dir=Path(job.model_dir),
-            frozen=frozen,
-            settings=settings,
-            cut=cut,
             checks=checks,
             progress=progress,
         )

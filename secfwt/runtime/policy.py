@@ -32,9 +32,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from secfwt.config import JobConfig
+from secfwt.config import JobConfig, build_section, section_values
 from secfwt.errors import ConfigError, PolicyError
-from secfwt.overrides import coerce, loads_toml, read_toml_text
+from secfwt.overrides import loads_toml, read_toml_text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,26 +59,13 @@ class SafetyPolicy:
         ).hexdigest()
 
 
-def _fields(cls: type, table: dict[str, Any], where: str) -> dict[str, Any]:
-    import typing
-
-    hints = typing.get_type_hints(cls)
-    known = [f.name for f in dataclasses.fields(cls) if f.name != "swat"]
-    out = {}
-    for key, value in table.items():
-        if key not in known:
-            raise ConfigError(f"{where}: unknown key {key!r}; valid keys: {', '.join(known)}")
-        out[key] = coerce(value, hints[key], f"{where} {key}")
-    return out
-
-
 def parse_policy(table: Any, *, where: str) -> SafetyPolicy:
     """A ``[safety_policy]`` table, checked."""
     if not isinstance(table, dict):
         raise ConfigError(f"{where}: [safety_policy] must be a table")
     table = dict(table)
     swat_table = table.pop("swat", None)
-    values = _fields(SafetyPolicy, table, f"{where}: [safety_policy]")
+    values = section_values(SafetyPolicy, table, f"{where}: [safety_policy]")
     if "prompts" not in values or not values["prompts"]:
         raise ConfigError(
             f"{where}: safety_policy.prompts: name the harmful prompts every job's safety gate "
@@ -86,11 +73,7 @@ def parse_policy(table: Any, *, where: str) -> SafetyPolicy:
         )
     swat = None
     if swat_table is not None:
-        if not isinstance(swat_table, dict):
-            raise ConfigError(f"{where}: [safety_policy.swat] must be a table")
-        swat = SwatRequirement(
-            **_fields(SwatRequirement, swat_table, f"{where}: [safety_policy.swat]")
-        )
+        swat = build_section(SwatRequirement, swat_table, f"{where}: [safety_policy.swat]")
         if not 0 <= swat.min_warmup_fraction < 1:
             raise ConfigError(
                 f"{where}: safety_policy.swat.min_warmup_fraction = {swat.min_warmup_fraction}: "

@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 
-def _write_report(report: dict[str, Any], path: str | None) -> None:
+def write_report(report: dict[str, Any], path: str | None) -> None:
+    """``--report PATH``: the command's JSON report at ``path`` (nothing when not given); every
+    ``secfwt`` command that takes ``--report`` writes it with this."""
     if path:
         Path(path).write_text(json.dumps(report, indent=2))
 
@@ -41,7 +43,7 @@ def cmd_safety_eval(args: argparse.Namespace) -> int:
     with SafetyProgress() as view:
         report = run_safety_eval(req, progress=view)
     files = write_outputs(report, Path(args.out))
-    _write_report(report, args.report)
+    write_report(report, args.report)
     print(Path(files["md"]).read_text())
     print("report: " + ", ".join(files.values()) + (f", {args.report}" if args.report else ""))
     return 0
@@ -99,7 +101,7 @@ def cmd_safety_align(args: argparse.Namespace) -> int:
             {"checkpoint": str(result.folder), "cache_hit": result.cache_hit, **summary}, indent=2
         )
     )
-    _write_report(result.summary | {"checkpoint": str(result.folder)}, args.report)
+    write_report(result.summary | {"checkpoint": str(result.folder)}, args.report)
     print(f"aligned checkpoint: {result.folder}" + (" (cached)" if result.cache_hit else ""))
     return 0
 

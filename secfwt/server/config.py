@@ -45,7 +45,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from secfwt.config import _build
+from secfwt.config import build_section
 from secfwt.data.datasets import DataSource
 from secfwt.data.refusal_margin import PACKAGED as PACKAGED_PROMPTS
 from secfwt.errors import ConfigError
@@ -223,12 +223,13 @@ def _tables(
                 f"{where}: unknown section [{key}]; valid sections: {', '.join(sorted(known))}"
             )
         if key in sections:
-            out[key] = _build(sections[key], value, f"{where}: [{key}]")
+            out[key] = build_section(sections[key], value, f"{where}: [{key}]")
         else:
             if not isinstance(value, list):
                 raise ConfigError(f"{where}: {key} must be a list of [[{key}]] tables")
             out[key] = tuple(
-                _build(lists[key], v, f"{where}: [[{key}]] #{i + 1}") for i, v in enumerate(value)
+                build_section(lists[key], v, f"{where}: [[{key}]] #{i + 1}")
+                for i, v in enumerate(value)
             )
     return out
 

@@ -129,6 +129,24 @@ class CausalLMForward:
         self.cache, self.mask, self.targets = cache, mask, targets
         self.cut, self.window, self.prompt, self.guard = cut, window, prompt, guard
 
+    def on_rows(
+        self, *, cache: Any, mask: Any, targets: ResponseTargets, window: int, guard: Guard | None
+    ) -> CausalLMForward:
+        """The same model, frozen values and cut over other rows with their own cached prefix
+        (the safety gate's score rows), without a soft prompt."""
+        return CausalLMForward(
+            ops=self.ops,
+            spec=self.spec,
+            frozen=self.frozen,
+            settings=self.settings,
+            cache=cache,
+            mask=mask,
+            targets=targets,
+            cut=self.cut,
+            window=window,
+            guard=guard,
+        )
+
     def normed_window(self, theta: Mapping[str, Any], idx: list[int]) -> Any:
         """Final-normed hidden states (B, R, H) of the window for the rows ``idx``."""
         model = DecoderModel(self.spec, {**self.frozen, **theta}, self.ops, self.settings)

@@ -102,25 +102,29 @@ def test_custom_suites_end_to_end(scripted_chat_dir, tmp_path, safety_cache, mon
 
 
 @pytest.mark.parametrize(
-    ("spec", "message"),
+    ("spec", "message", "code"),
     [
-        ("mine.txt", "KIND:FILE"),
-        ("toxic:mine.txt", "KIND:FILE"),
-        ("harmful:missing.txt", "is not a file"),
-        ("harmful:empty.txt", "holds no prompt"),
-        ("harmful:advbench.txt", "packaged suite's name"),
-        ("harmful:bad.jsonl", "line 1 is not a JSON object"),
+        ("mine.txt", "KIND:FILE", 2),
+        ("toxic:mine.txt", "KIND:FILE", 2),
+        ("harmful:missing.txt", "no such file", 2),
+        ("harmful:mine.csv", "must end in .txt or .jsonl", 2),
+        ("harmful:empty.txt", "holds no prompt", 2),
+        ("harmful:advbench.txt", "packaged suite's name", 2),
+        ("harmful:bad.jsonl", "line 1 is not a JSON object", 4),  # malformed data: DataError
     ],
 )
-def test_bad_custom_suite_is_refused_before_loading(tmp_path, capsys, monkeypatch, spec, message):
+def test_bad_custom_suite_is_refused_before_loading(
+    tmp_path, capsys, monkeypatch, spec, message, code
+):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "mine.txt").write_text("Hello?\n")
+    (tmp_path / "mine.csv").write_text("Hello?\n")
     (tmp_path / "empty.txt").write_text("\n  \n")
     (tmp_path / "advbench.txt").write_text("Hello?\n")
     (tmp_path / "bad.jsonl").write_text('{"text": "Hello?"}\n')
     rc = main(["safety", "eval", str(tmp_path / "no-model"), "--custom-suite", spec])
     err = capsys.readouterr().err
-    assert rc == 2
+    assert rc == code
     assert "--custom-suite" in err and message in err
 
 
