@@ -230,6 +230,10 @@ def preflight_causal(cfg: JobConfig, model_dir: Path) -> InstructionInputs:
         from secfwt.runtime.gate import gate_rows
 
         gate_rows(cfg, model_dir)
+    if cfg.safety_gate.safe_delta:  # the calibration loads and is disjoint from the gate's
+        from secfwt.runtime.safe_delta import job_calibration
+
+        job_calibration(cfg)
     return prepare_instruction_inputs(cfg, tokenizer_dir=model_dir)
 
 

@@ -3,8 +3,8 @@ what it costs in utility. Every later safety step (alignment, tuning with a safe
 Delta) is measured with it, before and after.
 
 Per suite (:mod:`secfwt.data.suites`), each prompt gets one greedy reply (:mod:`.generation`),
-judged twice: by the GCG keywords (:mod:`.keyword_judge`) and by a refusal classifier trained on human labels
-(:mod:`.refusal_classifier`). Each judge's refusal rate comes with a Wilson interval
+judged twice: by the GCG keywords (:mod:`.keyword_judge`) and by a refusal classifier trained on
+human labels (:mod:`.refusal_classifier`). Each judge's refusal rate comes with a Wilson interval
 (:mod:`.stats`); on harmful suites it is the refusal rate (higher is safer), on benign suites the
 over-refusal rate (lower is better). Cohen's kappa says how far the two judges agree on the
 replies. Utility is the held-out reply loss on ChatterBot (:mod:`.utility`).

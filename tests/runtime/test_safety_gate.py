@@ -254,3 +254,121 @@ def test_policy_refuses_a_job_without_its_gate_or_schedule(tmp_path, tiny_chat_d
     ok = load_job(write_chat_job(tmp_path, tiny_chat_dir, GATE.format(threshold="max_drop = 0.2")))
     check_policy(ok, policy)
     assert ok.terms.policy and ok.terms.digest() != bare.terms.digest()
+
+
+# -- Safe Delta before release -------------------------------------------------------------------
+
+Q_PROJ = "model.layers.1.self_attn.q_proj"
+#: Safe Delta's settings in the tests' jobs. The budget keeps part of the tiny job's q_proj delta
+#: (measured in plaintext replays: see the test); 16 calibration samples keep the Hessian pass
+#: short.
+BUDGET = 0.1
+SAFE_DELTA = "safe_delta = true\nsafe_delta_budget = {budget}\nsafe_delta_calibration = 16\n"
+
+
+def _safe_delta_gate(threshold, budget):
+    return GATE.format(threshold=threshold + "\n" + SAFE_DELTA.format(budget=budget))
+
+
+def test_a_policy_requiring_safe_delta_accepts_only_a_job_with_it(tmp_path, tiny_chat_dir):
+    policy = SafetyPolicy(prompts="packaged:advbench-gate", count=2, max_drop=1.0, safe_delta=True)
+    without = load_job(
+        write_chat_job(tmp_path, tiny_chat_dir, GATE.format(threshold="max_drop = 1"))
+    )
+    with pytest.raises(PolicyError, match=r"safety_gate.safe_delta: .*Safe Delta before release"):
+        check_policy(without, policy)
+    with_it = load_job(
+        write_chat_job(tmp_path, tiny_chat_dir, _safe_delta_gate("max_drop = 1", 0.1))
+    )
+    check_policy(with_it, policy)
+    assert with_it.terms.digest() != without.terms.digest()
+
+
+def _calibration_hessian(cfg, model_dir, module):
+    """The model owner's H of ``module``'s input, computed here independently of the job's code:
+    float64 model, one forward per calibration conversation, (2/N) sum over every token."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from secfwt.data.calibration import calibration_pairs, calibration_texts
+
+    n = cfg.safety_gate.safe_delta_calibration
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64)
+    inputs = []
+    handle = dict(model.named_modules())[module].register_forward_hook(
+        lambda _m, args, _o: inputs.append(args[0].reshape(-1, args[0].shape[-1]))
+    )
+    with torch.no_grad():
+        for text in calibration_texts(tok, calibration_pairs(n)):
+            ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+            model(input_ids=ids[:, :512], use_cache=False)
+    handle.remove()
+    x = torch.cat(inputs)  # (tokens, in)
+    return (2.0 / n) * x.T @ x
+
+
+def _plain_safe_delta(cfg, model_dir, theta):
+    """The float64 Safe Delta of a tuned ``theta``'s q_proj LoRA: (corrected, tuned, result)."""
+    from secfwt.tuning.forward import forward_settings
+    from secfwt.tuning.safe_delta import safe_delta_layer
+
+    _, state = load_checkpoint(model_dir, head=Head.CAUSAL_LM, num_labels=0, seed=0)
+    w0 = state[f"{Q_PROJ}.weight"].double()
+    scale = forward_settings(cfg, seed=cfg.job.seed).lora_scale
+    delta = scale * theta[f"{Q_PROJ}.lora_B"].double() @ theta[f"{Q_PROJ}.lora_A"].double()
+    h = _calibration_hessian(cfg, model_dir, Q_PROJ)
+    res = safe_delta_layer(w0, w0 + delta, h, s=cfg.safety_gate.safe_delta_budget)
+    return res.weight - w0, delta, res
+
+
+#: Released corrected delta against the float64 Safe Delta of the replayed LoRA: the replay
+#: tracks the MPC run's factors to about 1e-5 here (2 steps at lr 0.05), the secure Safe Delta
+#: adds about one unit of 2^-16 (docs/safety.md), and an entry decided differently would move
+#: by a kept delta entry (the smallest is asserted to be far above this).
+DELTA_TOL = 2e-4
+
+
+def test_safe_delta_releases_the_corrected_delta_that_the_gate_scored(tmp_path, gate_model):
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    job = write_chat_job(tmp_path, gate_model, _safe_delta_gate("max_drop = 10.0", BUDGET))
+    cfg = load_job(job, overrides=JOB)
+    report = run_simulation(cfg)
+    gate = report["safety_gate"]
+    assert report["state"] == "released" and gate["released"], gate
+    arts = report["parties"]["data_owner"]["artifacts"]
+    final = torch.load(arts["final_parameters"])
+    assert sorted(final) == ["model.norm.weight", f"{Q_PROJ}.weight_delta"]  # no LoRA factors
+    # (a) the released delta is the float64 Safe Delta of the run's own tuned LoRA (replayed)
+    spec, state = load_checkpoint(gate_model, head=Head.CAUSAL_LM, num_labels=0, seed=0)
+    data = prepare_instruction_inputs(cfg, tokenizer_dir=gate_model)
+    ref = plain_zo_run(cfg, spec=spec, state=state, data=data, seed=report["joint_seed"])
+    want, tuned, res = _plain_safe_delta(cfg, gate_model, ref["theta"])
+    assert 0 < res.kept < 0.85 * res.entries, res.kept  # the budget binds: a real selection
+    kept_min = float(tuned.abs()[(want - tuned).abs() < 1e-12].min())
+    assert kept_min > 10 * DELTA_TOL  # a kept set that differs cannot hide in the tolerance
+    got = final[f"{Q_PROJ}.weight_delta"].double()
+    assert (got - want).abs().max() < DELTA_TOL, float((got - want).abs().max())
+    assert (got - tuned).abs().max() > 100 * DELTA_TOL  # Safe Delta changed the delta
+    norm = final["model.norm.weight"].double() - ref["theta"]["model.norm.weight"]
+    assert norm.abs().max() < DELTA_TOL  # the tuned norm passes through unchanged
+    # (b) the gate scored the corrected model: the plaintext score of the released values
+    rows = gate_rows(cfg, gate_model)
+    plain_after = plain_gate_score(cfg, spec=spec, state=state, rows=rows, theta=final)
+    assert abs(gate["score_after"] - plain_after) < SCORE_TOL, (gate, plain_after)
+    # the released adapter loads with PEFT as the base model plus the corrected delta
+    base = AutoModelForCausalLM.from_pretrained(gate_model, dtype=torch.float32)
+    merged = peft.PeftModel.from_pretrained(base, arts["adapter"]).merge_and_unload()
+    weights = merged.state_dict()
+    w = weights[f"{Q_PROJ}.weight"].double() - state[f"{Q_PROJ}.weight"].double()
+    assert (w - got).abs().max() < 1e-6
+    assert torch.equal(weights["model.norm.weight"], final["model.norm.weight"].float())
+    for role in ("model_owner", "data_owner"):
+        audit = _audit(report, role)
+        (event,) = [e for e in audit if e.get("event") == "safe_delta"]
+        assert event["modules"] == [Q_PROJ] and event["budget"] == BUDGET
+        released = [e["note"] for e in audit if e.get("value") == "final_parameters"]
+        assert sorted(released) == sorted(final)
+        scores = [e["note"] for e in audit if e.get("value") == "safety_score"]
+        assert scores == ["safety gate: before tuning", "safety gate: after Safe Delta"]
