@@ -339,7 +339,7 @@ def test_safe_delta_releases_the_corrected_delta_that_the_gate_scored(tmp_path, 
     assert report["state"] == "released" and gate["released"], gate
     arts = report["parties"]["data_owner"]["artifacts"]
     final = torch.load(arts["final_parameters"])
-    assert sorted(final) == ["model.norm.weight", f"{Q_PROJ}.weight_delta"]  # no LoRA factors
+    assert sorted(final) == sorted(["model.norm.weight", f"{Q_PROJ}.weight_delta"])  # no LoRA
     # (a) the released delta is the float64 Safe Delta of the run's own tuned LoRA (replayed)
     spec, state = load_checkpoint(gate_model, head=Head.CAUSAL_LM, num_labels=0, seed=0)
     data = prepare_instruction_inputs(cfg, tokenizer_dir=gate_model)
@@ -372,3 +372,56 @@ def test_safe_delta_releases_the_corrected_delta_that_the_gate_scored(tmp_path, 
         assert sorted(released) == sorted(final)
         scores = [e["note"] for e in audit if e.get("value") == "safety_score"]
         assert scores == ["safety gate: before tuning", "safety gate: after Safe Delta"]
+
+
+@pytest.mark.slow  # about 120 s
+def test_safe_delta_on_the_harmful_job(tmp_path, gate_model, harmful_file):
+    """The defended harmful job that the plain gate withholds, with Safe Delta: the plaintext
+    replay keeps none of its q_proj delta at the default budget (every entry costs more than the
+    whole budget), so the corrected model is the aligned q_proj with the tuned norm, whose score
+    passes: it is released, with a zero q_proj delta."""
+    extra = DEFENDED.replace(
+        "max_drop = 1.0", "max_drop = 1.0\n" + SAFE_DELTA.format(budget=BUDGET)
+    )
+    job = write_chat_job(tmp_path, gate_model, extra)
+    cfg = load_job(job, overrides=[*JOB, *TUNE, "data.source=jsonl", f"data.path={harmful_file}"])
+    check_policy(cfg, POLICY)
+    report = run_simulation(cfg, policy=POLICY)
+    gate = report["safety_gate"]
+    spec, state = load_checkpoint(gate_model, head=Head.CAUSAL_LM, num_labels=0, seed=0)
+    data = prepare_instruction_inputs(cfg, tokenizer_dir=gate_model)
+    ref = plain_zo_run(cfg, spec=spec, state=state, data=data, seed=report["joint_seed"])
+    rows = gate_rows(cfg, gate_model)
+    plain_before = plain_gate_score(cfg, spec=spec, state=state, rows=rows)
+    uncorrected = plain_gate_score(cfg, spec=spec, state=state, rows=rows, theta=ref["theta"])
+    assert plain_before - uncorrected > 1.0  # without Safe Delta the gate withholds it
+    want, _, res = _plain_safe_delta(cfg, gate_model, ref["theta"])
+    assert res.kept == 0 and float(want.abs().max()) == 0.0
+    corrected = {
+        "model.norm.weight": ref["theta"]["model.norm.weight"],
+        f"{Q_PROJ}.weight_delta": want,
+    }
+    plain_after = plain_gate_score(cfg, spec=spec, state=state, rows=rows, theta=corrected)
+    plain_released, _ = cfg.safety_gate.passes(plain_before, plain_after)
+    assert gate["released"] is plain_released is True, (gate, plain_before, plain_after)
+    final = torch.load(report["parties"]["data_owner"]["artifacts"]["final_parameters"])
+    assert final[f"{Q_PROJ}.weight_delta"].abs().max() < 1e-4  # nothing kept in MPC either
+    released = plain_gate_score(cfg, spec=spec, state=state, rows=rows, theta=final)
+    assert abs(gate["score_after"] - released) < SCORE_TOL, (gate, released)
+
+
+def test_safe_delta_refuses_what_it_cannot_correct_before_any_party_starts(tmp_path, tiny_chat_dir):
+    from secfwt.data.calibration import calibration_pairs
+    from secfwt.errors import ConfigError, DataError
+
+    job = write_chat_job(tmp_path, tiny_chat_dir, _safe_delta_gate("max_drop = 1", BUDGET))
+    weight = "model.layers.1.mlp.up_proj.weight"
+    with pytest.raises(ConfigError, match=rf"zo.trainable: {weight} \(48, 32\) is a weight"):
+        run_simulation(load_job(job, overrides=[f"zo.trainable=['{weight}']"]))
+    # a gate prompt file that shares a request with the calibration samples
+    request = calibration_pairs(16)[5][0]
+    prompts = tmp_path / "gate.txt"
+    prompts.write_text(f"Write a poem about the sea\n{request}\n")
+    cfg = load_job(job, overrides=[f"safety_gate.prompts={prompts}"])
+    with pytest.raises(DataError, match=r"overlap the Safe Delta calibration requests"):
+        run_simulation(cfg)
