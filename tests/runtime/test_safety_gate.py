@@ -422,7 +422,8 @@ def test_safe_delta_on_the_harmful_job(tmp_path, gate_model, harmful_file):
         "max_drop = 1.0", "max_drop = 1.0\n" + SAFE_DELTA.format(budget=BUDGET)
     )
     job = write_chat_job(tmp_path, gate_model, extra)
-    cfg = load_job(job, overrides=[*JOB, *TUNE, "data.source=jsonl", f"data.path={harmful_file}"])
+    harmful = ["data.source=jsonl", f"data.path={harmful_file}", "run.timeout_s=1800"]
+    cfg = load_job(job, overrides=[*JOB, *TUNE, *harmful])
     check_policy(cfg, POLICY)
     report = run_simulation(cfg, policy=POLICY)
     gate = report["safety_gate"]
