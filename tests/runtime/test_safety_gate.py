@@ -367,6 +367,7 @@ def _boundary_distance(cfg, model_dir, tuned):
     return float((cum - 1).abs().min())
 
 
+@pytest.mark.slow  # 240 s on the 2 shared cores at load 13-16 (the gate model fixture apart)
 def test_safe_delta_releases_the_corrected_delta_that_the_gate_scored(tmp_path, gate_model):
     import peft
     from transformers import AutoModelForCausalLM
@@ -412,7 +413,7 @@ def test_safe_delta_releases_the_corrected_delta_that_the_gate_scored(tmp_path, 
         assert scores == ["safety gate: before tuning", "safety gate: after Safe Delta"]
 
 
-@pytest.mark.slow  # about 120 s
+@pytest.mark.slow  # 10 ZO steps of the harmful job, then Safe Delta and the gate
 def test_safe_delta_on_the_harmful_job(tmp_path, gate_model, harmful_file):
     """The defended harmful job that the plain gate withholds, with Safe Delta: the plaintext
     replay keeps none of its q_proj delta at the default budget (every entry costs more than the
