@@ -13,6 +13,7 @@ import enum
 import hashlib
 import importlib.resources
 import json
+import math
 import typing
 from collections.abc import Iterable
 from pathlib import Path
@@ -181,12 +182,26 @@ class SafetyGateSection:
     #: release only if score_after >= score_before - max_drop (the untuned model's score, same job)
     max_drop: float | None = None
     min_score: float | None = None  # and score_after >= min_score
-    #: Safe Delta on shares before release (not available in jobs yet: refused)
+    #: Safe Delta on shares before release (:mod:`secfwt.runtime.safe_delta`): the LoRA deltas
+    #: are corrected in MPC with the model owner's calibration Hessians, the gate scores the
+    #: corrected model and only the corrected deltas can be released
     safe_delta: bool = False
+    #: the paper's s (Lu et al. 2025); = secfwt.tuning.safe_delta.DEFAULT_BUDGET (a test checks)
+    safe_delta_budget: float = 0.1
+    #: calibration samples (harmful request + refusal) of the model owner's Hessians
+    safe_delta_calibration: int = 32
 
     @property
     def enabled(self) -> bool:
         return bool(self.prompts)
+
+    def digest_form(self) -> dict[str, Any]:
+        """The section as digests hash it: without Safe Delta's settings when it is off (they
+        are refused then), so a gated job's digests are those it had before they existed."""
+        form = dataclasses.asdict(self)
+        if not self.safe_delta:
+            del form["safe_delta_budget"], form["safe_delta_calibration"]
+        return form
 
     def passes(self, before: float, after: float) -> tuple[bool, str]:
         """Whether scores ``before`` and ``after`` tuning pass, and why (one line)."""
@@ -245,7 +260,7 @@ class JobConfig:
 def safety_policy_digest(cfg: JobConfig) -> str:
     """SHA-256 of the job's [safety_gate] and [safety] sections: the safety policy it carries."""
     blob = {
-        "safety_gate": dataclasses.asdict(cfg.safety_gate),
+        "safety_gate": cfg.safety_gate.digest_form(),
         "safety": dataclasses.asdict(cfg.safety),
     }
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
@@ -614,6 +629,7 @@ def _validate_gate(cfg: JobConfig) -> None:
             "safety_gate.prompts = 'packaged:advbench-gate' (or a prompt file), or remove the "
             "section"
         )
+    _validate_safe_delta(cfg)
     if cfg.model.head is not Head.CAUSAL_LM:
         raise ConfigError(
             f"{s}: safety_gate: the safety gate scores a chat model's replies; it needs "
@@ -632,11 +648,55 @@ def _validate_gate(cfg: JobConfig) -> None:
             f"{s}: safety_gate.max_length = {g.max_length}: a score row holds the chat template, "
             "a prompt and an opening; use at least 16 (64 fits most harmful requests)"
         )
-    if g.safe_delta:
+
+
+def _validate_safe_delta(cfg: JobConfig) -> None:
+    """``safety_gate.safe_delta``: a ZO causal-LM job with LoRA on the TTP provider (the owned
+    products on shares need the dealer); the trainables are checked against the model by
+    :func:`secfwt.tuning.trainable.trainable_set`."""
+    s, g = cfg.source, cfg.safety_gate
+    if not g.safe_delta:
+        if (g.safe_delta_budget, g.safe_delta_calibration) != (
+            SafetyGateSection.safe_delta_budget,
+            SafetyGateSection.safe_delta_calibration,
+        ):
+            raise ConfigError(
+                f"{s}: safety_gate.safe_delta_budget / safe_delta_calibration are set but "
+                "safety_gate.safe_delta = false; set safety_gate.safe_delta = true or remove them"
+            )
+        return
+    where = f"{s}: safety_gate.safe_delta = true"
+    if cfg.model.head is not Head.CAUSAL_LM or cfg.job.mode is not Mode.ZO:
         raise ConfigError(
-            f"{s}: safety_gate.safe_delta = true: Safe Delta on shares before release is not "
-            "available in jobs yet (docs/safety.md, 'Safe Delta in MPC'); run Safe Delta on the "
-            "released adapter (`secfwt safety safe-delta`) or set safety_gate.safe_delta = false"
+            f"{where}: Safe Delta corrects the LoRA deltas of a causal-LM ZO job; it needs "
+            "model.head = 'causal_lm' and job.mode = 'zo'. Set safety_gate.safe_delta = false"
+        )
+    if cfg.job.provider is not Provider.TTP:
+        raise ConfigError(
+            f"{where}: Safe Delta on shares needs the dealer's products (job.provider = 'ttp'), "
+            f"not {cfg.job.provider.value!r}"
+        )
+    if not cfg.zo.lora_modules:
+        raise ConfigError(
+            f"{where}: the job tunes no LoRA (zo.lora_modules is empty), so there is no Linear "
+            "delta to correct; add zo.lora_modules or set safety_gate.safe_delta = false"
+        )
+    if cfg.zo.soft_prompt_length:
+        raise ConfigError(
+            f"{where}: a soft prompt is not a Linear weight and Safe Delta cannot correct it; set "
+            "zo.soft_prompt_length = 0 or safety_gate.safe_delta = false"
+        )
+    b = g.safe_delta_budget
+    if isinstance(b, bool) or not (0 < b < math.inf):
+        raise ConfigError(
+            f"{s}: safety_gate.safe_delta_budget = {b!r}: must be a finite number > 0 (the "
+            "paper's s; 0.1 keeps most of a benign delta)"
+        )
+    c = g.safe_delta_calibration
+    if isinstance(c, bool) or not isinstance(c, int) or c < 1:
+        raise ConfigError(
+            f"{s}: safety_gate.safe_delta_calibration = {c!r}: must be an integer >= 1 (the "
+            "calibration samples of the model owner's Hessians; 32 by default)"
         )
 
 

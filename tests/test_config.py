@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -189,3 +192,58 @@ def test_a_bad_set_exits_2_naming_the_field_before_any_work(capsys):
     assert "--set dp.delta=often: [dp] delta: expected float" in capsys.readouterr().err
     assert main(["bench", "--set", "plan.reps=2"]) == 2
     assert "expected KEY=VALUE" in capsys.readouterr().err
+
+
+SAFE_DELTA_GATE = """
+[safety_gate]
+prompts = "packaged:advbench-gate"
+count = 2
+max_drop = 1.0
+safe_delta = true
+[[disclosure]]
+value = "safety_score"
+to = ["data_owner", "model_owner"]
+"""
+
+
+@pytest.mark.parametrize(
+    ("overrides", "pattern"),
+    [
+        (["safety_gate.safe_delta_budget=0"], r"safety_gate.safe_delta_budget = 0.0: must be"),
+        (["safety_gate.safe_delta_budget=-0.1"], r"safety_gate.safe_delta_budget = -0.1"),
+        (["safety_gate.safe_delta_calibration=0"], r"safety_gate.safe_delta_calibration = 0"),
+        (["job.provider=tfp"], r"safety_gate.safe_delta = true: .*job.provider = 'ttp'"),
+        (["zo.lora_modules=[]"], r"safety_gate.safe_delta = true: the job tunes no LoRA"),
+        (["zo.soft_prompt_length=2"], r"safety_gate.safe_delta = true: a soft prompt"),
+    ],
+)
+def test_safe_delta_settings_are_checked_naming_the_field(tmp_path, overrides, pattern):
+    from tests.conftest import write_chat_job
+
+    job = write_chat_job(tmp_path, tmp_path / "model", SAFE_DELTA_GATE)
+    with pytest.raises(ConfigError, match=pattern):
+        load_job(job, overrides=overrides)
+
+
+def test_safe_delta_defaults_and_the_terms_digest(tmp_path):
+    from secfwt.runtime.contract import public_job_digest
+    from secfwt.tuning.safe_delta import DEFAULT_BUDGET
+    from tests.conftest import write_chat_job
+
+    job = write_chat_job(tmp_path, tmp_path / "model", SAFE_DELTA_GATE)
+    cfg = load_job(job)
+    g = cfg.safety_gate
+    assert g.safe_delta and g.safe_delta_budget == DEFAULT_BUDGET and g.safe_delta_calibration > 0
+    other = load_job(job, overrides=["safety_gate.safe_delta_budget=0.2"])
+    assert other.terms.digest() != cfg.terms.digest()
+    assert public_job_digest(other) != public_job_digest(cfg)
+    off = load_job(job, overrides=["safety_gate.safe_delta=false"])
+    assert off.terms.digest() != cfg.terms.digest()
+    # a gate without Safe Delta keeps the digest it had before the Safe Delta settings existed
+    old = dataclasses.asdict(off.safety_gate)
+    del old["safe_delta_budget"], old["safe_delta_calibration"]
+    blob = {"safety_gate": old, "safety": dataclasses.asdict(off.safety)}
+    want = hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+    assert off.terms.policy == want
+    with pytest.raises(ConfigError, match=r"safe_delta_budget / safe_delta_calibration are set"):
+        load_job(job, overrides=["safety_gate.safe_delta=false", "safety_gate.safe_delta_budget=1"])

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -104,6 +105,63 @@ def save_peft_adapter(
         f"{PEFT_KEY_PREFIX}{name}": value.detach().to(torch.float32).contiguous()
         for name, value in sorted(whole.items())
     }
+    save_file(tensors, str(out / peft.utils.constants.SAFETENSORS_WEIGHTS_NAME))
+    return out
+
+
+def save_full_rank_adapter(
+    folder: str | os.PathLike[str],
+    deltas: Mapping[str, torch.Tensor],
+    *,
+    base_model: str,
+    whole: Mapping[str, torch.Tensor] | None = None,
+) -> Path:
+    """Full weight deltas ``D`` (out, in) by module name as a PEFT LoRA adapter folder.
+
+    A corrected Safe Delta delta is no longer low rank, and PEFT cannot load
+    ``modules_to_save`` alone (a LoRA config must target some module:
+    ``NoMatchingPeftModuleError`` on peft 0.21), so each module is a LoRA of full rank
+    ``r = min(out, in)`` (``rank_pattern``, ``alpha_pattern = r`` so PEFT's scaling is 1):
+    ``B = D, A = I`` when ``in <= out``, else ``B = I, A = D``; ``B @ A`` is ``D`` exactly. The
+    file is about 1.5 times the deltas' size (the identity factors). ``whole``: tuned tensors
+    of the base model (norm weights) as PEFT's ``modules_to_save``, as in
+    :func:`save_peft_adapter`."""
+    import peft
+    from safetensors.torch import save_file
+
+    if not deltas:
+        raise ModelError("deltas: no module to write")
+    tensors, ranks = {}, {}
+    for name, delta in sorted(deltas.items()):
+        rows, cols = delta.shape
+        rank = min(rows, cols)
+        delta = delta.detach().to(torch.float32)
+        eye = torch.eye(rank, dtype=delta.dtype)
+        a, b = (eye, delta) if cols <= rows else (delta, eye)  # A (r, in), B (out, r)
+        tensors[f"{PEFT_KEY_PREFIX}{name}.{LORA_A}.weight"] = a.contiguous()
+        tensors[f"{PEFT_KEY_PREFIX}{name}.{LORA_B}.weight"] = b.contiguous()
+        ranks[re.escape(name)] = rank  # PEFT matches (.*\.)?(KEY)$
+    whole = dict(whole or {})
+    tensors |= {
+        f"{PEFT_KEY_PREFIX}{name}": value.detach().to(torch.float32).contiguous()
+        for name, value in sorted(whole.items())
+    }
+    config = peft.LoraConfig(
+        r=max(ranks.values()),
+        lora_alpha=max(ranks.values()),
+        rank_pattern=ranks,
+        alpha_pattern=dict(ranks),
+        target_modules=sorted(deltas),
+        modules_to_save=sorted({n.rsplit(".", 1)[0] for n in whole}) or None,
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model,
+        inference_mode=True,
+    )
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(out))
     save_file(tensors, str(out / peft.utils.constants.SAFETENSORS_WEIGHTS_NAME))
     return out
 

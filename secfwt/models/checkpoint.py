@@ -201,6 +201,16 @@ def load_checkpoint(
     return spec_from_model(model, family=family, head=head), state_dict_of(model)
 
 
+def spec_of_config(model_dir: Path, *, head: Head) -> ModelSpec:
+    """The :class:`ModelSpec` of a checkpoint from its config alone (the model built on the
+    meta device: names and shapes, no weights), for checks before any party starts."""
+    config = load_config(model_dir)
+    family = check_architecture(config)
+    with torch.device("meta"):
+        model = _model_class(family, head)._from_config(config)
+    return spec_from_model(model, family=family, head=head)
+
+
 def state_dict_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Trainable-shaped parameters only (buffers such as position_ids are not weights)."""
     return {n: p.detach().clone().to(torch.float32) for n, p in model.named_parameters()}

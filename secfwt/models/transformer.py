@@ -19,6 +19,9 @@ from secfwt.models.spec import Attention, ModelSpec, Pooling
 #: LoRA parameters live next to the module they adapt: "<module>.lora_A" (r, in),
 #: "<module>.lora_B" (out, r).
 LORA_A, LORA_B = "lora_A", "lora_B"
+#: A full-rank secret weight delta "<module>.weight_delta" (out, in) added to the module's
+#: weight: Safe Delta's corrected ``scale B A`` (:mod:`secfwt.runtime.safe_delta`).
+WEIGHT_DELTA = "weight_delta"
 #: Name of the soft prompt (P, H) inserted into the input embeddings.
 SOFT_PROMPT = "soft_prompt"
 
@@ -49,7 +52,8 @@ class TransformerModel:
 
     def linear(self, x: Tensor, module: str) -> Tensor:
         """x @ W^T + b for the Hugging Face module ``module``, plus its LoRA update if present
-        (Hu et al., ICLR 2022: ``+ scale * x A^T B^T``)."""
+        (Hu et al., ICLR 2022: ``+ scale * x A^T B^T``) and its full weight delta if present
+        (``+ x D^T``)."""
         w = self.p[f"{module}.weight"]  # (out, in), or (k, out, in) for k stacked variants
         y = self.ops.weight_matmul(x, w.transpose(-1, -2))
         b = self.p.get(f"{module}.bias")
@@ -63,6 +67,9 @@ class TransformerModel:
                 y
                 + x.matmul(self.p[a_name].t()).matmul(self.p[b_name].t()) * self.settings.lora_scale
             )
+        delta = self.p.get(f"{module}.{WEIGHT_DELTA}")  # (out, in)
+        if delta is not None:  # x (W + D)^T = x W^T + x D^T
+            y = y + x.matmul(delta.t())
         return y
 
     def splice_prompt(

@@ -44,7 +44,9 @@ class Revealable(enum.Enum):
     LM_HEAD_TABLE = "lm_head_table"  # an untied LM head's (V, H) table (model owner's weights)
     RANGE_CHECK = "range_check"  # per example and forward: did its hidden states leave the range
     EVAL_OUTPUTS = "eval_outputs"  # model outputs for the data owner's held-out examples
-    FINAL_PARAMETERS = "final_parameters"  # tuned trainable parameters (prompt, head, LoRA, ...)
+    #: tuned trainable parameters (prompt, head, LoRA, ...; Safe Delta's full deltas instead of
+    #: the LoRA factors)
+    FINAL_PARAMETERS = "final_parameters"
     VERIFY_OUTPUTS = "verify_outputs"  # secure forward outputs on sample input (verify-model)
     SAFETY_SCORE = "safety_score"  # the safety gate's score before and after tuning (one number)
 
@@ -66,7 +68,10 @@ _DESCRIPTIONS = {
         "failure) and were computed again"
     ),
     Revealable.EVAL_OUTPUTS: "model outputs for the data owner's held-out examples",
-    Revealable.FINAL_PARAMETERS: "the tuned trainable parameters",
+    Revealable.FINAL_PARAMETERS: (
+        "the tuned trainable parameters (with Safe Delta: each LoRA module's corrected full "
+        "weight delta instead of its factors)"
+    ),
     Revealable.VERIFY_OUTPUTS: "secure forward outputs on verification input",
     Revealable.SAFETY_SCORE: (
         "the safety gate's refusal-margin score on the model owner's public harmful prompts "

@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from secfwt.models.adapters import save_peft_adapter
+from secfwt.models.adapters import save_full_rank_adapter, save_peft_adapter
 from secfwt.models.spec import ModelSpec
-from secfwt.models.transformer import LORA_A, LORA_B
+from secfwt.models.transformer import LORA_A, LORA_B, WEIGHT_DELTA
 from secfwt.mpc.disclosure import Revealable
 from secfwt.runtime.session import PartySession
 
@@ -42,7 +42,9 @@ def deliver(
     the revealed values are also written as a PEFT adapter folder (``adapter_config.json`` and
     ``adapter_model.safetensors``) that ``peft.PeftModel.from_pretrained(base, folder)`` loads,
     with the tuned tensors of the base model (norm weights, biases) as PEFT's
-    ``modules_to_save``; a soft prompt stays in ``final_parameters.pt`` only.
+    ``modules_to_save``; a soft prompt stays in ``final_parameters.pt`` only. Safe Delta's
+    corrected deltas (``"<module>.weight_delta"``, full rank) are written instead as the
+    full-rank PEFT form of :func:`~secfwt.models.adapters.save_full_rank_adapter`.
     """
     to = sess.discloser.terms.recipients(Revealable.FINAL_PARAMETERS)
     saved: dict[str, str] = {}
@@ -62,7 +64,19 @@ def deliver(
         torch.save(values, path)
         saved["final_parameters"] = str(path)
     lora = {n: v for n, v in values.items() if n.rsplit(".", 1)[-1] in (LORA_A, LORA_B)}
-    if adapter is not None and lora:
+    deltas = {
+        n.rsplit(".", 1)[0]: v for n, v in values.items() if n.rsplit(".", 1)[-1] == WEIGHT_DELTA
+    }
+    if adapter is not None and deltas:  # Safe Delta's corrected deltas: full rank
+        shapes = dict(adapter.spec.param_shapes)
+        folder = save_full_rank_adapter(
+            out_dir / ADAPTER_DIR,
+            deltas,
+            base_model=adapter.base_model,
+            whole={n: v for n, v in values.items() if n in shapes},  # tuned norms, biases
+        )
+        saved["adapter"] = str(folder)
+    elif adapter is not None and lora:
         shapes = dict(adapter.spec.param_shapes)
         folder = save_peft_adapter(
             out_dir / ADAPTER_DIR,

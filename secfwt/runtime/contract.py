@@ -210,4 +210,6 @@ def public_job_digest(cfg: JobConfig) -> str:
         del public["safety"]
     if cfg.safety_gate == SafetyGateSection():
         del public["safety_gate"]
+    else:
+        public["safety_gate"] = cfg.safety_gate.digest_form()
     return hashlib.sha256(json.dumps(public, sort_keys=True, default=str).encode()).hexdigest()

@@ -95,6 +95,8 @@ class _Prepared:
     checks: RangeChecks  # the range checks of the prefix and of every later secure forward
     gate: SafetyGate | None = None  # the safety gate's rows, where the job carries one
     gate_before: float | None = None  # its score with the untuned parameters
+    #: Safe Delta's U per LoRA module (the model owner's, plaintext; None elsewhere)
+    safe_delta_u: dict[str, torch.Tensor] | None = None
     #: the held-out metric before tuning: accuracy, or a causal-LM job's mean response loss
     before: float | None = None
     local: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
@@ -128,10 +130,14 @@ def run_job_party(ctx: PartyContext, job: PartyJob) -> PartyOutcome:
     theta, prompt, history, dp_report = _tune(s, s.cfg, s.theta, ckpt=s.ckpt)
     after = s.evaluate(theta, prompt, "after tuning")
     s.report_eval("after", after)
+    if s.cfg.safety_gate.safe_delta:
+        theta = _safe_delta(s, theta)
     decision = None
     if s.gate is not None:
         assert s.gate_before is not None
-        decision = s.gate.decide(s.gate_before, s.gate.score(theta, note="safety gate: after"))
+        note = "safety gate: after Safe Delta" if s.cfg.safety_gate.safe_delta else None
+        score = s.gate.score(theta, note=note or "safety gate: after")
+        decision = s.gate.decide(s.gate_before, score)
         s.progress(kind="gate", **decision.to_dict())
     if decision is None or decision.released:
         adapter = None
@@ -164,6 +170,34 @@ def run_job_party(ctx: PartyContext, job: PartyJob) -> PartyOutcome:
         model=ModelFacts(family=spec.family.value, layers=spec.num_layers, hidden=spec.hidden_size),
         safety_gate=None if decision is None else decision.to_dict(),
     )
+
+
+def _safe_delta(s: _Prepared, theta: dict[str, Any]) -> dict[str, Any]:
+    """The tuned LoRA pairs replaced by their Safe Delta weight deltas, on shares
+    (:mod:`secfwt.runtime.safe_delta`); recorded in the audit log without any secret (how much
+    was kept is not revealed)."""
+    from secfwt.runtime.safe_delta import corrected_theta, lora_modules
+
+    assert isinstance(s.runner, CausalLMForward)
+    g = s.cfg.safety_gate
+    t0 = time.perf_counter()
+    out = corrected_theta(
+        theta,
+        factors=s.safe_delta_u,
+        scale=s.runner.settings.lora_scale,
+        budget=g.safe_delta_budget,
+        progress=s.progress,
+    )
+    seconds = time.perf_counter() - t0
+    s.sess.discloser.record(
+        "safe_delta",
+        modules=lora_modules(theta),
+        budget=g.safe_delta_budget,
+        calibration_samples=g.safe_delta_calibration,
+        seconds=round(seconds, 3),
+    )
+    s.progress(kind="phase", phase=f"Safe Delta: {seconds:.1f} s in all")
+    return out
 
 
 def _withhold(s: _Prepared, decision: GateDecision) -> dict[str, str]:
@@ -382,6 +416,20 @@ def _prepare(ctx: PartyContext, job: PartyJob) -> _Prepared:
         checks=checks,
         gate=gate,
     )
+    if cfg.safety_gate.safe_delta and role is Role.MODEL_OWNER:
+        from secfwt.runtime.safe_delta import calibration_factors, lora_modules
+
+        t0 = time.perf_counter()
+        modules = lora_modules(trainable.names)
+        n_cal = cfg.safety_gate.safe_delta_calibration
+        progress(kind="phase", phase=f"Safe Delta: Hessians of {len(modules)} modules")
+        p.safe_delta_u = calibration_factors(cfg, Path(job.model_dir), modules)
+        log.info(
+            "Safe Delta: %d Hessians on %d samples, %.1f s",
+            len(modules),
+            n_cal,
+            time.perf_counter() - t0,
+        )
     if gate is not None:
         p.gate_before = gate.score(theta0, note="safety gate: before tuning")
         progress(kind="phase", phase=f"safety gate: score before tuning {p.gate_before:.4f}")

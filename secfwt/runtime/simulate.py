@@ -230,6 +230,13 @@ def preflight_causal(cfg: JobConfig, model_dir: Path) -> InstructionInputs:
         from secfwt.runtime.gate import gate_rows
 
         gate_rows(cfg, model_dir)
+    if cfg.safety_gate.safe_delta:  # trainables it can correct; calibration apart from the gate
+        from secfwt.models.checkpoint import spec_of_config
+        from secfwt.runtime.safe_delta import job_calibration
+        from secfwt.tuning.trainable import trainable_set
+
+        trainable_set(cfg, spec_of_config(model_dir, head=cfg.model.head))
+        job_calibration(cfg)
     return prepare_instruction_inputs(cfg, tokenizer_dir=model_dir)
 
 

@@ -18,10 +18,10 @@ def write_report(report: dict[str, Any], path: str | None) -> None:
 
 
 def cmd_safety_eval(args: argparse.Namespace) -> int:
+    from secfwt.data.suites import DEFAULT_SUITES
     from secfwt.safety.evaluate import EvalRequest, run_safety_eval
     from secfwt.safety.progress import SafetyProgress
     from secfwt.safety.report import write_outputs
-    from secfwt.safety.suites import DEFAULT_SUITES
 
     req = EvalRequest(
         model=args.model,

@@ -2,9 +2,9 @@
 what it costs in utility. Every later safety step (alignment, tuning with a safety schedule, Safe
 Delta) is measured with it, before and after.
 
-Per suite (:mod:`.suites`), each prompt gets one greedy reply (:mod:`.generation`), judged twice:
-by the GCG keywords (:mod:`.keyword_judge`) and by a refusal classifier trained on human labels
-(:mod:`.refusal_classifier`). Each judge's refusal rate comes with a Wilson interval
+Per suite (:mod:`secfwt.data.suites`), each prompt gets one greedy reply (:mod:`.generation`),
+judged twice: by the GCG keywords (:mod:`.keyword_judge`) and by a refusal classifier trained on
+human labels (:mod:`.refusal_classifier`). Each judge's refusal rate comes with a Wilson interval
 (:mod:`.stats`); on harmful suites it is the refusal rate (higher is safer), on benign suites the
 over-refusal rate (lower is better). Cohen's kappa says how far the two judges agree on the
 replies. Utility is the held-out reply loss on ChatterBot (:mod:`.utility`).
@@ -21,6 +21,14 @@ from typing import Any, Protocol
 import torch
 
 from secfwt.data.sampling import check_count
+from secfwt.data.suites import (
+    DEFAULT_SUITES,
+    Suite,
+    SuiteKind,
+    load_custom_suite,
+    load_suite,
+    parse_suites,
+)
 from secfwt.errors import ConfigError
 from secfwt.safety.chat_model import load_chat_model, pick_device
 from secfwt.safety.generation import Reply, generate_replies
@@ -33,14 +41,6 @@ from secfwt.safety.keyword_judge import (
 from secfwt.safety.refusal_classifier import cached_refusal_classifier
 from secfwt.safety.sentence_embedding import SentenceEmbedder
 from secfwt.safety.stats import cohen_kappa, wilson_rate
-from secfwt.safety.suites import (
-    DEFAULT_SUITES,
-    Suite,
-    SuiteKind,
-    load_custom_suite,
-    load_suite,
-    parse_suites,
-)
 from secfwt.safety.training_data import require_held_out_limit
 from secfwt.safety.utility import UTILITY_DATASET, chatterbot_held_out, held_out_reply_loss
 

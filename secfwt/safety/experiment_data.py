@@ -27,10 +27,10 @@ from secfwt.data.instructions import (
     require_disjoint,
     split_by_prompt,
 )
+from secfwt.data.normalise import normalise_prompt
 from secfwt.data.packages import PYRIT
+from secfwt.data.suites import SUITE_NAMES, load_suite
 from secfwt.errors import DataError
-from secfwt.safety.normalise import normalise_prompt
-from secfwt.safety.suites import SUITE_NAMES, load_suite
 from secfwt.safety.training_data import check_disjoint
 from secfwt.safety.utility import chatterbot_held_out
 

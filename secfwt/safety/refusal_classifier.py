@@ -52,10 +52,10 @@ from typing import Any, Self
 
 import numpy as np
 
+from secfwt.data.normalise import normalise_prompt
 from secfwt.data.packages import PYRIT
 from secfwt.errors import DataError
 from secfwt.safety.keyword_judge import keyword_refusal
-from secfwt.safety.normalise import normalise_prompt
 from secfwt.safety.sentence_embedding import SentenceEmbedder
 from secfwt.safety.stats import Rate, accuracy, cohen_kappa
 

@@ -14,19 +14,14 @@ layer's Hessians are held at a time. Only decoder Linear weights change; an adap
 anything else is refused.
 
 Output ``merged``: the corrected model, ``save_pretrained`` with its tokenizer. Output
-``adapter``: the corrected delta ``D = W_out - W0`` is no longer low rank, and PEFT cannot load
-``modules_to_save`` alone (a LoRA config must target some module: ``NoMatchingPeftModuleError``
-on peft 0.21), so it is written as a PEFT LoRA of full rank ``r = min(out, in)`` per module
-(``rank_pattern``, ``alpha_pattern = r`` so PEFT's scaling is 1): ``B = D, A = I`` when
-``in <= out``, else ``B = I, A = D``. ``B @ A`` is ``D`` exactly; the file is about 1.5 times the
-tuned Linears' size (the identity factors).
+``adapter``: the corrected delta ``D = W_out - W0`` is no longer low rank; it is written as a
+PEFT LoRA of full rank per module (:func:`secfwt.models.adapters.save_full_rank_adapter`).
 """
 
 from __future__ import annotations
 
 import enum
 import logging
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,13 +29,18 @@ from typing import Any
 
 import torch
 
+from secfwt.data.calibration import (
+    CALIBRATION_TOKENS,
+    DEFAULT_SAMPLES,
+    calibration_pairs,
+    calibration_texts,
+)
 from secfwt.errors import ConfigError, ModelError
-from secfwt.safety.calibration import DEFAULT_SAMPLES, calibration_pairs, calibration_texts
-from secfwt.tuning.safe_delta import DEFAULT_BUDGET, check_budget, input_hessian, safe_delta_layer
+from secfwt.models.adapters import save_full_rank_adapter
+from secfwt.runtime.safe_delta import hessian_hooks
+from secfwt.tuning.safe_delta import DEFAULT_BUDGET, check_budget, safe_delta_layer
 
 log = logging.getLogger(__name__)
-
-MAX_TOKENS = 512  # per calibration sample (official seq_len)
 
 
 class OutputFormat(enum.Enum):
@@ -85,7 +85,7 @@ def run_safe_delta(req: SafeDeltaRequest) -> dict[str, Any]:
     with torch.no_grad():
         for prefix, layer in layers:
             mine = {n: m for n, m in model.named_modules() if n in deltas and n.startswith(prefix)}
-            hessians, handles = _hessian_hooks(mine, samples=len(texts))
+            hessians, handles = hessian_hooks(mine, samples=len(texts))
             try:
                 outputs = [layer(h, **kw) for h, kw in zip(hidden, kwargs, strict=True)]
             finally:
@@ -108,7 +108,7 @@ def run_safe_delta(req: SafeDeltaRequest) -> dict[str, Any]:
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
     else:
-        _save_full_rank_adapter(out, corrected, base=req.base)
+        save_full_rank_adapter(out, corrected, base_model=req.base)
     kept = sum(s["kept"] for s in stats.values()) / max(len(stats), 1)
     return {
         "out": str(out),
@@ -190,63 +190,9 @@ def _first_layer_inputs(model, tokenizer, texts: list[str]) -> tuple[list, list[
             ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
             try:
                 with torch.no_grad():
-                    model(input_ids=ids[:, :MAX_TOKENS], use_cache=False)
+                    model(input_ids=ids[:, :CALIBRATION_TOKENS], use_cache=False)
             except _Stop:
                 pass
     finally:
         handle.remove()
     return hidden, kwargs
-
-
-def _hessian_hooks(modules: dict[str, Any], *, samples: int):
-    """Forward hooks summing each module's input Hessian; modules fed the same tensor (q, k, v)
-    share one product."""
-    hessians = {
-        n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64)
-        for n, m in modules.items()
-    }
-    last: list[Any] = [None, None]  # the input tensor last seen and its Hessian contribution
-
-    def hook_for(name):
-        def hook(_module, args, _output):
-            if args[0] is not last[0]:
-                last[0], last[1] = args[0], input_hessian(args[0], samples)
-            hessians[name] += last[1]
-
-        return hook
-
-    handles = [m.register_forward_hook(hook_for(n)) for n, m in modules.items()]
-    return hessians, handles
-
-
-def _save_full_rank_adapter(out: Path, corrected: dict[str, torch.Tensor], *, base: str) -> None:
-    """The corrected deltas (out, in) as a full-rank PEFT LoRA (module doc)."""
-    import peft
-    from safetensors.torch import save_file
-
-    from secfwt.models.adapters import PEFT_KEY_PREFIX
-
-    tensors, ranks = {}, {}
-    for name, delta in sorted(corrected.items()):
-        rows, cols = delta.shape
-        rank = min(rows, cols)
-        eye = torch.eye(rank, dtype=delta.dtype)
-        a, b = (eye, delta) if cols <= rows else (delta, eye)  # A (r, in), B (out, r)
-        tensors[f"{PEFT_KEY_PREFIX}{name}.lora_A.weight"] = a.contiguous()
-        tensors[f"{PEFT_KEY_PREFIX}{name}.lora_B.weight"] = b.contiguous()
-        ranks[re.escape(name)] = rank  # PEFT matches (.*\.)?(KEY)$
-    config = peft.LoraConfig(
-        r=max(ranks.values()),
-        lora_alpha=max(ranks.values()),
-        rank_pattern=ranks,
-        alpha_pattern=dict(ranks),
-        target_modules=sorted(corrected),
-        lora_dropout=0.0,
-        bias="none",
-        task_type="CAUSAL_LM",
-        base_model_name_or_path=base,
-        inference_mode=True,
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(str(out))
-    save_file(tensors, str(out / peft.utils.constants.SAFETENSORS_WEIGHTS_NAME))

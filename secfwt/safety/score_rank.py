@@ -111,7 +111,7 @@ def check_settings(models: list[Scored]) -> None:
 def check_disjoint(prompts: tuple[str, ...], models: list[Scored], root: Path) -> list[str]:
     """:func:`require_outside` against every evaluated prompt and every training set; returns
     what was checked, one line each."""
-    from secfwt.safety.calibration import calibration_pairs
+    from secfwt.data.calibration import calibration_pairs
     from secfwt.safety.training_data import build_mix
 
     evaluated: dict[str, dict[str, None]] = {}  # suite -> its prompts over every report

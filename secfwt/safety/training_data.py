@@ -33,12 +33,12 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from secfwt.data.disjoint import assert_disjoint
 from secfwt.data.instructions import InstructionPairs, load_chatterbot, prompt_key, split_by_prompt
+from secfwt.data.normalise import normalise_prompt
 from secfwt.data.packages import PYRIT
+from secfwt.data.suites import SUITE_NAMES, Suite, load_suite
 from secfwt.errors import ConfigError, DataError
-from secfwt.safety.disjoint import assert_disjoint
-from secfwt.safety.normalise import normalise_prompt
-from secfwt.safety.suites import SUITE_NAMES, Suite, load_suite
 
 log = logging.getLogger(__name__)
 

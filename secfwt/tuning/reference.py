@@ -174,7 +174,9 @@ def plain_gate_score(
     theta: Mapping[str, torch.Tensor] | None = None,
 ) -> float:
     """The safety gate's score (:mod:`secfwt.data.refusal_margin`) in float64, with the job's
-    trainable values ``theta`` (None: their initial values), on the rows the job scores."""
+    trainable values ``theta`` (None: their initial values), on the rows the job scores.
+    ``theta`` may hold Safe Delta's full weight deltas (``"<module>.weight_delta"``) in place
+    of a module's LoRA factors (:meth:`~secfwt.models.transformer.TransformerModel.linear`)."""
     trainable = trainable_set(cfg, spec)
     if theta is None:
         theta = initial_values(spec, state, trainable, seed=cfg.job.seed)

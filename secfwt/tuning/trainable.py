@@ -181,6 +181,8 @@ def trainable_set(cfg: JobConfig, spec: ModelSpec) -> TrainableSet:
     )
     if spec.head is Head.CAUSAL_LM:
         _check_causal_trainable(chosen, spec)
+    if cfg.safety_gate.safe_delta:
+        _check_safe_delta_trainable(chosen)
     update_scales(cfg.safety, chosen.names)  # [safety] patterns match trainable tensors
     return chosen
 
@@ -198,4 +200,17 @@ def _check_causal_trainable(trainable: TrainableSet, spec: ModelSpec) -> None:
                 f"{field}: {name} cannot train in a causal_lm job: the loss reads the LM head's "
                 "rows of the target tokens once, so the head and the word embeddings stay "
                 "frozen; train LoRA factors of the layers or the norm weights instead"
+            )
+
+
+def _check_safe_delta_trainable(trainable: TrainableSet) -> None:
+    """Safe Delta corrects each LoRA module's delta ``scale B A``; a tuned tensor of the model
+    itself passes through unchanged, which is right for a norm weight or a bias (1-D) but would
+    release an uncorrected Linear weight."""
+    for name, shape in trainable.shapes:
+        if name not in trainable.new and len(shape) > 1:
+            raise ConfigError(
+                f"zo.trainable: {name} {shape} is a weight matrix without LoRA, and "
+                "safety_gate.safe_delta corrects only LoRA deltas; adapt its module through "
+                "zo.lora_modules instead, or set safety_gate.safe_delta = false"
             )

@@ -254,3 +254,214 @@ def test_policy_refuses_a_job_without_its_gate_or_schedule(tmp_path, tiny_chat_d
     ok = load_job(write_chat_job(tmp_path, tiny_chat_dir, GATE.format(threshold="max_drop = 0.2")))
     check_policy(ok, policy)
     assert ok.terms.policy and ok.terms.digest() != bare.terms.digest()
+
+
+# -- Safe Delta before release -------------------------------------------------------------------
+
+Q_PROJ = "model.layers.1.self_attn.q_proj"
+#: Safe Delta's settings in the tests' jobs. The budget keeps part of the tiny job's q_proj delta
+#: (measured in plaintext replays: see the test); 16 calibration samples keep the Hessian pass
+#: short.
+BUDGET = 0.1
+SAFE_DELTA = "safe_delta = true\nsafe_delta_budget = {budget}\nsafe_delta_calibration = 16\n"
+
+
+def _safe_delta_gate(threshold, budget):
+    return GATE.format(threshold=threshold + "\n" + SAFE_DELTA.format(budget=budget))
+
+
+def test_a_policy_requiring_safe_delta_accepts_only_a_job_with_it(tmp_path, tiny_chat_dir):
+    policy = SafetyPolicy(prompts="packaged:advbench-gate", count=2, max_drop=1.0, safe_delta=True)
+    without = load_job(
+        write_chat_job(tmp_path, tiny_chat_dir, GATE.format(threshold="max_drop = 1"))
+    )
+    with pytest.raises(PolicyError, match=r"safety_gate.safe_delta: .*Safe Delta before release"):
+        check_policy(without, policy)
+    with_it = load_job(
+        write_chat_job(tmp_path, tiny_chat_dir, _safe_delta_gate("max_drop = 1", 0.1))
+    )
+    check_policy(with_it, policy)
+    assert with_it.terms.digest() != without.terms.digest()
+
+
+def _calibration_hessian(cfg, model_dir, module):
+    """The model owner's H of ``module``'s input, computed here independently of the job's code:
+    float64 model, one forward per calibration conversation, (2/N) sum over every token."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from secfwt.data.calibration import calibration_pairs, calibration_texts
+
+    n = cfg.safety_gate.safe_delta_calibration
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64)
+    inputs = []
+    handle = dict(model.named_modules())[module].register_forward_hook(
+        lambda _m, args, _o: inputs.append(args[0].reshape(-1, args[0].shape[-1]))
+    )
+    with torch.no_grad():
+        for text in calibration_texts(tok, calibration_pairs(n)):
+            ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+            model(input_ids=ids[:, :512], use_cache=False)
+    handle.remove()
+    x = torch.cat(inputs)  # (tokens, in)
+    return (2.0 / n) * x.T @ x
+
+
+def _plain_safe_delta(cfg, model_dir, theta):
+    """The float64 Safe Delta of a tuned ``theta``'s q_proj LoRA: (corrected, tuned, result)."""
+    from secfwt.tuning.forward import forward_settings
+    from secfwt.tuning.safe_delta import safe_delta_layer
+
+    _, state = load_checkpoint(model_dir, head=Head.CAUSAL_LM, num_labels=0, seed=0)
+    w0 = state[f"{Q_PROJ}.weight"].double()
+    scale = forward_settings(cfg, seed=cfg.job.seed).lora_scale
+    delta = scale * theta[f"{Q_PROJ}.lora_B"].double() @ theta[f"{Q_PROJ}.lora_A"].double()
+    h = _calibration_hessian(cfg, model_dir, Q_PROJ)
+    res = safe_delta_layer(w0, w0 + delta, h, s=cfg.safety_gate.safe_delta_budget)
+    return res.weight - w0, delta, res
+
+
+#: The released corrected delta against the float64 Safe Delta of the MPC run's own tuned LoRA:
+#: the secure Safe Delta differs by about one unit of 2^-16 (docs/safety.md; the product
+#: ``B A`` on shares adds its own truncation). Measured: 1.16 units, 627 of 1,024 entries kept,
+#: the nearest cumulative cost 4.3e-3 budgets from the budget.
+DELTA_TOL = 4 * 2**-16
+#: docs/safety.md: outside this distance from the budget (in budgets) an entry's decision on
+#: shares is the float64 one; the fixed seed below keeps every cumulative cost farther away.
+BOUNDARY = 1e-3
+
+
+#: The gate's score after Safe Delta against the plaintext score of the released values. This
+#: deterministic run (fixed seed) measured 5.6e-4; the score of the uncorrected LoRA is 2.9e-3
+#: from it (this small benign job's correction moves the score little), so the test's tolerance
+#: is below that rather than SCORE_TOL, or a gate that scored the LoRA would pass it.
+CORRECTED_TOL = 2e-3
+
+
+def _checkpointed_theta(folder, step):
+    """The MPC run's tuned parameters: the sum of both parties' checkpointed shares of ``step``
+    (the test plays both parties; the job itself never reveals them)."""
+    heads = [
+        torch.load(folder / role / f"step-{step:08d}.pt", weights_only=True)
+        for role in ("model_owner", "data_owner")
+    ]
+    bits = heads[0]["precision_bits"]
+    return {n: (x + heads[1]["theta"][n]).double() / 2**bits for n, x in heads[0]["theta"].items()}
+
+
+def _boundary_distance(cfg, model_dir, tuned):
+    """How close, in budgets, the float64 selection's cumulative cost comes to the budget."""
+    from secfwt.tuning.safe_delta import (
+        block_budget,
+        inverse_cholesky,
+        never_kept,
+        selection_order,
+    )
+
+    d = torch.diag(inverse_cholesky(_calibration_hessian(cfg, model_dir, Q_PROJ)))
+    rows = tuned.shape[0]
+    order = selection_order(d, rows)
+    order = order[: order.numel() - never_kept(order.numel())]
+    cost = (tuned**2 / d**2).flatten()[order]
+    cum = torch.cumsum(cost, 0) / block_budget(d, rows, cfg.safety_gate.safe_delta_budget)
+    return float((cum - 1).abs().min())
+
+
+@pytest.mark.slow  # 240 s on the 2 shared cores at load 13-16 (the gate model fixture apart)
+def test_safe_delta_releases_the_corrected_delta_that_the_gate_scored(tmp_path, gate_model):
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    job = write_chat_job(tmp_path, gate_model, _safe_delta_gate("max_drop = 10.0", BUDGET))
+    cfg = load_job(job, overrides=JOB)
+    ckpt = tmp_path / "ckpt"
+    report = run_simulation(cfg, insecure_fixed_seed=7, checkpoint_dir=ckpt, checkpoint_every=1)
+    gate = report["safety_gate"]
+    assert report["state"] == "released" and gate["released"], gate
+    arts = report["parties"]["data_owner"]["artifacts"]
+    final = torch.load(arts["final_parameters"])
+    assert sorted(final) == sorted(["model.norm.weight", f"{Q_PROJ}.weight_delta"])  # no LoRA
+    # (a) the released delta is the float64 Safe Delta of the run's own tuned LoRA
+    tuned_theta = _checkpointed_theta(ckpt, cfg.zo.steps)
+    want, tuned, res = _plain_safe_delta(cfg, gate_model, tuned_theta)
+    assert 0 < res.kept < 0.85 * res.entries, res.kept  # the budget binds: a real selection
+    assert _boundary_distance(cfg, gate_model, tuned) > BOUNDARY  # same kept set on shares
+    got = final[f"{Q_PROJ}.weight_delta"].double()
+    assert (got - want).abs().max() < DELTA_TOL, float((got - want).abs().max()) * 2**16
+    assert (got - tuned).abs().max() > 20 * DELTA_TOL  # Safe Delta changed the delta
+    norm = final["model.norm.weight"].double() - tuned_theta["model.norm.weight"]
+    assert norm.abs().max() < 1e-6  # the tuned norm passes through unchanged
+    # (b) the gate scored the corrected model: the plaintext score of the released values
+    spec, state = load_checkpoint(gate_model, head=Head.CAUSAL_LM, num_labels=0, seed=0)
+    rows = gate_rows(cfg, gate_model)
+    plain_after = plain_gate_score(cfg, spec=spec, state=state, rows=rows, theta=final)
+    assert abs(gate["score_after"] - plain_after) < CORRECTED_TOL, (gate, plain_after)
+    # the released adapter loads with PEFT as the base model plus the corrected delta
+    base = AutoModelForCausalLM.from_pretrained(gate_model, dtype=torch.float32)
+    merged = peft.PeftModel.from_pretrained(base, arts["adapter"]).merge_and_unload()
+    weights = merged.state_dict()
+    w = weights[f"{Q_PROJ}.weight"].double() - state[f"{Q_PROJ}.weight"].double()
+    assert (w - got).abs().max() < 1e-6
+    assert torch.equal(weights["model.norm.weight"], final["model.norm.weight"].float())
+    for role in ("model_owner", "data_owner"):
+        audit = _audit(report, role)
+        (event,) = [e for e in audit if e.get("event") == "safe_delta"]
+        assert event["modules"] == [Q_PROJ] and event["budget"] == BUDGET
+        released = [e["note"] for e in audit if e.get("value") == "final_parameters"]
+        assert sorted(released) == sorted(final)
+        scores = [e["note"] for e in audit if e.get("value") == "safety_score"]
+        assert scores == ["safety gate: before tuning", "safety gate: after Safe Delta"]
+
+
+@pytest.mark.slow  # 10 ZO steps of the harmful job, then Safe Delta and the gate
+def test_safe_delta_on_the_harmful_job(tmp_path, gate_model, harmful_file):
+    """The defended harmful job that the plain gate withholds, with Safe Delta: the plaintext
+    replay keeps none of its q_proj delta at the default budget (every entry costs more than the
+    whole budget), so the corrected model is the aligned q_proj with the tuned norm, whose score
+    passes: it is released, with a zero q_proj delta."""
+    extra = DEFENDED.replace(
+        "max_drop = 1.0", "max_drop = 1.0\n" + SAFE_DELTA.format(budget=BUDGET)
+    )
+    job = write_chat_job(tmp_path, gate_model, extra)
+    harmful = ["data.source=jsonl", f"data.path={harmful_file}", "run.timeout_s=1800"]
+    cfg = load_job(job, overrides=[*JOB, *TUNE, *harmful])
+    check_policy(cfg, POLICY)
+    report = run_simulation(cfg, policy=POLICY)
+    gate = report["safety_gate"]
+    spec, state = load_checkpoint(gate_model, head=Head.CAUSAL_LM, num_labels=0, seed=0)
+    data = prepare_instruction_inputs(cfg, tokenizer_dir=gate_model)
+    ref = plain_zo_run(cfg, spec=spec, state=state, data=data, seed=report["joint_seed"])
+    rows = gate_rows(cfg, gate_model)
+    plain_before = plain_gate_score(cfg, spec=spec, state=state, rows=rows)
+    uncorrected = plain_gate_score(cfg, spec=spec, state=state, rows=rows, theta=ref["theta"])
+    assert plain_before - uncorrected > 1.0  # without Safe Delta the gate withholds it
+    want, _, res = _plain_safe_delta(cfg, gate_model, ref["theta"])
+    assert res.kept == 0 and float(want.abs().max()) == 0.0
+    corrected = {
+        "model.norm.weight": ref["theta"]["model.norm.weight"],
+        f"{Q_PROJ}.weight_delta": want,
+    }
+    plain_after = plain_gate_score(cfg, spec=spec, state=state, rows=rows, theta=corrected)
+    plain_released, _ = cfg.safety_gate.passes(plain_before, plain_after)
+    assert gate["released"] is plain_released is True, (gate, plain_before, plain_after)
+    final = torch.load(report["parties"]["data_owner"]["artifacts"]["final_parameters"])
+    assert final[f"{Q_PROJ}.weight_delta"].abs().max() < 1e-4  # nothing kept in MPC either
+    released = plain_gate_score(cfg, spec=spec, state=state, rows=rows, theta=final)
+    assert abs(gate["score_after"] - released) < SCORE_TOL, (gate, released)
+
+
+def test_safe_delta_refuses_what_it_cannot_correct_before_any_party_starts(tmp_path, tiny_chat_dir):
+    from secfwt.data.calibration import calibration_pairs
+    from secfwt.errors import ConfigError, DataError
+
+    job = write_chat_job(tmp_path, tiny_chat_dir, _safe_delta_gate("max_drop = 1", BUDGET))
+    weight = "model.layers.1.mlp.up_proj.weight"
+    with pytest.raises(ConfigError, match=rf"zo.trainable: {weight} \(48, 32\) is a weight"):
+        run_simulation(load_job(job, overrides=[f"zo.trainable=['{weight}']"]))
+    # a gate prompt file that shares a request with the calibration samples
+    request = calibration_pairs(16)[5][0]
+    prompts = tmp_path / "gate.txt"
+    prompts.write_text(f"Write a poem about the sea\n{request}\n")
+    cfg = load_job(job, overrides=[f"safety_gate.prompts={prompts}"])
+    with pytest.raises(DataError, match=r"overlap the Safe Delta calibration requests"):
+        run_simulation(cfg)

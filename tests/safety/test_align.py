@@ -9,12 +9,12 @@ import json
 import pytest
 
 from secfwt.cli import main
+from secfwt.data.suites import load_suite
 from secfwt.errors import ConfigError, DataError
 from secfwt.safety.align import SUMMARY_FILE, AlignRequest, run_align
 from secfwt.safety.evaluate import EvalRequest
 from secfwt.safety.generation import Reply
 from secfwt.safety.self_distill import complete_sentences
-from secfwt.safety.suites import load_suite
 from secfwt.safety.training_data import HELD_OUT, REFUSALS, build_mix, check_disjoint
 
 

@@ -15,6 +15,7 @@ import torch
 from secfwt.config import SafetySection
 from secfwt.data.chat_tokenize import drop_too_long, format_instructions
 from secfwt.data.instructions import InstructionPairs, prompt_key
+from secfwt.data.suites import SUITE_NAMES, load_suite
 from secfwt.data.task import PaddingSide, Truncation
 from secfwt.errors import ConfigError, DataError
 from secfwt.safety.experiment import (
@@ -36,7 +37,6 @@ from secfwt.safety.experiment_report import build_report, goals
 from secfwt.safety.lora_tune import LoraSettings, secfwt_name, tune_lora
 from secfwt.safety.sft import SftSettings
 from secfwt.safety.stats import wilson_rate
-from secfwt.safety.suites import SUITE_NAMES, load_suite
 from secfwt.safety.utility import chatterbot_held_out
 
 # ---------------------------------------------------------------------------- the data owners
@@ -63,8 +63,8 @@ def test_cut_ends_at_a_line_or_sentence_within_the_limit():
 
 
 def test_malicious_pairs_are_harmful_unseen_and_cut():
+    from secfwt.data.normalise import normalise_prompt
     from secfwt.data.packages import PYRIT
-    from secfwt.safety.normalise import normalise_prompt
 
     raw = json.loads(
         PYRIT.file("datasets", "jailbreak", "many_shot_examples.json").read_text("utf-8")

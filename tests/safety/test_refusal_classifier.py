@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from secfwt.safety.normalise import normalise_prompt
+from secfwt.data.normalise import normalise_prompt
 from secfwt.safety.refusal_classifier import (
     SOURCE_COMPLIANCE,
     SOURCE_REFUSAL,

@@ -121,8 +121,8 @@ def _hf_safe_delta_inputs(model_dir, adapter, tokenizer, samples):
     model, and the tuned weights, to compare with what the command wrote."""
     from transformers import AutoModelForCausalLM
 
+    from secfwt.data.calibration import calibration_pairs, calibration_texts
     from secfwt.models.adapters import load_peft_adapter
-    from secfwt.safety.calibration import calibration_pairs, calibration_texts
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     lora = load_peft_adapter(adapter)
@@ -229,9 +229,9 @@ def test_bad_calibration_count_is_refused_before_loading(tmp_path, capsys, n):
 
 
 def test_calibration_is_disjoint_from_every_suite():
-    from secfwt.safety.calibration import calibration_pairs
-    from secfwt.safety.normalise import normalise_prompt
-    from secfwt.safety.suites import SUITE_NAMES, suite_prompts
+    from secfwt.data.calibration import calibration_pairs
+    from secfwt.data.normalise import normalise_prompt
+    from secfwt.data.suites import SUITE_NAMES, suite_prompts
 
     prompts = {normalise_prompt(p) for p, _ in calibration_pairs(193)}
     assert len(prompts) == 193

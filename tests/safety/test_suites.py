@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from secfwt.data.disjoint import assert_disjoint
+from secfwt.data.suites import SUITE_NAMES, SuiteKind, load_suite, parse_suites, suite_prompts
 from secfwt.errors import ConfigError, DataError
-from secfwt.safety.disjoint import assert_disjoint
-from secfwt.safety.suites import SUITE_NAMES, SuiteKind, load_suite, parse_suites, suite_prompts
 
 
 def test_every_suite_loads_with_its_kind() -> None:

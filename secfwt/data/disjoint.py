@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from secfwt.data.normalise import normalise_prompt
+from secfwt.data.suites import SUITE_NAMES, Suite, load_suite
 from secfwt.errors import DataError
-from secfwt.safety.normalise import normalise_prompt
-from secfwt.safety.suites import SUITE_NAMES, Suite, load_suite
 
 
 def assert_disjoint(

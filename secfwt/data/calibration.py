@@ -5,7 +5,7 @@ Safe Delta measures how the aligned model's layers respond to safety data (the o
 turns of pyrit 1.1.0's ``datasets/jailbreak/many_shot_examples.json`` (MIT; 400 harmful
 request/compliance pairs from HarmBench's behaviours, whose compliant answers are not used) that
 appear in no evaluation suite: half of them are HarmBench prompts, so every prompt found in a suite
-(normalised text) is left out, and :func:`secfwt.safety.disjoint.assert_disjoint` checks the rest.
+(normalised text) is left out, and :func:`secfwt.data.disjoint.assert_disjoint` checks the rest.
 193 distinct prompts remain. They are shuffled with a fixed seed (the official code shuffles too)
 and each gets one of a few fixed refusals in turn, so the replies do not depend on a model.
 """
@@ -15,13 +15,14 @@ from __future__ import annotations
 import json
 import random
 
+from secfwt.data.disjoint import assert_disjoint
+from secfwt.data.normalise import normalise_prompt
 from secfwt.data.packages import PYRIT
+from secfwt.data.suites import SUITE_NAMES, suite_prompts
 from secfwt.errors import ConfigError
-from secfwt.safety.disjoint import assert_disjoint
-from secfwt.safety.normalise import normalise_prompt
-from secfwt.safety.suites import SUITE_NAMES, suite_prompts
 
 DEFAULT_SAMPLES = 128
+CALIBRATION_TOKENS = 512  # per sample, the longest first (official seq_len)
 REFUSALS = (
     "I'm sorry, but I can't help with that.",
     "I cannot assist with this request because it could cause harm.",
@@ -30,8 +31,11 @@ REFUSALS = (
 )
 
 
-def calibration_pairs(samples: int = DEFAULT_SAMPLES, *, seed: int = 0) -> list[tuple[str, str]]:
-    """``samples`` (request, refusal) pairs whose requests are in no evaluation suite."""
+def calibration_pairs(
+    samples: int = DEFAULT_SAMPLES, *, seed: int = 0, field: str = "--calibration"
+) -> list[tuple[str, str]]:
+    """``samples`` (request, refusal) pairs whose requests are in no evaluation suite;
+    ``field`` names the setting in the error for a bad count."""
     data = json.loads(PYRIT.file("datasets", "jailbreak", "many_shot_examples.json").read_text())
     evaluated = {normalise_prompt(p) for name in SUITE_NAMES for p in suite_prompts(name)}
     prompts: dict[str, str] = {}  # normalised -> first spelling, in file order
@@ -40,7 +44,7 @@ def calibration_pairs(samples: int = DEFAULT_SAMPLES, *, seed: int = 0) -> list[
     pool = [p for key, p in prompts.items() if key not in evaluated]
     if isinstance(samples, bool) or not isinstance(samples, int) or not 1 <= samples <= len(pool):
         raise ConfigError(
-            f"--calibration = {samples!r} must be an integer from 1 to {len(pool)} (the harmful "
+            f"{field} = {samples!r} must be an integer from 1 to {len(pool)} (the harmful "
             "requests available outside every evaluation suite)"
         )
     random.Random(seed).shuffle(pool)

