@@ -242,6 +242,9 @@ def party_payload(ctx: JobContext) -> PartyJob:
                 text_column=held.text_column,
                 label_column=held.label_column,
                 labels=held.labels,
+                prompt_column=held.prompt_column,
+                response_column=held.response_column,
+                system_column=held.system_column,
             ),
         )
         try:
@@ -288,9 +291,11 @@ def _forward_progress(messages: Any, progress: ProgressCallback) -> None:
         elif kind == "prefix":
             progress(phase="frozen prefix", step=int(msg["done"]), total_steps=int(msg["total"]))
         elif kind == "eval":
+            # a causal job's evaluation is its held-out response loss, a classifier's its accuracy
+            what = "loss" if "loss" in msg else "accuracy"
             progress(
                 phase="evaluation",
-                message=f"accuracy {msg.get('when')}: {msg.get('accuracy')}",
+                message=f"{what} {msg.get('when')}: {msg.get(what)}",
                 metrics=metrics,
             )
         elif kind == "gate":
