@@ -40,6 +40,7 @@ EDITS = [
     ("\nlr = 0.05\n", "\nlr = 0.1\n"),
 ]
 END = {"finished", "failed", "cancelled", "withheld"}
+OWNERS = ("model_owner", "data_owner")
 
 
 def _job_file(root: Path, model_dir: Path) -> Path:
@@ -76,74 +77,120 @@ def _checkpoint_files(d: MpcDeployment, role: str, job_id: str) -> list[str]:
     return sorted(p.name for p in folder.rglob("*") if p.is_file())
 
 
-def test_a_harmful_job_through_daemons_is_withheld_by_the_gate(
-    gated: MpcDeployment, gate_model: Path, tmp_path: Path
-) -> None:
-    d = gated
-    job = _job_file(tmp_path, gate_model)
-    out = d.job("submit", str(job), "--id", "gated-1")
+JOB_ID = "gated-1"
+
+
+@pytest.fixture(scope="module")
+def withheld(
+    gated: MpcDeployment, gate_model: Path, tmp_path_factory
+) -> tuple[Path, dict[str, dict]]:
+    """The harmful job submitted through the CLI and run to its end: (job file, each party's
+    final status). One run serves the tests below (the MPC job is the cost)."""
+    root = tmp_path_factory.mktemp("gated-job")
+    job = _job_file(root, gate_model)
+    out = gated.job("submit", str(job), "--id", JOB_ID)
     assert {p["state"] for p in out["parties"].values()} <= {"started", "running"}, out
-    states = d.wait_all("gated-1", END, 900)
+    states = gated.wait_all(JOB_ID, END, 1800)
     for role, st in states.items():
         print(f"{role}: {st['state']} ({st['reason']})")
-    owners = {r: states[r] for r in ("model_owner", "data_owner")}
-    assert {s["state"] for s in owners.values()} == {"withheld"}, states
-    reason = owners["data_owner"]["reason"]
+    return job, states
+
+
+def test_both_owners_end_withheld_with_the_reason(withheld) -> None:
+    _, states = withheld
+    assert {states[r]["state"] for r in OWNERS} == {"withheld"}, states
+    reason = states["data_owner"]["reason"]
     assert reason.startswith("safety: score fell ") and "more than max_drop = 1.0" in reason
-    assert owners["model_owner"]["reason"] == reason
+    assert states["model_owner"]["reason"] == reason
     # The dealer served triples only: it never held a share of the tuned parameters, and the
-    # decision (a function of the revealed scores) is not disclosed to it.
+    # decision (a function of the scores revealed to the owners) is not disclosed to it.
     assert states["dealer"]["state"] == "finished", states["dealer"]
 
-    # `secfwt job status --json` of all three at once: both scores, structured, and the reason
-    both = d.job("status", "gated-1")["parties"]
-    by_role = {d.role_at(addr): st for addr, st in both.items()}
-    gate = by_role["data_owner"]["last_progress"]["metrics"]
-    before, after = gate["score_before"], gate["score_after"]
-    assert f"(from {before:.4f} to {after:.4f})" in reason
-    assert by_role["model_owner"]["last_progress"]["metrics"] == gate
-    # ... and in human form
-    text = d.run_in(None, ["job", "status", "gated-1", "--client-config", str(d.client_config)])
-    for role in ("model_owner", "data_owner"):
-        line = next(x for x in text.stdout.splitlines() if d.hosts[role].address in x)
-        assert f"safety score {before:.4f} -> {after:.4f}" in line and reason in line, line
 
-    # The revealed score before tuning is the plaintext score of the untuned model.
+def _scores(st: dict) -> tuple[float, float]:
+    m = st["last_progress"]["metrics"]
+    return m["score_before"], m["score_after"]
+
+
+def test_job_status_shows_both_scores_and_the_reason(gated: MpcDeployment, withheld) -> None:
+    d = gated
+    # `secfwt job status --json` at all three daemons at once: the scores, structured
+    got = {d.role_at(a): st for a, st in d.job("status", JOB_ID)["parties"].items()}
+    before, after = _scores(got["data_owner"])
+    assert _scores(got["model_owner"]) == (before, after)
+    assert not got["dealer"]["last_progress"]["metrics"]  # the dealer learns no score
+    reason = got["data_owner"]["reason"]
+    assert f"(from {before:.4f} to {after:.4f})" in reason, reason
+    assert before - after > 1.0
+    # ... and without --json: the scores and the reason on each owner's line
+    text = d.run_in(None, ["job", "status", JOB_ID, "--client-config", str(d.client_config)])
+    for role in OWNERS:
+        line = next(x for x in text.stdout.splitlines() if x.startswith(d.hosts[role].address))
+        assert f"safety score {before:.4f} -> {after:.4f}" in line, line
+        assert "withheld" in line and reason in line, line
+
+
+def test_the_revealed_score_before_tuning_is_the_plaintext_score(
+    gated: MpcDeployment, gate_model: Path, withheld
+) -> None:
+    job, _ = withheld
+    before, _ = _scores(gated.status(JOB_ID, "data_owner"))
     plain_before, _ = plain_gate_scores(load_job(job), gate_model)
     assert abs(before - plain_before) < SCORE_TOL, (before, plain_before)
-    assert before - after > 1.0
 
-    # Nothing tuned leaves: the data owner's fetch, both audit logs, both checkpoint folders.
-    fetched = tmp_path / "fetched"
-    got = d.job("fetch", "gated-1", "--to", d.hosts["data_owner"].address, "--out", str(fetched))
+
+def test_no_tuned_parameters_leave_and_no_tuned_shares_stay(
+    gated: MpcDeployment, withheld, tmp_path: Path
+) -> None:
+    d = gated
+    before, after = _scores(d.status(JOB_ID, "data_owner"))
+    reason = d.status(JOB_ID, "data_owner")["reason"]
+    got = d.job(
+        "fetch", JOB_ID, "--to", d.hosts["data_owner"].address, "--out", str(tmp_path / "do")
+    )
     assert sorted(Path(f).name for f in got["files"]) == ["audit.jsonl", "summary.json"]
-    summary = json.loads((fetched / "summary.json").read_text())
-    assert summary["safety_gate"]["score_before"] == before
+    summary = json.loads((tmp_path / "do" / "summary.json").read_text())
     assert summary["safety_gate"]["released"] is False
-    # The job's evaluations are held-out response losses, and its progress says so.
+    assert (summary["safety_gate"]["score_before"], summary["safety_gate"]["score_after"]) == (
+        before,
+        after,
+    )
+    for role in OWNERS:
+        folder = tmp_path / role
+        d.job("fetch", JOB_ID, "--to", d.hosts[role].address, "--out", str(folder))
+        audit = [json.loads(x) for x in (folder / "audit.jsonl").read_text().splitlines()]
+        assert not [e for e in audit if e.get("value") == "final_parameters"], role
+        (event,) = [e for e in audit if e.get("event") == "withheld"]
+        assert f"safety: {event['reason']}" == reason and event["checkpoints_deleted"], event
+        assert (event["score_before"], event["score_after"]) == (before, after)
+        left = _checkpoint_files(d, role, JOB_ID)
+        assert left and all(n.startswith("prefix-") for n in left), (role, left)
+
+
+def test_the_progress_of_a_causal_job_reports_losses(
+    gated: MpcDeployment, withheld, tmp_path: Path
+) -> None:
+    d = gated
+    d.job("fetch", JOB_ID, "--to", d.hosts["data_owner"].address, "--out", str(tmp_path))
+    summary = json.loads((tmp_path / "summary.json").read_text())
     watch = d.run_in(
         None,
-        ["job", "watch", "gated-1", "--to", d.hosts["data_owner"].address]
+        ["job", "watch", JOB_ID, "--to", d.hosts["data_owner"].address]
         + ["--client-config", str(d.client_config)],
     ).stdout
     evals = [x for x in watch.splitlines() if " evaluation " in x]
     assert len(evals) == 2 and not [x for x in evals if "accuracy" in x], watch
     for when in ("before", "after"):
         assert f"loss {when}: {summary[f'eval_loss_{when}']}" in "\n".join(evals), evals
-    for role in ("model_owner", "data_owner"):
-        folder = tmp_path / f"fetched-{role}"
-        d.job("fetch", "gated-1", "--to", d.hosts[role].address, "--out", str(folder))
-        audit = [json.loads(x) for x in (folder / "audit.jsonl").read_text().splitlines()]
-        assert not [e for e in audit if e.get("value") == "final_parameters"], role
-        (event,) = [e for e in audit if e.get("event") == "withheld"]
-        assert f"safety: {event['reason']}" == reason and event["checkpoints_deleted"], event
-        assert (event["score_before"], event["score_after"]) == (before, after)
-        left = _checkpoint_files(d, role, "gated-1")
-        assert left and all(n.startswith("prefix-") for n in left), (role, left)
 
-    # A restarted model owner keeps the state, the scores and the reason.
+
+def test_a_restarted_model_owner_keeps_the_state_scores_and_reason(
+    gated: MpcDeployment, withheld
+) -> None:
+    d = gated
+    was = d.status(JOB_ID, "model_owner")
     d.kill("model_owner", signal.SIGTERM)  # a clean stop, then a fresh process
     d.start("model_owner")
-    again = d.status("gated-1", "model_owner")
-    assert again["state"] == "withheld" and again["reason"] == reason, again
-    assert again["last_progress"]["metrics"] == gate, again
+    again = d.status(JOB_ID, "model_owner")
+    assert again["state"] == "withheld" and again["reason"] == was["reason"], again
+    assert _scores(again) == _scores(was), again

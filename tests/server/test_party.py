@@ -200,6 +200,30 @@ def test_data_owner_checks_dataset_commitment(deployment: Deployment, tmp_path: 
         party.close(timeout=1)
 
 
+def test_data_owner_commits_to_its_instruction_pairs(tmp_path: Path) -> None:
+    """A causal-LM job's data owner vouches for the pairs it holds and the input it shares."""
+    from secfwt.config import load_job
+    from secfwt.data.datasets import DataSource
+    from secfwt.errors import DataError
+    from secfwt.server.config import HeldData
+    from secfwt.server.holdings import DataHoldings
+    from tests.conftest import write_chat_job
+
+    rows = [{"ask": f"question {i}?", "say": f"answer {i}."} for i in range(15)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    held = DataHoldings(
+        HeldData(
+            source=DataSource.JSONL, path=str(data), prompt_column="ask", response_column="say"
+        )
+    )
+    job = write_chat_job(tmp_path, tmp_path / "model")  # 8 train + 4 held-out pairs, length 40
+    c = held.commitment(load_job(job))
+    assert (c.rows, c.num_classes, c.input_shape) == (15, 0, (12, 40))
+    with pytest.raises(DataError, match=r"data.train_rows/eval_rows: .* 8 training \+ 12 held-out"):
+        held.commitment(load_job(job, overrides=["data.eval_rows=12"]))
+
+
 def test_start_needs_own_and_other_owner_acceptance_of_same_digests(
     deployment: Deployment, tmp_path: Path
 ) -> None:
