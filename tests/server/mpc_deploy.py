@@ -9,6 +9,7 @@ over the TLS mesh.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -16,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -161,6 +163,16 @@ class MpcDeployment:
             cmd, stdout=log, stderr=log, env=env, start_new_session=True
         )
         self.wait_healthy(role)
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[MpcDeployment]:
+        """Write the deployment, start the three daemons, stop them on exit."""
+        self.write()
+        self.start_all()
+        try:
+            yield self
+        finally:
+            self.stop_all()
 
     def start_all(self) -> None:
         for role in self.hosts:

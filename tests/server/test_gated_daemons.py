@@ -64,12 +64,8 @@ def gated(hosts, gate_model: Path, harmful_file: Path, tmp_path_factory) -> Iter
         data={"source": "jsonl", "path": str(harmful_file), "tokenizer": str(gate_model)},
         sections={"model_owner": {"safety_policy": POLICY}},
     )
-    d.write()
-    d.start_all()
-    try:
+    with d.running():
         yield d
-    finally:
-        d.stop_all()
 
 
 def _checkpoint_files(d: MpcDeployment, role: str, job_id: str) -> list[str]:

@@ -59,12 +59,8 @@ def deployment(
         heartbeat_s=HEARTBEAT_S,
         checkpoint_every=2,
     )
-    d.write()
-    d.start_all()
-    try:
+    with d.running():
         yield d
-    finally:
-        d.stop_all()
 
 
 def _job_file(root: Path, model_dir: Path, *, steps: int, name: str) -> Path:
