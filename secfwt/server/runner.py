@@ -227,25 +227,23 @@ def party_payload(ctx: JobContext) -> PartyJob:
     from secfwt.runtime.contract import Checkpointing, PartyJob
 
     cfg = ctx.job
+    held_data = None
     if ctx.role is Role.MODEL_OWNER:
         assert ctx.party.model is not None  # checked when party.toml was read
         model_dir = resolve_model_path(ctx.party.model.path)
     else:
         held = ctx.party.data
         assert held is not None
-        cfg = dataclasses.replace(
-            cfg,
-            data=dataclasses.replace(
-                cfg.data,
-                source=held.source,
-                path=held.path,
-                text_column=held.text_column,
-                label_column=held.label_column,
-                labels=held.labels,
-                prompt_column=held.prompt_column,
-                response_column=held.response_column,
-                system_column=held.system_column,
-            ),
+        held_data = dataclasses.replace(
+            cfg.data,
+            source=held.source,
+            path=held.path,
+            text_column=held.text_column,
+            label_column=held.label_column,
+            labels=held.labels,
+            prompt_column=held.prompt_column,
+            response_column=held.response_column,
+            system_column=held.system_column,
         )
         try:
             model_dir = resolve_model_path(held.tokenizer or cfg.model.path)
@@ -259,6 +257,7 @@ def party_payload(ctx: JobContext) -> PartyJob:
         config=cfg,
         out_dir=str(ctx.work_dir / "run"),
         model_dir=str(model_dir),
+        held_data=held_data,
         checkpoints=Checkpointing(
             folder=str(ctx.work_dir / "checkpoints"),
             every=ctx.checkpoint_every_steps,

@@ -224,6 +224,36 @@ def test_data_owner_commits_to_its_instruction_pairs(tmp_path: Path) -> None:
         held.commitment(load_job(job, overrides=["data.eval_rows=12"]))
 
 
+def test_a_data_owner_reads_its_own_data_but_agrees_on_the_job_files_settings(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    """The daemon's data owner reads the rows its party.toml names; the settings both owners'
+    processes agree on (their digest) stay the job file's, as the model owner's do."""
+    from secfwt.data.datasets import DataSource
+    from secfwt.runtime.contract import public_job_digest
+    from secfwt.server.runner import JobContext, party_payload
+
+    cfg = parse_job_text(deployment.job_file.read_text(), where="job")  # rotten_tomatoes
+    party = deployment.party_config("data_owner", data={"tokenizer": str(deployment.model_dir)})
+    ctx = JobContext(
+        job_id="j",
+        role=Role.DATA_OWNER,
+        identity=HOSPITAL,
+        job=cfg,
+        proposal=_proposal(deployment),
+        peers={},
+        party=party,
+        work_dir=tmp_path,
+        artifacts_dir=tmp_path,
+        resume=False,
+    )
+    payload = party_payload(ctx)
+    assert public_job_digest(payload.config) == public_job_digest(cfg)  # the model owner's
+    assert payload.held_data is not None
+    held = payload.held_data
+    assert (held.source, held.path) == (DataSource.JSONL, str(deployment.data_file))
+
+
 def test_start_needs_own_and_other_owner_acceptance_of_same_digests(
     deployment: Deployment, tmp_path: Path
 ) -> None:
