@@ -25,7 +25,10 @@ from tests.conftest import CHAT_JOB, DEFENDED, SCORE_TOL, plain_gate_scores
 
 from .mpc_deploy import MpcDeployment
 
-pytestmark = [pytest.mark.multiprocess, pytest.mark.multihost]
+#: slow: the refusing model's training (tests.conftest.gate_model, shared with
+#: test_safety_gate) and one 10-step gated MPC job through three daemons took 14 min of setup on
+#: the shared 2 cores (load 12-16); `make test-all` runs it.
+pytestmark = [pytest.mark.multiprocess, pytest.mark.multihost, pytest.mark.slow]
 
 #: The model owner's policy: the gate on the packaged prompts, at most the job's max_drop.
 POLICY = {"prompts": "packaged:advbench-gate", "count": 2, "max_drop": 1.0}
