@@ -25,9 +25,9 @@ from tests.conftest import CHAT_JOB, DEFENDED, SCORE_TOL, plain_gate_scores
 
 from .mpc_deploy import MpcDeployment
 
-#: slow: the refusing model's training (tests.conftest.gate_model, shared with
-#: test_safety_gate) and one 10-step gated MPC job through three daemons took 14 min of setup on
-#: the shared 2 cores (load 12-16); `make test-all` runs it.
+#: slow: training the refusing model (tests.conftest.gate_model, shared with test_safety_gate)
+#: and starting the daemons alone took 14 min on the shared 2 cores (load 12-16), before the
+#: 10-step gated MPC job through the daemons; `make test-all` runs it.
 pytestmark = [pytest.mark.multiprocess, pytest.mark.multihost, pytest.mark.slow]
 
 #: The model owner's policy: the gate on the packaged prompts, at most the job's max_drop.
