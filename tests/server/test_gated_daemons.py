@@ -28,7 +28,14 @@ from .mpc_deploy import MpcDeployment
 #: slow: training the refusing model (tests.conftest.gate_model, shared with test_safety_gate)
 #: and starting the daemons alone took 14 min on the shared 2 cores (load 12-16), before the
 #: 10-step gated MPC job through the daemons; `make test-all` runs it.
-pytestmark = [pytest.mark.multiprocess, pytest.mark.multihost, pytest.mark.slow]
+#: On shared cores at load 20 the job's steps took 30-60 s each; the module-wide fixture setup
+#: (model, daemons, the whole job) needs far more than the default per-test limit.
+pytestmark = [
+    pytest.mark.multiprocess,
+    pytest.mark.multihost,
+    pytest.mark.slow,
+    pytest.mark.timeout(5400),
+]
 
 #: The model owner's policy: the gate on the packaged prompts, at most the job's max_drop.
 POLICY = {"prompts": "packaged:advbench-gate", "count": 2, "max_drop": 1.0}
