@@ -14,7 +14,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from secfwt.config import JobConfig, SafetyGateSection, SafetySection
+from secfwt.config import DataSection, JobConfig, SafetyGateSection, SafetySection
 from secfwt.data.inputs import DataOwnerInputs, InstructionInputs
 from secfwt.errors import ConfigError
 
@@ -59,6 +59,11 @@ class PartyJob:
     model_dir: str  # the model owner's checkpoint; the data owner's tokenizer
     # the data owner's prepared inputs (else read in the party process)
     data: DataOwnerInputs | InstructionInputs | None = None
+    # the data owner's own holdings (a daemon's party.toml [data]: source, path, columns), read in
+    # the party process in place of the job file's; the job's settings, which the parties agree
+    # on, stay those of the job file (as the model owner's checkpoint is model_dir, not
+    # config.model.path)
+    held_data: DataSection | None = None
     progress: Any = None  # a multiprocessing queue, or None
     checkpoints: Checkpointing | None = None  # None writes no checkpoints
 

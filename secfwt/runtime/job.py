@@ -284,7 +284,8 @@ def _prepare(ctx: PartyContext, job: PartyJob) -> _Prepared:
     data = job.data
     if role is Role.DATA_OWNER and data is None:
         progress(kind="phase", phase="preparing data")
-        data = _prepare_data(cfg, Path(job.model_dir))
+        held = cfg if job.held_data is None else dataclasses.replace(cfg, data=job.held_data)
+        data = _prepare_data(held, Path(job.model_dir))
     facts = sess.broadcast(None if data is None else _public_facts(data), src=Role.DATA_OWNER)
     spec = state = None
     if role is Role.MODEL_OWNER:

@@ -177,6 +177,9 @@ def _status_line(d: dict[str, Any]) -> str:
     if d.get("last_progress") and d["last_progress"].get("total_steps"):
         lp = d["last_progress"]
         line += f" step {lp['step']}/{lp['total_steps']}"
+    scores = (d.get("last_progress") or {}).get("metrics", {})
+    if "score_before" in scores and "score_after" in scores:  # the safety gate's, once it ran
+        line += f" safety score {scores['score_before']:.4f} -> {scores['score_after']:.4f}"
     if d["reason"]:
         line += f"  ({d['reason']})"
     return line

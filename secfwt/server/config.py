@@ -158,6 +158,11 @@ class HeldData:
     text_column: str = "text"
     label_column: str = "label"
     labels: tuple[str, ...] = ()
+    #: the columns (csv) or fields (jsonl) of instruction pairs, for jobs with data.task =
+    #: "instructions" (causal-LM tuning); system_column "" = none
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    system_column: str = ""
     #: The model's tokenizer (public: a vocabulary), a folder or packaged:NAME; "" = the job's
     #: model.path when this host has it (e.g. a packaged model). The data owner tokenizes with it.
     tokenizer: str = ""

@@ -225,6 +225,7 @@ class JobExecutor:
                 j.emit(rec, **ev)
 
         state, reason = JobState.FINISHED, ""
+        gate = None
         try:
             summary = self.runner.run(self._context(rec), progress, cancel)
             gate = (summary or {}).get("safety_gate")
@@ -258,7 +259,14 @@ class JobExecutor:
             )
             if state is JobState.CANCELLED:
                 reason = rec.reason or "cancelled"
-            j.transition(rec, state, reason=reason)
+            final: dict[str, Any] = {}
+            if gate is not None and state in (JobState.FINISHED, JobState.WITHHELD):
+                # the gate's scores stay with the job's status (its last progress), over restarts
+                final = {
+                    "phase": "safety gate",
+                    "metrics": tuple((k, float(gate[k])) for k in ("score_after", "score_before")),
+                }
+            j.transition(rec, state, reason=reason, **final)
             self._cancels.pop(rec.job_id, None)
             self._running = None
         log.info("job ended", extra=fields(job=rec.job_id, state=state.value, reason=reason))

@@ -4,9 +4,10 @@
   design: the architecture and parameter shapes, README trust model) and the SHA-256 of its
   weight files. The hash lets the data owner bind a job (and its audit log) to one exact model
   without seeing it; weights are high-entropy, so the hash reveals nothing useful about them.
-- Data owner: the number of labelled rows it holds, the number of classes, and the shape of the
-  input the job secret-shares (rows used x max_length). No content hash: labelled text is
-  low-entropy enough that a hash of it could be confirmed by guessing.
+- Data owner: the number of labelled rows (or instruction pairs) it holds, the number of classes
+  (0 for pairs), and the shape of the input the job secret-shares (rows used x max_length). No
+  content hash: labelled text is low-entropy enough that a hash of it could be confirmed by
+  guessing.
 
 A party refuses a proposal whose commitment for its own role differs from what it computes
 here, naming each differing field.
@@ -20,6 +21,7 @@ import threading
 from pathlib import Path
 
 from secfwt.config import JobConfig
+from secfwt.data.task import DataTask
 from secfwt.errors import DataError, ModelError
 from secfwt.server.config import HeldData, HeldModel
 from secfwt.server.protocol import DataCommitment, ModelCommitment
@@ -99,10 +101,13 @@ class DataHoldings:
     def __init__(self, held: HeldData) -> None:
         self.held = held
         self._lock = threading.Lock()
-        self._cache: tuple[tuple, tuple[int, int, tuple[int, ...]]] | None = None
+        self._cache: dict[tuple, tuple[int, int, tuple[int, ...]]] = {}
 
-    def _facts(self) -> tuple[int, int, tuple[int, ...]]:
+    def _facts(self, task: DataTask) -> tuple[int, int, tuple[int, ...]]:
+        """(rows, classes, rows per class) of the held file read as ``task``'s examples (a jsonl
+        or csv file can hold either)."""
         from secfwt.data.datasets import DataSource, load_dataset, packaged_rotten_tomatoes_path
+        from secfwt.data.instructions import load_instructions
 
         h = self.held
         file = (
@@ -114,23 +119,35 @@ class DataHoldings:
             st = file.stat()
         except OSError as exc:
             raise DataError(f"data {file}: {exc}") from exc
-        key = (str(file), st.st_size, st.st_mtime_ns)
+        key = (task, str(file), st.st_size, st.st_mtime_ns)
         with self._lock:
-            if self._cache is not None and self._cache[0] == key:
-                return self._cache[1]
-            data = load_dataset(
-                source=h.source,
-                path=None if h.source is DataSource.ROTTEN_TOMATOES else h.path,
-                text_column=h.text_column,
-                label_column=h.label_column,
-                labels=h.labels or None,
-            )
-            facts = (len(data), data.num_classes, tuple(data.class_counts()))
-            self._cache = (key, facts)
+            if key in self._cache:
+                return self._cache[key]
+            if task is DataTask.INSTRUCTIONS:
+                pairs = load_instructions(
+                    source=h.source,
+                    path=h.path,
+                    prompt_column=h.prompt_column,
+                    response_column=h.response_column,
+                    system_column=h.system_column,
+                )
+                facts: tuple[int, int, tuple[int, ...]] = (len(pairs.prompts), 0, ())
+            else:
+                data = load_dataset(
+                    source=h.source,
+                    path=None if h.source is DataSource.ROTTEN_TOMATOES else h.path,
+                    text_column=h.text_column,
+                    label_column=h.label_column,
+                    labels=h.labels or None,
+                )
+                facts = (len(data), data.num_classes, tuple(data.class_counts()))
+            self._cache = {key: facts}  # the latest file and task only
             return facts
 
     def commitment(self, job: JobConfig) -> DataCommitment:
-        rows, classes, counts = self._facts()
+        if job.data.task is DataTask.INSTRUCTIONS:
+            return self._pairs_commitment(job)
+        rows, classes, counts = self._facts(job.data.task)
         per_class = job.data.shots_per_class + job.data.eval_per_class
         short = [i for i, c in enumerate(counts) if c < per_class]
         if short:
@@ -142,3 +159,16 @@ class DataHoldings:
         return DataCommitment(
             rows=rows, num_classes=classes, input_shape=(per_class * classes, job.model.max_length)
         )
+
+    def _pairs_commitment(self, job: JobConfig) -> DataCommitment:
+        """Instruction pairs: the rows held and the (train + held-out rows) x max_length input;
+        the exact split (no prompt on both sides, over-long pairs dropped) happens in the run."""
+        rows, _, _ = self._facts(DataTask.INSTRUCTIONS)
+        d = job.data
+        used = rows if d.train_rows is None else d.train_rows + d.eval_rows
+        if used > rows or d.eval_rows >= rows:
+            raise DataError(
+                f"data.train_rows/eval_rows: the job needs {d.train_rows or 'some'} training + "
+                f"{d.eval_rows} held-out instruction pairs but this data owner holds {rows}"
+            )
+        return DataCommitment(rows=rows, num_classes=0, input_shape=(used, job.model.max_length))

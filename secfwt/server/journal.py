@@ -113,14 +113,20 @@ class JobJournal:
         self.cond.notify_all()
         return ev
 
-    def transition(self, rec: JobRecord, state: JobState, *, reason: str | None = None) -> None:
-        """Change state (caller holds the lock), persist, and tell watchers."""
+    def transition(
+        self, rec: JobRecord, state: JobState, *, reason: str | None = None, **event: Any
+    ) -> None:
+        """Change state (caller holds the lock), persist, and tell watchers. ``event``: more fields
+        of the transition's progress event (``phase``, ``metrics``), kept as the job's last
+        progress."""
         rec.state = state
         if reason is not None:
             rec.reason = reason
         rec.updated = time.time()
         self.emit(
-            rec, message=state.value + (f": {rec.reason}" if rec.reason and state.terminal else "")
+            rec,
+            message=state.value + (f": {rec.reason}" if rec.reason and state.terminal else ""),
+            **event,
         )
         self.store.save(rec)
 

@@ -227,22 +227,23 @@ def party_payload(ctx: JobContext) -> PartyJob:
     from secfwt.runtime.contract import Checkpointing, PartyJob
 
     cfg = ctx.job
+    held_data = None
     if ctx.role is Role.MODEL_OWNER:
         assert ctx.party.model is not None  # checked when party.toml was read
         model_dir = resolve_model_path(ctx.party.model.path)
     else:
         held = ctx.party.data
         assert held is not None
-        cfg = dataclasses.replace(
-            cfg,
-            data=dataclasses.replace(
-                cfg.data,
-                source=held.source,
-                path=held.path,
-                text_column=held.text_column,
-                label_column=held.label_column,
-                labels=held.labels,
-            ),
+        held_data = dataclasses.replace(
+            cfg.data,
+            source=held.source,
+            path=held.path,
+            text_column=held.text_column,
+            label_column=held.label_column,
+            labels=held.labels,
+            prompt_column=held.prompt_column,
+            response_column=held.response_column,
+            system_column=held.system_column,
         )
         try:
             model_dir = resolve_model_path(held.tokenizer or cfg.model.path)
@@ -256,6 +257,7 @@ def party_payload(ctx: JobContext) -> PartyJob:
         config=cfg,
         out_dir=str(ctx.work_dir / "run"),
         model_dir=str(model_dir),
+        held_data=held_data,
         checkpoints=Checkpointing(
             folder=str(ctx.work_dir / "checkpoints"),
             every=ctx.checkpoint_every_steps,
@@ -288,9 +290,11 @@ def _forward_progress(messages: Any, progress: ProgressCallback) -> None:
         elif kind == "prefix":
             progress(phase="frozen prefix", step=int(msg["done"]), total_steps=int(msg["total"]))
         elif kind == "eval":
+            # a causal job's evaluation is its held-out response loss, a classifier's its accuracy
+            what = "loss" if "loss" in msg else "accuracy"
             progress(
                 phase="evaluation",
-                message=f"accuracy {msg.get('when')}: {msg.get('accuracy')}",
+                message=f"{what} {msg.get('when')}: {msg.get(what)}",
                 metrics=metrics,
             )
         elif kind == "gate":

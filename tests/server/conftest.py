@@ -208,6 +208,37 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Deployment:
     return make_deployment(tmp_path_factory.mktemp("deploy"))
 
 
+@pytest.fixture(scope="module")
+def hosts() -> Iterator[tuple[dict[str, Any], str, str | None]]:
+    """Three hosts for :class:`~tests.server.mpc_deploy.MpcDeployment` daemons: (Host by role,
+    capture interface, bridge or None). One network namespace each where that works; otherwise
+    distinct loopback addresses, said in pytest's summary."""
+    import warnings
+
+    from .mpc_deploy import ROLES, Host
+    from .netns import make_hosts
+
+    ns, why = make_hosts(list(ROLES))
+    if ns is None:
+        msg = (
+            f"network namespaces could not be created ({why}); FALLING BACK to distinct loopback "
+            "addresses 127.0.0.2-4 (one network stack)"
+        )
+        print(msg)
+        warnings.warn(msg, stacklevel=1)
+        yield {r: Host(r, f"127.0.0.{i + 2}") for i, r in enumerate(ROLES)}, "lo", None
+        return
+    print(f"hosts in network namespaces: {ns.namespaces} at {ns.addresses}, bridge {ns.bridge}")
+    try:
+        yield (
+            {r: Host(r, ns.addresses[r], netns=ns.namespaces[r]) for r in ROLES},
+            ns.bridge,
+            ns.bridge,
+        )
+    finally:
+        ns.close()
+
+
 @pytest.fixture
 def daemons() -> Iterator[list]:
     """Collects started PartyDaemons and stops them after the test."""

@@ -9,6 +9,7 @@ over the TLS mesh.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -16,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,10 @@ class MpcDeployment:
     fixed_seed: int | None = None
     heartbeat_s: float = 30.0
     checkpoint_every: int = 10
+    #: the data owner's [data] table; default: rotten_tomatoes, tokenized with model_dir's tokenizer
+    data: dict[str, Any] | None = None
+    #: more party.toml tables by role, e.g. the model owner's [safety_policy]
+    sections: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     procs: dict[str, subprocess.Popen] = dataclasses.field(default_factory=dict)
 
     # -- set-up -----------------------------------------------------------------------------
@@ -121,7 +127,11 @@ class MpcDeployment:
         if role == "model_owner":
             raw["model"] = {"path": str(self.model_dir)}
         if role == "data_owner":
-            raw["data"] = {"source": "rotten_tomatoes", "tokenizer": str(self.model_dir)}
+            raw["data"] = self.data or {
+                "source": "rotten_tomatoes",
+                "tokenizer": str(self.model_dir),
+            }
+        raw.update(self.sections.get(role, {}))
         return raw
 
     def config_path(self, role: str) -> Path:
@@ -153,6 +163,16 @@ class MpcDeployment:
             cmd, stdout=log, stderr=log, env=env, start_new_session=True
         )
         self.wait_healthy(role)
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[MpcDeployment]:
+        """Write the deployment, start the three daemons, stop them on exit."""
+        self.write()
+        self.start_all()
+        try:
+            yield self
+        finally:
+            self.stop_all()
 
     def start_all(self) -> None:
         for role in self.hosts:
@@ -219,6 +239,10 @@ class MpcDeployment:
         out = self.job("status", job_id, "--to", self.hosts[role].address)
         return next(iter(out["parties"].values())) if "parties" in out else out
 
+    def role_at(self, address: str) -> str:
+        """The role whose daemon listens at ``address`` (the key of a CLI answer's party)."""
+        return next(r for r, h in self.hosts.items() if h.address == address)
+
     def wait_state(
         self, job_id: str, role: str, states: set[str], timeout_s: float
     ) -> dict[str, Any]:
@@ -233,6 +257,12 @@ class MpcDeployment:
             f"job {job_id} at {role}: state {st.get('state')} ({st.get('reason')}) "
             f"after {timeout_s} s, wanted {states}"
         )
+
+    def wait_all(
+        self, job_id: str, states: set[str], timeout_s: float
+    ) -> dict[str, dict[str, Any]]:
+        """Each party's status once it reached one of ``states``."""
+        return {r: self.wait_state(job_id, r, states, timeout_s) for r in self.hosts}
 
     def stderr(self, role: str) -> str:
         return (self.root / f"{role}.stderr").read_text(errors="replace")

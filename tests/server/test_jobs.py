@@ -12,6 +12,8 @@ import pytest
 from secfwt.cli import main
 from secfwt.errors import ProtocolError
 from secfwt.pki.identity import Identity, IdentityRole
+from secfwt.server.cli import _status_line
+from secfwt.server.convert import status_to_dict
 from secfwt.server.daemon import PartyDaemon
 from secfwt.server.errors import JobExistsError
 from secfwt.server.jobfile import parse_job_text
@@ -415,6 +417,12 @@ def test_a_withheld_job_ends_withheld_with_its_scores_and_keeps_that_over_a_rest
         a.start("gated-1")
     st = _wait_state(deployment, mo.address, "gated-1", pb.JOB_STATE_WITHHELD)
     assert st.reason.startswith("safety: score fell 2.5000 (from 8.0000 to 5.5000)")
+    scores = {"score_before": 8.0, "score_after": 5.5}
+    assert dict(st.last_progress.metrics) == scores
+    # `secfwt job status` without --json: the scores and the reason on the party's line
+    line = _status_line(status_to_dict(st))
+    assert "withheld" in line and "safety score 8.0000 -> 5.5000" in line, line
+    assert f"({st.reason})" in line, line
     mo.stop(grace=1)
     again = PartyDaemon(mo.config, runner=EchoRunner())  # same state dir, new process state
     again.start()
@@ -422,4 +430,27 @@ def test_a_withheld_job_ends_withheld_with_its_scores_and_keeps_that_over_a_rest
     with deployment.client(again.address) as a:
         st = a.status("gated-1")
     assert st.state == pb.JOB_STATE_WITHHELD and st.reason.startswith("safety: score fell")
+    assert dict(st.last_progress.metrics) == scores
     assert "summary.json" in st.artifacts
+
+
+@pytest.mark.parametrize(
+    ("msg", "said"),
+    [
+        ({"kind": "eval", "when": "before", "loss": 5.25}, "loss before: 5.25"),
+        ({"kind": "eval", "when": "after", "accuracy": 0.75}, "accuracy after: 0.75"),
+    ],
+)
+def test_an_evaluation_progress_names_what_was_evaluated(msg: dict, said: str) -> None:
+    """A causal job's evaluation is a held-out loss, a classifier's an accuracy; the daemon's
+    progress event (what `secfwt job watch` shows) says which, with the value."""
+    import queue
+
+    from secfwt.server.runner import _forward_progress
+
+    messages: queue.Queue = queue.Queue()
+    messages.put(("data_owner", msg))
+    got: list[dict] = []
+    _forward_progress(messages, lambda **kw: got.append(kw))
+    (ev,) = got
+    assert ev["phase"] == "evaluation" and ev["message"] == said, ev

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,37 +33,12 @@ import torch
 from tests.conftest import TINY_JOB, save_tiny_with_tokenizer
 
 from . import wire
-from .mpc_deploy import ROLES, Host, MpcDeployment
-from .netns import make_hosts
+from .mpc_deploy import MpcDeployment
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.multihost]
 
 SEED = 5
 HEARTBEAT_S = 10.0
-
-
-@pytest.fixture(scope="module")
-def hosts() -> Iterator[tuple[dict[str, Host], str, str | None]]:
-    """(hosts by role, capture interface, bridge or None)."""
-    ns, why = make_hosts(list(ROLES))
-    if ns is None:
-        msg = (
-            f"network namespaces could not be created ({why}); FALLING BACK to distinct loopback "
-            "addresses 127.0.0.2-4 (one network stack)"
-        )
-        print(msg)
-        warnings.warn(msg, stacklevel=1)
-        yield {r: Host(r, f"127.0.0.{i + 2}") for i, r in enumerate(ROLES)}, "lo", None
-        return
-    print(f"hosts in network namespaces: {ns.namespaces} at {ns.addresses}, bridge {ns.bridge}")
-    try:
-        yield (
-            {r: Host(r, ns.addresses[r], netns=ns.namespaces[r]) for r in ROLES},
-            ns.bridge,
-            ns.bridge,
-        )
-    finally:
-        ns.close()
 
 
 @pytest.fixture(scope="module")
@@ -85,12 +59,8 @@ def deployment(
         heartbeat_s=HEARTBEAT_S,
         checkpoint_every=2,
     )
-    d.write()
-    d.start_all()
-    try:
+    with d.running():
         yield d
-    finally:
-        d.stop_all()
 
 
 def _job_file(root: Path, model_dir: Path, *, steps: int, name: str) -> Path:
@@ -128,10 +98,6 @@ def _simulate(job: Path, report: Path, *extra: str) -> dict:
     return json.loads(report.read_text())
 
 
-def _wait_all(d: MpcDeployment, job_id: str, states: set[str], timeout_s: float) -> dict[str, dict]:
-    return {r: d.wait_state(job_id, r, states, timeout_s) for r in ROLES}
-
-
 @pytest.mark.skipif(
     bool(wire.tools_missing()),
     reason=(
@@ -150,7 +116,7 @@ def test_job_through_daemons_on_separate_hosts_equals_simulate_and_only_tls_cros
     with wire.Capture(pcap, iface=iface, bpf=f"tcp and ({ips})") as cap:
         out = d.job("submit", str(job), "--id", "mh-equal-1")
         assert {p["state"] for p in out["parties"].values()} <= {"started", "running"}, out
-        states = _wait_all(d, "mh-equal-1", {"finished", "failed", "cancelled"}, 600)
+        states = d.wait_all("mh-equal-1", {"finished", "failed", "cancelled"}, 600)
     assert {s["state"] for s in states.values()} == {"finished"}, {
         r: (s["state"], s["reason"]) for r, s in states.items()
     }
@@ -247,7 +213,7 @@ def test_killed_party_is_detected_and_the_resumed_job_matches_an_uninterrupted_r
     # A job this test finishes first: the data owner's restarted daemon must still hold it.
     kept = _job_file(tmp_path, model_dir, steps=1, name="mh-kept")
     d.job("submit", str(kept), "--id", "mh-kept-1")
-    states = _wait_all(d, "mh-kept-1", {"finished", "failed", "cancelled"}, 600)
+    states = d.wait_all("mh-kept-1", {"finished", "failed", "cancelled"}, 600)
     by_role = {r: (s["state"], s["reason"]) for r, s in states.items()}
     assert {s["state"] for s in states.values()} == {"finished"}, by_role
     kept_artifacts = states["data_owner"]["artifacts"]
@@ -285,7 +251,7 @@ def test_killed_party_is_detected_and_the_resumed_job_matches_an_uninterrupted_r
 
     out = d.job("resume", "mh-kill-1")
     assert {p["state"] for p in out["parties"].values()} <= {"started", "running"}, out
-    states = _wait_all(d, "mh-kill-1", {"finished", "failed", "cancelled"}, 600)
+    states = d.wait_all("mh-kill-1", {"finished", "failed", "cancelled"}, 600)
     assert {s["state"] for s in states.values()} == {"finished"}, {
         r: (s["state"], s["reason"]) for r, s in states.items()
     }

@@ -200,6 +200,60 @@ def test_data_owner_checks_dataset_commitment(deployment: Deployment, tmp_path: 
         party.close(timeout=1)
 
 
+def test_data_owner_commits_to_its_instruction_pairs(tmp_path: Path) -> None:
+    """A causal-LM job's data owner vouches for the pairs it holds and the input it shares."""
+    from secfwt.config import load_job
+    from secfwt.data.datasets import DataSource
+    from secfwt.errors import DataError
+    from secfwt.server.config import HeldData
+    from secfwt.server.holdings import DataHoldings
+    from tests.conftest import write_chat_job
+
+    rows = [{"ask": f"question {i}?", "say": f"answer {i}."} for i in range(15)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    held = DataHoldings(
+        HeldData(
+            source=DataSource.JSONL, path=str(data), prompt_column="ask", response_column="say"
+        )
+    )
+    job = write_chat_job(tmp_path, tmp_path / "model")  # 8 train + 4 held-out pairs, length 40
+    c = held.commitment(load_job(job))
+    assert (c.rows, c.num_classes, c.input_shape) == (15, 0, (12, 40))
+    with pytest.raises(DataError, match=r"data.train_rows/eval_rows: .* 8 training \+ 12 held-out"):
+        held.commitment(load_job(job, overrides=["data.eval_rows=12"]))
+
+
+def test_a_data_owner_reads_its_own_data_but_agrees_on_the_job_files_settings(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    """The daemon's data owner reads the rows its party.toml names; the settings both owners'
+    processes agree on (their digest) stay the job file's, as the model owner's do."""
+    from secfwt.data.datasets import DataSource
+    from secfwt.runtime.contract import public_job_digest
+    from secfwt.server.runner import JobContext, party_payload
+
+    cfg = parse_job_text(deployment.job_file.read_text(), where="job")  # rotten_tomatoes
+    party = deployment.party_config("data_owner", data={"tokenizer": str(deployment.model_dir)})
+    ctx = JobContext(
+        job_id="j",
+        role=Role.DATA_OWNER,
+        identity=HOSPITAL,
+        job=cfg,
+        proposal=_proposal(deployment),
+        peers={},
+        party=party,
+        work_dir=tmp_path,
+        artifacts_dir=tmp_path,
+        resume=False,
+    )
+    payload = party_payload(ctx)
+    assert public_job_digest(payload.config) == public_job_digest(cfg)  # the model owner's
+    assert payload.held_data is not None
+    held = payload.held_data
+    assert (held.source, held.path) == (DataSource.JSONL, str(deployment.data_file))
+
+
 def test_start_needs_own_and_other_owner_acceptance_of_same_digests(
     deployment: Deployment, tmp_path: Path
 ) -> None:
