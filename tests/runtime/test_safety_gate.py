@@ -257,7 +257,7 @@ def test_safe_delta_releases_the_corrected_delta_that_the_gate_scored(tmp_path, 
     from transformers import AutoModelForCausalLM
 
     job = write_chat_job(tmp_path, gate_model, _safe_delta_gate("max_drop = 10.0", BUDGET))
-    cfg = load_job(job, overrides=JOB)
+    cfg = load_job(job, overrides=GATE_JOB)
     ckpt = tmp_path / "ckpt"
     report = run_simulation(cfg, insecure_fixed_seed=7, checkpoint_dir=ckpt, checkpoint_every=1)
     gate = report["safety_gate"]
@@ -308,7 +308,7 @@ def test_safe_delta_on_the_harmful_job(tmp_path, gate_model, harmful_file):
     )
     job = write_chat_job(tmp_path, gate_model, extra)
     harmful = ["data.source=jsonl", f"data.path={harmful_file}", "run.timeout_s=1800"]
-    cfg = load_job(job, overrides=[*JOB, *TUNE, *harmful])
+    cfg = load_job(job, overrides=[*GATE_JOB, *GATE_TUNE, *harmful])
     check_policy(cfg, POLICY)
     report = run_simulation(cfg, policy=POLICY)
     gate = report["safety_gate"]
