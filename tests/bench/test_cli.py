@@ -397,6 +397,7 @@ def _tiny_job(tmp_path, monkeypatch, model_dir):
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow  # 170-243 s on the 2 shared cores at load average 15-28 (2026-12-05)
 def test_tiny_time_to_target(tmp_path, monkeypatch, tiny_tok_dir):
     """time-to-target end to end: the twins on the tiny job, every MPC section (head-only ZO
     step, both backprop steps, both prefix sections) against float64 plaintext, the keys in
