@@ -142,6 +142,7 @@ def _mpc_costs(plan: BenchPlan, runner: Runner) -> tuple[dict[str, dict[str, Any
         },
     )
     out["zo"] = loss_row(zo, _head_loss(spec, state, pooled, labels), wrong)
+    out.update(_prefix(plan, runner, spec, state, tag, wrong))
     for key, cut, trainable, what in (
         (
             "backprop_top",
@@ -165,7 +166,6 @@ def _mpc_costs(plan: BenchPlan, runner: Runner) -> tuple[dict[str, dict[str, Any
         )
         ref = float(plain_losses(spec, state, x, labels, cut=cut, attention=Attention.SOFTMAX)[0])
         out[key] = loss_row(res, ref, wrong)
-    out.update(_prefix(plan, runner, spec, state, tag, wrong))
     return out, wrong
 
 
