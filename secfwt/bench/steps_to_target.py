@@ -140,6 +140,9 @@ def backprop_twin(
         ops.log_softmax_nll(logits(train), onehot[train]).mean().backward()
         opt.step()
         curve.append(accuracy())
+        log.debug(
+            "backprop twin, top %s: step %d, held-out accuracy %.4f", top, len(curve), curve[-1]
+        )
         s = steps_to_target(curve, before, gain=gain, confirm=confirm)
         if s is not None and len(curve) >= s + confirm:
             break
