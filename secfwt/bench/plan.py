@@ -89,7 +89,7 @@ class BenchPlan:
     tta_gain: float = 0.10
     tta_confirm: int = 5
     tta_lr_top: float = 0.1
-    tta_lr_full: float = 0.03
+    tta_lr_full: float = 0.05
     tta_max_steps: int = 100
     transport_shape: LayerShape = MINILM
     transport_seq_len: int = 64
