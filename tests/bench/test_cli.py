@@ -396,8 +396,7 @@ def _tiny_job(tmp_path, monkeypatch, model_dir):
     monkeypatch.setattr(tta, "DEFAULT_JOB", job)
 
 
-@pytest.mark.multiprocess
-@pytest.mark.slow  # 170-243 s on the 2 shared cores at load average 15-28 (2026-12-05)
+@pytest.mark.multiprocess  # 48 s on 2 cores at load average 3; 170-243 s at 15-28 (2026-12-05)
 def test_tiny_time_to_target(tmp_path, monkeypatch, tiny_tok_dir):
     """time-to-target end to end: the twins on the tiny job, every MPC section (head-only ZO
     step, both backprop steps, both prefix sections) against float64 plaintext, the keys in
