@@ -15,7 +15,7 @@ from typing import Any, cast
 
 import torch
 
-from secfwt.bench import decoder_party, safe_delta_party
+from secfwt.bench import decoder_party, prefix_party, safe_delta_party
 from secfwt.bench.probe import Profile, measure_reps, peak_rss_mb
 from secfwt.mpc.disclosure import DisclosureTerms, Revealable
 from secfwt.mpc.launcher import PartyContext
@@ -28,6 +28,8 @@ TERMS = DisclosureTerms.of(
     [
         (Revealable.VERIFY_OUTPUTS, [Role.DATA_OWNER]),
         (Revealable.TRAIN_OUTPUTS, [Role.DATA_OWNER]),
+        # one bit per row of a range-checked forward, as the job's (``time-to-target``)
+        (Revealable.RANGE_CHECK, [Role.DATA_OWNER, Role.MODEL_OWNER]),
     ]
 )
 
@@ -229,7 +231,8 @@ def _step_inputs(
     sess: Any, payload: dict[str, Any]
 ) -> tuple[Any, Any, int, dict[str, Any], Any, Any]:
     """What both tuning steps start from: spec, trainable set, first trainable layer, the
-    trainable values (model owner), the cached prefix and one-hot labels (data owner)."""
+    trainable values (model owner), the cached prefix (B, T, H), or the pooled features (B, H)
+    when only the head trains, and one-hot labels (data owner)."""
     from secfwt.tuning.trainable import select_trainable
 
     spec = sess.agree_spec(payload.get("spec"))
@@ -248,10 +251,11 @@ def _step_inputs(
         for n, s in trainable.shapes
     }
     b, t = payload["batch"], payload["seq_len"]
+    cut = trainable.first_layer(spec)
     cache = sess.share(
         payload.get("input"),
         owner=Role.DATA_OWNER,
-        shape=(b, t, spec.hidden_size),
+        shape=(b, spec.hidden_size) if cut == spec.num_layers else (b, t, spec.hidden_size),
         name="cached prefix",
     )
     labels = payload.get("labels")
@@ -261,15 +265,19 @@ def _step_inputs(
         shape=(b, spec.num_labels),
         name="labels",
     )
-    return spec, trainable, trainable.first_layer(spec), theta, cache, onehot
+    return spec, trainable, cut, theta, cache, onehot
 
 
 def _fot_step(
     *, ctx: PartyContext, sess: Any, comm: Any, meter: TrafficMeter, payload: dict[str, Any]
 ) -> dict[str, Any]:
     """One secfwt SPSA step (MeZO): 2 forwards per direction of the trainable upper layers
-    and head from the cached frozen prefix, secret loss, local update."""
+    and head from the cached frozen prefix, secret loss, local update. ``pooling`` (default
+    CLS) and ``range_check`` (each row's logits and losses checked, as a job's step) as the
+    payload says."""
     from secfwt.models.encoder import ForwardSettings
+    from secfwt.models.spec import Pooling
+    from secfwt.runtime.range_checks import OUTPUT_BOUND, RangeChecks
     from secfwt.tuning.forward import CachedForward
     from secfwt.tuning.spsa import SPSASettings, directions, spsa_step
 
@@ -286,13 +294,20 @@ def _fot_step(
         public=sess.public,
         spec=spec,
         frozen={},
-        settings=ForwardSettings(attention=payload["attention"]),
+        settings=ForwardSettings(
+            attention=payload["attention"], pooling=payload.get("pooling", Pooling.CLS)
+        ),
         cache=cache,
         mask=mask,
         pool_w=None,
         onehot=onehot,
         cut=cut,
         prompt_layer=0,
+        guard=(
+            RangeChecks(sess).guard(what="classifier outputs", bound=OUTPUT_BOUND)
+            if payload.get("range_check")
+            else None
+        ),
     )
     spsa = SPSASettings(lr=1e-4, eps=1e-3, directions=payload["directions"])
     idx = list(range(b))
@@ -448,5 +463,6 @@ _CASES: dict[str, Callable[..., dict[str, Any]]] = {
     "fot_step": _fot_step,
     "backprop_step": _backprop_step,
     "cma_step": _cma_step,
+    "frozen_prefix": prefix_party.frozen_prefix,
     "safe_delta": safe_delta_party.safe_delta,
 }

@@ -25,6 +25,7 @@ class BenchName(enum.Enum):
     TRANSPORT = "transport"
     DECODER = "decoder"
     SAFE_DELTA = "safe-delta"
+    TIME_TO_TARGET = "time-to-target"
 
 
 #: Run only when named: the packaged SmolLM2 in MPC takes minutes on its own; Safe Delta on
@@ -75,6 +76,21 @@ class BenchPlan:
     cma_population: int = 8
     cma_prompt_length: int = 4
     cma_intrinsic_dim: int = 32
+    #: time-to-target: MPC step costs at the default job's shapes (MiniLM, batch 48, T=32, 64
+    #: directions, 48 training rows in chunks of 32); steps to +10 points from the plaintext
+    #: twins, ZO at each seed, backprop SGD at the rates a plaintext sweep chose
+    tta_model: str = "minilm"
+    tta_batch: int = 48
+    tta_seq_len: int = 32
+    tta_directions: int = 64
+    tta_prefix_rows: int = 48
+    tta_prefix_chunk: int = 32
+    tta_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    tta_gain: float = 0.10
+    tta_confirm: int = 5
+    tta_lr_top: float = 0.1
+    tta_lr_full: float = 0.05
+    tta_max_steps: int = 100
     transport_shape: LayerShape = MINILM
     transport_seq_len: int = 64
     decoder_seq_lens: tuple[int, ...] = (64, 128)  # packaged SmolLM2, one row each
@@ -138,11 +154,15 @@ _PLAN_FIXED = ("quick", "layer", "fot_shape", "transport_shape")
 
 def _plan_range(key: str, value: Any) -> str | None:
     """Every count and length is positive; the seed may be 0; model names are known."""
+    if key == "tta_model":
+        return None if value in FULL_MODELS else f"choose from: {', '.join(FULL_MODELS)}"
     if key == "full_ft_models":
         unknown = [v for v in value if v not in FULL_MODELS]
         if unknown or not value:
             return f"unknown model {unknown}; choose from: {', '.join(FULL_MODELS)}"
         return None
+    if isinstance(value, float):
+        return None if value > 0 else "must be positive"
     lowest = 0 if key == "seed" else 1
     if any(v < lowest for v in (value if isinstance(value, tuple) else (value,))):
         return "must be >= 0" if lowest == 0 else "must be positive"

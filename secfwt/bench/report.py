@@ -101,6 +101,7 @@ def markdown(report: dict[str, Any], *, plots: dict[str, str] | None = None) -> 
     lines += _section_attention(b.get("attention"))
     lines += _section_fot(b.get("fot-vs-backprop"))
     lines += _section_full_ft(b.get("fot-vs-full-ft"))
+    lines += _section_time_to_target(b.get("time-to-target"))
     lines += _section_transport(b.get("transport"))
     lines += _section_decoder(b.get("decoder"))
     lines += _section_safe_delta(b.get("safe-delta"))
@@ -335,6 +336,49 @@ def _section_full_ft(r: dict[str, Any] | None) -> list[str]:
     return _step_section(
         "## Forward-only tuning vs MPC full fine-tuning (`fot-vs-full-ft`)", intro, r, after
     )
+
+
+def _section_time_to_target(r: dict[str, Any] | None) -> list[str]:
+    if not r:
+        return []
+    names = {
+        "zo": "secfwt default job (ZO, head)",
+        "backprop_top": "MPC backprop, top layer + head",
+        "backprop_full": "MPC backprop, full model",
+    }
+    zo_runs = r["twins"]["zo"]["runs"]
+    intro = [
+        f"Target: held-out accuracy +{r['target_gain'] * 100:g} points, held for "
+        f"{r['confirm_steps']} more steps; steps from the plaintext twins (ZO at seeds "
+        f"{', '.join(str(z['seed']) for z in zo_runs)}: "
+        f"{', '.join(str(z['steps']) for z in zo_runs)} steps, the median counting); costs in "
+        "MPC. Ratios = backprop / secfwt: full model "
+        f"time **{_f(r['time_to_target_ratio'])}x**, bytes **{_f(r['bytes_to_target_ratio'])}x**, "
+        f"LAN {_f(r['lan_time_to_target_ratio'])}x, WAN {_f(r['wan_time_to_target_ratio'])}x; "
+        f"top layer + head time {_f(r['top_layer_time_to_target_ratio'])}x, "
+        f"bytes {_f(r['top_layer_bytes_to_target_ratio'])}x.",
+        "",
+        "| method | steps | per step (s / MB) | one-time (s / MB) | total (s) | total (MB) "
+        "| LAN (s) | WAN (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key, m in r["methods"].items():
+        per, once, tot = m["per_step"], m["one_time"], m["total"] or {}
+        intro.append(
+            f"| {names.get(key, key)} | {m['steps'] if m['steps'] is not None else 'not reached'} "
+            f"| {_f(per['time_s'])} / {_f(per['bytes_sent_total'] / _MB)} "
+            f"| {_f(once['time_s'])} / {_f(once['bytes_sent_total'] / _MB)} "
+            f"| {_f(tot.get('time_s'))} "
+            f"| {_f(None if not tot else tot['bytes_sent_total'] / _MB)} "
+            f"| {_f(tot.get('LAN_s'))} | {_f(tot.get('WAN_s'))} |"
+        )
+    intro.append("")
+    after = [
+        "max abs err: |secure loss (prefix: revealed value) - float64 plaintext|; tolerance "
+        f"{_f(r['loss_tolerance'])}.",
+        "",
+    ]
+    return _step_section("## Time and bytes to accuracy (`time-to-target`)", intro, r, after)
 
 
 def _section_transport(r: dict[str, Any] | None) -> list[str]:

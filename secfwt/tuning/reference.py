@@ -226,6 +226,7 @@ def plain_zo_run(
     dp_plan: DPPlan | None = None,
     dp_seed: int = 0,
     after_step: Callable[[int, dict[str, Any]], None] | None = None,
+    curve: bool = False,
 ) -> dict[str, Any]:
     """Replay a ZO job in plaintext; with ``dp_plan``, replay DP-ZO with the Poisson masks and
     both parties' noise drawn from ``dp_seed`` (a plaintext study, not a private run).
@@ -233,7 +234,9 @@ def plain_zo_run(
 
     Returns ``theta`` (final parameters), ``losses`` and ``gs`` (per step), and the held-out
     metric before and after: ``accuracy_before`` / ``accuracy_after`` (classification) or
-    ``eval_loss_before`` / ``eval_loss_after`` (causal LM: mean response loss per row).
+    ``eval_loss_before`` / ``eval_loss_after`` (causal LM: mean response loss per row); with
+    ``curve``, also ``<metric>_curve``, the held-out metric after each step (for steps to a
+    target accuracy).
     """
     trainable = trainable_set(cfg, spec)
     init = initial_values(spec, state, trainable, seed=cfg.job.seed)
@@ -271,10 +274,13 @@ def plain_zo_run(
     before = evaluate(theta)
     losses: list[float] = []
     gs_all: list[list[float]] = []
+    metric_curve: list[float] = []
 
     def on_step(step: int, theta: dict[str, Any], mean_loss: Any, gs: Any) -> None:
         losses.append(float(mean_loss))
         gs_all.append([float(g) for g in gs])
+        if curve:
+            metric_curve.append(evaluate(theta))
         if after_step is not None:
             after_step(step, theta)
 
@@ -298,6 +304,7 @@ def plain_zo_run(
         "gs": gs_all,
         f"{metric}_before": before,
         f"{metric}_after": evaluate(theta),
+        **({f"{metric}_curve": metric_curve} if curve else {}),
     }
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from secfwt.bench.plan import BenchPlan, parse_names
 from secfwt.bench.shapes import TINY
+from secfwt.bench.suite import TIME_TO_TARGET_KEYS
 from secfwt.cli import main
 from secfwt.errors import ConfigError
 
@@ -23,7 +24,25 @@ HEADLINE = (
     "vs_plaintext_ratio",
     "rfa_time_growth_exponent",
     "rfa_bytes_growth_exponent",
+    *TIME_TO_TARGET_KEYS,
 )
+
+
+#: time-to-target's twins on the tiny job: +1 of its 10 held-out rows, held for 1 more step
+TTA_TINY = {
+    "tta_model": "tiny",
+    "tta_batch": 2,
+    "tta_seq_len": 8,
+    "tta_directions": 2,
+    "tta_prefix_rows": 3,
+    "tta_prefix_chunk": 2,
+    "tta_seeds": (0, 1),
+    "tta_gain": 0.1,
+    "tta_confirm": 1,
+    "tta_lr_top": 0.05,
+    "tta_lr_full": 0.05,
+    "tta_max_steps": 12,
+}
 
 
 def _tiny_plan() -> BenchPlan:
@@ -48,6 +67,7 @@ def _tiny_plan() -> BenchPlan:
         plaintext_reps=2,
         reps=1,
         timeout_s=300.0,
+        **TTA_TINY,
     )
 
 
@@ -100,7 +120,7 @@ def test_plan_overrides_are_typed_and_checked(capsys):
 
 def test_names_keep_suite_order():
     assert [n.value for n in parse_names(["vanilla", "attention"])] == ["attention", "vanilla"]
-    assert len(parse_names([])) == 6
+    assert len(parse_names([])) == 7
 
 
 #: The headline keys each sub-benchmark fills (None when it was not selected).
@@ -111,6 +131,7 @@ HEADLINE_OF = {
     "fot-vs-full-ft": ("fot_vs_full_ft_time_ratio", "fot_vs_full_ft_bytes_ratio"),
     "vanilla": ("vs_vanilla_crypten_ratio",),
     "transport": (),
+    "time-to-target": TIME_TO_TARGET_KEYS,
 }
 #: The plots each sub-benchmark draws (the op-class breakdown from forward's or vanilla's layer).
 PLOTS_OF = {
@@ -120,6 +141,7 @@ PLOTS_OF = {
     "fot-vs-full-ft": (),
     "vanilla": ("bench-breakdown.png",),
     "transport": (),
+    "time-to-target": (),
 }
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -294,13 +316,22 @@ def _tiny_spec():
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
-def test_tiny_full_suite(tmp_path, tiny):
+def test_tiny_full_suite(tmp_path, tiny, monkeypatch, tiny_tok_dir):
+    _tiny_job(tmp_path, monkeypatch, tiny_tok_dir)
     out = tmp_path / "res"
     assert main(["bench", "--quick", "--out", str(out), "--report", str(tmp_path / "r.json")]) == 0
     report, _ = _check_outputs(
         out,
         tmp_path / "r.json",
-        ["forward", "attention", "fot-vs-backprop", "fot-vs-full-ft", "vanilla", "transport"],
+        [
+            "forward",
+            "attention",
+            "fot-vs-backprop",
+            "fot-vs-full-ft",
+            "vanilla",
+            "transport",
+            "time-to-target",
+        ],
     )
     for key in HEADLINE:
         assert report[key] is not None, key
@@ -351,3 +382,58 @@ def test_missed_targets_fail_only_with_check(tmp_path, monkeypatch, capsys, chec
     assert "MISSED" in captured.out
     assert ("targets missed" in captured.err) is check
     assert json.loads((tmp_path / "bench.json").read_text())["vs_vanilla_crypten_ratio"] == 50.0
+
+
+def _tiny_job(tmp_path, monkeypatch, model_dir):
+    """time-to-target's twins on the tiny job (job seed 0, 16 ZO steps at lr 0.05, where each
+    twin reaches +1 held-out row) instead of the default job."""
+    from secfwt.bench.cases import time_to_target as tta
+    from tests.conftest import write_tiny_job
+
+    job = write_tiny_job(tmp_path, model_dir, "")
+    text = job.read_text().replace("seed = 3", "seed = 0")
+    job.write_text(text.replace("steps = 3", "steps = 16\nlr = 0.05\neps = 0.05"))
+    monkeypatch.setattr(tta, "DEFAULT_JOB", job)
+
+
+@pytest.mark.multiprocess  # 48 s on 2 cores at load average 3; 170-243 s at 15-28 (2026-12-05)
+def test_tiny_time_to_target(tmp_path, monkeypatch, tiny_tok_dir):
+    """time-to-target end to end: the twins on the tiny job, every MPC section (head-only ZO
+    step, both backprop steps, both prefix sections) against float64 plaintext, the keys in
+    bench.json, and the totals their parts add up to."""
+    from secfwt.bench.cases.fot_vs_backprop import LOSS_TOLERANCE
+
+    _tiny_job(tmp_path, monkeypatch, tiny_tok_dir)
+    monkeypatch.setattr(BenchPlan, "quick_plan", classmethod(lambda cls: _tiny_plan()))
+    out = tmp_path / "res"
+    argv = ["bench", "time-to-target", "--quick", "--out", str(out)]
+    assert main([*argv, "--report", str(tmp_path / "r.json")]) == 0
+    report, md = _check_outputs(out, tmp_path / "r.json", ["time-to-target"])
+    r = report["benchmarks"]["time-to-target"]
+    assert len(r["cases"]) == 5 and r["wrong_results"] == []
+    for case in r["cases"]:
+        assert case["max_abs_err"] is not None and case["max_abs_err"] < LOSS_TOLERANCE, case
+    zo = r["cases"][0]
+    assert zo["trainable_numel"] == 2 * 64 + 2  # the classifier alone, as the default job
+    for key in TIME_TO_TARGET_KEYS:
+        assert report[key] == r[key] and report[key] > 0, key
+    # the twins: each step count is the first from which its own curve holds the target for
+    # that step and the next (tta_confirm=1)
+    for run in [*r["twins"]["zo"]["runs"], r["twins"]["backprop_top"], r["twins"]["backprop_full"]]:
+        ok = [a - run["accuracy_before"] >= 0.1 - 1e-9 for a in run["curve"]]
+        held = [i + 1 for i in range(len(ok)) if all(ok[i : i + 2])]
+        assert run["steps"] == held[0], run
+    for key, m in r["methods"].items():
+        once, per, total = m["one_time"], m["per_step"], m["total"]
+        assert total["time_s"] == pytest.approx(once["time_s"] + m["steps"] * per["time_s"]), key
+        assert total["WAN_s"] > total["LAN_s"] > total["time_s"] > 0
+    assert r["methods"]["backprop_full"]["one_time"]["bytes_sent_total"] == 0
+    assert (
+        r["methods"]["zo"]["one_time"]["bytes_sent_total"]
+        > r["methods"]["backprop_top"]["one_time"]["bytes_sent_total"]
+        > 0
+    )
+    assert report["time_to_target_ratio"] == pytest.approx(
+        r["methods"]["backprop_full"]["total"]["time_s"] / r["methods"]["zo"]["total"]["time_s"]
+    )
+    assert "## Time and bytes to accuracy (`time-to-target`)" in md

@@ -101,7 +101,7 @@ def _row(
     spec, state, _ = synthetic_model(
         shape, layers=layers, head=Head.SEQUENCE_CLASSIFICATION, seed=plan.seed
     )
-    state = _unit_gain(spec, state, seed=plan.seed)
+    state = unit_gain(spec, state, seed=plan.seed)
     b = plan.fot_batch
     x = hidden_states(batch=b, seq_len=t, hidden=shape.hidden, seed=plan.seed + 3)
     labels = torch.arange(b) % 2
@@ -171,7 +171,7 @@ def _row(
     }
 
 
-def _unit_gain(spec: Any, state: dict[str, torch.Tensor], *, seed: int) -> dict[str, torch.Tensor]:
+def unit_gain(spec: Any, state: dict[str, torch.Tensor], *, seed: int) -> dict[str, torch.Tensor]:
     """``state`` with every linear weight (out, in) redrawn at std 1/sqrt(in)."""
     g = torch.Generator().manual_seed(seed + 11)
     out = dict(state)
@@ -209,4 +209,4 @@ def _cma_row(res: dict[str, Any], reference: torch.Tensor, wrong: list[str]) -> 
     return s
 
 
-__all__ = ["fot_vs_full_ft"]
+__all__ = ["fot_vs_full_ft", "unit_gain"]
