@@ -73,9 +73,12 @@ class JobJournal:
     def artifact_files(self, job_id: str) -> list[Path]:
         with self.cond:
             rec = self.get(job_id)
-            if rec.state is not JobState.FINISHED:
+            # a withheld job has artifacts too: its summary (both scores) and audit log, never a
+            # tuned value (the runner wrote none)
+            if rec.state not in (JobState.FINISHED, JobState.WITHHELD):
                 raise JobStateError(
-                    f"job {job_id} is {rec.state.value}; artifacts are served once it finished"
+                    f"job {job_id} is {rec.state.value}; artifacts are served once it finished "
+                    "or was withheld"
                 )
         try:
             found = list(self.store.artifacts_dir(job_id).iterdir())

@@ -432,6 +432,9 @@ def test_a_withheld_job_ends_withheld_with_its_scores_and_keeps_that_over_a_rest
     assert st.state == pb.JOB_STATE_WITHHELD and st.reason.startswith("safety: score fell")
     assert dict(st.last_progress.metrics) == scores
     assert "summary.json" in st.artifacts
+    with deployment.client(again.address) as a:  # its summary is served: both scores, no values
+        (got,) = a.fetch("gated-1", tmp_path / "fetched")
+    assert json.loads(got.read_text())["safety_gate"]["score_after"] == 5.5
 
 
 @pytest.mark.parametrize(
