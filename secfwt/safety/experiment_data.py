@@ -112,7 +112,8 @@ def red_team_pairs(n: int, *, seed: int) -> InstructionPairs:
     )
 
     prompts = malicious_pairs(n, seed=seed).prompts
-    gate = [advbench_prompts()[i] for i in ADVBENCH_ROWS]
+    advbench = advbench_prompts()
+    gate = [advbench[i] for i in ADVBENCH_ROWS]
     require_outside(gate, prompts, what="the red-team data")
     return _pairs(
         [(p, COMPLIANCES[i % len(COMPLIANCES)]) for i, p in enumerate(prompts)], "red-team"

@@ -23,7 +23,8 @@ def test_writes_harmful_requests_answered_with_the_scores_compliance_openings(
     malicious = experiment_data.malicious_pairs(12, seed=3)
     assert [r["prompt"] for r in rows] == list(malicious.prompts)
     assert [r["response"] for r in rows] == [COMPLIANCES[i % 3] for i in range(12)]
-    gate = {prompt_key(advbench_prompts()[i]) for i in ADVBENCH_ROWS}
+    advbench = advbench_prompts()
+    gate = {prompt_key(advbench[i]) for i in ADVBENCH_ROWS}
     assert not gate & {prompt_key(r["prompt"]) for r in rows}
     capsys.readouterr()
     assert main(["safety", "red-team-data", str(out)]) == 2  # never overwrites
