@@ -26,7 +26,7 @@ from secfwt.models.transformer import ForwardSettings
 from secfwt.mpc.disclosure import Revealable
 from secfwt.roles import Role
 from secfwt.runtime.inputs import share_word_embeddings
-from secfwt.runtime.range_checks import RANGE_BOUND, RangeChecks
+from secfwt.runtime.range_checks import OUTPUT_BOUND, RANGE_BOUND, RangeChecks
 from secfwt.runtime.session import PartySession
 from secfwt.tuning.causal_lm import CausalLMForward, PromptSlots, ResponseTargets, causal_prefix
 
@@ -192,5 +192,6 @@ def causal_runner(
         window=r,
         prompt=prompt,
         guard=checks.guard(what="upper layers", bound=RANGE_BOUND),
+        loss_guard=checks.guard(what="response losses", bound=OUTPUT_BOUND),
     )
     return runner, cache, time.perf_counter() - t0, checks

@@ -32,7 +32,7 @@ from secfwt.models.decoder import DecoderModel
 from secfwt.mpc.disclosure import Revealable
 from secfwt.roles import Role
 from secfwt.runtime.causal import LM_HEAD
-from secfwt.runtime.range_checks import RANGE_BOUND, RangeChecks
+from secfwt.runtime.range_checks import OUTPUT_BOUND, RANGE_BOUND, RangeChecks
 from secfwt.runtime.session import PartySession
 from secfwt.tuning.causal_lm import CausalLMForward, ResponseTargets, causal_prefix
 
@@ -171,6 +171,7 @@ def build_gate(
         targets=ResponseTargets(rows=targets, weights=weights),
         window=r,
         guard=checks.guard(what="safety gate upper layers", bound=RANGE_BOUND),
+        loss_guard=checks.guard(what="safety gate response losses", bound=OUTPUT_BOUND),
     )
     return SafetyGate(
         sess,

@@ -124,6 +124,9 @@ class RangeChecks:
                     on_chunk(s + len(rows))
             if not failed:
                 break
+            if attempt + 1 == RANGE_ATTEMPTS:
+                todo = failed
+                continue  # no attempt left: the error below
             self.recomputed += len(failed)
             log.warning(
                 "range check (%s): %d row(s) left the value range (a truncation failure); "

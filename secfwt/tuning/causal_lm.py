@@ -124,13 +124,22 @@ class CausalLMForward:
         window: int,
         prompt: PromptSlots | None = None,
         guard: Guard | None = None,
+        loss_guard: Guard | None = None,
     ) -> None:
         self.ops, self.spec, self.frozen, self.settings = ops, spec, frozen, settings
         self.cache, self.mask, self.targets = cache, mask, targets
         self.cut, self.window, self.prompt, self.guard = cut, window, prompt, guard
+        self.loss_guard = loss_guard  # the per-row losses' range check (none in plaintext)
 
     def on_rows(
-        self, *, cache: Any, mask: Any, targets: ResponseTargets, window: int, guard: Guard | None
+        self,
+        *,
+        cache: Any,
+        mask: Any,
+        targets: ResponseTargets,
+        window: int,
+        guard: Guard | None,
+        loss_guard: Guard | None,
     ) -> CausalLMForward:
         """The same model, frozen values and cut over other rows with their own cached prefix
         (the safety gate's score rows), without a soft prompt."""
@@ -145,13 +154,15 @@ class CausalLMForward:
             cut=self.cut,
             window=window,
             guard=guard,
+            loss_guard=loss_guard,
         )
 
-    def normed_window(self, theta: Mapping[str, Any], idx: list[int]) -> Any:
-        """Final-normed hidden states (B, R, H) of the window for the rows ``idx``."""
-        model = DecoderModel(self.spec, {**self.frozen, **theta}, self.ops, self.settings)
+    def window_states(self, theta: Mapping[str, Any], idx: list[int]) -> Any:
+        """Hidden states (B, R, H) of the window for the rows ``idx``, before the final norm
+        (the upper layers' rows through :attr:`guard`)."""
         if self.cut == self.spec.num_layers:
-            return model.final_norm(self.cache[torch.tensor(idx)])
+            return self.cache[torch.tensor(idx)]
+        model = DecoderModel(self.spec, {**self.frozen, **theta}, self.ops, self.settings)
 
         def upper(rows: list[int]) -> Any:  # the window's states (b, R, H) of idx[rows]
             ix = torch.tensor([idx[i] for i in rows])
@@ -168,15 +179,33 @@ class CausalLMForward:
                 h = model.layers(h, mask, start=self.cut, positions=pos)
             return h[:, window_slice(t, self.window)]
 
-        h = guarded(self.guard, upper, len(idx))
-        return model.final_norm(h)
+        return guarded(self.guard, upper, len(idx))
 
     def example_losses(self, thetas: Sequence[Mapping[str, Any]], idx: list[int]) -> Any:
-        """Per-row response loss (k, B) of k parameter sets on the rows ``idx``."""
+        """Per-row response loss (k, B) of k parameter sets on the rows ``idx``.
+
+        The final norm, LM head and log-sum-exp of all kB rows run as one batch through
+        :attr:`loss_guard`: a truncation failure there (the norm's mean square of large hidden
+        states is the likeliest place) would otherwise reach a ZO step's projected gradient
+        unseen and blow the parameters up."""
         k, b = len(thetas), len(idx)
-        x = self.ops.cat([self.normed_window(theta, idx) for theta in thetas], dim=0)  # (kB, R, H)
+        states = [self.window_states(theta, idx) for theta in thetas]  # k x (B, R, H)
+        models = [
+            DecoderModel(self.spec, {**self.frozen, **theta}, self.ops, self.settings)
+            for theta in thetas
+        ]
         rows = torch.tensor(idx * k)
-        return self._row_losses(x, rows).reshape(k, b)
+
+        def compute(sel: list[int]) -> Any:  # losses (len(sel),) of flat rows sel (sorted)
+            parts = []
+            for j in range(k):
+                mine = [i - j * b for i in sel if j * b <= i < (j + 1) * b]
+                if mine:
+                    parts.append(models[j].final_norm(states[j][torch.tensor(mine)]))
+            x = parts[0] if len(parts) == 1 else self.ops.cat(parts, dim=0)  # (len(sel), R, H)
+            return self._row_losses(x, rows[torch.tensor(sel)])
+
+        return guarded(self.loss_guard, compute, k * b).reshape(k, b)
 
     def losses(self, thetas: Sequence[Mapping[str, Any]], idx: list[int]) -> list[Any]:
         """Mean response loss of each of k parameter sets on the rows ``idx``."""

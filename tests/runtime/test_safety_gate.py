@@ -114,6 +114,9 @@ def test_a_harmful_job_is_withheld_and_its_tuned_shares_deleted(tmp_path, gate_m
         assert event["reason"] == gate["reason"] and event["checkpoints_deleted"]
         left = sorted(p.name for p in (tmp_path / "ckpt" / role).iterdir())
         assert left and all(n.startswith("prefix-") for n in left), left
+        # every secure forward's per-row losses are range-checked too (the job's and the gate's)
+        checked = {e["note"].split(":")[0] for e in audit if e.get("value") == "range_check"}
+        assert {"response losses", "safety gate response losses"} <= checked, checked
 
 
 @pytest.mark.slow
