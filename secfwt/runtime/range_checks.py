@@ -7,8 +7,9 @@ fails with probability about |v| / 2^64 for the ring value v it truncates and th
 2^64 / 2^16 = 2^48 to the ring value, 2^48 / 2^16 = 2^32 in real units. Such a value is far
 outside anything a model computes, so a bound between the two finds it. Every job checks the
 rows of its frozen prefix (hidden states, :data:`RANGE_BOUND`) and of each step's and each
-evaluation's secure forward: a causal job the hidden states of its upper layers, a
-classification job its logits and per-example losses (:data:`OUTPUT_BOUND`).
+evaluation's secure forward: a causal job the hidden states of its upper layers and its
+per-row response losses, a classification job its logits and per-example losses
+(:data:`OUTPUT_BOUND`).
 
 A failure that only perturbs a value a little (or one a later normalization squashes) is not
 seen; the check catches the failures that blow a value up (the usual outcome, and the harmful
