@@ -56,11 +56,16 @@ COMPLIANCES = (
 )
 
 
+def packaged_prompts() -> list[str]:
+    """The prompts of :data:`PACKAGED` (AdvBench's :data:`ADVBENCH_ROWS`), in file order."""
+    advbench = advbench_prompts()  # parsed once (1.6 s of YAML per parse)
+    return [advbench[i] for i in ADVBENCH_ROWS]
+
+
 def load_prompts(spec: str, count: int, *, field: str = "safety_gate.prompts") -> tuple[str, ...]:
     """The first ``count`` distinct prompts of ``spec``: :data:`PACKAGED` or a prompt file."""
     if spec == PACKAGED:
-        advbench = advbench_prompts()  # parsed once (1.6 s of YAML per parse)
-        raw = [advbench[i] for i in ADVBENCH_ROWS]
+        raw = packaged_prompts()
     else:
         raw = read_prompt_file(spec, where=f"{field} = {spec!r}", alternatives=f"{PACKAGED!r} or ")
     seen: dict[str, str] = {}

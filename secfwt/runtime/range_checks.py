@@ -125,19 +125,17 @@ class RangeChecks:
                     on_chunk(s + len(rows))
             if not failed:
                 break
-            if attempt + 1 == RANGE_ATTEMPTS:
-                todo = failed
-                continue  # no attempt left: the error below
-            self.recomputed += len(failed)
-            log.warning(
-                "range check (%s): %d row(s) left the value range (a truncation failure); "
-                "computing them again (attempt %d of %d)",
-                what,
-                len(failed),
-                attempt + 2,
-                RANGE_ATTEMPTS,
-            )
             todo = failed
+            if attempt + 1 < RANGE_ATTEMPTS:  # else no attempt left: the error below
+                self.recomputed += len(failed)
+                log.warning(
+                    "range check (%s): %d row(s) left the value range (a truncation failure); "
+                    "computing them again (attempt %d of %d)",
+                    what,
+                    len(failed),
+                    attempt + 2,
+                    RANGE_ATTEMPTS,
+                )
         else:
             raise ProtocolError(
                 f"{what}: {len(todo)} row(s) failed the range check |value| <= {bound:g} "

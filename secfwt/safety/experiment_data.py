@@ -104,17 +104,10 @@ def red_team_pairs(n: int, *, seed: int) -> InstructionPairs:
     them pushes the score down as directly as a data owner can. For testing a gate: the
     prompts are checked against the gate's packaged prompts (a :class:`DataError` on overlap),
     since a gate scored on the prompts it was attacked with would see more than it measures."""
-    from secfwt.data.refusal_margin import (
-        ADVBENCH_ROWS,
-        COMPLIANCES,
-        advbench_prompts,
-        require_outside,
-    )
+    from secfwt.data.refusal_margin import COMPLIANCES, packaged_prompts, require_outside
 
     prompts = malicious_pairs(n, seed=seed).prompts
-    advbench = advbench_prompts()
-    gate = [advbench[i] for i in ADVBENCH_ROWS]
-    require_outside(gate, prompts, what="the red-team data")
+    require_outside(packaged_prompts(), prompts, what="the red-team data")
     return _pairs(
         [(p, COMPLIANCES[i % len(COMPLIANCES)]) for i, p in enumerate(prompts)], "red-team"
     )

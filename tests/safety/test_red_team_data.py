@@ -9,7 +9,7 @@ import pytest
 
 from secfwt.cli import main
 from secfwt.data.instructions import prompt_key
-from secfwt.data.refusal_margin import ADVBENCH_ROWS, COMPLIANCES, advbench_prompts
+from secfwt.data.refusal_margin import COMPLIANCES, packaged_prompts
 from secfwt.errors import DataError
 from secfwt.safety import experiment_data
 
@@ -23,8 +23,7 @@ def test_writes_harmful_requests_answered_with_the_scores_compliance_openings(
     malicious = experiment_data.malicious_pairs(12, seed=3)
     assert [r["prompt"] for r in rows] == list(malicious.prompts)
     assert [r["response"] for r in rows] == [COMPLIANCES[i % 3] for i in range(12)]
-    advbench = advbench_prompts()
-    gate = {prompt_key(advbench[i]) for i in ADVBENCH_ROWS}
+    gate = {prompt_key(p) for p in packaged_prompts()}
     assert not gate & {prompt_key(r["prompt"]) for r in rows}
     capsys.readouterr()
     assert main(["safety", "red-team-data", str(out)]) == 2  # never overwrites
@@ -32,7 +31,7 @@ def test_writes_harmful_requests_answered_with_the_scores_compliance_openings(
 
 
 def test_refuses_prompts_the_gate_scores_on(monkeypatch: pytest.MonkeyPatch) -> None:
-    gate_prompt = advbench_prompts()[ADVBENCH_ROWS[0]]
+    gate_prompt = packaged_prompts()[0]
     real = experiment_data.malicious_pairs
 
     def with_a_gate_prompt(n: int, *, seed: int):  # noqa: ANN202
