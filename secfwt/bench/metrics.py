@@ -75,9 +75,9 @@ TARGETS = (
         "forward-only iteration >= 25x fewer bytes than MPC full fine-tuning",
     ),
     Target(
-        "vs_vanilla_crypten_ratio", 10.0, True, "BERT-base layer >= 10x faster than vanilla CrypTen"
+        "vs_vanilla_crypten_ratio", 8.0, True, "BERT-base layer >= 8x faster than vanilla CrypTen"
     ),
-    Target("vs_plaintext_ratio", 100.0, False, "BERT-base layer within 100x of plaintext torch"),
+    Target("vs_plaintext_ratio", 40.0, False, "BERT-base layer within 40x of plaintext torch"),
     Target(
         "rfa_time_growth_exponent",
         1.1,
