@@ -7,6 +7,7 @@ without the guard carries the failure."""
 from __future__ import annotations
 
 from typing import Any
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -34,19 +35,19 @@ NORM_ROW, HEAD_ROW, EVAL_ROW = 2, N + 1, 3
 TOL = 2e-3
 
 
-def _failing(fn: Any, at: tuple[int, ...], rank: int) -> Any:
-    """``fn`` whose first output gets :data:`FAILURE_RING` on rank 0's share of element ``at``;
-    later outputs as they are (the row's recomputation runs clean, as a fresh one does)."""
-    armed = [True]
+def _failing(cls: type, name: str, at: tuple[int, ...], rank: int) -> Any:
+    """``patch.object(cls, name, ...)``: the method whose first output gets
+    :data:`FAILURE_RING` on rank 0's share of element ``at``; later outputs as they are (the
+    row's recomputation runs clean, as a fresh one does)."""
+    fn, armed = getattr(cls, name), [True]
 
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         out = fn(*args, **kwargs)
-        if armed.pop() if armed else False:
-            if rank == 0:
-                out.share[at] += FAILURE_RING
+        if armed and armed.pop() and rank == 0:
+            out.share[at] += FAILURE_RING
         return out
 
-    return wrapped
+    return patch.object(cls, name, wrapped)
 
 
 def _party(ctx: PartyContext, payload: dict[str, Any]) -> dict[str, Any] | None:
@@ -57,6 +58,7 @@ def _party(ctx: PartyContext, payload: dict[str, Any]) -> dict[str, Any] | None:
     from secfwt.runtime.range_checks import OUTPUT_BOUND, RangeChecks
     from secfwt.runtime.session import PartySession
     from secfwt.tuning.causal_lm import CausalLMForward, ResponseTargets
+    from secfwt.tuning.guard import Guard
 
     both, do, mo = [Role.MODEL_OWNER, Role.DATA_OWNER], Role.DATA_OWNER, Role.MODEL_OWNER
     terms = DisclosureTerms.of([(Revealable.RANGE_CHECK, both), (Revealable.VERIFY_OUTPUTS, [do])])
@@ -79,7 +81,7 @@ def _party(ctx: PartyContext, payload: dict[str, Any]) -> dict[str, Any] | None:
     checks = RangeChecks(sess)
     rank = crypten.communicator.get().get_rank()
 
-    def run(guarded: bool) -> dict[str, Any]:
+    def run(guard: Guard | None) -> dict[str, Any]:
         forward = CausalLMForward(
             ops=sess.ops,
             spec=spec,
@@ -90,38 +92,30 @@ def _party(ctx: PartyContext, payload: dict[str, Any]) -> dict[str, Any] | None:
             targets=targets,
             cut=spec.num_layers,
             window=R,
-            loss_guard=checks.guard(what="response losses", bound=OUTPUT_BOUND)
-            if guarded
-            else None,
+            loss_guard=guard,
         )
-        idx = list(range(N))
-        norm, head, nll = (
-            DecoderModel.final_norm,
-            DecoderModel.lm_logits,
-            SecureOps.target_token_nll,
-        )
-        out: dict[str, Any] = {}
-        try:  # a failure in a step's final norm, then one in its LM head, then in the loss of
-            # an evaluation (one parameter set: what the safety gate scores, loss_sum adds up)
-            DecoderModel.final_norm = _failing(norm, (NORM_ROW, R - 1, 0), rank)
+        idx, out = list(range(N)), {}
+        # a failure in a step's final norm, then one in its LM head, then in the loss of an
+        # evaluation (one parameter set: what the safety gate scores, loss_sum adds up)
+        with _failing(DecoderModel, "final_norm", (NORM_ROW, R - 1, 0), rank):
             out["step_norm"] = forward.example_losses(thetas, idx)
-            DecoderModel.final_norm = norm
-            DecoderModel.lm_logits = _failing(head, (HEAD_ROW, R - 1, 0), rank)
+        with _failing(DecoderModel, "lm_logits", (HEAD_ROW, R - 1, 0), rank):
             out["step_head"] = forward.example_losses(thetas, idx)
-            DecoderModel.lm_logits = head
-            SecureOps.target_token_nll = _failing(nll, (EVAL_ROW,), rank)
+        with _failing(SecureOps, "target_token_nll", (EVAL_ROW,), rank):
             out["eval"] = forward.example_losses(thetas[-1:], idx)
-        finally:
-            DecoderModel.final_norm, DecoderModel.lm_logits = norm, head
-            SecureOps.target_token_nll = nll
-        return {
+        return out
+
+    guarded = run(checks.guard(what="response losses", bound=OUTPUT_BOUND))
+    recomputed, bare = checks.recomputed, run(None)
+    got = {
+        name: {
             k: sess.discloser.reveal(v, value=Revealable.VERIFY_OUTPUTS, to=[do])
             for k, v in out.items()
         }
-
-    got = {"guarded": run(True), "recomputed": checks.recomputed, "bare": run(False)}
+        for name, out in (("guarded", guarded), ("bare", bare))
+    }
     crypten.communicator.get().barrier()
-    return got if ctx.role is do else None
+    return {**got, "recomputed": recomputed} if mine else None
 
 
 def test_a_failure_in_a_steps_or_an_evaluations_losses_is_caught_and_recomputed(tmp_path) -> None:
