@@ -254,15 +254,15 @@ def _boundary_distance(cfg, model_dir, tuned):
     return float((cum - 1).abs().min())
 
 
-@pytest.mark.slow  # 240 s on the 2 shared cores at load 13-16 (the gate model fixture apart)
-def test_safe_delta_releases_the_corrected_delta_that_the_gate_scored(tmp_path, gate_model):
+def _assert_released_safe_delta(report, cfg, model_dir, ckpt):
+    """What every released Safe Delta job must show: the released q_proj delta is the float64
+    Safe Delta of the run's own tuned LoRA (the sum of the checkpointed shares), no LoRA factor
+    is released or audited as revealed, the tuned norm passes through, the PEFT adapter merges
+    to the base model plus the corrected delta, and both audit logs record the correction and
+    the gate's two scores. Returns the released values and the tuned parameters."""
     import peft
     from transformers import AutoModelForCausalLM
 
-    job = write_chat_job(tmp_path, gate_model, _safe_delta_gate("max_drop = 10.0", BUDGET))
-    cfg = load_job(job, overrides=GATE_JOB)
-    ckpt = tmp_path / "ckpt"
-    report = run_simulation(cfg, insecure_fixed_seed=7, checkpoint_dir=ckpt, checkpoint_every=1)
     gate = report["safety_gate"]
     assert report["state"] == "released" and gate["released"], gate
     arts = report["parties"]["data_owner"]["artifacts"]
@@ -270,21 +270,17 @@ def test_safe_delta_releases_the_corrected_delta_that_the_gate_scored(tmp_path, 
     assert sorted(final) == sorted(["model.norm.weight", f"{Q_PROJ}.weight_delta"])  # no LoRA
     # (a) the released delta is the float64 Safe Delta of the run's own tuned LoRA
     tuned_theta = _checkpointed_theta(ckpt, cfg.zo.steps)
-    want, tuned, res = _plain_safe_delta(cfg, gate_model, tuned_theta)
+    want, tuned, res = _plain_safe_delta(cfg, model_dir, tuned_theta)
     assert 0 < res.kept < 0.85 * res.entries, res.kept  # the budget binds: a real selection
-    assert _boundary_distance(cfg, gate_model, tuned) > BOUNDARY  # same kept set on shares
+    assert _boundary_distance(cfg, model_dir, tuned) > BOUNDARY  # same kept set on shares
     got = final[f"{Q_PROJ}.weight_delta"].double()
     assert (got - want).abs().max() < DELTA_TOL, float((got - want).abs().max()) * 2**16
     assert (got - tuned).abs().max() > 20 * DELTA_TOL  # Safe Delta changed the delta
     norm = final["model.norm.weight"].double() - tuned_theta["model.norm.weight"]
     assert norm.abs().max() < 1e-6  # the tuned norm passes through unchanged
-    # (b) the gate scored the corrected model: the plaintext score of the released values
-    spec, state = load_checkpoint(gate_model, head=Head.CAUSAL_LM, num_labels=0, seed=0)
-    rows = gate_rows(cfg, gate_model)
-    plain_after = plain_gate_score(cfg, spec=spec, state=state, rows=rows, theta=final)
-    assert abs(gate["score_after"] - plain_after) < CORRECTED_TOL, (gate, plain_after)
     # the released adapter loads with PEFT as the base model plus the corrected delta
-    base = AutoModelForCausalLM.from_pretrained(gate_model, dtype=torch.float32)
+    _, state = load_checkpoint(model_dir, head=Head.CAUSAL_LM, num_labels=0, seed=0)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     merged = peft.PeftModel.from_pretrained(base, arts["adapter"]).merge_and_unload()
     weights = merged.state_dict()
     w = weights[f"{Q_PROJ}.weight"].double() - state[f"{Q_PROJ}.weight"].double()
@@ -293,11 +289,66 @@ def test_safe_delta_releases_the_corrected_delta_that_the_gate_scored(tmp_path, 
     for role in ("model_owner", "data_owner"):
         audit = _audit(report, role)
         (event,) = [e for e in audit if e.get("event") == "safe_delta"]
-        assert event["modules"] == [Q_PROJ] and event["budget"] == BUDGET
+        assert event["modules"] == [Q_PROJ]
+        assert event["budget"] == cfg.safety_gate.safe_delta_budget
         released = [e["note"] for e in audit if e.get("value") == "final_parameters"]
         assert sorted(released) == sorted(final)
+        revealed = [e for e in audit if "value" in e]
+        assert not [e for e in revealed if "lora" in str(e.get("note", "")).lower()]
         scores = [e["note"] for e in audit if e.get("value") == "safety_score"]
         assert scores == ["safety gate: before tuning", "safety gate: after Safe Delta"]
+    return final, tuned_theta
+
+
+@pytest.mark.slow  # 240 s on the 2 shared cores at load 13-16 (the gate model fixture apart)
+def test_safe_delta_releases_the_corrected_delta_that_the_gate_scored(tmp_path, gate_model):
+    job = write_chat_job(tmp_path, gate_model, _safe_delta_gate("max_drop = 10.0", BUDGET))
+    cfg = load_job(job, overrides=GATE_JOB)
+    ckpt = tmp_path / "ckpt"
+    report = run_simulation(cfg, insecure_fixed_seed=7, checkpoint_dir=ckpt, checkpoint_every=1)
+    gate = report["safety_gate"]
+    final, _ = _assert_released_safe_delta(report, cfg, gate_model, ckpt)
+    # (b) the gate scored the corrected model: the plaintext score of the released values
+    spec, state = load_checkpoint(gate_model, head=Head.CAUSAL_LM, num_labels=0, seed=0)
+    rows = gate_rows(cfg, gate_model)
+    plain_after = plain_gate_score(cfg, spec=spec, state=state, rows=rows, theta=final)
+    assert abs(gate["score_after"] - plain_after) < CORRECTED_TOL, (gate, plain_after)
+
+
+#: The default run's Safe Delta job: the session's tiny random chat Llama (no refusal
+#: training: the check is that the shares compute the float64 correction, whatever the model
+#: says), one gate prompt (6 score rows, one batch), 8 calibration samples, one ZO step. With
+#: this Hessian FAST_BUDGET keeps 302 of the 1,024 q_proj entries (BUDGET would keep 4).
+#: Measured: the released delta 1.08 units of 2^-16 from the float64 one, the nearest
+#: cumulative cost 2.2e-3 budgets from the budget, the gate's score 1.5e-4 from the plaintext
+#: score of the released values and 3.1e-3 from that of the uncorrected LoRA.
+FAST_BUDGET = 3.0
+FAST_SAFE_DELTA = [
+    "safety_gate.count=1",
+    "safety_gate.safe_delta_calibration=8",
+    "zo.steps=1",
+    "run.eval_batch=6",
+]
+
+
+def test_safe_delta_on_shares_releases_the_float64_correction(tmp_path, tiny_chat_dir):
+    """The fast twin of the test above (same assertions, smaller job), so the default run
+    executes a Safe Delta job end to end: tuning, the correction on shares, the gate's score of
+    the corrected model and the release of the corrected delta only."""
+    job = write_chat_job(tmp_path, tiny_chat_dir, _safe_delta_gate("max_drop = 10.0", FAST_BUDGET))
+    cfg = load_job(job, overrides=FAST_SAFE_DELTA)
+    ckpt = tmp_path / "ckpt"
+    report = run_simulation(cfg, insecure_fixed_seed=7, checkpoint_dir=ckpt, checkpoint_every=1)
+    assert report["parties"]["model_owner"]["artifacts"] == {}  # the terms: data owner only
+    final, tuned = _assert_released_safe_delta(report, cfg, tiny_chat_dir, ckpt)
+    # the gate scored the corrected model, not the tuned LoRA: the plaintext scores of both
+    spec, state = load_checkpoint(tiny_chat_dir, head=Head.CAUSAL_LM, num_labels=0, seed=0)
+    rows = gate_rows(cfg, tiny_chat_dir)
+    after = report["safety_gate"]["score_after"]
+    plain_after = plain_gate_score(cfg, spec=spec, state=state, rows=rows, theta=final)
+    uncorrected = plain_gate_score(cfg, spec=spec, state=state, rows=rows, theta=tuned)
+    assert abs(after - plain_after) < CORRECTED_TOL, (after, plain_after)
+    assert abs(after - uncorrected) > CORRECTED_TOL, (after, uncorrected)
 
 
 @pytest.mark.slow  # 10 ZO steps of the harmful job, then Safe Delta and the gate
