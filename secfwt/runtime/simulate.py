@@ -93,6 +93,7 @@ def run_simulation(
         )
         for role in (Role.MODEL_OWNER, Role.DATA_OWNER)
     }
+    machine = machine_info()  # before the parties start: the code they import
     t0 = time.perf_counter()
     results = run_parties(
         run_job_party,
@@ -144,7 +145,7 @@ def run_simulation(
         "projected_s": link_projections(results),
         "projection": _PROJECTION,
         "output_dir": str(out_dir),
-        "machine": machine_info(),
+        "machine": machine,
     }
     seen = {"before": mo.accuracy_before, "after": mo.accuracy_after}
     report["parties"]["model_owner"]["accuracy_seen"] = seen
@@ -257,23 +258,31 @@ def preflight_dp(cfg: JobConfig, *, n_train: int | None = None) -> None:
 
 
 def machine_info() -> dict[str, Any]:
+    """Python, torch, CPUs and the commit of the secfwt code that runs. Call it when a run
+    starts: the commit is read from the repository the imported package lives in (None for an
+    installed copy or without git), not from the working directory, so a report names the code
+    its parties imported even if the checkout moves on during a long run."""
     import os
 
     import torch
 
-    try:
-        commit = (
-            subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"],
+    root = Path(__file__).resolve().parents[2]  # secfwt/runtime/simulate.py -> the checkout
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(
+                ["git", "-C", str(root), *args],
                 capture_output=True,
                 text=True,
                 timeout=5,
                 check=False,
-            ).stdout.strip()
-            or None
-        )
-    except (OSError, subprocess.SubprocessError):
-        commit = None
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return (out.stdout.strip() or None) if out.returncode == 0 else None
+
+    top = git("rev-parse", "--show-toplevel")
+    commit = git("rev-parse", "--short", "HEAD") if top and Path(top).resolve() == root else None
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
