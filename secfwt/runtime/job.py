@@ -423,14 +423,13 @@ def _prepare(ctx: PartyContext, job: PartyJob) -> _Prepared:
         t0 = time.perf_counter()
         modules = lora_modules(trainable.names)
         n_cal = cfg.safety_gate.safe_delta_calibration
-        progress(kind="phase", phase=f"Safe Delta: Hessians of {len(modules)} modules")
         p.safe_delta_u = calibration_factors(cfg, Path(job.model_dir), modules)
-        log.info(
-            "Safe Delta: %d Hessians on %d samples, %.1f s",
-            len(modules),
-            n_cal,
-            time.perf_counter() - t0,
+        done = (
+            f"Safe Delta: Hessians of {len(modules)} module(s) on {n_cal} "
+            f"calibration samples, {time.perf_counter() - t0:.1f} s"
         )
+        log.info(done)
+        progress(kind="phase", phase=done, own=True)  # its own step: the data owner never sees it
     if gate is not None:
         p.gate_before = gate.score(theta0, note="safety gate: before tuning")
         progress(kind="phase", phase=f"safety gate: score before tuning {p.gate_before:.4f}")

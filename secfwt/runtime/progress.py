@@ -69,8 +69,12 @@ class ProgressView:
             self._print(f"{description.strip()}: {done}/{total} {info} {eta}".rstrip())
 
     def update(self, role: Role, msg: dict[str, Any]) -> None:
-        # The data owner sees everything the model owner sees and more (loss), so show its view.
+        # The data owner sees everything the model owner sees and more (loss), so show its view,
+        # and of the other parties only the steps they take alone (``own``: the model owner's
+        # Safe Delta Hessians), which the data owner's view cannot show.
         if role is not Role.DATA_OWNER:
+            if msg.get("kind") == "phase" and msg.get("own"):
+                self._print(f"{role.value.replace('_', ' ')}: {msg['phase']}")
             return
         kind = msg.get("kind")
         if kind == "phase":
