@@ -123,6 +123,18 @@ def test_names_keep_suite_order():
     assert len(parse_names([])) == 7
 
 
+def test_the_help_names_the_default_suite_and_the_rest():
+    from secfwt.bench.plan import BenchName
+    from secfwt.cli import build_parser
+
+    bench = build_parser()._subparsers._group_actions[0].choices["bench"]  # type: ignore[union-attr]
+    (names,) = [a for a in bench._actions if a.dest == "names"]
+    default, _, rest = names.help.partition("; only when named: ")
+    assert [n.value for n in parse_names([])] == default.split("default: ")[1].split(", ")
+    others = {b.value for b in BenchName} - {n.value for n in parse_names([])}
+    assert others and all(f"{n} (" in rest for n in others)
+
+
 #: The headline keys each sub-benchmark fills (None when it was not selected).
 HEADLINE_OF = {
     "forward": ("vs_plaintext_ratio",),
