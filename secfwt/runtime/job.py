@@ -135,9 +135,8 @@ def run_job_party(ctx: PartyContext, job: PartyJob) -> PartyOutcome:
     decision = None
     if s.gate is not None:
         assert s.gate_before is not None
-        note = "safety gate: after Safe Delta" if s.cfg.safety_gate.safe_delta else None
-        score = s.gate.score(theta, note=note or "safety gate: after")
-        decision = s.gate.decide(s.gate_before, score)
+        when = "after Safe Delta" if s.cfg.safety_gate.safe_delta else "after"
+        decision = s.gate.decide(s.gate_before, s.gate.score(theta, note=f"safety gate: {when}"))
         s.progress(kind="gate", **decision.to_dict())
     if decision is None or decision.released:
         adapter = None
