@@ -166,9 +166,24 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             )
             continue
         print(
-            f"  {role}: {p['bytes_sent'] / 1e6:.1f} MB sent, {p['rounds']} rounds, {p['reveals']} "
-            f"reveals, artifacts: {', '.join(p['artifacts'].values()) or '-'}"
+            f"  {role}: {p['bytes_sent'] / 1e6:.1f} MB sent, {p['bytes_received'] / 1e6:.1f} MB "
+            f"received, {p['dealer_bytes'] / 1e6:.1f} MB from the dealer, {p['rounds']} rounds, "
+            f"{p['reveals']} reveals, artifacts: {', '.join(p['artifacts'].values()) or '-'}"
         )
+    traffic = report.get("traffic")
+    if traffic is not None:
+        pre, tun = traffic["frozen_prefix"], traffic["tuning"]
+        parts = []
+        if pre["bytes_per_row"] is not None:
+            parts.append(
+                f"frozen prefix {pre['bytes_per_row'] / 1e6:.1f} MB per row ({pre['rows']} rows)"
+            )
+        if tun["bytes_per_step"] is not None:
+            parts.append(
+                f"tuning {tun['bytes_per_step'] / 1e6:.2f} MB per step ({tun['steps']} steps)"
+            )
+        if parts:
+            print("  on the wire (both owners and the dealer): " + ", ".join(parts))
     print(
         "  modelled link time: "
         + ", ".join(f"{k} {v:.0f} s" for k, v in report["projected_s"].items())

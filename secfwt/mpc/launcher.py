@@ -65,6 +65,21 @@ class PartyResult:
     traffic: dict[str, int] = dataclasses.field(default_factory=dict)
     ring_matmul: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
+    def link_counts(self) -> dict[str, int]:
+        """A computing party's traffic as reports show it: ``bytes_sent``, ``bytes_received``
+        and ``rounds`` with the other computing party, ``dealer_bytes`` received from the
+        dealer, and CrypTen's own counts as ``crypten_bytes`` / ``crypten_rounds`` (not bytes
+        sent: see the class doc)."""
+        t = self.traffic
+        return {
+            "bytes_sent": t.get("sent", 0),
+            "bytes_received": t.get("received", 0),
+            "dealer_bytes": t.get("dealer_bytes", 0),
+            "rounds": t.get("rounds", 0),
+            "crypten_bytes": self.bytes_sent,
+            "crypten_rounds": self.rounds,
+        }
+
 
 def _watch_parent(parent_pid: int) -> None:
     # A daemon thread: when the launching process dies, the party exits instead of

@@ -14,7 +14,7 @@ from secfwt.crypten_compat import crypten
 from secfwt.errors import ConfigError
 from secfwt.mpc import engine, seeding
 from secfwt.mpc.provider import Provider
-from secfwt.mpc.traffic import TrafficMeter
+from secfwt.mpc.traffic import Traffic, TrafficMeter
 from secfwt.mpc.transport import TlsSettings, Transport, selection
 
 log = logging.getLogger(__name__)
@@ -133,10 +133,22 @@ def communication_stats() -> dict[str, int]:
     return {"rounds": int(stats["rounds"]), "bytes": int(stats["bytes"])}
 
 
+#: This process's traffic meter (:func:`count_traffic`), read by :func:`traffic_now`.
+_meter: TrafficMeter | None = None
+
+
 def count_traffic() -> TrafficMeter:
     """Count this process's traffic from now on, by direction and with the dealer apart (the
     launcher, in every party process once its session is joined)."""
-    return TrafficMeter(crypten.communicator.get())
+    global _meter
+    _meter = TrafficMeter(crypten.communicator.get())
+    return _meter
+
+
+def traffic_now() -> Traffic | None:
+    """This process's traffic so far, for a job to count its phases; None where nothing counts
+    it (a party started without :func:`count_traffic`)."""
+    return None if _meter is None else _meter.snapshot()
 
 
 def reset_communication_stats() -> None:

@@ -138,6 +138,11 @@ class PartyOutcome:
     #: jobs with a safety gate: :meth:`secfwt.runtime.gate.GateDecision.to_dict` (both owners
     #: learn it); None without a gate
     safety_gate: Mapping[str, Any] | None = None
+    #: this party's traffic per phase (``frozen_prefix``, ``tuning``), each the fields of
+    #: :class:`secfwt.mpc.traffic.Traffic`; empty where the process counts no traffic
+    phase_traffic: Mapping[str, Mapping[str, int]] = dataclasses.field(default_factory=dict)
+    #: rows the frozen prefix was computed for (training and held-out)
+    prefix_rows: int = 0
 
     @property
     def released(self) -> bool:
@@ -173,6 +178,8 @@ class PartyOutcome:
             "reveals": self.reveals,
             "dp": None if self.dp is None else dict(self.dp),
             "spec": dataclasses.asdict(self.model),
+            "phase_traffic": {k: dict(v) for k, v in self.phase_traffic.items()},
+            "prefix_rows": self.prefix_rows,
         }
 
 

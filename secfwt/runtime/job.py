@@ -27,6 +27,8 @@ from secfwt.models.encoder import EncoderModel
 from secfwt.models.spec import EmbeddingMode, Head, ModelSpec
 from secfwt.mpc.disclosure import Revealable
 from secfwt.mpc.launcher import PartyContext
+from secfwt.mpc.session import traffic_now
+from secfwt.mpc.traffic import Traffic
 from secfwt.roles import Role
 from secfwt.runtime.artifacts import AdapterExport, deliver
 from secfwt.runtime.backend import SharedBackend, SharedPromptScorer
@@ -92,6 +94,7 @@ class _Prepared:
     n_train: int
     eval_idx: list[int]
     prefix_s: float
+    prefix_traffic: dict[str, int]  # this party's traffic while it computed the frozen prefix
     checks: RangeChecks  # the range checks of the prefix and of every later secure forward
     gate: SafetyGate | None = None  # the safety gate's rows, where the job carries one
     gate_before: float | None = None  # its score with the untuned parameters
@@ -127,7 +130,9 @@ class _Prepared:
 def run_job_party(ctx: PartyContext, job: PartyJob) -> PartyOutcome:
     """This party's whole job: tune, evaluate, deliver per terms."""
     s = _prepare(ctx, job)
+    before_tuning = traffic_now()
     theta, prompt, history, dp_report = _tune(s, s.cfg, s.theta, ckpt=s.ckpt)
+    tuning_traffic = _since(before_tuning)
     after = s.evaluate(theta, prompt, "after tuning")
     s.report_eval("after", after)
     if s.cfg.safety_gate.safe_delta:
@@ -168,7 +173,20 @@ def run_job_party(ctx: PartyContext, job: PartyJob) -> PartyOutcome:
         dp=dp_report,
         model=ModelFacts(family=spec.family.value, layers=spec.num_layers, hidden=spec.hidden_size),
         safety_gate=None if decision is None else decision.to_dict(),
+        phase_traffic=(
+            {"frozen_prefix": s.prefix_traffic, "tuning": tuning_traffic}
+            if s.prefix_traffic and tuning_traffic
+            else {}
+        ),
+        prefix_rows=s.n_train + len(s.eval_idx),
     )
+
+
+def _since(start: Traffic | None) -> dict[str, int]:
+    """This party's traffic since ``start`` (:func:`traffic_now`), as a dict; empty where
+    nothing counts it."""
+    now = traffic_now()
+    return {} if start is None or now is None else dataclasses.asdict(now.minus(start))
 
 
 def _safe_delta(s: _Prepared, theta: dict[str, Any]) -> dict[str, Any]:
@@ -348,6 +366,7 @@ def _prepare(ctx: PartyContext, job: PartyJob) -> _Prepared:
     n, t = facts["n"], facts["t"]
     runner: CachedForward | CausalLMForward
     checks: RangeChecks
+    before_prefix = traffic_now()
     if causal:
         assert data is None or isinstance(data, InstructionInputs)
         runner, cache, prefix_s, checks = causal_runner(
@@ -382,6 +401,7 @@ def _prepare(ctx: PartyContext, job: PartyJob) -> _Prepared:
             progress=progress,
             checks=checks,
         )
+    prefix_traffic = _since(before_prefix)
     gate = None
     if causal and cfg.safety_gate.enabled:
         assert isinstance(runner, CausalLMForward)
@@ -413,6 +433,7 @@ def _prepare(ctx: PartyContext, job: PartyJob) -> _Prepared:
         n_train=facts["n_train"],
         eval_idx=list(range(facts["n_train"], n)),
         prefix_s=prefix_s,
+        prefix_traffic=prefix_traffic,
         checks=checks,
         gate=gate,
     )

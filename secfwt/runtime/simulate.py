@@ -142,11 +142,16 @@ def run_simulation(
         "disclosure_terms": cfg.terms.to_list(),
         "terms_digest": cfg.terms.digest(),
         "parties": parties_report(results),
+        "traffic": traffic_report({Role.DATA_OWNER: do, Role.MODEL_OWNER: mo}),
         "projected_s": link_projections(results),
         "projection": _PROJECTION,
         "output_dir": str(out_dir),
         "machine": machine,
     }
+    for role, outcome in ((Role.MODEL_OWNER, mo), (Role.DATA_OWNER, do)):
+        report["parties"][role.value]["phase_traffic"] = {
+            k: dict(v) for k, v in outcome.phase_traffic.items()
+        }
     seen = {"before": mo.accuracy_before, "after": mo.accuracy_after}
     report["parties"]["model_owner"]["accuracy_seen"] = seen
     if mo.safety_gate is not None:
@@ -167,10 +172,10 @@ _PROJECTION = (
 
 
 def parties_report(results: Mapping[Role, PartyResult]) -> dict[str, dict[str, Any]]:
-    """Per role: what it sent and how it ran. The computing parties keep CrypTen's counts
-    (``bytes_sent``, ``rounds``: sent and received bytes together, dealer traffic mixed in) and
-    add ``traffic`` by direction with the dealer apart; the dealer (TTP provider) reports what it
-    sent and received and the requests it answered, counted in its own process."""
+    """Per role: what it sent and how it ran. A computing party's counts are
+    :meth:`~secfwt.mpc.launcher.PartyResult.link_counts` (``traffic`` has every count); the
+    dealer (TTP provider) reports what it sent and received and the requests it answered,
+    counted in its own process."""
     out: dict[str, dict[str, Any]] = {}
     for r, res in results.items():
         if r is Role.DEALER:
@@ -183,8 +188,7 @@ def parties_report(results: Mapping[Role, PartyResult]) -> dict[str, dict[str, A
             }
             continue
         out[r.value] = {
-            "bytes_sent": res.bytes_sent,
-            "rounds": res.rounds,
+            **res.link_counts(),
             "wall_s": res.wall_s,
             "reveals": res.value.reveals if res.value else 0,
             "artifacts": dict(res.value.artifacts) if res.value else {},
@@ -192,6 +196,40 @@ def parties_report(results: Mapping[Role, PartyResult]) -> dict[str, dict[str, A
             "ring_matmul": res.ring_matmul,
         }
     return out
+
+
+#: The bytes of a phase on every link: what each computing party sent the other, what the dealer
+#: sent (to rank 0) and the requests it received.
+_WIRE = ("sent", "dealer_bytes", "dealer_sent")
+
+
+def traffic_report(outcomes: Mapping[Role, PartyOutcome]) -> dict[str, Any] | None:
+    """Bytes on the wire (both owners and the dealer, every direction) per phase: the frozen
+    prefix per row it covers, and tuning per step; None where the parties counted no phases."""
+    phases = [o.phase_traffic for o in outcomes.values()]
+    if not all(phases):
+        return None
+    do = outcomes[Role.DATA_OWNER]
+
+    def wire(phase: str) -> int:
+        return sum(p[phase][k] for p in phases for k in _WIRE)
+
+    prefix, tuning = wire("frozen_prefix"), wire("tuning")
+    rows, steps = do.prefix_rows, do.steps
+    return {
+        "frozen_prefix": {
+            "bytes": prefix,
+            "rows": rows,
+            "bytes_per_row": prefix / rows if rows else None,
+        },
+        "tuning": {
+            "bytes": tuning,
+            "steps": steps,
+            "bytes_per_step": tuning / steps if steps else None,
+        },
+        "counted": "payload bytes both computing parties sent each other, plus the dealer's "
+        "answers and the requests it received, during the phase",
+    }
 
 
 def link_projections(results: Mapping[Role, PartyResult]) -> dict[str, float]:

@@ -260,7 +260,7 @@ def _header(
 
 def _parties(results: dict[Role, Any]) -> dict[str, Any]:
     return {
-        r.value: {"bytes_sent": res.bytes_sent, "rounds": res.rounds, "wall_s": res.wall_s}
+        r.value: {**res.link_counts(), "wall_s": res.wall_s}
         for r, res in results.items()
         if r is not Role.DEALER
     }

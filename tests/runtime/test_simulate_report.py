@@ -52,6 +52,29 @@ def test_the_dealer_is_in_the_report_and_the_link_model(tmp_path, tiny_tok_dir) 
         dealer_part = dealer["bytes_sent"] * 8 / link.bandwidth_bps
         dealer_part += dealer["requests"] * link.rtt_s
         assert r["projected_s"][link.name] == pytest.approx(without_dealer + dealer_part)
+    # a computing party's bytes_sent is what it sent, not CrypTen's sent + received + dealer
+    for role, t in zip(("model_owner", "data_owner"), owners, strict=True):
+        p = parties[role]
+        assert (p["bytes_sent"], p["bytes_received"]) == (t["sent"], t["received"])
+        assert (p["dealer_bytes"], p["rounds"]) == (t["dealer_bytes"], t["rounds"])
+        assert p["crypten_bytes"] > 0 and p["crypten_rounds"] > 0
+    # bytes on the wire per phase: the two owners cut their phases at the same protocol points
+    phases = {role: parties[role]["phase_traffic"] for role in ("model_owner", "data_owner")}
+    for phase in ("frozen_prefix", "tuning"):
+        mo_t, do_t = phases["model_owner"][phase], phases["data_owner"][phase]
+        assert mo_t["sent"] == do_t["received"] > 0 and do_t["sent"] == mo_t["received"] > 0
+    traffic = r["traffic"]
+    wire_total = sum(t["sent"] + t["dealer_bytes"] + t["dealer_sent"] for t in owners)
+    prefix, tuning = traffic["frozen_prefix"], traffic["tuning"]
+    assert prefix["rows"] == 2 * (4 + 5) and tuning["steps"] == 3  # the tiny job's rows, steps
+    assert prefix["bytes"] == sum(
+        phases[role]["frozen_prefix"][k]
+        for role in phases
+        for k in ("sent", "dealer_bytes", "dealer_sent")
+    )
+    assert 0 < prefix["bytes"] + tuning["bytes"] < wire_total
+    assert prefix["bytes_per_row"] == pytest.approx(prefix["bytes"] / prefix["rows"])
+    assert tuning["bytes_per_step"] == pytest.approx(tuning["bytes"] / tuning["steps"])
     for role in parties:
         assert parties[role]["ring_matmul"] is not None
     assert any(parties[role]["ring_matmul"] for role in parties)  # some product was tuned
@@ -59,3 +82,8 @@ def test_the_dealer_is_in_the_report_and_the_link_model(tmp_path, tiny_tok_dir) 
     assert f"dealer: {dealer['bytes_sent'] / 1e6:.1f} MB sent" in text
     assert f"{dealer['requests']} requests answered" in text
     assert "modelled link time: LAN" in text
+    mo = parties["model_owner"]
+    assert f"model_owner: {mo['bytes_sent'] / 1e6:.1f} MB sent" in text
+    assert f"frozen prefix {prefix['bytes_per_row'] / 1e6:.1f} MB per row (18 rows)" in text
+    assert f"tuning {tuning['bytes_per_step'] / 1e6:.2f} MB per step (3 steps)" in text
+
