@@ -86,4 +86,3 @@ def test_the_dealer_is_in_the_report_and_the_link_model(tmp_path, tiny_tok_dir) 
     assert f"model_owner: {mo['bytes_sent'] / 1e6:.1f} MB sent" in text
     assert f"frozen prefix {prefix['bytes_per_row'] / 1e6:.1f} MB per row (18 rows)" in text
     assert f"tuning {tuning['bytes_per_step'] / 1e6:.2f} MB per step (3 steps)" in text
-
