@@ -239,8 +239,8 @@ def _step_inputs(
     trainable = select_trainable(
         spec,
         patterns=tuple(payload["trainable"]),
-        lora_modules=(),
-        lora_rank=0,
+        lora_modules=tuple(payload.get("lora_modules", ())),
+        lora_rank=payload.get("lora_rank", 0),
         soft_prompt_length=0,
         prompt_layer=0,
         max_tokens=spec.max_tokens,
@@ -274,7 +274,8 @@ def _fot_step(
     """One secfwt SPSA step (MeZO): 2 forwards per direction of the trainable upper layers
     and head from the cached frozen prefix, secret loss, local update. ``pooling`` (default
     CLS) and ``range_check`` (each row's logits and losses checked, as a job's step) as the
-    payload says."""
+    payload says. Parameters of those layers and the head that do not train (the base weights
+    under ``lora_modules``) stay with the model owner, as a job's frozen weights do."""
     from secfwt.models.encoder import ForwardSettings
     from secfwt.models.spec import Pooling
     from secfwt.runtime.range_checks import OUTPUT_BOUND, RangeChecks
@@ -282,6 +283,13 @@ def _fot_step(
     from secfwt.tuning.spsa import SPSASettings, directions, spsa_step
 
     spec, trainable, cut, theta, cache, onehot = _step_inputs(sess, payload)
+    below = tuple(f"{spec.prefix}encoder.layer.{i}." for i in range(cut))
+    frozen_names = [
+        n
+        for n, _ in spec.param_shapes
+        if n not in theta and not n.startswith((*below, spec.prefix + "embeddings."))
+    ]
+    frozen = sess.share_params(spec, payload.get("state"), names=frozen_names, frozen=True)
     b, t = payload["batch"], payload["seq_len"]
     mask = sess.share(
         torch.ones(b, t) if sess.role is Role.DATA_OWNER else None,
@@ -293,7 +301,7 @@ def _fot_step(
         ops=sess.ops,
         public=sess.public,
         spec=spec,
-        frozen={},
+        frozen=frozen,
         settings=ForwardSettings(
             attention=payload["attention"], pooling=payload.get("pooling", Pooling.CLS)
         ),

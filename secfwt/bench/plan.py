@@ -65,6 +65,9 @@ class BenchPlan:
     fot_batch: int = 4
     fot_seq_len: int = 128
     fot_directions: int = 1
+    #: fot-vs-full-ft's ZO step with owner-held weights: LoRA rank on the top layers' query and
+    #: value (the classifier trains with it)
+    fot_lora_rank: int = 8
     #: fot-vs-full-ft: whole models (names of :data:`secfwt.bench.shapes.FULL_MODELS`) and
     #: lengths, one row each; batch, trainable top layers and directions as fot-vs-backprop.
     #: The default is what fits a 2-core machine; ``--set full_ft_models=minilm,bert-base --set

@@ -316,14 +316,20 @@ def _section_full_ft(r: dict[str, Any] | None) -> list[str]:
         f"{r['headline_row']}. Ratios = full fine-tuning / forward-only (time, bytes sent by "
         "both parties); none where the baseline's loss is wrong.",
         "",
+        "ZO: LoRA on the top layers with the model owner's weights (the headline); ZO, top "
+        "layers secret: every weight of the top layers secret-shared.",
+        "",
         "| model | T | ZO attention | full FT / ZO time | full FT / ZO bytes "
+        "| full FT / ZO, top layers secret: time | bytes "
         "| full FT / CMA-ES time | full FT / CMA-ES bytes | baseline loss right |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in r["pairings"]:
         intro.append(
             f"| {row['model']} | {row['seq_len']} | {row['zo_attention']} "
             f"| {_f(row['fot_vs_full_ft_time_ratio'])} | {_f(row['fot_vs_full_ft_bytes_ratio'])} "
+            f"| {_f(row['fot_layer_vs_full_ft_time_ratio'])} "
+            f"| {_f(row['fot_layer_vs_full_ft_bytes_ratio'])} "
             f"| {_f(row['fot_cma_vs_full_ft_time_ratio'])} "
             f"| {_f(row['fot_cma_vs_full_ft_bytes_ratio'])} "
             f"| {'yes' if row['baseline_correct'] else '**no**'} |"

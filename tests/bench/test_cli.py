@@ -295,7 +295,7 @@ def test_tiny_full_fine_tuning_pairing(tmp_path, tiny):
     full = report["benchmarks"]["fot-vs-full-ft"]
     (row,) = full["pairings"]
     assert (row["model"], row["layers"], row["seq_len"]) == ("tiny", 2, 8)
-    assert len(row["cases"]) == 4  # full fine-tuning, ZO softmax, ZO RFA, CMA-ES
+    assert len(row["cases"]) == 5  # full fine-tuning, ZO softmax, ZO RFA, ZO LoRA, CMA-ES
     base = row["cases"][0]
     assert base["label"].startswith("full fine-tuning step, every weight secret")
     # every layer's weights, the pooler and the classifier trained: the whole model but the
@@ -307,15 +307,28 @@ def test_tiny_full_fine_tuning_pairing(tmp_path, tiny):
         assert case["max_abs_err"] >= abs(case["loss"] - case["loss_reference"]) - 1e-12
     assert row["baseline_correct"] and full["wrong_results"] == []
     assert row["zo_attention"] in ("softmax", "rfa")
-    for key in ("fot_vs_full_ft", "fot_cma_vs_full_ft"):
+    for key in ("fot_vs_full_ft", "fot_layer_vs_full_ft", "fot_cma_vs_full_ft"):
         for what in ("time", "bytes"):
             assert full[f"{key}_{what}_ratio"] == row[f"{key}_{what}_ratio"] > 0
-    zo_label = f"forward-only SPSA step, secfwt {row['zo_attention']}"
-    zo = next(c for c in row["cases"] if c["label"].startswith(zo_label))
-    assert report["fot_vs_full_ft_time_ratio"] == pytest.approx(base["time_s"] / zo["time_s"])
+    zo_label = f"forward-only SPSA step, secfwt {row['zo_attention']}, top"
+    layer = next(c for c in row["cases"] if c["label"].startswith(zo_label))
+    assert full["fot_layer_vs_full_ft_time_ratio"] == pytest.approx(
+        base["time_s"] / layer["time_s"]
+    )
+    # the headline ZO step: LoRA factors and the classifier secret, every other weight the model
+    # owner's: query and value, each A (r, H) and B (H, r), plus the classifier's H x 2 + 2
+    lora = next(c for c in row["cases"] if ", LoRA r=8 on the top" in c["label"])
+    h = _tiny_spec().hidden_size
+    assert lora["trainable_numel"] == 2 * (8 * h + h * 8) + h * 2 + 2
+    assert report["fot_vs_full_ft_time_ratio"] == pytest.approx(base["time_s"] / lora["time_s"])
+    assert report["fot_vs_full_ft_bytes_ratio"] == pytest.approx(
+        base["bytes_sent_total"] / lora["bytes_sent_total"]
+    )
     # the check can see a layer missing: the float64 loss from layer 0 and from layer 1 (the
-    # ZO step's cut, the same hidden states) differ by more than the tolerance
-    assert abs(base["loss_reference"] - zo["loss_reference"]) > LOSS_TOLERANCE
+    # ZO step's cut, the same hidden states) differ by more than the tolerance; and the adapters
+    # change the loss by more than it too
+    assert abs(base["loss_reference"] - layer["loss_reference"]) > LOSS_TOLERANCE
+    assert abs(lora["loss_reference"] - layer["loss_reference"]) > LOSS_TOLERANCE
     assert "## Forward-only tuning vs MPC full fine-tuning (`fot-vs-full-ft`)" in md
 
 

@@ -41,11 +41,17 @@ def fot_vs_full_ft(plan: BenchPlan, runner: Runner) -> dict[str, Any]:
     pooler and the classifier secret-shared by the model owner; CrypTen autograd over
     :mod:`secfwt.bench.vanilla` (CrypTen's softmax), ``cross_entropy``, ``backward()``,
     ``crypten.optim.SGD.step()``, on secfwt's engine (ring matmul on).
-    ZO (the headline ``fot_vs_full_ft_*``): the step of ``fot-vs-backprop``, one SPSA step with
-    ``fot_directions`` direction(s), two forwards each, training the top ``fot_layers``
-    layer(s), pooler and classifier (secret) from the cached frozen prefix of the layers below
-    (computed once per training row, not per iteration, so not in the iteration), with softmax
-    and with RFA; the faster of the two counts (RFA pays off at long T).
+    ZO with the top layers secret (``fot_layer_vs_full_ft_*``): the step of ``fot-vs-backprop``,
+    one SPSA step with ``fot_directions`` direction(s), two forwards each, training the top
+    ``fot_layers`` layer(s), pooler and classifier (secret) from the cached frozen prefix of the
+    layers below (computed once per training row, not per iteration, so not in the iteration),
+    with softmax and with RFA; the faster of the two counts (RFA pays off at long T).
+    ZO with owner-held weights (the headline ``fot_vs_full_ft_*``, the configuration a job uses
+    to tune more than a head): the same step training LoRA factors of rank ``fot_lora_rank`` on
+    the top layers' query and value projections and the classifier (secret), every other weight
+    of those layers and the pooler held by the model owner (secfwt.mpc.owned), with the faster
+    attention; the factors are drawn at unit gain so that the loss check sees them. It runs at
+    least twice in one session and the faster counts, as CMA-ES below.
     CMA-ES (``fot_cma_vs_full_ft_*``): one iteration of SecFwT's black-box prompt tuning with a
     population of ``cma_population`` prompts of ``cma_prompt_length`` tokens entering the top
     layer (as secfwt/jobs/prompt_tuning_rfa.toml), the frozen top layer and head held by the
@@ -88,6 +94,8 @@ def fot_vs_full_ft(plan: BenchPlan, runner: Runner) -> dict[str, Any]:
 _RATIO_KEYS = (
     "fot_vs_full_ft_time_ratio",
     "fot_vs_full_ft_bytes_ratio",
+    "fot_layer_vs_full_ft_time_ratio",
+    "fot_layer_vs_full_ft_bytes_ratio",
     "fot_cma_vs_full_ft_time_ratio",
     "fot_cma_vs_full_ft_bytes_ratio",
 )
@@ -142,6 +150,27 @@ def _row(
         cases[f"zo_{att.value}"] = loss_row(res, float(plain(cut, att)[0]), wrong)
     zo_key = min(("zo_softmax", "zo_rfa"), key=lambda k: cases[k]["time_s"])
     att = Attention(zo_key.removeprefix("zo_"))
+    lora_state = lora_pairs(spec, state, _lora_modules(spec, cut, layers), rank=plan.fot_lora_rank)
+    lora = runner.run(
+        f"{tag}/zo_lora_{att.value}",
+        f"forward-only SPSA step, secfwt {att.value}, LoRA r={plan.fot_lora_rank} on the top "
+        f"{plan.fot_layers} layer(s)' query and value + classifier (secret), owner-held weights "
+        f"({desc})",
+        model_owner={"spec": spec, "state": {**state, **lora_state}},
+        data_owner=do,
+        common={
+            **common,
+            "case": "fot_step",
+            "attention": att,
+            "trainable": ["classifier.*"],
+            "lora_modules": _lora_modules(spec, cut, layers),
+            "lora_rank": plan.fot_lora_rank,
+            "directions": plan.fot_directions,
+            "reps": max(2, plan.step_reps),
+        },
+    )
+    lora_plain = plain_losses(spec, {**state, **lora_state}, x, labels, cut=cut, attention=att)
+    cases["zo_lora"] = loss_row(lora, float(lora_plain[0]), wrong)
     cma = run(
         "cma",
         f"forward-only CMA-ES iteration, secfwt {att.value}, population {plan.cma_population} "
@@ -156,7 +185,7 @@ def _row(
     )
     cands = cma["values"][Role.DATA_OWNER]["candidates"]  # (pop, P, H), the last iteration's
     cases["cma"] = _cma_row(cma, plain(cut, att, cands), wrong)
-    base, zo, cm = cases["full_ft"], cases[zo_key], cases["cma"]
+    base, layer, zo, cm = cases["full_ft"], cases[zo_key], cases["zo_lora"], cases["cma"]
     base_ok = base["label"] not in wrong
     return {
         "model": model_name,
@@ -167,8 +196,36 @@ def _row(
         "baseline_correct": base_ok,
         "cases": list(cases.values()),
         **_ratios("fot_vs_full_ft", base, zo, wrong),
+        **_ratios("fot_layer_vs_full_ft", base, layer, wrong),
         **_ratios("fot_cma_vs_full_ft", base, cm, wrong),
     }
+
+
+def _lora_modules(spec: Any, cut: int, layers: int) -> list[str]:
+    """The query and value projections of the trainable top layers (LoRA's usual placement,
+    Hu et al., ICLR 2022)."""
+    return [
+        f"{spec.prefix}encoder.layer.{i}.attention.self.{m}"
+        for i in range(cut, layers)
+        for m in ("query", "value")
+    ]
+
+
+def lora_pairs(
+    spec: Any, state: dict[str, torch.Tensor], modules: list[str], *, rank: int
+) -> dict[str, torch.Tensor]:
+    """LoRA factors for ``modules`` as a trained adapter might hold them: A (r, in) at std
+    1/sqrt(in), B (out, r) at std 1/sqrt(r), so each adapter adds a unit-gain term and the
+    loss check can see it (LoRA's own initialisation, B = 0, would hide a wrong product)."""
+    from secfwt.models.transformer import LORA_A, LORA_B
+
+    g = torch.Generator().manual_seed(17)
+    out = {}
+    for m in modules:
+        w_out, w_in = state[f"{m}.weight"].shape
+        out[f"{m}.{LORA_A}"] = torch.randn(rank, w_in, generator=g) / w_in**0.5
+        out[f"{m}.{LORA_B}"] = torch.randn(w_out, rank, generator=g) / rank**0.5
+    return out
 
 
 def unit_gain(spec: Any, state: dict[str, torch.Tensor], *, seed: int) -> dict[str, torch.Tensor]:
