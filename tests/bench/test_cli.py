@@ -295,7 +295,9 @@ def test_tiny_full_fine_tuning_pairing(tmp_path, tiny):
     full = report["benchmarks"]["fot-vs-full-ft"]
     (row,) = full["pairings"]
     assert (row["model"], row["layers"], row["seq_len"]) == ("tiny", 2, 8)
-    assert len(row["cases"]) == 5  # full fine-tuning, ZO softmax, ZO RFA, ZO LoRA, CMA-ES
+    # full fine-tuning, then ZO with the top layer secret and ZO LoRA, each with softmax and RFA,
+    # then CMA-ES
+    assert len(row["cases"]) == 6
     base = row["cases"][0]
     assert base["label"].startswith("full fine-tuning step, every weight secret")
     # every layer's weights, the pooler and the classifier trained: the whole model but the
@@ -310,16 +312,20 @@ def test_tiny_full_fine_tuning_pairing(tmp_path, tiny):
     for key in ("fot_vs_full_ft", "fot_layer_vs_full_ft", "fot_cma_vs_full_ft"):
         for what in ("time", "bytes"):
             assert full[f"{key}_{what}_ratio"] == row[f"{key}_{what}_ratio"] > 0
-    zo_label = f"forward-only SPSA step, secfwt {row['zo_attention']}, top"
-    layer = next(c for c in row["cases"] if c["label"].startswith(zo_label))
+    assert all(c["time_s_all_reps"][1:] for c in row["cases"])  # each iteration twice at least
+    layers = [c for c in row["cases"] if ", top 1 layer(s) + head" in c["label"]]
+    layer = min(layers, key=lambda c: c["time_s"])
     assert full["fot_layer_vs_full_ft_time_ratio"] == pytest.approx(
         base["time_s"] / layer["time_s"]
     )
     # the headline ZO step: LoRA factors and the classifier secret, every other weight the model
-    # owner's: query and value, each A (r, H) and B (H, r), plus the classifier's H x 2 + 2
-    lora = next(c for c in row["cases"] if ", LoRA r=8 on the top" in c["label"])
+    # owner's: query and value, each A (r, H) and B (H, r), plus the classifier's H x 2 + 2; the
+    # faster attention counts
+    loras = [c for c in row["cases"] if ", LoRA r=8 on the top" in c["label"]]
+    lora = min(loras, key=lambda c: c["time_s"])
+    assert lora["label"].startswith(f"forward-only SPSA step, secfwt {row['zo_attention']}, LoRA")
     h = _tiny_spec().hidden_size
-    assert lora["trainable_numel"] == 2 * (8 * h + h * 8) + h * 2 + 2
+    assert {c["trainable_numel"] for c in loras} == {2 * (8 * h + h * 8) + h * 2 + 2}
     assert report["fot_vs_full_ft_time_ratio"] == pytest.approx(base["time_s"] / lora["time_s"])
     assert report["fot_vs_full_ft_bytes_ratio"] == pytest.approx(
         base["bytes_sent_total"] / lora["bytes_sent_total"]

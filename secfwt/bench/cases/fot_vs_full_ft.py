@@ -49,16 +49,16 @@ def fot_vs_full_ft(plan: BenchPlan, runner: Runner) -> dict[str, Any]:
     ZO with owner-held weights (the headline ``fot_vs_full_ft_*``, the configuration a job uses
     to tune more than a head): the same step training LoRA factors of rank ``fot_lora_rank`` on
     the top layers' query and value projections and the classifier (secret), every other weight
-    of those layers and the pooler held by the model owner (secfwt.mpc.owned), with the faster
-    attention; the factors are drawn at unit gain so that the loss check sees them. It runs at
-    least twice in one session and the faster counts, as CMA-ES below.
+    of those layers and the pooler held by the model owner (secfwt.mpc.owned), with softmax and
+    with RFA, the faster counting (its attention is the report's ``zo_attention``, which CMA-ES
+    uses too); the factors are drawn at unit gain so that the loss check sees them.
+    Every iteration runs at least twice in one session and its faster run counts: the first
+    also measures each matmul class's method and sends each frozen weight's mask once.
     CMA-ES (``fot_cma_vs_full_ft_*``): one iteration of SecFwT's black-box prompt tuning with a
     population of ``cma_population`` prompts of ``cma_prompt_length`` tokens entering the top
     layer (as secfwt/jobs/prompt_tuning_rfa.toml), the frozen top layer and head held by the
     model owner (secfwt.mpc.owned), with the attention the ZO step found faster; the candidates'
-    logits go to the data owner, which scores them. It runs at least twice in one session and
-    the faster counts: the first iteration of a session also sends each frozen weight's mask
-    once (``first_rep`` in the report).
+    logits go to the data owner, which scores them (the first run: ``first_rep`` in the report).
     Every linear weight is drawn at unit gain (std 1/sqrt(fan-in), about a trained model's
     scale, not BERT's initial 0.02), so each layer changes its input and the loss depends on
     the whole computation: the check against float64 plaintext then tells a right iteration
@@ -116,7 +116,10 @@ def _row(
     cut = layers - plan.fot_layers
     mo = {"spec": spec, "state": state}
     do = {"input": x, "labels": labels}
-    common = {"batch": b, "seq_len": t, "seed": plan.seed, "reps": plan.step_reps}
+    # every iteration at least twice in one session, the faster counting: the first also
+    # measures each matmul class's method (secfwt.mpc.ring_tuning) and sends each frozen
+    # weight's mask once, costs of a session, not of an iteration
+    common = {"batch": b, "seq_len": t, "seed": plan.seed, "reps": max(2, plan.step_reps)}
     desc = f"{shape.name}-shaped, {layers} layers, B={b}, T={t}"
     tag = f"full-ft/{model_name}/{t}"
     head = [f"{spec.prefix}pooler.*", "classifier.*"]
@@ -137,6 +140,9 @@ def _row(
     )
     cases = {"full_ft": loss_row(full, float(plain(0, Attention.SOFTMAX)[0]), wrong)}
     top = [f"{spec.prefix}encoder.layer.{i}.*" for i in range(cut, layers)] + head
+    modules = _lora_modules(spec, cut, layers)
+    lora_state = lora_pairs(spec, state, modules, rank=plan.fot_lora_rank)
+    lora_plain = {**state, **lora_state}
     for att in (Attention.SOFTMAX, Attention.RFA):
         res = run(
             f"zo_{att.value}",
@@ -148,29 +154,28 @@ def _row(
             directions=plan.fot_directions,
         )
         cases[f"zo_{att.value}"] = loss_row(res, float(plain(cut, att)[0]), wrong)
-    zo_key = min(("zo_softmax", "zo_rfa"), key=lambda k: cases[k]["time_s"])
-    att = Attention(zo_key.removeprefix("zo_"))
-    lora_state = lora_pairs(spec, state, _lora_modules(spec, cut, layers), rank=plan.fot_lora_rank)
-    lora = runner.run(
-        f"{tag}/zo_lora_{att.value}",
-        f"forward-only SPSA step, secfwt {att.value}, LoRA r={plan.fot_lora_rank} on the top "
-        f"{plan.fot_layers} layer(s)' query and value + classifier (secret), owner-held weights "
-        f"({desc})",
-        model_owner={"spec": spec, "state": {**state, **lora_state}},
-        data_owner=do,
-        common={
-            **common,
-            "case": "fot_step",
-            "attention": att,
-            "trainable": ["classifier.*"],
-            "lora_modules": _lora_modules(spec, cut, layers),
-            "lora_rank": plan.fot_lora_rank,
-            "directions": plan.fot_directions,
-            "reps": max(2, plan.step_reps),
-        },
-    )
-    lora_plain = plain_losses(spec, {**state, **lora_state}, x, labels, cut=cut, attention=att)
-    cases["zo_lora"] = loss_row(lora, float(lora_plain[0]), wrong)
+        lora = runner.run(
+            f"{tag}/zo_lora_{att.value}",
+            f"forward-only SPSA step, secfwt {att.value}, LoRA r={plan.fot_lora_rank} on the "
+            f"top {plan.fot_layers} layer(s)' query and value + classifier (secret), owner-held "
+            f"weights ({desc})",
+            model_owner={"spec": spec, "state": lora_plain},
+            data_owner=do,
+            common={
+                **common,
+                "case": "fot_step",
+                "attention": att,
+                "trainable": ["classifier.*"],
+                "lora_modules": modules,
+                "lora_rank": plan.fot_lora_rank,
+                "directions": plan.fot_directions,
+            },
+        )
+        reference = plain_losses(spec, lora_plain, x, labels, cut=cut, attention=att)
+        cases[f"zo_lora_{att.value}"] = loss_row(lora, float(reference[0]), wrong)
+    layer_key = min(("zo_softmax", "zo_rfa"), key=lambda k: cases[k]["time_s"])
+    zo_key = min(("zo_lora_softmax", "zo_lora_rfa"), key=lambda k: cases[k]["time_s"])
+    att = Attention(zo_key.removeprefix("zo_lora_"))
     cma = run(
         "cma",
         f"forward-only CMA-ES iteration, secfwt {att.value}, population {plan.cma_population} "
@@ -181,11 +186,10 @@ def _row(
         population=plan.cma_population,
         prompt_length=plan.cma_prompt_length,
         intrinsic_dim=plan.cma_intrinsic_dim,
-        reps=max(2, plan.step_reps),
     )
     cands = cma["values"][Role.DATA_OWNER]["candidates"]  # (pop, P, H), the last iteration's
     cases["cma"] = _cma_row(cma, plain(cut, att, cands), wrong)
-    base, layer, zo, cm = cases["full_ft"], cases[zo_key], cases["zo_lora"], cases["cma"]
+    base, layer, zo, cm = cases["full_ft"], cases[layer_key], cases[zo_key], cases["cma"]
     base_ok = base["label"] not in wrong
     return {
         "model": model_name,
