@@ -154,12 +154,7 @@ class MpcJobRunner:
         if payload is not None:
             _collect_artifacts(Path(payload.out_dir) / ctx.role.value, ctx.artifacts_dir)
         summary = res.value.summary() if isinstance(res.value, PartyOutcome) else {}
-        summary.update(
-            role=ctx.role.value,
-            bytes_sent=res.bytes_sent,
-            rounds=res.rounds,
-            party_wall_s=res.wall_s,
-        )
+        summary.update(role=ctx.role.value, **res.link_counts(), party_wall_s=res.wall_s)
         return summary
 
     def _wait(
