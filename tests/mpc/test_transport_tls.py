@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import struct
 import threading
@@ -201,8 +202,10 @@ def _relay_addresses(
                 proxy = _RecordingProxy(f.read_text().strip())
                 proxies.append(proxy)
                 for other, folder in dirs.items():
-                    if other is not role:
-                        (folder / f"address-{role.rank}").write_text(proxy.address)
+                    if other is not role:  # atomically, as the parties publish theirs
+                        tmp = folder / f".relay-{role.rank}.tmp"
+                        tmp.write_text(proxy.address)
+                        os.replace(tmp, folder / f"address-{role.rank}")
                 pending.discard(role)
         time.sleep(0.02)
 
@@ -570,3 +573,31 @@ def test_a_tiny_job_gives_the_same_result_over_gloo_and_tls(tmp_path, tiny_tok_d
             r["wall_s"],
             r["parties"]["data_owner"]["bytes_sent"],
         )
+
+
+def test_an_address_file_still_empty_is_waited_for(tmp_path) -> None:
+    """A peer's address file seen before its text (a writer that does not replace it atomically)
+    is read again, not taken as the empty address gRPC then refuses ("dns:///")."""
+    from secfwt.mpc.transport.rendezvous import peer_addresses
+
+    (tmp_path / "address-1").write_text("")
+
+    def publish() -> None:
+        time.sleep(0.2)
+        (tmp_path / "address-1").write_text("127.0.0.1:4242\n")
+
+    writer = threading.Thread(target=publish)
+    writer.start()
+    settings = TlsSettings(
+        ca_cert=tmp_path / "ca.pem",
+        cert=tmp_path / "cert.pem",
+        key=tmp_path / "key.pem",
+        session_id="s",
+        rendezvous_dir=tmp_path,
+    )
+    got = peer_addresses(
+        settings, rank=0, peers=[1], address="127.0.0.1:1", deadline=time.monotonic() + 10
+    )
+    writer.join()
+    assert got == {1: "127.0.0.1:4242"}
+    assert (tmp_path / "address-0").read_text() == "127.0.0.1:1"  # ours, published

@@ -76,7 +76,10 @@ def peer_addresses(
         for p in peers:
             f = folder / f"address-{p}"
             if p not in out and f.exists():
-                out[p] = f.read_text().strip()
+                # empty while a writer that does not replace atomically is still at it
+                text = f.read_text().strip()
+                if text:
+                    out[p] = text
         if len(out) < len(peers):
             if time.monotonic() > deadline:
                 absent = ", ".join(role_name(p) for p in peers if p not in out)
