@@ -190,10 +190,7 @@ def _run_mpc(
         "data_owner": do,
         "shared_s": wall - tuned,
         "n_eval": do.n_eval,
-        "traffic": {
-            r.value: {"bytes_sent": res.bytes_sent, "rounds": res.rounds}
-            for r, res in results.items()
-        },
+        "traffic": {r.value: res.link_counts() for r, res in results.items()},
     }
 
 

@@ -191,7 +191,7 @@ class VariantOutcome:
     accuracy_after: float | None
     tune_s: float
     loss_history: tuple[float | None, ...]
-    bytes_sent: int  # by this party during the run
+    bytes_sent: int  # what this party sent the other computing party during the run
     rounds: int
     dp: Mapping[str, Any] | None
 

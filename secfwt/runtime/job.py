@@ -240,8 +240,6 @@ def _withhold(s: _Prepared, decision: GateDecision) -> dict[str, str]:
 
 def run_comparison_party(ctx: PartyContext, job: ComparisonJob) -> ComparisonOutcome:
     """Each variant tuned from the same start on this session's cached prefix, evaluated."""
-    from secfwt.mpc.session import communication_stats
-
     s = _prepare(ctx, job.job)
     if s.causal:
         raise ConfigError("dp-compare compares held-out accuracy; it does not run causal_lm jobs")
@@ -249,10 +247,10 @@ def run_comparison_party(ctx: PartyContext, job: ComparisonJob) -> ComparisonOut
     for v in job.variants:
         s.sess.agree(public_job_digest(v.config), what=f"the settings of variant {v.label!r}")
         s.progress(kind="phase", phase=f"variant {v.label}")
-        c0, t0 = communication_stats(), time.perf_counter()
+        c0, t0 = traffic_now(), time.perf_counter()
         theta, prompt, history, dp_report = _tune(s, v.config, s.theta, ckpt=None)
         acc = s.evaluate(theta, prompt, f"after tuning ({v.label})")
-        c1 = communication_stats()
+        used = _since(c0)  # what this party sent the other and the rounds, for this variant
         s.progress(kind="eval", when=f"after ({v.label})", accuracy=acc)
         out.append(
             VariantOutcome(
@@ -260,8 +258,8 @@ def run_comparison_party(ctx: PartyContext, job: ComparisonJob) -> ComparisonOut
                 accuracy_after=acc,
                 tune_s=time.perf_counter() - t0,
                 loss_history=tuple(h.loss for h in history),
-                bytes_sent=c1["bytes"] - c0["bytes"],
-                rounds=c1["rounds"] - c0["rounds"],
+                bytes_sent=used.get("sent", 0),
+                rounds=used.get("rounds", 0),
                 dp=dp_report,
             )
         )

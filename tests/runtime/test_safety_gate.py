@@ -93,30 +93,51 @@ def _jobs(tmp_path, gate_model, harmful_file):
     return benign, harmful
 
 
+@pytest.mark.slow  # 170 s and a 54 s gate model on 2 cores; the default run has the job below
 def test_a_harmful_job_is_withheld_and_its_tuned_shares_deleted(tmp_path, gate_model, harmful_file):
     _, harmful = _jobs(tmp_path, gate_model, harmful_file)
     bad = run_simulation(
         harmful, policy=POLICY, checkpoint_dir=tmp_path / "ckpt", checkpoint_every=1
     )
-    gate = bad["safety_gate"]
-    assert bad["state"] == WITHHELD and not gate["released"], gate
+    gate = _assert_withheld(bad, tmp_path / "ckpt")
     assert "more than max_drop = 1.0" in gate["reason"]
-    assert bad["parties"]["model_owner"]["safety_gate_seen"] == gate
     plain_before, _ = plain_gate_scores(harmful, gate_model)
     assert abs(gate["score_before"] - plain_before) < SCORE_TOL, (gate, plain_before)
     # the plaintext twin of the whole run reaches the same decision
     assert plain_before - _replayed_after(harmful, gate_model, bad) > 1.0
+
+
+def test_a_job_below_the_gate_is_withheld_and_its_tuned_shares_deleted(tmp_path, tiny_chat_dir):
+    """The withholding path in the default run, on a small job that no score can pass
+    (``min_score`` far above any refusal margin): nothing released, the tuned shares deleted,
+    the reason in both owners' reports and audit logs, the score before tuning as plaintext's."""
+    job = write_chat_job(tmp_path, tiny_chat_dir, GATE.format(threshold="min_score = 1000.0"))
+    cfg = load_job(job, overrides=["safety_gate.count=1", "zo.steps=2", "run.eval_batch=6"])
+    report = run_simulation(cfg, checkpoint_dir=tmp_path / "ckpt", checkpoint_every=1)
+    gate = _assert_withheld(report, tmp_path / "ckpt")
+    assert "is below min_score = 1000.0" in gate["reason"]
+    spec, state = load_checkpoint(tiny_chat_dir, head=Head.CAUSAL_LM, num_labels=0, seed=0)
+    plain_before = plain_gate_score(cfg, spec=spec, state=state, rows=gate_rows(cfg, tiny_chat_dir))
+    assert abs(gate["score_before"] - plain_before) < SCORE_TOL, (gate, plain_before)
+
+
+def _assert_withheld(report, ckpt):
+    """A withheld job as both owners see it; returns the gate's decision."""
+    gate = report["safety_gate"]
+    assert report["state"] == WITHHELD and not gate["released"], gate
+    assert report["parties"]["model_owner"]["safety_gate_seen"] == gate
     for role in ("model_owner", "data_owner"):
-        assert bad["parties"][role]["artifacts"] == {}
-        audit = _audit(bad, role)
+        assert report["parties"][role]["artifacts"] == {}
+        audit = _audit(report, role)
         assert not [e for e in audit if e.get("value") == "final_parameters"]
         (event,) = [e for e in audit if e.get("event") == "withheld"]
         assert event["reason"] == gate["reason"] and event["checkpoints_deleted"]
-        left = sorted(p.name for p in (tmp_path / "ckpt" / role).iterdir())
+        left = sorted(p.name for p in (ckpt / role).iterdir())
         assert left and all(n.startswith("prefix-") for n in left), left
         # every secure forward's per-row losses are range-checked too (the job's and the gate's)
         checked = {e["note"].split(":")[0] for e in audit if e.get("value") == "range_check"}
         assert {"response losses", "safety gate response losses"} <= checked, checked
+    return gate
 
 
 @pytest.mark.slow
