@@ -227,6 +227,15 @@ def _attention(
     return {"rows": rows}
 
 
+def _upper_params(spec: Any, cut: int) -> list[str]:
+    """Names of the parameters a forward from the cached prefix at layer ``cut`` uses: layers
+    ``cut`` and up and the head (not the embeddings, not the layers below)."""
+    below = tuple(f"{spec.prefix}encoder.layer.{i}." for i in range(cut))
+    return [
+        n for n, _ in spec.param_shapes if not n.startswith((*below, spec.prefix + "embeddings."))
+    ]
+
+
 def _step_inputs(
     sess: Any, payload: dict[str, Any]
 ) -> tuple[Any, Any, int, dict[str, Any], Any, Any]:
@@ -283,12 +292,7 @@ def _fot_step(
     from secfwt.tuning.spsa import SPSASettings, directions, spsa_step
 
     spec, trainable, cut, theta, cache, onehot = _step_inputs(sess, payload)
-    below = tuple(f"{spec.prefix}encoder.layer.{i}." for i in range(cut))
-    frozen_names = [
-        n
-        for n, _ in spec.param_shapes
-        if n not in theta and not n.startswith((*below, spec.prefix + "embeddings."))
-    ]
+    frozen_names = [n for n in _upper_params(spec, cut) if n not in theta]
     frozen = sess.share_params(spec, payload.get("state"), names=frozen_names, frozen=True)
     b, t = payload["batch"], payload["seq_len"]
     mask = sess.share(
@@ -393,13 +397,9 @@ def _cma_step(
 
     spec = sess.agree_spec(payload.get("spec"))
     cut = payload["prompt_layer"]
-    below = tuple(f"{spec.prefix}encoder.layer.{i}." for i in range(cut))
-    names = [
-        n
-        for n, _ in spec.param_shapes
-        if not n.startswith(below) and not n.startswith(spec.prefix + "embeddings.")
-    ]
-    frozen = sess.share_params(spec, payload.get("state"), names=names, frozen=True)
+    frozen = sess.share_params(
+        spec, payload.get("state"), names=_upper_params(spec, cut), frozen=True
+    )
     b, t, h = payload["batch"], payload["seq_len"], spec.hidden_size
     mine = sess.role is Role.DATA_OWNER
     cache = sess.share(payload.get("input"), owner=Role.DATA_OWNER, shape=(b, t, h), name="prefix")

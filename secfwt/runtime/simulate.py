@@ -148,10 +148,6 @@ def run_simulation(
         "output_dir": str(out_dir),
         "machine": machine,
     }
-    for role, outcome in ((Role.MODEL_OWNER, mo), (Role.DATA_OWNER, do)):
-        report["parties"][role.value]["phase_traffic"] = {
-            k: dict(v) for k, v in outcome.phase_traffic.items()
-        }
     seen = {"before": mo.accuracy_before, "after": mo.accuracy_after}
     report["parties"]["model_owner"]["accuracy_seen"] = seen
     if mo.safety_gate is not None:
@@ -192,6 +188,9 @@ def parties_report(results: Mapping[Role, PartyResult]) -> dict[str, dict[str, A
             "wall_s": res.wall_s,
             "reveals": res.value.reveals if res.value else 0,
             "artifacts": dict(res.value.artifacts) if res.value else {},
+            "phase_traffic": (
+                {k: dict(v) for k, v in res.value.phase_traffic.items()} if res.value else {}
+            ),
             "traffic": dict(res.traffic),
             "ring_matmul": res.ring_matmul,
         }

@@ -124,9 +124,9 @@ def _row(
     tag = f"full-ft/{model_name}/{t}"
     head = [f"{spec.prefix}pooler.*", "classifier.*"]
 
-    def run(key: str, label: str, **extra: Any) -> dict[str, Any]:
+    def run(key: str, label: str, *, owner: dict[str, Any] = mo, **extra: Any) -> dict[str, Any]:
         return runner.run(
-            f"{tag}/{key}", label, model_owner=mo, data_owner=do, common={**common, **extra}
+            f"{tag}/{key}", label, model_owner=owner, data_owner=do, common={**common, **extra}
         )
 
     def plain(cut: int, attention: Attention, prompts: torch.Tensor | None = None) -> Any:
@@ -141,7 +141,7 @@ def _row(
     cases = {"full_ft": loss_row(full, float(plain(0, Attention.SOFTMAX)[0]), wrong)}
     top = [f"{spec.prefix}encoder.layer.{i}.*" for i in range(cut, layers)] + head
     modules = _lora_modules(spec, cut, layers)
-    lora_state = lora_pairs(spec, state, modules, rank=plan.fot_lora_rank)
+    lora_state = _lora_pairs(spec, state, modules, rank=plan.fot_lora_rank)
     lora_plain = {**state, **lora_state}
     for att in (Attention.SOFTMAX, Attention.RFA):
         res = run(
@@ -154,22 +154,18 @@ def _row(
             directions=plan.fot_directions,
         )
         cases[f"zo_{att.value}"] = loss_row(res, float(plain(cut, att)[0]), wrong)
-        lora = runner.run(
-            f"{tag}/zo_lora_{att.value}",
+        lora = run(
+            f"zo_lora_{att.value}",
             f"forward-only SPSA step, secfwt {att.value}, LoRA r={plan.fot_lora_rank} on the "
             f"top {plan.fot_layers} layer(s)' query and value + classifier (secret), owner-held "
             f"weights ({desc})",
-            model_owner={"spec": spec, "state": lora_plain},
-            data_owner=do,
-            common={
-                **common,
-                "case": "fot_step",
-                "attention": att,
-                "trainable": ["classifier.*"],
-                "lora_modules": modules,
-                "lora_rank": plan.fot_lora_rank,
-                "directions": plan.fot_directions,
-            },
+            owner={"spec": spec, "state": lora_plain},
+            case="fot_step",
+            attention=att,
+            trainable=["classifier.*"],
+            lora_modules=modules,
+            lora_rank=plan.fot_lora_rank,
+            directions=plan.fot_directions,
         )
         reference = plain_losses(spec, lora_plain, x, labels, cut=cut, attention=att)
         cases[f"zo_lora_{att.value}"] = loss_row(lora, float(reference[0]), wrong)
@@ -215,7 +211,7 @@ def _lora_modules(spec: Any, cut: int, layers: int) -> list[str]:
     ]
 
 
-def lora_pairs(
+def _lora_pairs(
     spec: Any, state: dict[str, torch.Tensor], modules: list[str], *, rank: int
 ) -> dict[str, torch.Tensor]:
     """LoRA factors for ``modules`` as a trained adapter might hold them: A (r, in) at std
