@@ -184,6 +184,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             )
         if parts:
             print("  on the wire (both owners and the dealer): " + ", ".join(parts))
+    on = report.get("device")
+    if on is not None:
+        n = on["products"]
+        print(
+            f"  ring products on {on['device']}: {n['device']} of {sum(n.values())} (the rest "
+            "on the host: small ones, and classes where torch's int64 matmul measured faster)"
+        )
     print(
         "  modelled link time: "
         + ", ".join(f"{k} {v:.0f} s" for k, v in report["projected_s"].items())

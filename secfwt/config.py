@@ -24,6 +24,7 @@ from secfwt.data.tables import check_columns
 from secfwt.data.task import DataTask, PaddingSide, Truncation
 from secfwt.errors import ConfigError
 from secfwt.models.spec import Attention, EmbeddingMode, Head, Pooling
+from secfwt.mpc import device as mpc_device
 from secfwt.mpc.disclosure import DisclosureTerms, Revealable
 from secfwt.mpc.provider import Provider
 from secfwt.mpc.transport import Transport
@@ -227,6 +228,9 @@ class RunSection:
     # `secfwt simulate` on loopback; "tls" runs the same job over mutually authenticated TLS gRPC
     # streams, as the daemons do between hosts.
     transport: Transport = Transport.GLOO
+    # Where each party process's ring products run (secfwt.mpc.device): "cpu", or "cuda" /
+    # "cuda:N" for the exact float64 limb GEMMs on that GPU, shares staying in host memory.
+    device: str = "cpu"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -376,6 +380,7 @@ def validate(cfg: JobConfig) -> None:
     validate_data(cfg.data, where=s)
     _positive(f"{s}: run.timeout_s", cfg.run.timeout_s)
     _positive(f"{s}: run.eval_batch", cfg.run.eval_batch)
+    mpc_device.check(cfg.run.device, source=s)
     _validate_head(cfg)
     _validate_gate(cfg)
     if cfg.job.mode is Mode.ZO:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from secfwt.bench.plan import BenchPlan
+from secfwt.mpc import device as mpc_device
 from secfwt.mpc import ring_tuning
 from secfwt.mpc.ring import (
     NARROW_BOUND,
@@ -53,9 +54,16 @@ def _best_ms(fn: Callable[[], torch.Tensor], reps: int) -> tuple[float, torch.Te
     return best * 1e3, out
 
 
-def machine_timings(plan: BenchPlan, *, reps: int | None = None) -> dict[str, Any]:
-    """Best-of-``reps`` times (ms) of each layer product every way, one torch thread."""
+def machine_timings(
+    plan: BenchPlan, *, reps: int | None = None, device: torch.device | None = None
+) -> dict[str, Any]:
+    """Best-of-``reps`` times (ms) of each layer product every way, one torch thread; with a
+    ``device`` (the plan's ``device``, resolved), also the limbs there as a party runs them:
+    operands copied there and the result back (``device_ms``), a weight's mask split there once
+    (``device_prepared_ms``), an owner's narrow weights kept there (``device_narrow_ms``)."""
     reps = reps or max(2, plan.reps)
+    if device is not None and device.type == "cuda":
+        mpc_device.warm_up(device)
     gen = torch.Generator().manual_seed(plan.seed)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -76,28 +84,54 @@ def machine_timings(plan: BenchPlan, *, reps: int | None = None) -> dict[str, An
             ways: dict[str, Callable[[], torch.Tensor]] = {
                 "limbs_ms": partial(ring_matmul_limbs, a, b)
             }
+            if device is not None:
+                ways["device_ms"] = partial(_on_device, ring_matmul_limbs, a, b, device)
             if weight:
                 ways["limbs_prepared_ms"] = partial(ring_matmul_prepared, a, PreparedRight(b))
+                if device is not None:
+                    on = PreparedRight(b.to(device))
+                    ways["device_prepared_ms"] = partial(
+                        _on_device, ring_matmul_prepared, a, on, device
+                    )
                 w = torch.randint(-NARROW_BOUND + 1, NARROW_BOUND, sb, generator=gen)
                 row["narrow_torch_ms"], narrow_ref = _best_ms(partial(torch.matmul, a, w), reps)
                 narrow = partial(ring_matmul_narrow, a, w.double())
                 row["limbs_narrow_ms"], got = _best_ms(narrow, reps)
                 row["bit_identical"] = torch.equal(got, narrow_ref)
+                if device is not None:
+                    w_on = w.to(device=device, dtype=torch.float64)
+                    on_narrow = partial(_on_device, ring_matmul_narrow, a, w_on, device)
+                    row["device_narrow_ms"], got = _best_ms(on_narrow, reps)
+                    row["bit_identical"] = row["bit_identical"] and torch.equal(got, narrow_ref)
             for key, fn in ways.items():
                 row[key], got = _best_ms(fn, reps)
                 row["bit_identical"] = row.get("bit_identical", True) and torch.equal(got, ref)
-            row["faster"] = "limbs" if row["limbs_ms"] < row["torch_ms"] else "torch"
+            fastest = {"torch": row["torch_ms"], "limbs": row["limbs_ms"]}
+            if device is not None:
+                fastest["device"] = row["device_ms"]
+            row["faster"] = min(fastest, key=fastest.__getitem__)
             rows.append(row)
     finally:
         torch.set_num_threads(threads)
     return {
         "machine_key": machine,
+        "device": None if device is None else ring_tuning.device_name(device),
         "threads": 1,
         "reps": reps,
         "seq_len": plan.layer_seq_len,
         "shape": plan.layer.describe(),
         "products": rows,
     }
+
+
+def _on_device(
+    fn: Callable[[torch.Tensor, Any], torch.Tensor], a: torch.Tensor, b: Any, dev: torch.device
+) -> torch.Tensor:
+    """``fn(a, b)`` with ``a`` copied to ``dev`` (``b`` is there already unless it is a host
+    tensor) and the result copied back, as a party's device way runs a product."""
+    if isinstance(b, torch.Tensor):
+        b = b.to(device=dev)
+    return fn(a.to(device=dev), b).to(a.device)
 
 
 def choices(results: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -119,7 +153,8 @@ def choices(results: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
         timed = [r for r in recs if r.get("torch_ms") is not None]
 
         def median(key: str, timed: list[dict[str, Any]] = timed) -> float | None:
-            return statistics.median(r[key] for r in timed) if timed else None
+            values = [r[key] for r in timed if r.get(key) is not None]
+            return statistics.median(values) if values else None
 
         rows.append(
             {
@@ -131,6 +166,7 @@ def choices(results: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
                 "sources": sorted({r["source"] for r in recs}),
                 "torch_ms_median": median("torch_ms"),
                 "limbs_ms_median": median("limbs_ms"),
+                "device_ms_median": median("device_ms"),
             }
         )
     return rows

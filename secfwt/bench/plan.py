@@ -13,6 +13,7 @@ from typing import Any
 
 from secfwt.bench.shapes import BERT_BASE, FULL_MODELS, MINILM, LayerShape
 from secfwt.errors import ConfigError
+from secfwt.mpc import device as mpc_device
 from secfwt.overrides import apply_overrides
 
 
@@ -106,6 +107,9 @@ class BenchPlan:
     step_reps: int = 1  # the tuning steps (long sections, less sensitive to short bursts)
     seed: int = 0
     timeout_s: float = 3600.0
+    #: where every party process's ring products may run, as a job's ``run.device``: ``cpu``,
+    #: ``cuda`` or ``cuda:N`` (:mod:`secfwt.mpc.device`)
+    device: str = "cpu"
 
     @classmethod
     def full(cls) -> BenchPlan:
@@ -157,6 +161,12 @@ _PLAN_FIXED = ("quick", "layer", "fot_shape", "transport_shape")
 
 def _plan_range(key: str, value: Any) -> str | None:
     """Every count and length is positive; the seed may be 0; model names are known."""
+    if key == "device":
+        try:
+            mpc_device.check(value, field="device")
+        except ConfigError as exc:
+            return str(exc)
+        return None
     if key == "tta_model":
         return None if value in FULL_MODELS else f"choose from: {', '.join(FULL_MODELS)}"
     if key == "full_ft_models":

@@ -462,6 +462,13 @@ def _section_ring_matmul(r: dict[str, Any] | None) -> list[str]:
         "| narrow: torch / limbs (ms) | float64 GEMM (ms) | faster | bit-identical |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    if m.get("device"):
+        out[2] += (
+            f" device: the limbs on {m['device']} (run.device) as a party runs them, operands "
+            "copied there and the result back; prepared and narrow operands kept there."
+        )
+        out[4] += " device (ms) | device, prepared (ms) | device, narrow (ms) |"
+        out[5] += "---|---|---|"
     for p in m["products"]:
         narrow = (
             f"{_f(p['narrow_torch_ms'])} / {_f(p['limbs_narrow_ms'])}"
@@ -473,15 +480,22 @@ def _section_ring_matmul(r: dict[str, Any] | None) -> list[str]:
             f"| {p['product']} | {shapes} | {_f(p['torch_ms'])} | {_f(p['limbs_ms'])} "
             f"| {_f(p.get('limbs_prepared_ms'))} | {narrow} | {_f(p['float64_ms'])} "
             f"| {p['faster']} | {'yes' if p['bit_identical'] else '**no**'} |"
+            + (
+                f" {_f(p['device_ms'])} | {_f(p.get('device_prepared_ms'))} "
+                f"| {_f(p.get('device_narrow_ms'))} |"
+                if m.get("device")
+                else ""
+            )
         )
     out += [
         "",
         "What the party processes chose (`secfwt.mpc.ring_tuning`: each process times both ways "
         "at the first product of a shape class, batch/M/K/N rounded up to powers of two, and "
-        "keeps the limbs only when they beat torch by 10%), over every case of this run:",
+        "keeps the limbs, or with `--set device` the limbs on the device, only when they beat "
+        "torch by 10%), over every case of this run:",
         "",
-        "| kind | class (batch, M, K, N <=) | first product | processes: torch / limbs "
-        "| products: torch / limbs | median ms: torch / limbs |",
+        "| kind | class (batch, M, K, N <=) | first product | processes: torch / limbs / device "
+        "| products: torch / limbs / device | median ms: torch / limbs / device |",
         "|---|---|---|---|---|---|",
     ]
     for c in r["choices"]:
@@ -489,8 +503,10 @@ def _section_ring_matmul(r: dict[str, Any] | None) -> list[str]:
         p, n = c["processes"], c["calls"]
         out.append(
             f"| {c['kind']} | {k['batch']}, {k['m']}, {k['k']}, {k['n']} | {c['example']} "
-            f"| {p['torch']} / {p['limbs']} | {n['torch']} / {n['limbs']} "
-            f"| {_f(c['torch_ms_median'])} / {_f(c['limbs_ms_median'])} |"
+            f"| {p['torch']} / {p['limbs']} / {p['device']} "
+            f"| {n['torch']} / {n['limbs']} / {n['device']} "
+            f"| {_f(c['torch_ms_median'])} / {_f(c['limbs_ms_median'])} "
+            f"/ {_f(c.get('device_ms_median'))} |"
         )
     return out + [""]
 

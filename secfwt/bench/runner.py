@@ -17,6 +17,7 @@ import torch
 
 from secfwt.bench import metrics
 from secfwt.bench.plan import BenchPlan
+from secfwt.mpc import device as mpc_device
 from secfwt.roles import Role
 
 
@@ -33,6 +34,7 @@ class Runner:
         self.plan = plan
         self.on_case = on_case or (lambda label: None)
         self.timeout_s = timeout_s or plan.timeout_s
+        self.device = mpc_device.resolve(plan.device, field="device")
         self._memo: dict[str, dict[str, Any]] = {}
 
     def run(
@@ -68,6 +70,7 @@ class Runner:
                 provider=Provider.TTP,
                 timeout_s=self.timeout_s,
                 transport=transport or Transport.GLOO,
+                device=self.device,
             )
         out = {
             "label": label,

@@ -87,7 +87,8 @@ def run_suite(
     cpu_before = cpu_seconds()
     t0 = time.perf_counter()
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    ring_machine = gemm.machine_timings(plan)  # before the cases, as the machine was at start
+    # before the cases, as the machine was at start
+    ring_machine = gemm.machine_timings(plan, device=runner.device)
     results: dict[str, Any] = {}
     for name in names:
         t_bench = time.perf_counter()

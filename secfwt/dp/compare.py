@@ -161,6 +161,7 @@ def _run_mpc(
     cfg: JobConfig, runs: list[Variant], out_dir: Path, progress: Progress
 ) -> dict[str, Any]:
     from secfwt.models.checkpoint import resolve_model_path
+    from secfwt.mpc import device as mpc_device
     from secfwt.mpc.launcher import new_queue, run_parties
     from secfwt.runtime.contract import ComparisonJob, PartyJob
     from secfwt.runtime.job import run_comparison_party
@@ -182,6 +183,7 @@ def _run_mpc(
         timeout_s=cfg.run.timeout_s,
         messages=queue,
         on_message=progress,
+        device=mpc_device.resolve(cfg.run.device, source=cfg.source),
     )
     wall = time.perf_counter() - t0
     do: ComparisonOutcome = results[Role.DATA_OWNER].value

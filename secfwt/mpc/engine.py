@@ -26,7 +26,8 @@ by CrypTen's loop, so the environment is the only switch that reaches it), read 
 matmuls and Beaver products stay CrypTen's (switchable at run time with :func:`set_ring_matmul`),
 and attribute access, collectives and keystream draws are not installed; ``1`` (the default)
 measures each product class (:mod:`secfwt.mpc.ring_tuning`); ``torch`` or ``limbs`` forces one
-way for every class, with everything else installed (the same bits either way).
+way for every class, with everything else installed (the same bits either way); ``device``
+forces the limbs on the job's ``run.device`` (:mod:`secfwt.mpc.device`).
 ``SECFWT_RING_TUNING_CACHE=FILE`` keeps the measured choices on disk for later processes.
 """
 

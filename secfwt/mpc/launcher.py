@@ -34,7 +34,7 @@ import traceback
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from secfwt.errors import PartyFailedError, ProtocolError, SecfwtError
+from secfwt.errors import ConfigError, PartyFailedError, ProtocolError, SecfwtError
 from secfwt.mpc.transport import TlsSettings, Transport, ephemeral_tls_bundle
 from secfwt.roles import COMPUTING_ROLES, Role
 
@@ -104,6 +104,7 @@ def _child_main(
     transport: Transport = Transport.GLOO,
     tls: TlsSettings | None = None,
     insecure_fixed_seed: int | None = None,
+    device: Any = None,
 ) -> None:
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
     logging.basicConfig(
@@ -128,6 +129,7 @@ def _child_main(
             transport=transport,
             tls=tls,
             insecure_fixed_seed=insecure_fixed_seed,
+            device=device,
         )
         meter = session.count_traffic()
         if role is Role.DEALER:
@@ -198,6 +200,7 @@ def run_parties(
     transport: Transport = Transport.GLOO,
     tls: Mapping[Role, TlsSettings] | None = None,
     insecure_fixed_seed: int | None = None,
+    device: Any = None,
 ) -> dict[Role, PartyResult]:
     """Run ``target`` once per computing party in its own process, plus the dealer if needed.
 
@@ -210,12 +213,19 @@ def run_parties(
     ``transport``: gloo on loopback (default) or the TLS mesh (see the module docstring);
     ``tls`` gives each role's TLS settings instead of the throwaway local bundle.
     ``insecure_fixed_seed``: tests only, makes every MPC seed predictable
-    (:func:`secfwt.mpc.session.init_party`).
+    (:func:`secfwt.mpc.session.init_party`). ``device``: the ``torch.device`` every process's
+    ring products may also run on (:func:`secfwt.mpc.device.resolve` of the job's
+    ``run.device``; None: the host only).
     """
     from secfwt.mpc import ring_tuning
     from secfwt.mpc.provider import Provider
 
-    ring_tuning.settings_from_env(os.environ)  # a bad SECFWT_RING_MATMUL fails here, not in a party
+    _, forced, _ = ring_tuning.settings_from_env(os.environ)  # fails here, not in a party
+    if forced is ring_tuning.Method.DEVICE and device is None:
+        raise ConfigError(
+            f"{ring_tuning.RING_MATMUL_ENV}=device forces every product onto run.device, and "
+            'the job has none: set run.device (e.g. "cuda") or unset the variable'
+        )
     ctx = mp.get_context("spawn")
     results: mp.Queue[Any] = ctx.Queue()
     world_size = len(COMPUTING_ROLES)
@@ -239,6 +249,7 @@ def run_parties(
                 transport=transport,
                 tls=tls.get(role),
                 insecure_fixed_seed=insecure_fixed_seed,
+                device=device,
             )
             for role in roles
         }
@@ -264,6 +275,7 @@ def _party_process(
     transport: Transport,
     tls: TlsSettings | None,
     insecure_fixed_seed: int | None,
+    device: Any = None,
 ) -> mp.process.BaseProcess:
     """The (unstarted) process of one party: :func:`_child_main` with this process as parent."""
     return ctx.Process(
@@ -283,6 +295,7 @@ def _party_process(
             transport,
             tls,
             insecure_fixed_seed,
+            device,
         ),
     )
 
@@ -312,6 +325,7 @@ def spawn_party(
     provider: Any,
     tls: TlsSettings,
     insecure_fixed_seed: int | None = None,
+    device: Any = None,
 ) -> mp.process.BaseProcess:
     """Start ONE party of a multi-host job in its own process (a daemon's job runner): the
     same child as :func:`run_parties` (watchdog, error reporting, one intra-op thread) over the
@@ -330,6 +344,7 @@ def spawn_party(
         transport=Transport.TLS,
         tls=tls,
         insecure_fixed_seed=insecure_fixed_seed,
+        device=device,
     )
     p.start()
     return p

@@ -66,6 +66,7 @@ from secfwt.mpc import beaver, ring_tuning
 from secfwt.mpc.ring import (
     NARROW_BOUND,
     PreparedRight,
+    fixed_on_device,
     ring_matmul,
     ring_matmul_narrow,
     ring_matmul_prepared,
@@ -148,30 +149,46 @@ class _FixedRight:
     """``a -> a @ b`` in the ring for a mask ``b`` fixed for the session: torch's int64 matmul,
     or ``b`` split into limbs once (:class:`~secfwt.mpc.ring.PreparedRight`: close to half the
     work of a full ring matmul), whichever :mod:`~secfwt.mpc.ring_tuning` measured faster for
-    ``a``'s shape class. The split is made before the first timing (so it is not charged to
-    the limbs) and dropped again when torch wins, within :data:`PREPARED_BUDGET_BYTES`."""
+    ``a``'s shape class; with ``run.device`` set, the split is made on that device instead and
+    the limbs run there. The split is made before the first timing (so it is not charged to
+    the limbs) and dropped again when torch wins, within :data:`PREPARED_BUDGET_BYTES` on the
+    host."""
 
     def __init__(self, b: torch.Tensor) -> None:
         self.b = b
         self.prepared: PreparedRight | None = None
+        self.on_device: PreparedRight | None = None  # split on run.device, when one is set
         self.limb_classes = 0  # shape classes of ``a`` that chose the limbs
+        self.device_classes = 0  # ... and the limbs on the device
 
     def __call__(self, a: torch.Tensor) -> torch.Tensor:
         before = ring_tuning.decided(Kind.PREPARED, a.shape, self.b.shape)
-        if before is None:
-            self._prepare()
+        if before is None:  # split before the timing, so that it is not charged to the limbs
+            dev = ring_tuning.current_device()
+            if dev is None:
+                self._prepare()
+            else:
+                self._split_on(dev)
         z = ring_tuning.run(
             Kind.PREPARED,
             a.shape,
             self.b.shape,
             torch_fn=lambda: torch.matmul(a, self.b),
             limbs_fn=lambda: self._limbs(a),
+            device_fn=lambda dev: ring_matmul_prepared(a.to(device=dev), self._split_on(dev)).to(
+                a.device
+            ),
         )
         if before is None:
-            if ring_tuning.decided(Kind.PREPARED, a.shape, self.b.shape) is Method.LIMBS:
+            method = ring_tuning.decided(Kind.PREPARED, a.shape, self.b.shape)
+            if method is Method.LIMBS:
                 self.limb_classes += 1
             elif not self.limb_classes:
                 self._release()
+            if method is Method.DEVICE:
+                self.device_classes += 1
+            elif not self.device_classes:
+                self.on_device = None
         return z
 
     def _limbs(self, a: torch.Tensor) -> torch.Tensor:
@@ -180,6 +197,12 @@ class _FixedRight:
         if self.prepared is None:  # over the budget: split each time
             return ring_matmul(a, self.b)
         return ring_matmul_prepared(a, self.prepared)
+
+    def _split_on(self, dev: torch.device) -> PreparedRight:
+        """The mask split on ``dev`` once (device memory is not counted in the host budget)."""
+        if self.on_device is None:
+            self.on_device = PreparedRight(self.b.to(device=dev))
+        return self.on_device
 
     def _prepare(self) -> None:
         global _prepared_bytes
@@ -393,6 +416,9 @@ def _owner_product(mine: torch.Tensor, w: torch.Tensor, *, narrow: bool) -> torc
         w.shape,
         torch_fn=lambda: torch.matmul(mine, w),
         limbs_fn=lambda: ring_matmul_narrow(mine, w.double()),
+        device_fn=lambda dev: ring_matmul_narrow(
+            mine.to(device=dev), fixed_on_device(w, dev, torch.float64)
+        ).to(mine.device),
     )
 
 

@@ -23,10 +23,18 @@ same machine skip the measurement. :func:`records` lists every class's choice an
 launcher returns them with each party's result; ``secfwt bench`` and ``secfwt simulate`` report
 them).
 
+With a device (the job's ``run.device``, :func:`set_device`), the ways measured are torch's
+int64 matmul on the host and the same limbs on that device (:attr:`Method.DEVICE`: operands
+copied there, the exact float64 GEMMs run there, the int64 result copied back), timed on wall
+time because the device's work is on no host thread's clock; the device is chosen when it beats
+the host by :data:`MARGIN`, and its first result is checked against torch's bit for bit, so a
+device BLAS that breaks float64 exactness fails the party before any share depends on it.
+
 ``SECFWT_RING_MATMUL`` (read once per process by :func:`secfwt.mpc.engine.install`, checked by
 the launcher before any party starts): ``1`` or unset: measure; ``torch`` or ``limbs``: force
 that way for every class (results are the same bits either way); ``0``: CrypTen's own int64
-matmuls and Beaver products (the vanilla baseline; owner-held weights still come here).
+matmuls and Beaver products (the vanilla baseline; owner-held weights still come here);
+``device``: the limbs on ``run.device`` for every class (the launcher refuses it without one).
 """
 
 from __future__ import annotations
@@ -70,6 +78,7 @@ LAYOUT = "3x22-bit limbs v1"
 class Method(enum.Enum):
     TORCH = "torch"  # torch.matmul on int64: what the limbs replace
     LIMBS = "limbs"  # exact float64 limb GEMMs (secfwt.mpc.ring)
+    DEVICE = "device"  # the same limb GEMMs on the process's device (run.device)
 
 
 class Kind(enum.Enum):
@@ -132,6 +141,8 @@ class Choice:
     example: str
     torch_ms: float | None = None
     limbs_ms: float | None = None
+    device_ms: float | None = None
+    device: str | None = None  # the device of Method.DEVICE, when one was set
     rounds: int = 0
     calls: int = 0
     #: time in this class's products (its measured best counts for the first) on ``clock``
@@ -161,11 +172,21 @@ def cpu_model() -> str | None:
 
 
 def machine_key() -> str:
-    """What a cached choice is valid for: CPU model, torch version, threads, limb layout."""
-    return (
+    """What a cached choice is valid for: CPU model, torch version, threads, limb layout, and
+    the device the limbs may run on."""
+    key = (
         f"{cpu_model() or 'unknown CPU'} | torch {torch.__version__} | "
         f"torch threads: {torch.get_num_threads()} | {LAYOUT}"
     )
+    dev = _TUNER.device
+    return key if dev is None else f"{key} | device: {device_name(dev)}"
+
+
+def device_name(dev: torch.device) -> str:
+    """``cuda:0 (NVIDIA H100 80GB HBM3)``; the bare device for the host (tests' stand-in)."""
+    if dev.type == "cuda":
+        return f"{dev} ({torch.cuda.get_device_name(dev)})"
+    return str(dev)
 
 
 class _Tuner:
@@ -177,6 +198,7 @@ class _Tuner:
         self.forced: Method | None = None
         self.cache: Path | None = None
         self.clock: Callable[[], float] | None = None  # None: _clock(); tests script their own
+        self.device: torch.device | None = None  # where Method.DEVICE runs (None: no such way)
 
     def run(
         self,
@@ -186,31 +208,44 @@ class _Tuner:
         *,
         torch_fn: Callable[[], torch.Tensor],
         limbs_fn: Callable[[], torch.Tensor],
+        device_fn: Callable[[torch.device], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """``a @ b`` computed the way chosen for its shape class (measured at the class's first
-        product). ``torch_fn`` and ``limbs_fn`` compute the same product without side effects."""
+        product). ``torch_fn``, ``limbs_fn`` and ``device_fn`` (the limbs on the device it is
+        given, the result back on the host; None: this product has no device way) compute the
+        same product without side effects."""
         if work(a_shape, b_shape) < SMALL_WORK:
             return torch_fn()
+        dev = self.device if device_fn is not None else None
+        ways: dict[Method, Callable[[], torch.Tensor]] = {Method.TORCH: torch_fn}
+        if dev is None:
+            ways[Method.LIMBS] = limbs_fn
+        else:
+            assert device_fn is not None
+            ways[Method.DEVICE] = lambda: device_fn(dev)
         cls = ShapeClass.of(kind, a_shape, b_shape)
         with self._lock:
             choice = self._choices.get(cls)
             if choice is None and self.forced is not None:
-                choice = Choice(self.forced, "forced", _describe(a_shape, b_shape))
+                forced = self.forced if self.forced in ways else Method.LIMBS  # host limbs
+                choice = Choice(forced, "forced", _describe(a_shape, b_shape))
                 self._choices[cls] = choice
             if choice is None:
                 choice = self._from_disk(cls)
         if choice is None:
-            clock = self.clock or _clock()
-            out, choice = _measure(torch_fn, limbs_fn, _describe(a_shape, b_shape), clock)
+            clock = self.clock or (_clock() if dev is None else time.perf_counter)
+            out, choice = _measure(ways, _describe(a_shape, b_shape), clock)
+            choice.device = None if dev is None else str(dev)
             with self._lock:
                 choice = self._choices.setdefault(cls, choice)  # a racing thread's stays
             self._to_disk(cls, choice)
             log.debug("ring matmul %s: %s", cls.key(), choice)
             choice.calls += 1
             return out
-        clock = self.clock or _clock()
+        on_device = choice.method is Method.DEVICE
+        clock = self.clock or (time.perf_counter if on_device else _clock())
         t0 = clock()
-        out = (torch_fn if choice.method is Method.TORCH else limbs_fn)()
+        out = ways.get(choice.method, limbs_fn)()
         choice.time_s += clock() - t0
         choice.calls += 1  # a lost increment between threads only miscounts the record
         return out
@@ -229,7 +264,10 @@ class _Tuner:
             str(entry.get("example", "")),
             torch_ms=entry.get("torch_ms"),
             limbs_ms=entry.get("limbs_ms"),
+            device_ms=entry.get("device_ms"),
         )
+        if choice.method is Method.DEVICE and self.device is None:
+            return None  # a device's choice, read without one: measure afresh
         self._choices[cls] = choice
         return choice
 
@@ -241,6 +279,7 @@ class _Tuner:
             "example": choice.example,
             "torch_ms": choice.torch_ms,
             "limbs_ms": choice.limbs_ms,
+            "device_ms": choice.device_ms,
         }
         try:
             _update_cache(self.cache, machine_key(), cls.key(), entry)
@@ -257,39 +296,43 @@ def _clock() -> Callable[[], float]:
 
 
 def _measure(
-    torch_fn: Callable[[], torch.Tensor],
-    limbs_fn: Callable[[], torch.Tensor],
+    ways: Mapping[Method, Callable[[], torch.Tensor]],
     example: str,
     clock: Callable[[], float],
 ) -> tuple[torch.Tensor, Choice]:
-    """Time both ways, alternating; return torch's result and the choice."""
-    best = {Method.TORCH: math.inf, Method.LIMBS: math.inf}
+    """Time every way (torch first), alternating; return torch's result and the choice: the
+    fastest lever, if it beats torch by :data:`MARGIN`, else torch."""
+    best = {method: math.inf for method in ways}
     out: torch.Tensor | None = None
     rounds = 0
     for rounds in range(1, MAX_ROUNDS + 1):
-        for method, fn in ((Method.TORCH, torch_fn), (Method.LIMBS, limbs_fn)):
+        for method, fn in ways.items():
             t0 = clock()
             got = fn()
             best[method] = min(best[method], clock() - t0)
             if out is None:
                 out = got
             elif rounds == 1 and not torch.equal(got, out):
+                where = " on the device" if method is Method.DEVICE else ""
                 raise ProtocolError(
-                    f"ring matmul {example}: the float64 limb GEMMs and torch's int64 matmul "
-                    "disagree; this BLAS does not keep float64 sums exact. Set "
-                    f"{RING_MATMUL_ENV}=torch to use torch's int64 matmul only"
+                    f"ring matmul {example}: the float64 limb GEMMs{where} and torch's int64 "
+                    "matmul disagree; this BLAS does not keep float64 sums exact. Set "
+                    f'{RING_MATMUL_ENV}=torch (and run.device = "cpu") to use torch\'s int64 '
+                    "matmul only"
                 )
-        fast, slow = sorted(best.values())
+        fast, slow = sorted(best.values())[0], max(best.values())
         if slow >= DECISIVE * fast:
             break
     assert out is not None
-    method = Method.LIMBS if best[Method.LIMBS] * MARGIN < best[Method.TORCH] else Method.TORCH
+    lever = min((m for m in best if m is not Method.TORCH), key=best.__getitem__)
+    method = lever if best[lever] * MARGIN < best[Method.TORCH] else Method.TORCH
     choice = Choice(
         method,
         "measured",
         example,
         torch_ms=best[Method.TORCH] * 1e3,
-        limbs_ms=best[Method.LIMBS] * 1e3,
+        limbs_ms=best[Method.LIMBS] * 1e3 if Method.LIMBS in best else None,
+        device_ms=best[Method.DEVICE] * 1e3 if Method.DEVICE in best else None,
         rounds=rounds,
         time_s=best[method],
         clock=getattr(clock, "__name__", type(clock).__name__),
@@ -350,11 +393,26 @@ def settings_from_env(env: Mapping[str, str]) -> tuple[bool, Method | None, Path
     if raw not in {"", "0", "1", "auto", *(m.value for m in Method)}:
         raise ConfigError(
             f"{RING_MATMUL_ENV}={env.get(RING_MATMUL_ENV)!r}: expected 1 (measure each product "
-            "class, the default), torch or limbs (force one way) or 0 (vanilla CrypTen)"
+            "class, the default), torch, limbs or device (force one way; device needs the "
+            "job's run.device) or 0 (vanilla CrypTen)"
         )
     forced = Method(raw) if raw in {m.value for m in Method} else None
     cache = env.get(CACHE_ENV, "").strip()
     return raw != "0", forced, Path(cache).expanduser() if cache else None
+
+
+def set_device(dev: torch.device | None) -> None:
+    """Let this process's products also run as limbs on ``dev`` (None: the host only); choices
+    made before are forgotten. The launcher checks the device before any party starts
+    (:func:`secfwt.mpc.device.resolve`)."""
+    with _TUNER._lock:
+        _TUNER.device = dev
+        _TUNER._choices.clear()
+
+
+def current_device() -> torch.device | None:
+    """The device set by :func:`set_device`, or None."""
+    return _TUNER.device
 
 
 def configure(*, forced: Method | None, cache: Path | None) -> None:
@@ -398,6 +456,9 @@ __all__ = [
     "Method",
     "ShapeClass",
     "configure",
+    "current_device",
+    "device_name",
+    "set_device",
     "cpu_model",
     "decided",
     "forcing",

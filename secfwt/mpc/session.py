@@ -10,9 +10,12 @@ import logging
 import os
 import warnings
 
+import torch
+
 from secfwt.crypten_compat import crypten
 from secfwt.errors import ConfigError
-from secfwt.mpc import engine, seeding
+from secfwt.mpc import engine, ring_tuning, seeding
+from secfwt.mpc.device import warm_up
 from secfwt.mpc.provider import Provider
 from secfwt.mpc.traffic import Traffic, TrafficMeter
 from secfwt.mpc.transport import TlsSettings, Transport, selection
@@ -41,6 +44,7 @@ def init_party(
     transport: Transport = Transport.GLOO,
     tls: TlsSettings | None = None,
     insecure_fixed_seed: int | None = None,
+    device: torch.device | None = None,
 ) -> None:
     """Join this process's MPC session: install the engine, set CrypTen's config and the
     transport, then ``crypten.init``.
@@ -54,8 +58,13 @@ def init_party(
     ``insecure_fixed_seed`` is for reproducibility tests only: it replaces every random seed
     of the MPC session (CrypTen's PRGs, the dealer's, secfwt's joint seed) by values derived
     from it, so anyone who knows it can unmask the shares. Never set it on real data.
+
+    ``device``: where this process's ring products may also run (:mod:`secfwt.mpc.device`).
     """
     engine.install()
+    ring_tuning.set_device(device)
+    if device is not None and device.type == "cuda":
+        warm_up(device)
     if transport is Transport.GLOO:
         if not rendezvous:
             raise ConfigError(

@@ -16,6 +16,8 @@ from secfwt.data.inputs import InstructionInputs
 from secfwt.errors import ConfigError
 from secfwt.models.checkpoint import resolve_model_path
 from secfwt.models.spec import Head
+from secfwt.mpc import device as mpc_device
+from secfwt.mpc import ring_tuning
 from secfwt.mpc.launcher import PartyResult, new_queue, run_parties
 from secfwt.mpc.provider import Provider
 from secfwt.roles import Role
@@ -65,6 +67,7 @@ def run_simulation(
     """
     if policy is not None:
         check_policy(cfg, policy)
+    device = mpc_device.resolve(cfg.run.device, source=cfg.source)  # before data or parties
     if resume and checkpoint_dir is None:
         raise ConfigError(
             "resume needs checkpoint_dir: the folder the parties' checkpoints were written to"
@@ -104,6 +107,7 @@ def run_simulation(
         on_message=on_progress or (lambda role, msg: None),
         transport=cfg.run.transport,
         insecure_fixed_seed=insecure_fixed_seed,
+        device=device,
     )
     wall = time.perf_counter() - t0
     do: PartyOutcome = results[Role.DATA_OWNER].value
@@ -121,6 +125,7 @@ def run_simulation(
         "embedding": cfg.model.embedding.value,
         "provider": provider.value,
         "transport": cfg.run.transport.value,
+        "device": device_report(device, results),
         "accuracy_before": do.accuracy_before,
         "accuracy_after": do.accuracy_after,
         "accuracy_gain_points": gain,
@@ -195,6 +200,19 @@ def parties_report(results: Mapping[Role, PartyResult]) -> dict[str, dict[str, A
             "ring_matmul": res.ring_matmul,
         }
     return out
+
+
+def device_report(device: Any, results: Mapping[Role, PartyResult]) -> dict[str, Any] | None:
+    """``run.device`` and how many ring products of every process (the dealer's included) ran
+    each way: on the device, or on the host where torch measured faster there (None: no
+    device)."""
+    if device is None:
+        return None
+    calls = {m.value: 0 for m in ring_tuning.Method}
+    for res in results.values():
+        for rec in res.ring_matmul:
+            calls[rec["method"]] += rec["calls"]
+    return {"device": ring_tuning.device_name(device), "products": calls}
 
 
 #: The bytes of a phase on every link: what each computing party sent the other, what the dealer

@@ -27,6 +27,7 @@ from collections.abc import Callable
 
 from secfwt.config import JobConfig
 from secfwt.errors import ConfigError, SecfwtError
+from secfwt.mpc import device as mpc_device
 from secfwt.pki.identity import Identity, IdentityRole
 from secfwt.roles import COMPUTING_ROLES, Role
 from secfwt.runtime.policy import check_policy
@@ -172,6 +173,7 @@ class Negotiation:
         policy = self.config.safety_policy
         if self.role is Role.MODEL_OWNER and policy is not None:
             check_policy(cfg, policy)
+        mpc_device.resolve(cfg.run.device, source=cfg.source)  # on this host
         roles = sorted(i.role.value for i in p.participants)
         if roles != sorted(r.value for r in Role):
             raise InvalidRequestError(

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from secfwt.config import JobConfig
 from secfwt.errors import ConfigError, PartyFailedError
+from secfwt.mpc import device as mpc_device
 from secfwt.pki.identity import Identity
 from secfwt.roles import Role
 from secfwt.server.config import PartyConfig, PeerEntry
@@ -137,6 +138,7 @@ class MpcJobRunner:
             provider=Provider.TTP,
             tls=tls,
             insecure_fixed_seed=self.insecure_fixed_seed,
+            device=mpc_device.resolve(ctx.job.run.device),
         )
         log.info(
             "mpc process started", extra=fields(job=ctx.job_id, pid=proc.pid, resume=ctx.resume)

@@ -23,6 +23,8 @@ from secfwt.mpc.ring import NARROW_BOUND, ring_matmul
 from secfwt.mpc.ring_tuning import Kind, Method
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+#: The ways on the host; Method.DEVICE needs a device (test_device_way_* below).
+HOST_WAYS = (Method.TORCH, Method.LIMBS)
 
 #: Products above SMALL_WORK (so they are tuned), in distinct shape classes.
 PRODUCTS = [
@@ -42,6 +44,7 @@ def fresh_choices() -> Iterator[None]:
     ring_tuning.configure(forced=None, cache=None)
     yield
     ring_tuning._TUNER.clock = None
+    ring_tuning.set_device(None)
     ring_tuning.configure(forced=None, cache=None)
 
 
@@ -110,7 +113,7 @@ def _every_kind(gen: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]
     ]
 
 
-@pytest.mark.parametrize("method", list(Method))
+@pytest.mark.parametrize("method", HOST_WAYS)
 def test_forcing_either_way_gives_torchs_bits_for_every_kind(method: Method) -> None:
     with ring_tuning.forcing(method):
         results = _every_kind(torch.Generator().manual_seed(9))
@@ -126,7 +129,7 @@ def test_forcing_either_way_gives_torchs_bits_for_every_kind(method: Method) -> 
 
 def test_forced_ways_agree_bit_for_bit() -> None:
     outs = {}
-    for method in Method:
+    for method in HOST_WAYS:
         with ring_tuning.forcing(method):
             outs[method] = [got for got, _ in _every_kind(torch.Generator().manual_seed(10))]
     for t, limbs in zip(outs[Method.TORCH], outs[Method.LIMBS], strict=True):
@@ -138,7 +141,7 @@ class ScriptedClock:
 
     def __init__(self) -> None:
         self.now = 0.0
-        self.calls = {m: 0 for m in Method}
+        self.calls = {m: 0 for m in HOST_WAYS}
 
     def __call__(self) -> float:
         return self.now
@@ -146,23 +149,37 @@ class ScriptedClock:
     def way(self, method: Method, seconds: float, out: torch.Tensor) -> Callable[[], torch.Tensor]:
         def run() -> torch.Tensor:
             self.now += seconds
-            self.calls[method] += 1
+            self.calls[method] = self.calls.get(method, 0) + 1
             return out.clone()
 
         return run
 
 
-def _choose(torch_s: float, limbs_s: float) -> tuple[dict[str, object], ScriptedClock]:
+def _choose(
+    torch_s: float, limbs_s: float, device_s: float | None = None
+) -> tuple[dict[str, object], ScriptedClock]:
+    """One product of a new class, each way taking the scripted time; with ``device_s`` a
+    device is set and the product has a device way."""
     clock = ScriptedClock()
     ring_tuning._TUNER.clock = clock
     out = torch.arange(6).reshape(2, 3)
+    devices: list[torch.device] = []
+
+    def on_device(dev: torch.device) -> torch.Tensor:
+        devices.append(dev)
+        return clock.way(Method.DEVICE, device_s or 0.0, out)()
+
+    if device_s is not None:
+        ring_tuning.set_device(torch.device("cpu"))
     ring_tuning.run(
         Kind.GENERAL,
         (512, 512),
         (512, 512),
         torch_fn=clock.way(Method.TORCH, torch_s, out),
         limbs_fn=clock.way(Method.LIMBS, limbs_s, out),
+        device_fn=on_device,
     )
+    assert all(d == torch.device("cpu") for d in devices)
     (rec,) = ring_tuning.records()
     return rec, clock
 
@@ -273,3 +290,72 @@ def test_a_bad_setting_is_refused_before_any_party_starts(monkeypatch) -> None:
     monkeypatch.setenv("SECFWT_RING_MATMUL", "fast")
     with pytest.raises(ConfigError, match="SECFWT_RING_MATMUL='fast'"):
         launcher.run_parties(print, payloads={}, provider=Provider.TTP, timeout_s=5)
+
+
+@pytest.mark.parametrize(
+    ("torch_s", "device_s", "chosen", "rounds"),
+    [
+        (0.010, 0.001, Method.DEVICE, 1),
+        (0.010, 0.0095, Method.TORCH, 3),  # within the margin: the host's torch stays
+        (0.001, 0.010, Method.TORCH, 1),  # a device slower than the host is not used
+    ],
+)
+def test_with_a_device_torch_is_timed_against_the_device_not_the_host_limbs(
+    torch_s: float, device_s: float, chosen: Method, rounds: int
+) -> None:
+    rec, clock = _choose(torch_s, 0.0001, device_s)
+    assert rec["method"] == chosen.value and rec["rounds"] == rounds
+    assert rec["torch_ms"] == pytest.approx(torch_s * 1e3)
+    assert rec["device_ms"] == pytest.approx(device_s * 1e3)
+    assert rec["limbs_ms"] is None and rec["device"] == "cpu"
+    assert clock.calls == {Method.TORCH: rounds, Method.LIMBS: 0, Method.DEVICE: rounds}
+
+
+def test_a_device_result_that_differs_is_refused() -> None:
+    ring_tuning.set_device(torch.device("cpu"))
+    gen = torch.Generator().manual_seed(12)
+    a, b = full_range(PRODUCTS[0][0], gen), full_range(PRODUCTS[0][1], gen)
+    with pytest.raises(ProtocolError, match="on the device and torch's int64 matmul disagree"):
+        ring_tuning.run(
+            Kind.GENERAL,
+            a.shape,
+            b.shape,
+            torch_fn=lambda: torch.matmul(a, b),
+            limbs_fn=lambda: torch.matmul(a, b),
+            device_fn=lambda dev: torch.matmul(a, b).add_(1),
+        )
+
+
+def test_forcing_the_device_way_gives_torchs_bits_for_every_kind() -> None:
+    """The device way with the host standing in for the device: operands copied, limbs split
+    there (a fixed mask once, an owner's narrow weights once), results copied back."""
+    ring_tuning.set_device(torch.device("cpu"))
+    with ring_tuning.forcing(Method.DEVICE):
+        results = _every_kind(torch.Generator().manual_seed(9))
+        recs = ring_tuning.records()
+    for got, expected in results:
+        assert torch.equal(got, expected)
+    assert {r["kind"] for r in recs} == {k.value for k in Kind}
+    assert all(r["method"] == "device" and r["source"] == "forced" for r in recs)
+
+
+def test_forcing_the_device_way_without_a_device_keeps_the_host_limbs() -> None:
+    with ring_tuning.forcing(Method.DEVICE):
+        results = _every_kind(torch.Generator().manual_seed(9))
+        recs = ring_tuning.records()
+    for got, expected in results:
+        assert torch.equal(got, expected)
+    assert all(r["method"] == "limbs" for r in recs)
+
+
+def test_a_device_choice_in_the_cache_is_not_taken_without_the_device(tmp_path) -> None:
+    cache = tmp_path / "tuning.json"
+    ring_tuning.configure(forced=None, cache=cache)
+    rec, _ = _choose(0.010, 0.100, 0.001)
+    assert rec["method"] == "device"
+    assert list(json.loads(cache.read_text())["machines"]) == [ring_tuning.machine_key()]
+    assert ring_tuning.machine_key().endswith("| device: cpu")
+    ring_tuning.set_device(None)  # another process with no device: its own key, measured
+    ring_tuning.configure(forced=None, cache=cache)
+    rec, _ = _choose(0.010, 0.100)
+    assert rec["method"] == "torch" and rec["source"] == "measured"

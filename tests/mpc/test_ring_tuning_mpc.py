@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 
+from secfwt.errors import ConfigError
 from secfwt.mpc.launcher import PartyContext, PartyResult, run_parties
 from secfwt.mpc.provider import Provider
 from secfwt.roles import Role
@@ -62,7 +63,9 @@ def party(ctx: PartyContext, payload: dict[str, torch.Tensor | None]) -> dict[st
     return {"opened": opened, "exact": exact}
 
 
-def _session(monkeypatch: pytest.MonkeyPatch, way: str) -> dict[Role, PartyResult]:
+def _session(
+    monkeypatch: pytest.MonkeyPatch, way: str, device: torch.device | None = None
+) -> dict[Role, PartyResult]:
     gen = torch.Generator().manual_seed(3)
     x = torch.rand(X, generator=gen) * 8 - 4
     w = torch.rand(W, generator=gen) * 2 - 1  # narrow: |encoded| < 2^21
@@ -76,6 +79,7 @@ def _session(monkeypatch: pytest.MonkeyPatch, way: str) -> dict[Role, PartyResul
         },
         provider=Provider.TTP,
         timeout_s=180,
+        device=device,
     )
 
 
@@ -94,6 +98,39 @@ def test_forced_ways_open_identical_exact_products_and_are_recorded(monkeypatch)
             assert all(r["calls"] >= 1 for r in recs)
         _check_dealer_traffic(results)
     assert opened["torch"] == opened["limbs"]
+
+
+def test_run_device_reaches_every_process_and_opens_the_same_bits(monkeypatch) -> None:
+    """``run.device``'s plumbing with the host standing in for the GPU (this machine has none):
+    every process, the dealer's included, computes every kind of product through the device
+    way (operands copied to the device, limbs there, result back) and the opened products are
+    the bits of the torch session's."""
+    host = _session(monkeypatch, "torch")[Role.DATA_OWNER].value["opened"]
+    results = _session(monkeypatch, "device", device=torch.device("cpu"))
+    for role in (Role.MODEL_OWNER, Role.DATA_OWNER):
+        assert results[role].value["exact"] == [True] * 4, role
+        assert results[role].value["opened"] == host, role
+    for role, kinds in KINDS.items():
+        recs = results[role].ring_matmul
+        assert {r["kind"] for r in recs} == kinds, (role, recs)
+        assert all(r["method"] == "device" and r["calls"] >= 1 for r in recs), recs
+    # measured: each process times torch against the device at the first product of a class,
+    # and checks the device's bits against torch's there
+    results = _session(monkeypatch, "1", device=torch.device("cpu"))
+    assert results[Role.DATA_OWNER].value["opened"] == host
+    for role, kinds in KINDS.items():
+        recs = results[role].ring_matmul
+        assert {r["kind"] for r in recs} == kinds, (role, recs)
+        for r in recs:
+            assert r["source"] == "measured" and r["device"] == "cpu", r
+            assert r["torch_ms"] > 0 and r["device_ms"] > 0 and r["limbs_ms"] is None, r
+            assert r["clock"] == "perf_counter", r
+
+
+def test_forcing_the_device_way_without_a_device_is_refused_before_any_party(monkeypatch) -> None:
+    monkeypatch.setenv("SECFWT_RING_MATMUL", "device")
+    with pytest.raises(ConfigError, match="SECFWT_RING_MATMUL=device .* set run.device"):
+        run_parties(party, payloads={}, provider=Provider.TTP, timeout_s=10)
 
 
 def _check_dealer_traffic(results: dict[Role, PartyResult]) -> None:

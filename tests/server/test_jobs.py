@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from secfwt.cli import main
 from secfwt.errors import ProtocolError
@@ -396,6 +397,28 @@ def test_a_model_owner_daemon_refuses_a_job_without_its_safety_policy(
         assert st.state == pb.JOB_STATE_REFUSED and "requires a safety gate" in st.reason
     with deployment.client(do.address) as c:  # the data owner has no policy to enforce
         assert c.propose(p).state == pb.JOB_STATE_PROPOSED
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_a_daemon_without_the_jobs_device_refuses_it_on_proposal(
+    deployment: Deployment, tmp_path: Path, daemons: list
+) -> None:
+    """``run.device`` is checked where the job would run: at proposal, as INVALID_ARGUMENT
+    naming the field and the fix, not when the MPC session starts."""
+    mo = _daemon(deployment, "model_owner", tmp_path, daemons)
+    do = _daemon(deployment, "data_owner", tmp_path, daemons)
+    text = deployment.job_file.read_text() + '\n[run]\ndevice = "cuda"\n'
+    p = _proposal(deployment, "on-gpu", mo=mo, do=do, job_toml=text)
+    for daemon in (mo, do):
+        with deployment.client(daemon.address) as c:
+            with pytest.raises(
+                ProtocolError,
+                match=r"INVALID_ARGUMENT: .*run.device = 'cuda': .* sees no CUDA device",
+            ):
+                c.propose(p)
+            st = c.status("on-gpu")
+            assert st.state == pb.JOB_STATE_REFUSED and 'set run.device = "cpu"' in st.reason
+            assert c.health() == "SERVING"
 
 
 def test_a_withheld_job_ends_withheld_with_its_scores_and_keeps_that_over_a_restart(
