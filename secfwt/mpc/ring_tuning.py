@@ -229,6 +229,7 @@ class _Tuner:
             if choice is None and self.forced is not None:
                 forced = self.forced if self.forced in ways else Method.LIMBS  # host limbs
                 choice = Choice(forced, "forced", _describe(a_shape, b_shape))
+                choice.device = str(dev) if forced is Method.DEVICE else None
                 self._choices[cls] = choice
             if choice is None:
                 choice = self._from_disk(cls)

@@ -142,3 +142,29 @@ def test_simulate_refuses_a_missing_device_before_any_party_starts(monkeypatch) 
     cfg = load_job(None, overrides=["run.device=cuda"])
     with pytest.raises(ConfigError, match="run.device = 'cuda'"):
         run_simulation(cfg)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")
+def test_on_a_real_cuda_device_every_kind_gives_torchs_bits() -> None:
+    """Where a GPU is present: the device's float64 GEMMs keep the limb sums exact, so every
+    kind of product equals torch's int64 matmul on the host, forced and measured."""
+    a, b, w = _operands()
+    dev = device.resolve("cuda")
+    assert dev is not None
+    device.warm_up(dev)
+    ring_tuning.configure(forced=None, cache=None)
+    ring_tuning.set_device(dev)
+    try:
+        for method in (Method.DEVICE, None):
+            with ring_tuning.forcing(method):
+                fixed = owned._FixedRight(b)
+                assert torch.equal(ring_matmul(a, b), torch.matmul(a, b))
+                assert torch.equal(fixed(a), torch.matmul(a, b))
+                assert torch.equal(fixed(a), torch.matmul(a, b))
+                assert torch.equal(owned._owner_product(a, w, narrow=True), torch.matmul(a, w))
+                recs = ring_tuning.records()
+            assert {r["kind"] for r in recs} == {"general", "prepared", "narrow"}
+            assert all(r["device"] == str(dev) for r in recs)
+    finally:
+        ring_tuning.set_device(None)
+        ring_tuning.configure(forced=None, cache=None)

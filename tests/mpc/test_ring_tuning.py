@@ -337,6 +337,7 @@ def test_forcing_the_device_way_gives_torchs_bits_for_every_kind() -> None:
         assert torch.equal(got, expected)
     assert {r["kind"] for r in recs} == {k.value for k in Kind}
     assert all(r["method"] == "device" and r["source"] == "forced" for r in recs)
+    assert all(r["device"] == "cpu" for r in recs)
 
 
 def test_forcing_the_device_way_without_a_device_keeps_the_host_limbs() -> None:
