@@ -295,9 +295,9 @@ def test_a_bad_setting_is_refused_before_any_party_starts(monkeypatch) -> None:
 @pytest.mark.parametrize(
     ("torch_s", "device_s", "chosen", "rounds"),
     [
-        (0.010, 0.001, Method.DEVICE, 1),
+        (0.010, 0.001, Method.DEVICE, 2),  # decisive, but a device is timed twice at least
         (0.010, 0.0095, Method.TORCH, 3),  # within the margin: the host's torch stays
-        (0.001, 0.010, Method.TORCH, 1),  # a device slower than the host is not used
+        (0.001, 0.010, Method.TORCH, 2),  # a device slower than the host is not used
     ],
 )
 def test_with_a_device_torch_is_timed_against_the_device_not_the_host_limbs(
@@ -360,3 +360,27 @@ def test_a_device_choice_in_the_cache_is_not_taken_without_the_device(tmp_path) 
     ring_tuning.configure(forced=None, cache=cache)
     rec, _ = _choose(0.010, 0.100)
     assert rec["method"] == "torch" and rec["source"] == "measured"
+
+
+def test_a_device_slow_only_at_its_first_product_is_still_chosen() -> None:
+    """A device loads a shape's kernels at its first product: that run alone does not decide."""
+    clock = ScriptedClock()
+    ring_tuning._TUNER.clock = clock
+    ring_tuning.set_device(torch.device("cpu"))
+    out = torch.arange(6).reshape(2, 3)
+    device_times = iter([0.100, 0.001, 0.001])
+
+    def on_device(dev: torch.device) -> torch.Tensor:
+        return clock.way(Method.DEVICE, next(device_times), out)()
+
+    ring_tuning.run(
+        Kind.GENERAL,
+        (512, 512),
+        (512, 512),
+        torch_fn=clock.way(Method.TORCH, 0.010, out),
+        limbs_fn=clock.way(Method.LIMBS, 1.0, out),
+        device_fn=on_device,
+    )
+    (rec,) = ring_tuning.records()
+    assert rec["method"] == "device" and rec["rounds"] == 2
+    assert rec["device_ms"] == pytest.approx(1.0)
