@@ -188,8 +188,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if on is not None:
         n = on["products"]
         print(
-            f"  ring products on {on['device']}: {n['device']} of {sum(n.values())} (the rest "
-            "on the host: small ones, and classes where torch's int64 matmul measured faster)"
+            f"  ring products on {on['device']}: {n['device']} of the {sum(n.values())} large "
+            "ones (the others where torch's int64 matmul measured faster, and every small one, "
+            "on the host)"
         )
     print(
         "  modelled link time: "

@@ -66,4 +66,4 @@ def test_a_job_on_the_device_way_tunes_the_same_bits_as_on_the_host(
     )
     assert counts["device"] > 0 and counts["torch"] == counts["limbs"] == 0
     n = counts["device"]
-    assert f"  ring products on cpu: {n} of {n} (the rest on the host" in capsys.readouterr().out
+    assert f"  ring products on cpu: {n} of the {n} large ones (" in capsys.readouterr().out
