@@ -25,6 +25,7 @@ from secfwt.mpc import ring_tuning
 from secfwt.mpc.ring import (
     NARROW_BOUND,
     PreparedRight,
+    on_device,
     ring_matmul_limbs,
     ring_matmul_narrow,
     ring_matmul_prepared,
@@ -85,13 +86,13 @@ def machine_timings(
                 "limbs_ms": partial(ring_matmul_limbs, a, b)
             }
             if device is not None:
-                ways["device_ms"] = partial(_on_device, ring_matmul_limbs, a, b, device)
+                ways["device_ms"] = partial(on_device, ring_matmul_limbs, a, b, device)
             if weight:
                 ways["limbs_prepared_ms"] = partial(ring_matmul_prepared, a, PreparedRight(b))
                 if device is not None:
                     on = PreparedRight(b.to(device))
                     ways["device_prepared_ms"] = partial(
-                        _on_device, ring_matmul_prepared, a, on, device
+                        on_device, ring_matmul_prepared, a, on, device
                     )
                 w = torch.randint(-NARROW_BOUND + 1, NARROW_BOUND, sb, generator=gen)
                 row["narrow_torch_ms"], narrow_ref = _best_ms(partial(torch.matmul, a, w), reps)
@@ -100,7 +101,7 @@ def machine_timings(
                 row["bit_identical"] = torch.equal(got, narrow_ref)
                 if device is not None:
                     w_on = w.to(device=device, dtype=torch.float64)
-                    on_narrow = partial(_on_device, ring_matmul_narrow, a, w_on, device)
+                    on_narrow = partial(on_device, ring_matmul_narrow, a, w_on, device)
                     row["device_narrow_ms"], got = _best_ms(on_narrow, reps)
                     row["bit_identical"] = row["bit_identical"] and torch.equal(got, narrow_ref)
             for key, fn in ways.items():
@@ -122,16 +123,6 @@ def machine_timings(
         "shape": plan.layer.describe(),
         "products": rows,
     }
-
-
-def _on_device(
-    fn: Callable[[torch.Tensor, Any], torch.Tensor], a: torch.Tensor, b: Any, dev: torch.device
-) -> torch.Tensor:
-    """``fn(a, b)`` with ``a`` copied to ``dev`` (``b`` is there already unless it is a host
-    tensor) and the result copied back, as a party's device way runs a product."""
-    if isinstance(b, torch.Tensor):
-        b = b.to(device=dev)
-    return fn(a.to(device=dev), b).to(a.device)
 
 
 def choices(results: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:

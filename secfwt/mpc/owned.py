@@ -67,6 +67,7 @@ from secfwt.mpc.ring import (
     NARROW_BOUND,
     PreparedRight,
     fixed_on_device,
+    on_device,
     ring_matmul,
     ring_matmul_narrow,
     ring_matmul_prepared,
@@ -175,9 +176,7 @@ class _FixedRight:
             self.b.shape,
             torch_fn=lambda: torch.matmul(a, self.b),
             limbs_fn=lambda: self._limbs(a),
-            device_fn=lambda dev: ring_matmul_prepared(a.to(device=dev), self._split_on(dev)).to(
-                a.device
-            ),
+            device_fn=lambda dev: on_device(ring_matmul_prepared, a, self._split_on(dev), dev),
         )
         if before is None:
             method = ring_tuning.decided(Kind.PREPARED, a.shape, self.b.shape)
@@ -416,9 +415,9 @@ def _owner_product(mine: torch.Tensor, w: torch.Tensor, *, narrow: bool) -> torc
         w.shape,
         torch_fn=lambda: torch.matmul(mine, w),
         limbs_fn=lambda: ring_matmul_narrow(mine, w.double()),
-        device_fn=lambda dev: ring_matmul_narrow(
-            mine.to(device=dev), fixed_on_device(w, dev, torch.float64)
-        ).to(mine.device),
+        device_fn=lambda dev: on_device(
+            ring_matmul_narrow, mine, fixed_on_device(w, dev, torch.float64), dev
+        ),
     )
 
 

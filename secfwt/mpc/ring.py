@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -86,7 +87,7 @@ def ring_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         b.shape,
         torch_fn=lambda: torch.matmul(a, b),
         limbs_fn=lambda: ring_matmul_limbs(a, b),
-        device_fn=lambda dev: ring_matmul_limbs(a.to(device=dev), b.to(device=dev)).to(a.device),
+        device_fn=lambda dev: on_device(ring_matmul_limbs, a, b, dev),
     )
 
 
@@ -251,6 +252,18 @@ def ring_matmul_narrow(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return result
 
 
+def on_device(
+    fn: Callable[[torch.Tensor, Any], torch.Tensor], a: torch.Tensor, b: Any, dev: torch.device
+) -> torch.Tensor:
+    """``fn(a, b)`` on ``dev``, the result back where ``a`` is: the device way of every ring
+    product (:mod:`secfwt.mpc.device`). ``a`` is copied there; ``b`` too when it is a tensor
+    still elsewhere (a fixed operand already there, or a :class:`PreparedRight` split there,
+    is used as it is)."""
+    if isinstance(b, torch.Tensor):
+        b = b.to(device=dev)
+    return fn(a.to(device=dev), b).to(a.device)
+
+
 #: id of a host tensor -> (a weak reference to it, its copies by device and dtype). Keyed by
 #: id with a weak reference, not a WeakKeyDictionary, whose key comparison would call a
 #: tensor's elementwise ``==``.
@@ -284,6 +297,7 @@ __all__ = [
     "SMALL_WORK",
     "PreparedRight",
     "fixed_on_device",
+    "on_device",
     "ring_matmul",
     "ring_matmul_limbs",
     "ring_matmul_narrow",

@@ -156,18 +156,20 @@ class ScriptedClock:
 
 
 def _choose(
-    torch_s: float, limbs_s: float, device_s: float | None = None
+    torch_s: float, limbs_s: float, device_s: float | list[float] | None = None
 ) -> tuple[dict[str, object], ScriptedClock]:
-    """One product of a new class, each way taking the scripted time; with ``device_s`` a
-    device is set and the product has a device way."""
+    """One product of a new class, each way taking the scripted time; with ``device_s`` (one
+    time, or one per run) a device is set and the product has a device way."""
     clock = ScriptedClock()
     ring_tuning._TUNER.clock = clock
     out = torch.arange(6).reshape(2, 3)
     devices: list[torch.device] = []
+    times = iter(device_s if isinstance(device_s, list) else [])
 
     def on_device(dev: torch.device) -> torch.Tensor:
         devices.append(dev)
-        return clock.way(Method.DEVICE, device_s or 0.0, out)()
+        seconds = next(times) if isinstance(device_s, list) else device_s or 0.0
+        return clock.way(Method.DEVICE, seconds, out)()
 
     if device_s is not None:
         ring_tuning.set_device(torch.device("cpu"))
@@ -364,23 +366,6 @@ def test_a_device_choice_in_the_cache_is_not_taken_without_the_device(tmp_path) 
 
 def test_a_device_slow_only_at_its_first_product_is_still_chosen() -> None:
     """A device loads a shape's kernels at its first product: that run alone does not decide."""
-    clock = ScriptedClock()
-    ring_tuning._TUNER.clock = clock
-    ring_tuning.set_device(torch.device("cpu"))
-    out = torch.arange(6).reshape(2, 3)
-    device_times = iter([0.100, 0.001, 0.001])
-
-    def on_device(dev: torch.device) -> torch.Tensor:
-        return clock.way(Method.DEVICE, next(device_times), out)()
-
-    ring_tuning.run(
-        Kind.GENERAL,
-        (512, 512),
-        (512, 512),
-        torch_fn=clock.way(Method.TORCH, 0.010, out),
-        limbs_fn=clock.way(Method.LIMBS, 1.0, out),
-        device_fn=on_device,
-    )
-    (rec,) = ring_tuning.records()
+    rec, _ = _choose(0.010, 1.0, [0.100, 0.001, 0.001])
     assert rec["method"] == "device" and rec["rounds"] == 2
     assert rec["device_ms"] == pytest.approx(1.0)
