@@ -38,11 +38,14 @@ import torch
 
 from secfwt.crypten_compat import crypten
 
-#: Element-wise products of at most this many elements take their triples from a pool that one
-#: dealer request fills with :data:`POOL_SIZE` triples (LayerNorm's and the softmax's per-row
-#: Newton steps: a dealer round trip each otherwise). Each triple is still used once.
-POOL_MAX_ELEMENTS = 4096
-POOL_SIZE = 2**15
+#: Element-wise correlations of at most this many elements (the triples of products and AND
+#: gates, the random bits of B2A conversions and of bit selects) come from a pool per kind that
+#: one dealer request fills with :data:`POOL_SIZE` of them: LayerNorm's and the softmax's per-row
+#: steps, the last levels of a max tree and their comparisons would each wait for a dealer
+#: round trip otherwise (1.6 ms each on rank 0 on the 2-core bench machine, 5 messages; a
+#: BERT-base layer made 57 requests, 21 of them this small). Each correlation is still used once.
+POOL_MAX_ELEMENTS = 16384
+POOL_SIZE = 2**16
 
 #: Local product of two int64 tensors (``torch.mul``, or an exact ring matmul).
 LocalProduct = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -64,7 +67,15 @@ def product(x: Any, y: Any, *, op: str, local: LocalProduct) -> Any:
 def product_shares(
     x: torch.Tensor, y: torch.Tensor, *, op: str, local: LocalProduct
 ) -> torch.Tensor:
-    """:func:`product` on this party's int64 shares (no CrypTen tensor objects around them)."""
+    """:func:`product` on this party's int64 shares (no CrypTen tensor objects around them).
+
+    A small broadcast product (``op == "mul"``, at most :data:`POOL_MAX_ELEMENTS` outputs, e.g.
+    a per-row factor times a few rows) opens its operands at the output's shape, so its triple
+    comes from the pool: a few KB more on the wire instead of a dealer round trip."""
+    if op == "mul" and x.shape != y.shape and dealer_generator() is not None:
+        size = broadcast_shapes(x.shape, y.shape)
+        if math.prod(size) <= POOL_MAX_ELEMENTS:
+            x, y = x.expand(size), y.expand(size)
     a, b, c_of = triple(x.size(), y.size(), op)
     eps, delta = crypten.communicator.get().all_reduce([x - a, y - b], batched=True)
     z = local(eps, b)
@@ -111,13 +122,24 @@ def bit_masks(size: torch.Size) -> tuple[torch.Tensor, Callable[[], torch.Tensor
     """The dealer's random bits ``r`` for a B2A of ``size`` single bits: this party's XOR share
     of ``r`` and a function returning its additive share of ``r`` (CrypTen's ``B2A_rng``, with
     rank 0's request sent now, as in :func:`triple`)."""
-    from crypten.common.rng import generate_kbit_random_tensor, generate_random_ring_element
 
     generator = dealer_generator()
     if generator is None:
         r_arith, r_bits = crypten.mpc.get_default_provider().B2A_rng(size)
         # XOR shares of a bit may carry random high bits that cancel (TFP shares 64-bit words)
         return r_bits.share & 1, lambda: r_arith.share
+    if math.prod(size) <= POOL_MAX_ELEMENTS:
+        (r_bits,), r_arith_of = _pools["B2A"].take(size)
+        return r_bits, r_arith_of
+    return _fresh_bit_masks(size, generator)
+
+
+def _fresh_bit_masks(
+    size: torch.Size, generator: torch.Generator
+) -> tuple[torch.Tensor, Callable[[], torch.Tensor]]:
+    """:func:`bit_masks` from one dealer request of its own (TTP)."""
+    from crypten.common.rng import generate_kbit_random_tensor, generate_random_ring_element
+
     r_bits = generate_kbit_random_tensor(size, bitlength=1, generator=generator)
     if crypten.communicator.get().get_rank() == 0:
         return r_bits, dealer_request("B2A", size)
@@ -134,25 +156,38 @@ def bit_triple(
     only (``None`` otherwise). Rank 0 sends its request now and reads the reply when the function
     is called; everything else is drawn from the generator each party shares with the dealer, as
     in CrypTen's own correlations (:func:`dealer_bit_triple` is the dealer's side)."""
-    from crypten.common.rng import generate_kbit_random_tensor, generate_random_ring_element
 
     generator = dealer_generator()
     if generator is None:
         return None
+    if math.prod(size) <= POOL_MAX_ELEMENTS:
+        (r_bits, a), r_and_ra_of = _pools["secfwt_bit_triple"].take(size)
+    else:
+        r_bits, a, r_and_ra_of = _fresh_bit_triple(size, generator)
+
+    def rest() -> tuple[torch.Tensor, torch.Tensor]:
+        r_and_ra = r_and_ra_of()
+        return r_and_ra[0], r_and_ra[1]
+
+    return r_bits, a, rest
+
+
+def _fresh_bit_triple(
+    size: torch.Size, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, Callable[[], torch.Tensor]]:
+    """:func:`bit_triple` from one dealer request of its own (TTP); the shares of ``r`` and
+    ``r a`` come stacked, ``(2, *size)``."""
+    from crypten.common.rng import generate_kbit_random_tensor, generate_random_ring_element
+
     rank0 = crypten.communicator.get().get_rank() == 0
     if rank0:
         reply = dealer_request("secfwt_bit_triple", size)
     r_bits = generate_kbit_random_tensor(size, bitlength=1, generator=generator)
     a = generate_random_ring_element(size, generator=generator)
     if rank0:
-
-        def rest() -> tuple[torch.Tensor, torch.Tensor]:
-            r_and_ra = reply()
-            return r_and_ra[0], r_and_ra[1]
-
-        return r_bits, a, rest
-    r, ra = (generate_random_ring_element(size, generator=generator) for _ in range(2))
-    return r_bits, a, lambda: (r, ra)
+        return r_bits, a, reply
+    r_and_ra = torch.stack([generate_random_ring_element(size, generator=generator) for _ in "rr"])
+    return r_bits, a, lambda: r_and_ra
 
 
 def dealer_bit_triple(generators: list[torch.Generator], size: torch.Size) -> torch.Tensor:
@@ -224,7 +259,6 @@ def triple(
     request sent now and its reply read when the returned function is called. Other providers:
     their own triple.
     """
-    from crypten.common.rng import generate_random_ring_element
 
     generator = dealer_generator()
     if generator is None:
@@ -234,8 +268,18 @@ def triple(
         else:
             a, b, c = provider.generate_additive_triple(size0, size1, op)
         return a.share, b.share, lambda: c.share
-    if op == "mul" and size0 == size1 and math.prod(size0) <= POOL_MAX_ELEMENTS:
-        return _pool.take(torch.Size(size0))
+    if op in ("mul", "binary") and size0 == size1 and math.prod(size0) <= POOL_MAX_ELEMENTS:
+        (a, b), c_of = _pools[op].take(torch.Size(size0))
+        return a, b, c_of
+    return _fresh_triple(size0, size1, op, generator)
+
+
+def _fresh_triple(
+    size0: torch.Size, size1: torch.Size, op: str, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, Callable[[], torch.Tensor]]:
+    """:func:`triple` from one dealer request of its own (TTP)."""
+    from crypten.common.rng import generate_random_ring_element
+
     comm = crypten.communicator.get()
     if comm.get_rank() == 0:
         args = (size0, size1) if op == "binary" else (size0, size1, op)
@@ -253,58 +297,94 @@ def triple(
     return a, b, c_of
 
 
-class _PooledTriples:
-    """One dealer request's worth of element-wise triples; rank 0 reads the reply at first use."""
-
-    def __init__(self, n: int) -> None:
-        size = torch.Size([n])
-        self.a, self.b, self._c_of = triple(
-            size, size, "mul"
-        )  # n > POOL_MAX_ELEMENTS: not pooled itself
-        self._c: torch.Tensor | None = None
-
-    def c(self) -> torch.Tensor:
-        if self._c is None:
-            self._c = self._c_of()
-        return self._c
+#: What a pool hands out: the tensors drawn at once (``size`` each) and a function returning the
+#: share that rank 0 reads from the dealer's reply (``(*lead, *size)``).
+_Drawn = tuple[tuple[torch.Tensor, ...], Callable[[], torch.Tensor]]
 
 
-class _TriplePool:
-    """Element-wise ("mul") triples fetched :data:`POOL_SIZE` at a time, handed out in order.
+class _Batch:
+    """One dealer request's worth of one kind; rank 0 reads the reply at first use."""
+
+    def __init__(self, drawn: _Drawn) -> None:
+        self.now, self._later_of = drawn
+        self._later: torch.Tensor | None = None
+
+    def later(self) -> torch.Tensor:
+        if self._later is None:
+            self._later = self._later_of()
+        return self._later
+
+
+class _Pool:
+    """Element-wise correlations of one kind fetched :data:`POOL_SIZE` at a time, handed out in
+    order, each element once.
 
     Both parties take the same sizes in the same order (the protocol is the same program on
-    both), so they refill at the same points and slice the same triples. A refill is one
-    ordinary TTP triple request.
+    both), so they refill at the same points and slice the same elements. A refill is one
+    ordinary dealer request of ``POOL_SIZE`` elements (``draw``), so the dealer's side is
+    unchanged.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, draw: Callable[[torch.Size, torch.Generator], _Drawn]) -> None:
+        self._draw = draw
         self.reset()
 
     def reset(self) -> None:
-        self._batch: _PooledTriples | None = None
+        self._batch: _Batch | None = None
         self._used = 0
 
-    def take(
-        self, size: torch.Size
-    ) -> tuple[torch.Tensor, torch.Tensor, Callable[[], torch.Tensor]]:
+    def take(self, size: torch.Size) -> _Drawn:
         n = math.prod(size)
-        if self._batch is None or self._used + n > self._batch.a.numel():
-            self._batch, self._used = _PooledTriples(max(POOL_SIZE, n)), 0
+        if self._batch is None or self._used + n > self._batch.now[0].numel():
+            generator = dealer_generator()
+            if generator is None:
+                raise RuntimeError("pooled correlations need the TTP dealer")
+            if self._batch is not None:
+                self._batch.later()  # the dealer's replies are read in order (dealer_request)
+            self._batch = _Batch(self._draw(torch.Size([max(POOL_SIZE, n)]), generator))
+            self._used = 0
         batch, part = self._batch, slice(self._used, self._used + n)
         self._used = part.stop
-        return (
-            batch.a[part].reshape(size),
-            batch.b[part].reshape(size),
-            lambda: batch.c()[part].reshape(size),
-        )
+
+        def later() -> torch.Tensor:
+            t = batch.later()
+            return t[..., part].reshape(*t.shape[:-1], *size)
+
+        return tuple(t[part].reshape(size) for t in batch.now), later
 
 
-_pool = _TriplePool()
+def _triples(op: str) -> Callable[[torch.Size, torch.Generator], _Drawn]:
+    def draw(size: torch.Size, generator: torch.Generator) -> _Drawn:
+        a, b, c_of = _fresh_triple(size, size, op, generator)
+        return (a, b), c_of
+
+    return draw
+
+
+def _bits_of(
+    fresh: Callable[[torch.Size, torch.Generator], tuple[Any, ...]],
+) -> Callable[[torch.Size, torch.Generator], _Drawn]:
+    def draw(size: torch.Size, generator: torch.Generator) -> _Drawn:
+        *now, later_of = fresh(size, generator)
+        return tuple(now), later_of
+
+    return draw
+
+
+#: One pool per kind, keyed by the dealer function that refills it (``"mul"``/``"binary"``:
+#: additive and binary triples).
+_pools = {
+    "mul": _Pool(_triples("mul")),
+    "binary": _Pool(_triples("binary")),
+    "B2A": _Pool(_bits_of(_fresh_bit_masks)),
+    "secfwt_bit_triple": _Pool(_bits_of(_fresh_bit_triple)),
+}
 
 
 def reset_pools() -> None:
-    """Drop the unused pooled triples (both parties at the same point: a reseed for tests)."""
-    _pool.reset()
+    """Drop the unused pooled correlations (both parties at the same point: a reseed for tests)."""
+    for pool in _pools.values():
+        pool.reset()
 
 
 def dealer_request(function: str, *args: Any) -> Callable[[], torch.Tensor]:

@@ -7,6 +7,13 @@ two-member group). :func:`install` makes ``DistributedCommunicator.all_reduce`` 
 BXOR) and ``broadcast`` in a group of two send each side's tensor and combine the other's
 (int64 SUM wraps mod 2^64 as gloo's does): the same bytes and results bit for bit. Any
 other group or op runs CrypTen's code. Installed by :func:`secfwt.mpc.engine.install`.
+
+A batch of small tensors (a Beaver opening's ``eps`` and ``delta``, at most
+:data:`PACK_MAX_ELEMENTS` elements in all) travels as one message each way: gloo pays about
+0.2 ms per message on loopback whatever its size, so a two-tensor opening of a few values took
+0.68 ms as two messages and 0.20 ms as one (measured on the 2-core bench machine). Larger
+batches go tensor by tensor, which saves the copy into one buffer (2 x 100,000 elements: 1.19 ms
+as two messages, 1.49 ms packed).
 """
 
 from __future__ import annotations
@@ -17,6 +24,9 @@ from typing import Any
 import torch
 
 from secfwt.crypten_compat import crypten  # noqa: F401  (CrypTen importable on this torch)
+
+#: Batches of at most this many elements (of one dtype) are exchanged as one message.
+PACK_MAX_ELEMENTS = 1 << 14
 
 
 def installed() -> bool:
@@ -53,15 +63,32 @@ def install() -> None:
         if peer is None or op not in combine:
             return crypten_all_reduce(self, input, op=op, batched=batched)
         mine = [t.data.contiguous() for t in (input if batched else [input])]
-        theirs = [torch.empty_like(t) for t in mine]
-        sends = [dist.isend(t, peer, group=self.main_group) for t in mine]
-        for buf in theirs:
-            dist.irecv(buf, peer, group=self.main_group).wait()
-        for req in sends:
-            req.wait()
+        theirs = exchange(mine, peer, self.main_group)
         # A new tensor, as CrypTen's clone.
         out = [combine[op](m, t) for m, t in zip(mine, theirs, strict=True)]
         return out if batched else out[0]
+
+    def exchange(mine: list[torch.Tensor], peer: int, group: Any) -> list[torch.Tensor]:
+        """Send ``mine`` to ``peer`` and receive its tensors of the same shapes."""
+        if (
+            len(mine) > 1
+            and sum(t.numel() for t in mine) <= PACK_MAX_ELEMENTS
+            and len({t.dtype for t in mine}) == 1
+        ):
+            packed = torch.cat([t.reshape(-1) for t in mine])
+            other = torch.empty_like(packed)
+            send = dist.isend(packed, peer, group=group)
+            dist.irecv(other, peer, group=group).wait()
+            send.wait()
+            parts = other.split([t.numel() for t in mine])
+            return [p.view_as(t) for p, t in zip(parts, mine, strict=True)]
+        theirs = [torch.empty_like(t) for t in mine]
+        sends = [dist.isend(t, peer, group=group) for t in mine]
+        for buf in theirs:
+            dist.irecv(buf, peer, group=group).wait()
+        for req in sends:
+            req.wait()
+        return theirs
 
     def broadcast(self: Any, input: Any, src: int, group: Any = None, batched: bool = False) -> Any:
         group = self.main_group if group is None else group

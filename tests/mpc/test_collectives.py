@@ -4,7 +4,9 @@ One TTP session (model owner, data owner, dealer) per setting checks that CrypTe
 communicator, as patched, gives bit for bit what gloo's own collectives give:
 
 * ``all_reduce`` (SUM with int64 wrap-around, BXOR; single and batched, non-contiguous input)
-  equals ``torch.distributed.all_reduce`` on a copy, and leaves its input untouched;
+  equals ``torch.distributed.all_reduce`` on a copy, and leaves its input untouched; a batch
+  small enough to travel packed, one over :data:`~secfwt.mpc.collectives.PACK_MAX_ELEMENTS` and
+  one of mixed dtypes alike; a small batch is one message each way, a large one one per tensor;
 * ``broadcast`` from either party delivers the source's tensor (the exchange also into a
   non-contiguous destination, which gloo's own broadcast leaves unwritten), and a float SUM
   equals gloo's;
@@ -69,12 +71,42 @@ def party(ctx: PartyContext, payload: None) -> dict[str, Any]:
         out["checks"][f"{name} batched"] = all(
             torch.equal(a, gloo(b, op)) for a, b in zip(got, xs, strict=True)
         )
+        # over PACK_MAX_ELEMENTS in all: tensor by tensor, not packed
+        large = [
+            torch.randint(-BIG, BIG, (n,), generator=g, dtype=torch.int64) for n in (9000, 8000)
+        ]
+        got = comm.all_reduce(large, op=op, batched=True)
+        out["checks"][f"{name} batched large"] = all(
+            torch.equal(a, gloo(b, op)) for a, b in zip(got, large, strict=True)
+        )
         nc = torch.randint(-BIG, BIG, (6, 8), generator=g, dtype=torch.int64).t()  # non-contiguous
         out["checks"][f"{name} non-contiguous"] = torch.equal(
             comm.all_reduce(nc, op=op), gloo(nc, op)
         )
     f = torch.randn(17, generator=g, dtype=torch.float64)
     out["checks"]["float sum"] = torch.equal(comm.all_reduce(f), gloo(f, ReduceOp.SUM))
+    mixed = [torch.randint(-BIG, BIG, (5,), generator=g, dtype=torch.int64), f * 3]
+    got = comm.all_reduce(mixed, batched=True)
+    out["checks"]["mixed dtypes batched"] = all(
+        torch.equal(a, gloo(b, ReduceOp.SUM)) for a, b in zip(got, mixed, strict=True)
+    )
+    # messages per direction for a small batch of three tensors (packed: one) and a large one
+    sends: list[int] = []
+    real_isend = dist.isend
+
+    def counting_isend(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        sends.append(tensor.numel())
+        return real_isend(tensor, *args, **kwargs)
+
+    dist.isend = counting_isend  # type: ignore[assignment]
+    try:
+        comm.all_reduce(xs, batched=True)
+        out["messages small batch"] = len(sends)
+        sends.clear()
+        comm.all_reduce(large, batched=True)
+        out["messages large batch"] = len(sends)
+    finally:
+        dist.isend = real_isend
 
     # gloo's own broadcast leaves a non-contiguous destination unwritten; the exchange fills it
     layouts = ("contiguous", "non-contiguous") if out["patched"] else ("contiguous",)
@@ -118,3 +150,5 @@ def test_two_party_collectives_match_gloo_bit_for_bit(
         assert value["patched"] if engine == "secfwt" else value["unpatched"], role
         failed = [name for name, ok in value["checks"].items() if not ok]
         assert not failed, f"{role.value}: {failed}"
+        if engine == "secfwt":  # a small batch is one message each way, a large one per tensor
+            assert (value["messages small batch"], value["messages large batch"]) == (1, 2), role
