@@ -122,7 +122,6 @@ def bit_masks(size: torch.Size) -> tuple[torch.Tensor, Callable[[], torch.Tensor
     """The dealer's random bits ``r`` for a B2A of ``size`` single bits: this party's XOR share
     of ``r`` and a function returning its additive share of ``r`` (CrypTen's ``B2A_rng``, with
     rank 0's request sent now, as in :func:`triple`)."""
-
     generator = dealer_generator()
     if generator is None:
         r_arith, r_bits = crypten.mpc.get_default_provider().B2A_rng(size)
@@ -156,7 +155,6 @@ def bit_triple(
     only (``None`` otherwise). Rank 0 sends its request now and reads the reply when the function
     is called; everything else is drawn from the generator each party shares with the dealer, as
     in CrypTen's own correlations (:func:`dealer_bit_triple` is the dealer's side)."""
-
     generator = dealer_generator()
     if generator is None:
         return None
@@ -259,7 +257,6 @@ def triple(
     request sent now and its reply read when the returned function is called. Other providers:
     their own triple.
     """
-
     generator = dealer_generator()
     if generator is None:
         provider = crypten.mpc.get_default_provider()
@@ -371,8 +368,7 @@ def _bits_of(
     return draw
 
 
-#: One pool per kind, keyed by the dealer function that refills it (``"mul"``/``"binary"``:
-#: additive and binary triples).
+#: One pool per kind of correlation: additive and binary triples, B2A bits, bit-select triples.
 _pools = {
     "mul": _Pool(_triples("mul")),
     "binary": _Pool(_triples("binary")),
