@@ -319,7 +319,9 @@ class _Pool:
     Both parties take the same sizes in the same order (the protocol is the same program on
     both), so they refill at the same points and slice the same elements. A refill is one
     ordinary dealer request of ``POOL_SIZE`` elements (``draw``), so the dealer's side is
-    unchanged.
+    unchanged. A take larger than what is left spans the rest of one batch and the start of the
+    next (``n <= POOL_MAX_ELEMENTS <= POOL_SIZE``), so no part of a batch the dealer sent is
+    thrown away.
     """
 
     def __init__(self, draw: Callable[[torch.Size, torch.Generator], _Drawn]) -> None:
@@ -331,23 +333,35 @@ class _Pool:
         self._used = 0
 
     def take(self, size: torch.Size) -> _Drawn:
-        n = math.prod(size)
-        if self._batch is None or self._used + n > self._batch.now[0].numel():
-            generator = dealer_generator()
-            if generator is None:
-                raise RuntimeError("pooled correlations need the TTP dealer")
-            if self._batch is not None:
-                self._batch.later()  # the dealer's replies are read in order (dealer_request)
-            self._batch = _Batch(self._draw(torch.Size([max(POOL_SIZE, n)]), generator))
-            self._used = 0
-        batch, part = self._batch, slice(self._used, self._used + n)
-        self._used = part.stop
+        parts: list[tuple[_Batch, slice]] = []
+        left = math.prod(size)
+        while left > 0 or not parts:
+            if self._batch is None or self._used == self._batch.now[0].numel():
+                self._refill()
+            assert self._batch is not None
+            k = min(left, self._batch.now[0].numel() - self._used)
+            parts.append((self._batch, slice(self._used, self._used + k)))
+            self._used += k
+            left -= k
+
+        def joined(pieces: list[torch.Tensor]) -> torch.Tensor:
+            t = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
+            return t.reshape(*t.shape[:-1], *size)
 
         def later() -> torch.Tensor:
-            t = batch.later()
-            return t[..., part].reshape(*t.shape[:-1], *size)
+            return joined([batch.later()[..., part] for batch, part in parts])
 
-        return tuple(t[part].reshape(size) for t in batch.now), later
+        count = len(parts[0][0].now)
+        return tuple(joined([b.now[i][part] for b, part in parts]) for i in range(count)), later
+
+    def _refill(self) -> None:
+        generator = dealer_generator()
+        if generator is None:
+            raise RuntimeError("pooled correlations need the TTP dealer")
+        if self._batch is not None:
+            self._batch.later()  # the dealer's replies are read in order (dealer_request)
+        self._batch = _Batch(self._draw(torch.Size([POOL_SIZE]), generator))
+        self._used = 0
 
 
 def _triples(op: str) -> Callable[[torch.Size, torch.Generator], _Drawn]:

@@ -12,6 +12,7 @@ both parties alike.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +25,8 @@ from secfwt.roles import Role
 
 pytestmark = pytest.mark.multiprocess
 
-#: Element counts of the small uses; their sum exceeds one pool (POOL_SIZE = 65536).
+#: Element counts of the small uses; their sum exceeds one pool (POOL_SIZE = 65536), and the
+#: take of the fourth 16384 spans the end of the first pool and the start of the second.
 SMALL = [1, 7, 128, 16384, 3000, 16384, 16384, 16384, 16384, 2000, 5]
 #: Broadcast products (x shape, y shape): pooled while the output has at most 16384 elements.
 BROADCAST_SMALL = [((18, 128, 1), (1, 128, 1)), ((64, 1), (1, 256))]
@@ -145,18 +147,27 @@ def test_small_correlations_come_from_pools_and_hold() -> None:
         assert all(value["exact"]), role
         assert [h for h in value["holds"] if not h[2]] == [], role
         assert len(value["holds"]) == len(KINDS) * (len(SMALL) + 2)
-    # only rank 0 (the model owner) talks to the dealer: the small uses of each kind take two
-    # pools (the products' second pass, after a first that left a pool part-used, too), each
-    # large use is one request, small broadcast products draw from the pool (already filled),
-    # a fresh pool after the reset
+
+    # only rank 0 (the model owner) talks to the dealer: one request per pool filled, a take
+    # that does not fit spanning the rest of a pool and the next (nothing the dealer sent is
+    # dropped), so the small uses cost as many requests as the pools their running total
+    # fills; each large use is one request; a fresh pool after the reset
+    def pools(elements: int) -> int:
+        return -(-elements // POOL_SIZE)
+
+    small, broadcast = (
+        sum(SMALL),
+        sum(math.prod(torch.broadcast_shapes(*p)) for p in BROADCAST_SMALL),
+    )
     expected = {
-        "products small": 2,
+        "products small": pools(2 * small) - pools(small),  # after a first, uncounted pass
         "products large": 2,
-        "broadcast small": 0,
+        "broadcast small": pools(2 * small + broadcast) - pools(2 * small),
         "broadcast large": 1,
         "after reset": 1,
-        **{f"{kind} small": 2 for kind in KINDS},
+        **{f"{kind} small": pools(small) for kind in KINDS},
         **{f"{kind} large": 2 for kind in KINDS},
     }
+    assert expected["products small"] == 1 and expected["mul small"] == 2  # the sizes' intent
     assert results[Role.MODEL_OWNER].value["requests"] == expected
     assert set(results[Role.DATA_OWNER].value["requests"].values()) == {0}
