@@ -47,6 +47,12 @@ from secfwt.crypten_compat import crypten
 POOL_MAX_ELEMENTS = 16384
 POOL_SIZE = 2**16
 
+
+def _poolable(size: torch.Size) -> bool:
+    """Whether a correlation of ``size`` comes from a pool (:data:`POOL_MAX_ELEMENTS`)."""
+    return math.prod(size) <= POOL_MAX_ELEMENTS
+
+
 #: Local product of two int64 tensors (``torch.mul``, or an exact ring matmul).
 LocalProduct = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -74,7 +80,7 @@ def product_shares(
     comes from the pool: a few KB more on the wire instead of a dealer round trip."""
     if op == "mul" and x.shape != y.shape and dealer_generator() is not None:
         size = broadcast_shapes(x.shape, y.shape)
-        if math.prod(size) <= POOL_MAX_ELEMENTS:
+        if _poolable(size):
             x, y = x.expand(size), y.expand(size)
     a, b, c_of = triple(x.size(), y.size(), op)
     eps, delta = crypten.communicator.get().all_reduce([x - a, y - b], batched=True)
@@ -127,7 +133,7 @@ def bit_masks(size: torch.Size) -> tuple[torch.Tensor, Callable[[], torch.Tensor
         r_arith, r_bits = crypten.mpc.get_default_provider().B2A_rng(size)
         # XOR shares of a bit may carry random high bits that cancel (TFP shares 64-bit words)
         return r_bits.share & 1, lambda: r_arith.share
-    if math.prod(size) <= POOL_MAX_ELEMENTS:
+    if _poolable(size):
         (r_bits,), r_arith_of = _pools["B2A"].take(size)
         return r_bits, r_arith_of
     return _fresh_bit_masks(size, generator)
@@ -158,7 +164,7 @@ def bit_triple(
     generator = dealer_generator()
     if generator is None:
         return None
-    if math.prod(size) <= POOL_MAX_ELEMENTS:
+    if _poolable(size):
         (r_bits, a), r_and_ra_of = _pools["secfwt_bit_triple"].take(size)
     else:
         r_bits, a, r_and_ra_of = _fresh_bit_triple(size, generator)
@@ -265,7 +271,7 @@ def triple(
         else:
             a, b, c = provider.generate_additive_triple(size0, size1, op)
         return a.share, b.share, lambda: c.share
-    if op in ("mul", "binary") and size0 == size1 and math.prod(size0) <= POOL_MAX_ELEMENTS:
+    if op in ("mul", "binary") and size0 == size1 and _poolable(size0):
         (a, b), c_of = _pools[op].take(torch.Size(size0))
         return a, b, c_of
     return _fresh_triple(size0, size1, op, generator)
@@ -318,14 +324,15 @@ class _Pool:
 
     Both parties take the same sizes in the same order (the protocol is the same program on
     both), so they refill at the same points and slice the same elements. A refill is one
-    ordinary dealer request of ``POOL_SIZE`` elements (``draw``), so the dealer's side is
-    unchanged. A take larger than what is left spans the rest of one batch and the start of the
-    next (``n <= POOL_MAX_ELEMENTS <= POOL_SIZE``), so no part of a batch the dealer sent is
-    thrown away.
+    ordinary dealer request of ``POOL_SIZE`` elements (``fresh``: the unpooled draw, returning
+    the tensors drawn at once and, last, the function reading the dealer's reply), so the
+    dealer's side is unchanged. A take larger than what is left spans the rest of one batch
+    and the start of the next (``n <= POOL_MAX_ELEMENTS <= POOL_SIZE``), so no part of a batch
+    the dealer sent is thrown away.
     """
 
-    def __init__(self, draw: Callable[[torch.Size, torch.Generator], _Drawn]) -> None:
-        self._draw = draw
+    def __init__(self, fresh: Callable[[torch.Size, torch.Generator], tuple[Any, ...]]) -> None:
+        self._fresh = fresh
         self.reset()
 
     def reset(self) -> None:
@@ -360,34 +367,17 @@ class _Pool:
             raise RuntimeError("pooled correlations need the TTP dealer")
         if self._batch is not None:
             self._batch.later()  # the dealer's replies are read in order (dealer_request)
-        self._batch = _Batch(self._draw(torch.Size([POOL_SIZE]), generator))
+        *now, later_of = self._fresh(torch.Size([POOL_SIZE]), generator)
+        self._batch = _Batch((tuple(now), later_of))
         self._used = 0
-
-
-def _triples(op: str) -> Callable[[torch.Size, torch.Generator], _Drawn]:
-    def draw(size: torch.Size, generator: torch.Generator) -> _Drawn:
-        a, b, c_of = _fresh_triple(size, size, op, generator)
-        return (a, b), c_of
-
-    return draw
-
-
-def _bits_of(
-    fresh: Callable[[torch.Size, torch.Generator], tuple[Any, ...]],
-) -> Callable[[torch.Size, torch.Generator], _Drawn]:
-    def draw(size: torch.Size, generator: torch.Generator) -> _Drawn:
-        *now, later_of = fresh(size, generator)
-        return tuple(now), later_of
-
-    return draw
 
 
 #: One pool per kind of correlation: additive and binary triples, B2A bits, bit-select triples.
 _pools = {
-    "mul": _Pool(_triples("mul")),
-    "binary": _Pool(_triples("binary")),
-    "B2A": _Pool(_bits_of(_fresh_bit_masks)),
-    "secfwt_bit_triple": _Pool(_bits_of(_fresh_bit_triple)),
+    "mul": _Pool(lambda size, g: _fresh_triple(size, size, "mul", g)),
+    "binary": _Pool(lambda size, g: _fresh_triple(size, size, "binary", g)),
+    "B2A": _Pool(_fresh_bit_masks),
+    "secfwt_bit_triple": _Pool(_fresh_bit_triple),
 }
 
 
