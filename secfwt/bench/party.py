@@ -329,7 +329,7 @@ def _fot_step(
             seed=payload["seed"], step=0, shapes=trainable.shapes, count=spsa.directions
         )
         new, _gs, mean_loss = spsa_step(
-            lambda ps: runner.losses([dict(p) for p in ps], idx), theta, us=us, settings=spsa
+            lambda ps: runner.losses(ps, idx), theta, us=us, settings=spsa
         )
         return mean_loss
 

@@ -113,13 +113,21 @@ class EncoderModel(TransformerModel):
 
     def classify(self, pooled: Tensor) -> Tensor:
         """Sequence-classification logits (N, C) from pooled features (N, H)."""
+        return self.linear(self.classifier_input(pooled), self.output_module)
+
+    @property
+    def output_module(self) -> str:
+        """The classifier's last linear layer: the logits are linear in its weight and bias."""
+        return "classifier.out_proj" if self.spec.family is Family.ROBERTA else "classifier"
+
+    def classifier_input(self, pooled: Tensor) -> Tensor:
+        """What :attr:`output_module` reads (N, H) from pooled features (N, H)."""
         spec = self.spec
         if spec.family is Family.ROBERTA:
-            x = self.ops.tanh(self.linear(pooled, "classifier.dense"))
-            return self.linear(x, "classifier.out_proj")
+            return self.ops.tanh(self.linear(pooled, "classifier.dense"))
         if self.settings.pooling is Pooling.CLS:
-            pooled = self.ops.tanh(self.linear(pooled, spec.prefix + "pooler.dense"))
-        return self.linear(pooled, "classifier")
+            return self.ops.tanh(self.linear(pooled, spec.prefix + "pooler.dense"))
+        return pooled
 
     def mlm_logits(self, h: Tensor) -> Tensor:
         """Masked-LM logits (N, T, V); the decoder is tied to the word embeddings."""

@@ -498,7 +498,8 @@ def _encoder_runner(
     """A classification job's shared rows and frozen prefix (or the checkpoint's): the forward,
     the cache and the seconds the prefix took. ``checks`` range-checks each prefix row
     (:data:`~secfwt.runtime.range_checks.RANGE_BOUND`) and, in every later forward, each row's
-    logits and losses (:data:`~secfwt.runtime.range_checks.OUTPUT_BOUND`)."""
+    logits, or in a step its losses and logit differences
+    (:data:`~secfwt.runtime.range_checks.OUTPUT_BOUND`)."""
     n, t = facts["n"], facts["t"]
     onehot, mask, pool_w = share_rows(
         sess, data, n=n, t=t, num_labels=facts["num_labels"], pooling=cfg.model.pooling

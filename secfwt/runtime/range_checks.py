@@ -8,8 +8,8 @@ fails with probability about |v| / 2^64 for the ring value v it truncates and th
 outside anything a model computes, so a bound between the two finds it. Every job checks the
 rows of its frozen prefix (hidden states, :data:`RANGE_BOUND`) and of each step's and each
 evaluation's secure forward: a causal job the hidden states of its upper layers and its
-per-row response losses, a classification job its logits and per-example losses
-(:data:`OUTPUT_BOUND`).
+per-row response losses, a classification job its logits (evaluations), or its per-example
+losses with the logits' differences they depend on (steps) (:data:`OUTPUT_BOUND`).
 
 A failure that only perturbs a value a little (or one a later normalization squashes) is not
 seen; the check catches the failures that blow a value up (the usual outcome, and the harmful

@@ -9,7 +9,7 @@ the plaintext reference of a job.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -19,6 +19,7 @@ from secfwt.models.encoder import SOFT_PROMPT, EncoderModel, ForwardSettings
 from secfwt.models.ops import Ops
 from secfwt.models.spec import ModelSpec
 from secfwt.tuning.guard import Guard, guarded
+from secfwt.tuning.spsa import Perturbed
 
 
 def forward_settings(cfg: JobConfig, *, seed: int) -> ForwardSettings:
@@ -127,16 +128,20 @@ class CachedForward:
 
     def example_losses(self, thetas: Sequence[Mapping[str, Any]], idx: list[int]) -> Any:
         """Per-example cross-entropy (k, B) for k parameter sets on the rows ``idx``; under the
-        guard each row's k logits and k losses are checked together."""
+        guard each row's k losses are checked together with the logits' differences to the
+        first class (k x (C - 1)): the loss depends on the logits only through those (it is
+        shift-invariant, in MPC exactly so), so a failure that reaches a logit shows there
+        without checking all C."""
         k = len(thetas)
 
-        def compute(rows: list[int]) -> Any:  # (b, k, C + 1): logits and loss per set
+        def compute(rows: list[int]) -> Any:  # (b, k, C): logit differences and loss per set
             part = [idx[i] for i in rows]
             logits = self._stacked_logits(thetas, part)  # (k, b, C)
             c = logits.shape[-1]
             y = self.onehot[torch.tensor(part * k)]
             nll = self.ops.log_softmax_nll(logits.reshape(k * len(part), c), y)  # (k * b,)
-            out = self.ops.cat([logits, nll.reshape(k, len(part), 1)], dim=-1)  # (k, b, C + 1)
+            spread = logits[..., 1:] - logits[..., :1]  # (k, b, C - 1)
+            out = self.ops.cat([spread, nll.reshape(k, len(part), 1)], dim=-1)  # (k, b, C)
             return out.transpose(0, 1)
 
         return guarded(self.guard, compute, len(idx))[:, :, -1].transpose(0, 1)  # (k, B)
@@ -144,12 +149,47 @@ class CachedForward:
     def _stacked_logits(self, thetas: Sequence[Mapping[str, Any]], idx: list[int]) -> Any:
         """Logits (k, B, C) of k parameter sets on the rows ``idx``."""
         if self.cut == self.spec.num_layers:
+            linear = self._offset_logits(thetas, idx)
+            if linear is not None:
+                return linear
             # Only the head trains: evaluate all k variants in one batched forward by stacking
             # their parameters, (k, out, in) weights against the cached (B, H) features.
             stacked = {n: self.ops.stack([t[n] for t in thetas], dim=0) for n in thetas[0]}
             model = EncoderModel(self.spec, {**self.frozen, **stacked}, self.ops, self.settings)
             return model.classify(self.cache[torch.tensor(idx)])
         return self.ops.stack([self._logits(theta, idx, prompt=None) for theta in thetas], dim=0)
+
+    def _offset_logits(self, thetas: Sequence[Mapping[str, Any]], idx: list[int]) -> Any:
+        """Logits (k, B, C) of the k sets when all are one base plus public offsets
+        (:class:`~secfwt.tuning.spsa.Perturbed`, as an SPSA step makes them) in the weight and
+        bias of the classifier's last linear layer only; else None.
+
+        The logits are linear in those: ``z (W + D_k)^T + (b + d_k) = (z W^T + b) + (z D_k^T +
+        d_k)`` for the layer's input ``z`` (B, H), so the base takes one secret product and
+        each offset's part is secret times public, local in MPC, where a product with the k
+        stacked secret sets opens all k of them (k x C x H values per party and step).
+        """
+        if not all(isinstance(t, Perturbed) for t in thetas):
+            return None
+        sets = cast(Sequence[Perturbed], thetas)
+        base = sets[0].base
+        if any(t.base is not base for t in sets):
+            return None
+        model = EncoderModel(self.spec, {**self.frozen, **base}, self.ops, self.settings)
+        weight, bias = (f"{model.output_module}.{p}" for p in ("weight", "bias"))
+        if weight not in base or not set(base) <= {weight, bias}:
+            return None
+        z = model.classifier_input(self.cache[torch.tensor(idx)])  # (B, H)
+        logits = model.linear(z, model.output_module)  # (B, C)
+        c, h = base[weight].shape
+        w = torch.stack([torch.as_tensor(t.offset[weight]) for t in sets])  # (k, C, H)
+        d = torch.stack(
+            [torch.as_tensor(t.offset[bias]) if bias in base else torch.zeros(c) for t in sets]
+        )  # (k, C)
+        w, d = (v.to(z.dtype) if torch.is_tensor(z) else v for v in (w, d))
+        k = len(sets)
+        offsets = z.matmul(w.reshape(k * c, h).t()).reshape(len(idx), k, c).transpose(0, 1)
+        return logits.unsqueeze(0) + offsets + d.unsqueeze(1)  # (k, B, C)
 
     def correct(self, logits: Any, idx: list[int]) -> Any:
         """Count of correct argmax predictions (ties -> lowest class, as torch.argmax)."""

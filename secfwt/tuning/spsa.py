@@ -29,6 +29,24 @@ class SPSASettings:
     directions: int
 
 
+class Perturbed(dict[str, Any]):
+    """A variant ``base + offset`` of a parameter set (the mapping holds the sums), keeping both
+    parts: the offset is public (a direction times +-eps), so a loss that is linear in these
+    parameters can compute its base part once for all variants and each offset's part locally
+    (:meth:`secfwt.tuning.forward.CachedForward.example_losses`)."""
+
+    def __init__(self, base: Params, offset: dict[str, torch.Tensor]) -> None:
+        super().__init__({n: base[n] + offset[n] for n in base})
+        self.base, self.offset = base, offset
+
+
+def perturbed(
+    params: Params, u: dict[str, torch.Tensor], eps: float, cast: Callable[[torch.Tensor], Any]
+) -> Perturbed:
+    """``params + eps * u`` (``eps`` may be negative) as a :class:`Perturbed`."""
+    return Perturbed(params, {n: cast(u[n]) * eps for n in params})
+
+
 def directions(
     *, seed: int, step: int, shapes: tuple[tuple[str, tuple[int, ...]], ...], count: int
 ) -> list[dict[str, torch.Tensor]]:
@@ -55,8 +73,7 @@ def spsa_step(
     eps, lr, q = settings.eps, settings.lr, len(us)
     variants: list[Params] = []
     for u in us:
-        variants.append({n: params[n] + cast(u[n]) * eps for n in params})
-        variants.append({n: params[n] - cast(u[n]) * eps for n in params})
+        variants += [perturbed(params, u, eps, cast), perturbed(params, u, -eps, cast)]
     values = losses(variants)
     gs = [(values[2 * i] - values[2 * i + 1]) * (1.0 / (2 * eps)) for i in range(q)]
     new = _update(params, gs, us, lr=lr, cast=cast, factors=factors)
@@ -129,8 +146,8 @@ def dp_spsa_step(
     normalised sum g~ enters the parameters, so they are a post-processing of g~.
     """
     eps, lr, q = settings.eps, settings.lr, len(us)
-    variants: list[Params] = [{n: params[n] + cast(u[n]) * eps for n in params} for u in us]
-    variants += [{n: params[n] - cast(u[n]) * eps for n in params} for u in us]
+    variants: list[Params] = [perturbed(params, u, eps, cast) for u in us]
+    variants += [perturbed(params, u, -eps, cast) for u in us]
     losses = example_losses(variants)  # (2q, B)
     d = (losses[:q] - losses[q:]) * (1.0 / (2 * eps))  # (q, B) per-example projected differences
     bound = dp.clip / q**0.5

@@ -23,7 +23,7 @@ def _party(ctx: PartyContext, payload: dict[str, Any]) -> dict[str, Any] | None:
     from secfwt.mpc import owned
     from secfwt.mpc.disclosure import DisclosureTerms, Revealable
     from secfwt.mpc.nonlinear import rows_out_of_range
-    from secfwt.runtime.range_checks import RANGE_BOUND, RangeChecks
+    from secfwt.runtime.range_checks import OUTPUT_BOUND, RANGE_BOUND, RangeChecks
     from secfwt.runtime.session import PartySession
 
     both = [Role.MODEL_OWNER, Role.DATA_OWNER]
@@ -43,6 +43,13 @@ def _party(ctx: PartyContext, payload: dict[str, Any]) -> dict[str, Any] | None:
         return x + (massive + offset)[ix]
 
     flags = rows_out_of_range(shared(list(range(6)), failures), RANGE_BOUND).get_plain_text()
+    # ring values at the bound's edges and the ring's ends, shared as x + m and -m
+    ring, mask = payload["ring"], payload["mask"]
+    share = ring + mask if ctx.role is Role.MODEL_OWNER else -mask
+    edges = crypten.mpc.MPCTensor.from_shares(share, precision=16)
+    edge_flags = {
+        b: rows_out_of_range(edges, b).get_plain_text() for b in (RANGE_BOUND, OUTPUT_BOUND)
+    }
     calls: list[list[int]] = []
 
     def compute(rows: list[int]) -> Any:
@@ -76,6 +83,7 @@ def _party(ctx: PartyContext, payload: dict[str, Any]) -> dict[str, Any] | None:
         return None
     return {
         "flags": flags,
+        "edge_flags": edge_flags,
         "calls": prefix_calls,
         "cache": out,
         "recomputed": recomputed,
@@ -87,6 +95,18 @@ def _party(ctx: PartyContext, payload: dict[str, Any]) -> dict[str, Any] | None:
     }
 
 
+def _edge_rows(bound: float, *, g: torch.Generator) -> tuple[torch.Tensor, list[int]]:
+    """Rows of 8 ring values (16 fractional bits) and whether each has a value beyond
+    ``bound``: in-range values at up to 1/256 of the bound below it, values just beyond it and
+    at the ring's ends (the garbage a failed truncation may leave anywhere)."""
+    t = round(bound * 2**16)
+    near = t - (t >> 8)  # the test's resolution below the bound: never flagged
+    specials = [near, -near, 0, t + 1, -t - 1, 2**63 - 1, -(2**63), -(2**63) + t, 2**63 - t]
+    rows = torch.randint(-near, near, (len(specials), 8), generator=g)
+    rows[:, 3] = torch.tensor(specials)
+    return rows, [int(v > t or v < -t) for v in specials]
+
+
 def test_failed_rows_are_found_and_computed_again() -> None:
     g = torch.Generator().manual_seed(0)
     clean = torch.randn(6, 3, 4, generator=g) * 100
@@ -96,9 +116,17 @@ def test_failed_rows_are_found_and_computed_again() -> None:
     failures[1, 2, 3], failures[4, 0, 1] = FAILURE, -FAILURE
     h = torch.randn(2, 8, generator=g) * 3
     w = torch.randn(8, 5, generator=g)
+    from secfwt.runtime.range_checks import OUTPUT_BOUND, RANGE_BOUND
+
+    edges = {b: _edge_rows(b, g=g) for b in (RANGE_BOUND, OUTPUT_BOUND)}
+    ring = torch.cat([edges[RANGE_BOUND][0], edges[OUTPUT_BOUND][0]])
+    mask = torch.randint(-(2**63), 2**63 - 1, ring.shape, generator=g, dtype=torch.long)
     payload = {"clean": clean, "massive": massive, "failures": failures, "h": h, "w": w}
-    got = data_owner_result(_party, payload)
+    got = data_owner_result(_party, {**payload, "ring": ring, "mask": mask})
     assert got["flags"].tolist() == [0, 1, 0, 0, 1, 0]
+    n = len(edges[RANGE_BOUND][1])
+    for b, part in ((RANGE_BOUND, slice(0, n)), (OUTPUT_BOUND, slice(n, None))):
+        assert got["edge_flags"][b][part].tolist() == edges[b][1], b
     # rows 0-3 and 4-5 in the first pass, then only the two broken rows, once
     assert got["calls"] == [[0, 1, 2, 3], [4, 5], [1, 4]] and got["recomputed"] == 2
     assert got["seen"] == [4, 6]

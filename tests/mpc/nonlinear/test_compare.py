@@ -123,6 +123,40 @@ def test_bit_sliced_carry_gives_exact_signs_in_range() -> None:
     assert torch.equal(_unpack(carry, x.numel()), expected)
 
 
+def test_range_test_on_high_share_bits_flags_every_value_beyond_the_bound() -> None:
+    """Simulate rows_out_of_range's two sign tests on the high bits of both parties' shares:
+    every value beyond the bound is flagged, whatever its magnitude in the ring, and none
+    further than the resolution below it."""
+    g = torch.Generator().manual_seed(5)
+    for bound, drop in ((2.0**15, 23), (2.0**20, 28)):
+        t = round(bound * 2**nl.FRAC_BITS)
+        assert compare._range_drop_bits(t) == drop
+        res = 1 << drop
+        edge = torch.arange(-4 * res, 4 * res + 1, res // 8)
+        x = torch.cat(
+            [
+                t + edge,
+                -t + edge,
+                torch.randint(-t, t, (20000,), generator=g),
+                torch.randint(-(2**63), 2**63 - 1, (20000,), generator=g, dtype=torch.long),
+                torch.tensor([2**63 - 1, -(2**63), -(2**63) + t, 2**63 - t, 0, t + 1, -t - 1]),
+            ]
+        )
+        mask = torch.randint(-(2**63), 2**63 - 1, x.shape, generator=g, dtype=torch.long)
+        # party 0 adds the public bound, as _plus does
+        tests = [
+            torch.stack([-share + plus, share + plus]) >> drop
+            for share, plus in ((x + mask, t), (-mask, 0))
+        ]
+        a, b = (packing._bit_planes(u, bits=64 - drop) for u in tests)
+        carry = compare._carry_out(a[:-1] & b[:-1], a[:-1] ^ b[:-1], torch.bitwise_and)
+        flagged = _unpack(a[-1] ^ b[-1] ^ carry, 2 * x.numel()).reshape(2, -1).amax(0)
+        beyond = (x > t) | (x < -t)
+        assert bool(flagged[beyond].all())
+        assert not bool(flagged[(x >= -t + res) & (x <= t - res)].any())
+        assert int(beyond.sum()) > 20000  # the random ring values are nearly all beyond
+
+
 def test_bit_planes_round_trip() -> None:
     g = torch.Generator().manual_seed(4)
     u = torch.randint(0, 2**21, (3, 67), generator=g)  # not a multiple of 64 elements

@@ -33,6 +33,9 @@ TOKEN_ATOL = 1e-3
 LOSS_ATOL = 1e-3
 #: cross-entropy over 3 classes (SecureOps.log_softmax_nll) [2.8e-4, 2.3e-4, 2.7e-4].
 CLS_ATOL = 1e-3
+#: cross-entropy over 2 classes, softplus of the margin, secret / public labels [1.3e-4 / 1.4e-4,
+#: 1.7e-4 / 1.4e-4, 1.4e-4 / 1.5e-4]; the log-sum-exp path on the same rows: 3.6e-4.
+CLS2_ATOL = 1e-3
 #: log on [1/2, 2^17] [1.0e-4, 8.4e-5, 8.6e-5]: u's 2^-16 resolution at u = 1/4 alone is 6e-5.
 LOG_ATOL = 2e-4
 
@@ -68,6 +71,17 @@ def _inputs() -> dict[str, torch.Tensor]:
     targets[1, 3] = int(z[1, 3].argmin())  # the worst token: loss ~ 70
     response = torch.tensor([[0.0, 1.0, 1.0, 1.0], [0.0, 0.0, 1.0, 0.0]])
     cls_logits = torch.randn(16, C, generator=g) * 6
+    # two classes: margins over softplus's pieces, its cuts at +-10.95 and far beyond (not as far
+    # as 2^14, where the float32 of get_plain_text alone rounds by 2^-10)
+    margins = torch.cat(
+        [
+            torch.randn(1000, generator=g) * 6,
+            torch.linspace(-12, 12, 961),
+            torch.tensor([-1000.0, -100.0, -10.96, -10.94, 0.0, 10.94, 10.96, 100.0, 1000.0]),
+        ]
+    )
+    base = torch.randn(margins.numel(), generator=g) * 3
+    cls2_logits = torch.stack([base, base + margins], dim=-1)
     return {
         "logits": z,
         "onehot": torch.nn.functional.one_hot(targets, V).float(),
@@ -75,6 +89,10 @@ def _inputs() -> dict[str, torch.Tensor]:
         "cls_logits": cls_logits,
         "cls_onehot": torch.nn.functional.one_hot(
             torch.randint(0, C, (16,), generator=g), C
+        ).float(),
+        "cls2_logits": cls2_logits,
+        "cls2_onehot": torch.nn.functional.one_hot(
+            torch.randint(0, 2, (cls2_logits.shape[0],), generator=g), 2
         ).float(),
         # log's whole range [1/2, 2^17], log-uniform, plus the region edges
         "log_in": torch.cat(
@@ -100,6 +118,10 @@ def _losses_party(ctx: PartyContext, payload: dict[str, Any]) -> dict[str, Any] 
     out["loss_public"] = ops.token_nll(logits, onehot, payload["public_response"]).get_plain_text()
     cls = _share(data, "cls_logits", shapes, src=do)
     out["cls"] = nl.cross_entropy(cls, _share(data, "cls_onehot", shapes, src=do)).get_plain_text()
+    cls2 = _share(data, "cls2_logits", shapes, src=do)
+    labels = _share(data, "cls2_onehot", shapes, src=do)
+    out["cls2_secret"] = nl.cross_entropy(cls2, labels).get_plain_text()
+    out["cls2_public"] = nl.cross_entropy(cls2, payload["public_cls2_onehot"]).get_plain_text()
     log_in = _share(data, "log_in", shapes, src=do)
     out["log"] = nl.log(log_in, lo=0.5, hi=2.0**17).get_plain_text()
     sums = log_in[:-1]  # [1/2, V]: what log_on_class_range(., V) serves
@@ -110,7 +132,13 @@ def _losses_party(ctx: PartyContext, payload: dict[str, Any]) -> dict[str, Any] 
 @pytest.fixture(scope="module")
 def losses() -> dict[str, Any]:
     inputs = _inputs()
-    outputs = _run(_losses_party, inputs, {}, public_response=inputs["response"])
+    outputs = _run(
+        _losses_party,
+        inputs,
+        {},
+        public_response=inputs["response"],
+        public_cls2_onehot=inputs["cls2_onehot"],
+    )
     return {"inputs": inputs, "outputs": outputs}
 
 
@@ -141,6 +169,15 @@ def test_response_token_loss(losses: dict[str, Any], weights: str) -> None:
 def test_classification_cross_entropy(losses: dict[str, Any]) -> None:
     want = _reference_nll(losses["inputs"]["cls_logits"], losses["inputs"]["cls_onehot"])
     assert _max_err(losses["outputs"]["cls"], want, "cross-entropy C=3") < CLS_ATOL
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("labels", ["secret", "public"])
+def test_two_class_cross_entropy(losses: dict[str, Any], labels: str) -> None:
+    want = _reference_nll(losses["inputs"]["cls2_logits"], losses["inputs"]["cls2_onehot"])
+    assert float(want.max()) > 990  # the far margins are in, on the wrong side too
+    got = losses["outputs"][f"cls2_{labels}"]
+    assert _max_err(got, want, f"cross-entropy C=2, {labels} labels") < CLS2_ATOL
 
 
 @pytest.mark.multiprocess
