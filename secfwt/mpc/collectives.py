@@ -18,7 +18,7 @@ as two messages, 1.49 ms packed).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -27,6 +27,16 @@ from secfwt.crypten_compat import crypten  # noqa: F401  (CrypTen importable on 
 
 #: Batches of at most this many elements (of one dtype) are exchanged as one message.
 PACK_MAX_ELEMENTS = 1 << 14
+
+
+def packable(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether a batch travels as one message: several tensors of one dtype, at most
+    :data:`PACK_MAX_ELEMENTS` elements in all (gloo here, and the TLS mesh's collectives)."""
+    return (
+        len(tensors) > 1
+        and sum(t.numel() for t in tensors) <= PACK_MAX_ELEMENTS
+        and len({t.dtype for t in tensors}) == 1
+    )
 
 
 def installed() -> bool:
@@ -70,11 +80,7 @@ def install() -> None:
 
     def exchange(mine: list[torch.Tensor], peer: int, group: Any) -> list[torch.Tensor]:
         """Send ``mine`` to ``peer`` and receive its tensors of the same shapes."""
-        if (
-            len(mine) > 1
-            and sum(t.numel() for t in mine) <= PACK_MAX_ELEMENTS
-            and len({t.dtype for t in mine}) == 1
-        ):
+        if packable(mine):
             packed = torch.cat([t.reshape(-1) for t in mine])
             other = torch.empty_like(packed)
             send = dist.isend(packed, peer, group=group)

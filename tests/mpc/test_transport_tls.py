@@ -98,6 +98,23 @@ def _exercise(ctx: PartyContext, payload: dict[str, Any]) -> dict[str, Any]:
     out["all_reduce_sum"] = comm.all_reduce(big)
     out["all_reduce_xor"] = comm.all_reduce(big, op=ReduceOp.BXOR)
     out["all_reduce_batched"] = comm.all_reduce([big, big[:7]], batched=True)
+    # small batches travel packed into one message (collectives.packable), one of two dtypes not
+    small = [big[:3], big[3:8] * 2, big[:1]]
+    mixed = [big[:3], (big[:4] % 1000).to(torch.int32)]
+    mesh = getattr(comm, "mesh", None)  # the TLS mesh's messages, counted on the way out
+    sent: list[int] = []
+    if mesh is not None:
+        mesh_send = mesh.send
+        mesh.send = lambda dst, **kw: (sent.append(dst), mesh_send(dst, **kw))[1]
+    out["all_reduce_small"] = comm.all_reduce(small, batched=True)
+    counts = [len(sent)]
+    out["all_reduce_mixed"] = comm.all_reduce(mixed, batched=True)
+    counts.append(len(sent) - counts[0])
+    out["all_reduce_large"] = comm.all_reduce([big.repeat(17), big[:7]], batched=True)
+    counts.append(len(sent) - sum(counts))
+    if mesh is not None:
+        mesh.send = mesh_send
+        out["mesh_messages"] = counts
     out["gather"] = [comm.gather(big[:5], dst) for dst in (0, 1)]
     out["all_gather"] = comm.all_gather(big[:5] + rank)
     x = big[:4].clone() if rank == 0 else torch.zeros(4, dtype=torch.int64)
@@ -319,6 +336,15 @@ def test_every_primitive_gives_the_gloo_results(gloo_run, tls_run) -> None:
     assert torch.equal(mo["all_reduce_sum"], wrapped) and torch.equal(do["all_reduce_sum"], wrapped)
     assert torch.equal(do["reduce_sum"][1], wrapped) and mo["reduce_sum"][1] is None
     assert torch.equal(mo["all_reduce_xor"], _big(0) ^ _big(1))
+    b0, b1 = _big(0), _big(1)
+    for got, want in (
+        (mo["all_reduce_small"], [wrapped[:3], b0[3:8] * 2 + b1[3:8] * 2, wrapped[:1]]),
+        (do["all_reduce_mixed"], [wrapped[:3], ((b0[:4] % 1000) + (b1[:4] % 1000)).int()]),
+        (mo["all_reduce_large"], [wrapped.repeat(17), wrapped[:7]]),
+    ):
+        assert all(torch.equal(g, w) and g.dtype == w.dtype for g, w in zip(got, want, strict=True))
+    # one message per batch when small and of one dtype; per tensor otherwise
+    assert mo["mesh_messages"] == do["mesh_messages"] == [1, 2, 2]
     assert torch.equal(mo["reduce_xor_batched"][1], (_big(0)[:10] * 3) ^ (_big(1)[:10] * 3))
     assert torch.equal(do["scatter"][0], torch.arange(6).reshape(2, 3) + 100)
     assert do["gather"][0] == [None] and torch.equal(do["gather"][1][0], _big(0)[:5])

@@ -7,10 +7,11 @@ off the root), the same groups (``main_group``, ``ttp_group``, ``ttp_comm_group`
 same statistics: CrypTen's own ``_logging`` decorator wraps every method, so bytes and rounds
 are counted exactly as for gloo (elements x 8, per party).
 
-Collectives are built from point-to-point messages (at most three parties, so direct
-algorithms beat rings): ``all_reduce`` sends this party's tensor to every other member and
-combines all contributions in rank order with torch's int64 ops, so SUM wraps around
-mod 2^64 exactly as gloo does and BXOR is exact. Tensors travel as their raw bytes; the
+Collectives are built from point-to-point messages (at most three parties, so direct algorithms
+beat rings): ``all_reduce`` sends this party's tensor to every other member and combines all
+contributions in rank order with torch's int64 ops, so SUM wraps around mod 2^64 exactly as gloo
+does and BXOR is exact; a small batch of one dtype travels as one message
+(:func:`secfwt.mpc.collectives.packable`, as over gloo). Tensors travel as their raw bytes; the
 receiver reinterprets them with its template's dtype and shape, as gloo does, after checking
 dtype and byte count so a protocol mismatch fails loudly instead of producing garbage.
 
@@ -34,6 +35,7 @@ from torch.distributed import ReduceOp
 
 import secfwt.crypten_compat  # noqa: F401  (CrypTen importable on this torch before the imports below)
 from secfwt.errors import ProtocolError
+from secfwt.mpc.collectives import packable
 from secfwt.mpc.transport.identity import TlsSettings
 from secfwt.mpc.transport.mesh import PeerMesh
 from secfwt.mpc.transport.streams import Kind, Message
@@ -303,15 +305,24 @@ class MeshCommunicator(Communicator):
             raise ProtocolError(f"TLS transport: reduce op {op} is not supported")
         g = self.main_group
         targets = self._others(g) if root is None else ([root] if root != self.rank else [])
+        # a small batch (a Beaver opening's eps and delta) as one message, as over gloo
+        pack = packable(tensors)
+        wire = [torch.cat([t.data.reshape(-1) for t in tensors])] if pack else tensors
         for dst in targets:
-            for t in tensors:
+            for t in wire:
                 self._send_tensor(t.data, dst, g)
         if root is not None and root != self.rank:
             return None
         received = {
-            r: [self._recv_tensor(t.dtype, t.size(), r, g, "reduce") for t in tensors]
+            r: [self._recv_tensor(t.dtype, t.size(), r, g, "reduce") for t in wire]
             for r in self._others(g)
         }
+        if pack:
+            sizes = [t.numel() for t in tensors]
+            received = {
+                r: [p.view_as(t) for p, t in zip(got[0].split(sizes), tensors, strict=True)]
+                for r, got in received.items()
+            }
         out = []
         for i, t in enumerate(tensors):
             if t.dtype.is_floating_point or t.dtype.is_complex or not received:
