@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from secfwt.crypten_compat import crypten
+from secfwt.errors import ProtocolError
 
 #: Element-wise correlations of at most this many elements (the triples of products and AND
 #: gates, the random bits of B2A conversions and of bit selects) come from a pool per kind that
@@ -212,25 +213,31 @@ def dealer_bit_triple(generators: list[torch.Generator], size: torch.Size) -> to
 
 
 def mask_products(
-    size: torch.Size, masks: int, pairs: tuple[tuple[int, int], ...]
+    size: torch.Size, masks: int, pairs: tuple[tuple[int, int], ...], *, keep_first: bool = False
 ) -> tuple[torch.Tensor, Callable[[], torch.Tensor]] | None:
     """The dealer's correlation for products among values that are each opened once
     (``secfwt.mpc.nonlinear.polynomial._OpenedOnce``): this party's shares of ``masks`` random
     ring elements ``a_k`` of ``size`` (stacked on a new dim 0) and a function returning its shares
-    of ``a_i a_j`` for each ``(i, j)`` of ``pairs`` (stacked). TTP dealer only (``None`` otherwise);
-    rank 0's request is sent now, its reply read when the function is called
-    (:func:`dealer_mask_products` is the dealer's side)."""
+    of ``a_i a_j`` for each ``(i, j)`` of ``pairs`` (stacked). ``keep_first``: the dealer keeps
+    ``a_0`` for one later :func:`mask_select`. TTP dealer only (``None`` otherwise); rank 0's
+    request is sent now, its reply read when the function is called (:func:`dealer_mask_products`
+    is the dealer's side)."""
     from crypten.common.rng import generate_random_ring_element
 
     generator = dealer_generator()
     if generator is None:
         return None
     if crypten.communicator.get().get_rank() == 0:
-        reply = dealer_request("secfwt_mask_products", size, masks, pairs)
+        reply = dealer_request("secfwt_mask_products", size, masks, pairs, keep_first)
         return generate_random_ring_element(torch.Size([masks, *size]), generator=generator), reply
     a = generate_random_ring_element(torch.Size([masks, *size]), generator=generator)
     c = generate_random_ring_element(torch.Size([len(pairs), *size]), generator=generator)
     return a, lambda: c
+
+
+#: The dealer's ``a_0`` of the last :func:`mask_products` with ``keep_first``, until its
+#: :func:`mask_select` (the two are requested in that order, with no other kept mask between).
+_kept_mask: list[torch.Tensor] = []
 
 
 def dealer_mask_products(
@@ -238,6 +245,7 @@ def dealer_mask_products(
     size: torch.Size,
     masks: int,
     pairs: tuple[tuple[int, int], ...],
+    keep_first: bool = False,
 ) -> torch.Tensor:
     """The dealer's side of :func:`mask_products` (``TTPServer.secfwt_mask_products``): rank 0's
     shares of the ``a_i a_j``."""
@@ -249,7 +257,59 @@ def dealer_mask_products(
         generate_random_ring_element(torch.Size([masks, *size]), generator=g) for g in generators
     )
     c1 = generate_random_ring_element(torch.Size([len(pairs), *size]), generator=generators[1])
+    if keep_first:
+        _kept_mask[:] = [a[0]]
     return torch.stack([a[i] * a[j] for i, j in pairs]) - c1
+
+
+def mask_select(
+    size: torch.Size,
+) -> tuple[torch.Tensor, torch.Tensor, Callable[[], tuple[torch.Tensor, torch.Tensor]]] | None:
+    """:func:`bit_triple` for two rows of ``size``, the first with the mask ``a_0`` the dealer
+    kept from the last :func:`mask_products` with ``keep_first`` (a select of a value already
+    opened under it), the second with a fresh mask: this party's XOR shares of the random bits
+    ``r`` (``(2, *size)``), its share of the second row's mask, and a function returning its
+    additive shares of ``r`` and ``r a`` (each ``(2, *size)``). TTP dealer only (``None``
+    otherwise); rank 0's request is sent now, its reply read when the function is called
+    (:func:`dealer_mask_select` is the dealer's side)."""
+    from crypten.common.rng import generate_kbit_random_tensor, generate_random_ring_element
+
+    generator = dealer_generator()
+    if generator is None:
+        return None
+    rank0 = crypten.communicator.get().get_rank() == 0
+    if rank0:
+        reply = dealer_request("secfwt_mask_select", size)
+    r_bits = generate_kbit_random_tensor(torch.Size([2, *size]), bitlength=1, generator=generator)
+    a = generate_random_ring_element(size, generator=generator)
+    if rank0:
+
+        def from_dealer() -> tuple[torch.Tensor, torch.Tensor]:
+            got = reply()
+            return got[0], got[1]
+
+        return r_bits, a, from_dealer
+    got = generate_random_ring_element(torch.Size([2, 2, *size]), generator=generator)
+    return r_bits, a, lambda: (got[0], got[1])
+
+
+def dealer_mask_select(generators: list[torch.Generator], size: torch.Size) -> torch.Tensor:
+    """The dealer's side of :func:`mask_select` (``TTPServer.secfwt_mask_select``): rank 0's
+    shares of ``r`` and ``r a`` for ``a`` = the kept ``a_0`` and a fresh mask, stacked."""
+    from crypten.common.rng import generate_kbit_random_tensor, generate_random_ring_element
+
+    if len(generators) != 2:
+        raise ValueError(f"mask selects are for 2 computing parties, not {len(generators)}")
+    if not _kept_mask or tuple(_kept_mask[0].shape) != tuple(size):
+        raise ProtocolError("a mask select without the mask products it belongs to")
+    r = torch.zeros((2, *size), dtype=torch.long)
+    fresh = torch.zeros(size, dtype=torch.long)
+    for g in generators:
+        r ^= generate_kbit_random_tensor(torch.Size([2, *size]), bitlength=1, generator=g)
+        fresh += generate_random_ring_element(size, generator=g)
+    a = torch.stack([_kept_mask.pop(), fresh])
+    c1 = generate_random_ring_element(torch.Size([2, 2, *size]), generator=generators[1])
+    return torch.stack([r, r * a]) - c1
 
 
 def triple(
@@ -448,7 +508,9 @@ __all__ = [
     "dealer_bit_triple",
     "dealer_generator",
     "dealer_mask_products",
+    "dealer_mask_select",
     "mask_products",
+    "mask_select",
     "broadcast_shapes",
     "dealer_request",
     "product",

@@ -164,9 +164,15 @@ def _secfwt_bit_triple(self: Any, size: Any) -> Any:
     return beaver.dealer_bit_triple(self._get_generators(device=self.device), size)
 
 
-def _secfwt_mask_products(self: Any, size: Any, masks: int, pairs: Any) -> Any:
+def _secfwt_mask_products(
+    self: Any, size: Any, masks: int, pairs: Any, keep_first: bool = False
+) -> Any:
     generators = self._get_generators(device=self.device)
-    return beaver.dealer_mask_products(generators, size, masks, tuple(pairs))
+    return beaver.dealer_mask_products(generators, size, masks, tuple(pairs), keep_first)
+
+
+def _secfwt_mask_select(self: Any, size: Any) -> Any:
+    return beaver.dealer_mask_select(self._get_generators(device=self.device), size)
 
 
 def _secfwt_owned_drain(self: Any) -> Any:
@@ -183,6 +189,7 @@ _DEALER_FUNCTIONS: dict[str, Callable[..., Any]] = {
     "secfwt_fixed_one_sided_matmul": _secfwt_fixed_one_sided_matmul,
     "secfwt_bit_triple": _secfwt_bit_triple,
     "secfwt_mask_products": _secfwt_mask_products,
+    "secfwt_mask_select": _secfwt_mask_select,
     "secfwt_owned_drain": _secfwt_owned_drain,
     "secfwt_insecure_reseed": _secfwt_insecure_reseed,
 }

@@ -84,6 +84,7 @@ _ALWAYS = {
     "ttp.secfwt_fixed_one_sided_matmul",
     "ttp.secfwt_insecure_reseed",
     "ttp.secfwt_mask_products",
+    "ttp.secfwt_mask_select",
     "ttp.secfwt_one_sided_matmul",
     "ttp.secfwt_owned_drain",
 }

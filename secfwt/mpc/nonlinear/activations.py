@@ -18,9 +18,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from secfwt.mpc.nonlinear.compare import CMP_RESOLUTION, _negative_words, _not, _select, clip
+from secfwt.mpc.nonlinear.compare import (
+    CMP_RESOLUTION,
+    _negative_words,
+    _not,
+    _select,
+    _select_with_opened,
+    clip,
+)
 from secfwt.mpc.nonlinear.fixed_point import _ONE, MPCTensor, _divide, _fixed, _plus, _share_of
-from secfwt.mpc.nonlinear.polynomial import _chebyshev_series, _even_part_fit, _square
+from secfwt.mpc.nonlinear.polynomial import _chebyshev_series, _even_part_fit, _OpenedOnce
 
 #: tanh is evaluated on inputs clipped to [-TANH_CLIP, TANH_CLIP]; |tanh(8) - 1| < 2.3e-7.
 TANH_CLIP = 8.0
@@ -103,10 +110,15 @@ def _gated_identity(
     # rows [x > c], [x < -c]
     words = _negative_words(torch.stack([_plus(-s, cut), _plus(s, cut)]), rows=2)
     above, between = words[:1], _not(words[:1] ^ words[1:])  # the two never hold together
-    scaled_square = _plus(_divide(_square(s), _ONE * half_square), -_ONE)  # garbage beyond c
+    # x is opened once, for its square and for its select (the dealer's bits use its mask)
+    square = _OpenedOnce(s.size(), [0], [(0, 0)], select=0)
+    square.open({0: s})
+    scaled_square = _plus(_divide(square.product(0, 0), _ONE * half_square), -_ONE)  # garbage > c
     inner = _divide(s, 2) + _chebyshev_series(scaled_square, coefficients)
-    picked = _select(torch.cat([above, between]), torch.stack([s, inner]))
-    return picked.sum(0)
+    bits = torch.cat([above, between])
+    if square.dealt:
+        return _select_with_opened(bits, s, square.select_shares(0), inner)
+    return _select(bits, torch.stack([s, inner])).sum(0)
 
 
 _erf = np.vectorize(math.erf)

@@ -205,6 +205,34 @@ def _select(words: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return z * values + (1 - 2 * z) * (e * r + ra)
 
 
+def _select_with_opened(
+    words: torch.Tensor,
+    x: torch.Tensor,
+    x_dealt: tuple[
+        torch.Tensor,
+        tuple[torch.Tensor, torch.Tensor, Callable[[], tuple[torch.Tensor, torch.Tensor]]],
+    ],
+    v: torch.Tensor,
+) -> torch.Tensor:
+    """Shares of ``b_0 x + b_1 v`` for bits ``words`` (2 rows of packed XOR shares, as
+    :func:`_select` takes) where ``x`` was already opened once (``x_dealt``: its opening ``d``
+    and the dealer's bits for both rows, ``polynomial._OpenedOnce.select_shares``):
+    :func:`_select`'s protocol, with ``x``'s own opening in place of its ``e``, so only ``v`` is
+    opened (8 bytes per element less), in the same single exchange."""
+    comm = crypten.communicator.get()
+    if comm.get_world_size() != 2:
+        raise ProtocolError(
+            f"the fused bit select is for 2 computing parties, not {comm.get_world_size()}"
+        )
+    d, (r_bits, a, r_and_ra_of) = x_dealt
+    mine = words ^ _pack_rows(r_bits, 2)
+    total, e = comm.all_reduce([mine, v - a], batched=True)
+    z = _unpack_rows(mine ^ (total - mine), r_bits.size())
+    r, ra = r_and_ra_of()  # (2, ...) each: x's row, v's row
+    opened = torch.stack([d, e])
+    return (z * torch.stack([x, v]) + (1 - 2 * z) * (opened * r + ra)).sum(0)
+
+
 def _greater_than_exact(s: torch.Tensor, thresholds: Sequence[int]) -> torch.Tensor:
     """Shares of bits ``[x > t]`` for public ring thresholds, stacked on a new dim 0: one exact
     64-bit comparison call (the sign bit of ``t - x`` in the whole ring, as CrypTen's ``_ltz``)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from secfwt.crypten_compat import crypten
+from secfwt.errors import ProtocolError
 from secfwt.mpc import beaver
 from secfwt.mpc.nonlinear.fixed_point import _ONE, _divide, _mul, _plus
 
@@ -41,12 +42,21 @@ class _OpenedOnce:
     """
 
     def __init__(
-        self, size: torch.Size, keys: Sequence[int], pairs: Sequence[tuple[int, int]]
+        self,
+        size: torch.Size,
+        keys: Sequence[int],
+        pairs: Sequence[tuple[int, int]],
+        *,
+        select: int | None = None,
     ) -> None:
+        # ``select``: a value (key) a bit will also select (:meth:`select_shares`); it comes
+        # first among the masks, the one the dealer keeps for it
+        keys = list(keys) if select is None else [select, *(k for k in keys if k != select)]
         self._index = {k: i for i, k in enumerate(keys)}
         self._pair = {p: i for i, p in enumerate(pairs)}
+        self._select = select
         indices = tuple((self._index[i], self._index[j]) for i, j in pairs)
-        dealt = beaver.mask_products(size, len(keys), indices)
+        dealt = beaver.mask_products(size, len(keys), indices, keep_first=select is not None)
         self._a: torch.Tensor | None = None  # masks a_k, stacked on dim 0; None without the dealer
         self._c_of: Callable[[], torch.Tensor] | None = None
         if dealt is not None:
@@ -65,6 +75,30 @@ class _OpenedOnce:
             self._known.update(
                 zip(fresh, crypten.communicator.get().all_reduce(masked), strict=True)
             )
+
+    @property
+    def dealt(self) -> bool:
+        """Whether the TTP dealer gave the masks (else :meth:`product` is a Beaver product and
+        :meth:`select_shares` is unavailable)."""
+        return self._a is not None
+
+    def select_shares(
+        self, k: int
+    ) -> tuple[
+        torch.Tensor,
+        tuple[torch.Tensor, torch.Tensor, Callable[[], tuple[torch.Tensor, torch.Tensor]]],
+    ]:
+        """For a bit select of the opened value ``k`` (``compare._select``'s protocol with this
+        value's own mask, so the value is not opened again) and of one more value, once: ``k``'s
+        opening ``d_k`` and the dealer's bits for both (:func:`beaver.mask_select`, requested
+        now, its reply read after the select's exchange)."""
+        if self._c is None and self._c_of is not None:  # one dealer request open at a time
+            self._c = self._c_of()
+        dealt = beaver.mask_select(self._known[k].size()) if k == self._select else None
+        if dealt is None:
+            raise ProtocolError(f"value {k} was not opened for a select with the dealer's mask")
+        self._select = None
+        return self._known[k], dealt
 
     def product(self, i: int, j: int) -> torch.Tensor:
         """Share of ``x_i x_j`` (exact ring product) for opened ``i``, ``j``."""

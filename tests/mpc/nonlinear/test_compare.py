@@ -53,7 +53,19 @@ def _protocol_party(ctx: PartyContext, payload: dict[str, Any]) -> dict[str, Any
         "picked": reveal(picked, precision=nl.FRAC_BITS).get_plain_text(),
         "picked_minus_unfused": reveal(picked[:3] - reference, precision=0).get_plain_text(),
         "products_minus_beaver": reveal(products - expected, precision=0).get_plain_text(),
+        # GELU's pieces: a square and a select of the same opened value (with the dealer)
+        "gelu": nl.gelu(reveal(values, precision=nl.FRAC_BITS)).get_plain_text(),
     }
+    square = polynomial._OpenedOnce(values.size(), [0], [(0, 0)], select=0)
+    square.open({0: values})
+    if square.dealt:
+        two = compare._negative_words(torch.stack([signs, -signs]), rows=2)  # a row per value
+        fused = compare._select_with_opened(two, values, square.select_shares(0), values * 3)
+        unfused = compare._select(two, torch.stack([values, values * 3])).sum(0)
+        out["opened_select_minus_select"] = reveal(fused - unfused, precision=0).get_plain_text()
+        out["square_minus_beaver"] = reveal(
+            square.product(0, 0) - fixed_point._mul(values, values), precision=0
+        ).get_plain_text()
     return out if ctx.role is Role.DATA_OWNER else None
 
 
@@ -63,8 +75,9 @@ def test_fused_select_and_opened_once_products_equal_their_unfused_forms(
     provider: Provider,
 ) -> None:
     """With the dealer, ``_select`` and ``_OpenedOnce`` use secfwt's own correlations
-    (``secfwt_bit_triple``, ``secfwt_mask_products``); without it (TFP) they fall back to B2A and
-    Beaver products. Both give exactly the ring values of the unfused protocols."""
+    (``secfwt_bit_triple``, ``secfwt_mask_products``, with a select on an opened value as GELU
+    takes it); without it (TFP) they fall back to B2A and Beaver products. Both give exactly the
+    ring values of the unfused protocols, and GELU is right on either."""
     data = _elementwise_inputs()
     data = {"signs": data["signs"], "values": data["act"][: data["signs"].numel()].reshape(3, 2003)}
     shapes = {k: tuple(v.shape) for k, v in data.items()}
@@ -83,6 +96,11 @@ def test_fused_select_and_opened_once_products_equal_their_unfused_forms(
     both = decided[0] & decided[2]
     between = (x[0] >= 0) == (x[2] >= 0)  # NOT (neg0 XOR neg2)
     assert torch.equal(out["picked"][3][both], torch.where(between, v[0], 0.0)[both])
+    want = torch.nn.functional.gelu(v.double())
+    assert float((out["gelu"].double() - want).abs().max()) < 1e-3
+    if provider is Provider.TTP:  # the select on an opened value needs the dealer's bits
+        assert float(out["opened_select_minus_select"].abs().max()) == 0.0
+        assert float(out["square_minus_beaver"].abs().max()) == 0.0
 
 
 def _unpack(words: torch.Tensor, n: int) -> torch.Tensor:
