@@ -86,6 +86,27 @@ def save_tiny_with_tokenizer(
     return path
 
 
+def head_forward(*, ops, public, spec, settings, cache, onehot, guard=None):
+    """A CachedForward of a job in which only the head trains (the default job's step): rows of
+    cached pooled states, no attention mask."""
+    from secfwt.tuning.forward import CachedForward
+
+    return CachedForward(
+        ops=ops,
+        public=public,
+        spec=spec,
+        frozen={},
+        settings=settings,
+        cache=cache,
+        mask=None,
+        pool_w=None,
+        onehot=onehot,
+        cut=spec.num_layers,
+        prompt_layer=0,
+        guard=guard,
+    )
+
+
 def data_owner_result(party, payload: dict, *, timeout_s: float = 300):
     """Run ``party`` in real model- and data-owner processes (TTP dealer), both given the same
     test payload (each shares only its own part), and return the data owner's value."""

@@ -12,7 +12,7 @@ import torch
 
 from secfwt.mpc.launcher import PartyContext
 from secfwt.roles import Role
-from tests.conftest import data_owner_result
+from tests.conftest import data_owner_result, head_forward
 
 pytestmark = pytest.mark.multiprocess
 
@@ -52,7 +52,6 @@ def _party(ctx: PartyContext, payload: dict[str, Any]) -> dict[str, Any] | None:
     from secfwt.mpc.disclosure import DisclosureTerms, Revealable
     from secfwt.runtime.range_checks import OUTPUT_BOUND, RangeChecks
     from secfwt.runtime.session import PartySession
-    from secfwt.tuning.forward import CachedForward
 
     both, do, mo = [Role.MODEL_OWNER, Role.DATA_OWNER], Role.DATA_OWNER, Role.MODEL_OWNER
     terms = DisclosureTerms.of([(Revealable.RANGE_CHECK, both), (Revealable.VERIFY_OUTPUTS, [do])])
@@ -72,18 +71,13 @@ def _party(ctx: PartyContext, payload: dict[str, Any]) -> dict[str, Any] | None:
     rank = crypten.communicator.get().get_rank()
 
     def run(guarded: bool) -> dict[str, Any]:
-        forward = CachedForward(
+        forward = head_forward(
             ops=sess.ops,
             public=sess.public,
             spec=spec,
-            frozen={},
             settings=settings,
             cache=cache,
-            mask=None,
-            pool_w=None,
             onehot=onehot,
-            cut=spec.num_layers,  # only the head trains: the default job's step
-            prompt_layer=0,
             guard=checks.guard(what="classifier outputs", bound=OUTPUT_BOUND) if guarded else None,
         )
         idx = list(range(N))
@@ -116,7 +110,6 @@ def test_a_failure_in_a_step_or_an_evaluation_is_caught_and_recomputed(tiny_bert
     from secfwt.models.ops import PlainOps
     from secfwt.models.spec import Head, Pooling
     from secfwt.models.transformer import ForwardSettings
-    from secfwt.tuning.forward import CachedForward
 
     spec, state = load_checkpoint(
         tiny_bert_cls, head=Head.SEQUENCE_CLASSIFICATION, num_labels=2, seed=0
@@ -138,18 +131,13 @@ def test_a_failure_in_a_step_or_an_evaluation_is_caught_and_recomputed(tiny_bert
         "thetas": thetas,
     }
     got = data_owner_result(_party, payload)
-    plain = CachedForward(
+    plain = head_forward(
         ops=PlainOps(),
         public=lambda t: t.double(),
         spec=spec,
-        frozen={},
         settings=settings,
         cache=pooled.double(),
-        mask=None,
-        pool_w=None,
         onehot=onehot,
-        cut=spec.num_layers,
-        prompt_layer=0,
     )
     idx = list(range(N))
     want = {

@@ -14,7 +14,7 @@ import torch
 from secfwt.mpc.launcher import PartyContext
 from secfwt.roles import Role
 from secfwt.tuning.spsa import Perturbed, perturbed
-from tests.conftest import data_owner_result
+from tests.conftest import data_owner_result, head_forward
 
 N, H, Q = 6, 64, 3  # rows, hidden width (tiny BERT), directions (2 Q perturbed heads)
 EPS = 0.5  # large, so that the offsets' part of the logits is O(1) and a wrong one shows
@@ -46,21 +46,13 @@ def _setup(tiny_bert_cls: Any) -> dict[str, Any]:
 def _forward(
     ops: Any, public: Any, setup: dict[str, Any], cache: Any, onehot: Any, guard: Any = None
 ) -> Any:
-    from secfwt.tuning.forward import CachedForward
-
-    spec = setup["spec"]
-    return CachedForward(
+    return head_forward(
         ops=ops,
         public=public,
-        spec=spec,
-        frozen={},
+        spec=setup["spec"],
         settings=setup["settings"],
         cache=cache,
-        mask=None,
-        pool_w=None,
         onehot=onehot,
-        cut=spec.num_layers,  # only the head trains: the default job's step
-        prompt_layer=0,
         guard=guard,
     )
 
