@@ -182,33 +182,57 @@ def _fresh_bit_triple(
 ) -> tuple[torch.Tensor, torch.Tensor, Callable[[], torch.Tensor]]:
     """:func:`bit_triple` from one dealer request of its own (TTP); the shares of ``r`` and
     ``r a`` come stacked, ``(2, *size)``."""
+    return _select_bits(("secfwt_bit_triple", size), size, size, generator)
+
+
+def _select_bits(
+    request: tuple[Any, ...], bits: torch.Size, masks: torch.Size, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, Callable[[], torch.Tensor]]:
+    """The draws of a bit select's correlation (:func:`bit_triple`, :func:`mask_select`): this
+    party's XOR shares of random bits ``r`` (``bits``), its shares of the fresh masks (``masks``)
+    and a function returning its additive shares of ``r`` and ``r a``, stacked ``(2, *bits)``:
+    rank 0's from the dealer's reply to ``request`` (sent now), rank 1's drawn
+    (:func:`_dealer_select_bits` is the dealer's side)."""
     from crypten.common.rng import generate_kbit_random_tensor, generate_random_ring_element
 
     rank0 = crypten.communicator.get().get_rank() == 0
     if rank0:
-        reply = dealer_request("secfwt_bit_triple", size)
-    r_bits = generate_kbit_random_tensor(size, bitlength=1, generator=generator)
-    a = generate_random_ring_element(size, generator=generator)
+        reply = dealer_request(*request)
+    r_bits = generate_kbit_random_tensor(bits, bitlength=1, generator=generator)
+    a = generate_random_ring_element(masks, generator=generator)
     if rank0:
         return r_bits, a, reply
-    r_and_ra = torch.stack([generate_random_ring_element(size, generator=generator) for _ in "rr"])
+    r_and_ra = torch.stack([generate_random_ring_element(bits, generator=generator) for _ in "rr"])
     return r_bits, a, lambda: r_and_ra
 
 
 def dealer_bit_triple(generators: list[torch.Generator], size: torch.Size) -> torch.Tensor:
-    """The dealer's side of :func:`bit_triple` (``TTPServer.secfwt_bit_triple``): it draws what
-    each party draws from the generator it shares with that party, in the same order, and
-    returns rank 0's shares of ``r`` and ``r a``, stacked."""
+    """The dealer's side of :func:`bit_triple` (``TTPServer.secfwt_bit_triple``): rank 0's
+    shares of ``r`` and ``r a``, stacked."""
+    return _dealer_select_bits(generators, size, size)
+
+
+def _dealer_select_bits(
+    generators: list[torch.Generator],
+    bits: torch.Size,
+    masks: torch.Size,
+    kept: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The dealer's side of :func:`_select_bits`: it draws what each party draws from the
+    generator it shares with that party, in the same order, and returns rank 0's shares of ``r``
+    and ``r a``, stacked, where ``a`` is the fresh masks, or ``kept`` stacked before them."""
     from crypten.common.rng import generate_kbit_random_tensor, generate_random_ring_element
 
     if len(generators) != 2:
-        raise ValueError(f"bit triples are for 2 computing parties, not {len(generators)}")
-    r = torch.zeros(size, dtype=torch.long)
-    a = torch.zeros(size, dtype=torch.long)
+        raise ValueError(f"bit selects are for 2 computing parties, not {len(generators)}")
+    r = torch.zeros(bits, dtype=torch.long)
+    a = torch.zeros(masks, dtype=torch.long)
     for g in generators:
-        r ^= generate_kbit_random_tensor(size, bitlength=1, generator=g)
-        a += generate_random_ring_element(size, generator=g)
-    r1, ra1 = (generate_random_ring_element(size, generator=generators[1]) for _ in range(2))
+        r ^= generate_kbit_random_tensor(bits, bitlength=1, generator=g)
+        a += generate_random_ring_element(masks, generator=g)
+    if kept is not None:
+        a = torch.stack([kept, a])
+    r1, ra1 = (generate_random_ring_element(bits, generator=generators[1]) for _ in range(2))
     return torch.stack([r - r1, r * a - ra1])
 
 
@@ -264,52 +288,26 @@ def dealer_mask_products(
 
 def mask_select(
     size: torch.Size,
-) -> tuple[torch.Tensor, torch.Tensor, Callable[[], tuple[torch.Tensor, torch.Tensor]]] | None:
+) -> tuple[torch.Tensor, torch.Tensor, Callable[[], torch.Tensor]] | None:
     """:func:`bit_triple` for two rows of ``size``, the first with the mask ``a_0`` the dealer
     kept from the last :func:`mask_products` with ``keep_first`` (a select of a value already
     opened under it), the second with a fresh mask: this party's XOR shares of the random bits
     ``r`` (``(2, *size)``), its share of the second row's mask, and a function returning its
-    additive shares of ``r`` and ``r a`` (each ``(2, *size)``). TTP dealer only (``None``
+    additive shares of ``r`` and ``r a``, stacked (``(2, 2, *size)``). TTP dealer only (``None``
     otherwise); rank 0's request is sent now, its reply read when the function is called
     (:func:`dealer_mask_select` is the dealer's side)."""
-    from crypten.common.rng import generate_kbit_random_tensor, generate_random_ring_element
-
     generator = dealer_generator()
     if generator is None:
         return None
-    rank0 = crypten.communicator.get().get_rank() == 0
-    if rank0:
-        reply = dealer_request("secfwt_mask_select", size)
-    r_bits = generate_kbit_random_tensor(torch.Size([2, *size]), bitlength=1, generator=generator)
-    a = generate_random_ring_element(size, generator=generator)
-    if rank0:
-
-        def from_dealer() -> tuple[torch.Tensor, torch.Tensor]:
-            got = reply()
-            return got[0], got[1]
-
-        return r_bits, a, from_dealer
-    got = generate_random_ring_element(torch.Size([2, 2, *size]), generator=generator)
-    return r_bits, a, lambda: (got[0], got[1])
+    return _select_bits(("secfwt_mask_select", size), torch.Size([2, *size]), size, generator)
 
 
 def dealer_mask_select(generators: list[torch.Generator], size: torch.Size) -> torch.Tensor:
     """The dealer's side of :func:`mask_select` (``TTPServer.secfwt_mask_select``): rank 0's
     shares of ``r`` and ``r a`` for ``a`` = the kept ``a_0`` and a fresh mask, stacked."""
-    from crypten.common.rng import generate_kbit_random_tensor, generate_random_ring_element
-
-    if len(generators) != 2:
-        raise ValueError(f"mask selects are for 2 computing parties, not {len(generators)}")
     if not _kept_mask or tuple(_kept_mask[0].shape) != tuple(size):
         raise ProtocolError("a mask select without the mask products it belongs to")
-    r = torch.zeros((2, *size), dtype=torch.long)
-    fresh = torch.zeros(size, dtype=torch.long)
-    for g in generators:
-        r ^= generate_kbit_random_tensor(torch.Size([2, *size]), bitlength=1, generator=g)
-        fresh += generate_random_ring_element(size, generator=g)
-    a = torch.stack([_kept_mask.pop(), fresh])
-    c1 = generate_random_ring_element(torch.Size([2, 2, *size]), generator=generators[1])
-    return torch.stack([r, r * a]) - c1
+    return _dealer_select_bits(generators, torch.Size([2, *size]), size, kept=_kept_mask.pop())
 
 
 def triple(

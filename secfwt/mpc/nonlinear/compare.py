@@ -208,10 +208,7 @@ def _select(words: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 def _select_with_opened(
     words: torch.Tensor,
     x: torch.Tensor,
-    x_dealt: tuple[
-        torch.Tensor,
-        tuple[torch.Tensor, torch.Tensor, Callable[[], tuple[torch.Tensor, torch.Tensor]]],
-    ],
+    x_dealt: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, Callable[[], torch.Tensor]]],
     v: torch.Tensor,
 ) -> torch.Tensor:
     """Shares of ``b_0 x + b_1 v`` for bits ``words`` (2 rows of packed XOR shares, as

@@ -84,10 +84,7 @@ class _OpenedOnce:
 
     def select_shares(
         self, k: int
-    ) -> tuple[
-        torch.Tensor,
-        tuple[torch.Tensor, torch.Tensor, Callable[[], tuple[torch.Tensor, torch.Tensor]]],
-    ]:
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, Callable[[], torch.Tensor]]]:
         """For a bit select of the opened value ``k`` (``compare._select``'s protocol with this
         value's own mask, so the value is not opened again) and of one more value, once: ``k``'s
         opening ``d_k`` and the dealer's bits for both (:func:`beaver.mask_select`, requested
