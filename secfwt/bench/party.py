@@ -320,6 +320,7 @@ def _fot_step(
             if payload.get("range_check")
             else None
         ),
+        attention_cached=trainable.attention_frozen(spec),
     )
     spsa = SPSASettings(lr=1e-4, eps=1e-3, directions=payload["directions"])
     idx = list(range(b))
@@ -337,6 +338,7 @@ def _fot_step(
     return {
         "costs": costs,
         "cut": cut,
+        "attention_cached": runner.attention_cached,
         "trainable_numel": trainable.numel,
         "output": _reveal(sess, loss, "loss"),
     }

@@ -316,18 +316,26 @@ def _section_full_ft(r: dict[str, Any] | None) -> list[str]:
         f"{r['headline_row']}. Ratios = full fine-tuning / forward-only (time, bytes sent by "
         "both parties); none where the baseline's loss is wrong.",
         "",
-        "ZO: LoRA on the top layers with the model owner's weights (the headline); ZO, top "
-        "layers secret: every weight of the top layers secret-shared.",
+        "ZO: LoRA on the top layers with the model owner's weights, on query and value (QV) "
+        "or on the feed-forward layers (FFN: the first trained layer's attention half is in the "
+        "cached prefix); the headline is the faster placement. ZO, top layers secret: every "
+        "weight of the top layers secret-shared.",
         "",
-        "| model | T | ZO attention | full FT / ZO time | full FT / ZO bytes "
+        "| model | T | ZO attention | headline placement | full FT / ZO time "
+        "| full FT / ZO bytes | QV: time | bytes | FFN: time | bytes "
         "| full FT / ZO, top layers secret: time | bytes "
         "| full FT / CMA-ES time | full FT / CMA-ES bytes | baseline loss right |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in r["pairings"]:
         intro.append(
             f"| {row['model']} | {row['seq_len']} | {row['zo_attention']} "
+            f"| {row.get('zo_lora_placement', 'query and value')} "
             f"| {_f(row['fot_vs_full_ft_time_ratio'])} | {_f(row['fot_vs_full_ft_bytes_ratio'])} "
+            f"| {_f(row.get('fot_lora_qv_vs_full_ft_time_ratio'))} "
+            f"| {_f(row.get('fot_lora_qv_vs_full_ft_bytes_ratio'))} "
+            f"| {_f(row.get('fot_lora_ffn_vs_full_ft_time_ratio'))} "
+            f"| {_f(row.get('fot_lora_ffn_vs_full_ft_bytes_ratio'))} "
             f"| {_f(row['fot_layer_vs_full_ft_time_ratio'])} "
             f"| {_f(row['fot_layer_vs_full_ft_bytes_ratio'])} "
             f"| {_f(row['fot_cma_vs_full_ft_time_ratio'])} "

@@ -84,15 +84,18 @@ class EncoderModel(TransformerModel):
         ctx = ctx.transpose(1, 2).reshape(n, t, nh * dh)  # (N, T, H)
         return self.layer_norm(self.linear(ctx, pre + "output.dense") + h, pre + "output.LayerNorm")
 
-    def block(self, h: Tensor, key_mask: Tensor, layer: int) -> Tensor:
+    def feed_forward(self, h: Tensor, layer: int) -> Tensor:
+        """The layer's second half, from its attention half's output h (N, T, H)."""
         pre = f"{self.spec.prefix}encoder.layer.{layer}."
-        h = self.attention(h, key_mask, layer)
         inter = self.ops.act(
             self.spec.hidden_act, self.linear(h, pre + "intermediate.dense")
         )  # (N, T, I)
         return self.layer_norm(
             self.linear(inter, pre + "output.dense") + h, pre + "output.LayerNorm"
         )
+
+    def block(self, h: Tensor, key_mask: Tensor, layer: int) -> Tensor:
+        return self.feed_forward(self.attention(h, key_mask, layer), layer)
 
     def layers(
         self, h: Tensor, key_mask: Tensor, *, start: int = 0, stop: int | None = None

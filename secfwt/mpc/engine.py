@@ -19,6 +19,8 @@ What it installs, and why:
   ring elements) and the TTP provider's transport stand-in
   (:mod:`secfwt.mpc.transport.selection`).
 * CrypTen's exact fixed-point decode (:func:`secfwt.crypten_compat.install_exact_decode`).
+* glibc's allocator kept from returning share-sized blocks to the kernel between ops
+  (:mod:`secfwt.mpc.allocator`; not in the vanilla baseline, which runs as CrypTen ships).
 
 ``SECFWT_RING_MATMUL`` in the environment of every process of a session (the dealer is started
 by CrypTen's loop, so the environment is the only switch that reaches it), read once when
@@ -44,7 +46,7 @@ import torch
 
 from secfwt import crypten_compat
 from secfwt.crypten_compat import crypten
-from secfwt.mpc import beaver, collectives, keystream, owned, ring_tuning, seeding
+from secfwt.mpc import allocator, beaver, collectives, keystream, owned, ring_tuning, seeding
 from secfwt.mpc.ring import ring_matmul
 from secfwt.mpc.transport import selection
 
@@ -225,6 +227,7 @@ def install() -> None:
     _install_dealer_functions()
     selection.install_ttp_transport()
     if enabled:
+        allocator.tune()
         _install_fast_getattribute()
         collectives.install()
         keystream.install()

@@ -43,6 +43,10 @@ log = logging.getLogger(__name__)
 
 #: Version of the files below; a file of another version is refused, not guessed at.
 FORMAT = 1
+#: Where a cached prefix ends: at a layer boundary (every prefix file written before this was
+#: recorded, which carry no mark), or after the attention half of the first trained layer
+#: (:meth:`secfwt.tuning.trainable.TrainableSet.attention_frozen`).
+PREFIX_AT_LAYER, PREFIX_AFTER_ATTENTION = "layer", "attention"
 #: Step files kept per party (two: a crash during one party's write still leaves a common step).
 KEEP = 2
 _STEP_RE = re.compile(r"step-([0-9]{8})\.pt")  # fullmatch: "$" passes a final newline
@@ -86,6 +90,8 @@ class Checkpoint:
     precision_bits: int
     prefix_id: str
     local: Any  # the data owner's local optimiser state (SecFwT), else None
+    #: where the cached prefix ends: :data:`PREFIX_AT_LAYER` or :data:`PREFIX_AFTER_ATTENTION`
+    prefix_end: str = PREFIX_AT_LAYER
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -236,7 +242,7 @@ class PartyCheckpoints:
                     f"{ref.path.name}; refusing to unpickle it"
                 )
             local = pickle.loads(raw)  # noqa: S301  (own file, digest checked above)
-        cache = None
+        cache, prefix_end = None, PREFIX_AT_LAYER
         prefix_id = str(head["prefix_id"])
         if prefix_id:
             pp = self.folder / f"prefix-{prefix_id}.pt"
@@ -252,6 +258,7 @@ class PartyCheckpoints:
                     f"{pp}: holds prefix {pre.get('prefix_id')}, the step file needs {prefix_id}"
                 )
             cache = pre["share"]
+            prefix_end = str(pre.get("prefix_end", PREFIX_AT_LAYER))
         ckpt = Checkpoint(
             step=int(head["step"]),
             checkpoint_id=str(head["checkpoint_id"]),
@@ -262,6 +269,7 @@ class PartyCheckpoints:
             precision_bits=int(head["precision_bits"]),
             prefix_id=prefix_id,
             local=local,
+            prefix_end=prefix_end,
         )
         return ckpt, cache
 
@@ -274,13 +282,13 @@ class PartyCheckpoints:
             "terms_digest": self.terms_digest,
         }
 
-    def write_prefix(self, prefix_id: str, share: torch.Tensor) -> None:
-        """This party's shares of the cached frozen prefix, once per session."""
+    def write_prefix(self, prefix_id: str, share: torch.Tensor, *, end: str) -> None:
+        """This party's shares of the cached frozen prefix, once per session; ``end``: where
+        the prefix ends (:data:`PREFIX_AT_LAYER`, :data:`PREFIX_AFTER_ATTENTION`)."""
         path = self.folder / f"prefix-{prefix_id}.pt"
         if not path.exists():
-            _atomic_write(
-                path, _torch_bytes({**self._header(), "prefix_id": prefix_id, "share": share})
-            )
+            head = {**self._header(), "prefix_id": prefix_id, "prefix_end": end}
+            _atomic_write(path, _torch_bytes({**head, "share": share}))
 
     def write(
         self,

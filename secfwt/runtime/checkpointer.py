@@ -70,6 +70,7 @@ class JobCheckpointer:
         self._seed = 0
         self._acc_before: float | None = None
         self._cache: Any = None
+        self._prefix_end = ""
         self._prefix_id = ""
 
     def agree_resume(self) -> tuple[Checkpoint, torch.Tensor | None] | None:
@@ -116,12 +117,16 @@ class JobCheckpointer:
         joint_seed: int,
         accuracy_before: float | None,
         cache: Any,
+        prefix_end: str,
         resumed: Checkpoint | None,
     ) -> None:
-        """Called once the job is where the tuning loop starts (restored or from scratch)."""
+        """Called once the job is where the tuning loop starts (restored or from scratch);
+        ``prefix_end`` says where ``cache`` ends (:data:`~secfwt.runtime.checkpoint.PREFIX_AT_LAYER`
+        or :data:`~secfwt.runtime.checkpoint.PREFIX_AFTER_ATTENTION`)."""
         from secfwt.mpc.seeding import insecure_reseed
 
         self._seed, self._acc_before, self._cache = joint_seed, accuracy_before, cache
+        self._prefix_end = prefix_end
         if resumed is not None:
             insecure_reseed(f"step/{resumed.step}")  # the same reseed the writer did (tests only)
 
@@ -153,7 +158,7 @@ class JobCheckpointer:
         checkpoint_id = self._agreed_id()
         if not self._prefix_id and is_shared(self._cache):
             self._prefix_id = self._agreed_id()
-            self.store.write_prefix(self._prefix_id, share_of(self._cache))
+            self.store.write_prefix(self._prefix_id, share_of(self._cache), end=self._prefix_end)
         path = self.store.write(
             step=step,
             checkpoint_id=checkpoint_id,

@@ -143,6 +143,9 @@ class PartyOutcome:
     phase_traffic: Mapping[str, Mapping[str, int]] = dataclasses.field(default_factory=dict)
     #: rows the frozen prefix was computed for (training and held-out)
     prefix_rows: int = 0
+    #: where the cached prefix ends: "layer" (below ``cut_layer``) or "attention" (after that
+    #: layer's attention half: secfwt.tuning.trainable.TrainableSet.attention_frozen)
+    prefix_end: str = "layer"
 
     @property
     def released(self) -> bool:
@@ -170,6 +173,7 @@ class PartyOutcome:
             "history": [dataclasses.asdict(h) for h in self.history],
             "trainable": {"names": list(self.trainable_names), "numel": self.trainable_numel},
             "cut_layer": self.cut_layer,
+            "prefix_end": self.prefix_end,
             "joint_seed": self.joint_seed,
             "prefix_s": self.prefix_s,
             "party_wall_s": self.party_wall_s,

@@ -33,7 +33,13 @@ from secfwt.roles import Role
 from secfwt.runtime.artifacts import AdapterExport, deliver
 from secfwt.runtime.backend import SharedBackend, SharedPromptScorer
 from secfwt.runtime.causal import causal_runner, check_causal_model, lm_head_params
-from secfwt.runtime.checkpoint import Checkpoint, from_share, precision_bits
+from secfwt.runtime.checkpoint import (
+    PREFIX_AFTER_ATTENTION,
+    PREFIX_AT_LAYER,
+    Checkpoint,
+    from_share,
+    precision_bits,
+)
 from secfwt.runtime.checkpointer import JobCheckpointer, agree_checkpointing, restore_theta
 from secfwt.runtime.contract import (
     ComparisonJob,
@@ -91,6 +97,7 @@ class _Prepared:
     plain_table: torch.Tensor | None  # the word embeddings, where disclosed to this party
     runner: CachedForward | CausalLMForward
     cut: int
+    prefix_end: str  # where the cached prefix ends (secfwt.runtime.checkpoint.PREFIX_*)
     n_train: int
     eval_idx: list[int]
     prefix_s: float
@@ -163,6 +170,7 @@ def run_job_party(ctx: PartyContext, job: PartyJob) -> PartyOutcome:
         trainable_names=tuple(s.trainable.names),
         trainable_numel=s.trainable.numel,
         cut_layer=s.cut,
+        prefix_end=s.prefix_end,
         joint_seed=s.seed,
         prefix_s=s.prefix_s,
         party_wall_s=time.perf_counter() - s.t_start,
@@ -328,6 +336,15 @@ def _prepare(ctx: PartyContext, job: PartyJob) -> _Prepared:
             f"{spec.max_tokens} positions; lower model.max_length"
         )
     trainable = trainable_set(cfg, spec)
+    cut = cfg.cma.prompt_layer if cfg.job.mode is Mode.CMA else trainable.first_layer(spec)
+    attention_cached = trainable.attention_frozen(spec)  # False for CMA (nothing trains), decoders
+    prefix_end = PREFIX_AFTER_ATTENTION if attention_cached else PREFIX_AT_LAYER
+    if resumed is not None and resumed[1] is not None and resumed[0].prefix_end != prefix_end:
+        raise ConfigError(
+            f"the checkpoint's cached prefix ends at the {resumed[0].prefix_end!r} mark; for "
+            f"this trainable set this version caches it to the {prefix_end!r} mark (an earlier "
+            "version wrote the checkpoint); empty both parties' checkpoint folders to start over"
+        )
     seed = resumed[0].joint_seed if resumed is not None else sess.joint_seed()
     settings = forward_settings(cfg, seed=cfg.job.seed)
 
@@ -358,7 +375,6 @@ def _prepare(ctx: PartyContext, job: PartyJob) -> _Prepared:
     plain_table = disclose_table(sess, spec, state) if not private_table else None
 
     # -- the data owner's rows and the frozen prefix, computed once ---------------------------
-    cut = cfg.cma.prompt_layer if cfg.job.mode is Mode.CMA else trainable.first_layer(spec)
     cached = None if resumed is None else resumed[1]
     cached = None if cached is None else from_share(cached, precision_bits())
     n, t = facts["n"], facts["t"]
@@ -395,6 +411,7 @@ def _prepare(ctx: PartyContext, job: PartyJob) -> _Prepared:
             settings=settings,
             plain_table=plain_table,
             cut=cut,
+            attention_cached=attention_cached,
             cached=cached,
             progress=progress,
             checks=checks,
@@ -428,6 +445,7 @@ def _prepare(ctx: PartyContext, job: PartyJob) -> _Prepared:
         plain_table=plain_table,
         runner=runner,
         cut=cut,
+        prefix_end=prefix_end,
         n_train=facts["n_train"],
         eval_idx=list(range(facts["n_train"], n)),
         prefix_s=prefix_s,
@@ -458,7 +476,13 @@ def _prepare(ctx: PartyContext, job: PartyJob) -> _Prepared:
         p.before = p.evaluate(theta, None, "before tuning")
     p.report_eval("before", p.before)
     if ckpt is not None:
-        ckpt.start(joint_seed=seed, accuracy_before=p.before, cache=cache, resumed=p.resumed)
+        ckpt.start(
+            joint_seed=seed,
+            accuracy_before=p.before,
+            cache=cache,
+            prefix_end=p.prefix_end,
+            resumed=p.resumed,
+        )
     return p
 
 
@@ -491,6 +515,7 @@ def _encoder_runner(
     settings: Any,
     plain_table: torch.Tensor | None,
     cut: int,
+    attention_cached: bool,
     cached: Any | None,
     progress: _Progress,
     checks: RangeChecks,
@@ -523,7 +548,9 @@ def _encoder_runner(
                 plain_table=plain_table,
             )
             pw_s = None if pool_w is None else pool_w[ix]
-            return prefix(frozen_model, word, mask[ix], pw_s, cut=cut)
+            return prefix(
+                frozen_model, word, mask[ix], pw_s, cut=cut, attention_cached=attention_cached
+            )
 
         cache = checks.prefix(compute, n=n, batch=cfg.run.eval_batch, progress=progress)
     runner = CachedForward(
@@ -539,6 +566,7 @@ def _encoder_runner(
         cut=cut,
         prompt_layer=cfg.cma.prompt_layer if cfg.job.mode is Mode.CMA else cfg.zo.prompt_layer,
         guard=checks.guard(what="classifier outputs", bound=OUTPUT_BOUND),
+        attention_cached=attention_cached,
     )
     return runner, cache, time.perf_counter() - t_prefix
 

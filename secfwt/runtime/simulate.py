@@ -139,6 +139,7 @@ def run_simulation(
         "frozen_prefix_s": do.prefix_s,
         "rows_recomputed": do.rows_recomputed,
         "cut_layer": do.cut_layer,
+        "prefix_end": do.prefix_end,
         "joint_seed": do.joint_seed,
         "trainable": {"names": list(do.trainable_names), "numel": do.trainable_numel},
         "loss_history": do.loss_history,

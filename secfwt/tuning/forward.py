@@ -29,11 +29,23 @@ def forward_settings(cfg: JobConfig, *, seed: int) -> ForwardSettings:
     return ForwardSettings(attention=m.attention, rfa=rfa, pooling=m.pooling)
 
 
-def prefix(model: EncoderModel, word: Any, mask: Any, pool_w: Any, *, cut: int) -> Any:
-    """The frozen computation below layer ``cut`` for one chunk of sequences."""
-    if cut == 0:
+def prefix(
+    model: EncoderModel,
+    word: Any,
+    mask: Any,
+    pool_w: Any,
+    *,
+    cut: int,
+    attention_cached: bool = False,
+) -> Any:
+    """The frozen computation below layer ``cut`` for one chunk of sequences; with
+    ``attention_cached`` (:meth:`~secfwt.tuning.trainable.TrainableSet.attention_frozen`) also
+    layer ``cut``'s attention half: (N, T, H) either way."""
+    if cut == 0 and not attention_cached:
         return word  # embeddings are recomputed per step (a prompt may enter before them)
     h = model.layers(model.embed(word), mask, stop=cut)
+    if attention_cached:
+        return model.attention(h, mask, cut)
     if cut < model.spec.num_layers:
         return h
     return model.pool(h, pool_w)  # only the head trains: cache pooled features (N, H)
@@ -51,7 +63,8 @@ class CachedForward:
     With a ``guard`` (the MPC job's range checks) every row of a forward is checked where its
     values end: the logits (and a step's per-example losses), so a truncation failure in the
     layers above the cut, the pooling, the classifier or the loss that blows a value up is
-    found and that row computed again.
+    found and that row computed again. With ``attention_cached`` the cache holds layer
+    ``cut``'s attention output (see :func:`prefix`) and a forward starts at its feed-forward half.
     """
 
     def __init__(
@@ -69,6 +82,7 @@ class CachedForward:
         cut: int,
         prompt_layer: int,
         guard: Guard | None = None,
+        attention_cached: bool = False,
     ) -> None:
         self.ops, self.public, self.spec, self.frozen, self.settings = (
             ops,
@@ -79,6 +93,7 @@ class CachedForward:
         )
         self.cache, self.mask, self.pool_w, self.onehot = cache, mask, pool_w, onehot
         self.cut, self.prompt_layer, self.guard = cut, prompt_layer, guard
+        self.attention_cached = attention_cached
 
     def logits(self, theta: Mapping[str, Any], idx: list[int], *, prompt: Any = None) -> Any:
         """Logits (B, C) of the rows ``idx``; ``prompt`` (P, H), or (B, P, H): one per row."""
@@ -98,6 +113,11 @@ class CachedForward:
         mask = self.mask[ix]
         pool_w = None if self.pool_w is None else self.pool_w[ix]
         prompt = theta.get(SOFT_PROMPT, prompt)
+        if self.attention_cached:
+            if prompt is not None:
+                raise ValueError("a prompt enters at a layer boundary; the cache ends inside one")
+            h = model.feed_forward(x, self.cut)
+            return model.output(model.layers(h, mask, start=self.cut + 1), pool_w)
         if prompt is None:
             h = model.embed(x) if self.cut == 0 else x
             return model.output(model.layers(h, mask, start=self.cut), pool_w)

@@ -96,9 +96,11 @@ def _plain_forward(
     frozen_out: Sequence[str],
     cut: int,
     prompt_layer: int,
+    attention_cached: bool = False,
 ) -> CachedForward:
     """The job's cached forward in float64, every value but ``frozen_out`` frozen, the prefix
-    below layer ``cut`` computed once (as the MPC job caches it in shares)."""
+    below layer ``cut`` (and with ``attention_cached`` that layer's attention half) computed
+    once, as the MPC job caches it in shares."""
     ops = PlainOps()
     settings = forward_settings(cfg, seed=cfg.job.seed)
     params = plain_params(state)
@@ -107,7 +109,14 @@ def _plain_forward(
     pool_w = mean_pool_weights(data.attention_mask) if cfg.model.pooling is Pooling.MEAN else None
     onehot = torch.nn.functional.one_hot(data.labels, data.num_labels).to(torch.float64)
     word = params[spec.word_embeddings][data.input_ids]
-    cache = prefix(EncoderModel(spec, frozen, ops, settings), word, mask, pool_w, cut=cut)
+    cache = prefix(
+        EncoderModel(spec, frozen, ops, settings),
+        word,
+        mask,
+        pool_w,
+        cut=cut,
+        attention_cached=attention_cached,
+    )
     return CachedForward(
         ops=ops,
         public=_float64,
@@ -120,6 +129,7 @@ def _plain_forward(
         onehot=onehot,
         cut=cut,
         prompt_layer=prompt_layer,
+        attention_cached=attention_cached,
     )
 
 
@@ -263,6 +273,7 @@ def plain_zo_run(
             frozen_out=trainable.names,
             cut=cut,
             prompt_layer=cfg.zo.prompt_layer,
+            attention_cached=trainable.attention_frozen(spec),
         )
         runner, metric = encoder, "accuracy"
 

@@ -51,7 +51,7 @@ class TrainableSet:
         for name in self.names:
             if name == SOFT_PROMPT:
                 first = min(first, self.prompt_layer)
-            elif "embeddings." in name or name.startswith(spec.word_embeddings.rsplit(".", 1)[0]):
+            elif _is_embedding(spec, name):
                 first = 0
             else:
                 m = _LAYER_RE.search(name)
@@ -59,8 +59,28 @@ class TrainableSet:
                     first = min(first, int(m.group(1)))
         return first
 
+    def attention_frozen(self, spec: ModelSpec) -> bool:
+        """Whether the first trained layer of an encoder trains only in its feed-forward half
+        (``intermediate.*``, ``output.*``: LoRA on the FFN, its LayerNorm): its attention half
+        then depends on no trainable value and belongs to the cached prefix, and a step runs
+        only the feed-forward half of that layer (in MPC about half its cost: no softmax, no
+        attention LayerNorm). Decoders keep their prefix at a layer boundary."""
+        first = self.first_layer(spec)
+        if first >= spec.num_layers or any(
+            n == SOFT_PROMPT or _is_embedding(spec, n) for n in self.names
+        ):
+            return False
+        layer = f"{spec.prefix}encoder.layer.{first}."
+        ffn = (layer + "intermediate.", layer + "output.")
+        inside = [n for n in self.names if n.startswith(layer)]
+        return bool(inside) and all(n.startswith(ffn) for n in inside)
+
     def pooler_trainable(self, spec: ModelSpec) -> bool:
         return any(n.startswith(spec.prefix + "pooler.") for n in self.names)
+
+
+def _is_embedding(spec: ModelSpec, name: str) -> bool:
+    return "embeddings." in name or name.startswith(spec.word_embeddings.rsplit(".", 1)[0])
 
 
 def select_trainable(

@@ -295,9 +295,9 @@ def test_tiny_full_fine_tuning_pairing(tmp_path, tiny):
     full = report["benchmarks"]["fot-vs-full-ft"]
     (row,) = full["pairings"]
     assert (row["model"], row["layers"], row["seq_len"]) == ("tiny", 2, 8)
-    # full fine-tuning, then ZO with the top layer secret and ZO LoRA, each with softmax and RFA,
-    # then CMA-ES
-    assert len(row["cases"]) == 6
+    # full fine-tuning, then ZO with the top layer secret and ZO LoRA on query and value, each
+    # with softmax and RFA, then ZO LoRA on the feed-forward layers, then CMA-ES
+    assert len(row["cases"]) == 7
     base = row["cases"][0]
     assert base["label"].startswith("full fine-tuning step, every weight secret")
     # every layer's weights, the pooler and the classifier trained: the whole model but the
@@ -309,7 +309,8 @@ def test_tiny_full_fine_tuning_pairing(tmp_path, tiny):
         assert case["max_abs_err"] >= abs(case["loss"] - case["loss_reference"]) - 1e-12
     assert row["baseline_correct"] and full["wrong_results"] == []
     assert row["zo_attention"] in ("softmax", "rfa")
-    for key in ("fot_vs_full_ft", "fot_layer_vs_full_ft", "fot_cma_vs_full_ft"):
+    keys = ("fot_vs_full_ft", "fot_layer_vs_full_ft", "fot_cma_vs_full_ft")
+    for key in (*keys, "fot_lora_qv_vs_full_ft", "fot_lora_ffn_vs_full_ft"):
         for what in ("time", "bytes"):
             assert full[f"{key}_{what}_ratio"] == row[f"{key}_{what}_ratio"] > 0
     assert all(c["time_s_all_reps"][1:] for c in row["cases"])  # each iteration twice at least
@@ -318,23 +319,35 @@ def test_tiny_full_fine_tuning_pairing(tmp_path, tiny):
     assert full["fot_layer_vs_full_ft_time_ratio"] == pytest.approx(
         base["time_s"] / layer["time_s"]
     )
-    # the headline ZO step: LoRA factors and the classifier secret, every other weight the model
-    # owner's: query and value, each A (r, H) and B (H, r), plus the classifier's H x 2 + 2; the
-    # faster attention counts
+    # the ZO LoRA steps: LoRA factors and the classifier secret, every other weight the model
+    # owner's. Query and value: each A (r, H) and B (H, r), plus the classifier's H x 2 + 2; the
+    # faster attention counts. Feed-forward: A (r, H), B (I, r) and A (r, I), B (H, r); its step
+    # starts after the top layer's attention (cached). The headline is the faster placement.
     loras = [c for c in row["cases"] if ", LoRA r=8 on the top" in c["label"]]
-    lora = min(loras, key=lambda c: c["time_s"])
-    assert lora["label"].startswith(f"forward-only SPSA step, secfwt {row['zo_attention']}, LoRA")
-    h = _tiny_spec().hidden_size
-    assert {c["trainable_numel"] for c in loras} == {2 * (8 * h + h * 8) + h * 2 + 2}
+    qvs = [c for c in loras if "query and value" in c["label"]]
+    (ffn,) = [c for c in loras if "feed-forward" in c["label"]]
+    qv = min(qvs, key=lambda c: c["time_s"])
+    assert qv["label"].startswith(f"forward-only SPSA step, secfwt {row['zo_attention']}, LoRA")
+    spec = _tiny_spec()
+    h, i = spec.hidden_size, spec.intermediate_size
+    assert {c["trainable_numel"] for c in qvs} == {2 * (8 * h + h * 8) + h * 2 + 2}
+    assert ffn["trainable_numel"] == 8 * h + i * 8 + 8 * i + h * 8 + h * 2 + 2
+    assert ffn["attention_cached"] and not any(c["attention_cached"] for c in qvs)
+    lora = min((qv, ffn), key=lambda c: c["time_s"])
+    assert row["zo_lora_placement"] == ("feed-forward" if lora is ffn else "query and value")
     assert report["fot_vs_full_ft_time_ratio"] == pytest.approx(base["time_s"] / lora["time_s"])
     assert report["fot_vs_full_ft_bytes_ratio"] == pytest.approx(
         base["bytes_sent_total"] / lora["bytes_sent_total"]
+    )
+    assert full["fot_lora_ffn_vs_full_ft_time_ratio"] == pytest.approx(
+        base["time_s"] / ffn["time_s"]
     )
     # the check can see a layer missing: the float64 loss from layer 0 and from layer 1 (the
     # ZO step's cut, the same hidden states) differ by more than the tolerance; and the adapters
     # change the loss by more than it too
     assert abs(base["loss_reference"] - layer["loss_reference"]) > LOSS_TOLERANCE
-    assert abs(lora["loss_reference"] - layer["loss_reference"]) > LOSS_TOLERANCE
+    assert abs(qv["loss_reference"] - layer["loss_reference"]) > LOSS_TOLERANCE
+    assert abs(ffn["loss_reference"] - layer["loss_reference"]) > LOSS_TOLERANCE
     assert "## Forward-only tuning vs MPC full fine-tuning (`fot-vs-full-ft`)" in md
 
 

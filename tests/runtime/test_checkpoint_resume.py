@@ -29,7 +29,14 @@ import torch
 from secfwt.config import load_job
 from secfwt.errors import ConfigError, ProtocolError
 from secfwt.roles import Role
-from secfwt.runtime.checkpoint import KEEP, CheckpointRef, PartyCheckpoints, common_checkpoint
+from secfwt.runtime.checkpoint import (
+    KEEP,
+    PREFIX_AFTER_ATTENTION,
+    PREFIX_AT_LAYER,
+    CheckpointRef,
+    PartyCheckpoints,
+    common_checkpoint,
+)
 from tests.conftest import DataOwnerKiller, write_tiny_job
 
 SEED = 424242
@@ -177,6 +184,34 @@ def test_a_fresh_start_into_a_folder_with_checkpoints_is_refused(tmp_path, tiny_
         run_simulation(cfg, checkpoint_dir=tmp_path / "ckpt", checkpoint_every=1, resume=False)
 
 
+@pytest.mark.multiprocess
+def test_a_prefix_cached_to_another_end_is_refused(tmp_path, tiny_tok_dir) -> None:
+    """A checkpoint whose prefix ends at a layer boundary (unmarked: an earlier version's)
+    for a trainable set whose prefix now ends after the attention half: refused before any
+    weight is shared, naming the way out."""
+    from secfwt.runtime.contract import public_job_digest
+    from secfwt.runtime.simulate import run_simulation
+
+    cfg = _cfg(
+        tmp_path,
+        tiny_tok_dir,
+        "job",
+        'zo.trainable=["classifier.*"]',
+        'zo.lora_modules=["*.layer.1.intermediate.dense", "*.layer.1.output.dense"]',
+    )
+    for role in (Role.MODEL_OWNER, Role.DATA_OWNER):
+        store = PartyCheckpoints(
+            tmp_path / "ckpt" / role.value,
+            role=role,
+            job_digest=public_job_digest(cfg),
+            terms_digest=cfg.terms.digest(),
+        )
+        store.write_prefix("p1", torch.zeros(3, dtype=torch.int64), end=PREFIX_AT_LAYER)
+        _write(store, 1, prefix_id="p1")
+    with pytest.raises(ConfigError, match="empty both parties' checkpoint folders"):
+        run_simulation(cfg, checkpoint_dir=tmp_path / "ckpt", checkpoint_every=1, resume=True)
+
+
 # ------------------------------------------------------------------------------------------------
 # The checkpoint folder itself (no processes)
 # ------------------------------------------------------------------------------------------------
@@ -195,7 +230,7 @@ def _write(store: PartyCheckpoints, step: int, *, prefix_id: str = "", local=Non
 
 def test_writes_keep_the_last_two_steps_and_the_prefix_they_name(tmp_path) -> None:
     s = _store(tmp_path)
-    s.write_prefix("p1", torch.arange(6, dtype=torch.int64))
+    s.write_prefix("p1", torch.arange(6, dtype=torch.int64), end=PREFIX_AFTER_ATTENTION)
     for step in (2, 4, 6):
         _write(s, step, prefix_id="p1")
     names = sorted(p.name for p in s.folder.iterdir())
@@ -213,6 +248,21 @@ def test_writes_keep_the_last_two_steps_and_the_prefix_they_name(tmp_path) -> No
     )
     assert torch.equal(ckpt.theta_shares["w"], torch.full((2, 3), 6, dtype=torch.int64))
     assert torch.equal(cache, torch.arange(6, dtype=torch.int64))
+    assert ckpt.prefix_end == PREFIX_AFTER_ATTENTION
+
+
+def test_a_prefix_file_without_its_end_marked_ends_at_a_layer(tmp_path) -> None:
+    """Prefix files written before the mark existed all ended at a layer boundary; the job
+    refuses to resume one where its trainable set now caches past the attention half."""
+    s = _store(tmp_path)
+    s.write_prefix("p1", torch.arange(6, dtype=torch.int64), end=PREFIX_AFTER_ATTENTION)
+    path = s.folder / "prefix-p1.pt"
+    old = torch.load(path, weights_only=True)
+    del old["prefix_end"]
+    torch.save(old, path)
+    _write(s, 1, prefix_id="p1")
+    ckpt, _ = s.load(s.available()[-1])
+    assert ckpt.prefix_end == PREFIX_AT_LAYER
 
 
 def test_the_common_step_is_the_latest_pair_both_parties_wrote_together(tmp_path) -> None:

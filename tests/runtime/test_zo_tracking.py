@@ -35,10 +35,20 @@ TRAINABLE = [
 ]
 
 
-def _run_and_replay(tmp_path, model_dir, extra: str = "") -> dict[str, Any]:
+#: LoRA on layer 1's feed-forward layers only: layer 1's attention half joins the frozen prefix
+FFN_TRAINABLE = [
+    'zo.trainable=["classifier.*"]',
+    'zo.lora_modules=["*.layer.1.intermediate.dense", "*.layer.1.output.dense"]',
+    "zo.lora_rank=2",
+]
+
+
+def _run_and_replay(
+    tmp_path, model_dir, extra: str = "", trainable: list[str] = TRAINABLE
+) -> dict[str, Any]:
     """Run the tiny job (plus ``extra`` TOML) in MPC, replay it in plaintext with the run's
     joint seed, and check the losses and final parameters agree within the tolerances."""
-    cfg = load_job(write_tiny_job(tmp_path, model_dir, extra), overrides=TRAINABLE)
+    cfg = load_job(write_tiny_job(tmp_path, model_dir, extra), overrides=trainable)
     report = run_simulation(cfg)
     assert report["cut_layer"] == 1 and report["steps"] == 3
     spec, state = load_checkpoint(model_dir, head=cfg.model.head, num_labels=2, seed=cfg.job.seed)
@@ -68,6 +78,7 @@ def _run_and_replay(tmp_path, model_dir, extra: str = "") -> dict[str, Any]:
 
 def test_mpc_zo_tracks_plaintext_reference(tmp_path, tiny_tok_dir):
     r = _run_and_replay(tmp_path, tiny_tok_dir)
+    assert r["report"]["prefix_end"] == "layer"  # LoRA on the query: layer 1 runs whole
     ref, state, worst = r["ref"], r["state"], r["worst"]
     moved = max(
         float((ref["theta"][n] - (state[n].double() if n in state else 0)).abs().max())
@@ -118,3 +129,13 @@ def test_mpc_zo_with_a_safety_section_tracks_its_reference(tmp_path, tiny_tok_di
         float((r["final"][n].double() - without["theta"][n]).abs().max()) for n in r["final"]
     )
     assert apart > 5 * r["worst"], (apart, r["worst"])
+
+
+def test_mpc_zo_from_inside_a_layer_tracks_its_reference(tmp_path, tiny_tok_dir):
+    """LoRA on layer 1's FFN only: the prefix ends after layer 1's attention half, in MPC as in
+    the replay, and the run tracks it; the adapters moved (the FFN is in every step)."""
+    r = _run_and_replay(tmp_path, tiny_tok_dir, trainable=FFN_TRAINABLE)
+    assert r["report"]["prefix_end"] == "attention"
+    lora = [n for n in r["final"] if "lora_B" in n]
+    assert len(lora) == 2
+    assert max(float(r["ref"]["theta"][n].abs().max()) for n in lora) > 5 * r["worst"]

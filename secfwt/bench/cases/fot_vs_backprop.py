@@ -37,6 +37,7 @@ def plain_losses(
     cut: int,
     attention: Attention,
     prompts: torch.Tensor | None = None,
+    attention_cached: bool = False,
 ) -> torch.Tensor:
     """float64 plaintext losses of a tuning iteration's model at the starting parameters:
     secfwt's encoder on PlainOps from the hidden states ``x`` (N, T, H) entering layer ``cut``
@@ -44,7 +45,8 @@ def plain_losses(
     :class:`~secfwt.tuning.forward.CachedForward` computes them. Without ``prompts``: (1,), the
     mean loss (the SPSA step reports the mean of its two perturbed losses, which differs from
     this by O(eps^2)); with candidate prompts (k, P, H) entering at ``cut``: (k,), each
-    candidate's mean loss, as a CMA-ES iteration scores them."""
+    candidate's mean loss, as a CMA-ES iteration scores them. With ``attention_cached``, ``x``
+    stands for layer ``cut``'s attention output (the prefix of an FFN-only trainable layer)."""
     from secfwt.models.encoder import EncoderModel, ForwardSettings, plain_params
     from secfwt.models.ops import PlainOps
     from secfwt.tuning.forward import CachedForward
@@ -56,7 +58,10 @@ def plain_losses(
     mask = torch.ones(b, t, dtype=torch.float64)
     if prompts is None:
         model = EncoderModel(spec, plain_params(state), ops, settings)
-        logits = model.output(model.layers(x.double(), mask, start=cut))
+        h, start = x.double(), cut
+        if attention_cached:
+            h, start = model.feed_forward(h, cut), cut + 1
+        logits = model.output(model.layers(h, mask, start=start))
         return ops.log_softmax_nll(logits, onehot).mean().reshape(1)
     forward = CachedForward(
         ops=ops,
@@ -88,6 +93,7 @@ def loss_row(res: dict[str, Any], reference: float, wrong: list[str]) -> dict[st
         loss_reference=reference,
         max_abs_err=None if loss is None else abs(float(loss) - reference),
         trainable_numel=res["values"][Role.MODEL_OWNER]["trainable_numel"],
+        attention_cached=bool(res["values"][Role.MODEL_OWNER].get("attention_cached")),
     )
     flag_wrong(s, wrong)
     return s

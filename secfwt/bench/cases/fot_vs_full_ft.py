@@ -46,12 +46,18 @@ def fot_vs_full_ft(plan: BenchPlan, runner: Runner) -> dict[str, Any]:
     ``fot_layers`` layer(s), pooler and classifier (secret) from the cached frozen prefix of the
     layers below (computed once per training row, not per iteration, so not in the iteration),
     with softmax and with RFA; the faster of the two counts (RFA pays off at long T).
-    ZO with owner-held weights (the headline ``fot_vs_full_ft_*``, the configuration a job uses
-    to tune more than a head): the same step training LoRA factors of rank ``fot_lora_rank`` on
-    the top layers' query and value projections and the classifier (secret), every other weight
-    of those layers and the pooler held by the model owner (secfwt.mpc.owned), with softmax and
-    with RFA, the faster counting (its attention is the report's ``zo_attention``, which CMA-ES
-    uses too); the factors are drawn at unit gain so that the loss check sees them.
+    ZO with owner-held weights (the configuration a job uses to tune more than a head): the
+    same step training LoRA factors of rank ``fot_lora_rank`` and the classifier (secret),
+    every other weight of those layers and the pooler held by the model owner
+    (secfwt.mpc.owned), the factors drawn at unit gain so that the loss check sees them; in
+    two placements: on the top layers' query and value projections
+    (``fot_lora_qv_vs_full_ft_*``), with softmax and with RFA, the faster counting (its
+    attention is the report's ``zo_attention``, which CMA-ES uses too); and on their
+    feed-forward layers (``fot_lora_ffn_vs_full_ft_*``), where the first trained layer's
+    attention half depends on no trainable value and joins the cached prefix
+    (:meth:`secfwt.tuning.trainable.TrainableSet.attention_frozen`), so a step runs that
+    layer's feed-forward half only. The headline ``fot_vs_full_ft_*`` is the faster placement
+    (``zo_lora_placement``).
     Every iteration runs at least twice in one session and its faster run counts: the first
     also measures each matmul class's method and sends each frozen weight's mask once.
     CMA-ES (``fot_cma_vs_full_ft_*``): one iteration of SecFwT's black-box prompt tuning with a
@@ -94,6 +100,10 @@ def fot_vs_full_ft(plan: BenchPlan, runner: Runner) -> dict[str, Any]:
 _RATIO_KEYS = (
     "fot_vs_full_ft_time_ratio",
     "fot_vs_full_ft_bytes_ratio",
+    "fot_lora_qv_vs_full_ft_time_ratio",
+    "fot_lora_qv_vs_full_ft_bytes_ratio",
+    "fot_lora_ffn_vs_full_ft_time_ratio",
+    "fot_lora_ffn_vs_full_ft_bytes_ratio",
     "fot_layer_vs_full_ft_time_ratio",
     "fot_layer_vs_full_ft_bytes_ratio",
     "fot_cma_vs_full_ft_time_ratio",
@@ -140,9 +150,33 @@ def _row(
     )
     cases = {"full_ft": loss_row(full, float(plain(0, Attention.SOFTMAX)[0]), wrong)}
     top = [f"{spec.prefix}encoder.layer.{i}.*" for i in range(cut, layers)] + head
-    modules = _lora_modules(spec, cut, layers)
-    lora_state = _lora_pairs(spec, state, modules, rank=plan.fot_lora_rank)
-    lora_plain = {**state, **lora_state}
+
+    def lora_step(
+        key: str, what: str, modules: list[str], att: Attention, *, ffn: bool = False
+    ) -> dict[str, Any]:
+        """A ZO step training LoRA factors on ``modules`` and the classifier (secret), every
+        other weight the model owner's, checked against float64; ``ffn``: the modules are the
+        feed-forward layers (the first one's attention half is then in the cached prefix)."""
+        owner_state = {**state, **_lora_pairs(spec, state, modules, rank=plan.fot_lora_rank)}
+        placement = "feed-forward (intermediate and output dense)" if ffn else "query and value"
+        res = run(
+            key,
+            f"forward-only SPSA step, {what}, LoRA r={plan.fot_lora_rank} on the top "
+            f"{plan.fot_layers} layer(s)' {placement} + classifier (secret), "
+            f"owner-held weights ({desc})",
+            owner={"spec": spec, "state": owner_state},
+            case="fot_step",
+            attention=att,
+            trainable=["classifier.*"],
+            lora_modules=modules,
+            lora_rank=plan.fot_lora_rank,
+            directions=plan.fot_directions,
+        )
+        reference = plain_losses(
+            spec, owner_state, x, labels, cut=cut, attention=att, attention_cached=ffn
+        )
+        return loss_row(res, float(reference[0]), wrong)
+
     for att in (Attention.SOFTMAX, Attention.RFA):
         res = run(
             f"zo_{att.value}",
@@ -154,24 +188,20 @@ def _row(
             directions=plan.fot_directions,
         )
         cases[f"zo_{att.value}"] = loss_row(res, float(plain(cut, att)[0]), wrong)
-        lora = run(
-            f"zo_lora_{att.value}",
-            f"forward-only SPSA step, secfwt {att.value}, LoRA r={plan.fot_lora_rank} on the "
-            f"top {plan.fot_layers} layer(s)' query and value + classifier (secret), owner-held "
-            f"weights ({desc})",
-            owner={"spec": spec, "state": lora_plain},
-            case="fot_step",
-            attention=att,
-            trainable=["classifier.*"],
-            lora_modules=modules,
-            lora_rank=plan.fot_lora_rank,
-            directions=plan.fot_directions,
+        cases[f"zo_lora_{att.value}"] = lora_step(
+            f"zo_lora_{att.value}", f"secfwt {att.value}", _lora_modules(spec, cut, layers), att
         )
-        reference = plain_losses(spec, lora_plain, x, labels, cut=cut, attention=att)
-        cases[f"zo_lora_{att.value}"] = loss_row(lora, float(reference[0]), wrong)
     layer_key = min(("zo_softmax", "zo_rfa"), key=lambda k: cases[k]["time_s"])
-    zo_key = min(("zo_lora_softmax", "zo_lora_rfa"), key=lambda k: cases[k]["time_s"])
-    att = Attention(zo_key.removeprefix("zo_lora_"))
+    qv_key = min(("zo_lora_softmax", "zo_lora_rfa"), key=lambda k: cases[k]["time_s"])
+    att = Attention(qv_key.removeprefix("zo_lora_"))
+    cases["zo_lora_ffn"] = lora_step(
+        "zo_lora_ffn",
+        f"layer {cut}'s attention half in the cached prefix",
+        _lora_modules(spec, cut, layers, ffn=True),
+        att,
+        ffn=True,
+    )
+    zo_key = min((qv_key, "zo_lora_ffn"), key=lambda k: cases[k]["time_s"])
     cma = run(
         "cma",
         f"forward-only CMA-ES iteration, secfwt {att.value}, population {plan.cma_population} "
@@ -186,6 +216,7 @@ def _row(
     cands = cma["values"][Role.DATA_OWNER]["candidates"]  # (pop, P, H), the last iteration's
     cases["cma"] = _cma_row(cma, plain(cut, att, cands), wrong)
     base, layer, zo, cm = cases["full_ft"], cases[layer_key], cases[zo_key], cases["cma"]
+    qv, ffn_row = cases[qv_key], cases["zo_lora_ffn"]
     base_ok = base["label"] not in wrong
     return {
         "model": model_name,
@@ -193,17 +224,25 @@ def _row(
         "layers": layers,
         "seq_len": t,
         "zo_attention": att.value,
+        "zo_lora_placement": "feed-forward" if zo_key == "zo_lora_ffn" else "query and value",
         "baseline_correct": base_ok,
         "cases": list(cases.values()),
         **_ratios("fot_vs_full_ft", base, zo, wrong),
+        **_ratios("fot_lora_qv_vs_full_ft", base, qv, wrong),
+        **_ratios("fot_lora_ffn_vs_full_ft", base, ffn_row, wrong),
         **_ratios("fot_layer_vs_full_ft", base, layer, wrong),
         **_ratios("fot_cma_vs_full_ft", base, cm, wrong),
     }
 
 
-def _lora_modules(spec: Any, cut: int, layers: int) -> list[str]:
+def _lora_modules(spec: Any, cut: int, layers: int, *, ffn: bool = False) -> list[str]:
     """The query and value projections of the trainable top layers (LoRA's usual placement,
-    Hu et al., ICLR 2022)."""
+    Hu et al., ICLR 2022), or with ``ffn`` their feed-forward layers (the placement He et al.,
+    ICLR 2022, found as effective per parameter; the attention half of the first of those
+    layers is then frozen and cached)."""
+    if ffn:
+        names = ("intermediate.dense", "output.dense")
+        return [f"{spec.prefix}encoder.layer.{i}.{m}" for i in range(cut, layers) for m in names]
     return [
         f"{spec.prefix}encoder.layer.{i}.attention.self.{m}"
         for i in range(cut, layers)

@@ -189,20 +189,31 @@ def _select(words: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     words travels in the same SUM exchange as ``e``: with two parties each recovers the
     other's words as ``sum - mine``. Without the TTP dealer: B2A, then a Beaver product.
     """
-    comm = crypten.communicator.get()
-    if comm.get_world_size() != 2:
-        raise ProtocolError(
-            f"the fused bit select is for 2 computing parties, not {comm.get_world_size()}"
-        )
+    _two_parties()
     triple = beaver.bit_triple(values.size())
     if triple is None:
         return _mul(_b2a_packed(words, values.size()), values)
     r_bits, a, r_and_ra_of = triple
-    mine = words ^ _pack_rows(r_bits, words.shape[0])
-    total, e = comm.all_reduce([mine, values - a], batched=True)
-    z = _unpack_rows(mine ^ (total - mine), values.size())
+    z, e = _open_select(words, r_bits, values - a)
     r, ra = r_and_ra_of()
     return z * values + (1 - 2 * z) * (e * r + ra)
+
+
+def _two_parties() -> None:
+    world = crypten.communicator.get().get_world_size()
+    if world != 2:
+        raise ProtocolError(f"the fused bit select is for 2 computing parties, not {world}")
+
+
+def _open_select(
+    words: torch.Tensor, r_bits: torch.Tensor, masked: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one exchange of a bit select: ``z = b ^ r`` (bits ``words``, packed XOR shares in
+    ``words.shape[0]`` rows, under the dealer's ``r_bits``) and ``e`` = the sum of ``masked``
+    (a value minus its mask), opened together; ``z`` unpacked to ``r_bits``' shape."""
+    mine = words ^ _pack_rows(r_bits, words.shape[0])
+    total, e = crypten.communicator.get().all_reduce([mine, masked], batched=True)
+    return _unpack_rows(mine ^ (total - mine), r_bits.size()), e
 
 
 def _select_with_opened(
@@ -216,15 +227,9 @@ def _select_with_opened(
     and the dealer's bits for both rows, ``polynomial._OpenedOnce.select_shares``):
     :func:`_select`'s protocol, with ``x``'s own opening in place of its ``e``, so only ``v`` is
     opened (8 bytes per element less), in the same single exchange."""
-    comm = crypten.communicator.get()
-    if comm.get_world_size() != 2:
-        raise ProtocolError(
-            f"the fused bit select is for 2 computing parties, not {comm.get_world_size()}"
-        )
+    _two_parties()
     d, (r_bits, a, r_and_ra_of) = x_dealt
-    mine = words ^ _pack_rows(r_bits, 2)
-    total, e = comm.all_reduce([mine, v - a], batched=True)
-    z = _unpack_rows(mine ^ (total - mine), r_bits.size())
+    z, e = _open_select(words, r_bits, v - a)
     r, ra = r_and_ra_of()  # (2, ...) each: x's row, v's row
     opened = torch.stack([d, e])
     return (z * torch.stack([x, v]) + (1 - 2 * z) * (opened * r + ra)).sum(0)
