@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from secfwt.errors import DataError
 
@@ -140,6 +141,24 @@ class RankCorrelation:
         }
 
 
+def rank_correlations(u: Any, v: Any, axis: int = -1) -> Any:
+    """Spearman's rho of each pair of rows of ``u`` and ``v`` along ``axis``: Pearson's r of the
+    average ranks, which is what ``scipy.stats.spearmanr`` computes for one pair, here for a
+    whole batch of bootstrap resamples at once (one ``spearmanr`` call per resample took
+    ~0.5 ms, 3-6 s for :data:`BOOTSTRAP_RESAMPLES`). A row whose ranks are all tied gives
+    0 / 0 = NaN, as ``spearmanr`` does."""
+    import numpy as np
+    from scipy.stats import rankdata
+
+    ru, rv = rankdata(u, axis=axis), rankdata(v, axis=axis)
+    ru = ru - ru.mean(axis=axis, keepdims=True)
+    rv = rv - rv.mean(axis=axis, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (ru * rv).sum(axis=axis) / np.sqrt(
+            (ru * ru).sum(axis=axis) * (rv * rv).sum(axis=axis)
+        )
+
+
 def spearman(
     x: Sequence[float], y: Sequence[float], *, seed: int = 0, confidence: float = CONFIDENCE
 ) -> RankCorrelation:
@@ -154,14 +173,11 @@ def spearman(
     a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     res = spearmanr(a, b)
 
-    def rho(u: np.ndarray, v: np.ndarray) -> float:
-        return float(spearmanr(u, v).statistic)
-
     draws = bootstrap(
         (a, b),
-        rho,
+        rank_correlations,
         paired=True,
-        vectorized=False,
+        vectorized=True,
         n_resamples=BOOTSTRAP_RESAMPLES,
         confidence_level=confidence,
         method="percentile",

@@ -84,3 +84,24 @@ def test_spearman_without_ties_is_the_rank_difference_formula() -> None:
     assert got.rho == pytest.approx(rho, abs=1e-12)
     assert -1 <= got.low < got.rho < got.high <= 1
     assert spearman(x, y, seed=1) == got  # the bootstrap draws are the seed's
+
+
+def test_rank_correlations_are_spearmanr_row_by_row() -> None:
+    """The batched rho the bootstrap uses against scipy's spearmanr, one resample at a time:
+    rows with ties, a row whose ranks are all tied (NaN from both) and random rows."""
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    from secfwt.safety.stats import rank_correlations
+
+    rng = np.random.default_rng(0)
+    u = rng.integers(0, 5, size=(200, 9)).astype(np.float64)  # many ties
+    v = rng.normal(size=(200, 9))
+    v[:50] = np.round(v[:50])  # ties on both sides
+    u[7] = 3.0  # all tied: no rho
+    got = rank_correlations(u, v)
+    with np.errstate(invalid="ignore", divide="ignore"), pytest.warns(Warning):
+        want = np.array([spearmanr(a, b).statistic for a, b in zip(u, v, strict=True)])
+    assert np.isnan(got[7]) and np.isnan(want[7])
+    assert np.allclose(np.delete(got, 7), np.delete(want, 7), rtol=0, atol=1e-12)
+    assert np.allclose(rank_correlations(u.T, v.T, axis=0), got, rtol=0, atol=1e-12, equal_nan=True)
