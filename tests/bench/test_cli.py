@@ -227,6 +227,7 @@ def _check_ring_matmul(report, md):
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow  # 14 s on an AVX2 EPYC, 2 cores (2026-12-06); `make test-all` runs it
 def test_tiny_selection_writes_json_md_png(tmp_path, tiny, capsys):
     out = tmp_path / "res"
     rc = main(
@@ -245,6 +246,7 @@ def test_tiny_selection_writes_json_md_png(tmp_path, tiny, capsys):
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow  # 27 s on an AVX2 EPYC, 2 cores (2026-12-06); `make test-all` runs it
 def test_tiny_tuning_steps_compute_the_plaintext_loss(tmp_path, tiny):
     from secfwt.bench.cases.fot_vs_backprop import LOSS_TOLERANCE
     from secfwt.bench.report import markdown
@@ -441,6 +443,7 @@ def _tiny_job(tmp_path, monkeypatch, model_dir):
 
 
 @pytest.mark.multiprocess  # 48 s on 2 cores at load average 3; 170-243 s at 15-28 (2026-12-05)
+@pytest.mark.slow  # 24 s on an AVX2 EPYC, 2 cores (2026-12-06); `make test-all` runs it
 def test_tiny_time_to_target(tmp_path, monkeypatch, tiny_tok_dir):
     """time-to-target end to end: the twins on the tiny job, every MPC section (head-only ZO
     step, both backprop steps, both prefix sections) against float64 plaintext, the keys in

@@ -13,6 +13,7 @@ from tests.conftest import write_tiny_job
 pytestmark = pytest.mark.multiprocess
 
 
+@pytest.mark.slow  # 54 s on an AVX2 EPYC, 2 cores (2026-12-06); `make test-all` runs it
 def test_dp_compare_writes_json_markdown_and_plot(tmp_path, tiny_tok_dir, capsys):
     job = write_tiny_job(tmp_path, tiny_tok_dir)
     out = tmp_path / "cmp"

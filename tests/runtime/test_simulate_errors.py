@@ -95,6 +95,7 @@ def test_label_mismatch_stops_every_party(tmp_path, tiny_tok_dir):
     assert seen and not _alive(seen)
 
 
+@pytest.mark.slow  # 16 s on an AVX2 EPYC, 2 cores (2026-12-06); `make test-all` runs it
 def test_text_longer_than_the_model_allows(tmp_path, tiny_tok_dir):
     job = write_tiny_job(tmp_path, tiny_tok_dir)
     code, out, seen = run_cli(["simulate", str(job), "--set", "model.max_length=200"])

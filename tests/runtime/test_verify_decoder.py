@@ -28,6 +28,7 @@ def _tiny_with_smollm2_tokenizer(tmp_path: Path, smollm_dir: Path) -> Path:
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow  # 17 s on an AVX2 EPYC, 2 cores (2026-12-06); `make test-all` runs it
 def test_decoder_verify_reports_logit_errors_and_every_layer(tmp_path, smollm_dir) -> None:
     path = _tiny_with_smollm2_tokenizer(tmp_path, smollm_dir)
     req = VerifyRequest(
