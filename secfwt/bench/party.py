@@ -347,11 +347,16 @@ def _fot_step(
 def _backprop_step(
     *, ctx: PartyContext, sess: Any, comm: Any, meter: TrafficMeter, payload: dict[str, Any]
 ) -> dict[str, Any]:
-    """One MPC backpropagation step: CrypTen autograd forward + backward, crypten.optim.SGD."""
+    """One MPC backpropagation step: CrypTen autograd forward + backward, crypten.optim.SGD.
+    With CLS pooling (the default) the last layer computes the first position only, as
+    secfwt's forward does (:meth:`secfwt.models.encoder.EncoderModel.top_layers`); with
+    ``pooling`` MEAN every position, and the classifier reads their mean."""
     from secfwt.bench import vanilla
     from secfwt.crypten_compat import crypten
+    from secfwt.models.spec import Pooling
 
     spec, trainable, cut, params, x, onehot = _step_inputs(sess, payload)
+    mean = payload.get("pooling", Pooling.CLS) is Pooling.MEAN
     for p in params.values():
         p.requires_grad = True
     # grad_threshold=None: CrypTen would clamp every gradient element with a secure comparison
@@ -368,8 +373,9 @@ def _backprop_step(
                 num_heads=spec.num_heads,
                 eps=spec.layer_norm_eps,
                 differentiable=True,
+                query_rows=None if mean or layer < spec.num_layers - 1 else 1,
             )
-        loss = vanilla.classify(h, params, prefix=spec.prefix).cross_entropy(onehot)
+        loss = vanilla.classify(h, params, prefix=spec.prefix, mean=mean).cross_entropy(onehot)
         loss.backward()
         opt.step()
         return loss.detach() if hasattr(loss, "detach") else loss

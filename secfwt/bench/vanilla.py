@@ -68,27 +68,31 @@ def block(
     eps: float,
     differentiable: bool = False,
     section: Section = _no_section,
+    query_rows: int | None = None,
 ) -> Any:
-    """One BERT encoder layer on CrypTen tensors; x (N, T, H) -> (N, T, H). No padding mask."""
-    n, t, h = x.shape
+    """One BERT encoder layer on CrypTen tensors; x (N, T, H) -> (N, T, H). No padding mask.
+    With ``query_rows`` only the first that many positions are computed, (N, query_rows, H),
+    as :meth:`secfwt.models.encoder.EncoderModel.attention` does for a head that reads one."""
+    n, _, h = x.shape
     dh = h // num_heads
+    rows = x if query_rows is None else x.narrow(1, 0, query_rows)  # (N, Tq, H): see _first
 
-    def heads(y: Any) -> Any:  # (N, T, H) -> (N, nh, T, dh)
-        return y.reshape(n, t, num_heads, dh).transpose(1, 2)
+    def heads(y: Any) -> Any:  # (N, T', H) -> (N, nh, T', dh)
+        return y.reshape(n, y.shape[1], num_heads, dh).transpose(1, 2)
 
     att = prefix + "attention."
     with section("linear (weights)"):
-        q = heads(_linear(x, p, att + "self.query"))
+        q = heads(_linear(rows, p, att + "self.query"))
         k = heads(_linear(x, p, att + "self.key"))
         v = heads(_linear(x, p, att + "self.value"))
     with section("attention matmuls & other"):
-        scores = q.matmul(k.transpose(-1, -2)) * (1.0 / math.sqrt(dh))  # (N, nh, T, T)
+        scores = q.matmul(k.transpose(-1, -2)) * (1.0 / math.sqrt(dh))  # (N, nh, Tq, T)
     with section("softmax"):
         probs = scores.softmax(-1)
     with section("attention matmuls & other"):
-        ctx = probs.matmul(v).transpose(1, 2).reshape(n, t, h)
+        ctx = probs.matmul(v).transpose(1, 2).reshape(n, rows.shape[1], h)
     with section("linear (weights)"):
-        a = _linear(ctx, p, att + "output.dense") + x
+        a = _linear(ctx, p, att + "output.dense") + rows
     with section("LayerNorm"):
         a = layer_norm(
             a,
@@ -113,10 +117,22 @@ def block(
         )
 
 
-def classify(h: Any, p: Mapping[str, Any], *, prefix: str) -> Any:
-    """BERT's sequence-classification head: tanh pooler on the first token, then a linear layer."""
-    pooled = _linear(h[:, 0], p, prefix + "pooler.dense").tanh()
+def classify(h: Any, p: Mapping[str, Any], *, prefix: str, mean: bool = False) -> Any:
+    """BERT's sequence-classification head: tanh pooler on the first token, then a linear layer;
+    with ``mean`` the linear layer on the mean over tokens, as secfwt's mean pooling (no mask:
+    every token real). h (N, T, H) -> (N, C)."""
+    if mean:
+        return _linear(h.mean(1), p, "classifier")
+    pooled = _linear(_first(h), p, prefix + "pooler.dense").tanh()
     return _linear(pooled, p, "classifier")
+
+
+def _first(h: Any) -> Any:
+    """h[:, 0] (N, T, H) -> (N, H) that CrypTen's autograd sees: it records an operation when
+    the operation is looked up as an attribute (``CrypTensor.__getattribute__``), and Python
+    looks up ``h[:, 0]``'s ``__getitem__`` on the type, past that hook, so indexing returns a
+    tensor with no graph and backward stops there. ``narrow`` is looked up as an attribute."""
+    return h.narrow(1, 0, 1).reshape(h.shape[0], h.shape[-1])
 
 
 @contextlib.contextmanager

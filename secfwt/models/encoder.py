@@ -63,16 +63,22 @@ class EncoderModel(TransformerModel):
         the mask with ``ones`` (N, P)."""
         return self.splice_prompt(h, key_mask, prompt, ones, at=1)
 
-    def attention(self, h: Tensor, key_mask: Tensor, layer: int) -> Tensor:
+    def attention(
+        self, h: Tensor, key_mask: Tensor, layer: int, *, query_rows: int | None = None
+    ) -> Tensor:
+        """The layer's first half, (N, T, H) -> (N, T, H); with ``query_rows`` only the first
+        that many positions are computed, (N, query_rows, H), their keys and values still
+        from every position (what a position reads does not depend on the others' outputs)."""
         spec = self.spec
         pre = f"{spec.prefix}encoder.layer.{layer}.attention."
-        n, t, _ = h.shape
+        n = h.shape[0]
         nh, dh = spec.num_heads, spec.head_dim
+        rows = h if query_rows is None else h[:, :query_rows]  # (N, Tq, H)
 
-        def heads(x: Tensor) -> Tensor:  # (N, T, H) -> (N, nh, T, dh)
-            return x.reshape(n, t, nh, dh).transpose(1, 2)
+        def heads(x: Tensor) -> Tensor:  # (N, T', H) -> (N, nh, T', dh)
+            return x.reshape(n, x.shape[1], nh, dh).transpose(1, 2)
 
-        q = heads(self.linear(h, pre + "self.query"))
+        q = heads(self.linear(rows, pre + "self.query"))
         k = heads(self.linear(h, pre + "self.key"))
         v = heads(self.linear(h, pre + "self.value"))
         if self.settings.attention is Attention.RFA:
@@ -81,8 +87,10 @@ class EncoderModel(TransformerModel):
             )
         else:
             ctx = softmax_attention(self.ops, q, k, v, key_mask)
-        ctx = ctx.transpose(1, 2).reshape(n, t, nh * dh)  # (N, T, H)
-        return self.layer_norm(self.linear(ctx, pre + "output.dense") + h, pre + "output.LayerNorm")
+        ctx = ctx.transpose(1, 2).reshape(n, rows.shape[1], nh * dh)  # (N, Tq, H)
+        return self.layer_norm(
+            self.linear(ctx, pre + "output.dense") + rows, pre + "output.LayerNorm"
+        )
 
     def feed_forward(self, h: Tensor, layer: int) -> Tensor:
         """The layer's second half, from its attention half's output h (N, T, H)."""
@@ -103,6 +111,35 @@ class EncoderModel(TransformerModel):
         for i in range(start, self.spec.num_layers if stop is None else stop):
             h = self.block(h, key_mask, i)
         return h
+
+    @property
+    def head_reads_first_row(self) -> bool:
+        """Whether the head reads the last hidden states at the first position only: a sequence
+        classifier with CLS pooling (BERT's pooler and RoBERTa's classifier take token 0)."""
+        return self.spec.head is Head.SEQUENCE_CLASSIFICATION and (
+            self.settings.pooling is Pooling.CLS
+        )
+
+    def top_layers(self, h: Tensor, key_mask: Tensor, *, start: int = 0) -> Tensor:
+        """Layers ``start`` to the last, for the head: (N, T, H) -> (N, T, H), or (N, 1, H) when
+        the head reads only the first position (:attr:`head_reads_first_row`). The last layer
+        then computes that position alone: its query, attention output and feed-forward, the
+        keys and values still from every position. Exact, since no other position's output
+        reaches the head, and it saves almost all of the last layer (in MPC every GELU,
+        LayerNorm and softmax row but one per sequence): with only the top layer trained,
+        almost all of a tuning step."""
+        last = self.spec.num_layers - 1
+        if not self.head_reads_first_row or start > last:
+            return self.layers(h, key_mask, start=start)
+        h = self.layers(h, key_mask, start=start, stop=last)
+        return self.feed_forward(self.attention(h, key_mask, last, query_rows=1), last)
+
+    def top_from_attention(self, a: Tensor, key_mask: Tensor, layer: int) -> Tensor:
+        """:meth:`top_layers` from layer ``layer``'s attention output ``a`` (N, T, H), or its
+        first position only (N, 1, H) when ``layer`` is the last and the head reads only that."""
+        if layer == self.spec.num_layers - 1 and self.head_reads_first_row:
+            a = a[:, :1]
+        return self.top_layers(self.feed_forward(a, layer), key_mask, start=layer + 1)
 
     # -- heads -----------------------------------------------------------------------------
     def pool(self, h: Tensor, pool_weights: Tensor | None) -> Tensor:
@@ -155,5 +192,5 @@ class EncoderModel(TransformerModel):
     def forward(
         self, word_emb: Tensor, key_mask: Tensor, pool_weights: Tensor | None = None
     ) -> Tensor:
-        h = self.layers(self.embed(word_emb), key_mask)
+        h = self.top_layers(self.embed(word_emb), key_mask)
         return self.output(h, pool_weights)

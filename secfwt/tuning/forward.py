@@ -38,17 +38,20 @@ def prefix(
     cut: int,
     attention_cached: bool = False,
 ) -> Any:
-    """The frozen computation below layer ``cut`` for one chunk of sequences; with
+    """The frozen computation below layer ``cut`` for one chunk of sequences: (N, T, H); with
     ``attention_cached`` (:meth:`~secfwt.tuning.trainable.TrainableSet.attention_frozen`) also
-    layer ``cut``'s attention half: (N, T, H) either way."""
+    layer ``cut``'s attention half, (N, T, H), or (N, 1, H) when ``cut`` is the last layer and
+    the head reads only the first position (:meth:`EncoderModel.top_layers`); with ``cut`` past
+    the last layer the pooled features (N, H)."""
     if cut == 0 and not attention_cached:
         return word  # embeddings are recomputed per step (a prompt may enter before them)
+    if cut == model.spec.num_layers:  # only the head trains: cache pooled features (N, H)
+        return model.pool(model.top_layers(model.embed(word), mask), pool_w)
     h = model.layers(model.embed(word), mask, stop=cut)
     if attention_cached:
-        return model.attention(h, mask, cut)
-    if cut < model.spec.num_layers:
-        return h
-    return model.pool(h, pool_w)  # only the head trains: cache pooled features (N, H)
+        last = cut == model.spec.num_layers - 1 and model.head_reads_first_row
+        return model.attention(h, mask, cut, query_rows=1 if last else None)
+    return h
 
 
 def mean_pool_weights(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -116,11 +119,10 @@ class CachedForward:
         if self.attention_cached:
             if prompt is not None:
                 raise ValueError("a prompt enters at a layer boundary; the cache ends inside one")
-            h = model.feed_forward(x, self.cut)
-            return model.output(model.layers(h, mask, start=self.cut + 1), pool_w)
+            return model.output(model.top_from_attention(x, mask, self.cut), pool_w)
         if prompt is None:
             h = model.embed(x) if self.cut == 0 else x
-            return model.output(model.layers(h, mask, start=self.cut), pool_w)
+            return model.output(model.top_layers(h, mask, start=self.cut), pool_w)
         p = prompt.shape[-2]
         ones, zeros = self.public(torch.ones(len(idx), p)), self.public(torch.zeros(len(idx), p))
         if self.cut == 0 and self.prompt_layer == 0:
@@ -135,7 +137,7 @@ class CachedForward:
             pool_w = self.ops.cat(
                 [pool_w[:, :1], zeros, pool_w[:, 1:]], dim=1
             )  # prompts are not pooled
-        return model.output(model.layers(h, mask2, start=start), pool_w)
+        return model.output(model.top_layers(h, mask2, start=start), pool_w)
 
     def loss(self, theta: Mapping[str, Any], idx: list[int]) -> Any:
         """Mean cross-entropy over the rows ``idx`` (secret in MPC)."""

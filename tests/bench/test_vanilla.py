@@ -6,6 +6,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from typing import Any
+
+import pytest
+import torch
 
 
 def test_the_engine_switch_keeps_crypten_attribute_access_as_shipped():
@@ -40,3 +44,95 @@ def test_vanilla_engine_env_switches_ring_matmul_off_and_back():
         )
         assert out.stdout.strip() == "False"
     assert os.environ.get("SECFWT_RING_MATMUL") == before
+
+
+#: Max absolute error of a gradient against float64 autograd [measured: 2.0e-3 and 2.1e-3, the
+#: largest over all parameters, gradients up to 0.55]: CrypTen's 16 fractional bits through its
+#: softmax, tanh, reciprocal and square-root approximations, forward and backward.
+GRAD_ATOL = 1e-2
+T = 6
+
+
+def _backprop(params: dict[str, Any], x: Any, onehot: Any, spec: Any, *, rows: int | None) -> Any:
+    """Two layers of vanilla.block and the CLS head, the last layer computing ``rows``
+    positions; the loss, whose backward fills every parameter's grad."""
+    from secfwt.bench import vanilla
+
+    h = x
+    for layer in range(spec.num_layers):
+        h = vanilla.block(
+            h,
+            params,
+            prefix=f"{spec.prefix}encoder.layer.{layer}.",
+            num_heads=spec.num_heads,
+            eps=spec.layer_norm_eps,
+            differentiable=True,
+            query_rows=rows if layer == spec.num_layers - 1 else None,
+        )
+    logits = vanilla.classify(h, params, prefix=spec.prefix)
+    if isinstance(logits, torch.Tensor):
+        return -(onehot * logits.log_softmax(-1)).sum(-1).mean()
+    return logits.cross_entropy(onehot)
+
+
+def _grad_party(ctx: Any, payload: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+    from secfwt.crypten_compat import crypten
+    from secfwt.roles import Role
+
+    spec, state = payload["spec"], payload.get("state")
+    params = {
+        n: crypten.cryptensor(
+            state[n] if state else torch.zeros(s), src=Role.MODEL_OWNER.rank, requires_grad=True
+        )
+        for n, s in spec.param_shapes
+        if "encoder.layer" in n or "pooler" in n or n.startswith("classifier")
+    }
+    x = crypten.cryptensor(
+        payload.get("x", torch.zeros(2, T, spec.hidden_size)), src=Role.DATA_OWNER.rank
+    )
+    onehot = crypten.cryptensor(payload.get("onehot", torch.zeros(2, 2)), src=Role.DATA_OWNER.rank)
+    _backprop(params, x, onehot, spec, rows=payload["rows"]).backward()
+    grads = {n: p.grad.get_plain_text() for n, p in params.items() if p.grad is not None}
+    return grads if ctx.role is Role.DATA_OWNER else None
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("rows", [None, 1])
+def test_backprop_baseline_gradients_match_torch_autograd(tmp_path, rows) -> None:
+    """The MPC backpropagation baseline (``fot-vs-full-ft``'s full fine-tuning step), with
+    every position of the last layer or (``rows`` 1) token 0 only: CrypTen autograd's gradient
+    of every parameter, the lowest layer's included, equals float64 torch autograd of the
+    whole computation at every position."""
+    from secfwt.bench.cases.fot_vs_full_ft import unit_gain
+    from secfwt.models.checkpoint import load_checkpoint
+    from secfwt.models.spec import Head
+    from secfwt.mpc.launcher import run_parties
+    from secfwt.mpc.provider import Provider
+    from secfwt.roles import Role
+    from tests.conftest import save_random_checkpoint
+
+    path = save_random_checkpoint(tmp_path / "ckpt", family="bert", head="sequence_classification")
+    spec, state = load_checkpoint(path, head=Head.SEQUENCE_CLASSIFICATION, num_labels=2, seed=0)
+    state = unit_gain(spec, state, seed=0)  # BERT's 0.02 leaves lower layers' gradients ~1e-4
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, T, spec.hidden_size, generator=g)
+    onehot = torch.eye(2)
+    results = run_parties(
+        _grad_party,
+        payloads={
+            Role.MODEL_OWNER: {"spec": spec, "state": state, "rows": rows},
+            Role.DATA_OWNER: {"spec": spec, "x": x, "onehot": onehot, "rows": rows},
+        },
+        provider=Provider.TTP,
+        timeout_s=300,
+    )
+    got = results[Role.DATA_OWNER].value
+    names = [n for n, _ in spec.param_shapes if "encoder.layer" in n or "pooler" in n]
+    names += [n for n, _ in spec.param_shapes if n.startswith("classifier")]
+    ref = {n: state[n].double().requires_grad_(True) for n in names}
+    _backprop(ref, x.double(), onehot.double(), spec, rows=None).backward()
+    below = f"{spec.prefix}encoder.layer.0.intermediate.dense.weight"
+    assert ref[below].grad.abs().max() > 0.05  # the lowest layer matters to the loss
+    assert got.keys() == ref.keys()  # every parameter has a gradient
+    for n, p in ref.items():
+        assert (got[n].double() - p.grad).abs().max() < GRAD_ATOL, n

@@ -50,6 +50,10 @@ def test_plain_encoder_matches_transformers(tmp_path, family, head):
             if head == "sequence_classification"
             else (out - ref.logits)[valid].abs().max() < TOL
         )
+    if head == "sequence_classification":  # the forward's last layer computes token 0 only
+        top = model.top_layers(model.embed(word), mask)
+        assert top.shape == (3, 1, spec.hidden_size)
+        assert (model.forward(word, mask) - ref.logits).abs().max() < TOL
 
 
 def test_rfa_estimates_cosine_softmax_attention():

@@ -56,6 +56,8 @@ def _party(ctx: PartyContext, payload: dict[str, Any]) -> dict[str, Any] | None:
         model = EncoderModel(spec, params, SecureOps(), ForwardSettings())
         h = model.layers(model.embed(x), mask)
         out[name] = (h.get_plain_text(), model.output(h).get_plain_text())
+    # the forward's last layer computes token 0 only (EncoderModel.top_layers)
+    out["forward"] = model.forward(x, mask).get_plain_text()
     return out if ctx.role is Role.DATA_OWNER else None
 
 
@@ -83,3 +85,4 @@ def test_secure_encoder_matches_plaintext_with_secret_and_owned_weights(tmp_path
         assert (h.double() - h_ref).abs().max() < ATOL, name
         assert (logits.double() - logits_ref).abs().max() < ATOL, name
     assert (got["secret"][0] - got["owned"][0]).abs().max() < ATOL
+    assert (got["forward"].double() - logits_ref).abs().max() < ATOL

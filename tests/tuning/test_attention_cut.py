@@ -72,18 +72,22 @@ def test_a_decoder_keeps_its_prefix_at_a_layer_boundary(tmp_path) -> None:
     assert chosen.first_layer(spec) == 1 and not chosen.attention_frozen(spec)
 
 
+@pytest.mark.parametrize("cut", [1, 2])
 @pytest.mark.parametrize("pooling", [Pooling.CLS, Pooling.MEAN])
-def test_the_forward_from_the_attention_half_is_the_whole_models(tmp_path, pooling) -> None:
-    """float64: the prefix to layer 1's attention output, then the cached forward with FFN LoRA
-    factors, gives the logits of the whole model run from the embeddings (and of the forward
-    cached at the layer boundary) to rounding."""
+def test_the_forward_from_the_attention_half_is_the_whole_models(tmp_path, pooling, cut) -> None:
+    """float64: the prefix to layer ``cut``'s attention output, then the cached forward with
+    FFN LoRA factors, gives the logits of the whole model run from the embeddings at every
+    position (and of the forward cached at the layer boundary) to rounding. With CLS pooling
+    the last layer computes token 0 only (EncoderModel.top_layers): at ``cut`` 2 (the last)
+    the cache holds that position alone."""
     from secfwt.models.encoder import EncoderModel, ForwardSettings, plain_params
     from secfwt.models.ops import PlainOps
     from secfwt.tuning.forward import CachedForward, mean_pool_weights, prefix
     from secfwt.tuning.trainable import initial_values
 
     spec, state = _bert(tmp_path)
-    chosen = _trainable(spec, ("classifier.*",), FFN)
+    ffn = (f"*.layer.{cut}.intermediate.dense", f"*.layer.{cut}.output.dense")
+    chosen = _trainable(spec, ("classifier.*",), ffn)
     g = torch.Generator().manual_seed(3)
     theta = {  # LoRA's own B = 0 would hide a wrong product: every value random
         n: torch.randn(v.shape, generator=g, dtype=torch.float64) * 0.5
@@ -103,7 +107,9 @@ def test_the_forward_from_the_attention_half_is_the_whole_models(tmp_path, pooli
 
     def cached(attention_cached: bool) -> torch.Tensor:
         model = EncoderModel(spec, frozen, ops, settings)
-        cache = prefix(model, word, mask, pool_w, cut=1, attention_cached=attention_cached)
+        cache = prefix(model, word, mask, pool_w, cut=cut, attention_cached=attention_cached)
+        rows = 1 if attention_cached and cut == 2 and pooling is Pooling.CLS else t
+        assert cache.shape == (n, rows, spec.hidden_size)
         forward = CachedForward(
             ops=ops,
             public=lambda z: z.double(),
@@ -114,13 +120,15 @@ def test_the_forward_from_the_attention_half_is_the_whole_models(tmp_path, pooli
             mask=mask,
             pool_w=pool_w,
             onehot=onehot,
-            cut=1,
+            cut=cut,
             prompt_layer=0,
             attention_cached=attention_cached,
         )
         return forward.logits(theta, list(range(n)))
 
-    whole = EncoderModel(spec, {**frozen, **theta}, ops, settings).forward(word, mask, pool_w)
+    model = EncoderModel(spec, {**frozen, **theta}, ops, settings)
+    whole = model.output(model.layers(model.embed(word), mask), pool_w)  # every position
+    assert torch.allclose(model.forward(word, mask, pool_w), whole, atol=1e-12, rtol=0)
     inside, at_layer = cached(True), cached(False)
     assert torch.allclose(inside, whole, atol=1e-12, rtol=0)
     assert torch.allclose(at_layer, whole, atol=1e-12, rtol=0)

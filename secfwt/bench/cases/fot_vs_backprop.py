@@ -16,7 +16,7 @@ from secfwt.bench import metrics
 from secfwt.bench.plan import BenchPlan
 from secfwt.bench.runner import Runner, case_summary
 from secfwt.bench.shapes import hidden_states, synthetic_model
-from secfwt.models.spec import Attention, Head
+from secfwt.models.spec import Attention, Head, Pooling
 from secfwt.roles import Role
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,7 @@ def plain_losses(
     attention: Attention,
     prompts: torch.Tensor | None = None,
     attention_cached: bool = False,
+    pooling: Pooling = Pooling.CLS,
 ) -> torch.Tensor:
     """float64 plaintext losses of a tuning iteration's model at the starting parameters:
     secfwt's encoder on PlainOps from the hidden states ``x`` (N, T, H) entering layer ``cut``
@@ -46,22 +47,27 @@ def plain_losses(
     mean loss (the SPSA step reports the mean of its two perturbed losses, which differs from
     this by O(eps^2)); with candidate prompts (k, P, H) entering at ``cut``: (k,), each
     candidate's mean loss, as a CMA-ES iteration scores them. With ``attention_cached``, ``x``
-    stands for layer ``cut``'s attention output (the prefix of an FFN-only trainable layer)."""
+    stands for layer ``cut``'s attention output (the prefix of an FFN-only trainable layer).
+    Every position of every layer is computed (``EncoderModel.layers``), also where the head
+    reads only the first, so the check also covers
+    :meth:`secfwt.models.encoder.EncoderModel.top_layers`. ``pooling`` MEAN: the masked mean
+    of the last hidden states (all tokens real)."""
     from secfwt.models.encoder import EncoderModel, ForwardSettings, plain_params
     from secfwt.models.ops import PlainOps
-    from secfwt.tuning.forward import CachedForward
+    from secfwt.tuning.forward import CachedForward, mean_pool_weights
     from secfwt.tuning.loops import candidate_losses
 
     b, t = labels.shape[0], x.shape[1]
     onehot = torch.nn.functional.one_hot(labels, spec.num_labels).double()
-    ops, settings = PlainOps(), ForwardSettings(attention=attention)
+    ops, settings = PlainOps(), ForwardSettings(attention=attention, pooling=pooling)
     mask = torch.ones(b, t, dtype=torch.float64)
     if prompts is None:
         model = EncoderModel(spec, plain_params(state), ops, settings)
         h, start = x.double(), cut
         if attention_cached:
             h, start = model.feed_forward(h, cut), cut + 1
-        logits = model.output(model.layers(h, mask, start=start))
+        pool_w = mean_pool_weights(mask) if pooling is Pooling.MEAN else None
+        logits = model.output(model.layers(h, mask, start=start), pool_w)
         return ops.log_softmax_nll(logits, onehot).mean().reshape(1)
     forward = CachedForward(
         ops=ops,

@@ -46,9 +46,10 @@ def time_to_target(plan: BenchPlan, runner: Runner) -> dict[str, Any]:
     ``fot-vs-full-ft``), batch ``tta_batch``, T=``tta_seq_len``: secfwt: the default job's ZO
     step, ``tta_directions`` directions (2 x that many heads in one batched forward) on the
     classifier from the mean-pooled cached features, each row's logits and losses
-    range-checked as the job does. Backprop: ``fot-vs-backprop``'s step (top layer, pooler,
+    range-checked as the job does. Backprop: ``fot-vs-backprop``'s step (top layer and
     classifier from the cached prefix) and ``fot-vs-full-ft``'s (every weight secret from
-    the embeddings' output); CrypTen autograd + SGD on secfwt's engine.
+    the embeddings' output), both with the default job's mean pooling, so every position of
+    the top layer is computed; CrypTen autograd + SGD on secfwt's engine.
     One-time costs, measured in MPC: the frozen prefix over the ``tta_prefix_rows`` training
     rows (chunks of ``tta_prefix_chunk``, range-checked, frozen weights held by the model
     owner): all layers and mean pooling for secfwt, the layers below the top one for top-layer
@@ -121,7 +122,7 @@ def _mpc_costs(plan: BenchPlan, runner: Runner) -> tuple[dict[str, dict[str, Any
     common = {"batch": b, "seq_len": t, "seed": plan.seed, "reps": plan.step_reps}
     desc = f"{shape.name}-shaped, {layers} layers, B={b}, T={t}"
     tag = f"tta/{plan.tta_model}/{b}/{t}"
-    head = [f"{spec.prefix}pooler.*", "classifier.*"]
+    head = ["classifier.*"]  # mean pooling, as the default job's model: no pooler
     wrong: list[str] = []
     out: dict[str, dict[str, Any]] = {}
 
@@ -162,10 +163,17 @@ def _mpc_costs(plan: BenchPlan, runner: Runner) -> tuple[dict[str, dict[str, Any
             f"backprop step, CrypTen autograd + SGD, {what} ({desc})",
             model_owner=mo,
             data_owner={"input": x, "labels": labels},
-            common={**common, "case": "backprop_step", "trainable": trainable},
+            common={
+                **common,
+                "case": "backprop_step",
+                "trainable": trainable,
+                "pooling": Pooling.MEAN,  # as the twins: every position of the top layer
+            },
         )
-        ref = float(plain_losses(spec, state, x, labels, cut=cut, attention=Attention.SOFTMAX)[0])
-        out[key] = loss_row(res, ref, wrong)
+        ref = plain_losses(
+            spec, state, x, labels, cut=cut, attention=Attention.SOFTMAX, pooling=Pooling.MEAN
+        )
+        out[key] = loss_row(res, float(ref[0]), wrong)
     return out, wrong
 
 
