@@ -135,6 +135,11 @@ def fot_vs_backprop(plan: BenchPlan, runner: Runner) -> dict[str, Any]:
     ratio compares the algorithms on one engine. A second backprop row runs the vanilla CrypTen
     engine (as in ``vanilla``: ring matmul off everywhere, validating attribute access), i.e.
     what CrypTen 0.4.1 itself gives; its ratios are ``fot_vs_vanilla_backprop_*``.
+    The head reads token 0 (CLS pooling), so both compute the top layer's queries, attention
+    output and feed-forward at that position only
+    (:meth:`secfwt.models.encoder.EncoderModel.top_layers`; ``vanilla.block``'s
+    ``query_rows``), and the backprop step's gradients reach every trainable parameter
+    (before commit 771217d CrypTen's backward stopped at the pooler: ``vanilla._first``).
     """
     layers = 1 + plan.fot_layers
     spec, state, _ = synthetic_model(

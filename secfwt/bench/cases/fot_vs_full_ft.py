@@ -65,6 +65,12 @@ def fot_vs_full_ft(plan: BenchPlan, runner: Runner) -> dict[str, Any]:
     layer (as secfwt/jobs/prompt_tuning_rfa.toml), the frozen top layer and head held by the
     model owner (secfwt.mpc.owned), with the attention the ZO step found faster; the candidates'
     logits go to the data owner, which scores them (the first run: ``first_rep`` in the report).
+    The head reads token 0 (CLS pooling), so every iteration computes the top layer at that
+    position only (its query, attention output and feed-forward; keys and values from every
+    position): :meth:`secfwt.models.encoder.EncoderModel.top_layers` for secfwt,
+    ``vanilla.block``'s ``query_rows`` for full fine-tuning, whose backward reaches every
+    weight (before commit 771217d CrypTen's backward stopped at the pooler:
+    ``vanilla._first``).
     Every linear weight is drawn at unit gain (std 1/sqrt(fan-in), about a trained model's
     scale, not BERT's initial 0.02), so each layer changes its input and the loss depends on
     the whole computation: the check against float64 plaintext then tells a right iteration
