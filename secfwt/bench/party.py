@@ -364,18 +364,8 @@ def _backprop_step(
 
     def step() -> Any:
         opt.zero_grad()
-        h = x
-        for layer in range(cut, spec.num_layers):
-            h = vanilla.block(
-                h,
-                params,
-                prefix=f"{spec.prefix}encoder.layer.{layer}.",
-                num_heads=spec.num_heads,
-                eps=spec.layer_norm_eps,
-                differentiable=True,
-                query_rows=None if mean or layer < spec.num_layers - 1 else 1,
-            )
-        loss = vanilla.classify(h, params, prefix=spec.prefix, mean=mean).cross_entropy(onehot)
+        logits = vanilla.classifier_logits(x, params, spec, start=cut, mean=mean)
+        loss = logits.cross_entropy(onehot)
         loss.backward()
         opt.step()
         return loss.detach() if hasattr(loss, "detach") else loss

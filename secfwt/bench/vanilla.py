@@ -117,6 +117,34 @@ def block(
         )
 
 
+def classifier_logits(
+    x: Any,
+    p: Mapping[str, Any],
+    spec: Any,
+    *,
+    start: int = 0,
+    mean: bool = False,
+    every_position: bool = False,
+) -> Any:
+    """Logits (N, C) of a BERT classifier (``spec``: a :class:`~secfwt.models.spec.ModelSpec`)
+    from layer ``start``'s input x (N, T, H), every layer differentiable. With the [CLS] head
+    the last layer computes token 0 only, as secfwt's forward does, unless ``every_position``
+    (the same logits: a reference); with ``mean`` every position and :func:`classify`'s mean."""
+    last = spec.num_layers - 1
+    h = x
+    for layer in range(start, spec.num_layers):
+        h = block(
+            h,
+            p,
+            prefix=f"{spec.prefix}encoder.layer.{layer}.",
+            num_heads=spec.num_heads,
+            eps=spec.layer_norm_eps,
+            differentiable=True,
+            query_rows=None if mean or every_position or layer < last else 1,
+        )
+    return classify(h, p, prefix=spec.prefix, mean=mean)
+
+
 def classify(h: Any, p: Mapping[str, Any], *, prefix: str, mean: bool = False) -> Any:
     """BERT's sequence-classification head: tanh pooler on the first token, then a linear layer;
     with ``mean`` the linear layer on the mean over tokens, as secfwt's mean pooling (no mask:
