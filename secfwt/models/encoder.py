@@ -116,9 +116,8 @@ class EncoderModel(TransformerModel):
     def head_reads_first_row(self) -> bool:
         """Whether the head reads the last hidden states at the first position only: a sequence
         classifier with CLS pooling (BERT's pooler and RoBERTa's classifier take token 0)."""
-        return self.spec.head is Head.SEQUENCE_CLASSIFICATION and (
-            self.settings.pooling is Pooling.CLS
-        )
+        cls = self.settings.pooling is Pooling.CLS
+        return cls and self.spec.head is Head.SEQUENCE_CLASSIFICATION
 
     def top_layers(self, h: Tensor, key_mask: Tensor, *, start: int = 0) -> Tensor:
         """Layers ``start`` to the last, for the head: (N, T, H) -> (N, T, H), or (N, 1, H) when

@@ -48,8 +48,8 @@ def plain_losses(
     this by O(eps^2)); with candidate prompts (k, P, H) entering at ``cut``: (k,), each
     candidate's mean loss, as a CMA-ES iteration scores them. With ``attention_cached``, ``x``
     stands for layer ``cut``'s attention output (the prefix of an FFN-only trainable layer).
-    Every position of every layer is computed (``EncoderModel.layers``), also where the head
-    reads only the first, so the check also covers
+    Without ``prompts`` every position of every layer is computed (``EncoderModel.layers``),
+    also where the head reads only the first, so the check also covers
     :meth:`secfwt.models.encoder.EncoderModel.top_layers`. ``pooling`` MEAN: the masked mean
     of the last hidden states (all tokens real)."""
     from secfwt.models.encoder import EncoderModel, ForwardSettings, plain_params
