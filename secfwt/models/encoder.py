@@ -102,8 +102,10 @@ class EncoderModel(TransformerModel):
             self.linear(inter, pre + "output.dense") + h, pre + "output.LayerNorm"
         )
 
-    def block(self, h: Tensor, key_mask: Tensor, layer: int) -> Tensor:
-        return self.feed_forward(self.attention(h, key_mask, layer), layer)
+    def block(
+        self, h: Tensor, key_mask: Tensor, layer: int, *, query_rows: int | None = None
+    ) -> Tensor:
+        return self.feed_forward(self.attention(h, key_mask, layer, query_rows=query_rows), layer)
 
     def layers(
         self, h: Tensor, key_mask: Tensor, *, start: int = 0, stop: int | None = None
@@ -119,6 +121,12 @@ class EncoderModel(TransformerModel):
         cls = self.settings.pooling is Pooling.CLS
         return cls and self.spec.head is Head.SEQUENCE_CLASSIFICATION
 
+    def query_rows(self, layer: int) -> int | None:
+        """The positions layer ``layer`` computes for the head: 1 (the first) for the last layer
+        when the head reads only that (:attr:`head_reads_first_row`), else all (None)."""
+        last = layer == self.spec.num_layers - 1
+        return 1 if last and self.head_reads_first_row else None
+
     def top_layers(self, h: Tensor, key_mask: Tensor, *, start: int = 0) -> Tensor:
         """Layers ``start`` to the last, for the head: (N, T, H) -> (N, T, H), or (N, 1, H) when
         the head reads only the first position (:attr:`head_reads_first_row`). The last layer
@@ -127,17 +135,15 @@ class EncoderModel(TransformerModel):
         reaches the head, and it saves almost all of the last layer (in MPC every GELU,
         LayerNorm and softmax row but one per sequence): with only the top layer trained,
         almost all of a tuning step."""
-        last = self.spec.num_layers - 1
-        if not self.head_reads_first_row or start > last:
-            return self.layers(h, key_mask, start=start)
-        h = self.layers(h, key_mask, start=start, stop=last)
-        return self.feed_forward(self.attention(h, key_mask, last, query_rows=1), last)
+        for i in range(start, self.spec.num_layers):
+            h = self.block(h, key_mask, i, query_rows=self.query_rows(i))
+        return h
 
     def top_from_attention(self, a: Tensor, key_mask: Tensor, layer: int) -> Tensor:
         """:meth:`top_layers` from layer ``layer``'s attention output ``a`` (N, T, H), or its
         first position only (N, 1, H) when ``layer`` is the last and the head reads only that."""
-        if layer == self.spec.num_layers - 1 and self.head_reads_first_row:
-            a = a[:, :1]
+        rows = self.query_rows(layer)
+        a = a if rows is None else a[:, :rows]
         return self.top_layers(self.feed_forward(a, layer), key_mask, start=layer + 1)
 
     # -- heads -----------------------------------------------------------------------------

@@ -49,8 +49,7 @@ def prefix(
         return model.pool(model.top_layers(model.embed(word), mask), pool_w)
     h = model.layers(model.embed(word), mask, stop=cut)
     if attention_cached:
-        last = cut == model.spec.num_layers - 1 and model.head_reads_first_row
-        return model.attention(h, mask, cut, query_rows=1 if last else None)
+        return model.attention(h, mask, cut, query_rows=model.query_rows(cut))
     return h
 
 
