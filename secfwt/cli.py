@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from secfwt.errors import ConfigError, SecfwtError, exit_code_for
+from secfwt.errors import ConfigError, ProtocolError, SecfwtError, exit_code_for
 from secfwt.safety.cli import write_report
 
 log = logging.getLogger("secfwt")
@@ -323,6 +323,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
             f"{t['threshold']:g}: {status}"
         )
     print(f"done in {report['duration_s']:.0f} s; " + ", ".join(files.values()))
+    failed_cases, stopped = report.get("failed_cases") or [], report.get("failed_benchmarks") or []
+    if failed_cases or stopped:
+        for f in failed_cases:
+            print(f"secfwt: bench: case failed: {f['label']}: {f['message']}", file=sys.stderr)
+        for f in stopped:
+            print(f"secfwt: bench: {f['benchmark']} stopped: {f['message']}", file=sys.stderr)
+        raise ProtocolError(
+            f"bench: the run is incomplete; {args.out}/bench.md lists what failed under Failed"
+        )
     missed = [t["key"] for t in report["targets"] if t["passed"] is False]
     if args.check and missed:
         print(f"secfwt: bench --check: targets missed: {', '.join(missed)}", file=sys.stderr)

@@ -40,6 +40,8 @@ def _f(x: float | None, digits: int = 3) -> str:
 
 
 def _case_row(c: dict[str, Any]) -> str:
+    if "failed" in c:  # its parties failed: nothing was measured
+        return f"| {c['label']} | **failed**: {c['failed']} |" + " - |" * 8
     rss = max((p.get("peak_rss_mb") or 0) for p in c["parties"].values())
     proj = c["projected_s"]
     err = c.get("max_abs_err")
@@ -61,7 +63,7 @@ _CASE_HEADER = (
 
 def markdown(report: dict[str, Any], *, plots: dict[str, str] | None = None) -> str:
     m = report["machine"]
-    b = report["benchmarks"]
+    b = completed(report["benchmarks"])
     lines = [
         f"# secfwt benchmarks{' (--quick)' if report['quick'] else ''}",
         "",
@@ -96,6 +98,7 @@ def markdown(report: dict[str, Any], *, plots: dict[str, str] | None = None) -> 
         "exponents = least-squares slope of log cost vs log T.",
         "",
     ]
+    lines += _section_failures(report)
     lines += _section_forward(b.get("forward"))
     lines += _section_vanilla(b.get("vanilla"))
     lines += _section_attention(b.get("attention"))
@@ -123,6 +126,43 @@ def markdown(report: dict[str, Any], *, plots: dict[str, str] | None = None) -> 
     if plots:
         lines += ["## Plots", ""] + [f"![{k}]({Path(v).name})" for k, v in plots.items()] + [""]
     return "\n".join(lines)
+
+
+def completed(benchmarks: dict[str, Any]) -> dict[str, Any]:
+    """The sub-benchmarks that ran to the end (a failed one has only its ``failure``)."""
+    return {k: v for k, v in benchmarks.items() if "failure" not in v}
+
+
+def _section_failures(report: dict[str, Any]) -> list[str]:
+    """What failed: each sub-benchmark that stopped at a failed case (with the cases it had
+    completed), and each case that failed inside a sub-benchmark that went on."""
+    stopped = report.get("failed_benchmarks") or []
+    cases = report.get("failed_cases") or []
+    if not stopped and not cases:
+        return []
+    out = [
+        "## Failed",
+        "",
+        "**This run is incomplete**: the parties of the cases below failed (a party killed, e.g. "
+        "for memory, exits with code -9; a timeout names the parties still running). Nothing "
+        "they would have measured is in this report.",
+        "",
+        "| case | error |",
+        "|---|---|",
+        *(f"| {f['label']} | {f['error']}: {f['message']} |" for f in cases),
+        "",
+    ]
+    for f in stopped:
+        name = f["benchmark"]
+        done = report["benchmarks"][name].get("completed_cases") or []
+        where = f"case {f['case']!r}" if f["case"] else "an error outside its cases"
+        out += [
+            f"`{name}` stopped at {where}: {f['error']}: {f['message']}. It has no results of "
+            "its own; the cases it had completed:",
+            "",
+        ]
+        out += [_CASE_HEADER, *map(_case_row, done), ""] if done else ["(none)", ""]
+    return out
 
 
 def _code_note(report: dict[str, Any]) -> str:
@@ -340,7 +380,7 @@ def _section_full_ft(r: dict[str, Any] | None) -> list[str]:
             f"| {_f(row['fot_layer_vs_full_ft_bytes_ratio'])} "
             f"| {_f(row['fot_cma_vs_full_ft_time_ratio'])} "
             f"| {_f(row['fot_cma_vs_full_ft_bytes_ratio'])} "
-            f"| {'yes' if row['baseline_correct'] else '**no**'} |"
+            f"| {_baseline_state(row)} |"
         )
     after = [
         "max abs err: |loss of the iteration - float64 plaintext loss| (CMA-ES: largest over the "
@@ -350,6 +390,12 @@ def _section_full_ft(r: dict[str, Any] | None) -> list[str]:
     return _step_section(
         "## Forward-only tuning vs MPC full fine-tuning (`fot-vs-full-ft`)", intro, r, after
     )
+
+
+def _baseline_state(row: dict[str, Any]) -> str:
+    if row.get("baseline_failed"):
+        return "**failed**"
+    return "yes" if row["baseline_correct"] else "**no**"
 
 
 def _section_time_to_target(r: dict[str, Any] | None) -> list[str]:
@@ -571,7 +617,7 @@ def write_plots(report: dict[str, Any], out_dir: Path) -> dict[str, str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    b = report["benchmarks"]
+    b = completed(report["benchmarks"])
     files: dict[str, str] = {}
 
     def save(fig: Any, key: str, name: str) -> None:

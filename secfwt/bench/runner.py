@@ -2,7 +2,10 @@
 
 :class:`Runner` starts the parties (gloo on loopback unless a case names another transport, TTP
 dealer) and memoises each case within one suite run, so sub-benchmarks that share a case (the
-BERT-base layer of ``forward`` and ``vanilla``) run it once. The summaries turn the parties'
+BERT-base layer of ``forward`` and ``vanilla``) run it once. A case whose parties fail (a party
+killed for memory, a timeout, an error inside a party) is recorded in :attr:`Runner.failures`
+and its error raised again, so that the suite can report it and go on with the next
+sub-benchmark instead of losing every result of the run. The summaries turn the parties'
 per-repetition costs into the rows of the report: fastest repetition, totals, link projections.
 """
 
@@ -17,6 +20,7 @@ import torch
 
 from secfwt.bench import metrics
 from secfwt.bench.plan import BenchPlan
+from secfwt.errors import ConfigError, SecfwtError
 from secfwt.mpc import device as mpc_device
 from secfwt.roles import Role
 
@@ -36,6 +40,9 @@ class Runner:
         self.timeout_s = timeout_s or plan.timeout_s
         self.device = mpc_device.resolve(plan.device, field="device")
         self._memo: dict[str, dict[str, Any]] = {}
+        #: every case whose parties failed in this suite run: key, label, error class and text
+        self.failures: list[dict[str, str]] = []
+        self._failed: dict[str, SecfwtError] = {}
 
     def run(
         self,
@@ -48,9 +55,17 @@ class Runner:
         transport: Any = None,
         vanilla: bool = False,
     ) -> dict[str, Any]:
-        """Run one case (or return its result from earlier in this suite run)."""
+        """Run one case (or return its result from earlier in this suite run).
+
+        Raises the parties' :class:`~secfwt.errors.SecfwtError` when the case fails, after
+        recording it in :attr:`failures`; a case that failed earlier in this suite run raises
+        the same error again without running. A :class:`~secfwt.errors.ConfigError` is the
+        plan's fault: it is raised and not recorded.
+        """
         if key in self._memo:
             return self._memo[key]
+        if key in self._failed:
+            raise self._failed[key]
         from secfwt.bench.party import bench_party
         from secfwt.bench.vanilla import vanilla_engine_env
         from secfwt.mpc.launcher import run_parties
@@ -60,18 +75,28 @@ class Runner:
         self.on_case(label)
         env = vanilla_engine_env() if vanilla else contextlib.nullcontext()
         t0 = time.perf_counter()
-        with env:
-            res = run_parties(
-                bench_party,
-                payloads={
-                    Role.MODEL_OWNER: {**common, **model_owner, "vanilla": vanilla},
-                    Role.DATA_OWNER: {**common, **data_owner, "vanilla": vanilla},
-                },
-                provider=Provider.TTP,
-                timeout_s=self.timeout_s,
-                transport=transport or Transport.GLOO,
-                device=self.device,
+        try:
+            with env:
+                res = run_parties(
+                    bench_party,
+                    payloads={
+                        Role.MODEL_OWNER: {**common, **model_owner, "vanilla": vanilla},
+                        Role.DATA_OWNER: {**common, **data_owner, "vanilla": vanilla},
+                    },
+                    provider=Provider.TTP,
+                    timeout_s=self.timeout_s,
+                    transport=transport or Transport.GLOO,
+                    device=self.device,
+                    timeout_setting="the bench plan's timeout_s (--set timeout_s=SECONDS)",
+                )
+        except ConfigError:
+            raise
+        except SecfwtError as exc:
+            self._failed[key] = exc
+            self.failures.append(
+                {"key": key, "label": label, "error": type(exc).__name__, "message": str(exc)}
             )
+            raise
         out = {
             "label": label,
             "process_wall_s": time.perf_counter() - t0,
@@ -82,8 +107,12 @@ class Runner:
         self._memo[key] = out
         return out
 
+    def failed_case(self, exc: BaseException) -> str | None:
+        """The label of the case that raised ``exc`` (None when no case of this run did)."""
+        return next((f["label"] for f in self.failures if self._failed[f["key"]] is exc), None)
+
     def results(self) -> dict[str, dict[str, Any]]:
-        """Every case run so far in this suite run, by key."""
+        """Every case run so far in this suite run, by key, in the order they ran."""
         return dict(self._memo)
 
 

@@ -39,6 +39,7 @@ and the machine and code details :mod:`secfwt.bench.provenance`.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -56,7 +57,10 @@ from secfwt.bench.cases.transport import transport
 from secfwt.bench.cases.vanilla import vanilla
 from secfwt.bench.plan import BenchName, BenchPlan
 from secfwt.bench.provenance import code_fingerprint, cpu_info, cpu_seconds, load_average
-from secfwt.bench.runner import Runner
+from secfwt.bench.runner import Runner, case_summary
+from secfwt.errors import ConfigError, SecfwtError
+
+log = logging.getLogger(__name__)
 
 #: time-to-target's keys: MPC backprop (full model; ``top_layer_``: top layer + head) / secfwt's
 #: default job, time and bytes to the same accuracy gain, measured and modelled on LAN and WAN
@@ -90,29 +94,23 @@ def run_suite(
     # before the cases, as the machine was at start
     ring_machine = gemm.machine_timings(plan, device=runner.device)
     results: dict[str, Any] = {}
+    failed: list[dict[str, Any]] = []
     for name in names:
         t_bench = time.perf_counter()
-        if name is BenchName.FORWARD:
-            r = forward(plan, runner, layers)
-        elif name is BenchName.ATTENTION:
-            r = attention(plan, runner)
-        elif name is BenchName.FOT_VS_BACKPROP:
-            r = fot_vs_backprop(plan, runner)
-        elif name is BenchName.FOT_VS_FULL_FT:
-            r = fot_vs_full_ft(plan, runner)
-        elif name is BenchName.VANILLA:
-            r = vanilla(plan, runner, layers)
-        elif name is BenchName.DECODER:
-            r = decoder(plan, runner)
-        elif name is BenchName.SAFE_DELTA:
-            r = safe_delta(plan, runner)
-        elif name is BenchName.TIME_TO_TARGET:
-            r = time_to_target(plan, runner)
-        else:
-            r = transport(plan, runner, layers)
+        ran_before = set(runner.results())
+        try:
+            r = _run_benchmark(name, plan, runner, layers)
+        except ConfigError:
+            raise
+        except SecfwtError as exc:
+            # a case's parties failed (killed for memory, timed out, raised): keep what this
+            # sub-benchmark measured before it and go on with the next one
+            log.info("bench: %s failed: %s", name.value, exc)
+            r = _failed(exc, runner, ran_before)
+            failed.append({"benchmark": name.value, **r["failure"]})
         r["duration_s"] = time.perf_counter() - t_bench
         results[name.value] = r
-    headline = _headline(results)
+    headline = _headline({k: v for k, v in results.items() if "failure" not in v})
     (busy0, own0), (busy1, own1) = cpu_before, cpu_seconds()
     other = None if busy0 is None or busy1 is None else max(0.0, (busy1 - busy0) - (own1 - own0))
     machine = {
@@ -135,6 +133,10 @@ def run_suite(
             for t in metrics.TARGETS
         ],
         "benchmarks": results,
+        # sub-benchmarks that stopped at a failed case, and cases that failed within one that
+        # went on (fot-vs-full-ft's baseline): the run is incomplete when either is non-empty
+        "failed_benchmarks": failed,
+        "failed_cases": list(runner.failures),
         "ring_matmul": {"machine": ring_machine, "choices": gemm.choices(runner.results())},
         "selected": [n.value for n in names],
         "quick": plan.quick,
@@ -158,6 +160,43 @@ def run_suite(
         "duration_s": time.perf_counter() - t0,
     }
     return report
+
+
+def _run_benchmark(
+    name: BenchName, plan: BenchPlan, runner: Runner, layers: dict[str, Layer]
+) -> dict[str, Any]:
+    if name is BenchName.FORWARD:
+        return forward(plan, runner, layers)
+    if name is BenchName.ATTENTION:
+        return attention(plan, runner)
+    if name is BenchName.FOT_VS_BACKPROP:
+        return fot_vs_backprop(plan, runner)
+    if name is BenchName.FOT_VS_FULL_FT:
+        return fot_vs_full_ft(plan, runner)
+    if name is BenchName.VANILLA:
+        return vanilla(plan, runner, layers)
+    if name is BenchName.DECODER:
+        return decoder(plan, runner)
+    if name is BenchName.SAFE_DELTA:
+        return safe_delta(plan, runner)
+    if name is BenchName.TIME_TO_TARGET:
+        return time_to_target(plan, runner)
+    return transport(plan, runner, layers)
+
+
+def _failed(exc: SecfwtError, runner: Runner, ran_before: set[str]) -> dict[str, Any]:
+    """A failed sub-benchmark's entry: the error, the case it came from (None when it came
+    from outside a case), and the summaries of the cases it had completed."""
+    case = runner.failed_case(exc)
+    done = [v for k, v in runner.results().items() if k not in ran_before]
+    return {
+        "failure": {"case": case, "error": type(exc).__name__, "message": str(exc)},
+        "completed_cases": [case_summary(v) for v in done if _has_costs(v)],
+    }
+
+
+def _has_costs(result: dict[str, Any]) -> bool:
+    return all("costs" in v for v in result["values"].values())
 
 
 def _headline(results: dict[str, Any]) -> dict[str, Any]:

@@ -201,6 +201,7 @@ def run_parties(
     tls: Mapping[Role, TlsSettings] | None = None,
     insecure_fixed_seed: int | None = None,
     device: Any = None,
+    timeout_setting: str = "[run] timeout_s in the job file",
 ) -> dict[Role, PartyResult]:
     """Run ``target`` once per computing party in its own process, plus the dealer if needed.
 
@@ -215,7 +216,8 @@ def run_parties(
     ``insecure_fixed_seed``: tests only, makes every MPC seed predictable
     (:func:`secfwt.mpc.session.init_party`). ``device``: the ``torch.device`` every process's
     ring products may also run on (:func:`secfwt.mpc.device.resolve` of the job's
-    ``run.device``; None: the host only).
+    ``run.device``; None: the host only). ``timeout_setting``: where the caller sets
+    ``timeout_s``, named in the timeout's error as the fix.
     """
     from secfwt.mpc import ring_tuning
     from secfwt.mpc.provider import Provider
@@ -256,7 +258,7 @@ def run_parties(
         try:
             for p in procs.values():
                 p.start()
-            return _collect(procs, results, timeout_s, messages, on_message)
+            return _collect(procs, results, timeout_s, messages, on_message, timeout_setting)
         finally:
             stop_processes(procs.values())
 
@@ -400,6 +402,7 @@ def _collect(
     timeout_s: float,
     messages: mp.Queue[Any] | None,
     on_message: Callable[[Role, Any], None] | None,
+    timeout_setting: str,
 ) -> dict[Role, PartyResult]:
     deadline = time.monotonic() + timeout_s
     done: dict[Role, PartyResult] = {}
@@ -433,8 +436,8 @@ def _collect(
         if time.monotonic() > deadline:
             missing = ", ".join(r.value for r in procs if r not in done)
             raise ProtocolError(
-                f"parties did not finish within {timeout_s:.0f} s: {missing}; raise [run] "
-                "timeout_s in the job file if the job is just slow"
+                f"parties did not finish within {timeout_s:g} s: {missing}; raise "
+                f"{timeout_setting} if the job is just slow"
             )
     if messages is not None and on_message is not None:
         _drain(messages, on_message)

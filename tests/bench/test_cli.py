@@ -484,3 +484,94 @@ def test_tiny_time_to_target(tmp_path, monkeypatch, tiny_tok_dir):
         r["methods"]["backprop_full"]["total"]["time_s"] / r["methods"]["zo"]["total"]["time_s"]
     )
     assert "## Time and bytes to accuracy (`time-to-target`)" in md
+
+
+def _party_processes() -> list:
+    import multiprocessing
+
+    return [p for p in multiprocessing.active_children() if p.name.startswith("secfwt-")]
+
+
+@pytest.mark.multiprocess
+def test_failed_cases_are_reported_and_the_run_goes_on(tmp_path, tiny, capsys):
+    """Every case times out (0.05 s is less than a party takes to start): each selected
+    sub-benchmark stops at its first case, the report is still written and says so, the exit
+    code is ProtocolError's, and no party process is left behind."""
+    from secfwt.errors import ProtocolError
+
+    out = tmp_path / "res"
+    argv = ["bench", "fot-vs-backprop", "vanilla", "--quick", "--set", "timeout_s=0.05"]
+    assert main([*argv, "--out", str(out)]) == ProtocolError.exit_code
+    assert _party_processes() == []
+    report = json.loads((out / "bench.json").read_text())
+    stopped = report["failed_benchmarks"]
+    assert [f["benchmark"] for f in stopped] == ["fot-vs-backprop", "vanilla"]
+    # each stopped at its first case; the run's failed cases are those two
+    assert [f["case"] for f in stopped] == [f["label"] for f in report["failed_cases"]]
+    for f in stopped:
+        assert f["error"] == "ProtocolError" and "did not finish within 0.05 s" in f["message"]
+        assert "raise the bench plan's timeout_s (--set timeout_s=SECONDS)" in f["message"]
+        assert report["benchmarks"][f["benchmark"]]["completed_cases"] == []
+    assert (
+        report["vs_vanilla_crypten_ratio"] is None and report["fot_vs_backprop_time_ratio"] is None
+    )
+    md = (out / "bench.md").read_text()
+    assert "## Failed" in md and "**This run is incomplete**" in md
+    assert "`vanilla` stopped at case" in md
+    err = capsys.readouterr().err
+    assert err.count("secfwt: bench: case failed: ") == 2 and "the run is incomplete" in err
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow  # 43 s on an AVX2 EPYC, 2 cores (2026-12-06); `make test-all` runs it
+def test_a_killed_baseline_leaves_the_forward_only_iterations(tiny):
+    """The model owner of fot-vs-full-ft's baseline is killed with SIGKILL, as the kernel's
+    out-of-memory killer does: the baseline is reported failed with no ratios, and the row's
+    forward-only iterations are still measured and checked against float64."""
+    import os
+    import signal
+    import threading
+
+    from secfwt.bench.cases.fot_vs_backprop import LOSS_TOLERANCE
+    from secfwt.bench.plan import BenchName
+    from secfwt.bench.report import markdown
+    from secfwt.bench.suite import run_suite
+
+    killed: list[int] = []
+
+    def kill_model_owner() -> None:
+        for _ in range(600):  # up to 60 s for the case's model owner to start
+            owners = [p for p in _party_processes() if p.name == "secfwt-model_owner"]
+            if owners and owners[0].pid:
+                os.kill(owners[0].pid, signal.SIGKILL)
+                killed.append(owners[0].pid)
+                return
+            threading.Event().wait(0.1)
+
+    threads: list[threading.Thread] = []
+
+    def on_case(label: str) -> None:
+        if label.startswith("full fine-tuning step"):
+            threads.append(threading.Thread(target=kill_model_owner, daemon=True))
+            threads[-1].start()
+
+    report = run_suite([BenchName.FOT_VS_FULL_FT], _tiny_plan(), on_case=on_case)
+    assert killed and _party_processes() == []
+    (failed,) = report["failed_cases"]
+    assert failed["label"].startswith("full fine-tuning step, every weight secret")
+    assert failed["message"] == "party 'model_owner' failed: process exited with code -9"
+    assert report["failed_benchmarks"] == []
+    full = report["benchmarks"]["fot-vs-full-ft"]
+    (row,) = full["pairings"]
+    assert not row["baseline_correct"] and "code -9" in row["baseline_failed"]
+    for key in ("fot_vs_full_ft", "fot_lora_ffn_vs_full_ft", "fot_cma_vs_full_ft"):
+        assert row[f"{key}_time_ratio"] is None and row[f"{key}_bytes_ratio"] is None
+    base, *rest = row["cases"]
+    assert base == {"label": failed["label"], "failed": f"PartyFailedError: {failed['message']}"}
+    assert len(rest) == 6  # every forward-only iteration, each within tolerance of float64
+    for case in rest:
+        assert case["time_s"] > 0 and case["max_abs_err"] < LOSS_TOLERANCE, case["label"]
+    assert report["fot_vs_full_ft_time_ratio"] is None
+    md = markdown(report)
+    assert "## Failed" in md and f"| {failed['label']} | **failed**: PartyFailedError" in md
+    assert "| **failed** |" in md  # the pairing's baseline column
