@@ -301,17 +301,16 @@ def _fot_step(
         shape=(b, t),
         name="attention mask",
     )
+    pooling = payload.get("pooling", Pooling.CLS)
     runner = CachedForward(
         ops=sess.ops,
         public=sess.public,
         spec=spec,
         frozen=frozen,
-        settings=ForwardSettings(
-            attention=payload["attention"], pooling=payload.get("pooling", Pooling.CLS)
-        ),
+        settings=ForwardSettings(attention=payload["attention"], pooling=pooling),
         cache=cache,
         mask=mask,
-        pool_w=None,
+        pool_w=_pool_weights(sess, pooling, b, t) if cut < spec.num_layers else None,
         onehot=onehot,
         cut=cut,
         prompt_layer=0,
@@ -342,6 +341,23 @@ def _fot_step(
         "trainable_numel": trainable.numel,
         "output": _reveal(sess, loss, "loss"),
     }
+
+
+def _pool_weights(sess: Any, pooling: Any, b: int, t: int) -> Any:
+    """Mean pooling's per-token weights (B, T), shared by the data owner as a job's are (every
+    token real here); None for CLS pooling, which needs none."""
+    from secfwt.models.spec import Pooling
+    from secfwt.tuning.forward import mean_pool_weights
+
+    if pooling is not Pooling.MEAN:
+        return None
+    mine = sess.role is Role.DATA_OWNER
+    return sess.share(
+        mean_pool_weights(torch.ones(b, t)) if mine else None,
+        owner=Role.DATA_OWNER,
+        shape=(b, t),
+        name="pooling weights",
+    )
 
 
 def _backprop_step(
@@ -389,6 +405,7 @@ def _cma_step(
     (:class:`~secfwt.runtime.backend.SharedPromptScorer`), the logits go to the data owner, which
     computes the losses and tells CMA-ES."""
     from secfwt.models.encoder import ForwardSettings
+    from secfwt.models.spec import Pooling
     from secfwt.runtime.backend import SharedPromptScorer
     from secfwt.tuning.cma import CMASettings, PromptSearch
     from secfwt.tuning.forward import CachedForward
@@ -404,15 +421,16 @@ def _cma_step(
     mask = sess.share(
         torch.ones(b, t) if mine else None, owner=Role.DATA_OWNER, shape=(b, t), name="mask"
     )
+    pooling = payload.get("pooling", Pooling.CLS)
     forward = CachedForward(
         ops=sess.ops,
         public=sess.public,
         spec=spec,
         frozen=frozen,
-        settings=ForwardSettings(attention=payload["attention"]),
+        settings=ForwardSettings(attention=payload["attention"], pooling=pooling),
         cache=cache,
         mask=mask,
-        pool_w=None,
+        pool_w=_pool_weights(sess, pooling, b, t),
         onehot=None,  # the data owner scores the revealed logits itself
         cut=cut,
         prompt_layer=cut,

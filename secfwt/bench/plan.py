@@ -13,6 +13,7 @@ from typing import Any
 
 from secfwt.bench.shapes import BERT_BASE, FULL_MODELS, MINILM, LayerShape
 from secfwt.errors import ConfigError
+from secfwt.models.spec import Pooling
 from secfwt.mpc import device as mpc_device
 from secfwt.overrides import apply_overrides
 
@@ -75,6 +76,10 @@ class BenchPlan:
     #: full_ft_seq_lens=128,512`` runs every row the issue asks for.
     full_ft_models: tuple[str, ...] = ("minilm",)
     full_ft_seq_lens: tuple[int, ...] = (128,)
+    #: fot-vs-full-ft's classifier input: ``cls`` (BERT's pooler on token 0: the top layer runs
+    #: at that position alone on both sides) or ``mean`` (the default job's mean over tokens, no
+    #: pooler: the top layer runs at every position)
+    full_ft_pooling: Pooling = Pooling.CLS
     #: SecFwT's CMA-ES prompt tuning as in secfwt/jobs/prompt_tuning_rfa.toml (prompt at the
     #: top layer, whose weights, like the head's, stay with the model owner)
     cma_population: int = 8
@@ -152,7 +157,7 @@ class BenchPlan:
         d = dataclasses.asdict(self)
         for k in ("layer", "fot_shape", "transport_shape"):
             d[k] = getattr(self, k).describe()
-        return d
+        return {k: v.value if isinstance(v, enum.Enum) else v for k, v in d.items()}
 
 
 #: Fields of the plan that ``--set`` cannot change: the layer shapes and the quick/full choice.
@@ -174,6 +179,8 @@ def _plan_range(key: str, value: Any) -> str | None:
         if unknown or not value:
             return f"unknown model {unknown}; choose from: {', '.join(FULL_MODELS)}"
         return None
+    if isinstance(value, enum.Enum):
+        return None  # its choices were checked when it was read
     if isinstance(value, float):
         return None if value > 0 else "must be positive"
     lowest = 0 if key == "seed" else 1

@@ -369,7 +369,8 @@ def _section_full_ft(r: dict[str, Any] | None) -> list[str]:
     ]
     for row in r["pairings"]:
         intro.append(
-            f"| {row['model']} | {row['seq_len']} | {row['zo_attention']} "
+            f"| {row['model']} ({row.get('pooling', 'cls')} pooling) | {row['seq_len']} "
+            f"| {row['zo_attention']} "
             f"| {row.get('zo_lora_placement', 'query and value')} "
             f"| {_f(row['fot_vs_full_ft_time_ratio'])} | {_f(row['fot_vs_full_ft_bytes_ratio'])} "
             f"| {_f(row.get('fot_lora_qv_vs_full_ft_time_ratio'))} "

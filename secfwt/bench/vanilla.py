@@ -6,7 +6,8 @@ have ``requires_grad``, the MPC backpropagation baseline (CrypTen autograd + ``c
 no backward pass, so a backpropagation baseline in CrypTen has to use CrypTen's functions.
 
 CrypTen functions used (its default approximations, which fail on wide ranges: ``exp`` below
--256, ``reciprocal`` above ~300, ``softmax`` from T ~ 256): ``matmul`` (Beaver triples),
+-256, ``reciprocal`` above ~300, ``softmax`` from T ~ 256, which :func:`softmax` keeps in
+range): ``matmul`` (Beaver triples),
 ``softmax`` (max by a comparison tree, ``exp`` by limit approximation, ``reciprocal`` by Newton),
 LayerNorm as ``mean``/``var``/``inv_sqrt`` (``sqrt().reciprocal()`` when gradients are needed:
 ``inv_sqrt`` has no registered gradient), GELU in its tanh form (CrypTen's ``erf`` diverges
@@ -26,6 +27,8 @@ import math
 import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
+
+import torch
 
 from secfwt.mpc.ring_tuning import RING_MATMUL_ENV
 
@@ -59,6 +62,67 @@ def gelu_tanh(x: Any) -> Any:
     return x * (inner.tanh() + 1.0) * 0.5
 
 
+#: The largest softmax denominator handed to CrypTen's Newton reciprocal (rows up to this long
+#: get CrypTen's own softmax).
+DENOMINATOR_RANGE = 16
+
+
+def softmax(scores: Any) -> Any:
+    """Softmax over the last dim (N, nh, Tq, T): CrypTen's, with its denominator's reciprocal
+    taken in range for rows longer than :data:`DENOMINATOR_RANGE`.
+
+    Why: CrypTen's ``reciprocal`` runs Newton's method, ``y <- 2 y - d y^2``, from
+    ``3 exp(1 - 2 d) + 0.003``. With 16 fractional bits ``y^2`` is rounded to a unit of 2^-16,
+    so ``d y^2`` is off by up to ``d 2^-17`` against ``y = 1/d``: a relative error of about
+    ``d^2 2^-17`` (3% at d = 60). From a few hundred up, the rounded start turns the iteration
+    negative and it diverges (its ``exp`` of ``1 - 2 d`` also wraps below -256). A softmax
+    row's denominator is up to T. Measured on single rows with CrypTen's own softmax: row sums
+    0.95-1.06 at T=128 for scores of std 0.1; about 4e9 at T=256 and 512 for uniform rows,
+    also with ``exp_iterations`` raised to 12 or with its ``log`` reciprocal; and MiniLM-shaped
+    full fine-tuning at T=512 had losses 3.6e8 and 1.4e9 off float64. The fix a CrypTen user
+    would write: ``reciprocal(d / c) / c`` with ``c = T / 16``, so that Newton's method sees
+    ``d / c`` in ``[16 / T, 16]`` (at most 0.2% off; its start is inside the basin down to
+    ``d / c`` of 1e-3); two public divisions of the (N, nh, Tq, 1) denominators, no messages.
+    The backward is CrypTen's softmax backward from the saved probabilities.
+    """
+    if isinstance(scores, torch.Tensor):  # the float64 reference of the tests
+        return scores.softmax(-1)
+    from secfwt.crypten_compat import crypten
+
+    name = "secfwt_bench_softmax"
+    if crypten.gradients.get_grad_fn(name) is None:  # once per process
+        crypten.gradients.register_function(name)(_in_range_softmax_class())
+    # a registered name is how CrypTen applies an autograd function, with or without grad
+    return getattr(scores, name)(-1)
+
+
+def _softmax_forward(x: Any, dim: int) -> Any:
+    """The probabilities of :func:`softmax` on a CrypTen tensor with autograd off."""
+    from secfwt.crypten_compat import crypten
+
+    t = x.size(dim)
+    if t <= DENOMINATOR_RANGE:
+        return x.softmax(dim)
+    numerator = (x - x.max(dim, keepdim=True)[0]).exp()
+    scale = t / DENOMINATOR_RANGE
+    with crypten.cfg.temp_override({"functions.reciprocal_all_pos": True}):
+        inverse = numerator.sum(dim, keepdim=True).div(scale).reciprocal().div(scale)
+    return numerator * inverse
+
+
+def _in_range_softmax_class() -> Any:
+    from secfwt.crypten_compat import crypten
+
+    class InRangeSoftmax(crypten.gradients.AutogradSoftmax):  # CrypTen's backward
+        @staticmethod
+        def forward(ctx: Any, input: Any, dim: int) -> Any:
+            probs = _softmax_forward(input, dim)
+            ctx.save_multiple_for_backward([probs, dim])
+            return probs
+
+    return InRangeSoftmax
+
+
 def block(
     x: Any,
     p: Mapping[str, Any],
@@ -88,7 +152,7 @@ def block(
     with section("attention matmuls & other"):
         scores = q.matmul(k.transpose(-1, -2)) * (1.0 / math.sqrt(dh))  # (N, nh, Tq, T)
     with section("softmax"):
-        probs = scores.softmax(-1)
+        probs = softmax(scores)
     with section("attention matmuls & other"):
         ctx = probs.matmul(v).transpose(1, 2).reshape(n, rows.shape[1], h)
     with section("linear (weights)"):

@@ -134,3 +134,58 @@ def test_backprop_baseline_gradients_match_torch_autograd(tmp_path, mean) -> Non
     assert got.keys() == ref.keys()  # every parameter has a gradient
     for n, p in ref.items():
         assert (got[n].double() - p.grad).abs().max() < GRAD_ATOL, n
+
+
+def _softmax_party(ctx: Any, payload: dict[str, Any]) -> torch.Tensor:
+    from secfwt.bench import vanilla
+    from secfwt.crypten_compat import crypten
+    from secfwt.roles import Role
+
+    scores = crypten.cryptensor(payload["scores"], src=Role.DATA_OWNER.rank)
+    return vanilla.softmax(scores).get_plain_text()
+
+
+#: Max absolute error of a probability [measured on these rows: 2.2e-4 - 1.2e-3 at T = 128 and
+#: 512]: CrypTen's exp by limit approximation (relative error about x^2 / 512 for exp(x)) and
+#: 16 fractional bits; and of a row's sum [measured: up to 0.0048; CrypTen's own softmax:
+#: 0.095 - 0.098 at T=128, 8e10 at T=512], which a reciprocal off by a factor would move by
+#: that factor.
+SOFTMAX_ATOL = 5e-3
+SUM_ATOL = 0.02
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("t", [128, 512])
+def test_baseline_softmax_is_right_where_crypten_defaults_are_not(t) -> None:
+    """The baselines' softmax (CrypTen's with its denominator's reciprocal in range) against
+    float64 on rows whose denominators span 1 to T: uniform scores (denominator T), small and
+    unit-variance scores, and one dominant score. CrypTen's own softmax gives row sums of
+    0.95-1.06 on the small scores at T=128 and about 4e9 on the uniform rows at T=512."""
+    from secfwt.mpc.launcher import run_parties
+    from secfwt.mpc.provider import Provider
+    from secfwt.roles import Role
+
+    g = torch.Generator().manual_seed(3)
+    scores = torch.stack(
+        [
+            torch.zeros(t),  # denominator t
+            torch.randn(t, generator=g),  # about t exp(1/2) / exp(max)
+            *(torch.randn(t, generator=g) * 0.1 for _ in range(6)),  # close to t
+            torch.cat([torch.tensor([12.0]), torch.zeros(t - 1)]),  # close to 1
+        ]
+    ).reshape(1, 1, 9, t)
+    results = run_parties(
+        _softmax_party,
+        # the model owner passes zeros of the shape: only the source's values are shared
+        payloads={
+            Role.MODEL_OWNER: {"scores": torch.zeros_like(scores)},
+            Role.DATA_OWNER: {"scores": scores},
+        },
+        provider=Provider.TTP,
+        timeout_s=300,
+    )
+    got = results[Role.DATA_OWNER].value.double()
+    err = (got - scores.double().softmax(-1)).abs().max()
+    sums = got.sum(-1)
+    assert err < SOFTMAX_ATOL, err
+    assert (sums - 1).abs().max() < SUM_ATOL, sums

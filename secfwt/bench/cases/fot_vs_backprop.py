@@ -51,7 +51,8 @@ def plain_losses(
     Without ``prompts`` every position of every layer is computed (``EncoderModel.layers``),
     also where the head reads only the first, so the check also covers
     :meth:`secfwt.models.encoder.EncoderModel.top_layers`. ``pooling`` MEAN: the masked mean
-    of the last hidden states (all tokens real)."""
+    of the last hidden states (all tokens real; with ``prompts``, of the input's tokens, as
+    :class:`~secfwt.tuning.forward.CachedForward` pools them)."""
     from secfwt.models.encoder import EncoderModel, ForwardSettings, plain_params
     from secfwt.models.ops import PlainOps
     from secfwt.tuning.forward import CachedForward, mean_pool_weights
@@ -61,12 +62,12 @@ def plain_losses(
     onehot = torch.nn.functional.one_hot(labels, spec.num_labels).double()
     ops, settings = PlainOps(), ForwardSettings(attention=attention, pooling=pooling)
     mask = torch.ones(b, t, dtype=torch.float64)
+    pool_w = mean_pool_weights(mask) if pooling is Pooling.MEAN else None
     if prompts is None:
         model = EncoderModel(spec, plain_params(state), ops, settings)
         h, start = x.double(), cut
         if attention_cached:
             h, start = model.feed_forward(h, cut), cut + 1
-        pool_w = mean_pool_weights(mask) if pooling is Pooling.MEAN else None
         logits = model.output(model.layers(h, mask, start=start), pool_w)
         return ops.log_softmax_nll(logits, onehot).mean().reshape(1)
     forward = CachedForward(
@@ -77,7 +78,7 @@ def plain_losses(
         settings=settings,
         cache=x.double(),
         mask=mask,
-        pool_w=None,
+        pool_w=pool_w,
         onehot=onehot,
         cut=cut,
         prompt_layer=cut,

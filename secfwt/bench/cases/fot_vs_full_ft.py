@@ -25,7 +25,7 @@ from secfwt.bench.plan import BenchPlan
 from secfwt.bench.runner import Runner, case_summary
 from secfwt.bench.shapes import FULL_MODELS, hidden_states, synthetic_model
 from secfwt.errors import ConfigError, SecfwtError
-from secfwt.models.spec import Attention, Head
+from secfwt.models.spec import Attention, Head, Pooling
 from secfwt.roles import Role
 
 
@@ -66,12 +66,14 @@ def fot_vs_full_ft(plan: BenchPlan, runner: Runner) -> dict[str, Any]:
     layer (as secfwt/jobs/prompt_tuning_rfa.toml), the frozen top layer and head held by the
     model owner (secfwt.mpc.owned), with the attention the ZO step found faster; the candidates'
     logits go to the data owner, which scores them (the first run: ``first_rep`` in the report).
-    The head reads token 0 (CLS pooling), so every iteration computes the top layer at that
-    position only (its query, attention output and feed-forward; keys and values from every
-    position): :meth:`secfwt.models.encoder.EncoderModel.top_layers` for secfwt,
-    ``vanilla.block``'s ``query_rows`` for full fine-tuning, whose backward reaches every
-    weight (before commit 771217d CrypTen's backward stopped at the pooler:
-    ``vanilla._first``).
+    With ``full_ft_pooling`` CLS (the default) the head reads token 0 through BERT's pooler,
+    so every iteration computes the top layer at that position only (its query, attention
+    output and feed-forward; keys and values from every position):
+    :meth:`secfwt.models.encoder.EncoderModel.top_layers` for secfwt, ``vanilla.block``'s
+    ``query_rows`` for full fine-tuning, whose backward reaches every weight (before commit
+    771217d CrypTen's backward stopped at the pooler: ``vanilla._first``). With MEAN (the
+    default job's pooling) the classifier reads the mean over tokens, there is no pooler, and
+    every iteration computes the top layer at every position.
     Every linear weight is drawn at unit gain (std 1/sqrt(fan-in), about a trained model's
     scale, not BERT's initial 0.02), so each layer changes its input and the loss depends on
     the whole computation: the check against float64 plaintext then tells a right iteration
@@ -136,10 +138,21 @@ def _row(
     # every iteration at least twice in one session, the faster counting: the first also
     # measures each matmul class's method (secfwt.mpc.ring_tuning) and sends each frozen
     # weight's mask once, costs of a session, not of an iteration
-    common = {"batch": b, "seq_len": t, "seed": plan.seed, "reps": max(2, plan.step_reps)}
-    desc = f"{shape.name}-shaped, {layers} layers, B={b}, T={t}"
-    tag = f"full-ft/{model_name}/{t}"
-    head = [f"{spec.prefix}pooler.*", "classifier.*"]
+    pooling = plan.full_ft_pooling
+    common = {
+        "batch": b,
+        "seq_len": t,
+        "seed": plan.seed,
+        "reps": max(2, plan.step_reps),
+        "pooling": pooling,
+    }
+    desc = f"{shape.name}-shaped, {layers} layers, B={b}, T={t}, {pooling.value} pooling"
+    tag = f"full-ft/{model_name}/{t}/{pooling.value}"
+    # mean pooling feeds the classifier directly (secfwt's encoder and vanilla.classify): the
+    # pooler is not in the model, so neither side trains it
+    head = (
+        ["classifier.*"] if pooling is Pooling.MEAN else [f"{spec.prefix}pooler.*", "classifier.*"]
+    )
 
     def run(key: str, label: str, *, owner: dict[str, Any] = mo, **extra: Any) -> dict[str, Any]:
         return runner.run(
@@ -147,7 +160,9 @@ def _row(
         )
 
     def plain(cut: int, attention: Attention, prompts: torch.Tensor | None = None) -> Any:
-        return plain_losses(spec, state, x, labels, cut=cut, attention=attention, prompts=prompts)
+        return plain_losses(
+            spec, state, x, labels, cut=cut, attention=attention, prompts=prompts, pooling=pooling
+        )
 
     full_label = f"full fine-tuning step, every weight secret, CrypTen autograd + SGD ({desc})"
     try:
@@ -189,7 +204,14 @@ def _row(
             directions=plan.fot_directions,
         )
         reference = plain_losses(
-            spec, owner_state, x, labels, cut=cut, attention=att, attention_cached=ffn
+            spec,
+            owner_state,
+            x,
+            labels,
+            cut=cut,
+            attention=att,
+            attention_cached=ffn,
+            pooling=pooling,
         )
         return loss_row(res, float(reference[0]), wrong)
 
@@ -239,6 +261,7 @@ def _row(
         "shape": shape.describe(),
         "layers": layers,
         "seq_len": t,
+        "pooling": pooling.value,
         "zo_attention": att.value,
         "zo_lora_placement": "feed-forward" if zo_key == "zo_lora_ffn" else "query and value",
         "baseline_correct": base_ok,
