@@ -165,23 +165,23 @@ def run_suite(
 def _run_benchmark(
     name: BenchName, plan: BenchPlan, runner: Runner, layers: dict[str, Layer]
 ) -> dict[str, Any]:
-    if name is BenchName.FORWARD:
-        return forward(plan, runner, layers)
-    if name is BenchName.ATTENTION:
-        return attention(plan, runner)
-    if name is BenchName.FOT_VS_BACKPROP:
-        return fot_vs_backprop(plan, runner)
-    if name is BenchName.FOT_VS_FULL_FT:
-        return fot_vs_full_ft(plan, runner)
-    if name is BenchName.VANILLA:
-        return vanilla(plan, runner, layers)
-    if name is BenchName.DECODER:
-        return decoder(plan, runner)
-    if name is BenchName.SAFE_DELTA:
-        return safe_delta(plan, runner)
-    if name is BenchName.TIME_TO_TARGET:
-        return time_to_target(plan, runner)
-    return transport(plan, runner, layers)
+    # the sub-benchmarks that share the secure layer's cases take ``layers``
+    with_layers = {
+        BenchName.FORWARD: forward,
+        BenchName.VANILLA: vanilla,
+        BenchName.TRANSPORT: transport,
+    }
+    if name in with_layers:
+        return with_layers[name](plan, runner, layers)
+    alone = {
+        BenchName.ATTENTION: attention,
+        BenchName.FOT_VS_BACKPROP: fot_vs_backprop,
+        BenchName.FOT_VS_FULL_FT: fot_vs_full_ft,
+        BenchName.DECODER: decoder,
+        BenchName.SAFE_DELTA: safe_delta,
+        BenchName.TIME_TO_TARGET: time_to_target,
+    }
+    return alone[name](plan, runner)
 
 
 def _failed(exc: SecfwtError, runner: Runner, ran_before: set[str]) -> dict[str, Any]:
