@@ -155,10 +155,9 @@ def _section_failures(report: dict[str, Any]) -> list[str]:
     for f in stopped:
         name = f["benchmark"]
         done = report["benchmarks"][name].get("completed_cases") or []
-        where = f"case {f['case']!r}" if f["case"] else "an error outside its cases"
         out += [
-            f"`{name}` stopped at {where}: {f['error']}: {f['message']}. It has no results of "
-            "its own; the cases it had completed:",
+            f"`{name}` stopped at case {f['case']!r}: {f['error']}: {f['message']}. It has no "
+            "results of its own; the cases it had completed:",
             "",
         ]
         out += [_CASE_HEADER, *map(_case_row, done), ""] if done else ["(none)", ""]

@@ -4,7 +4,7 @@
 dealer) and memoises each case within one suite run, so sub-benchmarks that share a case (the
 BERT-base layer of ``forward`` and ``vanilla``) run it once. A case whose parties fail (a party
 killed for memory, a timeout, an error inside a party) is recorded in :attr:`Runner.failures`
-and its error raised again, so that the suite can report it and go on with the next
+and raised as :class:`CaseFailed`, so that the suite can report it and go on with the next
 sub-benchmark instead of losing every result of the run. The summaries turn the parties'
 per-repetition costs into the rows of the report: fastest repetition, totals, link projections.
 """
@@ -20,9 +20,24 @@ import torch
 
 from secfwt.bench import metrics
 from secfwt.bench.plan import BenchPlan
-from secfwt.errors import ConfigError, SecfwtError
+from secfwt.errors import ConfigError, ProtocolError, SecfwtError
 from secfwt.mpc import device as mpc_device
 from secfwt.roles import Role
+
+
+class CaseFailed(ProtocolError):
+    """A benchmark case's parties failed; ``label`` names the case, ``cause`` is the parties'
+    error (a :class:`~secfwt.errors.PartyFailedError`, a timeout, a party's own error)."""
+
+    def __init__(self, label: str, cause: SecfwtError) -> None:
+        super().__init__(str(cause))
+        self.label = label
+        self.cause = cause
+
+    @property
+    def summary(self) -> dict[str, str]:
+        """The failure as the report lists it."""
+        return {"label": self.label, "error": type(self.cause).__name__, "message": str(self)}
 
 
 class Runner:
@@ -40,9 +55,9 @@ class Runner:
         self.timeout_s = timeout_s or plan.timeout_s
         self.device = mpc_device.resolve(plan.device, field="device")
         self._memo: dict[str, dict[str, Any]] = {}
-        #: every case whose parties failed in this suite run: key, label, error class and text
-        self.failures: list[dict[str, str]] = []
-        self._failed: dict[str, SecfwtError] = {}
+        #: every case whose parties failed in this suite run, in order
+        self.failures: list[CaseFailed] = []
+        self._failed: dict[str, CaseFailed] = {}
 
     def run(
         self,
@@ -57,10 +72,10 @@ class Runner:
     ) -> dict[str, Any]:
         """Run one case (or return its result from earlier in this suite run).
 
-        Raises the parties' :class:`~secfwt.errors.SecfwtError` when the case fails, after
-        recording it in :attr:`failures`; a case that failed earlier in this suite run raises
-        the same error again without running. A :class:`~secfwt.errors.ConfigError` is the
-        plan's fault: it is raised and not recorded.
+        Raises :class:`CaseFailed` when the case's parties fail, after recording it in
+        :attr:`failures`; a case that failed earlier in this suite run raises it again without
+        running. A :class:`~secfwt.errors.ConfigError` is the plan's fault: it is raised as it
+        is and not recorded.
         """
         if key in self._memo:
             return self._memo[key]
@@ -92,11 +107,9 @@ class Runner:
         except ConfigError:
             raise
         except SecfwtError as exc:
-            self._failed[key] = exc
-            self.failures.append(
-                {"key": key, "label": label, "error": type(exc).__name__, "message": str(exc)}
-            )
-            raise
+            failure = self._failed[key] = CaseFailed(label, exc)
+            self.failures.append(failure)
+            raise failure from exc
         out = {
             "label": label,
             "process_wall_s": time.perf_counter() - t0,
@@ -106,10 +119,6 @@ class Runner:
         }
         self._memo[key] = out
         return out
-
-    def failed_case(self, exc: BaseException) -> str | None:
-        """The label of the case that raised ``exc`` (None when no case of this run did)."""
-        return next((f["label"] for f in self.failures if self._failed[f["key"]] is exc), None)
 
     def results(self) -> dict[str, dict[str, Any]]:
         """Every case run so far in this suite run, by key, in the order they ran."""

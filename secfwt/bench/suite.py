@@ -57,8 +57,8 @@ from secfwt.bench.cases.transport import transport
 from secfwt.bench.cases.vanilla import vanilla
 from secfwt.bench.plan import BenchName, BenchPlan
 from secfwt.bench.provenance import code_fingerprint, cpu_info, cpu_seconds, load_average
-from secfwt.bench.runner import Runner, case_summary
-from secfwt.errors import ConfigError, SecfwtError
+from secfwt.bench.report import completed
+from secfwt.bench.runner import CaseFailed, Runner, case_summary
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +100,7 @@ def run_suite(
         ran_before = set(runner.results())
         try:
             r = _run_benchmark(name, plan, runner, layers)
-        except ConfigError:
-            raise
-        except SecfwtError as exc:
+        except CaseFailed as exc:
             # a case's parties failed (killed for memory, timed out, raised): keep what this
             # sub-benchmark measured before it and go on with the next one
             log.info("bench: %s failed: %s", name.value, exc)
@@ -110,7 +108,7 @@ def run_suite(
             failed.append({"benchmark": name.value, **r["failure"]})
         r["duration_s"] = time.perf_counter() - t_bench
         results[name.value] = r
-    headline = _headline({k: v for k, v in results.items() if "failure" not in v})
+    headline = _headline(completed(results))
     (busy0, own0), (busy1, own1) = cpu_before, cpu_seconds()
     other = None if busy0 is None or busy1 is None else max(0.0, (busy1 - busy0) - (own1 - own0))
     machine = {
@@ -136,7 +134,7 @@ def run_suite(
         # sub-benchmarks that stopped at a failed case, and cases that failed within one that
         # went on (fot-vs-full-ft's baseline): the run is incomplete when either is non-empty
         "failed_benchmarks": failed,
-        "failed_cases": list(runner.failures),
+        "failed_cases": [f.summary for f in runner.failures],
         "ring_matmul": {"machine": ring_machine, "choices": gemm.choices(runner.results())},
         "selected": [n.value for n in names],
         "quick": plan.quick,
@@ -184,13 +182,13 @@ def _run_benchmark(
     return alone[name](plan, runner)
 
 
-def _failed(exc: SecfwtError, runner: Runner, ran_before: set[str]) -> dict[str, Any]:
-    """A failed sub-benchmark's entry: the error, the case it came from (None when it came
-    from outside a case), and the summaries of the cases it had completed."""
-    case = runner.failed_case(exc)
+def _failed(exc: CaseFailed, runner: Runner, ran_before: set[str]) -> dict[str, Any]:
+    """A failed sub-benchmark's entry: the failed case and its error, and the summaries of the
+    cases it had completed."""
     done = [v for k, v in runner.results().items() if k not in ran_before]
+    summary = exc.summary
     return {
-        "failure": {"case": case, "error": type(exc).__name__, "message": str(exc)},
+        "failure": {"case": summary.pop("label"), **summary},
         "completed_cases": [case_summary(v) for v in done if _has_costs(v)],
     }
 

@@ -22,9 +22,9 @@ from secfwt.bench.cases.fot_vs_backprop import (
     plain_losses,
 )
 from secfwt.bench.plan import BenchPlan
-from secfwt.bench.runner import Runner, case_summary
+from secfwt.bench.runner import CaseFailed, Runner, case_summary
 from secfwt.bench.shapes import FULL_MODELS, hidden_states, synthetic_model
-from secfwt.errors import ConfigError, SecfwtError
+from secfwt.errors import ConfigError
 from secfwt.models.spec import Attention, Head, Pooling
 from secfwt.roles import Role
 
@@ -172,12 +172,10 @@ def _row(
             case="backprop_step",
             trainable=[f"{spec.prefix}encoder.layer.*", *head],
         )
-    except ConfigError:
-        raise
-    except SecfwtError as exc:
+    except CaseFailed as exc:
         # the baseline is the largest case of the row (at T=512 it can outgrow the machine's
         # memory): its failure is reported, and the forward-only iterations are still measured
-        cases = {"full_ft": {"label": full_label, "failed": f"{type(exc).__name__}: {exc}"}}
+        cases = {"full_ft": {"label": full_label, "failed": f"{type(exc.cause).__name__}: {exc}"}}
     else:
         cases = {"full_ft": loss_row(full, float(plain(0, Attention.SOFTMAX)[0]), wrong)}
     top = [f"{spec.prefix}encoder.layer.{i}.*" for i in range(cut, layers)] + head
