@@ -377,6 +377,16 @@ def _backprop_step(
         p.requires_grad = True
     # grad_threshold=None: CrypTen would clamp every gradient element with a secure comparison
     opt = crypten.optim.SGD(list(params.values()), lr=1e-4)
+    # every repetition starts from the same weights (SGD's update undone outside the measured
+    # section), so each is an independent trial of one iteration: CrypTen's local truncation
+    # fails at random (about |v| 2^-32 per value), and a baseline of 1e9 truncations can
+    # compute a wrong loss in one repetition and the right one in another
+    initial = {n: p.share.clone() for n, p in params.items()}
+    losses: list[Any] = []
+
+    def restore() -> None:
+        for n, p in params.items():
+            p.share = initial[n].clone()
 
     def step() -> Any:
         opt.zero_grad()
@@ -384,14 +394,17 @@ def _backprop_step(
         loss = logits.cross_entropy(onehot)
         loss.backward()
         opt.step()
-        return loss.detach() if hasattr(loss, "detach") else loss
+        losses.append(loss.detach() if hasattr(loss, "detach") else loss)
+        return losses[-1]
 
-    loss, costs = measure_reps(comm, meter, step, reps=payload["reps"])
+    loss, costs = measure_reps(comm, meter, step, reps=payload["reps"], before=restore)
     return {
         "costs": costs,
         "cut": cut,
         "trainable_numel": trainable.numel,
         "output": _reveal(sess, loss, "loss"),
+        # (reps,): each repetition's loss, which the bench checks one by one
+        "output_each_rep": [_reveal(sess, v, "loss") for v in losses],
     }
 
 

@@ -116,13 +116,18 @@ def measure_reps(
     reps: int,
     profile: Profile | None = None,
     remainder: str = "other",
+    before: Callable[[], None] | None = None,
 ) -> tuple[Any, list[dict[str, Any]]]:
     """:func:`measure` ``reps`` times; the last output and every repetition's cost (with the
     op-class breakdown of that repetition when ``profile`` is given). The parent picks the
-    fastest repetition: on a shared machine the minimum is the robust estimate."""
+    fastest repetition: on a shared machine the minimum is the robust estimate. ``before``
+    runs ahead of each repetition, outside the measured section (e.g. to restore the state a
+    step changed, so that every repetition computes the same thing)."""
     costs = []
     out = None
     for _ in range(max(1, reps)):
+        if before is not None:
+            before()
         if profile is not None:
             profile.reset()
         # The repetition before is freed first: CrypTen's autograd graphs hold their shares in

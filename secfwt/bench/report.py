@@ -157,7 +157,9 @@ def _section_failures(report: dict[str, Any]) -> list[str]:
         done = report["benchmarks"][name].get("completed_cases") or []
         out += [
             f"`{name}` stopped at case {f['case']!r}: {f['error']}: {f['message']}. It has no "
-            "results of its own; the cases it had completed:",
+            "results of its own; the cases it had completed, with their costs only (a "
+            "sub-benchmark checks its cases' outputs as it builds its results, "
+            "which this one did not reach):",
             "",
         ]
         out += [_CASE_HEADER, *map(_case_row, done), ""] if done else ["(none)", ""]
@@ -292,7 +294,8 @@ def _section_attention(r: dict[str, Any] | None) -> list[str]:
 
 
 def _wrong_lines(r: dict[str, Any]) -> list[str]:
-    """A bold line for each case whose loss was off by more than the tolerance."""
+    """A bold line for each case whose loss was off by more than the tolerance, and a line for
+    each case with a repetition that was (another repetition, right, counted)."""
     out: list[str] = []
     for label in r.get("wrong_results") or ():
         out += [
@@ -300,6 +303,16 @@ def _wrong_lines(r: dict[str, Any]) -> list[str]:
             "and ratios against it mean little.**",
             "",
         ]
+    wrong = set(r.get("wrong_results") or ())
+    for c in r["cases"]:
+        if c.get("wrong_reps") and c["label"] not in wrong:
+            losses = ", ".join(_f(v, 4) for v in c["loss_each_rep"])
+            out += [
+                f"{c['label']}: {c['wrong_reps']} of {c['reps']} repetitions computed a wrong "
+                f"loss (losses {losses}; float64 {_f(c['loss_reference'], 4)}); repetition "
+                f"{c['rep'] + 1}, right, counts.",
+                "",
+            ]
     return out
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -154,19 +154,24 @@ def dealer_cost(costs: Iterable[Mapping[str, Any]]) -> dict[str, int]:
     }
 
 
-def best_rep(costs: dict[Role, list[dict[str, Any]]]) -> int:
-    """Index of the repetition whose slower party was fastest."""
+def best_rep(costs: dict[Role, list[dict[str, Any]]], among: Sequence[int] | None = None) -> int:
+    """Index of the repetition whose slower party was fastest (of those in ``among``)."""
     n = min(len(c) for c in costs.values())
-    return min(range(n), key=lambda i: max(c[i]["wall_s"] for c in costs.values()))
+    reps = range(n) if among is None else among
+    return min(reps, key=lambda i: max(c[i]["wall_s"] for c in costs.values()))
 
 
 def pick(
-    costs: dict[Role, list[dict[str, Any]]], rss: dict[Role, float] | None = None
+    costs: dict[Role, list[dict[str, Any]]],
+    rss: dict[Role, float] | None = None,
+    among: Sequence[int] | None = None,
 ) -> dict[str, Any]:
-    """The summary of the fastest repetition, with every repetition's time and the first's."""
-    i = best_rep(costs)
+    """The summary of the fastest repetition (of those in ``among``: e.g. the ones whose result
+    was right), with its index, every repetition's time and the first's."""
+    i = best_rep(costs, among)
     chosen = {r: {k: v for k, v in c[i].items() if k != "breakdown"} for r, c in costs.items()}
     s = summarise(chosen, rss)
+    s["rep"] = i
     s["reps"] = len(next(iter(costs.values())))
     s["time_s_all_reps"] = [max(c[j]["wall_s"] for c in costs.values()) for j in range(s["reps"])]
     # the first repetition also pays one-time costs (e.g. frozen weights' masks, sent once)
@@ -181,11 +186,14 @@ def pick(
     return s
 
 
-def case_summary(result: dict[str, Any]) -> dict[str, Any]:
-    """The summary of one case's result from :meth:`Runner.run`, labelled."""
+def case_summary(result: dict[str, Any], among: Sequence[int] | None = None) -> dict[str, Any]:
+    """The summary of one case's result from :meth:`Runner.run`, labelled: its fastest
+    repetition (of those in ``among``)."""
     vals = result["values"]
     s = pick(
-        {r: v["costs"] for r, v in vals.items()}, {r: v["peak_rss_mb"] for r, v in vals.items()}
+        {r: v["costs"] for r, v in vals.items()},
+        {r: v["peak_rss_mb"] for r, v in vals.items()},
+        among,
     )
     s["label"] = result["label"]
     return s

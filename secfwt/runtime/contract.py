@@ -17,6 +17,7 @@ from typing import Any
 from secfwt.config import DataSection, JobConfig, SafetyGateSection, SafetySection
 from secfwt.data.inputs import DataOwnerInputs, InstructionInputs
 from secfwt.errors import ConfigError
+from secfwt.runtime.checkpoint import PREFIX_AT_LAYER
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,9 +144,10 @@ class PartyOutcome:
     phase_traffic: Mapping[str, Mapping[str, int]] = dataclasses.field(default_factory=dict)
     #: rows the frozen prefix was computed for (training and held-out)
     prefix_rows: int = 0
-    #: where the cached prefix ends: "layer" (below ``cut_layer``) or "attention" (after that
-    #: layer's attention half: secfwt.tuning.trainable.TrainableSet.attention_frozen)
-    prefix_end: str = "layer"
+    #: where the cached prefix ends: PREFIX_AT_LAYER (below ``cut_layer``) or
+    #: PREFIX_AFTER_ATTENTION (after that layer's attention half:
+    #: secfwt.tuning.trainable.TrainableSet.attention_frozen)
+    prefix_end: str = PREFIX_AT_LAYER
 
     @property
     def released(self) -> bool:

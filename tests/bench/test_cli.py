@@ -321,6 +321,10 @@ def test_tiny_full_fine_tuning_pairing(tmp_path, tiny, pooling):
         math.prod(s) for n, s in _tiny_spec().param_shapes if not any(k in n for k in skip)
     )
     assert base["trainable_numel"] == spec_numel
+    # the baseline's repetitions each start from the same weights and are checked one by one
+    assert len(base["loss_each_rep"]) == base["reps"] >= 2 and base["wrong_reps"] == 0
+    for v in base["loss_each_rep"]:
+        assert abs(v - base["loss_reference"]) < LOSS_TOLERANCE
     for case in row["cases"]:
         assert case["max_abs_err"] < LOSS_TOLERANCE, case["label"]
         assert case["max_abs_err"] >= abs(case["loss"] - case["loss_reference"]) - 1e-12
@@ -543,10 +547,11 @@ def test_failed_cases_are_reported_and_the_run_goes_on(tmp_path, tiny, capsys):
 
 @pytest.mark.multiprocess
 @pytest.mark.slow  # 43 s on an AVX2 EPYC, 2 cores (2026-12-06); `make test-all` runs it
-def test_a_killed_baseline_leaves_the_forward_only_iterations(tiny):
-    """The model owner of fot-vs-full-ft's baseline is killed with SIGKILL, as the kernel's
-    out-of-memory killer does: the baseline is reported failed with no ratios, and the row's
-    forward-only iterations are still measured and checked against float64."""
+def test_killed_cases_leave_the_rows_other_iterations(tiny):
+    """The model owners of fot-vs-full-ft's baseline and of its CMA-ES iteration are killed
+    with SIGKILL, as the kernel's out-of-memory killer does: both are reported failed with no
+    ratios, and the row's other forward-only iterations are still measured and checked against
+    float64."""
     import os
     import signal
     import threading
@@ -570,27 +575,31 @@ def test_a_killed_baseline_leaves_the_forward_only_iterations(tiny):
     threads: list[threading.Thread] = []
 
     def on_case(label: str) -> None:
-        if label.startswith("full fine-tuning step"):
+        if label.startswith(("full fine-tuning step", "forward-only CMA-ES iteration")):
             threads.append(threading.Thread(target=kill_model_owner, daemon=True))
             threads[-1].start()
 
     report = run_suite([BenchName.FOT_VS_FULL_FT], _tiny_plan(), on_case=on_case)
-    assert killed and _party_processes() == []
-    (failed,) = report["failed_cases"]
+    assert len(killed) == 2 and _party_processes() == []
+    failed, failed_cma = report["failed_cases"]
     assert failed["label"].startswith("full fine-tuning step, every weight secret")
-    assert failed["message"] == "party 'model_owner' failed: process exited with code -9"
+    assert failed_cma["label"].startswith("forward-only CMA-ES iteration")
+    for f in (failed, failed_cma):
+        assert f["message"] == "party 'model_owner' failed: process exited with code -9"
     assert report["failed_benchmarks"] == []
     full = report["benchmarks"]["fot-vs-full-ft"]
     (row,) = full["pairings"]
     assert not row["baseline_correct"] and "code -9" in row["baseline_failed"]
     for key in ("fot_vs_full_ft", "fot_lora_ffn_vs_full_ft", "fot_cma_vs_full_ft"):
         assert row[f"{key}_time_ratio"] is None and row[f"{key}_bytes_ratio"] is None
-    base, *rest = row["cases"]
-    assert base == {"label": failed["label"], "failed": f"PartyFailedError: {failed['message']}"}
-    assert len(rest) == 6  # every forward-only iteration, each within tolerance of float64
+    base, *rest, cma = row["cases"]
+    for case, f in ((base, failed), (cma, failed_cma)):
+        assert case == {"label": f["label"], "failed": f"PartyFailedError: {f['message']}"}
+    assert len(rest) == 5  # every other forward-only iteration, each within tolerance of float64
     for case in rest:
         assert case["time_s"] > 0 and case["max_abs_err"] < LOSS_TOLERANCE, case["label"]
     assert report["fot_vs_full_ft_time_ratio"] is None
     md = markdown(report)
     assert "## Failed" in md and f"| {failed['label']} | **failed**: PartyFailedError" in md
+    assert f"| {failed_cma['label']} | **failed**: PartyFailedError" in md
     assert "| **failed** |" in md  # the pairing's baseline column

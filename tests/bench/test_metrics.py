@@ -127,3 +127,49 @@ def test_cpu_seconds_count_a_reaped_child_as_the_bench_s_own():
     assert own1 - own0 >= 1.0
     if busy0 is not None:
         assert busy1 - busy0 >= 1.0  # the machine-wide counter saw the same work
+
+
+def _rep_cost(wall_s: float) -> dict:
+    return {
+        "wall_s": wall_s,
+        "bytes_sent": 1000,
+        "bytes_received": 1000,
+        "rounds": 10,
+        "dealer_bytes": 0,
+        "dealer_sent": 0,
+        "dealer_requests": 0,
+    }
+
+
+def _step_result(walls: list[float], losses: list[float]) -> dict:
+    import torch
+
+    from secfwt.roles import Role
+
+    party = {"costs": [_rep_cost(w) for w in walls], "peak_rss_mb": 1.0, "trainable_numel": 5}
+    return {
+        "label": "baseline",
+        "values": {
+            Role.MODEL_OWNER: party,
+            Role.DATA_OWNER: {
+                **party,
+                "output": torch.tensor(losses[-1]),
+                "output_each_rep": [torch.tensor(v) for v in losses],
+            },
+        },
+    }
+
+
+def test_the_fastest_right_repetition_counts():
+    """A backprop baseline's repetitions are independent trials: the fastest one whose loss is
+    right counts, the wrong one is counted and the case is not called wrong; with no right
+    repetition the case is wrong."""
+    from secfwt.bench.cases.fot_vs_backprop import loss_row
+
+    wrong: list[str] = []
+    # repetition 1 (index 0) is the fastest but computed 3e8 (a truncation failure)
+    s = loss_row(_step_result([1.0, 2.0, 1.5], [3e8, 0.95, 0.96]), 0.951, wrong)
+    assert (s["rep"], s["time_s"], s["loss"], s["wrong_reps"]) == (2, 1.5, pytest.approx(0.96), 1)
+    assert s["loss_each_rep"] == pytest.approx([3e8, 0.95, 0.96]) and wrong == []
+    s = loss_row(_step_result([1.0, 2.0], [3e8, 5e7]), 0.951, wrong)
+    assert (s["rep"], s["time_s"], s["wrong_reps"]) == (0, 1.0, 2) and wrong == ["baseline"]

@@ -4,12 +4,14 @@ forward-only tuning against one iteration of MPC full fine-tuning by backpropaga
 The setup it measures is the docstring of :func:`fot_vs_full_ft`, which the report quotes as
 ``setup``. Every iteration's loss is checked against float64 plaintext (as in
 :mod:`.fot_vs_backprop`); a baseline whose loss is wrong is called out and its ratios are not
-reported as the headline. A baseline whose parties fail (killed for memory, timed out) is
-reported as failed, with no ratios, and the row's forward-only iterations still run.
+reported as the headline. A case whose parties fail (killed for memory, timed out) is
+reported as failed, with no ratios, and the row's other iterations still run and are checked.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -164,20 +166,34 @@ def _row(
             spec, state, x, labels, cut=cut, attention=attention, prompts=prompts, pooling=pooling
         )
 
-    full_label = f"full fine-tuning step, every weight secret, CrypTen autograd + SGD ({desc})"
-    try:
-        full = run(
+    def checked(
+        key: str, label: str, check: Callable[[dict[str, Any]], dict[str, Any]], **extra: Any
+    ) -> dict[str, Any]:
+        """The case's summary as ``check`` makes it from the case's result (each checks the
+        loss against float64), or, when the case's parties fail (at T=512 a case can outgrow
+        the machine's memory: the baseline first, CMA-ES's population next), an entry saying
+        so: the row's other iterations are still measured and checked, and every ratio with
+        the failed case is left out."""
+        try:
+            res = run(key, label, **extra)
+        except CaseFailed as exc:
+            return {"label": label, "failed": f"{type(exc.cause).__name__}: {exc}"}
+        return check(res)
+
+    def fastest(*keys: str) -> str:
+        """The key of the fastest case that completed (the first key when none did)."""
+        done = [k for k in keys if "failed" not in cases[k]]
+        return min(done, key=lambda k: cases[k]["time_s"]) if done else keys[0]
+
+    cases = {
+        "full_ft": checked(
             "full_ft",
-            full_label,
+            f"full fine-tuning step, every weight secret, CrypTen autograd + SGD ({desc})",
+            lambda res: loss_row(res, float(plain(0, Attention.SOFTMAX)[0]), wrong),
             case="backprop_step",
             trainable=[f"{spec.prefix}encoder.layer.*", *head],
         )
-    except CaseFailed as exc:
-        # the baseline is the largest case of the row (at T=512 it can outgrow the machine's
-        # memory): its failure is reported, and the forward-only iterations are still measured
-        cases = {"full_ft": {"label": full_label, "failed": f"{type(exc.cause).__name__}: {exc}"}}
-    else:
-        cases = {"full_ft": loss_row(full, float(plain(0, Attention.SOFTMAX)[0]), wrong)}
+    }
     top = [f"{spec.prefix}encoder.layer.{i}.*" for i in range(cut, layers)] + head
 
     def lora_step(
@@ -188,20 +204,8 @@ def _row(
         feed-forward layers (the first one's attention half is then in the cached prefix)."""
         owner_state = {**state, **_lora_pairs(spec, state, modules, rank=plan.fot_lora_rank)}
         placement = "feed-forward (intermediate and output dense)" if ffn else "query and value"
-        res = run(
-            key,
-            f"forward-only SPSA step, {what}, LoRA r={plan.fot_lora_rank} on the top "
-            f"{plan.fot_layers} layer(s)' {placement} + classifier (secret), "
-            f"owner-held weights ({desc})",
-            owner={"spec": spec, "state": owner_state},
-            case="fot_step",
-            attention=att,
-            trainable=["classifier.*"],
-            lora_modules=modules,
-            lora_rank=plan.fot_lora_rank,
-            directions=plan.fot_directions,
-        )
-        reference = plain_losses(
+        reference = functools.partial(
+            plain_losses,
             spec,
             owner_state,
             x,
@@ -211,24 +215,41 @@ def _row(
             attention_cached=ffn,
             pooling=pooling,
         )
-        return loss_row(res, float(reference[0]), wrong)
+        return checked(
+            key,
+            f"forward-only SPSA step, {what}, LoRA r={plan.fot_lora_rank} on the top "
+            f"{plan.fot_layers} layer(s)' {placement} + classifier (secret), "
+            f"owner-held weights ({desc})",
+            lambda res: loss_row(res, float(reference()[0]), wrong),
+            owner={"spec": spec, "state": owner_state},
+            case="fot_step",
+            attention=att,
+            trainable=["classifier.*"],
+            lora_modules=modules,
+            lora_rank=plan.fot_lora_rank,
+            directions=plan.fot_directions,
+        )
 
-    for att in (Attention.SOFTMAX, Attention.RFA):
-        res = run(
+    def layer_step(att: Attention) -> dict[str, Any]:
+        """A ZO step training the top layers and the head (secret), checked against float64."""
+        return checked(
             f"zo_{att.value}",
             f"forward-only SPSA step, secfwt {att.value}, top {plan.fot_layers} layer(s) + head "
             f"from the cached prefix ({desc})",
+            lambda res: loss_row(res, float(plain(cut, att)[0]), wrong),
             case="fot_step",
             attention=att,
             trainable=top,
             directions=plan.fot_directions,
         )
-        cases[f"zo_{att.value}"] = loss_row(res, float(plain(cut, att)[0]), wrong)
+
+    for att in (Attention.SOFTMAX, Attention.RFA):
+        cases[f"zo_{att.value}"] = layer_step(att)
         cases[f"zo_lora_{att.value}"] = lora_step(
             f"zo_lora_{att.value}", f"secfwt {att.value}", _lora_modules(spec, cut, layers), att
         )
-    layer_key = min(("zo_softmax", "zo_rfa"), key=lambda k: cases[k]["time_s"])
-    qv_key = min(("zo_lora_softmax", "zo_lora_rfa"), key=lambda k: cases[k]["time_s"])
+    layer_key = fastest("zo_softmax", "zo_rfa")
+    qv_key = fastest("zo_lora_softmax", "zo_lora_rfa")
     att = Attention(qv_key.removeprefix("zo_lora_"))
     cases["zo_lora_ffn"] = lora_step(
         "zo_lora_ffn",
@@ -237,11 +258,17 @@ def _row(
         att,
         ffn=True,
     )
-    zo_key = min((qv_key, "zo_lora_ffn"), key=lambda k: cases[k]["time_s"])
-    cma = run(
+    zo_key = fastest(qv_key, "zo_lora_ffn")
+
+    def cma_row(res: dict[str, Any]) -> dict[str, Any]:
+        cands = res["values"][Role.DATA_OWNER]["candidates"]  # (pop, P, H), the last iteration's
+        return _cma_row(res, plain(cut, att, cands), wrong)
+
+    cases["cma"] = checked(
         "cma",
         f"forward-only CMA-ES iteration, secfwt {att.value}, population {plan.cma_population} "
         f"x {plan.cma_prompt_length}-token prompt at layer {cut}, owner-held weights ({desc})",
+        cma_row,
         case="cma_step",
         attention=att,
         prompt_layer=cut,
@@ -249,8 +276,6 @@ def _row(
         prompt_length=plan.cma_prompt_length,
         intrinsic_dim=plan.cma_intrinsic_dim,
     )
-    cands = cma["values"][Role.DATA_OWNER]["candidates"]  # (pop, P, H), the last iteration's
-    cases["cma"] = _cma_row(cma, plain(cut, att, cands), wrong)
     base, layer, zo, cm = cases["full_ft"], cases[layer_key], cases[zo_key], cases["cma"]
     qv, ffn_row = cases[qv_key], cases["zo_lora_ffn"]
     base_ok = base["label"] not in wrong and "failed" not in base
@@ -319,8 +344,8 @@ def _ratios(
     key: str, base: dict[str, Any], fot: dict[str, Any], wrong: list[str]
 ) -> dict[str, float | None]:
     """full fine-tuning / forward-only time and bytes; None when either loss is wrong (its
-    cost measures a broken computation) or the baseline failed."""
-    if base["label"] in wrong or fot["label"] in wrong or "failed" in base:
+    cost measures a broken computation) or either case failed."""
+    if any(c["label"] in wrong or "failed" in c for c in (base, fot)):
         return {f"{key}_time_ratio": None, f"{key}_bytes_ratio": None}
     return {
         f"{key}_time_ratio": metrics.ratio(base["time_s"], fot["time_s"]),
