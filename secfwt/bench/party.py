@@ -379,8 +379,8 @@ def _backprop_step(
     opt = crypten.optim.SGD(list(params.values()), lr=1e-4)
     # every repetition starts from the same weights (SGD's update undone outside the measured
     # section), so each is an independent trial of one iteration: CrypTen's local truncation
-    # fails at random (about |v| 2^-32 per value), and a baseline of 1e9 truncations can
-    # compute a wrong loss in one repetition and the right one in another
+    # fails at random (about |v| 2^-32 for a value v), and a baseline of hundreds of millions
+    # of truncations can compute a wrong loss in one repetition and the right one in another
     initial = {n: p.share.clone() for n, p in params.items()}
     losses: list[Any] = []
 

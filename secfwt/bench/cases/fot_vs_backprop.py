@@ -96,9 +96,10 @@ def loss_row(res: dict[str, Any], reference: float, wrong: list[str]) -> dict[st
 
     A case that reveals each repetition's loss (the backprop baselines, whose repetitions are
     independent trials of one iteration) counts its fastest repetition with a right loss:
-    MPC costs do not depend on the values, and CrypTen's truncation fails at random (about
-    ``|v| 2^-32`` per value, a few times per 1e9 values), so one repetition can be wrong where
-    another is right. ``wrong_reps`` counts the others; the case is wrong when none is right.
+    MPC costs do not depend on the values, and CrypTen's truncation fails at random (with
+    probability about ``|v| 2^-32`` for a value ``v``; an iteration of full fine-tuning at T=512
+    truncates hundreds of millions), so one repetition can be wrong where another is right.
+    ``wrong_reps`` counts the others; the case is wrong when none is right.
     """
     values = res["values"][Role.DATA_OWNER]
     each = values.get("output_each_rep")
