@@ -102,14 +102,12 @@ def loss_row(res: dict[str, Any], reference: float, wrong: list[str]) -> dict[st
     ``wrong_reps`` counts the others; the case is wrong when none is right.
     """
     values = res["values"][Role.DATA_OWNER]
-    each = values.get("output_each_rep")
-    right = None
-    if each:
-        right = [i for i, v in enumerate(each) if abs(float(v) - reference) <= LOSS_TOLERANCE]
+    each = values.get("output_each_rep") or []
+    right = [i for i, v in enumerate(each) if abs(float(v) - reference) <= LOSS_TOLERANCE]
     s = case_summary(res, among=right or None)
     loss = each[s["rep"]] if each else values["output"]
     if each:
-        s.update(loss_each_rep=[float(v) for v in each], wrong_reps=len(each) - len(right or []))
+        s.update(loss_each_rep=[float(v) for v in each], wrong_reps=len(each) - len(right))
         if right and s["wrong_reps"]:
             log.warning(
                 "%s: %d of %d repetitions computed a wrong loss (%s against %.4g in float64); "

@@ -10,7 +10,6 @@ reported as failed, with no ratios, and the row's other iterations still run and
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -204,23 +203,26 @@ def _row(
         feed-forward layers (the first one's attention half is then in the cached prefix)."""
         owner_state = {**state, **_lora_pairs(spec, state, modules, rank=plan.fot_lora_rank)}
         placement = "feed-forward (intermediate and output dense)" if ffn else "query and value"
-        reference = functools.partial(
-            plain_losses,
-            spec,
-            owner_state,
-            x,
-            labels,
-            cut=cut,
-            attention=att,
-            attention_cached=ffn,
-            pooling=pooling,
-        )
+
+        def check(res: dict[str, Any]) -> dict[str, Any]:
+            reference = plain_losses(
+                spec,
+                owner_state,
+                x,
+                labels,
+                cut=cut,
+                attention=att,
+                attention_cached=ffn,
+                pooling=pooling,
+            )
+            return loss_row(res, float(reference[0]), wrong)
+
         return checked(
             key,
             f"forward-only SPSA step, {what}, LoRA r={plan.fot_lora_rank} on the top "
             f"{plan.fot_layers} layer(s)' {placement} + classifier (secret), "
             f"owner-held weights ({desc})",
-            lambda res: loss_row(res, float(reference()[0]), wrong),
+            check,
             owner={"spec": spec, "state": owner_state},
             case="fot_step",
             attention=att,
