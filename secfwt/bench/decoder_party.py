@@ -1,4 +1,4 @@
-"""The party side of ``secfwt bench decoder`` (inside each spawned party process).
+"""The party side of ``secfwt bench decoder`` (inside each party process).
 
 Two cases, registered in :mod:`secfwt.bench.party`: the secure forward of a causal decoder to
 its vocabulary logits, as a job's frozen prefix runs it (linear weights and the tied LM head

@@ -1,4 +1,4 @@
-"""What each computing party runs in a benchmark case (inside its own spawned process).
+"""What each computing party runs in a benchmark case (inside its own party process).
 
 One entry point, :func:`bench_party`, dispatches on ``payload["case"]``. The model owner's
 payload carries the weights, the data owner's the inputs; both secret-share them exactly as a

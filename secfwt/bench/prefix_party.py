@@ -1,5 +1,5 @@
 """The party side of the frozen prefix a tuning job computes once per training row (inside each
-spawned party process), for ``time-to-target``'s one-time costs.
+party process), for ``time-to-target``'s one-time costs.
 
 As a classification job computes it (:func:`secfwt.runtime.job` with the cached prefix of
 :func:`secfwt.tuning.forward.prefix`): the model owner's frozen weights held by it

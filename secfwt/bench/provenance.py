@@ -47,10 +47,13 @@ def code_fingerprint() -> dict[str, Any]:
 
 def cpu_seconds() -> tuple[float | None, float]:
     """(busy CPU seconds of the whole machine since boot, or None off Linux; CPU seconds of this
-    process and its finished children, i.e. the bench and the party processes it has reaped).
+    process and its descendants, i.e. the bench and the party processes it started).
 
-    Their difference over a run is the CPU other work took from it. /proc/stat is read by hand
-    rather than adding psutil for one counter.
+    Their difference over a run is the CPU other work took from it. The descendants are the
+    children this process has reaped (``os.times``) and, through ``/proc``, its live children
+    with the children they reaped: the parties fork from multiprocessing's fork server, which
+    reaps them and lives until the bench exits (:func:`secfwt.mpc.launcher.party_context`).
+    /proc is read by hand rather than adding psutil for two counters.
     """
     t = os.times()
     own = t.user + t.system + t.children_user + t.children_system
@@ -63,7 +66,26 @@ def cpu_seconds() -> tuple[float | None, float]:
         :7
     ]  # clock ticks; guest time is in user
     busy = user + nice + system + irq + softirq
-    return busy / os.sysconf("SC_CLK_TCK"), own
+    tick = os.sysconf("SC_CLK_TCK")
+    return busy / tick, own + _live_children_ticks(os.getpid()) / tick
+
+
+def _live_children_ticks(pid: int) -> int:
+    """CPU clock ticks of ``pid``'s live children and of the children they reaped (utime,
+    stime, cutime, cstime of each one's ``/proc/PID/stat``, proc(5))."""
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii") as fh:
+                # after the command's closing parenthesis: state, ppid, ..., utime at 11
+                rest = fh.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # exited meanwhile
+        if int(rest[1]) == pid:
+            total += sum(int(v) for v in rest[11:15])
+    return total
 
 
 def load_average() -> tuple[float, float, float] | None:

@@ -1,4 +1,4 @@
-"""The party side of ``secfwt bench safe-delta`` (inside each spawned party process).
+"""The party side of ``secfwt bench safe-delta`` (inside each party process).
 
 The data owner shares the tuned delta (in a job it is already shared when tuning ends), the
 model owner keeps ``U`` in the clear; one measured section runs

@@ -3,7 +3,8 @@
 ``secfwt simulate``, the party daemons' runner and ``secfwt dp-compare`` build a
 :class:`PartyJob` (or a :class:`ComparisonJob`) per party; :mod:`secfwt.runtime.job` runs it
 and returns a :class:`PartyOutcome` (or a :class:`ComparisonOutcome`). All are frozen
-dataclasses of picklable fields: they cross the ``multiprocessing`` spawn boundary.
+dataclasses of picklable fields: ``multiprocessing`` pickles them into and out of the party
+processes.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ a runner owns one party's computation. It gets a :class:`JobContext`, reports pr
 the callback, polls ``cancel`` between steps, writes its results into ``ctx.artifacts_dir`` and
 returns a small JSON-able summary. An exception fails the job with its message as the reason.
 
-:class:`MpcJobRunner` runs this party's side of the job's MPC session in a spawned process
+:class:`MpcJobRunner` runs this party's side of the job's MPC session in a process of its own
 (:func:`secfwt.mpc.launcher.spawn_party`): the model owner and the data owner run
 :func:`secfwt.runtime.job.run_job_party` with what they hold (``[model]`` / ``[data]`` of
 ``party.toml``, never the job file's paths), the dealer serves Beaver triples. All MPC traffic
@@ -103,9 +103,7 @@ class MpcJobRunner:
     def run(
         self, ctx: JobContext, progress: ProgressCallback, cancel: threading.Event
     ) -> dict[str, Any]:
-        import multiprocessing as mp
-
-        from secfwt.mpc.launcher import collect_one, spawn_party, stop_processes
+        from secfwt.mpc.launcher import collect_one, party_context, spawn_party, stop_processes
         from secfwt.mpc.provider import Provider
 
         if ctx.party.party.insecure:
@@ -119,7 +117,7 @@ class MpcJobRunner:
         from secfwt.runtime.job import run_job_party
 
         payload = None if ctx.role is Role.DEALER else party_payload(ctx)
-        mpctx = mp.get_context("spawn")
+        mpctx = party_context()
         results = mpctx.Queue()
         messages = mpctx.Queue() if payload is not None else None
         if payload is not None:

@@ -129,6 +129,29 @@ def test_cpu_seconds_count_a_reaped_child_as_the_bench_s_own():
         assert busy1 - busy0 >= 1.0  # the machine-wide counter saw the same work
 
 
+def _burn_a_second(ctx, payload):
+    import time
+
+    t = time.process_time()
+    while time.process_time() - t < 1.0:
+        pass
+
+
+@pytest.mark.multiprocess
+def test_cpu_seconds_count_the_parties_forked_from_the_fork_server_as_the_bench_s_own():
+    """The parties' CPU is the bench's own although the fork server, not the bench, reaps them
+    (and outlives the run)."""
+    from secfwt.bench.provenance import cpu_seconds
+    from secfwt.mpc.launcher import run_parties
+    from secfwt.mpc.provider import Provider
+
+    run_parties(_burn_a_second, payloads={}, provider=Provider.TFP, timeout_s=120)  # server up
+    _, own0 = cpu_seconds()
+    run_parties(_burn_a_second, payloads={}, provider=Provider.TFP, timeout_s=120)
+    _, own1 = cpu_seconds()
+    assert own1 - own0 >= 2.0  # two computing parties, a CPU second each
+
+
 def _rep_cost(wall_s: float) -> dict:
     return {
         "wall_s": wall_s,

@@ -115,7 +115,6 @@ def _run(fault: signal.Signals) -> dict[str, Any]:
                     None if role is Role.DEALER else _busy,
                     {"progress": ready},
                     results,
-                    os.getpid(),
                     logging.WARNING,
                     Transport.TLS,
                     tls[role],

@@ -227,6 +227,8 @@ def test_killed_party_is_detected_and_the_resumed_job_matches_an_uninterrupted_r
             break
         assert st["state"] in ("started", "running") and time.monotonic() < deadline, st
         time.sleep(0.5)
+    # the check below sees a party process while there is one
+    assert _mpc_children(d.procs["model_owner"].pid), "no MPC process found while the job runs"
     t_kill = time.time()
     d.kill("data_owner")
 
@@ -286,16 +288,21 @@ def test_killed_party_is_detected_and_the_resumed_job_matches_an_uninterrupted_r
 
 
 def _mpc_children(pid: int) -> list[str]:
-    """Command lines of multiprocessing children left in the daemon's session (resource tracker
-    aside)."""
+    """Command lines of the MPC party processes in the daemon's session: spawned ones, and the
+    children of multiprocessing's fork server (not the server itself, nor the resource
+    tracker; secfwt.mpc.launcher.party_context)."""
     import subprocess
 
     out = subprocess.run(
-        ["ps", "-o", "pid=,args=", "-g", str(os.getpgid(pid))],
+        ["ps", "-o", "pid=,ppid=,args=", "-g", str(os.getpgid(pid))],
         capture_output=True,
         text=True,
         check=False,
     ).stdout
+    rows = [line.split(None, 2) for line in out.splitlines() if len(line.split(None, 2)) == 3]
+    servers = {p for p, _, args in rows if "multiprocessing.forkserver" in args}
     return [
-        line for line in out.splitlines() if "spawn_main" in line and "resource_tracker" not in line
+        args
+        for _, ppid, args in rows
+        if ppid in servers or ("spawn_main" in args and "resource_tracker" not in args)
     ]
