@@ -377,7 +377,13 @@ def test_safe_delta_on_the_harmful_job(tmp_path, gate_model, harmful_file):
     """The defended harmful job that the plain gate withholds, with Safe Delta: the plaintext
     replay keeps none of its q_proj delta at the default budget (every entry costs more than the
     whole budget), so the corrected model is the aligned q_proj with the tuned norm, whose score
-    passes: it is released, with a zero q_proj delta."""
+    passes: it is released, with a zero q_proj delta.
+
+    The ZO directions come from the joint seed, so whether every entry costs more than the
+    budget depends on it: at a random joint seed one entry once cost 0.0266 against a budget of
+    0.0347 and was kept (the premise asserted below failed). The fixed test seed makes the run
+    the one this test is about; the released-with-a-kept-entry path is
+    test_safe_delta_releases_the_corrected_delta_that_the_gate_scored's."""
     extra = DEFENDED.replace(
         "max_drop = 1.0", "max_drop = 1.0\n" + SAFE_DELTA.format(budget=BUDGET)
     )
@@ -385,7 +391,7 @@ def test_safe_delta_on_the_harmful_job(tmp_path, gate_model, harmful_file):
     harmful = ["data.source=jsonl", f"data.path={harmful_file}", "run.timeout_s=1800"]
     cfg = load_job(job, overrides=[*GATE_JOB, *GATE_TUNE, *harmful])
     check_policy(cfg, POLICY)
-    report = run_simulation(cfg, policy=POLICY)
+    report = run_simulation(cfg, policy=POLICY, insecure_fixed_seed=7)
     gate = report["safety_gate"]
     spec, state = load_checkpoint(gate_model, head=Head.CAUSAL_LM, num_labels=0, seed=0)
     data = prepare_instruction_inputs(cfg, tokenizer_dir=gate_model)
