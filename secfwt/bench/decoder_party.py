@@ -11,20 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
-from secfwt.bench.probe import measure_reps
-from secfwt.mpc.disclosure import Revealable
+from secfwt.bench.probe import every_rep, measure_reps, reveal_each
 from secfwt.mpc.launcher import PartyContext
 from secfwt.mpc.traffic import TrafficMeter
 from secfwt.roles import Role
-
-
-def _reveal(sess: Any, y: Any, note: str) -> torch.Tensor | None:
-    return sess.discloser.reveal(
-        y, value=Revealable.VERIFY_OUTPUTS, to=[Role.DATA_OWNER], note=note
-    )
-
 
 #: The job computes its cache in MPC; here the data owner shares it, divided by this power of two
 #: and multiplied back on the shares (exact): a layer's input holds SmolLM2's massive activations
@@ -65,8 +55,9 @@ def secure_decoder(
         owned.drain()  # the work ahead this forward started is paid by it
         return y
 
-    y, costs = measure_reps(comm, meter, fn, reps=payload["reps"])
-    return {"costs": costs, "output": _reveal(sess, y, "decoder logits")}
+    run, outs = every_rep(fn)
+    _, costs = measure_reps(comm, meter, run, reps=payload["reps"])
+    return {"costs": costs, **reveal_each(sess, outs, "decoder logits")}
 
 
 def causal_zo_step(
@@ -119,5 +110,6 @@ def causal_zo_step(
         owned.drain()
         return mean_loss
 
-    loss, costs = measure_reps(comm, meter, step, reps=payload["reps"])
-    return {"costs": costs, "output": _reveal(sess, loss, "mean loss of the step")}
+    run, losses = every_rep(step)  # the same step each time (theta is not updated in place)
+    _, costs = measure_reps(comm, meter, run, reps=payload["reps"])
+    return {"costs": costs, **reveal_each(sess, losses, "mean loss of the step")}

@@ -16,7 +16,7 @@ from typing import Any, cast
 import torch
 
 from secfwt.bench import decoder_party, prefix_party, safe_delta_party
-from secfwt.bench.probe import Profile, measure_reps, peak_rss_mb
+from secfwt.bench.probe import Profile, every_rep, measure_reps, peak_rss_mb, reveal, reveal_each
 from secfwt.mpc.disclosure import DisclosureTerms, Revealable
 from secfwt.mpc.launcher import PartyContext
 from secfwt.mpc.traffic import TrafficMeter
@@ -119,12 +119,6 @@ def _share_inputs(
     return spec, params, x
 
 
-def _reveal(sess: Any, y: Any, note: str) -> torch.Tensor | None:
-    return sess.discloser.reveal(
-        y, value=Revealable.VERIFY_OUTPUTS, to=[Role.DATA_OWNER], note=note
-    )
-
-
 # -- cases ------------------------------------------------------------------------------------
 
 
@@ -152,10 +146,11 @@ def _secure_forward(
         owned.drain()  # the work ahead this forward started (for the next) is paid by it
         return y
 
-    y, costs = measure_reps(
-        comm, meter, fn, reps=payload["reps"], profile=profile, remainder=REMAINDER
+    run, outs = every_rep(fn)
+    _, costs = measure_reps(
+        comm, meter, run, reps=payload["reps"], profile=profile, remainder=REMAINDER
     )
-    return {"costs": costs, "output": _reveal(sess, y, payload["what"])}
+    return {"costs": costs, **reveal_each(sess, outs, payload["what"])}
 
 
 def _vanilla_forward(
@@ -178,10 +173,11 @@ def _vanilla_forward(
             section=profile.section,
         )
 
-    y, costs = measure_reps(
-        comm, meter, fn, reps=payload["reps"], profile=profile, remainder=REMAINDER
+    run, outs = every_rep(fn)
+    _, costs = measure_reps(
+        comm, meter, run, reps=payload["reps"], profile=profile, remainder=REMAINDER
     )
-    return {"costs": costs, "output": _reveal(sess, y, "vanilla block")}
+    return {"costs": costs, **reveal_each(sess, outs, "vanilla block")}
 
 
 def _attention(
@@ -221,9 +217,9 @@ def _attention(
             fn = lambda q=q, k=k, v=v, mask=mask: softmax_attention(  # noqa: E731
                 sess.ops, q, k, v, mask
             )
-        y, costs = measure_reps(comm, meter, fn, reps=payload["reps"])
-        out = _reveal(sess, y, f"attention T={t}")
-        rows.append({"seq_len": t, "costs": costs, "output": out})
+        run, outs = every_rep(fn)
+        _, costs = measure_reps(comm, meter, run, reps=payload["reps"])
+        rows.append({"seq_len": t, "costs": costs, **reveal_each(sess, outs, f"attention T={t}")})
     return {"rows": rows}
 
 
@@ -333,13 +329,16 @@ def _fot_step(
         )
         return mean_loss
 
-    loss, costs = measure_reps(comm, meter, step, reps=payload["reps"])
+    # theta is not updated in place and the directions come from one seed: every repetition
+    # is the same step, an independent trial of it (as the backprop baseline's)
+    run, losses = every_rep(step)
+    _, costs = measure_reps(comm, meter, run, reps=payload["reps"])
     return {
         "costs": costs,
         "cut": cut,
         "attention_cached": runner.attention_cached,
         "trainable_numel": trainable.numel,
-        "output": _reveal(sess, loss, "loss"),
+        **reveal_each(sess, losses, "loss"),
     }
 
 
@@ -398,7 +397,7 @@ def _backprop_step(
         return losses[-1]
 
     _, costs = measure_reps(comm, meter, step, reps=payload["reps"], before=restore)
-    each = [_reveal(sess, v, "loss") for v in losses]  # (reps,), checked one by one
+    each = [reveal(sess, v, "loss") for v in losses]  # (reps,), checked one by one
     return {
         "costs": costs,
         "cut": cut,
@@ -471,23 +470,25 @@ def _cma_step(
         prompt_shape=(p, h),
         labels=payload.get("labels"),
     )
-    asked: list[torch.Tensor] = []
+    asked: list[torch.Tensor] = []  # each iteration's candidates, checked one by one
 
     def step() -> Any:
         cands = search.ask() if search is not None else None  # (pop, P, H)
         losses = scorer.candidate_losses(cands, list(range(b)), iteration=0)  # (pop,) or None
         if search is not None and cands is not None and losses is not None:
             search.tell(losses.tolist())
-            asked[:] = [cands]
+            asked.append(cands)
         return losses
 
-    losses, costs = measure_reps(comm, meter, step, reps=payload["reps"])
+    run, losses = every_rep(step)  # (pop,) per iteration: the data owner's, computed in the clear
+    _, costs = measure_reps(comm, meter, run, reps=payload["reps"])
     return {
         "costs": costs,
         "cut": cut,
         "trainable_numel": payload["intrinsic_dim"],
-        "output": losses,
-        "candidates": asked[0] if asked else None,
+        "output": losses[-1],
+        "output_each_rep": losses,
+        "candidates_each_rep": asked,
     }
 
 

@@ -15,7 +15,12 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch
+
+from secfwt.bench.provenance import machine_busy_seconds
+from secfwt.mpc.disclosure import Revealable
 from secfwt.mpc.traffic import TrafficMeter
+from secfwt.roles import Role
 
 
 def peak_rss_mb() -> float:
@@ -37,16 +42,17 @@ class Profile:
             yield
             return
         self._depth += 1
-        t0, c0 = time.perf_counter(), self.meter.snapshot()
+        t0, cpu0, c0 = time.perf_counter(), time.process_time(), self.meter.snapshot()
         try:
             yield
         finally:
             self._depth -= 1
             d = self.meter.snapshot().minus(c0)
             row = self.classes.setdefault(
-                name, {"time_s": 0.0, "bytes_sent": 0, "rounds": 0, "calls": 0}
+                name, {"time_s": 0.0, "cpu_s": 0.0, "bytes_sent": 0, "rounds": 0, "calls": 0}
             )
             row["time_s"] += time.perf_counter() - t0
+            row["cpu_s"] += time.process_time() - cpu0  # this process's, its threads' included
             row["bytes_sent"] += d.sent
             row["rounds"] += d.rounds
             row["calls"] += 1
@@ -64,20 +70,22 @@ class Profile:
     def with_remainder(self, total: dict[str, float], name: str) -> dict[str, dict[str, float]]:
         """The classes plus ``name`` = whatever of ``total`` no class accounts for."""
         out = {k: dict(v) for k, v in self.classes.items()}
+        keys = ("time_s", "cpu_s", "bytes_sent", "rounds")
         rest = {
             "time_s": total["wall_s"],
+            "cpu_s": total.get("cpu_s", 0.0),
             "bytes_sent": total["bytes_sent"],
             "rounds": total["rounds"],
             "calls": 0,
         }
         for v in self.classes.values():
-            rest["time_s"] -= v["time_s"]
-            rest["bytes_sent"] -= v["bytes_sent"]
-            rest["rounds"] -= v["rounds"]
+            for key in keys:
+                rest[key] -= v[key]
         rest["time_s"] = max(rest["time_s"], 0.0)
+        rest["cpu_s"] = max(rest["cpu_s"], 0.0)
         mine = self.classes.get(name)
         if mine is not None:  # a class of this name was timed too: add the unaccounted rest to it
-            for key in ("time_s", "bytes_sent", "rounds"):
+            for key in keys:
                 rest[key] += mine[key]
             rest["calls"] = mine["calls"]
         out[name] = rest
@@ -89,16 +97,27 @@ def measure(comm: Any, meter: TrafficMeter, fn: Callable[[], Any]) -> tuple[Any,
 
     The barrier before aligns the parties' start; the section ends when this party's ``fn``
     returns (its own wall time), then a second barrier keeps the next section apart.
+    ``cpu_s``: this process's CPU time in the section (its threads' included: the work ahead
+    of :mod:`secfwt.mpc.owned`); ``machine_busy_s``: the whole machine's (every process on every
+    core: the other party and the dealer too), None off Linux. On a machine otherwise idle,
+    ``machine_busy_s / wall_s`` near the core count means the parties were bound by compute,
+    not by waiting on messages.
     """
     comm.barrier()
     c0 = meter.snapshot()
+    busy0 = machine_busy_seconds()
+    cpu0 = time.process_time()
     t0 = time.perf_counter()
     out = fn()
     wall = time.perf_counter() - t0
+    cpu = time.process_time() - cpu0
+    busy1 = machine_busy_seconds()
     d = meter.snapshot().minus(c0)
     comm.barrier()
     return out, {
         "wall_s": wall,
+        "cpu_s": cpu,
+        "machine_busy_s": None if busy0 is None or busy1 is None else busy1 - busy0,
         "bytes_sent": d.sent,
         "bytes_received": d.received,
         "rounds": d.rounds,
@@ -141,3 +160,32 @@ def measure_reps(
             cost["breakdown"] = profile.with_remainder(cost, remainder)
         costs.append(cost)
     return out, costs
+
+
+def every_rep(fn: Callable[[], Any]) -> tuple[Callable[[], Any], list[Any]]:
+    """``fn``, and the list each of its calls' outputs is appended to. A case's repetitions
+    compute the same thing, each with its own truncations (CrypTen's fail at random, about
+    ``|v| 2^-32`` for a value ``v``), so every repetition's output is checked against float64,
+    not only the last one's: the fastest repetition, whose cost counts, may be another."""
+    outs: list[Any] = []
+
+    def run() -> Any:
+        outs.append(fn())
+        return outs[-1]
+
+    return run, outs
+
+
+def reveal(sess: Any, y: Any, note: str) -> torch.Tensor | None:
+    """A case's output opened to the data owner to be checked against float64 (the bench's
+    one disclosure, :attr:`~secfwt.mpc.disclosure.Revealable.VERIFY_OUTPUTS`)."""
+    return sess.discloser.reveal(
+        y, value=Revealable.VERIFY_OUTPUTS, to=[Role.DATA_OWNER], note=note
+    )
+
+
+def reveal_each(sess: Any, outs: list[Any], note: str) -> dict[str, Any]:
+    """Every repetition's output (:func:`every_rep`) opened, outside the measured sections:
+    ``output`` (the last) and ``output_each_rep``."""
+    each = [reveal(sess, y, note) for y in outs]
+    return {"output": each[-1], "output_each_rep": each}

@@ -45,9 +45,21 @@ def code_fingerprint() -> dict[str, Any]:
     return {"path": str(root), "sha256": h.hexdigest(), "uncommitted_changes": dirty}
 
 
+def machine_busy_seconds() -> float | None:
+    """Busy CPU seconds of the whole machine since boot, summed over its cores (``/proc/stat``'s
+    first line: user, nice, system, irq, softirq; guest time is in user), or None off Linux."""
+    try:
+        with open("/proc/stat", encoding="ascii") as fh:
+            fields = [int(v) for v in fh.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq = fields[:7]  # clock ticks
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_seconds() -> tuple[float | None, float]:
-    """(busy CPU seconds of the whole machine since boot, or None off Linux; CPU seconds of this
-    process and its descendants, i.e. the bench and the party processes it started).
+    """(:func:`machine_busy_seconds`; CPU seconds of this process and its descendants, i.e. the
+    bench and the party processes it started).
 
     Their difference over a run is the CPU other work took from it. The descendants are the
     children this process has reaped (``os.times``) and, through ``/proc``, its live children
@@ -57,17 +69,10 @@ def cpu_seconds() -> tuple[float | None, float]:
     """
     t = os.times()
     own = t.user + t.system + t.children_user + t.children_system
-    try:
-        with open("/proc/stat", encoding="ascii") as fh:
-            fields = [int(v) for v in fh.readline().split()[1:]]
-    except (OSError, ValueError):
+    busy = machine_busy_seconds()
+    if busy is None:
         return None, own
-    user, nice, system, _idle, _iowait, irq, softirq = fields[
-        :7
-    ]  # clock ticks; guest time is in user
-    busy = user + nice + system + irq + softirq
-    tick = os.sysconf("SC_CLK_TCK")
-    return busy / tick, own + _live_children_ticks(os.getpid()) / tick
+    return busy, own + _live_children_ticks(os.getpid()) / os.sysconf("SC_CLK_TCK")
 
 
 def _live_children_ticks(pid: int) -> int:
@@ -121,4 +126,10 @@ def cpu_info() -> dict[str, Any]:
     }
 
 
-__all__ = ["code_fingerprint", "cpu_info", "cpu_seconds", "load_average"]
+__all__ = [
+    "code_fingerprint",
+    "cpu_info",
+    "cpu_seconds",
+    "load_average",
+    "machine_busy_seconds",
+]

@@ -41,7 +41,7 @@ def _f(x: float | None, digits: int = 3) -> str:
 
 def _case_row(c: dict[str, Any]) -> str:
     if "failed" in c:  # its parties failed: nothing was measured
-        return f"| {c['label']} | **failed**: {c['failed']} |" + " - |" * 8
+        return f"| {c['label']} | **failed**: {c['failed']} |" + " - |" * 9
     rss = max((p.get("peak_rss_mb") or 0) for p in c["parties"].values())
     proj = c["projected_s"]
     err = c.get("max_abs_err")
@@ -49,15 +49,31 @@ def _case_row(c: dict[str, Any]) -> str:
     return (
         f"| {c['label']} | {_f(c['time_s'])} | {_f(c['bytes_sent_total'] / _MB)} "
         f"| {c['rounds']} | {_f(c['dealer_bytes'] / _MB)} | {dealer.get('requests', '-')} "
-        f"| {rss:.0f} | {_f(proj['LAN'])} | {_f(proj['WAN'])} "
+        f"| {rss:.0f} | {_f(_cores_busy(c))} | {_f(proj['LAN'])} | {_f(proj['WAN'])} "
         f"| {'-' if err is None else f'{err:.2g}'} |"
     )
 
 
+def _cores_busy(c: dict[str, Any]) -> float | None:
+    """How many cores the machine kept busy on average over the case's measured section."""
+    busy = c.get("machine_busy_s")
+    return None if busy is None or c["time_s"] <= 0 else busy / c["time_s"]
+
+
 _CASE_HEADER = (
     "| case | time (s) | MB sent (both parties) | rounds | MB from dealer | dealer requests "
-    "| peak RSS (MB) | LAN (s) | WAN (s) | max abs err |\n"
-    "|---|---|---|---|---|---|---|---|---|---|"
+    "| peak RSS (MB) | cores busy | LAN (s) | WAN (s) | max abs err |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+#: What the case tables' "cores busy" and "max abs err" columns are.
+_CASE_TABLE_NOTE = (
+    "Case tables' cores busy: CPU seconds the whole machine was busy in the measured section "
+    "(the three party processes, and any other work the load line above reports) over the "
+    "section's time. At the machine's core count the parties were bound by computation, not by "
+    "waiting on each other or on the network: there, only less work or more cores make them "
+    "faster. Max abs err: against float64; for an output, the largest over every repetition "
+    "(each has its own truncations); for a tuning step's loss, as its section says."
 )
 
 
@@ -96,6 +112,8 @@ def markdown(report: dict[str, Any], *, plots: dict[str, str] | None = None) -> 
         "`vs_vanilla_crypten_ratio` = vanilla / secfwt time; "
         "`vs_plaintext_ratio` = secfwt secure / plaintext torch time; "
         "exponents = least-squares slope of log cost vs log T.",
+        "",
+        _CASE_TABLE_NOTE,
         "",
     ]
     lines += _section_failures(report)
@@ -229,6 +247,7 @@ def _section_forward(r: dict[str, Any] | None) -> list[str]:
             f"{_f(first['bytes_sent_total'] / 1e6)} MB for the softmax layer); {shown}.",
             "",
         ]
+    after += _cpu_split(soft)
     minilm = r["cases"][-1]
     if "plaintext" in minilm:
         after += [
@@ -241,6 +260,24 @@ def _section_forward(r: dict[str, Any] | None) -> list[str]:
             "",
         ]
     return _cases_section("## Secure forward vs plaintext (`forward`)", [intro], r["cases"], after)
+
+
+def _cpu_split(c: dict[str, Any]) -> list[str]:
+    """Where the CPU of a case's measured section went: each computing party's own, and the
+    rest of the machine's (the dealer, plus any other work)."""
+    parties = c.get("parties") or {}
+    own = [parties.get(r, {}).get("cpu_s") for r in ("model_owner", "data_owner")]
+    busy = c.get("machine_busy_s")
+    if busy is None or None in own:
+        return []
+    mo, do = own
+    return [
+        f"CPU in the measured section of {c['label']} ({_f(c['time_s'])} s): model owner "
+        f"{_f(mo)} s, data owner "
+        f"{_f(do)} s, the rest of the machine (the dealer, and any other work) "
+        f"{_f(max(busy - mo - do, 0.0))} s; {_f(busy)} CPU-s in all.",
+        "",
+    ]
 
 
 def _cases_section(
@@ -307,9 +344,11 @@ def _wrong_lines(r: dict[str, Any]) -> list[str]:
     for c in r["cases"]:
         if c.get("wrong_reps") and c["label"] not in wrong:
             losses = ", ".join(_f(v, 4) for v in c["loss_each_rep"])
+            refs = c.get("loss_reference_each_rep")  # CMA-ES: each iteration its own candidates
+            ref = _f(c["loss_reference"], 4) if not refs else ", ".join(_f(v, 4) for v in refs)
             out += [
                 f"{c['label']}: {c['wrong_reps']} of {c['reps']} repetitions computed a wrong "
-                f"loss (losses {losses}; float64 {_f(c['loss_reference'], 4)}); repetition "
+                f"loss (losses {losses}; float64 {ref}); repetition "
                 f"{c['rep'] + 1}, right, counts.",
                 "",
             ]
@@ -471,7 +510,8 @@ def _section_decoder(r: dict[str, Any] | None) -> list[str]:
     intro = [
         f"{r['model']}. Secure forward: all layers, final norm and LM head to the logits of one "
         "chat-template row (weights with the model owner, key mask secret); ZO step: "
-        f"{r['zo_step']['label']}, {r['zo_step']['loss_rows']} response rows of logits.",
+        f"{r['zo_step']['label']}, {r['zo_step']['loss_rows']} response rows of logits; its "
+        "max abs err is its mean loss's against float64, the largest over its repetitions.",
     ]
     after = [
         "| case | party | time (s) | MB sent | rounds (dealer: requests answered) |",
@@ -602,8 +642,10 @@ def _section_breakdown(b: dict[str, Any]) -> list[str]:
     out = [
         "## Cost by layer part (model owner's view)",
         "",
-        "Time (s) / MB sent by the model owner / rounds per op class, "
-        "timed around each op inside the party.",
+        "Time (s) / MB sent by the model owner / rounds per op class, timed around each op "
+        "inside the party; in brackets the CPU seconds the model owner and the data owner "
+        "spent in it (each process's own, its threads' included; the dealer's CPU is the rest "
+        "of the machine's in the forward section).",
         "",
     ]
     out.append("| op class | " + " | ".join(c["label"] for c in cases) + " |")
@@ -615,10 +657,18 @@ def _section_breakdown(b: dict[str, Any]) -> list[str]:
             cells.append(
                 "-"
                 if v is None
-                else f"{v['time_s']:.2f} s / {v['bytes_sent'] / _MB:.0f} MB / {v['rounds']}"
+                else f"{v['time_s']:.2f} s{_class_cpu(c, k)} / {v['bytes_sent'] / _MB:.0f} MB "
+                f"/ {v['rounds']}"
             )
         out.append(f"| {k} | " + " | ".join(cells) + " |")
     return out + [""]
+
+
+def _class_cpu(c: dict[str, Any], k: str) -> str:
+    """`` (CPU mo + do)`` of op class ``k``, or nothing where either was not measured."""
+    mo = (c["breakdown"].get(k) or {}).get("cpu_s")
+    do = ((c.get("breakdown_data_owner") or {}).get(k) or {}).get("cpu_s")
+    return "" if mo is None or do is None else f" (CPU {mo:.2f} + {do:.2f})"
 
 
 # -- plots ---------------------------------------------------------------------------------------

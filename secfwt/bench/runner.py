@@ -139,7 +139,17 @@ def summarise(
         "dealer_bytes": sum(p.dealer_bytes for p in pc),
         "rounds": max(p.rounds for p in pc),
         "projected_s": metrics.projections(pc),
+        "machine_busy_s": machine_busy(costs.values()),
     }
+
+
+def machine_busy(costs: Iterable[Mapping[str, Any]]) -> float | None:
+    """CPU seconds the whole machine was busy in a measured section (every process on every
+    core), as the slower party measured it (its window holds the other's); None where a party
+    could not measure it (off Linux) or a summary predates the count."""
+    slower = max(costs, key=lambda c: c["wall_s"])
+    busy = slower.get("machine_busy_s")
+    return None if busy is None else float(busy)
 
 
 def dealer_cost(costs: Iterable[Mapping[str, Any]]) -> dict[str, int]:
@@ -183,6 +193,9 @@ def pick(
         s["breakdown"] = costs[Role.MODEL_OWNER][i][
             "breakdown"
         ]  # the model owner's view (it also waits for the dealer)
+    data_owner = costs.get(Role.DATA_OWNER)
+    if data_owner and "breakdown" in data_owner[i]:
+        s["breakdown_data_owner"] = data_owner[i]["breakdown"]  # for its CPU per class
     return s
 
 
@@ -199,11 +212,30 @@ def case_summary(result: dict[str, Any], among: Sequence[int] | None = None) -> 
     return s
 
 
-def max_err(secure: torch.Tensor | None, ref: torch.Tensor) -> float | None:
-    """Largest absolute difference from the reference (None when the output stayed secret)."""
-    if secure is None:
+def max_err(
+    secure: torch.Tensor | Sequence[torch.Tensor | None] | None, ref: torch.Tensor
+) -> float | None:
+    """Largest absolute difference from the reference, over every repetition's output when
+    given a list (:func:`outputs`); None when an output stayed secret."""
+    each = list(secure) if isinstance(secure, Sequence) else [secure]
+    if not each or any(y is None for y in each):
         return None
-    return float((secure.double() - ref.double()).abs().max())
+    return max(float((y.double() - ref.double()).abs().max()) for y in each if y is not None)
 
 
-__all__ = ["Runner", "best_rep", "case_summary", "dealer_cost", "max_err", "pick", "summarise"]
+def outputs(values: Mapping[str, Any]) -> list[Any]:
+    """A party's revealed output of each repetition (``output_each_rep``), or its one output."""
+    return list(values.get("output_each_rep") or [values.get("output")])
+
+
+__all__ = [
+    "Runner",
+    "best_rep",
+    "case_summary",
+    "dealer_cost",
+    "machine_busy",
+    "max_err",
+    "outputs",
+    "pick",
+    "summarise",
+]

@@ -208,8 +208,19 @@ def _check_outputs(out, report_path, selected):
             assert dealer["bytes_sent"] == case["dealer_bytes"] > 0
             assert dealer["requests"] == mo["dealer_requests"] + do["dealer_requests"] > 0
             assert dealer["bytes_received"] == mo["dealer_sent"] + do["dealer_sent"] > 0
+            _check_cpu(case)
     _check_ring_matmul(report, md)
     return report, md
+
+
+def _check_cpu(case):
+    """Each computing party's CPU in the section, and the whole machine's, which holds both
+    (less /proc/stat's 10 ms ticks on each core and the parties' windows' skew at the barrier)."""
+    mo, do = case["parties"]["model_owner"]["cpu_s"], case["parties"]["data_owner"]["cpu_s"]
+    assert mo > 0 and do > 0, (mo, do)
+    busy = case["machine_busy_s"]
+    if busy is not None:  # Linux
+        assert busy >= mo + do - 0.05, (busy, mo, do)
 
 
 def _check_ring_matmul(report, md):
@@ -224,6 +235,7 @@ def _check_ring_matmul(report, md):
     assert isinstance(ring["choices"], list)
     assert "## Int64 matmul on this machine: torch vs float64 limbs" in md
     assert "| dealer requests |" in md
+    assert "| cores busy |" in md and "Case tables' cores busy" in md
 
 
 @pytest.mark.multiprocess
@@ -325,6 +337,18 @@ def test_tiny_full_fine_tuning_pairing(tmp_path, tiny, pooling):
     assert len(base["loss_each_rep"]) == base["reps"] >= 2 and base["wrong_reps"] == 0
     for v in base["loss_each_rep"]:
         assert abs(v - base["loss_reference"]) < LOSS_TOLERANCE
+    # so are the ZO steps' (each repetition is the same step from the same parameters)
+    for case in row["cases"]:
+        if case["label"].startswith("forward-only SPSA step"):
+            assert len(case["loss_each_rep"]) == case["reps"] >= 2 and case["wrong_reps"] == 0
+            for v in case["loss_each_rep"]:
+                assert abs(v - case["loss_reference"]) < LOSS_TOLERANCE, case["label"]
+    # and each CMA-ES iteration's candidates (its repetitions are successive iterations)
+    cma = row["cases"][-1]
+    assert cma["label"].startswith("forward-only CMA-ES iteration")
+    assert len(cma["loss_each_rep"]) == len(cma["loss_reference_each_rep"]) == cma["reps"] >= 2
+    assert len(set(cma["loss_reference_each_rep"])) == cma["reps"]  # new candidates each time
+    assert cma["wrong_reps"] == 0
     for case in row["cases"]:
         assert case["max_abs_err"] < LOSS_TOLERANCE, case["label"]
         assert case["max_abs_err"] >= abs(case["loss"] - case["loss_reference"]) - 1e-12

@@ -196,3 +196,57 @@ def test_the_fastest_right_repetition_counts():
     assert s["loss_each_rep"] == pytest.approx([3e8, 0.95, 0.96]) and wrong == []
     s = loss_row(_step_result([1.0, 2.0], [3e8, 5e7]), 0.951, wrong)
     assert (s["rep"], s["time_s"], s["wrong_reps"]) == (0, 1.0, 2) and wrong == ["baseline"]
+
+
+def test_a_case_row_shows_how_many_cores_were_busy_and_the_forward_where_the_cpu_went():
+    """The slower party's window counts (it holds the other's); the table shows busy CPU over
+    the section's time; the forward section splits it into the owners' and the rest."""
+    from secfwt.bench.report import _case_row, _cpu_split
+    from secfwt.bench.runner import summarise
+    from secfwt.roles import Role
+
+    costs = {
+        Role.MODEL_OWNER: {**_rep_cost(2.0), "cpu_s": 1.5, "machine_busy_s": 3.6},
+        Role.DATA_OWNER: {**_rep_cost(1.9), "cpu_s": 1.25, "machine_busy_s": 3.3},
+    }
+    s = {**summarise(costs), "label": "layer"}
+    assert s["machine_busy_s"] == 3.6
+    assert "| 1.8 |" in _case_row(s)  # 3.6 CPU-s in 2.0 s
+    assert _cpu_split(s) == [
+        "CPU in the measured section of layer (2 s): model owner 1.5 s, data owner 1.25 s, "
+        "the rest of the machine (the dealer, and any other work) 0.85 s; 3.6 CPU-s in all.",
+        "",
+    ]
+    off_linux = {r: {**c, "machine_busy_s": None} for r, c in costs.items()}
+    s = {**summarise(off_linux), "label": "layer"}
+    assert s["machine_busy_s"] is None and _cpu_split(s) == []
+    assert _case_row(s).count("| - |") == 2  # cores busy and max abs err
+
+
+def test_the_fastest_cma_iteration_with_every_loss_right_counts():
+    """CMA-ES repetitions are successive iterations, each with new candidates checked against
+    their own float64 losses: a fast iteration with a wrong candidate loss does not count, and
+    the report lists each iteration's reference."""
+    import torch
+
+    from secfwt.bench.cases.fot_vs_full_ft import _cma_row
+    from secfwt.bench.report import _wrong_lines
+    from secfwt.roles import Role
+
+    cands = [torch.full((3, 1, 1), float(i)) for i in range(3)]  # (pop, P, H) per iteration
+    losses = [torch.tensor([0.5, 0.6, 0.7]) + i for i in range(3)]  # candidate loss = 0.5.. + i
+    losses[0][1] = 3e8  # the fastest iteration's second candidate: a truncation failure
+    res = _step_result([1.0, 2.0, 1.5], [0.0, 0.0, 0.0])
+    res["values"][Role.DATA_OWNER].update(output_each_rep=losses, candidates_each_rep=cands)
+
+    def reference(c: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([0.5, 0.6, 0.7], dtype=torch.float64) + float(c[0, 0, 0])
+
+    wrong: list[str] = []
+    s = _cma_row(res, reference, wrong)
+    assert (s["rep"], s["time_s"], s["wrong_reps"], wrong) == (2, 1.5, 1, [])
+    assert s["loss_reference"] == pytest.approx(2.6) and s["max_abs_err"] < 1e-6
+    assert s["loss_reference_each_rep"] == pytest.approx([0.6, 1.6, 2.6])
+    (line, _) = _wrong_lines({"cases": [s]})
+    assert "1 of 3 repetitions computed a wrong loss" in line
+    assert "float64 0.6, 1.6, 2.6); repetition 3, right, counts" in line

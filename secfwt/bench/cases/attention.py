@@ -13,7 +13,7 @@ import torch
 
 from secfwt.bench import metrics
 from secfwt.bench.plan import BenchPlan
-from secfwt.bench.runner import Runner, max_err, pick
+from secfwt.bench.runner import Runner, max_err, outputs, pick
 from secfwt.models.spec import Attention
 from secfwt.roles import Role
 
@@ -77,7 +77,7 @@ def attention(plan: BenchPlan, runner: Runner) -> dict[str, Any]:
                     "attention": att.value,
                     "seq_len": t,
                     **s,
-                    "max_abs_err": max_err(rd["output"], ref),
+                    "max_abs_err": max_err(outputs(rd), ref),  # every repetition
                 }
             )
         mine = [r for r in out["rows"] if r["attention"] == att.value]

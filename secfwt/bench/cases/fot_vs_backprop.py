@@ -94,8 +94,9 @@ def loss_row(res: dict[str, Any], reference: float, wrong: list[str]) -> dict[st
     ``reference``; its label is added to ``wrong`` (and logged) when off by more than
     :data:`LOSS_TOLERANCE`.
 
-    A case that reveals each repetition's loss (the backprop baselines, whose repetitions are
-    independent trials of one iteration) counts its fastest repetition with a right loss:
+    A case that reveals each repetition's loss (the backprop baselines and the ZO steps, whose
+    repetitions are independent trials of one iteration) counts its fastest repetition with a
+    right loss:
     MPC costs do not depend on the values, and CrypTen's truncation fails at random (with
     probability about ``|v| 2^-32`` for a value ``v``; an iteration of full fine-tuning at T=512
     truncates hundreds of millions), so one repetition can be wrong where another is right.
