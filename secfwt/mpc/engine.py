@@ -219,8 +219,12 @@ def install() -> None:
     Called when a party process starts (:func:`secfwt.mpc.session.init_party`, the dealer's
     included); importing secfwt changes nothing in CrypTen.
     """
-    global _installed
+    global _installed, _ring_matmul_enabled
     enabled, forced, cache = ring_tuning.settings_from_env(os.environ)
+    # read here, not only at import: a party forked from the launcher's fork server imported
+    # this module in the server, before the launcher set its environment (the vanilla
+    # baseline's SECFWT_RING_MATMUL=0 then ran with secfwt's products)
+    _ring_matmul_enabled = enabled
     ring_tuning.configure(forced=forced, cache=cache)
     crypten_compat.install_exact_decode()
     _install_ring_matmul()

@@ -46,6 +46,43 @@ def test_vanilla_engine_env_switches_ring_matmul_off_and_back():
     assert os.environ.get("SECFWT_RING_MATMUL") == before
 
 
+def _engine_state(ctx: Any, payload: Any) -> dict[str, bool]:
+    from crypten.cryptensor import CrypTensor
+
+    from secfwt.mpc import engine, keystream
+
+    return {
+        "ring_matmul": engine.ring_matmul_enabled(),
+        "keystream": keystream.installed(),
+        "validated_getattribute": hasattr(CrypTensor.__dict__["__getattribute__"], "__wrapped__"),
+    }
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("start", ["forkserver", "spawn"])
+def test_the_vanilla_environment_reaches_party_processes(start, monkeypatch):
+    """Parties started under ``vanilla_engine_env`` run CrypTen as shipped, and the next ones
+    secfwt's engine again, however they start: a party forked from the fork server imported
+    the engine in the server, before the launcher set the variable."""
+    from secfwt.bench.vanilla import vanilla_engine_env
+    from secfwt.mpc.launcher import START_ENV, run_parties
+    from secfwt.mpc.provider import Provider
+    from secfwt.roles import Role
+
+    monkeypatch.setenv(START_ENV, start)
+
+    def states() -> list[dict[str, bool]]:
+        res = run_parties(_engine_state, payloads={}, provider=Provider.TTP, timeout_s=120)
+        return [res[r].value for r in (Role.MODEL_OWNER, Role.DATA_OWNER)]
+
+    engine_on = {"ring_matmul": True, "keystream": True, "validated_getattribute": False}
+    assert states() == [engine_on] * 2  # the fork server starts here, in the default setting
+    with vanilla_engine_env():
+        shipped = {"ring_matmul": False, "keystream": False, "validated_getattribute": True}
+        assert states() == [shipped] * 2
+    assert states() == [engine_on] * 2
+
+
 #: Max absolute error of a gradient against float64 autograd [measured, the largest over all
 #: parameters: 1.7e-3 - 2.1e-3 with the [CLS] head, 1.1e-3 with mean pooling; gradients up to
 #: 0.55]: CrypTen's 16 fractional bits through its softmax, tanh, reciprocal and square-root
