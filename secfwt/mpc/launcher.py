@@ -100,9 +100,11 @@ class PartyResult:
 #: Environment switch for the party processes' start method (:func:`party_context`).
 START_ENV = "SECFWT_PARTY_START"
 #: What the fork server imports before it forks any party: torch and CrypTen (2.5 s of a
-#: spawned party's start here) and the session code every party runs. Nothing that reads the
-#: environment at import time in a way a job could change (Hugging Face's offline switch is
-#: read by transformers, which parties import themselves).
+#: spawned party's start here) and the session code every party runs. A preloaded module's
+#: import-time reads of the environment are the server's, not the job's: what a job may set is
+#: read again when the party starts (the engine's ``SECFWT_RING_MATMUL`` in
+#: :func:`secfwt.mpc.engine.install`; Hugging Face's offline switch by transformers, which
+#: parties import themselves).
 _PRELOAD = ("secfwt.crypten_compat", "secfwt.mpc.session")
 
 

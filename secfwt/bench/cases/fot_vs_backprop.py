@@ -104,21 +104,12 @@ def loss_row(res: dict[str, Any], reference: float, wrong: list[str]) -> dict[st
     """
     values = res["values"][Role.DATA_OWNER]
     each = values.get("output_each_rep") or []
-    right = [i for i, v in enumerate(each) if abs(float(v) - reference) <= LOSS_TOLERANCE]
-    s = case_summary(res, among=right or None)
-    loss = each[s["rep"]] if each else values["output"]
     if each:
-        s.update(loss_each_rep=[float(v) for v in each], wrong_reps=len(each) - len(right))
-        if right and s["wrong_reps"]:
-            log.warning(
-                "%s: %d of %d repetitions computed a wrong loss (%s against %.4g in float64); "
-                "the fastest right one counts",
-                s["label"],
-                s["wrong_reps"],
-                len(each),
-                ", ".join(f"{float(v):.4g}" for v in each),
-                reference,
-            )
+        s = fastest_right(res, [abs(float(v) - reference) for v in each])
+        s["loss_each_rep"] = [float(v) for v in each]
+        loss = each[s["rep"]]
+    else:
+        s, loss = case_summary(res), values["output"]
     s.update(
         loss=None if loss is None else float(loss),
         loss_reference=reference,
@@ -127,6 +118,25 @@ def loss_row(res: dict[str, Any], reference: float, wrong: list[str]) -> dict[st
         attention_cached=bool(res["values"][Role.MODEL_OWNER].get("attention_cached")),
     )
     flag_wrong(s, wrong)
+    return s
+
+
+def fastest_right(res: dict[str, Any], errors: list[float]) -> dict[str, Any]:
+    """The case's summary (:func:`~secfwt.bench.runner.case_summary`) at its fastest repetition
+    whose loss error against float64 is within :data:`LOSS_TOLERANCE` (the fastest of all when
+    none is), with ``wrong_reps``, the number of the others (logged when a right one counts)."""
+    right = [i for i, e in enumerate(errors) if e <= LOSS_TOLERANCE]
+    s = case_summary(res, among=right or None)
+    s["wrong_reps"] = len(errors) - len(right)
+    if right and s["wrong_reps"]:
+        log.warning(
+            "%s: %d of %d repetitions computed a wrong loss (off by %s from float64); "
+            "the fastest right one counts",
+            s["label"],
+            s["wrong_reps"],
+            len(errors),
+            ", ".join(f"{e:.4g}" for e in errors),
+        )
     return s
 
 

@@ -18,12 +18,13 @@ import torch
 from secfwt.bench import metrics
 from secfwt.bench.cases.fot_vs_backprop import (
     LOSS_TOLERANCE,
+    fastest_right,
     flag_wrong,
     loss_row,
     plain_losses,
 )
 from secfwt.bench.plan import BenchPlan
-from secfwt.bench.runner import CaseFailed, Runner, case_summary
+from secfwt.bench.runner import CaseFailed, Runner
 from secfwt.bench.shapes import FULL_MODELS, hidden_states, synthetic_model
 from secfwt.errors import ConfigError
 from secfwt.models.spec import Attention, Head, Pooling
@@ -367,8 +368,7 @@ def _cma_row(
     losses, cands = do["output_each_rep"], do["candidates_each_rep"]  # per rep: (pop,), (pop, P, H)
     refs = [reference(c) for c in cands]
     errs = [float((v.double() - r).abs().max()) for v, r in zip(losses, refs, strict=True)]
-    right = [i for i, e in enumerate(errs) if e <= LOSS_TOLERANCE]
-    s = case_summary(res, among=right or None)
+    s = fastest_right(res, errs)
     i = s["rep"]
     s.update(
         loss=float(losses[i].mean()),
@@ -376,7 +376,6 @@ def _cma_row(
         max_abs_err=errs[i],
         loss_each_rep=[float(v.mean()) for v in losses],
         loss_reference_each_rep=[float(r.mean()) for r in refs],
-        wrong_reps=len(errs) - len(right),
         trainable_numel=res["values"][Role.MODEL_OWNER]["trainable_numel"],
     )
     flag_wrong(s, wrong)
